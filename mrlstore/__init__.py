@@ -1,0 +1,65 @@
+"""mrlstore: a tiered embeddings store for Matryoshka (MRL) vectors.
+
+Zarr v3 dimension bands on disk, hnswlib HNSW over short prefixes in memory, DuckDB for ids and metadata,
+and coarse-to-fine ("funnel") queries: ``store.query(vector, k=10, dims=[16, 2048])``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .encoding import Encoder
+from .errors import (
+    ConfigMismatchError,
+    CorruptStoreError,
+    DuplicateIdError,
+    EmptyStoreError,
+    EncoderUnavailableError,
+    InvalidDimsError,
+    InvalidFilterError,
+    InvalidIdError,
+    InvalidInputError,
+    InvalidKError,
+    MetadataError,
+    MRLStoreError,
+    NonFiniteError,
+    NotAStoreError,
+    ReadOnlyError,
+    ShapeError,
+    StoreClosedError,
+    StoreLockedError,
+    StoreNotFoundError,
+    UnknownIdError,
+    ZeroVectorError,
+)
+from .hits import Hits
+from .store import Store, open
+
+__all__ = [
+    "ConfigMismatchError",
+    "CorruptStoreError",
+    "DuplicateIdError",
+    "EmptyStoreError",
+    "Encoder",
+    "EncoderUnavailableError",
+    "Hits",
+    "InvalidDimsError",
+    "InvalidFilterError",
+    "InvalidIdError",
+    "InvalidInputError",
+    "InvalidKError",
+    "MRLStoreError",
+    "MetadataError",
+    "NonFiniteError",
+    "NotAStoreError",
+    "ReadOnlyError",
+    "ShapeError",
+    "Store",
+    "StoreClosedError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "UnknownIdError",
+    "ZeroVectorError",
+    "__version__",
+    "open",
+]

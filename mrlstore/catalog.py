@@ -1,0 +1,272 @@
+"""The DuckDB catalog: ids, row numbers, metadata, tombstones and the manifest. Its commit is the store's.
+
+Tables (see storage/FORMAT.md): ``manifest(key, value)`` with JSON values, ``_items(_row, id, <metadata>)``
+for live rows, ``tombstones(_row)`` for deleted ones, and the view ``items`` (``_items`` without ``_row``)
+that users query. A row number below the committed watermark is either in ``_items`` or in ``tombstones``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from .errors import (
+    CorruptStoreError,
+    InvalidFilterError,
+    MetadataError,
+    NotAStoreError,
+    StoreLockedError,
+)
+
+DB_FILE = "catalog.duckdb"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Catalog:
+    def __init__(self, path: Path, read_only: bool, create: bool = False):
+        self.path = Path(path) / DB_FILE
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        if not create and not self.path.exists():
+            raise NotAStoreError(f"{path} is not an mrlstore store (no {DB_FILE})")
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            msg = str(e)
+            if "lock" in msg.lower():
+                raise StoreLockedError(
+                    f"{path} is open for writing by another process; DuckDB allows one process per file "
+                    f"(close the writer, or read a copy made with Store.snapshot). DuckDB said: {msg}"
+                ) from None
+            raise CorruptStoreError(f"cannot open catalog {self.path}: {msg}") from None
+        except duckdb.Error as e:
+            raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
+        self._columns: dict[str, str] | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    # -- schema and manifest -----------------------------------------------------------------------
+    def create_schema(self, manifest: dict[str, Any]) -> None:
+        with self._lock:
+            con = self._con
+            con.begin()
+            con.execute("CREATE TABLE manifest (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+            con.execute("CREATE TABLE _items (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE)")
+            con.execute("CREATE TABLE tombstones (_row BIGINT PRIMARY KEY)")
+            self._refresh_view()
+            con.executemany(
+                "INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in manifest.items()]
+            )
+            con.commit()
+
+    def manifest(self) -> dict[str, Any]:
+        with self._lock:
+            try:
+                rows = self._con.execute("SELECT key, value FROM manifest").fetchall()
+            except duckdb.CatalogException:
+                raise NotAStoreError(f"{self.path} is a DuckDB file but not an mrlstore catalog") from None
+        return {k: json.loads(v) for k, v in rows}
+
+    def _refresh_view(self) -> None:
+        self._con.execute("CREATE OR REPLACE VIEW items AS SELECT * EXCLUDE (_row) FROM _items")
+        self._columns = None
+
+    def columns(self) -> dict[str, str]:
+        """Metadata columns and their DuckDB types, in table order."""
+        with self._lock:
+            if self._columns is None:
+                rows = self._con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_name = '_items' AND table_schema = 'main' ORDER BY ordinal_position"
+                ).fetchall()
+                self._columns = {n: t for n, t in rows if n not in ("_row", "id")}
+            return dict(self._columns)
+
+    # -- reads -------------------------------------------------------------------------------------
+    def live_rows(self) -> tuple[np.ndarray, list[str]]:
+        with self._lock:
+            t = _arrow(self._con, "SELECT _row, id FROM _items ORDER BY _row")
+        return t.column("_row").to_numpy().astype(np.int64), t.column("id").to_pylist()
+
+    def tombstones(self) -> np.ndarray:
+        with self._lock:
+            t = self._con.execute("SELECT _row FROM tombstones ORDER BY _row").fetchnumpy()
+        return np.asarray(t["_row"], dtype=np.int64)
+
+    def rows_of(self, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        with self._lock:
+            self._con.register("_ids_in", pa.table({"id": pa.array(ids, pa.string())}))
+            try:
+                found = self._con.execute(
+                    "SELECT i.id, i._row FROM _items i JOIN _ids_in q ON i.id = q.id"
+                ).fetchall()
+            finally:
+                self._con.unregister("_ids_in")
+        return dict(found)
+
+    def filter_rows(self, where: str) -> np.ndarray:
+        sql = f"SELECT _row FROM _items WHERE ({where})"
+        with self._lock:
+            self._check_single_select(sql, what="where=")
+            try:
+                res = self._con.execute(sql).fetchnumpy()
+            except (duckdb.BinderException, duckdb.CatalogException) as e:
+                raise InvalidFilterError(
+                    f"where={where!r} does not bind: {_first_line(e)}. Metadata columns: "
+                    f"{', '.join(['id', *self.columns()]) }"
+                ) from None
+            except duckdb.Error as e:
+                raise InvalidFilterError(f"where={where!r} failed: {_first_line(e)}") from None
+        return np.sort(np.asarray(res["_row"], dtype=np.int64))
+
+    def metadata_for_rows(self, rows: np.ndarray) -> dict[int, dict[str, Any]]:
+        cols = self.columns()
+        if len(rows) == 0:
+            return {}
+        with self._lock:
+            self._con.register("_rows_in", pa.table({"_row": pa.array(np.unique(rows), pa.int64())}))
+            try:
+                t = _arrow(self._con, "SELECT i.* EXCLUDE (id) FROM _items i JOIN _rows_in r ON i._row = r._row")
+            finally:
+                self._con.unregister("_rows_in")
+        out = {}
+        for rec in t.to_pylist():
+            row = rec.pop("_row")
+            out[row] = {c: rec.get(c) for c in cols}
+        return out
+
+    def items_for_ids(self, ids: list[str]) -> pa.Table:
+        """Rows of ``_items`` (``_row``, id, metadata) for ``ids``, in the order given; unknown ids absent."""
+        with self._lock:
+            self._con.register(
+                "_ids_in", pa.table({"id": pa.array(ids, pa.string()), "_pos": pa.array(range(len(ids)))})
+            )
+            try:
+                return _arrow(self._con, "SELECT i.* FROM _items i JOIN _ids_in q ON i.id = q.id ORDER BY q._pos")
+            finally:
+                self._con.unregister("_ids_in")
+
+    def sql(self, query: str) -> pa.Table:
+        with self._lock:
+            self._check_single_select(query, what="sql()")
+            try:
+                return _arrow(self._con, query)
+            except duckdb.Error as e:
+                raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
+
+    def _check_single_select(self, sql: str, what: str) -> None:
+        try:
+            statements = self._con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise InvalidFilterError(f"{what} is not valid SQL: {_first_line(e)}") from None
+        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+            raise InvalidFilterError(
+                f"{what} accepts one read-only SELECT statement (writes go through the Store API): {sql!r}"
+            )
+
+    # -- writes (each one transaction: the commit point) -------------------------------------------
+    def commit_rows(
+        self,
+        first_row: int,
+        ids: list[str],
+        metadata: pa.Table | None,
+        new_watermark: int,
+        replace_rows: np.ndarray | None = None,
+    ) -> None:
+        """Record ``ids`` at rows ``first_row..`` (tombstoning ``replace_rows``) and the new watermark."""
+        n = len(ids)
+        batch = pa.table(
+            {"_row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), "id": pa.array(ids, pa.string())}
+        )
+        if metadata is not None:
+            for name in metadata.column_names:
+                batch = batch.append_column(name, metadata.column(name))
+        with self._lock:
+            con = self._con
+            con.begin()
+            try:
+                if metadata is not None:
+                    self._add_columns(metadata)
+                if replace_rows is not None and len(replace_rows):
+                    self._tombstone(replace_rows)
+                con.register("_batch", batch)
+                try:
+                    con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
+                finally:
+                    con.unregister("_batch")
+                self._set_watermark(new_watermark)
+                con.commit()
+            except duckdb.ConversionException as e:
+                con.rollback()
+                self._columns = None
+                raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+            except BaseException:
+                con.rollback()
+                self._columns = None
+                raise
+
+    def delete_rows(self, rows: np.ndarray) -> None:
+        with self._lock:
+            con = self._con
+            con.begin()
+            try:
+                self._tombstone(rows)
+                con.commit()
+            except BaseException:
+                con.rollback()
+                raise
+
+    def _tombstone(self, rows: np.ndarray) -> None:
+        t = pa.table({"_row": pa.array(np.asarray(rows, dtype=np.int64))})
+        self._con.register("_dead", t)
+        try:
+            self._con.execute("DELETE FROM _items WHERE _row IN (SELECT _row FROM _dead)")
+            self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
+        finally:
+            self._con.unregister("_dead")
+
+    def _set_watermark(self, rows: int) -> None:
+        self._con.execute("UPDATE manifest SET value = ? WHERE key = 'committed_rows'", [json.dumps(rows)])
+
+    def _add_columns(self, metadata: pa.Table) -> None:
+        existing = self.columns()
+        self._con.register("_meta_probe", metadata.slice(0, 0))
+        try:
+            described = self._con.execute("DESCRIBE SELECT * FROM _meta_probe").fetchall()
+        finally:
+            self._con.unregister("_meta_probe")
+        added = False
+        for name, dtype, *_ in described:
+            if name in existing or name == "id":
+                continue
+            if dtype == '"NULL"' or dtype.upper() == "NULL":
+                dtype = "VARCHAR"  # an all-null first batch: text is the least surprising type
+            self._con.execute(f"ALTER TABLE _items ADD COLUMN {_quote(name)} {dtype}")
+            added = True
+        if added:
+            self._refresh_view()
+
+
+def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    rel = con.sql(sql)
+    if hasattr(rel, "to_arrow_table"):  # duckdb >= 1.4
+        return rel.to_arrow_table()
+    t = rel.arrow()
+    return t.read_all() if hasattr(t, "read_all") else t
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,90 @@
+"""Typed exceptions. Each one is also the matching builtin, so ``except ValueError`` keeps working."""
+
+from __future__ import annotations
+
+
+class MRLStoreError(Exception):
+    """Base class of every error mrlstore raises on purpose."""
+
+
+class InvalidInputError(MRLStoreError, ValueError):
+    """An argument was rejected before any I/O happened."""
+
+
+class ShapeError(InvalidInputError):
+    """Wrong rank, wrong vector length or an empty batch."""
+
+
+class NonFiniteError(InvalidInputError):
+    """NaN, inf, or a value the storage dtype cannot hold."""
+
+
+class ZeroVectorError(InvalidInputError):
+    """A vector (or an indexed prefix of it) is all zeros under the cosine metric."""
+
+
+class DuplicateIdError(InvalidInputError):
+    """An id occurs twice in a batch, or already exists in the store."""
+
+
+class InvalidIdError(InvalidInputError, TypeError):
+    """Ids must be non-empty strings."""
+
+
+class MetadataError(InvalidInputError):
+    """Metadata has the wrong length, a reserved column name, or a type that conflicts with the store."""
+
+
+class InvalidFilterError(InvalidInputError):
+    """A ``where=`` expression or ``sql()`` statement that DuckDB rejects or that is not allowed."""
+
+
+class InvalidDimsError(InvalidInputError):
+    """``dims`` is not an increasing list of prefix lengths within the store's dimension."""
+
+
+class InvalidKError(InvalidInputError):
+    """``k`` or ``shortlist`` is not a positive integer."""
+
+
+class UnknownIdError(MRLStoreError, KeyError):
+    """An id that is not in the store."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class EmptyStoreError(MRLStoreError, LookupError):
+    """A query on a store that holds no vectors."""
+
+
+class StoreNotFoundError(MRLStoreError, FileNotFoundError):
+    """The path does not exist and the store may not be created here (read-only, or no ``dim``)."""
+
+
+class NotAStoreError(MRLStoreError, ValueError):
+    """The path exists but is not an mrlstore folder."""
+
+
+class ConfigMismatchError(MRLStoreError, ValueError):
+    """Reopening with creation parameters that differ from the persisted ones."""
+
+
+class CorruptStoreError(MRLStoreError, OSError):
+    """A file of the store is missing, truncated or inconsistent with the catalog."""
+
+
+class StoreLockedError(MRLStoreError, BlockingIOError):
+    """Another writer (this process or another) holds the store."""
+
+
+class ReadOnlyError(MRLStoreError, PermissionError):
+    """A write on a store opened with ``read_only=True``."""
+
+
+class StoreClosedError(MRLStoreError, RuntimeError):
+    """The store was closed."""
+
+
+class EncoderUnavailableError(MRLStoreError, RuntimeError):
+    """``add``/``query`` with images, but the store has no usable encoder."""

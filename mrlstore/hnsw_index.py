@@ -1,0 +1,217 @@
+"""In-memory HNSW index over one vector prefix (hnswlib), saved as a rebuildable cache.
+
+hnswlib is unmaintained, saves non-atomically, and is not safe for writes during queries, so this wrapper
+(a) guards it with a readers-writer lock, (b) saves to a temporary file that is fsynced and renamed, with a
+JSON sidecar that records the file's size, checksum and the catalog watermark it covers, and (c) refuses
+to load a file whose sidecar does not match (the caller then rebuilds it from the Zarr tier).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from ._fsutil import atomic_write_bytes, publish_file
+
+INDEX_FORMAT = 1
+_SPACES = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
+
+
+class IndexUnusable(Exception):
+    """The saved index cannot be trusted; rebuild it."""
+
+
+class _NeedsWriteLock(Exception):
+    pass
+
+
+class _RWLock:
+    """Many concurrent searches, or one exclusive writer."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+class PrefixIndex:
+    """HNSW over the first ``dim`` numbers of each row; labels are the store's row numbers."""
+
+    def __init__(
+        self, dim: int, metric: str, M: int = 16, ef_construction: int = 200, capacity: int | None = 1024
+    ):
+        self.dim, self.metric, self.M, self.ef_construction = dim, metric, M, ef_construction
+        self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
+        self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
+        if capacity is not None:  # None: load_index will initialise it
+            self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
+        self._lock = _RWLock()
+        self._ef = 10  # hnswlib's default
+
+    # -- persistence -------------------------------------------------------------------------------
+    @staticmethod
+    def paths(base: Path) -> tuple[Path, Path]:
+        return base.with_suffix(".hnsw"), base.with_suffix(".json")
+
+    def save(self, base: Path) -> None:
+        data_path, side_path = self.paths(base)
+        tmp = data_path.with_name(f".{data_path.name}.tmp-{os.getpid()}")
+        with self._lock.read():
+            self._index.save_index(str(tmp))
+            side = {
+                "format": INDEX_FORMAT,
+                "dim": self.dim,
+                "metric": self.metric,
+                "M": self.M,
+                "ef_construction": self.ef_construction,
+                "covered_rows": self.covered_rows,
+                "element_count": self._index.element_count,
+                "deleted_count": self._deleted_count(),
+            }
+        side["bytes"] = tmp.stat().st_size
+        side["blake2b"] = _digest(tmp)
+        # Sidecar first would let a crash pair a new sidecar with an old file; the checksum catches both orders.
+        publish_file(tmp, data_path)
+        atomic_write_bytes(side_path, json.dumps(side, indent=2).encode())
+
+    @classmethod
+    def load(cls, base: Path, dim: int, metric: str, M: int, ef_construction: int) -> PrefixIndex:
+        data_path, side_path = cls.paths(base)
+        try:
+            side = json.loads(side_path.read_text())
+            size = data_path.stat().st_size
+        except (OSError, ValueError) as e:
+            raise IndexUnusable(f"no usable index at {data_path}: {e}") from None
+        expected = {"format": INDEX_FORMAT, "dim": dim, "metric": metric, "M": M, "ef_construction": ef_construction}
+        if any(side.get(k) != v for k, v in expected.items()):
+            raise IndexUnusable(f"{side_path} was written with other parameters")
+        if side.get("bytes") != size or side.get("blake2b") != _digest(data_path):
+            raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
+        self = cls(dim, metric, M, ef_construction, capacity=None)
+        try:
+            self._index.load_index(str(data_path), max_elements=max(int(side["element_count"]) * 2, 1024))
+        except (RuntimeError, ValueError, MemoryError) as e:
+            raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
+        if self._index.element_count != side["element_count"] or self._index.dim != dim:
+            raise IndexUnusable(f"{data_path} holds {self._index.element_count} elements, sidecar says otherwise")
+        self.covered_rows = int(side["covered_rows"])
+        return self
+
+    def _deleted_count(self) -> int:
+        try:
+            return int(self._index.element_count - self._index.get_current_count())
+        except AttributeError:  # pragma: no cover - older hnswlib
+            return 0
+
+    # -- updates -----------------------------------------------------------------------------------
+    def add(self, vectors: np.ndarray, rows: np.ndarray, covered_rows: int, num_threads: int = -1) -> None:
+        with self._lock.write():
+            if len(rows):
+                need = self._index.element_count + len(rows)
+                if need > self._index.get_max_elements():
+                    self._index.resize_index(max(need, 2 * self._index.get_max_elements()))
+                self._index.add_items(
+                    np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32),
+                    np.asarray(rows, dtype=np.int64),
+                    num_threads=num_threads,
+                )
+            self.covered_rows = max(self.covered_rows, covered_rows)
+
+    def mark_deleted(self, rows: np.ndarray) -> None:
+        with self._lock.write():
+            for row in np.asarray(rows, dtype=np.int64).tolist():
+                try:
+                    self._index.mark_deleted(row)
+                except RuntimeError:
+                    pass  # not in the index (never added, or already deleted): nothing to hide
+
+    # -- search ------------------------------------------------------------------------------------
+    @property
+    def live_count(self) -> int:
+        return int(self._index.get_current_count())
+
+    def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray:
+        """Row numbers of the approximate ``k`` nearest rows per query (-1 pads when fewer exist)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries)[:, : self.dim], dtype=np.float32)
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        k_eff = min(k, self.live_count)
+        if k_eff <= 0:
+            return out
+        ef = max(ef, k_eff)
+        # ef is index-wide state in hnswlib: change it only while no other search runs.
+        if ef == self._ef:
+            with self._lock.read():
+                if ef == self._ef:
+                    try:
+                        labels = self._knn(queries, k_eff, num_threads)
+                        out[:, : labels.shape[1]] = labels
+                        return out
+                    except _NeedsWriteLock:
+                        pass
+        with self._lock.write():
+            labels = self._knn(queries, k_eff, num_threads, ef)
+        out[:, : labels.shape[1]] = labels
+        return out
+
+    def _knn(self, queries: np.ndarray, k: int, num_threads: int, ef: int | None = None) -> np.ndarray:
+        k = min(k, self.live_count)
+        if k <= 0:
+            return np.empty((len(queries), 0), dtype=np.int64)
+        if ef is not None and ef != self._ef:
+            self._index.set_ef(ef)
+            self._ef = ef
+        try:
+            labels, _ = self._index.knn_query(queries, k=k, num_threads=num_threads)
+        except RuntimeError:
+            if ef is None:
+                raise _NeedsWriteLock from None
+            # hnswlib could not fill k slots (heavy deletions): a wider beam finds them.
+            self._index.set_ef(self._ef * 4 + 100)
+            try:
+                labels, _ = self._index.knn_query(queries, k=k, num_threads=num_threads)
+            finally:
+                self._index.set_ef(self._ef)
+        return labels.astype(np.int64)

@@ -1,0 +1,44 @@
+"""One writer per store, across threads and processes (an advisory flock on the store's LOCK file)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import StoreLockedError
+
+LOCK_FILE = "LOCK"
+
+
+class StoreLock:
+    def __init__(self, store_path: Path, exclusive: bool):
+        self.path = Path(store_path) / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            os.close(self._fd)
+            if exclusive:
+                raise StoreLockedError(
+                    f"{store_path} is already open{holder}; one writer at a time (close it, or open this "
+                    "one with read_only=True once the writer is gone)"
+                ) from None
+            raise StoreLockedError(f"{store_path} is open for writing{holder}; readers must wait for it") from None
+        if exclusive:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _holder(self) -> str:
+        try:
+            pid = os.pread(self._fd, 32, 0).decode().strip()
+        except OSError:
+            pid = ""
+        return f" by process {pid}" if pid.isdigit() else ""
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,658 @@
+"""The public Store: orchestrates the Zarr bands, the HNSW prefix indexes and the DuckDB catalog.
+
+Commit protocol of a write (storage/FORMAT.md has the details):
+1. validate the whole batch, before any I/O;
+2. write the vectors into Zarr rows past the committed watermark, fsync;
+3. one DuckDB transaction records ids, metadata, tombstones and the new watermark: the commit point;
+4. update the in-memory HNSW indexes (a cache, saved atomically now and then, rebuilt when untrustworthy).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import funnel
+from .catalog import DB_FILE, Catalog
+from .encoding import Encoder, looks_like_vectors, source_paths
+from .errors import (
+    ConfigMismatchError,
+    CorruptStoreError,
+    DuplicateIdError,
+    EmptyStoreError,
+    EncoderUnavailableError,
+    InvalidInputError,
+    InvalidKError,
+    NotAStoreError,
+    ReadOnlyError,
+    StoreClosedError,
+    StoreNotFoundError,
+    UnknownIdError,
+)
+from .hits import Hits
+from .hnsw_index import IndexUnusable, PrefixIndex
+from .locking import LOCK_FILE, StoreLock
+from .validation import dims_tuple, id_list, metadata_table, positive_int, query_batch, vector_batch
+from .zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands
+
+FORMAT_NAME = "mrlstore"
+FORMAT_VERSION = 1
+INDEX_DIR = "index"
+SCAN_BLOCK_ROWS = 65536
+# A where= filter matching at most this many rows (or this share of the store) is answered by an exact
+# scan of those rows; larger ones use the HNSW index with over-fetching.
+FILTER_EXACT_ROWS = 50_000
+FILTER_EXACT_SHARE = 0.05
+# Save the HNSW cache once this many rows were added since the last save (bounds rebuild work after a crash).
+INDEX_AUTOSAVE_ROWS = 100_000
+
+
+def default_bands(dim: int) -> tuple[int, ...]:
+    return (*[b for b in (16, 64, 256) if b < dim], dim)
+
+
+class Store:
+    """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        dim: int | None = None,
+        *,
+        bands: Sequence[int] | None = None,
+        metric: str | None = None,
+        dtype: str | None = None,
+        index_dims: Sequence[int] | None = None,
+        chunk_rows: int | None = None,
+        hnsw_m: int | None = None,
+        ef_construction: int | None = None,
+        read_only: bool = False,
+        encoder: Encoder | None = None,
+    ):
+        self.path = Path(path)
+        self.read_only = read_only
+        self.encoder = encoder
+        self._closed = True
+        requested = {
+            "dim": dim if dim is not None else (encoder.dim if encoder is not None else None),
+            "bands": tuple(bands) if bands is not None else None,
+            "metric": metric,
+            "dtype": dtype,
+            "index_dims": tuple(index_dims) if index_dims is not None else None,
+            "hnsw_M": hnsw_m,
+            "hnsw_ef_construction": ef_construction,
+        }
+        if not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir())):
+            if read_only:
+                raise StoreNotFoundError(f"no store at {self.path} (read_only=True never creates one)")
+            if requested["dim"] is None:
+                raise StoreNotFoundError(f"no store at {self.path}; pass dim= (or an encoder) to create one")
+            _create(self.path, requested, chunk_rows)
+        elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
+            raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
+
+        self._lock = StoreLock(self.path, exclusive=not read_only)
+        try:
+            self._open(requested)
+        except BaseException:
+            self._lock.release()
+            if hasattr(self, "_catalog"):
+                self._catalog.close()
+            raise
+        self._closed = False
+
+    # -- opening -----------------------------------------------------------------------------------
+    def _open(self, requested: dict[str, Any]) -> None:
+        self._catalog = Catalog(self.path, read_only=self.read_only)
+        m = self._catalog.manifest()
+        if m.get("format") != FORMAT_NAME:
+            raise NotAStoreError(f"{self.path} holds a DuckDB file that is not an mrlstore catalog")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise CorruptStoreError(
+                f"{self.path} has format version {m.get('format_version')}; this mrlstore reads {FORMAT_VERSION}"
+            )
+        for key, value in requested.items():
+            stored = tuple(m[key]) if isinstance(m.get(key), list) else m.get(key)
+            if value is not None and value != stored:
+                raise ConfigMismatchError(f"{self.path} was created with {key}={stored!r}, not {value!r}")
+        self.manifest = m
+        self.dim: int = m["dim"]
+        self.bands: tuple[int, ...] = tuple(m["bands"])
+        self.metric: str = m["metric"]
+        self.dtype: str = m["dtype"]
+        self.index_dims: tuple[int, ...] = tuple(m["index_dims"])
+        self._ef_search: int = m["hnsw_ef_search"]
+        watermark = int(m["committed_rows"])
+
+        self._vectors = BandedVectors(self.path, self.dim, self.bands, self.dtype)
+        if self._vectors.physical_rows() != watermark and not self.read_only:
+            self._vectors.truncate(watermark)  # leftovers of an append that never committed
+        elif self._vectors.physical_rows() < watermark:
+            raise CorruptStoreError(
+                f"Zarr arrays hold {self._vectors.physical_rows()} rows but the catalog committed {watermark}"
+            )
+        self._check_chunk_files(watermark)
+
+        live_rows, live_ids = self._catalog.live_rows()
+        self._ids_by_row = np.empty(max(watermark, 1024), dtype=object)
+        self._live = np.zeros(max(watermark, 1024), dtype=bool)
+        if len(live_rows):
+            if live_rows.max() >= watermark:
+                raise CorruptStoreError("catalog lists rows past its own committed watermark")
+            self._ids_by_row[live_rows] = live_ids
+            self._live[live_rows] = True
+        self._n_live = len(live_rows)
+        self._watermark = watermark
+        self._write_lock = threading.RLock()
+        self.index_status: dict[int, str] = {}
+        self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
+        self._rows_since_save = {d: 0 for d in self.index_dims}
+
+    def _check_chunk_files(self, watermark: int) -> None:
+        for band in self._vectors.bands:
+            for chunk in range(-(-watermark // band.chunk_rows)):
+                band.mapped(chunk)  # raises CorruptStoreError if missing or truncated
+
+    def _index_base(self, d: int) -> Path:
+        return self.path / INDEX_DIR / f"prefix_{d:05d}"
+
+    def _load_index(self, d: int, watermark: int) -> PrefixIndex:
+        m = self.manifest
+        try:
+            index = PrefixIndex.load(self._index_base(d), d, self.metric, m["hnsw_M"], m["hnsw_ef_construction"])
+            if index.covered_rows > watermark:
+                raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
+            status = "loaded" if index.covered_rows == watermark else "extended"
+        except IndexUnusable:
+            index = PrefixIndex(d, self.metric, m["hnsw_M"], m["hnsw_ef_construction"], capacity=watermark + 1024)
+            status = "rebuilt"
+        start = index.covered_rows
+        for lo in range(start, watermark, SCAN_BLOCK_ROWS):
+            hi = min(lo + SCAN_BLOCK_ROWS, watermark)
+            keep = np.flatnonzero(self._live[lo:hi])
+            index.add(self._vectors.read_range(lo, hi, 0, d)[keep], keep + lo, covered_rows=hi)
+        index.covered_rows = watermark
+        dead = self._catalog.tombstones()
+        index.mark_deleted(dead[dead < start])
+        self.index_status[d] = status
+        if status != "loaded" and not self.read_only:
+            self._save_index(d, index)
+        return index
+
+    def _save_index(self, d: int, index: PrefixIndex) -> None:
+        (self.path / INDEX_DIR).mkdir(exist_ok=True)
+        index.save(self._index_base(d))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Save the index cache (writers), release the store. Safe to call twice."""
+        if self._closed:
+            return
+        with self._write_lock:
+            try:
+                if not self.read_only:
+                    self.checkpoint()
+            finally:
+                self._closed = True
+                self._catalog.close()
+                self._vectors.close()
+                self._lock.release()
+
+    def checkpoint(self) -> None:
+        """Save every HNSW index that changed since its last save (atomically)."""
+        self._check_open()
+        self._check_writable()
+        with self._write_lock:
+            for d, index in self._indexes.items():
+                if self._rows_since_save[d]:
+                    self._save_index(d, index)
+                    self._rows_since_save[d] = 0
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def __len__(self) -> int:
+        self._check_open()
+        return self._n_live
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._n_live} vectors"
+        return f"<mrlstore.Store {str(self.path)!r} dim={self.dim} metric={self.metric} {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"store {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"store {self.path} was opened with read_only=True")
+
+    def info(self) -> dict[str, Any]:
+        """Creation parameters and current state (rows, live vectors, index status)."""
+        self._check_open()
+        return {
+            "path": str(self.path),
+            "dim": self.dim,
+            "bands": self.bands,
+            "metric": self.metric,
+            "dtype": self.dtype,
+            "index_dims": self.index_dims,
+            "chunk_rows": self._vectors.chunk_rows,
+            "rows": self._watermark,
+            "live": self._n_live,
+            "deleted": self._watermark - self._n_live,
+            "index_status": dict(self.index_status),
+            "read_only": self.read_only,
+        }
+
+    # -- writes ------------------------------------------------------------------------------------
+    def add_vectors(self, vectors: Any, ids: Sequence[str] | None = None, metadata: Any = None) -> list[str]:
+        """Add new vectors (n x dim); returns their ids. Durable once it returns."""
+        return self._write(vectors, ids, metadata, replace=False)
+
+    def upsert_vectors(self, vectors: Any, ids: Sequence[str], metadata: Any = None) -> list[str]:
+        """Add vectors, replacing (vector and metadata) any existing entry with the same id."""
+        if ids is None:
+            raise InvalidInputError("upsert_vectors needs ids (which entries to replace)")
+        return self._write(vectors, ids, metadata, replace=True)
+
+    def add(
+        self,
+        images: Any,
+        ids: Sequence[str] | None = None,
+        metadata: Any = None,
+        batch_size: int = 64,
+    ) -> list[str]:
+        """Encode images with the store's encoder and add them (file paths are kept as ``path``)."""
+        self._check_open()
+        self._check_writable()
+        vectors = self._encode(images, batch_size)
+        paths = source_paths(images)
+        if paths is not None:
+            meta = metadata_table(metadata, len(paths)) if metadata is not None else None
+            column = pa.array(paths, pa.string())
+            meta = pa.table({"path": column}) if meta is None else meta.append_column("path", column)
+            if meta.column_names.count("path") > 1:
+                meta = meta.drop_columns("path").append_column("path", column)
+            metadata = meta
+        return self.add_vectors(vectors, ids=ids, metadata=metadata)
+
+    def _encode(self, images: Any, batch_size: int) -> np.ndarray:
+        if self.encoder is None:
+            raise EncoderUnavailableError(
+                "this store has no encoder: pass encoder=... to mrlstore.open(), or add vectors with add_vectors()"
+            )
+        if getattr(self.encoder, "dim", self.dim) != self.dim:
+            raise EncoderUnavailableError(f"the encoder makes {self.encoder.dim}-d vectors, the store holds {self.dim}")
+        return np.asarray(self.encoder.encode(images, batch_size=batch_size), dtype=np.float32)
+
+    def _write(self, vectors: Any, ids: Any, metadata: Any, replace: bool) -> list[str]:
+        self._check_open()
+        self._check_writable()
+        batch = vector_batch(vectors, self.dim, self.dtype, self.metric, self.index_dims)
+        n = len(batch)
+        id_batch = id_list(ids, n)
+        meta = metadata_table(metadata, n)
+        with self._write_lock:
+            self._check_open()
+            existing = self._catalog.rows_of(id_batch)
+            if existing and not replace:
+                raise DuplicateIdError(
+                    f"{len(existing)} id(s) already in the store, e.g. {sorted(existing)[:5]}; "
+                    "use upsert_vectors to replace them"
+                )
+            start = self._watermark
+            replaced = np.fromiter(existing.values(), dtype=np.int64, count=len(existing))
+            try:
+                self._vectors.append(start, batch)
+                self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
+            except BaseException:
+                self._vectors.truncate(start)
+                raise
+            self._publish(start, batch, id_batch, replaced)
+        return id_batch
+
+    def _publish(self, start: int, batch: np.ndarray, ids: list[str], replaced: np.ndarray) -> None:
+        """Make a committed write visible in memory: id map, live mask, indexes, then the watermark."""
+        n = len(ids)
+        end = start + n
+        if end > len(self._live):
+            cap = max(end, 2 * len(self._live))
+            ids_by_row = np.empty(cap, dtype=object)
+            ids_by_row[:start] = self._ids_by_row[:start]
+            live = np.zeros(cap, dtype=bool)
+            live[:start] = self._live[:start]
+            self._ids_by_row, self._live = ids_by_row, live
+        self._ids_by_row[start:end] = ids
+        self._live[start:end] = True
+        rows = np.arange(start, end, dtype=np.int64)
+        for d, index in self._indexes.items():
+            index.add(batch, rows, covered_rows=end)
+            self._rows_since_save[d] += n
+        if len(replaced):
+            self._hide(replaced)
+        self._n_live += n - len(replaced)
+        self._watermark = end
+        for d, index in self._indexes.items():
+            if self._rows_since_save[d] >= INDEX_AUTOSAVE_ROWS:
+                self._save_index(d, index)
+                self._rows_since_save[d] = 0
+
+    def _hide(self, rows: np.ndarray) -> None:
+        live = self._live.copy()  # copy-on-write: a concurrent query sees all or none of a delete
+        live[rows] = False
+        self._live = live
+        for d, index in self._indexes.items():
+            index.mark_deleted(rows)
+            self._rows_since_save[d] += 1
+
+    def delete(self, ids: Sequence[str], missing_ok: bool = False) -> int:
+        """Delete entries by id; returns how many were deleted. Unknown ids raise unless ``missing_ok``."""
+        self._check_open()
+        self._check_writable()
+        ids = list(ids) if not isinstance(ids, str) else [ids]
+        with self._write_lock:
+            found = self._catalog.rows_of(ids)
+            missing = [i for i in ids if i not in found]
+            if missing and not missing_ok:
+                raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+            if not found:
+                return 0
+            rows = np.fromiter(found.values(), dtype=np.int64, count=len(found))
+            self._catalog.delete_rows(rows)
+            self._hide(rows)
+            self._n_live -= len(rows)
+        return len(rows)
+
+    # -- reads -------------------------------------------------------------------------------------
+    def get(self, ids: Sequence[str], dims: int | None = None) -> pa.Table:
+        """Entries by id, in the order given: id, metadata columns and ``vector`` (the first ``dims``)."""
+        self._check_open()
+        ids = list(ids) if not isinstance(ids, str) else [ids]
+        d = dims_tuple(dims if dims is not None else self.dim, self.dim)[-1]
+        table = self._catalog.items_for_ids(ids)
+        if table.num_rows != len(ids):
+            found = set(table.column("id").to_pylist())
+            missing = [i for i in ids if i not in found]
+            raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+        rows = table.column("_row").to_numpy()
+        vectors = self._vectors.gather(rows, 0, d)
+        flat = pa.array(vectors.reshape(-1), pa.float32())
+        table = table.drop_columns("_row").append_column("vector", pa.FixedSizeListArray.from_arrays(flat, d))
+        return table
+
+    def sql(self, query: str) -> pa.Table:
+        """Run one read-only SELECT over the catalog (table/view ``items``: id and metadata columns)."""
+        self._check_open()
+        return self._catalog.sql(query)
+
+    def query(
+        self,
+        query: Any,
+        k: int = 10,
+        dims: Sequence[int] | int | None = None,
+        *,
+        where: str | None = None,
+        shortlist: int | Sequence[int] | None = None,
+        ef: int | None = None,
+        metadata: bool = True,
+    ) -> Hits | list[Hits]:
+        """Coarse-to-fine search: shortlist on ``dims[0]``, re-rank on each longer prefix.
+
+        A 1-D query (or a single image) gives one :class:`Hits`; a 2-D batch gives a list. ``where`` is a
+        DuckDB boolean expression over the metadata columns. ``shortlist`` sets the survivors of each stage
+        but the last (an int halves along the funnel). ``ef`` overrides the HNSW search beam.
+        """
+        self._check_open()
+        dims_t = dims_tuple(dims if dims is not None else self._default_dims(), self.dim)
+        k = positive_int(k, "k")
+        if looks_like_vectors(query):
+            queries, single = query_batch(query, dims_t[-1], self.dim, self.metric)
+        else:
+            encoded = self._encode(query, batch_size=64)
+            single = encoded.shape[0] == 1 and not isinstance(query, (list, tuple))
+            queries, _ = query_batch(encoded, dims_t[-1], self.dim, self.metric)
+        try:
+            sizes = funnel.shortlist_sizes(shortlist, k, len(dims_t))
+        except (ValueError, TypeError) as e:
+            raise InvalidKError(str(e)) from None
+        for s in sizes:
+            positive_int(s, "shortlist")
+            if s < k:
+                raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
+        if ef is not None:
+            positive_int(ef, "ef")
+        if self._n_live == 0:
+            raise EmptyStoreError(f"store {self.path} holds no vectors to search")
+
+        watermark, live, ids_by_row = self._watermark, self._live, self._ids_by_row
+        allowed = None
+        if where is not None:
+            allowed = self._catalog.filter_rows(where)
+            allowed = allowed[(allowed < watermark)]
+            allowed = allowed[live[allowed]]
+        first = sizes[0] if sizes else k
+        candidates = self._first_stage(queries, dims_t[0], first, allowed, watermark, live, ef)
+        results = [self._refine(q, c, dims_t, sizes[1:], k) for q, c in zip(queries, candidates)]
+
+        meta_by_row: dict[int, dict[str, Any]] = {}
+        if metadata:
+            all_rows = np.concatenate([r for r, _ in results]) if results else np.empty(0, np.int64)
+            meta_by_row = self._catalog.metadata_for_rows(all_rows)
+        hits = [
+            Hits(
+                ids=ids_by_row[rows].tolist(),
+                scores=scores,
+                metadata=[meta_by_row.get(int(r), {}) for r in rows] if metadata else [],
+                dims=dims_t,
+            )
+            for rows, scores in results
+        ]
+        return hits[0] if single else hits
+
+    def _default_dims(self) -> tuple[int, ...]:
+        return (self.index_dims[0], self.dim) if self.index_dims and self.index_dims[0] < self.dim else (self.dim,)
+
+    def _first_stage(
+        self,
+        queries: np.ndarray,
+        d: int,
+        n: int,
+        allowed: np.ndarray | None,
+        watermark: int,
+        live: np.ndarray,
+        ef: int | None,
+    ) -> list[np.ndarray]:
+        """Per query, the rows of the best ``n`` candidates on the ``d``-prefix (unordered)."""
+        index = self._indexes.get(d)
+        n_live = int(live[:watermark].sum())
+        beam = max(ef or self._ef_search, n)
+        if allowed is not None:
+            if len(allowed) == 0:
+                return [np.empty(0, np.int64) for _ in queries]
+            if index is None or len(allowed) <= max(FILTER_EXACT_ROWS, FILTER_EXACT_SHARE * n_live):
+                return self._scan(queries, d, n, allowed)
+            return self._filtered_search(index, queries, n, allowed, n_live, beam)
+        if index is None:
+            return self._scan(queries, d, n, np.flatnonzero(live[:watermark]))
+        labels = index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1)
+        return [row[(row >= 0)] for row in labels]
+
+    def _filtered_search(
+        self, index: PrefixIndex, queries: np.ndarray, n: int, allowed: np.ndarray, n_live: int, beam: int
+    ) -> list[np.ndarray]:
+        """HNSW with over-fetching; queries it cannot satisfy fall back to an exact scan of ``allowed``."""
+        mask = np.zeros(self._watermark, dtype=bool)
+        mask[allowed] = True
+        want = min(n, len(allowed))
+        fetch = min(n_live, int(np.ceil(n * n_live / len(allowed) * 1.5)) + 10)
+        out: list[np.ndarray | None] = [None] * len(queries)
+        todo = np.arange(len(queries))
+        while len(todo):
+            labels = index.search(queries[todo], fetch, max(beam, fetch), num_threads=-1)
+            retry = []
+            for qi, row in zip(todo, labels):
+                row = row[row >= 0]
+                row = row[mask[np.minimum(row, len(mask) - 1)] & (row < len(mask))]
+                if len(row) >= want:
+                    out[qi] = row[:want]
+                else:
+                    retry.append(qi)
+            todo = np.asarray(retry, dtype=np.int64)
+            if len(todo) and fetch * 2 > n_live // 2:
+                for qi, rows in zip(todo, self._scan(queries[todo], index.dim, n, allowed)):
+                    out[qi] = rows
+                break
+            fetch *= 2
+        return out  # type: ignore[return-value]
+
+    def _scan(self, queries: np.ndarray, d: int, n: int, rows: np.ndarray) -> list[np.ndarray]:
+        """Exact top-``n`` on the ``d``-prefix over ``rows`` (sorted), in blocks of bounded memory."""
+        q = np.ascontiguousarray(queries[:, :d])
+        best = funnel.RunningTop(len(q), n, self.metric)
+        for lo in range(0, len(rows), SCAN_BLOCK_ROWS):
+            block_rows = rows[lo : lo + SCAN_BLOCK_ROWS]
+            first, last = int(block_rows[0]), int(block_rows[-1]) + 1
+            if last - first == len(block_rows):  # contiguous: a plain slice, no gather
+                block = self._vectors.read_range(first, last, 0, d)
+            else:
+                block = self._vectors.gather(block_rows, 0, d)
+            best.update(block_rows, funnel.block_scores(block, q, self.metric))
+        return best.rows
+
+    def _refine(
+        self, q: np.ndarray, rows: np.ndarray, dims: tuple[int, ...], sizes: list[int], k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank ``rows`` through the later stages; returns (rows, exact scores on dims[-1]), best first."""
+        scorer = funnel.PrefixScorer(q, np.sort(rows), self.metric)
+        stages = list(dims[1:]) if len(dims) > 1 else [dims[0]]
+        keeps = [*sizes, k] if len(dims) > 1 else [k]
+        for d, keep in zip(stages, keeps):
+            if len(scorer.rows) == 0:
+                break
+            scorer.extend(self._vectors.gather(scorer.rows, scorer.covered, d), d)
+            scorer.keep(funnel.top(scorer.scores(), keep, self.metric))
+        return scorer.rows, scorer.scores()
+
+
+def _create(path: Path, params: dict[str, Any], chunk_rows: int | None) -> None:
+    """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing)."""
+    from . import __version__
+
+    dim = int(params["dim"])
+    if dim <= 0:
+        raise InvalidInputError(f"dim must be a positive integer, got {dim}")
+    bands = tuple(int(b) for b in (params["bands"] or default_bands(dim)))
+    if not bands or bands[-1] != dim or any(b <= a for a, b in zip((0, *bands), bands)):
+        raise InvalidInputError(f"bands must be increasing band ends finishing at dim={dim}, got {bands}")
+    metric = params["metric"] or "cosine"
+    if metric not in funnel.METRICS:
+        raise InvalidInputError(f"metric must be one of {funnel.METRICS}, got {metric!r}")
+    dtype = params["dtype"] or "float16"
+    if dtype not in ("float16", "float32"):
+        raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    index_dims = tuple(int(d) for d in (params["index_dims"] if params["index_dims"] is not None else (16,)))
+    index_dims = tuple(d for d in index_dims if d <= dim) if params["index_dims"] is None else index_dims
+    if any(not 1 <= d <= dim for d in index_dims) or len(set(index_dims)) != len(index_dims):
+        raise InvalidInputError(f"index_dims must be distinct prefix lengths within 1..{dim}, got {index_dims}")
+    widths = [b - a for a, b in band_edges(dim, bands)]
+    rows = [positive_int(chunk_rows, "chunk_rows")] * len(widths) if chunk_rows else [
+        auto_chunk_rows(w, dtype) for w in widths
+    ]
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dim": dim,
+        "bands": list(bands),
+        "metric": metric,
+        "dtype": dtype,
+        "index_dims": sorted(index_dims),
+        "chunk_rows": rows,
+        "hnsw_M": int(params["hnsw_M"] or 16),
+        "hnsw_ef_construction": int(params["hnsw_ef_construction"] or 200),
+        "hnsw_ef_search": 64,
+        "committed_rows": 0,
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created_by": f"mrlstore {__version__}",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        create_bands(tmp, dim, bands, dtype, rows, attributes={"mrlstore": manifest})
+        catalog = Catalog(tmp, read_only=False, create=True)
+        try:
+            catalog.create_schema(manifest)
+        finally:
+            catalog.close()
+        (tmp / INDEX_DIR).mkdir()
+        (tmp / LOCK_FILE).touch()
+        from ._fsutil import fsync_dir
+
+        for sub in (tmp / "vectors", tmp):
+            fsync_dir(sub)
+        try:
+            os.rename(tmp, path)  # also replaces an empty folder the user made
+        except OSError:
+            if not (path / DB_FILE).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process created it first: open theirs
+            return
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
+    path: str | os.PathLike[str],
+    dim: int | None = None,
+    *,
+    bands: Sequence[int] | None = None,
+    metric: str | None = None,
+    dtype: str | None = None,
+    index_dims: Sequence[int] | None = None,
+    chunk_rows: int | None = None,
+    hnsw_m: int | None = None,
+    ef_construction: int | None = None,
+    read_only: bool = False,
+    encoder: Encoder | None = None,
+) -> Store:
+    """Open the store at ``path``, creating it when absent (then ``dim`` or an encoder is required).
+
+    Creation parameters (``dim``, ``bands``, ``metric`` = "cosine" | "ip" | "l2", ``dtype`` = "float16" |
+    "float32", ``index_dims``, ``chunk_rows``, ``hnsw_m``, ``ef_construction``) are persisted; passing a
+    different value on reopen raises :class:`ConfigMismatchError`.
+    """
+    return Store(
+        path,
+        dim,
+        bands=bands,
+        metric=metric,
+        dtype=dtype,
+        index_dims=index_dims,
+        chunk_rows=chunk_rows,
+        hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
+        read_only=read_only,
+        encoder=encoder,
+    )
