@@ -65,9 +65,7 @@ class Catalog:
             con.execute("CREATE TABLE _items (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE)")
             con.execute("CREATE TABLE tombstones (_row BIGINT PRIMARY KEY)")
             self._refresh_view()
-            con.executemany(
-                "INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in manifest.items()]
-            )
+            con.executemany("INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in manifest.items()])
             con.commit()
 
     def manifest(self) -> dict[str, Any]:
@@ -110,9 +108,7 @@ class Catalog:
         with self._lock:
             self._con.register("_ids_in", pa.table({"id": pa.array(ids, pa.string())}))
             try:
-                found = self._con.execute(
-                    "SELECT i.id, i._row FROM _items i JOIN _ids_in q ON i.id = q.id"
-                ).fetchall()
+                found = self._con.execute("SELECT i.id, i._row FROM _items i JOIN _ids_in q ON i.id = q.id").fetchall()
             finally:
                 self._con.unregister("_ids_in")
         return dict(found)
@@ -126,7 +122,7 @@ class Catalog:
             except (duckdb.BinderException, duckdb.CatalogException) as e:
                 raise InvalidFilterError(
                     f"where={where!r} does not bind: {_first_line(e)}. Metadata columns: "
-                    f"{', '.join(['id', *self.columns()]) }"
+                    f"{', '.join(['id', *self.columns()])}"
                 ) from None
             except duckdb.Error as e:
                 raise InvalidFilterError(f"where={where!r} failed: {_first_line(e)}") from None

@@ -97,11 +97,7 @@ def block_scores(block: np.ndarray, queries: np.ndarray, metric: str) -> np.ndar
         with np.errstate(invalid="ignore", divide="ignore"):
             s = np.where(rn[:, None] > 0, s / rn[:, None], 0.0) / qn[None, :]
     elif metric == "l2":
-        s = (
-            np.einsum("ij,ij->i", block, block)[:, None]
-            - 2 * s
-            + np.einsum("ij,ij->i", queries, queries)[None, :]
-        )
+        s = np.einsum("ij,ij->i", block, block)[:, None] - 2 * s + np.einsum("ij,ij->i", queries, queries)[None, :]
     return s
 
 

@@ -80,9 +80,7 @@ def _digest(path: Path) -> str:
 class PrefixIndex:
     """HNSW over the first ``dim`` numbers of each row; labels are the store's row numbers."""
 
-    def __init__(
-        self, dim: int, metric: str, M: int = 16, ef_construction: int = 200, capacity: int | None = 1024
-    ):
+    def __init__(self, dim: int, metric: str, M: int = 16, ef_construction: int = 200, capacity: int | None = 1024):
         self.dim, self.metric, self.M, self.ef_construction = dim, metric, M, ef_construction
         self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
         self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
@@ -90,6 +88,7 @@ class PrefixIndex:
             self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
         self._lock = _RWLock()
         self._ef = 10  # hnswlib's default
+        self._deleted = 0  # hnswlib's own counts include deleted elements
 
     # -- persistence -------------------------------------------------------------------------------
     @staticmethod
@@ -109,7 +108,7 @@ class PrefixIndex:
                 "ef_construction": self.ef_construction,
                 "covered_rows": self.covered_rows,
                 "element_count": self._index.element_count,
-                "deleted_count": self._deleted_count(),
+                "deleted_count": self._deleted,
             }
         side["bytes"] = tmp.stat().st_size
         side["blake2b"] = _digest(tmp)
@@ -138,13 +137,8 @@ class PrefixIndex:
         if self._index.element_count != side["element_count"] or self._index.dim != dim:
             raise IndexUnusable(f"{data_path} holds {self._index.element_count} elements, sidecar says otherwise")
         self.covered_rows = int(side["covered_rows"])
+        self._deleted = int(side["deleted_count"])
         return self
-
-    def _deleted_count(self) -> int:
-        try:
-            return int(self._index.element_count - self._index.get_current_count())
-        except AttributeError:  # pragma: no cover - older hnswlib
-            return 0
 
     # -- updates -----------------------------------------------------------------------------------
     def add(self, vectors: np.ndarray, rows: np.ndarray, covered_rows: int, num_threads: int = -1) -> None:
@@ -165,13 +159,14 @@ class PrefixIndex:
             for row in np.asarray(rows, dtype=np.int64).tolist():
                 try:
                     self._index.mark_deleted(row)
+                    self._deleted += 1
                 except RuntimeError:
                     pass  # not in the index (never added, or already deleted): nothing to hide
 
     # -- search ------------------------------------------------------------------------------------
     @property
     def live_count(self) -> int:
-        return int(self._index.get_current_count())
+        return int(self._index.element_count) - self._deleted
 
     def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray:
         """Row numbers of the approximate ``k`` nearest rows per query (-1 pads when fewer exist)."""
@@ -208,10 +203,25 @@ class PrefixIndex:
         except RuntimeError:
             if ef is None:
                 raise _NeedsWriteLock from None
-            # hnswlib could not fill k slots (heavy deletions): a wider beam finds them.
-            self._index.set_ef(self._ef * 4 + 100)
-            try:
-                labels, _ = self._index.knn_query(queries, k=k, num_threads=num_threads)
-            finally:
-                self._index.set_ef(self._ef)
+            labels = self._knn_fallback(queries, k, num_threads)
         return labels.astype(np.int64)
+
+    def _knn_fallback(self, queries: np.ndarray, k: int, num_threads: int) -> np.ndarray:
+        """hnswlib could not fill k slots (deleted elements crowd the graph): widen the beam, then ask
+        each query for fewer; missing slots stay -1 and the caller completes them exactly."""
+        self._index.set_ef(max(self._ef, k) * 4 + 100)
+        try:
+            return self._index.knn_query(queries, k=k, num_threads=num_threads)[0]
+        except RuntimeError:
+            out = np.full((len(queries), k), -1, dtype=np.int64)
+            for i, q in enumerate(queries):
+                kk = k
+                while kk > 0:
+                    try:
+                        out[i, :kk] = self._index.knn_query(q, k=kk, num_threads=1)[0][0]
+                        break
+                    except RuntimeError:
+                        kk //= 2
+            return out
+        finally:
+            self._index.set_ef(self._ef)

@@ -427,8 +427,8 @@ class Store:
         if looks_like_vectors(query):
             queries, single = query_batch(query, dims_t[-1], self.dim, self.metric)
         else:
-            encoded = self._encode(query, batch_size=64)
-            single = encoded.shape[0] == 1 and not isinstance(query, (list, tuple))
+            single = not isinstance(query, (list, tuple))
+            encoded = self._encode([query] if single else query, batch_size=64)
             queries, _ = query_batch(encoded, dims_t[-1], self.dim, self.metric)
         try:
             sizes = funnel.shortlist_sizes(shortlist, k, len(dims_t))
@@ -494,7 +494,13 @@ class Store:
         if index is None:
             return self._scan(queries, d, n, np.flatnonzero(live[:watermark]))
         labels = index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1)
-        return [row[(row >= 0)] for row in labels]
+        out = [row[row >= 0] for row in labels]
+        short = [i for i, rows in enumerate(out) if len(rows) < min(n, n_live)]
+        if short:  # HNSW came back with fewer than exist (tiny or heavily deleted stores): scan exactly
+            scanned = self._scan(queries[short], d, n, np.flatnonzero(live[:watermark]))
+            for i, rows in zip(short, scanned):
+                out[i] = rows
+        return out
 
     def _filtered_search(
         self, index: PrefixIndex, queries: np.ndarray, n: int, allowed: np.ndarray, n_live: int, beam: int
@@ -574,9 +580,11 @@ def _create(path: Path, params: dict[str, Any], chunk_rows: int | None) -> None:
     if any(not 1 <= d <= dim for d in index_dims) or len(set(index_dims)) != len(index_dims):
         raise InvalidInputError(f"index_dims must be distinct prefix lengths within 1..{dim}, got {index_dims}")
     widths = [b - a for a, b in band_edges(dim, bands)]
-    rows = [positive_int(chunk_rows, "chunk_rows")] * len(widths) if chunk_rows else [
-        auto_chunk_rows(w, dtype) for w in widths
-    ]
+    rows = (
+        [positive_int(chunk_rows, "chunk_rows")] * len(widths)
+        if chunk_rows
+        else [auto_chunk_rows(w, dtype) for w in widths]
+    )
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -84,9 +84,7 @@ def query_batch(query: Any, need: int, dim: int, metric: str) -> tuple[np.ndarra
     if arr.shape[0] == 0:
         raise ShapeError("empty batch: no queries")
     if not (need <= arr.shape[1] <= dim):
-        raise ShapeError(
-            f"query vectors must have length between max(dims)={need} and dim={dim}, got {arr.shape[1]}"
-        )
+        raise ShapeError(f"query vectors must have length between max(dims)={need} and dim={dim}, got {arr.shape[1]}")
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         raise NonFiniteError(f"query {_first_bad_row(finite)} contains NaN or inf")

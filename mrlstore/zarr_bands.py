@@ -253,9 +253,9 @@ class BandedVectors:
             while row < row_stop:
                 chunk, offset = divmod(row, band.chunk_rows)
                 n = min(row_stop - row, band.chunk_rows - offset)
-                out[row - row_start : row - row_start + n, lo - col_start : hi - col_start] = band.mapped(
-                    chunk
-                )[offset : offset + n, lo - band.start : hi - band.start]
+                out[row - row_start : row - row_start + n, lo - col_start : hi - col_start] = band.mapped(chunk)[
+                    offset : offset + n, lo - band.start : hi - band.start
+                ]
                 row += n
         return out
 

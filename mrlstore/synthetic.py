@@ -1,0 +1,96 @@
+"""Seeded synthetic data with Matryoshka-like structure, and exact references to check the funnel against.
+
+The generator: ``n_clusters`` centres in ``dim`` dimensions; each vector is its centre plus Gaussian noise,
+and dimension ``j`` (0-based) of both is scaled by ``(j + 1) ** -decay``. So, as in an MRL embedding, the
+leading numbers carry most of the signal (a short prefix already separates the clusters), and later
+numbers add finer detail that decides the order among close neighbours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .funnel import top
+
+
+def mrl_like(
+    n: int, dim: int = 2048, *, n_clusters: int = 100, noise: float = 0.6, decay: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` float32 vectors of length ``dim`` and their cluster labels (deterministic for a seed)."""
+    return _generate(n, dim, n_clusters, noise, decay, seed, seed + 1)
+
+
+def mrl_like_split(
+    n_base: int,
+    n_queries: int,
+    dim: int = 2048,
+    *,
+    n_clusters: int = 100,
+    noise: float = 0.6,
+    decay: float = 0.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A database and held-out queries: the same clusters, independent samples."""
+    base, _ = _generate(n_base, dim, n_clusters, noise, decay, seed, seed + 1)
+    queries, _ = _generate(n_queries, dim, n_clusters, noise, decay, seed, seed + 2)
+    return base, queries
+
+
+def _generate(
+    n: int, dim: int, n_clusters: int, noise: float, decay: float, cluster_seed: int, sample_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    scale = (np.arange(1, dim + 1, dtype=np.float32) ** -decay).astype(np.float32)
+    centres = np.random.default_rng(cluster_seed).standard_normal((n_clusters, dim), dtype=np.float32)
+    rng = np.random.default_rng(sample_seed)
+    labels = rng.integers(0, n_clusters, size=n)
+    out = np.empty((n, dim), dtype=np.float32)
+    for lo in range(0, n, 65536):  # bounded memory for large n
+        hi = min(n, lo + 65536)
+        block = rng.standard_normal((hi - lo, dim), dtype=np.float32)
+        block *= noise
+        block += centres[labels[lo:hi]]
+        block *= scale
+        out[lo:hi] = block
+    return out, labels
+
+
+def prefix_scores(rows: np.ndarray, queries: np.ndarray, d: int, metric: str) -> np.ndarray:
+    """Exact (rows x queries) scores on the ``d``-prefix, in float64 (cosine re-normalises the prefix)."""
+    x = rows[:, :d].astype(np.float64)
+    q = np.atleast_2d(queries)[:, :d].astype(np.float64)
+    if metric == "l2":
+        sq = (x * x).sum(1)[:, None] - 2 * (x @ q.T) + (q * q).sum(1)[None, :]
+        return np.sqrt(np.maximum(sq, 0))
+    s = x @ q.T
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(q, axis=1)[None, :]
+        s = np.where(norms > 0, s / np.where(norms > 0, norms, 1), 0.0)
+    return s
+
+
+def exact_funnel(
+    base: np.ndarray, queries: np.ndarray, dims: list[int], shortlists: list[int], k: int, metric: str = "cosine"
+) -> list[np.ndarray]:
+    """Per query, the row indices of the exact funnel: exact top-``shortlists[0]`` on ``dims[0]`` over all
+    rows, then an exact re-rank on each longer prefix, best first."""
+    queries = np.atleast_2d(queries)
+    keeps = [*shortlists, k]
+    first = prefix_scores(base, queries, dims[0], metric)
+    out = []
+    for j, q in enumerate(queries):
+        rows = top(first[:, j], keeps[0], metric)
+        for d, keep in zip(dims[1:], keeps[1:]):
+            rows = rows[top(prefix_scores(base[rows], q, d, metric)[:, 0], keep, metric)]
+        out.append(rows)
+    return out
+
+
+def exact_search(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine") -> list[np.ndarray]:
+    """Per query, the row indices of the exact top-``k`` on the full vectors."""
+    return exact_funnel(base, queries, [base.shape[1]], [], k, metric)
+
+
+def recall_at_k(found: list[list[str]] | list[np.ndarray], truth: list[np.ndarray] | list[list[str]]) -> float:
+    """Mean over queries of |found ∩ truth| / |truth|."""
+    vals = [len(set(map(str, f)) & set(map(str, t))) / max(1, len(t)) for f, t in zip(found, truth)]
+    return float(np.mean(vals)) if vals else 0.0

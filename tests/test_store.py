@@ -1,0 +1,248 @@
+"""The public API end to end: ids, metadata, upsert/delete, get, sql, filters, persistence, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import mrlstore
+from mrlstore.funnel import shortlist_sizes
+from mrlstore.synthetic import exact_funnel
+
+
+def _f16(x):
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def test_add_query_get_round_trip(small_store, rng):
+    x = rng.standard_normal((100, 64)).astype(np.float32)
+    ids = small_store.add_vectors(
+        x,
+        ids=[f"v{i}" for i in range(100)],
+        metadata=[{"label": "cat" if i % 3 else "dog", "n": i} for i in range(100)],
+    )
+    assert ids[:2] == ["v0", "v1"] and len(small_store) == 100
+    hits = small_store.query(x[17], k=5, dims=[8, 64])
+    assert isinstance(hits, mrlstore.Hits)
+    assert hits.ids[0] == "v17" and hits.scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert hits.metadata[0] == {"label": "cat", "n": 17}
+    t = hits.to_arrow()
+    assert t.column_names == ["id", "score", "label", "n"] and t.num_rows == 5
+    assert list(hits.to_pandas()["id"]) == hits.ids
+    table = small_store.get(["v5", "v2"], dims=16)
+    assert table.column("id").to_pylist() == ["v5", "v2"]
+    assert table.column("n").to_pylist() == [5, 2]
+    vec = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(vec, _f16(x[[5, 2], :16]))
+
+
+def test_generated_ids_are_unique_strings(small_store, rng):
+    ids = small_store.add_vectors(rng.standard_normal((50, 64)))
+    assert len(set(ids)) == 50 and all(isinstance(i, str) and i for i in ids)
+
+
+def test_batch_queries_return_lists(small_store, rng):
+    x = rng.standard_normal((60, 64)).astype(np.float32)
+    small_store.add_vectors(x, ids=[str(i) for i in range(60)])
+    many = small_store.query(x[:7], k=3, dims=[8, 16, 64])
+    assert isinstance(many, list) and len(many) == 7
+    assert [h.ids[0] for h in many] == [str(i) for i in range(7)]
+    # a query longer than max(dims) is cut to the prefix it needs
+    assert small_store.query(x[3], k=1, dims=[8, 16]).ids == small_store.query(x[3, :16], k=1, dims=[8, 16]).ids
+
+
+def test_metadata_forms_and_new_columns(small_store, rng):
+    import pandas as pd
+
+    x = rng.standard_normal((9, 64))
+    small_store.add_vectors(x[:3], ids=["a", "b", "c"], metadata=[{"label": "cat"}, {"label": "dog"}, {}])
+    small_store.add_vectors(x[3:6], ids=["d", "e", "f"], metadata=pa.table({"label": ["x"] * 3, "w": [1.5, 2, 3]}))
+    small_store.add_vectors(
+        x[6:], ids=["g", "h", "i"], metadata=pd.DataFrame({"when": pd.to_datetime(["2024-01-01"] * 3)})
+    )
+    types = dict(
+        small_store.sql(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'items'"
+        ).to_pylist()
+        and [
+            (r["column_name"], r["data_type"])
+            for r in small_store.sql(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'items'"
+            ).to_pylist()
+        ]
+    )
+    assert types["label"] == "VARCHAR" and types["w"] == "DOUBLE" and types["when"].startswith("TIMESTAMP")
+    assert small_store.sql("SELECT count(*) AS n FROM items WHERE label IS NULL").column("n")[0].as_py() == 4
+    assert small_store.query(x[4], k=1, where="w > 1.9").ids == ["e"]
+
+
+def test_where_filters_are_exact_and_fill_k(tmp_path, rng):
+    x = rng.standard_normal((3000, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64)) as store:
+        store.add_vectors(
+            x, ids=[str(i) for i in range(3000)], metadata=[{"g": i % 100, "half": i % 2} for i in range(3000)]
+        )
+        for where, expected in [("g = 42", 30), ("half = 1", 1500), ("g < 3", 90)]:
+            rows = np.array([int(r) for r in store.sql(f"SELECT id FROM items WHERE {where}").column("id").to_pylist()])
+            hits = store.query(x[:4], k=25, dims=[16, 64], where=where)
+            truth = exact_funnel(_f16(x[rows]), x[:4], [16, 64], shortlist_sizes(None, 25, 2), 25)
+            for h, t in zip(hits, truth):
+                assert len(h.ids) == min(25, expected)
+                assert {int(i) for i in h.ids} <= set(rows.tolist())
+                assert h.ids == [str(r) for r in rows[t]]
+        assert store.query(x[0], k=5, where="g = 1000").ids == []
+
+
+def test_filtered_hnsw_path_over_fetches(tmp_path, rng, monkeypatch):
+    from mrlstore import store as store_module
+
+    monkeypatch.setattr(store_module, "FILTER_EXACT_ROWS", 10)
+    monkeypatch.setattr(store_module, "FILTER_EXACT_SHARE", 0.0)
+    x = rng.standard_normal((2000, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64)) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(2000)], metadata=[{"g": i % 10} for i in range(2000)])
+        hits = store.query(x[:5], k=10, dims=[16, 64], where="g = 3")
+        for h in hits:
+            assert len(h.ids) == 10 and all(int(i) % 10 == 3 for i in h.ids)
+
+
+def test_upsert_replaces_and_delete_hides(small_store, rng):
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    small_store.add_vectors(x, ids=[str(i) for i in range(40)], metadata=[{"v": 1}] * 40)
+    y = rng.standard_normal((2, 64)).astype(np.float32)
+    small_store.upsert_vectors(y, ids=["3", "new"], metadata=[{"v": 2}, {"v": 2}])
+    assert len(small_store) == 41
+    got = small_store.get(["3", "new"])
+    np.testing.assert_array_equal(np.stack(got.column("vector").to_numpy(zero_copy_only=False)), _f16(y))
+    assert got.column("v").to_pylist() == [2, 2]
+    assert small_store.query(x[3], k=1, dims=[8, 64]).ids != ["3"]
+    assert small_store.query(y[0], k=1, dims=[8, 64]).ids == ["3"]
+    assert small_store.delete(["5", "6"]) == 2 and len(small_store) == 39
+    assert "5" not in small_store.query(x[5], k=39, dims=[64]).ids
+    assert "6" not in small_store.query(x[6], k=5, dims=[8, 64]).ids
+    small_store.add_vectors(x[5:6], ids=["5"])  # a deleted id may be used again
+    assert small_store.query(x[5], k=1, dims=[8, 64]).ids == ["5"]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_metrics_score_exactly(tmp_path, rng, metric):
+    x = rng.standard_normal((200, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / metric, dim=64, bands=(16, 64), metric=metric) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(200)])
+        q = rng.standard_normal(64).astype(np.float32)
+        hits = store.query(q, k=5, dims=[16, 64], shortlist=200)
+        xs = _f16(x)
+        if metric == "cosine":
+            s = xs @ q / (np.linalg.norm(xs, axis=1) * np.linalg.norm(q))
+            order = np.argsort(-s)
+        elif metric == "ip":
+            s = xs @ q
+            order = np.argsort(-s)
+        else:
+            s = np.linalg.norm(xs - q, axis=1)
+            order = np.argsort(s)
+        assert hits.ids == [str(i) for i in order[:5]]
+        np.testing.assert_allclose(hits.scores, s[order[:5]], rtol=1e-4)
+
+
+def test_reopen_keeps_everything(tmp_path, rng):
+    x = rng.standard_normal((120, 64)).astype(np.float32)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, bands=(8, 64), index_dims=(8,), metric="ip", chunk_rows=16) as store:
+        store.add_vectors(x[:100], ids=[str(i) for i in range(100)], metadata=[{"n": i} for i in range(100)])
+        store.delete(["7"])
+    with mrlstore.open(path) as store:
+        assert store.info()["index_status"] == {8: "loaded"}
+        assert (store.metric, store.dim, store.bands, len(store)) == ("ip", 64, (8, 64), 99)
+        store.add_vectors(x[100:], ids=[str(i) for i in range(100, 120)])
+        assert store.query(x[110], k=1, dims=[8, 64]).ids == ["110"]
+    with mrlstore.open(path, read_only=True) as store:
+        assert len(store) == 119 and "7" not in store.query(x[7], k=119, dims=[8, 64]).ids
+        with pytest.raises(mrlstore.ReadOnlyError):
+            store.add_vectors(x[:1])
+
+
+def test_index_rows_past_saved_cache_are_added_on_open(tmp_path, rng):
+    x = rng.standard_normal((60, 64)).astype(np.float32)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x[:30], ids=[str(i) for i in range(30)])
+    saved = {p.name: p.read_bytes() for p in (path / "index").iterdir()}
+    with mrlstore.open(path) as store:
+        store.add_vectors(x[30:], ids=[str(i) for i in range(30, 60)])
+        store.delete(["1"])
+    for name, data in saved.items():  # put the older cache back: it covers only 30 rows
+        (path / "index" / name).write_bytes(data)
+    with mrlstore.open(path) as store:
+        assert store.info()["index_status"] == {8: "extended"}
+        assert store.query(x[45], k=1, dims=[8, 64]).ids == ["45"]
+        assert "1" not in store.query(x[1], k=10, dims=[8, 64]).ids
+
+
+def test_queries_from_threads_while_adding(tmp_path, rng):
+    x = rng.standard_normal((4000, 64)).astype(np.float32)
+    errors: list[BaseException] = []
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 16, 64), index_dims=(8,), chunk_rows=64) as store:
+        store.add_vectors(x[:500], ids=[str(i) for i in range(500)])
+        stop = threading.Event()
+
+        def reader(seed: int) -> None:
+            r = np.random.default_rng(seed)
+            try:
+                while not stop.is_set():
+                    i = int(r.integers(0, 500))
+                    h = store.query(x[i], k=3, dims=[8, 64], where="true" if r.random() < 0.2 else None)
+                    assert h.ids[0] == str(i), (i, h)
+                    store.query(x[r.integers(0, 500, 3)], k=2, dims=[64])
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for lo in range(500, 4000, 250):
+            store.add_vectors(x[lo : lo + 250], ids=[str(i) for i in range(lo, lo + 250)])
+            store.delete([str(lo + 1)])
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        assert len(store) == 4000 - 14
+
+
+def test_add_images_goes_through_the_encoder(tmp_path, rng):
+    class ToyEncoder:
+        dim = 32
+        nesting = (8, 16, 32)
+
+        def encode(self, images, batch_size=64):
+            return (
+                np.stack([np.resize(np.frombuffer(str(i).encode() * 4, np.uint8), 32) for i in images]).astype(
+                    np.float32
+                )
+                + 1
+            )
+
+    with mrlstore.open(tmp_path / "s", encoder=ToyEncoder(), bands=(8, 32), index_dims=(8,)) as store:
+        assert store.dim == 32
+        store.add(["a.jpg", "bb.jpg", "ccc.jpg"], metadata=[{"k": 1}, {"k": 2}, {"k": 3}])
+        hits = store.query("bb.jpg", k=1, dims=[8, 32])
+        assert hits.metadata[0] == {"k": 2, "path": "bb.jpg"}
+    with mrlstore.open(tmp_path / "s") as store, pytest.raises(mrlstore.EncoderUnavailableError):
+        store.add(["a.jpg"])
+
+
+def test_import_does_not_import_torch():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, mrlstore; print('torch' in sys.modules, 'zarr' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["False", "False"]
