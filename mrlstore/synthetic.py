@@ -14,10 +14,20 @@ from .funnel import top
 
 
 def mrl_like(
-    n: int, dim: int = 2048, *, n_clusters: int = 100, noise: float = 0.6, decay: float = 0.5, seed: int = 0
+    n: int,
+    dim: int = 2048,
+    *,
+    n_clusters: int = 100,
+    noise: float = 0.6,
+    decay: float = 0.5,
+    seed: int = 0,
+    sample: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` float32 vectors of length ``dim`` and their cluster labels (deterministic for a seed)."""
-    return _generate(n, dim, n_clusters, noise, decay, seed, seed + 1)
+    """``n`` float32 vectors of length ``dim`` and their cluster labels (deterministic).
+
+    ``seed`` fixes the clusters; ``sample`` picks an independent draw from them (0: database, 1: queries).
+    """
+    return _generate(n, dim, n_clusters, noise, decay, seed, seed + 1 + sample)
 
 
 def mrl_like_split(
@@ -31,9 +41,8 @@ def mrl_like_split(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A database and held-out queries: the same clusters, independent samples."""
-    base, _ = _generate(n_base, dim, n_clusters, noise, decay, seed, seed + 1)
-    queries, _ = _generate(n_queries, dim, n_clusters, noise, decay, seed, seed + 2)
-    return base, queries
+    kw = {"n_clusters": n_clusters, "noise": noise, "decay": decay, "seed": seed}
+    return mrl_like(n_base, dim, **kw)[0], mrl_like(n_queries, dim, sample=1, **kw)[0]
 
 
 def _generate(
