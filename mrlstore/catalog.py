@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from .errors import (
     CorruptStoreError,
+    DuplicateIdError,
     InvalidFilterError,
     MetadataError,
     NotAStoreError,
@@ -114,7 +115,7 @@ class Catalog:
         return dict(found)
 
     def filter_rows(self, where: str) -> np.ndarray:
-        sql = f"SELECT _row FROM _items WHERE ({where})"
+        sql = f"SELECT _row FROM _items WHERE (\n{where}\n)"  # own lines: a trailing -- comment stays inside
         with self._lock:
             self._check_single_select(sql, what="where=")
             try:
@@ -173,6 +174,39 @@ class Catalog:
                 f"{what} accepts one read-only SELECT statement (writes go through the Store API): {sql!r}"
             )
 
+    def check_metadata(self, metadata: pa.Table) -> None:
+        """Raise MetadataError if ``metadata`` cannot be stored in the existing columns (no writes)."""
+        existing = self.columns()
+        shared = [c for c in metadata.column_names if c in existing]
+        if not shared:
+            return
+        casts = ", ".join(f"TRY_CAST({_quote(c)} AS {existing[c]}) IS NULL AND {_quote(c)} IS NOT NULL" for c in shared)
+        with self._lock:
+            self._con.register("_meta_check", metadata.select(shared))
+            try:
+                bad = self._con.execute(f"SELECT {casts} FROM _meta_check").fetchall()
+            except duckdb.Error as e:
+                raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+            finally:
+                self._con.unregister("_meta_check")
+        for row_i, flags in enumerate(bad):
+            for col, failed in zip(shared, flags):
+                if failed:
+                    value = metadata.column(col)[row_i].as_py()
+                    raise MetadataError(
+                        f"metadata[{row_i}][{col!r}] = {value!r} does not fit column {col!r} of type {existing[col]}"
+                    )
+
+    def snapshot_to(self, dest: Path) -> None:
+        """Copy the whole catalog into a new DuckDB file at ``dest`` (a consistent point in time)."""
+        with self._lock:
+            alias = self._con.execute("SELECT current_database()").fetchone()[0]
+            self._con.execute(f"ATTACH '{str(dest).replace(chr(39), chr(39) * 2)}' AS _snapshot")
+            try:
+                self._con.execute(f"COPY FROM DATABASE {_quote(alias)} TO _snapshot")
+            finally:
+                self._con.execute("DETACH _snapshot")
+
     # -- writes (each one transaction: the commit point) -------------------------------------------
     def commit_rows(
         self,
@@ -192,47 +226,61 @@ class Catalog:
                 batch = batch.append_column(name, metadata.column(name))
         with self._lock:
             con = self._con
-            con.begin()
+            # Registrations stay outside the transaction: after a failed statement DuckDB refuses
+            # everything but ROLLBACK, and an unregister there would hide the real error.
+            con.register("_batch", batch)
+            if replace_rows is not None and len(replace_rows):
+                con.register("_dead", pa.table({"_row": pa.array(np.asarray(replace_rows, dtype=np.int64))}))
             try:
-                if metadata is not None:
-                    self._add_columns(metadata)
+                self._commit_rows_txn(metadata, replace_rows, new_watermark)
+            finally:
+                con.unregister("_batch")
                 if replace_rows is not None and len(replace_rows):
-                    self._tombstone(replace_rows)
-                con.register("_batch", batch)
-                try:
-                    con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
-                finally:
-                    con.unregister("_batch")
-                self._set_watermark(new_watermark)
-                con.commit()
-            except duckdb.ConversionException as e:
-                con.rollback()
-                self._columns = None
-                raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
-            except BaseException:
-                con.rollback()
-                self._columns = None
-                raise
+                    con.unregister("_dead")
+
+    def _commit_rows_txn(self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int) -> None:
+        con = self._con
+        con.begin()
+        try:
+            if metadata is not None:
+                self._add_columns(metadata)
+            if replace_rows is not None and len(replace_rows):
+                self._tombstone_registered()
+            con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
+            self._set_watermark(new_watermark)
+            con.commit()
+        except duckdb.ConversionException as e:
+            con.rollback()
+            self._columns = None
+            raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+        except duckdb.ConstraintException as e:
+            con.rollback()
+            self._columns = None
+            raise DuplicateIdError(f"an id is already in the store: {_first_line(e)}") from None
+        except BaseException:
+            con.rollback()
+            self._columns = None
+            raise
 
     def delete_rows(self, rows: np.ndarray) -> None:
         with self._lock:
             con = self._con
-            con.begin()
+            con.register("_dead", pa.table({"_row": pa.array(np.asarray(rows, dtype=np.int64))}))
             try:
-                self._tombstone(rows)
-                con.commit()
-            except BaseException:
-                con.rollback()
-                raise
+                con.begin()
+                try:
+                    self._tombstone_registered()
+                    con.commit()
+                except BaseException:
+                    con.rollback()
+                    raise
+            finally:
+                con.unregister("_dead")
 
-    def _tombstone(self, rows: np.ndarray) -> None:
-        t = pa.table({"_row": pa.array(np.asarray(rows, dtype=np.int64))})
-        self._con.register("_dead", t)
-        try:
-            self._con.execute("DELETE FROM _items WHERE _row IN (SELECT _row FROM _dead)")
-            self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
-        finally:
-            self._con.unregister("_dead")
+    def _tombstone_registered(self) -> None:
+        """Move the rows of the registered ``_dead`` table from ``_items`` to ``tombstones``."""
+        self._con.execute("DELETE FROM _items WHERE _row IN (SELECT _row FROM _dead)")
+        self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
 
     def _set_watermark(self, rows: int) -> None:
         self._con.execute("UPDATE manifest SET value = ? WHERE key = 'committed_rows'", [json.dumps(rows)])

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import funnel
+from ._fsutil import fsync_dir, fsync_file
 from .catalog import DB_FILE, Catalog
 from .encoding import Encoder, looks_like_vectors, source_paths
 from .errors import (
@@ -319,6 +320,8 @@ class Store:
                     f"{len(existing)} id(s) already in the store, e.g. {sorted(existing)[:5]}; "
                     "use upsert_vectors to replace them"
                 )
+            if meta is not None:
+                self._catalog.check_metadata(meta)
             start = self._watermark
             replaced = np.fromiter(existing.values(), dtype=np.int64, count=len(existing))
             try:
@@ -381,6 +384,38 @@ class Store:
             self._hide(rows)
             self._n_live -= len(rows)
         return len(rows)
+
+    def snapshot(self, dest: str | os.PathLike[str]) -> Path:
+        """Write a consistent copy of the store to ``dest`` (which must not exist) and return its path.
+
+        DuckDB lets no other process open a store while its writer has it; a snapshot is how other
+        processes read meanwhile: ``mrlstore.open(dest, read_only=True)``.
+        """
+        self._check_open()
+        dest = Path(dest)
+        if dest.exists():
+            raise InvalidInputError(f"snapshot destination {dest} already exists")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.snapshot-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with self._write_lock:
+            if not self.read_only:
+                self.checkpoint()
+            try:
+                shutil.copytree(self.path / "vectors", tmp / "vectors")
+                if (self.path / INDEX_DIR).exists():
+                    shutil.copytree(self.path / INDEX_DIR, tmp / INDEX_DIR)
+                else:
+                    (tmp / INDEX_DIR).mkdir()
+                self._catalog.snapshot_to(tmp / DB_FILE)
+                (tmp / LOCK_FILE).touch()
+                _fsync_tree(tmp)
+                os.rename(tmp, dest)
+                fsync_dir(dest.parent)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return dest
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, ids: Sequence[str], dims: int | None = None) -> pa.Table:
@@ -447,7 +482,7 @@ class Store:
         allowed = None
         if where is not None:
             allowed = self._catalog.filter_rows(where)
-            allowed = allowed[(allowed < watermark)]
+            allowed = allowed[(allowed >= 0) & (allowed < watermark)]
             allowed = allowed[live[allowed]]
         first = sizes[0] if sizes else k
         candidates = self._first_stage(queries, dims_t[0], first, allowed, watermark, live, ef)
@@ -559,6 +594,13 @@ class Store:
         return scorer.rows, scorer.scores()
 
 
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(dirpath)
+
+
 def _create(path: Path, params: dict[str, Any], chunk_rows: int | None) -> None:
     """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing)."""
     from . import __version__
@@ -614,10 +656,7 @@ def _create(path: Path, params: dict[str, Any], chunk_rows: int | None) -> None:
             catalog.close()
         (tmp / INDEX_DIR).mkdir()
         (tmp / LOCK_FILE).touch()
-        from ._fsutil import fsync_dir
-
-        for sub in (tmp / "vectors", tmp):
-            fsync_dir(sub)
+        _fsync_tree(tmp)
         try:
             os.rename(tmp, path)  # also replaces an empty folder the user made
         except OSError:

@@ -246,3 +246,24 @@ def test_import_does_not_import_torch():
         check=True,
     )
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_snapshot_is_readable_by_another_process_while_writing(tmp_path, rng):
+    import subprocess
+    import sys
+
+    x = rng.standard_normal((80, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x[:60], ids=[str(i) for i in range(60)], metadata=[{"n": i} for i in range(60)])
+        store.snapshot(tmp_path / "snap")
+        store.add_vectors(x[60:], ids=[str(i) for i in range(60, 80)])
+        code = (
+            "import sys, numpy as np, mrlstore\n"
+            f"s = mrlstore.open({str(tmp_path / 'snap')!r}, read_only=True)\n"
+            "v = np.array(s.get(['42'])['vector'][0].as_py())\n"
+            "print(len(s), s.query(v, k=1, dims=[8, 64]).ids[0], s.info()['index_status'][8])\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.stdout.split() == ["60", "42", "loaded"], out.stderr
+        with pytest.raises(mrlstore.InvalidInputError, match="exists"):
+            store.snapshot(tmp_path / "snap")

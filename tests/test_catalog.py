@@ -1,0 +1,73 @@
+"""The DuckDB catalog on its own: schema, commits, rollbacks, filters, metadata typing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mrlstore.catalog import Catalog
+from mrlstore.errors import DuplicateIdError, InvalidFilterError, MetadataError
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    c = Catalog(tmp_path, read_only=False, create=True)
+    c.create_schema({"format": "mrlstore", "committed_rows": 0})
+    yield c
+    c.close()
+
+
+def test_commit_sets_watermark_and_columns(catalog):
+    catalog.commit_rows(0, ["a", "b"], pa.table({"label": ["x", "y"], "n": [1, 2]}), new_watermark=2)
+    assert catalog.manifest()["committed_rows"] == 2
+    assert catalog.columns() == {"label": "VARCHAR", "n": "BIGINT"}
+    rows, ids = catalog.live_rows()
+    assert rows.tolist() == [0, 1] and ids == ["a", "b"]
+    catalog.commit_rows(2, ["c"], pa.table({"w": [0.5]}), new_watermark=3, replace_rows=np.array([0]))
+    assert catalog.rows_of(["a", "b", "c"]) == {"b": 1, "c": 2}
+    assert catalog.tombstones().tolist() == [0]
+    assert catalog.metadata_for_rows(np.array([2, 1])) == {
+        2: {"label": None, "n": None, "w": 0.5},
+        1: {"label": "y", "n": 2, "w": None},
+    }
+
+
+def test_failed_commit_rolls_back_everything(catalog):
+    catalog.commit_rows(0, ["a"], None, new_watermark=1)
+    with pytest.raises(DuplicateIdError):
+        catalog.commit_rows(1, ["a"], pa.table({"z": [1]}), new_watermark=2)  # id "a" is UNIQUE
+    assert catalog.manifest()["committed_rows"] == 1
+    assert catalog.columns() == {}
+    assert catalog.live_rows()[1] == ["a"]
+
+
+def test_filters_and_sql_are_read_only(catalog):
+    catalog.commit_rows(0, ["a", "b", "c"], pa.table({"n": [1, 2, 3]}), new_watermark=3)
+    assert catalog.filter_rows("n >= 2").tolist() == [1, 2]
+    with pytest.raises(InvalidFilterError, match="Metadata columns: id, n"):
+        catalog.filter_rows("colour = 'red'")
+    for bad in ["n = 1; DELETE FROM _items", "n = ", "n = 1) UNION SELECT 5 --"]:
+        with pytest.raises(InvalidFilterError):
+            catalog.filter_rows(bad)
+    with pytest.raises(InvalidFilterError, match="read-only SELECT"):
+        catalog.sql("DROP TABLE _items")
+    assert catalog.sql("SELECT count(*) AS c FROM items").column("c")[0].as_py() == 3
+
+
+def test_metadata_check_names_the_offending_value(catalog):
+    catalog.commit_rows(0, ["a"], pa.table({"n": [1]}), new_watermark=1)
+    catalog.check_metadata(pa.table({"n": ["7"], "new": ["ok"]}))  # castable, and new columns are fine
+    with pytest.raises(MetadataError, match=r"metadata\[1\]\['n'\] = 'seven'"):
+        catalog.check_metadata(pa.table({"n": ["7", "seven"]}))
+
+
+def test_items_for_ids_keeps_request_order(catalog):
+    catalog.commit_rows(0, ["a", "b", "c"], None, new_watermark=3)
+    t = catalog.items_for_ids(["c", "zz", "a"])
+    assert t.column("id").to_pylist() == ["c", "a"] and t.column("_row").to_pylist() == [2, 0]
+
+
+def test_a_trailing_comment_cannot_escape_the_filter(catalog):
+    catalog.commit_rows(0, ["a", "b"], pa.table({"n": [1, 2]}), new_watermark=2)
+    assert catalog.filter_rows("n = 1 -- the parenthesis after this stays in force").tolist() == [0]
