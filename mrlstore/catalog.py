@@ -26,6 +26,8 @@ from .errors import (
 )
 
 DB_FILE = "catalog.duckdb"
+# Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
+_CONFIG = {"storage_compatibility_version": "v1.2.0"}
 
 
 def _quote(name: str) -> str:
@@ -40,7 +42,7 @@ class Catalog:
         if not create and not self.path.exists():
             raise NotAStoreError(f"{path} is not an mrlstore store (no {DB_FILE})")
         try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only)
+            self._con = duckdb.connect(str(self.path), read_only=read_only, config=_CONFIG)
         except duckdb.IOException as e:
             msg = str(e)
             if "lock" in msg.lower():
