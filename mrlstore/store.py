@@ -525,11 +525,11 @@ class Store:
                 return [np.empty(0, np.int64) for _ in queries]
             if index is None or len(allowed) <= max(FILTER_EXACT_ROWS, FILTER_EXACT_SHARE * n_live):
                 return self._scan(queries, d, n, allowed)
-            return self._filtered_search(index, queries, n, allowed, n_live, beam)
+            return self._filtered_search(index, queries, n, allowed, n_live, beam, watermark)
         if index is None:
             return self._scan(queries, d, n, np.flatnonzero(live[:watermark]))
         labels = index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1)
-        out = [row[row >= 0] for row in labels]
+        out = [_visible(row, watermark, live) for row in labels]
         short = [i for i, rows in enumerate(out) if len(rows) < min(n, n_live)]
         if short:  # HNSW came back with fewer than exist (tiny or heavily deleted stores): scan exactly
             scanned = self._scan(queries[short], d, n, np.flatnonzero(live[:watermark]))
@@ -538,10 +538,17 @@ class Store:
         return out
 
     def _filtered_search(
-        self, index: PrefixIndex, queries: np.ndarray, n: int, allowed: np.ndarray, n_live: int, beam: int
+        self,
+        index: PrefixIndex,
+        queries: np.ndarray,
+        n: int,
+        allowed: np.ndarray,
+        n_live: int,
+        beam: int,
+        watermark: int,
     ) -> list[np.ndarray]:
         """HNSW with over-fetching; queries it cannot satisfy fall back to an exact scan of ``allowed``."""
-        mask = np.zeros(self._watermark, dtype=bool)
+        mask = np.zeros(watermark, dtype=bool)
         mask[allowed] = True
         want = min(n, len(allowed))
         fetch = min(n_live, int(np.ceil(n * n_live / len(allowed) * 1.5)) + 10)
@@ -551,8 +558,8 @@ class Store:
             labels = index.search(queries[todo], fetch, max(beam, fetch), num_threads=-1)
             retry = []
             for qi, row in zip(todo, labels):
-                row = row[row >= 0]
-                row = row[mask[np.minimum(row, len(mask) - 1)] & (row < len(mask))]
+                row = row[(row >= 0) & (row < watermark)]
+                row = row[mask[row]]
                 if len(row) >= want:
                     out[qi] = row[:want]
                 else:
@@ -592,6 +599,12 @@ class Store:
             scorer.extend(self._vectors.gather(scorer.rows, scorer.covered, d), d)
             scorer.keep(funnel.top(scorer.scores(), keep, self.metric))
         return scorer.rows, scorer.scores()
+
+
+def _visible(rows: np.ndarray, watermark: int, live: np.ndarray) -> np.ndarray:
+    """The rows a query may return: committed and live in the snapshot it started from."""
+    rows = rows[(rows >= 0) & (rows < watermark)]
+    return rows[live[rows]]
 
 
 def _fsync_tree(root: Path) -> None:
