@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import numpy as np
@@ -77,7 +79,12 @@ class Catalog:
                 rows = self._con.execute("SELECT key, value FROM manifest").fetchall()
             except duckdb.CatalogException:
                 raise NotAStoreError(f"{self.path} is a DuckDB file but not an mrlstore catalog") from None
-        return {k: json.loads(v) for k, v in rows}
+            except duckdb.Error as e:
+                raise CorruptStoreError(f"cannot read catalog {self.path}: {_first_line(e)}") from None
+        try:
+            return {k: json.loads(v) for k, v in rows}
+        except (TypeError, ValueError) as e:
+            raise CorruptStoreError(f"catalog {self.path} has an unreadable manifest: {e}") from None
 
     def _refresh_view(self) -> None:
         self._con.execute("CREATE OR REPLACE VIEW items AS SELECT * EXCLUDE (_row) FROM _items")
@@ -96,12 +103,12 @@ class Catalog:
 
     # -- reads -------------------------------------------------------------------------------------
     def live_rows(self) -> tuple[np.ndarray, list[str]]:
-        with self._lock:
+        with self._lock, _corruption_as_error(self.path):
             t = _arrow(self._con, "SELECT _row, id FROM _items ORDER BY _row")
         return t.column("_row").to_numpy().astype(np.int64), t.column("id").to_pylist()
 
     def tombstones(self) -> np.ndarray:
-        with self._lock:
+        with self._lock, _corruption_as_error(self.path):
             t = self._con.execute("SELECT _row FROM tombstones ORDER BY _row").fetchnumpy()
         return np.asarray(t["_row"], dtype=np.int64)
 
@@ -117,11 +124,17 @@ class Catalog:
         return dict(found)
 
     def filter_rows(self, where: str) -> np.ndarray:
+        if not isinstance(where, str) or not where.strip():
+            raise InvalidFilterError(f"where= must be a non-empty SQL expression string, got {where!r}")
+        try:
+            duckdb.SQLExpression(where)  # parses as one expression, or it is no filter
+        except duckdb.Error as e:
+            raise InvalidFilterError(f"where={where!r} is not one SQL expression: {_first_line(e)}") from None
         sql = f"SELECT _row FROM _items WHERE (\n{where}\n)"  # own lines: a trailing -- comment stays inside
         with self._lock:
             self._check_single_select(sql, what="where=")
             try:
-                res = self._con.execute(sql).fetchnumpy()
+                res = self._read_only(lambda: self._con.execute(sql).fetchnumpy())
             except (duckdb.BinderException, duckdb.CatalogException) as e:
                 raise InvalidFilterError(
                     f"where={where!r} does not bind: {_first_line(e)}. Metadata columns: "
@@ -162,19 +175,33 @@ class Catalog:
         with self._lock:
             self._check_single_select(query, what="sql()")
             try:
-                return _arrow(self._con, query)
+                return self._read_only(lambda: _arrow(self._con, query))
             except duckdb.Error as e:
                 raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
+
+    def _read_only(self, run: Callable[[], T]) -> T:
+        """Run user SQL in a transaction that is always rolled back: a SELECT may still hide a write
+        (a data-modifying CTE), and none may reach the catalog except through the Store API."""
+        if self.read_only:
+            return run()
+        self._con.begin()
+        try:
+            return run()
+        finally:
+            self._con.rollback()
 
     def _check_single_select(self, sql: str, what: str) -> None:
         try:
             statements = self._con.extract_statements(sql)
         except duckdb.Error as e:
             raise InvalidFilterError(f"{what} is not valid SQL: {_first_line(e)}") from None
+        refusal = f"{what} accepts one read-only SELECT statement (writes go through the Store API): {sql!r}"
         if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-            raise InvalidFilterError(
-                f"{what} accepts one read-only SELECT statement (writes go through the Store API): {sql!r}"
-            )
+            raise InvalidFilterError(refusal)
+        # DuckDB calls "WITH d AS (DELETE ... RETURNING ...) SELECT ..." a SELECT: inspect its parse tree.
+        tree = json.loads(self._con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+        if tree.get("error") or _node_types(tree) - _READ_NODES:
+            raise InvalidFilterError(refusal)
 
     def check_metadata(self, metadata: pa.Table) -> None:
         """Raise MetadataError if ``metadata`` cannot be stored in the existing columns (no writes)."""
@@ -202,7 +229,7 @@ class Catalog:
     def snapshot_to(self, dest: Path) -> None:
         """Copy the whole catalog into a new DuckDB file at ``dest`` (a consistent point in time)."""
         with self._lock:
-            alias = self._con.execute("SELECT current_database()").fetchone()[0]
+            alias = self._con.execute("SELECT current_database()").fetchall()[0][0]
             self._con.execute(f"ATTACH '{str(dest).replace(chr(39), chr(39) * 2)}' AS _snapshot")
             try:
                 self._con.execute(f"COPY FROM DATABASE {_quote(alias)} TO _snapshot")
@@ -304,6 +331,34 @@ class Catalog:
             added = True
         if added:
             self._refresh_view()
+
+
+T = TypeVar("T")
+_READ_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+
+
+def _node_types(tree: Any) -> set[str]:
+    """Every query-node type (``*_NODE``) in a json_serialize_sql tree."""
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            kind = item.get("type")
+            if isinstance(kind, str) and kind.endswith("_NODE"):
+                found.add(kind)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+@contextmanager
+def _corruption_as_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except duckdb.Error as e:
+        raise CorruptStoreError(f"cannot read catalog {path}: {_first_line(e)}") from None
 
 
 def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:

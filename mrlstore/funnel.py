@@ -27,7 +27,9 @@ def default_shortlists(k: int, stages: int) -> list[int]:
 def shortlist_sizes(shortlist: int | Sequence[int] | None, k: int, stages: int) -> list[int]:
     if shortlist is None:
         return default_shortlists(k, stages)
-    if isinstance(shortlist, (int, np.integer)):
+    if isinstance(shortlist, (int, np.integer)) and not isinstance(shortlist, bool):
+        if shortlist < k:
+            raise ValueError(f"shortlist must be at least k={k}, got {shortlist}")
         return [max(k, int(shortlist) >> i) for i in range(stages - 1)]
     sizes = [int(s) for s in shortlist]
     if len(sizes) != stages - 1:

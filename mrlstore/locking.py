@@ -14,7 +14,19 @@ LOCK_FILE = "LOCK"
 class StoreLock:
     def __init__(self, store_path: Path, exclusive: bool):
         self.path = Path(store_path) / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
+        self.created = False  # so a failed open can remove the file it made
+        if exclusive:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.created = True
+            except FileExistsError:
+                self._fd = os.open(self.path, os.O_RDWR)
+        else:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._fd = -1  # every writer creates LOCK first: without one, no writer is there
+                return
         try:
             fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -37,8 +49,10 @@ class StoreLock:
             pid = ""
         return f" by process {pid}" if pid.isdigit() else ""
 
-    def release(self) -> None:
+    def release(self, remove_if_created: bool = False) -> None:
         if self._fd >= 0:
+            if remove_if_created and self.created:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1

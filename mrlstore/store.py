@@ -41,7 +41,7 @@ from .errors import (
 from .hits import Hits
 from .hnsw_index import IndexUnusable, PrefixIndex
 from .locking import LOCK_FILE, StoreLock
-from .validation import dims_tuple, id_list, metadata_table, positive_int, query_batch, vector_batch
+from .validation import dims_tuple, id_list, id_strings, metadata_table, positive_int, query_batch, vector_batch
 from .zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands
 
 FORMAT_NAME = "mrlstore"
@@ -90,13 +90,14 @@ class Store:
             "index_dims": tuple(index_dims) if index_dims is not None else None,
             "hnsw_M": hnsw_m,
             "hnsw_ef_construction": ef_construction,
+            "chunk_rows": chunk_rows,
         }
         if not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir())):
             if read_only:
                 raise StoreNotFoundError(f"no store at {self.path} (read_only=True never creates one)")
             if requested["dim"] is None:
                 raise StoreNotFoundError(f"no store at {self.path}; pass dim= (or an encoder) to create one")
-            _create(self.path, requested, chunk_rows)
+            _create(self.path, requested)
         elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
 
@@ -104,9 +105,9 @@ class Store:
         try:
             self._open(requested)
         except BaseException:
-            self._lock.release()
             if hasattr(self, "_catalog"):
                 self._catalog.close()
+            self._lock.release(remove_if_created=True)
             raise
         self._closed = False
 
@@ -122,6 +123,8 @@ class Store:
             )
         for key, value in requested.items():
             stored = tuple(m[key]) if isinstance(m.get(key), list) else m.get(key)
+            if key == "chunk_rows" and value is not None and set(stored) == {value}:
+                continue  # one size for every band, as given at creation
             if value is not None and value != stored:
                 raise ConfigMismatchError(f"{self.path} was created with {key}={stored!r}, not {value!r}")
         self.manifest = m
@@ -371,7 +374,7 @@ class Store:
         """Delete entries by id; returns how many were deleted. Unknown ids raise unless ``missing_ok``."""
         self._check_open()
         self._check_writable()
-        ids = list(ids) if not isinstance(ids, str) else [ids]
+        ids = id_strings([ids] if isinstance(ids, str) else ids)
         with self._write_lock:
             found = self._catalog.rows_of(ids)
             missing = [i for i in ids if i not in found]
@@ -421,7 +424,7 @@ class Store:
     def get(self, ids: Sequence[str], dims: int | None = None) -> pa.Table:
         """Entries by id, in the order given: id, metadata columns and ``vector`` (the first ``dims``)."""
         self._check_open()
-        ids = list(ids) if not isinstance(ids, str) else [ids]
+        ids = id_strings([ids] if isinstance(ids, str) else ids)
         d = dims_tuple(dims if dims is not None else self.dim, self.dim)[-1]
         table = self._catalog.items_for_ids(ids)
         if table.num_rows != len(ids):
@@ -614,7 +617,7 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
-def _create(path: Path, params: dict[str, Any], chunk_rows: int | None) -> None:
+def _create(path: Path, params: dict[str, Any]) -> None:
     """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing)."""
     from . import __version__
 
@@ -635,9 +638,10 @@ def _create(path: Path, params: dict[str, Any], chunk_rows: int | None) -> None:
     if any(not 1 <= d <= dim for d in index_dims) or len(set(index_dims)) != len(index_dims):
         raise InvalidInputError(f"index_dims must be distinct prefix lengths within 1..{dim}, got {index_dims}")
     widths = [b - a for a, b in band_edges(dim, bands)]
+    chunk_rows = params["chunk_rows"]
     rows = (
         [positive_int(chunk_rows, "chunk_rows")] * len(widths)
-        if chunk_rows
+        if chunk_rows is not None
         else [auto_chunk_rows(w, dtype) for w in widths]
     )
     manifest = {

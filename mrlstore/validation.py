@@ -101,11 +101,21 @@ def id_list(ids: Any, n: int) -> list[str]:
         return [uuid.uuid4().hex for _ in range(n)]
     if isinstance(ids, (str, bytes)):
         raise InvalidIdError("ids must be a sequence of strings, not a single string")
+    out = id_strings(ids)
+    if len(out) != n:
+        raise InvalidIdError(f"got {len(out)} ids for {n} vectors")
+    dup = [k for k, c in Counter(out).items() if c > 1]
+    if dup:
+        raise DuplicateIdError(f"duplicate ids within the batch: {dup[:5]}")
+    return out
+
+
+def id_strings(ids: Any) -> list[str]:
+    """``ids`` as a list of non-empty strings (one string alone counts as one id only where allowed)."""
     if isinstance(ids, (pa.Array, pa.ChunkedArray)):
         ids = ids.to_pylist()
-    ids = list(ids)
-    if len(ids) != n:
-        raise InvalidIdError(f"got {len(ids)} ids for {n} vectors")
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise InvalidIdError(f"ids must be a sequence of strings, got {type(ids).__name__}")
     out = []
     for i, v in enumerate(ids):
         if isinstance(v, np.str_):
@@ -113,9 +123,6 @@ def id_list(ids: Any, n: int) -> list[str]:
         if not isinstance(v, str) or not v:
             raise InvalidIdError(f"ids must be non-empty strings; ids[{i}] is {v!r}")
         out.append(v)
-    dup = [k for k, c in Counter(out).items() if c > 1]
-    if dup:
-        raise DuplicateIdError(f"duplicate ids within the batch: {dup[:5]}")
     return out
 
 
@@ -137,6 +144,8 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
             for i, r in enumerate(rows):
                 if not isinstance(r, dict):
                     raise MetadataError(f"metadata[{i}] must be a dict, got {type(r).__name__}")
+            if not any(rows):
+                return None  # every entry empty: no metadata at all
             table = pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise MetadataError(f"metadata values cannot form typed columns: {e}") from None

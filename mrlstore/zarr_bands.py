@@ -152,8 +152,19 @@ class _Band:
             atomic_write_bytes(self.dir / "zarr.json", json.dumps(meta, indent=2).encode())
             self.meta = meta
 
-    def drop_chunks_from(self, first_row: int) -> None:
-        """Delete chunk files that lie wholly at or past ``first_row`` (never committed)."""
+    def discard_from(self, first_row: int) -> None:
+        """Erase rows at or past ``first_row`` (never committed): zero them in a partly committed chunk,
+        delete chunk files that lie wholly past it."""
+        chunk, offset = divmod(first_row, self.chunk_rows)
+        path = self.chunk_path(chunk)
+        if offset and path.exists():
+            row_bytes = self.width * self.dtype.itemsize
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes((self.chunk_rows - offset) * row_bytes), offset * row_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         first_chunk = -(-first_row // self.chunk_rows)
         cdir = self.dir / "c"
         if not cdir.exists():
@@ -212,7 +223,7 @@ class BandedVectors:
         with self._write_lock:
             self.set_rows(rows)
             for band in self.bands:
-                band.drop_chunks_from(rows)
+                band.discard_from(rows)
 
     def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
         """Rows (any order, may repeat) x columns ``col_start:col_stop`` as float32, in the order given."""
