@@ -137,7 +137,7 @@ class Store:
         watermark = int(m["committed_rows"])
 
         self._vectors = BandedVectors(self.path, self.dim, self.bands, self.dtype)
-        if self._vectors.physical_rows() != watermark and not self.read_only:
+        if not self.read_only and not self._vectors.is_clean(watermark):
             self._vectors.truncate(watermark)  # leftovers of an append that never committed
         elif self._vectors.physical_rows() < watermark:
             raise CorruptStoreError(

@@ -196,6 +196,17 @@ class BandedVectors:
     def physical_rows(self) -> int:
         return min(b.shape_rows for b in self.bands)
 
+    def is_clean(self, rows: int) -> bool:
+        """True when every band's shape is ``rows`` and no chunk file lies wholly past it."""
+        for band in self.bands:
+            if band.shape_rows != rows:
+                return False
+            cdir = band.dir / "c"
+            last = -(-rows // band.chunk_rows)
+            if cdir.exists() and any(c.name.isdigit() and int(c.name) >= last for c in cdir.iterdir()):
+                return False
+        return True
+
     def append(self, start_row: int, vectors: np.ndarray) -> None:
         """Write ``vectors`` (n x dim) at rows ``start_row..`` durably; visible after the catalog commits."""
         with self._write_lock:
