@@ -35,6 +35,14 @@ from .errors import (
 from .hits import Hits
 from .store import Store, open
 
+
+def load_encoder(path=None, device=None):  # noqa: ANN001, ANN201 - typed in mrlstore.encoder
+    """The bundled MRL image encoder, or one saved at ``path`` (imports torch on first use)."""
+    from .encoder import load_encoder as _load
+
+    return _load(path, device=device)
+
+
 __all__ = [
     "ConfigMismatchError",
     "CorruptStoreError",
@@ -61,5 +69,6 @@ __all__ = [
     "UnknownIdError",
     "ZeroVectorError",
     "__version__",
+    "load_encoder",
     "open",
 ]

