@@ -137,6 +137,8 @@ class Store:
         watermark = int(m["committed_rows"])
 
         self._vectors = BandedVectors(self.path, self.dim, self.bands, self.dtype)
+        if not self.read_only:
+            _remove_stale_temporaries(self.path)
         if not self.read_only and not self._vectors.is_clean(watermark):
             self._vectors.truncate(watermark)  # leftovers of an append that never committed
         elif self._vectors.physical_rows() < watermark:
@@ -602,6 +604,13 @@ class Store:
             scorer.extend(self._vectors.gather(scorer.rows, scorer.covered, d), d)
             scorer.keep(funnel.top(scorer.scores(), keep, self.metric))
         return scorer.rows, scorer.scores()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of atomic writes that a killed writer never renamed (we hold the writer lock)."""
+    for pattern in ("vectors/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*"):
+        for tmp in path.glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 def _visible(rows: np.ndarray, watermark: int, live: np.ndarray) -> np.ndarray:

@@ -132,8 +132,7 @@ class _Band:
             path = self.chunk_path(chunk)
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                touched.append(path.parent)
-                touched.append(path.parent.parent)
+                touched += [path.parent, path.parent.parent, self.dir]  # new entries need their dirs synced
             data = np.ascontiguousarray(block[row - start_row : row - start_row + n], dtype=self.dtype)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -267,3 +267,19 @@ def test_snapshot_is_readable_by_another_process_while_writing(tmp_path, rng):
         assert out.stdout.split() == ["60", "42", "loaded"], out.stderr
         with pytest.raises(mrlstore.InvalidInputError, match="exists"):
             store.snapshot(tmp_path / "snap")
+
+
+def test_writer_open_removes_temporaries_of_killed_writers(tmp_path, rng):
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(rng.standard_normal((10, 64)))
+    stale = [
+        path / "vectors" / "band_00000_00008" / ".zarr.json.tmp-999",
+        path / "index" / ".prefix_00008.hnsw.tmp-999",
+    ]
+    for f in stale:
+        f.write_bytes(b"half-written")
+    with mrlstore.open(path, read_only=True) as store:
+        assert all(f.exists() for f in stale)  # readers change nothing
+    with mrlstore.open(path) as store:
+        assert len(store) == 10 and not any(f.exists() for f in stale)
