@@ -193,7 +193,7 @@ def train_projection(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
         if log:
             print(
                 f"  epoch {epoch + 1}/{epochs} loss {total / (len(feats) // batch):.4f} "
@@ -211,6 +211,18 @@ def embed(proj, feats: np.ndarray, batch: int = 4096) -> np.ndarray:
         return np.concatenate(
             [proj(torch.from_numpy(feats[i : i + batch])).numpy() for i in range(0, len(feats), batch)]
         )
+
+
+def load_projection(path: Path):
+    import torch
+
+    from mrlstore.encoder import MRLProjection
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob["state_dict"]
+    proj = MRLProjection(state["fc1.weight"].shape[1], state["fc1.weight"].shape[0], state["fc2.weight"].shape[0])
+    proj.load_state_dict(state)
+    return proj.eval()
 
 
 def train_stage(cache: Path, epochs: int, shared: bool, out: Path) -> None:
@@ -242,7 +254,7 @@ def train_stage(cache: Path, epochs: int, shared: bool, out: Path) -> None:
     print(f"trained projection ({'MRL-E' if shared else 'MRL'}) in {wall:.0f} s -> {out}")
 
 
-def export_stage(cache: Path, projection: Path, size: int) -> None:
+def export_stage(cache: Path, projection: Path, size: int, target: Path | None = None) -> None:
     import torch
 
     from mrlstore.encoder import BUNDLED_WEIGHTS, NESTING, MRLImageModel, save_encoder, sha256_of
@@ -259,10 +271,12 @@ def export_stage(cache: Path, projection: Path, size: int) -> None:
         "image_size": size,
         "trained": blob["meta"],
     }
-    save_encoder(model, BUNDLED_WEIGHTS, meta)
-    digest = sha256_of(BUNDLED_WEIGHTS)
-    (BUNDLED_WEIGHTS.parent / "mrl_lite0.sha256").write_text(f"{digest}  {BUNDLED_WEIGHTS.name}\n")
-    print(f"exported {BUNDLED_WEIGHTS} ({BUNDLED_WEIGHTS.stat().st_size / 1e6:.1f} MB, sha256 {digest[:12]}...)")
+    target = target or BUNDLED_WEIGHTS
+    save_encoder(model, target, meta)
+    digest = sha256_of(target)
+    if target == BUNDLED_WEIGHTS:
+        (BUNDLED_WEIGHTS.parent / "mrl_lite0.sha256").write_text(f"{digest}  {BUNDLED_WEIGHTS.name}\n")
+    print(f"exported {target} ({target.stat().st_size / 1e6:.1f} MB, sha256 {digest[:12]}...)")
 
 
 def main() -> None:
@@ -274,6 +288,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--mrl-e", action="store_true", help="train MRL-E (shared nested heads)")
+    ap.add_argument("--weights-out", type=Path, default=None, help="export here instead of the bundled path")
     args = ap.parse_args()
     projection = args.cache / ("projection_mrl_e.pt" if args.mrl_e else "projection_mrl.pt")
     if args.stage in ("extract", "all"):
@@ -283,7 +298,7 @@ def main() -> None:
     if args.stage in ("train", "all"):
         train_stage(args.cache, args.epochs, args.mrl_e, projection)
     if args.stage in ("export", "all"):
-        export_stage(args.cache, projection, args.size)
+        export_stage(args.cache, projection, args.size, args.weights_out)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ from .zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands
 
 FORMAT_NAME = "mrlstore"
 FORMAT_VERSION = 1
+BUNDLED_ENCODER = "bundled"
+BUNDLED_ENCODER_DIM = 2048
 INDEX_DIR = "index"
 SCAN_BLOCK_ROWS = 65536
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
@@ -96,8 +98,8 @@ class Store:
             if read_only:
                 raise StoreNotFoundError(f"no store at {self.path} (read_only=True never creates one)")
             if requested["dim"] is None:
-                raise StoreNotFoundError(f"no store at {self.path}; pass dim= (or an encoder) to create one")
-            _create(self.path, requested)
+                requested["dim"] = BUNDLED_ENCODER_DIM  # no dim, no encoder: images via the bundled encoder
+            _create(self.path, requested, encoder_name(encoder, requested["dim"], dim))
         elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
 
@@ -266,6 +268,7 @@ class Store:
             "live": self._n_live,
             "deleted": self._watermark - self._n_live,
             "index_status": dict(self.index_status),
+            "encoder": self.manifest.get("encoder"),
             "read_only": self.read_only,
         }
 
@@ -302,6 +305,10 @@ class Store:
         return self.add_vectors(vectors, ids=ids, metadata=metadata)
 
     def _encode(self, images: Any, batch_size: int) -> np.ndarray:
+        if self.encoder is None and self.manifest.get("encoder") == BUNDLED_ENCODER:
+            from .encoder import load_encoder  # imports torch: only when images are first encoded
+
+            self.encoder = load_encoder()
         if self.encoder is None:
             raise EncoderUnavailableError(
                 "this store has no encoder: pass encoder=... to mrlstore.open(), or add vectors with add_vectors()"
@@ -626,7 +633,14 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
-def _create(path: Path, params: dict[str, Any]) -> None:
+def encoder_name(encoder: Encoder | None, dim: int, dim_given: int | None) -> str | None:
+    """What the manifest records about the encoder a store was created for."""
+    if encoder is not None:
+        return str(getattr(encoder, "name", type(encoder).__name__))
+    return BUNDLED_ENCODER if dim_given is None and dim == BUNDLED_ENCODER_DIM else None
+
+
+def _create(path: Path, params: dict[str, Any], encoder: str | None = None) -> None:
     """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing)."""
     from . import __version__
 
@@ -666,6 +680,7 @@ def _create(path: Path, params: dict[str, Any]) -> None:
         "hnsw_ef_construction": int(params["hnsw_ef_construction"] or 200),
         "hnsw_ef_search": 64,
         "committed_rows": 0,
+        "encoder": encoder,
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "created_by": f"mrlstore {__version__}",
     }
@@ -710,7 +725,10 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     read_only: bool = False,
     encoder: Encoder | None = None,
 ) -> Store:
-    """Open the store at ``path``, creating it when absent (then ``dim`` or an encoder is required).
+    """Open the store at ``path``, creating it when absent.
+
+    A new store takes its ``dim`` from ``dim``, else from ``encoder``, else it is a 2048-d store for the
+    bundled MRL image encoder (loaded on the first ``add``/``query`` of images).
 
     Creation parameters (``dim``, ``bands``, ``metric`` = "cosine" | "ip" | "l2", ``dtype`` = "float16" |
     "float32", ``index_dims``, ``chunk_rows``, ``hnsw_m``, ``ef_construction``) are persisted; passing a

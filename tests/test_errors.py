@@ -708,12 +708,18 @@ def test_read_only_open_of_missing_path(tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
-def test_open_of_missing_path_without_dim(tmp_path: Path) -> None:
+def test_open_of_missing_path_without_dim_makes_a_store_for_the_bundled_encoder(tmp_path: Path) -> None:
     path = tmp_path / "s"
-    with raises(mrlstore.StoreNotFoundError, FileNotFoundError, match="pass dim="):
-        mrlstore.open(path)
-    assert not path.exists()
-    assert listing(tmp_path) == []
+    code = (
+        "import sys, mrlstore\n"
+        f"s = mrlstore.open({str(path)!r})\n"
+        "print(s.dim, s.info()['encoder'], 'torch' in sys.modules)\n"
+        "s.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2048", "bundled", "False"], out.stderr  # torch loads only to encode
+    with mrlstore.open(path, dim=2048) as store:
+        assert store.info()["encoder"] == "bundled"
 
 
 def test_read_only_open_of_empty_folder(tmp_path: Path) -> None:

@@ -1,0 +1,156 @@
+"""Evaluate Matryoshka embeddings of CIFAR-10 the way the MRL paper does (retrieval at every prefix size).
+
+    python benchmarks/encoder_eval.py [--cache build/encoder_cache] [--out benchmarks/results]
+
+Needs the feature cache of ``examples/train_encoder.py extract`` (and its ``train`` stage for MRL; MRL-E
+and the fixed-feature baselines are evaluated when their projections exist in the cache). Database: the
+50,000 training images; queries: the 10,000 test images; cosine similarity on re-normalised prefixes.
+
+- 1-NN accuracy: the label of the nearest database image is the query's label.
+- mAP@10: mean over queries of AP@10 = (1/10) * sum_{k<=10} precision@k * rel_k (every class has more than
+  10 database images, so the normaliser min(10, #relevant) is 10).
+
+Rows: MRL (nested prefixes of the trained embedding), MRL-E, FF (a projection trained at each size alone),
+SVD (the top-m principal directions of the full MRL embedding), random features (m coordinates of the full
+MRL embedding chosen at random, seed 0), and the raw pretrained backbone (1280-d; its SVD at each m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def retrieval_metrics(
+    db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, q_labels: np.ndarray, k: int = 10
+) -> tuple[float, float]:
+    """(1-NN accuracy, mAP@k) with cosine similarity, computed exactly in blocks."""
+    import torch
+
+    d = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(db, dtype=np.float32)), dim=1)
+    dl = torch.from_numpy(db_labels)
+    hits1, ap = 0, 0.0
+    for lo in range(0, len(queries), 1000):
+        q = torch.nn.functional.normalize(
+            torch.from_numpy(np.ascontiguousarray(queries[lo : lo + 1000], np.float32)), dim=1
+        )
+        top = (q @ d.T).topk(k, dim=1).indices
+        rel = (dl[top] == torch.from_numpy(q_labels[lo : lo + 1000])[:, None]).float()
+        hits1 += int(rel[:, 0].sum())
+        precision = rel.cumsum(1) / torch.arange(1, k + 1)
+        ap += float((precision * rel).sum(1).div(k).sum())
+    return hits1 / len(queries), ap / len(queries)
+
+
+def svd_basis(x: np.ndarray, m: int) -> np.ndarray:
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd((x - mean)[:: max(1, len(x) // 20000)], full_matrices=False)
+    return vt[:m].T
+
+
+def main() -> None:
+    import train_encoder as te
+
+    ap = argparse.ArgumentParser(description="MRL retrieval evaluation on CIFAR-10")
+    ap.add_argument("--cache", type=Path, default=te.DEFAULT_CACHE)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    data = te.load_cache(args.cache)
+    tr, te_mask = data["train"], ~data["train"]
+    feats, labels = data["features"], data["labels"]
+    rows: dict[str, dict[int, tuple[float, float]]] = {}
+
+    def evaluate(name: str, emb: np.ndarray, sizes=NESTING, transform=None) -> None:
+        t0 = time.perf_counter()
+        rows[name] = {}
+        for m in sizes:
+            x = transform(emb, m) if transform else emb[:, :m]
+            rows[name][m] = retrieval_metrics(x[tr], labels[tr], x[te_mask], labels[te_mask])
+        print(
+            f"{name}: "
+            + ", ".join(f"{m}:{a:.3f}" for m, (a, _) in rows[name].items())
+            + f" ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+
+    import torch
+
+    for name, file in [("MRL", "projection_mrl.pt"), ("MRL-E", "projection_mrl_e.pt")]:
+        path = args.cache / file
+        if path.exists():
+            proj = te.load_projection(path)
+            emb = te.embed(proj, feats)
+            evaluate(name, emb)
+            if name == "MRL":
+                rng = np.random.default_rng(0)
+                picks = {m: np.sort(rng.choice(emb.shape[1], m, replace=False)) for m in NESTING}
+                basis = svd_basis(emb[tr], max(NESTING))
+                evaluate("SVD", emb, transform=lambda e, m, b=basis: (e - e[tr].mean(0)) @ b[:, :m])
+                evaluate("Rand. FS", emb, transform=lambda e, m, p=picks: e[:, p[m]])
+    ff = {m: args.cache / f"projection_ff_{m}.pt" for m in NESTING}
+    if any(p.exists() for p in ff.values()):
+        rows["FF"] = {}
+        for m, path in ff.items():
+            if path.exists():
+                rows["FF"][m] = retrieval_metrics(*_split(te.embed(te.load_projection(path), feats), labels, tr))
+    bb_sizes = tuple(m for m in NESTING if m <= feats.shape[1])
+    bb_basis = svd_basis(feats[tr], max(bb_sizes))
+    evaluate("Backbone SVD", feats, sizes=bb_sizes, transform=lambda e, m: (e - e[tr].mean(0)) @ bb_basis[:, :m])
+    rows["Backbone (1280-d)"] = {1280: retrieval_metrics(feats[tr], labels[tr], feats[te_mask], labels[te_mask])}
+    assert torch  # imported for retrieval_metrics
+    write_report(rows, args.out)
+
+
+def _split(x: np.ndarray, labels: np.ndarray, tr: np.ndarray):
+    return x[tr], labels[tr], x[~tr], labels[~tr]
+
+
+def write_report(rows: dict[str, dict[int, tuple[float, float]]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = sorted({m for r in rows.values() for m in r})
+    lines = ["| method | " + " | ".join(f"m={m}" for m in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for metric_i, metric in enumerate(["1-NN accuracy", "mAP@10"]):
+        lines.append(f"| **{metric}** |" + " |" * len(sizes))
+        for name, r in rows.items():
+            cells = [f"{100 * r[m][metric_i]:.2f}" if m in r else "" for m in sizes]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (out / "encoder_eval.md").write_text(
+        "# CIFAR-10 retrieval with the bundled encoder (database 50k train, queries 10k test)\n\n" + table + "\n"
+    )
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for metric_i, ax in enumerate(axes):
+        for name, r in rows.items():
+            ms = sorted(r)
+            ax.plot(ms, [100 * r[m][metric_i] for m in ms], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("representation size m")
+        ax.set_ylabel(["1-NN accuracy (%)", "mAP@10 (%)"][metric_i])
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "encoder_eval.png", dpi=120)
+    print(f"wrote {out / 'encoder_eval.md'} and {out / 'encoder_eval.png'}")
+
+
+if __name__ == "__main__":
+    main()

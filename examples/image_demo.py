@@ -1,0 +1,103 @@
+"""mrlstore image demo: the bundled MRL encoder, a store built from images, a 16-d -> 2048-d query.
+
+    python examples/image_demo.py [--store demo_store] [--out demo_output]
+
+Adds the sample images shipped in examples/images/ (12 CIFAR-10 test images per class; the class is the
+folder name) except one per class, which are kept back as queries. Queries each held-out image with
+dims=[16, 2048] (16-d HNSW shortlist, 2048-d re-rank) and writes demo_output/query_grid.png: every query
+with its top hits, labelled with class and cosine score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mrlstore  # noqa: E402
+
+IMAGES = ROOT / "examples" / "images"
+TILE = 96
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="mrlstore image demo")
+    ap.add_argument("--store", type=Path, default=Path("demo_store"))
+    ap.add_argument("--out", type=Path, default=Path("demo_output"))
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--weights", type=Path, default=None, help="encoder weights (default: the bundled ones)")
+    args = ap.parse_args()
+
+    files = sorted(p for p in IMAGES.rglob("*.jpg"))
+    by_class: dict[str, list[Path]] = {}
+    for p in files:
+        by_class.setdefault(p.parent.name, []).append(p)
+    queries = [paths[-1] for paths in by_class.values()]
+    database = [p for paths in by_class.values() for p in paths[:-1]]
+
+    shutil.rmtree(args.store, ignore_errors=True)
+    t0 = time.perf_counter()
+    encoder = mrlstore.load_encoder(args.weights)
+    print(f"loaded {encoder} in {time.perf_counter() - t0:.1f} s")
+    with mrlstore.open(args.store, encoder=encoder) as store:
+        t0 = time.perf_counter()
+        store.add([str(p) for p in database], metadata=[{"label": p.parent.name} for p in database])
+        print(f"added {len(store)} images to {args.store}/ in {time.perf_counter() - t0:.1f} s")
+
+        rows, correct = [], {16: 0, 2048: 0}
+        for q in queries:
+            hits = store.query(str(q), k=args.k, dims=[16, 2048])
+            rows.append((q, hits))
+            correct[2048] += sum(m["label"] == q.parent.name for m in hits.metadata)
+        for q in queries:
+            hits = store.query(str(q), k=args.k, dims=[16])
+            correct[16] += sum(m["label"] == q.parent.name for m in hits.metadata)
+        total = args.k * len(queries)
+        print(
+            f"\nlabel precision@{args.k} over {len(queries)} held-out queries: "
+            f"dims=[16, 2048] {correct[2048] / total:.2f}, dims=[16] alone {correct[16] / total:.2f}"
+        )
+        q, hits = rows[3]
+        print(f"\nquery {q.relative_to(ROOT)} (class {q.parent.name}), dims=[16, 2048]:")
+        for _id, score, meta in hits:
+            print(f"  {score:.3f}  {meta['label']:<10} {Path(meta['path']).relative_to(ROOT)}")
+        print(
+            "\nstore.sql: "
+            + str(store.sql("SELECT label, count(*) AS n FROM items GROUP BY 1 ORDER BY 1").to_pylist()[:3])
+            + " ..."
+        )
+    grid = write_grid(rows, args.out / "query_grid.png")
+    print(f"\nwrote {grid}: each row is a query (left) and its hits")
+
+
+def write_grid(rows, path: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    k = len(rows[0][1].ids)
+    label_h = 14
+    canvas = Image.new("RGB", ((k + 1) * (TILE + 6) + 10, len(rows) * (TILE + label_h + 8) + 6), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (q, hits) in enumerate(rows):
+        y = 6 + r * (TILE + label_h + 8)
+        tiles = [(Image.open(q), f"query: {q.parent.name}", (40, 40, 200))]
+        for score, meta in zip(hits.scores, hits.metadata):
+            ok = meta["label"] == q.parent.name
+            tiles.append(
+                (Image.open(meta["path"]), f"{meta['label'][:8]} {score:.2f}", (0, 130, 0) if ok else (200, 0, 0))
+            )
+        for c, (img, text, colour) in enumerate(tiles):
+            x = 6 + c * (TILE + 6) + (4 if c else 0)
+            canvas.paste(img.convert("RGB").resize((TILE, TILE), Image.NEAREST), (x, y))
+            draw.text((x, y + TILE + 1), text, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
