@@ -163,6 +163,15 @@ class PrefixIndex:
                 except RuntimeError:
                     pass  # not in the index (never added, or already deleted): nothing to hide
 
+    def holds(self, row: int) -> bool:
+        """Whether ``row`` is in the index and not marked deleted (hnswlib refuses deleted labels)."""
+        with self._lock.read():
+            try:
+                self._index.get_items([int(row)])
+            except RuntimeError:
+                return False
+        return True
+
     # -- search ------------------------------------------------------------------------------------
     @property
     def live_count(self) -> int:

@@ -23,6 +23,7 @@ def test_save_load_round_trip(tmp_path, rng):
     index.save(tmp_path / "p")
     loaded = PrefixIndex.load(tmp_path / "p", 8, "cosine", 8, 50)
     assert loaded.covered_rows == 500 and loaded.live_count == 498
+    assert loaded.holds(5) and not loaded.holds(3) and not loaded.holds(10_000)
     found = loaded.search(x[:20], k=1, ef=64)[:, 0]
     assert (found[5:] == np.arange(5, 20)).mean() > 0.9
     assert 3 not in loaded.search(x[3], k=5, ef=64)[0]
