@@ -41,7 +41,16 @@ from .errors import (
 from .hits import Hits
 from .hnsw_index import IndexUnusable, PrefixIndex
 from .locking import LOCK_FILE, StoreLock
-from .validation import dims_tuple, id_list, id_strings, metadata_table, positive_int, query_batch, vector_batch
+from .validation import (
+    dims_tuple,
+    id_list,
+    id_strings,
+    metadata_table,
+    positive_int,
+    query_batch,
+    stored_prefix,
+    vector_batch,
+)
 from .zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands
 
 FORMAT_NAME = "mrlstore"
@@ -360,7 +369,7 @@ class Store:
         self._live[start:end] = True
         rows = np.arange(start, end, dtype=np.int64)
         for d, index in self._indexes.items():
-            index.add(batch, rows, covered_rows=end)
+            index.add(stored_prefix(batch, d, self.dtype), rows, covered_rows=end)
             self._rows_since_save[d] += n
         if len(replaced):
             self._hide(replaced)

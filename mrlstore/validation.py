@@ -22,6 +22,7 @@ from .errors import (
 )
 
 FLOAT16_MAX = 65504.0
+VALIDATE_BLOCK = 65536
 RESERVED_COLUMNS = frozenset({"id", "score", "vector"})
 
 
@@ -42,7 +43,10 @@ def _first_bad_row(mask_ok: np.ndarray) -> int:
 
 
 def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequence[int]) -> np.ndarray:
-    """A float32 (n, dim) batch holding exactly the values that will be stored (rounded to ``dtype``)."""
+    """The batch as float32 (n, dim), checked block by block (no full-size temporary copies).
+
+    Values are stored rounded to ``dtype``; the checks look at the rounded values where that matters.
+    """
     arr = _numeric(vectors, "vectors")
     if arr.ndim != 2:
         hint = " (for one vector use vectors[None, :])" if arr.ndim == 1 else ""
@@ -51,27 +55,33 @@ def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequ
         raise ShapeError("empty batch: vectors has no rows")
     if arr.shape[1] != dim:
         raise ShapeError(f"vectors must have length {dim} (the store's dim), got {arr.shape[1]}")
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        raise NonFiniteError(f"vector {_first_bad_row(finite)} of the batch contains NaN or inf")
-    if dtype == "float16":
-        fits = (np.abs(arr) <= FLOAT16_MAX).all(axis=1)
-        if not fits.all():
-            raise NonFiniteError(
-                f"vector {_first_bad_row(fits)} has a value beyond float16's range (+-65504); "
-                "scale the vectors or create the store with dtype='float32'"
-            )
-    stored = arr.astype(dtype).astype(np.float32)
-    if metric == "cosine":
-        for d in sorted({*prefixes, dim}):
-            nonzero = np.any(stored[:, :d] != 0, axis=1)
+    checks = sorted({*prefixes, dim}) if metric == "cosine" else []
+    for lo in range(0, len(arr), VALIDATE_BLOCK):
+        block = arr[lo : lo + VALIDATE_BLOCK]
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            raise NonFiniteError(f"vector {lo + _first_bad_row(finite)} of the batch contains NaN or inf")
+        if dtype == "float16":
+            fits = (np.abs(block) <= FLOAT16_MAX).all(axis=1)
+            if not fits.all():
+                raise NonFiniteError(
+                    f"vector {lo + _first_bad_row(fits)} has a value beyond float16's range (+-65504); "
+                    "scale the vectors or create the store with dtype='float32'"
+                )
+        for d in checks:
+            nonzero = np.any(block[:, :d].astype(dtype) != 0, axis=1)
             if not nonzero.all():
                 what = "is all zeros" if d == dim else f"has an all-zero {d}-d prefix (an indexed prefix)"
                 raise ZeroVectorError(
-                    f"vector {_first_bad_row(nonzero)} {what} (after rounding to {dtype}); "
+                    f"vector {lo + _first_bad_row(nonzero)} {what} (after rounding to {dtype}); "
                     "cosine similarity is undefined for it"
                 )
-    return stored
+    return arr
+
+
+def stored_prefix(vectors: np.ndarray, d: int, dtype: str) -> np.ndarray:
+    """The first ``d`` numbers exactly as stored (rounded to ``dtype``), as float32."""
+    return vectors[:, :d].astype(dtype).astype(np.float32)
 
 
 def query_batch(query: Any, need: int, dim: int, metric: str) -> tuple[np.ndarray, bool]:
