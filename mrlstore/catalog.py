@@ -311,6 +311,18 @@ class Catalog:
         self._con.execute("DELETE FROM _items WHERE _row IN (SELECT _row FROM _dead)")
         self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
 
+    def set_manifest(self, key: str, value: Any) -> None:
+        """Insert or replace one manifest entry (its own transaction)."""
+        with self._lock:
+            self._con.begin()
+            try:
+                self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
+                self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
+                self._con.commit()
+            except BaseException:
+                self._con.rollback()
+                raise
+
     def _set_watermark(self, rows: int) -> None:
         self._con.execute("UPDATE manifest SET value = ? WHERE key = 'committed_rows'", [json.dumps(rows)])
 

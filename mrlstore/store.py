@@ -478,8 +478,12 @@ class Store:
         but the last (an int halves along the funnel). ``ef`` overrides the HNSW search beam.
         """
         self._check_open()
-        dims_t = dims_tuple(dims if dims is not None else self._default_dims(), self.dim)
         k = positive_int(k, "k")
+        tuned = self.manifest.get("tuned")
+        if tuned and dims is None and shortlist is None:
+            dims, shortlist = tuned["dims"], max(k, tuned["shortlist"] * k // tuned["k"])
+            ef = ef if ef is not None else tuned["ef"]
+        dims_t = dims_tuple(dims if dims is not None else self._default_dims(), self.dim)
         if looks_like_vectors(query):
             queries, single = query_batch(query, dims_t[-1], self.dim, self.metric)
         else:
@@ -523,6 +527,56 @@ class Store:
             for rows, scores in results
         ]
         return hits[0] if single else hits
+
+    def tune(
+        self, recall: float = 0.95, k: int = 10, sample: int = 200, dims: Sequence[int] | None = None, seed: int = 0
+    ) -> dict[str, Any]:
+        """Pick the cheapest first-stage shortlist (and HNSW beam) whose recall@k against exact full-``dim``
+        search reaches ``recall``, measured on ``sample`` of the store's own rows as queries (each one's
+        own row excluded); persist it, so ``query`` uses it when called without ``dims``/``shortlist``."""
+        self._check_open()
+        self._check_writable()
+        k = positive_int(k, "k")
+        if not 0 < recall <= 1:
+            raise InvalidInputError(f"recall must be in (0, 1], got {recall}")
+        dims_t = dims_tuple(dims if dims is not None else self._default_dims(), self.dim)
+        live_rows = np.flatnonzero(self._live[: self._watermark])
+        if len(live_rows) <= k + 1:
+            raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {len(live_rows)}")
+        rng = np.random.default_rng(seed)
+        probe = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
+        queries = self._vectors.gather(probe, 0, self.dim)
+        truth = [t[t != r][:k] for r, t in zip(probe, self._exact(queries, k + 1, live_rows))]
+        tried = []
+        for s in _shortlist_grid(k + 1, len(live_rows)):
+            sizes = funnel.shortlist_sizes(s, k + 1, len(dims_t)) if len(dims_t) > 1 else []
+            ef = max(self._ef_search, s)
+            found = self._search(queries, dims_t, k + 1, sizes, ef)
+            got = np.mean(
+                [len(set(f[f != r][:k].tolist()) & set(t.tolist())) / k for r, f, t in zip(probe, found, truth)]
+            )
+            tried.append({"shortlist": s, "ef": ef, "recall": float(got)})
+            if got >= recall:
+                break
+        best = tried[-1]
+        choice = {"dims": list(dims_t), "k": k, "target": recall, "sample": len(probe), **best, "tried": tried}
+        self._catalog.set_manifest("tuned", choice)
+        self.manifest["tuned"] = choice
+        return choice
+
+    def _exact(self, queries: np.ndarray, n: int, rows: np.ndarray) -> list[np.ndarray]:
+        """Exact top-``n`` rows on the full vectors, best first."""
+        found = self._scan(queries, self.dim, n, rows)
+        return [self._refine(q, f, (self.dim,), [], n)[0] for q, f in zip(queries, found)]
+
+    def _search(
+        self, queries: np.ndarray, dims: tuple[int, ...], k: int, sizes: list[int], ef: int | None
+    ) -> list[np.ndarray]:
+        """The funnel without ids or metadata: rows per query, best first."""
+        watermark, live = self._watermark, self._live
+        first = sizes[0] if sizes else k
+        candidates = self._first_stage(queries, dims[0], first, None, watermark, live, ef)
+        return [self._refine(q, c, dims, sizes[1:], k)[0] for q, c in zip(queries, candidates)]
 
     def _default_dims(self) -> tuple[int, ...]:
         return (self.index_dims[0], self.dim) if self.index_dims and self.index_dims[0] < self.dim else (self.dim,)
@@ -620,6 +674,12 @@ class Store:
             scorer.extend(self._vectors.gather(scorer.rows, scorer.covered, d), d)
             scorer.keep(funnel.top(scorer.scores(), keep, self.metric))
         return scorer.rows, scorer.scores()
+
+
+def _shortlist_grid(k: int, n_live: int) -> list[int]:
+    """Candidate first-stage shortlists for tuning, smallest first."""
+    grid = sorted({max(k, s) for s in (k, 2 * k, 50, 100, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200)})
+    return [s for s in grid if s < n_live] + [n_live]
 
 
 def _remove_stale_temporaries(path: Path) -> None:

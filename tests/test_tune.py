@@ -1,0 +1,53 @@
+"""store.tune: picks the cheapest shortlist reaching a recall target, persists it, and query uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mrlstore
+from mrlstore.synthetic import exact_search, mrl_like, recall_at_k
+
+
+@pytest.fixture(scope="module")
+def tuned_store(tmp_path_factory):
+    x, _ = mrl_like(4000, 256, noise=1.0, seed=5)
+    path = tmp_path_factory.mktemp("tune") / "s"
+    with mrlstore.open(path, dim=256, bands=(16, 64, 256)) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+        choice = store.tune(recall=0.95, k=10, sample=150)
+    return path, x, choice
+
+
+def test_tune_reaches_the_target_with_the_cheapest_setting(tuned_store):
+    _, _, choice = tuned_store
+    assert choice["recall"] >= 0.95 and choice["dims"] == [16, 256]
+    tried = choice["tried"]
+    assert tried[-1]["shortlist"] == choice["shortlist"]
+    assert all(t["recall"] < 0.95 for t in tried[:-1])  # every cheaper setting missed the target
+    assert [t["shortlist"] for t in tried] == sorted(t["shortlist"] for t in tried)
+
+
+def test_tuned_setting_is_persisted_and_used_by_default(tuned_store):
+    path, x, choice = tuned_store
+    queries, _ = mrl_like(40, 256, noise=1.0, seed=5, sample=1)
+    with mrlstore.open(path, read_only=True) as store:
+        assert store.manifest["tuned"]["shortlist"] == choice["shortlist"]
+        default = store.query(queries, k=10, metadata=False)
+        explicit = store.query(
+            queries, k=10, dims=choice["dims"], shortlist=choice["shortlist"], ef=choice["ef"], metadata=False
+        )
+        assert [h.ids for h in default] == [h.ids for h in explicit]
+        truth = exact_search(x.astype(np.float16).astype(np.float32), queries, 10)
+        assert recall_at_k([h.ids for h in default], [[str(r) for r in t] for t in truth]) >= 0.9
+
+
+def test_tune_rejects_bad_arguments(tuned_store, tmp_path):
+    path, _, _ = tuned_store
+    with mrlstore.open(path, read_only=True) as store, pytest.raises(mrlstore.ReadOnlyError):
+        store.tune()
+    with mrlstore.open(tmp_path / "t", dim=16, bands=(8, 16), index_dims=(8,)) as store:
+        with pytest.raises(mrlstore.InvalidInputError, match="recall"):
+            store.tune(recall=1.5)
+        with pytest.raises(mrlstore.EmptyStoreError):
+            store.tune()
