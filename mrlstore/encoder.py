@@ -334,7 +334,13 @@ def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None 
     ``torch.load(weights_only=True)`` (no pickle) and the bundled file's sha256 is verified."""
     weights = Path(path) if path is not None else BUNDLED_WEIGHTS
     if not weights.exists():
-        raise EncoderUnavailableError(f"encoder weights not found at {weights}")
+        hint = (
+            " (the bundled weights are not installed in this version: train them with "
+            "examples/train_encoder.py, or pass encoder=... / load_encoder(path))"
+            if path is None
+            else ""
+        )
+        raise EncoderUnavailableError(f"encoder weights not found at {weights}{hint}")
     if path is None:
         expected = (WEIGHTS_DIR / "mrl_lite0.sha256").read_text().split()[0]
         if sha256_of(weights) != expected:

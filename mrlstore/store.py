@@ -668,11 +668,14 @@ class Store:
         scorer = funnel.PrefixScorer(q, np.sort(rows), self.metric)
         stages = list(dims[1:]) if len(dims) > 1 else [dims[0]]
         keeps = [*sizes, k] if len(dims) > 1 else [k]
-        for d, keep in zip(stages, keeps):
+        for i, (d, keep) in enumerate(zip(stages, keeps)):
             if len(scorer.rows) == 0:
                 break
-            scorer.extend(self._vectors.gather(scorer.rows, scorer.covered, d), d)
-            scorer.keep(funnel.top(scorer.scores(), keep, self.metric))
+            for stop, block in self._vectors.gather_bands(scorer.rows, scorer.covered, d):
+                scorer.extend(block.astype(np.float32), stop)
+            best = funnel.top(scorer.scores(), keep, self.metric)
+            # survivors stay in row order between stages (sequential reads); the last stage ranks them
+            scorer.keep(best if i == len(stages) - 1 else np.sort(best))
         return scorer.rows, scorer.scores()
 
 

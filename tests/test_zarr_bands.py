@@ -84,3 +84,20 @@ def test_band_helpers():
     assert band_edges(2048, (16, 64, 256, 2048)) == [(0, 16), (16, 64), (64, 256), (256, 2048)]
     assert auto_chunk_rows(1792, "float16") == 16384
     assert auto_chunk_rows(16, "float16") == 1 << 20
+
+
+def test_gather_bands_reads_sorted_rows_band_by_band(tmp_path, rng):
+    create_bands(tmp_path, 64, (8, 16, 64), "float16", [16, 16, 16], attributes={})
+    bands = BandedVectors(tmp_path, 64, (8, 16, 64), "float16")
+    x = rng.standard_normal((100, 64)).astype(np.float32)
+    bands.append(0, x)
+    rows = np.sort(rng.choice(100, size=30, replace=False))
+    for lo, hi in [(0, 64), (4, 40), (8, 16), (20, 21)]:
+        blocks = bands.gather_bands(rows, lo, hi)
+        stops = [stop for stop, _ in blocks]
+        assert stops == sorted(stops) and stops[-1] == hi
+        got = np.concatenate([b for _, b in blocks], axis=1)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, x[rows, lo:hi].astype(np.float16))
+    same_chunk = np.array([3, 5, 9])
+    np.testing.assert_array_equal(bands.gather_bands(same_chunk, 16, 64)[0][1], x[same_chunk, 16:].astype(np.float16))
