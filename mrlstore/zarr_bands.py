@@ -241,26 +241,11 @@ class BandedVectors:
         out = np.empty((len(rows), col_stop - col_start), dtype=np.float32)
         if len(rows) == 0:
             return out
-        for band in self.bands:
-            lo, hi = max(col_start, band.start), min(col_stop, band.stop)
-            if lo >= hi:
-                continue
-            chunk_of = rows // band.chunk_rows
-            first, last = int(chunk_of.min()), int(chunk_of.max())
-            if first == last:
-                out[:, lo - col_start : hi - col_start] = band.mapped(first)[
-                    rows - first * band.chunk_rows, lo - band.start : hi - band.start
-                ]
-                continue
-            order = np.argsort(chunk_of, kind="stable")
-            sorted_chunks = chunk_of[order]
-            cuts = np.flatnonzero(np.diff(sorted_chunks)) + 1
-            for part in np.split(order, cuts):
-                chunk = int(chunk_of[part[0]])
-                local = rows[part] - chunk * band.chunk_rows
-                out[part, lo - col_start : hi - col_start] = band.mapped(chunk)[
-                    local, lo - band.start : hi - band.start
-                ]
+        order = np.argsort(rows, kind="stable")
+        col = col_start
+        for stop, block in self.gather_bands(rows[order], col_start, col_stop):
+            out[order, col - col_start : stop - col_start] = block
+            col = stop
         return out
 
     def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]:
