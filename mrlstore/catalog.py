@@ -311,6 +311,15 @@ class Catalog:
         self._con.execute("DELETE FROM _items WHERE _row IN (SELECT _row FROM _dead)")
         self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
 
+    def committed_rows(self) -> int:
+        """The committed watermark, read from the database (the truth after any failure)."""
+        with self._lock, _corruption_as_error(self.path):
+            return int(
+                json.loads(
+                    self._con.execute("SELECT value FROM manifest WHERE key = 'committed_rows'").fetchall()[0][0]
+                )
+            )
+
     def set_manifest(self, key: str, value: Any) -> None:
         """Insert or replace one manifest entry (its own transaction)."""
         with self._lock:

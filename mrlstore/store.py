@@ -136,6 +136,8 @@ class Store:
             stored = tuple(m[key]) if isinstance(m.get(key), list) else m.get(key)
             if key == "chunk_rows" and value is not None and set(stored) == {value}:
                 continue  # one size for every band, as given at creation
+            if key == "index_dims" and value is not None and tuple(sorted(value)) == stored:
+                continue  # kept sorted
             if value is not None and value != stored:
                 raise ConfigMismatchError(f"{self.path} was created with {key}={stored!r}, not {value!r}")
         self.manifest = m
@@ -150,12 +152,12 @@ class Store:
         self._vectors = BandedVectors(self.path, self.dim, self.bands, self.dtype)
         if not self.read_only:
             _remove_stale_temporaries(self.path)
-        if not self.read_only and not self._vectors.is_clean(watermark):
-            self._vectors.truncate(watermark)  # leftovers of an append that never committed
-        elif self._vectors.physical_rows() < watermark:
+        if self._vectors.physical_rows() < watermark:  # the protocol grows Zarr before every commit
             raise CorruptStoreError(
                 f"Zarr arrays hold {self._vectors.physical_rows()} rows but the catalog committed {watermark}"
             )
+        if not self.read_only and not self._vectors.is_clean(watermark):
+            self._vectors.truncate(watermark)  # leftovers of an append that never committed
         self._check_chunk_files(watermark)
 
         live_rows, live_ids = self._catalog.live_rows()
@@ -349,10 +351,40 @@ class Store:
                 self._vectors.append(start, batch)
                 self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
             except BaseException:
-                self._vectors.truncate(start)
+                # An interruption can land after DuckDB's COMMIT: ask the catalog, never assume.
+                if self._catalog.committed_rows() == start:
+                    self._vectors.truncate(start)
+                    raise
+                self._resync_after_failure()
                 raise
-            self._publish(start, batch, id_batch, replaced)
+            try:
+                self._publish(start, batch, id_batch, replaced)
+            except BaseException:
+                self._resync_after_failure()  # committed: memory must catch up with the catalog
+                raise
         return id_batch
+
+    def _resync_after_failure(self) -> None:
+        """Rebuild the in-memory state (id map, live mask, watermark, indexes) from the committed
+        catalog and the Zarr tier, after a failure between the commit and the in-memory update. If even
+        that fails, the store closes: reopening recovers from disk."""
+        try:
+            watermark = self._catalog.committed_rows()
+            live_rows, live_ids = self._catalog.live_rows()
+            cap = max(watermark, 1024)
+            ids_by_row = np.empty(cap, dtype=object)
+            live = np.zeros(cap, dtype=bool)
+            ids_by_row[live_rows] = live_ids
+            live[live_rows] = True
+            self._ids_by_row, self._live, self._n_live = ids_by_row, live, len(live_rows)
+            self._watermark = watermark
+            self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
+            self._rows_since_save = {d: 0 for d in self.index_dims}
+        except BaseException:
+            self._closed = True
+            self._catalog.close()
+            self._lock.release()
+            raise
 
     def _publish(self, start: int, batch: np.ndarray, ids: list[str], replaced: np.ndarray) -> None:
         """Make a committed write visible in memory: id map, live mask, indexes, then the watermark."""
@@ -560,6 +592,11 @@ class Store:
                 break
         best = tried[-1]
         choice = {"dims": list(dims_t), "k": k, "target": recall, "sample": len(probe), **best, "tried": tried}
+        if best["recall"] < recall:
+            raise InvalidInputError(
+                f"no shortlist reaches recall {recall} with dims={list(dims_t)} (best {best['recall']:.3f} at "
+                f"shortlist {best['shortlist']}); nothing was saved: lower the target or index a longer prefix"
+            )
         self._catalog.set_manifest("tuned", choice)
         self.manifest["tuned"] = choice
         return choice
