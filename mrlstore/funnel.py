@@ -96,8 +96,9 @@ def block_scores(block: np.ndarray, queries: np.ndarray, metric: str) -> np.ndar
     if metric == "cosine":
         rn = np.sqrt(np.einsum("ij,ij->i", block, block))
         qn = np.sqrt(np.einsum("ij,ij->i", queries, queries))
+        denom = rn[:, None] * qn[None, :]
         with np.errstate(invalid="ignore", divide="ignore"):
-            s = np.where(rn[:, None] > 0, s / rn[:, None], 0.0) / qn[None, :]
+            s = np.where(denom > 0, s / denom, 0.0)  # a zero prefix (row or query) scores 0, not NaN
     elif metric == "l2":
         s = np.einsum("ij,ij->i", block, block)[:, None] - 2 * s + np.einsum("ij,ij->i", queries, queries)[None, :]
     return s

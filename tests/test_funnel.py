@@ -59,3 +59,9 @@ def test_zero_prefix_scores_zero_under_cosine():
     scorer = funnel.PrefixScorer(np.ones(4, np.float32), np.arange(2), "cosine")
     scorer.extend(np.array([[0, 0], [1, 1]], np.float32), 2)
     assert scorer.scores().tolist() == [0.0, 1.0]
+
+
+def test_zero_query_prefix_scores_zero_in_scans():
+    block = np.array([[1, 0], [0, 1]], np.float32)
+    scores = funnel.block_scores(block, np.zeros((1, 2), np.float32), "cosine")
+    assert np.isfinite(scores).all() and (scores == 0).all()
