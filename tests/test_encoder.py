@@ -72,7 +72,7 @@ def test_every_input_kind_gives_the_same_vector(encoder, images, tmp_path):
         "uint8 HxWx3": rgb,
         "uint8 NxHxWx3": rgb[None],
         "tensor HWC": torch.from_numpy(rgb.copy()),
-        "tensor CHW float": torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0,
+        "tensor CHW float": torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0,
     }
     for name, value in variants.items():
         np.testing.assert_allclose(encoder.encode(value)[0], ref, atol=2e-2, err_msg=name)
