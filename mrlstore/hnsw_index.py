@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
 from ._fsutil import atomic_write_bytes, publish_file
+from ._rwlock import RWLock
 
 INDEX_FORMAT = 1
 _SPACES = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
@@ -31,47 +29,6 @@ class IndexUnusable(Exception):
 
 class _NeedsWriteLock(Exception):
     pass
-
-
-class _RWLock:
-    """Many concurrent searches, or one exclusive writer."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0  # new readers queue behind a waiting writer, so writers never starve
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 def _digest(path: Path) -> str:
@@ -91,7 +48,7 @@ class PrefixIndex:
         self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
         if capacity is not None:  # None: load_index will initialise it
             self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
-        self._lock = _RWLock()
+        self._lock = RWLock()
         self._ef = 10  # hnswlib's default
         self._deleted = 0  # hnswlib's own counts include deleted elements
 
@@ -146,7 +103,11 @@ class PrefixIndex:
         return self
 
     # -- updates -----------------------------------------------------------------------------------
-    def add(self, vectors: np.ndarray, rows: np.ndarray, covered_rows: int, num_threads: int = -1) -> None:
+    def add(
+        self, vectors: np.ndarray, rows: np.ndarray, covered_rows: int | None = None, num_threads: int = -1
+    ) -> None:
+        """Insert (or, for labels already present, update) rows; ``covered_rows`` advances the watermark the
+        index vouches for (None: rows not committed yet, invisible to queries until they are)."""
         with self._lock.write():
             if len(rows):
                 need = self._index.element_count + len(rows)
@@ -157,7 +118,8 @@ class PrefixIndex:
                     np.asarray(rows, dtype=np.int64),
                     num_threads=num_threads,
                 )
-            self.covered_rows = max(self.covered_rows, covered_rows)
+            if covered_rows is not None:
+                self.covered_rows = max(self.covered_rows, covered_rows)
 
     def mark_deleted(self, rows: np.ndarray) -> None:
         with self._lock.write():

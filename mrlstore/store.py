@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from . import funnel
 from ._fsutil import fsync_dir, fsync_file
+from ._rwlock import RWLock
 from .catalog import DB_FILE, Catalog
 from .encoding import Encoder, looks_like_vectors, source_paths
 from .errors import (
@@ -171,6 +172,9 @@ class Store:
         self._n_live = len(live_rows)
         self._watermark = watermark
         self._write_lock = threading.RLock()
+        # Queries hold it shared from their snapshot to their last catalog read; a commit and its in-memory
+        # publish hold it exclusively, so a query never mixes the catalog of one moment with memory of another.
+        self._visibility = RWLock()
         self.index_status: dict[int, str] = {}
         self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
         self._rows_since_save = {d: 0 for d in self.index_dims}
@@ -220,10 +224,11 @@ class Store:
                 if not self.read_only:
                     self.checkpoint()
             finally:
-                self._closed = True
-                self._catalog.close()
-                self._vectors.close()
-                self._lock.release()
+                with self._visibility.write():  # let queries in flight finish first
+                    self._closed = True
+                    self._catalog.close()
+                    self._vectors.close()
+                    self._lock.release()
 
     def checkpoint(self) -> None:
         """Save every HNSW index that changed since its last save (atomically)."""
@@ -347,21 +352,25 @@ class Store:
                 self._catalog.check_metadata(meta)
             start = self._watermark
             replaced = np.fromiter(existing.values(), dtype=np.int64, count=len(existing))
+            rows = np.arange(start, start + n, dtype=np.int64)
             try:
                 self._vectors.append(start, batch)
-                self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
+                # Into the HNSW cache before the commit, so the visibility lock below stays short. Rows past
+                # the watermark are invisible to queries; if the commit fails they stay behind as dead
+                # labels that the next append of those rows overwrites.
+                for d, index in self._indexes.items():
+                    index.add(stored_prefix(batch, d, self.dtype), rows)
+                with self._visibility.write():  # queries see all of this write or none of it
+                    self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
+                    self._publish(start, id_batch, replaced)
             except BaseException:
                 # An interruption can land after DuckDB's COMMIT: ask the catalog, never assume.
                 if self._catalog.committed_rows() == start:
                     self._vectors.truncate(start)
                     raise
-                self._resync_after_failure()
-                raise
-            try:
-                self._publish(start, batch, id_batch, replaced)
-            except BaseException:
                 self._resync_after_failure()  # committed: memory must catch up with the catalog
                 raise
+            self._autosave_indexes()
         return id_batch
 
     def _resync_after_failure(self) -> None:
@@ -386,8 +395,8 @@ class Store:
             self._lock.release()
             raise
 
-    def _publish(self, start: int, batch: np.ndarray, ids: list[str], replaced: np.ndarray) -> None:
-        """Make a committed write visible in memory: id map, live mask, indexes, then the watermark."""
+    def _publish(self, start: int, ids: list[str], replaced: np.ndarray) -> None:
+        """Make a committed write visible in memory: id map, live mask, index watermark, then the watermark."""
         n = len(ids)
         end = start + n
         if end > len(self._live):
@@ -399,14 +408,15 @@ class Store:
             self._ids_by_row, self._live = ids_by_row, live
         self._ids_by_row[start:end] = ids
         self._live[start:end] = True
-        rows = np.arange(start, end, dtype=np.int64)
         for d, index in self._indexes.items():
-            index.add(stored_prefix(batch, d, self.dtype), rows, covered_rows=end)
+            index.covered_rows = end
             self._rows_since_save[d] += n
         if len(replaced):
             self._hide(replaced)
         self._n_live += n - len(replaced)
         self._watermark = end
+
+    def _autosave_indexes(self) -> None:
         for d, index in self._indexes.items():
             if self._rows_since_save[d] >= INDEX_AUTOSAVE_ROWS:
                 self._save_index(d, index)
@@ -433,9 +443,10 @@ class Store:
             if not found:
                 return 0
             rows = np.fromiter(found.values(), dtype=np.int64, count=len(found))
-            self._catalog.delete_rows(rows)
-            self._hide(rows)
-            self._n_live -= len(rows)
+            with self._visibility.write():
+                self._catalog.delete_rows(rows)
+                self._hide(rows)
+                self._n_live -= len(rows)
         return len(rows)
 
     def snapshot(self, dest: str | os.PathLike[str]) -> Path:
@@ -532,23 +543,25 @@ class Store:
                 raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
         if ef is not None:
             positive_int(ef, "ef")
-        if self._n_live == 0:
-            raise EmptyStoreError(f"store {self.path} holds no vectors to search")
+        with self._visibility.read():  # one point in time: memory snapshot and catalog reads agree
+            self._check_open()
+            if self._n_live == 0:
+                raise EmptyStoreError(f"store {self.path} holds no vectors to search")
 
-        watermark, live, ids_by_row = self._watermark, self._live, self._ids_by_row
-        allowed = None
-        if where is not None:
-            allowed = self._catalog.filter_rows(where)
-            allowed = allowed[(allowed >= 0) & (allowed < watermark)]
-            allowed = allowed[live[allowed]]
-        first = sizes[0] if sizes else k
-        candidates = self._first_stage(queries, dims_t[0], first, allowed, watermark, live, ef)
-        results = [self._refine(q, c, dims_t, sizes[1:], k) for q, c in zip(queries, candidates)]
+            watermark, live, ids_by_row = self._watermark, self._live, self._ids_by_row
+            allowed = None
+            if where is not None:
+                allowed = self._catalog.filter_rows(where)
+                allowed = allowed[(allowed >= 0) & (allowed < watermark)]
+                allowed = allowed[live[allowed]]
+            first = sizes[0] if sizes else k
+            candidates = self._first_stage(queries, dims_t[0], first, allowed, watermark, live, ef)
+            results = [self._refine(q, c, dims_t, sizes[1:], k) for q, c in zip(queries, candidates)]
 
-        meta_by_row: dict[int, dict[str, Any]] = {}
-        if metadata:
-            all_rows = np.concatenate([r for r, _ in results]) if results else np.empty(0, np.int64)
-            meta_by_row = self._catalog.metadata_for_rows(all_rows)
+            meta_by_row: dict[int, dict[str, Any]] = {}
+            if metadata:
+                all_rows = np.concatenate([r for r, _ in results]) if results else np.empty(0, np.int64)
+                meta_by_row = self._catalog.metadata_for_rows(all_rows)
         hits = [
             Hits(
                 ids=ids_by_row[rows].tolist(),

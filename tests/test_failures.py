@@ -21,24 +21,39 @@ def _f16(x):
     return x.astype(np.float16).astype(np.float32)
 
 
-def test_index_failure_after_commit_keeps_the_write_and_the_store_usable(tmp_path, rng, monkeypatch):
+def test_index_failure_before_the_commit_changes_nothing(tmp_path, rng, monkeypatch):
     x = rng.standard_normal((30, 64)).astype(np.float32)
     with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
         store.add_vectors(x[:10], ids=[f"a{i}" for i in range(10)])
-        original = PrefixIndex.add
-        calls = {"n": 0}
 
         def failing_add(self, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise MemoryError("simulated failure while updating the index")
-            return original(self, *args, **kwargs)
+            raise MemoryError("simulated failure while updating the index")
 
-        monkeypatch.setattr(PrefixIndex, "add", failing_add)
-        with pytest.raises(MemoryError):
-            store.add_vectors(x[10:20], ids=[f"b{i}" for i in range(10)])
-        monkeypatch.setattr(PrefixIndex, "add", original)
-        assert len(store) == 20  # committed before the failure: durable and visible
+        with monkeypatch.context() as m:
+            m.setattr(PrefixIndex, "add", failing_add)
+            with pytest.raises(MemoryError):
+                store.add_vectors(x[10:20], ids=[f"b{i}" for i in range(10)])
+        assert len(store) == 10 and store.info()["rows"] == 10
+        store.add_vectors(x[20:], ids=[f"c{i}" for i in range(10)])  # reuses the rows the failed write had
+        assert store.query(x[25], k=1, dims=[8, 64]).ids == ["c5"]
+        assert "b0" not in store.sql("SELECT id FROM items").column("id").to_pylist()
+
+
+def test_failure_after_the_commit_keeps_the_write_and_the_store_usable(tmp_path, rng, monkeypatch):
+    from mrlstore.store import Store
+
+    x = rng.standard_normal((30, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x[:10], ids=[f"a{i}" for i in range(10)])
+
+        def failing_publish(self, *args, **kwargs):
+            raise MemoryError("simulated failure while publishing a committed write")
+
+        with monkeypatch.context() as m:
+            m.setattr(Store, "_publish", failing_publish)
+            with pytest.raises(MemoryError):
+                store.add_vectors(x[10:20], ids=[f"b{i}" for i in range(10)])
+        assert len(store) == 20  # committed before the failure: durable and visible after the resync
         store.add_vectors(x[20:], ids=[f"c{i}" for i in range(10)])  # later writes still work
         np.testing.assert_array_equal(_vectors(store, ["a0", "b0", "c9"]), _f16(x[[0, 10, 29]]))
         assert store.query(x[15], k=1, dims=[8, 64]).ids == ["b5"]
@@ -123,3 +138,52 @@ def test_writers_are_not_starved_by_searches(rng):
     writer.join()
     assert finished, "a writer starved behind continuous searches"
     assert index.covered_rows == 2010
+
+
+def test_a_query_during_a_commit_sees_one_point_in_time(tmp_path, rng, monkeypatch):
+    from mrlstore.store import Store
+
+    x = rng.standard_normal((50, 64)).astype(np.float32)
+    new = rng.standard_normal((1, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x, ids=[f"a{i}" for i in range(50)], metadata=[{"g": i % 2} for i in range(50)])
+        publishing = threading.Event()
+        original = Store._publish
+
+        def slow_publish(self, *args, **kwargs):
+            publishing.set()
+            threading.Event().wait(0.3)  # hold the commit/publish window open
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Store, "_publish", slow_publish)
+        writer = threading.Thread(target=store.upsert_vectors, args=(new, ["a0"]), kwargs={"metadata": [{"g": 0}]})
+        writer.start()
+        assert publishing.wait(30)
+        hits = store.query(new[0], k=1, dims=[8, 64], where="g = 0")  # waits for the publish to finish
+        writer.join()
+        assert hits.ids == ["a0"] and hits.scores[0] == pytest.approx(1.0, abs=1e-3)
+        assert hits.metadata == [{"g": 0}]
+        old = store.query(x[0], k=1, dims=[64])
+        assert old.ids != ["a0"] or old.scores[0] < 0.99  # the replaced vector is gone
+
+
+def test_rows_of_a_failed_commit_are_overwritten_in_the_index(tmp_path, rng, monkeypatch):
+    x = rng.standard_normal((30, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x[:10], ids=[f"a{i}" for i in range(10)])
+
+        def failing_commit(self, *args, **kwargs):
+            raise RuntimeError("simulated catalog failure before COMMIT")
+
+        with monkeypatch.context() as m:
+            m.setattr(Catalog, "commit_rows", failing_commit)
+            with pytest.raises(RuntimeError):
+                store.add_vectors(x[10:20], ids=[f"b{i}" for i in range(10)])  # reached the index, not the catalog
+        assert len(store) == 10
+        ghost = store.query(x[15], k=1, dims=[8, 64])
+        assert ghost.ids != ["b5"] and ghost.scores[0] < 0.99  # uncommitted rows stay invisible
+        store.add_vectors(x[20:], ids=[f"c{i}" for i in range(10)])  # same row numbers, new vectors
+        assert store.query(x[25], k=1, dims=[8, 64]).ids == ["c5"]
+        assert store.query(x[15], k=1, dims=[8, 64]).scores[0] < 0.99
+    with mrlstore.open(tmp_path / "s") as store:
+        assert store.query(x[25], k=1, dims=[8, 64]).ids == ["c5"] and len(store) == 20
