@@ -3,8 +3,10 @@
 Commit protocol of a write (storage/FORMAT.md has the details):
 1. validate the whole batch, before any I/O;
 2. write the vectors into Zarr rows past the committed watermark, fsync;
-3. one DuckDB transaction records ids, metadata, tombstones and the new watermark: the commit point;
-4. update the in-memory HNSW indexes (a cache, saved atomically now and then, rebuilt when untrustworthy).
+3. insert them into the in-memory HNSW indexes (invisible: past every query's snapshot watermark);
+4. one DuckDB transaction records ids, metadata, tombstones and the new watermark: the commit point;
+   it and the in-memory publish run under an exclusive visibility lock that queries hold shared.
+The HNSW indexes are a cache: saved atomically now and then, rebuilt when untrustworthy.
 """
 
 from __future__ import annotations
