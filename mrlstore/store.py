@@ -15,6 +15,7 @@ import datetime as _dt
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -557,7 +558,7 @@ class Store:
                 allowed = allowed[(allowed >= 0) & (allowed < watermark)]
                 allowed = allowed[live[allowed]]
             first = sizes[0] if sizes else k
-            candidates = self._first_stage(queries, dims_t[0], first, allowed, watermark, live, ef)
+            candidates = self._first_stage(queries, dims_t[0], first, allowed, watermark, live, ef, self._n_live)
             results = [self._refine(q, c, dims_t, sizes[1:], k) for q, c in zip(queries, candidates)]
 
             meta_by_row: dict[int, dict[str, Any]] = {}
@@ -586,7 +587,7 @@ class Store:
         k = positive_int(k, "k")
         if not 0 < recall <= 1:
             raise InvalidInputError(f"recall must be in (0, 1], got {recall}")
-        dims_t = dims_tuple(dims if dims is not None else self._default_dims(), self.dim)
+        shapes = [dims_tuple(dims, self.dim)] if dims is not None else self._funnel_shapes()
         live_rows = np.flatnonzero(self._live[: self._watermark])
         if len(live_rows) <= k + 1:
             raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {len(live_rows)}")
@@ -594,24 +595,30 @@ class Store:
         probe = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
         queries = self._vectors.gather(probe, 0, self.dim)
         truth = [t[t != r][:k] for r, t in zip(probe, self._exact(queries, k + 1, live_rows))]
-        tried = []
-        for s in _shortlist_grid(k + 1, len(live_rows)):
-            sizes = funnel.shortlist_sizes(s, k + 1, len(dims_t)) if len(dims_t) > 1 else []
-            ef = max(self._ef_search, s)
-            found = self._search(queries, dims_t, k + 1, sizes, ef)
-            got = np.mean(
-                [len(set(f[f != r][:k].tolist()) & set(t.tolist())) / k for r, f, t in zip(probe, found, truth)]
-            )
-            tried.append({"shortlist": s, "ef": ef, "recall": float(got)})
-            if got >= recall:
-                break
-        best = tried[-1]
-        choice = {"dims": list(dims_t), "k": k, "target": recall, "sample": len(probe), **best, "tried": tried}
-        if best["recall"] < recall:
+        tried, reached = [], []
+        for dims_t in shapes:
+            for s in _shortlist_grid(k + 1, len(live_rows)):
+                sizes = funnel.shortlist_sizes(s, k + 1, len(dims_t)) if len(dims_t) > 1 else []
+                ef = max(self._ef_search, s)
+                t0 = time.perf_counter()
+                found = self._search(queries, dims_t, k + 1, sizes, ef)
+                ms = 1e3 * (time.perf_counter() - t0) / len(queries)
+                got = np.mean(
+                    [len(set(f[f != r][:k].tolist()) & set(t.tolist())) / k for r, f, t in zip(probe, found, truth)]
+                )
+                point = {"dims": list(dims_t), "shortlist": s, "ef": ef, "recall": float(got), "ms_per_query": ms}
+                tried.append(point)
+                if got >= recall:
+                    reached.append(point)
+                    break
+        if not reached:
+            best = max(tried, key=lambda p: p["recall"])
             raise InvalidInputError(
-                f"no shortlist reaches recall {recall} with dims={list(dims_t)} (best {best['recall']:.3f} at "
-                f"shortlist {best['shortlist']}); nothing was saved: lower the target or index a longer prefix"
+                f"no funnel reaches recall {recall} (best {best['recall']:.3f} with dims={best['dims']}, shortlist "
+                f"{best['shortlist']}); nothing was saved: lower the target or index a longer prefix"
             )
+        best = min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
+        choice = {**best, "k": k, "target": recall, "sample": len(probe), "tried": tried}
         self._catalog.set_manifest("tuned", choice)
         self.manifest["tuned"] = choice
         return choice
@@ -627,8 +634,16 @@ class Store:
         """The funnel without ids or metadata: rows per query, best first."""
         watermark, live = self._watermark, self._live
         first = sizes[0] if sizes else k
-        candidates = self._first_stage(queries, dims[0], first, None, watermark, live, ef)
+        candidates = self._first_stage(queries, dims[0], first, None, watermark, live, ef, self._n_live)
         return [self._refine(q, c, dims, sizes[1:], k)[0] for q, c in zip(queries, candidates)]
+
+    def _funnel_shapes(self) -> list[tuple[int, ...]]:
+        """Funnels ``tune`` compares: indexed prefix -> full, and indexed prefix -> every band edge -> full."""
+        first = self._default_dims()
+        if len(first) < 2:
+            return [first]
+        edges = tuple(b for b in self.bands if first[0] < b < self.dim)
+        return [first, (first[0], *edges, self.dim)] if edges else [first]
 
     def _default_dims(self) -> tuple[int, ...]:
         return (self.index_dims[0], self.dim) if self.index_dims and self.index_dims[0] < self.dim else (self.dim,)
@@ -642,10 +657,10 @@ class Store:
         watermark: int,
         live: np.ndarray,
         ef: int | None,
+        n_live: int,
     ) -> list[np.ndarray]:
         """Per query, the rows of the best ``n`` candidates on the ``d``-prefix (unordered)."""
         index = self._indexes.get(d)
-        n_live = int(live[:watermark].sum())
         beam = max(ef or self._ef_search, n)
         if allowed is not None:
             if len(allowed) == 0:
