@@ -164,16 +164,7 @@ class Store:
             self._vectors.truncate(watermark)  # leftovers of an append that never committed
         self._check_chunk_files(watermark)
 
-        live_rows, live_ids = self._catalog.live_rows()
-        self._ids_by_row = np.empty(max(watermark, 1024), dtype=object)
-        self._live = np.zeros(max(watermark, 1024), dtype=bool)
-        if len(live_rows):
-            if live_rows.max() >= watermark:
-                raise CorruptStoreError("catalog lists rows past its own committed watermark")
-            self._ids_by_row[live_rows] = live_ids
-            self._live[live_rows] = True
-        self._n_live = len(live_rows)
-        self._watermark = watermark
+        self._load_live_state(watermark)
         self._write_lock = threading.RLock()
         # Queries hold it shared from their snapshot to their last catalog read; a commit and its in-memory
         # publish hold it exclusively, so a query never mixes the catalog of one moment with memory of another.
@@ -181,6 +172,19 @@ class Store:
         self.index_status: dict[int, str] = {}
         self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
         self._rows_since_save = {d: 0 for d in self.index_dims}
+
+    def _load_live_state(self, watermark: int) -> None:
+        """The in-memory id map, live mask, live count and watermark, from the committed catalog."""
+        live_rows, live_ids = self._catalog.live_rows()
+        if len(live_rows) and live_rows.max() >= watermark:
+            raise CorruptStoreError("catalog lists rows past its own committed watermark")
+        cap = max(watermark, 1024)
+        ids_by_row = np.empty(cap, dtype=object)
+        live = np.zeros(cap, dtype=bool)
+        ids_by_row[live_rows] = live_ids
+        live[live_rows] = True
+        self._ids_by_row, self._live, self._n_live = ids_by_row, live, len(live_rows)
+        self._watermark = watermark
 
     def _check_chunk_files(self, watermark: int) -> None:
         for band in self._vectors.bands:
@@ -382,14 +386,7 @@ class Store:
         that fails, the store closes: reopening recovers from disk."""
         try:
             watermark = self._catalog.committed_rows()
-            live_rows, live_ids = self._catalog.live_rows()
-            cap = max(watermark, 1024)
-            ids_by_row = np.empty(cap, dtype=object)
-            live = np.zeros(cap, dtype=bool)
-            ids_by_row[live_rows] = live_ids
-            live[live_rows] = True
-            self._ids_by_row, self._live, self._n_live = ids_by_row, live, len(live_rows)
-            self._watermark = watermark
+            self._load_live_state(watermark)
             self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
             self._rows_since_save = {d: 0 for d in self.index_dims}
         except BaseException:
@@ -557,9 +554,7 @@ class Store:
                 allowed = self._catalog.filter_rows(where)
                 allowed = allowed[(allowed >= 0) & (allowed < watermark)]
                 allowed = allowed[live[allowed]]
-            first = sizes[0] if sizes else k
-            candidates = self._first_stage(queries, dims_t[0], first, allowed, watermark, live, ef, self._n_live)
-            results = [self._refine(q, c, dims_t, sizes[1:], k) for q, c in zip(queries, candidates)]
+            results = self._funnel(queries, dims_t, k, sizes, ef, allowed, watermark, live, self._n_live)
 
             meta_by_row: dict[int, dict[str, Any]] = {}
             if metadata:
@@ -601,7 +596,12 @@ class Store:
                 sizes = funnel.shortlist_sizes(s, k + 1, len(dims_t)) if len(dims_t) > 1 else []
                 ef = max(self._ef_search, s)
                 t0 = time.perf_counter()
-                found = self._search(queries, dims_t, k + 1, sizes, ef)
+                found = [
+                    rows
+                    for rows, _ in self._funnel(
+                        queries, dims_t, k + 1, sizes, ef, None, self._watermark, self._live, self._n_live
+                    )
+                ]
                 ms = 1e3 * (time.perf_counter() - t0) / len(queries)
                 got = np.mean(
                     [len(set(f[f != r][:k].tolist()) & set(t.tolist())) / k for r, f, t in zip(probe, found, truth)]
@@ -628,14 +628,22 @@ class Store:
         found = self._scan(queries, self.dim, n, rows)
         return [self._refine(q, f, (self.dim,), [], n)[0] for q, f in zip(queries, found)]
 
-    def _search(
-        self, queries: np.ndarray, dims: tuple[int, ...], k: int, sizes: list[int], ef: int | None
-    ) -> list[np.ndarray]:
-        """The funnel without ids or metadata: rows per query, best first."""
-        watermark, live = self._watermark, self._live
+    def _funnel(
+        self,
+        queries: np.ndarray,
+        dims: tuple[int, ...],
+        k: int,
+        sizes: list[int],
+        ef: int | None,
+        allowed: np.ndarray | None,
+        watermark: int,
+        live: np.ndarray,
+        n_live: int,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query (rows, exact scores on dims[-1]), best first, within one snapshot of the store."""
         first = sizes[0] if sizes else k
-        candidates = self._first_stage(queries, dims[0], first, None, watermark, live, ef, self._n_live)
-        return [self._refine(q, c, dims, sizes[1:], k)[0] for q, c in zip(queries, candidates)]
+        candidates = self._first_stage(queries, dims[0], first, allowed, watermark, live, ef, n_live)
+        return [self._refine(q, c, dims, sizes[1:], k) for q, c in zip(queries, candidates)]
 
     def _funnel_shapes(self) -> list[tuple[int, ...]]:
         """Funnels ``tune`` compares: indexed prefix -> full, and indexed prefix -> every band edge -> full."""
@@ -690,8 +698,6 @@ class Store:
         watermark: int,
     ) -> list[np.ndarray]:
         """HNSW with over-fetching; queries it cannot satisfy fall back to an exact scan of ``allowed``."""
-        mask = np.zeros(watermark, dtype=bool)
-        mask[allowed] = True
         want = min(n, len(allowed))
         fetch = min(n_live, int(np.ceil(n * n_live / len(allowed) * 1.5)) + 10)
         out: list[np.ndarray | None] = [None] * len(queries)
@@ -701,7 +707,8 @@ class Store:
             retry = []
             for qi, row in zip(todo, labels):
                 row = row[(row >= 0) & (row < watermark)]
-                row = row[mask[row]]
+                pos = np.minimum(np.searchsorted(allowed, row), len(allowed) - 1)
+                row = row[allowed[pos] == row]  # allowed is sorted: membership without a store-sized mask
                 if len(row) >= want:
                     out[qi] = row[:want]
                 else:

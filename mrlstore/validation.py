@@ -109,8 +109,6 @@ def query_batch(query: Any, need: int, dim: int, metric: str) -> tuple[np.ndarra
 def id_list(ids: Any, n: int) -> list[str]:
     if ids is None:
         return [uuid.uuid4().hex for _ in range(n)]
-    if isinstance(ids, (str, bytes)):
-        raise InvalidIdError("ids must be a sequence of strings, not a single string")
     out = id_strings(ids)
     if len(out) != n:
         raise InvalidIdError(f"got {len(out)} ids for {n} vectors")
@@ -124,7 +122,9 @@ def id_strings(ids: Any) -> list[str]:
     """``ids`` as a list of non-empty strings (one string alone counts as one id only where allowed)."""
     if isinstance(ids, (pa.Array, pa.ChunkedArray)):
         ids = ids.to_pylist()
-    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+    if isinstance(ids, (str, bytes)):
+        raise InvalidIdError("ids must be a sequence of strings, not a single string")
+    if not hasattr(ids, "__iter__"):
         raise InvalidIdError(f"ids must be a sequence of strings, got {type(ids).__name__}")
     out = []
     for i, v in enumerate(ids):
