@@ -1,11 +1,11 @@
-"""mrlstore demo: build a store of Matryoshka-style vectors, query it coarse-to-fine, show the results.
+"""mrlstore image demo: the bundled MRL encoder, a store built from images, a 16-d -> 2048-d query.
 
-    python examples/demo.py [--store demo_store] [--n 20000]
+    python examples/image_demo.py [--store demo_store] [--out demo_output]
 
-The vectors are synthetic with MRL-like structure (mrlstore.synthetic: 100 clusters, signal concentrated in
-the leading dimensions), so the demo runs anywhere without downloads. It builds ./demo_store (Zarr bands +
-HNSW over the 16-d prefix + DuckDB metadata), runs a 16-d shortlist -> 2048-d re-rank query, a filtered
-query and a SQL aggregate, and compares the funnel with exact 2048-d search on the same vectors.
+Adds the sample images shipped in examples/images/ (12 CIFAR-10 test images per class; the class is the
+folder name) except one per class, which are kept back as queries. Queries each held-out image with
+dims=[16, 2048] (16-d HNSW shortlist, 2048-d re-rank) and writes demo_output/query_grid.png: every query
+with its top hits, labelled with class and cosine score.
 """
 
 from __future__ import annotations
@@ -16,80 +16,87 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import mrlstore  # noqa: E402
-from mrlstore.synthetic import exact_search, mrl_like, recall_at_k  # noqa: E402
 
-COLOURS = ["red", "green", "blue", "amber"]
+IMAGES = ROOT / "examples" / "images"
+TILE = 96
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="mrlstore demo")
-    ap.add_argument("--store", default="demo_store", help="folder for the store (recreated)")
-    ap.add_argument("--n", type=int, default=20000, help="vectors to add")
+    ap = argparse.ArgumentParser(description="mrlstore image demo")
+    ap.add_argument("--store", type=Path, default=Path("demo_store"))
+    ap.add_argument("--out", type=Path, default=Path("demo_output"))
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--weights", type=Path, default=None, help="encoder weights (default: the bundled ones)")
     args = ap.parse_args()
 
-    path = Path(args.store)
-    shutil.rmtree(path, ignore_errors=True)
-    base, labels = mrl_like(args.n, 2048, seed=0)
-    queries, _ = mrl_like(50, 2048, seed=0, sample=1)
-    print(f"mrlstore {mrlstore.__version__}: building {path}/ with {args.n:,} vectors of 2048 dims")
+    files = sorted(p for p in IMAGES.rglob("*.jpg"))
+    by_class: dict[str, list[Path]] = {}
+    for p in files:
+        by_class.setdefault(p.parent.name, []).append(p)
+    queries = [paths[-1] for paths in by_class.values()]
+    database = [p for paths in by_class.values() for p in paths[:-1]]
 
+    shutil.rmtree(args.store, ignore_errors=True)
     t0 = time.perf_counter()
-    with mrlstore.open(path, dim=2048, bands=(16, 64, 256, 2048)) as store:
-        step = 2500
-        for lo in tqdm(range(0, args.n, step), desc="add_vectors", unit="batch"):
-            hi = min(args.n, lo + step)
-            store.add_vectors(
-                base[lo:hi],
-                ids=[f"vec-{i:06d}" for i in range(lo, hi)],
-                metadata=[{"cluster": int(labels[i]), "colour": COLOURS[i % 4]} for i in range(lo, hi)],
-            )
-        print(f"built in {time.perf_counter() - t0:.1f} s: {store.info()}")
-
-        q = queries[0]
+    encoder = mrlstore.load_encoder(args.weights)
+    print(f"loaded {encoder} in {time.perf_counter() - t0:.1f} s")
+    with mrlstore.open(args.store, encoder=encoder) as store:
         t0 = time.perf_counter()
-        hits = store.query(q, k=10, dims=[16, 2048])
-        ms = 1e3 * (time.perf_counter() - t0)
-        print(f"\nquery k=10 dims=[16, 2048] (16-d HNSW shortlist of 200, exact 2048-d re-rank): {ms:.1f} ms")
-        print(hits.to_pandas().to_string(index=False) if _has_pandas() else hits.to_arrow())
+        store.add([str(p) for p in database], metadata=[{"label": p.parent.name} for p in database])
+        print(f"added {len(store)} images to {args.store}/ in {time.perf_counter() - t0:.1f} s")
 
-        hits = store.query(q, k=5, dims=[16, 64, 256, 2048], where="colour = 'blue' AND cluster < 50")
-        print("\nquery k=5 dims=[16, 64, 256, 2048] where colour = 'blue' AND cluster < 50")
-        for i, score, meta in hits:
-            print(f"  {i}  {score:.4f}  {meta}")
-
-        print("\nstore.sql: SELECT colour, count(*) FROM items GROUP BY 1 ORDER BY 1")
-        print(store.sql("SELECT colour, count(*) AS n FROM items GROUP BY 1 ORDER BY 1").to_pylist())
-
-        stored = base.astype(np.float16).astype(np.float32)
-        t0 = time.perf_counter()
-        funnel = store.query(queries, k=10, dims=[16, 2048], metadata=False)
-        t_funnel = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        exact = store.query(queries, k=10, dims=[2048], metadata=False)
-        t_exact = time.perf_counter() - t0
-        truth = exact_search(stored, queries, 10)
+        rows, correct = [], {16: 0, 2048: 0}
+        for q in queries:
+            hits = store.query(str(q), k=args.k, dims=[16, 2048])
+            rows.append((q, hits))
+            correct[2048] += sum(m["label"] == q.parent.name for m in hits.metadata)
+        for q in queries:
+            hits = store.query(str(q), k=args.k, dims=[16])
+            correct[16] += sum(m["label"] == q.parent.name for m in hits.metadata)
+        total = args.k * len(queries)
         print(
-            f"\n{len(queries)} queries: funnel [16, 2048] recall@10 vs exact 2048-d = "
-            f"{recall_at_k([h.ids for h in funnel], [[f'vec-{r:06d}' for r in t] for t in truth]):.3f} "
-            f"({1e3 * t_funnel / len(queries):.2f} ms/query); exact scan [2048] recall@10 = "
-            f"{recall_at_k([h.ids for h in exact], [[f'vec-{r:06d}' for r in t] for t in truth]):.3f} "
-            f"({1e3 * t_exact / len(queries):.2f} ms/query)"
+            f"\nlabel precision@{args.k} over {len(queries)} held-out queries: "
+            f"dims=[16, 2048] {correct[2048] / total:.2f}, dims=[16] alone {correct[16] / total:.2f}"
         )
-    print(f"\nThe store stays in {path}/ ; reopen it with mrlstore.open({str(path)!r}).")
+        q, hits = rows[3]
+        print(f"\nquery {q.relative_to(ROOT)} (class {q.parent.name}), dims=[16, 2048]:")
+        for _id, score, meta in hits:
+            print(f"  {score:.3f}  {meta['label']:<10} {Path(meta['path']).relative_to(ROOT)}")
+        print(
+            "\nstore.sql: "
+            + str(store.sql("SELECT label, count(*) AS n FROM items GROUP BY 1 ORDER BY 1").to_pylist()[:3])
+            + " ..."
+        )
+    grid = write_grid(rows, args.out / "query_grid.png")
+    print(f"\nwrote {grid}: each row is a query (left) and its hits")
 
 
-def _has_pandas() -> bool:
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def write_grid(rows, path: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    k = len(rows[0][1].ids)
+    label_h = 14
+    canvas = Image.new("RGB", ((k + 1) * (TILE + 6) + 10, len(rows) * (TILE + label_h + 8) + 6), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (q, hits) in enumerate(rows):
+        y = 6 + r * (TILE + label_h + 8)
+        tiles = [(Image.open(q), f"query: {q.parent.name}", (40, 40, 200))]
+        for score, meta in zip(hits.scores, hits.metadata):
+            ok = meta["label"] == q.parent.name
+            tiles.append(
+                (Image.open(meta["path"]), f"{meta['label'][:8]} {score:.2f}", (0, 130, 0) if ok else (200, 0, 0))
+            )
+        for c, (img, text, colour) in enumerate(tiles):
+            x = 6 + c * (TILE + 6) + (4 if c else 0)
+            canvas.paste(img.convert("RGB").resize((TILE, TILE), Image.NEAREST), (x, y))
+            draw.text((x, y + TILE + 1), text, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 if __name__ == "__main__":

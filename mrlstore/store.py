@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,18 @@ FILTER_EXACT_ROWS = 50_000
 FILTER_EXACT_SHARE = 0.05
 # Save the HNSW cache once this many rows were added since the last save (bounds rebuild work after a crash).
 INDEX_AUTOSAVE_ROWS = 100_000
+_REFINE_POOL: ThreadPoolExecutor | None = None
+_REFINE_POOL_LOCK = threading.Lock()
+
+
+def _refine_pool() -> ThreadPoolExecutor:
+    """Shared threads for re-ranking a batch of queries: numpy releases the GIL in the gathers, casts
+    and products that dominate a re-rank, so a batch uses every core."""
+    global _REFINE_POOL
+    with _REFINE_POOL_LOCK:
+        if _REFINE_POOL is None:
+            _REFINE_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="mrlstore-refine")
+        return _REFINE_POOL
 
 
 def default_bands(dim: int) -> tuple[int, ...]:
@@ -643,6 +656,10 @@ class Store:
         """Per query (rows, exact scores on dims[-1]), best first, within one snapshot of the store."""
         first = sizes[0] if sizes else k
         candidates = self._first_stage(queries, dims[0], first, allowed, watermark, live, ef, n_live)
+        if len(queries) > 1 and (os.cpu_count() or 1) > 1:
+            return list(
+                _refine_pool().map(lambda qc: self._refine(qc[0], qc[1], dims, sizes[1:], k), zip(queries, candidates))
+            )
         return [self._refine(q, c, dims, sizes[1:], k) for q, c in zip(queries, candidates)]
 
     def _funnel_shapes(self) -> list[tuple[int, ...]]:
@@ -746,7 +763,7 @@ class Store:
             if len(scorer.rows) == 0:
                 break
             for stop, block in self._vectors.gather_bands(scorer.rows, scorer.covered, d):
-                scorer.extend(block.astype(np.float32), stop)
+                scorer.extend(block.astype(np.float32, copy=False), stop)
             best = funnel.top(scorer.scores(), keep, self.metric)
             # survivors stay in row order between stages (sequential reads); the last stage ranks them
             scorer.keep(best if i == len(stages) - 1 else np.sort(best))

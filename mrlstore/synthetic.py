@@ -8,6 +8,8 @@ numbers add finer detail that decides the order among close neighbours.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from .funnel import top
@@ -45,21 +47,57 @@ def mrl_like_split(
     return mrl_like(n_base, dim, **kw)[0], mrl_like(n_queries, dim, sample=1, **kw)[0]
 
 
-def _generate(
-    n: int, dim: int, n_clusters: int, noise: float, decay: float, cluster_seed: int, sample_seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def mrl_like_blocks(
+    n: int,
+    dim: int = 2048,
+    *,
+    n_clusters: int = 100,
+    noise: float = 0.6,
+    decay: float = 0.5,
+    seed: int = 0,
+    sample: int = 0,
+    block_rows: int = 65536,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The rows of ``mrl_like`` (same arguments, same values) as (vectors, labels) blocks of at most
+    ``block_rows`` rows (a multiple of 65,536), for data too large to hold at once."""
+    return _blocks(n, dim, n_clusters, noise, decay, seed, seed + 1 + sample, block_rows)
+
+
+_STEP = 65536  # the generator's draw size: fixed, so values never depend on how the caller blocks them
+
+
+def _blocks(
+    n: int, dim: int, n_clusters: int, noise: float, decay: float, cluster_seed: int, sample_seed: int, rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if rows % _STEP:
+        raise ValueError(f"block_rows must be a multiple of {_STEP}")
     scale = (np.arange(1, dim + 1, dtype=np.float32) ** -decay).astype(np.float32)
     centres = np.random.default_rng(cluster_seed).standard_normal((n_clusters, dim), dtype=np.float32)
     rng = np.random.default_rng(sample_seed)
     labels = rng.integers(0, n_clusters, size=n)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        out = np.empty((stop - start, dim), dtype=np.float32)
+        for lo in range(start, stop, _STEP):
+            hi = min(stop, lo + _STEP)
+            block = rng.standard_normal((hi - lo, dim), dtype=np.float32)
+            block *= noise
+            block += centres[labels[lo:hi]]
+            block *= scale
+            out[lo - start : hi - start] = block
+        yield out, labels[start:stop]
+
+
+def _generate(
+    n: int, dim: int, n_clusters: int, noise: float, decay: float, cluster_seed: int, sample_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty((n, dim), dtype=np.float32)
-    for lo in range(0, n, 65536):  # bounded memory for large n
-        hi = min(n, lo + 65536)
-        block = rng.standard_normal((hi - lo, dim), dtype=np.float32)
-        block *= noise
-        block += centres[labels[lo:hi]]
-        block *= scale
-        out[lo:hi] = block
+    labels = np.empty(n, dtype=np.int64)
+    lo = 0
+    for block, block_labels in _blocks(n, dim, n_clusters, noise, decay, cluster_seed, sample_seed, _STEP):
+        out[lo : lo + len(block)] = block
+        labels[lo : lo + len(block)] = block_labels
+        lo += len(block)
     return out, labels
 
 

@@ -22,11 +22,11 @@ from .errors import (
 )
 
 FLOAT16_MAX = 65504.0
-VALIDATE_BLOCK = 65536
+VALIDATE_ELEMENTS = 1 << 21  # per validation block: temporaries stay a few MiB whatever the batch
 RESERVED_COLUMNS = frozenset({"id", "score", "vector"})
 
 
-def _numeric(x: Any, what: str) -> np.ndarray:
+def _numeric(x: Any, what: str, keep_float: bool = False) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
         x = x.detach().cpu().numpy()
     try:
@@ -35,6 +35,8 @@ def _numeric(x: Any, what: str) -> np.ndarray:
         raise ShapeError(f"{what} must be a numeric array: {e}") from None
     if arr.dtype.kind not in "fiub":
         raise ShapeError(f"{what} must be numeric, got dtype {arr.dtype}")
+    if keep_float and arr.dtype.kind == "f":
+        return arr  # converted block by block where it is written: a large memmap is never copied whole
     return arr.astype(np.float32, copy=False)
 
 
@@ -43,11 +45,12 @@ def _first_bad_row(mask_ok: np.ndarray) -> int:
 
 
 def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequence[int]) -> np.ndarray:
-    """The batch as float32 (n, dim), checked block by block (no full-size temporary copies).
+    """The batch (n, dim), checked block by block; float input keeps its dtype (no full-size copy, so a
+    memory-mapped array of any size streams through), other numbers become float32.
 
     Values are stored rounded to ``dtype``; the checks look at the rounded values where that matters.
     """
-    arr = _numeric(vectors, "vectors")
+    arr = _numeric(vectors, "vectors", keep_float=True)
     if arr.ndim != 2:
         hint = " (for one vector use vectors[None, :])" if arr.ndim == 1 else ""
         raise ShapeError(f"vectors must be a 2-D array of shape (n, {dim}), got {arr.ndim}-D{hint}")
@@ -56,8 +59,9 @@ def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequ
     if arr.shape[1] != dim:
         raise ShapeError(f"vectors must have length {dim} (the store's dim), got {arr.shape[1]}")
     checks = sorted({*prefixes, dim}) if metric == "cosine" else []
-    for lo in range(0, len(arr), VALIDATE_BLOCK):
-        block = arr[lo : lo + VALIDATE_BLOCK]
+    step = max(1, VALIDATE_ELEMENTS // dim)
+    for lo in range(0, len(arr), step):
+        block = arr[lo : lo + step]
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             raise NonFiniteError(f"vector {lo + _first_bad_row(finite)} of the batch contains NaN or inf")

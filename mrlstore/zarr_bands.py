@@ -76,7 +76,7 @@ class _Band:
             raise CorruptStoreError(f"unreadable Zarr array metadata {meta_path}: {e}") from None
         self.chunk_rows = self._check_layout(meta_path)
         self.chunk_bytes = self.chunk_rows * self.width * dtype.itemsize
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, np.ndarray] = {}
 
     def _check_layout(self, meta_path: Path) -> int:
         m = self.meta
@@ -108,7 +108,7 @@ class _Band:
     def chunk_path(self, chunk: int) -> Path:
         return self.dir / "c" / str(chunk) / "0"
 
-    def mapped(self, chunk: int) -> np.memmap:
+    def mapped(self, chunk: int) -> np.ndarray:
         mm = self._maps.get(chunk)
         if mm is None:
             path = self.chunk_path(chunk)
@@ -118,7 +118,9 @@ class _Band:
                 raise CorruptStoreError(f"chunk file {path} holding committed rows is missing") from None
             if size != self.chunk_bytes:
                 raise CorruptStoreError(f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}")
-            mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.chunk_rows, self.width))
+            # A plain ndarray view (the map stays alive as its base): np.memmap's indexing hooks cost
+            # more than the gather itself on the re-rank path.
+            mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.chunk_rows, self.width)).view(np.ndarray)
             self._maps[chunk] = mm
         return mm
 

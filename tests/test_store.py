@@ -10,7 +10,7 @@ import pytest
 
 import mrlstore
 from mrlstore.funnel import shortlist_sizes
-from mrlstore.synthetic import exact_funnel
+from mrlstore.synthetic import exact_funnel, mrl_like
 
 
 def _f16(x):
@@ -283,3 +283,26 @@ def test_writer_open_removes_temporaries_of_killed_writers(tmp_path, rng):
         assert all(f.exists() for f in stale)  # readers change nothing
     with mrlstore.open(path) as store:
         assert len(store) == 10 and not any(f.exists() for f in stale)
+
+
+def test_add_vectors_streams_a_memory_mapped_float16_array(tmp_path):
+    import tracemalloc
+
+    n, dim = 20_000, 512
+    x, _ = mrl_like(n, dim, seed=5)
+    path = tmp_path / "x.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    mm[:] = x
+    mm.flush()
+    del mm
+    source = np.load(path, mmap_mode="r")
+    with mrlstore.open(tmp_path / "s", dim=dim, bands=(16, 128, dim), chunk_rows=4096) as store:
+        tracemalloc.start()
+        ids = store.add_vectors(source, ids=[str(i) for i in range(n)])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # A whole float32 copy of the batch would be n * dim * 4 bytes; the write path converts per chunk.
+        assert peak < 0.5 * n * dim * 4, peak
+        got = store.get(ids[-3:], dims=dim).column("vector").to_numpy(zero_copy_only=False)
+        np.testing.assert_array_equal(np.stack(got), source[-3:].astype(np.float32))
+        assert store.query(source[7].astype(np.float32), k=1, dims=[16, dim]).ids == ["7"]
