@@ -1,6 +1,8 @@
-"""mrlstore image demo: the bundled MRL encoder, a store built from images, a 16-d -> 2048-d query.
+"""mrlstore demo: the bundled MRL image encoder, a store built from images, a 16-d -> 2048-d query.
 
-    python examples/image_demo.py [--store demo_store] [--out demo_output]
+    python examples/demo.py [--store demo_store] [--out demo_output]
+
+Runs offline: the encoder's weights ship inside the package (mrlstore/weights/, see its MODEL_CARD.md).
 
 Adds the sample images shipped in examples/images/ (12 CIFAR-10 test images per class; the class is the
 folder name) except one per class, which are kept back as queries. Queries each held-out image with
@@ -62,8 +64,13 @@ def main() -> None:
             f"\nlabel precision@{args.k} over {len(queries)} held-out queries: "
             f"dims=[16, 2048] {correct[2048] / total:.2f}, dims=[16] alone {correct[16] / total:.2f}"
         )
-        q, hits = rows[3]
-        print(f"\nquery {q.relative_to(ROOT)} (class {q.parent.name}), dims=[16, 2048]:")
+        print(f"\nthe top {args.k} hits of each held-out query, dims=[16, 2048] (class and cosine score):")
+        for q, hits in rows:
+            right = sum(m["label"] == q.parent.name for m in hits.metadata)
+            shown = ", ".join(f"{m['label']} {s:.2f}" for s, m in zip(hits.scores[:4], hits.metadata[:4]))
+            print(f"  {q.parent.name:<10} {right}/{args.k} same class | {shown}, ...")
+        q, hits = rows[0]
+        print(f"\nfull hits of {q.relative_to(ROOT)}:")
         for _id, score, meta in hits:
             print(f"  {score:.3f}  {meta['label']:<10} {Path(meta['path']).relative_to(ROOT)}")
         print(

@@ -4,15 +4,18 @@
     python examples/train_encoder.py extract   # frozen EfficientNet-Lite0 features + ImageNet logits, cached
     python examples/train_encoder.py train     # the MRL projection and nested heads, on the cached features
     python examples/train_encoder.py export    # half-precision weights into mrlstore/weights/
+    python examples/train_encoder.py baselines # MRL-E, FF and class-disjoint runs for the evaluation
 
 or all three: ``python examples/train_encoder.py all``. Fixed seed (0). Needs ../shared/datasets/cifar10/.
 
 Without a GPU (this project's CI machines) the backbone stays frozen at its ImageNet weights and only the
 projection is trained, on features cached once. Loss, for every nesting size m: cross-entropy of a
-10-class CIFAR head on the first m numbers, plus a distillation term (KL divergence to the pretrained
-1000-class ImageNet classifier's softened output) of a 1000-class head on the same m numbers, so the
-embedding keeps what the backbone knows beyond the 10 CIFAR classes. ``--mrl-e`` shares one weight matrix
-across the nested heads (MRL-E); ``--ff m`` trains a single head at size m (the fixed-feature baseline).
+10-class CIFAR head on the first m numbers, plus 0.3 x a distillation term (KL divergence to the
+pretrained 1000-class ImageNet classifier's softened output) of a 1000-class head on the same m numbers,
+so the embedding keeps what the backbone knows beyond the 10 CIFAR classes. ``--mrl-e`` shares one weight
+matrix across the nested heads (MRL-E). ``python examples/train_encoder.py baselines`` trains the paper's
+comparisons for benchmarks/encoder_eval.py: MRL-E, FF (a projection trained alone at each size m) and MRL
+on classes 0-4 only (the class-disjoint protocol).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 DEFAULT_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.zip"
 DEFAULT_CACHE = ROOT / "build" / "encoder_cache"
 SHARD = 5000
+SEEN_CLASSES = (0, 1, 2, 3, 4)  # class-disjoint protocol: train on these, evaluate retrieval on 5-9
 
 
 def cifar_index(zip_path: Path) -> list[tuple[str, str, int]]:
@@ -145,11 +149,11 @@ def train_projection(
     nesting: tuple[int, ...],
     *,
     dim: int = 2048,
-    hidden: int = 2048,
+    hidden: int = 1536,
     shared: bool = False,
     epochs: int = 12,
     batch: int = 256,
-    distill: float = 1.0,
+    distill: float = 0.3,
     temperature: float = 2.0,
     seed: int = 0,
     log: bool = True,
@@ -225,33 +229,79 @@ def load_projection(path: Path):
     return proj.eval()
 
 
-def train_stage(cache: Path, epochs: int, shared: bool, out: Path) -> None:
-    import torch
+def train_stage(
+    cache: Path,
+    epochs: int,
+    shared: bool,
+    out: Path,
+    hidden: int = 1536,
+    distill: float = 0.3,
+    classes: tuple[int, ...] | None = None,
+) -> None:
+    """Train the MRL (or MRL-E) projection on the training split; ``classes`` restricts training to those
+    labels (the class-disjoint protocol)."""
 
     from mrlstore.encoder import NESTING
 
-    torch.set_num_threads(torch.get_num_threads())
     data = load_cache(cache)
     tr = data["train"]
+    if classes is not None:
+        tr = tr & np.isin(data["labels"], classes)
+    labels = data["labels"][tr]
+    if classes is not None:  # dense 0..c-1 labels for the heads
+        labels = np.searchsorted(np.array(sorted(classes)), labels)
     t0 = time.perf_counter()
     proj, _ = train_projection(
-        data["features"][tr], data["labels"][tr], data["logits"][tr], NESTING, shared=shared, epochs=epochs
+        data["features"][tr],
+        labels,
+        data["logits"][tr],
+        NESTING,
+        shared=shared,
+        epochs=epochs,
+        hidden=hidden,
+        distill=distill,
     )
     wall = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": proj.state_dict(),
-            "meta": {
-                "epochs": epochs,
-                "shared": shared,
-                "wall_s": wall,
-                "device": "cpu" if not torch.cuda.is_available() else "cuda",
-            },
-        },
-        out,
-    )
+    _save_projection(proj, out, epochs=epochs, shared=shared, distill=distill, wall_s=wall, classes=classes)
     print(f"trained projection ({'MRL-E' if shared else 'MRL'}) in {wall:.0f} s -> {out}")
+
+
+def _save_projection(proj, out: Path, **meta) -> None:
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items() if v is not None}
+    torch.save({"state_dict": proj.state_dict(), "meta": {**meta, "device": device}}, out)
+
+
+def baselines_stage(cache: Path, epochs: int, hidden: int, distill: float) -> None:
+    """The paper's comparisons: MRL-E, FF (one projection trained alone at each size m), and MRL trained on
+    classes 0-4 only (evaluated on the unseen classes 5-9 by benchmarks/encoder_eval.py)."""
+    from mrlstore.encoder import NESTING
+
+    train_stage(cache, epochs, True, cache / "projection_mrl_e.pt", hidden, distill)
+    train_stage(cache, epochs, False, cache / "projection_mrl_disjoint.pt", hidden, distill, classes=SEEN_CLASSES)
+    data = load_cache(cache)
+    tr = data["train"]
+    for m in NESTING:
+        out = cache / f"projection_ff_{m}.pt"
+        if out.exists():
+            continue  # resumable
+        t0 = time.perf_counter()
+        proj, _ = train_projection(
+            data["features"][tr],
+            data["labels"][tr],
+            data["logits"][tr],
+            (m,),
+            dim=m,
+            hidden=hidden,
+            epochs=epochs,
+            distill=distill,
+            log=False,
+        )
+        _save_projection(proj, out, epochs=epochs, ff=m, distill=distill, wall_s=time.perf_counter() - t0)
+        print(f"trained FF-{m} in {time.perf_counter() - t0:.0f} s -> {out}", flush=True)
 
 
 def export_stage(cache: Path, projection: Path, size: int, target: Path | None = None) -> None:
@@ -260,18 +310,21 @@ def export_stage(cache: Path, projection: Path, size: int, target: Path | None =
     from mrlstore.encoder import BUNDLED_WEIGHTS, NESTING, MRLImageModel, save_encoder, sha256_of
 
     blob = torch.load(projection, map_location="cpu", weights_only=True)
-    model = MRLImageModel()
-    model.backbone.load_state_dict(_pretrained_backbone().state_dict())
+    hidden = blob["state_dict"]["fc1.weight"].shape[0]
+    model = MRLImageModel(hidden=hidden)
+    backbone = {k: v for k, v in _pretrained_backbone().state_dict().items() if not k.startswith("_fc.")}
+    model.backbone.load_state_dict(backbone)
     model.projection.load_state_dict(blob["state_dict"])
     meta = {
         "name": "mrl-lite0-cifar10-v1",
         "dim": 2048,
-        "hidden": 2048,
+        "hidden": hidden,
         "nesting": list(NESTING),
         "image_size": size,
         "trained": blob["meta"],
     }
     target = target or BUNDLED_WEIGHTS
+    target.parent.mkdir(parents=True, exist_ok=True)
     save_encoder(model, target, meta)
     digest = sha256_of(target)
     if target == BUNDLED_WEIGHTS:
@@ -281,12 +334,14 @@ def export_stage(cache: Path, projection: Path, size: int, target: Path | None =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="train the bundled MRL encoder")
-    ap.add_argument("stage", choices=["extract", "train", "export", "all"])
+    ap.add_argument("stage", choices=["extract", "train", "export", "baselines", "all"])
     ap.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1536, help="width of the projection's hidden layer")
+    ap.add_argument("--distill", type=float, default=0.3, help="weight of the ImageNet distillation terms")
     ap.add_argument("--mrl-e", action="store_true", help="train MRL-E (shared nested heads)")
     ap.add_argument("--weights-out", type=Path, default=None, help="export here instead of the bundled path")
     args = ap.parse_args()
@@ -296,9 +351,11 @@ def main() -> None:
             sys.exit(f"CIFAR-10 zip not found at {args.zip} (see ../shared/datasets/cifar10/README.md)")
         extract(args.zip, args.cache, args.size, args.batch)
     if args.stage in ("train", "all"):
-        train_stage(args.cache, args.epochs, args.mrl_e, projection)
+        train_stage(args.cache, args.epochs, args.mrl_e, projection, args.hidden, args.distill)
     if args.stage in ("export", "all"):
         export_stage(args.cache, projection, args.size, args.weights_out)
+    if args.stage == "baselines":
+        baselines_stage(args.cache, args.epochs, args.hidden, args.distill)
 
 
 if __name__ == "__main__":

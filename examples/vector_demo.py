@@ -1,9 +1,9 @@
 """mrlstore demo: build a store of Matryoshka-style vectors, query it coarse-to-fine, show the results.
 
-    python examples/demo.py [--store demo_store] [--n 20000]
+    python examples/vector_demo.py [--store vector_demo_store] [--n 20000]
 
 The vectors are synthetic with MRL-like structure (mrlstore.synthetic: 100 clusters, signal concentrated in
-the leading dimensions), so the demo runs anywhere without downloads. It builds ./demo_store (Zarr bands +
+the leading dimensions), so the demo runs anywhere without downloads. It builds ./vector_demo_store (Zarr bands +
 HNSW over the 16-d prefix + DuckDB metadata), runs a 16-d shortlist -> 2048-d re-rank query, a filtered
 query and a SQL aggregate, and compares the funnel with exact 2048-d search on the same vectors.
 """
@@ -29,7 +29,7 @@ COLOURS = ["red", "green", "blue", "amber"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="mrlstore demo")
-    ap.add_argument("--store", default="demo_store", help="folder for the store (recreated)")
+    ap.add_argument("--store", default="vector_demo_store", help="folder for the store (recreated)")
     ap.add_argument("--n", type=int, default=20000, help="vectors to add")
     args = ap.parse_args()
 

@@ -85,7 +85,7 @@ class MBConv(nn.Module):
 class EfficientNetLite0(nn.Module):
     """The backbone; ``features`` gives the 1280-d pooled vector, ``forward`` the ImageNet logits."""
 
-    def __init__(self) -> None:
+    def __init__(self, classifier: bool = True) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **_BN)
@@ -96,7 +96,8 @@ class EfficientNetLite0(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(320, 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **_BN)
-        self._fc = nn.Linear(1280, 1000)
+        # The ImageNet classifier is needed only while training (distillation); shipped weights omit it.
+        self._fc = nn.Linear(1280, 1000) if classifier else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -106,13 +107,15 @@ class EfficientNetLite0(nn.Module):
         return x.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fc is None:
+            raise EncoderUnavailableError("this backbone was built without its ImageNet classifier")
         return self._fc(self.features(x))
 
 
 class MRLProjection(nn.Module):
     """1280-d backbone features -> 2048-d Matryoshka embedding (every prefix is trained as an embedding)."""
 
-    def __init__(self, cin: int = 1280, hidden: int = 2048, dim: int = 2048):
+    def __init__(self, cin: int = 1280, hidden: int = 1024, dim: int = 2048):
         super().__init__()
         self.fc1 = nn.Linear(cin, hidden)
         self.bn = nn.BatchNorm1d(hidden)
@@ -123,9 +126,9 @@ class MRLProjection(nn.Module):
 
 
 class MRLImageModel(nn.Module):
-    def __init__(self, hidden: int = 2048, dim: int = 2048):
+    def __init__(self, hidden: int = 1024, dim: int = 2048):
         super().__init__()
-        self.backbone = EfficientNetLite0()
+        self.backbone = EfficientNetLite0(classifier=False)
         self.projection = MRLProjection(1280, hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -349,10 +352,17 @@ def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None 
         blob = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:
         raise EncoderUnavailableError(f"cannot load encoder weights {weights}: {e}") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
+        raise EncoderUnavailableError(f"{weights} is not an mrlstore encoder file (no state_dict)")
     meta = blob.get("meta", {})
-    model = MRLImageModel(hidden=int(meta.get("hidden", 2048)), dim=int(meta.get("dim", 2048)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
-    model.load_state_dict(state)
+    state = {k: v for k, v in state.items() if not k.startswith("backbone._fc.")}  # older files kept it
+    try:
+        fc1, fc2 = state["projection.fc1.weight"], state["projection.fc2.weight"]
+        model = MRLImageModel(hidden=int(fc1.shape[0]), dim=int(fc2.shape[0]))
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError) as e:
+        raise EncoderUnavailableError(f"{weights} is not an mrlstore encoder state: {e}") from None
     name = str(meta.get("name", weights.stem))
     return ImageEncoder(model, nesting=tuple(meta.get("nesting", NESTING)), name=name, device=device)
 

@@ -1,0 +1,89 @@
+"""The shipped encoder: loads offline without pickle, checks its checksum, and retrieves by meaning on the
+sample images shipped with the demo (unseen in training: they come from CIFAR-10's test split)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mrlstore  # noqa: E402
+from mrlstore import encoder as encoder_module  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "examples" / "images"
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return mrlstore.load_encoder(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sample(bundled):
+    files = sorted(IMAGES.rglob("*.jpg"))
+    labels = np.array([p.parent.name for p in files])
+    return bundled.encode([str(p) for p in files], progress=False), labels
+
+
+def test_weights_ship_small_without_pickle_and_without_the_imagenet_classifier():
+    path = encoder_module.BUNDLED_WEIGHTS
+    assert path.stat().st_size < 20 * 2**20
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only
+    assert not any(k.startswith("backbone._fc.") for k in blob["state_dict"])
+    assert {v.dtype for v in blob["state_dict"].values() if v.is_floating_point()} == {torch.float16}
+    assert blob["meta"]["dim"] == 2048 and blob["meta"]["nesting"] == [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+def test_bundled_encoder_shape_and_determinism(bundled, sample):
+    x, _ = sample
+    assert (bundled.dim, bundled.nesting) == (2048, (8, 16, 32, 64, 128, 256, 512, 1024, 2048))
+    assert x.shape == (120, 2048) and x.dtype == np.float32 and np.isfinite(x).all()
+    again = bundled.encode([str(p) for p in sorted(IMAGES.rglob("*.jpg"))[:7]], batch_size=3, progress=False)
+    np.testing.assert_allclose(again, x[:7], rtol=1e-4, atol=1e-4)
+
+
+def leave_one_out_1nn(x: np.ndarray, labels: np.ndarray, m: int) -> float:
+    p = x[:, :m] / np.linalg.norm(x[:, :m], axis=1, keepdims=True)
+    s = p @ p.T
+    np.fill_diagonal(s, -np.inf)
+    return float(np.mean(labels[s.argmax(1)] == labels))
+
+
+def test_prefixes_retrieve_by_class_on_unseen_images(sample):
+    # 10 classes: chance is 0.1. Measured with the shipped weights: see the printout (pytest -s).
+    x, labels = sample
+    acc = {m: leave_one_out_1nn(x, labels, m) for m in (8, 16, 64, 2048)}
+    print("leave-one-out 1-NN on the 120 sample images:", acc)
+    assert acc[2048] >= 0.6
+    assert acc[16] >= 0.5 and acc[8] >= 0.4  # short prefixes are embeddings too (the Matryoshka property)
+
+
+def test_a_corrupt_bundled_file_fails_its_checksum(tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    shutil.copytree(encoder_module.WEIGHTS_DIR, weights)
+    target = weights / encoder_module.BUNDLED_WEIGHTS.name
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    monkeypatch.setattr(encoder_module, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(encoder_module, "BUNDLED_WEIGHTS", target)
+    with pytest.raises(mrlstore.EncoderUnavailableError, match="sha256"):
+        mrlstore.load_encoder()
+
+
+def test_the_readme_demo_runs_offline(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--store", str(tmp_path / "s"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dims=[16, 2048]" in out.stdout and (tmp_path / "query_grid.png").stat().st_size > 10_000
