@@ -1,13 +1,15 @@
 """Side by side, one machine, one run: mrlstore funnels against full-dimension search.
 
     pip install -e ".[bench]"
-    python benchmarks/compare.py                       # N = 100k and 1M (long: about an hour on 2 cores)
-    python benchmarks/compare.py --n 100000            # one size
-    python benchmarks/compare.py --n 1000000 --full-max-n 100000   # skip slow full-dim HNSW builds at 1M
+    python benchmarks/compare.py                       # synthetic N = 100k and 1M, then CIFAR-10 (hours)
+    python benchmarks/compare.py --data 100000         # one data set (a size N, or cifar)
 
-Data: ``mrlstore.synthetic.mrl_like`` (seeded; 100 clusters, dimension j scaled by (j+1)^-0.5, noise 1.0),
-dim 2048, stored as float16 (every system gets the same float16-rounded vectors); queries are an
-independent draw from the same clusters. Ground truth: exact top-10 by cosine on those vectors.
+Data: (a) ``mrlstore.synthetic.mrl_like`` (seeded; 100 clusters, dimension j scaled by (j+1)^-0.5, noise
+1.0), dim 2048, 200 queries drawn independently from the same clusters; (b) ``cifar``: CIFAR-10 embedded by
+the bundled encoder, database = the 50k training images, queries = the 10k test images (needs the feature
+cache of examples/train_encoder.py; mAP@10 by class too). Every system gets the same float16-rounded
+vectors. Ground truth: exact top-10 by cosine on them. Full-dim HNSW builds are skipped above
+``--full-max-n`` (100k by default: at 1M they would take about an hour each on 2 cores).
 
 Systems (each runs in its own process, so its memory is measured alone):
 
@@ -51,19 +53,24 @@ DIM, K, M, EF_CONSTRUCTION = 2048, 10, 16, 200
 SYSTEMS = ("mrlstore", "mrlstore-f32", "faiss-refine", "brute", "hnswlib", "faiss-hnsw")
 FULL_DIM_GRAPHS = ("hnswlib", "faiss-hnsw")
 ADD_BATCH = 65536
+_DATA_LABELS: tuple[np.ndarray, np.ndarray] | None = None  # (database, query) labels of real data, per child
 
 
 # -- data ---------------------------------------------------------------------------------------------
-def data_dir(work: Path, n: int) -> Path:
-    return work / f"data_{n}"
+def data_dir(work: Path, name: str) -> Path:
+    return work / f"data_{name}"
 
 
-def prepare(work: Path, n: int, n_queries: int) -> Path:
-    """base.npy (float16, n x 2048), queries.npy (float32), truth.npy (exact top-10 rows), made once."""
-    d = data_dir(work, n)
+def prepare(work: Path, name: str, n_queries: int) -> Path:
+    """base.npy (float16, n x 2048), queries.npy (float32), truth.npy (exact top-10 rows), made once;
+    ``name`` is a size N (synthetic data) or ``cifar`` (real embeddings, with labels)."""
+    d = data_dir(work, name)
     if (d / "truth.npy").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
+    if name == "cifar":
+        return prepare_cifar(d)
+    n = int(name)
     t0 = time.perf_counter()
     base = np.lib.format.open_memmap(d / "base.tmp.npy", mode="w+", dtype=np.float16, shape=(n, DIM))
     lo = 0
@@ -77,6 +84,31 @@ def prepare(work: Path, n: int, n_queries: int) -> Path:
     np.save(d / "queries.npy", queries)
     np.save(d / "truth.npy", exact_topk(np.load(d / "base.npy", mmap_mode="r"), queries, K))
     print(f"prepared N={n:,} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return d
+
+
+def prepare_cifar(d: Path) -> Path:
+    """CIFAR-10 embedded by the bundled encoder: database = the 50k training images, queries = the 10k test
+    images. The backbone features come from examples/train_encoder.py's cache (the frozen ImageNet
+    backbone at 128 px, as the encoder computes them); the bundled projection turns them into embeddings."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import torch
+    import train_encoder
+
+    import mrlstore
+
+    data = train_encoder.load_cache(train_encoder.DEFAULT_CACHE)
+    enc = mrlstore.load_encoder(device="cpu")
+    with torch.inference_mode():
+        feats = torch.from_numpy(data["features"])
+        emb = torch.cat([enc.model.projection(feats[i : i + 4096]) for i in range(0, len(feats), 4096)]).numpy()
+    tr = data["train"]
+    np.save(d / "base.npy", emb[tr].astype(np.float16))
+    np.save(d / "queries.npy", emb[~tr].astype(np.float32))
+    np.save(d / "base_labels.npy", data["labels"][tr])
+    np.save(d / "query_labels.npy", data["labels"][~tr])
+    stored = np.load(d / "base.npy", mmap_mode="r")
+    np.save(d / "truth.npy", exact_topk(stored, np.load(d / "queries.npy"), K))
     return d
 
 
@@ -143,8 +175,20 @@ def recall(found: list, truth: np.ndarray) -> float:
     return float(np.mean([len(set(map(int, f)) & set(map(int, t))) / len(t) for f, t in zip(found, truth)]))
 
 
-def measure(name: str, single, batch, queries: np.ndarray, truth: np.ndarray, latency_queries: int) -> dict:
-    """Recall and single-query latency over the first ``latency_queries`` queries, batch q/s over all."""
+def map_at_k(found: list, base_labels: np.ndarray, query_labels: np.ndarray) -> float:
+    """mAP@10 with relevance = same class; every class has more than 10 database items."""
+    ap = []
+    for f, ql in zip(found, query_labels):
+        rel = (base_labels[np.asarray(f, dtype=np.int64)[:K]] == ql).astype(float)
+        ap.append(float((np.cumsum(rel) / np.arange(1, len(rel) + 1) * rel).sum() / K))
+    return float(np.mean(ap))
+
+
+def measure(
+    name: str, single, batch, queries: np.ndarray, truth: np.ndarray, latency_queries: int, labels=None
+) -> dict:
+    """Recall and single-query latency over the first ``latency_queries`` queries, batch q/s over all;
+    mAP@10 too when the data has labels."""
     single(queries[0])  # warm-up
     times, found = [], []
     for q in queries[:latency_queries]:
@@ -155,7 +199,10 @@ def measure(name: str, single, batch, queries: np.ndarray, truth: np.ndarray, la
     batch_found = batch(queries)
     qps = len(queries) / (time.perf_counter() - t0)
     ms = 1e3 * np.array(times)
+    labels = labels if labels is not None else _DATA_LABELS
+    extra = {"map10": map_at_k(batch_found, *labels)} if labels is not None else {}
     return {
+        **extra,
         "setting": name,
         "recall": recall(batch_found, truth),
         "recall_single": recall(found, truth[:latency_queries]),
@@ -223,11 +270,17 @@ def run_brute(base, queries, truth, work: Path, lq: int) -> dict:
 
     def single(q):
         s = x @ (q / np.linalg.norm(q))
-        return np.argpartition(-s, K)[:K]
+        top = np.argpartition(-s, K)[:K]
+        return top[np.argsort(-s[top])]
 
     def batch(qs):
-        s = x @ (qs / np.linalg.norm(qs, axis=1, keepdims=True)).T
-        return list(np.argpartition(-s, K, axis=0)[:K].T)
+        out = []
+        for lo in range(0, len(qs), 256):  # bounded (N x 256) score blocks
+            s = x @ (qs[lo : lo + 256] / np.linalg.norm(qs[lo : lo + 256], axis=1, keepdims=True)).T
+            top = np.argpartition(-s, K, axis=0)[:K]
+            order = np.argsort(-np.take_along_axis(s, top, 0), axis=0)
+            out += list(np.take_along_axis(top, order, 0).T)
+        return out
 
     rows = [measure("numpy float32 matmul", single, batch, queries, truth, lq)]
     held = rss_anon_mib() - mem.start
@@ -358,10 +411,13 @@ RUNNERS = {
 }
 
 
-def child(system: str, n: int, work: Path, latency_queries: int) -> None:
-    d = data_dir(work, n)
+def child(system: str, name: str, work: Path, latency_queries: int) -> None:
+    global _DATA_LABELS
+    d = data_dir(work, name)
     base = np.load(d / "base.npy", mmap_mode="r")
     queries, truth = np.load(d / "queries.npy"), np.load(d / "truth.npy")
+    if (d / "base_labels.npy").exists():
+        _DATA_LABELS = (np.load(d / "base_labels.npy"), np.load(d / "query_labels.npy"))
     out = RUNNERS[system](base, queries, truth, work, latency_queries)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -375,10 +431,20 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, {platform.system()}"
 
 
+def data_name(value: str) -> str:
+    if value != "cifar" and not value.isdigit():
+        raise argparse.ArgumentTypeError("a data set is a size N (synthetic) or 'cifar'")
+    return value
+
+
+def data_rows(work: Path, name: str) -> int:
+    return len(np.load(data_dir(work, name) / "base.npy", mmap_mode="r"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
-    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--data", type=data_name, nargs="+", default=["100000", "1000000", "cifar"])
+    ap.add_argument("--queries", type=int, default=200, help="synthetic queries; latency is timed on this many")
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument(
         "--full-max-n", type=int, default=100_000, help="largest N for full-dim HNSW builds (slow on 2 cores)"
@@ -388,23 +454,24 @@ def main() -> None:
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.n[0], args.work, latency_queries=args.queries)
+        child(args.child, args.data[0], args.work, latency_queries=args.queries)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "compare.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    for n in args.n:
-        prepare(args.work, n, args.queries)
+    for name in args.data:
+        prepare(args.work, name, args.queries)
+        n = data_rows(args.work, name)
         for system in args.systems:
             if system in FULL_DIM_GRAPHS and n > args.full_max_n:
-                print(f"N={n:,} {system}: skipped (full-dim HNSW build beyond --full-max-n)", flush=True)
+                print(f"{name} {system}: skipped (full-dim HNSW build beyond --full-max-n)", flush=True)
                 continue
             # Exact search at 1M costs ~1 s a query: time a quarter of the queries one by one.
             lq = args.queries if system != "brute" or n <= 200_000 else max(20, args.queries // 4)
-            print(f"N={n:,} {system} ...", flush=True)
+            print(f"{name} (N={n:,}) {system} ...", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(
-                [sys.executable, __file__, "--child", system, "--n", str(n), "--work", str(args.work)]
+                [sys.executable, __file__, "--child", system, "--data", name, "--work", str(args.work)]
                 + ["--queries", str(lq)],
                 capture_output=True,
                 text=True,
@@ -412,14 +479,15 @@ def main() -> None:
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{system} at N={n} failed (exit {proc.returncode})")
+                raise SystemExit(f"{system} on {name} failed (exit {proc.returncode})")
             res = json.loads(lines[-1][len("RESULT ") :])
-            res["wall_s"] = time.perf_counter() - t0
-            results.setdefault(str(n), {})[system] = res
+            res["wall_s"], res["n"] = time.perf_counter() - t0, n
+            results.setdefault(name, {})[system] = res
             for r in res["rows"]:
                 print(
                     f"  {r['setting']}: recall {r['recall']:.3f} p50 {r['p50_ms']:.2f} ms "
-                    f"p99 {r['p99_ms']:.2f} ms {r['qps']:.0f} q/s",
+                    f"p99 {r['p99_ms']:.2f} ms {r['qps']:.0f} q/s"
+                    + (f" mAP@10 {r['map10']:.3f}" if "map10" in r else ""),
                     flush=True,
                 )
             print(f"  build {res['build_s']:.1f} s, held {res['held_mib']:.0f} MiB, peak {res['peak_mib']:.0f} MiB")
@@ -446,45 +514,63 @@ def best_at(res: dict, target: float = 0.95) -> dict | None:
     return min(ok, key=lambda r: r["p50_ms"]) if ok else None
 
 
+def dataset_order(results: dict) -> list[str]:
+    names = [k for k in results if k != "machine"]
+    return sorted((k for k in names if k.isdigit()), key=int) + [k for k in names if not k.isdigit()]
+
+
+def title(name: str, res: dict) -> str:
+    n = next(iter(res.values()))["n"] if res else 0
+    if name == "cifar":
+        return f"CIFAR-10 embedded by the bundled encoder (N = {n:,} training images, 10,000 test queries)"
+    return f"Synthetic MRL-like vectors, N = {n:,}"
+
+
 def report(results: dict, out: Path) -> None:
-    sizes = sorted(int(n) for n in results if n.isdigit())
+    names = dataset_order(results)
     lines = [
         "# mrlstore against full-dimension search",
         "",
         f"Machine: {results.get('machine', 'unknown')}. Command: `python benchmarks/compare.py` "
-        "(see its docstring for the data and the systems). k=10, cosine, float16-rounded 2048-d vectors.",
+        "(see its docstring for the data and the systems). k=10, cosine, float16-rounded 2048-d vectors. "
+        "Latency: one query at a time, one thread; batch: all queries in one call, all cores.",
         "Memory: anonymous resident memory held after build and queries (peak during build in brackets); "
         "mrlstore's re-rank tier is memory-mapped files (page cache, not counted).",
     ]
-    for n in sizes:
+    for name in names:
+        res_all = results[name]
+        has_map = any("map10" in r for res in res_all.values() for r in res["rows"])
         lines += [
             "",
-            f"## N = {n:,}",
+            f"## {title(name, res_all)}",
             "",
-            "| system | setting | recall@10 | p50 ms | p99 ms | batch q/s | build s | memory MiB | disk MiB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| system | setting | recall@10 |"
+            + (" mAP@10 |" if has_map else "")
+            + " p50 ms | p99 ms | batch q/s | build s | memory MiB | disk MiB |",
+            "|---|---|---|" + ("---|" if has_map else "") + "---|---|---|---|---|---|",
         ]
         for system in SYSTEMS:
-            res = results[str(n)].get(system)
+            res = res_all.get(system)
             if res is None:
                 continue
             for r in res["rows"]:
                 lines.append(
-                    f"| {LABELS[system]} | {r['setting']} | {r['recall']:.3f} | {r['p50_ms']:.2f} | "
-                    f"{r['p99_ms']:.2f} | {r['qps']:.0f} | {res['build_s']:.1f} | {res['held_mib']:.0f} "
-                    f"({res['peak_mib']:.0f}) | {res['disk_mib']:.0f} |"
+                    f"| {LABELS[system]} | {r['setting']} | {r['recall']:.3f} | "
+                    + (f"{r.get('map10', float('nan')):.3f} | " if has_map else "")
+                    + f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['qps']:.0f} | {res['build_s']:.1f} | "
+                    f"{res['held_mib']:.0f} ({res['peak_mib']:.0f}) | {res['disk_mib']:.0f} |"
                 )
-        lines += ["", *targets(results[str(n)], n)]
-    missing = [f"{LABELS[s]} at N={n:,}" for n in sizes for s in SYSTEMS if s not in results[str(n)]]
-    if missing:
-        lines += ["", "Not run (build too slow for this machine at that N): " + ", ".join(missing) + "."]
+        lines += ["", *targets(res_all, name)]
+        missing = [LABELS[s] for s in SYSTEMS if s not in res_all]
+        if missing:
+            lines += [f"Not run on this data (full-dim build too slow on this machine): {', '.join(missing)}."]
     text = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(text)
     print(text)
-    plot(results, sizes, out)
+    plot(results, names, out)
 
 
-def targets(res: dict, n: int) -> list[str]:
+def targets(res: dict, name: str) -> list[str]:
     """The issue's targets at recall@10 >= 0.95, as ratios against the baselines of the same run."""
     out = []
     for system in ("mrlstore", "mrlstore-f32"):
@@ -524,7 +610,7 @@ def _targets(res: dict, system: str) -> list[str]:
     return out + [""]
 
 
-def plot(results: dict, sizes: list[int], out: Path) -> None:
+def plot(results: dict, names: list[str], out: Path) -> None:
     try:
         import matplotlib
 
@@ -534,45 +620,41 @@ def plot(results: dict, sizes: list[int], out: Path) -> None:
         print("matplotlib not installed: no plots")
         return
     markers = dict(zip(SYSTEMS, "oPsD^v"))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.8), squeeze=False)
-    for ax, n in zip(axes[0], sizes):
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
         for system in SYSTEMS:
-            res = results[str(n)].get(system)
+            res = results[name].get(system)
             if res:
                 rs = sorted(res["rows"], key=lambda r: r["p50_ms"])
                 ax.plot(
-                    [r["p50_ms"] for r in rs],
-                    [r["recall"] for r in rs],
-                    marker=markers[system],
-                    label=LABELS[system],
+                    [r["p50_ms"] for r in rs], [r["recall"] for r in rs], marker=markers[system], label=LABELS[system]
                 )
         ax.axhline(0.95, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("p50 single-query latency (ms, log)")
         ax.set_ylabel("recall@10 vs exact 2048-d")
-        ax.set_title(f"N = {n:,}")
+        n = next(iter(results[name].values()))["n"]
+        ax.set_title(f"CIFAR-10, N = {n:,}" if name == "cifar" else f"synthetic, N = {n:,}")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "compare_recall_latency.png", dpi=120)
+    sizes = [name for name in names if name.isdigit()]
     if len(sizes) > 1:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
         for system in SYSTEMS:
-            pts = [(n, results[str(n)][system]) for n in sizes if system in results[str(n)]]
+            pts = [(int(n), results[n][system]) for n in sizes if system in results[n]]
             best = [(n, best_at(r)) for n, r in pts]
             best = [(n, b) for n, b in best if b]
+            kw = dict(marker=markers[system], label=LABELS[system])
             if best:
-                a1.plot(
-                    [n for n, _ in best], [b["p50_ms"] for _, b in best], marker=markers[system], label=LABELS[system]
-                )
+                a1.plot([n for n, _ in best], [b["p50_ms"] for _, b in best], **kw)
             if pts:
-                a2.plot(
-                    [n for n, _ in pts], [r["held_mib"] for _, r in pts], marker=markers[system], label=LABELS[system]
-                )
+                a2.plot([n for n, _ in pts], [r["held_mib"] for _, r in pts], **kw)
         for ax, ylabel in ((a1, "p50 ms at recall@10 >= 0.95"), (a2, "memory held (MiB)")):
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel("N")
+            ax.set_xlabel("N (synthetic)")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
         a1.legend(fontsize=8)

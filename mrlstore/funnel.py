@@ -70,7 +70,9 @@ class PrefixScorer:
             diff = block - qb
             self.xx += np.einsum("ij,ij->i", diff, diff)
         else:
-            self.dot += block @ qb
+            # einsum, not BLAS: OpenBLAS threads a matrix-vector product past ~400 rows, which stalls for
+            # milliseconds when the cores are busy (concurrent queries, the batch re-rank pool).
+            self.dot += np.einsum("ij,j->i", block, qb)
             if self.metric == "cosine":
                 self.xx += np.einsum("ij,ij->i", block, block)
                 self.qq += float(qb @ qb)

@@ -87,3 +87,14 @@ def test_the_readme_demo_runs_offline(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dims=[16, 2048]" in out.stdout and (tmp_path / "query_grid.png").stat().st_size > 10_000
+
+
+def test_a_new_store_adds_and_queries_images_with_the_bundled_encoder(tmp_path):
+    files = [str(p) for p in sorted(IMAGES.rglob("*.jpg"))[::6]]
+    with mrlstore.open(tmp_path / "photos.mrl") as store:  # no dim: the bundled encoder, loaded on first use
+        ids = store.add(files, metadata=[{"label": Path(f).parent.name} for f in files])
+        hits = store.query(files[4], k=3, dims=[16, 2048])
+        assert hits.ids[0] == ids[4] and hits.scores[0] == pytest.approx(1.0, abs=2e-3)
+        assert hits.metadata[0] == {"label": Path(files[4]).parent.name, "path": files[4]}
+    with mrlstore.open(tmp_path / "photos.mrl", read_only=True) as store:  # reopened: encoder from the manifest
+        assert store.query(files[7], k=1, dims=[16, 2048]).ids == [ids[7]]
