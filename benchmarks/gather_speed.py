@@ -5,9 +5,9 @@
 For each dtype: builds a store of N x 2048 random vectors (bands 16/64/256/2048, default chunking) and a
 raw memmap file holding the same 2032 columns past the first band; times, for random sorted row sets, the
 median of: the raw gather (``np.memmap`` fancy indexing, and the same on a plain ndarray view of the map),
-mrlstore's gather_bands (columns 16..2048), the float32 conversion the scorer then needs (numpy astype;
-none for float32 stores), and zarr-python's oindex on the widest band. Appends the table to
-benchmarks/results/gather_speed.md.
+mrlstore's gather_bands (columns 16..2048), gather_bands plus the float32 widening the scorer then needs
+(the native F16C kernel when built, else numpy; nothing for float32 stores), and zarr-python's oindex on
+the widest band. Writes the table to benchmarks/results/gather_speed.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mrlstore._cast import NATIVE_F16C, as_float32  # noqa: E402
 from mrlstore.zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands  # noqa: E402
 
 
@@ -44,10 +45,11 @@ def main() -> None:
     args = ap.parse_args()
     lines = [
         f"N={args.n:,}, {args.rows} random sorted rows, columns 16..2048, median of {args.reps} "
-        f"(`python benchmarks/gather_speed.py --n {args.n} --rows {args.rows}`)",
+        f"(`python benchmarks/gather_speed.py --n {args.n} --rows {args.rows}`); "
+        f"float16 widening: {'native F16C kernel' if NATIVE_F16C else 'numpy'}",
         "",
         "| dtype | raw np.memmap ms | raw ndarray view ms | gather_bands ms | vs np.memmap | vs view "
-        "| + float32 conversion ms | zarr-python oindex (widest band) ms |",
+        "| gather + widen to float32 ms | zarr-python oindex (widest band) ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for dtype in args.dtype:
@@ -87,7 +89,7 @@ def measure(n: int, n_rows: int, reps: int, dtype: str) -> dict[str, float]:
             "view": median_ms(lambda r: view[r], sets),
             "ours": median_ms(lambda r: store.gather_bands(r, 16, dim), sets),
             "conv": median_ms(
-                lambda r: [b.astype(np.float32, copy=False) for _, b in store.gather_bands(r, 16, dim)], sets
+                lambda r: [as_float32(b) for _, b in store.gather_bands(r, 16, dim)], sets
             ),
         }
         import zarr

@@ -71,6 +71,7 @@ class AdaptiveClassifier:
     classes_: np.ndarray = field(default_factory=lambda: np.empty(0))
     heads_: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     thresholds_: np.ndarray = field(default_factory=lambda: np.empty(0))
+    _hold: tuple[list[np.ndarray], np.ndarray] = field(default=((), np.empty(0)), init=False, repr=False)
 
     def fit(self, embeddings: np.ndarray, labels: Sequence) -> AdaptiveClassifier:
         x = np.asarray(embeddings, dtype=np.float32)
@@ -86,8 +87,17 @@ class AdaptiveClassifier:
             _fit_softmax(_prefix(x[train], m), y[train], len(self.classes_), self.epochs, 0.01, 1e-5, self.seed)
             for m in self.nesting
         ]
-        probs = self._probabilities(x[hold])
-        self.thresholds_ = self._learn_thresholds(probs, y[hold])
+        self._hold = (self._probabilities(x[hold]), y[hold])
+        self.thresholds_ = self._learn_thresholds(*self._hold)
+        return self
+
+    def set_tolerance(self, tolerance: float) -> AdaptiveClassifier:
+        """Re-learn the thresholds for another accuracy ``tolerance`` (same heads, same held-out split):
+        a larger tolerance stops earlier, trading accuracy for shorter prefixes."""
+        if not self.heads_:
+            raise InvalidInputError("fit the classifier before setting its tolerance")
+        self.tolerance = tolerance
+        self.thresholds_ = self._learn_thresholds(*self._hold)
         return self
 
     def _probabilities(self, x: np.ndarray) -> list[np.ndarray]:

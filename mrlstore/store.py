@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import funnel
+from ._cast import as_float32
 from ._fsutil import fsync_dir, fsync_file
 from ._rwlock import RWLock
 from .catalog import DB_FILE, Catalog
@@ -763,7 +764,7 @@ class Store:
             if len(scorer.rows) == 0:
                 break
             for stop, block in self._vectors.gather_bands(scorer.rows, scorer.covered, d):
-                scorer.extend(block.astype(np.float32, copy=False), stop)
+                scorer.extend(as_float32(block), stop)
             best = funnel.top(scorer.scores(), keep, self.metric)
             # survivors stay in row order between stages (sequential reads); the last stage ranks them
             scorer.keep(best if i == len(stages) - 1 else np.sort(best))

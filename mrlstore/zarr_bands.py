@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cast import as_float32
 from ._fsutil import atomic_write_bytes, fsync_dir
 from .errors import CorruptStoreError
 
@@ -246,7 +247,7 @@ class BandedVectors:
         order = np.argsort(rows, kind="stable")
         col = col_start
         for stop, block in self.gather_bands(rows[order], col_start, col_stop):
-            out[order, col - col_start : stop - col_start] = block
+            out[order, col - col_start : stop - col_start] = as_float32(block)
             col = stop
         return out
 
@@ -287,9 +288,9 @@ class BandedVectors:
             while row < row_stop:
                 chunk, offset = divmod(row, band.chunk_rows)
                 n = min(row_stop - row, band.chunk_rows - offset)
-                out[row - row_start : row - row_start + n, lo - col_start : hi - col_start] = band.mapped(chunk)[
-                    offset : offset + n, lo - band.start : hi - band.start
-                ]
+                out[row - row_start : row - row_start + n, lo - col_start : hi - col_start] = as_float32(
+                    band.mapped(chunk)[offset : offset + n, lo - band.start : hi - band.start]
+                )
                 row += n
         return out
 

@@ -32,3 +32,14 @@ def test_labels_of_any_type_and_errors():
         AdaptiveClassifier(nesting=(8, 64)).fit(x, y)
     with pytest.raises(mrlstore.InvalidInputError):
         AdaptiveClassifier().predict(x)
+
+
+def test_set_tolerance_trades_accuracy_for_shorter_prefixes():
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((4, 64)) * np.linspace(2.0, 0.2, 64)
+    y = rng.integers(0, 4, 4000)
+    x = (centres[y] + rng.standard_normal((4000, 64))).astype(np.float32)
+    clf = AdaptiveClassifier(nesting=(4, 16, 64), epochs=10).fit(x[:3000], y[:3000])
+    strict = clf.predict(x[3000:])[1].mean()
+    loose = clf.set_tolerance(0.05).predict(x[3000:])[1].mean()
+    assert loose <= strict and clf.tolerance == 0.05
