@@ -13,8 +13,9 @@ vectors. Ground truth: exact top-10 by cosine on them. Full-dim HNSW builds are 
 
 Systems (each runs in its own process, so its memory is measured alone):
 
-- ``mrlstore`` (float16 storage, the default) and ``mrlstore-f32`` (float32: twice the disk, no float16 ->
-  float32 conversion when re-ranking): several funnels and shortlists, and the ``tune(recall=0.95)`` default;
+- ``mrlstore`` (the defaults: float16 storage, HNSW on the 16-d prefix), ``mrlstore-f32`` (float32: twice
+  the disk, no widening when re-ranking) and ``mrlstore-32d`` (float16, HNSW on the 32-d prefix): several
+  funnels and shortlists, and the ``tune(recall=0.95)`` default;
 - ``hnswlib``: HNSW on the full 2048-d vectors (M=16, ef_construction=200; ef swept);
 - ``faiss-hnsw``: FAISS ``IndexHNSWFlat`` on the full 2048-d vectors (same M and ef_construction);
 - ``faiss-refine``: the paper's setup in FAISS: HNSW on the re-normalised 16-d prefix, then
@@ -50,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from mrlstore.synthetic import mrl_like, mrl_like_blocks  # noqa: E402
 
 DIM, K, M, EF_CONSTRUCTION = 2048, 10, 16, 200
-SYSTEMS = ("mrlstore", "mrlstore-f32", "faiss-refine", "brute", "hnswlib", "faiss-hnsw")
+SYSTEMS = ("mrlstore", "mrlstore-f32", "mrlstore-32d", "faiss-refine", "brute", "hnswlib", "faiss-hnsw")
 FULL_DIM_GRAPHS = ("hnswlib", "faiss-hnsw")
 ADD_BATCH = 65536
 _DATA_LABELS: tuple[np.ndarray, np.ndarray] | None = None  # (database, query) labels of real data, per child
@@ -213,7 +214,9 @@ def measure(
 
 
 # -- the systems (each in a child process) ------------------------------------------------------------------
-def run_mrlstore(base, queries, truth, work: Path, lq: int, dtype: str = "float16") -> dict:
+def run_mrlstore(
+    base, queries, truth, work: Path, lq: int, dtype: str = "float16", index_dims: tuple[int, ...] = (16,)
+) -> dict:
     import mrlstore
 
     path = work / "mrlstore_store"
@@ -226,20 +229,16 @@ def run_mrlstore(base, queries, truth, work: Path, lq: int, dtype: str = "float1
     shutil.rmtree(path, ignore_errors=True)
     mem = PeakMemory()
     t0 = time.perf_counter()
-    store = mrlstore.open(path, dim=DIM, dtype=dtype)
+    store = mrlstore.open(path, dim=DIM, dtype=dtype, index_dims=index_dims)
     for lo in range(0, len(base), ADD_BATCH):
         hi = min(len(base), lo + ADD_BATCH)
         store.add_vectors(base[lo:hi], ids=[str(i) for i in range(lo, hi)])
     store.checkpoint()
     build = time.perf_counter() - t0
     peak = mem.stop()
-    settings = [
-        ("[16, 2048] shortlist 100", dict(dims=[16, 2048], shortlist=100)),
-        ("[16, 2048] shortlist 200", dict(dims=[16, 2048], shortlist=200)),
-        ("[16, 2048] shortlist 400", dict(dims=[16, 2048], shortlist=400)),
-        ("[16, 64, 256, 2048] shortlist 400", dict(dims=[16, 64, 256, 2048], shortlist=400)),
-        ("[32, 2048] shortlist 200", dict(dims=[32, 2048], shortlist=200)),
-    ]
+    d0 = index_dims[0]
+    settings = [(f"[{d0}, 2048] shortlist {n}", dict(dims=[d0, 2048], shortlist=n)) for n in (100, 200, 400, 800)]
+    settings.append((f"[{d0}, 256, 2048] shortlist 400", dict(dims=[d0, 256, 2048], shortlist=400)))
     t0 = time.perf_counter()
     tuned = store.tune(recall=0.95, k=K)
     tune_s = time.perf_counter() - t0
@@ -404,6 +403,7 @@ def run_faiss_refine(base, queries, truth, work: Path, lq: int) -> dict:
 RUNNERS = {
     "mrlstore": run_mrlstore,
     "mrlstore-f32": lambda *a: run_mrlstore(*a, dtype="float32"),
+    "mrlstore-32d": lambda *a: run_mrlstore(*a, index_dims=(32,)),
     "brute": run_brute,
     "hnswlib": run_hnswlib,
     "faiss-hnsw": run_faiss_hnsw,
@@ -501,6 +501,7 @@ def main() -> None:
 LABELS = {
     "mrlstore": "mrlstore (float16)",
     "mrlstore-f32": "mrlstore (float32)",
+    "mrlstore-32d": "mrlstore (float16, 32-d index)",
     "faiss-refine": "FAISS 16-d HNSW + IndexRefineFlat",
     "brute": "exact brute force 2048-d",
     "hnswlib": "hnswlib HNSW 2048-d",
@@ -573,7 +574,7 @@ def report(results: dict, out: Path) -> None:
 def targets(res: dict, name: str) -> list[str]:
     """The issue's targets at recall@10 >= 0.95, as ratios against the baselines of the same run."""
     out = []
-    for system in ("mrlstore", "mrlstore-f32"):
+    for system in ("mrlstore", "mrlstore-f32", "mrlstore-32d"):
         if system in res:
             out += _targets(res, system)
     return out
@@ -619,7 +620,7 @@ def plot(results: dict, names: list[str], out: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plots")
         return
-    markers = dict(zip(SYSTEMS, "oPsD^v"))
+    markers = dict(zip(SYSTEMS, "oPXsD^v"))
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         for system in SYSTEMS:

@@ -88,9 +88,7 @@ def measure(n: int, n_rows: int, reps: int, dtype: str) -> dict[str, float]:
             "raw": median_ms(lambda r: raw[r], sets),
             "view": median_ms(lambda r: view[r], sets),
             "ours": median_ms(lambda r: store.gather_bands(r, 16, dim), sets),
-            "conv": median_ms(
-                lambda r: [as_float32(b) for _, b in store.gather_bands(r, 16, dim)], sets
-            ),
+            "conv": median_ms(lambda r: [as_float32(b) for _, b in store.gather_bands(r, 16, dim)], sets),
         }
         import zarr
 

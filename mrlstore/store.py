@@ -588,9 +588,11 @@ class Store:
     def tune(
         self, recall: float = 0.95, k: int = 10, sample: int = 200, dims: Sequence[int] | None = None, seed: int = 0
     ) -> dict[str, Any]:
-        """Pick the cheapest first-stage shortlist (and HNSW beam) whose recall@k against exact full-``dim``
-        search reaches ``recall``, measured on ``sample`` of the store's own rows as queries (each one's
-        own row excluded); persist it, so ``query`` uses it when called without ``dims``/``shortlist``."""
+        """Pick the funnel (first stage on any indexed prefix, then straight to full ``dim`` or through the
+        band edges) and the cheapest first-stage shortlist (and HNSW beam) whose recall@k against exact
+        full-``dim`` search reaches ``recall``; among funnels that reach it, the fastest wins. Measured on
+        ``sample`` of the store's own rows as queries (each one's own row excluded). The choice is persisted:
+        ``query`` uses it when called without ``dims``/``shortlist``."""
         self._check_open()
         self._check_writable()
         k = positive_int(k, "k")
@@ -664,12 +666,18 @@ class Store:
         return [self._refine(q, c, dims, sizes[1:], k) for q, c in zip(queries, candidates)]
 
     def _funnel_shapes(self) -> list[tuple[int, ...]]:
-        """Funnels ``tune`` compares: indexed prefix -> full, and indexed prefix -> every band edge -> full."""
-        first = self._default_dims()
-        if len(first) < 2:
-            return [first]
-        edges = tuple(b for b in self.bands if first[0] < b < self.dim)
-        return [first, (first[0], *edges, self.dim)] if edges else [first]
+        """Funnels ``tune`` compares, for every indexed prefix d: d -> full, and d -> every band edge -> full."""
+        if not self.index_dims or self.index_dims[0] >= self.dim:
+            return [self._default_dims()]
+        shapes: list[tuple[int, ...]] = []
+        for d in self.index_dims:
+            if d >= self.dim:
+                continue
+            shapes.append((d, self.dim))
+            edges = tuple(b for b in self.bands if d < b < self.dim)
+            if edges:
+                shapes.append((d, *edges, self.dim))
+        return shapes
 
     def _default_dims(self) -> tuple[int, ...]:
         return (self.index_dims[0], self.dim) if self.index_dims and self.index_dims[0] < self.dim else (self.dim,)
@@ -841,7 +849,9 @@ def _create(path: Path, params: dict[str, Any], encoder: str | None = None) -> N
         "index_dims": sorted(index_dims),
         "chunk_rows": rows,
         "hnsw_M": int(params["hnsw_M"] or 16),
-        "hnsw_ef_construction": int(params["hnsw_ef_construction"] or 200),
+        # 64, not hnswlib's usual 200: on 16-32-d prefixes it halves the build at the same shortlist recall
+        # (benchmarks/results/compare.md), and the first stage searches with a wide beam anyway.
+        "hnsw_ef_construction": int(params["hnsw_ef_construction"] or 64),
         "hnsw_ef_search": 64,
         "committed_rows": 0,
         "encoder": encoder,

@@ -55,3 +55,14 @@ def test_tune_rejects_bad_arguments(tuned_store, tmp_path):
             store.tune(recall=1.5)
         with pytest.raises(mrlstore.EmptyStoreError):
             store.tune()
+
+
+def test_tune_compares_every_indexed_prefix_and_query_follows_the_choice(tmp_path):
+    x, _ = mrl_like(3000, 256, noise=1.0, seed=6)
+    with mrlstore.open(tmp_path / "s", dim=256, bands=(16, 64, 256), index_dims=(8, 32)) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+        choice = store.tune(recall=0.9, k=10, sample=100)
+        firsts = {t["dims"][0] for t in choice["tried"]}
+        assert firsts == {8, 32}
+        assert choice["dims"][0] in firsts and choice["recall"] >= 0.9
+        assert store.query(x[5], k=10).dims == tuple(choice["dims"])
