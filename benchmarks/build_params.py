@@ -1,0 +1,78 @@
+"""Index construction settings: build time against shortlist recall, for the first-stage HNSW.
+
+    python benchmarks/build_params.py [--data 100000]
+
+Uses the synthetic data of benchmarks/compare.py (made there, or here on first use). For each
+(ef_construction, indexed prefix): builds a float16 store, then times single queries at shortlists 100,
+200 and 400 (dims = [prefix, 2048]) and their recall@10 against exact 2048-d search. Writes
+benchmarks/results/build_params.md. This is the measurement behind the default ef_construction=64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import compare  # noqa: E402
+
+import mrlstore  # noqa: E402
+
+SETTINGS = [(200, 16), (64, 16), (200, 32), (64, 32), (40, 32)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="100000")
+    ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    d = compare.prepare(args.work, args.data, 200)
+    base = np.load(d / "base.npy", mmap_mode="r")
+    queries, truth = np.load(d / "queries.npy"), np.load(d / "truth.npy")
+    lines = [
+        f"N={len(base):,} synthetic (benchmarks/compare.py data), float16, M=16; "
+        f"`python benchmarks/build_params.py --data {args.data}`",
+        "",
+        "| ef_construction | index | build s | shortlist 100: recall / p50 ms | 200 | 400 |",
+        "|---|---|---|---|---|---|",
+    ]
+    path = args.work / "build_params_store"
+    for efc, prefix in SETTINGS:
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        store = mrlstore.open(path, dim=2048, ef_construction=efc, index_dims=(prefix,))
+        for lo in range(0, len(base), compare.ADD_BATCH):
+            hi = min(len(base), lo + compare.ADD_BATCH)
+            store.add_vectors(base[lo:hi], ids=[str(i) for i in range(lo, hi)])
+        store.checkpoint()
+        build = time.perf_counter() - t0
+        cells = []
+        for shortlist in (100, 200, 400):
+            times, found = [], []
+            for q in queries:
+                t0 = time.perf_counter()
+                hits = store.query(q, k=10, dims=[prefix, 2048], shortlist=shortlist, metadata=False)
+                times.append(time.perf_counter() - t0)
+                found.append([int(i) for i in hits.ids])
+            cells.append(f"{compare.recall(found, truth):.3f} / {1e3 * np.median(times):.2f}")
+        store.close()
+        lines.append(f"| {efc} | {prefix}-d | {build:.1f} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    shutil.rmtree(path, ignore_errors=True)
+    text = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "build_params.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
