@@ -850,7 +850,7 @@ def _create(path: Path, params: dict[str, Any], encoder: str | None = None) -> N
         "chunk_rows": rows,
         "hnsw_M": int(params["hnsw_M"] or 16),
         # 64, not hnswlib's usual 200: on 16-32-d prefixes it halves the build at the same shortlist recall
-        # (benchmarks/results/compare.md), and the first stage searches with a wide beam anyway.
+        # (benchmarks/results/build_params.md), and the first stage searches with a wide beam anyway.
         "hnsw_ef_construction": int(params["hnsw_ef_construction"] or 64),
         "hnsw_ef_search": 64,
         "committed_rows": 0,
