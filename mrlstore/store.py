@@ -611,13 +611,14 @@ class Store:
             for s in _shortlist_grid(k + 1, len(live_rows)):
                 sizes = funnel.shortlist_sizes(s, k + 1, len(dims_t)) if len(dims_t) > 1 else []
                 ef = max(self._ef_search, s)
+                # One query at a time: the latency a caller of query() sees (a batch would time the pool).
                 t0 = time.perf_counter()
-                found = [
-                    rows
-                    for rows, _ in self._funnel(
-                        queries, dims_t, k + 1, sizes, ef, None, self._watermark, self._live, self._n_live
+                found = []
+                for q in queries:
+                    [(rows, _)] = self._funnel(
+                        q[None], dims_t, k + 1, sizes, ef, None, self._watermark, self._live, self._n_live
                     )
-                ]
+                    found.append(rows)
                 ms = 1e3 * (time.perf_counter() - t0) / len(queries)
                 got = np.mean(
                     [len(set(f[f != r][:k].tolist()) & set(t.tolist())) / k for r, f, t in zip(probe, found, truth)]
