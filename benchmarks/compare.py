@@ -9,7 +9,8 @@ Data: (a) ``mrlstore.synthetic.mrl_like`` (seeded; 100 clusters, dimension j sca
 the bundled encoder, database = the 50k training images, queries = the 10k test images (needs the feature
 cache of examples/train_encoder.py; mAP@10 by class too). Every system gets the same float16-rounded
 vectors. Ground truth: exact top-10 by cosine on them. Full-dim HNSW builds are skipped above
-``--full-max-n`` (100k by default: at 1M they would take about an hour each on 2 cores).
+``--full-max-n`` (100k by default: at 1M, hnswlib's build alone took 1,508 s on 2 cores; the committed
+results add it with ``--data 1000000 --systems hnswlib --full-max-n 1000000``).
 
 Systems (each runs in its own process, so its memory is measured alone):
 
