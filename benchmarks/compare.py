@@ -110,7 +110,6 @@ def cifar_embeddings() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import io
     import zipfile
 
-    import torch
     import train_encoder
     from PIL import Image
     from tqdm import tqdm
@@ -121,10 +120,7 @@ def cifar_embeddings() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cache = train_encoder.DEFAULT_CACHE
     if (cache / "index.json").exists() and len(list(cache.glob("shard_*.npz"))) * train_encoder.SHARD >= 60_000:
         data = train_encoder.load_cache(cache)
-        with torch.inference_mode():
-            feats = torch.from_numpy(data["features"])
-            emb = torch.cat([enc.model.projection(feats[i : i + 4096]) for i in range(0, len(feats), 4096)])
-        return emb.numpy(), data["labels"], data["train"]
+        return train_encoder.embed(enc.model.projection, data["features"]), data["labels"], data["train"]
     if not train_encoder.DEFAULT_ZIP.exists():
         sys.exit(f"CIFAR-10 not found at {train_encoder.DEFAULT_ZIP} (see ../shared/datasets/cifar10/README.md)")
     index = train_encoder.cifar_index(train_encoder.DEFAULT_ZIP)
@@ -145,9 +141,7 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), k), dtype=np.int64)
-    for lo in range(0, len(base), ADD_BATCH):
-        x = np.asarray(base[lo : lo + ADD_BATCH], dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for lo, x in normalized_blocks(base):
         s = q @ x.T
         kk = min(k, s.shape[1])
         part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
