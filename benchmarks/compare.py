@@ -103,9 +103,9 @@ def prepare_cifar(d: Path) -> Path:
 
 
 def cifar_embeddings() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings, labels, is-training-split). With the feature cache of examples/train_encoder.py
-    (the frozen backbone's features, as the encoder computes them) only the projection runs; without it
-    the bundled encoder encodes all 60,000 images (about 10 minutes on 2 cores)."""
+    """(embeddings, labels, is-training-split). With the activation-map cache of examples/train_encoder.py
+    (the frozen early blocks' output, as the encoder computes it) only the encoder's later blocks and
+    projection run; without it the bundled encoder encodes all 60,000 images (about 10 minutes on 2 cores)."""
     sys.path.insert(0, str(ROOT / "examples"))
     import io
     import zipfile
@@ -118,9 +118,9 @@ def cifar_embeddings() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     enc = mrlstore.load_encoder(device="cpu")
     cache = train_encoder.DEFAULT_CACHE
-    if (cache / "index.json").exists() and len(list(cache.glob("shard_*.npz"))) * train_encoder.SHARD >= 60_000:
+    if (cache / "index.json").exists() and len(list(cache.glob("maps_*.npz"))) * train_encoder.SHARD >= 60_000:
         data = train_encoder.load_cache(cache)
-        return train_encoder.embed(enc.model.projection, data["features"]), data["labels"], data["train"]
+        return train_encoder.embed_model(enc.model, cache), data["labels"], data["train"]
     if not train_encoder.DEFAULT_ZIP.exists():
         sys.exit(f"CIFAR-10 not found at {train_encoder.DEFAULT_ZIP} (see ../shared/datasets/cifar10/README.md)")
     index = train_encoder.cifar_index(train_encoder.DEFAULT_ZIP)

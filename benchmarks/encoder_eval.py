@@ -2,17 +2,19 @@
 
     python benchmarks/encoder_eval.py [--cache build/encoder_cache] [--out benchmarks/results]
 
-Needs the feature cache of ``examples/train_encoder.py extract`` (and its ``train`` stage for MRL; MRL-E
-and the fixed-feature baselines are evaluated when their projections exist in the cache). Database: the
-50,000 training images; queries: the 10,000 test images; cosine similarity on re-normalised prefixes.
+Needs the caches and checkpoints of ``examples/train_encoder.py`` (its ``all`` stage for MRL; MRL-E, the
+fixed-feature and class-disjoint baselines are evaluated when their checkpoints exist, from its
+``baselines`` stage). ``--recipe finetune`` (default when ``finetune_mrl.pt`` exists) evaluates the
+fine-tuned checkpoints, ``--recipe frozen`` the frozen-backbone projections. Database: the 50,000 training
+images; queries: the 10,000 test images; cosine similarity on re-normalised prefixes.
 
 - 1-NN accuracy: the label of the nearest database image is the query's label.
 - mAP@10: mean over queries of AP@10 = (1/10) * sum_{k<=10} precision@k * rel_k (every class has more than
   10 database images, so the normaliser min(10, #relevant) is 10).
 
-Rows: MRL (nested prefixes of the trained embedding), MRL-E, FF (a projection trained at each size alone),
-SVD (the top-m principal directions of the full MRL embedding), random features (m coordinates of the full
-MRL embedding chosen at random, seed 0), and the raw pretrained backbone (1280-d; its SVD at each m).
+Rows: MRL (nested prefixes of the trained embedding), MRL-E, FF (an encoder trained at each size alone),
+SVD (the top-m principal directions of the full FF-2048 embedding), random features (m coordinates of it
+chosen at random, seed 0), and the raw pretrained backbone (1280-d; its SVD at each m).
 """
 
 from __future__ import annotations
@@ -66,7 +68,15 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=te.DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--weights", type=Path, default=None, help="encoder for the speed test (default: bundled)")
+    ap.add_argument(
+        "--recipe",
+        choices=["finetune", "frozen"],
+        default=None,
+        help="which checkpoints to evaluate (default: finetune when finetune_mrl.pt exists)",
+    )
     args = ap.parse_args()
+    if args.recipe is None:
+        args.recipe = "finetune" if (args.cache / "finetune_mrl.pt").exists() else "frozen"
     data = te.load_cache(args.cache)
     tr, te_mask = data["train"], ~data["train"]
     feats, labels = data["features"], data["labels"]
@@ -85,22 +95,27 @@ def main() -> None:
             flush=True,
         )
 
+    # Checkpoints of examples/train_encoder.py: finetune_* (later backbone blocks fine-tuned with the
+    # projection) or projection_* (frozen backbone). Every MRL/MRL-E/FF row uses the chosen recipe.
+    prefix = {"finetune": "finetune_", "frozen": "projection_"}[args.recipe]
     mrl = None
-    for name, file in [("MRL", "projection_mrl.pt"), ("MRL-E", "projection_mrl_e.pt")]:
+    for name, file in [("MRL", f"{prefix}mrl.pt"), ("MRL-E", f"{prefix}mrl_e.pt")]:
         path = args.cache / file
         if path.exists():
-            emb = te.embed(te.load_projection(path), feats)
+            emb = te.embed_checkpoint(path, data, args.cache)
             evaluate(name, emb)
             mrl = emb if name == "MRL" else mrl
     if mrl is None:
-        sys.exit("no MRL projection in the cache: run `python examples/train_encoder.py train` first")
-    ff = {m: args.cache / f"projection_ff_{m}.pt" for m in NESTING}
+        sys.exit(f"no {prefix}mrl.pt in the cache: run `python examples/train_encoder.py` (see its docstring)")
+    if args.recipe == "finetune" and (args.cache / "projection_mrl.pt").exists():
+        evaluate("MRL, frozen backbone (v1)", te.embed_checkpoint(args.cache / "projection_mrl.pt", data, args.cache))
+    ff = {m: args.cache / f"{prefix}ff_{m}.pt" for m in NESTING}
     ff_2048 = None
     if any(p.exists() for p in ff.values()):
         rows["FF"] = {}
         for m, path in ff.items():
             if path.exists():
-                e = te.embed(te.load_projection(path), feats)
+                e = te.embed_checkpoint(path, data, args.cache)
                 rows["FF"][m] = retrieval_metrics(*_split(e, labels, tr))
                 ff_2048 = e if m == 2048 else ff_2048
     # The paper's SVD and random-feature baselines reduce the full-size FF embedding; without FF-2048,
@@ -116,28 +131,29 @@ def main() -> None:
     evaluate("Backbone SVD", feats, sizes=bb_sizes, transform=lambda e, m: (e - e[tr].mean(0)) @ bb_basis[:, :m])
     rows["Backbone (1280-d)"] = {1280: retrieval_metrics(feats[tr], labels[tr], feats[te_mask], labels[te_mask])}
     extra = [
-        disjoint_report(te, args.cache, feats, labels, tr),
+        disjoint_report(te, args.cache, data, prefix),
         adaptive_report(mrl, labels, tr),
         encode_speed_report(args.weights),
     ]
     write_report(rows, args.out, [e for e in extra if e])
 
 
-def disjoint_report(te, cache: Path, feats: np.ndarray, labels: np.ndarray, tr: np.ndarray) -> str:
-    """Retrieval among classes 5-9 with a projection trained on classes 0-4 only, against the backbone."""
-    path = cache / "projection_mrl_disjoint.pt"
+def disjoint_report(te, cache: Path, data: dict, prefix: str) -> str:
+    """Retrieval among classes 5-9 with an encoder trained on classes 0-4 only, against the backbone."""
+    path = cache / f"{prefix}mrl_disjoint.pt"
     if not path.exists():
         return ""
+    feats, labels, tr = data["features"], data["labels"], data["train"]
     unseen = labels >= 5
     db, q = tr & unseen, ~tr & unseen
-    emb = te.embed(te.load_projection(path), feats)
+    emb = te.embed_checkpoint(path, data, cache)
     basis = svd_basis(feats[db], 1024)
     raw = retrieval_metrics(feats[db], labels[db], feats[q], labels[q])
     lines = [
         "## Class-disjoint protocol",
         "",
-        "MRL projection trained on classes 0-4 only; retrieval among the unseen classes 5-9 (database: their "
-        f"{int(db.sum()):,} training images, queries: their {int(q.sum()):,} test images). "
+        f"MRL encoder ({path.name}) trained on classes 0-4 only; retrieval among the unseen classes 5-9 "
+        f"(database: their {int(db.sum()):,} training images, queries: their {int(q.sum()):,} test images). "
         f"Raw backbone (1280-d): 1-NN {100 * raw[0]:.2f}, mAP@10 {100 * raw[1]:.2f}.",
         "",
         "| m | MRL 1-NN | MRL mAP@10 | backbone SVD 1-NN | backbone SVD mAP@10 |",

@@ -1,21 +1,24 @@
 """Train the bundled MRL image encoder on CIFAR-10 (see mrlstore/weights/MODEL_CARD.md).
 
     pip install -e ".[train]"
-    python examples/train_encoder.py extract   # frozen EfficientNet-Lite0 features + ImageNet logits, cached
-    python examples/train_encoder.py train     # the MRL projection and nested heads, on the cached features
-    python examples/train_encoder.py export    # half-precision weights into mrlstore/weights/
-    python examples/train_encoder.py baselines # MRL-E, FF and class-disjoint runs for the evaluation
+    python examples/train_encoder.py all            # the shipped recipe: the four stages below in order
+    python examples/train_encoder.py extract        # frozen backbone's pooled features + ImageNet logits
+    python examples/train_encoder.py extract-maps   # activation maps after backbone blocks 11 and 14
+    python examples/train_encoder.py finetune       # blocks 12-15 + MRL projection + nested heads
+    python examples/train_encoder.py export         # half-precision weights into mrlstore/weights/
+    python examples/train_encoder.py baselines      # fine-tuned MRL-E, FF-m and class-disjoint runs
 
-or all three: ``python examples/train_encoder.py all``. Fixed seed (0). Needs ../shared/datasets/cifar10/.
-
-Without a GPU (this project's CI machines) the backbone stays frozen at its ImageNet weights and only the
-projection is trained, on features cached once. Loss, for every nesting size m: cross-entropy of a
+Fixed seed (0). Needs ../shared/datasets/cifar10/. Loss, for every nesting size m: cross-entropy of a
 10-class CIFAR head on the first m numbers, plus 0.3 x a distillation term (KL divergence to the
 pretrained 1000-class ImageNet classifier's softened output) of a 1000-class head on the same m numbers,
 so the embedding keeps what the backbone knows beyond the 10 CIFAR classes. ``--mrl-e`` shares one weight
-matrix across the nested heads (MRL-E). ``python examples/train_encoder.py baselines`` trains the paper's
-comparisons for benchmarks/encoder_eval.py: MRL-E, FF (a projection trained alone at each size m) and MRL
-on classes 0-4 only (the class-disjoint protocol).
+matrix across the nested heads (MRL-E).
+
+Fine-tuning on a CPU: the early blocks (0-11) stay at their ImageNet weights and their output for every
+image is cached once, so each epoch runs only the last blocks (12-15), the conv head and the projection.
+On CUDA the same stages run on the GPU. ``train`` is the earlier recipe (backbone fully frozen, only the
+projection trained on the pooled features; ``baselines --recipe frozen`` its comparisons).
+``python benchmarks/encoder_eval.py`` evaluates whichever checkpoints exist.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 DEFAULT_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10" / "cifar10-jpg.zip"
 DEFAULT_CACHE = ROOT / "build" / "encoder_cache"
 SHARD = 5000
+MAP_CUTS = (11, 14)  # extract-maps caches the activations after these backbone blocks
 SEEN_CLASSES = (0, 1, 2, 3, 4)  # class-disjoint protocol: train on these, evaluate retrieval on 5-9
 
 
@@ -51,45 +55,88 @@ def cifar_index(zip_path: Path) -> list[tuple[str, str, int]]:
     return out
 
 
-def extract(zip_path: Path, cache: Path, size: int, batch: int) -> None:
-    import torch
+def missing_shards(zip_path: Path, cache: Path, prefix: str, size: int, batch: int):
+    """(target file, preprocessed image batches) for every shard of ``prefix`` not yet in the cache, so an
+    interrupted extraction resumes where it stopped."""
     from PIL import Image
     from tqdm import tqdm
 
-    from mrlstore.encoder import EfficientNetLite0, preprocess
+    from mrlstore.encoder import preprocess
 
-    torch.manual_seed(0)
-    cache.mkdir(parents=True, exist_ok=True)
     index = cifar_index(zip_path)
-    model = _pretrained_backbone().eval()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    (cache / "index.json").write_text(json.dumps({"size": size, "items": index}))
-    t0 = time.perf_counter()
-    with zipfile.ZipFile(zip_path) as z, torch.inference_mode():
+
+    def batches(z: zipfile.ZipFile, items: list, desc: str):
+        for b in tqdm(range(0, len(items), batch), desc=desc, unit="batch"):
+            names = [n for _, n, _ in items[b : b + batch]]
+            yield np.stack(
+                [preprocess(np.asarray(Image.open(io.BytesIO(z.read(n))).convert("RGB")), size) for n in names]
+            )
+
+    with zipfile.ZipFile(zip_path) as z:
         for shard_i, lo in enumerate(range(0, len(index), SHARD)):
-            target = cache / f"shard_{shard_i:02d}.npz"
-            if target.exists():
-                continue  # resumable
-            items = index[lo : lo + SHARD]
+            target = cache / f"{prefix}_{shard_i:02d}.npz"
+            if not target.exists():
+                yield target, batches(z, index[lo : lo + SHARD], f"{prefix} {shard_i}")
+
+
+def save_shard(target: Path, **arrays: list[np.ndarray]) -> None:
+    tmp = target.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: np.concatenate(v) for k, v in arrays.items()})
+    tmp.rename(target)  # a shard is there whole or not at all
+
+
+def _backbone_on_device():
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _pretrained_backbone().eval().to(device), device
+
+
+def extract(zip_path: Path, cache: Path, size: int, batch: int) -> None:
+    """Cache the frozen backbone's pooled features and ImageNet logits (the distillation teacher)."""
+    import torch
+
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "index.json").write_text(json.dumps({"size": size, "items": cifar_index(zip_path)}))
+    model, device = _backbone_on_device()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for target, batches in missing_shards(zip_path, cache, "shard", size, batch):
             feats, logits = [], []
-            for b in tqdm(range(0, len(items), batch), desc=f"shard {shard_i}", unit="batch"):
-                x = np.stack(
-                    [
-                        preprocess(np.asarray(Image.open(io.BytesIO(z.read(n))).convert("RGB")), size)
-                        for _, n, _ in items[b : b + batch]
-                    ]
-                )
+            for x in batches:
                 with torch.autocast(device.type, enabled=device.type == "cuda"):
                     f = model.features(torch.from_numpy(x).to(device))
                     lg = model._fc(f)
                 feats.append(f.float().cpu().numpy().astype(np.float16))
                 logits.append(lg.float().cpu().numpy().astype(np.float16))
-            tmp = target.with_suffix(".tmp.npz")
-            np.savez(tmp, features=np.concatenate(feats), logits=np.concatenate(logits))
-            tmp.rename(target)
-    print(f"extracted {len(index)} images at {size}px in {time.perf_counter() - t0:.0f} s on {device}")
-    assert EfficientNetLite0  # the architecture the features come from
+            save_shard(target, features=feats, logits=logits)
+    print(f"extracted features at {size}px in {time.perf_counter() - t0:.0f} s on {device}")
+
+
+def extract_maps(zip_path: Path, cache: Path, size: int, batch: int, cuts: tuple[int, ...]) -> None:
+    """Cache the backbone's activation maps after blocks ``cuts`` (float16), so the blocks after a cut can
+    be fine-tuned on the CPU without re-running the frozen early layers every epoch."""
+    import torch
+    from torch.nn import functional as F
+
+    meta = json.loads((cache / "index.json").read_text())
+    if meta["items"] != [list(i) for i in cifar_index(zip_path)] or meta["size"] != size:
+        sys.exit("the feature cache was built from another image list or size: run `extract` first")
+    model, device = _backbone_on_device()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for target, batches in missing_shards(zip_path, cache, "maps", size, batch):
+            out: dict[str, list[np.ndarray]] = {f"block{c}": [] for c in cuts}
+            for x in batches:
+                h, done = torch.from_numpy(x).to(device), -1
+                h = F.relu6(model._bn0(model._conv_stem(h)))
+                for c in sorted(cuts):
+                    for block in model._blocks[done + 1 : c + 1]:
+                        h = block(h)
+                    done = c
+                    out[f"block{c}"].append(h.float().cpu().numpy().astype(np.float16))
+            save_shard(target, **out)
+    print(f"cached activation maps after blocks {cuts} in {time.perf_counter() - t0:.0f} s on {device}")
 
 
 def _pretrained_backbone():
@@ -154,39 +201,80 @@ def train_projection(
     epochs: int = 12,
     batch: int = 256,
     distill: float = 0.3,
-    temperature: float = 2.0,
     seed: int = 0,
     log: bool = True,
 ):
     """Train MRLProjection (+ nested CIFAR and ImageNet-distillation heads) on cached backbone features.
     ``nesting=(m,)`` with ``dim=m`` is the fixed-feature (FF) baseline at size m."""
     import torch
+    from torch import nn
     from torch.nn import functional as F
 
     from mrlstore.encoder import MRLProjection
 
+    class DropThenProject(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = MRLProjection(feats.shape[1], hidden, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(F.dropout(x, 0.2, self.training))
+
     torch.manual_seed(seed)
+    model = DropThenProject()
+    heads = fit_nested(
+        model, [], torch.from_numpy(feats), labels, teacher, nesting,
+        shared=shared, epochs=epochs, batch=batch, distill=distill, lr=2e-3, seed=seed, log=log,
+    )  # fmt: skip
+    return model.proj, heads
+
+
+def fit_nested(
+    model,
+    slow_params: list,
+    inputs,
+    labels: np.ndarray,
+    teacher: np.ndarray,
+    nesting: tuple[int, ...],
+    *,
+    shared: bool,
+    epochs: int,
+    batch: int,
+    distill: float,
+    lr: float,
+    slow_lr: float = 0.0,
+    temperature: float = 2.0,
+    seed: int = 0,
+    log: bool = True,
+):
+    """The Matryoshka loss loop: ``model(inputs[idx])`` gives the embedding z; for every m a 10-class
+    cross-entropy head and a 1000-class distillation head read z[:, :m]. ``slow_params`` (pretrained
+    backbone layers being fine-tuned) train at ``slow_lr``, everything else at ``lr``. Returns the CIFAR
+    heads; ``model`` is trained in place."""
+    import torch
+    from torch.nn import functional as F
+
     rng = np.random.default_rng(seed)
-    proj = MRLProjection(feats.shape[1], hidden, dim)
+    batch = min(batch, len(labels))
     n_classes = int(labels.max()) + 1
     cifar = build_heads(nesting, n_classes, shared)
     imnet = build_heads(nesting, teacher.shape[1], shared)
-    params = [*proj.parameters(), *cifar.parameters(), *imnet.parameters()]
-    steps = epochs * (len(feats) // batch)
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    X = torch.from_numpy(feats)
+    slow = {id(p) for p in slow_params}
+    fast = [p for p in [*model.parameters(), *cifar.parameters(), *imnet.parameters()] if id(p) not in slow]
+    groups = [{"params": fast, "lr": lr}] + ([{"params": slow_params, "lr": slow_lr}] if slow_params else [])
+    steps = epochs * (len(labels) // batch)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1)
     Y = torch.from_numpy(labels).long()
     T = torch.softmax(torch.from_numpy(teacher) / temperature, dim=1)
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(feats)))
+        order = torch.from_numpy(rng.permutation(len(labels)))
         total = 0.0
-        proj.train()
-        for b in range(len(feats) // batch):
+        model.train()
+        for b in range(len(labels) // batch):
             idx = order[b * batch : (b + 1) * batch]
-            x = F.dropout(X[idx], 0.2)
-            z = proj(x)
+            z = model(inputs[idx].float())
             loss = torch.zeros(())
             for lc, li in zip(cifar(z), imnet(z)):
                 loss = loss + F.cross_entropy(lc, Y[idx])
@@ -200,12 +288,12 @@ def train_projection(
             total += float(loss.detach())
         if log:
             print(
-                f"  epoch {epoch + 1}/{epochs} loss {total / (len(feats) // batch):.4f} "
+                f"  epoch {epoch + 1}/{epochs} loss {total / (len(labels) // batch):.4f} "
                 f"({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    proj.eval()
-    return proj, cifar.eval()
+    model.eval()
+    return cifar.eval()
 
 
 def embed(proj, feats: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -227,6 +315,129 @@ def load_projection(path: Path):
     proj = MRLProjection(state["fc1.weight"].shape[1], state["fc1.weight"].shape[0], state["fc2.weight"].shape[0])
     proj.load_state_dict(state)
     return proj.eval()
+
+
+# -- fine-tuning the backbone's last blocks on cached activation maps --------------------------------------
+def load_maps(cache: Path, cut: int) -> np.ndarray:
+    """Activation maps after block ``cut`` for every image (float16), from ``extract-maps``."""
+    if cut not in MAP_CUTS:
+        sys.exit(f"activation maps are cached after blocks {MAP_CUTS}, not {cut}")
+    shards = sorted(cache.glob("maps_*.npz"))
+    if len(shards) * SHARD < len(json.loads((cache / "index.json").read_text())["items"]):
+        sys.exit(f"no activation maps in {cache}: run `python examples/train_encoder.py extract-maps` first")
+    return np.concatenate([np.load(s)[f"block{cut}"] for s in shards])
+
+
+def build_tail(cut: int, hidden: int, dim: int, pretrained: bool):
+    """The trainable part when fine-tuning: backbone blocks after ``cut``, its conv head, the projection."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    from mrlstore.encoder import EfficientNetLite0, MRLProjection
+
+    backbone = _pretrained_backbone() if pretrained else EfficientNetLite0(classifier=False)
+
+    class Tail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(backbone._blocks[cut + 1 :])
+            self.conv_head, self.bn_head = backbone._conv_head, backbone._bn1
+            self.projection = MRLProjection(1280, hidden, dim)
+
+        def backbone_params(self) -> list:
+            return [*self.blocks.parameters(), *self.conv_head.parameters(), *self.bn_head.parameters()]
+
+        def forward(self, maps: torch.Tensor) -> torch.Tensor:
+            maps = maps.contiguous(memory_format=torch.channels_last)  # oneDNN's fast depthwise layout
+            for block in self.blocks:
+                maps = block(maps)
+            pooled = F.relu6(self.bn_head(self.conv_head(maps))).mean(dim=(2, 3))
+            return self.projection(F.dropout(pooled, 0.2, self.training))
+
+    return Tail().to(memory_format=torch.channels_last)
+
+
+def finetune_stage(
+    cache: Path,
+    epochs: int,
+    out: Path,
+    *,
+    cut: int,
+    hidden: int,
+    distill: float,
+    shared: bool = False,
+    nesting: tuple[int, ...] | None = None,
+    backbone_lr: float = 5e-4,
+    classes: tuple[int, ...] | None = None,
+) -> None:
+    """Fine-tune the backbone blocks after ``cut`` together with the projection and nested heads (the
+    frozen trunk's output comes from the map cache). ``nesting=(m,)`` trains the FF baseline at size m."""
+    import torch
+
+    from mrlstore.encoder import NESTING
+
+    nesting = nesting or NESTING
+    data = load_cache(cache)
+    tr = data["train"]
+    if classes is not None:
+        tr = tr & np.isin(data["labels"], classes)
+    labels = data["labels"][tr]
+    if classes is not None:
+        labels = np.searchsorted(np.array(sorted(classes)), labels)
+    maps = torch.from_numpy(load_maps(cache, cut)[tr])
+    torch.manual_seed(0)
+    tail = build_tail(cut, hidden, nesting[-1], pretrained=True)
+    t0 = time.perf_counter()
+    fit_nested(
+        tail, tail.backbone_params(), maps, labels, data["logits"][tr], nesting,
+        shared=shared, epochs=epochs, batch=256, distill=distill, lr=2e-3, slow_lr=backbone_lr,
+    )  # fmt: skip
+    wall = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"cut": cut, "epochs": epochs, "shared": shared, "distill": distill, "backbone_lr": backbone_lr}
+    meta |= {"nesting": list(nesting), "wall_s": wall, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if classes is not None:
+        meta["classes"] = list(classes)
+    torch.save({"state_dict": tail.state_dict(), "meta": meta}, out)
+    print(f"fine-tuned blocks {cut + 1}.. + projection in {wall:.0f} s -> {out}")
+
+
+def embed_checkpoint(path: Path, data: dict, cache: Path) -> np.ndarray:
+    """Embeddings of every cached image from a projection (frozen recipe) or a fine-tuned tail."""
+    import torch
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if "cut" not in blob["meta"]:
+        return embed(load_projection(path), data["features"])
+    state = blob["state_dict"]
+    cut = blob["meta"]["cut"]
+    tail = build_tail(cut, state["projection.fc1.weight"].shape[0], state["projection.fc2.weight"].shape[0], False)
+    tail.load_state_dict(state)
+    tail.eval()
+    maps = load_maps(cache, cut)
+    with torch.inference_mode():
+        return np.concatenate(
+            [tail(torch.from_numpy(maps[i : i + 1024]).float()).numpy() for i in range(0, len(maps), 1024)]
+        )
+
+
+def embed_model(model, cache: Path, cut: int = 11) -> np.ndarray:
+    """Embeddings of every cached image by a whole MRLImageModel (e.g. the bundled one) from the maps after
+    block ``cut``: exact when its blocks up to ``cut`` are the pretrained ones (every recipe here)."""
+    import torch
+    from torch.nn import functional as F
+
+    maps = load_maps(cache, cut)
+    bb = model.float().eval().backbone
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(maps), 1024):
+            h = torch.from_numpy(maps[i : i + 1024]).float()
+            for block in bb._blocks[cut + 1 :]:
+                h = block(h)
+            out.append(model.projection(F.relu6(bb._bn1(bb._conv_head(h))).mean(dim=(2, 3))).numpy())
+    return np.concatenate(out)
 
 
 def train_stage(
@@ -304,19 +515,56 @@ def baselines_stage(cache: Path, epochs: int, hidden: int, distill: float) -> No
         print(f"trained FF-{m} in {time.perf_counter() - t0:.0f} s -> {out}", flush=True)
 
 
-def export_stage(cache: Path, projection: Path, size: int, target: Path | None = None) -> None:
+def finetune_baselines_stage(
+    cache: Path, runs: list[str], *, epochs: int, cut: int, hidden: int, distill: float, backbone_lr: float
+) -> None:
+    """The comparisons in the fine-tuning recipe, each resumable: ``disjoint`` (classes 0-4 only),
+    ``mrl-e`` (shared nested heads) and ``ff-<m>`` (an encoder trained alone at size m)."""
+    common = {"cut": cut, "hidden": hidden, "distill": distill, "backbone_lr": backbone_lr}
+    for run in runs:
+        if run == "disjoint":
+            out, extra = cache / "finetune_mrl_disjoint.pt", {"classes": SEEN_CLASSES}
+        elif run == "mrl-e":
+            out, extra = cache / "finetune_mrl_e.pt", {"shared": True}
+        elif run.startswith("ff-") and run[3:].isdigit():
+            out, extra = cache / f"finetune_{run.replace('-', '_')}.pt", {"nesting": (int(run[3:]),)}
+        else:
+            sys.exit(f"unknown baseline run {run!r} (disjoint, mrl-e or ff-<m>)")
+        if out.exists():
+            print(f"{out} exists, skipped")
+            continue
+        finetune_stage(cache, epochs, out, **common, **extra)
+
+
+def export_stage(cache: Path, checkpoint: Path, size: int, target: Path | None = None) -> None:
+    """Write the full encoder (backbone + projection, float16) from a projection or fine-tuned checkpoint."""
     import torch
 
     from mrlstore.encoder import BUNDLED_WEIGHTS, NESTING, MRLImageModel, save_encoder, sha256_of
 
-    blob = torch.load(projection, map_location="cpu", weights_only=True)
-    hidden = blob["state_dict"]["fc1.weight"].shape[0]
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state, cut = blob["state_dict"], blob["meta"].get("cut")
+    if cut is None:  # frozen recipe: the checkpoint is the projection alone
+        state = {f"projection.{k}": v for k, v in state.items()}
+    hidden = state["projection.fc1.weight"].shape[0]
     model = MRLImageModel(hidden=hidden)
     backbone = {k: v for k, v in _pretrained_backbone().state_dict().items() if not k.startswith("_fc.")}
     model.backbone.load_state_dict(backbone)
-    model.projection.load_state_dict(blob["state_dict"])
+    full = model.state_dict()
+    for k, v in state.items():  # fine-tuned tail keys -> the backbone's own names
+        if k.startswith("blocks."):
+            i, rest = k[len("blocks.") :].split(".", 1)
+            k = f"backbone._blocks.{int(i) + cut + 1}.{rest}"
+        elif k.startswith("conv_head."):
+            k = "backbone._conv_head." + k[len("conv_head.") :]
+        elif k.startswith("bn_head."):
+            k = "backbone._bn1." + k[len("bn_head.") :]
+        if k not in full or full[k].shape != v.shape:
+            sys.exit(f"{checkpoint}: unexpected tensor {k}")
+        full[k] = v
+    model.load_state_dict(full)
     meta = {
-        "name": "mrl-lite0-cifar10-v1",
+        "name": "mrl-lite0-cifar10-v2" if cut is not None else "mrl-lite0-cifar10-v1",
         "dim": 2048,
         "hidden": hidden,
         "nesting": list(NESTING),
@@ -333,29 +581,49 @@ def export_stage(cache: Path, projection: Path, size: int, target: Path | None =
 
 
 def main() -> None:
+    from mrlstore.encoder import NESTING
+
     ap = argparse.ArgumentParser(description="train the bundled MRL encoder")
-    ap.add_argument("stage", choices=["extract", "train", "export", "baselines", "all"])
+    ap.add_argument("stage", choices=["extract", "extract-maps", "finetune", "train", "export", "baselines", "all"])
     ap.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=100, help="batch size of the extraction passes")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 5 to fine-tune, 8 for the frozen recipe")
     ap.add_argument("--hidden", type=int, default=1536, help="width of the projection's hidden layer")
     ap.add_argument("--distill", type=float, default=0.3, help="weight of the ImageNet distillation terms")
     ap.add_argument("--mrl-e", action="store_true", help="train MRL-E (shared nested heads)")
+    ap.add_argument("--cut", type=int, default=MAP_CUTS[0], choices=MAP_CUTS, help="fine-tune blocks after this")
+    ap.add_argument("--backbone-lr", type=float, default=5e-4, help="peak learning rate of fine-tuned blocks")
+    ap.add_argument("--recipe", choices=["finetune", "frozen"], default="finetune", help="of the baselines stage")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["disjoint", "mrl-e", *(f"ff-{m}" for m in NESTING)],
+        help="fine-tuned baselines to train (disjoint, mrl-e, ff-<m>)",
+    )
+    ap.add_argument("--checkpoint", type=Path, default=None, help="what the export stage exports")
     ap.add_argument("--weights-out", type=Path, default=None, help="export here instead of the bundled path")
     args = ap.parse_args()
+    tuned = args.cache / ("finetune_mrl_e.pt" if args.mrl_e else "finetune_mrl.pt")
     projection = args.cache / ("projection_mrl_e.pt" if args.mrl_e else "projection_mrl.pt")
+    common = {"cut": args.cut, "hidden": args.hidden, "distill": args.distill, "backbone_lr": args.backbone_lr}
+    if args.stage in ("extract", "extract-maps", "all") and not args.zip.exists():
+        sys.exit(f"CIFAR-10 zip not found at {args.zip} (see ../shared/datasets/cifar10/README.md)")
     if args.stage in ("extract", "all"):
-        if not args.zip.exists():
-            sys.exit(f"CIFAR-10 zip not found at {args.zip} (see ../shared/datasets/cifar10/README.md)")
         extract(args.zip, args.cache, args.size, args.batch)
-    if args.stage in ("train", "all"):
-        train_stage(args.cache, args.epochs, args.mrl_e, projection, args.hidden, args.distill)
+    if args.stage in ("extract-maps", "all"):
+        extract_maps(args.zip, args.cache, args.size, args.batch, MAP_CUTS)
+    if args.stage in ("finetune", "all"):
+        finetune_stage(args.cache, args.epochs or 5, tuned, shared=args.mrl_e, **common)
+    if args.stage == "train":
+        train_stage(args.cache, args.epochs or 8, args.mrl_e, projection, args.hidden, args.distill)
     if args.stage in ("export", "all"):
-        export_stage(args.cache, projection, args.size, args.weights_out)
-    if args.stage == "baselines":
-        baselines_stage(args.cache, args.epochs, args.hidden, args.distill)
+        export_stage(args.cache, args.checkpoint or tuned, args.size, args.weights_out)
+    if args.stage == "baselines" and args.recipe == "frozen":
+        baselines_stage(args.cache, args.epochs or 8, args.hidden, args.distill)
+    if args.stage == "baselines" and args.recipe == "finetune":
+        finetune_baselines_stage(args.cache, args.runs, epochs=args.epochs or 5, **common)
 
 
 if __name__ == "__main__":

@@ -57,12 +57,13 @@ def leave_one_out_1nn(x: np.ndarray, labels: np.ndarray, m: int) -> float:
 
 
 def test_prefixes_retrieve_by_class_on_unseen_images(sample):
-    # 10 classes: chance is 0.1. Measured with the shipped weights: see the printout (pytest -s).
+    # 10 classes: chance is 0.1. Measured with the shipped v2 weights: 0.77 / 0.73 / 0.76 / 0.77 at
+    # m = 8 / 16 / 64 / 2048 (the frozen-backbone v1 got 0.57 / 0.63 / 0.69 / 0.70).
     x, labels = sample
     acc = {m: leave_one_out_1nn(x, labels, m) for m in (8, 16, 64, 2048)}
     print("leave-one-out 1-NN on the 120 sample images:", acc)
-    assert acc[2048] >= 0.6
-    assert acc[16] >= 0.5 and acc[8] >= 0.4  # short prefixes are embeddings too (the Matryoshka property)
+    assert acc[2048] >= 0.7
+    assert acc[16] >= 0.65 and acc[8] >= 0.65  # short prefixes are embeddings too (the Matryoshka property)
 
 
 def test_a_corrupt_bundled_file_fails_its_checksum(tmp_path, monkeypatch):
