@@ -135,7 +135,8 @@ def main() -> None:
         adaptive_report(mrl, labels, tr),
         encode_speed_report(args.weights),
     ]
-    write_report(rows, args.out, [e for e in extra if e])
+    stem = "encoder_eval" if args.recipe == "finetune" else "encoder_eval_frozen"
+    write_report(rows, args.out / stem, [e for e in extra if e], args.recipe)
 
 
 def disjoint_report(te, cache: Path, data: dict, prefix: str) -> str:
@@ -226,8 +227,9 @@ def _split(x: np.ndarray, labels: np.ndarray, tr: np.ndarray):
     return x[tr], labels[tr], x[~tr], labels[~tr]
 
 
-def write_report(rows: dict[str, dict[int, tuple[float, float]]], out: Path, extra: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(rows: dict[str, dict[int, tuple[float, float]]], out: Path, extra: list[str], recipe: str) -> None:
+    """``out``.md (the tables) and ``out``.png (1-NN and mAP@10 against m)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     sizes = sorted({m for r in rows.values() for m in r})
     lines = ["| method | " + " | ".join(f"m={m}" for m in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for metric_i, metric in enumerate(["1-NN accuracy", "mAP@10"]):
@@ -236,8 +238,13 @@ def write_report(rows: dict[str, dict[int, tuple[float, float]]], out: Path, ext
             cells = [f"{100 * r[m][metric_i]:.2f}" if m in r else "" for m in sizes]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    (out / "encoder_eval.md").write_text(
+    recipe_line = {
+        "finetune": "Recipe: backbone blocks 12-15 fine-tuned with the projection (the shipped encoder, v2).",
+        "frozen": "Recipe: backbone frozen, projection trained on its pooled features (v1).",
+    }[recipe]
+    out.with_suffix(".md").write_text(
         "# CIFAR-10 retrieval with the bundled encoder (database 50k train, queries 10k test)\n\n"
+        + f"{recipe_line} Command: `python benchmarks/encoder_eval.py --recipe {recipe}`.\n\n"
         + table
         + "\n\n"
         + "\n\n".join(extra)
@@ -263,8 +270,8 @@ def write_report(rows: dict[str, dict[int, tuple[float, float]]], out: Path, ext
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(out / "encoder_eval.png", dpi=120)
-    print(f"wrote {out / 'encoder_eval.md'} and {out / 'encoder_eval.png'}")
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
