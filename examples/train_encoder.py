@@ -296,12 +296,13 @@ def fit_nested(
     return cifar.eval()
 
 
-def embed(proj, feats: np.ndarray, batch: int = 4096) -> np.ndarray:
+def embed(module, inputs: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """``module`` (in eval mode) over cached inputs (features or maps), batch by batch, as float32."""
     import torch
 
     with torch.inference_mode():
         return np.concatenate(
-            [proj(torch.from_numpy(feats[i : i + batch])).numpy() for i in range(0, len(feats), batch)]
+            [module(torch.from_numpy(inputs[i : i + batch]).float()).numpy() for i in range(0, len(inputs), batch)]
         )
 
 
@@ -328,22 +329,19 @@ def load_maps(cache: Path, cut: int) -> np.ndarray:
     return np.concatenate([np.load(s)[f"block{cut}"] for s in shards])
 
 
-def build_tail(cut: int, hidden: int, dim: int, pretrained: bool):
-    """The trainable part when fine-tuning: backbone blocks after ``cut``, its conv head, the projection."""
+def build_tail(backbone, cut: int, projection):
+    """What runs on the cached maps after block ``cut``: the backbone's later blocks, its conv head and the
+    projection (the part fine-tuning trains). Shares the given modules, copies nothing."""
     import torch
     from torch import nn
     from torch.nn import functional as F
-
-    from mrlstore.encoder import EfficientNetLite0, MRLProjection
-
-    backbone = _pretrained_backbone() if pretrained else EfficientNetLite0(classifier=False)
 
     class Tail(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.blocks = nn.ModuleList(backbone._blocks[cut + 1 :])
             self.conv_head, self.bn_head = backbone._conv_head, backbone._bn1
-            self.projection = MRLProjection(1280, hidden, dim)
+            self.projection = projection
 
         def backbone_params(self) -> list:
             return [*self.blocks.parameters(), *self.conv_head.parameters(), *self.bn_head.parameters()]
@@ -375,7 +373,7 @@ def finetune_stage(
     frozen trunk's output comes from the map cache). ``nesting=(m,)`` trains the FF baseline at size m."""
     import torch
 
-    from mrlstore.encoder import NESTING
+    from mrlstore.encoder import NESTING, MRLProjection
 
     nesting = nesting or NESTING
     data = load_cache(cache)
@@ -387,7 +385,7 @@ def finetune_stage(
         labels = np.searchsorted(np.array(sorted(classes)), labels)
     maps = torch.from_numpy(load_maps(cache, cut)[tr])
     torch.manual_seed(0)
-    tail = build_tail(cut, hidden, nesting[-1], pretrained=True)
+    tail = build_tail(_pretrained_backbone(), cut, MRLProjection(1280, hidden, nesting[-1]))
     t0 = time.perf_counter()
     fit_nested(
         tail, tail.backbone_params(), maps, labels, data["logits"][tr], nesting,
@@ -407,37 +405,23 @@ def embed_checkpoint(path: Path, data: dict, cache: Path) -> np.ndarray:
     """Embeddings of every cached image from a projection (frozen recipe) or a fine-tuned tail."""
     import torch
 
+    from mrlstore.encoder import EfficientNetLite0, MRLProjection
+
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if "cut" not in blob["meta"]:
         return embed(load_projection(path), data["features"])
-    state = blob["state_dict"]
-    cut = blob["meta"]["cut"]
-    tail = build_tail(cut, state["projection.fc1.weight"].shape[0], state["projection.fc2.weight"].shape[0], False)
+    state, cut = blob["state_dict"], blob["meta"]["cut"]
+    hidden, dim = state["projection.fc1.weight"].shape[0], state["projection.fc2.weight"].shape[0]
+    tail = build_tail(EfficientNetLite0(classifier=False), cut, MRLProjection(1280, hidden, dim))
     tail.load_state_dict(state)
-    tail.eval()
-    maps = load_maps(cache, cut)
-    with torch.inference_mode():
-        return np.concatenate(
-            [tail(torch.from_numpy(maps[i : i + 1024]).float()).numpy() for i in range(0, len(maps), 1024)]
-        )
+    return embed(tail.eval(), load_maps(cache, cut), batch=1024)
 
 
 def embed_model(model, cache: Path, cut: int = 11) -> np.ndarray:
     """Embeddings of every cached image by a whole MRLImageModel (e.g. the bundled one) from the maps after
     block ``cut``: exact when its blocks up to ``cut`` are the pretrained ones (every recipe here)."""
-    import torch
-    from torch.nn import functional as F
-
-    maps = load_maps(cache, cut)
-    bb = model.float().eval().backbone
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(maps), 1024):
-            h = torch.from_numpy(maps[i : i + 1024]).float()
-            for block in bb._blocks[cut + 1 :]:
-                h = block(h)
-            out.append(model.projection(F.relu6(bb._bn1(bb._conv_head(h))).mean(dim=(2, 3))).numpy())
-    return np.concatenate(out)
+    model = model.float()
+    return embed(build_tail(model.backbone, cut, model.projection).eval(), load_maps(cache, cut), batch=1024)
 
 
 def train_stage(
