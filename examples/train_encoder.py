@@ -166,6 +166,16 @@ def load_cache(cache: Path) -> dict[str, np.ndarray]:
     return {"features": feats, "logits": logits, "labels": labels, "train": split == "train", "names": index}
 
 
+def training_split(data: dict, classes: tuple[int, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the training rows, their labels); ``classes`` keeps only those (the class-disjoint protocol),
+    relabelled 0..c-1 for the heads."""
+    tr = data["train"]
+    if classes is None:
+        return tr, data["labels"][tr]
+    tr = tr & np.isin(data["labels"], classes)
+    return tr, np.searchsorted(np.array(sorted(classes)), data["labels"][tr])
+
+
 # -- training on cached features ------------------------------------------------------------------------
 def build_heads(nesting: tuple[int, ...], classes: int, shared: bool):
     """Nested linear heads, one per size m over the first m numbers; MRL-E shares one weight matrix."""
@@ -377,12 +387,7 @@ def finetune_stage(
 
     nesting = nesting or NESTING
     data = load_cache(cache)
-    tr = data["train"]
-    if classes is not None:
-        tr = tr & np.isin(data["labels"], classes)
-    labels = data["labels"][tr]
-    if classes is not None:
-        labels = np.searchsorted(np.array(sorted(classes)), labels)
+    tr, labels = training_split(data, classes)
     maps = torch.from_numpy(load_maps(cache, cut)[tr])
     torch.manual_seed(0)
     tail = build_tail(_pretrained_backbone(), cut, MRLProjection(1280, hidden, nesting[-1]))
@@ -439,12 +444,7 @@ def train_stage(
     from mrlstore.encoder import NESTING
 
     data = load_cache(cache)
-    tr = data["train"]
-    if classes is not None:
-        tr = tr & np.isin(data["labels"], classes)
-    labels = data["labels"][tr]
-    if classes is not None:  # dense 0..c-1 labels for the heads
-        labels = np.searchsorted(np.array(sorted(classes)), labels)
+    tr, labels = training_split(data, classes)
     t0 = time.perf_counter()
     proj, _ = train_projection(
         data["features"][tr],
