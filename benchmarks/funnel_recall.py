@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mrlstore  # noqa: E402
-from mrlstore.funnel import shortlist_sizes  # noqa: E402
+from mrlstore.search import shortlist_sizes  # noqa: E402
 from mrlstore.synthetic import exact_funnel, exact_search, mrl_like_split, recall_at_k  # noqa: E402
 
 FUNNELS = ([16, 2048], [16, 64, 256, 2048], [32, 2048], [64, 2048])

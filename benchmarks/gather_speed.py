@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mrlstore._cast import NATIVE_F16C, as_float32  # noqa: E402
+from mrlstore.kernels import NATIVE_F16C, as_float32  # noqa: E402
 from mrlstore.zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands  # noqa: E402
 
 

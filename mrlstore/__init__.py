@@ -29,6 +29,7 @@ from .errors import (
     StoreClosedError,
     StoreLockedError,
     StoreNotFoundError,
+    TuningError,
     UnknownIdError,
     ZeroVectorError,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "StoreClosedError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "TuningError",
     "UnknownIdError",
     "ZeroVectorError",
     "__version__",

@@ -13,12 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidInputError, ShapeError
-
-
-def _prefix(x: np.ndarray, m: int) -> np.ndarray:
-    p = x[:, :m].astype(np.float32)
-    norms = np.linalg.norm(p, axis=1, keepdims=True)
-    return p / np.where(norms > 0, norms, 1.0)
+from .scoring import normalize_prefix
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,7 +79,9 @@ class AdaptiveClassifier:
         n_hold = max(1, int(len(x) * self.holdout))
         hold, train = order[:n_hold], order[n_hold:]
         self.heads_ = [
-            _fit_softmax(_prefix(x[train], m), y[train], len(self.classes_), self.epochs, 0.01, 1e-5, self.seed)
+            _fit_softmax(
+                normalize_prefix(x[train], m), y[train], len(self.classes_), self.epochs, 0.01, 1e-5, self.seed
+            )
             for m in self.nesting
         ]
         self._hold = (self._probabilities(x[hold]), y[hold])
@@ -101,7 +98,7 @@ class AdaptiveClassifier:
         return self
 
     def _probabilities(self, x: np.ndarray) -> list[np.ndarray]:
-        return [_softmax(_prefix(x, m) @ w + b) for m, (w, b) in zip(self.nesting, self.heads_)]
+        return [_softmax(normalize_prefix(x, m) @ w + b) for m, (w, b) in zip(self.nesting, self.heads_)]
 
     def _learn_thresholds(self, probs: list[np.ndarray], y: np.ndarray) -> np.ndarray:
         """Per size, the lowest confidence at which its answers are (on the held-out split) as accurate as
@@ -131,7 +128,7 @@ class AdaptiveClassifier:
         for i, (m, (w, b)) in enumerate(zip(self.nesting, self.heads_)):
             if not len(todo):
                 break
-            p = _softmax(_prefix(x[todo], m) @ w + b)
+            p = _softmax(normalize_prefix(x[todo], m) @ w + b)
             done = p.max(1) >= self.thresholds_[i]
             labels[todo[done]] = p[done].argmax(1)
             used[todo[done]] = m
@@ -141,4 +138,4 @@ class AdaptiveClassifier:
     def predict_fixed(self, embeddings: np.ndarray, m: int) -> np.ndarray:
         """Labels from the head of one nesting size (e.g. the full 2048-d head), for comparison."""
         w, b = self.heads_[self.nesting.index(m)]
-        return self.classes_[(_prefix(np.asarray(embeddings, np.float32), m) @ w + b).argmax(1)]
+        return self.classes_[(normalize_prefix(np.asarray(embeddings, np.float32), m) @ w + b).argmax(1)]

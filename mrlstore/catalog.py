@@ -56,6 +56,7 @@ class Catalog:
         except duckdb.Error as e:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
         self._columns: dict[str, str] | None = None
+        self._checked_filters: set[str] = set()  # where= expressions already parsed and found read-only
 
     def close(self) -> None:
         with self._lock:
@@ -102,10 +103,12 @@ class Catalog:
             return dict(self._columns)
 
     # -- reads -------------------------------------------------------------------------------------
-    def live_rows(self) -> tuple[np.ndarray, list[str]]:
+    def live_items(self) -> tuple[np.ndarray, list[str], pa.Table]:
+        """Every live row: (row numbers ascending, their ids, their metadata columns)."""
         with self._lock, _corruption_as_error(self.path):
-            t = _arrow(self._con, "SELECT _row, id FROM _items ORDER BY _row")
-        return t.column("_row").to_numpy().astype(np.int64), t.column("id").to_pylist()
+            t = _arrow(self._con, "SELECT * FROM _items ORDER BY _row")
+        rows = t.column("_row").to_numpy().astype(np.int64)
+        return rows, t.column("id").to_pylist(), t.drop_columns(["_row", "id"])
 
     def tombstones(self) -> np.ndarray:
         with self._lock, _corruption_as_error(self.path):
@@ -124,15 +127,20 @@ class Catalog:
         return dict(found)
 
     def filter_rows(self, where: str) -> np.ndarray:
+        """Sorted rows of ``_items`` matching ``where`` (checked once per distinct expression)."""
         if not isinstance(where, str) or not where.strip():
             raise InvalidFilterError(f"where= must be a non-empty SQL expression string, got {where!r}")
-        try:
-            duckdb.SQLExpression(where)  # parses as one expression, or it is no filter
-        except duckdb.Error as e:
-            raise InvalidFilterError(f"where={where!r} is not one SQL expression: {_first_line(e)}") from None
         sql = f"SELECT _row FROM _items WHERE (\n{where}\n)"  # own lines: a trailing -- comment stays inside
         with self._lock:
-            self._check_single_select(sql, what="where=")
+            if where not in self._checked_filters:
+                try:
+                    duckdb.SQLExpression(where)  # parses as one expression, or it is no filter
+                except duckdb.Error as e:
+                    raise InvalidFilterError(f"where={where!r} is not one SQL expression: {_first_line(e)}") from None
+                self._check_single_select(sql, what="where=")
+                if len(self._checked_filters) > 1024:
+                    self._checked_filters.clear()
+                self._checked_filters.add(where)
             try:
                 res = self._read_only(lambda: self._con.execute(sql).fetchnumpy())
             except (duckdb.BinderException, duckdb.CatalogException) as e:
@@ -143,22 +151,6 @@ class Catalog:
             except duckdb.Error as e:
                 raise InvalidFilterError(f"where={where!r} failed: {_first_line(e)}") from None
         return np.sort(np.asarray(res["_row"], dtype=np.int64))
-
-    def metadata_for_rows(self, rows: np.ndarray) -> dict[int, dict[str, Any]]:
-        cols = self.columns()
-        if len(rows) == 0:
-            return {}
-        with self._lock:
-            self._con.register("_rows_in", pa.table({"_row": pa.array(np.unique(rows), pa.int64())}))
-            try:
-                t = _arrow(self._con, "SELECT i.* EXCLUDE (id) FROM _items i JOIN _rows_in r ON i._row = r._row")
-            finally:
-                self._con.unregister("_rows_in")
-        out = {}
-        for rec in t.to_pylist():
-            row = rec.pop("_row")
-            out[row] = {c: rec.get(c) for c in cols}
-        return out
 
     def items_for_ids(self, ids: list[str]) -> pa.Table:
         """Rows of ``_items`` (``_row``, id, metadata) for ``ids``, in the order given; unknown ids absent."""
@@ -244,8 +236,9 @@ class Catalog:
         metadata: pa.Table | None,
         new_watermark: int,
         replace_rows: np.ndarray | None = None,
-    ) -> None:
-        """Record ``ids`` at rows ``first_row..`` (tombstoning ``replace_rows``) and the new watermark."""
+    ) -> pa.Table:
+        """Record ``ids`` at rows ``first_row..`` (tombstoning ``replace_rows``) and the new watermark.
+        Returns the metadata columns of the new rows exactly as stored (every column of the table)."""
         n = len(ids)
         batch = pa.table(
             {"_row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), "id": pa.array(ids, pa.string())}
@@ -261,13 +254,16 @@ class Catalog:
             if replace_rows is not None and len(replace_rows):
                 con.register("_dead", pa.table({"_row": pa.array(np.asarray(replace_rows, dtype=np.int64))}))
             try:
-                self._commit_rows_txn(metadata, replace_rows, new_watermark)
+                stored = self._commit_rows_txn(metadata, replace_rows, new_watermark)
             finally:
                 con.unregister("_batch")
                 if replace_rows is not None and len(replace_rows):
                     con.unregister("_dead")
+        return stored.drop_columns(["_row", "id"])
 
-    def _commit_rows_txn(self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int) -> None:
+    def _commit_rows_txn(
+        self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int
+    ) -> pa.Table:
         con = self._con
         con.begin()
         try:
@@ -275,9 +271,10 @@ class Catalog:
                 self._add_columns(metadata)
             if replace_rows is not None and len(replace_rows):
                 self._tombstone_registered()
-            con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
+            stored = _arrow(con, "INSERT INTO _items BY NAME SELECT * FROM _batch RETURNING *")
             self._set_watermark(new_watermark)
             con.commit()
+            return stored.sort_by("_row")
         except duckdb.ConversionException as e:
             con.rollback()
             self._columns = None

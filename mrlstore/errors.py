@@ -47,6 +47,10 @@ class InvalidKError(InvalidInputError):
     """``k`` or ``shortlist`` is not a positive integer."""
 
 
+class TuningError(InvalidInputError):
+    """tune() found no funnel reaching the recall target within its shortlist budget (nothing was saved)."""
+
+
 class UnknownIdError(MRLStoreError, KeyError):
     """An id that is not in the store."""
 

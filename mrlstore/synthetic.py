@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .funnel import top
+from .scoring import prefix_scores, top
 
 
 def mrl_like(
@@ -99,20 +99,6 @@ def _generate(
         labels[lo : lo + len(block)] = block_labels
         lo += len(block)
     return out, labels
-
-
-def prefix_scores(rows: np.ndarray, queries: np.ndarray, d: int, metric: str) -> np.ndarray:
-    """Exact (rows x queries) scores on the ``d``-prefix, in float64 (cosine re-normalises the prefix)."""
-    x = rows[:, :d].astype(np.float64)
-    q = np.atleast_2d(queries)[:, :d].astype(np.float64)
-    if metric == "l2":
-        sq = (x * x).sum(1)[:, None] - 2 * (x @ q.T) + (q * q).sum(1)[None, :]
-        return np.sqrt(np.maximum(sq, 0))
-    s = x @ q.T
-    if metric == "cosine":
-        norms = np.linalg.norm(x, axis=1)[:, None] * np.linalg.norm(q, axis=1)[None, :]
-        s = np.where(norms > 0, s / np.where(norms > 0, norms, 1), 0.0)
-    return s
 
 
 def exact_funnel(

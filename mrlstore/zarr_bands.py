@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cast import as_float32
 from ._fsutil import atomic_write_bytes, fsync_dir
 from .errors import CorruptStoreError
+from .kernels import as_float32
 
 GROUP_DIR = "vectors"
 TARGET_CHUNK_BYTES = 64 << 20
@@ -78,6 +78,8 @@ class _Band:
         self.chunk_rows = self._check_layout(meta_path)
         self.chunk_bytes = self.chunk_rows * self.width * dtype.itemsize
         self._maps: dict[int, np.ndarray] = {}
+        self._addresses = np.zeros(0, dtype=np.uint64)
+        self._map_lock = threading.Lock()
 
     def _check_layout(self, meta_path: Path) -> int:
         m = self.meta
@@ -124,6 +126,19 @@ class _Band:
             mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.chunk_rows, self.width)).view(np.ndarray)
             self._maps[chunk] = mm
         return mm
+
+    def kernel_band(self, rows_needed: int) -> tuple:
+        """(chunk base addresses, chunk_rows, first column, width, is_float16) for the native kernels,
+        covering at least ``rows_needed`` rows. The maps stay alive in ``_maps`` while the store is open."""
+        need = -(-rows_needed // self.chunk_rows)
+        addresses = self._addresses
+        if len(addresses) < need:
+            with self._map_lock:
+                grown = np.zeros(need, dtype=np.uint64)
+                for chunk in range(need):
+                    grown[chunk] = self.mapped(chunk).ctypes.data
+                self._addresses = addresses = grown  # replaced whole: a concurrent reader keeps its copy
+        return addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)
 
     def write(self, start_row: int, block: np.ndarray) -> list[Path]:
         """Write rows ``start_row..`` in place; returns the files touched (not yet fsynced)."""
@@ -174,6 +189,7 @@ class _Band:
         for child in cdir.iterdir():
             if child.name.isdigit() and int(child.name) >= first_chunk:
                 self._maps.pop(int(child.name), None)
+                self._addresses = self._addresses[: min(len(self._addresses), first_chunk)]
                 for f in child.iterdir():
                     f.unlink()
                 child.rmdir()
@@ -277,6 +293,10 @@ class BandedVectors:
             blocks.append((hi, block))
         return blocks
 
+    def kernel_bands(self, rows_needed: int) -> list[tuple]:
+        """Every band's description for the native kernels (see ``_Band.kernel_band``)."""
+        return [band.kernel_band(rows_needed) for band in self.bands]
+
     def read_range(self, row_start: int, row_stop: int, col_start: int, col_stop: int) -> np.ndarray:
         """A contiguous block of rows as float32 (used for exact scans and index rebuilds)."""
         out = np.empty((row_stop - row_start, col_stop - col_start), dtype=np.float32)
@@ -296,4 +316,5 @@ class BandedVectors:
 
     def close(self) -> None:
         for band in self.bands:
+            band._addresses = np.zeros(0, dtype=np.uint64)
             band._maps.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrlstore import _cast
+from mrlstore import kernels as _cast
 
 ALL_HALVES = np.arange(65536, dtype=np.uint16).view(np.float16)
 

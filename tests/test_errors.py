@@ -820,7 +820,7 @@ CONFLICTS = [
     ({"metric": "l2"}, "metric='cosine', not 'l2'"),
     ({"bands": (32, 64)}, r"bands=\(16, 64\), not \(32, 64\)"),
     ({"dtype": "float32"}, "dtype='float16', not 'float32'"),
-    ({"index_dims": (16, 64)}, r"index_dims=\(16,\), not \(16, 64\)"),
+    ({"index_dims": (16, 64)}, r"index_dims=\(16, 32\), not \(16, 64\)"),
     ({"hnsw_m": 8}, "hnsw_M=16, not 8"),
     ({"ef_construction": 100}, "hnsw_ef_construction=64, not 100"),
 ]
@@ -844,7 +844,7 @@ def test_reopen_with_conflicting_chunk_rows(closed_path: Path) -> None:
 
 
 def test_reopen_with_the_same_values(closed_path: Path) -> None:
-    with make_store(closed_path, metric="cosine", dtype="float16", index_dims=[16]) as s:
+    with make_store(closed_path, metric="cosine", dtype="float16", index_dims=[32, 16]) as s:
         assert (s.dim, s.bands, s.metric, s.dtype, len(s)) == (DIM, BANDS, "cosine", "float16", N)
 
 

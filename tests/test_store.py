@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 import mrlstore
-from mrlstore.funnel import shortlist_sizes
+from mrlstore.search import shortlist_sizes
 from mrlstore.synthetic import exact_funnel, mrl_like
 
 
@@ -97,10 +97,10 @@ def test_where_filters_are_exact_and_fill_k(tmp_path, rng):
 
 
 def test_filtered_hnsw_path_over_fetches(tmp_path, rng, monkeypatch):
-    from mrlstore import store as store_module
+    from mrlstore import search
 
-    monkeypatch.setattr(store_module, "FILTER_EXACT_ROWS", 10)
-    monkeypatch.setattr(store_module, "FILTER_EXACT_SHARE", 0.0)
+    monkeypatch.setattr(search, "FILTER_EXACT_ROWS", 10)
+    monkeypatch.setattr(search, "FILTER_EXACT_SHARE", 0.0)
     x = rng.standard_normal((2000, 64)).astype(np.float32)
     with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64)) as store:
         store.add_vectors(x, ids=[str(i) for i in range(2000)], metadata=[{"g": i % 10} for i in range(2000)])

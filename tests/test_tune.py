@@ -13,7 +13,7 @@ from mrlstore.synthetic import exact_search, mrl_like, recall_at_k
 def tuned_store(tmp_path_factory):
     x, _ = mrl_like(4000, 256, noise=1.0, seed=5)
     path = tmp_path_factory.mktemp("tune") / "s"
-    with mrlstore.open(path, dim=256, bands=(16, 64, 256)) as store:
+    with mrlstore.open(path, dim=256, bands=(16, 64, 256), index_dims=(16,)) as store:
         store.add_vectors(x, ids=[str(i) for i in range(len(x))])
         choice = store.tune(recall=0.95, k=10, sample=150)
     return path, x, choice

@@ -1,0 +1,87 @@
+"""Where the time of one query goes: p50 of single queries, then a cProfile breakdown (µs per query).
+
+    python benchmarks/query_profile.py                     # 100k synthetic MRL-like 2048-d rows
+    python benchmarks/query_profile.py --n 20000 --root /path/to/another/checkout   # e.g. an older version
+
+Builds (once) a default float16 store of N rows from ``mrlstore.synthetic`` (the data of compare.py) with
+three metadata columns, runs ``tune(recall=0.95)``, then times single queries, one at a time, with metadata:
+the default call ``store.query(q)``, ``dims=[16, 2048]`` and exact ``dims=[2048]``. The profile lists the
+functions with the most own time per default query (profiling inflates small calls; the p50s are without
+it). Works against any checkout with ``--root`` (the ``before`` column of issue notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import pstats
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="checkout to import")
+    ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "build" / "profile")
+    ap.add_argument("--rebuild", action="store_true")
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.root))
+    import mrlstore
+    from mrlstore.synthetic import mrl_like, mrl_like_blocks
+
+    print(f"mrlstore from {Path(mrlstore.__file__).parent}")
+    path = args.work / f"store_{args.n}_{hashlib.sha1(str(args.root.resolve()).encode()).hexdigest()[:8]}"
+    if args.rebuild or not path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        with mrlstore.open(path, dim=2048) as store:
+            lo = 0
+            for block, labels in mrl_like_blocks(args.n, 2048, noise=1.0, seed=0, block_rows=65536):
+                meta = {"label": [f"c{c}" for c in labels], "n": list(range(lo, lo + len(block))),
+                        "w": (labels / 7.0).tolist()}  # fmt: skip
+                store.add_vectors(block, ids=[str(i) for i in range(lo, lo + len(block))], metadata=pa.table(meta))
+                lo += len(block)
+            store.tune(recall=0.95, k=10)
+        print(f"built {args.n:,} rows + tune in {time.perf_counter() - t0:.0f} s")
+    queries, _ = mrl_like(args.queries, 2048, noise=1.0, seed=0, sample=1)
+    with mrlstore.open(path) as store:
+        tuned = store.manifest.get("tuned") or {}
+        print(f"tuned: dims={tuned.get('dims')} shortlist={tuned.get('shortlist')} ef={tuned.get('ef')}")
+        calls = {"default store.query(q)": {}, "dims=[16, 2048]": {"dims": [16, 2048]},
+                 "dims=[2048] (exact)": {"dims": [2048]}}  # fmt: skip
+        for name, kw in calls.items():
+            n = args.queries if "exact" not in name else max(10, args.queries // 10)
+            store.query(queries[0], k=10, **kw)  # warm-up
+            times = []
+            for q in queries[:n]:
+                t0 = time.perf_counter()
+                h = store.query(q, k=10, **kw)
+                _ = h.metadata  # materialise the metadata the caller reads
+                times.append(time.perf_counter() - t0)
+            print(f"{name}: p50 {1e3 * np.median(times):.3f} ms, p99 {1e3 * np.percentile(times, 99):.3f} ms")
+        prof = cProfile.Profile()
+        prof.enable()
+        for q in queries:
+            _ = store.query(q, k=10).metadata
+        prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    print(f"\nprofile of the default call, own time per query (µs), {len(queries)} queries:")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:18]
+    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{Path(file).name}:{line}({fn})" if line else fn
+        print(f"  {1e6 * tottime / len(queries):8.1f} µs own {1e6 * cumtime / len(queries):8.1f} µs cum  "
+              f"{ncalls / len(queries):5.1f} calls  {where}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""A store's configuration: validated once at creation, persisted in the manifest, checked on reopen."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import ConfigMismatchError, CorruptStoreError, InvalidInputError, NotAStoreError
+from .scoring import METRICS
+from .validation import positive_int
+
+FORMAT_NAME = "mrlstore"
+FORMAT_VERSION = 1
+BUNDLED_ENCODER = "bundled"
+BUNDLED_ENCODER_DIM = 2048
+# Both prefixes get an HNSW index by default. Measured at 100k MRL-like vectors (benchmarks/results/
+# compare.md): the 32-d index reaches recall@10 0.95 with a shortlist of about 100 where the 16-d one needs
+# 400 and more, so the tuned default starts at 32; the 16-d index keeps dims=[16, ...] (the paper's
+# funnel) fast. Together they cost about 0.5 KB a row of memory.
+DEFAULT_INDEX_DIMS = (16, 32)
+DEFAULT_HNSW_M = 16
+# 64, not hnswlib's usual 200: on 16-32-d prefixes it halves the build at the same shortlist recall
+# (benchmarks/results/build_params.md), and the first stage searches with a wide beam anyway.
+DEFAULT_EF_CONSTRUCTION = 64
+DEFAULT_EF_SEARCH = 64
+# Manifest keys of the fields whose manifest spelling differs (kept: the on-disk format is fixed).
+_MANIFEST_KEYS = {"hnsw_m": "hnsw_M", "ef_construction": "hnsw_ef_construction", "ef_search": "hnsw_ef_search"}
+
+
+def default_bands(dim: int) -> tuple[int, ...]:
+    return (*[b for b in (16, 64, 256) if b < dim], dim)
+
+
+def band_widths(dim: int, bands: Sequence[int]) -> list[int]:
+    edges = [0, *bands]
+    return [edges[i + 1] - edges[i] for i in range(len(bands))]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The creation parameters of a store (immutable once created)."""
+
+    dim: int
+    bands: tuple[int, ...]
+    metric: str
+    dtype: str
+    index_dims: tuple[int, ...]
+    chunk_rows: tuple[int, ...]  # one per band
+    hnsw_m: int
+    ef_construction: int
+    ef_search: int
+    encoder: str | None = None
+
+    # -- creation ----------------------------------------------------------------------------------
+    @classmethod
+    def new(cls, requested: dict[str, Any], encoder: str | None, auto_chunk_rows: Any) -> StoreConfig:
+        """Validate the parameters of ``mrlstore.open`` for a new store (``None`` means the default);
+        ``auto_chunk_rows(width, dtype)`` sizes chunks when ``chunk_rows`` is not given."""
+        dim = int(requested["dim"])
+        if dim <= 0:
+            raise InvalidInputError(f"dim must be a positive integer, got {dim}")
+        bands = tuple(int(b) for b in (requested["bands"] or default_bands(dim)))
+        if not bands or bands[-1] != dim or any(b <= a for a, b in zip((0, *bands), bands)):
+            raise InvalidInputError(f"bands must be increasing band ends finishing at dim={dim}, got {bands}")
+        metric = requested["metric"] or "cosine"
+        if metric not in METRICS:
+            raise InvalidInputError(f"metric must be one of {METRICS}, got {metric!r}")
+        dtype = requested["dtype"] or "float16"
+        if dtype not in ("float16", "float32"):
+            raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        given = requested["index_dims"]
+        index_dims = (
+            tuple(int(d) for d in given) if given is not None else tuple(d for d in DEFAULT_INDEX_DIMS if d <= dim)
+        )
+        if any(not 1 <= d <= dim for d in index_dims) or len(set(index_dims)) != len(index_dims):
+            raise InvalidInputError(f"index_dims must be distinct prefix lengths within 1..{dim}, got {index_dims}")
+        widths = band_widths(dim, bands)
+        rows = requested["chunk_rows"]
+        chunk_rows = (
+            (positive_int(rows, "chunk_rows"),) * len(widths)
+            if rows is not None
+            else tuple(auto_chunk_rows(w, dtype) for w in widths)
+        )
+        return cls(
+            dim=dim,
+            bands=bands,
+            metric=metric,
+            dtype=dtype,
+            index_dims=tuple(sorted(index_dims)),
+            chunk_rows=chunk_rows,
+            hnsw_m=int(requested["hnsw_m"] or DEFAULT_HNSW_M),
+            ef_construction=int(requested["ef_construction"] or DEFAULT_EF_CONSTRUCTION),
+            ef_search=DEFAULT_EF_SEARCH,
+            encoder=encoder,
+        )
+
+    def manifest(self, created_by: str) -> dict[str, Any]:
+        """The manifest a new store starts with (storage/FORMAT.md)."""
+        out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[_MANIFEST_KEYS.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
+        out["committed_rows"] = 0
+        out["created_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        out["created_by"] = created_by
+        return out
+
+    # -- reopening ---------------------------------------------------------------------------------
+    @classmethod
+    def from_manifest(cls, m: dict[str, Any], where: object) -> StoreConfig:
+        if m.get("format") != FORMAT_NAME:
+            raise NotAStoreError(f"{where} holds a DuckDB file that is not an mrlstore catalog")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise CorruptStoreError(
+                f"{where} has format version {m.get('format_version')}; this mrlstore reads {FORMAT_VERSION}"
+            )
+        try:
+            values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name != "encoder"}
+        except KeyError as e:
+            raise CorruptStoreError(f"{where} has a manifest without {e}") from None
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values, encoder=m.get("encoder"))
+
+    def check_requested(self, requested: dict[str, Any], where: object) -> None:
+        """Raise ConfigMismatchError when a parameter given to ``open`` differs from the stored one."""
+        for key, value in requested.items():
+            if value is None:
+                continue
+            stored = getattr(self, key)
+            if key == "chunk_rows" and set(stored) == {value}:
+                continue  # one size for every band, as given at creation
+            if key == "index_dims" and tuple(sorted(value)) == stored:
+                continue  # kept sorted
+            if value != stored:
+                name = _MANIFEST_KEYS.get(key, key)
+                raise ConfigMismatchError(f"{where} was created with {name}={stored!r}, not {value!r}")

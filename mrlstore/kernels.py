@@ -1,0 +1,205 @@
+"""The query path's arithmetic: native kernels (``mrlstore/_kernels.c``) when built, numpy twins otherwise.
+
+Both return the same rows in the same order (scores agree to float rounding): a funnel stage adds the dot
+products and squared norms of the columns it reads to running float64 sums, scores come from those sums,
+and selection keeps the best n per query with ties broken by the lower row.
+
+    cosine = dot / sqrt(sq * qq)  (0 when a prefix is all zeros)    ip = dot    l2 = sqrt(max(sq - 2 dot + qq, 0))
+
+Candidates of a batch of queries travel as one flat array of row numbers (sorted within each query) and
+``offsets`` (query i owns ``rows[offsets[i]:offsets[i + 1]]``), so a stage is one native call for the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import numpy as np
+
+from .scoring import scores_from_sums, top
+
+try:
+    from . import _kernels as _native
+except ImportError:  # built without a C compiler: the numpy twins are correct, only slower
+    _native = None
+
+NATIVE = _native is not None
+NATIVE_F16C = bool(_native.HAVE_F16C) if _native is not None else False
+METRIC_CODES = {"cosine": 0, "ip": 1, "l2": 2}
+SCAN_BLOCK_ROWS = 16384  # numpy twin: rows widened per block (bounded memory)
+_MIN_NATIVE_WIDEN = 64  # below this the call overhead beats the conversion
+
+
+_CORES = os.cpu_count() or 1  # os.cpu_count() costs tens of microseconds a call
+
+
+def threads() -> int:
+    return _CORES
+
+
+class Rows(Protocol):
+    """What the kernels read: mrlstore.zarr_bands.BandedVectors."""
+
+    def kernel_bands(self, rows_needed: int) -> list[tuple]: ...
+
+    def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]: ...
+
+    def read_range(self, row_start: int, row_stop: int, col_start: int, col_stop: int) -> np.ndarray: ...
+
+    def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray: ...
+
+
+def as_float32(block: np.ndarray) -> np.ndarray:
+    """``block`` as float32 (no copy when it already is); float16 widens with F16C when built."""
+    if block.dtype == np.float32:
+        return block
+    if block.dtype == np.float16 and _native is not None and block.size >= _MIN_NATIVE_WIDEN:
+        src = np.ascontiguousarray(block)
+        out = np.empty(block.shape, dtype=np.float32)
+        _native.f16_to_f32(src, out)
+        return out
+    return block.astype(np.float32)
+
+
+def _best(scores: np.ndarray, rows: np.ndarray, n: int, metric: str) -> np.ndarray:
+    """Positions of the best ``n`` (score, row) pairs, best first, ties by the lower row."""
+    order = np.argsort(rows, kind="stable")
+    return order[top(scores[order], n, metric)]
+
+
+def query_norms(queries: np.ndarray, d: int) -> np.ndarray:
+    q = queries[:, :d].astype(np.float64)
+    return np.einsum("ij,ij->i", q, q)
+
+
+def accumulate(
+    vectors: Rows,
+    rows: np.ndarray,
+    offsets: np.ndarray,
+    queries: np.ndarray,
+    col_from: int,
+    col_to: int,
+    dot: np.ndarray,
+    sq: np.ndarray,
+    native: bool = NATIVE,
+) -> None:
+    """Add each candidate's dot product with its query and squared norm over ``col_from:col_to`` (in place)."""
+    if len(rows) == 0 or col_from >= col_to:
+        return
+    if native and _native is not None:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        bands = vectors.kernel_bands(int(rows.max()) + 1)
+        _native.accumulate(bands, rows, offsets, queries, queries.shape[1], col_from, col_to, dot, sq, threads())
+        return
+    for i in range(len(offsets) - 1):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        if a == b:
+            continue
+        lo = col_from
+        for stop, block in vectors.gather_bands(rows[a:b], col_from, col_to):
+            x = as_float32(block)
+            dot[a:b] += np.einsum("ij,j->i", x, queries[i, lo:stop])
+            sq[a:b] += np.einsum("ij,ij->i", x, x)
+            lo = stop
+
+
+def select(
+    rows: np.ndarray,
+    offsets: np.ndarray,
+    dot: np.ndarray,
+    sq: np.ndarray,
+    qq: np.ndarray,
+    metric: str,
+    keep: int,
+    by_row: bool,
+    native: bool = NATIVE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best ``keep`` candidates per query: (positions into rows/dot/sq, their scores, new offsets).
+    Survivors come best first, or in row order when ``by_row`` (a later stage reads them sequentially)."""
+    nq = len(offsets) - 1
+    if native and _native is not None:
+        pos = np.empty(nq * keep, dtype=np.int64)
+        scores = np.empty(nq * keep, dtype=np.float64)
+        counts = np.empty(nq, dtype=np.int64)
+        _native.select(rows, offsets, dot, sq, qq, METRIC_CODES[metric], keep, int(by_row), pos, scores, counts)
+        if counts.sum() != nq * keep:  # some queries had fewer candidates: close the gaps
+            take = np.concatenate([np.arange(i * keep, i * keep + c) for i, c in enumerate(counts)])
+            pos, scores = pos[take], scores[take]
+        return pos, scores, np.concatenate([[0], np.cumsum(counts)])
+    out_pos, out_scores, counts = [], [], []
+    for i in range(nq):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        s = scores_from_sums(dot[a:b], sq[a:b], qq[i], metric)
+        best = top(s, keep, metric)  # rows are sorted: position ties are row ties
+        if by_row:
+            best = np.sort(best)
+        out_pos.append(best + a)
+        out_scores.append(s[best])
+        counts.append(len(best))
+    return (
+        np.concatenate(out_pos) if out_pos else np.empty(0, np.int64),
+        np.concatenate(out_scores) if out_scores else np.empty(0),
+        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+    )
+
+
+def scan(
+    vectors: Rows,
+    queries: np.ndarray,
+    d: int,
+    n: int,
+    metric: str,
+    *,
+    rows: np.ndarray | None = None,
+    stop: int = 0,
+    live: np.ndarray | None = None,
+    native: bool = NATIVE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact best ``n`` on the ``d``-prefix per query over ``rows`` (sorted), or over rows ``0..stop`` where
+    ``live`` is True. Returns (rows, scores, offsets), best first within each query."""
+    nq = len(queries)
+    qq = query_norms(queries, d)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if rows is not None:
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if native and _native is not None:
+        last = int(rows[-1]) + 1 if rows is not None and len(rows) else stop
+        bands = vectors.kernel_bands(last)
+        out_rows = np.empty(nq * n, dtype=np.int64)
+        out_scores = np.empty(nq * n, dtype=np.float64)
+        counts = np.empty(nq, dtype=np.int64)
+        live_arg = None if live is None else live[:stop]
+        _native.scan(
+            bands, rows, 0, stop, live_arg, queries, queries.shape[1], d, qq, METRIC_CODES[metric], n,
+            out_rows, out_scores, counts, threads(),
+        )  # fmt: skip
+        take = np.concatenate([np.arange(i * n, i * n + c) for i, c in enumerate(counts)])
+        return out_rows[take], out_scores[take], np.concatenate([[0], np.cumsum(counts)])
+    return _scan_numpy(vectors, queries, d, n, metric, qq, rows, stop, live)
+
+
+def _scan_numpy(vectors, queries, d, n, metric, qq, rows, stop, live):
+    nq = len(queries)
+    q = np.ascontiguousarray(queries[:, :d], dtype=np.float32)
+    best_rows = [np.empty(0, np.int64) for _ in range(nq)]
+    best_scores = [np.empty(0, np.float64) for _ in range(nq)]
+    total = len(rows) if rows is not None else stop
+    for lo in range(0, total, SCAN_BLOCK_ROWS):
+        hi = min(lo + SCAN_BLOCK_ROWS, total)
+        if rows is not None:
+            block_rows = rows[lo:hi]
+            x = vectors.gather(block_rows, 0, d)
+        else:
+            keep = np.flatnonzero(live[lo:hi]) if live is not None else np.arange(hi - lo)
+            block_rows = keep + lo
+            x = vectors.read_range(lo, hi, 0, d)[keep]
+        dot = (x @ q.T).astype(np.float64)
+        sq = np.einsum("ij,ij->i", x, x).astype(np.float64)
+        for j in range(nq):
+            s = np.concatenate([best_scores[j], scores_from_sums(dot[:, j], sq, qq[j], metric)])
+            r = np.concatenate([best_rows[j], block_rows])
+            keep_pos = _best(s, r, n, metric)
+            best_rows[j], best_scores[j] = r[keep_pos], s[keep_pos]
+    counts = [len(r) for r in best_rows]
+    return np.concatenate(best_rows), np.concatenate(best_scores), np.concatenate([[0], np.cumsum(counts)])

@@ -1,0 +1,174 @@
+"""Tuning: the cheapest shortlist (and HNSW beam) per funnel shape that reaches a recall target, measured
+on the store's own rows, and the query plans that use it.
+
+The manifest's ``tuned`` entry holds the fastest shape's setting at its top level (``dims``, ``shortlist``,
+``ef``, ``recall``, ``ms_per_query``, ``k``, ``target``, ``sample``) and every measured shape under
+``shapes`` (key ``"16,2048"``), so ``query(dims=[16, 2048])`` without ``shortlist`` uses the setting tuned
+for exactly that funnel. Stores tuned before shapes existed have only the top level; it still applies.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidDimsError, InvalidKError, TuningError
+from .search import Funnel, Plan, Snapshot, shortlist_sizes
+from .validation import dims_tuple, positive_int
+
+# Shortlists tried, smallest first; a funnel that needs more than the budget is not worth having.
+GRID = (10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200)
+MAX_SHORTLIST = 3200
+
+
+def shape_key(dims: Sequence[int]) -> str:
+    return ",".join(str(int(d)) for d in dims)
+
+
+def funnel_shapes(index_dims: Sequence[int], bands: Sequence[int], dim: int) -> list[tuple[int, ...]]:
+    """The shapes users pass: for every indexed prefix d < dim, d -> dim and d -> every band edge -> dim."""
+    shapes: list[tuple[int, ...]] = []
+    for d in index_dims:
+        if d >= dim:
+            continue
+        shapes.append((d, dim))
+        edges = tuple(b for b in bands if d < b < dim)
+        if edges:
+            shapes.append((d, *edges, dim))
+    return shapes or [(index_dims[0],) if index_dims else (dim,)]
+
+
+def default_dims(index_dims: Sequence[int], dim: int) -> tuple[int, ...]:
+    return (index_dims[0], dim) if index_dims and index_dims[0] < dim else (dim,)
+
+
+def make_plan(
+    tuned: dict[str, Any] | None,
+    dims: Sequence[int] | int | None,
+    k: Any,
+    shortlist: int | Sequence[int] | None,
+    ef: int | None,
+    index_dims: Sequence[int],
+    dim: int,
+) -> Plan:
+    """Validate a query's arguments and resolve them against the tuned settings."""
+    k = positive_int(k, "k")
+    if ef is not None:
+        ef = positive_int(ef, "ef")
+    setting = _tuned_setting(tuned, dims, dim) if shortlist is None else None
+    if setting is not None:
+        dims = setting["dims"]
+        shortlist = max(k, setting["shortlist"] * k // setting["k"])
+        ef = ef if ef is not None else max(setting["ef"], shortlist)
+    dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
+    try:
+        sizes = shortlist_sizes(shortlist, k, len(dims_t))
+    except (ValueError, TypeError) as e:
+        raise InvalidKError(str(e)) from None
+    for s in sizes:
+        positive_int(s, "shortlist")
+        if s < k:
+            raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
+    return Plan(dims_t, k, tuple(sizes), ef)
+
+
+def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[str, Any] | None:
+    if not tuned:
+        return None
+    if dims is None:
+        return tuned
+    try:
+        key = shape_key(dims_tuple(dims, dim))
+    except InvalidDimsError:
+        return None  # make_plan reports the bad dims
+    setting = tuned.get("shapes", {}).get(key)
+    if setting is None and shape_key(tuned["dims"]) == key:
+        setting = tuned
+    return None if setting is None else {**setting, "dims": list(dims_tuple(dims, dim)), "k": tuned["k"]}
+
+
+def tune(
+    funnel: Funnel,
+    snap: Snapshot,
+    shapes: list[tuple[int, ...]],
+    recall: float,
+    k: int,
+    sample: int,
+    seed: int,
+    dim: int,
+    read_queries: Any,
+) -> dict[str, Any]:
+    """Measure every shape's cheapest shortlist reaching ``recall`` (recall@k against exact ``dim``-d search,
+    each sampled row's own entry excluded); returns the choice to persist. ``read_queries(rows)`` gives the
+    sampled rows' vectors. Raises TuningError, persisting nothing, when no shape reaches the target."""
+    live_rows = np.flatnonzero(snap.live[: snap.watermark])
+    rng = np.random.default_rng(seed)
+    probe = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
+    queries = read_queries(probe)
+    t0 = time.perf_counter()
+    found, offsets, _ = funnel.exact(snap, queries, dim, k + 1)
+    exact_ms = 1e3 * (time.perf_counter() - t0) / len(queries)
+    truth = [_others(found[a:b], r, k) for r, a, b in zip(probe, offsets[:-1], offsets[1:])]
+    budget = min(MAX_SHORTLIST, max(20 * k, len(live_rows) // 4))
+    grid = [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
+    tried: list[dict[str, Any]] = []
+    best_per_shape: dict[str, dict[str, Any]] = {}
+    for dims_t in shapes:
+        for s in grid:
+            point = _measure(funnel, snap, queries, probe, truth, dims_t, s, k, recall)
+            tried.append(point)
+            best_per_shape[shape_key(dims_t)] = point
+            if point["reached"]:
+                break
+    reached = [p for p in best_per_shape.values() if p["reached"]]
+    if not reached:
+        best = max(tried, key=lambda p: p["recall"])
+        raise TuningError(
+            f"no funnel reaches recall {recall} with a shortlist of at most {budget} (best {best['recall']:.3f} "
+            f"with dims={best['dims']}, shortlist {best['shortlist']}); nothing was saved: lower the target, index "
+            "a longer prefix, or check that the vectors have Matryoshka structure (short prefixes that rank well)"
+        )
+    missed = [p for p in best_per_shape.values() if not p["reached"]]
+    if missed:
+        warnings.warn(
+            "tune: "
+            + "; ".join(f"dims={p['dims']} reached only {p['recall']:.3f} (shortlist {p['shortlist']})" for p in missed)
+            + f" against the target {recall}; queries with those dims use that best-effort setting",
+            stacklevel=3,
+        )
+    best = min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
+    shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached")}
+                  for key, p in best_per_shape.items()}  # fmt: skip
+    return {
+        **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "ms_per_query")},
+        "k": k,
+        "target": recall,
+        "sample": len(probe),
+        "exact_ms_per_query": exact_ms,
+        "shapes": shapes_out,
+        "tried": tried,
+    }
+
+
+def _others(rows: np.ndarray, own: int, k: int) -> np.ndarray:
+    return rows[rows != own][:k]
+
+
+def _measure(funnel, snap, queries, probe, truth, dims_t, s, k, target) -> dict[str, Any]:
+    sizes = tuple(shortlist_sizes(s, k + 1, len(dims_t))) if len(dims_t) > 1 else ()
+    ef = max(funnel.ef_search, s)
+    plan = Plan(tuple(dims_t), k + 1, sizes, ef)
+    # One query at a time: the latency a caller of query() sees (a batch would time the threads).
+    t0 = time.perf_counter()
+    found = [funnel.run(snap, q[None], plan)[0] for q in queries]
+    ms = 1e3 * (time.perf_counter() - t0) / len(queries)
+    got = float(
+        np.mean([len(set(_others(f, r, k).tolist()) & set(t.tolist())) / k for r, f, t in zip(probe, found, truth)])
+    )
+    return {
+        "dims": list(dims_t), "shortlist": s, "ef": ef, "recall": got, "ms_per_query": ms, "reached": got >= target,
+    }  # fmt: skip

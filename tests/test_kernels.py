@@ -1,0 +1,170 @@
+"""Scoring and the query kernels: the native kernels and their numpy twins return the same results, and both
+agree with the float64 reference of ``mrlstore.scoring``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mrlstore
+from mrlstore import kernels, scoring, search
+from mrlstore.scoring import METRICS
+
+needs_native = pytest.mark.skipif(not kernels.NATIVE, reason="built without a C compiler: numpy twins only")
+
+
+def test_top_orders_best_first_with_stable_ties():
+    s = np.array([0.1, 0.9, 0.5, 0.9, -1.0])
+    assert scoring.top(s, 3, "cosine").tolist() == [1, 3, 2]
+    assert scoring.top(s, 2, "l2").tolist() == [4, 0]
+    assert scoring.top(s, 10, "ip").tolist() == [1, 3, 2, 0, 4]
+    assert scoring.top(s, 0, "ip").tolist() == []
+    assert scoring.top(np.array([0.5, 0.9, 0.9, 0.9]), 2, "ip").tolist() == [1, 2]  # ties at the cut: by position
+
+
+def test_default_shortlists_follow_the_paper():
+    assert search.default_shortlists(10, 2) == [200]
+    assert search.default_shortlists(10, 4) == [200, 100, 50]
+    assert search.default_shortlists(50, 3) == [1000, 500]
+    assert search.shortlist_sizes([30, 20], 5, 3) == [30, 20]
+    with pytest.raises(ValueError):
+        search.shortlist_sizes([30], 5, 3)
+
+
+def test_zero_prefixes_score_zero_under_cosine():
+    x = np.array([[0, 0], [1, 1]], np.float32)
+    assert scoring.prefix_scores(x, np.ones(2), 2, "cosine")[:, 0].tolist() == [0.0, 1.0]
+    assert (scoring.prefix_scores(x, np.zeros(2), 2, "cosine") == 0).all()
+
+
+@pytest.fixture(scope="module", params=["float16", "float32"])
+def loaded(request, tmp_path_factory):
+    """A store whose small chunks and bands make every read cross chunk and band edges; rows 5-9 deleted."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((700, 64)).astype(np.float32)
+    path = tmp_path_factory.mktemp("k") / "s"
+    store = mrlstore.open(path, dim=64, bands=(8, 24, 64), index_dims=(8,), chunk_rows=64, dtype=request.param)
+    store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+    store.delete([str(i) for i in range(5, 10)])
+    stored = x.astype(request.param).astype(np.float32)
+    yield store, stored
+    store.close()
+
+
+def _flat(per_query):
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in per_query])]).astype(np.int64)
+    return np.concatenate(per_query).astype(np.int64), offsets
+
+
+@needs_native
+@pytest.mark.parametrize("metric", METRICS)
+def test_stage_kernels_match_the_numpy_twins_and_the_reference(loaded, metric):
+    store, x = loaded
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((3, 64)).astype(np.float32)
+    per_query = [np.sort(rng.choice(700, size=n, replace=False)) for n in (90, 1, 300)]
+    rows, offsets = _flat(per_query)
+    results = {}
+    for native in (True, False):
+        dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
+        kernels.accumulate(store._vectors, rows, offsets, queries, 0, 20, dot, sq, native=native)
+        kernels.accumulate(store._vectors, rows, offsets, queries, 20, 50, dot, sq, native=native)
+        qq = kernels.query_norms(queries, 50)
+        results[native] = kernels.select(rows, offsets, dot, sq, qq, metric, 7, by_row=False, native=native)
+        by_row = kernels.select(rows, offsets, dot, sq, qq, metric, 7, by_row=True, native=native)
+        for i in range(3):
+            a, b = by_row[2][i], by_row[2][i + 1]
+            assert np.all(np.diff(rows[by_row[0][a:b]]) > 0)
+    (pos_n, s_n, off_n), (pos_p, s_p, off_p) = results[True], results[False]
+    assert off_n.tolist() == off_p.tolist() == [0, 7, 8, 15]
+    assert rows[pos_n].tolist() == rows[pos_p].tolist()
+    np.testing.assert_allclose(s_n, s_p, rtol=1e-5, atol=1e-6)
+    for i, cand in enumerate(per_query):
+        ref = scoring.prefix_scores(x[cand], queries[i], 50, metric)[:, 0]
+        best = cand[scoring.top(ref, 7, metric)]
+        assert rows[pos_n[off_n[i] : off_n[i + 1]]].tolist() == best.tolist()
+        np.testing.assert_allclose(s_n[off_n[i] : off_n[i + 1]], np.sort(ref)[::-1][:7] if metric != "l2"
+                                   else np.sort(ref)[:7], rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+@needs_native
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n_queries", [1, 4])
+def test_scan_kernel_matches_the_numpy_twin_and_the_reference(loaded, metric, n_queries):
+    store, x = loaded
+    snap = store._snap
+    queries = np.random.default_rng(3).standard_normal((n_queries, 64)).astype(np.float32)
+    allowed = np.flatnonzero(snap.live[: snap.watermark])[::3]
+    for kw, candidates in (
+        ({"stop": snap.watermark, "live": snap.live}, np.flatnonzero(snap.live[: snap.watermark])),
+        ({"rows": allowed}, allowed),
+    ):
+        got = {n: kernels.scan(store._vectors, queries, 40, 12, metric, native=n, **kw) for n in (True, False)}
+        assert got[True][0].tolist() == got[False][0].tolist()
+        assert got[True][2].tolist() == got[False][2].tolist() == list(range(0, 12 * n_queries + 1, 12))
+        np.testing.assert_allclose(got[True][1], got[False][1], rtol=1e-5, atol=1e-6)
+        ref = scoring.prefix_scores(x[candidates], queries, 40, metric)
+        for i in range(n_queries):
+            assert (
+                got[True][0][12 * i : 12 * (i + 1)].tolist() == candidates[scoring.top(ref[:, i], 12, metric)].tolist()
+            )
+
+
+@needs_native
+def test_scan_kernel_uses_threads_on_large_scans_with_the_same_result(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((20000, 128)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=128, bands=(16, 128), index_dims=(16,), chunk_rows=3000) as store:
+        store.add_vectors(x)
+        snap = store._snap
+        q = rng.standard_normal((1, 128)).astype(np.float32)
+        got = [kernels.scan(store._vectors, q, 128, 50, "cosine", stop=snap.watermark, live=snap.live, native=n)
+               for n in (True, False)]  # fmt: skip
+        assert got[0][0].tolist() == got[1][0].tolist()
+
+
+@needs_native
+def test_portable_scoring_loops_agree_with_simd(loaded):
+    store, _ = loaded
+    native = pytest.importorskip("mrlstore._kernels")
+    rows = np.arange(0, 600, 7, dtype=np.int64)
+    offsets = np.array([0, len(rows)], dtype=np.int64)
+    q = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)
+    out = []
+    for simd in (True, False):
+        native.set_simd(simd)
+        dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
+        kernels.accumulate(store._vectors, rows, offsets, q, 0, 64, dot, sq)
+        out.append((dot, sq))
+    native.set_simd(True)
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
+
+
+def test_store_queries_agree_between_native_and_numpy(loaded, monkeypatch):
+    store, _ = loaded
+    queries = np.random.default_rng(6).standard_normal((5, 64)).astype(np.float32)
+    calls = [
+        dict(dims=[8, 64], shortlist=50),
+        dict(dims=[8, 24, 64], shortlist=[60, 30]),
+        dict(dims=[64]),
+        dict(dims=[24, 64], shortlist=40),
+        dict(dims=[8, 64], shortlist=50, where="id < '300'"),
+    ]
+    native = [[h.ids for h in store.query(queries, k=10, metadata=False, **kw)] for kw in calls]
+    monkeypatch.setattr(kernels, "_native", None)
+    numpy_only = [[h.ids for h in store.query(queries, k=10, metadata=False, **kw)] for kw in calls]
+    assert native == numpy_only
+    assert all(str(r) not in ids for per_call in native for ids in per_call for r in range(5, 10))  # deleted
+
+
+def test_kernels_refuse_rows_past_the_mapped_chunks(loaded):
+    store, _ = loaded
+    if not kernels.NATIVE:
+        pytest.skip("native kernels not built")
+    bands = [(np.zeros(1, np.uint64), 64, 0, 8, 1)]  # chunk 0 unmapped (address 0)
+    native = pytest.importorskip("mrlstore._kernels")
+    rows = np.array([3], np.int64)
+    with pytest.raises(IndexError):
+        native.accumulate(bands, rows, np.array([0, 1], np.int64), np.ones((1, 8), np.float32), 8, 0, 8,
+                          np.zeros(1), np.zeros(1), 1)  # fmt: skip

@@ -1,0 +1,168 @@
+"""The query path: metadata from the in-memory copy, filter results per version, tuning per funnel shape."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import mrlstore
+from mrlstore import tuning
+from mrlstore.synthetic import mrl_like
+
+
+def _meta_of_hits(hits):
+    return {i: m for i, m in zip(hits.ids, hits.metadata)}
+
+
+def test_hit_metadata_matches_the_catalog_across_commits_deletes_upserts_and_reopen(tmp_path, rng):
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=64) as store:
+        store.add_vectors(x[:100], ids=[f"a{i}" for i in range(100)])  # no metadata at all
+        store.add_vectors(x[100:200], ids=[f"b{i}" for i in range(100)], metadata=[{"n": i} for i in range(100)])
+        # a new column, an int given as text into the BIGINT column (DuckDB casts it), and nulls
+        meta = pa.table({"n": pa.array([str(i) for i in range(50)]), "tag": pa.array(["t"] * 50)})
+        store.add_vectors(x[200:250], ids=[f"c{i}" for i in range(50)], metadata=meta)
+        store.upsert_vectors(x[250:252], ids=["b3", "new"], metadata=[{"tag": "up"}, {"n": 7}])
+        store.delete(["b4", "c5"])
+
+        def check(s):
+            expected = {
+                r["id"]: {k: v for k, v in r.items() if k != "id"} for r in s.sql("SELECT * FROM items").to_pylist()
+            }
+            for q in list(x[:252:7]) + [x[250], x[251]]:
+                hits = s.query(q, k=20, dims=[16, 64])
+                assert len(hits.ids) == 20
+                for i, m in _meta_of_hits(hits).items():
+                    assert m == expected[i], i
+                table = hits.to_arrow()
+                assert table.column("id").to_pylist() == hits.ids
+                assert table.column_names == ["id", "score", "n", "tag"]
+            assert s.query(x[250], k=1, dims=[64]).metadata == [{"n": None, "tag": "up"}]  # upsert replaced it
+            assert s.query(x[201], k=1, dims=[64]).metadata == [{"n": 1, "tag": "t"}]  # "1" stored as BIGINT 1
+            assert "b4" not in s.query(x[104], k=5, dims=[64]).ids
+
+        check(store)
+    with mrlstore.open(path, read_only=True) as store:
+        check(store)
+
+
+def test_metadata_false_and_stores_without_columns(small_store, rng):
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    small_store.add_vectors(x)
+    assert small_store.query(x[0], k=3).metadata == [{}, {}, {}]
+    assert small_store.query(x[0], k=3, metadata=False).metadata == []
+    assert small_store.query(x[0], k=3).to_arrow().column_names == ["id", "score"]
+
+
+def test_filters_see_every_commit_and_delete(small_store, rng):
+    x = rng.standard_normal((60, 64)).astype(np.float32)
+    small_store.add_vectors(x[:30], ids=[str(i) for i in range(30)], metadata=[{"g": i % 3} for i in range(30)])
+    where = "g = 1"
+    first = small_store.query(x[31], k=30, dims=[64], where=where).ids
+    assert sorted(first, key=int) == [str(i) for i in range(1, 30, 3)]
+    small_store.add_vectors(x[30:], ids=[str(i) for i in range(30, 60)], metadata=[{"g": 1}] * 30)
+    assert len(small_store.query(x[31], k=100, dims=[64], where=where).ids) == 10 + 30
+    small_store.delete(["31", "1"])
+    after = small_store.query(x[31], k=100, dims=[64], where=where).ids
+    assert len(after) == 38 and "31" not in after and "1" not in after
+    small_store.upsert_vectors(x[:1], ids=["4"], metadata=[{"g": 2}])  # row 4 (g=1) replaced with g=2
+    assert "4" not in small_store.query(x[0], k=100, dims=[64], where=where).ids
+
+
+def test_queries_with_metadata_from_threads_during_writes(tmp_path, rng):
+    """Every hit's metadata belongs to its id while writers add, upsert and delete concurrently."""
+    x = rng.standard_normal((3000, 64)).astype(np.float32)
+    errors: list[BaseException] = []
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 16, 64), index_dims=(8, 16), chunk_rows=64) as store:
+        store.add_vectors(x[:300], ids=[str(i) for i in range(300)], metadata=[{"n": i} for i in range(300)])
+        stop = threading.Event()
+
+        def reader(seed: int) -> None:
+            r = np.random.default_rng(seed)
+            try:
+                while not stop.is_set():
+                    batch = x[r.integers(0, 300, 4)]
+                    for hits in store.query(batch, k=5, dims=[16, 64], where="n % 2 = 0" if r.random() < 0.3 else None):
+                        for i, m in zip(hits.ids, hits.metadata):
+                            assert m["n"] in (int(i), -int(i)), (i, m)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        for lo in range(300, 3000, 300):
+            store.add_vectors(x[lo : lo + 300], ids=[str(i) for i in range(lo, lo + 300)],
+                              metadata=[{"n": i} for i in range(lo, lo + 300)])  # fmt: skip
+            store.upsert_vectors(x[lo - 5 : lo], ids=[str(i) for i in range(lo - 5, lo)],
+                                 metadata=[{"n": -i} for i in range(lo - 5, lo)])  # fmt: skip
+            store.delete([str(lo + 1)])
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+
+
+@pytest.fixture(scope="module")
+def mrl_store(tmp_path_factory):
+    x, _ = mrl_like(4000, 256, noise=1.0, seed=7)
+    path = tmp_path_factory.mktemp("shapes") / "s"
+    store = mrlstore.open(path, dim=256, bands=(16, 64, 256))
+    store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+    yield store, x
+    store.close()
+
+
+def test_tune_covers_every_shape_and_query_with_dims_uses_its_setting(mrl_store):
+    store, x = mrl_store
+    assert store.index_dims == (16, 32)  # the default
+    choice = store.tune(recall=0.9, k=10, sample=100)
+    assert set(choice["shapes"]) == {"16,256", "16,64,256", "32,256", "32,64,256"}
+    assert store.info()["tuned"]["shapes"] == choice["shapes"]
+    assert "tried" not in store.info()["tuned"]
+    for key, setting in choice["shapes"].items():
+        dims = [int(d) for d in key.split(",")]
+        plan = tuning.make_plan(store.manifest["tuned"], dims, 10, None, None, store.index_dims, store.dim)
+        assert plan.dims == tuple(dims) and plan.sizes[0] == setting["shortlist"]
+        if setting["reached"]:
+            assert setting["recall"] >= 0.9
+        got = store.query(x[:20], k=10, dims=dims, metadata=False)
+        explicit = store.query(
+            x[:20], k=10, dims=dims, shortlist=setting["shortlist"], ef=setting["ef"], metadata=False
+        )
+        assert [h.ids for h in got] == [h.ids for h in explicit]
+    # k=20 scales the tuned shortlist; an explicit shortlist overrides the tuning
+    plan = tuning.make_plan(store.manifest["tuned"], [16, 256], 20, None, None, store.index_dims, store.dim)
+    assert plan.sizes[0] == 2 * choice["shapes"]["16,256"]["shortlist"]
+    plan = tuning.make_plan(store.manifest["tuned"], [16, 256], 10, 77, None, store.index_dims, store.dim)
+    assert plan.sizes == (77,)
+
+
+def test_tune_refuses_an_unreachable_target_and_keeps_the_previous_setting(tmp_path, rng):
+    x = rng.standard_normal((3000, 256)).astype(np.float32)  # no Matryoshka structure: prefixes rank poorly
+    with mrlstore.open(tmp_path / "s", dim=256, bands=(16, 64, 256)) as store:
+        store.add_vectors(x)
+        first = store.tune(recall=0.2, k=10, sample=50)
+        with pytest.raises(mrlstore.TuningError, match=r"no funnel reaches recall 0.95 .*best 0\.\d+"):
+            store.tune(recall=0.95, k=10, sample=50)
+        assert store.manifest["tuned"]["target"] == 0.2 and store.manifest["tuned"] == first
+        assert all(t["shortlist"] <= 3000 // 4 for t in first["tried"])  # never a store-sized shortlist
+    with mrlstore.open(tmp_path / "s", read_only=True) as store:
+        assert store.info()["tuned"]["target"] == 0.2
+
+
+def test_tune_warns_about_shapes_that_miss_the_target(tmp_path):
+    x, _ = mrl_like(3000, 256, noise=1.0, seed=8)
+    with mrlstore.open(tmp_path / "s", dim=256, bands=(64, 256), index_dims=(2, 128)) as store:
+        store.add_vectors(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            choice = store.tune(recall=0.95, k=10, sample=60)
+        assert choice["dims"] == [128, 256]
+        assert not choice["shapes"]["2,256"]["reached"]
+        assert any("dims=[2, 256] reached only" in str(w.message) for w in caught)
