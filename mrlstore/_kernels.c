@@ -128,6 +128,31 @@ __attribute__((target("avx2,fma,f16c"))) static double dot_f32_simd(const float 
     for (; i < n; i++) dd += (double)(x[i] * q[i]);
     return dd;
 }
+
+/* Four dot products of one widened row with four queries: the row is loaded once for all four. */
+__attribute__((target("avx2,fma,f16c"))) static void dot4_f32_simd(const float *x, const float *q0, const float *q1,
+                                                                     const float *q2, const float *q3, int n,
+                                                                     double *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q0 + i), a0);
+        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q1 + i), a1);
+        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q2 + i), a2);
+        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(q3 + i), a3);
+    }
+    out[0] = hsum(a0);
+    out[1] = hsum(a1);
+    out[2] = hsum(a2);
+    out[3] = hsum(a3);
+    for (; i < n; i++) {
+        out[0] += (double)(x[i] * q0[i]);
+        out[1] += (double)(x[i] * q1[i]);
+        out[2] += (double)(x[i] * q2[i]);
+        out[3] += (double)(x[i] * q3[i]);
+    }
+}
 #endif
 
 static void widen(const uint16_t *src, float *dst, Py_ssize_t n) {
@@ -159,6 +184,27 @@ static void dot_sq(const void *x, int f16, const float *q, int n, double *dot, d
     }
 #endif
     dot_sq_portable(x, f16, q, n, dot, sq);
+}
+
+static void dot4_f32(const float *x, const float *q0, const float *q1, const float *q2, const float *q3, int n,
+                     double *out) {
+#ifdef MRL_X86
+    if (have_simd) {
+        dot4_f32_simd(x, q0, q1, q2, q3, n, out);
+        return;
+    }
+#endif
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    for (int i = 0; i < n; i++) {
+        s0 += x[i] * q0[i];
+        s1 += x[i] * q1[i];
+        s2 += x[i] * q2[i];
+        s3 += x[i] * q3[i];
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+    out[3] = s3;
 }
 
 static double dot_f32(const float *x, const float *q, int n) {
@@ -397,9 +443,24 @@ typedef struct {
     volatile int failed;
 } AccCtx;
 
+/* Ask for the start of a row's columns [from, to) in every band ahead of use (scattered rows: the hardware
+ * prefetcher cannot guess the next one). */
+static inline void prefetch_row(const Bands *bs, int64_t row, int from, int to) {
+    for (int i = 0; i < bs->n; i++) {
+        const Band *b = &bs->b[i];
+        int lo = from > b->start ? from : b->start, hi = to < b->start + b->width ? to : b->start + b->width;
+        if (lo >= hi) continue;
+        const char *p = band_row(b, row, lo);
+        if (!p) continue;
+        size_t bytes = (size_t)(hi - lo) * b->itemsize;
+        for (size_t off = 0; off < bytes && off < 1024; off += 64) __builtin_prefetch(p + off, 0, 0);
+    }
+}
+
 static void acc_range(AccCtx *c, Py_ssize_t q, Py_ssize_t lo, Py_ssize_t hi) {
     const float *qv = c->queries + q * c->qstride;
     for (Py_ssize_t i = lo; i < hi; i++) {
+        if (i + 1 < hi) prefetch_row(c->bs, c->rows[i + 1], c->from, c->to);
         if (row_dot_sq(c->bs, c->rows[i], qv, c->from, c->to, &c->dot[i], &c->sq[i])) c->failed = 1;
     }
 }
@@ -575,8 +636,17 @@ static void scan_work(void *ctx, int part, int parts) {
             c->failed = 1;
             break;
         }
-        double sq = dot_f32(buf, buf, c->to);
-        for (Py_ssize_t q = 0; q < c->nq; q++) {
+        double sq = dot_f32(buf, buf, c->to), dots[4];
+        Py_ssize_t q = 0;
+        for (; q + 4 <= c->nq; q += 4) {
+            const float *qv = c->queries + q * c->qstride;
+            dot4_f32(buf, qv, qv + c->qstride, qv + 2 * c->qstride, qv + 3 * c->qstride, c->to, dots);
+            for (int j = 0; j < 4; j++) {
+                double sc = score_of(c->metric, dots[j], sq, c->qq[q + j]);
+                heap_push(&h[q + j], (Entry){c->metric == L2 ? -sc : sc, row, 0});
+            }
+        }
+        for (; q < c->nq; q++) {
             double sc = score_of(c->metric, dot_f32(buf, c->queries + q * c->qstride, c->to), sq, c->qq[q]);
             heap_push(&h[q], (Entry){c->metric == L2 ? -sc : sc, row, 0});
         }
@@ -584,6 +654,23 @@ static void scan_work(void *ctx, int part, int parts) {
     for (Py_ssize_t q = 0; q < c->nq; q++) c->counts[(size_t)part * c->nq + q] = h[q].n;
     free(h);
     free(buf);
+}
+
+/* Merge every part's heaps into part 0's and write each query's best, best first. */
+static void merge_parts(ScanCtx *c, int64_t *out_rows, double *out_scores, int64_t *out_counts) {
+    for (Py_ssize_t q = 0; q < c->nq; q++) {
+        Heap h = {c->heaps + (size_t)q * c->keep, c->counts[q], c->keep}; /* part 0's heap, in place */
+        for (int p = 1; p < c->parts; p++) {
+            const Entry *e = c->heaps + ((size_t)p * c->nq + q) * c->keep;
+            for (int j = 0; j < c->counts[(size_t)p * c->nq + q]; j++) heap_push(&h, e[j]);
+        }
+        qsort(h.e, (size_t)h.n, sizeof(Entry), cmp_best_first);
+        for (int j = 0; j < h.n; j++) {
+            out_rows[q * c->keep + j] = h.e[j].row;
+            out_scores[q * c->keep + j] = c->metric == L2 ? -h.e[j].key : h.e[j].key;
+        }
+        out_counts[q] = h.n;
+    }
 }
 
 /* scan(bands, rows_or_None, lo, hi, live_or_None, queries, qstride, col_to, qq, metric, keep, out_rows,
@@ -633,21 +720,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     int64_t *out_rows = orows.buf, *out_counts = ocounts.buf;
     double *out_scores = oscores.buf;
     Py_BEGIN_ALLOW_THREADS parallel(scan_work, &c, parts);
-    if (!c.failed) {
-        for (Py_ssize_t q = 0; q < nq; q++) { /* merge the parts' heaps */
-            Heap h = {heaps + (size_t)q * keep, counts[q], keep}; /* part 0's heap, in place */
-            for (int p = 1; p < parts; p++) {
-                const Entry *e = heaps + ((size_t)p * nq + q) * keep;
-                for (int j = 0; j < counts[(size_t)p * nq + q]; j++) heap_push(&h, e[j]);
-            }
-            qsort(h.e, (size_t)h.n, sizeof(Entry), cmp_best_first);
-            for (int j = 0; j < h.n; j++) {
-                out_rows[q * keep + j] = h.e[j].row;
-                out_scores[q * keep + j] = metric == L2 ? -h.e[j].key : h.e[j].key;
-            }
-            out_counts[q] = h.n;
-        }
-    }
+    if (!c.failed) merge_parts(&c, out_rows, out_scores, out_counts);
     Py_END_ALLOW_THREADS if (c.failed == 1) PyErr_SetString(PyExc_IndexError, "a scanned row lies past the mapped chunks");
     else if (c.failed) PyErr_NoMemory();
     else {

@@ -116,7 +116,7 @@ def tune(
     budget = min(MAX_SHORTLIST, max(20 * k, len(live_rows) // 4))
     grid = [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
     tried: list[dict[str, Any]] = []
-    best_per_shape: dict[str, dict[str, Any]] = {}
+    best_per_shape: dict[str, dict[str, Any]] = {}  # each shape's cheapest reaching point, or its last try
     for dims_t in shapes:
         for s in grid:
             point = _measure(funnel, snap, queries, probe, truth, dims_t, s, k, recall)
@@ -124,6 +124,22 @@ def tune(
             best_per_shape[shape_key(dims_t)] = point
             if point["reached"]:
                 break
+    best = _choose(best_per_shape, tried, recall, budget)
+    shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached")}
+                  for key, p in best_per_shape.items()}  # fmt: skip
+    return {
+        **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "ms_per_query")},
+        "k": k,
+        "target": recall,
+        "sample": len(probe),
+        "exact_ms_per_query": exact_ms,
+        "shapes": shapes_out,
+        "tried": tried,
+    }
+
+
+def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any]], recall: float, budget: int):
+    """The fastest shape that reached the target; a warning names the shapes that missed it."""
     reached = [p for p in best_per_shape.values() if p["reached"]]
     if not reached:
         best = max(tried, key=lambda p: p["recall"])
@@ -138,20 +154,9 @@ def tune(
             "tune: "
             + "; ".join(f"dims={p['dims']} reached only {p['recall']:.3f} (shortlist {p['shortlist']})" for p in missed)
             + f" against the target {recall}; queries with those dims use that best-effort setting",
-            stacklevel=3,
+            stacklevel=4,  # the caller of Store.tune
         )
-    best = min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
-    shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached")}
-                  for key, p in best_per_shape.items()}  # fmt: skip
-    return {
-        **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "ms_per_query")},
-        "k": k,
-        "target": recall,
-        "sample": len(probe),
-        "exact_ms_per_query": exact_ms,
-        "shapes": shapes_out,
-        "tried": tried,
-    }
+    return min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
 
 
 def _others(rows: np.ndarray, own: int, k: int) -> np.ndarray:
