@@ -30,6 +30,7 @@
 
 #define MAX_BANDS 64
 #define MAX_THREADS 64
+#define PREFETCH_AHEAD 4 /* candidate rows requested ahead: a scattered row is a DRAM round trip */
 enum { COSINE = 0, IP = 1, L2 = 2 };
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -453,14 +454,15 @@ static inline void prefetch_row(const Bands *bs, int64_t row, int from, int to) 
         const char *p = band_row(b, row, lo);
         if (!p) continue;
         size_t bytes = (size_t)(hi - lo) * b->itemsize;
-        for (size_t off = 0; off < bytes && off < 1024; off += 64) __builtin_prefetch(p + off, 0, 0);
+        for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
     }
 }
 
 static void acc_range(AccCtx *c, Py_ssize_t q, Py_ssize_t lo, Py_ssize_t hi) {
     const float *qv = c->queries + q * c->qstride;
+    for (Py_ssize_t i = lo; i < hi && i < lo + PREFETCH_AHEAD; i++) prefetch_row(c->bs, c->rows[i], c->from, c->to);
     for (Py_ssize_t i = lo; i < hi; i++) {
-        if (i + 1 < hi) prefetch_row(c->bs, c->rows[i + 1], c->from, c->to);
+        if (i + PREFETCH_AHEAD < hi) prefetch_row(c->bs, c->rows[i + PREFETCH_AHEAD], c->from, c->to);
         if (row_dot_sq(c->bs, c->rows[i], qv, c->from, c->to, &c->dot[i], &c->sq[i])) c->failed = 1;
     }
 }

@@ -147,23 +147,25 @@ class PrefixIndex:
     def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray:
         """Row numbers of the approximate ``k`` nearest rows per query (-1 pads when fewer exist)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries)[:, : self.dim], dtype=np.float32)
-        out = np.full((len(queries), k), -1, dtype=np.int64)
         k_eff = min(k, self.live_count)
         if k_eff <= 0:
-            return out
+            return np.full((len(queries), k), -1, dtype=np.int64)
         ef = max(ef, k_eff)
+        labels = None
         # ef is index-wide state in hnswlib: change it only while no other search runs.
         if ef == self._ef:
             with self._lock.read():
                 if ef == self._ef:
                     try:
                         labels = self._knn(queries, k_eff, num_threads)
-                        out[:, : labels.shape[1]] = labels
-                        return out
                     except _NeedsWriteLock:
                         pass
-        with self._lock.write():
-            labels = self._knn(queries, k_eff, num_threads, ef)
+        if labels is None:
+            with self._lock.write():
+                labels = self._knn(queries, k_eff, num_threads, ef)
+        if labels.shape[1] == k:
+            return labels
+        out = np.full((len(queries), k), -1, dtype=np.int64)
         out[:, : labels.shape[1]] = labels
         return out
 

@@ -43,7 +43,7 @@ from .hnsw_index import IndexUnusable, PrefixIndex
 from .layout import INDEX_DIR, copy_store, create_store, remove_stale_temporaries
 from .locking import StoreLock
 from .metadata import RowMetadata
-from .search import Funnel, Snapshot
+from .search import Funnel, Plan, Snapshot
 from .validation import (
     dims_tuple,
     id_list,
@@ -60,6 +60,7 @@ REBUILD_BLOCK_ROWS = 65536
 # Save the HNSW cache once this many rows were added since the last save (bounds rebuild work after a crash).
 INDEX_AUTOSAVE_ROWS = 100_000
 _FILTER_CACHE_SIZE = 256
+_PLAN_CACHE_SIZE = 256
 
 
 class Store:
@@ -136,6 +137,7 @@ class Store:
         for band in self._vectors.bands:
             for chunk in range(-(-watermark // band.chunk_rows)):
                 band.mapped(chunk)  # raises CorruptStoreError if missing or truncated
+        self._vectors.prefault(0, watermark)
 
         self._snap = self._load_snapshot(watermark, version=0)
         self._write_lock = threading.RLock()
@@ -143,6 +145,7 @@ class Store:
         # hold it exclusively, so a query never mixes the catalog of one moment with memory of another.
         self._visibility = RWLock()
         self._filters: tuple[int, dict[str, np.ndarray]] = (-1, {})
+        self._plans: dict[tuple, Plan] = {}
         self.index_status: dict[int, str] = {}
         self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
         self._rows_since_save = {d: 0 for d in self.index_dims}
@@ -335,6 +338,7 @@ class Store:
             rows = np.arange(start, start + n, dtype=np.int64)
             try:
                 self._vectors.append(start, batch)
+                self._vectors.prefault(start, start + n)
                 # Into the HNSW cache before the commit, so the visibility lock below stays short. Rows past
                 # the watermark are invisible to queries; if the commit fails they stay behind as dead
                 # labels that the next append of those rows overwrites.
@@ -483,7 +487,7 @@ class Store:
         funnel shape applies (``dims`` omitted: the tuned fastest shape). ``ef`` overrides the HNSW beam.
         """
         self._check_open()
-        plan = tuning.make_plan(self.manifest.get("tuned"), dims, k, shortlist, ef, self.index_dims, self.dim)
+        plan = self._plan(dims, k, shortlist, ef)
         queries, single = self._query_vectors(query, plan.dims[-1])
         with self._visibility.read():  # one point in time: the snapshot and catalog reads agree
             self._check_open()
@@ -494,6 +498,18 @@ class Store:
             rows, offsets, scores = self._funnel.run(snap, queries, plan, allowed)
         hits = snap.hits(rows, offsets, scores, plan.dims, metadata)
         return hits[0] if single else hits
+
+    def _plan(self, dims: Any, k: Any, shortlist: Any, ef: Any) -> Plan:
+        """The query plan for these arguments; validated plans are remembered (cleared by ``tune``)."""
+        key = tuning.plan_key(dims, k, shortlist, ef)
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:
+            plan = tuning.make_plan(self.manifest.get("tuned"), dims, k, shortlist, ef, self.index_dims, self.dim)
+            if key is not None:
+                if len(self._plans) >= _PLAN_CACHE_SIZE:
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan
 
     def _query_vectors(self, query: Any, need: int) -> tuple[np.ndarray, bool]:
         if looks_like_vectors(query):
@@ -548,6 +564,7 @@ class Store:
             )  # fmt: skip
             self._catalog.set_manifest("tuned", choice)
             self.manifest["tuned"] = choice
+            self._plans = {}
         return choice
 
 

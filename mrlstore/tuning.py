@@ -76,6 +76,23 @@ def make_plan(
     return Plan(dims_t, k, tuple(sizes), ef)
 
 
+def plan_key(dims: Any, k: Any, shortlist: Any, ef: Any) -> tuple | None:
+    """A hashable key for query arguments of plain ``int`` types (None when some are not: those are
+    validated each time, so ``k=True`` or ``dims=[16.0]`` still get their error)."""
+
+    def plain(x: Any) -> Any:
+        if x is None or type(x) is int:
+            return x
+        if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
+            return tuple(x)
+        raise TypeError
+
+    try:
+        return (plain(dims), plain(k), plain(shortlist), plain(ef))
+    except TypeError:
+        return None
+
+
 def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[str, Any] | None:
     if not tuned:
         return None

@@ -195,6 +195,14 @@ class _Band:
                 child.rmdir()
 
 
+def _prefault_budget(row_bytes: int) -> int:
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+    return ram // 4 // row_bytes
+
+
 class BandedVectors:
     """Reads and appends rows of a store's Zarr band arrays."""
 
@@ -206,6 +214,21 @@ class BandedVectors:
         self.dtype = _DTYPES[dtype]
         self.bands = [_Band(self.root, a, b, self.dtype) for a, b in band_edges(dim, bands)]
         self._write_lock = threading.Lock()
+
+        self.prefault_rows = _prefault_budget(self.dim * self.dtype.itemsize)
+
+    def prefault(self, row_start: int, row_stop: int) -> None:
+        """Map the page tables of rows ``row_start:row_stop`` now, reading one value per page: otherwise a
+        fresh process pays a page fault the first time it re-ranks each row (measured: it doubled the
+        p50 of its first queries). Only within ``prefault_rows`` (a quarter of RAM): a larger store's rows
+        are left to fault in as queries touch them, rather than read from disk at open."""
+        row_stop = min(row_stop, self.prefault_rows)
+        for band in self.bands:
+            rc, step = band.chunk_rows, max(1, 4096 // band.dtype.itemsize)
+            for chunk in range(row_start // rc, -(-row_stop // rc)):
+                lo, hi = max(row_start, chunk * rc) - chunk * rc, min(row_stop, (chunk + 1) * rc) - chunk * rc
+                if lo < hi:
+                    band.mapped(chunk)[lo:hi].reshape(-1)[::step].max()
 
     @property
     def chunk_rows(self) -> list[int]:
