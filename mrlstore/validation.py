@@ -20,6 +20,7 @@ from .errors import (
     ShapeError,
     ZeroVectorError,
 )
+from .kernels import as_float32
 
 FLOAT16_MAX = 65504.0
 VALIDATE_ELEMENTS = 1 << 21  # per validation block: temporaries stay a few MiB whatever the batch
@@ -60,20 +61,28 @@ def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequ
         raise ShapeError(f"vectors must have length {dim} (the store's dim), got {arr.shape[1]}")
     checks = sorted({*prefixes, dim}) if metric == "cosine" else []
     step = max(1, VALIDATE_ELEMENTS // dim)
+    # A value rounds to zero in storage iff its magnitude is at most half the smallest subnormal.
+    zero_at_most = 2.0**-25 if dtype == "float16" else 2.0**-150
     for lo in range(0, len(arr), step):
         block = arr[lo : lo + step]
-        finite = np.isfinite(block).all(axis=1)
+        wide = as_float32(block)  # numpy's float16 arithmetic is a slow scalar loop: widen first
+        mag = np.abs(wide, out=wide) if wide is not block else np.abs(block)  # one temporary per block
+        peak = mag.max(axis=1)  # NaN or inf anywhere in a row makes its peak non-finite
+        finite = np.isfinite(peak)
         if not finite.all():
             raise NonFiniteError(f"vector {lo + _first_bad_row(finite)} of the batch contains NaN or inf")
         if dtype == "float16":
-            fits = (np.abs(block) <= FLOAT16_MAX).all(axis=1)
+            fits = peak <= FLOAT16_MAX
             if not fits.all():
                 raise NonFiniteError(
                     f"vector {lo + _first_bad_row(fits)} has a value beyond float16's range (+-65504); "
                     "scale the vectors or create the store with dtype='float32'"
                 )
-        for d in checks:
-            nonzero = np.any(block[:, :d].astype(dtype) != 0, axis=1)
+        prefix_peak, covered = np.zeros(len(block), dtype=mag.dtype), 0
+        for d in checks:  # ascending: each prefix's peak extends the previous one
+            prefix_peak = np.maximum(prefix_peak, mag[:, covered:d].max(axis=1))
+            covered = d
+            nonzero = prefix_peak > zero_at_most
             if not nonzero.all():
                 what = "is all zeros" if d == dim else f"has an all-zero {d}-d prefix (an indexed prefix)"
                 raise ZeroVectorError(

@@ -156,7 +156,7 @@ class _Band:
             try:
                 if os.fstat(fd).st_size != self.chunk_bytes:
                     os.ftruncate(fd, self.chunk_bytes)  # zarr expects full-size edge chunks
-                os.pwrite(fd, data.tobytes(), offset * self.width * self.dtype.itemsize)
+                os.pwrite(fd, memoryview(data).cast("B"), offset * self.width * self.dtype.itemsize)  # no copy
             finally:
                 os.close(fd)
             touched.append(path)
