@@ -103,12 +103,11 @@ class Catalog:
             return dict(self._columns)
 
     # -- reads -------------------------------------------------------------------------------------
-    def live_items(self) -> tuple[np.ndarray, list[str], pa.Table]:
-        """Every live row: (row numbers ascending, their ids, their metadata columns)."""
+    def live_items(self) -> tuple[np.ndarray, pa.Table]:
+        """Every live row: (row numbers ascending, their id and metadata columns)."""
         with self._lock, _corruption_as_error(self.path):
             t = _arrow(self._con, "SELECT * FROM _items ORDER BY _row")
-        rows = t.column("_row").to_numpy().astype(np.int64)
-        return rows, t.column("id").to_pylist(), t.drop_columns(["_row", "id"])
+        return t.column("_row").to_numpy().astype(np.int64), t.drop_columns(["_row"])
 
     def tombstones(self) -> np.ndarray:
         with self._lock, _corruption_as_error(self.path):
@@ -238,7 +237,7 @@ class Catalog:
         replace_rows: np.ndarray | None = None,
     ) -> pa.Table:
         """Record ``ids`` at rows ``first_row..`` (tombstoning ``replace_rows``) and the new watermark.
-        Returns the metadata columns of the new rows exactly as stored (every column of the table)."""
+        Returns the new rows' id and metadata columns exactly as stored (every column of the table)."""
         n = len(ids)
         batch = pa.table(
             {"_row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), "id": pa.array(ids, pa.string())}
@@ -259,7 +258,7 @@ class Catalog:
                 con.unregister("_batch")
                 if replace_rows is not None and len(replace_rows):
                     con.unregister("_dead")
-        return stored.drop_columns(["_row", "id"])
+        return stored.drop_columns(["_row"])
 
     def _commit_rows_txn(
         self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int

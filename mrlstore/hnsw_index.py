@@ -23,6 +23,12 @@ INDEX_FORMAT = 1
 _SPACES = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
 
 
+def _grown(elements: int) -> int:
+    """Capacity to reserve beyond ``elements``: hnswlib keeps a mutex (40 bytes) and more per reserved slot
+    whether used or not (about 46 MB per million slots), so grow by half, not double."""
+    return max(1024, elements + elements // 2)
+
+
 class IndexUnusable(Exception):
     """The saved index cannot be trusted; rebuild it."""
 
@@ -93,7 +99,7 @@ class PrefixIndex:
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
         self = cls(dim, metric, M, ef_construction, capacity=None)
         try:
-            self._index.load_index(str(data_path), max_elements=max(int(side["element_count"]) * 2, 1024))
+            self._index.load_index(str(data_path), max_elements=_grown(int(side["element_count"])))
         except (RuntimeError, ValueError, MemoryError) as e:
             raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
         if self._index.element_count != side["element_count"] or self._index.dim != dim:
@@ -112,7 +118,7 @@ class PrefixIndex:
             if len(rows):
                 need = self._index.element_count + len(rows)
                 if need > self._index.get_max_elements():
-                    self._index.resize_index(max(need, 2 * self._index.get_max_elements()))
+                    self._index.resize_index(max(need, _grown(self._index.get_max_elements())))
                 self._index.add_items(
                     np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32),
                     np.asarray(rows, dtype=np.int64),

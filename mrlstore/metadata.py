@@ -1,9 +1,12 @@
-"""An in-memory, immutable Arrow copy of the committed metadata, addressed by row number.
+"""An in-memory, immutable Arrow copy of the committed ids and metadata, one table row per store row.
 
-A query's hits take their metadata from here instead of a DuckDB round trip (about 3.7 ms each): one
-Arrow ``take`` for the whole batch of queries. The copy is built from the catalog on open and extended with
-exactly what each commit stored (the catalog returns the inserted rows), so it always agrees with the
-catalog at the snapshot it belongs to. Deleted rows keep their entries; queries never return them.
+A query's hits take their ids and metadata from here instead of a DuckDB round trip (about 3.7 ms each):
+one Arrow ``take`` for the whole batch of queries. Row ``r`` of the store is row ``r`` of the table, so the
+table always has exactly ``watermark`` rows; rows deleted before the store was opened hold nulls, rows
+deleted since keep their values (queries never return either). The copy is built from the catalog on open
+and extended with exactly what each commit stored (the catalog returns the inserted rows), so it agrees
+with the catalog at the snapshot it belongs to. Columnar: at 1M rows the ids take about 10 MB, where a
+Python string per row took 60.
 """
 
 from __future__ import annotations
@@ -13,45 +16,43 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+ID = "id"
 _MAX_CHUNKS = 32  # combine chunks past this: take() on many small chunks gets slower
 
 
-class RowMetadata:
-    """Metadata columns of the rows ``rows`` (sorted row numbers), one Arrow table row per entry."""
+class RowTable:
+    """Column ``id`` and the metadata columns, row ``r`` at position ``r``."""
 
-    def __init__(self, rows: np.ndarray, table: pa.Table):
-        self.rows = np.asarray(rows, dtype=np.int64)
+    def __init__(self, table: pa.Table):
         self.table = table
-        self.columns = table.column_names
 
     @classmethod
-    def empty(cls) -> RowMetadata:
-        return cls(np.empty(0, np.int64), pa.table({}))
+    def from_catalog(cls, live_rows: np.ndarray, live: pa.Table, rows: int) -> RowTable:
+        """From the catalog's live rows (ascending) and their id + metadata columns, for ``rows`` rows."""
+        position = np.full(rows, -1, dtype=np.int64)
+        position[live_rows] = np.arange(len(live_rows))
+        if len(live_rows) == rows:
+            return cls(live.combine_chunks())
+        return cls(live.take(pa.array(position, mask=position < 0)).combine_chunks())
 
-    def appended(self, rows: np.ndarray, batch: pa.Table) -> RowMetadata:
-        """A new copy with ``batch`` (metadata of ``rows``, all past the current rows) added."""
-        if batch.num_columns == 0 and self.table.num_columns == 0:
-            return RowMetadata(np.concatenate([self.rows, rows]), pa.table({}))
-        if self.table.num_columns == 0 and len(self.rows):
-            table = _nulls_like(batch, len(self.rows))
-        else:
-            table = self.table
-        if batch.num_columns == 0:
-            batch = _nulls_like(table, len(rows))
-        merged = pa.concat_tables([table, batch], promote_options="default") if len(self.rows) else batch
-        if merged.num_columns and merged.column(0).num_chunks > _MAX_CHUNKS:
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+    def appended(self, batch: pa.Table) -> RowTable:
+        """A new copy with ``batch`` (the next rows, as the catalog stored them: ``id`` and metadata) added."""
+        merged = pa.concat_tables([self.table, batch], promote_options="default") if self.rows else batch
+        if merged.column(ID).num_chunks > _MAX_CHUNKS:
             merged = merged.combine_chunks()
-        return RowMetadata(np.concatenate([self.rows, rows]), merged)
+        return RowTable(merged)
 
     def take(self, rows: np.ndarray) -> pa.Table:
-        """The metadata of ``rows`` (each must be present), in the order given."""
-        if self.table.num_columns == 0:
-            return pa.table({})
-        return self.table.take(np.searchsorted(self.rows, rows))
+        return self.table.take(rows)
 
 
-def _nulls_like(table: pa.Table, n: int) -> pa.Table:
-    return pa.table({name: pa.nulls(n, table.schema.field(name).type) for name in table.column_names})
+def split_hits(table: pa.Table) -> tuple[list[str], pa.Table]:
+    """(ids, the metadata columns) of rows taken from a RowTable."""
+    return table.column(ID).to_pylist(), table.drop_columns([ID])
 
 
 def records(table: pa.Table | None, n: int) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import kernels
 from .hits import Hits
-from .metadata import RowMetadata
+from .metadata import ID, RowTable, split_hits
 
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
 # scan of those rows; larger ones use the HNSW index with over-fetching.
@@ -61,8 +61,7 @@ class Snapshot:
     watermark: int  # rows below it are committed
     live: np.ndarray  # bool by row (rows at or past the watermark are never read)
     n_live: int
-    ids: np.ndarray  # object (str) by row
-    metadata: RowMetadata
+    table: RowTable  # ids and metadata by row
 
     def visible(self, rows: np.ndarray) -> np.ndarray:
         """``rows`` (any shape) with every row a query may not return replaced by -1."""
@@ -71,8 +70,10 @@ class Snapshot:
         return np.where(ok, rows, -1)
 
     def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> list:
-        ids = self.ids[rows].tolist()
-        table = self.metadata.take(rows) if metadata else None
+        if metadata:
+            ids, table = split_hits(self.table.take(rows))
+        else:
+            ids, table = self.table.table.column(ID).take(rows).to_pylist(), None
         out = []
         for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
             meta: Any = table.slice(a, b - a) if table is not None else []

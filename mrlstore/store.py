@@ -42,7 +42,7 @@ from .hits import Hits
 from .hnsw_index import IndexUnusable, PrefixIndex
 from .layout import INDEX_DIR, copy_store, create_store, remove_stale_temporaries
 from .locking import StoreLock
-from .metadata import RowMetadata
+from .metadata import RowTable
 from .search import Funnel, Plan, Snapshot
 from .validation import (
     dims_tuple,
@@ -152,16 +152,13 @@ class Store:
         self._funnel = Funnel(self._vectors, self._indexes, self.metric, config.ef_search)
 
     def _load_snapshot(self, watermark: int, version: int) -> Snapshot:
-        """The in-memory id map, live mask and metadata copy, from the committed catalog."""
-        live_rows, live_ids, meta = self._catalog.live_items()
+        """The live mask and the in-memory ids and metadata, from the committed catalog."""
+        live_rows, items = self._catalog.live_items()
         if len(live_rows) and live_rows.max() >= watermark:
             raise CorruptStoreError("catalog lists rows past its own committed watermark")
-        cap = max(watermark, 1024)
-        ids_by_row = np.empty(cap, dtype=object)
-        live = np.zeros(cap, dtype=bool)
-        ids_by_row[live_rows] = live_ids
+        live = np.zeros(max(watermark, 1024), dtype=bool)
         live[live_rows] = True
-        return Snapshot(version, watermark, live, len(live_rows), ids_by_row, RowMetadata(live_rows, meta))
+        return Snapshot(version, watermark, live, len(live_rows), RowTable.from_catalog(live_rows, items, watermark))
 
     def _load_index(self, d: int, watermark: int) -> PrefixIndex:
         c = self.config
@@ -346,7 +343,7 @@ class Store:
                     index.add(stored_prefix(batch, d, self.dtype), rows)
                 with self._visibility.write():  # queries see all of this write or none of it
                     stored = self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
-                    self._publish(rows, id_batch, replaced, stored)
+                    self._publish(rows, replaced, stored)
             except BaseException:
                 # An interruption can land after DuckDB's COMMIT: ask the catalog, never assume.
                 if self._catalog.committed_rows() == start:
@@ -373,26 +370,21 @@ class Store:
             self._lock.release()
             raise
 
-    def _publish(self, rows: np.ndarray, ids: list[str], replaced: np.ndarray, stored: pa.Table) -> None:
-        """Make a committed write visible in memory: a new snapshot, and the indexes' watermark."""
+    def _publish(self, rows: np.ndarray, replaced: np.ndarray, stored: pa.Table) -> None:
+        """Make a committed write visible in memory: a new snapshot (``stored``: the new rows' ids and
+        metadata as the catalog stored them), and the indexes' watermark."""
         snap = self._snap
         start, end = int(rows[0]), int(rows[-1]) + 1
-        ids_by_row, live = snap.ids, snap.live
+        live = snap.live
         if end > len(live):
-            cap = max(end, 2 * len(live))
-            ids_by_row = np.empty(cap, dtype=object)
-            ids_by_row[:start] = snap.ids[:start]
-            live = np.zeros(cap, dtype=bool)
+            live = np.zeros(max(end, 2 * len(live)), dtype=bool)
             live[:start] = snap.live[:start]
-        # Rows past the old watermark: no older snapshot reads them, so they are filled in place.
-        ids_by_row[start:end] = ids
-        live[start:end] = True
+        live[start:end] = True  # past the old watermark: no older snapshot reads these, so filled in place
         if len(replaced):
             live = live.copy()  # copy-on-write: an older snapshot keeps the replaced rows live
             live[replaced] = False
-        metadata = snap.metadata.appended(rows, stored)
         n_live = snap.n_live + len(rows) - len(replaced)
-        self._snap = Snapshot(snap.version + 1, end, live, n_live, ids_by_row, metadata)
+        self._snap = Snapshot(snap.version + 1, end, live, n_live, snap.table.appended(stored))
         for d, index in self._indexes.items():
             index.covered_rows = end
             index.mark_deleted(replaced)
@@ -422,9 +414,7 @@ class Store:
                 snap = self._snap
                 live = snap.live.copy()  # copy-on-write: a query in flight keeps its snapshot
                 live[rows] = False
-                self._snap = Snapshot(
-                    snap.version + 1, snap.watermark, live, snap.n_live - len(rows), snap.ids, snap.metadata
-                )
+                self._snap = Snapshot(snap.version + 1, snap.watermark, live, snap.n_live - len(rows), snap.table)
                 for d, index in self._indexes.items():
                     index.mark_deleted(rows)
                     self._rows_since_save[d] += 1

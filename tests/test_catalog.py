@@ -20,18 +20,21 @@ def catalog(tmp_path):
 
 def test_commit_sets_watermark_and_columns(catalog):
     stored = catalog.commit_rows(0, ["a", "b"], pa.table({"label": ["x", "y"], "n": [1, 2]}), new_watermark=2)
-    assert stored.to_pylist() == [{"label": "x", "n": 1}, {"label": "y", "n": 2}]  # as stored, no _row or id
+    assert stored.to_pylist() == [{"id": "a", "label": "x", "n": 1}, {"id": "b", "label": "y", "n": 2}]  # no _row
     assert catalog.manifest()["committed_rows"] == 2
     assert catalog.columns() == {"label": "VARCHAR", "n": "BIGINT"}
-    rows, ids, _ = catalog.live_items()
-    assert rows.tolist() == [0, 1] and ids == ["a", "b"]
+    rows, items = catalog.live_items()
+    assert rows.tolist() == [0, 1] and items.column("id").to_pylist() == ["a", "b"]
     stored = catalog.commit_rows(2, ["c"], pa.table({"w": [0.5]}), new_watermark=3, replace_rows=np.array([0]))
-    assert stored.to_pylist() == [{"label": None, "n": None, "w": 0.5}]  # every column of the table
+    assert stored.to_pylist() == [{"id": "c", "label": None, "n": None, "w": 0.5}]  # every column of the table
     assert catalog.rows_of(["a", "b", "c"]) == {"b": 1, "c": 2}
     assert catalog.tombstones().tolist() == [0]
-    rows, ids, meta = catalog.live_items()
-    assert rows.tolist() == [1, 2] and ids == ["b", "c"]
-    assert meta.to_pylist() == [{"label": "y", "n": 2, "w": None}, {"label": None, "n": None, "w": 0.5}]
+    rows, items = catalog.live_items()
+    assert rows.tolist() == [1, 2]
+    assert items.to_pylist() == [
+        {"id": "b", "label": "y", "n": 2, "w": None},
+        {"id": "c", "label": None, "n": None, "w": 0.5},
+    ]
 
 
 def test_failed_commit_rolls_back_everything(catalog):
@@ -40,7 +43,7 @@ def test_failed_commit_rolls_back_everything(catalog):
         catalog.commit_rows(1, ["a"], pa.table({"z": [1]}), new_watermark=2)  # id "a" is UNIQUE
     assert catalog.manifest()["committed_rows"] == 1
     assert catalog.columns() == {}
-    assert catalog.live_items()[1] == ["a"]
+    assert catalog.live_items()[1].column("id").to_pylist() == ["a"]
 
 
 def test_filters_and_sql_are_read_only(catalog):
