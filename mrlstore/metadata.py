@@ -17,37 +17,62 @@ import numpy as np
 import pyarrow as pa
 
 ID = "id"
-_MAX_CHUNKS = 32  # combine chunks past this: take() on many small chunks gets slower
+_MIN_TAIL = 4096  # rows: below this the tail never folds into the base
 
 
 class RowTable:
-    """Column ``id`` and the metadata columns, row ``r`` at position ``r``."""
+    """Column ``id`` and the metadata columns, row ``r`` at position ``r``.
 
-    def __init__(self, table: pa.Table):
-        self.table = table
+    Held as two single-chunk tables, a large ``base`` and a small ``tail`` that each commit extends:
+    Arrow's take on a chunked column concatenates every chunk first (560 µs for 10 rows of a 1M-row,
+    16-chunk table, 8 µs on one chunk). The tail folds into the base once it reaches 1/32 of it (so few
+    queries touch it: a take across both costs about 40 µs), and commits copy amortised O(1) per row.
+    """
+
+    def __init__(self, base: pa.Table, tail: pa.Table | None = None):
+        self.base, self.tail = base, tail
+        self.rows = base.num_rows + (tail.num_rows if tail is not None else 0)
 
     @classmethod
     def from_catalog(cls, live_rows: np.ndarray, live: pa.Table, rows: int) -> RowTable:
         """From the catalog's live rows (ascending) and their id + metadata columns, for ``rows`` rows."""
-        position = np.full(rows, -1, dtype=np.int64)
-        position[live_rows] = np.arange(len(live_rows))
         if len(live_rows) == rows:
             return cls(live.combine_chunks())
+        position = np.full(rows, -1, dtype=np.int64)
+        position[live_rows] = np.arange(len(live_rows))
         return cls(live.take(pa.array(position, mask=position < 0)).combine_chunks())
-
-    @property
-    def rows(self) -> int:
-        return self.table.num_rows
 
     def appended(self, batch: pa.Table) -> RowTable:
         """A new copy with ``batch`` (the next rows, as the catalog stored them: ``id`` and metadata) added."""
-        merged = pa.concat_tables([self.table, batch], promote_options="default") if self.rows else batch
-        if merged.column(ID).num_chunks > _MAX_CHUNKS:
-            merged = merged.combine_chunks()
-        return RowTable(merged)
+        tail = _concat([self.tail, batch]) if self.tail is not None else batch.combine_chunks()
+        if tail.num_rows >= max(_MIN_TAIL, self.base.num_rows // 32):
+            return RowTable(_concat([self.base, tail]) if self.base.num_rows else tail)
+        return RowTable(self.base, tail)
 
     def take(self, rows: np.ndarray) -> pa.Table:
-        return self.table.take(rows)
+        """The rows ``rows`` (any order), in that order."""
+        return self._take(rows, self.base, self.tail)
+
+    def take_ids(self, rows: np.ndarray) -> list[str]:
+        tail = self.tail.select([ID]) if self.tail is not None else None
+        return self._take(rows, self.base.select([ID]), tail).column(ID).to_pylist()
+
+    @staticmethod
+    def _take(rows: np.ndarray, base: pa.Table, tail: pa.Table | None) -> pa.Table:
+        n_base = base.num_rows
+        if tail is None or (len(rows) and rows.max() < n_base):
+            return base.take(rows)
+        in_base = rows < n_base
+        if not in_base.any():
+            return tail.take(rows - n_base)
+        parts = _concat([base.take(rows[in_base]), tail.take(rows[~in_base] - n_base)])
+        order = np.concatenate([np.flatnonzero(in_base), np.flatnonzero(~in_base)])
+        return parts.take(np.argsort(order))
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One single-chunk table (columns missing from a part become nulls)."""
+    return pa.concat_tables(tables, promote_options="default").combine_chunks()
 
 
 def split_hits(table: pa.Table) -> tuple[list[str], pa.Table]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import kernels
 from .hits import Hits
-from .metadata import ID, RowTable, split_hits
+from .metadata import RowTable, split_hits
 
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
 # scan of those rows; larger ones use the HNSW index with over-fetching.
@@ -73,7 +73,7 @@ class Snapshot:
         if metadata:
             ids, table = split_hits(self.table.take(rows))
         else:
-            ids, table = self.table.table.column(ID).take(rows).to_pylist(), None
+            ids, table = self.table.take_ids(rows), None
         out = []
         for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
             meta: Any = table.slice(a, b - a) if table is not None else []

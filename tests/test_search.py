@@ -166,3 +166,25 @@ def test_tune_warns_about_shapes_that_miss_the_target(tmp_path):
         assert choice["dims"] == [128, 256]
         assert not choice["shapes"]["2,256"]["reached"]
         assert any("dims=[2, 256] reached only" in str(w.message) for w in caught)
+
+
+def test_row_table_keeps_rows_in_order_across_base_tail_and_new_columns():
+    from mrlstore.metadata import RowTable
+
+    table = RowTable(pa.table({"id": pa.array([], pa.string())}))
+    for lo in range(0, 20000, 5000):  # the tail folds into the base as it grows
+        table = table.appended(
+            pa.table({"id": [str(i) for i in range(lo, lo + 5000)], "n": list(range(lo, lo + 5000))})
+        )
+    table = table.appended(pa.table({"id": ["x", "y"], "n": [None, 7], "tag": ["a", "b"]}))  # stays in the tail
+    assert table.rows == 20002 and table.tail is not None and table.base.column("id").num_chunks == 1
+    rows = np.array([20001, 3, 19999, 20000, 12345])
+    assert table.take(rows).to_pylist() == [
+        {"id": "y", "n": 7, "tag": "b"},
+        {"id": "3", "n": 3, "tag": None},
+        {"id": "19999", "n": 19999, "tag": None},
+        {"id": "x", "n": None, "tag": "a"},
+        {"id": "12345", "n": 12345, "tag": None},
+    ]
+    assert table.take_ids(rows) == ["y", "3", "19999", "x", "12345"]
+    assert table.take_ids(np.array([20000])) == ["x"] and table.take_ids(np.array([1])) == ["1"]
