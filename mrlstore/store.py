@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import tuning
+from ._memory import release_freed_memory
 from ._rwlock import RWLock
 from .catalog import DB_FILE, Catalog
 from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig
@@ -61,6 +62,7 @@ REBUILD_BLOCK_ROWS = 65536
 INDEX_AUTOSAVE_ROWS = 100_000
 _FILTER_CACHE_SIZE = 256
 _PLAN_CACHE_SIZE = 256
+_TRIM_AFTER_BYTES = 4 << 20
 
 
 class Store:
@@ -352,6 +354,8 @@ class Store:
                 self._resync_after_failure()  # committed: memory must catch up with the catalog
                 raise
             self._autosave_indexes()
+        if batch.nbytes >= _TRIM_AFTER_BYTES:
+            release_freed_memory()
         return id_batch
 
     def _resync_after_failure(self) -> None:
