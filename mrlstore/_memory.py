@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import sys
 
+import pyarrow as pa
+
 _trim = None
 if sys.platform.startswith("linux"):
     try:
@@ -16,6 +18,8 @@ if sys.platform.startswith("linux"):
 
 def release_freed_memory() -> None:
     """glibc keeps the pages of freed medium-sized blocks (an add's validation and write temporaries) in
-    its heap; at 100k rows that held 37 MB of resident memory after the build. malloc_trim returns them."""
+    its heap, and Arrow's allocator those of replaced in-memory tables: at 100k rows they held 37 and
+    10 MB of resident memory after the build. Both are handed back."""
     if _trim is not None:
         _trim(0)
+    pa.default_memory_pool().release_unused()
