@@ -58,7 +58,9 @@ from .validation import (
 from .zarr_bands import BandedVectors, auto_chunk_rows
 
 REBUILD_BLOCK_ROWS = 65536
-# Save the HNSW cache once this many rows were added since the last save (bounds rebuild work after a crash).
+# Save the HNSW cache once this many rows, or a quarter of the index, were added since the last save: bounds
+# the rebuild work after a crash to a share of the store, while the saves of a growing store stay linear in
+# its size (a save every 100k rows rewrote a 1M-row index ten times during its build).
 INDEX_AUTOSAVE_ROWS = 100_000
 _FILTER_CACHE_SIZE = 256
 _PLAN_CACHE_SIZE = 256
@@ -396,7 +398,7 @@ class Store:
 
     def _autosave_indexes(self) -> None:
         for d, index in self._indexes.items():
-            if self._rows_since_save[d] >= INDEX_AUTOSAVE_ROWS:
+            if self._rows_since_save[d] >= max(INDEX_AUTOSAVE_ROWS, index.covered_rows // 4):
                 self._save_index(d, index)
                 self._rows_since_save[d] = 0
 
