@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrlstore import kernels as _cast
+from mrlstore import kernels
 
 ALL_HALVES = np.arange(65536, dtype=np.uint16).view(np.float16)
 
@@ -16,16 +16,16 @@ def assert_bit_exact(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def test_as_float32_matches_numpy_on_every_half_value():
-    assert_bit_exact(_cast.as_float32(ALL_HALVES), ALL_HALVES.astype(np.float32))
+    assert_bit_exact(kernels.as_float32(ALL_HALVES), ALL_HALVES.astype(np.float32))
 
 
 def test_as_float32_keeps_shape_and_handles_strided_and_float32_input():
     x = np.random.default_rng(0).standard_normal((50, 300)).astype(np.float16)
     view = x[::2, 7:250]  # not contiguous
-    np.testing.assert_array_equal(_cast.as_float32(view), view.astype(np.float32))
+    np.testing.assert_array_equal(kernels.as_float32(view), view.astype(np.float32))
     y = x.astype(np.float32)
-    assert _cast.as_float32(y) is y
-    assert _cast.as_float32(x[:1, :3]).dtype == np.float32  # below the native threshold: numpy
+    assert kernels.as_float32(y) is y
+    assert kernels.as_float32(x[:1, :3]).dtype == np.float32  # below the native threshold: numpy
 
 
 def test_native_kernel_both_paths_are_bit_exact():
