@@ -31,6 +31,13 @@ DEFAULT_EF_SEARCH = 64
 _MANIFEST_KEYS = {"hnsw_m": "hnsw_M", "ef_construction": "hnsw_ef_construction", "ef_search": "hnsw_ef_search"}
 
 
+def encoder_name(encoder: object | None, dim: int, dim_given: int | None) -> str | None:
+    """What the manifest records about the encoder a store was created for."""
+    if encoder is not None:
+        return str(getattr(encoder, "name", type(encoder).__name__))
+    return BUNDLED_ENCODER if dim_given is None and dim == BUNDLED_ENCODER_DIM else None
+
+
 def default_bands(dim: int) -> tuple[int, ...]:
     return (*[b for b in (16, 64, 256) if b < dim], dim)
 

@@ -25,7 +25,7 @@ from . import tuning
 from ._memory import release_freed_memory
 from ._rwlock import RWLock
 from .catalog import DB_FILE, Catalog
-from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig
+from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
 from .encoding import Encoder, looks_like_vectors, source_paths
 from .errors import (
     CorruptStoreError,
@@ -562,13 +562,6 @@ class Store:
             self.manifest["tuned"] = choice
             self._plans = {}
         return choice
-
-
-def encoder_name(encoder: Encoder | None, dim: int, dim_given: int | None) -> str | None:
-    """What the manifest records about the encoder a store was created for."""
-    if encoder is not None:
-        return str(getattr(encoder, "name", type(encoder).__name__))
-    return BUNDLED_ENCODER if dim_given is None and dim == BUNDLED_ENCODER_DIM else None
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
