@@ -123,10 +123,7 @@ def select(
         scores = np.empty(nq * keep, dtype=np.float64)
         counts = np.empty(nq, dtype=np.int64)
         _native.select(rows, offsets, dot, sq, qq, METRIC_CODES[metric], keep, int(by_row), pos, scores, counts)
-        if counts.sum() != nq * keep:  # some queries had fewer candidates: close the gaps
-            take = np.concatenate([np.arange(i * keep, i * keep + c) for i, c in enumerate(counts)])
-            pos, scores = pos[take], scores[take]
-        return pos, scores, np.concatenate([[0], np.cumsum(counts)])
+        return _compact(counts, keep, pos, scores)
     out_pos, out_scores, counts = [], [], []
     for i in range(nq):
         a, b = int(offsets[i]), int(offsets[i + 1])
@@ -174,9 +171,20 @@ def scan(
             bands, rows, 0, stop, live_arg, queries, queries.shape[1], d, qq, METRIC_CODES[metric], n,
             out_rows, out_scores, counts, threads(),
         )  # fmt: skip
-        take = np.concatenate([np.arange(i * n, i * n + c) for i, c in enumerate(counts)])
-        return out_rows[take], out_scores[take], np.concatenate([[0], np.cumsum(counts)])
+        return _compact(counts, n, out_rows, out_scores)
     return _scan_numpy(vectors, queries, d, n, metric, qq, rows, stop, live)
+
+
+def _compact(
+    counts: np.ndarray, stride: int, first: np.ndarray, second: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernels write query i's ``counts[i]`` results at ``i * stride``: close the gaps (when some
+    query had fewer) and return both arrays with the offsets."""
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if offsets[-1] != len(counts) * stride:
+        take = np.concatenate([np.arange(i * stride, i * stride + c) for i, c in enumerate(counts)])
+        first, second = first[take], second[take]
+    return first, second, offsets
 
 
 def _scan_numpy(vectors, queries, d, n, metric, qq, rows, stop, live):

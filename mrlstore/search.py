@@ -135,7 +135,7 @@ class Funnel:
             rows, offsets, _ = self.exact(snap, queries, d, n)
             return _sorted_within(rows, offsets), offsets
         labels = snap.visible(index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1))
-        found = [np.sort(row[row >= 0]) for row in labels] if len(queries) > 1 else [np.sort(labels[0][labels[0] >= 0])]
+        found = [np.sort(row[row >= 0]) for row in labels]
         want = min(n, snap.n_live)
         short = [i for i, rows in enumerate(found) if len(rows) < want]
         if short:  # HNSW came back with fewer than exist (tiny or heavily deleted stores): scan exactly

@@ -99,13 +99,14 @@ def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[st
     if dims is None:
         return tuned
     try:
-        key = shape_key(dims_tuple(dims, dim))
+        dims_t = dims_tuple(dims, dim)
     except InvalidDimsError:
         return None  # make_plan reports the bad dims
+    key = shape_key(dims_t)
     setting = tuned.get("shapes", {}).get(key)
     if setting is None and shape_key(tuned["dims"]) == key:
         setting = tuned
-    return None if setting is None else {**setting, "dims": list(dims_tuple(dims, dim)), "k": tuned["k"]}
+    return None if setting is None else {**setting, "dims": list(dims_t), "k": tuned["k"]}
 
 
 def tune(
