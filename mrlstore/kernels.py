@@ -180,6 +180,9 @@ def _compact(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kernels write query i's ``counts[i]`` results at ``i * stride``: close the gaps (when some
     query had fewer) and return both arrays with the offsets."""
+    if len(counts) == 1:  # one query: no gaps to close
+        n = int(counts[0])
+        return first[:n], second[:n], np.array([0, n], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if offsets[-1] != len(counts) * stride:
         take = np.concatenate([np.arange(i * stride, i * stride + c) for i, c in enumerate(counts)])

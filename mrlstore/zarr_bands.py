@@ -230,6 +230,7 @@ class BandedVectors:
         self.bands = [_Band(self.root, a, b, self.dtype) for a, b in band_edges(dim, bands)]
         self._write_lock = threading.Lock()
         self._write_buffer: np.ndarray | None = None  # allocated by the first write, then reused
+        self._kernel_bands: tuple[int, list[tuple]] = (0, [])  # rows covered, band descriptions
         self.prefault_rows = _prefault_budget(self.dim * self.dtype.itemsize)
 
     def _scratch(self) -> np.ndarray:
@@ -294,6 +295,7 @@ class BandedVectors:
         """Forget everything past ``rows`` (uncommitted leftovers of a crashed or failed append)."""
         with self._write_lock:
             self.set_rows(rows)
+            self._kernel_bands = (0, [])  # chunk files past rows go away: so do their maps
             for band in self.bands:
                 band.discard_from(rows)
 
@@ -337,8 +339,14 @@ class BandedVectors:
         return blocks
 
     def kernel_bands(self, rows_needed: int) -> list[tuple]:
-        """Every band's description for the native kernels (see ``_Band.kernel_band``)."""
-        return [band.kernel_band(rows_needed) for band in self.bands]
+        """Every band's description for the native kernels (see ``_Band.kernel_band``); the list is kept
+        until more rows are needed (each query stage asks for it)."""
+        covered, described = self._kernel_bands
+        if rows_needed <= covered:
+            return described
+        described = [band.kernel_band(rows_needed) for band in self.bands]
+        self._kernel_bands = (min(len(d[0]) * d[1] for d in described), described)  # replaced whole
+        return described
 
     def read_range(self, row_start: int, row_stop: int, col_start: int, col_stop: int) -> np.ndarray:
         """A contiguous block of rows as float32 (used for exact scans and index rebuilds)."""
@@ -358,6 +366,7 @@ class BandedVectors:
         return out
 
     def close(self) -> None:
+        self._kernel_bands = (0, [])
         for band in self.bands:
             band._addresses = np.zeros(0, dtype=np.uint64)
             band._maps.clear()
