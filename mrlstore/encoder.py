@@ -12,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import images
 from .errors import EncoderUnavailableError, InvalidInputError
 
 IMAGE_SIZE = 128
 NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BUNDLED_WEIGHTS = WEIGHTS_DIR / "mrl_lite0.pt"
 
@@ -137,91 +136,9 @@ class MRLImageModel(nn.Module):
 
 
 # -- images in ----------------------------------------------------------------------------------------
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - pillow is a dependency of the encoder extra
-        raise EncoderUnavailableError("the image encoder needs Pillow: pip install pillow") from e
-    return Image
-
-
-def expand_inputs(images: Any) -> list[Any]:
-    """A flat list of single images; a folder becomes its image files (recursively, sorted)."""
-    if isinstance(images, (str, os.PathLike)):
-        p = Path(images)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise InvalidInputError(f"folder {p} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            return [str(f) for f in files]
-        return [images]
-    if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, torch.Tensor):
-        return list(images) if images.ndim == 4 else [images]
-    if hasattr(images, "size") and hasattr(images, "convert"):  # a PIL image
-        return [images]
-    if isinstance(images, Iterable):
-        out: list[Any] = []
-        for item in images:
-            out.extend(expand_inputs(item) if isinstance(item, (str, os.PathLike)) and Path(item).is_dir() else [item])
-        return out
-    raise InvalidInputError(f"cannot read images from a {type(images).__name__}")
-
-
-def _to_rgb_array(item: Any) -> np.ndarray:
-    """One image as uint8 HxWx3."""
-    Image = _pil()
-    if isinstance(item, (str, os.PathLike)):
-        try:
-            with Image.open(item) as im:
-                im.load()
-                return np.asarray(_rgb(im))
-        except FileNotFoundError:
-            raise InvalidInputError(f"image file not found: {item}") from None
-        except Exception as e:  # PIL raises many kinds for broken files
-            raise InvalidInputError(f"cannot read image file {item}: {e}") from None
-    if hasattr(item, "size") and hasattr(item, "convert"):
-        return np.asarray(_rgb(item))
-    if isinstance(item, torch.Tensor):
-        t = item.detach().cpu()
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
-            t = t.permute(1, 2, 0)  # CHW -> HWC
-        arr = t.numpy()
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).round().astype(np.uint8)
-        item = arr
-    if isinstance(item, np.ndarray):
-        arr = item
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-            raise InvalidInputError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {item.shape}")
-        if arr.dtype != np.uint8:
-            if arr.dtype.kind == "f" and np.nanmax(arr) <= 1.0:
-                arr = arr * 255.0
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        if arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        elif arr.shape[2] == 4:
-            arr = np.asarray(_rgb(Image.fromarray(arr, "RGBA")))
-        return arr
-    raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
-
-
-def _rgb(im: Any) -> Any:
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "P"):
-        im = im.convert("RGBA")
-        bg = _pil().new("RGBA", im.size, (255, 255, 255, 255))
-        return _pil().alpha_composite(bg, im).convert("RGB")
-    return im.convert("RGB")
-
-
 def preprocess(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     """uint8 HxWx3 -> float32 3 x size x size: shorter side to ``size``, centre crop, (x - 127) / 128."""
-    Image = _pil()
+    Image = images.pil()
     im = Image.fromarray(arr)
     w, h = im.size
     scale = size / min(w, h)
@@ -231,13 +148,6 @@ def preprocess(arr: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     im = im.crop((left, top, left + size, top + size))
     x = (np.asarray(im, dtype=np.float32) - 127.0) / 128.0
     return x.transpose(2, 0, 1)
-
-
-@dataclass
-class EncodeFailure:
-    index: int
-    source: str
-    reason: str
 
 
 # -- the encoder ----------------------------------------------------------------------------------------
@@ -256,56 +166,48 @@ class ImageEncoder:
 
     def encode(
         self,
-        images: Any,
+        inputs: Any,
         batch_size: int = 64,
         progress: bool | None = None,
         skip_errors: bool = False,
-        failures: list[EncodeFailure] | None = None,
+        failures: list[images.Failure] | None = None,
     ) -> np.ndarray:
-        """Encode images (paths, a folder, PIL images, uint8 arrays HxWx3 / NxHxWx3, tensors).
+        """Encode images (paths, folders, bytes, PIL images, arrays, tensors: see :mod:`mrlstore.images`).
 
         A file that cannot be read raises InvalidInputError naming it; with ``skip_errors=True`` it is
         skipped instead and reported in ``failures`` (the output then has fewer rows).
         """
-        items = expand_inputs(images)
+        items = images.expand(inputs)
         if not items:
             raise InvalidInputError("no images to encode")
         show = progress if progress is not None else len(items) > 4 * batch_size
         out: list[np.ndarray] = []
         bar = _progress(len(items), show)
         with torch.inference_mode():
-            for batch in _batches(items, batch_size):
+            for lo in range(0, len(items), batch_size):
                 arrays = []
-                for index, item in batch:
+                for index, item in enumerate(items[lo : lo + batch_size], start=lo):
                     try:
-                        arrays.append(preprocess(_to_rgb_array(item)))
+                        arrays.append(preprocess(images.to_rgb(item)))
                     except InvalidInputError as e:
                         if not skip_errors:
                             raise
                         if failures is not None:
-                            failures.append(
-                                EncodeFailure(
-                                    index,
-                                    str(item) if isinstance(item, (str, os.PathLike)) else type(item).__name__,
-                                    str(e),
-                                )
-                            )
+                            failures.append(images.Failure(index, item.describe(), str(e)))
                 if arrays:
-                    x = torch.from_numpy(np.stack(arrays)).to(self.device)
-                    with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                        z = self.model(x)
-                    out.append(z.float().cpu().numpy())
-                bar.update(len(batch))
+                    out.append(self._embed(np.stack(arrays)))
+                bar.update(min(batch_size, len(items) - lo))
         bar.close()
         return np.concatenate(out) if out else np.empty((0, self.dim), dtype=np.float32)
 
+    def _embed(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(self.device)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            z = self.model(x)
+        return z.float().cpu().numpy()
+
     def __repr__(self) -> str:
         return f"<mrlstore.ImageEncoder {self.name} dim={self.dim} device={self.device}>"
-
-
-def _batches(items: list[Any], size: int) -> Iterator[list[tuple[int, Any]]]:
-    for lo in range(0, len(items), size):
-        yield list(enumerate(items[lo : lo + size], start=lo))
 
 
 class _NoBar:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ID = "id"
 _MIN_TAIL = 4096  # rows: below this the tail never folds into the base
@@ -53,6 +54,18 @@ class RowTable:
         """The rows ``rows`` (any order), in that order."""
         return self._take(rows, self.base, self.tail)
 
+    def metadata_of(self, rows: list[int]) -> pa.Table | None:
+        """The metadata columns of ``rows`` (-1: a row of nulls), or None when there are none."""
+        if max(self.base.num_columns, self.tail.num_columns if self.tail is not None else 0) <= 1:
+            return None
+        rows_arr = np.asarray(rows, dtype=np.int64)
+        present = rows_arr >= 0
+        table = self.take(rows_arr[present]).drop_columns([ID])
+        if present.all():
+            return table
+        position = np.cumsum(present) - 1
+        return table.take(pa.array(position, mask=~present))
+
     def take_ids(self, rows: np.ndarray) -> list[str]:
         tail = self.tail.select([ID]) if self.tail is not None else None
         return self._take(rows, self.base.select([ID]), tail).column(ID).to_pylist()
@@ -85,3 +98,17 @@ def records(table: pa.Table | None, n: int) -> list[dict[str, Any]]:
     if table is None or table.num_columns == 0:
         return [{} for _ in range(n)]
     return table.to_pylist()
+
+
+def kept_metadata(given: pa.Table | None, old: pa.Table | None) -> pa.Table | None:
+    """``given`` with the values it leaves out (columns it lacks, nulls) taken from ``old``, the replaced
+    entries' metadata (nulls for new entries)."""
+    if old is None or given is None:
+        return given if old is None else old
+    for name in old.column_names:
+        if name not in given.column_names:
+            given = given.append_column(name, old.column(name))
+        elif given.column(name).null_count and given.schema.field(name).type == old.schema.field(name).type:
+            filled = pc.coalesce(given.column(name), old.column(name))
+            given = given.set_column(given.column_names.index(name), name, filled)
+    return given

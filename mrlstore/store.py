@@ -26,7 +26,7 @@ from ._memory import release_freed_memory
 from ._rwlock import RWLock
 from .catalog import DB_FILE, Catalog
 from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
-from .encoding import Encoder, looks_like_vectors, source_paths
+from .encoding import Encoder
 from .errors import (
     CorruptStoreError,
     DuplicateIdError,
@@ -41,9 +41,13 @@ from .errors import (
 )
 from .hits import Hits
 from .hnsw_index import IndexUnusable, PrefixIndex
+from .images import AddResult, ImageBatch, is_single, looks_like_vectors
+from .images import check as check_images
+from .images import encode as encode_images
+from .images import expand as expand_images
 from .layout import INDEX_DIR, copy_store, create_store, remove_stale_temporaries
 from .locking import StoreLock
-from .metadata import RowTable
+from .metadata import RowTable, kept_metadata
 from .search import Funnel, Plan, Snapshot
 from .validation import (
     dims_tuple,
@@ -277,47 +281,81 @@ class Store:
         """Add new vectors (n x dim); returns their ids. Durable once it returns."""
         return self._write(vectors, ids, metadata, replace=False)
 
-    def upsert_vectors(self, vectors: Any, ids: Sequence[str], metadata: Any = None) -> list[str]:
-        """Add vectors, replacing (vector and metadata) any existing entry with the same id."""
+    def upsert_vectors(
+        self, vectors: Any, ids: Sequence[str], metadata: Any = None, keep_metadata: bool = True
+    ) -> list[str]:
+        """Add vectors, replacing the vector of any existing entry with the same id. A replaced entry keeps
+        the old metadata values this call leaves out (columns or keys it does not give, nulls; everything
+        without ``metadata``); ``keep_metadata=False`` drops them: the entry has only what this call gives."""
         if ids is None:
             raise InvalidInputError("upsert_vectors needs ids (which entries to replace)")
-        return self._write(vectors, ids, metadata, replace=True)
+        return self._write(vectors, ids, metadata, replace=True, keep_metadata=keep_metadata)
 
     def add(
         self,
         images: Any,
         ids: Sequence[str] | None = None,
         metadata: Any = None,
+        *,
         batch_size: int = 64,
-    ) -> list[str]:
-        """Encode images with the store's encoder and add them (file paths are kept as ``path``)."""
+        skip_errors: bool = False,
+        on_conflict: str = "skip",
+        progress: bool | None = None,
+    ) -> AddResult:
+        """Encode images with the store's encoder and add them; returns their ids in input order.
+
+        ``images``: a path, a folder (its image files, recursively, sorted), ``bytes`` or a binary file
+        object holding an encoded image, a PIL image, an array or tensor (HxW, HxWx3, HxWx4; NxHxWx3 for
+        several), or a list of any of these (see :mod:`mrlstore.images` for the rule that tells images from
+        vectors). Files keep their path as ``path`` metadata. Ids default to a hash of each image's
+        content, so adding the same images again changes nothing; ``on_conflict`` decides for ids already
+        in the store: ``"skip"`` (nothing is encoded for them; listed in the result's ``skipped``),
+        ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written). Every file's header is checked
+        before anything is encoded: a bad file raises InvalidInputError naming it and nothing is written;
+        with ``skip_errors=True`` it is left out and listed, with the reason, in the result's ``failed``.
+        """
         self._check_open()
         self._check_writable()
-        vectors = self._encode(images, batch_size)
-        paths = source_paths(images)
-        if paths is not None:
-            meta = metadata_table(metadata, len(paths)) if metadata is not None else None
-            column = pa.array(paths, pa.string())
-            meta = pa.table({"path": column}) if meta is None else meta.append_column("path", column)
-            if meta.column_names.count("path") > 1:
-                meta = meta.drop_columns("path").append_column("path", column)
-            metadata = meta
-        return self.add_vectors(vectors, ids=ids, metadata=metadata)
+        if on_conflict not in ("skip", "replace", "error"):
+            raise InvalidInputError(f"on_conflict must be 'skip', 'replace' or 'error', got {on_conflict!r}")
+        encoder = self._image_encoder()
+        batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
+        existing = self._catalog.rows_of(batch.ids)
+        if existing and on_conflict == "error":
+            raise DuplicateIdError(
+                f"{len(existing)} image id(s) already in the store, e.g. {sorted(existing)[:5]}; "
+                "pass on_conflict='skip' or 'replace'"
+            )
+        todo = batch.without(set(existing) if on_conflict == "skip" else set())
+        if todo.items:
+            vectors = encode_images(encoder, todo.items, positive_int(batch_size, "batch_size"), progress)
+            replace = on_conflict == "replace"
+            self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace)
+        skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
+        return AddResult(batch.ids, batch.failed, skipped + batch.repeats)
 
-    def _encode(self, images: Any, batch_size: int) -> np.ndarray:
+    def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
+        """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""
+        return self.add(images, ids, metadata, on_conflict="replace", **options)
+
+    def _no_encoder(self) -> bool:
+        return self.encoder is None and self.manifest.get("encoder") != BUNDLED_ENCODER
+
+    def _image_encoder(self) -> Encoder:
         if self.encoder is None and self.manifest.get("encoder") == BUNDLED_ENCODER:
             from .encoder import load_encoder  # imports torch: only when images are first encoded
 
             self.encoder = load_encoder()
         if self.encoder is None:
             raise EncoderUnavailableError(
-                "this store has no encoder: pass encoder=... to mrlstore.open(), or add vectors with add_vectors()"
+                "this store has no encoder for images: pass encoder=... to mrlstore.open(), or give vectors "
+                f"of length {self.dim} (add them with add_vectors())"
             )
         if getattr(self.encoder, "dim", self.dim) != self.dim:
             raise EncoderUnavailableError(f"the encoder makes {self.encoder.dim}-d vectors, the store holds {self.dim}")
-        return np.asarray(self.encoder.encode(images, batch_size=batch_size), dtype=np.float32)
+        return self.encoder
 
-    def _write(self, vectors: Any, ids: Any, metadata: Any, replace: bool) -> list[str]:
+    def _write(self, vectors: Any, ids: Any, metadata: Any, replace: bool, keep_metadata: bool = False) -> list[str]:
         self._check_open()
         self._check_writable()
         batch = vector_batch(vectors, self.dim, self.dtype, self.metric, self.index_dims)
@@ -332,6 +370,8 @@ class Store:
                     f"{len(existing)} id(s) already in the store, e.g. {sorted(existing)[:5]}; "
                     "use upsert_vectors to replace them"
                 )
+            if keep_metadata and existing:
+                meta = kept_metadata(meta, self._snap.table.metadata_of([existing.get(i, -1) for i in id_batch]))
             if meta is not None:
                 self._catalog.check_metadata(meta)
             start = self._snap.watermark
@@ -508,11 +548,11 @@ class Store:
         return plan
 
     def _query_vectors(self, query: Any, need: int) -> tuple[np.ndarray, bool]:
-        if looks_like_vectors(query):
+        if looks_like_vectors(query, self.dim) or (self._no_encoder() and looks_like_vectors(query)):
             return query_batch(query, need, self.dim, self.metric)
-        single = not isinstance(query, (list, tuple))
-        encoded = self._encode([query] if single else query, batch_size=64)
-        return query_batch(encoded, need, self.dim, self.metric)[0], single
+        encoder = self._image_encoder()
+        vectors = encode_images(encoder, check_images(expand_images(query), skip_errors=False)[0], 64, None)
+        return query_batch(vectors, need, self.dim, self.metric)[0], is_single(query)
 
     def _allowed(self, where: str, snap: Snapshot) -> np.ndarray:
         """Live rows of ``snap`` matching ``where``; evaluated once per expression and snapshot version."""

@@ -169,7 +169,8 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
                     raise MetadataError(f"metadata[{i}] must be a dict, got {type(r).__name__}")
             if not any(rows):
                 return None  # every entry empty: no metadata at all
-            table = pa.Table.from_pylist(rows)
+            keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, not the first's only
+            table = pa.table({k: [r.get(k) for r in rows] for k in keys})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise MetadataError(f"metadata values cannot form typed columns: {e}") from None
     if table.num_rows != n:

@@ -99,3 +99,14 @@ def test_a_new_store_adds_and_queries_images_with_the_bundled_encoder(tmp_path):
         assert hits.metadata[0] == {"label": Path(files[4]).parent.name, "path": files[4]}
     with mrlstore.open(tmp_path / "photos.mrl", read_only=True) as store:  # reopened: encoder from the manifest
         assert store.query(files[7], k=1, dims=[16, 2048]).ids == [ids[7]]
+
+
+def test_a_folder_through_the_bundled_encoder_as_the_readme_shows(tmp_path):
+    folder = IMAGES / "airplane"
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    with mrlstore.open(tmp_path / "photos.mrl") as store:
+        ids = store.add(folder)
+        assert len(ids) == len(files) == len(store)
+        assert sorted(store.sql("SELECT path FROM items").column("path").to_pylist()) == files
+        assert store.add(folder).skipped == list(ids)  # the same folder again: nothing new
+        assert store.query(files[0], k=1, dims=[16, 2048]).ids == [ids[0]]

@@ -42,7 +42,9 @@ def test_hit_metadata_matches_the_catalog_across_commits_deletes_upserts_and_reo
                 table = hits.to_arrow()
                 assert table.column("id").to_pylist() == hits.ids
                 assert table.column_names == ["id", "score", "n", "tag"]
-            assert s.query(x[250], k=1, dims=[64]).metadata == [{"n": None, "tag": "up"}]  # upsert replaced it
+            # the upsert gave "tag" only: the entry keeps its old "n" (keep_metadata defaults to True)
+            assert s.query(x[250], k=1, dims=[64]).metadata == [{"n": 3, "tag": "up"}]
+            assert s.query(x[251], k=1, dims=[64]).metadata == [{"n": 7, "tag": None}]  # keys of later rows kept
             assert s.query(x[201], k=1, dims=[64]).metadata == [{"n": 1, "tag": "t"}]  # "1" stored as BIGINT 1
             assert "b4" not in s.query(x[104], k=5, dims=[64]).ids
 

@@ -214,25 +214,25 @@ def test_queries_from_threads_while_adding(tmp_path, rng):
 
 
 def test_add_images_goes_through_the_encoder(tmp_path, rng):
-    class ToyEncoder:
+    from PIL import Image
+
+    class ToyEncoder:  # gets decoded uint8 HxWx3 arrays from the store
         dim = 32
         nesting = (8, 16, 32)
 
         def encode(self, images, batch_size=64):
-            return (
-                np.stack([np.resize(np.frombuffer(str(i).encode() * 4, np.uint8), 32) for i in images]).astype(
-                    np.float32
-                )
-                + 1
-            )
+            return np.stack([np.resize(im[::4, ::4].astype(np.float32).ravel(), 32) + 1 for im in images])
 
+    for name in ["a.jpg", "bb.png", "ccc.png"]:
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name)
+    names = [str(tmp_path / n) for n in ("a.jpg", "bb.png", "ccc.png")]
     with mrlstore.open(tmp_path / "s", encoder=ToyEncoder(), bands=(8, 32), index_dims=(8,)) as store:
         assert store.dim == 32
-        store.add(["a.jpg", "bb.jpg", "ccc.jpg"], metadata=[{"k": 1}, {"k": 2}, {"k": 3}])
-        hits = store.query("bb.jpg", k=1, dims=[8, 32])
-        assert hits.metadata[0] == {"k": 2, "path": "bb.jpg"}
+        store.add(names, metadata=[{"k": 1}, {"k": 2}, {"k": 3}])
+        hits = store.query(names[1], k=1, dims=[8, 32])
+        assert hits.metadata[0] == {"k": 2, "path": names[1]}
     with mrlstore.open(tmp_path / "s") as store, pytest.raises(mrlstore.EncoderUnavailableError):
-        store.add(["a.jpg"])
+        store.add(names[:1])
 
 
 def test_import_does_not_import_torch():

@@ -1,0 +1,329 @@
+"""Image inputs: telling them from vectors, finding the files, stable ids, and decoding to RGB arrays.
+
+Imports neither torch nor the encoder: the store checks every input here before anything is encoded, then
+hands the encoder decoded images (uint8 HxWx3 arrays) a batch at a time.
+
+The rule (``add``/``query``): a 1-D numeric array or list is one vector; a 2-D numeric array (not uint8)
+whose width is the store's ``dim``, or a list of such rows, is a batch of vectors; everything else is an
+image or a collection of images: paths and folders (recursive, image files only, sorted), ``bytes`` and
+binary file objects holding an encoded image, PIL images, uint8 arrays of any shape (HxW, HxWx3, HxWx4,
+NxHxWx3), other arrays of 3 or 4 dimensions or 2-D with another width (HxW grayscale), tensors likewise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import EncoderUnavailableError, InvalidInputError
+from .validation import id_list, metadata_table
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
+
+
+@dataclass
+class Failure:
+    """An input that could not be read: its position among the inputs, where it came from, why."""
+
+    index: int
+    source: str
+    reason: str
+
+
+@dataclass
+class ImageItem:
+    """One image input: ``value`` (a path string, bytes, or an in-memory image) and its file path if any."""
+
+    value: Any
+    path: str | None
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else type(self.value).__name__
+
+
+def _is_tensor(x: Any) -> bool:
+    return hasattr(x, "detach") and hasattr(x, "dtype") and hasattr(x, "ndim")
+
+
+def _is_pil(x: Any) -> bool:
+    return hasattr(x, "convert") and hasattr(x, "mode") and hasattr(x, "size")
+
+
+def looks_like_vectors(x: Any, dim: int | None = None) -> bool:
+    """True when ``x`` is vectors by the module's rule; False for images and other encoder inputs. With
+    ``dim=None`` every numeric array that is not uint8 counts as vectors (a store without an encoder: a
+    wrong shape then gets the vectors' ShapeError)."""
+    if isinstance(x, (str, bytes, bytearray, os.PathLike)) or _is_pil(x) or hasattr(x, "read"):
+        return False
+    if _is_tensor(x):
+        if x.dtype.is_floating_point is False and str(x.dtype) == "torch.uint8":
+            return False
+        return dim is None or x.ndim == 1 or (x.ndim == 2 and x.shape[-1] == dim)
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fciub" or x.dtype == np.uint8:
+            return x.dtype.kind not in "fciub" and dim is None  # object arrays: the vectors' error
+        return dim is None or x.ndim == 1 or (x.ndim == 2 and x.shape[-1] == dim)
+    if isinstance(x, (list, tuple)) and x:
+        if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in x):
+            return True
+        return all(isinstance(v, (list, tuple, np.ndarray)) and _is_vector_row(v) for v in x)
+    return False
+
+
+def _is_vector_row(v: Any) -> bool:
+    if isinstance(v, np.ndarray):
+        return v.ndim == 1 and v.dtype.kind in "fciu" and v.dtype != np.uint8
+    return bool(v) and all(isinstance(a, (int, float, np.number)) and not isinstance(a, bool) for a in v)
+
+
+def is_url(x: Any) -> bool:
+    return isinstance(x, str) and x.lower().startswith(URL_SCHEMES)
+
+
+def expand(images: Any) -> list[ImageItem]:
+    """A flat list of single images: folders become their image files (recursive, sorted), a 4-D array or
+    tensor its images. Raises InvalidInputError for inputs that are not images (URLs included)."""
+    if isinstance(images, (str, os.PathLike)):
+        return _expand_path(images)
+    if isinstance(images, (bytes, bytearray, memoryview)) or hasattr(images, "read") or _is_pil(images):
+        return [ImageItem(images, None)]
+    if isinstance(images, np.ndarray) or _is_tensor(images):
+        if images.ndim == 4:
+            return [ImageItem(im, None) for im in images]
+        return [ImageItem(images, None)]
+    if isinstance(images, Iterable) and not isinstance(images, dict):
+        out: list[ImageItem] = []
+        for item in images:
+            if isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4):
+                raise InvalidInputError("images must be a flat collection of images, got a nested collection")
+            out.extend(expand(item))
+        return out
+    raise InvalidInputError(
+        f"cannot read images from a {type(images).__name__}: expected paths or folders, bytes, binary file "
+        "objects, PIL images, arrays or tensors"
+    )
+
+
+def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
+    if is_url(p):
+        raise InvalidInputError(
+            f"{p} is a URL: mrlstore does not fetch images over the network; download the file and pass its path"
+        )
+    path = Path(p)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InvalidInputError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return [ImageItem(str(f), str(f)) for f in files]
+    return [ImageItem(os.fspath(p), os.fspath(p))]
+
+
+def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], list[Failure]]:
+    """Every file exists and its header reads as an image (cheap: pixels are decoded later). A bad one
+    raises InvalidInputError naming it, or with ``skip_errors`` is left out and reported."""
+    Image = pil()
+    good: list[ImageItem] = []
+    failures: list[Failure] = []
+    for index, item in enumerate(items):
+        try:
+            if item.path is not None or isinstance(item.value, (bytes, bytearray, memoryview)):
+                source = item.path if item.path is not None else io.BytesIO(bytes(item.value))
+                try:
+                    with Image.open(source) as im:
+                        im.verify()
+                except FileNotFoundError:
+                    raise InvalidInputError(f"image file not found: {item.path}") from None
+                except Exception as e:  # PIL raises many kinds for broken data
+                    raise InvalidInputError(f"cannot read image {item.describe()}: {e}") from None
+            good.append(item)
+        except InvalidInputError as e:
+            if not skip_errors:
+                raise
+            failures.append(Failure(index, item.describe(), str(e)))
+    return good, failures
+
+
+def content_id(item: ImageItem) -> str:
+    """A stable id from the image's content: the file's bytes, or the pixels of an in-memory image."""
+    h = hashlib.blake2b(digest_size=16)
+    if item.path is not None:
+        with open(item.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    elif isinstance(item.value, (bytes, bytearray, memoryview)):
+        h.update(bytes(item.value))
+    else:
+        arr = to_rgb(item)
+        h.update(str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def to_rgb(item: ImageItem) -> np.ndarray:
+    """One image as a uint8 HxWx3 array (alpha composited on white, grayscale repeated)."""
+    x = item.value
+    if item.path is not None or isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
+        return _decode(item)
+    if _is_pil(x):
+        return np.asarray(_rgb(x))
+    if _is_tensor(x):
+        t = x.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+            t = t.permute(1, 2, 0)  # CHW -> HWC
+        x = t.numpy()
+    if isinstance(x, np.ndarray):
+        return _array_rgb(x)
+    raise InvalidInputError(f"cannot read an image from a {type(x).__name__}")
+
+
+def _decode(item: ImageItem) -> np.ndarray:
+    Image = pil()
+    x = item.value
+    source = item.path if item.path is not None else io.BytesIO(bytes(x)) if not hasattr(x, "read") else x
+    try:
+        with Image.open(source) as im:
+            im.load()
+            return np.asarray(_rgb(im))
+    except FileNotFoundError:
+        raise InvalidInputError(f"image file not found: {item.path}") from None
+    except Exception as e:  # PIL raises many kinds for broken data
+        raise InvalidInputError(f"cannot read image {item.describe()}: {e}") from None
+
+
+def _array_rgb(arr: np.ndarray) -> np.ndarray:
+    shape = arr.shape
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InvalidInputError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {shape}")
+    if arr.dtype != np.uint8:
+        if arr.dtype.kind not in "fiu":
+            raise InvalidInputError(f"an image array must be numeric, got dtype {arr.dtype}")
+        if arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                raise InvalidInputError("an image array contains NaN or inf")
+            if arr.max(initial=0.0) <= 1.0:  # floats in [0, 1]
+                arr = arr * 255.0
+        arr = np.clip(arr, 0, 255).round().astype(np.uint8)
+    if arr.shape[2] == 1:
+        return np.repeat(arr, 3, axis=2)
+    if arr.shape[2] == 4:
+        return np.asarray(_rgb(pil().fromarray(np.ascontiguousarray(arr), "RGBA")))
+    return arr
+
+
+def _rgb(im: Any) -> Any:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "P", "PA"):
+        im = im.convert("RGBA")
+        bg = pil().new("RGBA", im.size, (255, 255, 255, 255))
+        return pil().alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise EncoderUnavailableError(
+            "images need the image extra: pip install 'mrlstore[images]' (Pillow and torch)"
+        ) from e
+    return Image
+
+
+class AddResult(list):
+    """The ids of the images an ``add`` covered (added, replaced, or already present and skipped), in input
+    order; ``failed`` lists the inputs left out with ``skip_errors=True`` and why, ``skipped`` the ids that
+    were already in the store (``on_conflict="skip"``)."""
+
+    def __init__(self, ids: list[str], failed: list[Failure], skipped: list[str]):
+        super().__init__(ids)
+        self.failed, self.skipped = failed, skipped
+
+
+@dataclass
+class ImageBatch:
+    """Checked images with their ids and metadata rows (with ``path`` for files), ready to encode."""
+
+    items: list[ImageItem]
+    ids: list[str]
+    metadata: pa.Table | None
+    failed: list[Failure]
+    repeats: list[str]  # content ids given twice in one call (the repeat is left out)
+
+    @classmethod
+    def prepare(cls, images: Any, ids: Any, metadata: Any, skip_errors: bool) -> ImageBatch:
+        """Expand and check ``images`` (nothing is decoded beyond the files' headers); ``ids`` and
+        ``metadata`` are aligned with the expanded images."""
+        items = expand(images)
+        if not items:
+            raise InvalidInputError("no images given")
+        id_values = None if ids is None else id_list(ids, len(items))
+        meta = metadata_table(metadata, len(items))
+        good, failures = check(items, skip_errors)
+        keep = [i for i in range(len(items)) if i not in {f.index for f in failures}]
+        if failures:
+            id_values = None if id_values is None else [id_values[i] for i in keep]
+            meta = None if meta is None else meta.take(keep)
+        paths = [item.path for item in good]
+        if any(p is not None for p in paths):
+            column = pa.array(paths, pa.string())
+            meta = pa.table({"path": column}) if meta is None else meta.drop_columns(
+                [c for c in meta.column_names if c == "path"]).append_column("path", column)  # fmt: skip
+        batch = cls(good, id_values or [content_id(item) for item in good], meta, failures, [])
+        return batch if ids is not None else batch._first_of_each()
+
+    def _first_of_each(self) -> ImageBatch:
+        seen: dict[str, int] = {}
+        for pos, i in enumerate(self.ids):
+            seen.setdefault(i, pos)
+        if len(seen) == len(self.ids):
+            return self
+        keep = sorted(seen.values())
+        repeats = [i for pos, i in enumerate(self.ids) if seen[i] != pos]
+        return ImageBatch(*self._subset(keep), self.failed, repeats)
+
+    def without(self, ids: set[str]) -> ImageBatch:
+        """The images whose ids are not in ``ids``."""
+        keep = [pos for pos, i in enumerate(self.ids) if i not in ids]
+        return self if len(keep) == len(self.ids) else ImageBatch(*self._subset(keep), self.failed, self.repeats)
+
+    def _subset(self, keep: list[int]) -> tuple[list[ImageItem], list[str], pa.Table | None]:
+        meta = None if self.metadata is None else self.metadata.take(np.asarray(keep, dtype=np.int64))
+        return [self.items[p] for p in keep], [self.ids[p] for p in keep], meta
+
+
+def is_single(query: Any) -> bool:
+    """Whether a query input is one image (a result) rather than a collection (a list of results)."""
+    if isinstance(query, (list, tuple)):
+        return False
+    if isinstance(query, (str, os.PathLike)) and not is_url(query):
+        return not Path(query).is_dir()
+    return not ((isinstance(query, np.ndarray) or _is_tensor(query)) and query.ndim == 4)
+
+
+def encode(encoder: Any, items: list[ImageItem], batch_size: int, progress: bool | None) -> np.ndarray:
+    """The encoder's vectors for ``items``, decoding a batch of images at a time (bounded memory)."""
+    from tqdm import tqdm
+
+    show = progress if progress is not None else len(items) > 4 * batch_size
+    out = []
+    with tqdm(total=len(items), desc="encode", unit="img", disable=not show) as bar:
+        for lo in range(0, len(items), batch_size):
+            batch = [to_rgb(item) for item in items[lo : lo + batch_size]]
+            vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
+            if vectors.shape[0] != len(batch):
+                raise EncoderUnavailableError(f"the encoder gave {vectors.shape[0]} vectors for {len(batch)} images")
+            out.append(vectors)
+            bar.update(len(batch))
+    return np.concatenate(out)

@@ -1,0 +1,192 @@
+"""Every documented image input, through the store: add, query, ids, conflicts, errors (a toy encoder that
+reads the decoded pixels, so the tests need neither torch nor weights)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mrlstore
+from mrlstore.images import looks_like_vectors
+
+
+class PixelEncoder:
+    """A 48-d 'embedding' of the decoded pixels: the store hands over uint8 HxWx3 arrays."""
+
+    dim = 48
+    nesting = (8, 16, 48)
+
+    def __init__(self):
+        self.seen = 0
+
+    def encode(self, images, batch_size=64):
+        out = []
+        for im in images:
+            assert im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
+            small = np.asarray(Image.fromarray(im).resize((4, 4))).astype(np.float32).ravel()
+            out.append(small + 1.0)
+        self.seen += len(images)
+        return np.stack(out)
+
+
+def _pixels(seed: int, size=(20, 24)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(_pixels(i)).save(root / f"p{i}.png")
+    Image.fromarray(_pixels(3)).save(root / "sub" / "q.jpg", quality=95)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def store(tmp_path):
+    encoder = PixelEncoder()
+    s = mrlstore.open(tmp_path / "s", encoder=encoder, bands=(8, 48), index_dims=(8,))
+    yield s
+    s.close()
+
+
+def test_a_folder_adds_its_image_files_recursively_sorted(store, photos):
+    ids = store.add(photos)
+    assert len(ids) == 4 and len(store) == 4
+    paths = store.sql("SELECT path FROM items ORDER BY path").column("path").to_pylist()
+    assert paths == sorted(str(p) for p in [*photos.glob("*.png"), photos / "sub" / "q.jpg"])
+    hits = store.query(photos / "p1.png", k=1, dims=[8, 48])
+    assert hits.metadata[0]["path"] == str(photos / "p1.png")
+
+
+def test_a_list_mixing_files_folders_and_paths(store, photos, tmp_path):
+    other = tmp_path / "x.png"
+    Image.fromarray(_pixels(9)).save(other)
+    ids = store.add([str(other), photos / "sub", photos / "p0.png"])
+    assert len(ids) == 3 and len(store) == 3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: Image.fromarray(_pixels(5)), id="pil"),
+        pytest.param(lambda: _pixels(5), id="uint8-HxWx3"),
+        pytest.param(lambda: _pixels(5)[:, :, 0], id="uint8-HxW"),
+        pytest.param(lambda: _pixels(5).astype(np.float32) / 255.0, id="float-HxWx3"),
+        pytest.param(lambda: _pixels(5)[:, :, 0].astype(np.float64) / 255.0, id="float-HxW"),
+        pytest.param(lambda: np.dstack([_pixels(5), np.full((20, 24), 255, np.uint8)]), id="uint8-HxWx4"),
+        pytest.param(lambda: _png_bytes(_pixels(5)), id="bytes"),
+        pytest.param(lambda: io.BytesIO(_png_bytes(_pixels(5))), id="file-object"),
+    ],
+)
+def test_every_in_memory_image_kind_adds_and_queries(store, make):
+    ids = store.add(make())
+    assert len(ids) == 1 and len(store) == 1
+    hits = store.query(make(), k=1, dims=[8, 48])  # one image in: one Hits out
+    assert hits.ids == list(ids) and hits.scores[0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_batch_array_is_several_images_and_a_list_gives_a_list(store):
+    batch = np.stack([_pixels(i) for i in range(3)])  # NxHxWx3
+    ids = store.add(batch)
+    assert len(ids) == 3
+    results = store.query(batch, k=1, dims=[8, 48])
+    assert [h.ids[0] for h in results] == list(ids)
+    assert [h.ids[0] for h in store.query([batch[0], batch[2]], k=1, dims=[8, 48])] == [ids[0], ids[2]]
+
+
+def test_torch_tensors(store):
+    torch = pytest.importorskip("torch")
+    chw = torch.from_numpy(_pixels(4)).permute(2, 0, 1).float() / 255.0
+    ids = store.add(chw)
+    assert store.query(chw, k=1, dims=[8, 48]).ids == list(ids)
+
+
+def test_readding_the_same_images_is_idempotent_and_conflicts_follow_the_policy(store, photos):
+    first = store.add(photos)
+    encoded = store.encoder.seen
+    again = store.add(photos)  # same content, same ids: nothing encoded, nothing added
+    assert list(again) == list(first) and sorted(again.skipped) == sorted(first)
+    assert len(store) == 4 and store.encoder.seen == encoded
+    with pytest.raises(mrlstore.DuplicateIdError, match="on_conflict"):
+        store.add(photos / "p0.png", on_conflict="error")
+    store.add(photos / "p0.png", metadata=[{"tag": "new"}], on_conflict="replace")
+    assert len(store) == 4
+    assert store.get([first[0]]).column("tag").to_pylist() == ["new"]
+    with pytest.raises(mrlstore.InvalidInputError, match="on_conflict"):
+        store.add(photos, on_conflict="overwrite")
+
+
+def test_upsert_images_with_explicit_ids(store):
+    store.add([_pixels(1), _pixels(2)], ids=["a", "b"], metadata=[{"n": 1}, {"n": 2}])
+    store.upsert(_pixels(7), ids=["a"])  # no metadata: the old metadata stays
+    assert len(store) == 2
+    table = store.get(["a"])
+    assert table.column("n").to_pylist() == [1]
+    assert store.query(_pixels(7), k=1, dims=[8, 48]).ids == ["a"]
+
+
+def test_upsert_vectors_keeps_or_clears_metadata_by_choice(tmp_path):
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    with mrlstore.open(tmp_path / "v", dim=16, bands=(8, 16), index_dims=(8,)) as s:
+        s.add_vectors(x, ids=["a", "b", "c"], metadata=[{"n": 1}, {"n": 2}, {"n": 3}])
+        s.upsert_vectors(x[:2] + 1, ids=["a", "z"])  # default: keep "a"'s metadata; "z" is new
+        assert s.get(["a", "z"]).column("n").to_pylist() == [1, None]
+        s.upsert_vectors(x[1:2] + 2, ids=["b"], keep_metadata=False)
+        assert s.get(["b"]).column("n").to_pylist() == [None]
+
+
+def test_a_bad_file_fails_before_encoding_and_writes_nothing(store, photos):
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(mrlstore.InvalidInputError, match="broken.png"):
+        store.add(photos)
+    assert store.encoder.seen == 0 and len(store) == 0
+    with pytest.raises(mrlstore.InvalidInputError, match="not found"):
+        store.add([photos / "p0.png", photos / "missing.png"])
+    assert store.encoder.seen == 0 and len(store) == 0
+
+
+def test_skip_errors_reports_what_was_left_out(store, photos):
+    (photos / "broken.jpg").write_bytes(b"garbage")
+    result = store.add(photos, skip_errors=True)
+    assert len(result) == 4 and len(store) == 4
+    assert [f.source for f in result.failed] == [str(photos / "broken.jpg")]
+    assert "cannot read image" in result.failed[0].reason
+
+
+@pytest.mark.parametrize("url", ["https://example.com/cat.jpg", "s3://bucket/cat.jpg"])
+def test_urls_are_a_clear_error(store, url):
+    with pytest.raises(mrlstore.InvalidInputError, match="URL"):
+        store.add(url)
+    with pytest.raises(mrlstore.InvalidInputError, match="URL"):
+        store.query(url)
+    assert len(store) == 0
+
+
+def test_the_rule_that_tells_images_from_vectors():
+    assert looks_like_vectors(np.ones(48, np.float32), 48)
+    assert looks_like_vectors(np.ones((5, 48), np.float32), 48)
+    assert looks_like_vectors([0.1] * 48, 48) and looks_like_vectors([[0.1] * 48] * 2, 48)
+    assert not looks_like_vectors(np.ones((20, 24), np.float32), 48)  # HxW grayscale
+    assert not looks_like_vectors(np.ones((20, 48), np.uint8), 48)  # uint8: always an image
+    assert not looks_like_vectors(np.ones((20, 24, 3), np.float32), 48)
+    assert not looks_like_vectors(b"\x89PNG", 48) and not looks_like_vectors("a.jpg", 48)
+
+
+def test_a_store_without_an_encoder_says_what_to_do(tmp_path):
+    with mrlstore.open(tmp_path / "v", dim=16, bands=(8, 16), index_dims=(8,)) as s:
+        with pytest.raises(mrlstore.EncoderUnavailableError, match="no encoder"):
+            s.add(_pixels(0))
+        with pytest.raises(mrlstore.ShapeError):
+            s.query(np.ones((1, 1, 16), np.float32))
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
