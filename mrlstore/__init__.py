@@ -31,6 +31,7 @@ from .errors import (
     StoreNotFoundError,
     TuningError,
     UnknownIdError,
+    UnsupportedStorageError,
     ZeroVectorError,
 )
 from .hits import Hits
@@ -69,6 +70,7 @@ __all__ = [
     "StoreNotFoundError",
     "TuningError",
     "UnknownIdError",
+    "UnsupportedStorageError",
     "ZeroVectorError",
     "__version__",
     "load_encoder",

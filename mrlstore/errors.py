@@ -82,6 +82,11 @@ class StoreLockedError(MRLStoreError, BlockingIOError):
     """Another writer (this process or another) holds the store."""
 
 
+class UnsupportedStorageError(MRLStoreError, ValueError):
+    """A store path that is a URL (``s3://``, ``gs://``, ``memory://``, ``http(s)://``): stores live in local
+    folders."""
+
+
 class ReadOnlyError(MRLStoreError, PermissionError):
     """A write on a store opened with ``read_only=True``."""
 

@@ -15,6 +15,7 @@ class StoreLock:
     def __init__(self, store_path: Path, exclusive: bool):
         self.path = Path(store_path) / LOCK_FILE
         self.created = False  # so a failed open can remove the file it made
+        self.exclusive = exclusive
         if exclusive:
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -43,16 +44,32 @@ class StoreLock:
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def _holder(self) -> str:
+        """Who holds the lock: the writer's pid is in LOCK while it lives; readers write nothing, so a pid
+        of a process that has exited means readers hold it now."""
         try:
             pid = os.pread(self._fd, 32, 0).decode().strip()
         except OSError:
             pid = ""
-        return f" by process {pid}" if pid.isdigit() else ""
+        if pid.isdigit() and _alive(int(pid)):
+            return f" by process {pid}"
+        return " by a reader (another process has it open read_only)" if self.exclusive else ""
 
     def release(self, remove_if_created: bool = False) -> None:
         if self._fd >= 0:
             if remove_if_created and self.created:
                 self.path.unlink(missing_ok=True)
+            if self.exclusive:
+                os.ftruncate(self._fd, 0)  # no stale pid for the next error message
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return pid != 0

@@ -38,6 +38,7 @@ from .errors import (
     StoreClosedError,
     StoreNotFoundError,
     UnknownIdError,
+    UnsupportedStorageError,
 )
 from .hits import Hits
 from .hnsw_index import IndexUnusable, PrefixIndex
@@ -89,6 +90,11 @@ class Store:
         read_only: bool = False,
         encoder: Encoder | None = None,
     ):
+        if isinstance(path, str) and "://" in path:  # before anything touches the disk
+            raise UnsupportedStorageError(
+                f"{path} is a URL; mrlstore stores live in local folders (object storage is not supported yet): "
+                "pass a local path"
+            )
         self.path = Path(path)
         self.read_only = read_only
         self.encoder = encoder
