@@ -2,7 +2,8 @@
 
 Both return the same rows in the same order (scores agree to float rounding): a funnel stage adds the dot
 products and squared norms of the columns it reads to running float64 sums, scores come from those sums,
-and selection keeps the best n per query with ties broken by the lower row.
+and selection keeps the best n per query with ties broken by the lower row. ``refine`` runs every later
+stage of a funnel in one native call; ``scan`` is the exact search.
 
     cosine = dot / sqrt(sq * qq)  (0 when a prefix is all zeros)    ip = dot    l2 = sqrt(max(sq - 2 dot + qq, 0))
 
@@ -73,25 +74,45 @@ def query_norms(queries: np.ndarray, d: int) -> np.ndarray:
     return np.einsum("ij,ij->i", q, q)
 
 
-def accumulate(
+def refine(
     vectors: Rows,
     rows: np.ndarray,
     offsets: np.ndarray,
     queries: np.ndarray,
-    col_from: int,
-    col_to: int,
-    dot: np.ndarray,
-    sq: np.ndarray,
+    stages: tuple[int, ...],
+    keeps: tuple[int, ...],
+    metric: str,
     native: bool = NATIVE,
-) -> None:
-    """Add each candidate's dot product with its query and squared norm over ``col_from:col_to`` (in place)."""
-    if len(rows) == 0 or col_from >= col_to:
-        return
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates (sorted within each query) through the funnel's later stages: at stage s, add the dot
+    products and squared norms of columns ``stages[s-1]:stages[s]`` and keep the best ``keeps[s]`` per query
+    (in row order between stages, so reads run forward). Returns the last stage's (rows, offsets, scores),
+    best first within each query."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     if native and _native is not None:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        bands = vectors.kernel_bands(int(rows.max()) + 1)
-        _native.accumulate(bands, rows, offsets, queries, queries.shape[1], col_from, col_to, dot, sq, threads())
-        return
+        nq, k = len(offsets) - 1, keeps[-1]
+        out_rows = np.empty(nq * k, dtype=np.int64)
+        out_scores = np.empty(nq * k, dtype=np.float64)
+        counts = np.empty(nq, dtype=np.int64)
+        bands = vectors.kernel_bands(int(rows.max()) + 1 if len(rows) else 1)
+        _native.refine(
+            bands, rows, offsets, queries, queries.shape[1], np.asarray(stages, np.int32), np.asarray(keeps, np.int32),
+            METRIC_CODES[metric], out_rows, out_scores, counts, threads(),
+        )  # fmt: skip
+        out_rows, out_scores, offsets = _compact(counts, k, out_rows, out_scores)
+        return out_rows, offsets, out_scores
+    dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
+    covered, scores = 0, np.empty(0)
+    for i, (d, keep) in enumerate(zip(stages, keeps)):
+        _accumulate(vectors, rows, offsets, queries, covered, d, dot, sq)
+        covered = d
+        qq = query_norms(queries, d)
+        pos, scores, offsets = _select(rows, offsets, dot, sq, qq, metric, keep, by_row=i < len(stages) - 1)
+        rows, dot, sq = rows[pos], dot[pos], sq[pos]
+    return rows, offsets, scores
+
+
+def _accumulate(vectors, rows, offsets, queries, col_from, col_to, dot, sq) -> None:
     for i in range(len(offsets) - 1):
         a, b = int(offsets[i]), int(offsets[i + 1])
         if a == b:
@@ -104,28 +125,11 @@ def accumulate(
             lo = stop
 
 
-def select(
-    rows: np.ndarray,
-    offsets: np.ndarray,
-    dot: np.ndarray,
-    sq: np.ndarray,
-    qq: np.ndarray,
-    metric: str,
-    keep: int,
-    by_row: bool,
-    native: bool = NATIVE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The best ``keep`` candidates per query: (positions into rows/dot/sq, their scores, new offsets).
-    Survivors come best first, or in row order when ``by_row`` (a later stage reads them sequentially)."""
-    nq = len(offsets) - 1
-    if native and _native is not None:
-        pos = np.empty(nq * keep, dtype=np.int64)
-        scores = np.empty(nq * keep, dtype=np.float64)
-        counts = np.empty(nq, dtype=np.int64)
-        _native.select(rows, offsets, dot, sq, qq, METRIC_CODES[metric], keep, int(by_row), pos, scores, counts)
-        return _compact(counts, keep, pos, scores)
+def _select(rows, offsets, dot, sq, qq, metric, keep, by_row):
+    """The best ``keep`` per query: (positions into rows/dot/sq, their scores, new offsets); best first, or
+    in row order when ``by_row``."""
     out_pos, out_scores, counts = [], [], []
-    for i in range(nq):
+    for i in range(len(offsets) - 1):
         a, b = int(offsets[i]), int(offsets[i + 1])
         s = scores_from_sums(dot[a:b], sq[a:b], qq[i], metric)
         best = top(s, keep, metric)  # rows are sorted: position ties are row ties

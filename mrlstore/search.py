@@ -177,21 +177,8 @@ class Funnel:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Re-rank candidates (sorted within each query) through the later stages; best first at the end."""
         stages = plan.dims[1:] if len(plan.dims) > 1 else plan.dims[:1]
-        keeps = [*plan.sizes[1:], plan.k] if len(plan.dims) > 1 else [plan.k]
-        dot = np.zeros(len(rows))
-        sq = np.zeros(len(rows))
-        covered = 0
-        scores = np.empty(0)
-        for i, (d, keep) in enumerate(zip(stages, keeps)):
-            kernels.accumulate(self.vectors, rows, offsets, queries, covered, d, dot, sq)
-            covered = d
-            last = i == len(stages) - 1
-            # survivors stay in row order between stages (sequential reads); the last stage ranks them
-            pos, scores, offsets = kernels.select(
-                rows, offsets, dot, sq, kernels.query_norms(queries, d), self.metric, keep, by_row=not last
-            )
-            rows, dot, sq = rows[pos], dot[pos], sq[pos]
-        return rows, offsets, scores
+        keeps = (*plan.sizes[1:], plan.k) if len(plan.dims) > 1 else (plan.k,)
+        return kernels.refine(self.vectors, rows, offsets, queries, stages, keeps, self.metric)
 
 
 def _flatten(per_query: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

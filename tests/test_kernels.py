@@ -58,33 +58,39 @@ def _flat(per_query):
 
 @needs_native
 @pytest.mark.parametrize("metric", METRICS)
-def test_stage_kernels_match_the_numpy_twins_and_the_reference(loaded, metric):
+def test_refine_kernel_matches_the_numpy_twin_and_the_reference(loaded, metric):
     store, x = loaded
     rng = np.random.default_rng(2)
-    queries = rng.standard_normal((3, 64)).astype(np.float32)
-    per_query = [np.sort(rng.choice(700, size=n, replace=False)) for n in (90, 1, 300)]
+    queries = rng.standard_normal((4, 64)).astype(np.float32)
+    per_query = [np.sort(rng.choice(700, size=n, replace=False)) for n in (90, 1, 300, 0)]
     rows, offsets = _flat(per_query)
-    results = {}
-    for native in (True, False):
-        dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
-        kernels.accumulate(store._vectors, rows, offsets, queries, 0, 20, dot, sq, native=native)
-        kernels.accumulate(store._vectors, rows, offsets, queries, 20, 50, dot, sq, native=native)
-        qq = kernels.query_norms(queries, 50)
-        results[native] = kernels.select(rows, offsets, dot, sq, qq, metric, 7, by_row=False, native=native)
-        by_row = kernels.select(rows, offsets, dot, sq, qq, metric, 7, by_row=True, native=native)
-        for i in range(3):
-            a, b = by_row[2][i], by_row[2][i + 1]
-            assert np.all(np.diff(rows[by_row[0][a:b]]) > 0)
-    (pos_n, s_n, off_n), (pos_p, s_p, off_p) = results[True], results[False]
-    assert off_n.tolist() == off_p.tolist() == [0, 7, 8, 15]
-    assert rows[pos_n].tolist() == rows[pos_p].tolist()
+    got = {n: kernels.refine(store._vectors, rows, offsets, queries, (20, 50), (30, 7), metric, native=n)
+           for n in (True, False)}  # fmt: skip
+    (rows_n, off_n, s_n), (rows_p, off_p, s_p) = got[True], got[False]
+    assert off_n.tolist() == off_p.tolist() == [0, 7, 8, 15, 15]
+    assert rows_n.tolist() == rows_p.tolist()
     np.testing.assert_allclose(s_n, s_p, rtol=1e-5, atol=1e-6)
-    for i, cand in enumerate(per_query):
-        ref = scoring.prefix_scores(x[cand], queries[i], 50, metric)[:, 0]
-        best = cand[scoring.top(ref, 7, metric)]
-        assert rows[pos_n[off_n[i] : off_n[i + 1]]].tolist() == best.tolist()
+    for i, cand in enumerate(per_query[:3]):  # the reference: the 30 best on 20 dims, then 7 on 50
+        first = np.sort(cand[scoring.top(scoring.prefix_scores(x[cand], queries[i], 20, metric)[:, 0], 30, metric)])
+        ref = scoring.prefix_scores(x[first], queries[i], 50, metric)[:, 0]
+        assert rows_n[off_n[i] : off_n[i + 1]].tolist() == first[scoring.top(ref, 7, metric)].tolist()
         np.testing.assert_allclose(s_n[off_n[i] : off_n[i + 1]], np.sort(ref)[::-1][:7] if metric != "l2"
                                    else np.sort(ref)[:7], rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+@needs_native
+def test_refine_kernel_uses_threads_on_large_batches_with_the_same_result(loaded):
+    store, _ = loaded
+    rng = np.random.default_rng(7)
+    queries = rng.standard_normal((64, 64)).astype(np.float32)
+    rows, offsets = _flat([np.sort(rng.choice(690, 600, replace=False)) + 10 for _ in range(64)])
+    with_threads = kernels.refine(store._vectors, rows, offsets, queries, (8, 24, 64), (200, 50, 10), "cosine")
+    spans = list(zip(offsets[:-1], offsets[1:]))
+    one_by_one = [
+        kernels.refine(store._vectors, rows[a:b], np.array([0, b - a]), queries[i : i + 1], (8, 24, 64), (200, 50, 10),
+                       "cosine") for i, (a, b) in enumerate(spans)
+    ]  # fmt: skip
+    assert with_threads[0].tolist() == np.concatenate([r[0] for r in one_by_one]).tolist()
 
 
 @needs_native
@@ -133,12 +139,10 @@ def test_portable_scoring_loops_agree_with_simd(loaded):
     out = []
     for simd in (True, False):
         native.set_simd(simd)
-        dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
-        kernels.accumulate(store._vectors, rows, offsets, q, 0, 64, dot, sq)
-        out.append((dot, sq))
+        out.append(kernels.refine(store._vectors, rows, offsets, q, (8, 64), (50, 20), "l2"))
     native.set_simd(True)
-    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
+    assert out[0][0].tolist() == out[1][0].tolist()
+    np.testing.assert_allclose(out[0][2], out[1][2], rtol=1e-4, atol=1e-4)
 
 
 def test_store_queries_agree_between_native_and_numpy(loaded, monkeypatch):
@@ -165,6 +169,13 @@ def test_kernels_refuse_rows_past_the_mapped_chunks(loaded):
     bands = [(np.zeros(1, np.uint64), 64, 0, 8, 1)]  # chunk 0 unmapped (address 0)
     native = pytest.importorskip("mrlstore._kernels")
     rows = np.array([3], np.int64)
+
+    def call(offsets):
+        out = (np.zeros(1, np.int64), np.zeros(1), np.zeros(1, np.int64))
+        stage = (np.array([8], np.int32), np.array([1], np.int32), 0)
+        native.refine(bands, rows, offsets, np.ones((1, 8), np.float32), 8, *stage, *out, 1)
+
     with pytest.raises(IndexError):
-        native.accumulate(bands, rows, np.array([0, 1], np.int64), np.ones((1, 8), np.float32), 8, 0, 8,
-                          np.zeros(1), np.zeros(1), 1)  # fmt: skip
+        call(np.array([0, 1], np.int64))
+    with pytest.raises(ValueError, match="offsets"):
+        call(np.array([1, 0], np.int64))

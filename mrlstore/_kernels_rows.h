@@ -1,0 +1,280 @@
+/* Rows of the memory-mapped bands, scores, the bounded heap, threads, and the per-stage accumulation.
+ * Included by _kernels.c only (after _kernels_simd.h). */
+#pragma once
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* bands                                                                                                 */
+
+typedef struct {
+    Py_buffer addrs; /* uint64 chunk base addresses */
+    const uint64_t *base;
+    Py_ssize_t n_chunks;
+    int64_t chunk_rows;
+    int shift;   /* log2(chunk_rows) when a power of two, else -1 */
+    int start;   /* first column */
+    int width;
+    int f16;
+    int itemsize;
+} Band;
+
+typedef struct {
+    Band b[MAX_BANDS];
+    int n;
+} Bands;
+
+static void release_bands(Bands *bs) {
+    for (int i = 0; i < bs->n; i++) PyBuffer_Release(&bs->b[i].addrs);
+    bs->n = 0;
+}
+
+static int parse_bands(PyObject *seq, Bands *bs) {
+    bs->n = 0;
+    PyObject *fast = PySequence_Fast(seq, "bands must be a sequence of tuples");
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > MAX_BANDS) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "too many bands");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Band *b = &bs->b[bs->n];
+        long long rows;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "y*Liii", &b->addrs, &rows, &b->start, &b->width,
+                              &b->f16)) {
+            release_bands(bs);
+            Py_DECREF(fast);
+            return -1;
+        }
+        bs->n++;
+        if (rows <= 0 || b->width <= 0 || b->addrs.len % 8) {
+            release_bands(bs);
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_ValueError, "bad band description");
+            return -1;
+        }
+        b->base = (const uint64_t *)b->addrs.buf;
+        b->n_chunks = b->addrs.len / 8;
+        b->chunk_rows = rows;
+        b->shift = -1;
+        if ((rows & (rows - 1)) == 0) {
+            b->shift = 0;
+            while ((1LL << b->shift) < rows) b->shift++;
+        }
+        b->itemsize = b->f16 ? 2 : 4;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* Address of column `col` of row `row` in band b, or NULL past the mapped chunks. */
+static inline const char *band_row(const Band *b, int64_t row, int col) {
+    int64_t chunk, off;
+    if (b->shift >= 0) {
+        chunk = row >> b->shift;
+        off = row & (b->chunk_rows - 1);
+    } else {
+        chunk = row / b->chunk_rows;
+        off = row % b->chunk_rows;
+    }
+    if (row < 0 || chunk >= b->n_chunks || !b->base[chunk]) return NULL;
+    return (const char *)(uintptr_t)b->base[chunk] + ((size_t)off * b->width + (size_t)(col - b->start)) * b->itemsize;
+}
+
+/* dot and sq of one row over columns [from, to): 0 on success, -1 if the row is not mapped. */
+static inline int row_dot_sq(const Bands *bs, int64_t row, const float *q, int from, int to, double *dot, double *sq) {
+    for (int i = 0; i < bs->n; i++) {
+        const Band *b = &bs->b[i];
+        int lo = from > b->start ? from : b->start, hi = to < b->start + b->width ? to : b->start + b->width;
+        if (lo >= hi) continue;
+        const char *p = band_row(b, row, lo);
+        if (!p) return -1;
+        dot_sq(p, b->f16, q + lo, hi - lo, dot, sq);
+    }
+    return 0;
+}
+
+/* row_dot_sq for four rows (out: dot, sq of each, added to): -1 if one is not mapped. */
+static inline int rows_dot_sq4(const Bands *bs, const int64_t *rows, const float *q, int from, int to, double *out) {
+    for (int i = 0; i < bs->n; i++) {
+        const Band *b = &bs->b[i];
+        int lo = from > b->start ? from : b->start, hi = to < b->start + b->width ? to : b->start + b->width;
+        if (lo >= hi) continue;
+        const void *p[4];
+        for (int r = 0; r < 4; r++)
+            if (!(p[r] = band_row(b, rows[r], lo))) return -1;
+        dot_sq4(p, b->f16, q + lo, hi - lo, out);
+    }
+    return 0;
+}
+
+/* Row `row`, columns [0, to), widened into buf: 0 on success, -1 if not mapped. */
+static inline int row_widen(const Bands *bs, int64_t row, int to, float *buf) {
+    for (int i = 0; i < bs->n; i++) {
+        const Band *b = &bs->b[i];
+        int hi = to < b->start + b->width ? to : b->start + b->width;
+        if (b->start >= hi) continue;
+        const char *p = band_row(b, row, b->start);
+        if (!p) return -1;
+        if (b->f16)
+            widen((const uint16_t *)p, buf + b->start, hi - b->start);
+        else
+            memcpy(buf + b->start, p, (size_t)(hi - b->start) * 4);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* scores and selection                                                                                  */
+
+static inline double score_of(int metric, double dot, double sq, double qq) {
+    if (metric == IP) return dot;
+    if (metric == L2) {
+        double d = sq - 2.0 * dot + qq;
+        return d > 0 ? sqrt(d) : 0.0;
+    }
+    double denom = sqrt(sq * qq);
+    return denom > 0 ? dot / denom : 0.0;
+}
+
+/* "Better" for the selection key: higher key, then lower row. l2 keys are negated distances. */
+typedef struct {
+    double key;
+    int64_t row;
+    int64_t pos; /* position in the caller's arrays */
+} Entry;
+
+static inline int better(const Entry *a, const Entry *b) {
+    return a->key > b->key || (a->key == b->key && a->row < b->row);
+}
+
+/* A bounded heap holding the best `cap` entries, the worst at the root. */
+typedef struct {
+    Entry *e;
+    int n, cap;
+} Heap;
+
+static void heap_push(Heap *h, Entry x) {
+    if (h->cap <= 0) return;
+    if (h->n < h->cap) {
+        int i = h->n++;
+        while (i > 0) {
+            int p = (i - 1) / 2;
+            if (!better(&h->e[p], &x)) break; /* parent already worse than x: stop */
+            h->e[i] = h->e[p];
+            i = p;
+        }
+        h->e[i] = x;
+        return;
+    }
+    if (!better(&x, &h->e[0])) return;
+    int i = 0;
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, w = i;
+        const Entry *worst = &x;
+        if (l < h->n && better(worst, &h->e[l])) {
+            w = l;
+            worst = &h->e[l];
+        }
+        if (r < h->n && better(worst, &h->e[r])) w = r;
+        if (w == i) break;
+        h->e[i] = h->e[w];
+        i = w;
+    }
+    h->e[i] = x;
+}
+
+static int cmp_best_first(const void *a, const void *b) {
+    const Entry *x = a, *y = b;
+    return better(x, y) ? -1 : (better(y, x) ? 1 : 0);
+}
+
+static int cmp_pos(const void *a, const void *b) {
+    const Entry *x = a, *y = b;
+    return (x->pos > y->pos) - (x->pos < y->pos);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* threads                                                                                               */
+
+typedef void (*work_fn)(void *ctx, int part, int parts);
+typedef struct {
+    work_fn fn;
+    void *ctx;
+    int part, parts;
+} Job;
+
+static void *run_job(void *arg) {
+    Job *j = arg;
+    j->fn(j->ctx, j->part, j->parts);
+    return NULL;
+}
+
+/* Run fn(ctx, i, parts) for i in [0, parts), on up to `parts` threads (the caller runs part 0). */
+static void parallel(work_fn fn, void *ctx, int parts) {
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    if (parts <= 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pthread_t tid[MAX_THREADS];
+    Job jobs[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 1; i < parts; i++) {
+        jobs[i] = (Job){fn, ctx, i, parts};
+        started[i] = pthread_create(&tid[i], NULL, run_job, &jobs[i]) == 0;
+        if (!started[i]) fn(ctx, i, parts); /* no thread: do that part here */
+    }
+    fn(ctx, 0, parts);
+    for (int i = 1; i < parts; i++)
+        if (started[i]) pthread_join(tid[i], NULL);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* accumulate: a stage's new columns for a query's candidate rows                                      */
+
+/* Ask for the start of a row's columns [from, to) in every band ahead of use (scattered rows: the hardware
+ * prefetcher cannot guess the next one). */
+static inline void prefetch_row(const Bands *bs, int64_t row, int from, int to) {
+    for (int i = 0; i < bs->n; i++) {
+        const Band *b = &bs->b[i];
+        int lo = from > b->start ? from : b->start, hi = to < b->start + b->width ? to : b->start + b->width;
+        if (lo >= hi) continue;
+        const char *p = band_row(b, row, lo);
+        if (!p) continue;
+        size_t bytes = (size_t)(hi - lo) * b->itemsize;
+        for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+    }
+}
+
+/* Add dot and sq over columns [from, to) of n rows to dot[i], sq[i]: 0, or -1 if a row is not mapped. */
+static int acc_rows(const Bands *bs, const int64_t *rows, Py_ssize_t n, const float *qv, int from, int to,
+                    double *dot, double *sq) {
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < n && i < PREFETCH_AHEAD; i++) prefetch_row(bs, rows[i], from, to);
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (Py_ssize_t r = i + PREFETCH_AHEAD; r < i + 4 + PREFETCH_AHEAD && r < n; r++)
+            prefetch_row(bs, rows[r], from, to);
+        double out[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (rows_dot_sq4(bs, rows + i, qv, from, to, out)) failed = -1;
+        for (int r = 0; r < 4; r++) {
+            dot[i + r] += out[2 * r];
+            sq[i + r] += out[2 * r + 1];
+        }
+    }
+    for (; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) prefetch_row(bs, rows[i + PREFETCH_AHEAD], from, to);
+        if (row_dot_sq(bs, rows[i], qv, from, to, &dot[i], &sq[i])) failed = -1;
+    }
+    return failed;
+}
+
+static int check_buf(Py_buffer *b, Py_ssize_t itemsize, Py_ssize_t count, const char *what) {
+    if (!PyBuffer_IsContiguous(b, 'C') || b->len != itemsize * count) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous buffer of %zd items of %zd bytes", what, count,
+                     itemsize);
+        return -1;
+    }
+    return 0;
+}
