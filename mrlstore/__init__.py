@@ -40,9 +40,9 @@ from .store import Store, open
 
 def load_encoder(path=None, device=None):  # noqa: ANN001, ANN201 - typed in mrlstore.encoder
     """The bundled MRL image encoder, or one saved at ``path`` (imports torch on first use)."""
-    from .encoder import load_encoder as _load
+    from .images import load_bundled_encoder
 
-    return _load(path, device=device)
+    return load_bundled_encoder(path, device=device)
 
 
 __all__ = [

@@ -39,3 +39,27 @@ def publish_file(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> N
     fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)
+
+
+_COPY_BLOCK = 1 << 20
+_PAGE = 4096
+_ZEROS = bytes(_COPY_BLOCK)
+
+
+def copy_sparse(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a file leaving all-zero pages as holes: the store's preallocated chunk files are mostly holes,
+    and a plain copy fills them (a 3.7 MB store's snapshot wrote 187 MB)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        while block := fi.read(_COPY_BLOCK):
+            if block == _ZEROS[: len(block)]:
+                fo.seek(len(block), os.SEEK_CUR)
+                continue
+            view = memoryview(block)
+            for lo in range(0, len(block), _PAGE):  # data and holes share blocks at the edge of the data
+                page = view[lo : lo + _PAGE]
+                if page == _ZEROS[: len(page)]:
+                    fo.seek(len(page), os.SEEK_CUR)
+                else:
+                    fo.write(page)
+        fo.truncate(size)

@@ -307,6 +307,12 @@ class Catalog:
         self._con.execute("DELETE FROM _items WHERE _row IN (SELECT _row FROM _dead)")
         self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
 
+    def rows_outside(self, watermark: int) -> int:
+        """How many catalog rows lie outside ``[0, watermark)`` (0 in a consistent store)."""
+        with self._lock, _corruption_as_error(self.path):
+            query = "SELECT count(*) FROM _items WHERE _row < 0 OR _row >= ?"
+            return int(self._con.execute(query, [watermark]).fetchall()[0][0])
+
     def committed_rows(self) -> int:
         """The committed watermark, read from the database (the truth after any failure)."""
         with self._lock, _corruption_as_error(self.path):

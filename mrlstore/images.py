@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .errors import EncoderUnavailableError, InvalidInputError
-from .validation import id_list, metadata_table
+from .config import BUNDLED_ENCODER
+from .errors import DuplicateIdError, EncoderUnavailableError, InvalidInputError
+from .validation import id_list, metadata_table, positive_int
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
@@ -231,6 +232,18 @@ def _rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
+def load_bundled_encoder(path: Any = None, device: str | None = None) -> Any:
+    """The bundled MRL image encoder (or one saved at ``path``); imports torch, so only when images come."""
+    try:
+        from .encoder import load_encoder
+    except ImportError as e:
+        raise EncoderUnavailableError(
+            f"images need the image extra ({e.name} is not installed): pip install 'mrlstore[images]' "
+            "(install torch==2.13.0 first for the CPU build)"
+        ) from e
+    return load_encoder(path, device=device)
+
+
 def pil() -> Any:
     try:
         from PIL import Image
@@ -327,3 +340,74 @@ def encode(encoder: Any, items: list[ImageItem], batch_size: int, progress: bool
             out.append(vectors)
             bar.update(len(batch))
     return np.concatenate(out)
+
+
+class ImageInputs:
+    """The image half of :class:`mrlstore.Store` (its ``add``/``upsert``), kept beside the image rules.
+    Relies on the store's ``encoder``, ``manifest``, ``dim``, ``_catalog`` and ``_write``."""
+
+    encoder: Any
+    manifest: dict
+    dim: int
+
+    def add(
+        self,
+        images: Any,
+        ids: Sequence[str] | None = None,
+        metadata: Any = None,
+        *,
+        batch_size: int = 64,
+        skip_errors: bool = False,
+        on_conflict: str = "skip",
+        progress: bool | None = None,
+    ) -> AddResult:
+        """Encode images with the store's encoder and add them; returns their ids in input order.
+
+        ``images``: a path, a folder (its image files, recursively, sorted), ``bytes`` or a binary file
+        object holding an encoded image, a PIL image, an array or tensor (HxW, HxWx3, HxWx4; NxHxWx3 for
+        several), or a list of any of these (see :mod:`mrlstore.images` for the rule that tells images from
+        vectors). Files keep their path as ``path`` metadata. Ids default to a hash of each image's
+        content, so adding the same images again changes nothing; ``on_conflict`` decides for ids already
+        in the store: ``"skip"`` (nothing is encoded for them; listed in the result's ``skipped``),
+        ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written). Every file's header is checked
+        before anything is encoded: a bad file raises InvalidInputError naming it and nothing is written;
+        with ``skip_errors=True`` it is left out and listed, with the reason, in the result's ``failed``.
+        """
+        self._check_open()
+        self._check_writable()
+        if on_conflict not in ("skip", "replace", "error"):
+            raise InvalidInputError(f"on_conflict must be 'skip', 'replace' or 'error', got {on_conflict!r}")
+        encoder = self._image_encoder()
+        batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
+        existing = self._catalog.rows_of(batch.ids)
+        if existing and on_conflict == "error":
+            raise DuplicateIdError(
+                f"{len(existing)} image id(s) already in the store, e.g. {sorted(existing)[:5]}; "
+                "pass on_conflict='skip' or 'replace'"
+            )
+        todo = batch.without(set(existing) if on_conflict == "skip" else set())
+        if todo.items:
+            vectors = encode(encoder, todo.items, positive_int(batch_size, "batch_size"), progress)
+            replace = on_conflict == "replace"
+            self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace)
+        skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
+        return AddResult(batch.ids, batch.failed, skipped + batch.repeats)
+
+    def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
+        """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""
+        return self.add(images, ids, metadata, on_conflict="replace", **options)
+
+    def _no_encoder(self) -> bool:
+        return self.encoder is None and self.manifest.get("encoder") != BUNDLED_ENCODER
+
+    def _image_encoder(self) -> Any:
+        if self.encoder is None and self.manifest.get("encoder") == BUNDLED_ENCODER:
+            self.encoder = load_bundled_encoder()  # imports torch: only when images are first encoded
+        if self.encoder is None:
+            raise EncoderUnavailableError(
+                "this store has no encoder for images: pass encoder=... to mrlstore.open(), or give vectors "
+                f"of length {self.dim} (add them with add_vectors())"
+            )
+        if getattr(self.encoder, "dim", self.dim) != self.dim:
+            raise EncoderUnavailableError(f"the encoder makes {self.encoder.dim}-d vectors, the store holds {self.dim}")
+        return self.encoder

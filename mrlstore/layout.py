@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ._fsutil import fsync_dir, fsync_file
+from ._fsutil import copy_sparse, fsync_dir, fsync_file
 from .catalog import DB_FILE, Catalog
 from .config import StoreConfig
 from .locking import LOCK_FILE
@@ -57,7 +57,7 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
     tmp = dest.parent / f".{dest.name}.snapshot-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        shutil.copytree(src / GROUP_DIR, tmp / GROUP_DIR)
+        shutil.copytree(src / GROUP_DIR, tmp / GROUP_DIR, copy_function=copy_sparse)
         if (src / INDEX_DIR).exists():
             shutil.copytree(src / INDEX_DIR, tmp / INDEX_DIR)
         else:

@@ -25,13 +25,12 @@ from . import tuning
 from ._memory import release_freed_memory
 from ._rwlock import RWLock
 from .catalog import DB_FILE, Catalog
-from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
+from .config import BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
 from .encoding import Encoder
 from .errors import (
     CorruptStoreError,
     DuplicateIdError,
     EmptyStoreError,
-    EncoderUnavailableError,
     InvalidInputError,
     NotAStoreError,
     ReadOnlyError,
@@ -42,7 +41,7 @@ from .errors import (
 )
 from .hits import Hits
 from .hnsw_index import IndexUnusable, PrefixIndex
-from .images import AddResult, ImageBatch, is_single, looks_like_vectors
+from .images import ImageInputs, is_single, looks_like_vectors
 from .images import check as check_images
 from .images import encode as encode_images
 from .images import expand as expand_images
@@ -72,7 +71,7 @@ _PLAN_CACHE_SIZE = 256
 _TRIM_AFTER_BYTES = 4 << 20
 
 
-class Store:
+class Store(ImageInputs):
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
     def __init__(
@@ -297,70 +296,6 @@ class Store:
             raise InvalidInputError("upsert_vectors needs ids (which entries to replace)")
         return self._write(vectors, ids, metadata, replace=True, keep_metadata=keep_metadata)
 
-    def add(
-        self,
-        images: Any,
-        ids: Sequence[str] | None = None,
-        metadata: Any = None,
-        *,
-        batch_size: int = 64,
-        skip_errors: bool = False,
-        on_conflict: str = "skip",
-        progress: bool | None = None,
-    ) -> AddResult:
-        """Encode images with the store's encoder and add them; returns their ids in input order.
-
-        ``images``: a path, a folder (its image files, recursively, sorted), ``bytes`` or a binary file
-        object holding an encoded image, a PIL image, an array or tensor (HxW, HxWx3, HxWx4; NxHxWx3 for
-        several), or a list of any of these (see :mod:`mrlstore.images` for the rule that tells images from
-        vectors). Files keep their path as ``path`` metadata. Ids default to a hash of each image's
-        content, so adding the same images again changes nothing; ``on_conflict`` decides for ids already
-        in the store: ``"skip"`` (nothing is encoded for them; listed in the result's ``skipped``),
-        ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written). Every file's header is checked
-        before anything is encoded: a bad file raises InvalidInputError naming it and nothing is written;
-        with ``skip_errors=True`` it is left out and listed, with the reason, in the result's ``failed``.
-        """
-        self._check_open()
-        self._check_writable()
-        if on_conflict not in ("skip", "replace", "error"):
-            raise InvalidInputError(f"on_conflict must be 'skip', 'replace' or 'error', got {on_conflict!r}")
-        encoder = self._image_encoder()
-        batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
-        existing = self._catalog.rows_of(batch.ids)
-        if existing and on_conflict == "error":
-            raise DuplicateIdError(
-                f"{len(existing)} image id(s) already in the store, e.g. {sorted(existing)[:5]}; "
-                "pass on_conflict='skip' or 'replace'"
-            )
-        todo = batch.without(set(existing) if on_conflict == "skip" else set())
-        if todo.items:
-            vectors = encode_images(encoder, todo.items, positive_int(batch_size, "batch_size"), progress)
-            replace = on_conflict == "replace"
-            self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace)
-        skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
-        return AddResult(batch.ids, batch.failed, skipped + batch.repeats)
-
-    def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
-        """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""
-        return self.add(images, ids, metadata, on_conflict="replace", **options)
-
-    def _no_encoder(self) -> bool:
-        return self.encoder is None and self.manifest.get("encoder") != BUNDLED_ENCODER
-
-    def _image_encoder(self) -> Encoder:
-        if self.encoder is None and self.manifest.get("encoder") == BUNDLED_ENCODER:
-            from .encoder import load_encoder  # imports torch: only when images are first encoded
-
-            self.encoder = load_encoder()
-        if self.encoder is None:
-            raise EncoderUnavailableError(
-                "this store has no encoder for images: pass encoder=... to mrlstore.open(), or give vectors "
-                f"of length {self.dim} (add them with add_vectors())"
-            )
-        if getattr(self.encoder, "dim", self.dim) != self.dim:
-            raise EncoderUnavailableError(f"the encoder makes {self.encoder.dim}-d vectors, the store holds {self.dim}")
-        return self.encoder
-
     def _write(self, vectors: Any, ids: Any, metadata: Any, replace: bool, keep_metadata: bool = False) -> list[str]:
         self._check_open()
         self._check_writable()
@@ -487,6 +422,25 @@ class Store:
                 self.checkpoint()
             copy_store(self.path, dest, self._catalog.snapshot_to)
         return dest
+
+    def verify(self) -> list[str]:
+        """What is wrong with the store's files against its commits (empty when consistent); see
+        :mod:`mrlstore.verify`."""
+        self._check_open()
+        from .verify import problems
+
+        with self._write_lock:
+            return problems(self)
+
+    def export_parquet(self, dest: str | os.PathLike[str], dims: int | None = None) -> int:
+        """Write the live entries (id, metadata, and the first ``dims`` numbers as ``vector`` when given) to
+        one Parquet file, atomically, in bounded memory; returns how many."""
+        self._check_open()
+        from .export import batches, write_parquet
+
+        if dims is not None:
+            dims = dims_tuple([dims], self.dim)[0]
+        return write_parquet(batches(self._snap, self._vectors, dims), Path(dest))
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, ids: Sequence[str], dims: int | None = None) -> pa.Table:

@@ -1,0 +1,59 @@
+"""Checking a store's files against its commit invariants (``Store.verify``, ``mrlstore verify``).
+
+What a crash or a lost file can break, each checked against the catalog (the commit point): every band
+holds the committed rows; every chunk file that holds committed rows exists with its full size; no live
+row reads as all zeros where a stored vector cannot be zero (a missing chunk reads as zeros in Zarr);
+the catalog's rows lie below the watermark; the HNSW caches cover no row the catalog lacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import CorruptStoreError
+
+ZERO_CHECK_BLOCK = 65536  # rows read per block when looking for all-zero rows
+
+
+def problems(store: Any) -> list[str]:
+    """Everything wrong with ``store`` (an open Store), as sentences; empty when it is consistent."""
+    snap, vectors = store._snap, store._vectors
+    found: list[str] = []
+    for band in vectors.bands:
+        if band.shape_rows < snap.watermark:
+            found.append(
+                f"band {band.start}-{band.stop} records {band.shape_rows} rows but {snap.watermark} are committed"
+            )
+        for chunk in range(-(-snap.watermark // band.chunk_rows)):
+            try:
+                band.mapped(chunk)
+            except CorruptStoreError as e:
+                found.append(str(e))
+    if found:
+        return found  # the rows cannot be read: the checks below would only repeat it
+    outside = store._catalog.rows_outside(snap.watermark)
+    if outside:
+        found.append(f"the catalog lists {outside} row(s) at or past the committed watermark {snap.watermark}")
+    if store.metric == "cosine":
+        zero = _all_zero_rows(vectors, snap, store.index_dims[0] if store.index_dims else store.dim)
+        if len(zero):
+            found.append(
+                f"{len(zero)} committed row(s) read as all zeros (lost vector data), e.g. rows {zero[:5].tolist()}"
+            )
+    for d, index in store._indexes.items():
+        if index.covered_rows > snap.watermark:
+            found.append(f"the {d}-d HNSW cache covers {index.covered_rows} rows; {snap.watermark} are committed")
+    return found
+
+
+def _all_zero_rows(vectors: Any, snap: Any, width: int) -> np.ndarray:
+    """Live rows whose first ``width`` numbers are all zero (never stored: cosine rejects them at add)."""
+    out = []
+    for lo in range(0, snap.watermark, ZERO_CHECK_BLOCK):
+        hi = min(lo + ZERO_CHECK_BLOCK, snap.watermark)
+        block = vectors.read_range(lo, hi, 0, width)
+        zero = ~np.any(block != 0, axis=1) & snap.live[lo:hi]
+        out.append(np.flatnonzero(zero) + lo)
+    return np.concatenate(out) if out else np.empty(0, np.int64)

@@ -1,0 +1,142 @@
+"""The command line, run as users run it (``python -m mrlstore`` in a subprocess), and the store methods it
+drives: verify, export, snapshots that stay sparse, a light install without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import mrlstore
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mrlstore", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    x = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    np.save(root / "x.npy", x)
+    np.save(root / "q.npy", x[7])
+    return root, x
+
+
+def test_help_everywhere_and_usage_errors_exit_2():
+    out = cli("--help")
+    assert out.returncode == 0 and "create" in out.stdout and "verify" in out.stdout
+    for command in ("create", "add", "query", "info", "sql", "tune", "verify", "export"):
+        assert cli(command, "--help").returncode == 0, command
+    assert cli("query").returncode == 2  # missing arguments
+    assert cli("nonsense").returncode == 2
+
+
+def test_a_session_from_create_to_export(vectors, tmp_path):
+    root, x = vectors
+    store = str(tmp_path / "s.mrl")
+    assert cli("create", store, "--dim", "64", "--bands", "16,64", "--index-dims", "16").returncode == 0
+    out = cli("add", store, str(root / "x.npy"))
+    assert out.returncode == 0 and "added 300 vectors" in out.stdout, out.stderr
+    out = cli("query", store, str(root / "q.npy"), "-k", "3", "--dims", "16,64", "--json")
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)
+    assert len(hits) == 3 and hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    with mrlstore.open(store, read_only=True) as s:
+        assert hits[0]["id"] == s.query(x[7], k=1, dims=[16, 64]).ids[0]
+    table = cli("query", store, str(root / "q.npy"), "-k", "2")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split() == ["query", "rank", "id", "score"]
+    info = json.loads(cli("info", store).stdout)
+    assert info["live"] == 300 and info["dim"] == 64
+    out = cli("sql", store, "SELECT count(*) AS n FROM items", "--json")
+    assert json.loads(out.stdout) == [{"n": 300}]
+    assert cli("tune", store, "--recall", "0.9").returncode == 0
+    assert "consistent" in cli("verify", store).stdout
+    out = cli("export", store, str(tmp_path / "out.parquet"), "--dims", "16")
+    assert out.returncode == 0 and "wrote 300 rows" in out.stdout
+    t = pq.read_table(tmp_path / "out.parquet")
+    assert t.num_rows == 300 and t.schema.field("vector").type.list_size == 16
+
+
+def test_store_errors_exit_1_with_one_line(vectors, tmp_path):
+    root, _ = vectors
+    store = str(tmp_path / "s.mrl")
+    cli("create", store, "--dim", "64", "--bands", "16,64", "--index-dims", "16")
+    out = cli("sql", store, "DELETE FROM items")
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+    out = cli("add", store, str(root / "missing.jpg"))
+    assert out.returncode == 1 and "error: " in out.stderr and "Traceback" not in out.stderr
+    assert cli("create", "s3://bucket/x.mrl", "--dim", "8").returncode == 1
+
+
+def test_verify_finds_a_lost_chunk_and_zeroed_rows(vectors, tmp_path):
+    _, x = vectors
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=128) as s:
+        s.add_vectors(x)
+        assert s.verify() == []
+    chunk = next((path / "vectors").glob("*/c/1/0"))
+    data = bytearray(chunk.read_bytes())
+    data[:] = bytes(len(data))  # the chunk's rows read as zeros, like a chunk Zarr never wrote
+    chunk.write_bytes(bytes(data))
+    with mrlstore.open(path, read_only=True) as s:
+        found = s.verify()
+    assert any("all zeros" in p for p in found), found
+    chunk.unlink()
+    out = cli("verify", str(path))
+    assert out.returncode == 1 and "problem:" in out.stderr
+
+
+def test_export_keeps_ids_metadata_and_vectors(tmp_path):
+    x = np.random.default_rng(1).standard_normal((20, 32)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=32, bands=(8, 32), index_dims=(8,)) as s:
+        s.add_vectors(x, ids=[f"r{i}" for i in range(20)], metadata=[{"n": i} for i in range(20)])
+        s.delete(["r3"])
+        assert s.export_parquet(tmp_path / "a.parquet", dims=32) == 19
+        assert s.export_parquet(tmp_path / "b.parquet") == 19
+    t = pq.read_table(tmp_path / "a.parquet")
+    assert "r3" not in t.column("id").to_pylist() and t.column("n").to_pylist()[:3] == [0, 1, 2]
+    got = np.array(t.column("vector").to_pylist(), np.float32)
+    np.testing.assert_allclose(got, np.delete(x, 3, axis=0).astype(np.float16).astype(np.float32))
+    assert pq.read_table(tmp_path / "b.parquet").column_names == ["id", "n"]
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(os.stat(p).st_blocks * 512 for p in root.rglob("*") if p.is_file())
+
+
+def test_a_snapshot_stays_as_small_as_the_store(tmp_path):
+    x = np.random.default_rng(2).standard_normal((60, 2048)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=2048) as s:  # preallocated chunk files, mostly holes
+        s.add_vectors(x)
+        s.snapshot(tmp_path / "snap")
+    source, copy = _disk_bytes(tmp_path / "s"), _disk_bytes(tmp_path / "snap")
+    assert copy <= 1.1 * source, (source, copy)
+    with mrlstore.open(tmp_path / "snap", read_only=True) as s:
+        assert s.query(x[5], k=1).ids == s.query(x[5], k=1, dims=[2048]).ids
+
+
+def test_vectors_work_without_torch_or_pillow_and_images_say_what_to_install(tmp_path):
+    code = f"""
+import sys
+sys.modules["torch"] = None  # an install without the image extra
+sys.modules["PIL"] = None
+import numpy as np, mrlstore
+x = np.random.default_rng(0).standard_normal((50, 2048)).astype(np.float32)
+with mrlstore.open({str(tmp_path / "s")!r}) as s:  # a store for the bundled encoder
+    s.add_vectors(x)
+    assert s.query(x[3], k=1).ids == s.query(x[3], k=1, dims=[2048]).ids
+    try:
+        s.add(np.zeros((8, 8, 3), np.uint8))
+    except mrlstore.EncoderUnavailableError as e:
+        print("ERROR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'mrlstore[images]'" in out.stdout
