@@ -167,6 +167,16 @@ def tune(path: Path, recall: float, k: int) -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
 @_reports_errors
+def compact(path: Path) -> None:
+    """Rewrite the store at PATH without its deleted rows (crash-safe)."""
+    with mrlstore.open(path) as store:
+        counts = store.compact()
+    click.echo(f"{counts['rows_before']} rows -> {counts['rows_after']}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@_reports_errors
 def verify(path: Path) -> None:
     """Check the store's files against its commits; exit 1 listing what is wrong."""
     try:

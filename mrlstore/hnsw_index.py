@@ -48,8 +48,17 @@ def _digest(path: Path) -> str:
 class PrefixIndex:
     """HNSW over the first ``dim`` numbers of each row; labels are the store's row numbers."""
 
-    def __init__(self, dim: int, metric: str, M: int = 16, ef_construction: int = 200, capacity: int | None = 1024):
+    def __init__(
+        self,
+        dim: int,
+        metric: str,
+        M: int = 16,
+        ef_construction: int = 200,
+        capacity: int | None = 1024,
+        generation: int = 0,
+    ):
         self.dim, self.metric, self.M, self.ef_construction = dim, metric, M, ef_construction
+        self.generation = generation  # the store's row numbering it was built for (compaction renumbers)
         self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
         self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
         if capacity is not None:  # None: load_index will initialise it
@@ -74,6 +83,7 @@ class PrefixIndex:
                 "metric": self.metric,
                 "M": self.M,
                 "ef_construction": self.ef_construction,
+                "generation": self.generation,
                 "covered_rows": self.covered_rows,
                 "element_count": self._index.element_count,
                 "deleted_count": self._deleted,
@@ -85,7 +95,7 @@ class PrefixIndex:
         atomic_write_bytes(side_path, json.dumps(side, indent=2).encode())
 
     @classmethod
-    def load(cls, base: Path, dim: int, metric: str, M: int, ef_construction: int) -> PrefixIndex:
+    def load(cls, base: Path, dim: int, metric: str, M: int, ef_construction: int, generation: int = 0) -> PrefixIndex:
         data_path, side_path = cls.paths(base)
         try:
             side = json.loads(side_path.read_text())
@@ -95,9 +105,11 @@ class PrefixIndex:
         expected = {"format": INDEX_FORMAT, "dim": dim, "metric": metric, "M": M, "ef_construction": ef_construction}
         if any(side.get(k) != v for k, v in expected.items()):
             raise IndexUnusable(f"{side_path} was written with other parameters")
+        if side.get("generation", 0) != generation:  # older sidecars: generation 0, before any compaction
+            raise IndexUnusable(f"{side_path} was built for another row numbering (before a compaction)")
         if side.get("bytes") != size or side.get("blake2b") != _digest(data_path):
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
-        self = cls(dim, metric, M, ef_construction, capacity=None)
+        self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation)
         try:
             self._index.load_index(str(data_path), max_elements=_grown(int(side["element_count"])))
         except (RuntimeError, ValueError, MemoryError) as e:

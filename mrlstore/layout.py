@@ -18,11 +18,14 @@ from .zarr_bands import GROUP_DIR, create_bands
 INDEX_DIR = "index"
 
 
-def create_store(path: Path, config: StoreConfig) -> None:
-    """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing)."""
+def create_store(path: Path, config: StoreConfig, generation: int = 0) -> None:
+    """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing);
+    ``generation`` numbers its row layout (a compaction's new store gets the next one)."""
     from . import __version__
 
     manifest = config.manifest(created_by=f"mrlstore {__version__}")
+    if generation:
+        manifest["generation"] = generation
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,10 +76,13 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of atomic writes that a killed writer never renamed (the caller holds the writer lock)."""
+    """Temporary files of atomic writes that a killed writer never renamed, and the folder a killed
+    compaction left beside the store (the caller holds the writer lock: no such write can be running)."""
     for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.compact-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def fsync_tree(root: Path) -> None:

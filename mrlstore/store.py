@@ -137,6 +137,7 @@ class Store(ImageInputs):
         self.dim, self.bands, self.metric = config.dim, config.bands, config.metric
         self.dtype, self.index_dims = config.dtype, config.index_dims
         watermark = int(self.manifest["committed_rows"])
+        self._generation = int(self.manifest.get("generation", 0))  # compaction renumbers rows: a new one
 
         self._vectors = BandedVectors(self.path, self.dim, self.bands, self.dtype)
         if not self.read_only:
@@ -176,12 +177,12 @@ class Store(ImageInputs):
     def _load_index(self, d: int, watermark: int) -> PrefixIndex:
         c = self.config
         try:
-            index = PrefixIndex.load(self._index_base(d), d, self.metric, c.hnsw_m, c.ef_construction)
+            index = PrefixIndex.load(self._index_base(d), d, self.metric, c.hnsw_m, c.ef_construction, self._generation)
             if index.covered_rows > watermark:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
             status = "loaded" if index.covered_rows == watermark else "extended"
         except IndexUnusable:
-            index = PrefixIndex(d, self.metric, c.hnsw_m, c.ef_construction, capacity=watermark + 1024)
+            index = PrefixIndex(d, self.metric, c.hnsw_m, c.ef_construction, watermark + 1024, self._generation)
             status = "rebuilt"
         start = index.covered_rows
         live = self._snap.live
@@ -219,6 +220,27 @@ class Store(ImageInputs):
                     self._catalog.close()
                     self._vectors.close()
                     self._lock.release()
+
+    def compact(self) -> dict[str, int]:
+        """Rewrite the store without its deleted rows (disk shrinks by their share), crash-safely: a crash
+        at any moment leaves the old or the new store, never a mix. See :mod:`mrlstore.compaction`."""
+        self._check_open()
+        self._check_writable()
+        from .compaction import compact
+
+        with self._write_lock:
+            return compact(self)
+
+    def _reopen_with(self, lock: StoreLock) -> None:
+        """Switch to the files now at ``self.path`` (a compaction swapped them in), holding ``lock``."""
+        write_lock, visibility = self._write_lock, self._visibility
+        with visibility.write():
+            self._catalog.close()
+            self._vectors.close()
+            self._lock.release()
+            self._lock = lock
+            self._open({})
+            self._write_lock, self._visibility = write_lock, visibility  # threads may be waiting on these
 
     def checkpoint(self) -> None:
         """Save every HNSW index that changed since its last save (atomically)."""

@@ -6,7 +6,7 @@ Protocol on stdout, one flushed line each:
 
 * ``READY`` -- the store is open (recovery done);
 * ``BEGIN <json>`` -- operation ``{"op": n, "kind": ..., "ids": [...]}`` is about to start (kind is add,
-  upsert, delete or checkpoint);
+  upsert, delete, checkpoint or compact);
 * ``ACK <n>`` -- operation ``n`` returned: it is acknowledged, hence durable.
 
 Operation numbers are unique across all writer runs on a store (the parent passes FIRST_OP), so the id
@@ -54,13 +54,23 @@ def emit(line: str) -> None:
 def plan(rng: np.random.Generator, op: int, live: dict[str, None], graveyard: list[str]) -> tuple[str, list[str]]:
     """The next operation: its kind and the ids it touches."""
     r = rng.random()
-    kind = "add" if r < 0.55 else "upsert" if r < 0.72 else "delete" if r < 0.9 else "checkpoint"
+    kind = (
+        "add"
+        if r < 0.55
+        else "upsert"
+        if r < 0.72
+        else "delete"
+        if r < 0.88
+        else "checkpoint"
+        if r < 0.95
+        else "compact"
+    )
     if kind in ("upsert", "delete") and not live:
         kind = "add"
     if kind == "add":
         n = int(rng.integers(64, 200)) if rng.random() < 0.05 else int(rng.integers(1, 41))
         return kind, [f"b{op}-{j}" for j in range(n)]
-    if kind == "checkpoint":
+    if kind in ("checkpoint", "compact"):
         return kind, []
     pool = list(live)
     picked = rng.choice(len(pool), size=min(len(pool), int(rng.integers(1, 21))), replace=False)
@@ -100,6 +110,11 @@ def main() -> None:
             deleted = store.delete(ids, missing_ok=True)
             if deleted != expected:
                 raise AssertionError(f"delete returned {deleted}, expected {expected}")
+        elif kind == "compact":
+            before = len(store)
+            store.compact()  # changes no content: the parent checks the same state either way
+            if len(store) != before or store.info()["rows"] != before:
+                raise AssertionError(f"compaction left {len(store)} live of {store.info()['rows']} rows, not {before}")
         else:
             store.checkpoint()
         emit(f"ACK {op}")

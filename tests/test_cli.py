@@ -32,7 +32,7 @@ def vectors(tmp_path_factory):
 def test_help_everywhere_and_usage_errors_exit_2():
     out = cli("--help")
     assert out.returncode == 0 and "create" in out.stdout and "verify" in out.stdout
-    for command in ("create", "add", "query", "info", "sql", "tune", "verify", "export"):
+    for command in ("create", "add", "query", "info", "sql", "tune", "compact", "verify", "export"):
         assert cli(command, "--help").returncode == 0, command
     assert cli("query").returncode == 2  # missing arguments
     assert cli("nonsense").returncode == 2
@@ -58,6 +58,7 @@ def test_a_session_from_create_to_export(vectors, tmp_path):
     assert json.loads(out.stdout) == [{"n": 300}]
     assert cli("tune", store, "--recall", "0.9").returncode == 0
     assert "consistent" in cli("verify", store).stdout
+    assert cli("compact", store).stdout.strip() == "300 rows -> 300"
     out = cli("export", store, str(tmp_path / "out.parquet"), "--dims", "16")
     assert out.returncode == 0 and "wrote 300 rows" in out.stdout
     t = pq.read_table(tmp_path / "out.parquet")

@@ -1,0 +1,89 @@
+"""Compaction: the same content on fewer rows and less disk; a SIGKILL at any moment leaves the old or the
+new store (the random-kill loop of tests/test_crash.py also compacts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mrlstore
+from mrlstore.synthetic import mrl_like
+
+N = 12_000
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(os.stat(p).st_blocks * 512 for p in root.rglob("*") if p.is_file())
+
+
+def _content(store):
+    table = store.get(sorted(store.sql("SELECT id FROM items").column("id").to_pylist()), dims=store.dim)
+    return table.column("id").to_pylist(), np.array(table.column("vector").to_pylist()), table.column("n").to_pylist()
+
+
+@pytest.fixture
+def half_deleted(tmp_path):
+    path = tmp_path / "s"
+    x, _ = mrl_like(N, 256, noise=1.0, seed=0)
+    with mrlstore.open(path, dim=256, bands=(16, 64, 256), index_dims=(16,), chunk_rows=1024) as s:
+        s.add_vectors(x, ids=[f"r{i}" for i in range(N)], metadata=[{"n": i} for i in range(N)])
+        s.delete([f"r{i}" for i in range(0, N, 2)])
+        s.tune(recall=0.9)
+    return path, x
+
+
+def test_compaction_keeps_the_content_and_halves_the_disk(half_deleted):
+    path, x = half_deleted
+    before_disk = _disk_bytes(path / "vectors")
+    with mrlstore.open(path) as s:
+        before = _content(s)
+        hits_before = [s.query(x[i], k=5, dims=[256]).ids for i in range(1, 40, 7)]
+        tuned = s.info()["tuned"]
+        assert s.compact() == {"rows_before": N, "rows_after": N // 2}
+        assert s.info()["rows"] == N // 2 and len(s) == N // 2 and s.info()["tuned"] == tuned
+        after = _content(s)
+        assert after[0] == before[0] and after[2] == before[2]
+        np.testing.assert_array_equal(after[1], before[1])
+        assert [s.query(x[i], k=5, dims=[256]).ids for i in range(1, 40, 7)] == hits_before
+        assert s.query(x[3], k=1, dims=[16, 256]).ids == ["r3"]  # the HNSW cache was rebuilt too
+        s.add_vectors(x[:1] + 1, ids=["new"])  # and the store goes on
+        assert s.verify() == []
+    assert _disk_bytes(path / "vectors") <= 0.6 * before_disk
+    assert not list(path.parent.glob(".s.compact-*"))
+    with mrlstore.open(path, read_only=True) as s:
+        assert len(s) == N // 2 + 1 and s.verify() == []
+
+
+def test_compacting_a_store_without_deletions_changes_nothing(tmp_path):
+    with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,)) as s:
+        s.add_vectors(np.random.default_rng(1).standard_normal((10, 16)).astype(np.float32))
+        assert s.compact() == {"rows_before": 10, "rows_after": 10}
+    with mrlstore.open(tmp_path / "s", read_only=True) as s, pytest.raises(mrlstore.ReadOnlyError):
+        s.compact()
+
+
+@pytest.mark.parametrize("kill_after", [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7])  # a compaction: ~0.5 s
+def test_a_compaction_killed_at_any_moment_leaves_the_old_or_the_new_store(half_deleted, kill_after):
+    path, _ = half_deleted
+    with mrlstore.open(path, read_only=True) as s:
+        expected = _content(s)
+    code = f"import mrlstore\ns = mrlstore.open({str(path)!r})\nprint('go', flush=True)\ns.compact()\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    time.sleep(kill_after)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with mrlstore.open(path) as s:  # a writer: it also clears what the killed compaction left
+        assert s.info()["rows"] in (N, N // 2)  # old or new, whole
+        got = _content(s)
+        assert got[0] == expected[0] and got[2] == expected[2]
+        np.testing.assert_array_equal(got[1], expected[1])
+        assert s.verify() == []
+    assert not list(path.parent.glob(".s.compact-*"))
