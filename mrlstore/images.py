@@ -46,6 +46,7 @@ class ImageItem:
 
     value: Any
     path: str | None
+    index: int = 0  # position among the call's images (after folders are expanded)
 
     def describe(self) -> str:
         return self.path if self.path is not None else type(self.value).__name__
@@ -134,7 +135,7 @@ def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], l
     Image = pil()
     good: list[ImageItem] = []
     failures: list[Failure] = []
-    for index, item in enumerate(items):
+    for item in items:
         try:
             if item.path is not None or isinstance(item.value, (bytes, bytearray, memoryview)):
                 source = item.path if item.path is not None else io.BytesIO(bytes(item.value))
@@ -149,7 +150,7 @@ def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], l
         except InvalidInputError as e:
             if not skip_errors:
                 raise
-            failures.append(Failure(index, item.describe(), str(e)))
+            failures.append(Failure(item.index, item.describe(), str(e)))
     return good, failures
 
 
@@ -281,6 +282,8 @@ class ImageBatch:
         items = expand(images)
         if not items:
             raise InvalidInputError("no images given")
+        for i, item in enumerate(items):
+            item.index = i
         id_values = None if ids is None else id_list(ids, len(items))
         meta = metadata_table(metadata, len(items))
         good, failures = check(items, skip_errors)
@@ -308,7 +311,10 @@ class ImageBatch:
 
     def without(self, ids: set[str]) -> ImageBatch:
         """The images whose ids are not in ``ids``."""
-        keep = [pos for pos, i in enumerate(self.ids) if i not in ids]
+        return self.only([pos for pos, i in enumerate(self.ids) if i not in ids])
+
+    def only(self, keep: list[int]) -> ImageBatch:
+        """The images at positions ``keep``."""
         return self if len(keep) == len(self.ids) else ImageBatch(*self._subset(keep), self.failed, self.repeats)
 
     def _subset(self, keep: list[int]) -> tuple[list[ImageItem], list[str], pa.Table | None]:
@@ -325,21 +331,36 @@ def is_single(query: Any) -> bool:
     return not ((isinstance(query, np.ndarray) or _is_tensor(query)) and query.ndim == 4)
 
 
-def encode(encoder: Any, items: list[ImageItem], batch_size: int, progress: bool | None) -> np.ndarray:
-    """The encoder's vectors for ``items``, decoding a batch of images at a time (bounded memory)."""
+def encode(
+    encoder: Any, items: list[ImageItem], batch_size: int, progress: bool | None, failures: list[Failure] | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """The encoder's vectors for ``items``, decoding a batch of images at a time (bounded memory), and the
+    positions in ``items`` they belong to. An image that cannot be decoded raises InvalidInputError, or
+    with ``failures`` given is left out and reported there."""
     from tqdm import tqdm
 
     show = progress if progress is not None else len(items) > 4 * batch_size
-    out = []
+    out, kept = [], []
     with tqdm(total=len(items), desc="encode", unit="img", disable=not show) as bar:
         for lo in range(0, len(items), batch_size):
-            batch = [to_rgb(item) for item in items[lo : lo + batch_size]]
-            vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
-            if vectors.shape[0] != len(batch):
-                raise EncoderUnavailableError(f"the encoder gave {vectors.shape[0]} vectors for {len(batch)} images")
-            out.append(vectors)
-            bar.update(len(batch))
-    return np.concatenate(out)
+            batch = []
+            for pos, item in enumerate(items[lo : lo + batch_size], start=lo):
+                try:
+                    batch.append(to_rgb(item))
+                except InvalidInputError as e:
+                    if failures is None:
+                        raise
+                    failures.append(Failure(item.index, item.describe(), str(e)))
+                    continue
+                kept.append(pos)
+            if batch:
+                vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
+                if vectors.shape[0] != len(batch):
+                    raise EncoderUnavailableError(f"the encoder gave {len(vectors)} vectors for {len(batch)} images")
+                out.append(vectors)
+            bar.update(min(batch_size, len(items) - lo))
+    dim = int(getattr(encoder, "dim", 0))
+    return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept
 
 
 class ImageInputs:
@@ -386,12 +407,19 @@ class ImageInputs:
                 "pass on_conflict='skip' or 'replace'"
             )
         todo = batch.without(set(existing) if on_conflict == "skip" else set())
+        late: list[Failure] = []  # files whose header read but whose pixels did not (skip_errors only)
+        lost: set[str] = set()
         if todo.items:
-            vectors = encode(encoder, todo.items, positive_int(batch_size, "batch_size"), progress)
-            replace = on_conflict == "replace"
-            self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace)
+            size = positive_int(batch_size, "batch_size")
+            vectors, kept = encode(encoder, todo.items, size, progress, late if skip_errors else None)
+            lost = set(todo.ids) - set(todo.only(kept).ids)
+            todo = todo.only(kept)
+            if todo.items:
+                replace = on_conflict == "replace"
+                self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace)
         skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
-        return AddResult(batch.ids, batch.failed, skipped + batch.repeats)
+        ids = [i for i in batch.ids if i not in lost] if late else batch.ids
+        return AddResult(ids, sorted(batch.failed + late, key=lambda f: f.index), skipped + batch.repeats)
 
     def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
         """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""

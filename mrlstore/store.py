@@ -533,7 +533,7 @@ class Store(ImageInputs):
         if looks_like_vectors(query, self.dim) or (self._no_encoder() and looks_like_vectors(query)):
             return query_batch(query, need, self.dim, self.metric)
         encoder = self._image_encoder()
-        vectors = encode_images(encoder, check_images(expand_images(query), skip_errors=False)[0], 64, None)
+        vectors, _ = encode_images(encoder, check_images(expand_images(query), skip_errors=False)[0], 64, None)
         return query_batch(vectors, need, self.dim, self.metric)[0], is_single(query)
 
     def _allowed(self, where: str, snap: Snapshot) -> np.ndarray:

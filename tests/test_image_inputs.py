@@ -159,6 +159,17 @@ def test_skip_errors_reports_what_was_left_out(store, photos):
     assert "cannot read image" in result.failed[0].reason
 
 
+def test_a_file_whose_pixels_break_after_a_good_header(store, photos):
+    good = (photos / "sub" / "q.jpg").read_bytes()
+    (photos / "cut.jpg").write_bytes(good[: len(good) // 3])  # the header reads; the pixels end early
+    with pytest.raises(mrlstore.InvalidInputError, match="cut.jpg"):
+        store.add(photos)
+    assert len(store) == 0  # nothing written
+    result = store.add(photos, skip_errors=True)
+    assert len(store) == 4 and len(result) == 4
+    assert [f.source for f in result.failed] == [str(photos / "cut.jpg")]
+
+
 @pytest.mark.parametrize("url", ["https://example.com/cat.jpg", "s3://bucket/cat.jpg"])
 def test_urls_are_a_clear_error(store, url):
     with pytest.raises(mrlstore.InvalidInputError, match="URL"):
