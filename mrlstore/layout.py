@@ -81,8 +81,9 @@ def remove_stale_temporaries(path: Path) -> None:
     for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
-    for leftover in path.parent.glob(f".{path.name}.compact-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for pattern in (f".{path.name}.compact-*", f"..{path.name}.compact-*.creating-*"):  # and its creation
+        for leftover in path.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def fsync_tree(root: Path) -> None:
