@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .arrow import is_vector_column
 from .config import BUNDLED_ENCODER
 from .errors import DuplicateIdError, EncoderUnavailableError, InvalidInputError
 from .validation import id_list, metadata_table, positive_int
@@ -66,6 +67,8 @@ def looks_like_vectors(x: Any, dim: int | None = None) -> bool:
     wrong shape then gets the vectors' ShapeError)."""
     if isinstance(x, (str, bytes, bytearray, os.PathLike)) or _is_pil(x) or hasattr(x, "read"):
         return False
+    if is_vector_column(x):  # Arrow list columns and pandas Series hold vectors, never images
+        return True
     if _is_tensor(x):
         if x.dtype.is_floating_point is False and str(x.dtype) == "torch.uint8":
             return False

@@ -24,6 +24,7 @@ import pyarrow as pa
 from . import tuning
 from ._memory import release_freed_memory
 from ._rwlock import RWLock
+from .arrow import ArrowIO
 from .catalog import DB_FILE, Catalog
 from .config import BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
 from .encoding import Encoder
@@ -71,7 +72,7 @@ _PLAN_CACHE_SIZE = 256
 _TRIM_AFTER_BYTES = 4 << 20
 
 
-class Store(ImageInputs):
+class Store(ImageInputs, ArrowIO):
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
     def __init__(
@@ -453,16 +454,6 @@ class Store(ImageInputs):
 
         with self._write_lock:
             return problems(self)
-
-    def export_parquet(self, dest: str | os.PathLike[str], dims: int | None = None) -> int:
-        """Write the live entries (id, metadata, and the first ``dims`` numbers as ``vector`` when given) to
-        one Parquet file, atomically, in bounded memory; returns how many."""
-        self._check_open()
-        from .export import batches, write_parquet
-
-        if dims is not None:
-            dims = dims_tuple([dims], self.dim)[0]
-        return write_parquet(batches(self._snap, self._vectors, dims), Path(dest))
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, ids: Sequence[str], dims: int | None = None) -> pa.Table:

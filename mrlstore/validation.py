@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .arrow import is_vector_column, to_matrix
 from .errors import (
     DuplicateIdError,
     InvalidDimsError,
@@ -30,6 +31,8 @@ RESERVED_COLUMNS = frozenset({"id", "score", "vector"})
 def _numeric(x: Any, what: str, keep_float: bool = False) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
         x = x.detach().cpu().numpy()
+    elif is_vector_column(x):  # Arrow list columns, pandas Series of arrays
+        x = to_matrix(x)
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as e:

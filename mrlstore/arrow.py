@@ -1,0 +1,236 @@
+"""Arrow in and out: vector columns as matrices (no Python loop over rows), record batches from the inputs
+pipelines hold, and the store's rows and query results as Arrow.
+
+Vector columns: a ``FixedSizeListArray``, a ``ListArray``/``LargeListArray`` of equal-length lists, a
+``ChunkedArray`` of either, or a pandas Series of arrays. Record batch sources for ``add_arrow``: a
+``pa.Table``, a ``pa.RecordBatchReader``, any iterable of ``RecordBatch``es (or tables), a pandas
+DataFrame, or a DuckDB relation (read through its own Arrow reader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import InvalidInputError, ShapeError
+
+
+def is_vector_column(x: Any) -> bool:
+    """Whether ``x`` is an Arrow list column or a pandas Series (vectors, never images)."""
+    if isinstance(x, (pa.Array, pa.ChunkedArray)):
+        return pa.types.is_list(x.type) or pa.types.is_large_list(x.type) or pa.types.is_fixed_size_list(x.type)
+    return type(x).__name__ == "Series" and hasattr(x, "to_numpy")  # pandas, without importing it
+
+
+def to_matrix(x: Any) -> np.ndarray:
+    """A vector column as an (n, d) numpy array (zero-copy for a float FixedSizeList without nulls)."""
+    if type(x).__name__ == "Series":
+        values = x.to_numpy()
+        if values.dtype != object:
+            return values.reshape(-1, 1) if values.ndim == 1 else values
+        try:
+            return np.stack(values) if len(values) else np.empty((0, 0), np.float32)
+        except ValueError as e:
+            raise ShapeError(f"a Series of vectors must hold equal-length arrays: {e}") from None
+    if isinstance(x, pa.ChunkedArray):
+        x = x.combine_chunks() if x.num_chunks != 1 else x.chunk(0)
+    if x.null_count:
+        raise ShapeError(f"the vector column has {x.null_count} null vector(s)")
+    if pa.types.is_fixed_size_list(x.type):
+        width = x.type.list_size
+        flat = x.flatten()
+    else:
+        lengths = pc.list_value_length(x).to_numpy()
+        if len(lengths) and (lengths != lengths[0]).any():
+            raise ShapeError(f"vectors must all have one length, got lengths from {lengths.min()} to {lengths.max()}")
+        width = int(lengths[0]) if len(lengths) else 0
+        flat = x.flatten()
+    if flat.null_count:
+        raise ShapeError("the vector column holds null values inside vectors")
+    if not (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
+        raise ShapeError(f"vectors must be numeric, got lists of {flat.type}")
+    return flat.to_numpy(zero_copy_only=False).reshape(len(x), width)
+
+
+def record_batches(data: Any, rows: int) -> Iterator[pa.RecordBatch]:
+    """``data`` as record batches of at most ``rows`` rows, read lazily (memory: a batch or so)."""
+    if type(data).__name__ == "DataFrame" and hasattr(data, "columns"):  # pandas
+        data = pa.Table.from_pandas(data, preserve_index=False)
+    elif hasattr(data, "to_arrow_reader"):  # a DuckDB relation (1.4+)
+        data = data.to_arrow_reader(rows)
+    elif hasattr(data, "fetch_record_batch"):  # a DuckDB relation (older)
+        data = data.fetch_record_batch(rows)
+    if isinstance(data, pa.RecordBatch):
+        data = [data]
+    if isinstance(data, pa.Table):
+        yield from data.to_batches(max_chunksize=rows)
+        return
+    if not isinstance(data, (pa.RecordBatchReader, Iterable)) or isinstance(data, (str, bytes, dict)):
+        raise InvalidInputError(
+            f"add_arrow reads a pa.Table, a RecordBatchReader, an iterable of RecordBatches, a pandas DataFrame "
+            f"or a DuckDB relation, got {type(data).__name__}"
+        )
+    for batch in data:
+        if isinstance(batch, pa.Table):
+            yield from batch.to_batches(max_chunksize=rows)
+        elif isinstance(batch, pa.RecordBatch):
+            for lo in range(0, batch.num_rows, rows):
+                yield batch.slice(lo, rows)
+        else:
+            raise InvalidInputError(f"expected RecordBatches, got a {type(batch).__name__}")
+
+
+def column(batch: pa.RecordBatch, name: str, role: str) -> pa.Array:
+    if name not in batch.schema.names:
+        raise InvalidInputError(f"no {role} column {name!r}: the data has {batch.schema.names}")
+    return batch.column(name)
+
+
+def hits_table(results: list[Any]) -> pa.Table:
+    """Hits of a batch of queries as one table: query, rank, id, score, then the metadata columns."""
+    parts = []
+    for qi, hits in enumerate(results):
+        table = hits.to_arrow()
+        n = table.num_rows
+        table = table.add_column(0, "rank", pa.array(np.arange(1, n + 1, dtype=np.int64)))
+        parts.append(table.add_column(0, "query", pa.array(np.full(n, qi, dtype=np.int64))))
+    return pa.concat_tables(parts, promote_options="default")
+
+
+# -- out ---------------------------------------------------------------------------------------------------
+SCAN_BATCH_ROWS = 8192  # rows per batch out: memory stays bounded whatever the store's size
+
+
+def scan_batches(
+    snap: Any, vectors: Any, rows: np.ndarray, dims: int | None, columns: list[str] | None, batch_rows: int
+) -> pa.RecordBatchReader:
+    """Rows ``rows`` (ascending) of ``snap`` as a reader of batches: id, the metadata ``columns`` (default
+    all), and ``vector`` (the first ``dims`` numbers, float32) when ``dims`` is given."""
+    names = [n for n in snap.table.base.schema.names if n != "id"]
+    if snap.table.tail is not None:
+        names += [n for n in snap.table.tail.schema.names if n != "id" and n not in names]
+    if columns is not None:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise InvalidInputError(f"no metadata column(s) {missing}; the store has {names}")
+        names = list(columns)
+    first = snap.table.take(rows[:0]).select(["id", *names])
+    fields = list(first.schema)
+    if dims:
+        fields.append(pa.field("vector", pa.list_(pa.float32(), dims)))
+    schema = pa.schema(fields)
+
+    def generate() -> Iterator[pa.RecordBatch]:
+        for lo in range(0, len(rows), batch_rows):
+            part = rows[lo : lo + batch_rows]
+            table = snap.table.take(part).select(["id", *names])
+            if dims:
+                flat = pa.array(vectors.gather(part, 0, dims).reshape(-1), pa.float32())
+                table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, dims))
+            yield from table.cast(schema).to_batches(max_chunksize=batch_rows)
+
+    return pa.RecordBatchReader.from_batches(schema, generate())
+
+
+def write_parquet(reader: pa.RecordBatchReader, dest: Any) -> int:
+    """Write ``reader`` to ``dest`` as one Parquet file, atomically (a temporary file renamed into place);
+    returns the number of rows."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
+
+
+ADD_BATCH_BYTES = 64 << 20  # float32 bytes per committed batch of add_arrow
+
+
+class ArrowIO:
+    """The Arrow half of :class:`mrlstore.Store`: ``add_arrow``, ``scan``, ``to_arrow``,
+    ``export_parquet``, ``query_table``. Relies on the store's snapshot, vectors, filters and writes."""
+
+    dim: int
+
+    def add_arrow(
+        self,
+        data: Any,
+        vector: str | None = "embedding",
+        id: str | None = "id",  # noqa: A002 - the column's name
+        *,
+        image: str | None = None,
+        batch_size: int | None = None,
+    ) -> int:
+        """Add the rows of ``data`` (a pa.Table, RecordBatchReader, iterable of RecordBatches, pandas DataFrame
+        or DuckDB relation): vectors from the column ``vector`` (or images, encoded, from the column
+        ``image``: bytes or paths), ids from ``id`` (None: generated, or content hashes for images), every
+        other column as metadata. Streams: ``batch_size`` rows at a time (default: 64 MiB of float32
+        vectors), each batch one atomic commit, so memory stays a few batches whatever the input's size and a
+        failure part way keeps every batch committed before it and nothing of the failing one. Returns the
+        number of rows added (a count, not the ids: inputs may be far larger than memory)."""
+        self._check_open()
+        if (vector is None) == (image is None):
+            raise InvalidInputError("add_arrow needs exactly one of vector= (a vector column) or image= (images)")
+        rows = batch_size or max(1, ADD_BATCH_BYTES // (4 * self.dim))
+        added = 0
+        for batch in record_batches(data, rows):
+            source = column(batch, vector or image, "vector" if vector else "image")
+            ids = column(batch, id, "id").to_pylist() if id is not None else None
+            rest = [n for n in batch.schema.names if n not in (vector, image, id)]
+            meta = pa.Table.from_batches([batch.select(rest)]) if rest else None
+            if vector is not None:
+                added += len(self.add_vectors(to_matrix(source), ids=ids, metadata=meta))
+            else:
+                result = self.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict="error")
+                added += len(result) - len(result.skipped)
+        return added
+
+    def scan(
+        self,
+        dims: int | None = None,
+        columns: list[str] | None = None,
+        where: str | None = None,
+        batch_size: int = SCAN_BATCH_ROWS,
+    ) -> pa.RecordBatchReader:
+        """The live entries as a RecordBatchReader (bounded memory): ``id``, the metadata ``columns`` (default
+        all), and ``vector``, the first ``dims`` numbers as float32 (none without ``dims``), in row order;
+        ``where`` filters like in ``query``. A consistent snapshot: later writes do not show."""
+        from .validation import dims_tuple  # validation reads vector columns through this module
+
+        self._check_open()
+        if dims is not None:
+            dims = dims_tuple([dims], self.dim)[0]
+        snap = self._snap
+        rows = self._allowed(where, snap) if where is not None else np.flatnonzero(snap.live[: snap.watermark])
+        return scan_batches(snap, self._vectors, rows, dims, columns, batch_size)
+
+    def to_arrow(self, dims: int | None = None, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+        """``scan(...)`` as one table."""
+        return self.scan(dims, columns, where).read_all()
+
+    def export_parquet(self, dest: Any, dims: int | None = None, columns: list[str] | None = None) -> int:
+        """Write ``scan(dims, columns)`` to one Parquet file, atomically, in bounded memory; returns how many
+        rows. ``add_arrow(pq.ParquetFile(dest).iter_batches(), vector="vector")`` reads it back."""
+        from pathlib import Path
+
+        return write_parquet(self.scan(dims, columns), Path(dest))
+
+    def query_table(self, queries: Any, k: int = 10, dims: Any = None, **options: Any) -> pa.Table:
+        """``query`` for a batch of queries, as one table: query (its index), rank (from 1), id, score, and
+        the metadata columns; the shape a pipeline joins on."""
+        results = self.query(queries, k=k, dims=dims, **options)
+        return hits_table(results if isinstance(results, list) else [results])
