@@ -74,14 +74,29 @@ def record_batches(data: Any, rows: int) -> Iterator[pa.RecordBatch]:
             f"add_arrow reads a pa.Table, a RecordBatchReader, an iterable of RecordBatches, a pandas DataFrame "
             f"or a DuckDB relation, got {type(data).__name__}"
         )
+    pending: list[pa.RecordBatch] = []  # small batches are merged: a commit has a fixed cost
     for batch in data:
         if isinstance(batch, pa.Table):
-            yield from batch.to_batches(max_chunksize=rows)
+            parts = batch.to_batches()
         elif isinstance(batch, pa.RecordBatch):
-            for lo in range(0, batch.num_rows, rows):
-                yield batch.slice(lo, rows)
+            parts = [batch]
         else:
             raise InvalidInputError(f"expected RecordBatches, got a {type(batch).__name__}")
+        pending += parts
+        if sum(b.num_rows for b in pending) >= rows:
+            yield from _merged(pending, rows, final=False)
+    if pending:
+        yield from _merged(pending, rows, final=True)
+
+
+def _merged(pending: list[pa.RecordBatch], rows: int, final: bool) -> Iterator[pa.RecordBatch]:
+    """Batches of exactly ``rows`` rows from ``pending`` (emptied; the remainder stays unless ``final``)."""
+    table = pa.Table.from_batches(pending).combine_chunks()
+    pending.clear()
+    full = table.num_rows if final else table.num_rows - table.num_rows % rows
+    yield from table.slice(0, full).to_batches(max_chunksize=rows)
+    if full < table.num_rows:
+        pending += table.slice(full).to_batches()
 
 
 def column(batch: pa.RecordBatch, name: str, role: str) -> pa.Array:
@@ -157,7 +172,7 @@ def write_parquet(reader: pa.RecordBatchReader, dest: Any) -> int:
     return rows
 
 
-ADD_BATCH_BYTES = 64 << 20  # float32 bytes per committed batch of add_arrow
+ADD_BATCH_BYTES = 256 << 20  # float32 bytes per committed batch of add_arrow (a commit has a fixed cost)
 
 
 class ArrowIO:
@@ -178,10 +193,11 @@ class ArrowIO:
         """Add the rows of ``data`` (a pa.Table, RecordBatchReader, iterable of RecordBatches, pandas DataFrame
         or DuckDB relation): vectors from the column ``vector`` (or images, encoded, from the column
         ``image``: bytes or paths), ids from ``id`` (None: generated, or content hashes for images), every
-        other column as metadata. Streams: ``batch_size`` rows at a time (default: 64 MiB of float32
-        vectors), each batch one atomic commit, so memory stays a few batches whatever the input's size and a
-        failure part way keeps every batch committed before it and nothing of the failing one. Returns the
-        number of rows added (a count, not the ids: inputs may be far larger than memory)."""
+        other column as metadata. Streams: ``batch_size`` rows at a time (default: 256 MiB of float32
+        vectors; smaller input batches are merged), each batch one atomic commit, so memory stays a few
+        batches whatever the input's size and a failure part way keeps every batch committed before it and
+        nothing of the failing one. Returns the number of rows added (a count, not the ids: inputs may be
+        far larger than memory)."""
         self._check_open()
         if (vector is None) == (image is None):
             raise InvalidInputError("add_arrow needs exactly one of vector= (a vector column) or image= (images)")
