@@ -33,8 +33,10 @@ def test_tune_reaches_the_target_with_the_cheapest_setting_of_the_fastest_shape(
     assert coarse == sorted(coarse) and coarse[-1] >= choice["shortlist"]
     below = [f for f in tuning.FINE_GRID if (coarse[-2] if len(coarse) > 1 else 0) < f < choice["shortlist"]]
     assert {t["shortlist"] for t in same} >= set(below)
-    reached = [t for t in tried if t["recall"] >= 0.95]
-    assert choice["ms_per_query"] == min(t["ms_per_query"] for t in reached)
+    # among the shapes' own choices (each its smallest reaching shortlist), the fastest; a larger coarse
+    # shortlist of the same shape may have timed faster by noise, but it is not that shape's setting
+    chosen = [p for p in choice["shapes"].values() if p["reached"]]
+    assert choice["ms_per_query"] == min(p["ms_per_query"] for p in chosen)
 
 
 def test_tuned_setting_is_persisted_and_used_by_default(tuned_store):
