@@ -5,9 +5,10 @@ an in-memory numpy array of the same vectors, same run.
     python benchmarks/ingest.py --n 1000000     # the 1M case (about 5 minutes)
 
 Writes the Parquet file once (``--work``), then, each in its own process so peak memory is its own: (a)
-``add_arrow(pq.ParquetFile(f).iter_batches(), vector="embedding")``; (b) ``add_vectors`` of the whole
-array loaded in memory, in batches of 65,536 rows. Reports rows/s and peak anonymous resident memory
-(sampled; the store's memory-mapped chunks are page cache, not counted; for numpy it includes the array).
+``add_arrow(pq.ParquetFile(f, pre_buffer=False, ...).iter_batches(), vector="embedding")``; (b)
+``add_vectors`` of the whole array loaded in memory, in batches of 65,536 rows. Reports rows/s and peak
+anonymous resident memory (sampled; the store's memory-mapped chunks are page cache, not counted; for
+numpy it includes the array).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def child(mode: str, parquet: Path, store_path: Path) -> None:
     t0 = time.perf_counter()
     with mrlstore.open(store_path, dim=2048) as store:
         if mode == "arrow":
-            n = store.add_arrow(pq.ParquetFile(parquet).iter_batches(batch_size=16384), vector="embedding")
+            # pre_buffer=False: pyarrow's default read-ahead keeps every row group read so far (a file's worth)
+            reader = pq.ParquetFile(parquet, pre_buffer=False, buffer_size=1 << 20)
+            n = store.add_arrow(reader.iter_batches(batch_size=16384), vector="embedding")
         else:
             for lo in range(0, n, 65536):
                 meta = pa.Table.from_batches(labels.slice(lo, 65536).to_batches())
