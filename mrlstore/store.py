@@ -46,8 +46,9 @@ from .images import ImageInputs, is_single, looks_like_vectors
 from .images import check as check_images
 from .images import encode as encode_images
 from .images import expand as expand_images
-from .layout import INDEX_DIR, copy_store, create_store, remove_stale_temporaries
+from .layout import INDEX_DIR, create_store, remove_stale_temporaries
 from .locking import StoreLock
+from .maintenance import Maintenance
 from .metadata import RowTable, kept_metadata
 from .search import Funnel, Plan, Snapshot
 from .validation import (
@@ -72,7 +73,7 @@ _PLAN_CACHE_SIZE = 256
 _TRIM_AFTER_BYTES = 4 << 20
 
 
-class Store(ImageInputs, ArrowIO):
+class Store(ImageInputs, ArrowIO, Maintenance):
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
     def __init__(
@@ -221,27 +222,6 @@ class Store(ImageInputs, ArrowIO):
                     self._catalog.close()
                     self._vectors.close()
                     self._lock.release()
-
-    def compact(self) -> dict[str, int]:
-        """Rewrite the store without its deleted rows (disk shrinks by their share), crash-safely: a crash
-        at any moment leaves the old or the new store, never a mix. See :mod:`mrlstore.compaction`."""
-        self._check_open()
-        self._check_writable()
-        from .compaction import compact
-
-        with self._write_lock:
-            return compact(self)
-
-    def _reopen_with(self, lock: StoreLock) -> None:
-        """Switch to the files now at ``self.path`` (a compaction swapped them in), holding ``lock``."""
-        write_lock, visibility = self._write_lock, self._visibility
-        with visibility.write():
-            self._catalog.close()
-            self._vectors.close()
-            self._lock.release()
-            self._lock = lock
-            self._open({})
-            self._write_lock, self._visibility = write_lock, visibility  # threads may be waiting on these
 
     def checkpoint(self) -> None:
         """Save every HNSW index that changed since its last save (atomically)."""
@@ -429,31 +409,6 @@ class Store(ImageInputs, ArrowIO):
                     index.mark_deleted(rows)
                     self._rows_since_save[d] += 1
         return len(rows)
-
-    def snapshot(self, dest: str | os.PathLike[str]) -> Path:
-        """Write a consistent copy of the store to ``dest`` (which must not exist) and return its path.
-
-        DuckDB lets no other process open a store while its writer has it; a snapshot is how other
-        processes read meanwhile: ``mrlstore.open(dest, read_only=True)``.
-        """
-        self._check_open()
-        dest = Path(dest)
-        if dest.exists():
-            raise InvalidInputError(f"snapshot destination {dest} already exists")
-        with self._write_lock:
-            if not self.read_only:
-                self.checkpoint()
-            copy_store(self.path, dest, self._catalog.snapshot_to)
-        return dest
-
-    def verify(self) -> list[str]:
-        """What is wrong with the store's files against its commits (empty when consistent); see
-        :mod:`mrlstore.verify`."""
-        self._check_open()
-        from .verify import problems
-
-        with self._write_lock:
-            return problems(self)
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, ids: Sequence[str], dims: int | None = None) -> pa.Table:
