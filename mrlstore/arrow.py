@@ -125,9 +125,7 @@ def scan_batches(
 ) -> pa.RecordBatchReader:
     """Rows ``rows`` (ascending) of ``snap`` as a reader of batches: id, the metadata ``columns`` (default
     all), and ``vector`` (the first ``dims`` numbers, float32) when ``dims`` is given."""
-    names = [n for n in snap.table.base.schema.names if n != "id"]
-    if snap.table.tail is not None:
-        names += [n for n in snap.table.tail.schema.names if n != "id" and n not in names]
+    names = snap.table.columns
     if columns is not None:
         missing = [c for c in columns if c not in names]
         if missing:

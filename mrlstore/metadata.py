@@ -48,7 +48,13 @@ class RowTable:
         tail = _concat([self.tail, batch]) if self.tail is not None else batch.combine_chunks()
         if tail.num_rows >= max(_MIN_TAIL, self.base.num_rows // 32):
             return RowTable(_concat([self.base, tail]) if self.base.num_rows else tail)
-        return RowTable(self.base, tail)
+        # a column new in this batch is added to the base as nulls: every take has every column
+        return RowTable(_with_columns_of(self.base, tail), _with_columns_of(tail, self.base))
+
+    @property
+    def columns(self) -> list[str]:
+        """The metadata column names."""
+        return [name for name in self.base.column_names if name != ID]
 
     def take(self, rows: np.ndarray) -> pa.Table:
         """The rows ``rows`` (any order), in that order."""
@@ -56,7 +62,7 @@ class RowTable:
 
     def metadata_of(self, rows: list[int]) -> pa.Table | None:
         """The metadata columns of ``rows`` (-1: a row of nulls), or None when there are none."""
-        if max(self.base.num_columns, self.tail.num_columns if self.tail is not None else 0) <= 1:
+        if not self.columns:
             return None
         rows_arr = np.asarray(rows, dtype=np.int64)
         present = rows_arr >= 0
@@ -81,6 +87,15 @@ class RowTable:
         parts = _concat([base.take(rows[in_base]), tail.take(rows[~in_base] - n_base)])
         order = np.concatenate([np.flatnonzero(in_base), np.flatnonzero(~in_base)])
         return parts.take(np.argsort(order))
+
+
+def _with_columns_of(table: pa.Table, other: pa.Table) -> pa.Table:
+    """``table`` plus, as nulls, the columns only ``other`` has (the base grows one only when a commit
+    brings a new metadata column)."""
+    for field in other.schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

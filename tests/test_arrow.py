@@ -162,3 +162,13 @@ def test_add_arrow_encodes_an_image_column(tmp_path):
         assert sorted(s.sql("SELECT label FROM items").column("label").to_pylist()) == list("abcde")
         with pytest.raises(mrlstore.InvalidInputError, match="exactly one"):
             s.add_arrow(table, image="img")
+
+
+def test_a_column_that_only_recent_commits_have_reads_as_nulls_everywhere(store):
+    x = _x(4600)
+    store.add_vectors(x[:4500], ids=[f"r{i}" for i in range(4500)], metadata=[{"n": i} for i in range(4500)])
+    store.add_vectors(x[4500:], ids=[f"r{i}" for i in range(4500, 4600)], metadata=[{"tag": "t"}] * 100)
+    t = store.scan(columns=["tag"], batch_size=1000).read_all()  # batches wholly inside older rows too
+    assert t.num_rows == 4600 and t.column("tag").null_count == 4500
+    assert store.query(x[3], k=1, dims=[DIM]).metadata == [{"n": 3, "tag": None}]
+    assert store.query(x[4503], k=1, dims=[DIM]).metadata == [{"n": None, "tag": "t"}]
