@@ -42,13 +42,12 @@ def to_matrix(x: Any) -> np.ndarray:
         raise ShapeError(f"the vector column has {x.null_count} null vector(s)")
     if pa.types.is_fixed_size_list(x.type):
         width = x.type.list_size
-        flat = x.flatten()
     else:
         lengths = pc.list_value_length(x).to_numpy()
         if len(lengths) and (lengths != lengths[0]).any():
             raise ShapeError(f"vectors must all have one length, got lengths from {lengths.min()} to {lengths.max()}")
         width = int(lengths[0]) if len(lengths) else 0
-        flat = x.flatten()
+    flat = x.flatten()
     if flat.null_count:
         raise ShapeError("the vector column holds null values inside vectors")
     if not (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
@@ -64,39 +63,46 @@ def record_batches(data: Any, rows: int) -> Iterator[pa.RecordBatch]:
         data = data.to_arrow_reader(rows)
     elif hasattr(data, "fetch_record_batch"):  # a DuckDB relation (older)
         data = data.fetch_record_batch(rows)
-    if isinstance(data, pa.RecordBatch):
+    if isinstance(data, (pa.RecordBatch, pa.Table)):
         data = [data]
-    if isinstance(data, pa.Table):
-        yield from data.to_batches(max_chunksize=rows)
-        return
     if not isinstance(data, (pa.RecordBatchReader, Iterable)) or isinstance(data, (str, bytes, dict)):
         raise InvalidInputError(
             f"add_arrow reads a pa.Table, a RecordBatchReader, an iterable of RecordBatches, a pandas DataFrame "
             f"or a DuckDB relation, got {type(data).__name__}"
         )
-    pending: list[pa.RecordBatch] = []  # small batches are merged: a commit has a fixed cost
-    for batch in data:
-        if isinstance(batch, pa.Table):
-            parts = batch.to_batches()
-        elif isinstance(batch, pa.RecordBatch):
-            parts = [batch]
+    yield from _rebatched(_batches_of(data), rows)
+
+
+def _batches_of(data: Iterable[Any]) -> Iterator[pa.RecordBatch]:
+    for item in data:
+        if isinstance(item, pa.Table):
+            yield from item.to_batches()
+        elif isinstance(item, pa.RecordBatch):
+            yield item
         else:
-            raise InvalidInputError(f"expected RecordBatches, got a {type(batch).__name__}")
-        pending += parts
-        if sum(b.num_rows for b in pending) >= rows:
-            yield from _merged(pending, rows, final=False)
-    if pending:
-        yield from _merged(pending, rows, final=True)
+            raise InvalidInputError(f"expected RecordBatches, got a {type(item).__name__}")
 
 
-def _merged(pending: list[pa.RecordBatch], rows: int, final: bool) -> Iterator[pa.RecordBatch]:
-    """Batches of exactly ``rows`` rows from ``pending`` (emptied; the remainder stays unless ``final``)."""
-    table = pa.Table.from_batches(pending).combine_chunks()
-    pending.clear()
-    full = table.num_rows if final else table.num_rows - table.num_rows % rows
-    yield from table.slice(0, full).to_batches(max_chunksize=rows)
-    if full < table.num_rows:
-        pending += table.slice(full).to_batches()
+def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Batches of ``rows`` rows (the last may be shorter): large ones sliced without a copy, small ones
+    merged (a commit has a fixed cost)."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        for lo in range(0, batch.num_rows, rows):
+            piece = batch.slice(lo, rows)
+            if not pending and piece.num_rows == rows:
+                yield piece
+                continue
+            pending.append(piece)
+            count += piece.num_rows
+            if count >= rows:  # pieces hold fewer than rows each: one full batch out, the rest waits
+                merged = pa.Table.from_batches(pending).combine_chunks()
+                yield from merged.slice(0, rows).to_batches()
+                rest = merged.slice(rows)
+                pending, count = [b for b in rest.to_batches() if b.num_rows], rest.num_rows
+    if count:
+        yield from pa.Table.from_batches(pending).combine_chunks().to_batches()
 
 
 def column(batch: pa.RecordBatch, name: str, role: str) -> pa.Array:
@@ -209,8 +215,7 @@ class ArrowIO:
             if vector is not None:
                 added += len(self.add_vectors(to_matrix(source), ids=ids, metadata=meta))
             else:
-                result = self.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict="error")
-                added += len(result) - len(result.skipped)
+                added += self.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict="error").added
         return added
 
     def scan(

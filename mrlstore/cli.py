@@ -103,8 +103,9 @@ def add(path: Path, inputs: tuple[str, ...], skip_errors: bool, on_conflict: str
         if images:
             result = store.add(images, skip_errors=skip_errors, on_conflict=on_conflict, batch_size=batch_size,
                                progress=True)  # fmt: skip
-            added = len(result) - len(result.skipped)
-            click.echo(f"added {added} images, {len(result.skipped)} already present, {len(result.failed)} failed")
+            click.echo(
+                f"added {result.added} images, {len(result.skipped)} already present, {len(result.failed)} failed"
+            )
             for failure in result.failed:
                 click.echo(f"  skipped {failure.source}: {failure.reason}", err=True)
 

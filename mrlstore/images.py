@@ -15,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def looks_like_vectors(x: Any, dim: int | None = None) -> bool:
     if is_vector_column(x):  # Arrow list columns and pandas Series hold vectors, never images
         return True
     if _is_tensor(x):
-        if x.dtype.is_floating_point is False and str(x.dtype) == "torch.uint8":
+        if str(x.dtype) == "torch.uint8":
             return False
         return dim is None or x.ndim == 1 or (x.ndim == 2 and x.shape[-1] == dim)
     if isinstance(x, np.ndarray):
@@ -135,26 +136,33 @@ def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
 def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], list[Failure]]:
     """Every file exists and its header reads as an image (cheap: pixels are decoded later). A bad one
     raises InvalidInputError naming it, or with ``skip_errors`` is left out and reported."""
-    Image = pil()
     good: list[ImageItem] = []
     failures: list[Failure] = []
     for item in items:
         try:
             if item.path is not None or isinstance(item.value, (bytes, bytearray, memoryview)):
-                source = item.path if item.path is not None else io.BytesIO(bytes(item.value))
-                try:
-                    with Image.open(source) as im:
-                        im.verify()
-                except FileNotFoundError:
-                    raise InvalidInputError(f"image file not found: {item.path}") from None
-                except Exception as e:  # PIL raises many kinds for broken data
-                    raise InvalidInputError(f"cannot read image {item.describe()}: {e}") from None
+                with _opened(item) as im:
+                    im.verify()
             good.append(item)
         except InvalidInputError as e:
             if not skip_errors:
                 raise
             failures.append(Failure(item.index, item.describe(), str(e)))
     return good, failures
+
+
+@contextmanager
+def _opened(item: ImageItem) -> Iterator[Any]:
+    """The PIL image of a file, bytes or file object; what PIL raises becomes InvalidInputError naming it."""
+    x = item.value
+    source = item.path if item.path is not None else x if hasattr(x, "read") else io.BytesIO(bytes(x))
+    try:
+        with pil().open(source) as im:
+            yield im
+    except FileNotFoundError:
+        raise InvalidInputError(f"image file not found: {item.path}") from None
+    except Exception as e:  # PIL raises many kinds for broken data
+        raise InvalidInputError(f"cannot read image {item.describe()}: {e}") from None
 
 
 def content_id(item: ImageItem) -> str:
@@ -191,17 +199,9 @@ def to_rgb(item: ImageItem) -> np.ndarray:
 
 
 def _decode(item: ImageItem) -> np.ndarray:
-    Image = pil()
-    x = item.value
-    source = item.path if item.path is not None else io.BytesIO(bytes(x)) if not hasattr(x, "read") else x
-    try:
-        with Image.open(source) as im:
-            im.load()
-            return np.asarray(_rgb(im))
-    except FileNotFoundError:
-        raise InvalidInputError(f"image file not found: {item.path}") from None
-    except Exception as e:  # PIL raises many kinds for broken data
-        raise InvalidInputError(f"cannot read image {item.describe()}: {e}") from None
+    with _opened(item) as im:
+        im.load()
+        return np.asarray(_rgb(im))
 
 
 def _array_rgb(arr: np.ndarray) -> np.ndarray:
@@ -261,11 +261,13 @@ def pil() -> Any:
 class AddResult(list):
     """The ids of the images an ``add`` covered (added, replaced, or already present and skipped), in input
     order; ``failed`` lists the inputs left out with ``skip_errors=True`` and why, ``skipped`` the ids that
-    were already in the store (``on_conflict="skip"``)."""
+    were already in the store (``on_conflict="skip"``) or repeated within the call, ``added`` how many
+    images the call wrote."""
 
-    def __init__(self, ids: list[str], failed: list[Failure], skipped: list[str]):
+    def __init__(self, ids: list[str], failed: list[Failure], skipped: list[str], added: int):
         super().__init__(ids)
         self.failed, self.skipped = failed, skipped
+        self.added = added  # how many images this call wrote (added or replaced)
 
 
 @dataclass
@@ -290,10 +292,10 @@ class ImageBatch:
         id_values = None if ids is None else id_list(ids, len(items))
         meta = metadata_table(metadata, len(items))
         good, failures = check(items, skip_errors)
-        keep = [i for i in range(len(items)) if i not in {f.index for f in failures}]
         if failures:
+            keep = [item.index for item in good]
             id_values = None if id_values is None else [id_values[i] for i in keep]
-            meta = None if meta is None else meta.take(keep)
+            meta = None if meta is None else meta.take(np.asarray(keep, dtype=np.int64))
         paths = [item.path for item in good]
         if any(p is not None for p in paths):
             column = pa.array(paths, pa.string())
@@ -412,17 +414,18 @@ class ImageInputs:
         todo = batch.without(set(existing) if on_conflict == "skip" else set())
         late: list[Failure] = []  # files whose header read but whose pixels did not (skip_errors only)
         lost: set[str] = set()
+        written = 0
         if todo.items:
             size = positive_int(batch_size, "batch_size")
             vectors, kept = encode(encoder, todo.items, size, progress, late if skip_errors else None)
-            lost = set(todo.ids) - set(todo.only(kept).ids)
-            todo = todo.only(kept)
+            decoded = todo.only(kept)
+            lost, todo = set(todo.ids) - set(decoded.ids), decoded
             if todo.items:
                 replace = on_conflict == "replace"
-                self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace)
+                written = len(self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace))
         skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
         ids = [i for i in batch.ids if i not in lost] if late else batch.ids
-        return AddResult(ids, sorted(batch.failed + late, key=lambda f: f.index), skipped + batch.repeats)
+        return AddResult(ids, sorted(batch.failed + late, key=lambda f: f.index), skipped + batch.repeats, written)
 
     def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
         """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""

@@ -110,8 +110,9 @@ def test_torch_tensors(store):
 def test_readding_the_same_images_is_idempotent_and_conflicts_follow_the_policy(store, photos):
     first = store.add(photos)
     encoded = store.encoder.seen
+    assert first.added == 4
     again = store.add(photos)  # same content, same ids: nothing encoded, nothing added
-    assert list(again) == list(first) and sorted(again.skipped) == sorted(first)
+    assert list(again) == list(first) and sorted(again.skipped) == sorted(first) and again.added == 0
     assert len(store) == 4 and store.encoder.seen == encoded
     with pytest.raises(mrlstore.DuplicateIdError, match="on_conflict"):
         store.add(photos / "p0.png", on_conflict="error")
