@@ -340,7 +340,7 @@ class BandedVectors:
 
     def kernel_bands(self, rows_needed: int) -> list[tuple]:
         """Every band's description for the native kernels (see ``_Band.kernel_band``); the list is kept
-        until more rows are needed (each query stage asks for it)."""
+        until more rows are needed (every query asks for it)."""
         covered, described = self._kernel_bands
         if rows_needed <= covered:
             return described
