@@ -218,6 +218,25 @@ class ArrowIO:
                 added += self.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict="error").added
         return added
 
+    def commit_staged(self, fragments: list[Any]) -> int:
+        """Add the rows of staged fragments (files that :func:`mrlstore.staging.write_fragment` wrote, e.g. by
+        the workers of a Ray write) as one commit: all of them become visible at once, or, if any fragment
+        is unreadable or any id repeats, none. Returns the number of rows added."""
+        from .staging import Fragments
+
+        self._check_open()
+        self._check_writable()
+        staged = Fragments(fragments, self.staging_shape())
+        if len(staged):
+            self._commit(staged.vectors(), staged.ids, staged.metadata, replace=False, keep_metadata=False)
+        return len(staged)
+
+    def staging_shape(self) -> Any:
+        """What workers need to check and write fragments for this store (a :class:`StoreShape`)."""
+        from .staging import StoreShape
+
+        return StoreShape(self.dim, self.dtype, self.metric, tuple(self.index_dims))
+
     def scan(
         self,
         dims: int | None = None,

@@ -13,6 +13,7 @@ from ._fsutil import copy_sparse, fsync_dir, fsync_file
 from .catalog import DB_FILE, Catalog
 from .config import StoreConfig
 from .locking import LOCK_FILE
+from .staging import STAGING_DIR
 from .zarr_bands import GROUP_DIR, create_bands
 
 INDEX_DIR = "index"
@@ -76,14 +77,16 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of atomic writes that a killed writer never renamed, and the folder a killed
-    compaction left beside the store (the caller holds the writer lock: no such write can be running)."""
+    """Temporary files of atomic writes that a killed writer never renamed, the fragments of a staged write
+    that never committed, and the folder a killed compaction left beside the store (the caller holds the
+    writer lock: no such write can be running)."""
     for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
     for pattern in (f".{path.name}.compact-*", f"..{path.name}.compact-*.creating-*"):  # and its creation
         for leftover in path.parent.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(path / STAGING_DIR, ignore_errors=True)  # fragments of a staged write whose driver died
 
 
 def fsync_tree(root: Path) -> None:

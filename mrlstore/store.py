@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .errors import (
     InvalidInputError,
     NotAStoreError,
     ReadOnlyError,
+    ShapeError,
     StoreClosedError,
     StoreNotFoundError,
     UnknownIdError,
@@ -303,9 +304,23 @@ class Store(ImageInputs, ArrowIO, Maintenance):
         self._check_open()
         self._check_writable()
         batch = vector_batch(vectors, self.dim, self.dtype, self.metric, self.index_dims)
-        n = len(batch)
-        id_batch = id_list(ids, n)
-        meta = metadata_table(metadata, n)
+        id_batch = id_list(ids, len(batch))
+        self._commit([batch], id_batch, metadata_table(metadata, len(batch)), replace, keep_metadata)
+        if batch.nbytes >= _TRIM_AFTER_BYTES:
+            release_freed_memory()
+        return id_batch
+
+    def _commit(
+        self,
+        batches: Iterable[np.ndarray],
+        id_batch: list[str],
+        meta: pa.Table | None,
+        replace: bool,
+        keep_metadata: bool,
+    ) -> None:
+        """Write the rows of ``batches`` (checked vectors, ``len(id_batch)`` rows in all, read one batch at a
+        time) and commit them as one: queries and a reopen see all of them or none."""
+        n = len(id_batch)
         with self._write_lock:
             self._check_open()
             existing = self._catalog.rows_of(id_batch)
@@ -322,13 +337,12 @@ class Store(ImageInputs, ArrowIO, Maintenance):
             replaced = np.fromiter(existing.values(), dtype=np.int64, count=len(existing))
             rows = np.arange(start, start + n, dtype=np.int64)
             try:
-                self._vectors.append(start, batch)
-                self._vectors.prefault(start, start + n)
-                # Into the HNSW cache before the commit, so the visibility lock below stays short. Rows past
-                # the watermark are invisible to queries; if the commit fails they stay behind as dead
-                # labels that the next append of those rows overwrites.
-                for d, index in self._indexes.items():
-                    index.add(stored_prefix(batch, d, self.dtype), rows)
+                end = start
+                for batch in batches:
+                    self._append(end, batch)
+                    end += len(batch)
+                if end != start + n:
+                    raise ShapeError(f"got {end - start} vectors for {n} ids")
                 with self._visibility.write():  # queries see all of this write or none of it
                     stored = self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
                     self._publish(rows, replaced, stored)
@@ -340,9 +354,16 @@ class Store(ImageInputs, ArrowIO, Maintenance):
                 self._resync_after_failure()  # committed: memory must catch up with the catalog
                 raise
             self._autosave_indexes()
-        if batch.nbytes >= _TRIM_AFTER_BYTES:
-            release_freed_memory()
-        return id_batch
+
+    def _append(self, start: int, batch: np.ndarray) -> None:
+        """Rows ``start``... of an uncommitted write: to the bands, and into the HNSW cache before the commit
+        so the visibility lock stays short. Rows past the watermark are invisible to queries; if the commit
+        fails they stay behind as dead labels that the next append of those rows overwrites."""
+        self._vectors.append(start, batch)
+        self._vectors.prefault(start, start + len(batch))
+        rows = np.arange(start, start + len(batch), dtype=np.int64)
+        for d, index in self._indexes.items():
+            index.add(stored_prefix(batch, d, self.dtype), rows)
 
     def _resync_after_failure(self) -> None:
         """Rebuild the in-memory state (snapshot, indexes) from the committed catalog and the Zarr tier,

@@ -240,12 +240,29 @@ def test_import_does_not_import_torch():
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, mrlstore; print('torch' in sys.modules, 'zarr' in sys.modules)"],
+        [sys.executable, "-c", "import sys, mrlstore; print(*(m in sys.modules for m in ('torch', 'zarr', 'ray')))"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False"]
+
+
+def test_each_engine_is_imported_by_one_module_only():
+    import ast
+    from pathlib import Path
+
+    engines = {"zarr", "hnswlib", "duckdb", "torch", "ray"}
+    importers: dict[str, set[str]] = {e: set() for e in engines}
+    for path in Path(mrlstore.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] in engines:
+                    importers[name.split(".")[0]].add(path.name)
+    assert {e: len(m) for e, m in importers.items()} == dict.fromkeys(engines, 1), importers
 
 
 def test_snapshot_is_readable_by_another_process_while_writing(tmp_path, rng):
