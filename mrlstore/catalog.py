@@ -37,8 +37,8 @@ def _quote(name: str) -> str:
 
 
 class Catalog:
-    def __init__(self, path: Path, read_only: bool, create: bool = False):
-        self.path = Path(path) / DB_FILE
+    def __init__(self, path: Path, read_only: bool, create: bool = False, db_file: Path | None = None):
+        self.path = Path(db_file) if db_file is not None else Path(path) / DB_FILE
         self.read_only = read_only
         self._lock = threading.RLock()
         if not create and not self.path.exists():
@@ -108,6 +108,10 @@ class Catalog:
         with self._lock, _corruption_as_error(self.path):
             t = _arrow(self._con, "SELECT * FROM _items ORDER BY _row")
         return t.column("_row").to_numpy().astype(np.int64), t.drop_columns(["_row"])
+
+    def live_count(self) -> int:
+        with self._lock, _corruption_as_error(self.path):
+            return int(self._con.execute("SELECT count(*) FROM _items").fetchall()[0][0])
 
     def tombstones(self) -> np.ndarray:
         with self._lock, _corruption_as_error(self.path):
@@ -221,7 +225,8 @@ class Catalog:
         """Copy the whole catalog into a new DuckDB file at ``dest`` (a consistent point in time)."""
         with self._lock:
             alias = self._con.execute("SELECT current_database()").fetchall()[0][0]
-            self._con.execute(f"ATTACH '{str(dest).replace(chr(39), chr(39) * 2)}' AS _snapshot")
+            # READ_WRITE: a read-only connection attaches read-only by default (readers publish too)
+            self._con.execute(f"ATTACH '{str(dest).replace(chr(39), chr(39) * 2)}' AS _snapshot (READ_WRITE)")
             try:
                 self._con.execute(f"COPY FROM DATABASE {_quote(alias)} TO _snapshot")
             finally:

@@ -21,6 +21,7 @@ import numpy as np
 from ._fsutil import fsync_dir
 from .errors import UnsupportedStorageError
 from .layout import create_store, fsync_tree
+from .locking import NoLock
 from .metadata import split_hits
 
 COPY_BLOCK_ROWS = 8192  # live rows copied per commit into the new store
@@ -56,7 +57,7 @@ def compact(store: Any) -> dict[str, int]:
             new.close()
             raise
         new_lock = new._lock  # kept: the new store must never be open to anyone else before this one reopens
-        new._lock = _NoLock()
+        new._lock = NoLock()
         new.close()
         fsync_tree(tmp)
         _exchange(tmp, store.path)  # the commit point
@@ -88,8 +89,3 @@ def _exchange(a: Path, b: Path) -> None:
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
         err = ctypes.get_errno()
         raise UnsupportedStorageError(f"cannot swap {a} and {b} atomically: {os.strerror(err)}")
-
-
-class _NoLock:
-    def release(self, remove_if_created: bool = False) -> None:
-        pass

@@ -80,7 +80,7 @@ def remove_stale_temporaries(path: Path) -> None:
     """Temporary files of atomic writes that a killed writer never renamed, the fragments of a staged write
     that never committed, and the folder a killed compaction left beside the store (the caller holds the
     writer lock: no such write can be running)."""
-    for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*"):
+    for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*", "published/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
     for pattern in (f".{path.name}.compact-*", f"..{path.name}.compact-*.creating-*"):  # and its creation

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from .errors import StoreLockedError
 
 LOCK_FILE = "LOCK"
+READER_WAIT_S = 5.0
 
 
 class StoreLock:
@@ -29,7 +31,7 @@ class StoreLock:
                 self._fd = -1  # every writer creates LOCK first: without one, no writer is there
                 return
         try:
-            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            self._acquire()
         except BlockingIOError:
             holder = self._holder()
             os.close(self._fd)
@@ -43,14 +45,32 @@ class StoreLock:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
-    def _holder(self) -> str:
-        """Who holds the lock: the writer's pid is in LOCK while it lives; readers write nothing, so a pid
-        of a process that has exited means readers hold it now."""
+    def _acquire(self) -> None:
+        """The flock, or BlockingIOError. A writer waits up to READER_WAIT_S for readers: they hold the lock
+        only while they bring the published version up to date (versions.newest_version)."""
+        mode = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + READER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._fd, mode)
+                return
+            except BlockingIOError:
+                if not self.exclusive or self._writer_pid() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _writer_pid(self) -> str:
         try:
             pid = os.pread(self._fd, 32, 0).decode().strip()
         except OSError:
-            pid = ""
-        if pid.isdigit() and _alive(int(pid)):
+            return ""
+        return pid if pid.isdigit() and _alive(int(pid)) else ""
+
+    def _holder(self) -> str:
+        """Who holds the lock: the writer's pid is in LOCK while it lives; readers write nothing, so a pid
+        of a process that has exited means readers hold it now."""
+        pid = self._writer_pid()
+        if pid:
             return f" by process {pid}"
         return " by a reader (another process has it open read_only)" if self.exclusive else ""
 
@@ -63,6 +83,13 @@ class StoreLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1
+
+
+class NoLock:
+    """Stands in for a StoreLock where none is taken (readers of published versions, a store being built)."""
+
+    def release(self, remove_if_created: bool = False) -> None:
+        pass
 
 
 def _alive(pid: int) -> bool:

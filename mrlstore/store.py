@@ -48,7 +48,7 @@ from .images import check as check_images
 from .images import encode as encode_images
 from .images import expand as expand_images
 from .layout import INDEX_DIR, create_store, remove_stale_temporaries
-from .locking import StoreLock
+from .locking import NoLock, StoreLock
 from .maintenance import Maintenance
 from .metadata import RowTable, kept_metadata
 from .search import Funnel, Plan, Snapshot
@@ -62,6 +62,7 @@ from .validation import (
     stored_prefix,
     vector_batch,
 )
+from .versions import Versions, newest_version
 from .zarr_bands import BandedVectors, auto_chunk_rows
 
 REBUILD_BLOCK_ROWS = 65536
@@ -74,7 +75,7 @@ _PLAN_CACHE_SIZE = 256
 _TRIM_AFTER_BYTES = 4 << 20
 
 
-class Store(ImageInputs, ArrowIO, Maintenance):
+class Store(ImageInputs, ArrowIO, Maintenance, Versions):
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
     def __init__(
@@ -121,7 +122,9 @@ class Store(ImageInputs, ArrowIO, Maintenance):
         elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
 
-        self._lock = StoreLock(self.path, exclusive=not read_only)
+        # Readers of published versions take no lock: a writer never waits for them (versions.py).
+        self._head = newest_version(self.path) if read_only else None
+        self._lock = NoLock() if self._head is not None else StoreLock(self.path, exclusive=not read_only)
         try:
             self._open(requested)
         except BaseException:
@@ -133,7 +136,7 @@ class Store(ImageInputs, ArrowIO, Maintenance):
 
     # -- opening -----------------------------------------------------------------------------------
     def _open(self, requested: dict[str, Any]) -> None:
-        self._catalog = Catalog(self.path, read_only=self.read_only)
+        self._catalog = self._open_catalog()
         self.manifest = self._catalog.manifest()
         self.config = config = StoreConfig.from_manifest(self.manifest, self.path)
         config.check_requested(requested, self.path)
@@ -167,10 +170,12 @@ class Store(ImageInputs, ArrowIO, Maintenance):
         self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
         self._rows_since_save = {d: 0 for d in self.index_dims}
         self._funnel = Funnel(self._vectors, self._indexes, self.metric, config.ef_search)
+        if not self.read_only:
+            self._start_publishing()
 
-    def _load_snapshot(self, watermark: int, version: int) -> Snapshot:
+    def _load_snapshot(self, watermark: int, version: int, catalog: Catalog | None = None) -> Snapshot:
         """The live mask and the in-memory ids and metadata, from the committed catalog."""
-        live_rows, items = self._catalog.live_items()
+        live_rows, items = (catalog or self._catalog).live_items()
         if len(live_rows) and live_rows.max() >= watermark:
             raise CorruptStoreError("catalog lists rows past its own committed watermark")
         live = np.zeros(max(watermark, 1024), dtype=bool)
@@ -181,25 +186,29 @@ class Store(ImageInputs, ArrowIO, Maintenance):
         c = self.config
         try:
             index = PrefixIndex.load(self._index_base(d), d, self.metric, c.hnsw_m, c.ef_construction, self._generation)
-            if index.covered_rows > watermark:
+            # A reader's published version may trail the writer's last save: rows past it stay invisible.
+            if index.covered_rows > watermark and not self.read_only:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
-            status = "loaded" if index.covered_rows == watermark else "extended"
+            status = "loaded" if index.covered_rows >= watermark else "extended"
         except IndexUnusable:
             index = PrefixIndex(d, self.metric, c.hnsw_m, c.ef_construction, watermark + 1024, self._generation)
             status = "rebuilt"
         start = index.covered_rows
-        live = self._snap.live
-        for lo in range(start, watermark, REBUILD_BLOCK_ROWS):
-            hi = min(lo + REBUILD_BLOCK_ROWS, watermark)
-            keep = np.flatnonzero(live[lo:hi])
-            index.add(self._vectors.read_range(lo, hi, 0, d)[keep], keep + lo, covered_rows=hi)
-        index.covered_rows = watermark
+        self._extend_index(index, self._snap)
         dead = self._catalog.tombstones()
         index.mark_deleted(dead[dead < start])
         self.index_status[d] = status
         if status != "loaded" and not self.read_only:
             self._save_index(d, index)
         return index
+
+    def _extend_index(self, index: PrefixIndex, snap: Snapshot) -> None:
+        """Add the live rows of ``snap`` that ``index`` does not cover yet, from the bands."""
+        d, live = index.dim, snap.live
+        for lo in range(index.covered_rows, snap.watermark, REBUILD_BLOCK_ROWS):
+            hi = min(lo + REBUILD_BLOCK_ROWS, snap.watermark)
+            keep = np.flatnonzero(live[lo:hi])
+            index.add(self._vectors.read_range(lo, hi, 0, d)[keep], keep + lo, covered_rows=hi)
 
     def _index_base(self, d: int) -> Path:
         return self.path / INDEX_DIR / f"prefix_{d:05d}"
@@ -217,6 +226,7 @@ class Store(ImageInputs, ArrowIO, Maintenance):
             try:
                 if not self.read_only:
                     self.checkpoint()
+                    self._publisher.close()
             finally:
                 with self._visibility.write():  # let queries in flight finish first
                     self._closed = True
@@ -282,6 +292,7 @@ class Store(ImageInputs, ArrowIO, Maintenance):
             "index_status": dict(self.index_status),
             "encoder": self.manifest.get("encoder"),
             "read_only": self.read_only,
+            "version": None if self._head is None else self._head["version"],
             "tuned": None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
         }
 
@@ -354,6 +365,7 @@ class Store(ImageInputs, ArrowIO, Maintenance):
                 self._resync_after_failure()  # committed: memory must catch up with the catalog
                 raise
             self._autosave_indexes()
+            self._publisher.committed()
 
     def _append(self, start: int, batch: np.ndarray) -> None:
         """Rows ``start``... of an uncommitted write: to the bands, and into the HNSW cache before the commit
@@ -429,6 +441,7 @@ class Store(ImageInputs, ArrowIO, Maintenance):
                 for d, index in self._indexes.items():
                     index.mark_deleted(rows)
                     self._rows_since_save[d] += 1
+            self._publisher.committed()
         return len(rows)
 
     # -- reads -------------------------------------------------------------------------------------
@@ -550,6 +563,7 @@ class Store(ImageInputs, ArrowIO, Maintenance):
             self._catalog.set_manifest("tuned", choice)
             self.manifest["tuned"] = choice
             self._plans = {}
+            self._publisher.committed()
         return choice
 
 

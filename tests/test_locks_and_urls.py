@@ -50,11 +50,10 @@ def test_the_error_names_a_live_writer_not_a_stale_pid(tmp_path):
     finally:
         writer.kill()
         writer.wait()
-    reader = _hold(path, read_only=True)  # the dead writer's pid must not be blamed
-    try:
-        with pytest.raises(mrlstore.StoreLockedError, match="by a reader") as info:
-            mrlstore.open(path)
-        assert str(writer.pid) not in str(info.value)
+    reader = _hold(path, read_only=True)
+    try:  # readers of published versions never block a writer (and no dead writer is blamed for anything)
+        with mrlstore.open(path) as store:
+            assert len(store) == 20
     finally:
         reader.kill()
         reader.wait()

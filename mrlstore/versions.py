@@ -1,0 +1,297 @@
+"""Published versions: how readers in other processes query a store while its writer keeps adding.
+
+DuckDB lets no other process open a catalog while a writer has it. So the writer publishes: after its
+commits it copies the catalog (ids, metadata, tombstones, manifest) to ``published/catalog-<n>.duckdb``, a
+file never written again, and then replaces ``published/HEAD`` (JSON naming it) atomically. Readers open
+the copy HEAD names, never the live catalog, and take no lock: a writer never waits for readers, and a
+reader never sees a partial batch (a version is a committed catalog). The vectors need no copy: rows below
+a version's watermark never change in place (appends write past it; compaction swaps in a whole new folder,
+and a reader's memory maps keep the old files), so the bands serve every version.
+
+A writer publishes when it opens (if the last version is behind its catalog), after a commit when the last
+publish is old enough, otherwise once it is (a timer), and when it closes. "Old enough": ``PUBLISH_INTERVAL``
+seconds, or four times what the last publish took for large catalogs (copying a 1M-row catalog takes about
+a second), so a reader trails the writer's commits by a few seconds at most and the writer spends at most
+about a fifth of its time publishing. A reader opening while no writer is alive first publishes the live
+catalog if the newest version trails it (a killed writer's last commits). ``Store.refresh()`` moves a reader
+to the newest version. storage/FORMAT.md describes the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._fsutil import atomic_write_bytes, fsync_dir, fsync_file
+
+PUBLISHED_DIR = "published"
+HEAD_FILE = "HEAD"
+PUBLISH_INTERVAL = 1.0  # seconds: how far a reader may trail the writer's commits
+KEEP_VERSIONS = 3  # older copies are deleted (a reader that has one open keeps reading it: POSIX unlink)
+
+
+def read_head(store: Path) -> dict[str, Any] | None:
+    """The newest published version of the store at ``store``, or None if none was ever published."""
+    try:
+        return json.loads((store / PUBLISHED_DIR / HEAD_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # a HEAD no writer of this format made: read the live catalog as before
+
+
+def catalog_path(store: Path, head: dict[str, Any]) -> Path:
+    return store / PUBLISHED_DIR / str(head["catalog"])
+
+
+def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, Any]) -> dict[str, Any]:
+    """Publish a new version: ``copy_catalog(path)`` writes the catalog copy, then HEAD names it (with
+    ``state``: what the writer compares to tell whether a version is behind). Returns the new HEAD."""
+    folder = store / PUBLISHED_DIR
+    folder.mkdir(exist_ok=True)
+    previous = read_head(store) or {}
+    number = int(previous.get("version", 0)) + 1
+    name = f"catalog-{number:010d}.duckdb"
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        copy_catalog(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    head = {"version": number, "catalog": name, "published_at": time.time(), **state}
+    atomic_write_bytes(folder / HEAD_FILE, json.dumps(head, indent=2).encode())
+    fsync_dir(folder)
+    for old in sorted(folder.glob("catalog-*.duckdb"))[:-KEEP_VERSIONS]:
+        old.unlink(missing_ok=True)
+    for leftover in folder.glob(".catalog-*.tmp-*"):
+        if leftover != tmp:
+            leftover.unlink(missing_ok=True)  # a killed publisher's partial copy
+    return head
+
+
+def newest_version(store: Path) -> dict[str, Any] | None:
+    """For a reader opening ``store``: the newest published version. With no writer alive, the live catalog
+    is published first if the newest version trails it (a killed writer may have committed after its last
+    publish), so a reader then sees the last commit. None when nothing is published and nothing can be
+    (a store no writer of this version has opened, in a folder this process may not write): the caller
+    then reads the live catalog under a shared lock, as before versions."""
+    from .catalog import Catalog
+    from .errors import StoreLockedError
+    from .locking import StoreLock
+
+    head = read_head(store)
+    try:
+        lock = StoreLock(store, exclusive=False)
+    except StoreLockedError:
+        if head is None:
+            raise
+        return head  # a live writer publishes its own commits
+    try:
+        catalog = Catalog(store, read_only=True)  # a damaged catalog raises here, as for any open
+        try:
+            manifest = catalog.manifest()
+            state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
+            if head is None or any(head.get(k) != v for k, v in state.items()):
+                head = _publish_if_allowed(store, catalog.snapshot_to, state, head)
+        finally:
+            catalog.close()
+    finally:
+        lock.release()
+    return head
+
+
+def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[str, Any], head: Any) -> Any:
+    from .errors import MRLStoreError
+
+    try:
+        return publish(store, copy, state)
+    except OSError as e:
+        if isinstance(e, MRLStoreError):
+            raise
+        return head  # a folder this reader may not write: the newest version there is, or the live catalog
+
+
+def version_state(manifest: dict[str, Any], committed_rows: int, live_rows: int) -> dict[str, Any]:
+    """What tells whether a published version is behind the catalog."""
+    return {
+        "generation": int(manifest.get("generation", 0)),
+        "committed_rows": committed_rows,
+        "live_rows": live_rows,
+        "tuned": hashlib.blake2b(json.dumps(manifest.get("tuned"), sort_keys=True).encode(), digest_size=8).hexdigest(),
+    }
+
+
+class Publisher:
+    """A writer's publishing schedule: ``committed()`` after every change, ``close()`` at the end. Calls
+    ``publish_now()`` with the store's write lock (``lock_of()``) held."""
+
+    def __init__(self, publish_now: Callable[[], None], lock_of: Callable[[], Any], interval: float = PUBLISH_INTERVAL):
+        self._publish_now, self._lock_of, self.interval = publish_now, lock_of, interval
+        self._last = self._took = 0.0
+        self._pending = False
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def committed(self) -> None:
+        """A change was committed (the caller holds the write lock)."""
+        self._pending = True
+        wait = self._last + self._spacing() - time.monotonic()
+        if wait <= 0:
+            self._run()
+        elif self._timer is None:
+            self._timer = threading.Timer(wait, self._on_timer)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _spacing(self) -> float:
+        """Seconds between publishes: the interval, or four times what the last publish took (a large
+        catalog takes long to copy; the writer spends at most about a fifth of its time publishing)."""
+        return max(self.interval, 4 * self._took)
+
+    def _on_timer(self) -> None:
+        with self._lock_of():
+            self._timer = None
+            if self._pending and not self._closed:
+                self._run()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._publish_now()
+        except Exception as e:  # the commit itself is durable: readers just trail until the next publish
+            warnings.warn(f"mrlstore could not publish a version for readers: {e}", RuntimeWarning, stacklevel=3)
+            return
+        self._pending = False
+        self._last = time.monotonic()
+        self._took = self._last - started
+
+    def close(self) -> None:
+        """Publish what is pending and stop the timer (the caller holds the write lock)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self._run()
+        self._closed = True
+
+
+class Versions:
+    """The versions half of :class:`mrlstore.Store`: writers publish, readers open and refresh. Relies on
+    the store's path, catalog, snapshot, indexes, locks and ``_open``."""
+
+    path: Path
+    read_only: bool
+    manifest: dict[str, Any]
+    _head: dict[str, Any] | None
+    _generation: int
+    _write_lock: Any
+    _visibility: Any
+    _catalog: Any
+    _snap: Any
+    _indexes: dict[int, Any]
+
+    def refresh(self) -> bool:
+        """Readers: move to the newest version the writer published; True if there was a newer one. Queries
+        in flight finish on the version they started with. Writers see their own commits: always False."""
+        self._check_open()
+        if not self.read_only or self._head is None:
+            return False
+        head = read_head(self.path)
+        if head is None or _key(head) == _key(self._head):
+            return False
+        with self._write_lock:  # one refresh at a time
+            if head.get("generation", 0) != self._generation:  # a compaction renumbered the rows
+                self._reopen_published(head)
+            else:
+                self._move_to(head)
+        return True
+
+    def _move_to(self, head: dict[str, Any]) -> None:
+        """Same row numbering: the new rows into the prefix indexes (queries go on meanwhile), then the new
+        catalog, snapshot and deletions swapped in at once."""
+        from .catalog import Catalog
+
+        catalog = _open_published(Catalog, self.path, head)
+        try:
+            manifest = catalog.manifest()
+            old = self._snap
+            snap = self._load_snapshot(int(manifest["committed_rows"]), old.version + 1, catalog)
+            for index in self._indexes.values():
+                self._extend_index(index, snap)
+            was_live = old.live[: old.watermark]
+            newly_dead = np.flatnonzero(was_live & ~snap.live[: old.watermark])
+        except BaseException:
+            catalog.close()
+            raise
+        with self._visibility.write():
+            previous, self._catalog = self._catalog, catalog
+            self._snap, self.manifest, self._head = snap, manifest, head
+            for index in self._indexes.values():
+                index.mark_deleted(newly_dead)
+            self._plans = {}
+        previous.close()
+
+    def _reopen_published(self, head: dict[str, Any]) -> None:
+        write_lock, visibility = self._write_lock, self._visibility
+        with visibility.write():
+            self._catalog.close()
+            self._vectors.close()
+            self._head = head
+            self._open({})
+            self._write_lock, self._visibility = write_lock, visibility  # threads may be waiting on these
+
+    def _open_catalog(self) -> Any:
+        from .catalog import Catalog
+
+        if not self.read_only or self._head is None:
+            return Catalog(self.path, read_only=self.read_only)
+        return _open_published(Catalog, self.path, self._head)  # may move self._head to a newer version
+
+    def _start_publishing(self) -> None:
+        """Writers, on open: a publisher, and a version now if the newest one is behind the catalog."""
+        previous = getattr(self, "_publisher", None)
+        if previous is not None:
+            previous.close()
+        self._publisher = Publisher(self._publish_version, lambda: self._write_lock)
+        head = read_head(self.path)
+        if head is None or any(head.get(k) != v for k, v in self._version_state().items()):
+            self._publish_version()
+
+    def _version_state(self) -> dict[str, Any]:
+        return version_state(self.manifest, self._snap.watermark, self._snap.n_live)
+
+    def _publish_version(self) -> None:
+        self._head = publish(self.path, self._catalog.snapshot_to, self._version_state())
+
+
+def _key(head: dict[str, Any]) -> tuple[int, int]:
+    return int(head.get("generation", 0)), int(head["version"])
+
+
+def _open_published(catalog_class: Any, store: Path, head: dict[str, Any]) -> Any:
+    """The published catalog ``head`` names, read-only; if the writer deleted it meanwhile (a reader
+    between reading HEAD and opening the file), the newest one."""
+    from .errors import CorruptStoreError, NotAStoreError
+
+    for _ in range(5):
+        try:
+            return catalog_class(store, read_only=True, db_file=catalog_path(store, head))
+        except (NotAStoreError, CorruptStoreError):
+            newer = read_head(store)
+            if newer is None or newer == head:
+                raise
+            head.clear()
+            head.update(newer)
+    raise CorruptStoreError(f"{store}: published versions keep changing under the reader; try again")

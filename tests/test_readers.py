@@ -1,0 +1,149 @@
+"""Readers beside a live writer, with real processes: a writer adds and deletes in a loop while reader
+processes open the store, query it and refresh; every result they see must be one committed version."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+import mrlstore
+
+DIM, BATCH = 32, 50
+
+COMMON = textwrap.dedent(
+    f"""
+    import json, sys, time
+    import numpy as np
+    import mrlstore
+    DIM, BATCH = {DIM}, {BATCH}
+    def batch_vectors(b):
+        return np.random.default_rng(1000 + b).standard_normal((BATCH, DIM)).astype(np.float32)
+    """
+)
+
+WRITER = COMMON + textwrap.dedent(
+    """
+    path, seconds = sys.argv[1], float(sys.argv[2])
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as store:
+        b, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            ids = [f"b{b}-{j}" for j in range(BATCH)]
+            store.add_vectors(batch_vectors(b), ids=ids, metadata=[{"batch": b}] * BATCH)
+            if b % 5 == 4:
+                store.delete([f"b{b - 3}-{j}" for j in range(BATCH)])  # one commit: the whole batch goes
+            if b == 0:
+                print("ready", flush=True)
+            b += 1
+            time.sleep(0.01)
+        print("batches", b, flush=True)
+    """
+)
+
+READER = COMMON + textwrap.dedent(
+    """
+    path, seconds = sys.argv[1], float(sys.argv[2])
+    problems, versions, checks = [], [], 0
+    with mrlstore.open(path, read_only=True) as store:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            store.refresh()
+            version = store.info()["version"]
+            rows = store.sql("SELECT id, batch FROM items").to_pylist()
+            batches = {}
+            for r in rows:
+                b, j = r["id"][1:].split("-")
+                if int(b) != r["batch"]:
+                    problems.append(f"{r['id']} has batch {r['batch']}")
+                batches.setdefault(int(b), set()).add(int(j))
+            partial = [b for b, js in batches.items() if len(js) != BATCH]
+            if partial:
+                problems.append(f"version {version}: partial batches {partial[:3]}")
+            if len(store) != len(rows):
+                problems.append(f"version {version}: len {len(store)} but {len(rows)} rows in its catalog")
+            for b in list(batches)[-3:]:
+                hits = store.query(batch_vectors(b)[7], k=3, dims=[8, DIM])
+                if hits.ids[0] != f"b{b}-7" or any(int(i[1:].split("-")[0]) not in batches for i in hits.ids):
+                    problems.append(f"version {version}: query for b{b}-7 gave {hits.ids}")
+            versions.append(version)
+            checks += 1
+    print(json.dumps({"problems": problems[:10], "versions": versions, "checks": checks}), flush=True)
+    """
+)
+
+
+def _start(tmp_path: Path, name: str, code: str, *args: str) -> subprocess.Popen:
+    script = tmp_path / f"{name}.py"
+    script.write_text(code)
+    return subprocess.Popen(
+        [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_readers_in_other_processes_see_whole_versions_while_the_writer_adds(tmp_path):
+    path = tmp_path / "live.mrl"
+    writer = _start(tmp_path, "writer", WRITER, str(path), "6")
+    assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
+    readers = [_start(tmp_path, f"reader{i}", READER, str(path), "4") for i in range(3)]
+    results = []
+    for reader in readers:
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    out, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err  # never blocked or refused by the readers
+    batches = int(out.split()[-1])
+    for result in results:
+        assert result["problems"] == []
+        assert result["checks"] > 3
+        assert result["versions"] == sorted(result["versions"]), "versions only move forward"
+        assert len(set(result["versions"])) > 1, "refresh() moved the reader to newer versions"
+    with mrlstore.open(path, read_only=True) as store:  # after the writer closed: its last commit
+        assert len(store) == batches * BATCH - (batches // 5) * BATCH
+
+
+def test_refresh_brings_adds_deletes_and_tuning(tmp_path):
+    path = tmp_path / "s.mrl"
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, DIM)).astype(np.float32)
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(vectors[:300], ids=[str(i) for i in range(300)])
+        with mrlstore.open(path, read_only=True) as reader:
+            assert len(reader) == 300 and reader.refresh() is False
+            writer.add_vectors(vectors[300:], ids=[str(i) for i in range(300, 400)])
+            writer.delete(["5"])
+            writer.tune(recall=0.5, sample=50)
+            writer._publisher.close()  # publish now instead of within the interval
+            assert len(reader) == 300, "a reader stays on its version until it refreshes"
+            assert reader.refresh() is True
+            assert len(reader) == 399
+            assert reader.query(vectors[350], k=1).ids == ["350"]
+            assert "5" not in reader.query(vectors[5], k=5).ids
+            assert reader.info()["tuned"] == writer.info()["tuned"]
+
+
+def test_a_reader_after_a_killed_writer_sees_its_last_commit(tmp_path):
+    path = tmp_path / "s.mrl"
+    code = COMMON + textwrap.dedent(
+        """
+        store = mrlstore.open(sys.argv[1], dim=DIM, index_dims=[8])
+        for b in range(3):  # quicker than the publish interval: the last commits are not published yet
+            store.add_vectors(batch_vectors(b), ids=[f"b{b}-{j}" for j in range(BATCH)])
+        print("added", flush=True)
+        time.sleep(60)
+        """
+    )
+    writer = _start(tmp_path, "writer", code, str(path))
+    assert writer.stdout.readline().strip() == "added", writer.stderr.read()
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    with mrlstore.open(path, read_only=True) as reader:  # no writer alive: the reader publishes the catalog
+        assert len(reader) == 3 * BATCH
+    with mrlstore.open(path) as store:  # and a writer opens as usual afterwards
+        assert len(store) == 3 * BATCH and store.verify() == []
