@@ -78,6 +78,14 @@ class CorruptStoreError(MRLStoreError, OSError):
     """A file of the store is missing, truncated or inconsistent with the catalog."""
 
 
+class ObjectStorageError(MRLStoreError, OSError):
+    """Object storage failed: the endpoint is down or unreachable, or a request failed."""
+
+
+class StoreAccessError(MRLStoreError, PermissionError):
+    """Object storage refused the credentials (wrong key or secret, or no permission)."""
+
+
 class StoreLockedError(MRLStoreError, BlockingIOError):
     """Another writer (this process or another) holds the store."""
 

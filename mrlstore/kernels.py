@@ -40,7 +40,8 @@ def threads() -> int:
 
 
 class Rows(Protocol):
-    """What the kernels read: mrlstore.zarr_bands.BandedVectors."""
+    """What the kernels read: mrlstore.zarr_bands.BandedVectors (rows without memory maps, such as
+    mrlstore.objectstore.RemoteBands, say ``native = False`` and go through the numpy twins)."""
 
     def kernel_bands(self, rows_needed: int) -> list[tuple]: ...
 
@@ -89,7 +90,7 @@ def refine(
     (in row order between stages, so reads run forward). Returns the last stage's (rows, offsets, scores),
     best first within each query."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if native and _native is not None:
+    if native and _native is not None and getattr(vectors, "native", True):
         nq, k = len(offsets) - 1, keeps[-1]
         out_rows = np.empty(nq * k, dtype=np.int64)
         out_scores = np.empty(nq * k, dtype=np.float64)
@@ -164,7 +165,7 @@ def scan(
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if rows is not None:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-    if native and _native is not None:
+    if native and _native is not None and getattr(vectors, "native", True):
         last = int(rows[-1]) + 1 if rows is not None and len(rows) else stop
         bands = vectors.kernel_bands(last)
         out_rows = np.empty(nq * n, dtype=np.int64)

@@ -42,12 +42,12 @@ from .errors import (
     UnsupportedStorageError,
 )
 from .hits import Hits
-from .hnsw_index import IndexUnusable, PrefixIndex
 from .images import ImageInputs, is_single, looks_like_vectors
 from .images import check as check_images
 from .images import encode as encode_images
 from .images import expand as expand_images
-from .layout import INDEX_DIR, create_store, remove_stale_temporaries
+from .index_cache import IndexCache
+from .layout import create_store, remove_stale_temporaries
 from .locking import NoLock, StoreLock
 from .maintenance import Maintenance
 from .metadata import RowTable, kept_metadata
@@ -65,17 +65,12 @@ from .validation import (
 from .versions import Versions, newest_version
 from .zarr_bands import BandedVectors, auto_chunk_rows
 
-REBUILD_BLOCK_ROWS = 65536
-# Save the HNSW cache once this many rows, or a quarter of the index, were added since the last save: bounds
-# the rebuild work after a crash to a share of the store, while the saves of a growing store stay linear in
-# its size (a save every 100k rows rewrote a 1M-row index ten times during its build).
-INDEX_AUTOSAVE_ROWS = 100_000
 _FILTER_CACHE_SIZE = 256
 _PLAN_CACHE_SIZE = 256
 _TRIM_AFTER_BYTES = 4 << 20
 
 
-class Store(ImageInputs, ArrowIO, Maintenance, Versions):
+class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
     def __init__(
@@ -92,12 +87,22 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
         ef_construction: int | None = None,
         read_only: bool = False,
         encoder: Encoder | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_dims: int = 0,
     ):
+        self._remote = None
         if isinstance(path, str) and "://" in path:  # before anything touches the disk
-            raise UnsupportedStorageError(
-                f"{path} is a URL; mrlstore stores live in local folders (object storage is not supported yet): "
-                "pass a local path"
-            )
+            if not read_only:
+                raise UnsupportedStorageError(
+                    f"{path} is a URL: stores on object storage are read-only (open it with read_only=True); "
+                    "write to a local store and upload it with store.publish(url)"
+                )
+            from .objectstore import RemoteSource
+
+            self._remote, self._cache_dir = RemoteSource(path, storage_options), cache_dir
+            self._local_dims = local_dims
+            path = self._remote.local_copy(cache_dir)  # the small parts; the bands stay remote
         self.path = Path(path)
         self.read_only = read_only
         self.encoder = encoder
@@ -123,7 +128,7 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
 
         # Readers of published versions take no lock: a writer never waits for them (versions.py).
-        self._head = newest_version(self.path) if read_only else None
+        self._head = newest_version(self.path) if read_only and self._remote is None else None
         self._lock = NoLock() if self._head is not None else StoreLock(self.path, exclusive=not read_only)
         try:
             self._open(requested)
@@ -145,7 +150,7 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
         watermark = int(self.manifest["committed_rows"])
         self._generation = int(self.manifest.get("generation", 0))  # compaction renumbers rows: a new one
 
-        self._vectors = BandedVectors(self.path, self.dim, self.bands, self.dtype)
+        self._vectors = self._open_vectors()
         if not self.read_only:
             remove_stale_temporaries(self.path)
         if self._vectors.physical_rows() < watermark:  # the protocol grows Zarr before every commit
@@ -173,6 +178,13 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
         if not self.read_only:
             self._start_publishing()
 
+    def _open_vectors(self) -> BandedVectors:
+        if self._remote is not None:
+            from .objectstore import RemoteBands
+
+            return RemoteBands(self.path, self.dim, self.bands, self.dtype, self._remote, self._local_dims)
+        return BandedVectors(self.path, self.dim, self.bands, self.dtype)
+
     def _load_snapshot(self, watermark: int, version: int, catalog: Catalog | None = None) -> Snapshot:
         """The live mask and the in-memory ids and metadata, from the committed catalog."""
         live_rows, items = (catalog or self._catalog).live_items()
@@ -181,41 +193,6 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
         live = np.zeros(max(watermark, 1024), dtype=bool)
         live[live_rows] = True
         return Snapshot(version, watermark, live, len(live_rows), RowTable.from_catalog(live_rows, items, watermark))
-
-    def _load_index(self, d: int, watermark: int) -> PrefixIndex:
-        c = self.config
-        try:
-            index = PrefixIndex.load(self._index_base(d), d, self.metric, c.hnsw_m, c.ef_construction, self._generation)
-            # A reader's published version may trail the writer's last save: rows past it stay invisible.
-            if index.covered_rows > watermark and not self.read_only:
-                raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
-            status = "loaded" if index.covered_rows >= watermark else "extended"
-        except IndexUnusable:
-            index = PrefixIndex(d, self.metric, c.hnsw_m, c.ef_construction, watermark + 1024, self._generation)
-            status = "rebuilt"
-        start = index.covered_rows
-        self._extend_index(index, self._snap)
-        dead = self._catalog.tombstones()
-        index.mark_deleted(dead[dead < start])
-        self.index_status[d] = status
-        if status != "loaded" and not self.read_only:
-            self._save_index(d, index)
-        return index
-
-    def _extend_index(self, index: PrefixIndex, snap: Snapshot) -> None:
-        """Add the live rows of ``snap`` that ``index`` does not cover yet, from the bands."""
-        d, live = index.dim, snap.live
-        for lo in range(index.covered_rows, snap.watermark, REBUILD_BLOCK_ROWS):
-            hi = min(lo + REBUILD_BLOCK_ROWS, snap.watermark)
-            keep = np.flatnonzero(live[lo:hi])
-            index.add(self._vectors.read_range(lo, hi, 0, d)[keep], keep + lo, covered_rows=hi)
-
-    def _index_base(self, d: int) -> Path:
-        return self.path / INDEX_DIR / f"prefix_{d:05d}"
-
-    def _save_index(self, d: int, index: PrefixIndex) -> None:
-        (self.path / INDEX_DIR).mkdir(exist_ok=True)
-        index.save(self._index_base(d))
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -233,16 +210,6 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
                     self._catalog.close()
                     self._vectors.close()
                     self._lock.release()
-
-    def checkpoint(self) -> None:
-        """Save every HNSW index that changed since its last save (atomically)."""
-        self._check_open()
-        self._check_writable()
-        with self._write_lock:
-            for d, index in self._indexes.items():
-                if self._rows_since_save[d]:
-                    self._save_index(d, index)
-                    self._rows_since_save[d] = 0
 
     def __enter__(self) -> Store:
         return self
@@ -292,7 +259,7 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
             "index_status": dict(self.index_status),
             "encoder": self.manifest.get("encoder"),
             "read_only": self.read_only,
-            "version": None if self._head is None else self._head["version"],
+            "version": self._remote.head["version"] if self._remote else self._head and self._head["version"],
             "tuned": None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
         }
 
@@ -412,12 +379,6 @@ class Store(ImageInputs, ArrowIO, Maintenance, Versions):
             index.covered_rows = end
             index.mark_deleted(replaced)
             self._rows_since_save[d] += len(rows)
-
-    def _autosave_indexes(self) -> None:
-        for d, index in self._indexes.items():
-            if self._rows_since_save[d] >= max(INDEX_AUTOSAVE_ROWS, index.covered_rows // 4):
-                self._save_index(d, index)
-                self._rows_since_save[d] = 0
 
     def delete(self, ids: Sequence[str], missing_ok: bool = False) -> int:
         """Delete entries by id; returns how many were deleted. Unknown ids raise unless ``missing_ok``."""
@@ -580,6 +541,9 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     ef_construction: int | None = None,
     read_only: bool = False,
     encoder: Encoder | None = None,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_dims: int = 0,
 ) -> Store:
     """Open the store at ``path``, creating it when absent.
 
@@ -589,6 +553,13 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     Creation parameters (``dim``, ``bands``, ``metric`` = "cosine" | "ip" | "l2", ``dtype`` = "float16" |
     "float32", ``index_dims`` (default: 16 and 32), ``chunk_rows``, ``hnsw_m``, ``ef_construction``) are
     persisted; passing a different value on reopen raises :class:`ConfigMismatchError`.
+
+    ``path`` may be an ``s3://bucket/prefix`` URL where :meth:`Store.publish` uploaded a store: it opens
+    ``read_only=True``, with credentials and endpoint from ``storage_options`` (pyarrow's or s3fs's names:
+    ``key``, ``secret``, ``endpoint_url``, ``region``...) or the AWS environment variables; the small parts
+    are downloaded once into ``cache_dir`` (default ``~/.cache/mrlstore``), the vectors read as queries need;
+    bands ending at or before ``local_dims`` (e.g. 256) are downloaded whole into the cache instead, so a
+    query fetches only its last stages' rows.
     """
     return Store(
         path,
@@ -602,4 +573,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
         ef_construction=ef_construction,
         read_only=read_only,
         encoder=encoder,
+        storage_options=storage_options,
+        cache_dir=cache_dir,
+        local_dims=local_dims,
     )

@@ -201,11 +201,15 @@ class Versions:
     _catalog: Any
     _snap: Any
     _indexes: dict[int, Any]
+    _remote: Any
+    _cache_dir: Any
 
     def refresh(self) -> bool:
         """Readers: move to the newest version the writer published; True if there was a newer one. Queries
         in flight finish on the version they started with. Writers see their own commits: always False."""
         self._check_open()
+        if self._remote is not None:
+            return self._refresh_remote()
         if not self.read_only or self._head is None:
             return False
         head = read_head(self.path)
@@ -216,6 +220,34 @@ class Versions:
                 self._reopen_published(head)
             else:
                 self._move_to(head)
+        return True
+
+    def publish(self, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload the store's committed state to object storage (``s3://bucket/prefix``) as a new version
+        that ``mrlstore.open(url, read_only=True)`` opens anywhere. Atomic: the version becomes visible when
+        complete (its HEAD object is written last), and a crash part way leaves the previous one readable.
+        Incremental: only chunks the previous version lacks are uploaded. Returns the new HEAD."""
+        from .errors import UnsupportedStorageError
+        from .objectstore import publish_store
+
+        self._check_open()
+        if self._remote is not None:
+            raise UnsupportedStorageError("publish() uploads a local store; this one is already on object storage")
+        return publish_store(self, url, storage_options)
+
+    def _refresh_remote(self) -> bool:
+        """A store on object storage: a newer published version is downloaded (its small parts) and opened."""
+        newer = self._remote.newer()
+        if newer is None:
+            return False
+        path = newer.local_copy(self._cache_dir)
+        write_lock, visibility = self._write_lock, self._visibility
+        with write_lock, visibility.write():
+            self._catalog.close()
+            self._vectors.close()
+            self._remote, self.path = newer, path
+            self._open({})
+            self._write_lock, self._visibility = write_lock, visibility  # threads may be waiting on these
         return True
 
     def _move_to(self, head: dict[str, Any]) -> None:

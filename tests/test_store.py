@@ -263,6 +263,8 @@ def test_each_engine_is_imported_by_one_module_only():
                 if name.split(".")[0] in engines:
                     importers[name.split(".")[0]].add(path.name)
     assert {e: len(m) for e, m in importers.items()} == dict.fromkeys(engines, 1), importers
+    object_store_client = [p.name for p in Path(mrlstore.__file__).parent.glob("*.py") if "pyarrow.fs" in p.read_text()]
+    assert object_store_client == ["objectstore.py"]
 
 
 def test_snapshot_is_readable_by_another_process_while_writing(tmp_path, rng):

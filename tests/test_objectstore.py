@@ -1,0 +1,266 @@
+"""Stores on object storage, against a real S3 protocol server: moto in server mode on 127.0.0.1, started
+here in its own process. Publish, open from "another machine" (a fresh cache), lazy ranged reads, and the
+bad cases: missing bucket, wrong credentials, endpoint down, a publish killed part way, corrupted objects."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mrlstore
+
+pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e '.[test]'")
+pafs = pytest.importorskip("pyarrow.fs")
+
+DIM = 256
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    proc, url = _start_moto()
+    yield url
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.fixture
+def options(endpoint):
+    return {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
+
+
+def _bucket(options: dict, name: str) -> str:
+    fs = pafs.S3FileSystem(
+        access_key=options["key"], secret_key=options["secret"], scheme="http",
+        endpoint_override=options["endpoint_url"].split("://")[1], region="us-east-1", allow_bucket_creation=True,
+    )  # fmt: skip
+    fs.create_dir(name)
+    return name
+
+
+_counter = iter(range(10**6))
+
+
+@pytest.fixture
+def bucket(options):
+    return _bucket(options, f"b{next(_counter)}-{os.getpid()}")
+
+
+def _local_store(path: Path, n: int, seed: int = 0) -> tuple[mrlstore.Store, np.ndarray]:
+    vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    store = mrlstore.open(path, dim=DIM, bands=(16, 64, DIM), index_dims=[16], chunk_rows=1024)
+    meta = [{"group": i % 4} for i in range(n)]
+    store.add_vectors(vectors, ids=[f"r{i}" for i in range(n)], metadata=meta)
+    return store, vectors
+
+
+def test_a_published_store_answers_like_the_local_one_reading_only_what_queries_need(tmp_path, options, bucket):
+    url = f"s3://{bucket}/photos.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 3000)
+    head = store.publish(url, storage_options=options)
+    assert head["version"] == 1 and head["committed_rows"] == 3000
+    remote = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
+    try:
+        assert remote._remote.requests == 0, "opening downloads the small parts only"
+        assert len(remote) == 3000 and remote.info()["version"] == 1
+        for dims, where in [
+            ([16, DIM], None),
+            ([16, 64, DIM], None),
+            (None, None),
+            ([DIM], None),
+            ([16, DIM], '"group" = 2'),
+        ]:
+            want = store.query(vectors[:5], k=5, dims=dims, where=where)
+            got = remote.query(vectors[:5], k=5, dims=dims, where=where)
+            assert [h.ids for h in got] == [h.ids for h in want]
+            np.testing.assert_allclose([h.scores for h in got], [h.scores for h in want], rtol=1e-6)
+            assert [h.metadata for h in got] == [h.metadata for h in want]
+        assert (
+            remote.get(["r42"], dims=DIM).column("vector")[0].as_py()
+            == store.get(["r42"], dims=DIM).column("vector")[0].as_py()
+        )
+        assert remote.sql('SELECT count(*) AS n FROM items WHERE "group" = 1').column("n")[0].as_py() == 750
+        before = remote._remote.bytes
+        remote.query(vectors[7], k=10, dims=[16, DIM])
+        assert 0 < remote._remote.bytes - before < 1000 * DIM * 2, "a funnel query reads shortlisted rows only"
+        with pytest.raises(mrlstore.ReadOnlyError):
+            remote.add_vectors(vectors[:1], ids=["x"])
+    finally:
+        remote.close()
+        store.close()
+
+
+def test_publish_is_incremental_and_readers_refresh_to_new_versions(tmp_path, options, bucket):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 2500)
+    first = store.publish(url, storage_options=options)
+    remote = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
+    more = np.random.default_rng(9).standard_normal((600, DIM)).astype(np.float32)
+    store.add_vectors(more, ids=[f"n{i}" for i in range(600)])
+    second = store.publish(url, storage_options=options)
+    # chunks 0 and 1 (rows 0-2047) were full and unchanged: only chunk 2 (grown) and chunk 3 (new) go up
+    assert second["uploaded_chunk_bytes"] == (1024 + 28) * DIM * 2  # rows 2048-3071 and 3072-3099
+    assert first["uploaded_chunk_bytes"] == 2500 * DIM * 2
+    assert len(remote) == 2500 and remote.refresh() is True and len(remote) == 3100
+    assert remote.query(more[5], k=1).ids == ["n5"]
+    assert remote.refresh() is False
+    remote.close()
+    store.close()
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "no store there", "endpoint down"])
+def test_bad_places_are_typed_errors(tmp_path, options, case):
+    if case == "endpoint down":
+        options = {**options, "endpoint_url": f"http://127.0.0.1:{_free_port()}"}
+        error = mrlstore.ObjectStorageError
+        url = "s3://anything/s.mrl"
+    else:
+        url = "s3://no-such-bucket/s.mrl" if case == "missing bucket" else f"s3://{_bucket(options, 'empty')}/s.mrl"
+        error = mrlstore.StoreNotFoundError
+    with pytest.raises(error):
+        mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
+    store, _ = _local_store(tmp_path / "local.mrl", 100)
+    with store:
+        if case != "no store there":
+            with pytest.raises(error):
+                store.publish(url, storage_options=options)
+        assert len(store) == 100
+    assert not any((tmp_path / "cache").rglob("catalog.duckdb")), "nothing half-downloaded is kept"
+
+
+def test_urls_open_read_only_only(options):
+    with pytest.raises(mrlstore.UnsupportedStorageError, match="read_only"):
+        mrlstore.open("s3://bucket/s.mrl", dim=8, storage_options=options)
+
+
+def test_wrong_credentials_are_refused(tmp_path):
+    import boto3
+
+    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})  # then every request is checked
+    try:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+        iam.create_user(UserName="writer")
+        iam.put_user_policy(UserName="writer", PolicyName="s3", PolicyDocument='{"Version": "2012-10-17", '
+                            '"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}')  # fmt: skip
+        key = iam.create_access_key(UserName="writer")["AccessKey"]
+        good = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "endpoint_url": endpoint}
+        _bucket(good, "private")
+        store, _ = _local_store(tmp_path / "local.mrl", 100)
+        with store:
+            store.publish("s3://private/s.mrl", storage_options=good)
+            bad = {**good, "secret": "wrong"}
+            with pytest.raises(mrlstore.StoreAccessError):
+                store.publish("s3://private/s.mrl", storage_options=bad)
+        with pytest.raises(mrlstore.StoreAccessError):
+            mrlstore.open("s3://private/s.mrl", read_only=True, storage_options=bad, cache_dir=tmp_path / "c")
+        with mrlstore.open("s3://private/s.mrl", read_only=True, storage_options=good, cache_dir=tmp_path / "c") as r:
+            assert len(r) == 100
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+PUBLISHER = textwrap.dedent(
+    """
+    import sys, numpy as np, mrlstore
+    store = mrlstore.open(sys.argv[1])
+    rng = np.random.default_rng(5)
+    for b in range(8):
+        store.add_vectors(rng.standard_normal((4096, 256)).astype(np.float32), ids=[f"x{b}-{i}" for i in range(4096)])
+    print("publishing", flush=True)
+    store.publish(sys.argv[2], storage_options={"key": "testing", "secret": "testing", "endpoint_url": sys.argv[3]})
+    print("published", flush=True)
+    """
+)
+
+
+def test_a_publish_killed_part_way_leaves_the_previous_version(tmp_path, options, bucket):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 1000)
+    store.publish(url, storage_options=options)
+    store.close()
+    script = tmp_path / "publisher.py"
+    script.write_text(PUBLISHER)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "local.mrl"), url, options["endpoint_url"]],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "publishing"
+    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", scheme="http", region="us-east-1",
+                           endpoint_override=options["endpoint_url"].split("://")[1])  # fmt: skip
+    deadline = time.monotonic() + 60
+    chunks = pafs.FileSelector(f"{bucket}/s.mrl/chunks", recursive=True)
+    while sum(e.type == pafs.FileType.File for e in fs.get_file_info(chunks)) <= 3:  # new chunks are going up
+        assert proc.poll() is None and time.monotonic() < deadline, "the publish ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache") as remote:
+        assert len(remote) == 1000 and remote.info()["version"] == 1
+        assert remote.query(vectors[3], k=1).ids == ["r3"]
+    with mrlstore.open(tmp_path / "local.mrl") as store:  # and the next publish completes
+        assert store.publish(url, storage_options=options)["version"] == 2
+
+
+def test_corrupted_objects_are_typed_errors(tmp_path, options, bucket):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 1500)
+    head = store.publish(url, storage_options=options)
+    store.close()
+    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", scheme="http", region="us-east-1",
+                           endpoint_override=options["endpoint_url"].split("://")[1])  # fmt: skip
+    chunk = f"{bucket}/s.mrl/{head['chunks']['band_00064_00256/1']}"
+    with fs.open_input_stream(chunk) as f:
+        data = f.read()
+    with fs.open_output_stream(chunk) as f:
+        f.write(data[: len(data) // 3])  # truncated
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c1") as remote:
+        with pytest.raises(mrlstore.CorruptStoreError, match="truncated"):
+            remote.query(vectors[1400], k=5, dims=[16, DIM], shortlist=200)
+    with fs.open_output_stream(f"{bucket}/s.mrl/versions/1/catalog.duckdb") as f:
+        f.write(b"not a database")
+    with pytest.raises(mrlstore.CorruptStoreError, match="corrupted"):
+        mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c2")
+    assert not any((tmp_path / "c2").rglob("catalog.duckdb"))
+
+
+def test_short_bands_kept_local_leave_only_the_last_stage_remote(tmp_path, options, bucket):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 2000)
+    store.publish(url, storage_options=options)
+    want = store.query(vectors[:5], k=5, dims=[16, 64, DIM])
+    store.close()
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c", local_dims=64) as remote:
+        got = remote.query(vectors[:5], k=5, dims=[16, 64, DIM])
+        assert [h.ids for h in got] == [h.ids for h in want]
+        row_bytes = (DIM - 64) * 2  # rows of the 64-256 band only: the others are in the cache
+        assert remote._remote.bytes % row_bytes == 0 and remote._remote.bytes <= 5 * 200 * row_bytes
