@@ -37,7 +37,9 @@ from .zarr_bands import BandedVectors
 
 FORMAT = 1
 KEEP_VERSIONS = 3  # older versions' catalogs and indexes are deleted, with chunks no kept version uses
-COALESCE_BYTES = 0  # rows at most this many bytes apart share one ranged request (0: adjacent rows only)
+# Rows at most this many bytes apart share one ranged request (0: adjacent rows only, nothing read that a
+# query does not need). Requests, not bytes, dominate S3's cost and latency: raise it to trade bytes for them.
+COALESCE_BYTES = int(os.environ.get("MRLSTORE_COALESCE_BYTES", "0"))
 DENSE_SHARE = 4
 ROW_CACHE_BYTES = int(os.environ.get("MRLSTORE_ROW_CACHE_MB", "256")) << 20  # rows kept in memory per open store
 UPLOAD_THREADS = 8
