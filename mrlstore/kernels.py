@@ -114,12 +114,21 @@ def refine(
 
 
 def _accumulate(vectors, rows, offsets, queries, col_from, col_to, dot, sq) -> None:
+    shared = None
+    if not getattr(vectors, "native", True) and len(offsets) > 2 and len(rows):
+        # Rows read over the network: one fetch for the whole batch (its requests run concurrently)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        shared = (vectors.gather_bands(unique, col_from, col_to), inverse)
     for i in range(len(offsets) - 1):
         a, b = int(offsets[i]), int(offsets[i + 1])
         if a == b:
             continue
         lo = col_from
-        for stop, block in vectors.gather_bands(rows[a:b], col_from, col_to):
+        if shared is None:
+            blocks = vectors.gather_bands(rows[a:b], col_from, col_to)
+        else:
+            blocks = [(stop, block[shared[1][a:b]]) for stop, block in shared[0]]
+        for stop, block in blocks:
             x = as_float32(block)
             dot[a:b] += np.einsum("ij,j->i", x, queries[i, lo:stop])
             sq[a:b] += np.einsum("ij,ij->i", x, x)
