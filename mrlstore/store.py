@@ -62,7 +62,7 @@ from .validation import (
     stored_prefix,
     vector_batch,
 )
-from .versions import Versions, newest_version
+from .versions import ReaderPresence, Versions, newest_version
 from .zarr_bands import BandedVectors, auto_chunk_rows
 
 _FILTER_CACHE_SIZE = 256
@@ -128,8 +128,20 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
 
         # Readers of published versions take no lock: a writer never waits for them (versions.py).
-        self._head = newest_version(self.path) if read_only and self._remote is None else None
-        self._lock = NoLock() if self._head is not None else StoreLock(self.path, exclusive=not read_only)
+        self._head, presence = None, None
+        if read_only and self._remote is None:
+            presence = ReaderPresence(self.path)  # first: a live writer publishes for the readers it sees
+            try:
+                self._head = newest_version(self.path)
+            except BaseException:
+                presence.release(remove_if_created=True)
+                raise
+            if self._head is None:
+                presence.release()
+        if self._remote is not None:
+            self._lock = NoLock()
+        else:
+            self._lock = presence if self._head is not None else StoreLock(self.path, exclusive=not read_only)
         try:
             self._open(requested)
         except BaseException:

@@ -8,17 +8,20 @@ reader never sees a partial batch (a version is a committed catalog). The vector
 a version's watermark never change in place (appends write past it; compaction swaps in a whole new folder,
 and a reader's memory maps keep the old files), so the bands serve every version.
 
-A writer publishes when it opens (if the last version is behind its catalog), after a commit when the last
-publish is old enough, otherwise once it is (a timer), and when it closes. "Old enough": ``PUBLISH_INTERVAL``
-seconds, or four times what the last publish took for large catalogs (copying a 1M-row catalog takes about
-a second), so a reader trails the writer's commits by a few seconds at most and the writer spends at most
-about a fifth of its time publishing. A reader opening while no writer is alive first publishes the live
-catalog if the newest version trails it (a killed writer's last commits). ``Store.refresh()`` moves a reader
-to the newest version. storage/FORMAT.md describes the files.
+Publishing costs a catalog copy, so a writer publishes only while readers are there: each open reader holds a
+shared flock on ``published/READERS``, which the writer probes (one non-blocking flock) after a commit. With
+readers, it publishes when the last publish is old enough (``PUBLISH_INTERVAL`` seconds, or four times what
+the last copy took), else once it is (a timer). Without readers it only marks ``published/PENDING`` and
+checks again every interval; a reader that arrives and finds ``PENDING`` waits (a second or so) for the
+writer's publish. A reader opening while no writer is alive publishes the live catalog itself if the newest
+version trails it (a killed writer's last commits, or a writer that closed with no readers). So a reader
+trails the writer by a few seconds at most, and an ingest with no readers copies nothing.
+``Store.refresh()`` moves a reader to the newest version. storage/FORMAT.md describes the files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +38,9 @@ from ._fsutil import atomic_write_bytes, fsync_dir, fsync_file
 
 PUBLISHED_DIR = "published"
 HEAD_FILE = "HEAD"
+READERS_FILE = "READERS"  # open readers hold a shared flock on it
+PENDING_FILE = "PENDING"  # exists while a live writer holds commits it has not published
+READER_WAIT_S = 10.0  # how long a reader waits for a live writer's publish when PENDING says one is due
 PUBLISH_INTERVAL = 1.0  # seconds: how far a reader may trail the writer's commits
 KEEP_VERSIONS = 3  # older copies are deleted (a reader that has one open keeps reading it: POSIX unlink)
 
@@ -72,6 +78,7 @@ def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, 
         raise
     head = {"version": number, "catalog": name, "published_at": time.time(), **state}
     atomic_write_bytes(folder / HEAD_FILE, json.dumps(head, indent=2).encode())
+    (folder / PENDING_FILE).unlink(missing_ok=True)
     fsync_dir(folder)
     for old in sorted(folder.glob("catalog-*.duckdb"))[:-KEEP_VERSIONS]:
         old.unlink(missing_ok=True)
@@ -95,9 +102,10 @@ def newest_version(store: Path) -> dict[str, Any] | None:
     try:
         lock = StoreLock(store, exclusive=False)
     except StoreLockedError:
+        head = _await_writer(store, head)  # a live writer publishes for the readers it sees
         if head is None:
             raise
-        return head  # a live writer publishes its own commits
+        return head
     try:
         catalog = Catalog(store, read_only=True)  # a damaged catalog raises here, as for any open
         try:
@@ -110,6 +118,66 @@ def newest_version(store: Path) -> dict[str, Any] | None:
     finally:
         lock.release()
     return head
+
+
+def _await_writer(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | None:
+    """With a live writer: if it marked commits as not yet published, wait (READER_WAIT_S at most) until it
+    publishes them (the caller is registered as a reader, so it will)."""
+    deadline = time.monotonic() + READER_WAIT_S
+    while (store / PUBLISHED_DIR / PENDING_FILE).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return read_head(store) or head
+
+
+class ReaderPresence:
+    """A reader's mark on the store: a shared flock on published/READERS for as long as it is open (also a
+    stand-in for the StoreLock readers of published versions do not take)."""
+
+    def __init__(self, store: Path):
+        self._fd = -1
+        folder = store / PUBLISHED_DIR
+        self._created = [] if folder.exists() else [folder]  # removed again if the open fails
+        try:
+            folder.mkdir(exist_ok=True)
+            if not (folder / READERS_FILE).exists():
+                self._created.insert(0, folder / READERS_FILE)
+            self._fd = os.open(folder / READERS_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError:
+            self.release()  # a folder this reader may not write: the writer publishes on its own schedule
+
+    def release(self, remove_if_created: bool = False) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # drops the flock
+            self._fd = -1
+        if remove_if_created:
+            for path in self._created:
+                try:
+                    path.rmdir() if path.is_dir() else path.unlink()
+                except OSError:
+                    pass
+
+
+class ReadersProbe:
+    """The writer's view of the readers: whether any holds published/READERS."""
+
+    def __init__(self, store: Path):
+        (store / PUBLISHED_DIR).mkdir(exist_ok=True)
+        self._fd = os.open(store / PUBLISHED_DIR / READERS_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+        self.pending_marker = store / PUBLISHED_DIR / PENDING_FILE
+
+    def any(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[str, Any], head: Any) -> Any:
@@ -137,8 +205,15 @@ class Publisher:
     """A writer's publishing schedule: ``committed()`` after every change, ``close()`` at the end. Calls
     ``publish_now()`` with the store's write lock (``lock_of()``) held."""
 
-    def __init__(self, publish_now: Callable[[], None], lock_of: Callable[[], Any], interval: float = PUBLISH_INTERVAL):
+    def __init__(
+        self,
+        publish_now: Callable[[], None],
+        lock_of: Callable[[], Any],
+        readers: ReadersProbe,
+        interval: float = PUBLISH_INTERVAL,
+    ):
         self._publish_now, self._lock_of, self.interval = publish_now, lock_of, interval
+        self._readers = readers
         self._last = self._took = 0.0
         self._pending = False
         self._timer: threading.Timer | None = None
@@ -147,10 +222,19 @@ class Publisher:
     def committed(self) -> None:
         """A change was committed (the caller holds the write lock)."""
         self._pending = True
+        if not self._readers.any():  # nobody to publish for: say so, and look again later
+            if not self._readers.pending_marker.exists():
+                self._readers.pending_marker.touch()
+            self._arm(self.interval)
+            return
         wait = self._last + self._spacing() - time.monotonic()
         if wait <= 0:
             self._run()
-        elif self._timer is None:
+        else:
+            self._arm(wait)
+
+    def _arm(self, wait: float) -> None:
+        if self._timer is None and not self._closed:
             self._timer = threading.Timer(wait, self._on_timer)
             self._timer.daemon = True
             self._timer.start()
@@ -164,7 +248,7 @@ class Publisher:
         with self._lock_of():
             self._timer = None
             if self._pending and not self._closed:
-                self._run()
+                self.committed()
 
     def _run(self) -> None:
         started = time.monotonic()
@@ -178,13 +262,15 @@ class Publisher:
         self._took = self._last - started
 
     def close(self) -> None:
-        """Publish what is pending and stop the timer (the caller holds the write lock)."""
+        """Publish what is pending if readers are there, and stop the timer (the caller holds the write
+        lock). Without readers PENDING stays: the next reader publishes the catalog itself."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._pending:
+        if self._pending and self._readers.any():
             self._run()
         self._closed = True
+        self._readers.close()
 
 
 class Versions:
@@ -296,10 +382,10 @@ class Versions:
         previous = getattr(self, "_publisher", None)
         if previous is not None:
             previous.close()
-        self._publisher = Publisher(self._publish_version, lambda: self._write_lock)
+        self._publisher = Publisher(self._publish_version, lambda: self._write_lock, ReadersProbe(self.path))
         head = read_head(self.path)
         if head is None or any(head.get(k) != v for k, v in self._version_state().items()):
-            self._publish_version()
+            self._publisher.committed()  # published now if readers are waiting, else marked PENDING
 
     def _version_state(self) -> dict[str, Any]:
         return version_state(self.manifest, self._snap.watermark, self._snap.n_live)

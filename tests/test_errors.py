@@ -58,11 +58,12 @@ def raises(cls: type[Exception], builtin: type[BaseException], match: str | None
 
 
 def file_hashes(path: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file of the store folder except the LOCK file."""
+    """relative path -> sha256 of every file of the store folder except the LOCK file and published/ (copies
+    of the catalog for readers: any open may publish one; the content users see is compared separately)."""
     return {
         f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
         for f in sorted(path.rglob("*"))
-        if f.is_file() and f.name != "LOCK"
+        if f.is_file() and f.name != "LOCK" and not f.relative_to(path).as_posix().startswith("published/")
     }
 
 

@@ -147,3 +147,15 @@ def test_a_reader_after_a_killed_writer_sees_its_last_commit(tmp_path):
         assert len(reader) == 3 * BATCH
     with mrlstore.open(path) as store:  # and a writer opens as usual afterwards
         assert len(store) == 3 * BATCH and store.verify() == []
+
+
+def test_a_writer_without_readers_copies_nothing_and_publishes_when_one_arrives(tmp_path):
+    path = tmp_path / "s.mrl"
+    vectors = np.random.default_rng(1).standard_normal((200, DIM)).astype(np.float32)
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        for lo in range(0, 200, 50):
+            writer.add_vectors(vectors[lo : lo + 50], ids=[str(i) for i in range(lo, lo + 50)])
+        assert not list((path / "published").glob("catalog-*.duckdb")), "no reader, no copy"
+        assert (path / "published" / "PENDING").exists()
+        with mrlstore.open(path, read_only=True) as reader:  # waits for the writer's publish (about a second)
+            assert len(reader) == 200 and not (path / "published" / "PENDING").exists()
