@@ -52,6 +52,8 @@ def compact(store: Any) -> dict[str, int]:
             _copy_live(store, snap, live_rows, new)
             if "tuned" in store.manifest:
                 new._catalog.set_manifest("tuned", store.manifest["tuned"])
+            if "store_id" in store.manifest:  # the same store, renumbered
+                new._catalog.set_manifest("store_id", store.manifest["store_id"])
             new.checkpoint()
         except BaseException:
             new.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -114,6 +115,7 @@ class StoreConfig:
         out["committed_rows"] = 0
         out["created_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         out["created_by"] = created_by
+        out["store_id"] = uuid.uuid4().hex  # tells this store from others (object storage refuses a mix-up)
         return out
 
     # -- reopening ---------------------------------------------------------------------------------

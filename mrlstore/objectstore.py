@@ -32,7 +32,14 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow.fs as pafs
 
-from .errors import CorruptStoreError, MRLStoreError, ObjectStorageError, StoreAccessError, StoreNotFoundError
+from .errors import (
+    CorruptStoreError,
+    InvalidInputError,
+    MRLStoreError,
+    ObjectStorageError,
+    StoreAccessError,
+    StoreNotFoundError,
+)
 from .zarr_bands import BandedVectors
 
 FORMAT = 1
@@ -126,6 +133,11 @@ def publish_store(store: Any, url: str, options: dict[str, Any] | None, progress
         parts, chunks, state = _capture(store, staged)
         try:
             previous = _remote_head(fs, root)
+            if previous and previous.get("store_id") != state["store_id"]:
+                raise InvalidInputError(
+                    f"{url} holds another store (store_id {previous.get('store_id')}, this one is "
+                    f"{state['store_id']}): publish to a new URL, or delete the old one first"
+                )
             version = int(previous.get("version", 0)) + 1 if previous else 1
             have = set(previous.get("chunks", {}).values()) if previous else set()
             todo = [(key, fd, size) for key, (fd, size) in chunks.items() if key not in have]
@@ -184,7 +196,12 @@ def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int,
                 rows = min(band.chunk_rows, snap.watermark - chunk * band.chunk_rows)
                 key = f"chunks/g{generation}/{band.dir.name}/{chunk}-{rows}"
                 chunks[key] = (os.open(band.chunk_path(chunk), os.O_RDONLY), rows * band.width * band.dtype.itemsize)
-        state = {"generation": generation, "committed_rows": snap.watermark, "live_rows": snap.n_live}
+        state = {
+            "store_id": store.manifest.get("store_id") or store.manifest.get("created_at"),
+            "generation": generation,
+            "committed_rows": snap.watermark,
+            "live_rows": snap.n_live,
+        }
     parts = [p.relative_to(staged) for p in staged.rglob("*") if p.is_file()]
     return parts, chunks, state
 

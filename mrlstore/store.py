@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,9 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         self.dtype, self.index_dims = config.dtype, config.index_dims
         watermark = int(self.manifest["committed_rows"])
         self._generation = int(self.manifest.get("generation", 0))  # compaction renumbers rows: a new one
+        if "store_id" not in self.manifest and not self.read_only:  # stores made before store ids
+            self._catalog.set_manifest("store_id", uuid.uuid4().hex)
+            self.manifest = self._catalog.manifest()
 
         self._vectors = self._open_vectors()
         if not self.read_only:

@@ -265,3 +265,28 @@ def test_short_bands_kept_local_leave_only_the_last_stage_remote(tmp_path, optio
         opened = list(remote._remote._files)  # the objects read from: the 64-256 band's only
         assert opened and all("/band_00064_00256/" in key for key in opened)
         assert remote._remote.bytes <= 2000 * (DIM - 64) * 2
+
+
+def test_another_store_is_never_published_over_one(tmp_path, options, bucket):
+    url = f"s3://{bucket}/s.mrl"
+    first, vectors = _local_store(tmp_path / "a.mrl", 1500)
+    with first:
+        first.publish(url, storage_options=options)
+    other, _ = _local_store(tmp_path / "b.mrl", 1500, seed=1)  # same shape and chunk keys, other vectors
+    with other, pytest.raises(mrlstore.InvalidInputError, match="another store"):
+        other.publish(url, storage_options=options)
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        assert remote.info()["version"] == 1 and remote.query(vectors[9], k=1).ids == ["r9"]
+
+
+def test_a_compacted_store_publishes_to_its_url_as_a_new_generation(tmp_path, options, bucket):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "a.mrl", 1500)
+    with store:
+        store.publish(url, storage_options=options)
+        store.delete([f"r{i}" for i in range(0, 1500, 2)])
+        store.compact()  # rows renumbered: the same store (store_id), a new generation
+        head = store.publish(url, storage_options=options)
+    assert head["version"] == 2 and head["generation"] == 1
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        assert len(remote) == 750 and remote.query(vectors[9], k=1).ids == ["r9"]

@@ -168,7 +168,13 @@ def test_a_driver_killed_part_way_leaves_the_store_as_it_was(tmp_path):
     with mrlstore.open(path) as store:  # the writer's open clears the dead write's fragments
         assert len(store) == 300 and store.verify() == []
         assert store.query(vectors[7], k=1).ids == ["r7"]
-    assert not (path / "staging").exists()
+    deadline = time.monotonic() + 60
+    while (path / "staging").exists():  # Ray workers may outlive their driver by a moment and stage more
+        assert time.monotonic() < deadline, "fragments keep appearing a minute after the driver died"
+        time.sleep(1)
+        mrlstore.open(path).close()  # the next writer's open clears them again
+    with mrlstore.open(path, read_only=True) as store:
+        assert len(store) == 300
 
 
 def test_embed_images_then_sink_then_query_store(tmp_path):

@@ -324,4 +324,5 @@ def test_add_vectors_streams_a_memory_mapped_float16_array(tmp_path):
         assert peak < 0.5 * n * dim * 4, peak
         got = store.get(ids[-3:], dims=dim).column("vector").to_numpy(zero_copy_only=False)
         np.testing.assert_array_equal(np.stack(got), source[-3:].astype(np.float32))
-        assert store.query(source[7].astype(np.float32), k=1, dims=[16, dim]).ids == ["7"]
+        # an exact first stage (128 is not indexed): HNSW's multi-threaded build is not deterministic
+        assert store.query(source[7].astype(np.float32), k=1, dims=[128, dim]).ids == ["7"]
