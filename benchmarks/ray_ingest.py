@@ -143,20 +143,21 @@ def main() -> None:
         parquet.with_suffix(".tmp").rename(parquet)
     print("| what | rows | time | rows/s | detail |\n|---|---|---|---|---|")
     r = run(args, "arrow")
-    print(f"| `add_arrow` from Parquet, one process | {r['rows']:,} | {r['seconds']:.1f} s | "
-          f"{r['rows'] / r['seconds']:,.0f} | peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB |")  # fmt: skip
+    table_row("`add_arrow` from Parquet, one process", r, f"peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB")
     for workers in (1, 2):
         r = run(args, "sink", str(workers))
-        print(f"| `StoreSink`, {workers} write worker(s) | {r['rows']:,} | {r['seconds']:.1f} s | "
-              f"{r['rows'] / r['seconds']:,.0f} | workers {r['staging_s']:.1f} s, commit {r['commit_s']:.1f} s; "
-              f"driver peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB |")  # fmt: skip
-    r = run(args, "direct")
-    print(f"| encoder.encode, one process (2 torch threads) | {r['rows']:,} | {r['seconds']:.1f} s | "
-          f"{r['rows'] / r['seconds']:,.1f} images/s | warm |")  # fmt: skip
+        table_row(f"`StoreSink`, {workers} write worker(s)", r,
+                  f"workers {r['staging_s']:.1f} s, commit {r['commit_s']:.1f} s; "
+                  f"driver peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB")  # fmt: skip
+    table_row("encoder.encode, one process (2 torch threads)", run(args, "direct"), "warm", images=True)
     for workers in (1, 2):
-        r = run(args, "embed", str(workers))
-        print(f"| `EmbedImages`, {workers} actor(s) | {r['rows']:,} | {r['seconds']:.1f} s | "
-              f"{r['rows'] / r['seconds']:,.1f} images/s | including actor start and encoder load |")  # fmt: skip
+        table_row(f"`EmbedImages`, {workers} actor(s)", run(args, "embed", str(workers)),
+                  "including actor start and encoder load", images=True)  # fmt: skip
+
+
+def table_row(what: str, r: dict, detail: str, images: bool = False) -> None:
+    rate = f"{r['rows'] / r['seconds']:,.1f} images/s" if images else f"{r['rows'] / r['seconds']:,.0f}"
+    print(f"| {what} | {r['rows']:,} | {r['seconds']:.1f} s | {rate} | {detail} |")
 
 
 if __name__ == "__main__":

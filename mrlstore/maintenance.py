@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,20 @@ class Maintenance:
 
     def _reopen_with(self, lock: StoreLock) -> None:
         """Switch to the files now at ``self.path`` (a compaction swapped them in), holding ``lock``."""
+
+        def take_lock() -> None:
+            self._lock.release()
+            self._lock = lock
+
+        self._reopen(take_lock)
+
+    def _reopen(self, switch: Callable[[], None]) -> None:
+        """Close the open files, ``switch()`` to what is to be opened instead (a lock, a version, a path),
+        and open again under the same write and visibility locks; queries wait meanwhile."""
         write_lock, visibility = self._write_lock, self._visibility
         with visibility.write():
             self._catalog.close()
             self._vectors.close()
-            self._lock.release()
-            self._lock = lock
+            switch()
             self._open({})
             self._write_lock, self._visibility = write_lock, visibility  # threads may be waiting on these

@@ -123,14 +123,14 @@ def write_bytes(fs: pafs.S3FileSystem, key: str, data: bytes) -> None:
 
 
 # -- publishing ----------------------------------------------------------------------------------------
-def publish_store(store: Any, url: str, options: dict[str, Any] | None, progress: bool = False) -> dict[str, Any]:
+def publish_store(store: Any, url: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """Upload the store's current committed version to ``url``; returns the new HEAD. Only chunks the
     previous version there does not have are uploaded; HEAD is written last, so a crash part way leaves the
     previous version readable."""
     fs, root = filesystem(url, options)
     with tempfile.TemporaryDirectory(prefix="mrlstore-publish-") as tmp, _errors(url, "publish"):
         staged = Path(tmp)
-        parts, chunks, state = _capture(store, staged)
+        parts, chunks, names, state = _capture(store, staged)
         try:
             previous = _remote_head(fs, root)
             if previous and previous.get("store_id") != state["store_id"]:
@@ -144,14 +144,14 @@ def publish_store(store: Any, url: str, options: dict[str, Any] | None, progress
             prefix = f"{root}/versions/{version}"
             with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
                 list(pool.map(lambda job: _upload_chunk(fs, f"{root}/{job[0]}", job[1], job[2]), todo))
-                list(pool.map(lambda p: write_bytes(fs, f"{prefix}/{p}", (staged / p).read_bytes()), parts))
+                digests = list(pool.map(lambda p: _upload_part(fs, f"{prefix}/{p}", staged / p), parts))
         finally:
             for fd, _ in chunks.values():
                 os.close(fd)
         head = {
             "format": FORMAT, "version": version, "published_at": time.time(), **state,
-            "parts": {str(p): _digest((staged / p).read_bytes()) for p in parts},
-            "chunks": {name: key for key, name in _names(chunks)},
+            "parts": {str(p): digest for p, digest in zip(parts, digests)},
+            "chunks": names,
             "uploaded_chunk_bytes": sum(size for _, _, size in todo),
         }  # fmt: skip
         write_bytes(fs, f"{root}/HEAD", json.dumps(head, indent=1).encode())
@@ -163,19 +163,18 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _names(chunks: dict[str, Any]) -> list[tuple[str, str]]:
-    """(object key, band/chunk name) pairs: the HEAD maps "band/chunk" to the object holding it."""
-    out = []
-    for key in chunks:
-        band, leaf = key.split("/")[-2:]
-        out.append((key, f"{band}/{leaf.split('-')[0]}"))
-    return out
+def _upload_part(fs: pafs.S3FileSystem, key: str, path: Path) -> str:
+    """One small part up; returns its digest (read once for both)."""
+    data = path.read_bytes()
+    write_bytes(fs, key, data)
+    return _digest(data)
 
 
-def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int, int]], dict[str, Any]]:
-    """Under the store's write lock: the catalog, index files and band metadata copied to ``staged``, and an
+def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int, int]], dict[str, str], dict[str, Any]]:
+    """Under the store's write lock: the catalog, index files and band metadata copied to ``staged``; an
     open descriptor of every chunk holding committed rows (a compaction swapping files later cannot change
-    what is uploaded), with the byte count of its committed rows."""
+    what is uploaded) with the byte count of its committed rows, by object key; and the object key of each
+    chunk by its name "band/chunk" (what HEAD maps)."""
     with store._write_lock:
         if not store.read_only:
             store.checkpoint()
@@ -187,6 +186,7 @@ def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int,
         group.mkdir()
         shutil.copy(vectors.root / "zarr.json", group / "zarr.json")
         chunks: dict[str, tuple[int, int]] = {}
+        names: dict[str, str] = {}
         generation = int(store.manifest.get("generation", 0))
         for band in vectors.bands:
             meta = dict(band.meta, shape=[snap.watermark, band.width])
@@ -195,6 +195,7 @@ def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int,
             for chunk in range(-(-snap.watermark // band.chunk_rows)):
                 rows = min(band.chunk_rows, snap.watermark - chunk * band.chunk_rows)
                 key = f"chunks/g{generation}/{band.dir.name}/{chunk}-{rows}"
+                names[f"{band.dir.name}/{chunk}"] = key
                 chunks[key] = (os.open(band.chunk_path(chunk), os.O_RDONLY), rows * band.width * band.dtype.itemsize)
         state = {
             "store_id": store.manifest.get("store_id") or store.manifest.get("created_at"),
@@ -203,7 +204,7 @@ def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int,
             "live_rows": snap.n_live,
         }
     parts = [p.relative_to(staged) for p in staged.rglob("*") if p.is_file()]
-    return parts, chunks, state
+    return parts, chunks, names, state
 
 
 def _upload_chunk(fs: pafs.S3FileSystem, key: str, fd: int, size: int) -> None:
@@ -256,11 +257,12 @@ def _older_than(entry: pafs.FileInfo, seconds: float) -> bool:
 class RemoteSource:
     """One remote store version: its filesystem, root and HEAD, with request and byte counters."""
 
-    def __init__(self, url: str, options: dict[str, Any] | None):
+    def __init__(self, url: str, options: dict[str, Any] | None, head: dict[str, Any] | None = None):
         self.url, self.options = url, options
         self.fs, self.root = filesystem(url, options)
-        with _errors(url, "open"):
-            head = _remote_head(self.fs, self.root)
+        if head is None:
+            with _errors(url, "open"):
+                head = _remote_head(self.fs, self.root)
         if head is None:
             raise StoreNotFoundError(f"no store published at {url} (no HEAD object)")
         if head.get("format") != FORMAT:
@@ -310,7 +312,7 @@ class RemoteSource:
             head = _remote_head(self.fs, self.root)
         if head is None or (head["generation"], head["version"]) == (self.head["generation"], self.head["version"]):
             return None
-        return RemoteSource(self.url, self.options)
+        return RemoteSource(self.url, self.options, head)
 
     def read(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Byte ranges (offset, length) of one object, fetched concurrently."""
@@ -394,7 +396,7 @@ class RemoteChunk:
         """Sorted unique rows: cut into runs of adjacent rows (gaps up to COALESCE_BYTES), one ranged request
         per run (concurrently), then picked out of the runs. Rows filling at least 1/DENSE_SHARE of their span
         (filtered scans) come in one request for the span."""
-        ordered = rows
+        ordered = rows  # sorted and unique
         if len(rows) * DENSE_SHARE >= ordered[-1] - ordered[0] + 1:  # a scan's rows: their span in one request
             cut = np.empty(0, np.int64)
         else:

@@ -63,7 +63,7 @@ from .validation import (
     stored_prefix,
     vector_batch,
 )
-from .versions import ReaderPresence, Versions, newest_version
+from .versions import Versions
 from .zarr_bands import BandedVectors, auto_chunk_rows
 
 _FILTER_CACHE_SIZE = 256
@@ -128,21 +128,13 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
 
-        # Readers of published versions take no lock: a writer never waits for them (versions.py).
-        self._head, presence = None, None
-        if read_only and self._remote is None:
-            presence = ReaderPresence(self.path)  # first: a live writer publishes for the readers it sees
-            try:
-                self._head = newest_version(self.path)
-            except BaseException:
-                presence.release(remove_if_created=True)
-                raise
-            if self._head is None:
-                presence.release()
+        self._head = None
         if self._remote is not None:
-            self._lock = NoLock()
+            self._lock = NoLock()  # a local copy of a remote version: nobody writes it
+        elif read_only:
+            self._lock = self._reader_lock()  # readers of published versions take no StoreLock (versions.py)
         else:
-            self._lock = presence if self._head is not None else StoreLock(self.path, exclusive=not read_only)
+            self._lock = StoreLock(self.path, exclusive=True)
         try:
             self._open(requested)
         except BaseException:

@@ -111,7 +111,7 @@ def newest_version(store: Path) -> dict[str, Any] | None:
         try:
             manifest = catalog.manifest()
             state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
-            if head is None or any(head.get(k) != v for k, v in state.items()):
+            if trails(head, state):
                 head = _publish_if_allowed(store, catalog.snapshot_to, state, head)
         finally:
             catalog.close()
@@ -189,6 +189,11 @@ def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[s
         if isinstance(e, MRLStoreError):
             raise
         return head  # a folder this reader may not write: the newest version there is, or the live catalog
+
+
+def trails(head: dict[str, Any] | None, state: dict[str, Any]) -> bool:
+    """Whether the published version ``head`` (None: none yet) is behind a catalog in ``state``."""
+    return head is None or any(head.get(k) != v for k, v in state.items())
 
 
 def version_state(manifest: dict[str, Any], committed_rows: int, live_rows: int) -> dict[str, Any]:
@@ -327,13 +332,12 @@ class Versions:
         if newer is None:
             return False
         path = newer.local_copy(self._cache_dir)
-        write_lock, visibility = self._write_lock, self._visibility
-        with write_lock, visibility.write():
-            self._catalog.close()
-            self._vectors.close()
+
+        def to_newer() -> None:
             self._remote, self.path = newer, path
-            self._open({})
-            self._write_lock, self._visibility = write_lock, visibility  # threads may be waiting on these
+
+        with self._write_lock:
+            self._reopen(to_newer)
         return True
 
     def _move_to(self, head: dict[str, Any]) -> None:
@@ -341,7 +345,7 @@ class Versions:
         catalog, snapshot and deletions swapped in at once."""
         from .catalog import Catalog
 
-        catalog = _open_published(Catalog, self.path, head)
+        catalog, head = _open_published(Catalog, self.path, head)
         try:
             manifest = catalog.manifest()
             old = self._snap
@@ -362,20 +366,35 @@ class Versions:
         previous.close()
 
     def _reopen_published(self, head: dict[str, Any]) -> None:
-        write_lock, visibility = self._write_lock, self._visibility
-        with visibility.write():
-            self._catalog.close()
-            self._vectors.close()
+        def to_head() -> None:
             self._head = head
-            self._open({})
-            self._write_lock, self._visibility = write_lock, visibility  # threads may be waiting on these
+
+        self._reopen(to_head)
+
+    def _reader_lock(self) -> Any:
+        """A reader's registration (so a live writer publishes for it) and the newest version in
+        ``self._head``; a store never published and not publishable here falls back to a shared StoreLock
+        over the live catalog."""
+        from .locking import StoreLock
+
+        presence = ReaderPresence(self.path)  # first: a live writer publishes for the readers it sees
+        try:
+            self._head = newest_version(self.path)
+        except BaseException:
+            presence.release(remove_if_created=True)
+            raise
+        if self._head is not None:
+            return presence
+        presence.release()
+        return StoreLock(self.path, exclusive=False)
 
     def _open_catalog(self) -> Any:
         from .catalog import Catalog
 
         if not self.read_only or self._head is None:
             return Catalog(self.path, read_only=self.read_only)
-        return _open_published(Catalog, self.path, self._head)  # may move self._head to a newer version
+        catalog, self._head = _open_published(Catalog, self.path, self._head)  # the head may be newer
+        return catalog
 
     def _start_publishing(self) -> None:
         """Writers, on open: a publisher, and a version now if the newest one is behind the catalog."""
@@ -383,8 +402,7 @@ class Versions:
         if previous is not None:
             previous.close()
         self._publisher = Publisher(self._publish_version, lambda: self._write_lock, ReadersProbe(self.path))
-        head = read_head(self.path)
-        if head is None or any(head.get(k) != v for k, v in self._version_state().items()):
+        if trails(read_head(self.path), self._version_state()):
             self._publisher.committed()  # published now if readers are waiting, else marked PENDING
 
     def _version_state(self) -> dict[str, Any]:
@@ -398,18 +416,17 @@ def _key(head: dict[str, Any]) -> tuple[int, int]:
     return int(head.get("generation", 0)), int(head["version"])
 
 
-def _open_published(catalog_class: Any, store: Path, head: dict[str, Any]) -> Any:
-    """The published catalog ``head`` names, read-only; if the writer deleted it meanwhile (a reader
-    between reading HEAD and opening the file), the newest one."""
+def _open_published(catalog_class: Any, store: Path, head: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The published catalog ``head`` names, read-only, and that head; if the writer deleted it meanwhile (a
+    reader between reading HEAD and opening the file), the newest one and its head."""
     from .errors import CorruptStoreError, NotAStoreError
 
     for _ in range(5):
         try:
-            return catalog_class(store, read_only=True, db_file=catalog_path(store, head))
+            return catalog_class(store, read_only=True, db_file=catalog_path(store, head)), head
         except (NotAStoreError, CorruptStoreError):
             newer = read_head(store)
             if newer is None or newer == head:
                 raise
-            head.clear()
-            head.update(newer)
+            head = newer
     raise CorruptStoreError(f"{store}: published versions keep changing under the reader; try again")

@@ -20,6 +20,7 @@ import mrlstore
 
 pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e '.[test]'")
 pafs = pytest.importorskip("pyarrow.fs")
+from mrlstore.objectstore import filesystem  # noqa: E402
 
 DIM = 256
 
@@ -60,10 +61,7 @@ def options(endpoint):
 
 
 def _bucket(options: dict, name: str) -> str:
-    fs = pafs.S3FileSystem(
-        access_key=options["key"], secret_key=options["secret"], scheme="http",
-        endpoint_override=options["endpoint_url"].split("://")[1], region="us-east-1", allow_bucket_creation=True,
-    )  # fmt: skip
+    fs, _ = filesystem(f"s3://{name}", {**options, "allow_bucket_creation": True})
     fs.create_dir(name)
     return name
 
@@ -215,8 +213,7 @@ def test_a_publish_killed_part_way_leaves_the_previous_version(tmp_path, options
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "local.mrl"), url, options["endpoint_url"]],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stdout.readline().strip() == "publishing"
-    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", scheme="http", region="us-east-1",
-                           endpoint_override=options["endpoint_url"].split("://")[1])  # fmt: skip
+    fs, _ = filesystem(url, options)
     deadline = time.monotonic() + 60
     chunks = pafs.FileSelector(f"{bucket}/s.mrl/chunks", recursive=True)
     while sum(e.type == pafs.FileType.File for e in fs.get_file_info(chunks)) <= 3:  # new chunks are going up
@@ -236,8 +233,7 @@ def test_corrupted_objects_are_typed_errors(tmp_path, options, bucket):
     store, vectors = _local_store(tmp_path / "local.mrl", 1500)
     head = store.publish(url, storage_options=options)
     store.close()
-    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", scheme="http", region="us-east-1",
-                           endpoint_override=options["endpoint_url"].split("://")[1])  # fmt: skip
+    fs, _ = filesystem(url, options)
     chunk = f"{bucket}/s.mrl/{head['chunks']['band_00064_00256/1']}"
     with fs.open_input_stream(chunk) as f:
         data = f.read()
