@@ -1,11 +1,12 @@
 """Index construction settings: build time against shortlist recall, for the first-stage HNSW.
 
-    python benchmarks/build_params.py [--data 100000]
+    python benchmarks/build_params.py [--data 100000] [--settings 8:40:32 16:40:32 ...]
 
-Uses the synthetic data of benchmarks/compare.py (made there, or here on first use). For each
-(ef_construction, indexed prefix): builds a float16 store, then times single queries at shortlists 100,
-200 and 400 (dims = [prefix, 2048]) and their recall@10 against exact 2048-d search. Writes
-benchmarks/results/build_params.md. This is the measurement behind the default ef_construction=64.
+Uses the synthetic data of benchmarks/compare.py (made there, or here on first use). Each setting
+``M:ef_construction:prefix`` builds a float16 store indexing that one prefix, then times single queries at
+shortlists 50, 100, 200 and 400 (dims = [prefix, 2048], metadata off) and their recall@10 against exact
+2048-d search. Writes benchmarks/results/build_params.md (100k) or build_params_<data>.md. This is the
+measurement behind the defaults M=8, ef_construction=40 and index_dims=(16, 32) (mrlstore/config.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import compare  # noqa: E402
 
 import mrlstore  # noqa: E402
 
-SETTINGS = [(200, 16), (64, 16), (200, 32), (64, 32), (40, 32)]
+SETTINGS = ["16:200:16", "16:64:16", "16:40:16", "8:40:16", "16:200:32", "16:64:32", "16:40:32", "8:40:32", "8:40:64"]
+SHORTLISTS = (50, 100, 200, 400)
 
 
 def main() -> None:
@@ -34,29 +36,33 @@ def main() -> None:
     ap.add_argument("--data", default="100000")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--settings", nargs="+", default=SETTINGS, help="M:ef_construction:prefix")
     args = ap.parse_args()
     d = compare.prepare(args.work, args.data, 200)
     base = np.load(d / "base.npy", mmap_mode="r")
     queries, truth = np.load(d / "queries.npy"), np.load(d / "truth.npy")
     lines = [
-        f"N={len(base):,} synthetic (benchmarks/compare.py data), float16, M=16; "
-        f"`python benchmarks/build_params.py --data {args.data}`",
+        f"N={len(base):,} synthetic (benchmarks/compare.py data), float16, one index per store; "
+        f"`python benchmarks/build_params.py --data {args.data} --settings {' '.join(args.settings)}`",
         "",
-        "| ef_construction | index | build s | shortlist 100: recall / p50 ms | 200 | 400 |",
-        "|---|---|---|---|---|---|",
+        "| M | ef_construction | index | build s | "
+        + " | ".join(f"shortlist {n}: recall / p50 ms" for n in SHORTLISTS)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(SHORTLISTS),
     ]
     path = args.work / "build_params_store"
-    for efc, prefix in SETTINGS:
+    for setting in args.settings:
+        m, efc, prefix = (int(v) for v in setting.split(":"))
         shutil.rmtree(path, ignore_errors=True)
         t0 = time.perf_counter()
-        store = mrlstore.open(path, dim=2048, ef_construction=efc, index_dims=(prefix,))
+        store = mrlstore.open(path, dim=2048, hnsw_m=m, ef_construction=efc, index_dims=(prefix,))
         for lo in range(0, len(base), compare.ADD_BATCH):
             hi = min(len(base), lo + compare.ADD_BATCH)
             store.add_vectors(base[lo:hi], ids=[str(i) for i in range(lo, hi)])
         store.checkpoint()
         build = time.perf_counter() - t0
         cells = []
-        for shortlist in (100, 200, 400):
+        for shortlist in SHORTLISTS:
             times, found = [], []
             for q in queries:
                 t0 = time.perf_counter()
@@ -65,12 +71,13 @@ def main() -> None:
                 found.append([int(i) for i in hits.ids])
             cells.append(f"{compare.recall(found, truth):.3f} / {1e3 * np.median(times):.2f}")
         store.close()
-        lines.append(f"| {efc} | {prefix}-d | {build:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {efc} | {prefix}-d | {build:.1f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     shutil.rmtree(path, ignore_errors=True)
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "build_params.md").write_text(text)
+    name = "build_params.md" if args.data == "100000" else f"build_params_{args.data}.md"
+    (args.out / name).write_text(text)
     print(text)
 
 

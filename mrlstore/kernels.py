@@ -14,6 +14,7 @@ Candidates of a batch of queries travel as one flat array of row numbers (sorted
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -97,7 +98,7 @@ def refine(
         counts = np.empty(nq, dtype=np.int64)
         bands = vectors.kernel_bands(int(rows.max()) + 1 if len(rows) else 1)
         _native.refine(
-            bands, rows, offsets, queries, queries.shape[1], np.asarray(stages, np.int32), np.asarray(keeps, np.int32),
+            bands, rows, offsets, queries, queries.shape[1], _int32(tuple(stages)), _int32(tuple(keeps)),
             METRIC_CODES[metric], out_rows, out_scores, counts, threads(),
         )  # fmt: skip
         out_rows, out_scores, offsets = _compact(counts, k, out_rows, out_scores)
@@ -111,6 +112,14 @@ def refine(
         pos, scores, offsets = _select(rows, offsets, dot, sq, qq, metric, keep, by_row=i < len(stages) - 1)
         rows, dot, sq = rows[pos], dot[pos], sq[pos]
     return rows, offsets, scores
+
+
+@lru_cache(maxsize=256)
+def _int32(values: tuple[int, ...]) -> np.ndarray:
+    """A plan's stage dims or keeps as the kernel's int32 array (made once per plan, read-only)."""
+    out = np.asarray(values, np.int32)
+    out.flags.writeable = False
+    return out
 
 
 def _accumulate(vectors, rows, offsets, queries, col_from, col_to, dot, sq) -> None:

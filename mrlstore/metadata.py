@@ -33,6 +33,8 @@ class RowTable:
     def __init__(self, base: pa.Table, tail: pa.Table | None = None):
         self.base, self.tail = base, tail
         self.rows = base.num_rows + (tail.num_rows if tail is not None else 0)
+        self._base_ids = _StringGather.of(base.column(ID)) if ID in base.column_names else None
+        self._base_meta: pa.Table | None = None
 
     @classmethod
     def from_catalog(cls, live_rows: np.ndarray, live: pa.Table, rows: int) -> RowTable:
@@ -73,8 +75,21 @@ class RowTable:
         return table.take(pa.array(position, mask=~present))
 
     def take_ids(self, rows: np.ndarray) -> list[str]:
+        if self._base_ids is not None and len(rows) and rows.max() < self.base.num_rows:
+            ids = self._base_ids.take(rows)
+            if ids is not None:
+                return ids
         tail = self.tail.select([ID]) if self.tail is not None else None
         return self._take(rows, self.base.select([ID]), tail).column(ID).to_pylist()
+
+    def take_metadata(self, rows: np.ndarray) -> pa.Table | None:
+        """The metadata columns of ``rows`` (any order), or None when there are none."""
+        if self.base.num_columns <= 1:
+            return None
+        if self._base_meta is None:
+            self._base_meta = self.base.drop_columns([ID])
+        tail = self.tail.drop_columns([ID]) if self.tail is not None else None
+        return self._take(rows, self._base_meta, tail)
 
     @staticmethod
     def _take(rows: np.ndarray, base: pa.Table, tail: pa.Table | None) -> pa.Table:
@@ -87,6 +102,34 @@ class RowTable:
         parts = _concat([base.take(rows[in_base]), tail.take(rows[~in_base] - n_base)])
         order = np.concatenate([np.flatnonzero(in_base), np.flatnonzero(~in_base)])
         return parts.take(np.argsort(order))
+
+
+class _StringGather:
+    """Strings of a single-chunk Arrow string column by row, read straight from its offsets and data
+    buffers: about 3 µs for 10 rows where Arrow's take and to_pylist cost about 10."""
+
+    def __init__(self, offsets: np.ndarray, data: memoryview, validity: np.ndarray | None, first: int):
+        self.offsets, self.data, self.validity, self.first = offsets, data, validity, first
+
+    @classmethod
+    def of(cls, column: pa.ChunkedArray) -> _StringGather | None:
+        if column.num_chunks != 1 or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            return None
+        arr = column.chunk(0)
+        validity, offsets, data = arr.buffers()
+        width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+        offsets = np.frombuffer(offsets, dtype=width, count=arr.offset + len(arr) + 1)[arr.offset :]
+        bits = np.frombuffer(validity, dtype=np.uint8) if validity is not None and arr.null_count else None
+        return cls(offsets, memoryview(data) if data is not None else memoryview(b""), bits, arr.offset)
+
+    def take(self, rows: np.ndarray) -> list[str] | None:
+        """The strings at ``rows``, or None when one of them is null (the caller falls back to Arrow)."""
+        if self.validity is not None:
+            at = rows + self.first
+            if not ((self.validity[at >> 3] >> (at & 7)) & 1).all():
+                return None
+        data = self.data
+        return [str(data[a:b], "utf-8") for a, b in zip(self.offsets[rows].tolist(), self.offsets[rows + 1].tolist())]
 
 
 def _with_columns_of(table: pa.Table, other: pa.Table) -> pa.Table:

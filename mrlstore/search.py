@@ -16,7 +16,7 @@ import numpy as np
 
 from . import kernels
 from .hits import Hits
-from .metadata import RowTable, split_hits
+from .metadata import RowTable
 
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
 # scan of those rows; larger ones use the HNSW index with over-fetching.
@@ -63,22 +63,25 @@ class Snapshot:
     n_live: int
     table: RowTable  # ids and metadata by row
 
-    def visible(self, rows: np.ndarray) -> np.ndarray:
-        """``rows`` (any shape) with every row a query may not return replaced by -1."""
-        ok = (rows >= 0) & (rows < self.watermark)
-        ok[ok] = self.live[rows[ok]]
-        return np.where(ok, rows, -1)
-
     def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> list:
-        if metadata:
-            ids, table = split_hits(self.table.take(rows))
-        else:
-            ids, table = self.table.take_ids(rows), None
+        ids = self.table.take_ids(rows)
+        table = self.table.take_metadata(rows) if metadata else None
         out = []
         for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-            meta: Any = table.slice(a, b - a) if table is not None else []
+            meta: Any = []  # no metadata asked for
+            if table is not None:
+                meta = table.slice(a, b - a)
+            elif metadata:  # asked for, but the store has no metadata columns
+                meta = [{} for _ in range(b - a)]
             out.append(Hits(ids[a:b], scores[a:b], meta, dims))
         return out
+
+    def live_sorted(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of ``rows`` (1-D) a query may return, ascending."""
+        rows = rows[(rows >= 0) & (rows < self.watermark)]
+        rows = rows[self.live[rows]]
+        rows.sort()
+        return rows
 
 
 class PrefixSearch(Protocol):
@@ -134,8 +137,8 @@ class Funnel:
         if index is None:
             rows, offsets, _ = self.exact(snap, queries, d, n)
             return _sorted_within(rows, offsets), offsets
-        labels = snap.visible(index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1))
-        found = [np.sort(row[row >= 0]) for row in labels]
+        labels = index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1)
+        found = [snap.live_sorted(row) for row in labels]
         want = min(n, snap.n_live)
         short = [i for i, rows in enumerate(found) if len(rows) < want]
         if short:  # HNSW came back with fewer than exist (tiny or heavily deleted stores): scan exactly

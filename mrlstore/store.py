@@ -479,6 +479,8 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         return plan
 
     def _query_vectors(self, query: Any, need: int) -> tuple[np.ndarray, bool]:
+        if type(query) is np.ndarray and query.ndim == 1 and query.dtype.kind == "f":  # the common call
+            return query_batch(query, need, self.dim, self.metric)
         if looks_like_vectors(query, self.dim) or (self._no_encoder() and looks_like_vectors(query)):
             return query_batch(query, need, self.dim, self.metric)
         encoder = self._image_encoder()
@@ -559,7 +561,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     bundled MRL image encoder (loaded on the first ``add``/``query`` of images).
 
     Creation parameters (``dim``, ``bands``, ``metric`` = "cosine" | "ip" | "l2", ``dtype`` = "float16" |
-    "float32", ``index_dims`` (default: 16 and 32), ``chunk_rows``, ``hnsw_m``, ``ef_construction``) are
+    "float32", ``index_dims`` (default: 16 and 32), ``chunk_rows``, ``hnsw_m`` (default 8), ``ef_construction``) are
     persisted; passing a different value on reopen raises :class:`ConfigMismatchError`.
 
     ``path`` may be an ``s3://bucket/prefix`` URL where :meth:`Store.publish` uploaded a store: it opens

@@ -11,6 +11,7 @@ import pytest
 
 import mrlstore
 from mrlstore import tuning
+from mrlstore.metadata import RowTable
 from mrlstore.synthetic import mrl_like
 
 
@@ -190,3 +191,16 @@ def test_row_table_keeps_rows_in_order_across_base_tail_and_new_columns():
     ]
     assert table.take_ids(rows) == ["y", "3", "19999", "x", "12345"]
     assert table.take_ids(np.array([20000])) == ["x"] and table.take_ids(np.array([1])) == ["1"]
+
+
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string()])
+def test_row_table_ids_match_arrow_for_slices_nulls_and_the_tail(kind):
+    ids = pa.array([f"id-{i}" if i % 7 else None for i in range(300)], kind)
+    base = pa.table({"id": ids, "n": pa.array(range(300))}).slice(5, 250)  # a slice: the buffers start earlier
+    table = RowTable(base).appended(pa.table({"id": pa.array(["t0", "t1"], kind), "n": pa.array([1, 2])}))
+    expected = ids.slice(5, 250).to_pylist() + ["t0", "t1"]
+    for rows in ([0, 1, 3, 249], [2, 9, 16], [251, 10, 250], list(range(252))):  # 2, 9, 16: null (i % 7 == 0)
+        rows = np.asarray(rows, dtype=np.int64)
+        assert table.take_ids(rows) == [expected[r] for r in rows]
+        assert table.take_metadata(rows).column("n").to_pylist() == [(list(range(5, 255)) + [1, 2])[r] for r in rows]
+    assert RowTable(pa.table({"id": ids})).take_metadata(np.arange(3)) is None  # no metadata columns
