@@ -17,11 +17,12 @@ FORMAT_VERSION = 1
 BUNDLED_ENCODER = "bundled"
 BUNDLED_ENCODER_DIM = 2048
 # The 16-d and 32-d prefixes get an HNSW index by default, with M=8. Measured on MRL-like vectors
-# (benchmarks/results/build_params.md): the 32-d index reaches recall@10 0.95 with a shortlist of about
+# (benchmarks/results/build_params*.md): the 32-d index reaches recall@10 0.95 with a shortlist of about
 # 100 where the 16-d one needs 500, so the tuned default starts at 32; the 16-d index keeps dims=[16, ...]
 # (the paper's funnel) served. On prefixes this short, M=8 graphs search faster than M=16 at the same
-# shortlist recall, build faster and hold half the links. A 64-d index at M=8 wins at 100k (shortlist 40)
-# but its graph degrades at 1M (shortlist 300, 0.47 ms against 0.28 ms from 32-d).
+# shortlist, build faster and hold half the links (at 1M the store's memory fell from 813 to 691 MiB). A
+# 64-d index at M=8 wins at 100k (shortlist 50: recall 0.971 against 0.950) but its graph degrades at 1M
+# (shortlist 200: 0.942 against 0.961 from 32-d).
 DEFAULT_INDEX_DIMS = (16, 32)
 DEFAULT_HNSW_M = 8
 # 40, not hnswlib's usual 200: on 16-32-d prefixes the build takes a third of the time at the same
