@@ -503,17 +503,25 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         return allowed
 
     def tune(
-        self, recall: float = 0.95, k: int = 10, sample: int = 200, dims: Sequence[int] | None = None, seed: int = 0
+        self,
+        recall: float = 0.95,
+        k: int = 10,
+        sample: int = 200,
+        dims: Sequence[int] | None = None,
+        seed: int = 0,
+        queries: Any = None,
     ) -> dict[str, Any]:
         """For every funnel shape users pass (each indexed prefix straight to ``dim``, and through the band
         edges), measure the cheapest first-stage shortlist (and HNSW beam) whose recall@k against exact
         full-``dim`` search reaches ``recall``, on ``sample`` of the store's own rows as queries (each one's
-        own row excluded). Persisted: ``query`` uses the setting of the shape it runs (``dims`` omitted:
-        the fastest shape that reached the target). Shapes that miss the target within the shortlist
-        budget keep their best effort and are named in a warning; when none reaches it, TuningError is
-        raised and the previous settings stay."""
+        own row excluded), or on up to ``sample`` of ``queries`` (full-``dim`` vectors or images like those
+        users will send: a store's own rows can be easier to find than new photos). Persisted: ``query``
+        uses the setting of the shape it runs (``dims`` omitted: the fastest shape that reached the
+        target). Shapes that miss the target within the shortlist budget keep their best effort and are
+        named in a warning; when none reaches it, TuningError is raised and the previous settings stay."""
         self._check_open()
         self._check_writable()
+        held_out = self._query_vectors(queries, self.dim)[0] if queries is not None else None
         k = positive_int(k, "k")
         if not 0 < recall <= 1:
             raise InvalidInputError(f"recall must be in (0, 1], got {recall}")
@@ -529,7 +537,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
                 raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
             choice = tuning.tune(
                 self._funnel, snap, shapes, recall, k, sample, seed, self.dim,
-                lambda rows: self._vectors.gather(rows, 0, self.dim),
+                lambda rows: self._vectors.gather(rows, 0, self.dim), held_out,
             )  # fmt: skip
             self._catalog.set_manifest("tuned", choice)
             self.manifest["tuned"] = choice

@@ -122,14 +122,21 @@ def tune(
     seed: int,
     dim: int,
     read_queries: Any,
+    queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Measure every shape's cheapest shortlist reaching ``recall`` (recall@k against exact ``dim``-d search,
     each sampled row's own entry excluded); returns the choice to persist. ``read_queries(rows)`` gives the
-    sampled rows' vectors. Raises TuningError, persisting nothing, when no shape reaches the target."""
+    sampled rows' vectors. ``queries`` (full-``dim`` vectors, e.g. held-out ones like those users will send)
+    replace the sampled rows: a store's own rows can be easier queries than new ones. Raises TuningError,
+    persisting nothing, when no shape reaches the target."""
     live_rows = np.flatnonzero(snap.live[: snap.watermark])
     rng = np.random.default_rng(seed)
-    probe = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
-    queries = read_queries(probe)
+    if queries is None:
+        probe = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
+        queries = read_queries(probe)
+    else:
+        queries = queries[np.sort(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))]
+        probe = np.full(len(queries), -1)  # no own row to exclude
     t0 = time.perf_counter()
     found, offsets, _ = funnel.exact(snap, queries, dim, k + 1)
     exact_ms = 1e3 * (time.perf_counter() - t0) / len(queries)

@@ -204,3 +204,18 @@ def test_row_table_ids_match_arrow_for_slices_nulls_and_the_tail(kind):
         assert table.take_ids(rows) == [expected[r] for r in rows]
         assert table.take_metadata(rows).column("n").to_pylist() == [(list(range(5, 255)) + [1, 2])[r] for r in rows]
     assert RowTable(pa.table({"id": ids})).take_metadata(np.arange(3)) is None  # no metadata columns
+
+
+def test_tune_on_held_out_queries_measures_them_and_bad_ones_change_nothing(tmp_path):
+    x, _ = mrl_like(3000, 256, noise=1.0, seed=3)
+    held_out, _ = mrl_like(60, 256, noise=1.0, seed=4, sample=1)
+    with mrlstore.open(tmp_path / "s", dim=256, bands=(16, 64, 256)) as store:
+        store.add_vectors(x)
+        choice = store.tune(recall=0.9, k=10, queries=held_out)
+        assert choice["sample"] == 60 and choice["recall"] >= 0.9
+        exact = [store.query(q, k=10, dims=[256]).ids for q in held_out]
+        got = [store.query(q, k=10).ids for q in held_out]  # the tuned default, measured on these queries
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)]) >= choice["recall"] - 1e-9
+        with pytest.raises(mrlstore.ShapeError, match="length between"):
+            store.tune(recall=0.9, queries=held_out[:, :64])  # tuning needs full-dim queries
+        assert store.manifest["tuned"] == choice
