@@ -144,7 +144,8 @@ def write_report(rows, args, n: int, classes: int, timings: list[str]) -> None:
         "# Out-of-domain retrieval: caltech101-ood (leave-one-out)",
         "",
         f"{n:,} photos, {classes} Caltech-101 classes that no training set contains. Command: "
-        f"`python benchmarks/encoder_ood.py{''.join(' --weights ' + str(w) for w in args.weights)}` "
+        f"`python benchmarks/encoder_ood.py{''.join(' --weights ' + str(w) for w in args.weights)} "
+        f"--sizes {' '.join(str(z) for z in args.sizes)}` "
         "(see its docstring). Cosine similarity on re-normalised prefixes; the raw backbone's own columns are "
         "at its 1280 dimensions.",
         "",

@@ -263,7 +263,7 @@ def export(args) -> None:
     backbone = {k: v for k, v in _pretrained_backbone().state_dict().items() if not k.startswith("_fc.")}
     model.backbone.load_state_dict(backbone)
     model.projection.load_state_dict(state["proj"])
-    meta = {"name": "mrl-lite0-general-v3", "dim": NESTING[-1], "nesting": list(NESTING), "input": "128 px",
+    meta = {"name": args.name, "dim": NESTING[-1], "nesting": list(NESTING), "input": "128 px",
             "recipe": "examples/distill_encoder.py", "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
     save_encoder(model, args.out, meta)
     print(f"wrote {args.out}")
@@ -285,6 +285,7 @@ def main() -> None:
     ap.add_argument("--sim", type=float, default=10.0, help="weight of similarity preservation")
     ap.add_argument("--ce", type=float, default=0.3, help="weight of the auxiliary class term")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "distill_cache" / "mrl_lite0_v3.pt")
+    ap.add_argument("--name", default="mrl-lite0-general-v3", help="the exported encoder's name")
     args = ap.parse_args()
     if args.stage in ("extract", "all"):
         for source, views in (("ood", 1), ("cifar", 1), ("tiny", args.views)):
