@@ -66,6 +66,8 @@ def looks_like_vectors(x: Any, dim: int | None = None) -> bool:
     """True when ``x`` is vectors by the module's rule; False for images and other encoder inputs. With
     ``dim=None`` every numeric array that is not uint8 counts as vectors (a store without an encoder: a
     wrong shape then gets the vectors' ShapeError)."""
+    if type(x) is np.ndarray and x.ndim == 1 and x.dtype.kind == "f":  # the common query: decided at once
+        return True
     if isinstance(x, (str, bytes, bytearray, os.PathLike)) or _is_pil(x) or hasattr(x, "read"):
         return False
     if is_vector_column(x):  # Arrow list columns and pandas Series hold vectors, never images

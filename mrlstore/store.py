@@ -479,8 +479,6 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         return plan
 
     def _query_vectors(self, query: Any, need: int) -> tuple[np.ndarray, bool]:
-        if type(query) is np.ndarray and query.ndim == 1 and query.dtype.kind == "f":  # the common call
-            return query_batch(query, need, self.dim, self.metric)
         if looks_like_vectors(query, self.dim) or (self._no_encoder() and looks_like_vectors(query)):
             return query_batch(query, need, self.dim, self.metric)
         encoder = self._image_encoder()
