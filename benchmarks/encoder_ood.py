@@ -34,20 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-SHARED = ROOT.parent / "shared" / "datasets"
-OOD_ZIP = SHARED / "caltech101-ood" / "caltech101-ood.zip"
-FIT_ZIP = SHARED / "tiny-imagenet" / "tiny-imagenet-200-train300.zip"
-NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 RAW_DIMS = (8, 16, 32, 64, 128, 256, 512, 1024, 1280)
-
-
-def photos(zip_path: Path, limit: int | None = None) -> tuple[list[str], np.ndarray]:
-    """JPEG member names (name order) and their class index (the folder above the file)."""
-    with zipfile.ZipFile(zip_path) as z:
-        names = sorted(n for n in z.namelist() if n.lower().endswith((".jpg", ".jpeg")))
-    names = names[:limit] if limit else names
-    classes = sorted({n.split("/")[-2] for n in names})
-    return names, np.array([classes.index(n.split("/")[-2]) for n in names], dtype=np.int64)
 
 
 def features(model, zip_path: Path, names: list[str], size: int, cache: Path, batch: int = 64) -> np.ndarray:
@@ -74,24 +61,10 @@ def features(model, zip_path: Path, names: list[str], size: int, cache: Path, ba
     return x
 
 
-def pca_basis(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    return mean, vt[:m].T
-
-
-def backbone_features():
-    """The raw ImageNet backbone as images -> pooled 1280-d features."""
-    import torch
-    from train_encoder import _pretrained_backbone
-
-    torch.manual_seed(0)
-    model = _pretrained_backbone().eval()
-    return model.features
-
-
 def main() -> None:
-    from distill_encoder import leave_one_out
+    from distill_encoder import SOURCES, leave_one_out, source_index
+    from encoder_eval import svd_basis
+    from train_encoder import _pretrained_backbone
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", nargs="*", type=Path, default=[], help="other encoder files to evaluate")
@@ -100,12 +73,11 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / "build" / "ood_cache")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
-    import torch
-
     from mrlstore.encoder import BUNDLED_WEIGHTS, load_encoder
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    names, labels = photos(OOD_ZIP)
+    ood_zip, fit_zip = SOURCES["ood"], SOURCES["tiny"]
+    index = source_index("ood")
+    names, labels = [n for n, _, _ in index], np.array([c for _, c, _ in index], dtype=np.int64)
     print(f"{len(names)} photos, {labels.max() + 1} classes")
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     timings: list[str] = []
@@ -117,20 +89,20 @@ def main() -> None:
     for path in [BUNDLED_WEIGHTS, *args.weights]:
         enc = load_encoder(path if path != BUNDLED_WEIGHTS else None, device="cpu")
         t0 = time.perf_counter()
-        x = features(enc.model, OOD_ZIP, names, 128, args.cache / f"ood_{enc.name}_128.npy")
+        x = features(enc.model, ood_zip, names, 128, args.cache / f"ood_{enc.name}_128.npy")
         timings.append(f"{enc.name}: features in {time.perf_counter() - t0:.0f} s (0 s when cached)")
         evaluate(f"{enc.name} (128 px)", x, enc.nesting)
-    raw_model = backbone_features()
+    raw_model = _pretrained_backbone().eval().features
+    raws = {}
     for size in args.sizes:
-        raw = features(raw_model, OOD_ZIP, names, size, args.cache / f"ood_raw_{size}.npy")
-        evaluate(f"raw Lite0 1280-d ({size} px)", raw, RAW_DIMS[-1:])
-    raw = np.load(args.cache / f"ood_raw_{args.sizes[0]}.npy")
-    fit_names, _ = photos(FIT_ZIP, args.fit_images)
-    fit = features(raw_model, FIT_ZIP, fit_names, args.sizes[0], args.cache / f"fit_raw_{args.sizes[0]}.npy")
-    mean, basis = pca_basis(fit, 1024)
-    evaluate(f"raw SVD-m, fitted on {len(fit_names):,} Tiny-ImageNet photos", (raw - mean) @ basis, RAW_DIMS[:-1])
-    mean, basis = pca_basis(raw, 1024)
-    evaluate("raw SVD-m, fitted on the set itself (oracle)", (raw - mean) @ basis, RAW_DIMS[:-1])
+        raws[size] = features(raw_model, ood_zip, names, size, args.cache / f"ood_raw_{size}.npy")
+        evaluate(f"raw Lite0 1280-d ({size} px)", raws[size], RAW_DIMS[-1:])
+    raw = raws[args.sizes[0]]
+    fit_names = [n for n, _, _ in source_index("tiny")[: args.fit_images]]
+    fit = features(raw_model, fit_zip, fit_names, args.sizes[0], args.cache / f"fit_raw_{args.sizes[0]}.npy")
+    fitted = (raw - fit.mean(0)) @ svd_basis(fit, 1024)
+    evaluate(f"raw SVD-m, fitted on {len(fit_names):,} Tiny-ImageNet photos", fitted, RAW_DIMS[:-1])
+    evaluate("raw SVD-m, fitted on the set itself (oracle)", (raw - raw.mean(0)) @ svd_basis(raw, 1024), RAW_DIMS[:-1])
     perm = np.random.default_rng(0).permutation(raw.shape[1])
     evaluate("raw random m coordinates", raw[:, perm], RAW_DIMS)
     write_report(rows, args, len(names), int(labels.max() + 1), timings)
