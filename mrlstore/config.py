@@ -65,10 +65,13 @@ class StoreConfig:
     ef_construction: int
     ef_search: int
     encoder: str | None = None
+    encoder_weights: str | None = None  # sha256 of the bundled encoder's weights the vectors came from
 
     # -- creation ----------------------------------------------------------------------------------
     @classmethod
-    def new(cls, requested: dict[str, Any], encoder: str | None, auto_chunk_rows: Any) -> StoreConfig:
+    def new(
+        cls, requested: dict[str, Any], encoder: str | None, auto_chunk_rows: Any, encoder_weights: str | None = None
+    ) -> StoreConfig:
         """Validate the parameters of ``mrlstore.open`` for a new store (``None`` means the default);
         ``auto_chunk_rows(width, dtype)`` sizes chunks when ``chunk_rows`` is not given."""
         dim = int(requested["dim"])
@@ -107,6 +110,7 @@ class StoreConfig:
             ef_construction=int(requested["ef_construction"] or DEFAULT_EF_CONSTRUCTION),
             ef_search=DEFAULT_EF_SEARCH,
             encoder=encoder,
+            encoder_weights=encoder_weights,
         )
 
     def manifest(self, created_by: str) -> dict[str, Any]:
@@ -131,11 +135,12 @@ class StoreConfig:
                 f"{where} has format version {m.get('format_version')}; this mrlstore reads {FORMAT_VERSION}"
             )
         try:
-            values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name != "encoder"}
+            optional = ("encoder", "encoder_weights")
+            values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name not in optional}
         except KeyError as e:
             raise CorruptStoreError(f"{where} has a manifest without {e}") from None
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**values, encoder=m.get("encoder"))
+        return cls(**values, encoder=m.get("encoder"), encoder_weights=m.get("encoder_weights"))
 
     def check_requested(self, requested: dict[str, Any], where: object) -> None:
         """Raise ConfigMismatchError when a parameter given to ``open`` differs from the stored one."""

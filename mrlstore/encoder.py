@@ -9,6 +9,7 @@ embedding (see examples/train_encoder.py and mrlstore/weights/MODEL_CARD.md).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 from . import images
 from .errors import EncoderUnavailableError, InvalidInputError
 
-IMAGE_SIZE = 128
+IMAGE_SIZE = 128  # input size of encoder files whose metadata names none (v1, v2)
 NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BUNDLED_WEIGHTS = WEIGHTS_DIR / "mrl_lite0.pt"
@@ -125,6 +126,26 @@ class MRLProjection(nn.Module):
         return self.fc2(F.relu(self.bn(self.fc1(f))))
 
 
+def fold_batchnorm(model: MRLImageModel) -> MRLImageModel:
+    """An inference copy of ``model`` with each backbone batch norm folded into the convolution before it:
+    w' = w * g / sqrt(v + eps), b' = beta - mu * g / sqrt(v + eps). Same outputs to float rounding."""
+    model = copy.deepcopy(model).eval()
+    backbone = model.backbone
+    pairs = [(backbone, "_conv_stem", "_bn0"), (backbone, "_conv_head", "_bn1")]
+    for block in backbone._blocks:
+        if block.has_expand:
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    with torch.no_grad():
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale)  # the convolutions have no bias
+            setattr(owner, bn_name, nn.Identity())
+    return model
+
+
 class MRLImageModel(nn.Module):
     def __init__(self, hidden: int = 1024, dim: int = 2048):
         super().__init__()
@@ -156,13 +177,22 @@ class ImageEncoder:
     itself an embedding (cosine similarity on re-normalised prefixes)."""
 
     def __init__(
-        self, model: MRLImageModel, nesting: Sequence[int] = NESTING, name: str = "custom", device: str | None = None
+        self,
+        model: MRLImageModel,
+        nesting: Sequence[int] = NESTING,
+        name: str = "custom",
+        device: str | None = None,
+        image_size: int = IMAGE_SIZE,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
+        # What encode runs: the same function with batch norm folded into the convolutions, channels-last
+        # (measured on 2 CPU cores at 160 px: 58 -> 83 images/s from channels-last, then 83 -> 103 from folding)
+        self._inference = fold_batchnorm(self.model).to(memory_format=torch.channels_last)
         self.dim = int(model.projection.fc2.out_features)
         self.nesting = tuple(int(m) for m in nesting)
         self.name = name
+        self.image_size = int(image_size)
 
     def encode(
         self,
@@ -188,7 +218,7 @@ class ImageEncoder:
                 arrays = []
                 for index, item in enumerate(items[lo : lo + batch_size], start=lo):
                     try:
-                        arrays.append(preprocess(images.to_rgb(item)))
+                        arrays.append(preprocess(images.to_rgb(item), self.image_size))
                     except InvalidInputError as e:
                         if not skip_errors:
                             raise
@@ -201,13 +231,13 @@ class ImageEncoder:
         return np.concatenate(out) if out else np.empty((0, self.dim), dtype=np.float32)
 
     def _embed(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(self.device)
+        x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            z = self.model(x)
+            z = self._inference(x)
         return z.float().cpu().numpy()
 
     def __repr__(self) -> str:
-        return f"<mrlstore.ImageEncoder {self.name} dim={self.dim} device={self.device}>"
+        return f"<mrlstore.ImageEncoder {self.name} dim={self.dim} input={self.image_size}px device={self.device}>"
 
 
 class _NoBar:
@@ -267,7 +297,11 @@ def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None 
     except (KeyError, RuntimeError) as e:
         raise EncoderUnavailableError(f"{weights} is not an mrlstore encoder state: {e}") from None
     name = str(meta.get("name", weights.stem))
-    return ImageEncoder(model, nesting=tuple(meta.get("nesting", NESTING)), name=name, device=device)
+    size = meta.get("image_size", IMAGE_SIZE)
+    if not isinstance(size, int) or not 16 <= size <= 1024:
+        raise EncoderUnavailableError(f"{weights}: image_size must be an integer from 16 to 1024 px, got {size!r}")
+    nesting = tuple(meta.get("nesting", NESTING))
+    return ImageEncoder(model, nesting=nesting, name=name, device=device, image_size=size)
 
 
 def save_encoder(model: MRLImageModel, path: str | os.PathLike[str], meta: dict[str, Any], half: bool = True) -> None:

@@ -238,6 +238,29 @@ def _rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
+def bundled_weights_id() -> str | None:
+    """The sha256 of the installed bundled encoder's weights, read without torch (None when not installed)."""
+    try:
+        return (Path(__file__).resolve().parent / "weights" / "mrl_lite0.sha256").read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def check_bundled_weights(recorded: str | None, where: object) -> None:
+    """A store's vectors and its image queries must come from the same bundled weights: a store made by an
+    earlier release (another encoder) would otherwise answer image queries with unrelated rows."""
+    installed = bundled_weights_id()
+    if recorded == installed:
+        return
+    made_by = f"weights with sha256 {recorded[:12]}..." if recorded else "an mrlstore before the v3 encoder"
+    raise EncoderUnavailableError(
+        f"{where} holds vectors of the bundled encoder of {made_by}, but the installed bundled encoder differs "
+        f"(sha256 {str(installed)[:12]}...), so its image vectors would not match them. Pass that encoder: "
+        "mrlstore.open(path, encoder=mrlstore.load_encoder(<its weights file>)); or query with vectors; or "
+        "re-add the images to a new store"
+    )
+
+
 def load_bundled_encoder(path: Any = None, device: str | None = None) -> Any:
     """The bundled MRL image encoder (or one saved at ``path``); imports torch, so only when images come."""
     try:
@@ -438,6 +461,7 @@ class ImageInputs:
 
     def _image_encoder(self) -> Any:
         if self.encoder is None and self.manifest.get("encoder") == BUNDLED_ENCODER:
+            check_bundled_weights(self.manifest.get("encoder_weights"), self.path)
             self.encoder = load_bundled_encoder()  # imports torch: only when images are first encoded
         if self.encoder is None:
             raise EncoderUnavailableError(

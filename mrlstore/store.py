@@ -27,7 +27,7 @@ from ._memory import release_freed_memory
 from ._rwlock import RWLock
 from .arrow import ArrowIO
 from .catalog import DB_FILE, Catalog
-from .config import BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
+from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
 from .encoding import Encoder
 from .errors import (
     CorruptStoreError,
@@ -43,7 +43,7 @@ from .errors import (
     UnsupportedStorageError,
 )
 from .hits import Hits
-from .images import ImageInputs, is_single, looks_like_vectors
+from .images import ImageInputs, bundled_weights_id, is_single, looks_like_vectors
 from .images import check as check_images
 from .images import encode as encode_images
 from .images import expand as expand_images
@@ -123,7 +123,9 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
                 raise StoreNotFoundError(f"no store at {self.path} (read_only=True never creates one)")
             if requested["dim"] is None:
                 requested["dim"] = BUNDLED_ENCODER_DIM  # no dim, no encoder: images via the bundled encoder
-            config = StoreConfig.new(requested, encoder_name(encoder, requested["dim"], dim), auto_chunk_rows)
+            name = encoder_name(encoder, requested["dim"], dim)
+            weights = bundled_weights_id() if name == BUNDLED_ENCODER else None
+            config = StoreConfig.new(requested, name, auto_chunk_rows, encoder_weights=weights)
             create_store(self.path, config)
         elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")

@@ -110,3 +110,27 @@ def test_a_folder_through_the_bundled_encoder_as_the_readme_shows(tmp_path):
         assert sorted(store.sql("SELECT path FROM items").column("path").to_pylist()) == files
         assert store.add(folder).skipped == list(ids)  # the same folder again: nothing new
         assert store.query(files[0], k=1, dims=[16, 2048]).ids == [ids[0]]
+
+
+def test_a_store_made_with_other_bundled_weights_refuses_image_queries_but_not_vectors(tmp_path, monkeypatch):
+    from mrlstore import store as store_module
+
+    files = [str(p) for p in sorted(IMAGES.rglob("*.jpg"))[::20]]
+    with mrlstore.open(tmp_path / "now.mrl") as store:
+        store.add(files[:2])
+        assert store.info()["encoder"] == "bundled"
+        assert store.manifest["encoder_weights"] == encoder_module.sha256_of(encoder_module.BUNDLED_WEIGHTS)
+    # a store made by a release that shipped other weights (here: the installed file seen with another hash)
+    monkeypatch.setattr(store_module, "bundled_weights_id", lambda: "0" * 64)
+    with mrlstore.open(tmp_path / "old.mrl") as store:
+        store.add_vectors(np.eye(2, 2048, dtype=np.float32), ids=["a", "b"])
+    monkeypatch.undo()
+    with mrlstore.open(tmp_path / "old.mrl") as store:
+        with pytest.raises(mrlstore.EncoderUnavailableError, match="sha256 000000000000.*load_encoder"):
+            store.query(files[0], k=1)
+        with pytest.raises(mrlstore.EncoderUnavailableError):
+            store.add(files[:1])
+        assert len(store) == 2 and store.query(np.eye(1, 2048, dtype=np.float32)[0], k=1).ids == ["a"]
+        store.encoder = mrlstore.load_encoder()  # an explicit encoder is the user's call
+        assert len(store.query(files[0], k=1).ids) == 1
+

@@ -14,6 +14,7 @@ from mrlstore.encoder import (  # noqa: E402
     EfficientNetLite0,
     ImageEncoder,
     MRLImageModel,
+    fold_batchnorm,
     load_encoder,
     preprocess,
     save_encoder,
@@ -126,6 +127,43 @@ def test_save_and_load_without_pickle(encoder, tmp_path, images):
     np.testing.assert_allclose(loaded.encode(arrays), encoder.encode(arrays), atol=1e-5)
     with pytest.raises(mrlstore.EncoderUnavailableError):
         load_encoder(tmp_path / "nope.pt")
+
+
+def test_folding_batch_norm_keeps_the_function():
+    torch.manual_seed(1)
+    model = MRLImageModel(hidden=64, dim=128).eval()
+    for bn in (m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.5)  # statistics far from the identity, so a wrong fold shows
+        bn.running_var.uniform_(0.2, 3.0)
+        bn.weight.data.normal_(1, 0.3)
+        bn.bias.data.normal_(0, 0.3)
+    x = torch.randn(3, 3, 48, 40)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
+    with torch.inference_mode():
+        want, got = model(x), folded(x.contiguous(memory_format=torch.channels_last))
+    assert want.abs().max() > 1e-2  # the model is not trivially constant here
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+
+
+def test_the_input_size_comes_from_the_file_and_a_bad_one_is_refused(encoder, tmp_path, images):
+    _, arrays, _ = images
+    meta = {"name": "big", "dim": 128, "nesting": [8, 128]}
+    save_encoder(encoder.model, tmp_path / "old.pt", meta, half=False)
+    save_encoder(encoder.model, tmp_path / "big.pt", {**meta, "image_size": 160}, half=False)
+    assert load_encoder(tmp_path / "old.pt", device="cpu").image_size == 128  # files before v3 name no size
+    big = load_encoder(tmp_path / "big.pt", device="cpu")
+    assert big.image_size == 160 and "input=160px" in repr(big)
+    seen: list[tuple[int, ...]] = []
+    hook = big._inference.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    big.encode(arrays)
+    hook.remove()
+    assert seen == [(len(arrays), 3, 160, 160)]
+    for bad in (8, "160", 4096):
+        save_encoder(encoder.model, tmp_path / "bad.pt", {**meta, "image_size": bad}, half=False)
+        with pytest.raises(mrlstore.EncoderUnavailableError, match="image_size"):
+            load_encoder(tmp_path / "bad.pt", device="cpu")
 
 
 def test_store_add_and_query_images(encoder, images, tmp_path):
