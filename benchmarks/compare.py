@@ -64,6 +64,10 @@ _DATA_LABELS: tuple[np.ndarray, np.ndarray] | None = None  # (database, query) l
 
 # -- data ---------------------------------------------------------------------------------------------
 def data_dir(work: Path, name: str) -> Path:
+    if name == "cifar":  # embeddings of one encoder: a new bundled encoder gets its own folder
+        from mrlstore.images import bundled_weights_id
+
+        return work / f"data_cifar_{(bundled_weights_id() or 'none')[:12]}"
     return work / f"data_{name}"
 
 

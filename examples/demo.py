@@ -4,10 +4,10 @@
 
 Runs offline: the encoder's weights ship inside the package (mrlstore/weights/, see its MODEL_CARD.md).
 
-Adds the sample images shipped in examples/images/ (12 CIFAR-10 test images per class; the class is the
-folder name) except one per class, which are kept back as queries. Queries each held-out image with
-dims=[16, 2048] (16-d HNSW shortlist, 2048-d re-rank) and writes demo_output/query_grid.png: every query
-with its top hits, labelled with class and cosine score.
+Adds the sample photos shipped in examples/images/ (12 Caltech-101 photos in each of 10 classes that the
+encoder never saw in training; the class is the folder name) except one per class, which are kept back as
+queries. Queries each held-out photo with dims=[16, 2048] (16-d HNSW shortlist, 2048-d re-rank) and writes
+demo_output/query_grid.png: every query with its top hits, captioned with class and cosine score.
 """
 
 from __future__ import annotations
@@ -83,24 +83,24 @@ def main() -> None:
 
 
 def write_grid(rows, path: Path) -> Path:
+    """One row per query: the query, then its hits, each captioned with its full class name and score."""
     from PIL import Image, ImageDraw
 
     k = len(rows[0][1].ids)
-    label_h = 14
-    canvas = Image.new("RGB", ((k + 1) * (TILE + 6) + 10, len(rows) * (TILE + label_h + 8) + 6), "white")
+    caption_h = 26  # two lines: class, then score (or "query")
+    canvas = Image.new("RGB", ((k + 1) * (TILE + 6) + 10, len(rows) * (TILE + caption_h + 8) + 6), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (q, hits) in enumerate(rows):
-        y = 6 + r * (TILE + label_h + 8)
-        tiles = [(Image.open(q), f"query: {q.parent.name}", (40, 40, 200))]
+        y = 6 + r * (TILE + caption_h + 8)
+        tiles = [(Image.open(q), q.parent.name, "query", (40, 40, 200))]
         for score, meta in zip(hits.scores, hits.metadata):
-            ok = meta["label"] == q.parent.name
-            tiles.append(
-                (Image.open(meta["path"]), f"{meta['label'][:8]} {score:.2f}", (0, 130, 0) if ok else (200, 0, 0))
-            )
-        for c, (img, text, colour) in enumerate(tiles):
+            colour = (0, 130, 0) if meta["label"] == q.parent.name else (200, 0, 0)
+            tiles.append((Image.open(meta["path"]), meta["label"], f"{score:.3f}", colour))
+        for c, (img, label, detail, colour) in enumerate(tiles):
             x = 6 + c * (TILE + 6) + (4 if c else 0)
             canvas.paste(img.convert("RGB").resize((TILE, TILE), Image.NEAREST), (x, y))
-            draw.text((x, y + TILE + 1), text, fill=colour)
+            draw.text((x, y + TILE + 1), label, fill=colour)
+            draw.text((x, y + TILE + 13), detail, fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path

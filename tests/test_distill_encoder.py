@@ -39,7 +39,7 @@ def cache(tmp_path, monkeypatch):
 def args_for(cache: Path, epochs: int) -> argparse.Namespace:
     return argparse.Namespace(
         cache=cache, run="mrl", views=1, batch=64, epochs=epochs, lr=2e-3, hidden=32, temperature=2.0, sim=10.0,
-        ce=0.3, stop_after=None,
+        ce=0.3, stop_after=None, size=160, nbr=0.0, nbr_temperature=0.1, c_small=1.0,
     )  # fmt: skip
 
 
@@ -59,9 +59,25 @@ def test_training_is_deterministic_and_resumes(cache, tmp_path):
 
 def test_ff_runs_have_one_output_size(cache):
     args = args_for(cache, 1)
-    args.run = "ff-16"
+    args.run, args.nbr = "ff-16", 1.0  # with the neighbour term too
     de.train(args)
     assert de.embed(cache, "ff-16", de.load(cache, "tiny")["features"][:3]).shape == (3, 16)
+
+
+def test_mrl_e_ties_its_heads_and_the_disjoint_run_leaves_out_cifar_classes_5_to_9(cache):
+    args = args_for(cache, 1)
+    args.run = "mrl-e"
+    de.train(args)
+    state = torch.load(cache / "distill_mrl-e.pt", weights_only=True)
+    assert torch.equal(state["kd"]["0.weight"], state["kd"]["8.weight"]) and state["kd"]["0.weight"].shape[1] == 2048
+    assert state["args"]["run"] == "mrl-e" and state["args"]["size"] == "160" and state["seconds"] > 0
+    _, _, head_kd, _ = de.build("mrl-e", 32)
+    z = torch.randn(3, 2048)
+    torch.testing.assert_close(head_kd[1](z[:, :16]), z[:, :16] @ head_kd[0].weight[:, :16].T + head_kd[0].bias)
+    args.run = "mrl-disjoint"
+    _, _, labels = de.training_rows(args)
+    cifar_labels = labels[300:] - de.TINY_CLASSES
+    assert len(cifar_labels) == 40 and set(cifar_labels) == {0, 1, 2, 3, 4}
 
 
 def test_leave_one_out_on_hand_checked_data():

@@ -95,7 +95,7 @@ def test_extraction_writes_whole_resumable_shards(tmp_path, monkeypatch):
     zpath = tmp_path / "cifar.zip"
     with zipfile.ZipFile(zpath, "w") as z:
         for i, f in enumerate(files):
-            z.write(f, f"{'train' if i % 4 else 'test'}/{f.parent.name}/{i:04d}.jpg")
+            z.write(f, f"{'train' if i % 4 else 'test'}/{te.CLASSES[i % 10]}/{i:04d}.jpg")  # laid out as CIFAR-10
     cache = tmp_path / "cache"
     te.extract(zpath, cache, 64, 8)
     te.extract_maps(zpath, cache, 64, 8, te.MAP_CUTS)
