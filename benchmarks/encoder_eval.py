@@ -110,7 +110,9 @@ class Evaluation:
         self.dcache = args.distill_cache or ROOT / "build" / f"distill_{self.size}"
         self.ood = de.load(self.dcache, "ood")
         self.cifar = de.load(self.dcache, "cifar")
-        self.tiny_fit = de.load(self.dcache, "tiny")["features"].astype(np.float32)
+        tiny = de.load(self.dcache, "tiny")["features"].astype(np.float32)
+        self.tiny_photos, self.tiny_mean, self.tiny_basis = len(tiny), tiny.mean(0), svd_basis(tiny, 1024)
+        self.others = [load_encoder(path, device="cpu") for path in args.weights]
         self.ood_labels = self.ood["labels"].astype(np.int64)
         self.train = self.cifar["split"] == "train"
         self.notes: list[str] = []
@@ -132,10 +134,7 @@ class Evaluation:
 
     def other_encoders(self, add, source: str) -> None:
         """Rows of the ``--weights`` files (end to end) and of the recipe's baselines (FF-16, FF-2048, MRL-E)."""
-        from mrlstore.encoder import load_encoder
-
-        for path in self.args.weights:
-            enc = load_encoder(path, device="cpu")
+        for enc in self.others:
             add(f"{enc.name} ({enc.image_size} px)", self.end_to_end(enc, source), enc.nesting)
         feats = (self.ood if source == "ood" else self.cifar)["features"]
         for run, label in (("ff-16", "FF-16"), ("ff-2048", "FF-2048"), ("mrl-e", "MRL-E")):
@@ -169,8 +168,8 @@ class Evaluation:
             model = _pretrained_backbone().eval().features
             big = features(model, self.de.SOURCES["ood"], names, 224, self.args.cache / "ood_raw_224.npy")
             add("raw Lite0 1280-d (224 px)", big, RAW_DIMS[-1:])
-        fitted = (raw - self.tiny_fit.mean(0)) @ svd_basis(self.tiny_fit, 1024)
-        add(f"raw SVD-m, fitted on Tiny-ImageNet ({len(self.tiny_fit):,} photos)", fitted, RAW_DIMS[:-1])
+        fitted = (raw - self.tiny_mean) @ self.tiny_basis
+        add(f"raw SVD-m, fitted on Tiny-ImageNet ({self.tiny_photos:,} photos)", fitted, RAW_DIMS[:-1])
         add("raw SVD-m, fitted on the set itself (oracle)", (raw - raw.mean(0)) @ svd_basis(raw, 1024), RAW_DIMS[:-1])
         perm = np.random.default_rng(0).permutation(raw.shape[1])
         add("raw random m coordinates", raw[:, perm], RAW_DIMS)
@@ -192,7 +191,7 @@ class Evaluation:
         self.other_encoders(add, "cifar")
         raw = self.cifar["features"].astype(np.float32)
         add(f"raw Lite0 1280-d ({self.size} px)", raw, RAW_DIMS[-1:])
-        fitted = (raw - self.tiny_fit.mean(0)) @ svd_basis(self.tiny_fit, 1024)
+        fitted = (raw - self.tiny_mean) @ self.tiny_basis
         add("raw SVD-m, fitted on Tiny-ImageNet", fitted, RAW_DIMS[:-1])
         own = (raw - raw[tr].mean(0)) @ svd_basis(raw[tr], 1024)
         add("raw SVD-m, fitted on the CIFAR-10 database (oracle)", own, RAW_DIMS[:-1])

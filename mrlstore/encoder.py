@@ -27,7 +27,7 @@ from .errors import EncoderUnavailableError, InvalidInputError
 
 IMAGE_SIZE = 128  # input size of encoder files whose metadata names none (v1, v2)
 NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = images.BUNDLED_WEIGHTS_DIR
 BUNDLED_WEIGHTS = WEIGHTS_DIR / "mrl_lite0.pt"
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of EfficientNet-B0's seven stages.
@@ -278,8 +278,7 @@ def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None 
         )
         raise EncoderUnavailableError(f"encoder weights not found at {weights}{hint}")
     if path is None:
-        expected = (WEIGHTS_DIR / "mrl_lite0.sha256").read_text().split()[0]
-        if sha256_of(weights) != expected:
+        if sha256_of(weights) != images.bundled_weights_id():
             raise EncoderUnavailableError(f"bundled weights {weights} fail their sha256 check (corrupt install?)")
     try:
         blob = torch.load(weights, map_location="cpu", weights_only=True)

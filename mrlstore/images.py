@@ -238,10 +238,13 @@ def _rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
 def bundled_weights_id() -> str | None:
     """The sha256 of the installed bundled encoder's weights, read without torch (None when not installed)."""
     try:
-        return (Path(__file__).resolve().parent / "weights" / "mrl_lite0.sha256").read_text().split()[0]
+        return (BUNDLED_WEIGHTS_DIR / "mrl_lite0.sha256").read_text().split()[0]
     except (OSError, IndexError):
         return None
 
