@@ -13,7 +13,8 @@
  * f16_to_f32: widen IEEE half floats (F16C when the CPU has it).
  *
  * Files: _kernels_simd.h (widening, dot products), _kernels_rows.h (bands, scores, heap, threads, the
- * per-stage accumulation), this file (the entry points and the module).
+ * per-stage accumulation), _kernels_scan.h (the exact scan's work), this file (refine, the entry points and
+ * the module).
  *
  * Scores: cosine = dot / sqrt(sq * qq) (0 when either norm is 0), ip = dot, l2 = sqrt(max(sq - 2 dot + qq,
  * 0)). Ties are broken by the lower row, so results are deterministic and match the numpy twins.
@@ -38,6 +39,7 @@ enum { COSINE = 0, IP = 1, L2 = 2 };
 
 #include "_kernels_simd.h"
 #include "_kernels_rows.h"
+#include "_kernels_scan.h"
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* refine: every later stage of a funnel in one call                                                      */
@@ -51,12 +53,130 @@ typedef struct {
     int stages, metric, k;
     int64_t *out_rows, *out_counts;
     double *out_scores;
+    const Band *norms;     /* per-band squared norms of every row (float32, one column per band), or NULL */
+    const int32_t *bounds; /* band b spans columns [bounds[b], bounds[b + 1]) */
+    int n_bands;
     volatile int failed, no_memory;
 } RefineCtx;
 
+/* Write query q's heap, best first, as its results. */
+static void write_results(RefineCtx *c, Py_ssize_t q, Heap *h) {
+    qsort(h->e, (size_t)h->n, sizeof(Entry), cmp_best_first);
+    for (int j = 0; j < h->n; j++) {
+        c->out_rows[q * c->k + j] = h->e[j].row;
+        c->out_scores[q * c->k + j] = c->metric == L2 ? -h->e[j].key : h->e[j].key;
+    }
+    c->out_counts[q] = h->n;
+}
+
+/* The band edge where a bounded last stage splits: the last edge in [covered, to) above 0, when `to` is an
+ * edge and the store has norms; -1 otherwise. */
+static int prune_split(const RefineCtx *c, int covered, int to) {
+    if (!c->norms) return -1;
+    int split = -1, to_is_edge = 0;
+    for (int b = 0; b <= c->n_bands; b++) {
+        if (c->bounds[b] == to) to_is_edge = 1;
+        if (c->bounds[b] >= covered && c->bounds[b] < to) split = c->bounds[b];
+    }
+    return to_is_edge && split > 0 ? split : -1; /* with nothing read yet, a cosine bound is just 1 */
+}
+
+/* An upper bound on a row's final key from its sums over [0, split) (dot, sq), the bound t on the dot product
+ * of the rest (Cauchy-Schwarz per band, from the stored norms), and those norms' sum xt. The margins (1e-3)
+ * dwarf float32 rounding, so the bound never falls below the score the full read computes. */
+static double key_bound(int metric, double dot, double sq, double t, double xt, double qq) {
+    t = t * 1.001 + 1e-30;
+    if (metric == IP) return dot + t;
+    double full = sq + xt;
+    if (metric == L2) {
+        double d = full * 0.999 - 2.0 * (dot + t) + qq - 1e-3 * (full + qq);
+        return d > 0 ? -sqrt(d) : 0.0;
+    }
+    if (!(full > 0) || !(qq > 0)) return INFINITY; /* degenerate rows are always read */
+    double num = dot + t;
+    return num / sqrt(full * (num >= 0 ? 0.999 : 1.001) * qq);
+}
+
+/* Restore the max-heap order (best at 0, `better`) below position i of e[0..n). */
+static inline void sift_down(Entry *e, Py_ssize_t n, Py_ssize_t i) {
+    Entry x = e[i];
+    for (;;) {
+        Py_ssize_t l = 2 * i + 1, best = l;
+        if (l >= n) break;
+        if (l + 1 < n && better(&e[l + 1], &e[l])) best = l + 1;
+        if (!better(&e[best], &x)) break;
+        e[i] = e[best];
+        i = best;
+    }
+    e[i] = x;
+}
+
+/* The last stage, bounded: read columns [covered, split) of every candidate, bound each one's final score
+ * with the stored norms of its bands in [split, to), then read the rest for candidates in descending bound
+ * order until the next bound cannot beat the k-th best score. Returns the same rows as reading everything
+ * (on MRL vectors after a 16-d shortlist of 500, about a third of the rows need their last band). */
+static void last_stage_bounded(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot, double *sq, Py_ssize_t n,
+                               int covered, int split, double qq, Entry *heap, Entry *order) {
+    const float *qv = c->queries + q * c->qstride;
+    int to = c->dims[c->stages - 1];
+    if (split > covered && acc_rows(c->bs, rows, n, qv, covered, split, dot, sq)) c->failed = 1;
+    for (int j = covered; j < split; j++) qq += (double)qv[j] * (double)qv[j];
+    double qb[MAX_BANDS], qq_full = qq;
+    int b0 = 0;
+    while (c->bounds[b0] < split) b0++;
+    int b1 = b0;
+    for (; c->bounds[b1] < to; b1++) {
+        qb[b1] = 0;
+        for (int j = c->bounds[b1]; j < c->bounds[b1 + 1]; j++) qb[b1] += (double)qv[j] * (double)qv[j];
+        qq_full += qb[b1];
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float *norm = (const float *)band_row(c->norms, rows[i], 0);
+        double bound = INFINITY, t = 0, xt = 0;
+        if (norm) {
+            for (int b = b0; b < b1; b++) {
+                t += sqrt(qb[b] * (double)norm[b]);
+                xt += norm[b];
+            }
+            bound = key_bound(c->metric, dot[i], sq[i], t, xt, qq_full);
+            if (isnan(bound)) bound = INFINITY; /* unreadable norms: read the row */
+        }
+        order[i] = (Entry){bound, rows[i], i};
+    }
+    /* Best bound first, popped from a max-heap: only the rows read are ever ordered (a full sort of the
+     * candidates cost a fifth of the stage). */
+    for (Py_ssize_t i = n / 2 - 1; i >= 0; i--) sift_down(order, n, i);
+    Heap h = {heap, 0, c->keeps[c->stages - 1]};
+    while (n > 0) {
+        int64_t group[8];
+        double gdot[8], gsq[8];
+        Py_ssize_t gpos[8];
+        int g = 0;
+        for (; n > 0 && g < 8; g++) {
+            if (h.n == h.cap && order[0].key < h.e[0].key) { /* no other row can enter */
+                n = 0;
+                break;
+            }
+            gpos[g] = order[0].pos;
+            group[g] = rows[gpos[g]];
+            gdot[g] = dot[gpos[g]];
+            gsq[g] = sq[gpos[g]];
+            order[0] = order[--n];
+            sift_down(order, n, 0);
+        }
+        if (g && acc_rows(c->bs, group, g, qv, split, to, gdot, gsq)) c->failed = 1;
+        for (int r = 0; r < g; r++) {
+            double sc = score_of(c->metric, gdot[r], gsq[r], qq_full);
+            heap_push(&h, (Entry){c->metric == L2 ? -sc : sc, group[r], gpos[r]});
+        }
+    }
+    write_results(c, q, &h);
+}
+
 /* One query through every stage: accumulate the stage's new columns for the survivors, keep the best
  * keeps[s] (in row order between stages, so the next reads run forward; best first after the last). */
-static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot, double *sq, Entry *heap) {
+static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot, double *sq, Entry *heap,
+                         Entry *order) {
     Py_ssize_t n = c->offsets[q + 1] - c->offsets[q];
     memcpy(rows, c->rows + c->offsets[q], sizeof(int64_t) * (size_t)n);
     memset(dot, 0, sizeof(double) * (size_t)n);
@@ -65,6 +185,13 @@ static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot,
     int covered = 0;
     double qq = 0; /* the query's squared norm over the columns read so far */
     for (int s = 0; s < c->stages; s++) {
+        /* Bounds pay off on long candidate lists (500 -> 10: a third less time); on a short one (25 -> 10, the
+         * default funnel's last stage) their ordering costs more than the rows they save. */
+        int split = s == c->stages - 1 && n >= 4 * (Py_ssize_t)c->keeps[s] ? prune_split(c, covered, c->dims[s]) : -1;
+        if (split >= 0) {
+            last_stage_bounded(c, q, rows, dot, sq, n, covered, split, qq, heap, order);
+            return;
+        }
         if (acc_rows(c->bs, rows, n, qv, covered, c->dims[s], dot, sq)) c->failed = 1;
         for (int j = covered; j < c->dims[s]; j++) qq += (double)qv[j] * (double)qv[j];
         covered = c->dims[s];
@@ -73,16 +200,11 @@ static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot,
             double sc = score_of(c->metric, dot[i], sq[i], qq);
             heap_push(&h, (Entry){c->metric == L2 ? -sc : sc, rows[i], i});
         }
-        int last = s == c->stages - 1;
-        qsort(h.e, (size_t)h.n, sizeof(Entry), last ? cmp_best_first : cmp_pos);
-        if (last) {
-            for (int j = 0; j < h.n; j++) {
-                c->out_rows[q * c->k + j] = h.e[j].row;
-                c->out_scores[q * c->k + j] = c->metric == L2 ? -h.e[j].key : h.e[j].key;
-            }
-            c->out_counts[q] = h.n;
+        if (s == c->stages - 1) {
+            write_results(c, q, &h);
             return;
         }
+        qsort(h.e, (size_t)h.n, sizeof(Entry), cmp_pos);
         for (int j = 0; j < h.n; j++) { /* by position (= row order: rows come sorted): pos >= j, in place */
             rows[j] = rows[h.e[j].pos];
             dot[j] = dot[h.e[j].pos];
@@ -100,10 +222,12 @@ static void refine_work(void *ctx, int part, int parts) {
     int64_t *rows = malloc(sizeof(int64_t) * longest);
     double *dot = malloc(sizeof(double) * longest), *sq = malloc(sizeof(double) * longest);
     Entry *heap = malloc(sizeof(Entry) * (size_t)(widest > 0 ? widest : 1));
-    if (rows && dot && sq && heap)
-        for (Py_ssize_t q = part; q < c->nq; q += parts) refine_query(c, q, rows, dot, sq, heap);
+    Entry *order = c->norms ? malloc(sizeof(Entry) * longest) : NULL;
+    if (rows && dot && sq && heap && (order || !c->norms))
+        for (Py_ssize_t q = part; q < c->nq; q += parts) refine_query(c, q, rows, dot, sq, heap, order);
     else
         c->no_memory = 1;
+    free(order);
     free(rows);
     free(dot);
     free(sq);
@@ -111,19 +235,34 @@ static void refine_work(void *ctx, int part, int parts) {
 }
 
 /* refine(bands, rows, offsets, queries, qstride, dims, keeps, metric, out_rows, out_scores, out_counts,
- * threads): rows sorted within each query; dims/keeps int32 per stage (the last keep is k). Writes query
- * q's results best first at out_*[q * k ...] and their number at out_counts[q]. */
+ * threads, norms, bounds): rows sorted within each query; dims/keeps int32 per stage (the last keep is k).
+ * norms: None, or [row_norms described like a band] with bounds (int32, the band edges from 0 to the
+ * dimension): the last stage then skips rows that cannot make the top k. Writes query q's results best
+ * first at out_*[q * k ...] and their number at out_counts[q]. */
 static PyObject *refine(PyObject *self, PyObject *args) {
-    PyObject *band_seq;
-    Py_buffer rows, offs, qs, dims, keeps, orows, oscores, ocounts;
+    PyObject *band_seq, *norm_seq;
+    Py_buffer rows, offs, qs, dims, keeps, orows, oscores, ocounts, bounds;
     Py_ssize_t qstride;
     int metric, threads;
-    if (!PyArg_ParseTuple(args, "Oy*y*y*ny*y*iw*w*w*i", &band_seq, &rows, &offs, &qs, &qstride, &dims, &keeps, &metric,
-                          &orows, &oscores, &ocounts, &threads))
+    if (!PyArg_ParseTuple(args, "Oy*y*y*ny*y*iw*w*w*iOy*", &band_seq, &rows, &offs, &qs, &qstride, &dims, &keeps,
+                          &metric, &orows, &oscores, &ocounts, &threads, &norm_seq, &bounds))
         return NULL;
-    Bands bs;
+    Bands bs, nbs = {.n = 0};
     PyObject *result = NULL;
     if (parse_bands(band_seq, &bs)) goto done_bufs;
+    if (norm_seq != Py_None && parse_bands(norm_seq, &nbs)) goto done;
+    int n_bands = (int)(bounds.len / 4) - 1;
+    const int32_t *bd = bounds.buf;
+    if (nbs.n) {
+        int ok = nbs.n == 1 && !nbs.b[0].f16 && nbs.b[0].width == n_bands && n_bands >= 1 && n_bands < MAX_BANDS &&
+                 bd[0] == 0;
+        for (int b = 0; ok && b < n_bands; b++) ok = bd[b + 1] > bd[b];
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "norms: one float32 band with a column per band of bounds (ascending)");
+            goto done;
+        }
+        while (bd[n_bands] > qstride) n_bands--; /* queries cut to a prefix: only the bands they cover */
+    }
     Py_ssize_t total = rows.len / 8, nq = offs.len / 8 - 1, stages = dims.len / 4;
     const int32_t *d = dims.buf, *kp = keeps.buf;
     if (nq < 0 || stages < 1 || keeps.len != dims.len || check_buf(&rows, 8, total, "rows") ||
@@ -149,8 +288,8 @@ static PyObject *refine(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "offsets must ascend from 0 to len(rows)");
         goto done;
     }
-    RefineCtx c = {&bs, rows.buf, o, qs.buf, nq, qstride, longest, d, kp, (int)stages, metric, k,
-                   orows.buf, ocounts.buf, oscores.buf, 0, 0};
+    RefineCtx c = {&bs,         rows.buf,     o,          qs.buf, nq, qstride, longest, d, kp, (int)stages, metric, k,
+                   orows.buf,   ocounts.buf,  oscores.buf, nbs.n ? &nbs.b[0] : NULL, bd, n_bands, 0, 0};
     /* A thread costs tens of microseconds to start (far more when the cores are busy): only a batch with
      * milliseconds of work is split. A single query's re-rank of a few hundred rows stays on this thread. */
     int parts = threads < 1 ? 1 : threads;
@@ -169,7 +308,9 @@ static PyObject *refine(PyObject *self, PyObject *args) {
     Py_INCREF(result);
 done:
     release_bands(&bs);
+    release_bands(&nbs);
 done_bufs:
+    PyBuffer_Release(&bounds);
     PyBuffer_Release(&rows);
     PyBuffer_Release(&offs);
     PyBuffer_Release(&qs);
@@ -184,102 +325,22 @@ done_bufs:
 /* ---------------------------------------------------------------------------------------------------- */
 /* scan                                                                                                  */
 
-typedef struct {
-    const Bands *bs;
-    const int64_t *rows; /* sorted row list, or NULL: the range [lo, hi) */
-    const uint8_t *live; /* with a range: row r is scanned when live[r] (NULL: all) */
-    int64_t lo, hi, n_rows;
-    const float *queries;
-    const double *qq;
-    Py_ssize_t nq, qstride;
-    int to, metric, keep, parts;
-    Entry *heaps; /* parts x nq x keep */
-    int *counts;  /* parts x nq */
-    volatile int failed;
-} ScanCtx;
-
-static void scan_work(void *ctx, int part, int parts) {
-    ScanCtx *c = ctx;
-    int64_t total = c->rows ? c->n_rows : c->hi - c->lo;
-    int64_t a = total * part / parts, b = total * (part + 1) / parts;
-    Heap *h = malloc(sizeof(Heap) * (size_t)c->nq);
-    float *buf = c->nq > 1 ? malloc(sizeof(float) * (size_t)c->to + 64) : NULL;
-    if (!h || (c->nq > 1 && !buf)) {
-        c->failed = 2;
-        free(h);
-        free(buf);
-        return;
-    }
-    for (Py_ssize_t q = 0; q < c->nq; q++)
-        h[q] = (Heap){c->heaps + ((size_t)part * c->nq + q) * c->keep, 0, c->keep};
-    for (int64_t i = a; i < b; i++) {
-        int64_t row = c->rows ? c->rows[i] : c->lo + i;
-        if (!c->rows && c->live && !c->live[row]) continue;
-        if (c->nq == 1) { /* fused: read each value once, straight from the map */
-            double dot = 0, sq = 0;
-            if (row_dot_sq(c->bs, row, c->queries, 0, c->to, &dot, &sq)) {
-                c->failed = 1;
-                break;
-            }
-            double sc = score_of(c->metric, dot, sq, c->qq[0]);
-            heap_push(&h[0], (Entry){c->metric == L2 ? -sc : sc, row, 0});
-            continue;
-        }
-        if (row_widen(c->bs, row, c->to, buf)) { /* widen once, score against every query */
-            c->failed = 1;
-            break;
-        }
-        double sq = dot_f32(buf, buf, c->to), dots[4];
-        Py_ssize_t q = 0;
-        for (; q + 4 <= c->nq; q += 4) {
-            const float *qv = c->queries + q * c->qstride;
-            dot4_f32(buf, qv, qv + c->qstride, qv + 2 * c->qstride, qv + 3 * c->qstride, c->to, dots);
-            for (int j = 0; j < 4; j++) {
-                double sc = score_of(c->metric, dots[j], sq, c->qq[q + j]);
-                heap_push(&h[q + j], (Entry){c->metric == L2 ? -sc : sc, row, 0});
-            }
-        }
-        for (; q < c->nq; q++) {
-            double sc = score_of(c->metric, dot_f32(buf, c->queries + q * c->qstride, c->to), sq, c->qq[q]);
-            heap_push(&h[q], (Entry){c->metric == L2 ? -sc : sc, row, 0});
-        }
-    }
-    for (Py_ssize_t q = 0; q < c->nq; q++) c->counts[(size_t)part * c->nq + q] = h[q].n;
-    free(h);
-    free(buf);
-}
-
-/* Merge every part's heaps into part 0's and write each query's best, best first. */
-static void merge_parts(ScanCtx *c, int64_t *out_rows, double *out_scores, int64_t *out_counts) {
-    for (Py_ssize_t q = 0; q < c->nq; q++) {
-        Heap h = {c->heaps + (size_t)q * c->keep, c->counts[q], c->keep}; /* part 0's heap, in place */
-        for (int p = 1; p < c->parts; p++) {
-            const Entry *e = c->heaps + ((size_t)p * c->nq + q) * c->keep;
-            for (int j = 0; j < c->counts[(size_t)p * c->nq + q]; j++) heap_push(&h, e[j]);
-        }
-        qsort(h.e, (size_t)h.n, sizeof(Entry), cmp_best_first);
-        for (int j = 0; j < h.n; j++) {
-            out_rows[q * c->keep + j] = h.e[j].row;
-            out_scores[q * c->keep + j] = c->metric == L2 ? -h.e[j].key : h.e[j].key;
-        }
-        out_counts[q] = h.n;
-    }
-}
-
 /* scan(bands, rows_or_None, lo, hi, live_or_None, queries, qstride, col_to, qq, metric, keep, out_rows,
- *      out_scores, out_counts, threads): per query the best `keep` rows, best first. */
+ *      out_scores, out_counts, threads, norms): per query the best `keep` rows, best first. norms: None or
+ *      [row_norms described like a band]; a one-query range scan to a band edge then takes the rows'
+ *      squared norms from it instead of computing them. */
 static PyObject *scan(PyObject *self, PyObject *args) {
-    PyObject *band_seq, *rows_obj, *live_obj;
+    PyObject *band_seq, *rows_obj, *live_obj, *norm_seq;
     long long lo, hi;
     Py_buffer qs, qq, orows, oscores, ocounts;
     Py_buffer rows = {0}, live = {0};
     Py_ssize_t qstride;
     int to, metric, keep, threads;
-    if (!PyArg_ParseTuple(args, "OOLLOy*niy*iiw*w*w*i", &band_seq, &rows_obj, &lo, &hi, &live_obj, &qs, &qstride, &to,
-                          &qq, &metric, &keep, &orows, &oscores, &ocounts, &threads))
+    if (!PyArg_ParseTuple(args, "OOLLOy*niy*iiw*w*w*iO", &band_seq, &rows_obj, &lo, &hi, &live_obj, &qs, &qstride,
+                          &to, &qq, &metric, &keep, &orows, &oscores, &ocounts, &threads, &norm_seq))
         return NULL;
     PyObject *result = NULL;
-    Bands bs = {.n = 0};
+    Bands bs = {.n = 0}, nbs = {.n = 0};
     Entry *heaps = NULL;
     int *counts = NULL;
     int have_rows = rows_obj != Py_None, have_live = live_obj != Py_None;
@@ -289,6 +350,10 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         goto done;
     }
     if (parse_bands(band_seq, &bs)) goto done;
+    if (norm_seq != Py_None && parse_bands(norm_seq, &nbs)) goto done;
+    /* The first band is exactly the scanned prefix, and its norms are stored: scan_blocks_prefix. */
+    int norm_cols = nbs.n == 1 && !nbs.b[0].f16 && nbs.b[0].width == bs.n && bs.n >= 1 && bs.b[0].start == 0 &&
+                    bs.b[0].width == to;
     Py_ssize_t nq = qstride > 0 ? qs.len / 4 / qstride : 0;
     if (nq < 1 || keep < 1 || to < 1 || to > qstride || check_buf(&qs, 4, nq * qstride, "queries") ||
         check_buf(&qq, 8, nq, "qq") || check_buf(&orows, 8, nq * keep, "out_rows") ||
@@ -308,8 +373,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    ScanCtx c = {&bs,     have_rows ? rows.buf : NULL, have_live ? live.buf : NULL, lo, hi, n_rows, qs.buf, qq.buf,
-                 nq,      qstride, to, metric, keep, parts, heaps, counts, 0};
+    ScanCtx c = {&bs,   have_rows ? rows.buf : NULL, have_live ? live.buf : NULL, lo, hi, n_rows, qs.buf, qq.buf,
+                 nq,    qstride, to, metric, keep, parts, heaps, counts, norm_cols ? &nbs.b[0] : NULL, norm_cols, 0};
     int64_t *out_rows = orows.buf, *out_counts = ocounts.buf;
     double *out_scores = oscores.buf;
     Py_BEGIN_ALLOW_THREADS parallel(scan_work, &c, parts);
@@ -324,6 +389,7 @@ done:
     free(heaps);
     free(counts);
     release_bands(&bs);
+    release_bands(&nbs);
     if (have_rows) PyBuffer_Release(&rows);
     if (have_live) PyBuffer_Release(&live);
     PyBuffer_Release(&qs);

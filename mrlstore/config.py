@@ -13,7 +13,11 @@ from .scoring import METRICS
 from .validation import positive_int
 
 FORMAT_NAME = "mrlstore"
-FORMAT_VERSION = 1
+# 2 added vectors/row_norms (per-band squared norms); 1 (without it) is still read and written, and
+# compact() rewrites a store at 2. mrlstore releases that know only 1 refuse 2, so they never append rows
+# without their norms.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 BUNDLED_ENCODER = "bundled"
 BUNDLED_ENCODER_DIM = 2048
 # The 16-d and 32-d prefixes get an HNSW index by default, with M=8. Measured on MRL-like vectors
@@ -130,9 +134,10 @@ class StoreConfig:
     def from_manifest(cls, m: dict[str, Any], where: object) -> StoreConfig:
         if m.get("format") != FORMAT_NAME:
             raise NotAStoreError(f"{where} holds a DuckDB file that is not an mrlstore catalog")
-        if m.get("format_version") != FORMAT_VERSION:
+        if m.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise CorruptStoreError(
-                f"{where} has format version {m.get('format_version')}; this mrlstore reads {FORMAT_VERSION}"
+                f"{where} has format version {m.get('format_version')}; this mrlstore reads "
+                f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         try:
             optional = ("encoder", "encoder_weights")

@@ -96,10 +96,15 @@ def refine(
         out_rows = np.empty(nq * k, dtype=np.int64)
         out_scores = np.empty(nq * k, dtype=np.float64)
         counts = np.empty(nq, dtype=np.int64)
-        bands = vectors.kernel_bands(int(rows.max()) + 1 if len(rows) else 1)
+        needed = int(rows.max()) + 1 if len(rows) else 1
+        bands = vectors.kernel_bands(needed)
+        # The kernel bounds only long last stages (at least 4k candidates a query): else skip the norms' setup.
+        long_last = len(rows) >= 4 * keeps[-1] * nq and (len(stages) == 1 or keeps[-2] >= 4 * keeps[-1])
+        norms = getattr(vectors, "kernel_norms", _no_norms)(needed) if long_last else None
+        bounds = _int32(vectors.band_bounds) if norms is not None else _NO_BOUNDS
         _native.refine(
             bands, rows, offsets, queries, queries.shape[1], _int32(tuple(stages)), _int32(tuple(keeps)),
-            METRIC_CODES[metric], out_rows, out_scores, counts, threads(),
+            METRIC_CODES[metric], out_rows, out_scores, counts, threads(), None if norms is None else [norms], bounds,
         )  # fmt: skip
         out_rows, out_scores, offsets = _compact(counts, k, out_rows, out_scores)
         return out_rows, offsets, out_scores
@@ -112,6 +117,13 @@ def refine(
         pos, scores, offsets = _select(rows, offsets, dot, sq, qq, metric, keep, by_row=i < len(stages) - 1)
         rows, dot, sq = rows[pos], dot[pos], sq[pos]
     return rows, offsets, scores
+
+
+def _no_norms(rows_needed: int) -> None:
+    return None
+
+
+_NO_BOUNDS = np.zeros(1, np.int32)
 
 
 @lru_cache(maxsize=256)
@@ -186,13 +198,14 @@ def scan(
     if native and _native is not None and getattr(vectors, "native", True):
         last = int(rows[-1]) + 1 if rows is not None and len(rows) else stop
         bands = vectors.kernel_bands(last)
+        norms = getattr(vectors, "kernel_norms", _no_norms)(last)
         out_rows = np.empty(nq * n, dtype=np.int64)
         out_scores = np.empty(nq * n, dtype=np.float64)
         counts = np.empty(nq, dtype=np.int64)
         live_arg = None if live is None else live[:stop]
         _native.scan(
             bands, rows, 0, stop, live_arg, queries, queries.shape[1], d, qq, METRIC_CODES[metric], n,
-            out_rows, out_scores, counts, threads(),
+            out_rows, out_scores, counts, threads(), None if norms is None else [norms],
         )  # fmt: skip
         return _compact(counts, n, out_rows, out_scores)
     return _scan_numpy(vectors, queries, d, n, metric, qq, rows, stop, live)

@@ -8,6 +8,10 @@ gather instead of zarr's decode pipeline (orders of magnitude faster for a few h
 
 Appends write in place, only into rows past the committed watermark. A torn write therefore cannot damage
 committed bytes; rows past the watermark are invisible until the catalog commits them.
+
+Beside the bands, ``row_norms`` holds each row's squared norm per band (float32, one column per band),
+written with the row: the re-rank bounds a row's unread columns with them and skips rows that cannot make
+the top k (the results are the same as reading every row). Stores made before it existed have none.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from .errors import CorruptStoreError
 from .kernels import as_float32
 
 GROUP_DIR = "vectors"
+NORMS_ARRAY = "row_norms"
+NORM_DTYPE = np.dtype("<f4")
+NORM_BLOCK_ROWS = 2048  # rows widened at a time while computing norms (bounded memory)
 TARGET_CHUNK_BYTES = 64 << 20
 WRITE_BUFFER_BYTES = 4 << 20  # rows pass through one reused buffer on their way to the chunk files
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
@@ -62,12 +69,33 @@ def create_bands(
             filters=None,
             fill_value=0,
         )
+    group.create_array(
+        NORMS_ARRAY,
+        shape=(0, len(bands)),
+        chunks=(min(chunk_rows), len(bands)),  # as small as the smallest band's: a norm row is 16-ish bytes
+        dtype="float32",
+        compressors=None,
+        filters=None,
+        fill_value=0,
+    )
+
+
+def band_norms(vectors: np.ndarray, edges: list[tuple[int, int]], dtype: np.dtype) -> np.ndarray:
+    """Squared norm of each row's columns in each band (n x bands, float32), from the values as stored in
+    ``dtype`` (the re-rank's bounds hold only for the stored values)."""
+    out = np.empty((len(vectors), len(edges)), dtype=NORM_DTYPE)
+    for lo in range(0, len(vectors), NORM_BLOCK_ROWS):
+        block = vectors[lo : lo + NORM_BLOCK_ROWS]
+        for j, (a, b) in enumerate(edges):
+            x = as_float32(np.ascontiguousarray(block[:, a:b], dtype=dtype))
+            out[lo : lo + len(block), j] = np.einsum("ij,ij->i", x, x)
+    return out
 
 
 class _Band:
-    def __init__(self, root: Path, start: int, stop: int, dtype: np.dtype):
+    def __init__(self, root: Path, start: int, stop: int, dtype: np.dtype, name: str | None = None):
         self.start, self.stop, self.width = start, stop, stop - start
-        self.dir = root / band_name(start, stop)
+        self.dir = root / (name or band_name(start, stop))
         self.dtype = dtype
         meta_path = self.dir / "zarr.json"
         try:
@@ -227,7 +255,12 @@ class BandedVectors:
             raise CorruptStoreError(f"missing Zarr group {self.root}")
         self.dim = dim
         self.dtype = _DTYPES[dtype]
-        self.bands = [_Band(self.root, a, b, self.dtype) for a, b in band_edges(dim, bands)]
+        self.edges = band_edges(dim, bands)
+        self.band_bounds = (0, *bands)  # band b spans columns band_bounds[b]:band_bounds[b + 1]
+        self.bands = [_Band(self.root, a, b, self.dtype) for a, b in self.edges]
+        has_norms = (self.root / NORMS_ARRAY / "zarr.json").exists()
+        self.norms = _Band(self.root, 0, len(bands), NORM_DTYPE, name=NORMS_ARRAY) if has_norms else None
+        self._arrays = self.bands + ([self.norms] if self.norms is not None else [])
         self._write_lock = threading.Lock()
         self._write_buffer: np.ndarray | None = None  # allocated by the first write, then reused
         self._kernel_bands: tuple[int, list[tuple]] = (0, [])  # rows covered, band descriptions
@@ -244,7 +277,7 @@ class BandedVectors:
         p50 of its first queries). Only within ``prefault_rows`` (a quarter of RAM): a larger store's rows
         are left to fault in as queries touch them, rather than read from disk at open."""
         row_stop = min(row_stop, self.prefault_rows)
-        for band in self.bands:
+        for band in self._arrays:
             rc, step = band.chunk_rows, max(1, 4096 // band.dtype.itemsize)
             for chunk in range(row_start // rc, -(-row_stop // rc)):
                 lo, hi = max(row_start, chunk * rc) - chunk * rc, min(row_stop, (chunk + 1) * rc) - chunk * rc
@@ -256,11 +289,11 @@ class BandedVectors:
         return [b.chunk_rows for b in self.bands]
 
     def physical_rows(self) -> int:
-        return min(b.shape_rows for b in self.bands)
+        return min(b.shape_rows for b in self._arrays)
 
     def is_clean(self, rows: int) -> bool:
-        """True when every band's shape is ``rows`` and no chunk file lies wholly past it."""
-        for band in self.bands:
+        """True when every array's shape is ``rows`` and no chunk file lies wholly past it."""
+        for band in self._arrays:
             if band.shape_rows != rows:
                 return False
             cdir = band.dir / "c"
@@ -275,6 +308,9 @@ class BandedVectors:
             touched: list[Path] = []
             for band in self.bands:
                 touched += band.write(start_row, vectors[:, band.start : band.stop], self._scratch())
+            if self.norms is not None:
+                norms = band_norms(vectors, self.edges, self.dtype)
+                touched += self.norms.write(start_row, norms, norms.reshape(-1))  # contiguous: written as is
             for p in dict.fromkeys(touched):
                 if p.is_dir():
                     fsync_dir(p)
@@ -288,7 +324,7 @@ class BandedVectors:
 
     def set_rows(self, rows: int) -> None:
         """Record ``rows`` as the arrays' shape so zarr-python readers see exactly the committed rows."""
-        for band in self.bands:
+        for band in self._arrays:
             band.set_shape_rows(rows)
 
     def truncate(self, rows: int) -> None:
@@ -296,7 +332,7 @@ class BandedVectors:
         with self._write_lock:
             self.set_rows(rows)
             self._kernel_bands = (0, [])  # chunk files past rows go away: so do their maps
-            for band in self.bands:
+            for band in self._arrays:
                 band.discard_from(rows)
 
     def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
@@ -348,6 +384,10 @@ class BandedVectors:
         self._kernel_bands = (min(len(d[0]) * d[1] for d in described), described)  # replaced whole
         return described
 
+    def kernel_norms(self, rows_needed: int) -> tuple | None:
+        """``row_norms`` described like a band for the native kernels (None in stores made without it)."""
+        return None if self.norms is None else self.norms.kernel_band(rows_needed)
+
     def read_range(self, row_start: int, row_stop: int, col_start: int, col_stop: int) -> np.ndarray:
         """A contiguous block of rows as float32 (used for exact scans and index rebuilds)."""
         out = np.empty((row_stop - row_start, col_stop - col_start), dtype=np.float32)
@@ -367,6 +407,6 @@ class BandedVectors:
 
     def close(self) -> None:
         self._kernel_bands = (0, [])
-        for band in self.bands:
+        for band in self._arrays:
             band._addresses = np.zeros(0, dtype=np.uint64)
             band._maps.clear()

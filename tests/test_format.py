@@ -51,3 +51,18 @@ def test_v1_fixture_accepts_writes(fixture_copy):
         assert len(store) == len(expected["items"]) + 2
     group = zarr.open_group(str(path / "vectors"), mode="r")
     assert group["band_00016_00032"].shape == (expected["rows"] + 2, 16)
+    assert "row_norms" not in group.array_keys()  # a version 1 store stays version 1 until compacted
+
+
+def test_compacting_a_v1_store_makes_it_v2_with_row_norms(fixture_copy):
+    path, expected = fixture_copy
+    with mrlstore.open(path) as store:
+        assert store.manifest["format_version"] == 1
+        before = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
+        store.compact()
+        assert store.manifest["format_version"] == 2
+        assert store._vectors.norms is not None
+        after = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
+    assert after == before
+    group = zarr.open_group(str(path / "vectors"), mode="r")
+    assert group["row_norms"].shape == (len(expected["items"]), len(expected["bands"]))

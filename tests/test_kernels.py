@@ -117,6 +117,27 @@ def test_scan_kernel_matches_the_numpy_twin_and_the_reference(loaded, metric, n_
 
 
 @needs_native
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize(("d", "n"), [(8, 12), (8, 300), (24, 250), (64, 5)])
+def test_one_query_block_scans_match_the_numpy_twin(loaded, metric, d, n):
+    """The one-query scan in blocks of eight rows (d=8: the first band, squared norms read from row_norms;
+    n=300 and 250: the cheap top-n cuts its buffer several times) over chunks of 64 rows with deleted rows."""
+    store, x = loaded
+    snap = store._snap
+    rng = np.random.default_rng(11)
+    for q in (x[[200]] + 0.1 * rng.standard_normal((1, 64)), rng.standard_normal((1, 64))):
+        q = q.astype(np.float32)
+        got = {m: kernels.scan(store._vectors, q, d, n, metric, stop=snap.watermark, live=snap.live, native=m)
+               for m in (True, False)}  # fmt: skip
+        assert got[True][0].tolist() == got[False][0].tolist()
+        # l2 near a stored row: sqrt(sq - 2 dot + qq) cancels, float32 sums differ by ~1e-5 there
+        np.testing.assert_allclose(got[True][1], got[False][1], rtol=1e-5, atol=1e-4 if metric == "l2" else 1e-6)
+        live = np.flatnonzero(snap.live[: snap.watermark])
+        ref = scoring.prefix_scores(x[live], q, d, metric)[:, 0]
+        assert got[True][0].tolist() == live[scoring.top(ref, n, metric)].tolist()
+
+
+@needs_native
 def test_scan_kernel_uses_threads_on_large_scans_with_the_same_result(tmp_path):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((20000, 128)).astype(np.float32)
@@ -173,9 +194,46 @@ def test_kernels_refuse_rows_past_the_mapped_chunks(loaded):
     def call(offsets):
         out = (np.zeros(1, np.int64), np.zeros(1), np.zeros(1, np.int64))
         stage = (np.array([8], np.int32), np.array([1], np.int32), 0)
-        native.refine(bands, rows, offsets, np.ones((1, 8), np.float32), 8, *stage, *out, 1)
+        native.refine(
+            bands, rows, offsets, np.ones((1, 8), np.float32), 8, *stage, *out, 1, None, np.array([0, 8], np.int32)
+        )
 
     with pytest.raises(IndexError):
         call(np.array([0, 1], np.int64))
     with pytest.raises(ValueError, match="offsets"):
         call(np.array([1, 0], np.int64))
+
+
+@needs_native
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("stages", [((64,), (10,)), ((8, 64), (120, 10)), ((8, 24, 64), (300, 40, 7))])
+def test_bounded_last_stage_returns_what_reading_every_row_returns(loaded, metric, stages, monkeypatch):
+    """The last stage skips rows whose stored band norms rule them out: the hits are those of reading every
+    row (native without norms, and the numpy twin), on rows spread over chunks with deleted rows among them."""
+    store, stored = loaded
+    rng = np.random.default_rng(7)
+    queries = np.vstack([stored[[3, 400]] + 0.3 * rng.standard_normal((2, 64)), rng.standard_normal((2, 64))])
+    queries = queries.astype(np.float32)
+    live = np.setdiff1d(np.arange(len(stored)), np.arange(5, 10))
+    rows, offsets = _flat([live, live[::3], live[100:400], live])
+    dims, keeps = stages
+    assert store._vectors.kernel_norms(len(stored)) is not None
+    bounded = kernels.refine(store._vectors, rows, offsets, queries, dims, keeps, metric)
+    twin = kernels.refine(store._vectors, rows, offsets, queries, dims, keeps, metric, native=False)
+    monkeypatch.setattr(store._vectors, "kernel_norms", lambda rows_needed: None)
+    unbounded = kernels.refine(store._vectors, rows, offsets, queries, dims, keeps, metric)
+    for other in (twin, unbounded):
+        assert bounded[0].tolist() == other[0].tolist()
+        assert bounded[1].tolist() == other[1].tolist()
+        np.testing.assert_allclose(bounded[2], other[2], rtol=1e-5, atol=1e-6)
+    if len(dims) == 1:  # the first query's candidates are every live row: its hits are the exact top k
+        reference = scoring.prefix_scores(stored[live], queries[:1], 64, metric)[:, 0]
+        assert bounded[0][: keeps[-1]].tolist() == live[scoring.top(reference, keeps[-1], metric)].tolist()
+
+
+def test_row_norms_hold_each_bands_squared_norm_as_stored(loaded):
+    store, stored = loaded
+    norms = store._vectors.norms
+    got = np.vstack([norms.mapped(c) for c in range(-(-len(stored) // norms.chunk_rows))])[: len(stored)]
+    want = np.stack([(stored[:, a:b].astype(np.float64) ** 2).sum(1) for a, b in ((0, 8), (8, 24), (24, 64))], 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

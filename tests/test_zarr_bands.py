@@ -25,9 +25,13 @@ def test_every_band_reads_back_with_zarr_python(tmp_path, rng):
         )
     group = zarr.open_group(str(tmp_path / "s" / "vectors"), mode="r")
     assert group.attrs["mrlstore"]["bands"] == [8, 16, 64]
-    full = np.concatenate([group[name][:] for name in sorted(group.array_keys())], axis=1)
+    names = sorted(n for n in group.array_keys() if n.startswith("band_"))
+    full = np.concatenate([group[name][:] for name in names], axis=1)
     assert full.shape == (300, 64) and full.dtype == np.float16
     np.testing.assert_array_equal(full, x.astype(np.float16))
+    stored = full.astype(np.float64)
+    want = np.stack([(stored[:, a:b] ** 2).sum(1) for a, b in ((0, 8), (8, 16), (16, 64))], axis=1)
+    np.testing.assert_allclose(group["row_norms"][:], want, rtol=1e-5)  # the bands' norms, row for row
     assert sorted(map(tuple, via_store.tolist())) == sorted(map(tuple, full.astype(np.float32).tolist()))
 
 
