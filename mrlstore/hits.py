@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .metadata import records
+from .metadata import HitRows, records
 
 
 class Hits:
@@ -20,25 +20,26 @@ class Hits:
     the query returned (``to_arrow`` uses that table directly).
     """
 
-    __slots__ = ("ids", "scores", "dims", "_table", "_metadata")
+    __slots__ = ("ids", "scores", "dims", "_table", "_rows", "_metadata")
 
     def __init__(
         self,
         ids: list[str],
         scores: np.ndarray,
-        metadata: list[dict[str, Any]] | pa.Table | None = None,
+        metadata: list[dict[str, Any]] | pa.Table | HitRows | None = None,
         dims: tuple[int, ...] = (),
     ):
         self.ids = ids
         self.scores = scores
         self.dims = dims
         self._table = metadata if isinstance(metadata, pa.Table) else None
-        self._metadata = None if isinstance(metadata, pa.Table) else list(metadata or [])
+        self._rows = metadata if isinstance(metadata, HitRows) else None
+        self._metadata = None if isinstance(metadata, (pa.Table, HitRows)) else list(metadata or [])
 
     @property
     def metadata(self) -> list[dict[str, Any]]:
         if self._metadata is None:
-            self._metadata = records(self._table, len(self.ids))
+            self._metadata = self._rows.records() if self._rows is not None else records(self._table, len(self.ids))
         return self._metadata
 
     def __len__(self) -> int:
@@ -63,6 +64,8 @@ class Hits:
             "id": pa.array(self.ids, pa.string()),
             "score": pa.array(np.asarray(self.scores, dtype=np.float64)),
         }
+        if self._rows is not None:
+            self._table, self._rows = self._rows.arrow(), None
         if self._table is not None and self._table.num_columns:
             for name in self._table.column_names:
                 cols[name] = self._table.column(name)

@@ -35,6 +35,7 @@ class RowTable:
         self.rows = base.num_rows + (tail.num_rows if tail is not None else 0)
         self._base_ids = _StringGather.of(base.column(ID)) if ID in base.column_names else None
         self._base_meta: pa.Table | None = None
+        self._gathers: list[tuple[str, Any]] | None = None  # per metadata column of the base, built on first use
 
     @classmethod
     def from_catalog(cls, live_rows: np.ndarray, live: pa.Table, rows: int) -> RowTable:
@@ -91,6 +92,18 @@ class RowTable:
         tail = self.tail.drop_columns([ID]) if self.tail is not None else None
         return self._take(rows, self._base_meta, tail)
 
+    def records(self, rows: np.ndarray) -> list[dict[str, Any]]:
+        """The metadata of ``rows`` as one dict per row: gathered column by column straight from the Arrow
+        buffers when every column allows it (strings, numbers and booleans without nulls; about 3 µs for
+        10 rows where Arrow's take and to_pylist cost about 20), else through Arrow."""
+        if self._gathers is None:
+            self._gathers = [(name, _gather_of(self.base.column(name))) for name in self.columns]
+        if len(rows) and rows.max() < self.base.num_rows and all(g is not None for _, g in self._gathers):
+            values = [(name, g.take(rows)) for name, g in self._gathers]
+            if all(v is not None for _, v in values):
+                return [dict(zip([n for n, _ in values], row)) for row in zip(*(v for _, v in values))]
+        return records(self.take_metadata(rows), len(rows))
+
     @staticmethod
     def _take(rows: np.ndarray, base: pa.Table, tail: pa.Table | None) -> pa.Table:
         n_base = base.num_rows
@@ -102,6 +115,22 @@ class RowTable:
         parts = _concat([base.take(rows[in_base]), tail.take(rows[~in_base] - n_base)])
         order = np.concatenate([np.flatnonzero(in_base), np.flatnonzero(~in_base)])
         return parts.take(np.argsort(order))
+
+
+class HitRows:
+    """The metadata of one query's hits, read from its snapshot's RowTable when first asked for (a query
+    that never reads it pays nothing; one that does pays a few µs for the dicts)."""
+
+    __slots__ = ("table", "rows")
+
+    def __init__(self, table: RowTable, rows: np.ndarray):
+        self.table, self.rows = table, rows
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.table.records(self.rows)
+
+    def arrow(self) -> pa.Table | None:
+        return self.table.take_metadata(self.rows)
 
 
 class _StringGather:
@@ -130,6 +159,29 @@ class _StringGather:
                 return None
         data = self.data
         return [str(data[a:b], "utf-8") for a, b in zip(self.offsets[rows].tolist(), self.offsets[rows + 1].tolist())]
+
+
+class _NumberGather:
+    """Numbers or booleans of a single-chunk column without nulls, by row, from its numpy view."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+
+    def take(self, rows: np.ndarray) -> list[Any]:
+        return self.values[rows].tolist()
+
+
+def _gather_of(column: pa.ChunkedArray) -> _StringGather | _NumberGather | None:
+    """A fast by-row reader of ``column`` whose values equal Arrow's to_pylist, or None."""
+    if column.num_chunks != 1:
+        return None
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return _StringGather.of(column)
+    numeric = pa.types.is_integer(kind) or (pa.types.is_floating(kind) and not pa.types.is_float16(kind))
+    if column.null_count == 0 and (numeric or pa.types.is_boolean(kind)):
+        return _NumberGather(column.chunk(0).to_numpy(zero_copy_only=False))
+    return None
 
 
 def _with_columns_of(table: pa.Table, other: pa.Table) -> pa.Table:

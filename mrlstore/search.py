@@ -16,7 +16,7 @@ import numpy as np
 
 from . import kernels
 from .hits import Hits
-from .metadata import RowTable
+from .metadata import HitRows, RowTable
 
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
 # scan of those rows; larger ones use the HNSW index with over-fetching.
@@ -65,6 +65,8 @@ class Snapshot:
 
     def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> list:
         ids = self.table.take_ids(rows)
+        if metadata and len(offsets) == 2 and self.table.columns:  # one query: its metadata read when asked for
+            return [Hits(ids, scores, HitRows(self.table, rows), dims)]
         table = self.table.take_metadata(rows) if metadata else None
         out = []
         for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):

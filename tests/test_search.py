@@ -219,3 +219,26 @@ def test_tune_on_held_out_queries_measures_them_and_bad_ones_change_nothing(tmp_
         with pytest.raises(mrlstore.ShapeError, match="length between"):
             store.tune(recall=0.9, queries=held_out[:, :64])  # tuning needs full-dim queries
         assert store.manifest["tuned"] == choice
+
+
+def test_row_records_equal_arrows_dicts_for_every_column_kind():
+    """RowTable.records gathers strings, numbers and booleans without nulls itself, and anything else (nulls,
+    float16, timestamps, lists, rows in the tail) through Arrow: the dicts are the same either way."""
+    import datetime as dt
+
+    n = 40
+    fast = pa.table({
+        "id": pa.array([f"r{i}" for i in range(n)]), "s": pa.array([f"é{i}" for i in range(n)]),
+        "i32": pa.array(range(n), pa.int32()), "f32": pa.array(np.linspace(0, 1, n, dtype=np.float32)),
+        "b": pa.array([i % 3 == 0 for i in range(n)]),
+    })  # fmt: skip
+    slow = fast.append_column("ts", pa.array([dt.datetime(2026, 1, 1 + i % 28) for i in range(n)]))
+    slow = slow.append_column("null_s", pa.array([None if i % 4 else "x" for i in range(n)]))
+    slow = slow.append_column("half", pa.array(np.arange(n, dtype=np.float16)))
+    rows = np.array([39, 0, 7, 7, 21])
+    for base in (fast, slow):
+        table = RowTable(base)
+        assert table.records(rows) == base.drop_columns(["id"]).take(rows).to_pylist()
+        grown = table.appended(base.slice(0, 3).set_column(0, "id", pa.array(["t0", "t1", "t2"])))
+        both = np.array([41, 2, 40, 39])  # rows in the tail too
+        assert grown.records(both) == grown.take_metadata(both).to_pylist()
