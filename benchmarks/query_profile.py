@@ -7,7 +7,10 @@ Builds (once) a default float16 store of N rows from ``mrlstore.synthetic`` (the
 three metadata columns, runs ``tune(recall=0.95)``, then times single queries, one at a time, with metadata:
 the default call ``store.query(q)``, ``dims=[16, 2048]`` and exact ``dims=[2048]``. The profile lists the
 functions with the most own time per default query (profiling inflates small calls; the p50s are without
-it). Works against any checkout with ``--root`` (the ``before`` column of issue notes).
+it). Works against any checkout with ``--root`` (the ``before`` column of issue notes). Then the stages of
+``dims=[16, 2048]`` at its tuned shortlist, timed alone (median µs per query): the 16-d HNSW search, the
+2048-d re-rank of its candidates with the stored band norms (a format 2 store) and without, and an exact
+16-d scan keeping as many rows (what the HNSW search replaces).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> None:
                 _ = h.metadata  # materialise the metadata the caller reads
                 times.append(time.perf_counter() - t0)
             print(f"{name}: p50 {1e3 * np.median(times):.3f} ms, p99 {1e3 * np.percentile(times, 99):.3f} ms")
+        stage_times(store, queries)
         prof = cProfile.Profile()
         prof.enable()
         for q in queries:
@@ -81,6 +85,39 @@ def main() -> None:
         where = f"{Path(file).name}:{line}({fn})" if line else fn
         print(f"  {1e6 * tottime / len(queries):8.1f} µs own {1e6 * cumtime / len(queries):8.1f} µs cum  "
               f"{ncalls / len(queries):5.1f} calls  {where}")  # fmt: skip
+
+
+def stage_times(store, queries: np.ndarray) -> None:
+    """The stages of dims=[16, 2048], each timed alone over the same candidates (private API: a benchmark)."""
+    from mrlstore import kernels
+
+    funnel, snap, vectors = store._funnel, store._snap, store._vectors
+    shortlist = store._plan([16, 2048], 10, None, None).sizes[0]
+    qs = [np.ascontiguousarray(q[None], dtype=np.float32) for q in queries]
+
+    def median_us(fn) -> float:
+        fn(qs[0])
+        times = []
+        for q in qs:
+            t0 = time.perf_counter()
+            fn(q)
+            times.append(time.perf_counter() - t0)
+        return 1e6 * float(np.median(times))
+
+    candidates = {id(q): np.sort(funnel.indexes[16].search(q, shortlist, shortlist)[0]) for q in qs}
+    offsets = np.array([0, shortlist], dtype=np.int64)
+    print(f"\ndims=[16, 2048] stages alone, shortlist {shortlist} (median µs per query):")
+    hnsw = median_us(lambda q: funnel.indexes[16].search(q, shortlist, shortlist))
+    print(f"  16-d HNSW search (ef {shortlist}): {hnsw:.0f}")
+    rerank = lambda q: kernels.refine(vectors, candidates[id(q)], offsets, q, (2048,), (10,), "cosine")  # noqa: E731
+    norms = getattr(vectors, "norms", None)
+    print(f"  2048-d re-rank{' with row norms' if norms is not None else ''}: {median_us(rerank):.0f}")
+    if norms is not None:
+        vectors.norms = None  # kernel_norms() now says there are none
+        print(f"  2048-d re-rank without row norms: {median_us(rerank):.0f}")
+        vectors.norms = norms
+    scan = lambda q: kernels.scan(vectors, q, 16, shortlist, "cosine", stop=snap.watermark, live=snap.live)  # noqa: E731
+    print(f"  exact 16-d scan keeping {shortlist}: {median_us(scan):.0f}")
 
 
 if __name__ == "__main__":

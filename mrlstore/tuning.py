@@ -2,9 +2,14 @@
 on the store's own rows, and the query plans that use it.
 
 The manifest's ``tuned`` entry holds the fastest shape's setting at its top level (``dims``, ``shortlist``,
-``ef``, ``recall``, ``ms_per_query``, ``k``, ``target``, ``sample``) and every measured shape under
+``ef``, ``recall``, ``ms_per_query``, ``k``, ``target``, ``sample``, ``taper``) and every measured shape under
 ``shapes`` (key ``"16,2048"``), so ``query(dims=[16, 2048])`` without ``shortlist`` uses the setting tuned
 for exactly that funnel. Stores tuned before shapes existed have only the top level; it still applies.
+
+Survivors halve from stage to stage, except that a funnel of three or more stages may ``taper``: its last
+re-rank before the full dimension then gets half as many (the 256-d prefix ranks well: at 1M rows,
+``[230, 115, 28]`` instead of ``[230, 115, 57]`` cost 6% less for recall 0.969 instead of 0.971). Tuning
+measures both and keeps the faster one that reaches the target.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .validation import dims_tuple, positive_int
 GRID = (10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200)
 FINE_GRID = (15, 25, 40, 60, 90, 115, 130, 175, 230, 260, 350, 450, 500, 700, 1000, 1400, 2000, 2800)
 MAX_SHORTLIST = 3200
+TAPER = 2
 
 
 def shape_key(dims: Sequence[int]) -> str:
@@ -67,6 +73,7 @@ def make_plan(
         dims = setting["dims"]
         shortlist = max(k, setting["shortlist"] * k // setting["k"])
         ef = ef if ef is not None else max(setting["ef"], shortlist)
+        shortlist = tapered_sizes(shortlist, k, len(dims), setting.get("taper", 1)) if len(dims) > 1 else shortlist
     dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
     try:
         sizes = shortlist_sizes(shortlist, k, len(dims_t))
@@ -77,6 +84,15 @@ def make_plan(
         if s < k:
             raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
     return Plan(dims_t, k, tuple(sizes), ef)
+
+
+def tapered_sizes(shortlist: int, k: int, stages: int, taper: int) -> list[int]:
+    """Survivors per stage but the last: halving from ``shortlist``, the last of three or more divided by
+    ``taper`` once more."""
+    sizes = shortlist_sizes(shortlist, k, stages)
+    if taper > 1 and len(sizes) >= 2:
+        sizes[-1] = max(k, sizes[-1] // taper)
+    return sizes
 
 
 def plan_key(dims: Any, k: Any, shortlist: Any, ef: Any) -> tuple | None:
@@ -150,13 +166,18 @@ def tune(
         point, points = _cheapest(
             lambda s, d=dims_t: _measure(funnel, snap, queries, probe, truth, d, s, k, recall), grid, fine
         )
+        if point["reached"] and len(dims_t) >= 3:  # the tapered schedule at the same first stage
+            tapered = _measure(funnel, snap, queries, probe, truth, dims_t, point["shortlist"], k, recall, TAPER)
+            points.append(tapered)
+            if tapered["reached"] and tapered["ms_per_query"] < point["ms_per_query"]:
+                point = tapered
         tried += points
         best_per_shape[shape_key(dims_t)] = point
     best = _choose(best_per_shape, tried, recall, budget)
-    shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached")}
+    shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached", "taper")}
                   for key, p in best_per_shape.items()}  # fmt: skip
     return {
-        **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "ms_per_query")},
+        **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "ms_per_query", "taper")},
         "k": k,
         "target": recall,
         "sample": len(probe),
@@ -209,8 +230,8 @@ def _others(rows: np.ndarray, own: int, k: int) -> np.ndarray:
     return rows[rows != own][:k]
 
 
-def _measure(funnel, snap, queries, probe, truth, dims_t, s, k, target) -> dict[str, Any]:
-    sizes = tuple(shortlist_sizes(s, k + 1, len(dims_t))) if len(dims_t) > 1 else ()
+def _measure(funnel, snap, queries, probe, truth, dims_t, s, k, target, taper: int = 1) -> dict[str, Any]:
+    sizes = tuple(tapered_sizes(s, k + 1, len(dims_t), taper)) if len(dims_t) > 1 else ()
     ef = max(funnel.ef_search, s)
     plan = Plan(tuple(dims_t), k + 1, sizes, ef)
     # One query at a time: the latency a caller of query() sees (a batch would time the threads).
@@ -222,4 +243,5 @@ def _measure(funnel, snap, queries, probe, truth, dims_t, s, k, target) -> dict[
     )
     return {
         "dims": list(dims_t), "shortlist": s, "ef": ef, "recall": got, "ms_per_query": ms, "reached": got >= target,
+        "taper": taper,
     }  # fmt: skip

@@ -135,9 +135,8 @@ def test_tune_covers_every_shape_and_query_with_dims_uses_its_setting(mrl_store)
         if setting["reached"]:
             assert setting["recall"] >= 0.9
         got = store.query(x[:20], k=10, dims=dims, metadata=False)
-        explicit = store.query(
-            x[:20], k=10, dims=dims, shortlist=setting["shortlist"], ef=setting["ef"], metadata=False
-        )
+        sizes = tuning.tapered_sizes(setting["shortlist"], 10, len(dims), setting["taper"])
+        explicit = store.query(x[:20], k=10, dims=dims, shortlist=sizes, ef=setting["ef"], metadata=False)
         assert [h.ids for h in got] == [h.ids for h in explicit]
     # k=20 scales the tuned shortlist; an explicit shortlist overrides the tuning
     plan = tuning.make_plan(store.manifest["tuned"], [16, 256], 20, None, None, store.index_dims, store.dim)
