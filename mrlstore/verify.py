@@ -1,8 +1,9 @@
 """Checking a store's files against its commit invariants (``Store.verify``, ``mrlstore verify``).
 
 What a crash or a lost file can break, each checked against the catalog (the commit point): every band
-holds the committed rows; every chunk file that holds committed rows exists with its full size; no live
-row reads as all zeros where a stored vector cannot be zero (a missing chunk reads as zeros in Zarr);
+(and row_norms) holds the committed rows; every chunk file that holds committed rows exists with its full
+size; no live row reads as all zeros where a stored vector cannot be zero (a missing chunk reads as zeros
+in Zarr); a sample of rows' stored band norms agree with their values (the bounded re-rank trusts them);
 the catalog's rows lie below the watermark; the HNSW caches cover no row the catalog lacks.
 """
 
@@ -14,14 +15,18 @@ from typing import Any
 import numpy as np
 
 ZERO_CHECK_BLOCK = 65536  # rows read per block when looking for all-zero rows
+NORM_CHECK_ROWS = 2000  # live rows, evenly spread, whose band norms are recomputed
 
 
 def problems(store: Any) -> list[str]:
     """Everything wrong with ``store`` (an open Store), as sentences; empty when it is consistent."""
     snap, vectors = store._snap, store._vectors
     found: list[str] = []
-    for band in vectors.bands:  # from the files as they are now (the open store's maps would hide a loss)
-        found += _band_file_problems(band, snap.watermark)
+    arrays = [(b, f"band {b.start}-{b.stop}") for b in vectors.bands]
+    if getattr(vectors, "norms", None) is not None:
+        arrays.append((vectors.norms, "row_norms"))
+    for array, name in arrays:  # from the files as they are now (the open store's maps would hide a loss)
+        found += _band_file_problems(array, name, snap.watermark)
     if found:
         return found  # the rows cannot be read: the checks below would only repeat it
     outside = store._catalog.rows_outside(snap.watermark)
@@ -33,20 +38,35 @@ def problems(store: Any) -> list[str]:
             found.append(
                 f"{len(zero)} committed row(s) read as all zeros (lost vector data), e.g. rows {zero[:5].tolist()}"
             )
+    found += _norm_problems(vectors, snap)
     for d, index in store._indexes.items():
         if index.covered_rows > snap.watermark:
             found.append(f"the {d}-d HNSW cache covers {index.covered_rows} rows; {snap.watermark} are committed")
     return found
 
 
-def _band_file_problems(band: Any, watermark: int) -> list[str]:
+def _norm_problems(vectors: Any, snap: Any) -> list[str]:
+    """Stored band norms of up to NORM_CHECK_ROWS live rows, evenly spread, against their values."""
+    if getattr(vectors, "norms", None) is None:
+        return []
+    live = np.flatnonzero(snap.live[: snap.watermark])
+    if not len(live):
+        return []
+    sample = np.unique(live[np.linspace(0, len(live) - 1, min(NORM_CHECK_ROWS, len(live))).astype(np.int64)])
+    wrong = vectors.norm_mismatches(sample)
+    if not len(wrong):
+        return []
+    return [f"row_norms disagree with the stored vectors of {len(wrong)} sampled row(s), e.g. {wrong[:5].tolist()}"]
+
+
+def _band_file_problems(band: Any, name: str, watermark: int) -> list[str]:
     found = []
     try:
         rows = int(json.loads((band.dir / "zarr.json").read_text())["shape"][0])
         if rows < watermark:
-            found.append(f"band {band.start}-{band.stop} records {rows} rows but {watermark} are committed")
+            found.append(f"{name} records {rows} rows but {watermark} are committed")
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        found.append(f"band {band.start}-{band.stop}: unreadable Zarr metadata ({e})")
+        found.append(f"{name}: unreadable Zarr metadata ({e})")
     for chunk in range(-(-watermark // band.chunk_rows)):
         path = band.chunk_path(chunk)
         try:

@@ -384,6 +384,20 @@ class BandedVectors:
         self._kernel_bands = (min(len(d[0]) * d[1] for d in described), described)  # replaced whole
         return described
 
+    def norm_mismatches(self, rows: np.ndarray) -> np.ndarray:
+        """Of ``rows`` (sorted), those whose stored band norms disagree with their stored values (beyond
+        float32 rounding): the bounded re-rank trusts the norms."""
+        if self.norms is None or not len(rows):
+            return np.empty(0, np.int64)
+        stored = np.empty((len(rows), self.norms.width), dtype=NORM_DTYPE)
+        chunk_of = rows // self.norms.chunk_rows
+        for chunk in np.unique(chunk_of).tolist():
+            pick = chunk_of == chunk
+            stored[pick] = self.norms.mapped(chunk)[rows[pick] - chunk * self.norms.chunk_rows]
+        want = band_norms(self.gather(rows, 0, self.dim), self.edges, self.dtype)
+        bad = ~np.isclose(stored, want, rtol=1e-3, atol=1e-6 * want.sum(axis=1, keepdims=True) + 1e-30).all(axis=1)
+        return rows[bad]
+
     def kernel_norms(self, rows_needed: int) -> tuple | None:
         """``row_norms`` described like a band for the native kernels (None in stores made without it)."""
         return None if self.norms is None else self.norms.kernel_band(rows_needed)

@@ -82,7 +82,7 @@ def test_verify_finds_a_lost_chunk_and_zeroed_rows(vectors, tmp_path):
     with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=128) as s:
         s.add_vectors(x)
         assert s.verify() == []
-    chunk = next((path / "vectors").glob("*/c/1/0"))
+    chunk = next((path / "vectors").glob("band_*/c/1/0"))
     data = bytearray(chunk.read_bytes())
     data[:] = bytes(len(data))  # the chunk's rows read as zeros, like a chunk Zarr never wrote
     chunk.write_bytes(bytes(data))
@@ -94,6 +94,20 @@ def test_verify_finds_a_lost_chunk_and_zeroed_rows(vectors, tmp_path):
         assert any("is missing" in p for p in s.verify())
     out = cli("verify", str(path))
     assert out.returncode == 1 and "problem:" in out.stderr
+
+
+def test_verify_finds_row_norms_that_disagree_with_the_vectors(vectors, tmp_path):
+    _, x = vectors
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=128) as s:
+        s.add_vectors(x)
+    norms = path / "vectors" / "row_norms" / "c" / "0" / "0"
+    data = bytearray(norms.read_bytes())
+    data[: 8 * 40] = bytes(8 * 40)  # rows 0-39 (two float32 norms each) lose their norms
+    norms.write_bytes(bytes(data))
+    with mrlstore.open(path, read_only=True) as s:
+        found = s.verify()
+    assert any("row_norms disagree" in p for p in found), found
 
 
 def test_export_keeps_ids_metadata_and_vectors(tmp_path):
