@@ -88,9 +88,9 @@ def _start(tmp_path: Path, name: str, code: str, *args: str) -> subprocess.Popen
 
 def test_readers_in_other_processes_see_whole_versions_while_the_writer_adds(tmp_path):
     path = tmp_path / "live.mrl"
-    writer = _start(tmp_path, "writer", WRITER, str(path), "6")
+    writer = _start(tmp_path, "writer", WRITER, str(path), "9")
     assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
-    readers = [_start(tmp_path, f"reader{i}", READER, str(path), "4") for i in range(3)]
+    readers = [_start(tmp_path, f"reader{i}", READER, str(path), "6") for i in range(3)]
     results = []
     for reader in readers:
         out, err = reader.communicate(timeout=120)
