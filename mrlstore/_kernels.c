@@ -61,12 +61,7 @@ typedef struct {
 
 /* Write query q's heap, best first, as its results. */
 static void write_results(RefineCtx *c, Py_ssize_t q, Heap *h) {
-    qsort(h->e, (size_t)h->n, sizeof(Entry), cmp_best_first);
-    for (int j = 0; j < h->n; j++) {
-        c->out_rows[q * c->k + j] = h->e[j].row;
-        c->out_scores[q * c->k + j] = c->metric == L2 ? -h->e[j].key : h->e[j].key;
-    }
-    c->out_counts[q] = h->n;
+    c->out_counts[q] = write_best(h, c->metric, c->out_rows + q * c->k, c->out_scores + q * c->k);
 }
 
 /* The band edge where a bounded last stage splits: the last edge in [covered, to) above 0, when `to` is an
@@ -166,8 +161,7 @@ static void last_stage_bounded(RefineCtx *c, Py_ssize_t q, int64_t *rows, double
         }
         if (g && acc_rows(c->bs, group, g, qv, split, to, gdot, gsq)) c->failed = 1;
         for (int r = 0; r < g; r++) {
-            double sc = score_of(c->metric, gdot[r], gsq[r], qq_full);
-            heap_push(&h, (Entry){c->metric == L2 ? -sc : sc, group[r], gpos[r]});
+            heap_push(&h, (Entry){key_of(c->metric, gdot[r], gsq[r], qq_full), group[r], gpos[r]});
         }
     }
     write_results(c, q, &h);
@@ -197,8 +191,7 @@ static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot,
         covered = c->dims[s];
         Heap h = {heap, 0, c->keeps[s]};
         for (Py_ssize_t i = 0; i < n; i++) {
-            double sc = score_of(c->metric, dot[i], sq[i], qq);
-            heap_push(&h, (Entry){c->metric == L2 ? -sc : sc, rows[i], i});
+            heap_push(&h, (Entry){key_of(c->metric, dot[i], sq[i], qq), rows[i], i});
         }
         if (s == c->stages - 1) {
             write_results(c, q, &h);
@@ -352,7 +345,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     if (parse_bands(band_seq, &bs)) goto done;
     if (norm_seq != Py_None && parse_bands(norm_seq, &nbs)) goto done;
     /* The first band is exactly the scanned prefix, and its norms are stored: scan_blocks_prefix. */
-    int norm_cols = nbs.n == 1 && !nbs.b[0].f16 && nbs.b[0].width == bs.n && bs.n >= 1 && bs.b[0].start == 0 &&
+    int prefix_norms = nbs.n == 1 && !nbs.b[0].f16 && nbs.b[0].width == bs.n && bs.n >= 1 && bs.b[0].start == 0 &&
                     bs.b[0].width == to;
     Py_ssize_t nq = qstride > 0 ? qs.len / 4 / qstride : 0;
     if (nq < 1 || keep < 1 || to < 1 || to > qstride || check_buf(&qs, 4, nq * qstride, "queries") ||
@@ -374,7 +367,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         goto done;
     }
     ScanCtx c = {&bs,   have_rows ? rows.buf : NULL, have_live ? live.buf : NULL, lo, hi, n_rows, qs.buf, qq.buf,
-                 nq,    qstride, to, metric, keep, parts, heaps, counts, norm_cols ? &nbs.b[0] : NULL, norm_cols, 0};
+                 nq,    qstride, to, metric, keep, parts, heaps, counts, prefix_norms ? &nbs.b[0] : NULL, 0};
     int64_t *out_rows = orows.buf, *out_counts = ocounts.buf;
     double *out_scores = oscores.buf;
     Py_BEGIN_ALLOW_THREADS parallel(scan_work, &c, parts);

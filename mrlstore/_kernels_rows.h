@@ -108,14 +108,14 @@ static inline int rows_dot_sq4(const Bands *bs, const int64_t *rows, const float
     return 0;
 }
 
-/* row_dot_sq for the eight rows row..row+7 (dot, sq of each, added to): 0; 1 when they straddle a chunk
- * boundary in some band (score them one by one); -1 if one is not mapped. */
 static inline int64_t chunk_offset(const Band *b, int64_t row) {
     return b->shift >= 0 ? (row & (b->chunk_rows - 1)) : row % b->chunk_rows;
 }
 
 static inline int straddles8(const Band *b, int64_t row) { return chunk_offset(b, row) + 8 > b->chunk_rows; }
 
+/* row_dot_sq for the eight rows row..row+7 (dot, sq of each, added to): 0; 1 when they straddle a chunk
+ * boundary in some band (score them one by one); -1 if one is not mapped. */
 static inline int rows8_dot_sq(const Bands *bs, int64_t row, const float *q, int to, double *dot, double *sq) {
     for (int i = 0; i < bs->n; i++) {
         const Band *b = &bs->b[i];
@@ -161,6 +161,12 @@ static inline double score_of(int metric, double dot, double sq, double qq) {
     }
     double denom = sqrt(sq * qq);
     return denom > 0 ? dot / denom : 0.0;
+}
+
+/* The selection key of a score: higher is better, so l2 distances are negated. */
+static inline double key_of(int metric, double dot, double sq, double qq) {
+    double sc = score_of(metric, dot, sq, qq);
+    return metric == L2 ? -sc : sc;
 }
 
 /* Which of eight rows (bit r: row r) could enter a full heap whose worst key is `worst` (heap_push decides):
@@ -306,6 +312,17 @@ static void topn_into_heap(TopN *t, Heap *h) {
 static int cmp_best_first(const void *a, const void *b) {
     const Entry *x = a, *y = b;
     return better(x, y) ? -1 : (better(y, x) ? 1 : 0);
+}
+
+/* Sort the heap's entries best first and write their rows and scores (l2 keys back to distances); returns
+ * how many. */
+static int write_best(Heap *h, int metric, int64_t *rows, double *scores) {
+    qsort(h->e, (size_t)h->n, sizeof(Entry), cmp_best_first);
+    for (int j = 0; j < h->n; j++) {
+        rows[j] = h->e[j].row;
+        scores[j] = metric == L2 ? -h->e[j].key : h->e[j].key;
+    }
+    return h->n;
 }
 
 static int cmp_pos(const void *a, const void *b) {

@@ -17,7 +17,6 @@ typedef struct {
     Entry *heaps; /* parts x nq x keep */
     int *counts;  /* parts x nq */
     const Band *norms; /* row_norms, when the first band is exactly [0, to): column 0 gives sq */
-    int norm_cols;
     volatile int failed;
 } ScanCtx;
 
@@ -26,8 +25,7 @@ static inline int scan_one(ScanCtx *c, TopN *h, int64_t row) {
     if (!c->rows && c->live && !c->live[row]) return 0;
     double dot = 0, sq = 0;
     if (row_dot_sq(c->bs, row, c->queries, 0, c->to, &dot, &sq)) return -1;
-    double sc = score_of(c->metric, dot, sq, c->qq[0]);
-    topn_push(h, (Entry){c->metric == L2 ? -sc : sc, row, 0});
+    topn_push(h, (Entry){key_of(c->metric, dot, sq, c->qq[0]), row, 0});
     return 0;
 }
 
@@ -49,8 +47,7 @@ static int64_t scan_blocks(ScanCtx *c, TopN *h, int64_t a, int64_t b) {
         for (; pass; pass &= pass - 1) {
             int r = __builtin_ctz(pass);
             if (c->live && !c->live[row + r]) continue;
-            double sc = score_of(c->metric, dot[r], sq[r], c->qq[0]);
-            topn_push(h, (Entry){c->metric == L2 ? -sc : sc, row + r, 0});
+            topn_push(h, (Entry){key_of(c->metric, dot[r], sq[r], c->qq[0]), row + r, 0});
         }
     }
     return i;
@@ -85,8 +82,7 @@ static int64_t scan_blocks_prefix(ScanCtx *c, TopN *h, int64_t a, int64_t b) {
                  pass; pass &= pass - 1) {
                 int r = __builtin_ctz(pass);
                 if (c->live && !c->live[row + r]) continue;
-                double sc = score_of(c->metric, dot[r], sq8[r], c->qq[0]);
-                topn_push(h, (Entry){c->metric == L2 ? -sc : sc, row + r, 0});
+                topn_push(h, (Entry){key_of(c->metric, dot[r], sq8[r], c->qq[0]), row + r, 0});
             }
         }
         i += run / 8 * 8;
@@ -151,13 +147,12 @@ static void scan_work(void *ctx, int part, int parts) {
             const float *qv = c->queries + q * c->qstride;
             dot4_f32(buf, qv, qv + c->qstride, qv + 2 * c->qstride, qv + 3 * c->qstride, c->to, dots);
             for (int j = 0; j < 4; j++) {
-                double sc = score_of(c->metric, dots[j], sq, c->qq[q + j]);
-                heap_push(&h[q + j], (Entry){c->metric == L2 ? -sc : sc, row, 0});
+                heap_push(&h[q + j], (Entry){key_of(c->metric, dots[j], sq, c->qq[q + j]), row, 0});
             }
         }
         for (; q < c->nq; q++) {
-            double sc = score_of(c->metric, dot_f32(buf, c->queries + q * c->qstride, c->to), sq, c->qq[q]);
-            heap_push(&h[q], (Entry){c->metric == L2 ? -sc : sc, row, 0});
+            double dot = dot_f32(buf, c->queries + q * c->qstride, c->to);
+            heap_push(&h[q], (Entry){key_of(c->metric, dot, sq, c->qq[q]), row, 0});
         }
     }
     for (Py_ssize_t q = 0; q < c->nq; q++) c->counts[(size_t)part * c->nq + q] = h[q].n;
@@ -173,11 +168,6 @@ static void merge_parts(ScanCtx *c, int64_t *out_rows, double *out_scores, int64
             const Entry *e = c->heaps + ((size_t)p * c->nq + q) * c->keep;
             for (int j = 0; j < c->counts[(size_t)p * c->nq + q]; j++) heap_push(&h, e[j]);
         }
-        qsort(h.e, (size_t)h.n, sizeof(Entry), cmp_best_first);
-        for (int j = 0; j < h.n; j++) {
-            out_rows[q * c->keep + j] = h.e[j].row;
-            out_scores[q * c->keep + j] = c->metric == L2 ? -h.e[j].key : h.e[j].key;
-        }
-        out_counts[q] = h.n;
+        out_counts[q] = write_best(&h, c->metric, out_rows + q * c->keep, out_scores + q * c->keep);
     }
 }

@@ -116,10 +116,11 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_sq4_simd(const void *co
     }
 }
 
-/* Eight sums of eight vectors at once: lane r of the result is the sum of v[r]'s lanes. */
-__attribute__((target("avx2,fma,f16c"))) static inline __m256 hsum8(const __m256 *v) {
-    __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+/* Eight sums of eight vectors at once: lane r of the result is the sum of vector r's lanes. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3,
+                                                                      __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
+    __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
     return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
@@ -142,8 +143,8 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_sq8_simd(const char *x,
         }
     }
     float dd[8], ss[8];
-    _mm256_storeu_ps(dd, hsum8(d));
-    _mm256_storeu_ps(ss, hsum8(s));
+    _mm256_storeu_ps(dd, hsum8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]));
+    _mm256_storeu_ps(ss, hsum8(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]));
     for (int r = 0; r < 8; r++) {
         const char *p = x + r * stride;
         double dr = dd[r], sr = ss[r];
@@ -184,9 +185,7 @@ __attribute__((target("avx2,fma,f16c"))) static int dot8_pass_simd(const char *x
         MRL_ROW(7, d7);
     }
 #undef MRL_ROW
-    __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(d0, d1), _mm256_hadd_ps(d2, d3));
-    __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(d4, d5), _mm256_hadd_ps(d6, d7));
-    __m256 dv = _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+    __m256 dv = hsum8(d0, d1, d2, d3, d4, d5, d6, d7);
     if (i < n) { /* columns past the last multiple of 8 */
         float dd[8];
         _mm256_storeu_ps(dd, dv);

@@ -46,6 +46,8 @@ class Rows(Protocol):
 
     def kernel_bands(self, rows_needed: int) -> list[tuple]: ...
 
+    def kernel_norms(self, rows_needed: int) -> tuple | None: ...
+
     def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]: ...
 
     def read_range(self, row_start: int, row_stop: int, col_start: int, col_stop: int) -> np.ndarray: ...
@@ -100,7 +102,7 @@ def refine(
         bands = vectors.kernel_bands(needed)
         # The kernel bounds only long last stages (at least 4k candidates a query): else skip the norms' setup.
         long_last = len(rows) >= 4 * keeps[-1] * nq and (len(stages) == 1 or keeps[-2] >= 4 * keeps[-1])
-        norms = getattr(vectors, "kernel_norms", _no_norms)(needed) if long_last else None
+        norms = vectors.kernel_norms(needed) if long_last else None
         bounds = _int32(vectors.band_bounds) if norms is not None else _NO_BOUNDS
         _native.refine(
             bands, rows, offsets, queries, queries.shape[1], _int32(tuple(stages)), _int32(tuple(keeps)),
@@ -117,10 +119,6 @@ def refine(
         pos, scores, offsets = _select(rows, offsets, dot, sq, qq, metric, keep, by_row=i < len(stages) - 1)
         rows, dot, sq = rows[pos], dot[pos], sq[pos]
     return rows, offsets, scores
-
-
-def _no_norms(rows_needed: int) -> None:
-    return None
 
 
 _NO_BOUNDS = np.zeros(1, np.int32)
@@ -198,7 +196,7 @@ def scan(
     if native and _native is not None and getattr(vectors, "native", True):
         last = int(rows[-1]) + 1 if rows is not None and len(rows) else stop
         bands = vectors.kernel_bands(last)
-        norms = getattr(vectors, "kernel_norms", _no_norms)(last)
+        norms = vectors.kernel_norms(last)
         out_rows = np.empty(nq * n, dtype=np.int64)
         out_scores = np.empty(nq * n, dtype=np.float64)
         counts = np.empty(nq, dtype=np.int64)

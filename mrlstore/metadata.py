@@ -55,6 +55,10 @@ class RowTable:
         return RowTable(_with_columns_of(self.base, tail), _with_columns_of(tail, self.base))
 
     @property
+    def has_metadata(self) -> bool:
+        return self.base.num_columns > 1  # more than the id
+
+    @property
     def columns(self) -> list[str]:
         """The metadata column names."""
         return [name for name in self.base.column_names if name != ID]
@@ -85,7 +89,7 @@ class RowTable:
 
     def take_metadata(self, rows: np.ndarray) -> pa.Table | None:
         """The metadata columns of ``rows`` (any order), or None when there are none."""
-        if self.base.num_columns <= 1:
+        if not self.has_metadata:
             return None
         if self._base_meta is None:
             self._base_meta = self.base.drop_columns([ID])
@@ -99,9 +103,10 @@ class RowTable:
         if self._gathers is None:
             self._gathers = [(name, _gather_of(self.base.column(name))) for name in self.columns]
         if len(rows) and rows.max() < self.base.num_rows and all(g is not None for _, g in self._gathers):
-            values = [(name, g.take(rows)) for name, g in self._gathers]
-            if all(v is not None for _, v in values):
-                return [dict(zip([n for n, _ in values], row)) for row in zip(*(v for _, v in values))]
+            names = [name for name, _ in self._gathers]
+            values = [g.take(rows) for _, g in self._gathers]
+            if all(v is not None for v in values):
+                return [dict(zip(names, row)) for row in zip(*values)]
         return records(self.take_metadata(rows), len(rows))
 
     @staticmethod

@@ -65,7 +65,7 @@ class Snapshot:
 
     def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> list:
         ids = self.table.take_ids(rows)
-        if metadata and len(offsets) == 2 and self.table.columns:  # one query: its metadata read when asked for
+        if metadata and len(offsets) == 2 and self.table.has_metadata:  # one query: its metadata read when asked for
             return [Hits(ids, scores, HitRows(self.table, rows), dims)]
         table = self.table.take_metadata(rows) if metadata else None
         out = []

@@ -73,7 +73,7 @@ def make_plan(
         dims = setting["dims"]
         shortlist = max(k, setting["shortlist"] * k // setting["k"])
         ef = ef if ef is not None else max(setting["ef"], shortlist)
-        shortlist = tapered_sizes(shortlist, k, len(dims), setting.get("taper", 1)) if len(dims) > 1 else shortlist
+        shortlist = tapered_sizes(shortlist, k, len(dims), setting.get("taper", 1))  # [] for a one-stage funnel
     dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
     try:
         sizes = shortlist_sizes(shortlist, k, len(dims_t))
@@ -231,7 +231,7 @@ def _others(rows: np.ndarray, own: int, k: int) -> np.ndarray:
 
 
 def _measure(funnel, snap, queries, probe, truth, dims_t, s, k, target, taper: int = 1) -> dict[str, Any]:
-    sizes = tuple(tapered_sizes(s, k + 1, len(dims_t), taper)) if len(dims_t) > 1 else ()
+    sizes = tuple(tapered_sizes(s, k + 1, len(dims_t), taper))
     ef = max(funnel.ef_search, s)
     plan = Plan(tuple(dims_t), k + 1, sizes, ef)
     # One query at a time: the latency a caller of query() sees (a batch would time the threads).

@@ -22,11 +22,8 @@ def problems(store: Any) -> list[str]:
     """Everything wrong with ``store`` (an open Store), as sentences; empty when it is consistent."""
     snap, vectors = store._snap, store._vectors
     found: list[str] = []
-    arrays = [(b, f"band {b.start}-{b.stop}") for b in vectors.bands]
-    if getattr(vectors, "norms", None) is not None:
-        arrays.append((vectors.norms, "row_norms"))
-    for array, name in arrays:  # from the files as they are now (the open store's maps would hide a loss)
-        found += _band_file_problems(array, name, snap.watermark)
+    for array in vectors.arrays:  # from the files as they are now (the open store's maps would hide a loss)
+        found += _band_file_problems(array, snap.watermark)
     if found:
         return found  # the rows cannot be read: the checks below would only repeat it
     outside = store._catalog.rows_outside(snap.watermark)
@@ -47,7 +44,7 @@ def problems(store: Any) -> list[str]:
 
 def _norm_problems(vectors: Any, snap: Any) -> list[str]:
     """Stored band norms of up to NORM_CHECK_ROWS live rows, evenly spread, against their values."""
-    if getattr(vectors, "norms", None) is None:
+    if vectors.norms is None:
         return []
     live = np.flatnonzero(snap.live[: snap.watermark])
     if not len(live):
@@ -59,14 +56,14 @@ def _norm_problems(vectors: Any, snap: Any) -> list[str]:
     return [f"row_norms disagree with the stored vectors of {len(wrong)} sampled row(s), e.g. {wrong[:5].tolist()}"]
 
 
-def _band_file_problems(band: Any, name: str, watermark: int) -> list[str]:
+def _band_file_problems(band: Any, watermark: int) -> list[str]:
     found = []
     try:
         rows = int(json.loads((band.dir / "zarr.json").read_text())["shape"][0])
         if rows < watermark:
-            found.append(f"{name} records {rows} rows but {watermark} are committed")
+            found.append(f"{band.label} records {rows} rows but {watermark} are committed")
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        found.append(f"{name}: unreadable Zarr metadata ({e})")
+        found.append(f"{band.label}: unreadable Zarr metadata ({e})")
     for chunk in range(-(-watermark // band.chunk_rows)):
         path = band.chunk_path(chunk)
         try:

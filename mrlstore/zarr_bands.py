@@ -106,6 +106,7 @@ class _Band:
             raise CorruptStoreError(f"unreadable Zarr array metadata {meta_path}: {e}") from None
         self.chunk_rows = self._check_layout(meta_path)
         self.chunk_bytes = self.chunk_rows * self.width * dtype.itemsize
+        self.label = name or f"band {start}-{stop}"  # in messages
         self._maps: dict[int, np.ndarray] = {}
         self._addresses = np.zeros(0, dtype=np.uint64)
         self._map_lock = threading.Lock()
@@ -155,6 +156,21 @@ class _Band:
             mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.chunk_rows, self.width)).view(np.ndarray)
             self._maps[chunk] = mm
         return mm
+
+    def take_sorted(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted) of the whole band, in the stored dtype, gathered chunk by chunk from the maps."""
+        rc = self.chunk_rows
+        chunk_of = rows // rc
+        first, last = int(chunk_of[0]), int(chunk_of[-1])
+        if first == last:
+            return self.mapped(first)[rows - first * rc]
+        block = np.empty((len(rows), self.width), dtype=self.dtype)
+        bounds = [0, *np.searchsorted(chunk_of, np.arange(first + 1, last + 1)).tolist(), len(rows)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a < b:
+                chunk = int(chunk_of[a])
+                block[a:b] = self.mapped(chunk)[rows[a:b] - chunk * rc]
+        return block
 
     def kernel_band(self, rows_needed: int) -> tuple:
         """(chunk base addresses, chunk_rows, first column, width, is_float16) for the native kernels,
@@ -260,7 +276,7 @@ class BandedVectors:
         self.bands = [_Band(self.root, a, b, self.dtype) for a, b in self.edges]
         has_norms = (self.root / NORMS_ARRAY / "zarr.json").exists()
         self.norms = _Band(self.root, 0, len(bands), NORM_DTYPE, name=NORMS_ARRAY) if has_norms else None
-        self._arrays = self.bands + ([self.norms] if self.norms is not None else [])
+        self.arrays = self.bands + ([self.norms] if self.norms is not None else [])  # every array of the group
         self._write_lock = threading.Lock()
         self._write_buffer: np.ndarray | None = None  # allocated by the first write, then reused
         self._kernel_bands: tuple[int, list[tuple]] = (0, [])  # rows covered, band descriptions
@@ -277,7 +293,7 @@ class BandedVectors:
         p50 of its first queries). Only within ``prefault_rows`` (a quarter of RAM): a larger store's rows
         are left to fault in as queries touch them, rather than read from disk at open."""
         row_stop = min(row_stop, self.prefault_rows)
-        for band in self._arrays:
+        for band in self.arrays:
             rc, step = band.chunk_rows, max(1, 4096 // band.dtype.itemsize)
             for chunk in range(row_start // rc, -(-row_stop // rc)):
                 lo, hi = max(row_start, chunk * rc) - chunk * rc, min(row_stop, (chunk + 1) * rc) - chunk * rc
@@ -289,11 +305,11 @@ class BandedVectors:
         return [b.chunk_rows for b in self.bands]
 
     def physical_rows(self) -> int:
-        return min(b.shape_rows for b in self._arrays)
+        return min(b.shape_rows for b in self.arrays)
 
     def is_clean(self, rows: int) -> bool:
         """True when every array's shape is ``rows`` and no chunk file lies wholly past it."""
-        for band in self._arrays:
+        for band in self.arrays:
             if band.shape_rows != rows:
                 return False
             cdir = band.dir / "c"
@@ -324,7 +340,7 @@ class BandedVectors:
 
     def set_rows(self, rows: int) -> None:
         """Record ``rows`` as the arrays' shape so zarr-python readers see exactly the committed rows."""
-        for band in self._arrays:
+        for band in self.arrays:
             band.set_shape_rows(rows)
 
     def truncate(self, rows: int) -> None:
@@ -332,7 +348,7 @@ class BandedVectors:
         with self._write_lock:
             self.set_rows(rows)
             self._kernel_bands = (0, [])  # chunk files past rows go away: so do their maps
-            for band in self._arrays:
+            for band in self.arrays:
                 band.discard_from(rows)
 
     def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
@@ -357,18 +373,7 @@ class BandedVectors:
             lo, hi = max(col_start, band.start), min(col_stop, band.stop)
             if lo >= hi:
                 continue
-            rc = band.chunk_rows
-            chunk_of = rows // rc
-            first, last = int(chunk_of[0]), int(chunk_of[-1])
-            if first == last:
-                block = band.mapped(first)[rows - first * rc]
-            else:
-                block = np.empty((len(rows), band.width), dtype=band.dtype)
-                bounds = [0, *np.searchsorted(chunk_of, np.arange(first + 1, last + 1)).tolist(), len(rows)]
-                for a, b in zip(bounds[:-1], bounds[1:]):
-                    if a < b:
-                        chunk = int(chunk_of[a])
-                        block[a:b] = band.mapped(chunk)[rows[a:b] - chunk * rc]
+            block = band.take_sorted(rows)
             if lo > band.start or hi < band.stop:
                 block = block[:, lo - band.start : hi - band.start]
             blocks.append((hi, block))
@@ -389,11 +394,7 @@ class BandedVectors:
         float32 rounding): the bounded re-rank trusts the norms."""
         if self.norms is None or not len(rows):
             return np.empty(0, np.int64)
-        stored = np.empty((len(rows), self.norms.width), dtype=NORM_DTYPE)
-        chunk_of = rows // self.norms.chunk_rows
-        for chunk in np.unique(chunk_of).tolist():
-            pick = chunk_of == chunk
-            stored[pick] = self.norms.mapped(chunk)[rows[pick] - chunk * self.norms.chunk_rows]
+        stored = self.norms.take_sorted(rows)
         want = band_norms(self.gather(rows, 0, self.dim), self.edges, self.dtype)
         bad = ~np.isclose(stored, want, rtol=1e-3, atol=1e-6 * want.sum(axis=1, keepdims=True) + 1e-30).all(axis=1)
         return rows[bad]
@@ -421,6 +422,6 @@ class BandedVectors:
 
     def close(self) -> None:
         self._kernel_bands = (0, [])
-        for band in self._arrays:
+        for band in self.arrays:
             band._addresses = np.zeros(0, dtype=np.uint64)
             band._maps.clear()
