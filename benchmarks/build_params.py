@@ -6,7 +6,8 @@ Uses the synthetic data of benchmarks/compare.py (made there, or here on first u
 ``M:ef_construction:prefix`` builds a float16 store indexing that one prefix, then times single queries at
 shortlists 50, 100, 200 and 400 (dims = [prefix, 2048], metadata off) and their recall@10 against exact
 2048-d search. Writes benchmarks/results/build_params.md (100k) or build_params_<data>.md. This is the
-measurement behind the defaults M=8, ef_construction=40 and index_dims=(16, 32) (mrlstore/config.py).
+measurement behind the defaults M (16, and 8 on the 16-d prefix), ef_construction=40 and index_dims=(16, 32)
+(mrlstore/config.py): compare settings at equal recall, not at equal shortlist.
 """
 
 from __future__ import annotations

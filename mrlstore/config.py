@@ -20,15 +20,22 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 BUNDLED_ENCODER = "bundled"
 BUNDLED_ENCODER_DIM = 2048
-# The 16-d and 32-d prefixes get an HNSW index by default, with M=8. Measured on MRL-like vectors
+# The 16-d and 32-d prefixes get an HNSW index by default. Measured on MRL-like vectors
 # (benchmarks/results/build_params*.md): the 32-d index reaches recall@10 0.95 with a shortlist of about
 # 100 where the 16-d one needs 500, so the tuned default starts at 32; the 16-d index keeps dims=[16, ...]
-# (the paper's funnel) served. On prefixes this short, M=8 graphs search faster than M=16 at the same
-# shortlist, build faster and hold half the links (at 1M the store's memory fell from 813 to 691 MiB). A
-# 64-d index at M=8 wins at 100k (shortlist 50: recall 0.971 against 0.950) but its graph degrades at 1M
+# (the paper's funnel) served. M is 16, except 8 for prefixes of at most 16 dims:
+# - at 1M rows the 32-d index at M=16 reaches recall 0.985 with a shortlist of 200 in 0.38 ms, where M=8
+#   needs 400 and 0.62 ms (build_params_1000000.md): the denser graph finds the 32-d neighbours with a
+#   narrower beam, for a build 23% longer (43 s against 35 s);
+# - on the 16-d prefix M=16 gains nothing (100k, shortlist 400: recall 0.965 in 0.51 ms against 0.961 in
+#   0.47) and doubles the links: at 1M the store's memory went from 691 MiB (M=8 for both) to 813 (M=16 for
+#   both).
+# A 64-d index at M=8 wins at 100k (shortlist 50: recall 0.971 against 0.950) but its graph degrades at 1M
 # (shortlist 200: 0.942 against 0.961 from 32-d).
 DEFAULT_INDEX_DIMS = (16, 32)
-DEFAULT_HNSW_M = 8
+DEFAULT_HNSW_M = 16
+COARSE_HNSW_M = 8  # the default M of indexes over prefixes of at most COARSE_PREFIX dims
+COARSE_PREFIX = 16
 # 40, not hnswlib's usual 200: on 16-32-d prefixes the build takes a third of the time at the same
 # shortlist recall (benchmarks/results/build_params.md; at 100k, 64 -> 40 cut the build of both indexes
 # from 7.1 to 4.7 s while [32, 2048] shortlist 75 went from recall 0.978 to 0.976), and the first stage
@@ -36,7 +43,10 @@ DEFAULT_HNSW_M = 8
 DEFAULT_EF_CONSTRUCTION = 40
 DEFAULT_EF_SEARCH = 64
 # Manifest keys of the fields whose manifest spelling differs (kept: the on-disk format is fixed).
-_MANIFEST_KEYS = {"hnsw_m": "hnsw_M", "ef_construction": "hnsw_ef_construction", "ef_search": "hnsw_ef_search"}
+_MANIFEST_KEYS = {
+    "hnsw_m": "hnsw_M", "hnsw_m_by_prefix": "hnsw_M_by_prefix", "ef_construction": "hnsw_ef_construction",
+    "ef_search": "hnsw_ef_search",
+}  # fmt: skip
 
 
 def encoder_name(encoder: object | None, dim: int, dim_given: int | None) -> str | None:
@@ -48,6 +58,10 @@ def encoder_name(encoder: object | None, dim: int, dim_given: int | None) -> str
 
 def default_bands(dim: int) -> tuple[int, ...]:
     return (*[b for b in (16, 64, 256) if b < dim], dim)
+
+
+def coarse_m(index_dims: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((d, COARSE_HNSW_M) for d in sorted(index_dims) if d <= COARSE_PREFIX)
 
 
 def band_widths(dim: int, bands: Sequence[int]) -> list[int]:
@@ -70,6 +84,12 @@ class StoreConfig:
     ef_search: int
     encoder: str | None = None
     encoder_weights: str | None = None  # sha256 of the bundled encoder's weights the vectors came from
+    # (prefix, M) for the indexes whose M is not hnsw_m: the coarse prefixes of a store made with the default
+    hnsw_m_by_prefix: tuple[tuple[int, int], ...] = ()
+
+    def m_for(self, prefix: int) -> int:
+        """The HNSW M of the index over the ``prefix``-d prefix."""
+        return dict(self.hnsw_m_by_prefix).get(prefix, self.hnsw_m)
 
     # -- creation ----------------------------------------------------------------------------------
     @classmethod
@@ -111,6 +131,7 @@ class StoreConfig:
             index_dims=tuple(sorted(index_dims)),
             chunk_rows=chunk_rows,
             hnsw_m=int(requested["hnsw_m"] or DEFAULT_HNSW_M),
+            hnsw_m_by_prefix=() if requested["hnsw_m"] else coarse_m(index_dims),
             ef_construction=int(requested["ef_construction"] or DEFAULT_EF_CONSTRUCTION),
             ef_search=DEFAULT_EF_SEARCH,
             encoder=encoder,
@@ -122,6 +143,8 @@ class StoreConfig:
         out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "hnsw_m_by_prefix":
+                value = {str(d): m for d, m in value}  # JSON object: prefix -> M
             out[_MANIFEST_KEYS.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
         out["committed_rows"] = 0
         out["created_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -140,12 +163,15 @@ class StoreConfig:
                 f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         try:
-            optional = ("encoder", "encoder_weights")
+            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix")
             values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name not in optional}
         except KeyError as e:
             raise CorruptStoreError(f"{where} has a manifest without {e}") from None
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**values, encoder=m.get("encoder"), encoder_weights=m.get("encoder_weights"))
+        by_prefix = tuple(sorted((int(d), int(v)) for d, v in (m.get("hnsw_M_by_prefix") or {}).items()))
+        return cls(
+            **values, encoder=m.get("encoder"), encoder_weights=m.get("encoder_weights"), hnsw_m_by_prefix=by_prefix
+        )
 
     def check_requested(self, requested: dict[str, Any], where: object) -> None:
         """Raise ConfigMismatchError when a parameter given to ``open`` differs from the stored one."""

@@ -38,15 +38,15 @@ class IndexCache:
     _rows_since_save: dict[int, int]
 
     def _load_index(self, d: int, watermark: int) -> PrefixIndex:
-        c = self.config
+        c, m = self.config, self.config.m_for(d)
         try:
-            index = PrefixIndex.load(self._index_base(d), d, self.metric, c.hnsw_m, c.ef_construction, self._generation)
+            index = PrefixIndex.load(self._index_base(d), d, self.metric, m, c.ef_construction, self._generation)
             # A reader's published version may trail the writer's last save: rows past it stay invisible.
             if index.covered_rows > watermark and not self.read_only:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
             status = "loaded" if index.covered_rows >= watermark else "extended"
         except IndexUnusable:
-            index = PrefixIndex(d, self.metric, c.hnsw_m, c.ef_construction, watermark + 1024, self._generation)
+            index = PrefixIndex(d, self.metric, m, c.ef_construction, watermark + 1024, self._generation)
             status = "rebuilt"
         start = index.covered_rows
         self._extend_index(index, self._snap)

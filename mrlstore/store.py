@@ -569,7 +569,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     bundled MRL image encoder (loaded on the first ``add``/``query`` of images).
 
     Creation parameters (``dim``, ``bands``, ``metric`` = "cosine" | "ip" | "l2", ``dtype`` = "float16" |
-    "float32", ``index_dims`` (default: 16 and 32), ``chunk_rows``, ``hnsw_m`` (default 8), ``ef_construction``) are
+    "float32", ``index_dims`` (default: 16 and 32), ``chunk_rows``, ``hnsw_m`` (default 16, and 8 for
+    prefixes of at most 16 dims; a given value applies to every index), ``ef_construction``) are
     persisted; passing a different value on reopen raises :class:`ConfigMismatchError`.
 
     ``path`` may be an ``s3://bucket/prefix`` URL where :meth:`Store.publish` uploaded a store: it opens

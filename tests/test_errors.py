@@ -822,7 +822,7 @@ CONFLICTS = [
     ({"bands": (32, 64)}, r"bands=\(16, 64\), not \(32, 64\)"),
     ({"dtype": "float32"}, "dtype='float16', not 'float32'"),
     ({"index_dims": (16, 64)}, r"index_dims=\(16, 32\), not \(16, 64\)"),
-    ({"hnsw_m": 16}, "hnsw_M=8, not 16"),
+    ({"hnsw_m": 8}, "hnsw_M=16, not 8"),
     ({"ef_construction": 100}, "hnsw_ef_construction=40, not 100"),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -163,6 +164,23 @@ def test_reopen_keeps_everything(tmp_path, rng):
         assert len(store) == 119 and "7" not in store.query(x[7], k=119, dims=[8, 64]).ids
         with pytest.raises(mrlstore.ReadOnlyError):
             store.add_vectors(x[:1])
+
+
+@pytest.mark.parametrize("hnsw_m", [None, 12])
+def test_hnsw_m_is_8_on_coarse_prefixes_by_default_and_a_given_m_everywhere(tmp_path, rng, hnsw_m):
+    x = rng.standard_normal((80, 64)).astype(np.float32)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, index_dims=(8, 16, 32), hnsw_m=hnsw_m) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(80)])
+        by_prefix = store.manifest["hnsw_M_by_prefix"]
+    built = {d: json.loads((path / "index" / f"prefix_{d:05d}.json").read_text())["M"] for d in (8, 16, 32)}
+    if hnsw_m is None:
+        assert (built, by_prefix) == ({8: 8, 16: 8, 32: 16}, {"8": 8, "16": 8})
+    else:
+        assert (built, by_prefix) == ({8: 12, 16: 12, 32: 12}, {})
+    with mrlstore.open(path, hnsw_m=hnsw_m) as store:  # the sidecars match what the manifest says: no rebuild
+        assert store.info()["index_status"] == {8: "loaded", 16: "loaded", 32: "loaded"}
+        assert store.query(x[5], k=1, dims=[32, 64]).ids == ["5"]
 
 
 def test_index_rows_past_saved_cache_are_added_on_open(tmp_path, rng):
