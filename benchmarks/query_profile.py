@@ -8,9 +8,10 @@ three metadata columns, runs ``tune(recall=0.95)``, then times single queries, o
 the default call ``store.query(q)``, ``dims=[16, 2048]`` and exact ``dims=[2048]``. The profile lists the
 functions with the most own time per default query (profiling inflates small calls; the p50s are without
 it). Works against any checkout with ``--root`` (the ``before`` column of issue notes). Then the stages of
-``dims=[16, 2048]`` at its tuned shortlist, timed alone (median µs per query): the 16-d HNSW search, the
-2048-d re-rank of its candidates with the stored band norms (a format 2 store) and without, and an exact
-16-d scan keeping as many rows (what the HNSW search replaces).
+the default call and of ``dims=[16, 2048]`` at their tuned settings, each timed alone over the same queries
+(median µs per query): the first stage (HNSW), the re-rank of its candidates (for ``dims=[16, 2048]`` with
+the stored band norms, a format 2 store, and without), and an exact 16-d scan keeping as many rows (what
+the HNSW search replaces).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
                 _ = h.metadata  # materialise the metadata the caller reads
                 times.append(time.perf_counter() - t0)
             print(f"{name}: p50 {1e3 * np.median(times):.3f} ms, p99 {1e3 * np.percentile(times, 99):.3f} ms")
+        default_stage_times(store, queries)
         stage_times(store, queries)
         prof = cProfile.Profile()
         prof.enable()
@@ -87,6 +89,33 @@ def main() -> None:
               f"{ncalls / len(queries):5.1f} calls  {where}")  # fmt: skip
 
 
+def median_us(fn, qs: list) -> float:
+    fn(qs[0])
+    times = []
+    for q in qs:
+        t0 = time.perf_counter()
+        fn(q)
+        times.append(time.perf_counter() - t0)
+    return 1e6 * float(np.median(times))
+
+
+def default_stage_times(store, queries: np.ndarray) -> None:
+    """The default call's first stage and re-rank, each alone (private API: a benchmark)."""
+    funnel, snap = store._funnel, store._snap
+    plan = store._plan(None, 10, None, None)
+    qs = [np.ascontiguousarray(q[None], dtype=np.float32) for q in queries]
+    first = lambda q: funnel.first_stage(snap, q, plan.dims[0], plan.sizes[0], None, plan.ef)  # noqa: E731
+    candidates = {id(q): first(q) for q in qs}
+    full = median_us(lambda q: store.query(q[0], k=10).metadata, qs)
+    hnsw = median_us(first, qs)
+    rerank = median_us(lambda q: funnel.refine(q, *candidates[id(q)], plan), qs)
+    print(f"\ndefault call {list(plan.dims)}, survivors {list(plan.sizes)}, ef {plan.ef} (median µs per query):")
+    print(f"  whole call with metadata: {full:.0f}")
+    print(f"  first stage ({plan.dims[0]}-d HNSW, live rows sorted): {hnsw:.0f}")
+    print(f"  re-rank through {list(plan.dims[1:])}: {rerank:.0f}")
+    print(f"  the rest (validation, plan, hit ids and metadata): {full - hnsw - rerank:.0f}")
+
+
 def stage_times(store, queries: np.ndarray) -> None:
     """The stages of dims=[16, 2048], each timed alone over the same candidates (private API: a benchmark)."""
     from mrlstore import kernels
@@ -95,29 +124,20 @@ def stage_times(store, queries: np.ndarray) -> None:
     shortlist = store._plan([16, 2048], 10, None, None).sizes[0]
     qs = [np.ascontiguousarray(q[None], dtype=np.float32) for q in queries]
 
-    def median_us(fn) -> float:
-        fn(qs[0])
-        times = []
-        for q in qs:
-            t0 = time.perf_counter()
-            fn(q)
-            times.append(time.perf_counter() - t0)
-        return 1e6 * float(np.median(times))
-
     candidates = {id(q): np.sort(funnel.indexes[16].search(q, shortlist, shortlist)[0]) for q in qs}
     offsets = np.array([0, shortlist], dtype=np.int64)
     print(f"\ndims=[16, 2048] stages alone, shortlist {shortlist} (median µs per query):")
-    hnsw = median_us(lambda q: funnel.indexes[16].search(q, shortlist, shortlist))
+    hnsw = median_us(lambda q: funnel.indexes[16].search(q, shortlist, shortlist), qs)
     print(f"  16-d HNSW search (ef {shortlist}): {hnsw:.0f}")
     rerank = lambda q: kernels.refine(vectors, candidates[id(q)], offsets, q, (2048,), (10,), "cosine")  # noqa: E731
     norms = getattr(vectors, "norms", None)
-    print(f"  2048-d re-rank{' with row norms' if norms is not None else ''}: {median_us(rerank):.0f}")
+    print(f"  2048-d re-rank{' with row norms' if norms is not None else ''}: {median_us(rerank, qs):.0f}")
     if norms is not None:
         vectors.norms = None  # kernel_norms() now says there are none
-        print(f"  2048-d re-rank without row norms: {median_us(rerank):.0f}")
+        print(f"  2048-d re-rank without row norms: {median_us(rerank, qs):.0f}")
         vectors.norms = norms
     scan = lambda q: kernels.scan(vectors, q, 16, shortlist, "cosine", stop=snap.watermark, live=snap.live)  # noqa: E731
-    print(f"  exact 16-d scan keeping {shortlist}: {median_us(scan):.0f}")
+    print(f"  exact 16-d scan keeping {shortlist}: {median_us(scan, qs):.0f}")
 
 
 if __name__ == "__main__":
