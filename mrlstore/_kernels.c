@@ -35,6 +35,10 @@
 #define MAX_BANDS 64
 #define MAX_THREADS 64
 #define PREFETCH_AHEAD 4 /* candidate rows requested ahead: a scattered row is a DRAM round trip */
+/* The last stage is bounded (norms) only with at least this many candidates per row it keeps: on long lists
+ * (500 -> 10) bounds save a third of the time; on short ones (25 -> 10, the default funnel's last stage) their
+ * ordering costs more than the rows they save. Exported: the caller skips the norms' setup below it. */
+#define BOUND_MIN_PER_KEPT 4
 enum { COSINE = 0, IP = 1, L2 = 2 };
 
 #include "_kernels_simd.h"
@@ -179,9 +183,9 @@ static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot,
     int covered = 0;
     double qq = 0; /* the query's squared norm over the columns read so far */
     for (int s = 0; s < c->stages; s++) {
-        /* Bounds pay off on long candidate lists (500 -> 10: a third less time); on a short one (25 -> 10, the
-         * default funnel's last stage) their ordering costs more than the rows they save. */
-        int split = s == c->stages - 1 && n >= 4 * (Py_ssize_t)c->keeps[s] ? prune_split(c, covered, c->dims[s]) : -1;
+        int split = s == c->stages - 1 && n >= BOUND_MIN_PER_KEPT * (Py_ssize_t)c->keeps[s]
+                        ? prune_split(c, covered, c->dims[s])
+                        : -1;
         if (split >= 0) {
             last_stage_bounded(c, q, rows, dot, sq, n, covered, split, qq, heap, order);
             return;
@@ -452,6 +456,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (m != NULL) {
         PyModule_AddIntConstant(m, "HAVE_F16C", have_f16c);
         PyModule_AddIntConstant(m, "HAVE_SIMD", have_simd);
+        PyModule_AddIntConstant(m, "BOUND_MIN_PER_KEPT", BOUND_MIN_PER_KEPT);
     }
     return m;
 }

@@ -100,8 +100,9 @@ def refine(
         counts = np.empty(nq, dtype=np.int64)
         needed = int(rows.max()) + 1 if len(rows) else 1
         bands = vectors.kernel_bands(needed)
-        # The kernel bounds only long last stages (at least 4k candidates a query): else skip the norms' setup.
-        long_last = len(rows) >= 4 * keeps[-1] * nq and (len(stages) == 1 or keeps[-2] >= 4 * keeps[-1])
+        # The kernel bounds only long last stages: with none possible, skip the norms' setup.
+        least = _native.BOUND_MIN_PER_KEPT * keeps[-1]
+        long_last = len(rows) >= least * nq and (len(stages) == 1 or keeps[-2] >= least)
         norms = vectors.kernel_norms(needed) if long_last else None
         bounds = _int32(vectors.band_bounds) if norms is not None else _NO_BOUNDS
         _native.refine(
