@@ -81,11 +81,15 @@ static inline const char *band_row(const Band *b, int64_t row, int col) {
     return (const char *)(uintptr_t)b->base[chunk] + ((size_t)off * b->width + (size_t)(col - b->start)) * b->itemsize;
 }
 
+/* The part [band_lo, band_hi) of columns [from, to) that band b holds (none when lo >= hi). */
+static inline int band_lo(const Band *b, int from) { return from > b->start ? from : b->start; }
+static inline int band_hi(const Band *b, int to) { return to < b->start + b->width ? to : b->start + b->width; }
+
 /* dot and sq of one row over columns [from, to): 0 on success, -1 if the row is not mapped. */
 static inline int row_dot_sq(const Bands *bs, int64_t row, const float *q, int from, int to, double *dot, double *sq) {
     for (int i = 0; i < bs->n; i++) {
         const Band *b = &bs->b[i];
-        int lo = from > b->start ? from : b->start, hi = to < b->start + b->width ? to : b->start + b->width;
+        int lo = band_lo(b, from), hi = band_hi(b, to);
         if (lo >= hi) continue;
         const char *p = band_row(b, row, lo);
         if (!p) return -1;
@@ -98,7 +102,7 @@ static inline int row_dot_sq(const Bands *bs, int64_t row, const float *q, int f
 static inline int rows_dot_sq4(const Bands *bs, const int64_t *rows, const float *q, int from, int to, double *out) {
     for (int i = 0; i < bs->n; i++) {
         const Band *b = &bs->b[i];
-        int lo = from > b->start ? from : b->start, hi = to < b->start + b->width ? to : b->start + b->width;
+        int lo = band_lo(b, from), hi = band_hi(b, to);
         if (lo >= hi) continue;
         const void *p[4];
         for (int r = 0; r < 4; r++)
@@ -119,13 +123,13 @@ static inline int straddles8(const Band *b, int64_t row) { return chunk_offset(b
 static inline int rows8_dot_sq(const Bands *bs, int64_t row, const float *q, int to, double *dot, double *sq) {
     for (int i = 0; i < bs->n; i++) {
         const Band *b = &bs->b[i];
-        int hi = to < b->start + b->width ? to : b->start + b->width;
+        int hi = band_hi(b, to);
         if (b->start >= hi) continue;
         if (straddles8(b, row)) return 1;
     }
     for (int i = 0; i < bs->n; i++) {
         const Band *b = &bs->b[i];
-        int hi = to < b->start + b->width ? to : b->start + b->width;
+        int hi = band_hi(b, to);
         if (b->start >= hi) continue;
         const char *p = band_row(b, row, b->start);
         if (!p || !band_row(b, row + 7, b->start)) return -1;
@@ -138,7 +142,7 @@ static inline int rows8_dot_sq(const Bands *bs, int64_t row, const float *q, int
 static inline int row_widen(const Bands *bs, int64_t row, int to, float *buf) {
     for (int i = 0; i < bs->n; i++) {
         const Band *b = &bs->b[i];
-        int hi = to < b->start + b->width ? to : b->start + b->width;
+        int hi = band_hi(b, to);
         if (b->start >= hi) continue;
         const char *p = band_row(b, row, b->start);
         if (!p) return -1;
@@ -374,7 +378,7 @@ static void parallel(work_fn fn, void *ctx, int parts) {
 static inline void prefetch_row(const Bands *bs, int64_t row, int from, int to) {
     for (int i = 0; i < bs->n; i++) {
         const Band *b = &bs->b[i];
-        int lo = from > b->start ? from : b->start, hi = to < b->start + b->width ? to : b->start + b->width;
+        int lo = band_lo(b, from), hi = band_hi(b, to);
         if (lo >= hi) continue;
         const char *p = band_row(b, row, lo);
         if (!p) continue;

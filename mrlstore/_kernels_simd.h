@@ -30,6 +30,11 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
+/* Item j of a row of float16 or float32 values, as a float. */
+static inline float item_at(const void *x, int f16, int j) {
+    return f16 ? half_to_float(((const uint16_t *)x)[j]) : ((const float *)x)[j];
+}
+
 static void widen_scalar(const uint16_t *src, float *dst, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
 }
@@ -42,6 +47,12 @@ __attribute__((target("avx,f16c"))) static void widen_f16c(const uint16_t *src, 
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     widen_scalar(src + i, dst + i, n - i);
+}
+
+/* Items j..j+7 of a row of float16 or float32 values, as floats. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load8(const void *x, int f16, int j) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + j)))
+               : _mm256_loadu_ps((const float *)x + j);
 }
 
 __attribute__((target("avx2,fma,f16c"))) static inline double hsum(__m256 v) {
@@ -79,7 +90,7 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_sq_simd(const void *x, 
     }
     double dd = hsum(_mm256_add_ps(d0, d1)), ss = hsum(_mm256_add_ps(s0, s1));
     for (; i < n; i++) {
-        float v = f16 ? half_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        float v = item_at(x, f16, i);
         dd += (double)(v * q[i]);
         ss += (double)(v * v);
     }
@@ -98,8 +109,7 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_sq4_simd(const void *co
     for (; i + 8 <= n; i += 8) {
         __m256 qv = _mm256_loadu_ps(q + i);
         for (int r = 0; r < 4; r++) {
-            __m256 a = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x[r] + i)))
-                           : _mm256_loadu_ps((const float *)x[r] + i);
+            __m256 a = load8(x[r], f16, i);
             d[r] = _mm256_fmadd_ps(a, qv, d[r]);
             s[r] = _mm256_fmadd_ps(a, a, s[r]);
         }
@@ -107,7 +117,7 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_sq4_simd(const void *co
     for (int r = 0; r < 4; r++) {
         double dd = hsum(d[r]), ss = hsum(s[r]);
         for (int j = i; j < n; j++) {
-            float v = f16 ? half_to_float(((const uint16_t *)x[r])[j]) : ((const float *)x[r])[j];
+            float v = item_at(x[r], f16, j);
             dd += (double)(v * q[j]);
             ss += (double)(v * v);
         }
@@ -135,9 +145,7 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_sq8_simd(const char *x,
     for (; i + 8 <= n; i += 8) {
         __m256 qv = _mm256_loadu_ps(q + i);
         for (int r = 0; r < 8; r++) {
-            const char *p = x + r * stride;
-            __m256 a = f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
-                           : _mm256_loadu_ps((const float *)p + i);
+            __m256 a = load8(x + r * stride, f16, i);
             d[r] = _mm256_fmadd_ps(a, qv, d[r]);
             s[r] = _mm256_fmadd_ps(a, a, s[r]);
         }
@@ -149,7 +157,7 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_sq8_simd(const char *x,
         const char *p = x + r * stride;
         double dr = dd[r], sr = ss[r];
         for (int j = i; j < n; j++) {
-            float v = f16 ? half_to_float(((const uint16_t *)p)[j]) : ((const float *)p)[j];
+            float v = item_at(p, f16, j);
             dr += (double)(v * q[j]);
             sr += (double)(v * v);
         }
@@ -169,30 +177,24 @@ __attribute__((target("avx2,fma,f16c"))) static int dot8_pass_simd(const char *x
     /* Named accumulators: an array of them was zeroed through memory on every call (a fifth of the time). */
     __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0, d4 = d0, d5 = d0, d6 = d0, d7 = d0;
     int i = 0;
-#define MRL_ROW(r, acc)                                                                                          \
-    acc = _mm256_fmadd_ps(f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(x + (r) * stride) + i))) \
-                              : _mm256_loadu_ps((const float *)(x + (r) * stride) + i),                                   \
-                          qv, acc)
     for (; i + 8 <= n; i += 8) {
         __m256 qv = _mm256_loadu_ps(q + i);
-        MRL_ROW(0, d0);
-        MRL_ROW(1, d1);
-        MRL_ROW(2, d2);
-        MRL_ROW(3, d3);
-        MRL_ROW(4, d4);
-        MRL_ROW(5, d5);
-        MRL_ROW(6, d6);
-        MRL_ROW(7, d7);
+        d0 = _mm256_fmadd_ps(load8(x, f16, i), qv, d0);
+        d1 = _mm256_fmadd_ps(load8(x + stride, f16, i), qv, d1);
+        d2 = _mm256_fmadd_ps(load8(x + 2 * stride, f16, i), qv, d2);
+        d3 = _mm256_fmadd_ps(load8(x + 3 * stride, f16, i), qv, d3);
+        d4 = _mm256_fmadd_ps(load8(x + 4 * stride, f16, i), qv, d4);
+        d5 = _mm256_fmadd_ps(load8(x + 5 * stride, f16, i), qv, d5);
+        d6 = _mm256_fmadd_ps(load8(x + 6 * stride, f16, i), qv, d6);
+        d7 = _mm256_fmadd_ps(load8(x + 7 * stride, f16, i), qv, d7);
     }
-#undef MRL_ROW
     __m256 dv = hsum8(d0, d1, d2, d3, d4, d5, d6, d7);
     if (i < n) { /* columns past the last multiple of 8 */
         float dd[8];
         _mm256_storeu_ps(dd, dv);
         for (int r = 0; r < 8; r++) {
             const char *p = x + r * stride;
-            for (int j = i; j < n; j++)
-                dd[r] += (f16 ? half_to_float(((const uint16_t *)p)[j]) : ((const float *)p)[j]) * q[j];
+            for (int j = i; j < n; j++) dd[r] += item_at(p, f16, j) * q[j];
         }
         dv = _mm256_loadu_ps(dd);
     }
@@ -269,7 +271,7 @@ static void widen(const uint16_t *src, float *dst, Py_ssize_t n) {
 static void dot_sq_portable(const void *x, int f16, const float *q, int n, double *dot, double *sq) {
     float dd = 0.f, ss = 0.f;
     for (int i = 0; i < n; i++) {
-        float v = f16 ? half_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        float v = item_at(x, f16, i);
         dd += v * q[i];
         ss += v * v;
     }
