@@ -21,6 +21,7 @@ import pyarrow as pa
 from .errors import (
     CorruptStoreError,
     DuplicateIdError,
+    ForbiddenSQLError,
     InvalidFilterError,
     MetadataError,
     NotAStoreError,
@@ -29,7 +30,26 @@ from .errors import (
 
 DB_FILE = "catalog.duckdb"
 # Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
-_CONFIG = {"storage_compatibility_version": "v1.2.0"}
+_FILE_CONFIG = {"storage_compatibility_version": "v1.2.0"}
+# The store's own connection runs users' where= and sql() text, so it reaches nothing but its tables: no
+# files, network, extensions or ATTACH, and the configuration is locked so no statement can undo that.
+# (Snapshots write their copy through a separate connection: see snapshot_to.)
+_SANDBOX_CONFIG = {
+    **_FILE_CONFIG,
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "lock_configuration": True,
+}
+# Functions refused in user SQL even though the locked engine would stop most of them: file and network
+# readers, and introspection that shows paths, settings, secrets or runs SQL given as a string.
+_REFUSED_FUNCTIONS = frozenset(
+    {"glob", "getenv", "current_setting", "which_secret", "query", "query_table", "sniff_csv", "checkpoint",
+     "force_checkpoint", "icu_calendar_names"}
+)  # fmt: skip
+_REFUSED_PREFIXES = ("read_", "duckdb_", "pragma_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_",
+                     "mysql_", "json_execute", "load_", "install_")  # fmt: skip
 
 
 def _quote(name: str) -> str:
@@ -44,7 +64,7 @@ class Catalog:
         if not create and not self.path.exists():
             raise NotAStoreError(f"{path} is not an mrlstore store (no {DB_FILE})")
         try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only, config=_CONFIG)
+            self._con = duckdb.connect(str(self.path), read_only=read_only, config=_SANDBOX_CONFIG)
         except duckdb.IOException as e:
             msg = str(e)
             if "lock" in msg.lower():
@@ -140,12 +160,14 @@ class Catalog:
                     duckdb.SQLExpression(where)  # parses as one expression, or it is no filter
                 except duckdb.Error as e:
                     raise InvalidFilterError(f"where={where!r} is not one SQL expression: {_first_line(e)}") from None
-                self._check_single_select(sql, what="where=")
+                self._check_single_select(sql, what="where=", shown=where)
                 if len(self._checked_filters) > 1024:
                     self._checked_filters.clear()
                 self._checked_filters.add(where)
             try:
                 res = self._read_only(lambda: self._con.execute(sql).fetchnumpy())
+            except duckdb.PermissionException as e:
+                raise ForbiddenSQLError(f"where={where!r} refused: {_first_line(e)}") from None
             except (duckdb.BinderException, duckdb.CatalogException) as e:
                 raise InvalidFilterError(
                     f"where={where!r} does not bind: {_first_line(e)}. Metadata columns: "
@@ -168,9 +190,11 @@ class Catalog:
 
     def sql(self, query: str) -> pa.Table:
         with self._lock:
-            self._check_single_select(query, what="sql()")
+            self._check_single_select(query, what="sql()", shown=query)
             try:
                 return self._read_only(lambda: _arrow(self._con, query))
+            except duckdb.PermissionException as e:
+                raise ForbiddenSQLError(f"sql() refused: {_first_line(e)}") from None
             except duckdb.Error as e:
                 raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
 
@@ -185,18 +209,31 @@ class Catalog:
         finally:
             self._con.rollback()
 
-    def _check_single_select(self, sql: str, what: str) -> None:
+    def _check_single_select(self, sql: str, what: str, shown: str) -> None:
         try:
             statements = self._con.extract_statements(sql)
         except duckdb.Error as e:
             raise InvalidFilterError(f"{what} is not valid SQL: {_first_line(e)}") from None
-        refusal = f"{what} accepts one read-only SELECT statement (writes go through the Store API): {sql!r}"
-        if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-            raise InvalidFilterError(refusal)
+        allowed = f"{what} accepts one read-only SELECT over the store's tables (writes go through the Store API)"
+        if len(statements) != 1:
+            raise InvalidFilterError(f"{allowed}; got {len(statements)} statements: {shown!r}")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            refused = ForbiddenSQLError if kind != duckdb.StatementType.INVALID else InvalidFilterError
+            raise refused(f"{what} refused the {kind.name} statement {shown!r}: {allowed}")
         # DuckDB calls "WITH d AS (DELETE ... RETURNING ...) SELECT ..." a SELECT: inspect its parse tree.
         tree = json.loads(self._con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
-        if tree.get("error") or _node_types(tree) - _READ_NODES:
-            raise InvalidFilterError(refusal)
+        if tree.get("error"):
+            raise InvalidFilterError(f"{allowed}: {shown!r}")
+        nodes, functions = _parse_tree_names(tree)
+        if nodes - _READ_NODES:
+            raise ForbiddenSQLError(f"{what} refused a write hidden in a SELECT: {allowed}: {shown!r}")
+        refused = sorted(f for f in functions if f in _REFUSED_FUNCTIONS or f.startswith(_REFUSED_PREFIXES))
+        if refused:
+            raise ForbiddenSQLError(
+                f"{what} refused {', '.join(f + '()' for f in refused)}: filters and SQL reach only the store's "
+                f"tables (items), never files, the network, extensions or settings: {shown!r}"
+            )
 
     def check_metadata(self, metadata: pa.Table) -> None:
         """Raise MetadataError if ``metadata`` cannot be stored in the existing columns (no writes)."""
@@ -222,15 +259,34 @@ class Catalog:
                     )
 
     def snapshot_to(self, dest: Path) -> None:
-        """Copy the whole catalog into a new DuckDB file at ``dest`` (a consistent point in time)."""
+        """Copy the whole catalog into a new DuckDB file at ``dest`` (a consistent point in time: every write
+        holds the lock). The store's own connection may touch no other file, so the copy is written by a
+        connection of its own, table by table through Arrow, after the same DDL."""
         with self._lock:
-            alias = self._con.execute("SELECT current_database()").fetchall()[0][0]
-            # READ_WRITE: a read-only connection attaches read-only by default (readers publish too)
-            self._con.execute(f"ATTACH '{str(dest).replace(chr(39), chr(39) * 2)}' AS _snapshot (READ_WRITE)")
+            tables = self._con.execute(
+                "SELECT table_name, sql FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND schema_name = 'main' ORDER BY table_oid"
+            ).fetchall()
+            views = self._con.execute(
+                "SELECT sql FROM duckdb_views() WHERE database_name = current_database() AND NOT internal "
+                "AND schema_name = 'main' ORDER BY view_oid"
+            ).fetchall()
+            copy = duckdb.connect(str(dest), config=_FILE_CONFIG)
             try:
-                self._con.execute(f"COPY FROM DATABASE {_quote(alias)} TO _snapshot")
+                copy.begin()
+                for name, ddl in tables:
+                    copy.execute(ddl)
+                    copy.register("_source", _arrow_reader(self._con, f"SELECT * FROM {_quote(name)}"))
+                    try:
+                        copy.execute(f"INSERT INTO {_quote(name)} SELECT * FROM _source")
+                    finally:
+                        copy.unregister("_source")
+                for (ddl,) in views:
+                    copy.execute(ddl)
+                copy.commit()
+                copy.execute("CHECKPOINT")
             finally:
-                self._con.execute("DETACH _snapshot")
+                copy.close()
 
     # -- writes (each one transaction: the commit point) -------------------------------------------
     def commit_rows(
@@ -365,20 +421,25 @@ T = TypeVar("T")
 _READ_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
 
 
-def _node_types(tree: Any) -> set[str]:
-    """Every query-node type (``*_NODE``) in a json_serialize_sql tree."""
-    found: set[str] = set()
+def _parse_tree_names(tree: Any) -> tuple[set[str], set[str]]:
+    """Every query-node type (``*_NODE``) and every function or table name (lower case) in a
+    json_serialize_sql tree."""
+    nodes: set[str] = set()
+    functions: set[str] = set()
     stack = [tree]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             kind = item.get("type")
             if isinstance(kind, str) and kind.endswith("_NODE"):
-                found.add(kind)
+                nodes.add(kind)
+            name = item.get("function_name") or (item.get("table_name") if kind == "BASE_TABLE" else None)
+            if isinstance(name, str):  # a bare table name may resolve to a table function
+                functions.add(name.lower())
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return found
+    return nodes, functions
 
 
 @contextmanager
@@ -395,6 +456,11 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
         return rel.to_arrow_table()
     t = rel.arrow()
     return t.read_all() if hasattr(t, "read_all") else t
+
+
+def _arrow_reader(con: duckdb.DuckDBPyConnection, sql: str) -> pa.RecordBatchReader:
+    rel = con.sql(sql)
+    return rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()
 
 
 def _first_line(e: Exception) -> str:

@@ -39,6 +39,11 @@ class InvalidFilterError(InvalidInputError):
     """A ``where=`` expression or ``sql()`` statement that DuckDB rejects or that is not allowed."""
 
 
+class ForbiddenSQLError(InvalidFilterError):
+    """``where=`` or ``sql()`` text that reaches past the store's tables (files, the network, extensions,
+    settings, ATTACH, COPY) or writes: refused before it runs, and nothing changes."""
+
+
 class InvalidDimsError(InvalidInputError):
     """``dims`` is not an increasing list of prefix lengths within the store's dimension."""
 

@@ -1,0 +1,141 @@
+"""where= and sql() reach only the store's tables: no files, network, extensions, ATTACH, COPY or settings,
+whatever the text, through the Python API and the command line; a refused call changes nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mrlstore
+from mrlstore import ForbiddenSQLError, InvalidFilterError
+
+
+@pytest.fixture
+def store(tmp_path):
+    (tmp_path / "secret.csv").write_text("a,b\n1,2\n")
+    s = mrlstore.open(tmp_path / "s.mrl", dim=16, bands=(8, 16), index_dims=(8,))
+    s.add_vectors(np.random.default_rng(0).random((40, 16)), metadata=[{"label": str(i % 4)} for i in range(40)])
+    yield s
+    s.close()
+
+
+def _secret(tmp_path) -> str:
+    return str(tmp_path / "secret.csv")
+
+
+# Each reads or writes outside the catalog; {f} is a real file beside the store.
+SQL_REFUSED = [
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM glob('/root/*')",
+    "SELECT * FROM read_csv('{f}')",
+    "SELECT * FROM read_csv_auto('{f}')",
+    "SELECT * FROM read_parquet('{f}')",
+    "SELECT * FROM read_json('{f}')",
+    "SELECT * FROM '{f}'",
+    "SELECT * FROM 'https://example.com/data.parquet'",
+    "SELECT * FROM sniff_csv('{f}')",
+    "SELECT * FROM duckdb_databases()",
+    "SELECT * FROM duckdb_settings()",
+    "SELECT * FROM duckdb_extensions()",
+    "SELECT * FROM pragma_database_list",
+    "SELECT current_setting('temp_directory')",
+    "SELECT * FROM query('SELECT * FROM read_text(''/etc/hostname'')')",
+    "COPY items TO '{f}.out'",
+    "COPY (SELECT * FROM items) TO '{f}.out' (FORMAT parquet)",
+    "EXPORT DATABASE '{f}.dir'",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "SET lock_configuration = false",
+    "RESET lock_configuration",
+    "PRAGMA version",
+    "ATTACH '{f}.db' AS other",
+    "DETACH memory",
+    "CREATE TABLE t AS SELECT 1",
+    "DELETE FROM _items",
+    "WITH d AS (DELETE FROM _items RETURNING *) SELECT * FROM d",
+    "SELECT 1; DELETE FROM _items",
+    "CALL checkpoint()",
+]
+
+WHERE_REFUSED = [
+    "(SELECT count(*) FROM read_text('/etc/hostname')) > 0",
+    "(SELECT count(*) FROM glob('/root/*')) > 0",
+    "(SELECT count(*) FROM read_csv('{f}')) > 0",
+    "EXISTS (SELECT * FROM '{f}')",
+    "current_setting('threads') = '2'",
+    "label IN (SELECT database_name FROM duckdb_databases())",
+]
+
+
+@pytest.mark.parametrize("text", SQL_REFUSED)
+def test_sql_outside_the_catalog_is_refused(store, tmp_path, text):
+    text = text.format(f=_secret(tmp_path))
+    with pytest.raises(InvalidFilterError) as err:
+        store.sql(text)
+    assert "sql()" in str(err.value) and "Traceback" not in str(err.value)
+    assert len(store) == 40 and not list(tmp_path.glob("secret.csv.*"))
+    assert store.sql("SELECT count(*) AS n FROM items").column("n").to_pylist() == [40]
+
+
+@pytest.mark.parametrize("text", WHERE_REFUSED)
+def test_filters_outside_the_catalog_are_refused(store, tmp_path, text):
+    text = text.format(f=_secret(tmp_path))
+    with pytest.raises(ForbiddenSQLError) as err:
+        store.query(np.ones(16), k=3, where=text)
+    assert text in str(err.value)
+
+
+def test_refusals_name_what_was_refused(store):
+    with pytest.raises(ForbiddenSQLError, match=r"read_text\(\)"):
+        store.sql("SELECT * FROM read_text('/etc/hostname')")
+    with pytest.raises(ForbiddenSQLError, match="COPY"):
+        store.sql("COPY items TO '/tmp/x.csv'")
+    with pytest.raises(ForbiddenSQLError, match="ATTACH"):
+        store.sql("ATTACH '/tmp/x.db'")
+    assert isinstance(ForbiddenSQLError("x"), ValueError)
+
+
+def test_the_store_tables_still_answer(store):
+    got = store.sql("SELECT label, count(*) AS n FROM items GROUP BY 1 ORDER BY 1").to_pylist()
+    assert got == [{"label": str(i), "n": 10} for i in range(4)]
+    assert len(store.query(np.ones(16), k=5, where="label = '1' AND length(id) > 0").ids) == 5
+    assert len(store.query(np.ones(16), k=5, where="lower(label) IN ('1', '2') AND regexp_matches(id, '.')").ids) == 5
+
+
+def test_read_only_readers_are_sandboxed_too(store, tmp_path):
+    with mrlstore.open(tmp_path / "s.mrl", read_only=True) as reader:
+        with pytest.raises(ForbiddenSQLError):
+            reader.sql("SELECT * FROM read_text('/etc/hostname')")
+        assert reader.sql("SELECT count(*) AS n FROM items").column("n").to_pylist() == [40]
+
+
+def test_snapshots_and_publishing_still_copy_the_catalog(store, tmp_path):
+    store.snapshot(tmp_path / "copy.mrl")
+    with mrlstore.open(tmp_path / "copy.mrl", read_only=True) as copy:
+        assert copy.sql("SELECT count(*) AS n FROM items").column("n").to_pylist() == [40]
+        assert copy.manifest["dim"] == 16
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sql", "{s}", "SELECT * FROM read_text('/etc/hostname')"],
+        ["sql", "{s}", "SELECT * FROM glob('/root/*')"],
+        ["sql", "{s}", "COPY items TO '{f}.out'"],
+        ["sql", "{s}", "ATTACH '{f}.db'"],
+        ["query", "{s}", "{q}", "--where", "(SELECT count(*) FROM read_text('/etc/hostname')) > 0"],
+    ],
+)
+def test_the_command_line_refuses_them_in_one_line(store, tmp_path, args):
+    np.save(tmp_path / "q.npy", np.ones(16, dtype=np.float32))
+    subs = {"s": str(tmp_path / "s.mrl"), "f": _secret(tmp_path), "q": str(tmp_path / "q.npy")}
+    out = subprocess.run(
+        [sys.executable, "-m", "mrlstore", *[a.format(**subs) for a in args]], capture_output=True, text=True
+    )
+    assert out.returncode == 1, out
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and "refused" in out.stderr
+    assert "Traceback" not in out.stderr and not list(tmp_path.glob("secret.csv.*"))
