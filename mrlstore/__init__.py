@@ -34,6 +34,7 @@ from .errors import (
     StoreNotFoundError,
     TuningError,
     UnknownIdError,
+    UnreadableImageError,
     UnsupportedStorageError,
     ZeroVectorError,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "StoreNotFoundError",
     "TuningError",
     "UnknownIdError",
+    "UnreadableImageError",
     "UnsupportedStorageError",
     "ZeroVectorError",
     "__version__",

@@ -111,6 +111,13 @@ def column(batch: pa.RecordBatch, name: str, role: str) -> pa.Array:
     return batch.column(name)
 
 
+def is_table(x: Any) -> bool:
+    """A table of rows (Arrow, pandas, DuckDB), as opposed to a vector column, an array or images."""
+    if isinstance(x, (pa.Table, pa.RecordBatch, pa.RecordBatchReader)):
+        return True
+    return type(x).__name__ in ("DataFrame", "DuckDBPyRelation") and hasattr(x, "columns")
+
+
 def hits_table(results: list[Any]) -> pa.Table:
     """Hits of a batch of queries as one table: query, rank, id, score, then the metadata columns."""
     parts = []
@@ -193,6 +200,7 @@ class ArrowIO:
         *,
         image: str | None = None,
         batch_size: int | None = None,
+        on_conflict: str = "error",
     ) -> int:
         """Add the rows of ``data`` (a pa.Table, RecordBatchReader, iterable of RecordBatches, pandas DataFrame
         or DuckDB relation): vectors from the column ``vector`` (or images, encoded, from the column
@@ -201,7 +209,8 @@ class ArrowIO:
         vectors; smaller input batches are merged), each batch one atomic commit, so memory stays a few
         batches whatever the input's size and a failure part way keeps every batch committed before it and
         nothing of the failing one. Returns the number of rows added (a count, not the ids: inputs may be
-        far larger than memory)."""
+        far larger than memory). ``on_conflict`` ("error", "skip" or "replace") decides for ids already in
+        the store, as in ``add_vectors`` (and ``add`` for images); skipped rows are not counted."""
         self._check_open()
         if (vector is None) == (image is None):
             raise InvalidInputError("add_arrow needs exactly one of vector= (a vector column) or image= (images)")
@@ -213,9 +222,12 @@ class ArrowIO:
             rest = [n for n in batch.schema.names if n not in (vector, image, id)]
             meta = pa.Table.from_batches([batch.select(rest)]) if rest else None
             if vector is not None:
-                added += len(self.add_vectors(to_matrix(source), ids=ids, metadata=meta))
+                before = len(self)
+                self.add_vectors(to_matrix(source), ids=ids, metadata=meta, on_conflict=on_conflict)
+                added += len(self) - before if on_conflict == "skip" else len(source)
             else:
-                added += self.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict="error").added
+                images = source.to_pylist()
+                added += len(self.add(images, ids=ids, metadata=meta, on_conflict=on_conflict, atomic=True).added)
         return added
 
     def commit_staged(self, fragments: list[Any]) -> int:
@@ -267,8 +279,23 @@ class ArrowIO:
 
         return write_parquet(self.scan(dims, columns), Path(dest))
 
-    def query_table(self, queries: Any, k: int = 10, dims: Any = None, **options: Any) -> pa.Table:
+    def query_table(
+        self,
+        queries: Any,
+        k: int = 10,
+        dims: Any = None,
+        *,
+        vector: str = "embedding",
+        image: str | None = None,
+        **options: Any,
+    ) -> pa.Table:
         """``query`` for a batch of queries, as one table: query (its index), rank (from 1), id, score, and
-        the metadata columns; the shape a pipeline joins on."""
+        the metadata columns; the shape a pipeline joins on. ``queries`` may be a table (pa.Table,
+        RecordBatch, pandas DataFrame, ...): its column ``vector`` holds the query vectors, or with
+        ``image=`` its column of that name holds images (bytes or paths); other columns are ignored."""
+        if is_table(queries):
+            table = pa.Table.from_batches(list(record_batches(queries, 1 << 30)))
+            source = column(table, image or vector, "image" if image else "vector")
+            queries = source.to_pylist() if image else to_matrix(source)
         results = self.query(queries, k=k, dims=dims, **options)
         return hits_table(results if isinstance(results, list) else [results])

@@ -25,6 +25,7 @@ from .errors import (
     InvalidFilterError,
     MetadataError,
     NotAStoreError,
+    StorageError,
     StoreLockedError,
 )
 
@@ -86,13 +87,13 @@ class Catalog:
     def create_schema(self, manifest: dict[str, Any]) -> None:
         with self._lock:
             con = self._con
-            con.begin()
-            con.execute("CREATE TABLE manifest (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
-            con.execute("CREATE TABLE _items (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE)")
-            con.execute("CREATE TABLE tombstones (_row BIGINT PRIMARY KEY)")
-            self._refresh_view()
-            con.executemany("INSERT INTO manifest VALUES (?, ?)", [(k, json.dumps(v)) for k, v in manifest.items()])
-            con.commit()
+            with self._transaction():
+                con.execute("CREATE TABLE manifest (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+                con.execute("CREATE TABLE _items (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE)")
+                con.execute("CREATE TABLE tombstones (_row BIGINT PRIMARY KEY)")
+                self._refresh_view()
+                rows = [(k, json.dumps(v)) for k, v in manifest.items()]
+                con.executemany("INSERT INTO manifest VALUES (?, ?)", rows)
 
     def manifest(self) -> dict[str, Any]:
         with self._lock:
@@ -198,6 +199,28 @@ class Catalog:
             except duckdb.Error as e:
                 raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed, or rolled back on any exception (DuckDB may have aborted it
+        already, after an I/O error); a file-system failure becomes a StorageError."""
+        con = self._con
+        con.begin()
+        try:
+            yield
+            try:
+                con.commit()
+            except duckdb.Error as e:  # the commit itself: its WAL could not be written
+                raise StorageError(f"cannot commit to the catalog {self.path}: {_first_line(e)}") from None
+        except BaseException as e:
+            try:
+                con.rollback()
+            except duckdb.Error:
+                pass  # already aborted by DuckDB
+            self._columns = None
+            if isinstance(e, duckdb.IOException):
+                raise StorageError(f"cannot write the catalog {self.path}: {_first_line(e)}") from None
+            raise
+
     def _read_only(self, run: Callable[[], T]) -> T:
         """Run user SQL in a transaction that is always rolled back: a SELECT may still hide a write
         (a data-modifying CTE), and none may reach the catalog except through the Store API."""
@@ -271,22 +294,29 @@ class Catalog:
                 "SELECT sql FROM duckdb_views() WHERE database_name = current_database() AND NOT internal "
                 "AND schema_name = 'main' ORDER BY view_oid"
             ).fetchall()
-            copy = duckdb.connect(str(dest), config=_FILE_CONFIG)
             try:
-                copy.begin()
-                for name, ddl in tables:
-                    copy.execute(ddl)
-                    copy.register("_source", _arrow_reader(self._con, f"SELECT * FROM {_quote(name)}"))
-                    try:
-                        copy.execute(f"INSERT INTO {_quote(name)} SELECT * FROM _source")
-                    finally:
-                        copy.unregister("_source")
-                for (ddl,) in views:
-                    copy.execute(ddl)
-                copy.commit()
-                copy.execute("CHECKPOINT")
-            finally:
-                copy.close()
+                self._copy_to(dest, tables, views)
+            except duckdb.IOException as e:
+                raise StorageError(f"cannot write a copy of the catalog to {dest}: {_first_line(e)}") from None
+
+    def _copy_to(self, dest: Path, tables: list[Any], views: list[Any]) -> None:
+        """The tables' DDL and rows, then the views, into a new database at ``dest`` (the lock is held)."""
+        copy = duckdb.connect(str(dest), config=_FILE_CONFIG)
+        try:
+            copy.begin()
+            for name, ddl in tables:
+                copy.execute(ddl)
+                copy.register("_source", _arrow_reader(self._con, f"SELECT * FROM {_quote(name)}"))
+                try:
+                    copy.execute(f"INSERT INTO {_quote(name)} SELECT * FROM _source")
+                finally:
+                    copy.unregister("_source")
+            for (ddl,) in views:
+                copy.execute(ddl)
+            copy.commit()
+            copy.execute("CHECKPOINT")
+        finally:
+            copy.close()
 
     # -- writes (each one transaction: the commit point) -------------------------------------------
     def commit_rows(
@@ -325,41 +355,27 @@ class Catalog:
         self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int
     ) -> pa.Table:
         con = self._con
-        con.begin()
         try:
-            if metadata is not None:
-                self._add_columns(metadata)
-            if replace_rows is not None and len(replace_rows):
-                self._tombstone_registered()
-            stored = _arrow(con, "INSERT INTO _items BY NAME SELECT * FROM _batch RETURNING *")
-            self._set_watermark(new_watermark)
-            con.commit()
+            with self._transaction():
+                if metadata is not None:
+                    self._add_columns(metadata)
+                if replace_rows is not None and len(replace_rows):
+                    self._tombstone_registered()
+                stored = _arrow(con, "INSERT INTO _items BY NAME SELECT * FROM _batch RETURNING *")
+                self._set_watermark(new_watermark)
             return stored.sort_by("_row")
         except duckdb.ConversionException as e:
-            con.rollback()
-            self._columns = None
             raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
         except duckdb.ConstraintException as e:
-            con.rollback()
-            self._columns = None
             raise DuplicateIdError(f"an id is already in the store: {_first_line(e)}") from None
-        except BaseException:
-            con.rollback()
-            self._columns = None
-            raise
 
     def delete_rows(self, rows: np.ndarray) -> None:
         with self._lock:
             con = self._con
             con.register("_dead", pa.table({"_row": pa.array(np.asarray(rows, dtype=np.int64))}))
             try:
-                con.begin()
-                try:
+                with self._transaction():
                     self._tombstone_registered()
-                    con.commit()
-                except BaseException:
-                    con.rollback()
-                    raise
             finally:
                 con.unregister("_dead")
 
@@ -385,15 +401,9 @@ class Catalog:
 
     def set_manifest(self, key: str, value: Any) -> None:
         """Insert or replace one manifest entry (its own transaction)."""
-        with self._lock:
-            self._con.begin()
-            try:
-                self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
-                self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
-                self._con.commit()
-            except BaseException:
-                self._con.rollback()
-                raise
+        with self._lock, self._transaction():
+            self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
+            self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
 
     def _set_watermark(self, rows: int) -> None:
         self._con.execute("UPDATE manifest SET value = ? WHERE key = 'committed_rows'", [json.dumps(rows)])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 
 class MRLStoreError(Exception):
     """Base class of every error mrlstore raises on purpose."""
@@ -44,6 +48,10 @@ class ForbiddenSQLError(InvalidFilterError):
     settings, ATTACH, COPY) or writes: refused before it runs, and nothing changes."""
 
 
+class UnreadableImageError(InvalidInputError):
+    """An image file, buffer or array that cannot be read or decoded."""
+
+
 class InvalidDimsError(InvalidInputError):
     """``dims`` is not an increasing list of prefix lengths within the store's dimension."""
 
@@ -81,6 +89,36 @@ class ConfigMismatchError(MRLStoreError, ValueError):
 
 class CorruptStoreError(MRLStoreError, OSError):
     """A file of the store is missing, truncated or inconsistent with the catalog."""
+
+
+class StorageError(MRLStoreError, OSError):
+    """The file system refused a write: no permission, a read-only or full disk, a path under a file. What
+    was being written is not committed."""
+
+
+_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file would grow past the size allowed",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def storage_error(action: str, path: str | os.PathLike[str], e: OSError) -> StorageError:
+    """A StorageError saying what failed where, in words, from the OSError the file system raised."""
+    reason = _REASONS.get(e.errno or 0) or (e.strerror or str(e)).lower()
+    existing = Path(os.path.abspath(path))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != Path(os.path.abspath(path)) and not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    elif e.errno == errno.ENOENT and existing != Path(os.path.abspath(path)):
+        reason = f"{existing} does not accept new folders"
+    error = StorageError(f"cannot {action} {path}: {reason}")
+    error.errno = e.errno  # callers may still test it, as for any OSError
+    return error
 
 
 class ObjectStorageError(MRLStoreError, OSError):

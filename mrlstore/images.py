@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +26,10 @@ import pyarrow as pa
 
 from .arrow import is_vector_column
 from .config import BUNDLED_ENCODER
-from .errors import DuplicateIdError, EncoderUnavailableError, InvalidInputError
+from .errors import DuplicateIdError, EncoderUnavailableError, InvalidInputError, UnreadableImageError
 from .validation import id_list, metadata_table, positive_int
 
+COMMIT_EVERY = 1024  # images per commit of an add: 8 MiB of 2048-d float32 vectors, ~10 s of encoding on 2 cores
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
 
@@ -126,13 +127,13 @@ def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
         raise InvalidInputError(
             f"{p} is a URL: mrlstore does not fetch images over the network; download the file and pass its path"
         )
-    path = Path(p)
+    path = Path(os.path.abspath(p))  # stored as metadata: it must resolve from any working directory
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise InvalidInputError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return [ImageItem(str(f), str(f)) for f in files]
-    return [ImageItem(os.fspath(p), os.fspath(p))]
+    return [ImageItem(str(path), str(path))]
 
 
 def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], list[Failure]]:
@@ -162,9 +163,9 @@ def _opened(item: ImageItem) -> Iterator[Any]:
         with pil().open(source) as im:
             yield im
     except FileNotFoundError:
-        raise InvalidInputError(f"image file not found: {item.path}") from None
+        raise UnreadableImageError(f"image file not found: {item.path}") from None
     except Exception as e:  # PIL raises many kinds for broken data
-        raise InvalidInputError(f"cannot read image {item.describe()}: {e}") from None
+        raise UnreadableImageError(f"cannot read image {item.describe()}: {e}") from None
 
 
 def content_id(item: ImageItem) -> str:
@@ -286,16 +287,38 @@ def pil() -> Any:
     return Image
 
 
-class AddResult(list):
-    """The ids of the images an ``add`` covered (added, replaced, or already present and skipped), in input
-    order; ``failed`` lists the inputs left out with ``skip_errors=True`` and why, ``skipped`` the ids that
-    were already in the store (``on_conflict="skip"``) or repeated within the call, ``added`` how many
-    images the call wrote."""
+@dataclass(repr=False)
+class AddResult(Sequence[str]):
+    """What an ``add`` did. As a sequence it is ``ids``: the ids of the images it covered (added, replaced,
+    or already present and skipped), in input order. ``added``: the ids this call wrote (added or
+    replaced); ``skipped``: ids already in the store (``on_conflict="skip"``) or repeated within the call;
+    ``failed``: the inputs left out with ``skip_errors=True``, and why."""
 
-    def __init__(self, ids: list[str], failed: list[Failure], skipped: list[str], added: int):
-        super().__init__(ids)
-        self.failed, self.skipped = failed, skipped
-        self.added = added  # how many images this call wrote (added or replaced)
+    ids: list[str]
+    added: list[str]
+    skipped: list[str]
+    failed: list[Failure]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.ids[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AddResult):
+            return (self.ids, self.added, self.skipped, self.failed) == (
+                other.ids, other.added, other.skipped, other.failed)  # fmt: skip
+        return isinstance(other, list) and self.ids == other
+
+    def __repr__(self) -> str:
+        return (
+            f"AddResult({len(self.ids)} images: {len(self.added)} added, {len(self.skipped)} skipped, "
+            f"{len(self.failed)} failed)"
+        )
 
 
 @dataclass
@@ -365,14 +388,20 @@ def is_single(query: Any) -> bool:
 
 
 def encode(
-    encoder: Any, items: list[ImageItem], batch_size: int, progress: bool | None, failures: list[Failure] | None = None
+    encoder: Any,
+    items: list[ImageItem],
+    batch_size: int,
+    progress: bool | None,
+    failures: list[Failure] | None = None,
+    advance: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """The encoder's vectors for ``items``, decoding a batch of images at a time (bounded memory), and the
-    positions in ``items`` they belong to. An image that cannot be decoded raises InvalidInputError, or
-    with ``failures`` given is left out and reported there."""
+    positions in ``items`` they belong to. An image that cannot be decoded raises UnreadableImageError, or
+    with ``failures`` given is left out and reported there. ``advance(n)`` (instead of a progress bar of
+    its own) is told of every batch done."""
     from tqdm import tqdm
 
-    show = progress if progress is not None else len(items) > 4 * batch_size
+    show = advance is None and (progress if progress is not None else len(items) > 4 * batch_size)
     out, kept = [], []
     with tqdm(total=len(items), desc="encode", unit="img", disable=not show) as bar:
         for lo in range(0, len(items), batch_size):
@@ -391,9 +420,22 @@ def encode(
                 if vectors.shape[0] != len(batch):
                     raise EncoderUnavailableError(f"the encoder gave {len(vectors)} vectors for {len(batch)} images")
                 out.append(vectors)
-            bar.update(min(batch_size, len(items) - lo))
+            (advance or bar.update)(min(batch_size, len(items) - lo))
     dim = int(getattr(encoder, "dim", 0))
     return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept
+
+
+@contextmanager
+def _hint_skip_errors(committed: int) -> Iterator[None]:
+    """An unreadable image's error, with what the caller can do about it."""
+    try:
+        yield
+    except UnreadableImageError as e:
+        kept = f"; the {committed} images committed before it stay (run the same add again to resume)"
+        raise UnreadableImageError(
+            f"{e}. Pass skip_errors=True (mrlstore add --skip-errors) to leave out unreadable images and list "
+            f"them{kept if committed else ''}"
+        ) from None
 
 
 class ImageInputs:
@@ -411,28 +453,39 @@ class ImageInputs:
         metadata: Any = None,
         *,
         batch_size: int = 64,
+        commit_every: int = COMMIT_EVERY,
+        atomic: bool = False,
         skip_errors: bool = False,
         on_conflict: str = "skip",
         progress: bool | None = None,
     ) -> AddResult:
-        """Encode images with the store's encoder and add them; returns their ids in input order.
+        """Encode images with the store's encoder and add them; returns their ids in input order (an
+        :class:`AddResult`).
 
         ``images``: a path, a folder (its image files, recursively, sorted), ``bytes`` or a binary file
         object holding an encoded image, a PIL image, an array or tensor (HxW, HxWx3, HxWx4; NxHxWx3 for
         several), or a list of any of these (see :mod:`mrlstore.images` for the rule that tells images from
-        vectors). Files keep their path as ``path`` metadata. Ids default to a hash of each image's
+        vectors). Files keep their absolute path as ``path`` metadata. Ids default to a hash of each image's
         content, so adding the same images again changes nothing; ``on_conflict`` decides for ids already
         in the store: ``"skip"`` (nothing is encoded for them; listed in the result's ``skipped``),
         ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written). Every file's header is checked
-        before anything is encoded: a bad file raises InvalidInputError naming it and nothing is written;
+        before anything is encoded: a bad file raises UnreadableImageError naming it and nothing is written;
         with ``skip_errors=True`` it is left out and listed, with the reason, in the result's ``failed``.
+
+        Images are committed ``commit_every`` at a time (``batch_size`` is the encoder's batch), so memory
+        stays bounded and an interrupt (Ctrl-C, a crash, a kill) keeps every committed batch: running the
+        same add again encodes only what is missing. The progress bar counts committed images.
+        ``atomic=True`` encodes everything first and commits once: all or nothing.
         """
         self._check_open()
         self._check_writable()
         if on_conflict not in ("skip", "replace", "error"):
             raise InvalidInputError(f"on_conflict must be 'skip', 'replace' or 'error', got {on_conflict!r}")
+        size = positive_int(batch_size, "batch_size")
+        group = positive_int(commit_every, "commit_every")
         encoder = self._image_encoder()
-        batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
+        with _hint_skip_errors(0):
+            batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
         existing = self._catalog.rows_of(batch.ids)
         if existing and on_conflict == "error":
             raise DuplicateIdError(
@@ -441,19 +494,40 @@ class ImageInputs:
             )
         todo = batch.without(set(existing) if on_conflict == "skip" else set())
         late: list[Failure] = []  # files whose header read but whose pixels did not (skip_errors only)
-        lost: set[str] = set()
-        written = 0
-        if todo.items:
-            size = positive_int(batch_size, "batch_size")
-            vectors, kept = encode(encoder, todo.items, size, progress, late if skip_errors else None)
-            decoded = todo.only(kept)
-            lost, todo = set(todo.ids) - set(decoded.ids), decoded
-            if todo.items:
-                replace = on_conflict == "replace"
-                written = len(self._write(vectors, todo.ids, todo.metadata, replace=replace, keep_metadata=replace))
+        written: list[str] = []
+        step = len(todo.ids) if atomic else group
+        show = progress if progress is not None else len(todo.ids) > 4 * size
+        from tqdm import tqdm
+
+        with tqdm(total=len(todo.ids), desc="add", unit="img", disable=not show) as bar:
+            for lo in range(0, len(todo.ids), max(step, 1)):
+                part = todo.only(list(range(lo, min(lo + step, len(todo.ids)))))
+                failures = late if skip_errors else None
+                with _hint_skip_errors(len(written)):
+                    written += self._encode_and_commit(encoder, part, size, failures, on_conflict == "replace",
+                                                       bar.update if atomic else None)  # fmt: skip
+                if not atomic:
+                    bar.update(len(part.ids))
+        lost = {f.index for f in late}
         skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
-        ids = [i for i in batch.ids if i not in lost] if late else batch.ids
-        return AddResult(ids, sorted(batch.failed + late, key=lambda f: f.index), skipped + batch.repeats, written)
+        kept_ids = [i for i, item in zip(batch.ids, batch.items) if item.index not in lost]
+        return AddResult(kept_ids, written, skipped + batch.repeats, sorted(batch.failed + late, key=lambda f: f.index))
+
+    def _encode_and_commit(
+        self,
+        encoder: Any,
+        part: ImageBatch,
+        batch_size: int,
+        failures: list[Failure] | None,
+        replace: bool,
+        advance: Callable[[int], object] | None,
+    ) -> list[str]:
+        """Encode ``part`` and commit what decoded as one write; returns the ids written."""
+        vectors, kept = encode(encoder, part.items, batch_size, False, failures, advance)
+        decoded = part.only(kept)
+        if not decoded.items:
+            return []
+        return list(self._write(vectors, decoded.ids, decoded.metadata, replace=replace, keep_metadata=replace))
 
     def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
         """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""

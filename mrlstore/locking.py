@@ -37,8 +37,9 @@ class StoreLock:
             os.close(self._fd)
             if exclusive:
                 raise StoreLockedError(
-                    f"{store_path} is already open{holder}; one writer at a time (close it, or open this "
-                    "one with read_only=True once the writer is gone)"
+                    f"{store_path} is already open for writing{holder}; one writer at a time: close that one "
+                    "to write here, or open this one with read_only=True, which works at any time, beside a live "
+                    "writer"
                 ) from None
             raise StoreLockedError(f"{store_path} is open for writing{holder}; readers must wait for it") from None
         if exclusive:
@@ -70,6 +71,8 @@ class StoreLock:
         """Who holds the lock: the writer's pid is in LOCK while it lives; readers write nothing, so a pid
         of a process that has exited means readers hold it now."""
         pid = self._writer_pid()
+        if pid == str(os.getpid()):
+            return " by this process (another Store object, or one not closed yet)"
         if pid:
             return f" by process {pid}"
         return " by a reader (another process has it open read_only)" if self.exclusive else ""

@@ -274,6 +274,16 @@ class RemoteSource:
         self._files: dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(FETCH_THREADS)
 
+    def object_problems(self, key: str, size: int) -> list[str]:
+        """A chunk object that is missing or holds fewer than ``size`` bytes."""
+        with _errors(self.url, "verify"):
+            info = self.fs.get_file_info(f"{self.root}/{key}")
+        if info.type != pafs.FileType.File:
+            return [f"chunk object {key} holding committed rows is missing"]
+        if info.size < size:
+            return [f"chunk object {key} has {info.size} bytes, expected at least {size}"]
+        return []
+
     def local_copy(self, cache_dir: str | os.PathLike[str] | None) -> Path:
         """The small parts of this version in the local cache (downloaded once; complete or absent)."""
         base = (
@@ -442,6 +452,18 @@ class RemoteBands(BandedVectors):
 
     def prefault(self, row_start: int, row_stop: int) -> None:
         pass  # remote rows come over the network when a query needs them; local ones fault in
+
+    def file_problems(self, watermark: int) -> list[str]:
+        """Local problems of the cached arrays, and remote chunks that are missing or shorter than the rows
+        the version commits there."""
+        found = []
+        for band in self.arrays:
+            remote = {c: m for c, m in band._maps.items() if isinstance(m, RemoteChunk)}
+            local = [c for c in range(-(-watermark // band.chunk_rows)) if c not in remote]
+            found += [p for c in local for p in band.chunk_problems(c)]
+            for chunk in remote.values():
+                found += self.source.object_problems(chunk.key, chunk.rows * chunk.row_bytes)
+        return found
 
     def close(self) -> None:
         super().close()

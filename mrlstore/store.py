@@ -25,7 +25,7 @@ import pyarrow as pa
 from . import tuning
 from ._memory import release_freed_memory
 from ._rwlock import RWLock
-from .arrow import ArrowIO
+from .arrow import ArrowIO, is_table
 from .catalog import DB_FILE, Catalog
 from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
 from .encoding import Encoder
@@ -34,6 +34,7 @@ from .errors import (
     DuplicateIdError,
     EmptyStoreError,
     InvalidInputError,
+    MRLStoreError,
     NotAStoreError,
     ReadOnlyError,
     ShapeError,
@@ -41,6 +42,7 @@ from .errors import (
     StoreNotFoundError,
     UnknownIdError,
     UnsupportedStorageError,
+    storage_error,
 )
 from .hits import Hits
 from .images import ImageInputs, bundled_weights_id, is_single, looks_like_vectors
@@ -126,7 +128,12 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
             name = encoder_name(encoder, requested["dim"], dim)
             weights = bundled_weights_id() if name == BUNDLED_ENCODER else None
             config = StoreConfig.new(requested, name, auto_chunk_rows, encoder_weights=weights)
-            create_store(self.path, config)
+            try:
+                create_store(self.path, config)
+            except OSError as e:
+                if isinstance(e, MRLStoreError):
+                    raise
+                raise storage_error("create a store at", self.path, e) from e
         elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
             raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
 
@@ -240,15 +247,26 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._snap.n_live} vectors"
-        return f"<mrlstore.Store {str(self.path)!r} dim={self.dim} metric={self.metric} {state}>"
+        return f"<mrlstore.Store {self.location!r} dim={self.dim} metric={self.metric} {state}>"
+
+    @property
+    def location(self) -> str:
+        """Where the store lives: its folder, or the URL of a store on object storage (whose small parts
+        are cached in ``path``)."""
+        return self._remote.url if self._remote is not None else str(self.path)
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosedError(f"store {self.path} is closed")
+            raise StoreClosedError(f"store {self.location} is closed")
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise ReadOnlyError(f"store {self.path} was opened with read_only=True")
+            if self._remote is not None:
+                raise ReadOnlyError(
+                    f"store {self.location} is on object storage, which is read-only: write to a local store "
+                    "and upload it with store.publish(url)"
+                )
+            raise ReadOnlyError(f"store {self.location} was opened with read_only=True")
 
     def info(self) -> dict[str, Any]:
         """Creation parameters, current state (rows, live vectors, index status) and the tuned settings."""
@@ -256,7 +274,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         snap = self._snap
         tuned = self.manifest.get("tuned")
         return {
-            "path": str(self.path),
+            "path": self.location,
             "dim": self.dim,
             "bands": self.bands,
             "metric": self.metric,
@@ -274,9 +292,16 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         }
 
     # -- writes ------------------------------------------------------------------------------------
-    def add_vectors(self, vectors: Any, ids: Sequence[str] | None = None, metadata: Any = None) -> list[str]:
-        """Add new vectors (n x dim); returns their ids. Durable once it returns."""
-        return self._write(vectors, ids, metadata, replace=False)
+    def add_vectors(
+        self, vectors: Any, ids: Sequence[str] | None = None, metadata: Any = None, *, on_conflict: str = "error"
+    ) -> list[str]:
+        """Add new vectors (n x dim); returns their ids. Durable once it returns. ``on_conflict`` decides for
+        ids already in the store: ``"error"`` (DuplicateIdError, nothing written), ``"skip"`` (those rows
+        are left out; the others are added) or ``"replace"`` (as :meth:`upsert_vectors`)."""
+        if on_conflict not in ("error", "skip", "replace"):
+            raise InvalidInputError(f"on_conflict must be 'error', 'skip' or 'replace', got {on_conflict!r}")
+        replace = on_conflict == "replace"
+        return self._write(vectors, ids, metadata, replace=replace, keep_metadata=replace, skip=on_conflict == "skip")
 
     def upsert_vectors(
         self, vectors: Any, ids: Sequence[str], metadata: Any = None, keep_metadata: bool = True
@@ -288,12 +313,24 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
             raise InvalidInputError("upsert_vectors needs ids (which entries to replace)")
         return self._write(vectors, ids, metadata, replace=True, keep_metadata=keep_metadata)
 
-    def _write(self, vectors: Any, ids: Any, metadata: Any, replace: bool, keep_metadata: bool = False) -> list[str]:
+    def _write(
+        self, vectors: Any, ids: Any, metadata: Any, replace: bool, keep_metadata: bool = False, skip: bool = False
+    ) -> list[str]:
         self._check_open()
         self._check_writable()
         batch = vector_batch(vectors, self.dim, self.dtype, self.metric, self.index_dims)
         id_batch = id_list(ids, len(batch))
-        self._commit([batch], id_batch, metadata_table(metadata, len(batch)), replace, keep_metadata)
+        meta = metadata_table(metadata, len(batch))
+        if skip and ids is not None:
+            with self._write_lock:  # one writer: what is present now stays present until the commit
+                present = self._catalog.rows_of(id_batch)
+                if present:
+                    keep = np.array([i not in present for i in id_batch])
+                    new_ids = [i for i in id_batch if i not in present]
+                    if new_ids:
+                        self._commit([batch[keep]], new_ids, None if meta is None else meta.filter(keep), False, False)
+                    return id_batch
+        self._commit([batch], id_batch, meta, replace, keep_metadata)
         if batch.nbytes >= _TRIM_AFTER_BYTES:
             release_freed_memory()
         return id_batch
@@ -315,7 +352,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
             if existing and not replace:
                 raise DuplicateIdError(
                     f"{len(existing)} id(s) already in the store, e.g. {sorted(existing)[:5]}; "
-                    "use upsert_vectors to replace them"
+                    "pass on_conflict='skip' or 'replace' (or use upsert_vectors)"
                 )
             if keep_metadata and existing:
                 meta = kept_metadata(meta, self._snap.table.metadata_of([existing.get(i, -1) for i in id_batch]))
@@ -334,10 +371,15 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
                 with self._visibility.write():  # queries see all of this write or none of it
                     stored = self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
                     self._publish(rows, replaced, stored)
-            except BaseException:
+            except BaseException as e:
                 # An interruption can land after DuckDB's COMMIT: ask the catalog, never assume.
                 if self._catalog.committed_rows() == start:
-                    self._vectors.truncate(start)
+                    try:
+                        self._vectors.truncate(start)
+                    except OSError:
+                        pass  # a full disk: the leftovers past the watermark stay invisible, cleared on open
+                    if isinstance(e, OSError) and not isinstance(e, MRLStoreError):
+                        raise storage_error("write to the store", self.path, e) from e
                     raise
                 self._resync_after_failure()  # committed: memory must catch up with the catalog
                 raise
@@ -462,7 +504,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
             self._check_open()
             snap = self._snap
             if snap.n_live == 0:
-                raise EmptyStoreError(f"store {self.path} holds no vectors to search")
+                raise EmptyStoreError(f"store {self.location} holds no vectors to search")
             allowed = self._allowed(where, snap) if where is not None else None
             rows, offsets, scores = self._funnel.run(snap, queries, plan, allowed)
         hits = snap.hits(rows, offsets, scores, plan.dims, metadata)
@@ -483,6 +525,11 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
     def _query_vectors(self, query: Any, need: int) -> tuple[np.ndarray, bool]:
         if looks_like_vectors(query, self.dim) or (self._no_encoder() and looks_like_vectors(query)):
             return query_batch(query, need, self.dim, self.metric)
+        if is_table(query):
+            raise InvalidInputError(
+                f"query() takes vectors or images, got a {type(query).__name__}: for a table of queries use "
+                "query_table(table, vector='embedding') (or image='<column>')"
+            )
         encoder = self._image_encoder()
         vectors, _ = encode_images(encoder, check_images(expand_images(query), skip_errors=False)[0], 64, None)
         return query_batch(vectors, need, self.dim, self.metric)[0], is_single(query)

@@ -128,6 +128,11 @@ def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[st
     return None if setting is None else {**setting, "dims": list(dims_t), "k": tuned["k"]}
 
 
+# Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
+# anyway) took at most this many times the best funnel's time per query: on a large store it is far slower.
+EXACT_CANDIDATE_FACTOR = 4.0
+
+
 def tune(
     funnel: Funnel,
     snap: Snapshot,
@@ -174,6 +179,11 @@ def tune(
         tried += points
         best_per_shape[shape_key(dims_t)] = point
     best = _choose(best_per_shape, tried, recall, budget)
+    if exact_ms < EXACT_CANDIDATE_FACTOR * best["ms_per_query"]:  # a small store: exact search may be faster
+        exact = _measure(funnel, snap, queries, probe, truth, (dim,), k + 1, k, recall)
+        tried.append(exact)
+        if exact["reached"] and exact["ms_per_query"] < best["ms_per_query"]:
+            best = exact
     shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached", "taper")}
                   for key, p in best_per_shape.items()}  # fmt: skip
     return {

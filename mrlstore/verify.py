@@ -9,7 +9,6 @@ the catalog's rows lie below the watermark; the HNSW caches cover no row the cat
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -22,8 +21,7 @@ def problems(store: Any) -> list[str]:
     """Everything wrong with ``store`` (an open Store), as sentences; empty when it is consistent."""
     snap, vectors = store._snap, store._vectors
     found: list[str] = []
-    for array in vectors.arrays:  # from the files as they are now (the open store's maps would hide a loss)
-        found += _band_file_problems(array, snap.watermark)
+    found += vectors.file_problems(snap.watermark)  # the files as they are now, not the open maps
     if found:
         return found  # the rows cannot be read: the checks below would only repeat it
     outside = store._catalog.rows_outside(snap.watermark)
@@ -54,26 +52,6 @@ def _norm_problems(vectors: Any, snap: Any) -> list[str]:
     if not len(wrong):
         return []
     return [f"row_norms disagree with the stored vectors of {len(wrong)} sampled row(s), e.g. {wrong[:5].tolist()}"]
-
-
-def _band_file_problems(band: Any, watermark: int) -> list[str]:
-    found = []
-    try:
-        rows = int(json.loads((band.dir / "zarr.json").read_text())["shape"][0])
-        if rows < watermark:
-            found.append(f"{band.label} records {rows} rows but {watermark} are committed")
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        found.append(f"{band.label}: unreadable Zarr metadata ({e})")
-    for chunk in range(-(-watermark // band.chunk_rows)):
-        path = band.chunk_path(chunk)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            found.append(f"chunk file {path} holding committed rows is missing")
-            continue
-        if size != band.chunk_bytes:
-            found.append(f"chunk file {path} has {size} bytes, expected {band.chunk_bytes}")
-    return found
 
 
 def _all_zero_rows(vectors: Any, snap: Any, width: int) -> np.ndarray:

@@ -75,6 +75,7 @@ def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, 
         os.replace(tmp, folder / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
         raise
     head = {"version": number, "catalog": name, "published_at": time.time(), **state}
     atomic_write_bytes(folder / HEAD_FILE, json.dumps(head, indent=2).encode())
@@ -112,7 +113,7 @@ def newest_version(store: Path) -> dict[str, Any] | None:
             manifest = catalog.manifest()
             state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
             if trails(head, state):
-                head = _publish_if_allowed(store, catalog.snapshot_to, state, head)
+                head = _publish_if_allowed(store, catalog.snapshot_to, state)
         finally:
             catalog.close()
     finally:
@@ -180,15 +181,17 @@ class ReadersProbe:
             self._fd = -1
 
 
-def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[str, Any], head: Any) -> Any:
-    from .errors import MRLStoreError
+def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[str, Any]) -> Any:
+    from .errors import MRLStoreError, StorageError
 
     try:
         return publish(store, copy, state)
     except OSError as e:
-        if isinstance(e, MRLStoreError):
+        if isinstance(e, MRLStoreError) and not isinstance(e, StorageError):
             raise
-        return head  # a folder this reader may not write: the newest version there is, or the live catalog
+        # a folder this reader may not write, or a full disk: a published version would be stale, so the
+        # reader reads the live catalog under a shared lock instead
+        return None
 
 
 def trails(head: dict[str, Any] | None, state: dict[str, Any]) -> bool:

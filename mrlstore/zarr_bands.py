@@ -222,6 +222,30 @@ class _Band:
                 np.copyto(data, part, casting="same_kind")
             os.pwrite(fd, memoryview(data).cast("B"), (offset + lo) * self.width * self.dtype.itemsize)
 
+    def file_problems(self, watermark: int) -> list[str]:
+        """What is wrong with this array's files for ``watermark`` committed rows, read from disk now (the
+        open maps would hide a lost file)."""
+        found = []
+        try:
+            rows = int(json.loads((self.dir / "zarr.json").read_text())["shape"][0])
+            if rows < watermark:
+                found.append(f"{self.label} records {rows} rows but {watermark} are committed")
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            found.append(f"{self.label}: unreadable Zarr metadata ({e})")
+        for chunk in range(-(-watermark // self.chunk_rows)):
+            found += self.chunk_problems(chunk)
+        return found
+
+    def chunk_problems(self, chunk: int) -> list[str]:
+        path = self.chunk_path(chunk)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return [f"chunk file {path} holding committed rows is missing"]
+        if size != self.chunk_bytes:
+            return [f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}"]
+        return []
+
     def set_shape_rows(self, rows: int) -> None:
         if self.shape_rows != rows:
             meta = dict(self.meta, shape=[rows, self.width])
@@ -299,6 +323,10 @@ class BandedVectors:
                 lo, hi = max(row_start, chunk * rc) - chunk * rc, min(row_stop, (chunk + 1) * rc) - chunk * rc
                 if lo < hi:
                     band.mapped(chunk)[lo:hi].reshape(-1)[::step].max()
+
+    def file_problems(self, watermark: int) -> list[str]:
+        """What is wrong with the files of every array (bands and row_norms) for ``watermark`` rows."""
+        return [problem for band in self.arrays for problem in band.file_problems(watermark)]
 
     @property
     def chunk_rows(self) -> list[int]:

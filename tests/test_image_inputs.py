@@ -110,9 +110,10 @@ def test_torch_tensors(store):
 def test_readding_the_same_images_is_idempotent_and_conflicts_follow_the_policy(store, photos):
     first = store.add(photos)
     encoded = store.encoder.seen
-    assert first.added == 4
+    assert first.added == list(first) and len(first.added) == 4
     again = store.add(photos)  # same content, same ids: nothing encoded, nothing added
-    assert list(again) == list(first) and sorted(again.skipped) == sorted(first) and again.added == 0
+    assert list(again) == list(first) and sorted(again.skipped) == sorted(first) and again.added == []
+    assert repr(again) == "AddResult(4 images: 0 added, 4 skipped, 0 failed)"
     assert len(store) == 4 and store.encoder.seen == encoded
     with pytest.raises(mrlstore.DuplicateIdError, match="on_conflict"):
         store.add(photos / "p0.png", on_conflict="error")
@@ -144,7 +145,7 @@ def test_upsert_vectors_keeps_or_clears_metadata_by_choice(tmp_path):
 
 def test_a_bad_file_fails_before_encoding_and_writes_nothing(store, photos):
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(mrlstore.InvalidInputError, match="broken.png"):
+    with pytest.raises(mrlstore.UnreadableImageError, match="broken.png.*skip_errors=True"):
         store.add(photos)
     assert store.encoder.seen == 0 and len(store) == 0
     with pytest.raises(mrlstore.InvalidInputError, match="not found"):
@@ -202,3 +203,70 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+class InterruptedEncoder(PixelEncoder):
+    """Raises KeyboardInterrupt (a user's Ctrl-C) once it has encoded ``stop_after`` images."""
+
+    def __init__(self, stop_after: int):
+        super().__init__()
+        self.stop_after = stop_after
+
+    def encode(self, images, batch_size=64):
+        if self.seen + len(images) > self.stop_after:
+            raise KeyboardInterrupt
+        return super().encode(images, batch_size)
+
+
+@pytest.fixture
+def many_photos(tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(23):
+        Image.fromarray(_pixels(100 + i)).save(root / f"m{i:02d}.png")
+    return root
+
+
+def test_an_interrupted_add_keeps_its_committed_batches_and_resumes(tmp_path, many_photos):
+    path = tmp_path / "s"
+    with mrlstore.open(path, encoder=InterruptedEncoder(stop_after=12), bands=(8, 48), index_dims=(8,)) as s:
+        with pytest.raises(KeyboardInterrupt):
+            s.add(many_photos, batch_size=2, commit_every=5)
+        assert len(s) == 10  # two commits of 5; the third batch was being encoded
+    encoder = PixelEncoder()
+    with mrlstore.open(path, encoder=encoder) as s:
+        result = s.add(many_photos, batch_size=2, commit_every=5)
+        assert encoder.seen == 13 and len(result.added) == 13 and len(result.skipped) == 10
+        assert len(s) == 23 and s.verify() == []
+        assert sorted(s.sql("SELECT path FROM items").column("path").to_pylist()) == sorted(
+            str(p) for p in many_photos.iterdir()
+        )
+
+
+def test_atomic_adds_are_all_or_nothing(tmp_path, many_photos):
+    with mrlstore.open(tmp_path / "s", encoder=InterruptedEncoder(stop_after=12), bands=(8, 48), index_dims=(8,)) as s:
+        with pytest.raises(KeyboardInterrupt):
+            s.add(many_photos, batch_size=2, commit_every=5, atomic=True)
+        assert len(s) == 0
+        with pytest.raises(mrlstore.InvalidInputError, match="commit_every"):
+            s.add(many_photos, commit_every=0)
+
+
+def test_a_decode_error_part_way_says_what_stayed(store, many_photos):
+    Image.fromarray(_pixels(99, (64, 64))).save(many_photos / "m20.jpg", quality=95)
+    good = (many_photos / "m20.jpg").read_bytes()
+    (many_photos / "m20.png").unlink()
+    (many_photos / "m20.jpg").write_bytes(good[: len(good) // 3])  # the header reads; the pixels do not
+    with pytest.raises(mrlstore.UnreadableImageError, match="m20.jpg.*the 20 images committed before it stay"):
+        store.add(many_photos, batch_size=4, commit_every=10)
+    assert len(store) == 20
+    result = store.add(many_photos, skip_errors=True)
+    assert len(store) == 22 and [f.source for f in result.failed] == [str(many_photos / "m20.jpg")]
+    assert len(result) == 22 and len(result.added) == 2
+
+
+def test_stored_paths_are_absolute(store, photos, monkeypatch):
+    monkeypatch.chdir(photos.parent)
+    store.add(["photos/p0.png", "photos/./sub"])
+    paths = sorted(store.sql("SELECT path FROM items").column("path").to_pylist())
+    assert paths == [str(photos / "p0.png"), str(photos / "sub" / "q.jpg")]

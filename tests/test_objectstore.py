@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,39 +19,17 @@ import mrlstore
 
 pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e '.[test]'")
 pafs = pytest.importorskip("pyarrow.fs")
+from moto_server import free_port as _free_port  # noqa: E402
+from moto_server import start_moto as _start_moto  # noqa: E402
+
 from mrlstore.objectstore import filesystem  # noqa: E402
 
 DIM = 256
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-            time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    proc, url = _start_moto()
-    yield url
-    proc.terminate()
-    proc.wait()
+@pytest.fixture
+def endpoint(s3_endpoint):
+    return s3_endpoint
 
 
 @pytest.fixture
