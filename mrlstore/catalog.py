@@ -296,7 +296,7 @@ class Catalog:
             ).fetchall()
             try:
                 self._copy_to(dest, tables, views)
-            except duckdb.IOException as e:
+            except duckdb.Error as e:  # I/O, or a checkpoint DuckDB calls fatal: the disk, in practice
                 raise StorageError(f"cannot write a copy of the catalog to {dest}: {_first_line(e)}") from None
 
     def _copy_to(self, dest: Path, tables: list[Any], views: list[Any]) -> None:

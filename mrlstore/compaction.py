@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._fsutil import fsync_dir
+from .config import FORMAT_VERSION
 from .errors import UnsupportedStorageError
 from .layout import create_store, fsync_tree
 from .locking import NoLock
@@ -40,8 +41,8 @@ def compact(store: Any) -> dict[str, int]:
     snap = store._snap
     live_rows = np.flatnonzero(snap.live[: snap.watermark])
     counts = {"rows_before": snap.watermark, "rows_after": len(live_rows)}
-    if len(live_rows) == snap.watermark:
-        return counts  # nothing deleted: nothing to rewrite
+    if len(live_rows) == snap.watermark and store.manifest.get("format_version") == FORMAT_VERSION:
+        return counts  # nothing deleted and the newest layout: nothing to rewrite
     store.checkpoint()
     tmp = temporary_path(store.path)
     shutil.rmtree(tmp, ignore_errors=True)

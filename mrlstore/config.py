@@ -16,8 +16,11 @@ FORMAT_NAME = "mrlstore"
 # 2 added vectors/row_norms (per-band squared norms); 1 (without it) is still read and written, and
 # compact() rewrites a store at 2. mrlstore releases that know only 1 refuse 2, so they never append rows
 # without their norms.
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 3 stores each band's chunks with Zarr's sharding codec (index first): chunk files grow with their rows
+# instead of being created full-size; 1 and 2 (full-size sparse chunk files) are still read and written,
+# and compact() rewrites them at 3.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 BUNDLED_ENCODER = "bundled"
 BUNDLED_ENCODER_DIM = 2048
 # The 16-d and 32-d prefixes get an HNSW index by default. Measured on MRL-like vectors

@@ -32,7 +32,9 @@ def create_store(path: Path, config: StoreConfig, generation: int = 0) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        create_bands(tmp, config.dim, config.bands, config.dtype, list(config.chunk_rows), {"mrlstore": manifest})
+        sharded = manifest["format_version"] >= 3
+        create_bands(tmp, config.dim, config.bands, config.dtype, list(config.chunk_rows), {"mrlstore": manifest},
+                     sharded=sharded)  # fmt: skip
         catalog = Catalog(tmp, read_only=False, create=True)
         try:
             catalog.create_schema(manifest)

@@ -51,7 +51,8 @@ class Maintenance:
 
     def compact(self) -> dict[str, int]:
         """Rewrite the store without its deleted rows (disk shrinks by their share), crash-safely: a crash
-        at any moment leaves the old or the new store, never a mix. See :mod:`mrlstore.compaction`."""
+        at any moment leaves the old or the new store, never a mix. A store of an older format version is
+        rewritten in the newest even with nothing deleted. See :mod:`mrlstore.compaction`."""
         self._check_open()
         self._check_writable()
         from .compaction import compact

@@ -140,19 +140,19 @@ def publish_store(store: Any, url: str, options: dict[str, Any] | None) -> dict[
                 )
             version = int(previous.get("version", 0)) + 1 if previous else 1
             have = set(previous.get("chunks", {}).values()) if previous else set()
-            todo = [(key, fd, size) for key, (fd, size) in chunks.items() if key not in have]
+            todo = [(key, fd, start, size) for key, (fd, start, size) in chunks.items() if key not in have]
             prefix = f"{root}/versions/{version}"
             with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-                list(pool.map(lambda job: _upload_chunk(fs, f"{root}/{job[0]}", job[1], job[2]), todo))
+                list(pool.map(lambda job: _upload_chunk(fs, f"{root}/{job[0]}", *job[1:]), todo))
                 digests = list(pool.map(lambda p: _upload_part(fs, f"{prefix}/{p}", staged / p), parts))
         finally:
-            for fd, _ in chunks.values():
+            for fd, _, _ in chunks.values():
                 os.close(fd)
         head = {
             "format": FORMAT, "version": version, "published_at": time.time(), **state,
             "parts": {str(p): digest for p, digest in zip(parts, digests)},
             "chunks": names,
-            "uploaded_chunk_bytes": sum(size for _, _, size in todo),
+            "uploaded_chunk_bytes": sum(size for _, _, _, size in todo),
         }  # fmt: skip
         write_bytes(fs, f"{root}/HEAD", json.dumps(head, indent=1).encode())
         _collect_garbage(fs, root, version, head)
@@ -170,11 +170,13 @@ def _upload_part(fs: pafs.S3FileSystem, key: str, path: Path) -> str:
     return _digest(data)
 
 
-def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int, int]], dict[str, str], dict[str, Any]]:
+def _capture(
+    store: Any, staged: Path
+) -> tuple[list[Path], dict[str, tuple[int, int, int]], dict[str, str], dict[str, Any]]:
     """Under the store's write lock: the catalog, index files and band metadata copied to ``staged``; an
     open descriptor of every chunk holding committed rows (a compaction swapping files later cannot change
-    what is uploaded) with the byte count of its committed rows, by object key; and the object key of each
-    chunk by its name "band/chunk" (what HEAD maps)."""
+    what is uploaded) with where its rows start and the byte count of its committed rows, by object key;
+    and the object key of each chunk by its name "band/chunk" (what HEAD maps)."""
     with store._write_lock:
         if not store.read_only:
             store.checkpoint()
@@ -185,18 +187,19 @@ def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int,
         group = staged / "vectors"
         group.mkdir()
         shutil.copy(vectors.root / "zarr.json", group / "zarr.json")
-        chunks: dict[str, tuple[int, int]] = {}
+        chunks: dict[str, tuple[int, int, int]] = {}
         names: dict[str, str] = {}
         generation = int(store.manifest.get("generation", 0))
         for band in vectors.bands:
-            meta = dict(band.meta, shape=[snap.watermark, band.width])
+            meta = band.plain_meta(snap.watermark)  # objects hold each chunk's rows, without a shard index
             (group / band.dir.name).mkdir()
             (group / band.dir.name / "zarr.json").write_text(json.dumps(meta, indent=2))
             for chunk in range(-(-snap.watermark // band.chunk_rows)):
                 rows = min(band.chunk_rows, snap.watermark - chunk * band.chunk_rows)
                 key = f"chunks/g{generation}/{band.dir.name}/{chunk}-{rows}"
                 names[f"{band.dir.name}/{chunk}"] = key
-                chunks[key] = (os.open(band.chunk_path(chunk), os.O_RDONLY), rows * band.width * band.dtype.itemsize)
+                fd = os.open(band.chunk_path(chunk), os.O_RDONLY)
+                chunks[key] = (fd, band.data_offset, rows * band.row_bytes)
         state = {
             "store_id": store.manifest.get("store_id") or store.manifest.get("created_at"),
             "generation": generation,
@@ -207,11 +210,12 @@ def _capture(store: Any, staged: Path) -> tuple[list[Path], dict[str, tuple[int,
     return parts, chunks, names, state
 
 
-def _upload_chunk(fs: pafs.S3FileSystem, key: str, fd: int, size: int) -> None:
+def _upload_chunk(fs: pafs.S3FileSystem, key: str, fd: int, start: int, size: int) -> None:
+    """``size`` bytes of a chunk file from byte ``start`` (its rows) into the object ``key``."""
     with fs.open_output_stream(key) as out:
         offset = 0
         while offset < size:
-            data = os.pread(fd, min(8 << 20, size - offset), offset)
+            data = os.pread(fd, min(8 << 20, size - offset), start + offset)
             if not data:
                 raise CorruptStoreError(f"chunk for {key} ended after {offset} of {size} bytes")
             out.write(data)
@@ -375,6 +379,9 @@ class RemoteChunk:
         self._cache: dict[int, np.ndarray] = {}  # rows read before (re-ranks revisit popular rows)
         source.chunks.append(self)
 
+    def __len__(self) -> int:
+        return self.rows
+
     def __getitem__(self, index: Any) -> np.ndarray:
         rows, cols = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
         if isinstance(rows, slice):
@@ -459,8 +466,9 @@ class RemoteBands(BandedVectors):
         found = []
         for band in self.arrays:
             remote = {c: m for c, m in band._maps.items() if isinstance(m, RemoteChunk)}
-            local = [c for c in range(-(-watermark // band.chunk_rows)) if c not in remote]
-            found += [p for c in local for p in band.chunk_problems(c)]
+            rc = band.chunk_rows
+            local = [c for c in range(-(-watermark // rc)) if c not in remote]
+            found += [p for c in local for p in band.chunk_problems(c, min(rc, watermark - c * rc))]
             for chunk in remote.values():
                 found += self.source.object_problems(chunk.key, chunk.rows * chunk.row_bytes)
         return found

@@ -177,8 +177,9 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         if not self.read_only and not self._vectors.is_clean(watermark):
             self._vectors.truncate(watermark)  # leftovers of an append that never committed
         for band in self._vectors.bands:
-            for chunk in range(-(-watermark // band.chunk_rows)):
-                band.mapped(chunk)  # raises CorruptStoreError if missing or truncated
+            rc = band.chunk_rows
+            for chunk in range(-(-watermark // rc)):
+                band.mapped(chunk, min(rc, watermark - chunk * rc))  # CorruptStoreError if missing or short
         self._vectors.prefault(0, watermark)
 
         self._snap = self._load_snapshot(watermark, version=0)

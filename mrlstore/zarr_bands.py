@@ -2,9 +2,19 @@
 
 zarr-python creates the arrays; after that this module reads and writes the chunk files itself. That is
 safe because the layout is pinned and checked on open: regular chunks spanning the whole band width, no
-compression, little-endian ``bytes`` codec, default "/" chunk keys. So row ``r`` of a band lives at byte
-``(r % chunk_rows) * width * itemsize`` of file ``c/<r // chunk_rows>/0``, and a read is a memory-map
-gather instead of zarr's decode pipeline (orders of magnitude faster for a few hundred scattered rows).
+compression, little-endian ``bytes`` codec, default "/" chunk keys. Two layouts of a chunk file ``c/<i>/0``:
+
+- sharded (format 3): Zarr's ``sharding_indexed`` codec with the shard index at the start, padded to whole
+  pages, then the rows in order, one inner chunk of ``inner_rows`` rows after another. Row ``r`` lives at
+  byte ``data_offset + (r % chunk_rows) * width * itemsize``. The file grows with its rows (its capacity
+  doubles, in inner chunks, up to the whole chunk), and the index lists the inner chunks that hold rows,
+  so any Zarr v3 reader reads exactly what was written while the file stays about the size of its data;
+- plain (formats 1 and 2): the ``bytes`` codec, the file created full-size and sparse, ``data_offset`` 0.
+
+Either way a read is a memory-map gather instead of zarr's decode pipeline (orders of magnitude faster
+for a few hundred scattered rows). A file that grew is mapped again when rows past its old map are
+needed; the old map stays alive until the store closes (queries in flight may hold it), so a chunk is
+mapped at most about log2(inner chunks per chunk) times.
 
 Appends write in place, only into rows past the committed watermark. A torn write therefore cannot damage
 committed bytes; rows past the watermark are invisible until the catalog commits them.
@@ -20,6 +30,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +43,9 @@ NORMS_ARRAY = "row_norms"
 NORM_DTYPE = np.dtype("<f4")
 NORM_BLOCK_ROWS = 2048  # rows widened at a time while computing norms (bounded memory)
 TARGET_CHUNK_BYTES = 64 << 20
+INNER_CHUNK_BYTES = 64 << 10  # a sharded chunk file grows by whole inner chunks of about this size
+PAGE = 4096
+EMPTY = np.uint64(2**64 - 1)  # a shard index entry for an inner chunk that holds nothing
 WRITE_BUFFER_BYTES = 4 << 20  # rows pass through one reused buffer on their way to the chunk files
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
@@ -52,31 +66,39 @@ def auto_chunk_rows(width: int, dtype: str) -> int:
     return rows
 
 
+def inner_rows_for(width: int, itemsize: int, chunk_rows: int) -> int:
+    """Rows per inner chunk of a sharded chunk file: a power of two of about INNER_CHUNK_BYTES."""
+    rows = min(1 << (max(1, INNER_CHUNK_BYTES // (width * itemsize)).bit_length() - 1), chunk_rows)
+    while chunk_rows % rows:  # Zarr needs whole inner chunks per chunk (chunk_rows= may be any number)
+        rows //= 2
+    return rows
+
+
 def create_bands(
-    path: Path, dim: int, bands: tuple[int, ...], dtype: str, chunk_rows: list[int], attributes: dict
-) -> None:
-    """Create the empty Zarr v3 group and its band arrays with zarr-python itself."""
+    path: Path, dim: int, bands: tuple[int, ...], dtype: str, chunk_rows: list[int], attributes: dict,
+    sharded: bool = True,
+) -> None:  # fmt: skip
+    """Create the empty Zarr v3 group and its band arrays with zarr-python itself (``sharded=False``: the
+    plain layout of formats 1 and 2)."""
     import zarr  # slow to import; only needed when a store is created
 
     group = zarr.create_group(store=str(path / GROUP_DIR), zarr_format=3, attributes=attributes)
-    for (start, stop), rows in zip(band_edges(dim, bands), chunk_rows):
+    arrays = [(band_name(a, b), b - a, rows, dtype) for (a, b), rows in zip(band_edges(dim, bands), chunk_rows)]
+    # row_norms: chunks as small as the smallest band's (a norm row is 16-ish bytes)
+    arrays.append((NORMS_ARRAY, len(bands), min(chunk_rows), "float32"))
+    for name, width, rows, kind in arrays:
         group.create_array(
-            band_name(start, stop),
-            shape=(0, stop - start),
-            chunks=(rows, stop - start),
-            dtype=dtype,
-            compressors=None,
-            filters=None,
-            fill_value=0,
-        )
-    group.create_array(
-        NORMS_ARRAY,
-        shape=(0, len(bands)),
-        chunks=(min(chunk_rows), len(bands)),  # as small as the smallest band's: a norm row is 16-ish bytes
-        dtype="float32",
-        compressors=None,
-        filters=None,
-        fill_value=0,
+            name, shape=(0, width), chunks=(rows, width), dtype=kind, compressors=None, filters=None, fill_value=0,
+            serializer=_sharding(width, np.dtype(kind).itemsize, rows) if sharded else "auto",
+        )  # fmt: skip
+
+
+def _sharding(width: int, itemsize: int, chunk_rows: int) -> Any:
+    from zarr.codecs import BytesCodec, ShardingCodec
+
+    inner = inner_rows_for(width, itemsize, chunk_rows)
+    return ShardingCodec(
+        chunk_shape=(inner, width), codecs=[BytesCodec()], index_codecs=[BytesCodec()], index_location="start"
     )
 
 
@@ -104,14 +126,22 @@ class _Band:
             raise CorruptStoreError(f"missing Zarr array metadata {meta_path}") from None
         except (OSError, ValueError) as e:
             raise CorruptStoreError(f"unreadable Zarr array metadata {meta_path}: {e}") from None
-        self.chunk_rows = self._check_layout(meta_path)
-        self.chunk_bytes = self.chunk_rows * self.width * dtype.itemsize
+        self.row_bytes = self.width * dtype.itemsize
+        self.chunk_rows, self.inner_rows = self._check_layout(meta_path)
+        self.chunk_bytes = self.chunk_rows * self.row_bytes
+        self.sharded = self.inner_rows is not None
+        self.n_inner = self.chunk_rows // self.inner_rows if self.inner_rows else 0
+        self.inner_bytes = (self.inner_rows or 0) * self.row_bytes
+        self.data_offset = -(-16 * self.n_inner // PAGE) * PAGE  # the index, padded to whole pages
         self.label = name or f"band {start}-{stop}"  # in messages
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, Any] = {}
+        self._retired: list[Any] = []  # maps replaced by larger ones: queries in flight may still read them
         self._addresses = np.zeros(0, dtype=np.uint64)
+        self.kernel_rows = 0  # rows the addresses cover
         self._map_lock = threading.Lock()
 
-    def _check_layout(self, meta_path: Path) -> int:
+    def _check_layout(self, meta_path: Path) -> tuple[int, int | None]:
+        """(chunk_rows, inner_rows or None for the plain layout), or CorruptStoreError."""
         m = self.meta
         try:
             chunk_shape = m["chunk_grid"]["configuration"]["chunk_shape"]
@@ -124,15 +154,14 @@ class _Band:
                 and chunk_shape[1] == self.width
                 and m["chunk_key_encoding"]["name"] == "default"
                 and m["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/"
-                and [c["name"] for c in m["codecs"]] == ["bytes"]
-                and m["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
                 and not m.get("storage_transformers")
             )
-        except (KeyError, IndexError, TypeError):
-            ok = False
-        if not ok:
+            inner = _inner_rows(m["codecs"], self.width, int(chunk_shape[0])) if ok else False
+        except (KeyError, IndexError, TypeError, ValueError):
+            ok, inner = False, False
+        if not ok or inner is False:
             raise CorruptStoreError(f"{meta_path} does not describe the band layout mrlstore writes")
-        return int(chunk_shape[0])
+        return int(chunk_shape[0]), inner
 
     @property
     def shape_rows(self) -> int:
@@ -141,21 +170,34 @@ class _Band:
     def chunk_path(self, chunk: int) -> Path:
         return self.dir / "c" / str(chunk) / "0"
 
-    def mapped(self, chunk: int) -> np.ndarray:
+    def file_rows(self, size: int) -> int:
+        """Rows a chunk file of ``size`` bytes can hold."""
+        return min(self.chunk_rows, max(0, size - self.data_offset) // self.row_bytes)
+
+    def mapped(self, chunk: int, rows: int = 1) -> Any:
+        """The rows of chunk ``chunk`` as an array (rows x width, stored dtype) mapping at least its first
+        ``rows`` rows; mapped again if the file grew past the current map."""
         mm = self._maps.get(chunk)
-        if mm is None:
-            path = self.chunk_path(chunk)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise CorruptStoreError(f"chunk file {path} holding committed rows is missing") from None
-            if size != self.chunk_bytes:
-                raise CorruptStoreError(f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}")
-            # A plain ndarray view (the map stays alive as its base): np.memmap's indexing hooks cost
-            # more than the gather itself on the re-rank path.
-            mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.chunk_rows, self.width)).view(np.ndarray)
-            self._maps[chunk] = mm
-        return mm
+        if mm is not None and len(mm) >= rows:
+            return mm
+        path = self.chunk_path(chunk)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptStoreError(f"chunk file {path} holding committed rows is missing") from None
+        if not self.sharded and size != self.chunk_bytes:
+            raise CorruptStoreError(f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}")
+        held = self.file_rows(size)
+        if held < rows:
+            need = self.data_offset + rows * self.row_bytes
+            raise CorruptStoreError(f"chunk file {path} has {size} bytes, expected at least {need}")
+        # A plain ndarray view (the map stays alive as its base): np.memmap's indexing hooks cost more than
+        # the gather itself on the re-rank path.
+        fresh = np.memmap(path, dtype=self.dtype, mode="r", offset=self.data_offset, shape=(held, self.width))
+        if mm is not None:
+            self._retired.append(mm)
+        self._maps[chunk] = fresh = fresh.view(np.ndarray)
+        return fresh
 
     def take_sorted(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` (sorted) of the whole band, in the stored dtype, gathered chunk by chunk from the maps."""
@@ -163,27 +205,36 @@ class _Band:
         chunk_of = rows // rc
         first, last = int(chunk_of[0]), int(chunk_of[-1])
         if first == last:
-            return self.mapped(first)[rows - first * rc]
+            return self.mapped(first, int(rows[-1]) - first * rc + 1)[rows - first * rc]
         block = np.empty((len(rows), self.width), dtype=self.dtype)
         bounds = [0, *np.searchsorted(chunk_of, np.arange(first + 1, last + 1)).tolist(), len(rows)]
         for a, b in zip(bounds[:-1], bounds[1:]):
             if a < b:
                 chunk = int(chunk_of[a])
-                block[a:b] = self.mapped(chunk)[rows[a:b] - chunk * rc]
+                block[a:b] = self.mapped(chunk, int(rows[b - 1]) - chunk * rc + 1)[rows[a:b] - chunk * rc]
         return block
 
     def kernel_band(self, rows_needed: int) -> tuple:
         """(chunk base addresses, chunk_rows, first column, width, is_float16) for the native kernels,
-        covering at least ``rows_needed`` rows. The maps stay alive in ``_maps`` while the store is open."""
-        need = -(-rows_needed // self.chunk_rows)
-        addresses = self._addresses
-        if len(addresses) < need:
+        covering at least ``rows_needed`` rows. The maps stay alive while the store is open."""
+        if self.kernel_rows < rows_needed:
             with self._map_lock:
+                rc, need = self.chunk_rows, -(-rows_needed // self.chunk_rows)
                 grown = np.zeros(need, dtype=np.uint64)
-                for chunk in range(need):
-                    grown[chunk] = self.mapped(chunk).ctypes.data
-                self._addresses = addresses = grown  # replaced whole: a concurrent reader keeps its copy
-        return addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)
+                maps = [self.mapped(c, min(rc, rows_needed - c * rc)) for c in range(need)]
+                for chunk, mm in enumerate(maps):
+                    grown[chunk] = mm.ctypes.data
+                self._addresses = grown  # replaced whole: a concurrent reader keeps its copy
+                self.kernel_rows = (need - 1) * rc + len(maps[-1])
+        return self._addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)
+
+    def forget_maps(self, from_chunk: int = 0) -> None:
+        """Map chunks at or past ``from_chunk`` again when next read (their files changed size)."""
+        with self._map_lock:
+            for chunk in [c for c in self._maps if c >= from_chunk]:
+                self._retired.append(self._maps.pop(chunk))
+            self._addresses = self._addresses[: min(len(self._addresses), from_chunk)]
+            self.kernel_rows = min(self.kernel_rows, from_chunk * self.chunk_rows)
 
     def write(self, start_row: int, block: np.ndarray, scratch: np.ndarray) -> list[Path]:
         """Write rows ``start_row..`` in place (``scratch``: a reused 1-D buffer of the band's dtype);
@@ -199,14 +250,54 @@ class _Band:
                 touched += [path.parent, path.parent.parent, self.dir]  # new entries need their dirs synced
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if os.fstat(fd).st_size != self.chunk_bytes:
-                    os.ftruncate(fd, self.chunk_bytes)  # zarr expects full-size edge chunks
+                if self.sharded:
+                    self._grow(fd, offset + n)
+                elif os.fstat(fd).st_size != self.chunk_bytes:
+                    os.ftruncate(fd, self.chunk_bytes)  # the plain layout: full-size chunk files
                 self._pwrite_rows(fd, offset, block[row - start_row : row - start_row + n], scratch)
             finally:
                 os.close(fd)
             touched.append(path)
             row += n
         return touched
+
+    def _grow(self, fd: int, rows: int) -> None:
+        """A sharded chunk file ready for its first ``rows`` rows: capacity doubled (in inner chunks) if
+        short, and the index listing every inner chunk up to them."""
+        size = os.fstat(fd).st_size
+        if size < self.data_offset:  # a new file: an index of empty entries
+            os.pwrite(fd, np.full(2 * self.n_inner, EMPTY, dtype="<u8").tobytes(), 0)
+            size = self.data_offset
+        have = (size - self.data_offset) // self.inner_bytes
+        need = -(-rows // self.inner_rows)
+        if need > have:
+            os.ftruncate(fd, self.data_offset + min(self.n_inner, max(need, 2 * have)) * self.inner_bytes)
+        self._set_index(fd, need)
+
+    def _set_index(self, fd: int, present: int) -> None:
+        """List inner chunks ``0..present-1`` in the shard index and no others (only changed entries are
+        written)."""
+        index = np.frombuffer(os.pread(fd, 16 * self.n_inner, 0), dtype="<u8").reshape(-1, 2)
+        want = np.full((self.n_inner, 2), EMPTY, dtype="<u8")
+        want[:present, 0] = self.data_offset + np.arange(present, dtype=np.uint64) * np.uint64(self.inner_bytes)
+        want[:present, 1] = self.inner_bytes
+        changed = np.flatnonzero((index != want).any(axis=1))
+        if len(changed):
+            lo, hi = int(changed[0]), int(changed[-1]) + 1
+            os.pwrite(fd, want[lo:hi].tobytes(), 16 * lo)
+
+    def index_problems(self, chunk: int, rows: int) -> list[str]:
+        """Inner chunks holding the first ``rows`` rows of a sharded chunk file that its index does not list
+        where they are (a Zarr reader would see zeros or other rows)."""
+        path = self.chunk_path(chunk)
+        with open(path, "rb") as f:
+            index = np.frombuffer(f.read(16 * self.n_inner), dtype="<u8").reshape(-1, 2)
+        need = -(-rows // self.inner_rows)
+        want = self.data_offset + np.arange(need, dtype=np.uint64) * np.uint64(self.inner_bytes)
+        wrong = np.flatnonzero((index[:need, 0] != want) | (index[:need, 1] != self.inner_bytes))
+        if not len(wrong):
+            return []
+        return [f"the shard index of {path} misplaces {len(wrong)} inner chunk(s) of committed rows, e.g. {wrong[0]}"]
 
     def _pwrite_rows(self, fd: int, offset: int, rows: np.ndarray, scratch: np.ndarray) -> None:
         """Write ``rows`` at row ``offset`` of a chunk file, through a reused contiguous buffer: a fresh
@@ -220,7 +311,7 @@ class _Band:
             else:
                 data = scratch[: len(part) * self.width].reshape(len(part), self.width)
                 np.copyto(data, part, casting="same_kind")
-            os.pwrite(fd, memoryview(data).cast("B"), (offset + lo) * self.width * self.dtype.itemsize)
+            os.pwrite(fd, memoryview(data).cast("B"), self.data_offset + (offset + lo) * self.row_bytes)
 
     def file_problems(self, watermark: int) -> list[str]:
         """What is wrong with this array's files for ``watermark`` committed rows, read from disk now (the
@@ -233,18 +324,29 @@ class _Band:
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             found.append(f"{self.label}: unreadable Zarr metadata ({e})")
         for chunk in range(-(-watermark // self.chunk_rows)):
-            found += self.chunk_problems(chunk)
+            found += self.chunk_problems(chunk, min(self.chunk_rows, watermark - chunk * self.chunk_rows))
         return found
 
-    def chunk_problems(self, chunk: int) -> list[str]:
+    def chunk_problems(self, chunk: int, rows: int) -> list[str]:
+        """A chunk file holding ``rows`` committed rows that is missing, too short or (sharded) misindexed."""
         path = self.chunk_path(chunk)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             return [f"chunk file {path} holding committed rows is missing"]
-        if size != self.chunk_bytes:
-            return [f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}"]
-        return []
+        if not self.sharded:
+            wrong = size != self.chunk_bytes
+            return [f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}"] if wrong else []
+        if self.file_rows(size) < rows:
+            need = self.data_offset + rows * self.row_bytes
+            return [f"chunk file {path} has {size} bytes, expected at least {need} for its {rows} committed rows"]
+        return self.index_problems(chunk, rows)
+
+    def plain_meta(self, rows: int) -> dict:
+        """This array's metadata as the plain layout with ``rows`` rows (what object storage holds: each
+        chunk's rows, without a shard index)."""
+        codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+        return dict(self.meta, shape=[rows, self.width], codecs=codecs)
 
     def set_shape_rows(self, rows: int) -> None:
         if self.shape_rows != rows:
@@ -253,15 +355,23 @@ class _Band:
             self.meta = meta
 
     def discard_from(self, first_row: int) -> None:
-        """Erase rows at or past ``first_row`` (never committed): zero them in a partly committed chunk,
-        delete chunk files that lie wholly past it."""
+        """Erase rows at or past ``first_row`` (never committed): in a partly committed chunk, zero them
+        (sharded: cut the file after the inner chunk holding ``first_row``, zero the rest of that inner
+        chunk, unlist the inner chunks after it); delete chunk files that lie wholly past it."""
         chunk, offset = divmod(first_row, self.chunk_rows)
         path = self.chunk_path(chunk)
         if offset and path.exists():
-            row_bytes = self.width * self.dtype.itemsize
+            self.forget_maps(chunk)
             fd = os.open(path, os.O_RDWR)
             try:
-                os.pwrite(fd, bytes((self.chunk_rows - offset) * row_bytes), offset * row_bytes)
+                stop = self.chunk_rows
+                if self.sharded:
+                    keep = -(-offset // self.inner_rows)
+                    stop = min(keep * self.inner_rows, self.file_rows(os.fstat(fd).st_size))
+                    self._set_index(fd, keep)
+                    os.ftruncate(fd, min(os.fstat(fd).st_size, self.data_offset + keep * self.inner_bytes))
+                if stop > offset:
+                    os.pwrite(fd, bytes((stop - offset) * self.row_bytes), self.data_offset + offset * self.row_bytes)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -269,13 +379,44 @@ class _Band:
         cdir = self.dir / "c"
         if not cdir.exists():
             return
+        self.forget_maps(first_chunk)
         for child in cdir.iterdir():
             if child.name.isdigit() and int(child.name) >= first_chunk:
-                self._maps.pop(int(child.name), None)
-                self._addresses = self._addresses[: min(len(self._addresses), first_chunk)]
                 for f in child.iterdir():
                     f.unlink()
                 child.rmdir()
+
+    def close(self) -> None:
+        with self._map_lock:
+            self._addresses = np.zeros(0, dtype=np.uint64)
+            self.kernel_rows = 0
+            self._maps.clear()
+            self._retired.clear()
+
+
+def _inner_rows(codecs: list[dict], width: int, chunk_rows: int) -> int | None | bool:
+    """None for the plain layout (the ``bytes`` codec), the inner chunk's rows for the sharded one, False
+    for anything else."""
+
+    def little_bytes(chain: list[dict]) -> bool:
+        return [c["name"] for c in chain] == ["bytes"] and chain[0].get("configuration", {}).get(
+            "endian", "little") == "little"  # fmt: skip
+
+    if little_bytes(codecs):
+        return None
+    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+        return False
+    cfg = codecs[0]["configuration"]
+    inner, inner_width = (int(v) for v in cfg["chunk_shape"])
+    ok = (
+        cfg.get("index_location") == "start"
+        and little_bytes(cfg["codecs"])
+        and little_bytes(cfg["index_codecs"])
+        and inner_width == width
+        and 0 < inner <= chunk_rows
+        and chunk_rows % inner == 0
+    )
+    return inner if ok else False
 
 
 def _prefault_budget(row_bytes: int) -> int:
@@ -322,7 +463,7 @@ class BandedVectors:
             for chunk in range(row_start // rc, -(-row_stop // rc)):
                 lo, hi = max(row_start, chunk * rc) - chunk * rc, min(row_stop, (chunk + 1) * rc) - chunk * rc
                 if lo < hi:
-                    band.mapped(chunk)[lo:hi].reshape(-1)[::step].max()
+                    band.mapped(chunk, hi)[lo:hi].reshape(-1)[::step].max()
 
     def file_problems(self, watermark: int) -> list[str]:
         """What is wrong with the files of every array (bands and row_norms) for ``watermark`` rows."""
@@ -375,7 +516,7 @@ class BandedVectors:
         """Forget everything past ``rows`` (uncommitted leftovers of a crashed or failed append)."""
         with self._write_lock:
             self.set_rows(rows)
-            self._kernel_bands = (0, [])  # chunk files past rows go away: so do their maps
+            self._kernel_bands = (0, [])  # chunk files past rows go away or shrink: so do their maps
             for band in self.arrays:
                 band.discard_from(rows)
 
@@ -414,7 +555,7 @@ class BandedVectors:
         if rows_needed <= covered:
             return described
         described = [band.kernel_band(rows_needed) for band in self.bands]
-        self._kernel_bands = (min(len(d[0]) * d[1] for d in described), described)  # replaced whole
+        self._kernel_bands = (min(band.kernel_rows for band in self.bands), described)  # replaced whole
         return described
 
     def norm_mismatches(self, rows: np.ndarray) -> np.ndarray:
@@ -443,7 +584,7 @@ class BandedVectors:
                 chunk, offset = divmod(row, band.chunk_rows)
                 n = min(row_stop - row, band.chunk_rows - offset)
                 out[row - row_start : row - row_start + n, lo - col_start : hi - col_start] = as_float32(
-                    band.mapped(chunk)[offset : offset + n, lo - band.start : hi - band.start]
+                    band.mapped(chunk, offset + n)[offset : offset + n, lo - band.start : hi - band.start]
                 )
                 row += n
         return out
@@ -451,5 +592,4 @@ class BandedVectors:
     def close(self) -> None:
         self._kernel_bands = (0, [])
         for band in self.arrays:
-            band._addresses = np.zeros(0, dtype=np.uint64)
-            band._maps.clear()
+            band.close()

@@ -140,6 +140,22 @@ def test_query_table_is_one_table_for_a_batch(store):
     assert t.filter(pa.compute.equal(t.column("rank"), 1)).column("id").to_pylist() == ["r0", "r1", "r2"]
 
 
+def test_query_table_reads_the_vector_column_of_a_table(store):
+    x = _x(30)
+    store.add_vectors(x, ids=[f"r{i}" for i in range(30)])
+    queries = pa.table({"id": ["a", "b"], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[:2].ravel()), DIM),
+                        "label": ["x", "y"]})  # fmt: skip
+    t = store.query_table(queries, k=2, dims=[DIM])
+    assert t.filter(pa.compute.equal(t.column("rank"), 1)).column("id").to_pylist() == ["r0", "r1"]
+    renamed = queries.rename_columns(["id", "vec", "label"])
+    assert store.query_table(renamed.to_pandas(), k=1, dims=[DIM], vector="vec").column("id").to_pylist() == [
+        "r0", "r1"]  # fmt: skip
+    with pytest.raises(mrlstore.InvalidInputError, match="no vector column 'embedding'"):
+        store.query_table(renamed, k=1)
+    with pytest.raises(mrlstore.InvalidInputError, match="query_table"):
+        store.query(queries, k=1)  # a table is neither vectors nor images
+
+
 def test_add_arrow_encodes_an_image_column(tmp_path):
     import io
 

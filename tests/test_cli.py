@@ -32,7 +32,8 @@ def vectors(tmp_path_factory):
 def test_help_everywhere_and_usage_errors_exit_2():
     out = cli("--help")
     assert out.returncode == 0 and "create" in out.stdout and "verify" in out.stdout
-    for command in ("create", "add", "query", "info", "sql", "tune", "compact", "verify", "export"):
+    for command in ("create", "add", "query", "info", "sql", "tune", "compact", "verify", "export", "delete",
+                    "snapshot", "publish"):  # fmt: skip
         assert cli(command, "--help").returncode == 0, command
     assert cli("query").returncode == 2  # missing arguments
     assert cli("nonsense").returncode == 2
@@ -76,16 +77,25 @@ def test_store_errors_exit_1_with_one_line(vectors, tmp_path):
     assert cli("create", "s3://bucket/x.mrl", "--dim", "8").returncode == 1
 
 
-def test_verify_finds_a_lost_chunk_and_zeroed_rows(vectors, tmp_path):
-    _, x = vectors
-    path = tmp_path / "s"
+def _zeroed(x: np.ndarray, path: Path, chunk: str, span) -> Path:
+    """A 64-d store of ``x`` at ``path`` whose chunk file ``chunk`` has its bytes ``span(data_offset,
+    size)`` zeroed (data_offset: where its rows start, after a version 3 shard index); returns the file."""
     with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=128) as s:
         s.add_vectors(x)
         assert s.verify() == []
-    chunk = next((path / "vectors").glob("band_*/c/1/0"))
-    data = bytearray(chunk.read_bytes())
-    data[:] = bytes(len(data))  # the chunk's rows read as zeros, like a chunk Zarr never wrote
-    chunk.write_bytes(bytes(data))
+        start = next(a.data_offset for a in s._vectors.arrays if (path / chunk).is_relative_to(a.dir))
+    data = bytearray((path / chunk).read_bytes())
+    lo, hi = span(start, len(data))
+    data[lo:hi] = bytes(hi - lo)
+    (path / chunk).write_bytes(bytes(data))
+    return path / chunk
+
+
+def test_verify_finds_a_lost_chunk_and_zeroed_rows(vectors, tmp_path):
+    _, x = vectors
+    path = tmp_path / "s"
+    # the chunk's rows read as zeros, like a chunk Zarr never wrote
+    chunk = _zeroed(x, path, "vectors/band_00000_00016/c/1/0", lambda start, size: (start, size))
     with mrlstore.open(path, read_only=True) as s:
         found = s.verify()
     assert any("all zeros" in p for p in found), found
@@ -96,16 +106,17 @@ def test_verify_finds_a_lost_chunk_and_zeroed_rows(vectors, tmp_path):
     assert out.returncode == 1 and "problem:" in out.stderr
 
 
+def test_verify_finds_a_shard_index_that_lost_its_entries(vectors, tmp_path):
+    # inner chunk 0 listed at offset 0, length 0: Zarr would read the wrong bytes
+    _zeroed(vectors[1], tmp_path / "s", "vectors/band_00016_00064/c/1/0", lambda start, size: (0, 16))
+    out = cli("verify", str(tmp_path / "s"))
+    assert out.returncode == 1 and "shard index" in out.stderr and "misplaces 1 inner chunk" in out.stderr
+
+
 def test_verify_finds_row_norms_that_disagree_with_the_vectors(vectors, tmp_path):
-    _, x = vectors
-    path = tmp_path / "s"
-    with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=128) as s:
-        s.add_vectors(x)
-    norms = path / "vectors" / "row_norms" / "c" / "0" / "0"
-    data = bytearray(norms.read_bytes())
-    data[: 8 * 40] = bytes(8 * 40)  # rows 0-39 (two float32 norms each) lose their norms
-    norms.write_bytes(bytes(data))
-    with mrlstore.open(path, read_only=True) as s:
+    # rows 0-39 (two float32 norms each) lose their norms
+    _zeroed(vectors[1], tmp_path / "s", "vectors/row_norms/c/0/0", lambda start, size: (start, start + 8 * 40))
+    with mrlstore.open(tmp_path / "s", read_only=True) as s:
         found = s.verify()
     assert any("row_norms disagree" in p for p in found), found
 

@@ -55,13 +55,6 @@ def _count(store: Path) -> int:
     return json.loads(cli("sql", str(store), "SELECT count(*) AS n FROM items", "--json").stdout)[0]["n"]
 
 
-def test_help_names_every_command():
-    out = cli("--help")
-    for command in ("create", "add", "query", "info", "sql", "tune", "compact", "verify", "export", "delete",
-                    "snapshot", "publish"):  # fmt: skip
-        assert command in out.stdout and cli(command, "--help").returncode == 0, command
-
-
 def test_npy_adds_take_ids_and_metadata_and_skip_what_is_in(store, vectors, tmp_path):
     (tmp_path / "ids.txt").write_text("\n".join(f"v{i}" for i in range(40)))
     (tmp_path / "meta.jsonl").write_text("".join(json.dumps({"label": f"l{i % 3}", "n": i}) + "\n" for i in range(40)))
@@ -223,6 +216,7 @@ def test_an_image_add_killed_part_way_keeps_its_commits_and_a_rerun_completes(tm
         assert 16 <= kept < 160 and kept % 8 == 0 and s.verify() == []
     out = cli("add", str(store), str(photos), "--commit-every", "8")
     assert out.returncode == 0 and f"added {160 - kept} images, {kept} already present" in out.stdout, out.stderr
+    assert "loading the image encoder" in out.stderr  # said before the few silent seconds torch takes
     with mrlstore.open(store, read_only=True) as s:
         paths = s.sql("SELECT path FROM items").column("path").to_pylist()
         assert len(s) == 160 and sorted(paths) == sorted(str(p) for p in photos.iterdir()) and s.verify() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,88 @@ def test_v1_fixture_accepts_writes(fixture_copy):
     assert "row_norms" not in group.array_keys()  # a version 1 store stays version 1 until compacted
 
 
-def test_compacting_a_v1_store_makes_it_v2_with_row_norms(fixture_copy):
+def test_compacting_a_v1_store_makes_it_v3_with_row_norms(fixture_copy):
     path, expected = fixture_copy
     with mrlstore.open(path) as store:
         assert store.manifest["format_version"] == 1
         before = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
         store.compact()
-        assert store.manifest["format_version"] == 2
-        assert store._vectors.norms is not None
+        assert store.manifest["format_version"] == 3
+        assert store._vectors.norms is not None and all(a.sharded for a in store._vectors.arrays)
         after = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
     assert after == before
     group = zarr.open_group(str(path / "vectors"), mode="r")
     assert group["row_norms"].shape == (len(expected["items"]), len(expected["bands"]))
+
+
+def _apparent_and_disk(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), sum(p.stat().st_blocks * 512 for p in files)
+
+
+def test_chunk_files_grow_with_their_rows(tmp_path):
+    x = np.random.default_rng(0).standard_normal((300, 2048)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s") as store:  # the default 2048-d store: chunks of about 64 MiB
+        store.add_vectors(x)
+        assert store.manifest["format_version"] == 3
+    apparent, disk = _apparent_and_disk(tmp_path / "s")
+    assert apparent <= 2 * disk, (apparent, disk)  # full-size chunk files made it 25x
+    widest = tmp_path / "s" / "vectors" / "band_00256_02048" / "c" / "0" / "0"
+    assert widest.stat().st_size < 2 * 300 * 1792 * 2 + 65536
+
+
+def test_a_growing_chunk_is_mapped_again_and_reads_stay_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 64)).astype(np.float32)
+    path = tmp_path / "s"
+    sizes = []
+    with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=2048) as store:
+        reader = None
+        for lo in range(0, 3000, 100):  # 30 appends into growing chunk files, queried as they grow
+            store.add_vectors(x[lo : lo + 100], ids=[str(i) for i in range(lo, lo + 100)])
+            sizes.append((path / "vectors" / "band_00016_00064" / "c" / "0" / "0").stat().st_size)
+            probe = int(rng.integers(0, lo + 100))
+            assert store.query(x[probe], k=1, dims=[64]).ids == [str(probe)]
+            assert store.query(x[probe], k=1, dims=[16, 64]).ids == [str(probe)]
+            if lo == 1000:
+                reader = mrlstore.open(path, read_only=True)
+        assert len(set(sizes[:21])) < 8  # capacity doubles: the first chunk file changed size a few times
+        assert reader is not None
+        deadline = time.monotonic() + 20
+        while len(reader) < 3000 and time.monotonic() < deadline:  # the writer publishes about every second
+            reader.refresh()
+            time.sleep(0.05)
+        assert len(reader) == 3000
+        for probe in (5, 1500, 2999):  # the reader's maps grow with the files it reads
+            assert reader.query(x[probe], k=1, dims=[64]).ids == [str(probe)]
+        reader.close()
+    group = zarr.open_group(str(path / "vectors"), mode="r")
+    got = np.concatenate([group["band_00000_00016"][:], group["band_00016_00064"][:]], axis=1)
+    np.testing.assert_array_equal(got, x.astype(np.float16))
+
+
+def test_a_version_2_store_keeps_its_layout_until_compacted(tmp_path, monkeypatch):
+    from mrlstore import config
+
+    x = np.random.default_rng(2).standard_normal((50, 32)).astype(np.float32)
+    path = tmp_path / "v2"
+    monkeypatch.setattr(config, "FORMAT_VERSION", 2)  # what earlier releases made
+    with mrlstore.open(path, dim=32, bands=(8, 32), index_dims=(8,), chunk_rows=64) as store:
+        store.add_vectors(x[:20], ids=[str(i) for i in range(20)])
+    monkeypatch.undo()
+    chunk = path / "vectors" / "band_00008_00032" / "c" / "0" / "0"
+    assert chunk.stat().st_size == 64 * 24 * 2  # plain: full-size
+    with mrlstore.open(path) as store:
+        assert store.manifest["format_version"] == 2 and not any(a.sharded for a in store._vectors.arrays)
+        store.add_vectors(x[20:], ids=[str(i) for i in range(20, 50)])
+        assert store.verify() == [] and store.query(x[33], k=1, dims=[32]).ids == ["33"]
+    assert chunk.stat().st_size == 64 * 24 * 2
+    group = zarr.open_group(str(path / "vectors"), mode="r")
+    np.testing.assert_array_equal(group["band_00008_00032"][:], x[:, 8:].astype(np.float16))
+    with mrlstore.open(path) as store:
+        store.compact()
+        assert store.manifest["format_version"] == 3 and all(a.sharded for a in store._vectors.arrays)
+        assert store.query(x[33], k=1, dims=[32]).ids == ["33"]
+    np.testing.assert_array_equal(
+        zarr.open_group(str(path / "vectors"), mode="r")["band_00008_00032"][:], x[:, 8:].astype(np.float16)
+    )

@@ -88,8 +88,9 @@ def test_a_published_store_answers_like_the_local_one_reading_only_what_queries_
         before = remote._remote.bytes
         remote.query(vectors[7], k=10, dims=[16, DIM])
         assert 0 < remote._remote.bytes - before < 1000 * DIM * 2, "a funnel query reads shortlisted rows only"
-        with pytest.raises(mrlstore.ReadOnlyError):
+        with pytest.raises(mrlstore.ReadOnlyError, match=f"{url} is on object storage.*publish"):
             remote.add_vectors(vectors[:1], ids=["x"])
+        assert url in repr(remote) and remote.info()["path"] == url and remote.location == url
     finally:
         remote.close()
         store.close()
