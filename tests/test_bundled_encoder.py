@@ -79,6 +79,7 @@ def test_a_corrupt_bundled_file_fails_its_checksum(tmp_path, monkeypatch):
         mrlstore.load_encoder()
 
 
+@pytest.mark.slow
 def test_the_readme_demo_runs_offline(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "demo.py"), "--store", str(tmp_path / "s"), "--out", str(tmp_path)],

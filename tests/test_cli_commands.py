@@ -197,6 +197,7 @@ def test_a_read_only_disk_is_one_line(small_disk):
     assert "read-only" in one_line_error(cli("create", str(small_disk / "x.mrl"), "--dim", "8"))
 
 
+@pytest.mark.slow
 def test_an_image_add_killed_part_way_keeps_its_commits_and_a_rerun_completes(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -460,6 +460,7 @@ def _assert_no_recovery_violations(stats: Stats) -> None:
     )
 
 
+@pytest.mark.slow
 def test_sigkill_writer_many_times(tmp_path):
     stats = _crash_loop(tmp_path, ITERATIONS, seed=1234)
     print("\n" + _summary("sigkill", stats))

@@ -181,6 +181,7 @@ PUBLISHER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_publish_killed_part_way_leaves_the_previous_version(tmp_path, options, bucket):
     url = f"s3://{bucket}/s.mrl"
     store, vectors = _local_store(tmp_path / "local.mrl", 1000)

@@ -143,6 +143,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_driver_killed_part_way_leaves_the_store_as_it_was(tmp_path):
     path = tmp_path / "s.mrl"
     table, vectors = rows_table(0, 300)
@@ -177,6 +178,7 @@ def test_a_driver_killed_part_way_leaves_the_store_as_it_was(tmp_path):
         assert len(store) == 300
 
 
+@pytest.mark.slow
 def test_embed_images_then_sink_then_query_store(tmp_path):
     files = sorted(p for p in IMAGES.rglob("*.jpg"))[:12]
     assert files, "the repo ships example images"

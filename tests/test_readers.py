@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import mrlstore
 
@@ -86,6 +87,7 @@ def _start(tmp_path: Path, name: str, code: str, *args: str) -> subprocess.Popen
     )
 
 
+@pytest.mark.slow
 def test_readers_in_other_processes_see_whole_versions_while_the_writer_adds(tmp_path):
     path = tmp_path / "live.mrl"
     writer = _start(tmp_path, "writer", WRITER, str(path), "9")
