@@ -20,14 +20,31 @@ from .errors import InvalidInputError, ShapeError
 
 
 def is_vector_column(x: Any) -> bool:
-    """Whether ``x`` is an Arrow list column or a pandas Series (vectors, never images)."""
+    """Whether ``x`` is an Arrow list column (or a tensor column stored as lists: Arrow's canonical
+    ``fixed_shape_tensor``, Ray's tensor columns) or a pandas Series: vectors, never images."""
     if isinstance(x, (pa.Array, pa.ChunkedArray)):
-        return pa.types.is_list(x.type) or pa.types.is_large_list(x.type) or pa.types.is_fixed_size_list(x.type)
+        kind = x.type.storage_type if isinstance(x.type, pa.BaseExtensionType) else x.type
+        return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
     return type(x).__name__ == "Series" and hasattr(x, "to_numpy")  # pandas, without importing it
 
 
+def _list_storage(x: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A tensor extension column (Arrow's ``fixed_shape_tensor``, Ray's ``map_batches`` output of 2-D numpy
+    arrays) as the list column it is stored as, without a copy; other columns as they are."""
+    kind = x.type
+    if not isinstance(kind, pa.BaseExtensionType):
+        return x
+    shape = getattr(kind, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise ShapeError(f"a tensor column of shape {tuple(shape)} per row: a vector is one dimension per row")
+    if isinstance(x, pa.ChunkedArray):
+        return pa.chunked_array([chunk.storage for chunk in x.chunks], type=kind.storage_type)
+    return x.storage
+
+
 def to_matrix(x: Any) -> np.ndarray:
-    """A vector column as an (n, d) numpy array (zero-copy for a float FixedSizeList without nulls)."""
+    """A vector column as an (n, d) numpy array (zero-copy for float FixedSizeLists, fixed-shape tensors or
+    Ray tensor columns without nulls, in one chunk)."""
     if type(x).__name__ == "Series":
         values = x.to_numpy()
         if values.dtype != object:
@@ -36,6 +53,7 @@ def to_matrix(x: Any) -> np.ndarray:
             return np.stack(values) if len(values) else np.empty((0, 0), np.float32)
         except ValueError as e:
             raise ShapeError(f"a Series of vectors must hold equal-length arrays: {e}") from None
+    x = _list_storage(x)
     if isinstance(x, pa.ChunkedArray):
         x = x.combine_chunks() if x.num_chunks != 1 else x.chunk(0)
     if x.null_count:

@@ -140,6 +140,22 @@ def test_query_table_is_one_table_for_a_batch(store):
     assert t.filter(pa.compute.equal(t.column("rank"), 1)).column("id").to_pylist() == ["r0", "r1", "r2"]
 
 
+def test_arrow_tensor_columns_are_vectors_read_without_a_copy(store):
+    from mrlstore.arrow import to_matrix
+
+    x = _x(12)
+    tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(x)  # Arrow's canonical fixed_shape_tensor
+    matrix = to_matrix(tensors)
+    assert np.shares_memory(matrix, tensors.storage.flatten().to_numpy()) and np.array_equal(matrix, x)
+    ids = store.add_vectors(tensors)
+    assert store.add_arrow(pa.table({"id": [f"t{i}" for i in range(12)], "embedding": tensors})) == 12
+    assert len(store) == 24 and store.query(tensors[3:4], k=1, dims=[DIM])[0].ids[0] in (ids[3], "t3")
+    table = pa.table({"embedding": pa.chunked_array([tensors.slice(0, 5), tensors.slice(5)])})
+    np.testing.assert_array_equal(to_matrix(table.column("embedding")), x)
+    with pytest.raises(mrlstore.ShapeError, match="shape"):
+        store.add_vectors(pa.FixedShapeTensorArray.from_numpy_ndarray(np.zeros((3, 2, DIM // 2), np.float32)))
+
+
 def test_query_table_reads_the_vector_column_of_a_table(store):
     x = _x(30)
     store.add_vectors(x, ids=[f"r{i}" for i in range(30)])

@@ -71,6 +71,29 @@ def test_storesink_writes_every_row_in_one_commit(tmp_path):
     assert not (path / "staging").exists(), "the fragments are removed after the commit"
 
 
+def _numpy_embeddings(batch: dict) -> dict:
+    """What a user's map_batches returns: a 2-D numpy array, which Ray stores as its tensor extension column."""
+    rows = batch["id"].astype(np.int64)
+    return {"id": np.array([f"t{i}" for i in rows]), "embedding": _tensor_rows(rows)}
+
+
+def _tensor_rows(rows: np.ndarray) -> np.ndarray:
+    return np.stack([np.random.default_rng(int(i)).standard_normal(DIM) for i in rows]).astype(np.float32)
+
+
+def test_storesink_takes_the_tensor_column_of_a_map_batches_that_returns_numpy(tmp_path):
+    path = tmp_path / "s.mrl"
+    ds = ray_data.range(1200).map_batches(_numpy_embeddings, batch_size=300)
+    assert "Tensor" in str(ds.schema().base_schema.field("embedding").type)  # Ray's tensor extension type
+    sink = StoreSink(path, dim=DIM, index_dims=[16], fragment_rows=400)
+    ds.write_datasink(sink)
+    assert sink.rows_added == 1200
+    with mrlstore.open(path, read_only=True) as store:
+        stored = np.stack(store.get(["t0", "t777"], dims=DIM).column("vector").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(stored, _tensor_rows(np.array([0, 777])), rtol=1e-3, atol=1e-3)
+        assert store.query(_tensor_rows(np.array([42]))[0], k=1).ids == ["t42"]
+
+
 def test_a_failing_task_leaves_the_store_as_it_was(tmp_path):
     path = tmp_path / "s.mrl"
     table, vectors = rows_table(0, 2000)
