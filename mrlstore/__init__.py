@@ -38,7 +38,7 @@ from .errors import (
     UnsupportedStorageError,
     ZeroVectorError,
 )
-from .hits import Hits
+from .hits import CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
 from .store import Store, open
 
 
@@ -56,7 +56,11 @@ __all__ = [
     "EmptyStoreError",
     "Encoder",
     "EncoderUnavailableError",
+    "CompactResult",
     "Hits",
+    "HitsBatch",
+    "StoreInfo",
+    "TuneResult",
     "InvalidDimsError",
     "ForbiddenSQLError",
     "InvalidFilterError",

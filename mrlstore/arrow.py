@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import InvalidInputError, ShapeError
+from .hits import HitsBatch
 
 
 def is_vector_column(x: Any) -> bool:
@@ -134,17 +135,6 @@ def is_table(x: Any) -> bool:
     if isinstance(x, (pa.Table, pa.RecordBatch, pa.RecordBatchReader)):
         return True
     return type(x).__name__ in ("DataFrame", "DuckDBPyRelation") and hasattr(x, "columns")
-
-
-def hits_table(results: list[Any]) -> pa.Table:
-    """Hits of a batch of queries as one table: query, rank, id, score, then the metadata columns."""
-    parts = []
-    for qi, hits in enumerate(results):
-        table = hits.to_arrow()
-        n = table.num_rows
-        table = table.add_column(0, "rank", pa.array(np.arange(1, n + 1, dtype=np.int64)))
-        parts.append(table.add_column(0, "query", pa.array(np.full(n, qi, dtype=np.int64))))
-    return pa.concat_tables(parts, promote_options="default")
 
 
 # -- out ---------------------------------------------------------------------------------------------------
@@ -316,4 +306,4 @@ class ArrowIO:
             source = column(table, image or vector, "image" if image else "vector")
             queries = source.to_pylist() if image else to_matrix(source)
         results = self.query(queries, k=k, dims=dims, **options)
-        return hits_table(results if isinstance(results, list) else [results])
+        return (results if isinstance(results, HitsBatch) else HitsBatch([results])).to_arrow()

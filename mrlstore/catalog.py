@@ -242,8 +242,8 @@ class Catalog:
             raise InvalidFilterError(f"{allowed}; got {len(statements)} statements: {shown!r}")
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
-            refused = ForbiddenSQLError if kind != duckdb.StatementType.INVALID else InvalidFilterError
-            raise refused(f"{what} refused the {kind.name} statement {shown!r}: {allowed}")
+            error = ForbiddenSQLError if kind != duckdb.StatementType.INVALID else InvalidFilterError
+            raise error(f"{what} refused the {kind.name} statement {shown!r}: {allowed}")
         # DuckDB calls "WITH d AS (DELETE ... RETURNING ...) SELECT ..." a SELECT: inspect its parse tree.
         tree = json.loads(self._con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
         if tree.get("error"):

@@ -298,7 +298,7 @@ def query(store: str, query: str, k: int, dims: str | None, where: str | None, a
 def info(store: str, storage_options: tuple[str, ...]) -> None:
     """Configuration and state of STORE (JSON)."""
     with _reading(store, storage_options) as s:
-        click.echo(json.dumps(s.info(), indent=2, default=str))
+        click.echo(json.dumps(dict(s.info()), indent=2, default=str))
 
 
 @main.command()

@@ -1,8 +1,10 @@
-"""Query results."""
+"""Query results: :class:`Hits` for one query, :class:`HitsBatch` for a batch, and the typed records
+``info()``, ``tune()`` and ``compact()`` return (attribute access, and dict-style for older callers)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -84,3 +86,93 @@ class Hits:
         shown = ", ".join(f"{i}:{s:.4f}" for i, s in zip(self.ids[:5], self.scores[:5]))
         more = ", ..." if len(self.ids) > 5 else ""
         return f"Hits(n={len(self.ids)}, dims={list(self.dims)}, [{shown}{more}])"
+
+
+class HitsBatch(list[Hits]):
+    """The results of a batch of queries: one :class:`Hits` per query, in order (a list)."""
+
+    def to_arrow(self) -> pa.Table:
+        """One table: query (its position), rank (from 1), id, score, then the metadata columns."""
+        parts = []
+        for qi, hits in enumerate(self):
+            table = hits.to_arrow()
+            n = table.num_rows
+            table = table.add_column(0, "rank", pa.array(np.arange(1, n + 1, dtype=np.int64)))
+            parts.append(table.add_column(0, "query", pa.array(np.full(n, qi, dtype=np.int64))))
+        if not parts:
+            return pa.table({"query": pa.array([], pa.int64()), "rank": pa.array([], pa.int64()),
+                             "id": pa.array([], pa.string()), "score": pa.array([], pa.float64())})  # fmt: skip
+        return pa.concat_tables(parts, promote_options="default")
+
+    def to_pandas(self):  # -> pandas.DataFrame (pandas is optional)
+        return self.to_arrow().to_pandas()
+
+    def __repr__(self) -> str:
+        return f"HitsBatch({len(self)} queries: {list.__repr__(self[:2])[1:-1]}{', ...' if len(self) > 2 else ''})"
+
+
+class Record(Mapping[str, Any]):
+    """A dataclass that also reads like the dict it replaced: ``r.live`` and ``r["live"]``, ``dict(r)``."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def _names(self) -> list[str]:
+        return [f.name for f in fields(self)]  # type: ignore[arg-type]  # subclasses are dataclasses
+
+
+@dataclass(frozen=True, eq=False)
+class StoreInfo(Record):
+    """``Store.info()``: creation parameters, state and the tuned settings."""
+
+    path: str
+    dim: int
+    bands: tuple[int, ...]
+    metric: str
+    dtype: str
+    index_dims: tuple[int, ...]
+    chunk_rows: list[int]
+    rows: int
+    live: int
+    deleted: int
+    index_status: dict[int, str]
+    encoder: str | None
+    read_only: bool
+    version: int | None
+    tuned: dict[str, Any] | None
+
+
+@dataclass(frozen=True, eq=False)
+class TuneResult(Record):
+    """``Store.tune()``: the fastest funnel that reached the target (``dims``, ``shortlist``, ``ef``,
+    ``recall``, ``ms_per_query``, ``taper``), what it was measured against, every funnel shape's own
+    setting (``shapes``) and every point measured (``tried``)."""
+
+    dims: list[int]
+    shortlist: int
+    ef: int
+    recall: float
+    ms_per_query: float
+    taper: int
+    k: int
+    target: float
+    sample: int
+    exact_ms_per_query: float
+    shapes: dict[str, dict[str, Any]]
+    tried: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class CompactResult(Record):
+    """``Store.compact()``: rows before and after (deleted rows are gone)."""
+
+    rows_before: int
+    rows_after: int

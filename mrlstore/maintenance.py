@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError
+from .hits import CompactResult
 from .layout import copy_store
 from .locking import StoreLock
 
@@ -49,7 +50,7 @@ class Maintenance:
         with self._write_lock:
             return problems(self)
 
-    def compact(self) -> dict[str, int]:
+    def compact(self) -> CompactResult:
         """Rewrite the store without its deleted rows (disk shrinks by their share), crash-safely: a crash
         at any moment leaves the old or the new store, never a mix. A store of an older format version is
         rewritten in the newest even with nothing deleted. See :mod:`mrlstore.compaction`."""
@@ -58,7 +59,7 @@ class Maintenance:
         from .compaction import compact
 
         with self._write_lock:
-            return compact(self)
+            return CompactResult(**compact(self))
 
     def _reopen_with(self, lock: StoreLock) -> None:
         """Switch to the files now at ``self.path`` (a compaction swapped them in), holding ``lock``."""

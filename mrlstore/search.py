@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import kernels
-from .hits import Hits
+from .hits import Hits, HitsBatch
 from .metadata import HitRows, RowTable
 
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
@@ -63,10 +63,10 @@ class Snapshot:
     n_live: int
     table: RowTable  # ids and metadata by row
 
-    def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> list:
+    def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> HitsBatch:
         ids = self.table.take_ids(rows)
         if metadata and len(offsets) == 2 and self.table.has_metadata:  # one query: its metadata read when asked for
-            return [Hits(ids, scores, HitRows(self.table, rows), dims)]
+            return HitsBatch([Hits(ids, scores, HitRows(self.table, rows), dims)])
         table = self.table.take_metadata(rows) if metadata else None
         out = []
         for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
@@ -76,7 +76,7 @@ class Snapshot:
             elif metadata:  # asked for, but the store has no metadata columns
                 meta = [{} for _ in range(b - a)]
             out.append(Hits(ids[a:b], scores[a:b], meta, dims))
-        return out
+        return HitsBatch(out)
 
     def live_sorted(self, rows: np.ndarray) -> np.ndarray:
         """The rows of ``rows`` (1-D) a query may return, ascending."""

@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, overload
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +44,7 @@ from .errors import (
     UnsupportedStorageError,
     storage_error,
 )
-from .hits import Hits
+from .hits import Hits, HitsBatch, StoreInfo, TuneResult
 from .images import ImageInputs, bundled_weights_id, is_single, looks_like_vectors
 from .images import check as check_images
 from .images import encode as encode_images
@@ -67,6 +67,13 @@ from .validation import (
 )
 from .versions import Versions
 from .zarr_bands import BandedVectors, auto_chunk_rows
+
+# What a type checker can tell apart (the rule itself runs on values: see mrlstore.images): a list of
+# numbers is one vector, a list of lists a batch. numpy's shape types do not separate a 1-D from a 2-D array
+# for mypy (a (2, 4) array matched a 1-D overload), so arrays, paths, images and columns are typed
+# Hits | HitsBatch: narrow with isinstance.
+OneVector: TypeAlias = list[float]
+ManyVectors: TypeAlias = list[list[float]]
 
 _FILTER_CACHE_SIZE = 256
 _PLAN_CACHE_SIZE = 256
@@ -269,12 +276,12 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
                 )
             raise ReadOnlyError(f"store {self.location} was opened with read_only=True")
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> StoreInfo:
         """Creation parameters, current state (rows, live vectors, index status) and the tuned settings."""
         self._check_open()
         snap = self._snap
         tuned = self.manifest.get("tuned")
-        return {
+        return StoreInfo(**{
             "path": self.location,
             "dim": self.dim,
             "bands": self.bands,
@@ -290,7 +297,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
             "read_only": self.read_only,
             "version": self._remote.head["version"] if self._remote else self._head and self._head["version"],
             "tuned": None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
-        }
+        })  # fmt: skip
 
     # -- writes ------------------------------------------------------------------------------------
     def add_vectors(
@@ -480,6 +487,21 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         self._check_open()
         return self._catalog.sql(query)
 
+    @overload
+    def query(
+        self, query: OneVector, k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
+        shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+    ) -> Hits: ...  # fmt: skip
+    @overload
+    def query(
+        self, query: ManyVectors, k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
+        shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+    ) -> HitsBatch: ...  # fmt: skip
+    @overload
+    def query(
+        self, query: Any, k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
+        shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+    ) -> Hits | HitsBatch: ...  # fmt: skip
     def query(
         self,
         query: Any,
@@ -490,10 +512,12 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         shortlist: int | Sequence[int] | None = None,
         ef: int | None = None,
         metadata: bool = True,
-    ) -> Hits | list[Hits]:
+    ) -> Hits | HitsBatch:
         """Coarse-to-fine search: shortlist on ``dims[0]``, re-rank on each longer prefix.
 
-        A 1-D query (or a single image) gives one :class:`Hits`; a 2-D batch gives a list. ``where`` is a
+        One rule: one query (a 1-D vector, a single image) gives one :class:`Hits`; a batch (a 2-D array,
+        a vector column, several images or a folder) gives a :class:`HitsBatch`, one Hits per query (a
+        list; ``to_arrow()`` makes one table). ``where`` is a
         DuckDB boolean expression over the metadata columns. ``shortlist`` sets the survivors of each stage
         but the last (an int halves along the funnel); without it, the setting ``tune`` measured for this
         funnel shape applies (``dims`` omitted: the tuned fastest shape). ``ef`` overrides the HNSW beam.
@@ -558,7 +582,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         dims: Sequence[int] | None = None,
         seed: int = 0,
         queries: Any = None,
-    ) -> dict[str, Any]:
+    ) -> TuneResult:
         """For every funnel shape users pass (each indexed prefix straight to ``dim``, and through the band
         edges), measure the cheapest first-stage shortlist (and HNSW beam) whose recall@k against exact
         full-``dim`` search reaches ``recall``, on ``sample`` of the store's own rows as queries (each one's
@@ -591,7 +615,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
             self.manifest["tuned"] = choice
             self._plans = {}
             self._publisher.committed()
-        return choice
+        return TuneResult(**choice)
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)

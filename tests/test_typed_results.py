@@ -1,0 +1,88 @@
+"""Typed results: one rule for single and batch queries (Hits, HitsBatch), records for info/tune/compact
+that also read like the dicts they replaced, and types a user's type checker sees (py.typed, overloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import mrlstore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = mrlstore.open(tmp_path / "s", dim=32, bands=(8, 32), index_dims=(8,))
+    x = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
+    s.add_vectors(x, ids=[f"r{i}" for i in range(300)], metadata=[{"n": i} for i in range(300)])
+    yield s, x
+    s.close()
+
+
+def test_one_query_gives_hits_and_a_batch_gives_a_hits_batch(store):
+    s, x = store
+    one = s.query(x[3], k=4)
+    assert isinstance(one, mrlstore.Hits) and one.ids[0] == "r3"
+    batch = s.query(x[:3], k=4)
+    assert isinstance(batch, mrlstore.HitsBatch) and isinstance(batch, list) and len(batch) == 3
+    assert [h.ids[0] for h in batch] == ["r0", "r1", "r2"]
+    table = batch.to_arrow()
+    assert table.column_names == ["query", "rank", "id", "score", "n"] and table.num_rows == 12
+    assert isinstance(s.query(x[:1], k=2), mrlstore.HitsBatch)  # a batch of one is still a batch
+    column = pa.FixedSizeListArray.from_arrays(pa.array(x[:2].ravel()), 32)
+    assert isinstance(s.query(column, k=2), mrlstore.HitsBatch)
+    assert "HitsBatch(3 queries" in repr(batch)
+
+
+def test_info_tune_and_compact_are_records_that_read_like_dicts(store):
+    s, _ = store
+    info = s.info()
+    assert isinstance(info, mrlstore.StoreInfo) and info.live == info["live"] == 300 and dict(info)["dim"] == 32
+    assert json.loads(json.dumps(dict(info), default=str))["rows"] == 300
+    with pytest.raises(KeyError):
+        info["nope"]
+    tuned = s.tune(recall=0.9, sample=50)
+    assert isinstance(tuned, mrlstore.TuneResult) and tuned.dims == tuned["dims"] and tuned.recall >= 0.9
+    assert s.info().tuned["dims"] == tuned.dims
+    s.delete(["r1", "r2"])
+    counts = s.compact()
+    assert isinstance(counts, mrlstore.CompactResult) and (counts.rows_before, counts["rows_after"]) == (300, 298)
+
+
+@pytest.mark.slow
+def test_a_type_checker_sees_the_rule(tmp_path):
+    pytest.importorskip("mypy", reason="mypy is not installed")
+    assert (ROOT / "mrlstore" / "py.typed").exists() and (ROOT / "mrlstore" / "_kernels.pyi").exists()
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        textwrap.dedent("""
+        import numpy as np
+        import mrlstore
+        store = mrlstore.open("photos.mrl", dim=4)
+        reveal_type(store.query([0.1, 0.2, 0.3, 0.4]))
+        reveal_type(store.query([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))
+        reveal_type(store.query(np.zeros((2, 4), dtype=np.float32)))
+        reveal_type(store.info().live)
+        reveal_type(store.tune().dims)
+    """)
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
+         str(user)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MYPYPATH": str(ROOT)},
+    )  # fmt: skip
+    revealed = [line.split('Revealed type is "')[1].rstrip('"') for line in out.stdout.splitlines()
+                if "Revealed" in line]  # fmt: skip
+    hits, batch = "mrlstore.hits.Hits", "mrlstore.hits.HitsBatch"
+    assert [r.replace("builtins.", "") for r in revealed] == [hits, batch, f"{hits} | {batch}", "int", "list[int]"], (
+        out.stdout
+    )
