@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import errors_support
 import numpy as np
 import pytest
 
@@ -29,3 +33,35 @@ def s3_endpoint():
     yield url
     proc.terminate()
     proc.wait()
+
+
+# -- the error tests' stores (tests/errors_support.py has their parameters) -------------------------------
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "s"
+
+
+@pytest.fixture
+def store(store_path: Path) -> Iterator[mrlstore.Store]:
+    """A writable store (errors_support's parameters) with N rows and metadata columns n (BIGINT) and tag
+    (VARCHAR). Test files that define their own ``store`` fixture use theirs."""
+    s = errors_support.make_store(store_path)
+    n = errors_support.N
+    metadata = [{"n": i, "tag": "even" if i % 2 == 0 else "odd"} for i in range(n)]
+    s.add_vectors(errors_support.vecs(n), ids=errors_support.IDS, metadata=metadata)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def empty_store(store_path: Path) -> Iterator[mrlstore.Store]:
+    s = errors_support.make_store(store_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def closed_path(store: mrlstore.Store) -> Path:
+    """The path of a populated store that is closed again (so it can be reopened)."""
+    store.close()
+    return store.path
