@@ -4,7 +4,7 @@
     python benchmarks/compare.py                       # synthetic N = 100k and 1M, then CIFAR-10 (hours)
     python benchmarks/compare.py --data 100000         # one data set (a size N, or cifar)
 
-Data: (a) ``mrlstore.synthetic.mrl_like`` (seeded; 100 clusters, dimension j scaled by (j+1)^-0.5, noise
+Data: (a) ``mrlstore.testing.mrl_like`` (seeded; 100 clusters, dimension j scaled by (j+1)^-0.5, noise
 1.0), dim 2048, 200 queries drawn independently from the same clusters (the stores tune on their own rows);
 (b) ``cifar``: CIFAR-10 embedded by the bundled encoder, database = the 50k training images, queries = 9,000
 of the 10k test images (needs the feature cache of examples/train_encoder.py; mAP@10 by class too); the
@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mrlstore.synthetic import mrl_like, mrl_like_blocks  # noqa: E402
+from mrlstore.testing import mrl_like, mrl_like_blocks  # noqa: E402
 
 DIM, K, M, EF_CONSTRUCTION = 2048, 10, 16, 200
 SYSTEMS = ("mrlstore", "mrlstore-f32", "mrlstore-16d", "faiss-refine", "brute", "hnswlib", "faiss-hnsw")

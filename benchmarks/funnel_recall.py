@@ -2,7 +2,7 @@
 
     python benchmarks/funnel_recall.py [--n 20000] [--queries 200] [--noise 0.6]
 
-Data: mrlstore.synthetic.mrl_like_split (seeded, documented there). The "exact funnel" is the same funnel
+Data: mrlstore.testing.mrl_like_split (seeded, documented there). The "exact funnel" is the same funnel
 computed exactly in numpy on the stored (float16-rounded) vectors: exact top-shortlist on the first prefix,
 exact re-rank on each longer one. The store's funnel differs from it only where HNSW misses a candidate.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mrlstore  # noqa: E402
 from mrlstore.search import shortlist_sizes  # noqa: E402
-from mrlstore.synthetic import exact_funnel, exact_search, mrl_like_split, recall_at_k  # noqa: E402
+from mrlstore.testing import exact_funnel, exact_search, mrl_like_split, recall_at_k  # noqa: E402
 
 FUNNELS = ([16, 2048], [16, 64, 256, 2048], [32, 2048], [64, 2048])
 

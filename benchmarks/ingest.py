@@ -53,7 +53,7 @@ def write_parquet(path: Path, n: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mrlstore.synthetic import mrl_like_blocks
+    from mrlstore.testing import mrl_like_blocks
 
     schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float16(), 2048)), ("label", pa.string())])
     with pq.ParquetWriter(path, schema) as w:

@@ -3,7 +3,7 @@
     python benchmarks/query_profile.py                     # 100k synthetic MRL-like 2048-d rows
     python benchmarks/query_profile.py --n 20000 --root /path/to/another/checkout   # e.g. an older version
 
-Builds (once) a default float16 store of N rows from ``mrlstore.synthetic`` (the data of compare.py) with
+Builds (once) a default float16 store of N rows from ``mrlstore.testing`` (the data of compare.py) with
 three metadata columns, runs ``tune(recall=0.95)``, then times single queries, one at a time, with metadata:
 the default call ``store.query(q)``, ``dims=[16, 2048]`` and exact ``dims=[2048]``. The profile lists the
 functions with the most own time per default query (profiling inflates small calls; the p50s are without
@@ -40,7 +40,11 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(args.root))
     import mrlstore
-    from mrlstore.synthetic import mrl_like, mrl_like_blocks
+
+    try:
+        from mrlstore.testing import mrl_like, mrl_like_blocks
+    except ImportError:  # a checkout from before the generator moved to mrlstore.testing
+        from mrlstore.synthetic import mrl_like, mrl_like_blocks
 
     print(f"mrlstore from {Path(mrlstore.__file__).parent}")
     path = args.work / f"store_{args.n}_{hashlib.sha1(str(args.root.resolve()).encode()).hexdigest()[:8]}"

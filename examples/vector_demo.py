@@ -2,7 +2,7 @@
 
     python examples/vector_demo.py [--store vector_demo_store] [--n 20000]
 
-The vectors are synthetic with MRL-like structure (mrlstore.synthetic: 100 clusters, signal concentrated in
+The vectors are synthetic with MRL-like structure (mrlstore.testing: 100 clusters, signal concentrated in
 the leading dimensions), so the demo runs anywhere without downloads. It builds ./vector_demo_store (Zarr bands +
 HNSW over the 16-d prefix + DuckDB metadata), runs a 16-d shortlist -> 2048-d re-rank query, a filtered
 query and a SQL aggregate, and compares the funnel with exact 2048-d search on the same vectors.
@@ -22,7 +22,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mrlstore  # noqa: E402
-from mrlstore.synthetic import exact_search, mrl_like, recall_at_k  # noqa: E402
+from mrlstore.testing import exact_search, mrl_like, recall_at_k  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "amber"]
 

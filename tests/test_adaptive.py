@@ -7,7 +7,7 @@ import pytest
 
 import mrlstore
 from mrlstore.adaptive import AdaptiveClassifier
-from mrlstore.synthetic import mrl_like
+from mrlstore.testing import mrl_like
 
 
 def test_adaptive_stops_early_and_keeps_accuracy():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import mrlstore
-from mrlstore.synthetic import mrl_like
+from mrlstore.testing import mrl_like
 
 N = 12_000
 

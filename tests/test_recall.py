@@ -7,7 +7,7 @@ import pytest
 
 import mrlstore
 from mrlstore.search import shortlist_sizes
-from mrlstore.synthetic import exact_funnel, exact_search, mrl_like_split, recall_at_k
+from mrlstore.testing import exact_funnel, exact_search, mrl_like_split, recall_at_k
 
 
 @pytest.fixture(scope="module", params=[0.6, 1.0], ids=["noise0.6", "noise1.0"])

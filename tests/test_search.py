@@ -12,7 +12,7 @@ import pytest
 import mrlstore
 from mrlstore import tuning
 from mrlstore.metadata import RowTable
-from mrlstore.synthetic import mrl_like
+from mrlstore.testing import mrl_like
 
 
 def _meta_of_hits(hits):

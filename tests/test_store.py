@@ -11,7 +11,7 @@ import pytest
 
 import mrlstore
 from mrlstore.search import shortlist_sizes
-from mrlstore.synthetic import exact_funnel, mrl_like
+from mrlstore.testing import exact_funnel, mrl_like
 
 
 def _f16(x):

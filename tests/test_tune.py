@@ -7,7 +7,7 @@ import pytest
 
 import mrlstore
 from mrlstore import tuning
-from mrlstore.synthetic import exact_search, mrl_like, recall_at_k
+from mrlstore.testing import exact_search, mrl_like, recall_at_k
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Seeded synthetic data with Matryoshka-like structure, and exact references to check the funnel against.
+"""For tests and benchmarks, yours included: seeded synthetic data with Matryoshka-like structure, and exact
+references to check the funnel against (``import mrlstore.testing``; ``import mrlstore`` does not load it).
 
 The generator: ``n_clusters`` centres in ``dim`` dimensions; each vector is its centre plus Gaussian noise,
 and dimension ``j`` (0-based) of both is scaled by ``(j + 1) ** -decay``. So, as in an MRL embedding, the
