@@ -234,7 +234,7 @@ class Evaluation:
 
     def adaptive_report(self, emb: np.ndarray) -> str:
         """The MRL paper's adaptive classification: stop at the smallest confident prefix."""
-        from mrlstore.adaptive import AdaptiveClassifier
+        from adaptive import AdaptiveClassifier
 
         labels, tr = self.cifar["labels"].astype(np.int64), self.train
         lines = [

@@ -1,5 +1,5 @@
 """Prefix scoring in numpy: the one definition of a score that the kernels, the exact references of
-``testing`` and the prefix heads of ``adaptive`` share (no engines).
+``testing`` and the prefix heads of ``benchmarks/adaptive.py`` share (no engines).
 
 Every score comes from three sums over the prefix: dot = x.q, sq = x.x and qq = q.q. Cosine re-normalises
 the prefix (as MRL requires) and scores an all-zero prefix 0; l2 is the Euclidean distance (lower is

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from adaptive import AdaptiveClassifier
 
 import mrlstore
-from mrlstore.adaptive import AdaptiveClassifier
 from mrlstore.testing import mrl_like
 
 

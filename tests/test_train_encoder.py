@@ -5,7 +5,6 @@ ship wrong weights), and the frozen and fine-tuned recipes stay deterministic.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ import mrlstore  # noqa: E402
 from mrlstore.encoder import EfficientNetLite0  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 import train_encoder as te  # noqa: E402
 
 

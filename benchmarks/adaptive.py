@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InvalidInputError, ShapeError
-from .scoring import normalize_prefix
+from mrlstore.errors import InvalidInputError, ShapeError
+from mrlstore.scoring import normalize_prefix
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
