@@ -61,6 +61,8 @@ def to_matrix(x: Any) -> np.ndarray:
         raise ShapeError(f"the vector column has {x.null_count} null vector(s)")
     if pa.types.is_fixed_size_list(x.type):
         width = x.type.list_size
+    elif not (pa.types.is_list(x.type) or pa.types.is_large_list(x.type)):
+        raise ShapeError(f"a vector column holds lists of numbers (or a fixed-shape tensor), got {x.type}")
     else:
         lengths = pc.list_value_length(x).to_numpy()
         if len(lengths) and (lengths != lengths[0]).any():

@@ -49,8 +49,9 @@ _REFUSED_FUNCTIONS = frozenset(
     {"glob", "getenv", "current_setting", "which_secret", "query", "query_table", "sniff_csv", "checkpoint",
      "force_checkpoint", "icu_calendar_names"}
 )  # fmt: skip
-_REFUSED_PREFIXES = ("read_", "duckdb_", "pragma_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_",
+_REFUSED_PREFIXES = ("read_", "duckdb_", "pragma_", "pg_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_",
                      "mysql_", "json_execute", "load_", "install_")  # fmt: skip
+_PATH_CHARACTERS = frozenset("/\\:.~")  # a table "name" with these is a file path DuckDB would scan
 
 
 def _quote(name: str) -> str:
@@ -251,7 +252,11 @@ class Catalog:
         nodes, functions = _parse_tree_names(tree)
         if nodes - _READ_NODES:
             raise ForbiddenSQLError(f"{what} refused a write hidden in a SELECT: {allowed}: {shown!r}")
-        refused = sorted(f for f in functions if f in _REFUSED_FUNCTIONS or f.startswith(_REFUSED_PREFIXES))
+        refused = sorted(
+            f
+            for f in functions
+            if f in _REFUSED_FUNCTIONS or f.startswith(_REFUSED_PREFIXES) or not _PATH_CHARACTERS.isdisjoint(f)
+        )
         if refused:
             raise ForbiddenSQLError(
                 f"{what} refused {', '.join(f + '()' for f in refused)}: filters and SQL reach only the store's "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,12 @@ def _reports_errors(fn: Any) -> Any:
         except KeyboardInterrupt:
             click.echo("interrupted (every commit made before it stays)", err=True)
             sys.exit(130)
+        except click.ClickException:
+            raise
+        except Exception as e:  # an input file numpy or Arrow cannot read, and anything else: still one line
+            if os.environ.get("MRLSTORE_DEBUG"):
+                raise
+            _fail(f"{type(e).__name__}: {e} (MRLSTORE_DEBUG=1 shows the traceback)")
 
     return run
 
@@ -239,8 +246,13 @@ def _add_parquet(store: mrlstore.Store, f: Path, vector: str, id_column: str | N
     for name, what in ((vector, "--vector-column"), (id_column, "--id-column")):
         if name is not None and name not in names:
             raise click.BadParameter(f"{f} has no column {name!r} (columns: {', '.join(names)})", param_hint=what)
+    wanted = [] if columns is None else columns.split(",")
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise click.BadParameter(f"{f} has no column {unknown[0]!r} (columns: {', '.join(names)})",
+                                 param_hint="--columns")  # fmt: skip
     id_column = id_column or ("id" if "id" in names else None)
-    keep = None if columns is None else [vector, *([id_column] if id_column else []), *columns.split(",")]
+    keep = None if columns is None else [vector, *([id_column] if id_column else []), *wanted]
     batches = source.iter_batches(columns=keep)
     if id_column is None:
         batches, id_column = _with_hash_ids(batches, vector), "_content_id"
@@ -252,10 +264,10 @@ def _add_parquet(store: mrlstore.Store, f: Path, vector: str, id_column: str | N
 
 def _with_hash_ids(batches: Iterator[Any], vector: str) -> Iterator[Any]:
     """Each batch with a ``_content_id`` column hashed from its vectors (as ``_vector_ids``)."""
+    from mrlstore.arrow import to_matrix  # every vector column the library takes, checked the same way
+
     for batch in batches:
-        column = batch.column(vector)
-        flat = column.flatten().to_numpy(zero_copy_only=False)
-        ids = _vector_ids(flat.reshape(len(column), -1)) if len(column) else []
+        ids = _vector_ids(to_matrix(batch.column(vector))) if batch.num_rows else []
         yield batch.append_column("_content_id", _string_array(ids))
 
 
@@ -277,7 +289,7 @@ def _string_array(values: list[str]) -> Any:
 def query(store: str, query: str, k: int, dims: str | None, where: str | None, as_json: bool,
           storage_options: tuple[str, ...]) -> None:  # fmt: skip
     """Query STORE with an image file or a .npy vector (1-D, or 2-D for several)."""
-    q: Any = np.load(query, allow_pickle=False) if query.endswith(".npy") else query
+    q: Any = np.load(query, allow_pickle=False) if query.lower().endswith(VECTOR_SUFFIXES) else query
     with _reading(store, storage_options) as s:
         if isinstance(q, str):
             _announce_encoder(s)

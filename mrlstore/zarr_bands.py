@@ -136,9 +136,9 @@ class _Band:
         self.label = name or f"band {start}-{stop}"  # in messages
         self._maps: dict[int, Any] = {}
         self._retired: list[Any] = []  # maps replaced by larger ones: queries in flight may still read them
-        self._addresses = np.zeros(0, dtype=np.uint64)
-        self.kernel_rows = 0  # rows the addresses cover
-        self._map_lock = threading.Lock()
+        # (rows covered, chunk base addresses) for the kernels: replaced whole, read once per query
+        self._kernel: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.uint64))
+        self._map_lock = threading.RLock()  # maps change under it: a replaced map must reach _retired
 
     def _check_layout(self, meta_path: Path) -> tuple[int, int | None]:
         """(chunk_rows, inner_rows or None for the plain layout), or CorruptStoreError."""
@@ -180,6 +180,13 @@ class _Band:
         mm = self._maps.get(chunk)
         if mm is not None and len(mm) >= rows:
             return mm
+        with self._map_lock:  # two threads may both find the map short: one maps, the other reuses it
+            return self._map_again(chunk, rows)
+
+    def _map_again(self, chunk: int, rows: int) -> Any:
+        mm = self._maps.get(chunk)
+        if mm is not None and len(mm) >= rows:
+            return mm
         path = self.chunk_path(chunk)
         try:
             size = path.stat().st_size
@@ -217,24 +224,28 @@ class _Band:
     def kernel_band(self, rows_needed: int) -> tuple:
         """(chunk base addresses, chunk_rows, first column, width, is_float16) for the native kernels,
         covering at least ``rows_needed`` rows. The maps stay alive while the store is open."""
-        if self.kernel_rows < rows_needed:
+        return self.kernel_described(rows_needed)[0]
+
+    def kernel_described(self, rows_needed: int) -> tuple[tuple, int]:
+        """``kernel_band(rows_needed)`` and the rows its addresses cover (read together: one snapshot)."""
+        covered, addresses = self._kernel
+        if covered < rows_needed:
             with self._map_lock:
                 rc, need = self.chunk_rows, -(-rows_needed // self.chunk_rows)
-                grown = np.zeros(need, dtype=np.uint64)
                 maps = [self.mapped(c, min(rc, rows_needed - c * rc)) for c in range(need)]
-                for chunk, mm in enumerate(maps):
-                    grown[chunk] = mm.ctypes.data
-                self._addresses = grown  # replaced whole: a concurrent reader keeps its copy
-                self.kernel_rows = (need - 1) * rc + len(maps[-1])
-        return self._addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)
+                addresses = np.array([mm.ctypes.data for mm in maps], dtype=np.uint64)
+                covered = (need - 1) * rc + len(maps[-1])
+                self._kernel = (covered, addresses)  # replaced whole: a concurrent reader keeps its copy
+        return (addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)), covered
 
     def forget_maps(self, from_chunk: int = 0) -> None:
         """Map chunks at or past ``from_chunk`` again when next read (their files changed size)."""
         with self._map_lock:
             for chunk in [c for c in self._maps if c >= from_chunk]:
                 self._retired.append(self._maps.pop(chunk))
-            self._addresses = self._addresses[: min(len(self._addresses), from_chunk)]
-            self.kernel_rows = min(self.kernel_rows, from_chunk * self.chunk_rows)
+            covered, addresses = self._kernel
+            keep = min(len(addresses), from_chunk)
+            self._kernel = (min(covered, keep * self.chunk_rows), addresses[:keep])
 
     def write(self, start_row: int, block: np.ndarray, scratch: np.ndarray) -> list[Path]:
         """Write rows ``start_row..`` in place (``scratch``: a reused 1-D buffer of the band's dtype);
@@ -388,8 +399,7 @@ class _Band:
 
     def close(self) -> None:
         with self._map_lock:
-            self._addresses = np.zeros(0, dtype=np.uint64)
-            self.kernel_rows = 0
+            self._kernel = (0, np.zeros(0, dtype=np.uint64))
             self._maps.clear()
             self._retired.clear()
 
@@ -554,8 +564,9 @@ class BandedVectors:
         covered, described = self._kernel_bands
         if rows_needed <= covered:
             return described
-        described = [band.kernel_band(rows_needed) for band in self.bands]
-        self._kernel_bands = (min(band.kernel_rows for band in self.bands), described)  # replaced whole
+        pairs = [band.kernel_described(rows_needed) for band in self.bands]
+        described = [d for d, _ in pairs]
+        self._kernel_bands = (min(covered for _, covered in pairs), described)  # replaced whole
         return described
 
     def norm_mismatches(self, rows: np.ndarray) -> np.ndarray:

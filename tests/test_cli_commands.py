@@ -90,6 +90,29 @@ def test_parquet_adds_read_vector_id_and_metadata_columns(store, vectors, tmp_pa
         assert s.get(["p5"]).column("label").to_pylist() == ["a"]
     out = cli("add", str(store), str(tmp_path / "t.parquet"), "--vector-column", "nope")
     assert out.returncode == 2 and "no column 'nope'" in out.stderr
+    out = cli("add", str(store), str(tmp_path / "t.parquet"), "--columns", "label,nope")
+    assert out.returncode == 2 and "no column 'nope'" in out.stderr
+    assert "lists of numbers" in one_line_error(cli("add", str(store), str(tmp_path / "t.parquet"),
+                                                    "--vector-column", "label"))  # fmt: skip
+    tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(vectors + 2)
+    pq.write_table(pa.table({"t": tensors}), tmp_path / "tensor.parquet")  # no id column: hashed ids
+    assert "added 40 vectors" in cli("add", str(store), str(tmp_path / "tensor.parquet"), "--vector-column", "t").stdout
+
+
+def test_unreadable_input_files_are_one_line_errors(store, vectors, tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "ids.txt").write_bytes(b"\xff\xfe")
+    (tmp_path / "meta.jsonl").write_text("{not json\n")
+    for args in (
+        ["add", str(store), str(tmp_path / "objects.npy")],
+        ["add", str(store), str(tmp_path / "broken.parquet")],
+        ["add", str(store), str(tmp_path / "x.npy"), "--ids", str(tmp_path / "ids.txt")],
+        ["add", str(store), str(tmp_path / "x.npy"), "--metadata", str(tmp_path / "meta.jsonl")],
+        ["query", str(store), str(tmp_path / "objects.npy")],
+    ):
+        one_line_error(cli(*args))
+    assert _count(store) == 0
 
 
 def test_delete_and_snapshot(store, vectors, tmp_path):

@@ -140,3 +140,36 @@ def test_a_version_2_store_keeps_its_layout_until_compacted(tmp_path, monkeypatc
     np.testing.assert_array_equal(
         zarr.open_group(str(path / "vectors"), mode="r")["band_00008_00032"][:], x[:, 8:].astype(np.float16)
     )
+
+
+def test_concurrent_reads_of_a_grown_chunk_keep_every_kernel_address_mapped(tmp_path, monkeypatch):
+    import threading
+
+    from mrlstore import zarr_bands
+
+    x = np.random.default_rng(3).standard_normal((5010, 16)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,), chunk_rows=65536) as store:
+        store.add_vectors(x[:10], ids=[f"a{i}" for i in range(10)])
+        store.query(x[0], k=3, dims=[8, 16])  # the kernels' addresses of chunk 0 at its first size
+        store._vectors.prefault_rows = 0  # as in a store past a quarter of RAM: appends do not map again
+        store.add_vectors(x[10:], ids=[f"b{i}" for i in range(5000)])  # chunk 0's file grows
+        real = np.memmap
+
+        def slow_memmap(*args, **kwargs):  # widens the window in which two threads map the same chunk
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(zarr_bands.np, "memmap", slow_memmap)
+        threads = [
+            threading.Thread(target=lambda: store.query(x[7], k=3, dims=[8, 16])),
+            threading.Thread(target=lambda: store.get(["b4999"])),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        monkeypatch.setattr(zarr_bands.np, "memmap", real)
+        for band in store._vectors.bands:
+            alive = {int(m.ctypes.data) for m in [*band._maps.values(), *band._retired]}
+            assert {int(a) for a in band._kernel[1]} <= alive  # a dropped map would leave a dangling pointer
+        assert store.query(x[4000], k=1, dims=[8, 16]).ids == ["b3990"]

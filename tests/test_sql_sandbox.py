@@ -41,6 +41,10 @@ SQL_REFUSED = [
     "SELECT * FROM duckdb_settings()",
     "SELECT * FROM duckdb_extensions()",
     "SELECT * FROM pragma_database_list",
+    "SELECT name, setting FROM pg_settings",
+    "SELECT * FROM pg_catalog.pg_settings",
+    "SELECT * FROM '{f}.duckdb.tmp/x.csv'",
+    "SELECT * FROM 'secret.csv'",
     "SELECT current_setting('temp_directory')",
     "SELECT * FROM query('SELECT * FROM read_text(''/etc/hostname'')')",
     "COPY items TO '{f}.out'",
@@ -68,6 +72,7 @@ WHERE_REFUSED = [
     "EXISTS (SELECT * FROM '{f}')",
     "current_setting('threads') = '2'",
     "label IN (SELECT database_name FROM duckdb_databases())",
+    "EXISTS (SELECT * FROM pg_settings WHERE name = 'secret_directory' AND setting LIKE '/root%')",
 ]
 
 
