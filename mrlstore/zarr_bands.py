@@ -67,11 +67,17 @@ def auto_chunk_rows(width: int, dtype: str) -> int:
 
 
 def inner_rows_for(width: int, itemsize: int, chunk_rows: int) -> int:
-    """Rows per inner chunk of a sharded chunk file: a power of two of about INNER_CHUNK_BYTES."""
-    rows = min(1 << (max(1, INNER_CHUNK_BYTES // (width * itemsize)).bit_length() - 1), chunk_rows)
-    while chunk_rows % rows:  # Zarr needs whole inner chunks per chunk (chunk_rows= may be any number)
-        rows //= 2
-    return rows
+    """Rows per inner chunk of a sharded chunk file: Zarr needs a divisor of ``chunk_rows``; the largest one
+    of at most INNER_CHUNK_BYTES (a power of two for the default chunk sizes), unless that is tiny (a
+    ``chunk_rows=`` with few factors), then the smallest of at least a sixteenth of it: tiny inner chunks
+    make Zarr readers slow and the index large."""
+    row_bytes = width * itemsize
+    small = [i for i in range(1, int(chunk_rows**0.5) + 1) if chunk_rows % i == 0]
+    divisors = sorted({*small, *(chunk_rows // i for i in small)})
+    fitting = [d for d in divisors if d * row_bytes <= INNER_CHUNK_BYTES]
+    if fitting and fitting[-1] * row_bytes * 16 >= INNER_CHUNK_BYTES:
+        return fitting[-1]
+    return next(d for d in divisors if d * row_bytes * 16 >= INNER_CHUNK_BYTES or d == chunk_rows)
 
 
 def create_bands(

@@ -105,3 +105,12 @@ def test_gather_bands_reads_sorted_rows_band_by_band(tmp_path, rng):
         np.testing.assert_array_equal(got, x[rows, lo:hi].astype(np.float16))
     same_chunk = np.array([3, 5, 9])
     np.testing.assert_array_equal(bands.gather_bands(same_chunk, 16, 64)[0][1], x[same_chunk, 16:].astype(np.float16))
+
+
+def test_inner_chunks_divide_the_chunk_and_stay_near_64_kib():
+    from mrlstore.zarr_bands import inner_rows_for
+
+    assert inner_rows_for(16, 2, 1 << 20) == 2048 and inner_rows_for(1792, 2, 16384) == 16  # 64 KiB, 56 KiB
+    assert inner_rows_for(16, 2, 3000) == 1500  # not a power of two: the largest divisor that fits
+    assert inner_rows_for(8, 2, 1_000_001) == 9901  # 101 inner chunks, not a million one-row ones
+    assert inner_rows_for(48, 2, 4999) == 4999  # a prime: the whole chunk, rather than one-row inner chunks
