@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from mrlstore.testing import mrl_like, mrl_like_blocks  # noqa: E402
 

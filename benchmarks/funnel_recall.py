@@ -10,14 +10,11 @@ exact re-rank on each longer one. The store's funnel differs from it only where 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mrlstore  # noqa: E402
 from mrlstore.search import shortlist_sizes  # noqa: E402

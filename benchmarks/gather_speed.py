@@ -13,14 +13,11 @@ the widest band. Writes the table to benchmarks/results/gather_speed.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mrlstore.kernels import NATIVE_F16C, as_float32  # noqa: E402
 from mrlstore.zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands  # noqa: E402

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mrlstore  # noqa: E402
 from mrlstore.testing import exact_search, mrl_like, recall_at_k  # noqa: E402
