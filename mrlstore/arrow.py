@@ -227,7 +227,7 @@ class ArrowIO:
         rows = batch_size or max(1, ADD_BATCH_BYTES // (4 * self.dim))
         added = 0
         for batch in record_batches(data, rows):
-            source = column(batch, vector or image, "vector" if vector else "image")
+            source = column(batch, vector or image or "", "vector" if vector else "image")
             ids = column(batch, id, "id").to_pylist() if id is not None else None
             rest = [n for n in batch.schema.names if n not in (vector, image, id)]
             meta = pa.Table.from_batches([batch.select(rest)]) if rest else None

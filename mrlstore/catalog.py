@@ -31,11 +31,11 @@ from .errors import (
 
 DB_FILE = "catalog.duckdb"
 # Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
-_FILE_CONFIG = {"storage_compatibility_version": "v1.2.0"}
+_FILE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": "v1.2.0"}
 # The store's own connection runs users' where= and sql() text, so it reaches nothing but its tables: no
 # files, network, extensions or ATTACH, and the configuration is locked so no statement can undo that.
 # (Snapshots write their copy through a separate connection: see snapshot_to.)
-_SANDBOX_CONFIG = {
+_SANDBOX_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     **_FILE_CONFIG,
     "enable_external_access": False,
     "autoinstall_known_extensions": False,

@@ -40,7 +40,7 @@ _STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
-_BN = {"eps": 1e-3, "momentum": 0.01}
+_BN: dict[str, Any] = {"eps": 1e-3, "momentum": 0.01}
 
 
 class SameConv2d(nn.Conv2d):
@@ -131,7 +131,7 @@ def fold_batchnorm(model: MRLImageModel) -> MRLImageModel:
     w' = w * g / sqrt(v + eps), b' = beta - mu * g / sqrt(v + eps). Same outputs to float rounding."""
     model = copy.deepcopy(model).eval()
     backbone = model.backbone
-    pairs = [(backbone, "_conv_stem", "_bn0"), (backbone, "_conv_head", "_bn1")]
+    pairs: list[tuple[Any, str, str]] = [(backbone, "_conv_stem", "_bn0"), (backbone, "_conv_head", "_bn1")]
     for block in backbone._blocks:
         if block.has_expand:
             pairs.append((block, "_expand_conv", "_bn0"))
@@ -188,7 +188,7 @@ class ImageEncoder:
         self.model = model.eval().to(self.device)
         # What encode runs: the same function with batch norm folded into the convolutions, channels-last
         # (measured on 2 CPU cores at 160 px: 58 -> 83 images/s from channels-last, then 83 -> 103 from folding)
-        self._inference = fold_batchnorm(self.model).to(memory_format=torch.channels_last)
+        self._inference = fold_batchnorm(self.model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.dim = int(model.projection.fc2.out_features)
         self.nesting = tuple(int(m) for m in nesting)
         self.name = name

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from .scoring import scores_from_sums, top
 
+_native: Any  # the native module, or None
 try:
     from . import _kernels as _native
 except ImportError:  # built without a C compiler: the numpy twins are correct, only slower
@@ -43,6 +44,8 @@ def threads() -> int:
 class Rows(Protocol):
     """What the kernels read: mrlstore.zarr_bands.BandedVectors (rows without memory maps, such as
     mrlstore.objectstore.RemoteBands, say ``native = False`` and go through the numpy twins)."""
+
+    band_bounds: tuple[int, ...]  # band b spans columns band_bounds[b]:band_bounds[b + 1]
 
     def kernel_bands(self, rows_needed: int) -> list[tuple]: ...
 

@@ -24,6 +24,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from .arrow import column, to_matrix
+from .hits import HitsBatch
 from .staging import STAGING_DIR, StoreShape, new_staging_dir, remove_staging, write_fragment
 from .store import Store
 from .store import open as open_store
@@ -169,8 +170,8 @@ class QueryStore:
             hits: list[Any] = []
         else:
             queries = to_matrix(column(table, self.vector, "vector"))
-            hits = self.store.query(queries, k=self.k, dims=self.dims, **self.options)
-            hits = hits if isinstance(hits, list) else [hits]
+            found = self.store.query(queries, k=self.k, dims=self.dims, **self.options)
+            hits = found if isinstance(found, HitsBatch) else [found]
         offsets = pa.array(np.cumsum([0] + [len(h.ids) for h in hits]), pa.int32())
         ids = pa.ListArray.from_arrays(offsets, pa.array([i for h in hits for i in h.ids], pa.string()))
         scores = [np.asarray(h.scores, np.float32) for h in hits]

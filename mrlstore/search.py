@@ -8,7 +8,7 @@ exact scores on ``dims[-1]``. Candidates of a batch of queries travel as one fla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -97,7 +97,7 @@ class PrefixSearch(Protocol):
 class Funnel:
     """Runs plans over snapshots of one store's vectors and prefix indexes."""
 
-    def __init__(self, vectors: kernels.Rows, indexes: dict[int, PrefixSearch], metric: str, ef_search: int):
+    def __init__(self, vectors: kernels.Rows, indexes: Mapping[int, PrefixSearch], metric: str, ef_search: int):
         self.vectors, self.indexes, self.metric, self.ef_search = vectors, indexes, metric, ef_search
 
     def run(
@@ -134,7 +134,7 @@ class Funnel:
         ):
             rows, offsets, _ = self.exact(snap, queries, d, n, allowed)
             return _sorted_within(rows, offsets), offsets
-        if allowed is not None:
+        if allowed is not None and index is not None:
             return _flatten(self._filtered_search(snap, index, queries, n, allowed, beam))
         if index is None:
             rows, offsets, _ = self.exact(snap, queries, d, n)

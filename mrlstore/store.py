@@ -117,7 +117,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         self.read_only = read_only
         self.encoder = encoder
         self._closed = True
-        requested = {
+        requested: dict[str, Any] = {
             "dim": dim if dim is not None else (encoder.dim if encoder is not None else None),
             "bands": tuple(bands) if bands is not None else None,
             "metric": metric,
@@ -132,7 +132,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
                 raise StoreNotFoundError(f"no store at {self.path} (read_only=True never creates one)")
             if requested["dim"] is None:
                 requested["dim"] = BUNDLED_ENCODER_DIM  # no dim, no encoder: images via the bundled encoder
-            name = encoder_name(encoder, requested["dim"], dim)
+            name = encoder_name(encoder, int(requested["dim"]), dim)
             weights = bundled_weights_id() if name == BUNDLED_ENCODER else None
             config = StoreConfig.new(requested, name, auto_chunk_rows, encoder_weights=weights)
             try:

@@ -9,7 +9,8 @@ numbers add finer detail that decides the order among close neighbours.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def mrl_like_split(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A database and held-out queries: the same clusters, independent samples."""
-    kw = {"n_clusters": n_clusters, "noise": noise, "decay": decay, "seed": seed}
+    kw: dict[str, Any] = {"n_clusters": n_clusters, "noise": noise, "decay": decay, "seed": seed}
     return mrl_like(n_base, dim, **kw)[0], mrl_like(n_queries, dim, sample=1, **kw)[0]
 
 
@@ -124,7 +125,7 @@ def exact_search(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "c
     return exact_funnel(base, queries, [base.shape[1]], [], k, metric)
 
 
-def recall_at_k(found: list[list[str]] | list[np.ndarray], truth: list[np.ndarray] | list[list[str]]) -> float:
+def recall_at_k(found: Sequence[Iterable[Any]], truth: Sequence[Sequence[Any]]) -> float:
     """Mean over queries of |found ∩ truth| / |truth|."""
     vals = [len(set(map(str, f)) & set(map(str, t))) / max(1, len(t)) for f, t in zip(found, truth)]
     return float(np.mean(vals)) if vals else 0.0

@@ -70,10 +70,11 @@ def make_plan(
         ef = positive_int(ef, "ef")
     setting = _tuned_setting(tuned, dims, dim) if shortlist is None else None
     if setting is not None:
-        dims = setting["dims"]
-        shortlist = max(k, setting["shortlist"] * k // setting["k"])
-        ef = ef if ef is not None else max(setting["ef"], shortlist)
-        shortlist = tapered_sizes(shortlist, k, len(dims), setting.get("taper", 1))  # [] for a one-stage funnel
+        tuned_dims: list[int] = setting["dims"]
+        dims = tuned_dims
+        first = max(k, setting["shortlist"] * k // setting["k"])
+        ef = ef if ef is not None else max(setting["ef"], first)
+        shortlist = tapered_sizes(first, k, len(tuned_dims), setting.get("taper", 1))  # [] for one stage
     dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
     try:
         sizes = shortlist_sizes(shortlist, k, len(dims_t))

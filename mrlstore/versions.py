@@ -365,7 +365,7 @@ class Versions:
             self._snap, self.manifest, self._head = snap, manifest, head
             for index in self._indexes.values():
                 index.mark_deleted(newly_dead)
-            self._plans = {}
+            self._plans: dict[tuple, Any] = {}
         previous.close()
 
     def _reopen_published(self, head: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ INNER_CHUNK_BYTES = 64 << 10  # a sharded chunk file grows by whole inner chunks
 PAGE = 4096
 EMPTY = np.uint64(2**64 - 1)  # a shard index entry for an inner chunk that holds nothing
 WRITE_BUFFER_BYTES = 4 << 20  # rows pass through one reused buffer on their way to the chunk files
-_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+_DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def band_edges(dim: int, bands: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -133,11 +133,12 @@ class _Band:
         except (OSError, ValueError) as e:
             raise CorruptStoreError(f"unreadable Zarr array metadata {meta_path}: {e}") from None
         self.row_bytes = self.width * dtype.itemsize
-        self.chunk_rows, self.inner_rows = self._check_layout(meta_path)
+        self.chunk_rows, inner_rows = self._check_layout(meta_path)
         self.chunk_bytes = self.chunk_rows * self.row_bytes
-        self.sharded = self.inner_rows is not None
-        self.n_inner = self.chunk_rows // self.inner_rows if self.inner_rows else 0
-        self.inner_bytes = (self.inner_rows or 0) * self.row_bytes
+        self.sharded = inner_rows is not None
+        self.inner_rows = inner_rows or 0  # 0: the plain layout
+        self.n_inner = self.chunk_rows // self.inner_rows if self.sharded else 0
+        self.inner_bytes = self.inner_rows * self.row_bytes
         self.data_offset = -(-16 * self.n_inner // PAGE) * PAGE  # the index, padded to whole pages
         self.label = name or f"band {start}-{stop}"  # in messages
         self._maps: dict[int, Any] = {}
@@ -206,10 +207,10 @@ class _Band:
             raise CorruptStoreError(f"chunk file {path} has {size} bytes, expected at least {need}")
         # A plain ndarray view (the map stays alive as its base): np.memmap's indexing hooks cost more than
         # the gather itself on the re-rank path.
-        fresh = np.memmap(path, dtype=self.dtype, mode="r", offset=self.data_offset, shape=(held, self.width))
+        mapping = np.memmap(path, dtype=self.dtype, mode="r", offset=self.data_offset, shape=(held, self.width))
         if mm is not None:
             self._retired.append(mm)
-        self._maps[chunk] = fresh = fresh.view(np.ndarray)
+        self._maps[chunk] = fresh = mapping.view(np.ndarray)
         return fresh
 
     def take_sorted(self, rows: np.ndarray) -> np.ndarray:
@@ -328,7 +329,7 @@ class _Band:
             else:
                 data = scratch[: len(part) * self.width].reshape(len(part), self.width)
                 np.copyto(data, part, casting="same_kind")
-            os.pwrite(fd, memoryview(data).cast("B"), self.data_offset + (offset + lo) * self.row_bytes)
+            os.pwrite(fd, data.data.cast("B"), self.data_offset + (offset + lo) * self.row_bytes)
 
     def file_problems(self, watermark: int) -> list[str]:
         """What is wrong with this array's files for ``watermark`` committed rows, read from disk now (the
