@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -89,7 +89,15 @@ class Hits:
 
 
 class HitsBatch(list[Hits]):
-    """The results of a batch of queries: one :class:`Hits` per query, in order (a list)."""
+    """The results of a batch of queries: one :class:`Hits` per query, in order (a list; slices and sums
+    of batches are batches too)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        item = list.__getitem__(self, index)
+        return HitsBatch(item) if isinstance(index, slice) else item
+
+    def __add__(self, other: Any) -> HitsBatch:  # type: ignore[override]
+        return HitsBatch(list.__add__(self, other))
 
     def to_arrow(self) -> pa.Table:
         """One table: query (its position), rank (from 1), id, score, then the metadata columns."""
@@ -111,22 +119,12 @@ class HitsBatch(list[Hits]):
         return f"HitsBatch({len(self)} queries: {list.__repr__(self[:2])[1:-1]}{', ...' if len(self) > 2 else ''})"
 
 
-class Record(Mapping[str, Any]):
-    """A dataclass that also reads like the dict it replaced: ``r.live`` and ``r["live"]``, ``dict(r)``."""
+class Record(dict[str, Any]):
+    """A dataclass that is also the dict it replaced: ``r.live``, and ``r["live"]``, ``json.dumps(r)``,
+    ``r | {...}`` as before (the dict holds the fields' values as made)."""
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._names():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def _names(self) -> list[str]:
-        return [f.name for f in fields(self)]  # type: ignore[arg-type]  # subclasses are dataclasses
+    def __post_init__(self) -> None:
+        dict.update(self, {f.name: getattr(self, f.name) for f in fields(self)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, eq=False)

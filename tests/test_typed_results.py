@@ -3,8 +3,10 @@ that also read like the dicts they replaced, and types a user's type checker see
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -41,6 +43,8 @@ def test_one_query_gives_hits_and_a_batch_gives_a_hits_batch(store):
     column = pa.FixedSizeListArray.from_arrays(pa.array(x[:2].ravel()), 32)
     assert isinstance(s.query(column, k=2), mrlstore.HitsBatch)
     assert "HitsBatch(3 queries" in repr(batch)
+    assert isinstance(batch[:2], mrlstore.HitsBatch) and batch[:2].to_arrow().num_rows == 8
+    assert isinstance(batch + batch, mrlstore.HitsBatch) and len(batch + batch) == 6
 
 
 def test_info_tune_and_compact_are_records_that_read_like_dicts(store):
@@ -50,12 +54,27 @@ def test_info_tune_and_compact_are_records_that_read_like_dicts(store):
     assert json.loads(json.dumps(dict(info), default=str))["rows"] == 300
     with pytest.raises(KeyError):
         info["nope"]
+    assert json.loads(json.dumps(info))["live"] == 300 and (info | {"x": 1})["x"] == 1  # still a dict
+    assert pickle.loads(pickle.dumps(info)).live == 300 and copy.deepcopy(info) == info
     tuned = s.tune(recall=0.9, sample=50)
     assert isinstance(tuned, mrlstore.TuneResult) and tuned.dims == tuned["dims"] and tuned.recall >= 0.9
     assert s.info().tuned["dims"] == tuned.dims
     s.delete(["r1", "r2"])
     counts = s.compact()
     assert isinstance(counts, mrlstore.CompactResult) and (counts.rows_before, counts["rows_after"]) == (300, 298)
+    assert json.dumps(counts) == '{"rows_before": 300, "rows_after": 298}' and json.dumps(tuned)
+
+
+def test_the_old_module_name_of_the_generator_still_imports():
+    with pytest.warns(DeprecationWarning, match="mrlstore.testing"):
+        import importlib
+
+        import mrlstore.synthetic
+
+        importlib.reload(mrlstore.synthetic)
+    from mrlstore.testing import mrl_like
+
+    assert mrlstore.synthetic.mrl_like is mrl_like
 
 
 @pytest.mark.slow
