@@ -194,20 +194,13 @@ class _Band:
         mm = self._maps.get(chunk)
         if mm is not None and len(mm) >= rows:
             return mm
-        path = self.chunk_path(chunk)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise CorruptStoreError(f"chunk file {path} holding committed rows is missing") from None
-        if not self.sharded and size != self.chunk_bytes:
-            raise CorruptStoreError(f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}")
-        held = self.file_rows(size)
-        if held < rows:
-            need = self.data_offset + rows * self.row_bytes
-            raise CorruptStoreError(f"chunk file {path} has {size} bytes, expected at least {need}")
+        size, problem = self._size_problem(chunk, rows)
+        if problem is not None:
+            raise CorruptStoreError(problem)
         # A plain ndarray view (the map stays alive as its base): np.memmap's indexing hooks cost more than
         # the gather itself on the re-rank path.
-        mapping = np.memmap(path, dtype=self.dtype, mode="r", offset=self.data_offset, shape=(held, self.width))
+        shape = (self.file_rows(size), self.width)
+        mapping = np.memmap(self.chunk_path(chunk), dtype=self.dtype, mode="r", offset=self.data_offset, shape=shape)
         if mm is not None:
             self._retired.append(mm)
         self._maps[chunk] = fresh = mapping.view(np.ndarray)
@@ -296,13 +289,18 @@ class _Band:
         """List inner chunks ``0..present-1`` in the shard index and no others (only changed entries are
         written)."""
         index = np.frombuffer(os.pread(fd, 16 * self.n_inner, 0), dtype="<u8").reshape(-1, 2)
-        want = np.full((self.n_inner, 2), EMPTY, dtype="<u8")
-        want[:present, 0] = self.data_offset + np.arange(present, dtype=np.uint64) * np.uint64(self.inner_bytes)
-        want[:present, 1] = self.inner_bytes
+        want = self._wanted_index(present)
         changed = np.flatnonzero((index != want).any(axis=1))
         if len(changed):
             lo, hi = int(changed[0]), int(changed[-1]) + 1
             os.pwrite(fd, want[lo:hi].tobytes(), 16 * lo)
+
+    def _wanted_index(self, present: int) -> np.ndarray:
+        """The shard index listing inner chunks ``0..present-1`` at their places, the rest empty."""
+        index = np.full((self.n_inner, 2), EMPTY, dtype="<u8")
+        index[:present, 0] = self.data_offset + np.arange(present, dtype=np.uint64) * np.uint64(self.inner_bytes)
+        index[:present, 1] = self.inner_bytes
+        return index
 
     def index_problems(self, chunk: int, rows: int) -> list[str]:
         """Inner chunks holding the first ``rows`` rows of a sharded chunk file that its index does not list
@@ -311,8 +309,7 @@ class _Band:
         with open(path, "rb") as f:
             index = np.frombuffer(f.read(16 * self.n_inner), dtype="<u8").reshape(-1, 2)
         need = -(-rows // self.inner_rows)
-        want = self.data_offset + np.arange(need, dtype=np.uint64) * np.uint64(self.inner_bytes)
-        wrong = np.flatnonzero((index[:need, 0] != want) | (index[:need, 1] != self.inner_bytes))
+        wrong = np.flatnonzero((index[:need] != self._wanted_index(need)[:need]).any(axis=1))
         if not len(wrong):
             return []
         return [f"the shard index of {path} misplaces {len(wrong)} inner chunk(s) of committed rows, e.g. {wrong[0]}"]
@@ -347,18 +344,25 @@ class _Band:
 
     def chunk_problems(self, chunk: int, rows: int) -> list[str]:
         """A chunk file holding ``rows`` committed rows that is missing, too short or (sharded) misindexed."""
+        _, problem = self._size_problem(chunk, rows)
+        if problem is not None:
+            return [problem]
+        return self.index_problems(chunk, rows) if self.sharded else []
+
+    def _size_problem(self, chunk: int, rows: int) -> tuple[int, str | None]:
+        """The size of chunk file ``chunk`` and, if it cannot hold its first ``rows`` rows (missing, short,
+        or a plain one not full-size), what is wrong with it."""
         path = self.chunk_path(chunk)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return [f"chunk file {path} holding committed rows is missing"]
-        if not self.sharded:
-            wrong = size != self.chunk_bytes
-            return [f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}"] if wrong else []
+            return -1, f"chunk file {path} holding committed rows is missing"
+        if not self.sharded and size != self.chunk_bytes:
+            return size, f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}"
         if self.file_rows(size) < rows:
             need = self.data_offset + rows * self.row_bytes
-            return [f"chunk file {path} has {size} bytes, expected at least {need} for its {rows} committed rows"]
-        return self.index_problems(chunk, rows)
+            return size, f"chunk file {path} has {size} bytes, expected at least {need} for its {rows} committed rows"
+        return size, None
 
     def plain_meta(self, rows: int) -> dict:
         """This array's metadata as the plain layout with ``rows`` rows (what object storage holds: each
