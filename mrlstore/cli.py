@@ -22,6 +22,7 @@ import numpy as np
 
 import mrlstore
 from mrlstore.errors import CorruptStoreError, MRLStoreError
+from mrlstore.validation import first_positions
 
 VECTOR_SUFFIXES = (".npy",)
 TABLE_SUFFIXES = (".parquet", ".pq")
@@ -211,13 +212,11 @@ def _vector_ids(x: np.ndarray) -> list[str]:
 
 
 def _first_of_each(ids: list[str], x: np.ndarray, meta: Any) -> tuple[list[str], np.ndarray, Any]:
-    seen: dict[str, int] = {}
-    for pos, i in enumerate(ids):
-        seen.setdefault(i, pos)
-    if len(seen) == len(ids):
+    keep = first_positions(ids)
+    if len(keep) == len(ids):
         return ids, x, meta
-    keep = np.array(sorted(seen.values()))
-    return [ids[p] for p in keep], x[keep], None if meta is None else meta.take(keep)
+    rows = np.array(keep)
+    return [ids[p] for p in keep], x[rows], None if meta is None else meta.take(rows)
 
 
 def _read_metadata(f: Path) -> Any:

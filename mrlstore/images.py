@@ -27,7 +27,7 @@ import pyarrow as pa
 from .arrow import is_vector_column
 from .config import BUNDLED_ENCODER
 from .errors import DuplicateIdError, EncoderUnavailableError, InvalidInputError, UnreadableImageError
-from .validation import id_list, metadata_table, positive_int
+from .validation import first_positions, id_list, metadata_table, positive_int
 
 COMMIT_EVERY = 1024  # images per commit of an add: 8 MiB of 2048-d float32 vectors, ~10 s of encoding on 2 cores
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -356,13 +356,11 @@ class ImageBatch:
         return batch if ids is not None else batch._first_of_each()
 
     def _first_of_each(self) -> ImageBatch:
-        seen: dict[str, int] = {}
-        for pos, i in enumerate(self.ids):
-            seen.setdefault(i, pos)
-        if len(seen) == len(self.ids):
+        keep = first_positions(self.ids)
+        if len(keep) == len(self.ids):
             return self
-        keep = sorted(seen.values())
-        repeats = [i for pos, i in enumerate(self.ids) if seen[i] != pos]
+        first = set(keep)
+        repeats = [i for pos, i in enumerate(self.ids) if pos not in first]
         return ImageBatch(*self._subset(keep), self.failed, repeats)
 
     def without(self, ids: set[str]) -> ImageBatch:

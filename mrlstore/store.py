@@ -281,23 +281,23 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         self._check_open()
         snap = self._snap
         tuned = self.manifest.get("tuned")
-        return StoreInfo(**{
-            "path": self.location,
-            "dim": self.dim,
-            "bands": self.bands,
-            "metric": self.metric,
-            "dtype": self.dtype,
-            "index_dims": self.index_dims,
-            "chunk_rows": self._vectors.chunk_rows,
-            "rows": snap.watermark,
-            "live": snap.n_live,
-            "deleted": snap.watermark - snap.n_live,
-            "index_status": dict(self.index_status),
-            "encoder": self.manifest.get("encoder"),
-            "read_only": self.read_only,
-            "version": self._remote.head["version"] if self._remote else self._head and self._head["version"],
-            "tuned": None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
-        })  # fmt: skip
+        return StoreInfo(
+            path=self.location,
+            dim=self.dim,
+            bands=self.bands,
+            metric=self.metric,
+            dtype=self.dtype,
+            index_dims=self.index_dims,
+            chunk_rows=self._vectors.chunk_rows,
+            rows=snap.watermark,
+            live=snap.n_live,
+            deleted=snap.watermark - snap.n_live,
+            index_status=dict(self.index_status),
+            encoder=self.manifest.get("encoder"),
+            read_only=self.read_only,
+            version=self._remote.head["version"] if self._remote else self._head and self._head["version"],
+            tuned=None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
+        )
 
     # -- writes ------------------------------------------------------------------------------------
     def add_vectors(
@@ -329,16 +329,15 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         batch = vector_batch(vectors, self.dim, self.dtype, self.metric, self.index_dims)
         id_batch = id_list(ids, len(batch))
         meta = metadata_table(metadata, len(batch))
-        if skip and ids is not None:
-            with self._write_lock:  # one writer: what is present now stays present until the commit
-                present = self._catalog.rows_of(id_batch)
-                if present:
-                    keep = np.array([i not in present for i in id_batch])
-                    new_ids = [i for i in id_batch if i not in present]
-                    if new_ids:
-                        self._commit([batch[keep]], new_ids, None if meta is None else meta.filter(keep), False, False)
-                    return id_batch
-        self._commit([batch], id_batch, meta, replace, keep_metadata)
+        with self._write_lock:  # one writer: ids present now stay present until the commit
+            rows, new_ids, new_meta = batch, id_batch, meta
+            present = self._catalog.rows_of(id_batch) if skip and ids is not None else {}
+            if present:  # on_conflict="skip": leave those rows out
+                keep = np.array([i not in present for i in id_batch])
+                rows, new_ids = batch[keep], [i for i in id_batch if i not in present]
+                new_meta = None if meta is None else meta.filter(keep)
+            if new_ids:
+                self._commit([rows], new_ids, new_meta, replace, keep_metadata)
         if batch.nbytes >= _TRIM_AFTER_BYTES:
             release_freed_memory()
         return id_batch

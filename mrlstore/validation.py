@@ -141,6 +141,14 @@ def id_list(ids: Any, n: int) -> list[str]:
     return out
 
 
+def first_positions(ids: Sequence[str]) -> list[int]:
+    """Positions of each id's first occurrence, in order (all of them when no id repeats)."""
+    seen: dict[str, int] = {}
+    for pos, i in enumerate(ids):
+        seen.setdefault(i, pos)
+    return sorted(seen.values())
+
+
 def id_strings(ids: Any) -> list[str]:
     """``ids`` as a list of non-empty strings (one string alone counts as one id only where allowed)."""
     if isinstance(ids, (pa.Array, pa.ChunkedArray)):
