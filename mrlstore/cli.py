@@ -262,12 +262,15 @@ def _add_parquet(store: mrlstore.Store, f: Path, vector: str, id_column: str | N
 
 
 def _with_hash_ids(batches: Iterator[Any], vector: str) -> Iterator[Any]:
-    """Each batch with a ``_content_id`` column hashed from its vectors (as ``_vector_ids``)."""
+    """Each batch with a ``_content_id`` column hashed from its vectors (as ``_vector_ids``), a vector
+    repeated within the batch kept once (as a .npy add does)."""
     from mrlstore.arrow import to_matrix  # every vector column the library takes, checked the same way
 
     for batch in batches:
         ids = _vector_ids(to_matrix(batch.column(vector))) if batch.num_rows else []
-        yield batch.append_column("_content_id", _string_array(ids))
+        keep = first_positions(ids)
+        batch = batch.append_column("_content_id", _string_array(ids))
+        yield batch if len(keep) == len(ids) else batch.take(keep)
 
 
 def _string_array(values: list[str]) -> Any:

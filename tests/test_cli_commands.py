@@ -97,6 +97,10 @@ def test_parquet_adds_read_vector_id_and_metadata_columns(store, vectors, tmp_pa
     tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(vectors + 2)
     pq.write_table(pa.table({"t": tensors}), tmp_path / "tensor.parquet")  # no id column: hashed ids
     assert "added 40 vectors" in cli("add", str(store), str(tmp_path / "tensor.parquet"), "--vector-column", "t").stdout
+    repeated = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([vectors, vectors[:3]]).ravel() + 5), 32)
+    pq.write_table(pa.table({"embedding": repeated}), tmp_path / "repeats.parquet")  # 3 vectors twice, no ids
+    out = cli("add", str(store), str(tmp_path / "repeats.parquet"))
+    assert out.returncode == 0 and "added 40 vectors, 3 already present" in out.stdout, out.stderr
 
 
 def test_unreadable_input_files_are_one_line_errors(store, vectors, tmp_path):
