@@ -79,7 +79,7 @@ def features(model, zip_path: Path, names: list[str], size: int, cache: Path, ba
     from PIL import Image
     from tqdm import tqdm
 
-    from mrlstore.encoder import preprocess
+    from mrlstore.encoder.model import preprocess
 
     out = []
     with zipfile.ZipFile(zip_path) as z, torch.inference_mode():
@@ -101,7 +101,7 @@ class Evaluation:
     def __init__(self, args: argparse.Namespace) -> None:
         import distill_encoder as de
 
-        from mrlstore.encoder import load_encoder
+        from mrlstore.encoder.model import load_encoder
 
         self.args, self.de = args, de
         self.bundled = load_encoder(device="cpu")

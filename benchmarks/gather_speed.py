@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mrlstore.kernels import NATIVE_F16C, as_float32  # noqa: E402
-from mrlstore.zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands  # noqa: E402
+from mrlstore.tiers.bands import BandedVectors, auto_chunk_rows, band_edges, create_bands  # noqa: E402
 
 
 def median_ms(fn, row_sets) -> float:

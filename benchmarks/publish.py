@@ -34,7 +34,7 @@ def ingest(npy: Path, batch: int, with_reader: bool) -> float:
     import shutil
     import tempfile
 
-    from mrlstore.versions import ReaderPresence
+    from mrlstore.upkeep.versions import ReaderPresence
 
     base = np.load(npy, mmap_mode="r")
     path = Path(tempfile.mkdtemp(prefix="mrlstore-ingest-")) / "s.mrl"

@@ -2,7 +2,7 @@
 
     python examples/demo.py [--store demo_store] [--out demo_output]
 
-Runs offline: the encoder's weights ship inside the package (mrlstore/weights/, see its MODEL_CARD.md).
+Runs offline: the encoder's weights ship inside the package (mrlstore/encoder/weights/, see its MODEL_CARD.md).
 
 Adds the sample photos shipped in examples/images/ (12 Caltech-101 photos in each of 10 classes that the
 encoder never saw in training; the class is the folder name) except one per class, which are kept back as

@@ -1,7 +1,7 @@
 """The bundled encoder's recipe (v3): a general-purpose MRL projection distilled from a frozen ImageNet backbone.
 
     pip install -e ".[train]"
-    python examples/distill_encoder.py all --install   # extract, train, eval, export into mrlstore/weights/
+    python examples/distill_encoder.py all --install   # extract, train, eval, export into mrlstore/encoder/weights/
     python examples/distill_encoder.py baselines       # FF-16, FF-2048, MRL-E, class-disjoint (for the eval)
     python benchmarks/encoder_eval.py                  # the full evaluation
 
@@ -98,7 +98,7 @@ def extract(source: str, view: int, cache: Path, size: int, batch: int, seed: in
     from tqdm import tqdm
     from train_encoder import _pretrained_backbone, save_shard
 
-    from mrlstore.encoder import preprocess
+    from mrlstore.encoder.model import preprocess
 
     index = source_index(source)
     todo = [
@@ -157,7 +157,7 @@ def build(run: str, hidden: int):
     from torch import nn
     from torch.nn import functional as F
 
-    from mrlstore.encoder import MRLProjection
+    from mrlstore.encoder.model import MRLProjection
 
     class PrefixHead(nn.Linear):
         """MRL-E: one head over the full embedding; a prefix of m numbers uses its first m columns."""
@@ -319,7 +319,7 @@ def export(args) -> None:
     import torch
     from train_encoder import _pretrained_backbone
 
-    from mrlstore.encoder import MRLImageModel, save_encoder
+    from mrlstore.encoder.model import MRLImageModel, save_encoder
 
     state = torch.load(args.cache / f"distill_{args.run}.pt", weights_only=True)
     model = MRLImageModel(hidden=int(state["hidden"]), dim=NESTING[-1])
@@ -333,7 +333,7 @@ def export(args) -> None:
     save_encoder(model, args.out, meta)
     print(f"wrote {args.out}")
     if args.install:
-        from mrlstore.encoder import BUNDLED_WEIGHTS, sha256_of
+        from mrlstore.encoder.model import BUNDLED_WEIGHTS, sha256_of
 
         shutil.copyfile(args.out, BUNDLED_WEIGHTS)
         BUNDLED_WEIGHTS.with_suffix(".sha256").write_text(f"{sha256_of(BUNDLED_WEIGHTS)}  {BUNDLED_WEIGHTS.name}\n")
@@ -359,7 +359,7 @@ def main() -> None:
     ap.add_argument("--nbr", type=float, default=10.0, help="weight of neighbour-distribution KL (0: off)")
     ap.add_argument("--nbr-temperature", type=float, default=0.05, help="temperature of the neighbour softmax")
     ap.add_argument("--out", type=Path, default=None, help="exported file (default: <cache>/mrl_lite0_v3.pt)")
-    ap.add_argument("--install", action="store_true", help="export into mrlstore/weights/ (with its sha256)")
+    ap.add_argument("--install", action="store_true", help="export into mrlstore/encoder/weights/ (with its sha256)")
     ap.add_argument("--name", default="mrl-lite0-general-v3", help="the exported encoder's name")
     args = ap.parse_args()
     args.cache = args.cache or ROOT / "build" / f"distill_{args.size}"

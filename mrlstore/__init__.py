@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .encoding import Encoder
-from .errors import (
+from mrlstore.encoder.protocol import Encoder
+from mrlstore.errors import (
     ConfigMismatchError,
     CorruptStoreError,
     DuplicateIdError,
@@ -38,13 +38,13 @@ from .errors import (
     UnsupportedStorageError,
     ZeroVectorError,
 )
-from .hits import CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
-from .store import Store, open
+from mrlstore.results import CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
+from mrlstore.store import Store, open
 
 
-def load_encoder(path=None, device=None):  # noqa: ANN001, ANN201 - typed in mrlstore.encoder
+def load_encoder(path=None, device=None):  # noqa: ANN001, ANN201 - typed in mrlstore.encoder.model
     """The bundled MRL image encoder, or one saved at ``path`` (imports torch on first use)."""
-    from .images import load_bundled_encoder
+    from mrlstore.inputs.images import load_bundled_encoder
 
     return load_bundled_encoder(path, device=device)
 

@@ -1,6 +1,6 @@
-"""``python -m mrlstore``: the command line (mrlstore/cli.py)."""
+"""``python -m mrlstore``: the command line (mrlstore/integrations/cli.py)."""
 
-from mrlstore.cli import main
+from mrlstore.integrations.cli import main
 
 if __name__ == "__main__":
     main()

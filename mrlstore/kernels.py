@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .scoring import scores_from_sums, top
+from mrlstore.scoring import scores_from_sums, top
 
 _native: Any  # the native module, or None
 try:
-    from . import _kernels as _native
+    from mrlstore import _kernels as _native
 except ImportError:  # built without a C compiler: the numpy twins are correct, only slower
     _native = None
 
@@ -42,8 +42,8 @@ def threads() -> int:
 
 
 class Rows(Protocol):
-    """What the kernels read: mrlstore.zarr_bands.BandedVectors (rows without memory maps, such as
-    mrlstore.objectstore.RemoteBands, say ``native = False`` and go through the numpy twins)."""
+    """What the kernels read: mrlstore.tiers.bands.BandedVectors (rows without memory maps, such as
+    mrlstore.tiers.objectstore.RemoteBands, say ``native = False`` and go through the numpy twins)."""
 
     band_bounds: tuple[int, ...]  # band b spans columns band_bounds[b]:band_bounds[b + 1]
 

@@ -22,14 +22,10 @@ from typing import Any, TypeAlias, overload
 import numpy as np
 import pyarrow as pa
 
-from . import tuning
-from ._memory import release_freed_memory
-from ._rwlock import RWLock
-from .arrow import ArrowIO, is_table
-from .catalog import DB_FILE, Catalog
-from .config import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
-from .encoding import Encoder
-from .errors import (
+from mrlstore._memory import release_freed_memory
+from mrlstore._rwlock import RWLock
+from mrlstore.encoder.protocol import Encoder
+from mrlstore.errors import (
     CorruptStoreError,
     DuplicateIdError,
     EmptyStoreError,
@@ -44,18 +40,12 @@ from .errors import (
     UnsupportedStorageError,
     storage_error,
 )
-from .hits import Hits, HitsBatch, StoreInfo, TuneResult
-from .images import ImageInputs, bundled_weights_id, is_single, looks_like_vectors
-from .images import check as check_images
-from .images import encode as encode_images
-from .images import expand as expand_images
-from .index_cache import IndexCache
-from .layout import create_store, remove_stale_temporaries
-from .locking import NoLock, StoreLock
-from .maintenance import Maintenance
-from .metadata import RowTable, kept_metadata
-from .search import Funnel, Plan, Snapshot
-from .validation import (
+from mrlstore.inputs.arrow import ArrowIO, is_table
+from mrlstore.inputs.images import ImageInputs, bundled_weights_id, is_single, looks_like_vectors
+from mrlstore.inputs.images import check as check_images
+from mrlstore.inputs.images import encode as encode_images
+from mrlstore.inputs.images import expand as expand_images
+from mrlstore.inputs.vectors import (
     dims_tuple,
     id_list,
     id_strings,
@@ -65,10 +55,20 @@ from .validation import (
     stored_prefix,
     vector_batch,
 )
-from .versions import Versions
-from .zarr_bands import BandedVectors, auto_chunk_rows
+from mrlstore.query import tuning
+from mrlstore.query.funnel import Funnel, Plan, Snapshot
+from mrlstore.results import Hits, HitsBatch, StoreInfo, TuneResult
+from mrlstore.tiers.bands import BandedVectors, auto_chunk_rows
+from mrlstore.tiers.catalog import DB_FILE, Catalog
+from mrlstore.tiers.indexes import IndexCache
+from mrlstore.tiers.layout import create_store, remove_stale_temporaries
+from mrlstore.tiers.locking import NoLock, StoreLock
+from mrlstore.tiers.params import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
+from mrlstore.tiers.rows import RowTable, kept_metadata
+from mrlstore.upkeep.maintenance import Maintenance
+from mrlstore.upkeep.versions import Versions
 
-# What a type checker can tell apart (the rule itself runs on values: see mrlstore.images): a list of
+# What a type checker can tell apart (the rule itself runs on values: see mrlstore.inputs.images): a list of
 # numbers is one vector, a list of lists a batch. numpy's shape types do not separate a 1-D from a 2-D array
 # for mypy (a (2, 4) array matched a 1-D overload), so arrays, paths, images and columns are typed
 # Hits | HitsBatch: narrow with isinstance.
@@ -108,7 +108,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
                     f"{path} is a URL: stores on object storage are read-only (open it with read_only=True); "
                     "write to a local store and upload it with store.publish(url)"
                 )
-            from .objectstore import RemoteSource
+            from mrlstore.tiers.objectstore import RemoteSource
 
             self._remote, self._cache_dir = RemoteSource(path, storage_options), cache_dir
             self._local_dims = local_dims
@@ -205,7 +205,7 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
 
     def _open_vectors(self) -> BandedVectors:
         if self._remote is not None:
-            from .objectstore import RemoteBands
+            from mrlstore.tiers.objectstore import RemoteBands
 
             return RemoteBands(self.path, self.dim, self.bands, self.dtype, self._remote, self._local_dims)
         return BandedVectors(self.path, self.dim, self.bands, self.dtype)

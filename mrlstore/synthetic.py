@@ -3,7 +3,7 @@ against it still imports; it warns once and will go in a later release."""
 
 import warnings
 
-from .testing import exact_funnel, exact_search, mrl_like, mrl_like_blocks, mrl_like_split, recall_at_k
+from mrlstore.testing import exact_funnel, exact_search, mrl_like, mrl_like_blocks, mrl_like_split, recall_at_k
 
 warnings.warn("mrlstore.synthetic is now mrlstore.testing", DeprecationWarning, stacklevel=2)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .scoring import prefix_scores, top
+from mrlstore.scoring import prefix_scores, top
 
 
 def mrl_like(

@@ -141,7 +141,7 @@ def test_query_table_is_one_table_for_a_batch(store):
 
 
 def test_arrow_tensor_columns_are_vectors_read_without_a_copy(store):
-    from mrlstore.arrow import to_matrix
+    from mrlstore.inputs.arrow import to_matrix
 
     x = _x(12)
     tensors = pa.FixedShapeTensorArray.from_numpy_ndarray(x)  # Arrow's canonical fixed_shape_tensor

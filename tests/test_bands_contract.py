@@ -21,7 +21,7 @@ KINDS = ["local", "remote", "remote-local-16"]
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, s3_endpoint):
     """A local store (two appends, some deletes) and its published copy: (path, url, options, stored values)."""
-    from mrlstore.objectstore import filesystem
+    from mrlstore.tiers.objectstore import filesystem
 
     root = tmp_path_factory.mktemp("contract")
     x = np.random.default_rng(7).standard_normal((N, DIM)).astype(np.float32)

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import mrlstore  # noqa: E402
-from mrlstore import encoder as encoder_module  # noqa: E402
+from mrlstore.encoder import model as encoder_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "examples" / "images"

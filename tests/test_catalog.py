@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mrlstore.catalog import Catalog
 from mrlstore.errors import DuplicateIdError, InvalidFilterError, MetadataError
+from mrlstore.tiers.catalog import Catalog
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ def test_delete_and_snapshot(store, vectors, tmp_path):
 
 
 def test_publish_and_read_commands_on_s3_urls(store, vectors, tmp_path, s3_endpoint):
-    from mrlstore.objectstore import filesystem
+    from mrlstore.tiers.objectstore import filesystem
 
     options = {"key": "testing", "secret": "testing", "endpoint_url": s3_endpoint}
     fs, _ = filesystem("s3://cli-bucket", {**options, "allow_bucket_creation": True})

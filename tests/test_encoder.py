@@ -10,7 +10,7 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 import mrlstore  # noqa: E402
-from mrlstore.encoder import (  # noqa: E402
+from mrlstore.encoder.model import (  # noqa: E402
     EfficientNetLite0,
     ImageEncoder,
     MRLImageModel,

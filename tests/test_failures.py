@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import mrlstore
-from mrlstore.catalog import Catalog
-from mrlstore.hnsw_index import PrefixIndex
+from mrlstore.tiers.catalog import Catalog
+from mrlstore.tiers.hnsw import PrefixIndex
 
 
 def _vectors(store, ids):

@@ -116,7 +116,7 @@ def test_a_growing_chunk_is_mapped_again_and_reads_stay_exact(tmp_path):
 
 
 def test_a_version_2_store_keeps_its_layout_until_compacted(tmp_path, monkeypatch):
-    from mrlstore import config
+    from mrlstore.tiers import params as config
 
     x = np.random.default_rng(2).standard_normal((50, 32)).astype(np.float32)
     path = tmp_path / "v2"
@@ -145,7 +145,7 @@ def test_a_version_2_store_keeps_its_layout_until_compacted(tmp_path, monkeypatc
 def test_concurrent_reads_of_a_grown_chunk_keep_every_kernel_address_mapped(tmp_path, monkeypatch):
     import threading
 
-    from mrlstore import zarr_bands
+    from mrlstore.tiers import bands as zarr_bands
 
     x = np.random.default_rng(3).standard_normal((5010, 16)).astype(np.float32)
     with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,), chunk_rows=65536) as store:

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from mrlstore.hnsw_index import IndexUnusable, PrefixIndex
+from mrlstore.tiers.hnsw import IndexUnusable, PrefixIndex
 
 
 def _filled(rng, n=500, dim=8, metric="cosine"):

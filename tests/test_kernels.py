@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import mrlstore
-from mrlstore import kernels, scoring, search
+from mrlstore import kernels, scoring
+from mrlstore.query import funnel as search
 from mrlstore.scoring import METRICS
 
 needs_native = pytest.mark.skipif(not kernels.NATIVE, reason="built without a C compiler: numpy twins only")

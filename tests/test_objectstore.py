@@ -22,7 +22,7 @@ pafs = pytest.importorskip("pyarrow.fs")
 from moto_server import free_port as _free_port  # noqa: E402
 from moto_server import start_moto as _start_moto  # noqa: E402
 
-from mrlstore.objectstore import filesystem  # noqa: E402
+from mrlstore.tiers.objectstore import filesystem  # noqa: E402
 
 DIM = 256
 

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 
 import mrlstore
-from mrlstore import tuning
-from mrlstore.metadata import RowTable
+from mrlstore.query import tuning
 from mrlstore.testing import mrl_like
+from mrlstore.tiers.rows import RowTable
 
 
 def _meta_of_hits(hits):
@@ -171,7 +171,7 @@ def test_tune_warns_about_shapes_that_miss_the_target(tmp_path):
 
 
 def test_row_table_keeps_rows_in_order_across_base_tail_and_new_columns():
-    from mrlstore.metadata import RowTable
+    from mrlstore.tiers.rows import RowTable
 
     table = RowTable(pa.table({"id": pa.array([], pa.string())}))
     for lo in range(0, 20000, 5000):  # the tail folds into the base as it grows

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 import mrlstore
-from mrlstore.staging import STAGING_DIR, write_fragment
+from mrlstore.inputs.staging import STAGING_DIR, write_fragment
 
 DIM = 32
 

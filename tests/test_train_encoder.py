@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import mrlstore  # noqa: E402
-from mrlstore.encoder import EfficientNetLite0  # noqa: E402
+from mrlstore.encoder.model import EfficientNetLite0  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 import train_encoder as te  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mrlstore
-from mrlstore import tuning
+from mrlstore.query import tuning
 from mrlstore.testing import exact_search, mrl_like, recall_at_k
 
 

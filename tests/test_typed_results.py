@@ -101,7 +101,7 @@ def test_a_type_checker_sees_the_rule(tmp_path):
     )  # fmt: skip
     revealed = [line.split('Revealed type is "')[1].rstrip('"') for line in out.stdout.splitlines()
                 if "Revealed" in line]  # fmt: skip
-    hits, batch = "mrlstore.hits.Hits", "mrlstore.hits.HitsBatch"
+    hits, batch = "mrlstore.results.Hits", "mrlstore.results.HitsBatch"
     assert [r.replace("builtins.", "") for r in revealed] == [hits, batch, f"{hits} | {batch}", "int", "list[int]"], (
         out.stdout
     )

@@ -10,7 +10,7 @@ import zarr
 
 import mrlstore
 from mrlstore.errors import CorruptStoreError
-from mrlstore.zarr_bands import BandedVectors, auto_chunk_rows, band_edges, create_bands
+from mrlstore.tiers.bands import BandedVectors, auto_chunk_rows, band_edges, create_bands
 
 
 def test_every_band_reads_back_with_zarr_python(tmp_path, rng):
@@ -108,7 +108,7 @@ def test_gather_bands_reads_sorted_rows_band_by_band(tmp_path, rng):
 
 
 def test_inner_chunks_divide_the_chunk_and_stay_near_64_kib():
-    from mrlstore.zarr_bands import inner_rows_for
+    from mrlstore.tiers.bands import inner_rows_for
 
     assert inner_rows_for(16, 2, 1 << 20) == 2048 and inner_rows_for(1792, 2, 16384) == 16  # 64 KiB, 56 KiB
     assert inner_rows_for(16, 2, 3000) == 1500  # not a power of two: the largest divisor that fits

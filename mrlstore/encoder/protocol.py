@@ -1,0 +1,21 @@
+"""The seam between the store and an image encoder (the engine-specific encoder lives elsewhere)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Anything that turns inputs (images) into Matryoshka vectors of length ``dim``."""
+
+    dim: int
+    nesting: tuple[int, ...]
+
+    def encode(self, images: Any, batch_size: int = 64) -> np.ndarray:
+        """float32 array (n, dim), one row per image, in order. The store passes a list of decoded images
+        (uint8 HxWx3 arrays); the bundled encoder also takes paths, folders and the other inputs of
+        :mod:`mrlstore.inputs.images`."""
+        ...

@@ -1,0 +1,113 @@
+"""Staged writes: many workers write checked fragments beside the store in parallel, then one commit makes
+all of them visible at once (or none of them). Used by :class:`mrlstore.integrations.ray.StoreSink`; needs neither Ray
+nor the store's engines, so a fragment is written wherever a worker runs.
+
+A fragment is one Arrow IPC file: ``_id`` (string), ``_vector`` (fixed-size list of the store's dtype) and
+the metadata columns. It is written to a temporary name and renamed, so a fragment that exists is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mrlstore.errors import InvalidInputError, MetadataError
+from mrlstore.inputs.arrow import column, to_matrix
+from mrlstore.inputs.vectors import id_list, metadata_table, vector_batch
+
+STAGING_DIR = "staging"  # under the store's folder; a writer that opens the store clears what is left there
+ID_FIELD, VECTOR_FIELD = "_id", "_vector"
+
+
+@dataclass(frozen=True)
+class StoreShape:
+    """What a worker needs to check and convert vectors for a store without opening it."""
+
+    dim: int
+    dtype: str
+    metric: str
+    index_dims: tuple[int, ...]
+
+    def checked(self, vectors: Any) -> np.ndarray:
+        """``vectors`` checked as the store checks an add, in the stored dtype."""
+        batch = vector_batch(vectors, self.dim, self.dtype, self.metric, self.index_dims)
+        return np.ascontiguousarray(batch, dtype=np.dtype(self.dtype))
+
+
+def write_fragment(directory: Path, table: pa.Table, vector: str, id: str | None, shape: StoreShape) -> dict[str, Any]:  # noqa: A002
+    """Check the rows of ``table`` (vectors in column ``vector``, ids in ``id`` or generated, every other column
+    metadata) and write them as one fragment in ``directory``; returns ``{"path", "rows"}``."""
+    vectors = shape.checked(to_matrix(column(table, vector, "vector")))
+    n = len(vectors)
+    ids = id_list(column(table, id, "id").to_pylist() if id is not None else None, n)
+    rest = [name for name in table.column_names if name not in (vector, id)]
+    meta = metadata_table(table.select(rest), n) if rest else None
+    flat = pa.array(vectors.reshape(-1), type=pa.from_numpy_dtype(vectors.dtype))
+    vector_column = pa.FixedSizeListArray.from_arrays(flat, shape.dim)
+    out = pa.table({ID_FIELD: pa.array(ids, pa.string()), VECTOR_FIELD: vector_column})
+    if meta is not None:
+        for name in meta.column_names:
+            out = out.append_column(name, meta.column(name))
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / f"{uuid.uuid4().hex}.arrow"
+    tmp = directory / f".{dest.name}.tmp"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, out.schema) as writer:
+        writer.write_table(out)
+    os.replace(tmp, dest)
+    return {"path": str(dest), "rows": n}
+
+
+class Fragments:
+    """Fragments read for one commit: every id and metadata row at once (small), the vectors one fragment at
+    a time (memory-mapped, so a commit's memory does not grow with the vectors it writes)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], shape: StoreShape):
+        self.paths = [Path(p) for p in paths]
+        self.shape = shape
+        tables = [self._open(p).drop_columns([VECTOR_FIELD]) for p in self.paths]
+        ids = [i for t in tables for i in t.column(ID_FIELD).to_pylist()]
+        self.ids = id_list(ids, len(ids))  # ids repeated across fragments are refused here
+        self.metadata = None
+        if any(t.num_columns > 1 for t in tables):
+            try:
+                merged = pa.concat_tables([t.drop_columns([ID_FIELD]) for t in tables], promote_options="default")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise MetadataError(f"the workers' metadata columns do not agree on their types: {e}") from None
+            self.metadata = metadata_table(merged, len(ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def vectors(self) -> Iterator[np.ndarray]:
+        """Each fragment's vectors in order, checked again (a fragment is a file anyone could touch)."""
+        for path in self.paths:
+            table = self._open(path)
+            flat = table.column(VECTOR_FIELD).combine_chunks().flatten()
+            yield self.shape.checked(flat.to_numpy(zero_copy_only=False).reshape(table.num_rows, self.shape.dim))
+
+    def _open(self, path: Path) -> pa.Table:
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise InvalidInputError(f"staged fragment {path} cannot be read: {e}") from None
+        names = table.column_names
+        if names[:2] != [ID_FIELD, VECTOR_FIELD] or table.schema.field(VECTOR_FIELD).type.list_size != self.shape.dim:
+            raise InvalidInputError(f"{path} is not a staged fragment of this store (columns {names[:3]}...)")
+        return table
+
+
+def new_staging_dir(root: Path) -> Path:
+    """A fresh folder for one staged write under ``root`` (usually the store's ``staging`` folder)."""
+    return root / uuid.uuid4().hex
+
+
+def remove_staging(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,180 @@
+"""Ray Data: embed images on many workers, write a Dataset into a store with one commit, and query a store
+from many workers. ``pip install "mrlstore[ray]"``; the only module that imports Ray.
+
+    ds = ray.data.read_binary_files("photos/", include_paths=True)
+    ds = ds.map_batches(EmbedImages, fn_constructor_kwargs={"column": "bytes"}, batch_size=64, concurrency=2)
+    ds.drop_columns(["bytes"]).write_datasink(StoreSink("photos.mrl", id="path"))
+
+:class:`StoreSink` keeps the store's rules: the driver is the store's only writer while the write runs;
+workers check their rows and write them as fragments beside the store, in parallel; when every task has
+finished the driver commits all fragments at once. If a task fails, or the driver dies, nothing of the
+write is visible and the store is as it was (a writer that opens the store later clears the fragments).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from mrlstore.inputs.arrow import column, to_matrix
+from mrlstore.inputs.staging import STAGING_DIR, StoreShape, new_staging_dir, remove_staging, write_fragment
+from mrlstore.results import HitsBatch
+from mrlstore.store import Store
+from mrlstore.store import open as open_store
+
+FRAGMENT_ROWS = 16384  # rows per staged fragment at least (Ray merges smaller blocks): fewer, larger appends
+
+
+def as_table(batch: Any) -> pa.Table:
+    """A Ray batch (pyarrow, pandas, or a dict of numpy columns) as a pa.Table; 2-D columns become
+    fixed-size lists."""
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, dict):
+        return pa.table({name: vector_array(v) if getattr(v, "ndim", 1) == 2 else v for name, v in batch.items()})
+    return BlockAccessor.for_block(batch).to_arrow()
+
+
+def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    vectors = np.ascontiguousarray(vectors)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+class EmbedImages:
+    """For ``ds.map_batches(EmbedImages, fn_constructor_kwargs={...}, concurrency=...)``: loads the bundled
+    encoder (or one saved at ``encoder_path``) once per worker, on the worker's GPU when Ray gave it one,
+    and appends a column ``output`` of vectors (fixed-size lists of float32) made from ``column``, which holds
+    image bytes or paths. A file that cannot be decoded fails the task with its name."""
+
+    def __init__(
+        self,
+        column: str = "image",
+        output: str = "embedding",
+        *,
+        encoder_path: str | os.PathLike[str] | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+    ):
+        from mrlstore import load_encoder
+
+        self.column, self.output, self.batch_size = column, output, batch_size
+        self.encoder = load_encoder(encoder_path, device=device or ("cuda" if ray.get_gpu_ids() else "cpu"))
+
+    def __call__(self, batch: Any) -> pa.Table:
+        table = as_table(batch)
+        images = column(table, self.column, "image").to_pylist()
+        if not images:
+            return table.append_column(self.output, pa.array([], pa.list_(pa.float32(), self.encoder.dim)))
+        vectors = self.encoder.encode(images, batch_size=self.batch_size, progress=False)
+        return table.append_column(self.output, vector_array(vectors.astype(np.float32, copy=False)))
+
+
+class StoreSink(Datasink):
+    """``ds.write_datasink(StoreSink(path, vector="embedding", id="id"))``: adds the Dataset's rows to the
+    store at ``path`` (created when absent, with ``create`` as in :func:`mrlstore.open`) in one commit.
+    Vectors come from the column ``vector``, ids from ``id`` (None: generated), every other column is
+    metadata. The sink opens the store as its writer when it is made and closes it when the write ends.
+
+    Workers write fragments under ``staging`` (default: the store's own ``staging`` folder; on a cluster of
+    several machines, a folder every worker and the driver can reach). After the write, ``rows_added``
+    says how many rows it added."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        vector: str = "embedding",
+        id: str | None = "id",  # noqa: A002 - the column's name
+        *,
+        staging: str | os.PathLike[str] | None = None,
+        fragment_rows: int = FRAGMENT_ROWS,
+        **create: Any,
+    ):
+        self.path = Path(path)
+        self._store: Store | None = open_store(self.path, **create)  # the writer until the write ends
+        self.shape: StoreShape = self._store.staging_shape()
+        self.staging = new_staging_dir(Path(staging) if staging else self.path / STAGING_DIR)
+        self._own_staging_root = staging is None
+        self.vector, self.id, self.fragment_rows = vector, id, fragment_rows
+        self.rows_added: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}  # workers get the settings, never the open store
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.fragment_rows
+
+    def write(self, blocks: Any, ctx: Any) -> list[dict[str, Any]]:
+        """On a worker: each block checked (as an add checks it) and written as a fragment."""
+        written = []
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows:
+                written.append(write_fragment(self.staging, table, self.vector, self.id, self.shape))
+        return written
+
+    def on_write_complete(self, write_result: Any) -> None:
+        """On the driver, after every task succeeded: one commit of every fragment."""
+        try:
+            paths = [f["path"] for returned in write_result.write_returns for f in returned]
+            self.rows_added = self._writer().commit_staged(paths)
+        finally:
+            self._finish()
+
+    def on_write_failed(self, error: Exception) -> None:
+        self._finish()  # nothing was committed: drop the fragments
+
+    def _writer(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("this StoreSink already finished its write; make a new one for the next write")
+        return self._store
+
+    def _finish(self) -> None:
+        remove_staging(self.staging)
+        if self._own_staging_root:
+            try:
+                self.staging.parent.rmdir()  # only when empty
+            except OSError:
+                pass
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def get_name(self) -> str:
+        return f"mrlstore({self.path.name})"
+
+
+class QueryStore:
+    """For ``ds.map_batches(QueryStore, fn_constructor_kwargs={"path": ...}, concurrency=...)``: opens the
+    store read-only once per worker and appends, for the query vectors in column ``vector``, the columns
+    ``hit_ids`` (list of ids, best first) and ``hit_scores``. ``k``, ``dims`` and the other keywords are
+    those of :meth:`mrlstore.Store.query`."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], k: int = 10, dims: Any = None, *, vector: str = "embedding", **options: Any
+    ):
+        self.store = open_store(path, read_only=True)
+        self.k, self.dims, self.vector, self.options = k, dims, vector, options
+        self.options.setdefault("metadata", False)  # ids and scores only: a pipeline joins on ids
+
+    def __call__(self, batch: Any) -> pa.Table:
+        table = as_table(batch)
+        if not table.num_rows:
+            hits: list[Any] = []
+        else:
+            queries = to_matrix(column(table, self.vector, "vector"))
+            found = self.store.query(queries, k=self.k, dims=self.dims, **self.options)
+            hits = found if isinstance(found, HitsBatch) else [found]
+        offsets = pa.array(np.cumsum([0] + [len(h.ids) for h in hits]), pa.int32())
+        ids = pa.ListArray.from_arrays(offsets, pa.array([i for h in hits for i in h.ids], pa.string()))
+        scores = [np.asarray(h.scores, np.float32) for h in hits]
+        flat = np.concatenate(scores) if scores else np.empty(0, np.float32)
+        scores = pa.ListArray.from_arrays(offsets, pa.array(flat))
+        return table.append_column("hit_ids", ids).append_column("hit_scores", scores)

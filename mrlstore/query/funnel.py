@@ -1,0 +1,201 @@
+"""Search: an immutable snapshot of the committed rows, a query plan, and the funnel that runs it.
+
+A funnel is a list of prefix lengths ``dims``: the first stage finds ``sizes[0]`` candidates on the
+``dims[0]``-prefix (HNSW when that prefix is indexed, else an exact scan); each later stage reads only its
+new columns for the survivors, through the native kernels, and keeps the next size; the last keeps k with
+exact scores on ``dims[-1]``. Candidates of a batch of queries travel as one flat row array with offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from mrlstore import kernels
+from mrlstore.results import Hits, HitsBatch
+from mrlstore.tiers.rows import HitRows, RowTable
+
+# A where= filter matching at most this many rows (or this share of the store) is answered by an exact
+# scan of those rows; larger ones use the HNSW index with over-fetching.
+FILTER_EXACT_ROWS = 50_000
+FILTER_EXACT_SHARE = 0.05
+
+
+def default_shortlists(k: int, stages: int) -> list[int]:
+    """Survivors after each stage but the last: the paper's 200 for k=10 at the first, halving after."""
+    first = max(200, 20 * k)
+    return [max(k, first >> i) for i in range(stages - 1)]
+
+
+def shortlist_sizes(shortlist: int | Sequence[int] | None, k: int, stages: int) -> list[int]:
+    if shortlist is None:
+        return default_shortlists(k, stages)
+    if isinstance(shortlist, (int, np.integer)) and not isinstance(shortlist, bool):
+        if shortlist < k:
+            raise ValueError(f"shortlist must be at least k={k}, got {shortlist}")
+        return [max(k, int(shortlist) >> i) for i in range(stages - 1)]
+    sizes = [int(s) for s in shortlist]
+    if len(sizes) != stages - 1:
+        raise ValueError(f"shortlist needs {stages - 1} sizes (one per stage but the last), got {len(sizes)}")
+    return sizes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one query call runs: the funnel's prefixes, survivors per stage but the last, k, HNSW beam."""
+
+    dims: tuple[int, ...]
+    k: int
+    sizes: tuple[int, ...]
+    ef: int | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The committed rows at one point in time; writers publish a new one, queries keep theirs."""
+
+    version: int  # bumped by every commit and delete (filter results are cached per version)
+    watermark: int  # rows below it are committed
+    live: np.ndarray  # bool by row (rows at or past the watermark are never read)
+    n_live: int
+    table: RowTable  # ids and metadata by row
+
+    def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> HitsBatch:
+        ids = self.table.take_ids(rows)
+        if metadata and len(offsets) == 2 and self.table.has_metadata:  # one query: its metadata read when asked for
+            return HitsBatch([Hits(ids, scores, HitRows(self.table, rows), dims)])
+        table = self.table.take_metadata(rows) if metadata else None
+        out = []
+        for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+            meta: Any = []  # no metadata asked for
+            if table is not None:
+                meta = table.slice(a, b - a)
+            elif metadata:  # asked for, but the store has no metadata columns
+                meta = [{} for _ in range(b - a)]
+            out.append(Hits(ids[a:b], scores[a:b], meta, dims))
+        return HitsBatch(out)
+
+    def live_sorted(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of ``rows`` (1-D) a query may return, ascending."""
+        rows = rows[(rows >= 0) & (rows < self.watermark)]
+        rows = rows[self.live[rows]]
+        rows.sort()
+        return rows
+
+
+class PrefixSearch(Protocol):
+    """An approximate index over one prefix: mrlstore.tiers.hnsw.PrefixIndex."""
+
+    dim: int
+
+    def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray: ...
+
+
+class Funnel:
+    """Runs plans over snapshots of one store's vectors and prefix indexes."""
+
+    def __init__(self, vectors: kernels.Rows, indexes: Mapping[int, PrefixSearch], metric: str, ef_search: int):
+        self.vectors, self.indexes, self.metric, self.ef_search = vectors, indexes, metric, ef_search
+
+    def run(
+        self, snap: Snapshot, queries: np.ndarray, plan: Plan, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per query the best ``plan.k`` rows with exact scores on ``plan.dims[-1]``, as (rows, offsets, scores)."""
+        d0 = plan.dims[0]
+        if d0 not in self.indexes and len(plan.dims) == 1:  # exact search: the scan's scores are final
+            return self.exact(snap, queries, d0, plan.k, allowed)
+        first = plan.sizes[0] if plan.sizes else plan.k
+        rows, offsets = self.first_stage(snap, queries, d0, first, allowed, plan.ef)
+        return self.refine(queries, rows, offsets, plan)
+
+    def exact(
+        self, snap: Snapshot, queries: np.ndarray, d: int, n: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact best ``n`` on the ``d``-prefix over ``rows`` (sorted; default every live row), best first."""
+        if rows is None:
+            found, scores, offsets = kernels.scan(
+                self.vectors, queries, d, n, self.metric, stop=snap.watermark, live=snap.live
+            )
+        else:
+            found, scores, offsets = kernels.scan(self.vectors, queries, d, n, self.metric, rows=rows)
+        return found, offsets, scores
+
+    def first_stage(
+        self, snap: Snapshot, queries: np.ndarray, d: int, n: int, allowed: np.ndarray | None, ef: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per query up to ``n`` candidate rows on the ``d``-prefix, sorted within each query."""
+        index = self.indexes.get(d)
+        beam = max(ef or self.ef_search, n)
+        if allowed is not None and (
+            index is None or len(allowed) <= max(FILTER_EXACT_ROWS, FILTER_EXACT_SHARE * snap.n_live)
+        ):
+            rows, offsets, _ = self.exact(snap, queries, d, n, allowed)
+            return _sorted_within(rows, offsets), offsets
+        if allowed is not None and index is not None:
+            return _flatten(self._filtered_search(snap, index, queries, n, allowed, beam))
+        if index is None:
+            rows, offsets, _ = self.exact(snap, queries, d, n)
+            return _sorted_within(rows, offsets), offsets
+        labels = index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1)
+        found = [snap.live_sorted(row) for row in labels]
+        want = min(n, snap.n_live)
+        short = [i for i, rows in enumerate(found) if len(rows) < want]
+        if short:  # HNSW came back with fewer than exist (tiny or heavily deleted stores): scan exactly
+            rows, offsets, _ = self.exact(snap, queries[short], d, n)
+            for j, i in enumerate(short):
+                found[i] = np.sort(rows[offsets[j] : offsets[j + 1]])
+        return _flatten(found)
+
+    def _filtered_search(
+        self, snap: Snapshot, index: PrefixSearch, queries: np.ndarray, n: int, allowed: np.ndarray, beam: int
+    ) -> list[np.ndarray]:
+        """HNSW with over-fetching; queries it cannot satisfy fall back to an exact scan of ``allowed``."""
+        want = min(n, len(allowed))
+        fetch = min(snap.n_live, int(np.ceil(n * snap.n_live / len(allowed) * 1.5)) + 10)
+        out: list[np.ndarray] = [np.empty(0, np.int64)] * len(queries)
+        todo = np.arange(len(queries))
+        while len(todo):
+            labels = index.search(queries[todo], fetch, max(beam, fetch), num_threads=-1)
+            retry = []
+            for qi, row in zip(todo, labels):
+                row = row[(row >= 0) & (row < snap.watermark)]
+                pos = np.minimum(np.searchsorted(allowed, row), len(allowed) - 1)
+                row = row[allowed[pos] == row]  # allowed is sorted: membership without a store-sized mask
+                if len(row) >= want:
+                    out[qi] = np.sort(row[:want])
+                else:
+                    retry.append(qi)
+            todo = np.asarray(retry, dtype=np.int64)
+            if len(todo) and fetch * 2 > snap.n_live // 2:
+                rows, offsets, _ = self.exact(snap, queries[todo], index.dim, n, allowed)
+                for j, qi in enumerate(todo):
+                    out[qi] = np.sort(rows[offsets[j] : offsets[j + 1]])
+                break
+            fetch *= 2
+        return out
+
+    def refine(
+        self, queries: np.ndarray, rows: np.ndarray, offsets: np.ndarray, plan: Plan
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Re-rank candidates (sorted within each query) through the later stages; best first at the end."""
+        stages = plan.dims[1:] if len(plan.dims) > 1 else plan.dims[:1]
+        keeps = (*plan.sizes[1:], plan.k) if len(plan.dims) > 1 else (plan.k,)
+        return kernels.refine(self.vectors, rows, offsets, queries, stages, keeps, self.metric)
+
+
+def _flatten(per_query: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    if len(per_query) == 1:
+        rows = np.ascontiguousarray(per_query[0], dtype=np.int64)
+        return rows, np.array([0, len(rows)], dtype=np.int64)
+    counts = [len(r) for r in per_query]
+    rows = np.concatenate(per_query).astype(np.int64, copy=False) if per_query else np.empty(0, np.int64)
+    return rows, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _sorted_within(rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``rows`` sorted inside each query's segment."""
+    segment = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    return rows[np.lexsort((rows, segment))]

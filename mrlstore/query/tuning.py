@@ -1,0 +1,258 @@
+"""Tuning: the cheapest shortlist (and HNSW beam) per funnel shape that reaches a recall target, measured
+on the store's own rows, and the query plans that use it.
+
+The manifest's ``tuned`` entry holds the fastest shape's setting at its top level (``dims``, ``shortlist``,
+``ef``, ``recall``, ``ms_per_query``, ``k``, ``target``, ``sample``, ``taper``) and every measured shape under
+``shapes`` (key ``"16,2048"``), so ``query(dims=[16, 2048])`` without ``shortlist`` uses the setting tuned
+for exactly that funnel. Stores tuned before shapes existed have only the top level; it still applies.
+
+Survivors halve from stage to stage, except that a funnel of three or more stages may ``taper``: its last
+re-rank before the full dimension then gets half as many (the 256-d prefix ranks well: at 1M rows,
+``[230, 115, 28]`` instead of ``[230, 115, 57]`` cost 6% less for recall 0.969 instead of 0.971). Tuning
+measures both and keeps the faster one that reaches the target.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mrlstore.errors import InvalidDimsError, InvalidKError, TuningError
+from mrlstore.inputs.vectors import dims_tuple, positive_int
+from mrlstore.query.funnel import Funnel, Plan, Snapshot, shortlist_sizes
+
+# Shortlists tried, smallest first; a funnel that needs more than the budget is not worth having. Between
+# the last coarse size that missed and the first that reached, the fine sizes are tried too: a coarse
+# step alone picks up to a third more candidates (and time per query) than the target needs.
+GRID = (10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200)
+FINE_GRID = (15, 25, 40, 60, 90, 115, 130, 175, 230, 260, 350, 450, 500, 700, 1000, 1400, 2000, 2800)
+MAX_SHORTLIST = 3200
+TAPER = 2
+
+
+def shape_key(dims: Sequence[int]) -> str:
+    return ",".join(str(int(d)) for d in dims)
+
+
+def funnel_shapes(index_dims: Sequence[int], bands: Sequence[int], dim: int) -> list[tuple[int, ...]]:
+    """The shapes users pass: for every indexed prefix d < dim, d -> dim and d -> every band edge -> dim."""
+    shapes: list[tuple[int, ...]] = []
+    for d in index_dims:
+        if d >= dim:
+            continue
+        shapes.append((d, dim))
+        edges = tuple(b for b in bands if d < b < dim)
+        if edges:
+            shapes.append((d, *edges, dim))
+    return shapes or [(index_dims[0],) if index_dims else (dim,)]
+
+
+def default_dims(index_dims: Sequence[int], dim: int) -> tuple[int, ...]:
+    return (index_dims[0], dim) if index_dims and index_dims[0] < dim else (dim,)
+
+
+def make_plan(
+    tuned: dict[str, Any] | None,
+    dims: Sequence[int] | int | None,
+    k: Any,
+    shortlist: int | Sequence[int] | None,
+    ef: int | None,
+    index_dims: Sequence[int],
+    dim: int,
+) -> Plan:
+    """Validate a query's arguments and resolve them against the tuned settings."""
+    k = positive_int(k, "k")
+    if ef is not None:
+        ef = positive_int(ef, "ef")
+    setting = _tuned_setting(tuned, dims, dim) if shortlist is None else None
+    if setting is not None:
+        tuned_dims: list[int] = setting["dims"]
+        dims = tuned_dims
+        first = max(k, setting["shortlist"] * k // setting["k"])
+        ef = ef if ef is not None else max(setting["ef"], first)
+        shortlist = tapered_sizes(first, k, len(tuned_dims), setting.get("taper", 1))  # [] for one stage
+    dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
+    try:
+        sizes = shortlist_sizes(shortlist, k, len(dims_t))
+    except (ValueError, TypeError) as e:
+        raise InvalidKError(str(e)) from None
+    for s in sizes:
+        positive_int(s, "shortlist")
+        if s < k:
+            raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
+    return Plan(dims_t, k, tuple(sizes), ef)
+
+
+def tapered_sizes(shortlist: int, k: int, stages: int, taper: int) -> list[int]:
+    """Survivors per stage but the last: halving from ``shortlist``, the last of three or more divided by
+    ``taper`` once more."""
+    sizes = shortlist_sizes(shortlist, k, stages)
+    if taper > 1 and len(sizes) >= 2:
+        sizes[-1] = max(k, sizes[-1] // taper)
+    return sizes
+
+
+def plan_key(dims: Any, k: Any, shortlist: Any, ef: Any) -> tuple | None:
+    """A hashable key for query arguments of plain ``int`` types (None when some are not: those are
+    validated each time, so ``k=True`` or ``dims=[16.0]`` still get their error)."""
+
+    def plain(x: Any) -> Any:
+        if x is None or type(x) is int:
+            return x
+        if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
+            return tuple(x)
+        raise TypeError
+
+    try:
+        return (plain(dims), plain(k), plain(shortlist), plain(ef))
+    except TypeError:
+        return None
+
+
+def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[str, Any] | None:
+    if not tuned:
+        return None
+    if dims is None:
+        return tuned
+    try:
+        dims_t = dims_tuple(dims, dim)
+    except InvalidDimsError:
+        return None  # make_plan reports the bad dims
+    key = shape_key(dims_t)
+    setting = tuned.get("shapes", {}).get(key)
+    if setting is None and shape_key(tuned["dims"]) == key:
+        setting = tuned
+    return None if setting is None else {**setting, "dims": list(dims_t), "k": tuned["k"]}
+
+
+# Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
+# anyway) took at most this many times the best funnel's time per query: on a large store it is far slower.
+EXACT_CANDIDATE_FACTOR = 4.0
+
+
+def tune(
+    funnel: Funnel,
+    snap: Snapshot,
+    shapes: list[tuple[int, ...]],
+    recall: float,
+    k: int,
+    sample: int,
+    seed: int,
+    dim: int,
+    read_queries: Any,
+    queries: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Measure every shape's cheapest shortlist reaching ``recall`` (recall@k against exact ``dim``-d search,
+    each sampled row's own entry excluded); returns the choice to persist. ``read_queries(rows)`` gives the
+    sampled rows' vectors. ``queries`` (full-``dim`` vectors, e.g. held-out ones like those users will send)
+    replace the sampled rows: a store's own rows can be easier queries than new ones. Raises TuningError,
+    persisting nothing, when no shape reaches the target."""
+    live_rows = np.flatnonzero(snap.live[: snap.watermark])
+    rng = np.random.default_rng(seed)
+    if queries is None:
+        probe = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
+        queries = read_queries(probe)
+    else:
+        queries = queries[np.sort(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))]
+        probe = np.full(len(queries), -1)  # no own row to exclude
+    t0 = time.perf_counter()
+    found, offsets, _ = funnel.exact(snap, queries, dim, k + 1)
+    exact_ms = 1e3 * (time.perf_counter() - t0) / len(queries)
+    truth = [_others(found[a:b], r, k) for r, a, b in zip(probe, offsets[:-1], offsets[1:])]
+    budget = min(MAX_SHORTLIST, max(20 * k, len(live_rows) // 4))
+    grid = [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
+    tried: list[dict[str, Any]] = []
+    best_per_shape: dict[str, dict[str, Any]] = {}  # each shape's cheapest reaching point, or its last try
+    fine = sorted({max(k + 1, s) for s in FINE_GRID} - set(grid))
+    for dims_t in shapes:
+        point, points = _cheapest(
+            lambda s, d=dims_t: _measure(funnel, snap, queries, probe, truth, d, s, k, recall), grid, fine
+        )
+        if point["reached"] and len(dims_t) >= 3:  # the tapered schedule at the same first stage
+            tapered = _measure(funnel, snap, queries, probe, truth, dims_t, point["shortlist"], k, recall, TAPER)
+            points.append(tapered)
+            if tapered["reached"] and tapered["ms_per_query"] < point["ms_per_query"]:
+                point = tapered
+        tried += points
+        best_per_shape[shape_key(dims_t)] = point
+    best = _choose(best_per_shape, tried, recall, budget)
+    if exact_ms < EXACT_CANDIDATE_FACTOR * best["ms_per_query"]:  # a small store: exact search may be faster
+        exact = _measure(funnel, snap, queries, probe, truth, (dim,), k + 1, k, recall)
+        tried.append(exact)
+        if exact["reached"] and exact["ms_per_query"] < best["ms_per_query"]:
+            best = exact
+    shapes_out = {key: {f: p[f] for f in ("shortlist", "ef", "recall", "ms_per_query", "reached", "taper")}
+                  for key, p in best_per_shape.items()}  # fmt: skip
+    return {
+        **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "ms_per_query", "taper")},
+        "k": k,
+        "target": recall,
+        "sample": len(probe),
+        "exact_ms_per_query": exact_ms,
+        "shapes": shapes_out,
+        "tried": tried,
+    }
+
+
+def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any]], recall: float, budget: int):
+    """The fastest shape that reached the target; a warning names the shapes that missed it."""
+    reached = [p for p in best_per_shape.values() if p["reached"]]
+    if not reached:
+        best = max(tried, key=lambda p: p["recall"])
+        raise TuningError(
+            f"no funnel reaches recall {recall} with a shortlist of at most {budget} (best {best['recall']:.3f} "
+            f"with dims={best['dims']}, shortlist {best['shortlist']}); nothing was saved: lower the target, index "
+            "a longer prefix, or check that the vectors have Matryoshka structure (short prefixes that rank well)"
+        )
+    missed = [p for p in best_per_shape.values() if not p["reached"]]
+    if missed:
+        warnings.warn(
+            "tune: "
+            + "; ".join(f"dims={p['dims']} reached only {p['recall']:.3f} (shortlist {p['shortlist']})" for p in missed)
+            + f" against the target {recall}; queries with those dims use that best-effort setting",
+            stacklevel=4,  # the caller of Store.tune
+        )
+    return min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
+
+
+def _cheapest(measure: Any, grid: list[int], fine: list[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The smallest size reaching the target (coarse grid, then the fine sizes just below the first size
+    that reaches it), or the last size tried; and every point measured."""
+    tried: list[dict[str, Any]] = []
+    missed = 0
+    for s in grid:
+        tried.append(measure(s))
+        if tried[-1]["reached"]:
+            hit = tried[-1]
+            for f in (f for f in fine if missed < f < s):
+                tried.append(measure(f))
+                if tried[-1]["reached"]:
+                    return tried[-1], tried
+            return hit, tried
+        missed = s
+    return tried[-1], tried
+
+
+def _others(rows: np.ndarray, own: int, k: int) -> np.ndarray:
+    return rows[rows != own][:k]
+
+
+def _measure(funnel, snap, queries, probe, truth, dims_t, s, k, target, taper: int = 1) -> dict[str, Any]:
+    sizes = tuple(tapered_sizes(s, k + 1, len(dims_t), taper))
+    ef = max(funnel.ef_search, s)
+    plan = Plan(tuple(dims_t), k + 1, sizes, ef)
+    # One query at a time: the latency a caller of query() sees (a batch would time the threads).
+    t0 = time.perf_counter()
+    found = [funnel.run(snap, q[None], plan)[0] for q in queries]
+    ms = 1e3 * (time.perf_counter() - t0) / len(queries)
+    got = float(
+        np.mean([len(set(_others(f, r, k).tolist()) & set(t.tolist())) / k for r, f, t in zip(probe, found, truth)])
+    )
+    return {
+        "dims": list(dims_t), "shortlist": s, "ef": ef, "recall": got, "ms_per_query": ms, "reached": got >= target,
+        "taper": taper,
+    }  # fmt: skip

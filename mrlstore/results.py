@@ -1,0 +1,176 @@
+"""Query results: :class:`Hits` for one query, :class:`HitsBatch` for a batch, and the typed records
+``info()``, ``tune()`` and ``compact()`` return (attribute access, and dict-style for older callers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mrlstore.tiers.rows import HitRows, records
+
+
+class Hits:
+    """The results of one query, best first.
+
+    ``scores`` are cosine similarity or inner product (higher is better) or Euclidean distance for
+    ``l2`` (lower is better), computed exactly on the last prefix of ``dims``. ``metadata`` is a list of
+    dicts (one per hit, empty when the query asked for none), built on first access from the Arrow table
+    the query returned (``to_arrow`` uses that table directly).
+    """
+
+    __slots__ = ("ids", "scores", "dims", "_table", "_rows", "_metadata")
+
+    def __init__(
+        self,
+        ids: list[str],
+        scores: np.ndarray,
+        metadata: list[dict[str, Any]] | pa.Table | HitRows | None = None,
+        dims: tuple[int, ...] = (),
+    ):
+        self.ids = ids
+        self.scores = scores
+        self.dims = dims
+        self._table = metadata if isinstance(metadata, pa.Table) else None
+        self._rows = metadata if isinstance(metadata, HitRows) else None
+        self._metadata = None if isinstance(metadata, (pa.Table, HitRows)) else list(metadata or [])
+
+    @property
+    def metadata(self) -> list[dict[str, Any]]:
+        if self._metadata is None:
+            self._metadata = self._rows.records() if self._rows is not None else records(self._table, len(self.ids))
+        return self._metadata
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[tuple[str, float, dict[str, Any]]]:
+        meta = self.metadata or [{} for _ in self.ids]
+        return iter(zip(self.ids, self.scores.tolist(), meta))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Hits):
+            return NotImplemented
+        return (
+            self.ids == other.ids
+            and np.array_equal(self.scores, other.scores)
+            and self.dims == other.dims
+            and self.metadata == other.metadata
+        )
+
+    def to_arrow(self) -> pa.Table:
+        cols: dict[str, Any] = {
+            "id": pa.array(self.ids, pa.string()),
+            "score": pa.array(np.asarray(self.scores, dtype=np.float64)),
+        }
+        if self._rows is not None:
+            self._table, self._rows = self._rows.arrow(), None
+        if self._table is not None and self._table.num_columns:
+            for name in self._table.column_names:
+                cols[name] = self._table.column(name)
+            return pa.table(cols)
+        names: dict[str, None] = {}
+        for m in self.metadata:
+            names.update(dict.fromkeys(m))
+        for name in names:
+            cols[name] = pa.array([m.get(name) for m in self.metadata])
+        return pa.table(cols)
+
+    def to_pandas(self):  # -> pandas.DataFrame (pandas is optional)
+        return self.to_arrow().to_pandas()
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{i}:{s:.4f}" for i, s in zip(self.ids[:5], self.scores[:5]))
+        more = ", ..." if len(self.ids) > 5 else ""
+        return f"Hits(n={len(self.ids)}, dims={list(self.dims)}, [{shown}{more}])"
+
+
+class HitsBatch(list[Hits]):
+    """The results of a batch of queries: one :class:`Hits` per query, in order (a list; slices and sums
+    of batches are batches too)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        item = list.__getitem__(self, index)
+        return HitsBatch(item) if isinstance(index, slice) else item
+
+    def __add__(self, other: Any) -> HitsBatch:  # type: ignore[override]
+        return HitsBatch(list.__add__(self, other))
+
+    def to_arrow(self) -> pa.Table:
+        """One table: query (its position), rank (from 1), id, score, then the metadata columns."""
+        parts = []
+        for qi, hits in enumerate(self):
+            table = hits.to_arrow()
+            n = table.num_rows
+            table = table.add_column(0, "rank", pa.array(np.arange(1, n + 1, dtype=np.int64)))
+            parts.append(table.add_column(0, "query", pa.array(np.full(n, qi, dtype=np.int64))))
+        if not parts:
+            return pa.table({"query": pa.array([], pa.int64()), "rank": pa.array([], pa.int64()),
+                             "id": pa.array([], pa.string()), "score": pa.array([], pa.float64())})  # fmt: skip
+        return pa.concat_tables(parts, promote_options="default")
+
+    def to_pandas(self):  # -> pandas.DataFrame (pandas is optional)
+        return self.to_arrow().to_pandas()
+
+    def __repr__(self) -> str:
+        return f"HitsBatch({len(self)} queries: {list.__repr__(self[:2])[1:-1]}{', ...' if len(self) > 2 else ''})"
+
+
+class Record(dict[str, Any]):
+    """A dataclass that is also the dict it replaced: ``r.live``, and ``r["live"]``, ``json.dumps(r)``,
+    ``r | {...}`` as before (the dict holds the fields' values as made)."""
+
+    def __post_init__(self) -> None:
+        dict.update(self, {f.name: getattr(self, f.name) for f in fields(self)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class StoreInfo(Record):
+    """``Store.info()``: creation parameters, state and the tuned settings."""
+
+    path: str
+    dim: int
+    bands: tuple[int, ...]
+    metric: str
+    dtype: str
+    index_dims: tuple[int, ...]
+    chunk_rows: list[int]
+    rows: int
+    live: int
+    deleted: int
+    index_status: dict[int, str]
+    encoder: str | None
+    read_only: bool
+    version: int | None
+    tuned: dict[str, Any] | None
+
+
+@dataclass(frozen=True, eq=False)
+class TuneResult(Record):
+    """``Store.tune()``: the fastest funnel that reached the target (``dims``, ``shortlist``, ``ef``,
+    ``recall``, ``ms_per_query``, ``taper``), what it was measured against, every funnel shape's own
+    setting (``shapes``) and every point measured (``tried``)."""
+
+    dims: list[int]
+    shortlist: int
+    ef: int
+    recall: float
+    ms_per_query: float
+    taper: int
+    k: int
+    target: float
+    sample: int
+    exact_ms_per_query: float
+    shapes: dict[str, dict[str, Any]]
+    tried: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class CompactResult(Record):
+    """``Store.compact()``: rows before and after (deleted rows are gone)."""
+
+    rows_before: int
+    rows_after: int

@@ -1,0 +1,482 @@
+"""The DuckDB catalog: ids, row numbers, metadata, tombstones and the manifest. Its commit is the store's.
+
+Tables (see storage/FORMAT.md): ``manifest(key, value)`` with JSON values, ``_items(_row, id, <metadata>)``
+for live rows, ``tombstones(_row)`` for deleted ones, and the view ``items`` (``_items`` without ``_row``)
+that users query. A row number below the committed watermark is either in ``_items`` or in ``tombstones``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from mrlstore.errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    ForbiddenSQLError,
+    InvalidFilterError,
+    MetadataError,
+    NotAStoreError,
+    StorageError,
+    StoreLockedError,
+)
+
+DB_FILE = "catalog.duckdb"
+# Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
+_FILE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": "v1.2.0"}
+# The store's own connection runs users' where= and sql() text, so it reaches nothing but its tables: no
+# files, network, extensions or ATTACH, and the configuration is locked so no statement can undo that.
+# (Snapshots write their copy through a separate connection: see snapshot_to.)
+_SANDBOX_CONFIG: dict[str, str | bool | int | float | list[str]] = {
+    **_FILE_CONFIG,
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "lock_configuration": True,
+}
+# Functions refused in user SQL even though the locked engine would stop most of them: file and network
+# readers, and introspection that shows paths, settings, secrets or runs SQL given as a string.
+_REFUSED_FUNCTIONS = frozenset(
+    {"glob", "getenv", "current_setting", "which_secret", "query", "query_table", "sniff_csv", "checkpoint",
+     "force_checkpoint", "icu_calendar_names"}
+)  # fmt: skip
+_REFUSED_PREFIXES = ("read_", "duckdb_", "pragma_", "pg_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_",
+                     "mysql_", "json_execute", "load_", "install_")  # fmt: skip
+_PATH_CHARACTERS = frozenset("/\\:.~")  # a table "name" with these is a file path DuckDB would scan
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Catalog:
+    def __init__(self, path: Path, read_only: bool, create: bool = False, db_file: Path | None = None):
+        self.path = Path(db_file) if db_file is not None else Path(path) / DB_FILE
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        if not create and not self.path.exists():
+            raise NotAStoreError(f"{path} is not an mrlstore store (no {DB_FILE})")
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=read_only, config=_SANDBOX_CONFIG)
+        except duckdb.IOException as e:
+            msg = str(e)
+            if "lock" in msg.lower():
+                raise StoreLockedError(
+                    f"{path} is open for writing by another process; DuckDB allows one process per file "
+                    f"(close the writer, or read a copy made with Store.snapshot). DuckDB said: {msg}"
+                ) from None
+            raise CorruptStoreError(f"cannot open catalog {self.path}: {msg}") from None
+        except duckdb.Error as e:
+            raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
+        self._columns: dict[str, str] | None = None
+        self._checked_filters: set[str] = set()  # where= expressions already parsed and found read-only
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    # -- schema and manifest -----------------------------------------------------------------------
+    def create_schema(self, manifest: dict[str, Any]) -> None:
+        with self._lock:
+            con = self._con
+            with self._transaction():
+                con.execute("CREATE TABLE manifest (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
+                con.execute("CREATE TABLE _items (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE)")
+                con.execute("CREATE TABLE tombstones (_row BIGINT PRIMARY KEY)")
+                self._refresh_view()
+                rows = [(k, json.dumps(v)) for k, v in manifest.items()]
+                con.executemany("INSERT INTO manifest VALUES (?, ?)", rows)
+
+    def manifest(self) -> dict[str, Any]:
+        with self._lock:
+            try:
+                rows = self._con.execute("SELECT key, value FROM manifest").fetchall()
+            except duckdb.CatalogException:
+                raise NotAStoreError(f"{self.path} is a DuckDB file but not an mrlstore catalog") from None
+            except duckdb.Error as e:
+                raise CorruptStoreError(f"cannot read catalog {self.path}: {_first_line(e)}") from None
+        try:
+            return {k: json.loads(v) for k, v in rows}
+        except (TypeError, ValueError) as e:
+            raise CorruptStoreError(f"catalog {self.path} has an unreadable manifest: {e}") from None
+
+    def _refresh_view(self) -> None:
+        self._con.execute("CREATE OR REPLACE VIEW items AS SELECT * EXCLUDE (_row) FROM _items")
+        self._columns = None
+
+    def columns(self) -> dict[str, str]:
+        """Metadata columns and their DuckDB types, in table order."""
+        with self._lock:
+            if self._columns is None:
+                rows = self._con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_name = '_items' AND table_schema = 'main' ORDER BY ordinal_position"
+                ).fetchall()
+                self._columns = {n: t for n, t in rows if n not in ("_row", "id")}
+            return dict(self._columns)
+
+    # -- reads -------------------------------------------------------------------------------------
+    def live_items(self) -> tuple[np.ndarray, pa.Table]:
+        """Every live row: (row numbers ascending, their id and metadata columns)."""
+        with self._lock, _corruption_as_error(self.path):
+            t = _arrow(self._con, "SELECT * FROM _items ORDER BY _row")
+        return t.column("_row").to_numpy().astype(np.int64), t.drop_columns(["_row"])
+
+    def live_count(self) -> int:
+        with self._lock, _corruption_as_error(self.path):
+            return int(self._con.execute("SELECT count(*) FROM _items").fetchall()[0][0])
+
+    def tombstones(self) -> np.ndarray:
+        with self._lock, _corruption_as_error(self.path):
+            t = self._con.execute("SELECT _row FROM tombstones ORDER BY _row").fetchnumpy()
+        return np.asarray(t["_row"], dtype=np.int64)
+
+    def rows_of(self, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        with self._lock:
+            self._con.register("_ids_in", pa.table({"id": pa.array(ids, pa.string())}))
+            try:
+                found = self._con.execute("SELECT i.id, i._row FROM _items i JOIN _ids_in q ON i.id = q.id").fetchall()
+            finally:
+                self._con.unregister("_ids_in")
+        return dict(found)
+
+    def filter_rows(self, where: str) -> np.ndarray:
+        """Sorted rows of ``_items`` matching ``where`` (checked once per distinct expression)."""
+        if not isinstance(where, str) or not where.strip():
+            raise InvalidFilterError(f"where= must be a non-empty SQL expression string, got {where!r}")
+        sql = f"SELECT _row FROM _items WHERE (\n{where}\n)"  # own lines: a trailing -- comment stays inside
+        with self._lock:
+            if where not in self._checked_filters:
+                try:
+                    duckdb.SQLExpression(where)  # parses as one expression, or it is no filter
+                except duckdb.Error as e:
+                    raise InvalidFilterError(f"where={where!r} is not one SQL expression: {_first_line(e)}") from None
+                self._check_single_select(sql, what="where=", shown=where)
+                if len(self._checked_filters) > 1024:
+                    self._checked_filters.clear()
+                self._checked_filters.add(where)
+            try:
+                res = self._read_only(lambda: self._con.execute(sql).fetchnumpy())
+            except duckdb.PermissionException as e:
+                raise ForbiddenSQLError(f"where={where!r} refused: {_first_line(e)}") from None
+            except (duckdb.BinderException, duckdb.CatalogException) as e:
+                raise InvalidFilterError(
+                    f"where={where!r} does not bind: {_first_line(e)}. Metadata columns: "
+                    f"{', '.join(['id', *self.columns()])}"
+                ) from None
+            except duckdb.Error as e:
+                raise InvalidFilterError(f"where={where!r} failed: {_first_line(e)}") from None
+        return np.sort(np.asarray(res["_row"], dtype=np.int64))
+
+    def items_for_ids(self, ids: list[str]) -> pa.Table:
+        """Rows of ``_items`` (``_row``, id, metadata) for ``ids``, in the order given; unknown ids absent."""
+        with self._lock:
+            self._con.register(
+                "_ids_in", pa.table({"id": pa.array(ids, pa.string()), "_pos": pa.array(range(len(ids)))})
+            )
+            try:
+                return _arrow(self._con, "SELECT i.* FROM _items i JOIN _ids_in q ON i.id = q.id ORDER BY q._pos")
+            finally:
+                self._con.unregister("_ids_in")
+
+    def sql(self, query: str) -> pa.Table:
+        with self._lock:
+            self._check_single_select(query, what="sql()", shown=query)
+            try:
+                return self._read_only(lambda: _arrow(self._con, query))
+            except duckdb.PermissionException as e:
+                raise ForbiddenSQLError(f"sql() refused: {_first_line(e)}") from None
+            except duckdb.Error as e:
+                raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed, or rolled back on any exception (DuckDB may have aborted it
+        already, after an I/O error); a file-system failure becomes a StorageError."""
+        con = self._con
+        con.begin()
+        try:
+            yield
+            try:
+                con.commit()
+            except duckdb.Error as e:  # the commit itself: its WAL could not be written
+                raise StorageError(f"cannot commit to the catalog {self.path}: {_first_line(e)}") from None
+        except BaseException as e:
+            try:
+                con.rollback()
+            except duckdb.Error:
+                pass  # already aborted by DuckDB
+            self._columns = None
+            if isinstance(e, duckdb.IOException):
+                raise StorageError(f"cannot write the catalog {self.path}: {_first_line(e)}") from None
+            raise
+
+    def _read_only(self, run: Callable[[], T]) -> T:
+        """Run user SQL in a transaction that is always rolled back: a SELECT may still hide a write
+        (a data-modifying CTE), and none may reach the catalog except through the Store API."""
+        if self.read_only:
+            return run()
+        self._con.begin()
+        try:
+            return run()
+        finally:
+            self._con.rollback()
+
+    def _check_single_select(self, sql: str, what: str, shown: str) -> None:
+        try:
+            statements = self._con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise InvalidFilterError(f"{what} is not valid SQL: {_first_line(e)}") from None
+        allowed = f"{what} accepts one read-only SELECT over the store's tables (writes go through the Store API)"
+        if len(statements) != 1:
+            raise InvalidFilterError(f"{allowed}; got {len(statements)} statements: {shown!r}")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            error = ForbiddenSQLError if kind != duckdb.StatementType.INVALID else InvalidFilterError
+            raise error(f"{what} refused the {kind.name} statement {shown!r}: {allowed}")
+        # DuckDB calls "WITH d AS (DELETE ... RETURNING ...) SELECT ..." a SELECT: inspect its parse tree.
+        tree = json.loads(self._con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+        if tree.get("error"):
+            raise InvalidFilterError(f"{allowed}: {shown!r}")
+        nodes, functions = _parse_tree_names(tree)
+        if nodes - _READ_NODES:
+            raise ForbiddenSQLError(f"{what} refused a write hidden in a SELECT: {allowed}: {shown!r}")
+        refused = sorted(
+            f
+            for f in functions
+            if f in _REFUSED_FUNCTIONS or f.startswith(_REFUSED_PREFIXES) or not _PATH_CHARACTERS.isdisjoint(f)
+        )
+        if refused:
+            raise ForbiddenSQLError(
+                f"{what} refused {', '.join(f + '()' for f in refused)}: filters and SQL reach only the store's "
+                f"tables (items), never files, the network, extensions or settings: {shown!r}"
+            )
+
+    def check_metadata(self, metadata: pa.Table) -> None:
+        """Raise MetadataError if ``metadata`` cannot be stored in the existing columns (no writes)."""
+        existing = self.columns()
+        shared = [c for c in metadata.column_names if c in existing]
+        if not shared:
+            return
+        casts = ", ".join(f"TRY_CAST({_quote(c)} AS {existing[c]}) IS NULL AND {_quote(c)} IS NOT NULL" for c in shared)
+        with self._lock:
+            self._con.register("_meta_check", metadata.select(shared))
+            try:
+                bad = self._con.execute(f"SELECT {casts} FROM _meta_check").fetchall()
+            except duckdb.Error as e:
+                raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+            finally:
+                self._con.unregister("_meta_check")
+        for row_i, flags in enumerate(bad):
+            for col, failed in zip(shared, flags):
+                if failed:
+                    value = metadata.column(col)[row_i].as_py()
+                    raise MetadataError(
+                        f"metadata[{row_i}][{col!r}] = {value!r} does not fit column {col!r} of type {existing[col]}"
+                    )
+
+    def snapshot_to(self, dest: Path) -> None:
+        """Copy the whole catalog into a new DuckDB file at ``dest`` (a consistent point in time: every write
+        holds the lock). The store's own connection may touch no other file, so the copy is written by a
+        connection of its own, table by table through Arrow, after the same DDL."""
+        with self._lock:
+            tables = self._con.execute(
+                "SELECT table_name, sql FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND schema_name = 'main' ORDER BY table_oid"
+            ).fetchall()
+            views = self._con.execute(
+                "SELECT sql FROM duckdb_views() WHERE database_name = current_database() AND NOT internal "
+                "AND schema_name = 'main' ORDER BY view_oid"
+            ).fetchall()
+            try:
+                self._copy_to(dest, tables, views)
+            except duckdb.Error as e:  # I/O, or a checkpoint DuckDB calls fatal: the disk, in practice
+                raise StorageError(f"cannot write a copy of the catalog to {dest}: {_first_line(e)}") from None
+
+    def _copy_to(self, dest: Path, tables: list[Any], views: list[Any]) -> None:
+        """The tables' DDL and rows, then the views, into a new database at ``dest`` (the lock is held)."""
+        copy = duckdb.connect(str(dest), config=_FILE_CONFIG)
+        try:
+            copy.begin()
+            for name, ddl in tables:
+                copy.execute(ddl)
+                copy.register("_source", _arrow_reader(self._con, f"SELECT * FROM {_quote(name)}"))
+                try:
+                    copy.execute(f"INSERT INTO {_quote(name)} SELECT * FROM _source")
+                finally:
+                    copy.unregister("_source")
+            for (ddl,) in views:
+                copy.execute(ddl)
+            copy.commit()
+            copy.execute("CHECKPOINT")
+        finally:
+            copy.close()
+
+    # -- writes (each one transaction: the commit point) -------------------------------------------
+    def commit_rows(
+        self,
+        first_row: int,
+        ids: list[str],
+        metadata: pa.Table | None,
+        new_watermark: int,
+        replace_rows: np.ndarray | None = None,
+    ) -> pa.Table:
+        """Record ``ids`` at rows ``first_row..`` (tombstoning ``replace_rows``) and the new watermark.
+        Returns the new rows' id and metadata columns exactly as stored (every column of the table)."""
+        n = len(ids)
+        batch = pa.table(
+            {"_row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), "id": pa.array(ids, pa.string())}
+        )
+        if metadata is not None:
+            for name in metadata.column_names:
+                batch = batch.append_column(name, metadata.column(name))
+        with self._lock:
+            con = self._con
+            # Registrations stay outside the transaction: after a failed statement DuckDB refuses
+            # everything but ROLLBACK, and an unregister there would hide the real error.
+            con.register("_batch", batch)
+            if replace_rows is not None and len(replace_rows):
+                con.register("_dead", pa.table({"_row": pa.array(np.asarray(replace_rows, dtype=np.int64))}))
+            try:
+                stored = self._commit_rows_txn(metadata, replace_rows, new_watermark)
+            finally:
+                con.unregister("_batch")
+                if replace_rows is not None and len(replace_rows):
+                    con.unregister("_dead")
+        return stored.drop_columns(["_row"])
+
+    def _commit_rows_txn(
+        self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int
+    ) -> pa.Table:
+        con = self._con
+        try:
+            with self._transaction():
+                if metadata is not None:
+                    self._add_columns(metadata)
+                if replace_rows is not None and len(replace_rows):
+                    self._tombstone_registered()
+                stored = _arrow(con, "INSERT INTO _items BY NAME SELECT * FROM _batch RETURNING *")
+                self._set_watermark(new_watermark)
+            return stored.sort_by("_row")
+        except duckdb.ConversionException as e:
+            raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+        except duckdb.ConstraintException as e:
+            raise DuplicateIdError(f"an id is already in the store: {_first_line(e)}") from None
+
+    def delete_rows(self, rows: np.ndarray) -> None:
+        with self._lock:
+            con = self._con
+            con.register("_dead", pa.table({"_row": pa.array(np.asarray(rows, dtype=np.int64))}))
+            try:
+                with self._transaction():
+                    self._tombstone_registered()
+            finally:
+                con.unregister("_dead")
+
+    def _tombstone_registered(self) -> None:
+        """Move the rows of the registered ``_dead`` table from ``_items`` to ``tombstones``."""
+        self._con.execute("DELETE FROM _items WHERE _row IN (SELECT _row FROM _dead)")
+        self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
+
+    def rows_outside(self, watermark: int) -> int:
+        """How many catalog rows lie outside ``[0, watermark)`` (0 in a consistent store)."""
+        with self._lock, _corruption_as_error(self.path):
+            query = "SELECT count(*) FROM _items WHERE _row < 0 OR _row >= ?"
+            return int(self._con.execute(query, [watermark]).fetchall()[0][0])
+
+    def committed_rows(self) -> int:
+        """The committed watermark, read from the database (the truth after any failure)."""
+        with self._lock, _corruption_as_error(self.path):
+            return int(
+                json.loads(
+                    self._con.execute("SELECT value FROM manifest WHERE key = 'committed_rows'").fetchall()[0][0]
+                )
+            )
+
+    def set_manifest(self, key: str, value: Any) -> None:
+        """Insert or replace one manifest entry (its own transaction)."""
+        with self._lock, self._transaction():
+            self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
+            self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
+
+    def _set_watermark(self, rows: int) -> None:
+        self._con.execute("UPDATE manifest SET value = ? WHERE key = 'committed_rows'", [json.dumps(rows)])
+
+    def _add_columns(self, metadata: pa.Table) -> None:
+        existing = self.columns()
+        self._con.register("_meta_probe", metadata.slice(0, 0))
+        try:
+            described = self._con.execute("DESCRIBE SELECT * FROM _meta_probe").fetchall()
+        finally:
+            self._con.unregister("_meta_probe")
+        added = False
+        for name, dtype, *_ in described:
+            if name in existing or name == "id":
+                continue
+            if dtype == '"NULL"' or dtype.upper() == "NULL":
+                dtype = "VARCHAR"  # an all-null first batch: text is the least surprising type
+            self._con.execute(f"ALTER TABLE _items ADD COLUMN {_quote(name)} {dtype}")
+            added = True
+        if added:
+            self._refresh_view()
+
+
+T = TypeVar("T")
+_READ_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+
+
+def _parse_tree_names(tree: Any) -> tuple[set[str], set[str]]:
+    """Every query-node type (``*_NODE``) and every function or table name (lower case) in a
+    json_serialize_sql tree."""
+    nodes: set[str] = set()
+    functions: set[str] = set()
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            kind = item.get("type")
+            if isinstance(kind, str) and kind.endswith("_NODE"):
+                nodes.add(kind)
+            name = item.get("function_name") or (item.get("table_name") if kind == "BASE_TABLE" else None)
+            if isinstance(name, str):  # a bare table name may resolve to a table function
+                functions.add(name.lower())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return nodes, functions
+
+
+@contextmanager
+def _corruption_as_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except duckdb.Error as e:
+        raise CorruptStoreError(f"cannot read catalog {path}: {_first_line(e)}") from None
+
+
+def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    rel = con.sql(sql)
+    if hasattr(rel, "to_arrow_table"):  # duckdb >= 1.4
+        return rel.to_arrow_table()
+    t = rel.arrow()
+    return t.read_all() if hasattr(t, "read_all") else t
+
+
+def _arrow_reader(con: duckdb.DuckDBPyConnection, sql: str) -> pa.RecordBatchReader:
+    rel = con.sql(sql)
+    return rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,223 @@
+"""In-memory HNSW index over one vector prefix (hnswlib), saved as a rebuildable cache.
+
+hnswlib is unmaintained, saves non-atomically, and is not safe for writes during queries, so this wrapper
+(a) guards it with a readers-writer lock, (b) saves to a temporary file that is fsynced and renamed, with a
+JSON sidecar that records the file's size, checksum and the catalog watermark it covers, and (c) refuses
+to load a file whose sidecar does not match (the caller then rebuilds it from the Zarr tier).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from mrlstore._fsutil import atomic_write_bytes, publish_file
+from mrlstore._rwlock import RWLock
+
+INDEX_FORMAT = 1
+_SPACES = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
+
+
+def _grown(elements: int) -> int:
+    """Capacity to reserve beyond ``elements``: hnswlib keeps a mutex (40 bytes) and more per reserved slot
+    whether used or not (about 46 MB per million slots), so grow by half, not double."""
+    return max(1024, elements + elements // 2)
+
+
+class IndexUnusable(Exception):
+    """The saved index cannot be trusted; rebuild it."""
+
+
+class _NeedsWriteLock(Exception):
+    pass
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+class PrefixIndex:
+    """HNSW over the first ``dim`` numbers of each row; labels are the store's row numbers."""
+
+    def __init__(
+        self,
+        dim: int,
+        metric: str,
+        M: int = 16,
+        ef_construction: int = 200,
+        capacity: int | None = 1024,
+        generation: int = 0,
+    ):
+        self.dim, self.metric, self.M, self.ef_construction = dim, metric, M, ef_construction
+        self.generation = generation  # the store's row numbering it was built for (compaction renumbers)
+        self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
+        self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
+        if capacity is not None:  # None: load_index will initialise it
+            self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
+        self._lock = RWLock()
+        self._ef = 10  # hnswlib's default
+        self._deleted = 0  # hnswlib's own counts include deleted elements
+
+    # -- persistence -------------------------------------------------------------------------------
+    @staticmethod
+    def paths(base: Path) -> tuple[Path, Path]:
+        return base.with_suffix(".hnsw"), base.with_suffix(".json")
+
+    def save(self, base: Path) -> None:
+        data_path, side_path = self.paths(base)
+        tmp = data_path.with_name(f".{data_path.name}.tmp-{os.getpid()}")
+        with self._lock.read():
+            self._index.save_index(str(tmp))
+            side = {
+                "format": INDEX_FORMAT,
+                "dim": self.dim,
+                "metric": self.metric,
+                "M": self.M,
+                "ef_construction": self.ef_construction,
+                "generation": self.generation,
+                "covered_rows": self.covered_rows,
+                "element_count": self._index.element_count,
+                "deleted_count": self._deleted,
+            }
+        side["bytes"] = tmp.stat().st_size
+        side["blake2b"] = _digest(tmp)
+        # Sidecar first would let a crash pair a new sidecar with an old file; the checksum catches both orders.
+        publish_file(tmp, data_path)
+        atomic_write_bytes(side_path, json.dumps(side, indent=2).encode())
+
+    @classmethod
+    def load(cls, base: Path, dim: int, metric: str, M: int, ef_construction: int, generation: int = 0) -> PrefixIndex:
+        data_path, side_path = cls.paths(base)
+        try:
+            side = json.loads(side_path.read_text())
+            size = data_path.stat().st_size
+        except (OSError, ValueError) as e:
+            raise IndexUnusable(f"no usable index at {data_path}: {e}") from None
+        expected = {"format": INDEX_FORMAT, "dim": dim, "metric": metric, "M": M, "ef_construction": ef_construction}
+        if any(side.get(k) != v for k, v in expected.items()):
+            raise IndexUnusable(f"{side_path} was written with other parameters")
+        if side.get("generation", 0) != generation:  # older sidecars: generation 0, before any compaction
+            raise IndexUnusable(f"{side_path} was built for another row numbering (before a compaction)")
+        if side.get("bytes") != size or side.get("blake2b") != _digest(data_path):
+            raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
+        self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation)
+        try:
+            self._index.load_index(str(data_path), max_elements=_grown(int(side["element_count"])))
+        except (RuntimeError, ValueError, MemoryError) as e:
+            raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
+        if self._index.element_count != side["element_count"] or self._index.dim != dim:
+            raise IndexUnusable(f"{data_path} holds {self._index.element_count} elements, sidecar says otherwise")
+        self.covered_rows = int(side["covered_rows"])
+        self._deleted = int(side["deleted_count"])
+        return self
+
+    # -- updates -----------------------------------------------------------------------------------
+    def add(
+        self, vectors: np.ndarray, rows: np.ndarray, covered_rows: int | None = None, num_threads: int = -1
+    ) -> None:
+        """Insert (or, for labels already present, update) rows; ``covered_rows`` advances the watermark the
+        index vouches for (None: rows not committed yet, invisible to queries until they are)."""
+        with self._lock.write():
+            if len(rows):
+                need = self._index.element_count + len(rows)
+                if need > self._index.get_max_elements():
+                    self._index.resize_index(max(need, _grown(self._index.get_max_elements())))
+                self._index.add_items(
+                    np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32),
+                    np.asarray(rows, dtype=np.int64),
+                    num_threads=num_threads,
+                )
+            if covered_rows is not None:
+                self.covered_rows = max(self.covered_rows, covered_rows)
+
+    def mark_deleted(self, rows: np.ndarray) -> None:
+        with self._lock.write():
+            for row in np.asarray(rows, dtype=np.int64).tolist():
+                try:
+                    self._index.mark_deleted(row)
+                    self._deleted += 1
+                except RuntimeError:
+                    pass  # not in the index (never added, or already deleted): nothing to hide
+
+    def holds(self, row: int) -> bool:
+        """Whether ``row`` is in the index and not marked deleted (hnswlib refuses deleted labels)."""
+        with self._lock.read():
+            try:
+                self._index.get_items([int(row)])
+            except RuntimeError:
+                return False
+        return True
+
+    # -- search ------------------------------------------------------------------------------------
+    @property
+    def live_count(self) -> int:
+        return int(self._index.element_count) - self._deleted
+
+    def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray:
+        """Row numbers of the approximate ``k`` nearest rows per query (-1 pads when fewer exist)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries)[:, : self.dim], dtype=np.float32)
+        k_eff = min(k, self.live_count)
+        if k_eff <= 0:
+            return np.full((len(queries), k), -1, dtype=np.int64)
+        ef = max(ef, k_eff)
+        labels = None
+        # ef is index-wide state in hnswlib: change it only while no other search runs.
+        if ef == self._ef:
+            with self._lock.read():
+                if ef == self._ef:
+                    try:
+                        labels = self._knn(queries, k_eff, num_threads)
+                    except _NeedsWriteLock:
+                        pass
+        if labels is None:
+            with self._lock.write():
+                labels = self._knn(queries, k_eff, num_threads, ef)
+        if labels.shape[1] == k:
+            return labels
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        out[:, : labels.shape[1]] = labels
+        return out
+
+    def _knn(self, queries: np.ndarray, k: int, num_threads: int, ef: int | None = None) -> np.ndarray:
+        k = min(k, self.live_count)
+        if k <= 0:
+            return np.empty((len(queries), 0), dtype=np.int64)
+        if ef is not None and ef != self._ef:
+            self._index.set_ef(ef)
+            self._ef = ef
+        try:
+            labels, _ = self._index.knn_query(queries, k=k, num_threads=num_threads)
+        except RuntimeError:
+            if ef is None:
+                raise _NeedsWriteLock from None
+            labels = self._knn_fallback(queries, k, num_threads)
+        return labels.astype(np.int64)
+
+    def _knn_fallback(self, queries: np.ndarray, k: int, num_threads: int) -> np.ndarray:
+        """hnswlib could not fill k slots (deleted elements crowd the graph): widen the beam, then ask
+        each query for fewer; missing slots stay -1 and the caller completes them exactly."""
+        self._index.set_ef(max(self._ef, k) * 4 + 100)
+        try:
+            return self._index.knn_query(queries, k=k, num_threads=num_threads)[0]
+        except RuntimeError:
+            out = np.full((len(queries), k), -1, dtype=np.int64)
+            for i, q in enumerate(queries):
+                kk = k
+                while kk > 0:
+                    try:
+                        out[i, :kk] = self._index.knn_query(q, k=kk, num_threads=1)[0][0]
+                        break
+                    except RuntimeError:
+                        kk //= 2
+            return out
+        finally:
+            self._index.set_ef(self._ef)

@@ -1,0 +1,98 @@
+"""The store's folder on disk: creating it atomically, copying it consistently, and clearing the
+temporaries of interrupted atomic writes (storage/FORMAT.md)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from mrlstore._fsutil import copy_sparse, fsync_dir, fsync_file
+from mrlstore.inputs.staging import STAGING_DIR
+from mrlstore.tiers.bands import GROUP_DIR, create_bands
+from mrlstore.tiers.catalog import DB_FILE, Catalog
+from mrlstore.tiers.locking import LOCK_FILE
+from mrlstore.tiers.params import StoreConfig
+
+INDEX_DIR = "index"
+
+
+def create_store(path: Path, config: StoreConfig, generation: int = 0) -> None:
+    """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing);
+    ``generation`` numbers its row layout (a compaction's new store gets the next one)."""
+    from mrlstore import __version__
+
+    manifest = config.manifest(created_by=f"mrlstore {__version__}")
+    if generation:
+        manifest["generation"] = generation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        sharded = manifest["format_version"] >= 3
+        create_bands(tmp, config.dim, config.bands, config.dtype, list(config.chunk_rows), {"mrlstore": manifest},
+                     sharded=sharded)  # fmt: skip
+        catalog = Catalog(tmp, read_only=False, create=True)
+        try:
+            catalog.create_schema(manifest)
+        finally:
+            catalog.close()
+        (tmp / INDEX_DIR).mkdir()
+        (tmp / LOCK_FILE).touch()
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, path)  # also replaces an empty folder the user made
+        except OSError:
+            if not (path / DB_FILE).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process created it first: open theirs
+            return
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> None:
+    """Copy a store (its writer lock held by the caller) to ``dest``, atomically: vectors, index cache, and
+    the catalog through ``copy_catalog(path)`` (a consistent point in time)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.snapshot-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src / GROUP_DIR, tmp / GROUP_DIR, copy_function=copy_sparse)
+        if (src / INDEX_DIR).exists():
+            shutil.copytree(src / INDEX_DIR, tmp / INDEX_DIR)
+        else:
+            (tmp / INDEX_DIR).mkdir()
+        copy_catalog(tmp / DB_FILE)
+        (tmp / LOCK_FILE).touch()
+        fsync_tree(tmp)
+        os.rename(tmp, dest)
+        fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of atomic writes that a killed writer never renamed, the fragments of a staged write
+    that never committed, and the folder a killed compaction left beside the store (the caller holds the
+    writer lock: no such write can be running)."""
+    for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*", "published/.*.tmp-*"):
+        for tmp in path.glob(pattern):
+            tmp.unlink(missing_ok=True)
+    for pattern in (f".{path.name}.compact-*", f"..{path.name}.compact-*.creating-*"):  # and its creation
+        for leftover in path.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(path / STAGING_DIR, ignore_errors=True)  # fragments of a staged write whose driver died
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(dirpath)

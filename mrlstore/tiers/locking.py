@@ -1,0 +1,105 @@
+"""One writer per store, across threads and processes (an advisory flock on the store's LOCK file)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from mrlstore.errors import StoreLockedError
+
+LOCK_FILE = "LOCK"
+READER_WAIT_S = 5.0
+
+
+class StoreLock:
+    def __init__(self, store_path: Path, exclusive: bool):
+        self.path = Path(store_path) / LOCK_FILE
+        self.created = False  # so a failed open can remove the file it made
+        self.exclusive = exclusive
+        if exclusive:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self.created = True
+            except FileExistsError:
+                self._fd = os.open(self.path, os.O_RDWR)
+        else:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._fd = -1  # every writer creates LOCK first: without one, no writer is there
+                return
+        try:
+            self._acquire()
+        except BlockingIOError:
+            holder = self._holder()
+            os.close(self._fd)
+            if exclusive:
+                raise StoreLockedError(
+                    f"{store_path} is already open for writing{holder}; one writer at a time: close that one "
+                    "to write here, or open this one with read_only=True, which works at any time, beside a live "
+                    "writer"
+                ) from None
+            raise StoreLockedError(f"{store_path} is open for writing{holder}; readers must wait for it") from None
+        if exclusive:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _acquire(self) -> None:
+        """The flock, or BlockingIOError. A writer waits up to READER_WAIT_S for readers: they hold the lock
+        only while they bring the published version up to date (versions.newest_version)."""
+        mode = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + READER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._fd, mode)
+                return
+            except BlockingIOError:
+                if not self.exclusive or self._writer_pid() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _writer_pid(self) -> str:
+        try:
+            pid = os.pread(self._fd, 32, 0).decode().strip()
+        except OSError:
+            return ""
+        return pid if pid.isdigit() and _alive(int(pid)) else ""
+
+    def _holder(self) -> str:
+        """Who holds the lock: the writer's pid is in LOCK while it lives; readers write nothing, so a pid
+        of a process that has exited means readers hold it now."""
+        pid = self._writer_pid()
+        if pid == str(os.getpid()):
+            return " by this process (another Store object, or one not closed yet)"
+        if pid:
+            return f" by process {pid}"
+        return " by a reader (another process has it open read_only)" if self.exclusive else ""
+
+    def release(self, remove_if_created: bool = False) -> None:
+        if self._fd >= 0:
+            if remove_if_created and self.created:
+                self.path.unlink(missing_ok=True)
+            if self.exclusive:
+                os.ftruncate(self._fd, 0)  # no stale pid for the next error message
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class NoLock:
+    """Stands in for a StoreLock where none is taken (readers of published versions, a store being built)."""
+
+    def release(self, remove_if_created: bool = False) -> None:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return pid != 0

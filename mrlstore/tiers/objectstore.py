@@ -1,0 +1,497 @@
+"""Stores on object storage (S3 and compatible), through pyarrow's S3 filesystem: ``store.publish(url)``
+uploads a consistent version; ``mrlstore.open(url, read_only=True)`` downloads the small parts (catalog,
+prefix indexes, array metadata) once into a local cache and reads the vector bands lazily, with ranged
+requests for the shortlisted rows only. The only module that talks to object storage.
+
+Layout under the store's URL (storage/FORMAT.md):
+
+    HEAD                                  JSON naming the current version: written last (the commit point)
+    versions/<n>/catalog.duckdb           the catalog as of version n
+    versions/<n>/index/prefix_<d>.hnsw    the prefix indexes and their sidecars
+    versions/<n>/vectors/...zarr.json     the Zarr metadata of the bands (shape = the version's rows)
+    chunks/g<generation>/<band>/<chunk>-<rows>   the first <rows> rows of a chunk: immutable, so a later
+                                          version reuses every chunk that did not grow (incremental)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from mrlstore.errors import (
+    CorruptStoreError,
+    InvalidInputError,
+    MRLStoreError,
+    ObjectStorageError,
+    StoreAccessError,
+    StoreNotFoundError,
+)
+from mrlstore.tiers.bands import BandedVectors
+
+FORMAT = 1
+KEEP_VERSIONS = 3  # older versions' catalogs and indexes are deleted, with chunks no kept version uses
+# Rows at most this many bytes apart share one ranged request (0: adjacent rows only, nothing read that a
+# query does not need). Requests, not bytes, dominate S3's cost and latency: raise it to trade bytes for them.
+COALESCE_BYTES = int(os.environ.get("MRLSTORE_COALESCE_BYTES", "0"))
+DENSE_SHARE = 4
+ROW_CACHE_BYTES = int(os.environ.get("MRLSTORE_ROW_CACHE_MB", "256")) << 20  # rows kept in memory per open store
+UPLOAD_THREADS = 8
+FETCH_THREADS = 16
+_OPTION_NAMES = {  # fsspec/s3fs spellings -> pyarrow's
+    "key": "access_key", "aws_access_key_id": "access_key",
+    "secret": "secret_key", "aws_secret_access_key": "secret_key",
+    "token": "session_token", "aws_session_token": "session_token",
+    "region_name": "region", "endpoint_url": "endpoint_override",
+}  # fmt: skip
+
+
+def is_url(path: Any) -> bool:
+    return isinstance(path, str) and "://" in path
+
+
+def filesystem(url: str, options: dict[str, Any] | None) -> tuple[pafs.S3FileSystem, str]:
+    """The S3 filesystem for ``url`` (s3://bucket/prefix) and its root "bucket/prefix". Credentials and the
+    endpoint come from ``options`` (pyarrow or s3fs names), else the standard AWS environment variables."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ObjectStorageError(f"{url}: only s3:// URLs (S3 and compatible services) are supported")
+    opts = {_OPTION_NAMES.get(k, k): v for k, v in (options or {}).items()}
+    endpoint = (
+        opts.pop("endpoint_override", None)
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        opts.setdefault("scheme", scheme if host else "https")
+        opts["endpoint_override"] = host or scheme
+    opts.setdefault("region", os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    opts.setdefault("connect_timeout", 5)
+    opts.setdefault("request_timeout", 30)
+    opts.setdefault("retry_strategy", pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+    try:
+        fs = pafs.S3FileSystem(**opts)
+    except TypeError as e:
+        raise ObjectStorageError(f"storage_options not understood by pyarrow's S3FileSystem: {e}") from None
+    return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+@contextmanager
+def _errors(url: str, what: str) -> Iterator[None]:
+    """Object-store failures as typed errors naming the URL (our own errors pass through)."""
+    try:
+        yield
+    except MRLStoreError:
+        raise
+    except FileNotFoundError as e:
+        raise StoreNotFoundError(f"{url}: {what}: not found ({_short(e)})") from None
+    except OSError as e:
+        text = str(e)
+        if any(s in text for s in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")):
+            raise StoreAccessError(f"{url}: {what}: access denied (check the credentials): {_short(e)}") from None
+        if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+            raise StoreNotFoundError(f"{url}: {what}: the bucket does not exist") from None
+        raise ObjectStorageError(f"{url}: {what} failed: {_short(e)}") from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:300]
+
+
+def read_json(fs: pafs.S3FileSystem, key: str) -> dict[str, Any]:
+    with fs.open_input_stream(key) as f:
+        return json.loads(f.read())
+
+
+def write_bytes(fs: pafs.S3FileSystem, key: str, data: bytes) -> None:
+    with fs.open_output_stream(key) as f:  # one PUT (multipart when large), visible only when complete
+        f.write(data)
+
+
+# -- publishing ----------------------------------------------------------------------------------------
+def publish_store(store: Any, url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Upload the store's current committed version to ``url``; returns the new HEAD. Only chunks the
+    previous version there does not have are uploaded; HEAD is written last, so a crash part way leaves the
+    previous version readable."""
+    fs, root = filesystem(url, options)
+    with tempfile.TemporaryDirectory(prefix="mrlstore-publish-") as tmp, _errors(url, "publish"):
+        staged = Path(tmp)
+        parts, chunks, names, state = _capture(store, staged)
+        try:
+            previous = _remote_head(fs, root)
+            if previous and previous.get("store_id") != state["store_id"]:
+                raise InvalidInputError(
+                    f"{url} holds another store (store_id {previous.get('store_id')}, this one is "
+                    f"{state['store_id']}): publish to a new URL, or delete the old one first"
+                )
+            version = int(previous.get("version", 0)) + 1 if previous else 1
+            have = set(previous.get("chunks", {}).values()) if previous else set()
+            todo = [(key, fd, start, size) for key, (fd, start, size) in chunks.items() if key not in have]
+            prefix = f"{root}/versions/{version}"
+            with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+                list(pool.map(lambda job: _upload_chunk(fs, f"{root}/{job[0]}", *job[1:]), todo))
+                digests = list(pool.map(lambda p: _upload_part(fs, f"{prefix}/{p}", staged / p), parts))
+        finally:
+            for fd, _, _ in chunks.values():
+                os.close(fd)
+        head = {
+            "format": FORMAT, "version": version, "published_at": time.time(), **state,
+            "parts": {str(p): digest for p, digest in zip(parts, digests)},
+            "chunks": names,
+            "uploaded_chunk_bytes": sum(size for _, _, _, size in todo),
+        }  # fmt: skip
+        write_bytes(fs, f"{root}/HEAD", json.dumps(head, indent=1).encode())
+        _collect_garbage(fs, root, version, head)
+    return head
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _upload_part(fs: pafs.S3FileSystem, key: str, path: Path) -> str:
+    """One small part up; returns its digest (read once for both)."""
+    data = path.read_bytes()
+    write_bytes(fs, key, data)
+    return _digest(data)
+
+
+def _capture(
+    store: Any, staged: Path
+) -> tuple[list[Path], dict[str, tuple[int, int, int]], dict[str, str], dict[str, Any]]:
+    """Under the store's write lock: the catalog, index files and band metadata copied to ``staged``; an
+    open descriptor of every chunk holding committed rows (a compaction swapping files later cannot change
+    what is uploaded) with where its rows start and the byte count of its committed rows, by object key;
+    and the object key of each chunk by its name "band/chunk" (what HEAD maps)."""
+    with store._write_lock:
+        if not store.read_only:
+            store.checkpoint()
+        snap, vectors = store._snap, store._vectors
+        store._catalog.snapshot_to(staged / "catalog.duckdb")
+        if (store.path / "index").exists():
+            shutil.copytree(store.path / "index", staged / "index", ignore=shutil.ignore_patterns(".*"))
+        group = staged / "vectors"
+        group.mkdir()
+        shutil.copy(vectors.root / "zarr.json", group / "zarr.json")
+        chunks: dict[str, tuple[int, int, int]] = {}
+        names: dict[str, str] = {}
+        generation = int(store.manifest.get("generation", 0))
+        for band in vectors.bands:
+            meta = band.plain_meta(snap.watermark)  # objects hold each chunk's rows, without a shard index
+            (group / band.dir.name).mkdir()
+            (group / band.dir.name / "zarr.json").write_text(json.dumps(meta, indent=2))
+            for chunk in range(-(-snap.watermark // band.chunk_rows)):
+                rows = min(band.chunk_rows, snap.watermark - chunk * band.chunk_rows)
+                key = f"chunks/g{generation}/{band.dir.name}/{chunk}-{rows}"
+                names[f"{band.dir.name}/{chunk}"] = key
+                fd = os.open(band.chunk_path(chunk), os.O_RDONLY)
+                chunks[key] = (fd, band.data_offset, rows * band.row_bytes)
+        state = {
+            "store_id": store.manifest.get("store_id") or store.manifest.get("created_at"),
+            "generation": generation,
+            "committed_rows": snap.watermark,
+            "live_rows": snap.n_live,
+        }
+    parts = [p.relative_to(staged) for p in staged.rglob("*") if p.is_file()]
+    return parts, chunks, names, state
+
+
+def _upload_chunk(fs: pafs.S3FileSystem, key: str, fd: int, start: int, size: int) -> None:
+    """``size`` bytes of a chunk file from byte ``start`` (its rows) into the object ``key``."""
+    with fs.open_output_stream(key) as out:
+        offset = 0
+        while offset < size:
+            data = os.pread(fd, min(8 << 20, size - offset), start + offset)
+            if not data:
+                raise CorruptStoreError(f"chunk for {key} ended after {offset} of {size} bytes")
+            out.write(data)
+            offset += len(data)
+
+
+def _remote_head(fs: pafs.S3FileSystem, root: str) -> dict[str, Any] | None:
+    try:
+        return read_json(fs, f"{root}/HEAD")
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise CorruptStoreError(f"{root}/HEAD is not valid JSON") from None
+
+
+def _collect_garbage(fs: pafs.S3FileSystem, root: str, version: int, head: dict[str, Any]) -> None:
+    """Delete versions older than the KEEP_VERSIONS newest, and chunks that no kept version names (a reader
+    that opened an old version keeps its downloaded parts; its lazy chunk reads fail once deleted)."""
+    keep = set(range(max(1, version - KEEP_VERSIONS + 1), version + 1))
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(f"{root}/versions", allow_not_found=True))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.path.rsplit("/", 1)[-1]
+        if entry.type == pafs.FileType.Directory and name.isdigit() and int(name) not in keep:
+            fs.delete_dir(entry.path)
+    # A grown chunk gets a new key, and a compaction a new generation: what the new HEAD does not name is
+    # left to the readers of older versions for an hour, then deleted.
+    used = set(head["chunks"].values())
+    for entry in fs.get_file_info(pafs.FileSelector(f"{root}/chunks", recursive=True, allow_not_found=True)):
+        key = entry.path[len(root) + 1 :]
+        if entry.type == pafs.FileType.File and key not in used and _older_than(entry, 3600):
+            fs.delete_file(entry.path)
+
+
+def _older_than(entry: pafs.FileInfo, seconds: float) -> bool:
+    """Chunks unused for an hour: readers of the previous versions have long moved on."""
+    return entry.mtime is not None and time.time() - entry.mtime.timestamp() > seconds
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+class RemoteSource:
+    """One remote store version: its filesystem, root and HEAD, with request and byte counters."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None, head: dict[str, Any] | None = None):
+        self.url, self.options = url, options
+        self.fs, self.root = filesystem(url, options)
+        if head is None:
+            with _errors(url, "open"):
+                head = _remote_head(self.fs, self.root)
+        if head is None:
+            raise StoreNotFoundError(f"no store published at {url} (no HEAD object)")
+        if head.get("format") != FORMAT:
+            raise CorruptStoreError(f"{url}/HEAD has format {head.get('format')!r}, expected {FORMAT}")
+        self.head = head
+        self.requests = self.bytes = self.cached_bytes = 0
+        self.chunks: list[RemoteChunk] = []
+        self._lock = threading.Lock()
+        self._files: dict[str, Any] = {}
+        self._pool = ThreadPoolExecutor(FETCH_THREADS)
+
+    def object_problems(self, key: str, size: int) -> list[str]:
+        """A chunk object that is missing or holds fewer than ``size`` bytes."""
+        with _errors(self.url, "verify"):
+            info = self.fs.get_file_info(f"{self.root}/{key}")
+        if info.type != pafs.FileType.File:
+            return [f"chunk object {key} holding committed rows is missing"]
+        if info.size < size:
+            return [f"chunk object {key} has {info.size} bytes, expected at least {size}"]
+        return []
+
+    def local_copy(self, cache_dir: str | os.PathLike[str] | None) -> Path:
+        """The small parts of this version in the local cache (downloaded once; complete or absent)."""
+        base = (
+            Path(cache_dir)
+            if cache_dir
+            else Path(os.environ.get("MRLSTORE_CACHE", Path.home() / ".cache" / "mrlstore"))
+        )
+        name = hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest()
+        dest = base / name / f"g{self.head['generation']}-v{self.head['version']}"
+        if (dest / "catalog.duckdb").exists():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+        try:
+            with _errors(self.url, "download"):
+                for part, digest in self.head["parts"].items():
+                    target = tmp / part
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with self.fs.open_input_stream(f"{self.root}/versions/{self.head['version']}/{part}") as f:
+                        data = f.read()
+                    if _digest(data) != digest:
+                        raise CorruptStoreError(f"{self.url}: {part} of version {self.head['version']} is corrupted")
+                    target.write_bytes(data)
+            (tmp / "index").mkdir(exist_ok=True)
+            os.rename(tmp, dest)
+        except FileExistsError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process downloaded it first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    def newer(self) -> RemoteSource | None:
+        """The store's current version if it is not this one (another publish happened), else None."""
+        with _errors(self.url, "refresh"):
+            head = _remote_head(self.fs, self.root)
+        if head is None or (head["generation"], head["version"]) == (self.head["generation"], self.head["version"]):
+            return None
+        return RemoteSource(self.url, self.options, head)
+
+    def read(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Byte ranges (offset, length) of one object, fetched concurrently."""
+        handle = self._files.get(key)
+        if handle is None:
+            with _errors(self.url, f"read {key}"):
+                handle = self.fs.open_input_file(f"{self.root}/{key}")
+            self._files[key] = handle
+        end = max(offset + length for offset, length in ranges)
+        if handle.size() < end:
+            raise CorruptStoreError(f"{self.url}/{key} holds {handle.size()} bytes, rows need {end} (truncated)")
+
+        def fetch(r: tuple[int, int]) -> bytes:
+            with _errors(self.url, f"read {key}"):
+                data = handle.read_at(r[1], r[0])
+            if len(data) != r[1]:
+                raise CorruptStoreError(f"{self.url}/{key}: {len(data)} bytes at {r[0]}, expected {r[1]} (truncated)")
+            return data
+
+        out = list(self._pool.map(fetch, ranges)) if len(ranges) > 1 else [fetch(ranges[0])]
+        with self._lock:
+            self.requests += len(ranges)
+            self.bytes += sum(n for _, n in ranges)
+        return out
+
+    def cache_rows(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more rows fit the row cache (ROW_CACHE_BYTES); when full it starts over."""
+        with self._lock:
+            if self.cached_bytes + nbytes > ROW_CACHE_BYTES:
+                for chunk in self.chunks:
+                    chunk._cache = {}
+                self.cached_bytes = 0
+            if nbytes > ROW_CACHE_BYTES:
+                return False
+            self.cached_bytes += nbytes
+            return True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._files.clear()
+
+
+class RemoteChunk:
+    """A chunk's committed rows on object storage, indexed like the memory map of a local chunk: fancy row
+    indices (sorted) or a row slice, then optional columns. Rows close together share one request."""
+
+    def __init__(self, source: RemoteSource, key: str, rows: int, width: int, dtype: np.dtype):
+        self.source, self.key, self.rows, self.width, self.dtype = source, key, rows, width, dtype
+        self.row_bytes = width * dtype.itemsize
+        self._cache: dict[int, np.ndarray] = {}  # rows read before (re-ranks revisit popular rows)
+        source.chunks.append(self)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        rows, cols = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(self.rows)
+            block = self._runs(np.array([start]), np.array([max(start, stop - 1)]))[: max(0, stop - start)]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+                raise CorruptStoreError(f"{self.key}: row past the {self.rows} rows the version holds")
+            block = self._gather(rows)
+        return block[(slice(None), *cols)] if cols else block
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in the order given, from the row cache or fetched (and cached)."""
+        out = np.empty((len(rows), self.width), self.dtype)
+        cache = self._cache
+        missing = np.unique(np.fromiter((r for r in rows.tolist() if r not in cache), np.int64))
+        if len(missing):
+            fetched = self._fetch(missing)
+            if self.source.cache_rows(len(missing) * self.row_bytes):
+                cache.update(zip(missing.tolist(), fetched))
+            else:
+                cache = {**cache, **dict(zip(missing.tolist(), fetched))}
+        for i, r in enumerate(rows.tolist()):
+            out[i] = cache[r]
+        return out
+
+    def _fetch(self, rows: np.ndarray) -> np.ndarray:
+        """Sorted unique rows: cut into runs of adjacent rows (gaps up to COALESCE_BYTES), one ranged request
+        per run (concurrently), then picked out of the runs. Rows filling at least 1/DENSE_SHARE of their span
+        (filtered scans) come in one request for the span."""
+        ordered = rows  # sorted and unique
+        if len(rows) * DENSE_SHARE >= ordered[-1] - ordered[0] + 1:  # a scan's rows: their span in one request
+            cut = np.empty(0, np.int64)
+        else:
+            cut = np.flatnonzero(np.diff(ordered) > 1 + COALESCE_BYTES // self.row_bytes) + 1
+        first, last = ordered[np.r_[0, cut]], ordered[np.r_[cut - 1, len(ordered) - 1]]
+        data = self._runs(first, last)  # the runs' rows, back to back
+        run_start = np.concatenate([[0], np.cumsum(last - first + 1)[:-1]])
+        run_of = np.searchsorted(first, ordered, side="right") - 1
+        return data[run_start[run_of] + ordered - first[run_of]]
+
+    def _runs(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+        ranges = [(int(a) * self.row_bytes, (int(b) - int(a) + 1) * self.row_bytes) for a, b in zip(first, last)]
+        parts = self.source.read(self.key, ranges)
+        return np.frombuffer(b"".join(parts), dtype=self.dtype).reshape(-1, self.width)
+
+
+class RemoteBands(BandedVectors):
+    """The bands of a remote version: the local cache holds their metadata, object storage their rows. Bands
+    that end at or before ``local_dims`` are downloaded whole into the cache (the tier users keep near:
+    short prefixes are small) and read like a local store's."""
+
+    native = False  # the native kernels read memory maps; remote rows go through the numpy twins
+
+    def __init__(
+        self, path: Path, dim: int, bands: tuple[int, ...], dtype: str, source: RemoteSource, local_dims: int = 0
+    ):
+        super().__init__(path, dim, bands, dtype)
+        self.source = source
+        rows = int(source.head["committed_rows"])
+        for band in self.bands:
+            for chunk in range(-(-rows // band.chunk_rows)):
+                name = f"{band.dir.name}/{chunk}"
+                key = source.head["chunks"].get(name)
+                if key is None:
+                    raise CorruptStoreError(f"{source.url}/HEAD names no object for chunk {name}")
+                filled = min(band.chunk_rows, rows - chunk * band.chunk_rows)
+                if band.stop <= local_dims:
+                    _download_chunk(
+                        source, key, band.chunk_path(chunk), filled * band.width * band.dtype.itemsize, band.chunk_bytes
+                    )
+                else:
+                    band._maps[chunk] = RemoteChunk(source, key, filled, band.width, band.dtype)
+
+    def prefault(self, row_start: int, row_stop: int) -> None:
+        pass  # remote rows come over the network when a query needs them; local ones fault in
+
+    def file_problems(self, watermark: int) -> list[str]:
+        """Local problems of the cached arrays, and remote chunks that are missing or shorter than the rows
+        the version commits there."""
+        found = []
+        for band in self.arrays:
+            remote = {c: m for c, m in band._maps.items() if isinstance(m, RemoteChunk)}
+            rc = band.chunk_rows
+            local = [c for c in range(-(-watermark // rc)) if c not in remote]
+            found += [p for c in local for p in band.chunk_problems(c, min(rc, watermark - c * rc))]
+            for chunk in remote.values():
+                found += self.source.object_problems(chunk.key, chunk.rows * chunk.row_bytes)
+        return found
+
+    def close(self) -> None:
+        super().close()
+        self.source.close()
+
+
+def _download_chunk(source: RemoteSource, key: str, dest: Path, size: int, chunk_bytes: int) -> None:
+    """A chunk object into the cache as a full-size local chunk file (written under a temporary name)."""
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    with _errors(source.url, f"download {key}"):
+        with source.fs.open_input_stream(f"{source.root}/{key}") as f, open(tmp, "wb") as out:
+            copied = 0
+            while block := f.read(8 << 20):
+                out.write(block)
+                copied += len(block)
+            out.truncate(chunk_bytes)
+    if copied != size:
+        tmp.unlink(missing_ok=True)
+        raise CorruptStoreError(f"{source.url}/{key} holds {copied} bytes, expected {size} (truncated)")
+    os.replace(tmp, dest)

@@ -1,0 +1,191 @@
+"""A store's configuration: validated once at creation, persisted in the manifest, checked on reopen."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from mrlstore.errors import ConfigMismatchError, CorruptStoreError, InvalidInputError, NotAStoreError
+from mrlstore.inputs.vectors import positive_int
+from mrlstore.scoring import METRICS
+
+FORMAT_NAME = "mrlstore"
+# 2 added vectors/row_norms (per-band squared norms); 1 (without it) is still read and written, and
+# compact() rewrites a store at 2. mrlstore releases that know only 1 refuse 2, so they never append rows
+# without their norms.
+# 3 stores each band's chunks with Zarr's sharding codec (index first): chunk files grow with their rows
+# instead of being created full-size; 1 and 2 (full-size sparse chunk files) are still read and written,
+# and compact() rewrites them at 3.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+BUNDLED_ENCODER = "bundled"
+BUNDLED_ENCODER_DIM = 2048
+# The 16-d and 32-d prefixes get an HNSW index by default. Measured on MRL-like vectors
+# (benchmarks/results/build_params*.md): the 32-d index reaches recall@10 0.95 with a shortlist of about
+# 100 where the 16-d one needs 500, so the tuned default starts at 32; the 16-d index keeps dims=[16, ...]
+# (the paper's funnel) served. M is 16, except 8 for prefixes of at most 16 dims:
+# - at 1M rows the 32-d index at M=16 reaches recall 0.985 with a shortlist of 200 in 0.38 ms, where M=8
+#   needs 400 and 0.62 ms (build_params_1000000.md): the denser graph finds the 32-d neighbours with a
+#   narrower beam, for a build 23% longer (43 s against 35 s);
+# - on the 16-d prefix M=16 gains nothing (100k, shortlist 400: recall 0.965 in 0.51 ms against 0.961 in
+#   0.47) and doubles the links: at 1M the store's memory went from 691 MiB (M=8 for both) to 813 (M=16 for
+#   both).
+# A 64-d index at M=8 wins at 100k (shortlist 50: recall 0.971 against 0.950) but its graph degrades at 1M
+# (shortlist 200: 0.942 against 0.961 from 32-d).
+DEFAULT_INDEX_DIMS = (16, 32)
+DEFAULT_HNSW_M = 16
+COARSE_HNSW_M = 8  # the default M of indexes over prefixes of at most COARSE_PREFIX dims
+COARSE_PREFIX = 16
+# 40, not hnswlib's usual 200: on 16-32-d prefixes the build takes a third of the time at the same
+# shortlist recall (benchmarks/results/build_params.md; at 100k, 64 -> 40 cut the build of both indexes
+# from 7.1 to 4.7 s while [32, 2048] shortlist 75 went from recall 0.978 to 0.976), and the first stage
+# searches with a wide beam anyway.
+DEFAULT_EF_CONSTRUCTION = 40
+DEFAULT_EF_SEARCH = 64
+# Manifest keys of the fields whose manifest spelling differs (kept: the on-disk format is fixed).
+_MANIFEST_KEYS = {
+    "hnsw_m": "hnsw_M", "hnsw_m_by_prefix": "hnsw_M_by_prefix", "ef_construction": "hnsw_ef_construction",
+    "ef_search": "hnsw_ef_search",
+}  # fmt: skip
+
+
+def encoder_name(encoder: object | None, dim: int, dim_given: int | None) -> str | None:
+    """What the manifest records about the encoder a store was created for."""
+    if encoder is not None:
+        return str(getattr(encoder, "name", type(encoder).__name__))
+    return BUNDLED_ENCODER if dim_given is None and dim == BUNDLED_ENCODER_DIM else None
+
+
+def default_bands(dim: int) -> tuple[int, ...]:
+    return (*[b for b in (16, 64, 256) if b < dim], dim)
+
+
+def coarse_m(index_dims: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((d, COARSE_HNSW_M) for d in sorted(index_dims) if d <= COARSE_PREFIX)
+
+
+def band_widths(dim: int, bands: Sequence[int]) -> list[int]:
+    edges = [0, *bands]
+    return [edges[i + 1] - edges[i] for i in range(len(bands))]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The creation parameters of a store (immutable once created)."""
+
+    dim: int
+    bands: tuple[int, ...]
+    metric: str
+    dtype: str
+    index_dims: tuple[int, ...]
+    chunk_rows: tuple[int, ...]  # one per band
+    hnsw_m: int
+    ef_construction: int
+    ef_search: int
+    encoder: str | None = None
+    encoder_weights: str | None = None  # sha256 of the bundled encoder's weights the vectors came from
+    # (prefix, M) for the indexes whose M is not hnsw_m: the coarse prefixes of a store made with the default
+    hnsw_m_by_prefix: tuple[tuple[int, int], ...] = ()
+
+    def m_for(self, prefix: int) -> int:
+        """The HNSW M of the index over the ``prefix``-d prefix."""
+        return dict(self.hnsw_m_by_prefix).get(prefix, self.hnsw_m)
+
+    # -- creation ----------------------------------------------------------------------------------
+    @classmethod
+    def new(
+        cls, requested: dict[str, Any], encoder: str | None, auto_chunk_rows: Any, encoder_weights: str | None = None
+    ) -> StoreConfig:
+        """Validate the parameters of ``mrlstore.open`` for a new store (``None`` means the default);
+        ``auto_chunk_rows(width, dtype)`` sizes chunks when ``chunk_rows`` is not given."""
+        dim = int(requested["dim"])
+        if dim <= 0:
+            raise InvalidInputError(f"dim must be a positive integer, got {dim}")
+        bands = tuple(int(b) for b in (requested["bands"] or default_bands(dim)))
+        if not bands or bands[-1] != dim or any(b <= a for a, b in zip((0, *bands), bands)):
+            raise InvalidInputError(f"bands must be increasing band ends finishing at dim={dim}, got {bands}")
+        metric = requested["metric"] or "cosine"
+        if metric not in METRICS:
+            raise InvalidInputError(f"metric must be one of {METRICS}, got {metric!r}")
+        dtype = requested["dtype"] or "float16"
+        if dtype not in ("float16", "float32"):
+            raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        given = requested["index_dims"]
+        index_dims = (
+            tuple(int(d) for d in given) if given is not None else tuple(d for d in DEFAULT_INDEX_DIMS if d <= dim)
+        )
+        if any(not 1 <= d <= dim for d in index_dims) or len(set(index_dims)) != len(index_dims):
+            raise InvalidInputError(f"index_dims must be distinct prefix lengths within 1..{dim}, got {index_dims}")
+        widths = band_widths(dim, bands)
+        rows = requested["chunk_rows"]
+        chunk_rows = (
+            (positive_int(rows, "chunk_rows"),) * len(widths)
+            if rows is not None
+            else tuple(auto_chunk_rows(w, dtype) for w in widths)
+        )
+        return cls(
+            dim=dim,
+            bands=bands,
+            metric=metric,
+            dtype=dtype,
+            index_dims=tuple(sorted(index_dims)),
+            chunk_rows=chunk_rows,
+            hnsw_m=int(requested["hnsw_m"] or DEFAULT_HNSW_M),
+            hnsw_m_by_prefix=() if requested["hnsw_m"] else coarse_m(index_dims),
+            ef_construction=int(requested["ef_construction"] or DEFAULT_EF_CONSTRUCTION),
+            ef_search=DEFAULT_EF_SEARCH,
+            encoder=encoder,
+            encoder_weights=encoder_weights,
+        )
+
+    def manifest(self, created_by: str) -> dict[str, Any]:
+        """The manifest a new store starts with (storage/FORMAT.md)."""
+        out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "hnsw_m_by_prefix":
+                value = {str(d): m for d, m in value}  # JSON object: prefix -> M
+            out[_MANIFEST_KEYS.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
+        out["committed_rows"] = 0
+        out["created_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        out["created_by"] = created_by
+        out["store_id"] = uuid.uuid4().hex  # tells this store from others (object storage refuses a mix-up)
+        return out
+
+    # -- reopening ---------------------------------------------------------------------------------
+    @classmethod
+    def from_manifest(cls, m: dict[str, Any], where: object) -> StoreConfig:
+        if m.get("format") != FORMAT_NAME:
+            raise NotAStoreError(f"{where} holds a DuckDB file that is not an mrlstore catalog")
+        if m.get("format_version") not in READABLE_FORMAT_VERSIONS:
+            raise CorruptStoreError(
+                f"{where} has format version {m.get('format_version')}; this mrlstore reads "
+                f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}"
+            )
+        try:
+            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix")
+            values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name not in optional}
+        except KeyError as e:
+            raise CorruptStoreError(f"{where} has a manifest without {e}") from None
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        by_prefix = tuple(sorted((int(d), int(v)) for d, v in (m.get("hnsw_M_by_prefix") or {}).items()))
+        return cls(
+            **values, encoder=m.get("encoder"), encoder_weights=m.get("encoder_weights"), hnsw_m_by_prefix=by_prefix
+        )
+
+    def check_requested(self, requested: dict[str, Any], where: object) -> None:
+        """Raise ConfigMismatchError when a parameter given to ``open`` differs from the stored one."""
+        for key, value in requested.items():
+            if value is None:
+                continue
+            stored = getattr(self, key)
+            if key == "chunk_rows" and set(stored) == {value}:
+                continue  # one size for every band, as given at creation
+            if key == "index_dims" and tuple(sorted(value)) == stored:
+                continue  # kept sorted
+            if value != stored:
+                name = _MANIFEST_KEYS.get(key, key)
+                raise ConfigMismatchError(f"{where} was created with {name}={stored!r}, not {value!r}")

@@ -1,0 +1,435 @@
+"""Published versions: how readers in other processes query a store while its writer keeps adding.
+
+DuckDB lets no other process open a catalog while a writer has it. So the writer publishes: after its
+commits it copies the catalog (ids, metadata, tombstones, manifest) to ``published/catalog-<n>.duckdb``, a
+file never written again, and then replaces ``published/HEAD`` (JSON naming it) atomically. Readers open
+the copy HEAD names, never the live catalog, and take no lock: a writer never waits for readers, and a
+reader never sees a partial batch (a version is a committed catalog). The vectors need no copy: rows below
+a version's watermark never change in place (appends write past it; compaction swaps in a whole new folder,
+and a reader's memory maps keep the old files), so the bands serve every version.
+
+Publishing costs a catalog copy, so a writer publishes only while readers are there: each open reader holds a
+shared flock on ``published/READERS``, which the writer probes (one non-blocking flock) after a commit. With
+readers, it publishes when the last publish is old enough (``PUBLISH_INTERVAL`` seconds, or four times what
+the last copy took), else once it is (a timer). Without readers it only marks ``published/PENDING`` and
+checks again every interval; a reader that arrives and finds ``PENDING`` waits (a second or so) for the
+writer's publish. A reader opening while no writer is alive publishes the live catalog itself if the newest
+version trails it (a killed writer's last commits, or a writer that closed with no readers). So a reader
+trails the writer by a few seconds at most, and an ingest with no readers copies nothing.
+``Store.refresh()`` moves a reader to the newest version. storage/FORMAT.md describes the files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file
+
+PUBLISHED_DIR = "published"
+HEAD_FILE = "HEAD"
+READERS_FILE = "READERS"  # open readers hold a shared flock on it
+PENDING_FILE = "PENDING"  # exists while a live writer holds commits it has not published
+READER_WAIT_S = 10.0  # how long a reader waits for a live writer's publish when PENDING says one is due
+PUBLISH_INTERVAL = 1.0  # seconds: how far a reader may trail the writer's commits
+KEEP_VERSIONS = 3  # older copies are deleted (a reader that has one open keeps reading it: POSIX unlink)
+
+
+def read_head(store: Path) -> dict[str, Any] | None:
+    """The newest published version of the store at ``store``, or None if none was ever published."""
+    try:
+        return json.loads((store / PUBLISHED_DIR / HEAD_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # a HEAD no writer of this format made: read the live catalog as before
+
+
+def catalog_path(store: Path, head: dict[str, Any]) -> Path:
+    return store / PUBLISHED_DIR / str(head["catalog"])
+
+
+def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, Any]) -> dict[str, Any]:
+    """Publish a new version: ``copy_catalog(path)`` writes the catalog copy, then HEAD names it (with
+    ``state``: what the writer compares to tell whether a version is behind). Returns the new HEAD."""
+    folder = store / PUBLISHED_DIR
+    folder.mkdir(exist_ok=True)
+    previous = read_head(store) or {}
+    number = int(previous.get("version", 0)) + 1
+    name = f"catalog-{number:010d}.duckdb"
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        copy_catalog(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+        raise
+    head = {"version": number, "catalog": name, "published_at": time.time(), **state}
+    atomic_write_bytes(folder / HEAD_FILE, json.dumps(head, indent=2).encode())
+    (folder / PENDING_FILE).unlink(missing_ok=True)
+    fsync_dir(folder)
+    for old in sorted(folder.glob("catalog-*.duckdb"))[:-KEEP_VERSIONS]:
+        old.unlink(missing_ok=True)
+    for leftover in folder.glob(".catalog-*.tmp-*"):
+        if leftover != tmp:
+            leftover.unlink(missing_ok=True)  # a killed publisher's partial copy
+    return head
+
+
+def newest_version(store: Path) -> dict[str, Any] | None:
+    """For a reader opening ``store``: the newest published version. With no writer alive, the live catalog
+    is published first if the newest version trails it (a killed writer may have committed after its last
+    publish), so a reader then sees the last commit. None when nothing is published and nothing can be
+    (a store no writer of this version has opened, in a folder this process may not write): the caller
+    then reads the live catalog under a shared lock, as before versions."""
+    from mrlstore.errors import StoreLockedError
+    from mrlstore.tiers.catalog import Catalog
+    from mrlstore.tiers.locking import StoreLock
+
+    head = read_head(store)
+    try:
+        lock = StoreLock(store, exclusive=False)
+    except StoreLockedError:
+        head = _await_writer(store, head)  # a live writer publishes for the readers it sees
+        if head is None:
+            raise
+        return head
+    try:
+        catalog = Catalog(store, read_only=True)  # a damaged catalog raises here, as for any open
+        try:
+            manifest = catalog.manifest()
+            state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
+            if trails(head, state):
+                head = _publish_if_allowed(store, catalog.snapshot_to, state)
+        finally:
+            catalog.close()
+    finally:
+        lock.release()
+    return head
+
+
+def _await_writer(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | None:
+    """With a live writer: if it marked commits as not yet published, wait (READER_WAIT_S at most) until it
+    publishes them (the caller is registered as a reader, so it will)."""
+    deadline = time.monotonic() + READER_WAIT_S
+    while (store / PUBLISHED_DIR / PENDING_FILE).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return read_head(store) or head
+
+
+class ReaderPresence:
+    """A reader's mark on the store: a shared flock on published/READERS for as long as it is open (also a
+    stand-in for the StoreLock readers of published versions do not take)."""
+
+    def __init__(self, store: Path):
+        self._fd = -1
+        folder = store / PUBLISHED_DIR
+        self._created = [] if folder.exists() else [folder]  # removed again if the open fails
+        try:
+            folder.mkdir(exist_ok=True)
+            if not (folder / READERS_FILE).exists():
+                self._created.insert(0, folder / READERS_FILE)
+            self._fd = os.open(folder / READERS_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        except OSError:
+            self.release()  # a folder this reader may not write: the writer publishes on its own schedule
+
+    def release(self, remove_if_created: bool = False) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # drops the flock
+            self._fd = -1
+        if remove_if_created:
+            for path in self._created:
+                try:
+                    path.rmdir() if path.is_dir() else path.unlink()
+                except OSError:
+                    pass
+
+
+class ReadersProbe:
+    """The writer's view of the readers: whether any holds published/READERS."""
+
+    def __init__(self, store: Path):
+        (store / PUBLISHED_DIR).mkdir(exist_ok=True)
+        self._fd = os.open(store / PUBLISHED_DIR / READERS_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+        self.pending_marker = store / PUBLISHED_DIR / PENDING_FILE
+
+    def any(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[str, Any]) -> Any:
+    from mrlstore.errors import MRLStoreError, StorageError
+
+    try:
+        return publish(store, copy, state)
+    except OSError as e:
+        if isinstance(e, MRLStoreError) and not isinstance(e, StorageError):
+            raise
+        # a folder this reader may not write, or a full disk: a published version would be stale, so the
+        # reader reads the live catalog under a shared lock instead
+        return None
+
+
+def trails(head: dict[str, Any] | None, state: dict[str, Any]) -> bool:
+    """Whether the published version ``head`` (None: none yet) is behind a catalog in ``state``."""
+    return head is None or any(head.get(k) != v for k, v in state.items())
+
+
+def version_state(manifest: dict[str, Any], committed_rows: int, live_rows: int) -> dict[str, Any]:
+    """What tells whether a published version is behind the catalog."""
+    return {
+        "generation": int(manifest.get("generation", 0)),
+        "committed_rows": committed_rows,
+        "live_rows": live_rows,
+        "tuned": hashlib.blake2b(json.dumps(manifest.get("tuned"), sort_keys=True).encode(), digest_size=8).hexdigest(),
+    }
+
+
+class Publisher:
+    """A writer's publishing schedule: ``committed()`` after every change, ``close()`` at the end. Calls
+    ``publish_now()`` with the store's write lock (``lock_of()``) held."""
+
+    def __init__(
+        self,
+        publish_now: Callable[[], None],
+        lock_of: Callable[[], Any],
+        readers: ReadersProbe,
+        interval: float = PUBLISH_INTERVAL,
+    ):
+        self._publish_now, self._lock_of, self.interval = publish_now, lock_of, interval
+        self._readers = readers
+        self._last = self._took = 0.0
+        self._pending = False
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def committed(self) -> None:
+        """A change was committed (the caller holds the write lock)."""
+        self._pending = True
+        if not self._readers.any():  # nobody to publish for: say so, and look again later
+            if not self._readers.pending_marker.exists():
+                self._readers.pending_marker.touch()
+            self._arm(self.interval)
+            return
+        wait = self._last + self._spacing() - time.monotonic()
+        if wait <= 0:
+            self._run()
+        else:
+            self._arm(wait)
+
+    def _arm(self, wait: float) -> None:
+        if self._timer is None and not self._closed:
+            self._timer = threading.Timer(wait, self._on_timer)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _spacing(self) -> float:
+        """Seconds between publishes: the interval, or four times what the last publish took (a large
+        catalog takes long to copy; the writer spends at most about a fifth of its time publishing)."""
+        return max(self.interval, 4 * self._took)
+
+    def _on_timer(self) -> None:
+        with self._lock_of():
+            self._timer = None
+            if self._pending and not self._closed:
+                self.committed()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._publish_now()
+        except Exception as e:  # the commit itself is durable: readers just trail until the next publish
+            warnings.warn(f"mrlstore could not publish a version for readers: {e}", RuntimeWarning, stacklevel=3)
+            return
+        self._pending = False
+        self._last = time.monotonic()
+        self._took = self._last - started
+
+    def close(self) -> None:
+        """Publish what is pending if readers are there, and stop the timer (the caller holds the write
+        lock). Without readers PENDING stays: the next reader publishes the catalog itself."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending and self._readers.any():
+            self._run()
+        self._closed = True
+        self._readers.close()
+
+
+class Versions:
+    """The versions half of :class:`mrlstore.Store`: writers publish, readers open and refresh. Relies on
+    the store's path, catalog, snapshot, indexes, locks and ``_open``."""
+
+    path: Path
+    read_only: bool
+    manifest: dict[str, Any]
+    _head: dict[str, Any] | None
+    _generation: int
+    _write_lock: Any
+    _visibility: Any
+    _catalog: Any
+    _snap: Any
+    _indexes: dict[int, Any]
+    _remote: Any
+    _cache_dir: Any
+
+    def refresh(self) -> bool:
+        """Readers: move to the newest version the writer published; True if there was a newer one. Queries
+        in flight finish on the version they started with. Writers see their own commits: always False."""
+        self._check_open()
+        if self._remote is not None:
+            return self._refresh_remote()
+        if not self.read_only or self._head is None:
+            return False
+        head = read_head(self.path)
+        if head is None or _key(head) == _key(self._head):
+            return False
+        with self._write_lock:  # one refresh at a time
+            if head.get("generation", 0) != self._generation:  # a compaction renumbered the rows
+                self._reopen_published(head)
+            else:
+                self._move_to(head)
+        return True
+
+    def publish(self, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload the store's committed state to object storage (``s3://bucket/prefix``) as a new version
+        that ``mrlstore.open(url, read_only=True)`` opens anywhere. Atomic: the version becomes visible when
+        complete (its HEAD object is written last), and a crash part way leaves the previous one readable.
+        Incremental: only chunks the previous version lacks are uploaded. Returns the new HEAD."""
+        from mrlstore.errors import UnsupportedStorageError
+        from mrlstore.tiers.objectstore import publish_store
+
+        self._check_open()
+        if self._remote is not None:
+            raise UnsupportedStorageError("publish() uploads a local store; this one is already on object storage")
+        return publish_store(self, url, storage_options)
+
+    def _refresh_remote(self) -> bool:
+        """A store on object storage: a newer published version is downloaded (its small parts) and opened."""
+        newer = self._remote.newer()
+        if newer is None:
+            return False
+        path = newer.local_copy(self._cache_dir)
+
+        def to_newer() -> None:
+            self._remote, self.path = newer, path
+
+        with self._write_lock:
+            self._reopen(to_newer)
+        return True
+
+    def _move_to(self, head: dict[str, Any]) -> None:
+        """Same row numbering: the new rows into the prefix indexes (queries go on meanwhile), then the new
+        catalog, snapshot and deletions swapped in at once."""
+        from mrlstore.tiers.catalog import Catalog
+
+        catalog, head = _open_published(Catalog, self.path, head)
+        try:
+            manifest = catalog.manifest()
+            old = self._snap
+            snap = self._load_snapshot(int(manifest["committed_rows"]), old.version + 1, catalog)
+            for index in self._indexes.values():
+                self._extend_index(index, snap)
+            was_live = old.live[: old.watermark]
+            newly_dead = np.flatnonzero(was_live & ~snap.live[: old.watermark])
+        except BaseException:
+            catalog.close()
+            raise
+        with self._visibility.write():
+            previous, self._catalog = self._catalog, catalog
+            self._snap, self.manifest, self._head = snap, manifest, head
+            for index in self._indexes.values():
+                index.mark_deleted(newly_dead)
+            self._plans: dict[tuple, Any] = {}
+        previous.close()
+
+    def _reopen_published(self, head: dict[str, Any]) -> None:
+        def to_head() -> None:
+            self._head = head
+
+        self._reopen(to_head)
+
+    def _reader_lock(self) -> Any:
+        """A reader's registration (so a live writer publishes for it) and the newest version in
+        ``self._head``; a store never published and not publishable here falls back to a shared StoreLock
+        over the live catalog."""
+        from mrlstore.tiers.locking import StoreLock
+
+        presence = ReaderPresence(self.path)  # first: a live writer publishes for the readers it sees
+        try:
+            self._head = newest_version(self.path)
+        except BaseException:
+            presence.release(remove_if_created=True)
+            raise
+        if self._head is not None:
+            return presence
+        presence.release()
+        return StoreLock(self.path, exclusive=False)
+
+    def _open_catalog(self) -> Any:
+        from mrlstore.tiers.catalog import Catalog
+
+        if not self.read_only or self._head is None:
+            return Catalog(self.path, read_only=self.read_only)
+        catalog, self._head = _open_published(Catalog, self.path, self._head)  # the head may be newer
+        return catalog
+
+    def _start_publishing(self) -> None:
+        """Writers, on open: a publisher, and a version now if the newest one is behind the catalog."""
+        previous = getattr(self, "_publisher", None)
+        if previous is not None:
+            previous.close()
+        self._publisher = Publisher(self._publish_version, lambda: self._write_lock, ReadersProbe(self.path))
+        if trails(read_head(self.path), self._version_state()):
+            self._publisher.committed()  # published now if readers are waiting, else marked PENDING
+
+    def _version_state(self) -> dict[str, Any]:
+        return version_state(self.manifest, self._snap.watermark, self._snap.n_live)
+
+    def _publish_version(self) -> None:
+        self._head = publish(self.path, self._catalog.snapshot_to, self._version_state())
+
+
+def _key(head: dict[str, Any]) -> tuple[int, int]:
+    return int(head.get("generation", 0)), int(head["version"])
+
+
+def _open_published(catalog_class: Any, store: Path, head: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The published catalog ``head`` names, read-only, and that head; if the writer deleted it meanwhile (a
+    reader between reading HEAD and opening the file), the newest one and its head."""
+    from mrlstore.errors import CorruptStoreError, NotAStoreError
+
+    for _ in range(5):
+        try:
+            return catalog_class(store, read_only=True, db_file=catalog_path(store, head)), head
+        except (NotAStoreError, CorruptStoreError):
+            newer = read_head(store)
+            if newer is None or newer == head:
+                raise
+            head = newer
+    raise CorruptStoreError(f"{store}: published versions keep changing under the reader; try again")
