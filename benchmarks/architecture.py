@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mrlstore"
-# Lowest first, above the top-level helpers (errors, results, _util...), which form the bottom layer.
-LAYERS = ["tiers", "inputs", "encoder", "query", "write", "upkeep", "store", "integrations"]
+# Lowest first, above the top-level helpers (errors, kernels, _fsutil...), which form the bottom layer. The
+# package's faces (``mrlstore``, and the entry points ``mrlstore.ray`` and ``__main__``) sit above them all.
+LAYERS = ["tiers", "results", "inputs", "encoder", "options", "query", "write", "upkeep", "store", "integrations"]
+ENTRY_POINTS = {"mrlstore.ray", "mrlstore.__main__"}
 
 
 def module_name(path: Path) -> str:
@@ -99,8 +101,8 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def layer(module: str) -> int:
     parts = module.split(".")
-    if len(parts) == 1:
-        return len(LAYERS) + 1  # the package's face, above everything
+    if len(parts) == 1 or module in ENTRY_POINTS:
+        return len(LAYERS) + 1  # the package's faces, above everything
     return LAYERS.index(parts[1]) + 1 if parts[1] in LAYERS else 0
 
 
@@ -118,8 +120,9 @@ def store_size() -> tuple[int, int]:
     return len(text.splitlines()), len({m.name for m in methods})
 
 
-def query_modules() -> list[str]:
-    """The mrlstore modules whose functions run during one vector query, from Store.query on."""
+def query_modules() -> tuple[list[str], list[tuple[str, str]]]:
+    """The mrlstore modules whose functions run during one vector query, from Store.query on, in order; and
+    the calls from a module into one of a higher layer (the path climbing back up)."""
     import tempfile
 
     import numpy as np
@@ -133,18 +136,22 @@ def query_modules() -> list[str]:
         vector = rng.standard_normal(64).astype(np.float32)
         store.query(vector, dims=[16, 64])
         seen: list[str] = []
+        climbs: list[tuple[str, str]] = []
 
         def profile(frame, event, arg):  # noqa: ANN001 - sys.setprofile's signature
             if event == "call":
                 mod = frame.f_globals.get("__name__", "")
+                caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back else ""
                 if mod.startswith("mrlstore") and (not seen or seen[-1] != mod):
                     seen.append(mod)
+                if mod.startswith("mrlstore") and caller.startswith("mrlstore") and layer(mod) > layer(caller):
+                    climbs.append((caller, mod))
 
         sys.setprofile(profile)
         store.query(vector, dims=[16, 64])
         sys.setprofile(None)
         store.close()
-    return seen
+    return seen, climbs
 
 
 def main() -> None:
@@ -164,9 +171,10 @@ def main() -> None:
     print(f"store.py: {lines} lines, Store: {methods} methods")
     print(f"Any: {any_count}")
     if args.query:
-        seen = query_modules()
+        seen, climbs = query_modules()
         entered = list(dict.fromkeys(seen))
-        print(f"vector query: {len(entered)} modules entered, {len(seen) - 1} module changes: {' -> '.join(seen)}")
+        print(f"vector query: {len(entered)} modules entered: {' -> '.join(entered)}")
+        print(f"calls into a higher layer: {len(climbs)} {sorted(set(climbs))}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ _TUNE_QUERIES: np.ndarray | None = None
 # -- data ---------------------------------------------------------------------------------------------
 def data_dir(work: Path, name: str) -> Path:
     if name == "cifar":  # embeddings of one encoder: a new bundled encoder gets its own folder
-        from mrlstore.inputs.images import bundled_weights_id
+        from mrlstore.encoder.bundled import bundled_weights_id
 
         return work / f"data_cifar_{(bundled_weights_id() or 'none')[:12]}"
     return work / f"data_{name}"

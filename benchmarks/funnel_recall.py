@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import mrlstore  # noqa: E402
-from mrlstore.query.funnel import shortlist_sizes  # noqa: E402
+from mrlstore.query.plan import shortlist_sizes  # noqa: E402
 from mrlstore.testing import exact_funnel, exact_search, mrl_like_split, recall_at_k  # noqa: E402
 
 FUNNELS = ([16, 2048], [16, 64, 256, 2048], [32, 2048], [64, 2048])

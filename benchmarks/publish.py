@@ -80,7 +80,7 @@ def main() -> None:
     run = uuid.uuid4().hex[:8]
     with mrlstore.open(args.store) as writer:
         rows = len(writer)
-        publish = statistics.median(timed(writer._publish_version) for _ in range(5))
+        publish = statistics.median(timed(lambda: writer._versions.publish_version(writer._state)) for _ in range(5))
         catalog_mib = (args.store / "catalog.duckdb").stat().st_size / 2**20
         opens, refreshes = [], []
         for r in range(5):
@@ -89,8 +89,8 @@ def main() -> None:
             opens.append(time.perf_counter() - t0)
             vectors = np.random.default_rng(r).standard_normal((args.add, writer.dim)).astype(np.float32)
             writer.add_vectors(vectors, ids=[f"publish-bench-{run}-{r}-{i}" for i in range(args.add)])
-            writer._publisher.close()  # publish now rather than within the interval
-            writer._start_publishing()
+            writer._versions.close()  # publish now rather than within the interval
+            writer._versions.start_publishing(writer._state)
             refreshes.append(timed(reader.refresh))
             assert len(reader) == len(writer)
             reader.close()

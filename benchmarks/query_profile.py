@@ -105,8 +105,8 @@ def median_us(fn, qs: list) -> float:
 
 def default_stage_times(store, queries: np.ndarray) -> None:
     """The default call's first stage and re-rank, each alone (private API: a benchmark)."""
-    funnel, snap = store._funnel, store._snap
-    plan = store._plan(None, 10, None, None)
+    funnel, snap = store._search.funnel, store._state.snap
+    plan = store._search.plan(None, 10, None, None)
     qs = [np.ascontiguousarray(q[None], dtype=np.float32) for q in queries]
     first = lambda q: funnel.first_stage(snap, q, plan.dims[0], plan.sizes[0], None, plan.ef)  # noqa: E731
     candidates = {id(q): first(q) for q in qs}
@@ -124,8 +124,8 @@ def stage_times(store, queries: np.ndarray) -> None:
     """The stages of dims=[16, 2048], each timed alone over the same candidates (private API: a benchmark)."""
     from mrlstore import kernels
 
-    funnel, snap, vectors = store._funnel, store._snap, store._vectors
-    shortlist = store._plan([16, 2048], 10, None, None).sizes[0]
+    funnel, snap, vectors = store._search.funnel, store._state.snap, store._state.vectors
+    shortlist = store._search.plan([16, 2048], 10, None, None).sizes[0]
     qs = [np.ascontiguousarray(q[None], dtype=np.float32) for q in queries]
 
     candidates = {id(q): np.sort(funnel.indexes[16].search(q, shortlist, shortlist)[0]) for q in qs}

@@ -6,8 +6,10 @@ and coarse-to-fine ("funnel") queries: ``store.query(vector, k=10, dims=[16, 204
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import os
+from typing import TYPE_CHECKING
 
+from mrlstore._version import __version__
 from mrlstore.encoder.protocol import Encoder
 from mrlstore.errors import (
     ConfigMismatchError,
@@ -38,13 +40,17 @@ from mrlstore.errors import (
     UnsupportedStorageError,
     ZeroVectorError,
 )
-from mrlstore.results import CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
+from mrlstore.options import StoreConfig
+from mrlstore.results import AddResult, CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
 from mrlstore.store import Store, open
 
+if TYPE_CHECKING:  # torch loads on the first load_encoder()
+    from mrlstore.encoder.model import ImageEncoder
 
-def load_encoder(path=None, device=None):  # noqa: ANN001, ANN201 - typed in mrlstore.encoder.model
+
+def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None = None) -> ImageEncoder:
     """The bundled MRL image encoder, or one saved at ``path`` (imports torch on first use)."""
-    from mrlstore.inputs.images import load_bundled_encoder
+    from mrlstore.encoder.runner import load_bundled_encoder
 
     return load_bundled_encoder(path, device=device)
 
@@ -56,6 +62,7 @@ __all__ = [
     "EmptyStoreError",
     "Encoder",
     "EncoderUnavailableError",
+    "AddResult",
     "CompactResult",
     "Hits",
     "HitsBatch",
@@ -77,6 +84,7 @@ __all__ = [
     "StoreAccessError",
     "Store",
     "StoreClosedError",
+    "StoreConfig",
     "StoreLockedError",
     "StoreNotFoundError",
     "TuningError",

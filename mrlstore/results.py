@@ -1,16 +1,17 @@
-"""Query results: :class:`Hits` for one query, :class:`HitsBatch` for a batch, and the typed records
-``info()``, ``tune()`` and ``compact()`` return (attribute access, and dict-style for older callers)."""
+"""What the store's verbs return: :class:`Hits` for one query, :class:`HitsBatch` for a batch, the typed
+records ``info()``, ``tune()`` and ``compact()`` return (attribute access, and dict-style for older callers),
+and the :class:`AddResult` of an image add."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from mrlstore.tiers.rows import HitRows, records
+from mrlstore.tiers.rows import HitRows, RowTable, records
 
 
 class Hits:
@@ -91,6 +92,26 @@ class Hits:
 class HitsBatch(list[Hits]):
     """The results of a batch of queries: one :class:`Hits` per query, in order (a list; slices and sums
     of batches are batches too)."""
+
+    @classmethod
+    def of_rows(
+        cls, table: RowTable, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool
+    ) -> HitsBatch:
+        """The hits of a funnel's output (rows and scores of every query, split by ``offsets``), with their
+        ids and (when ``metadata``) metadata from ``table``."""
+        ids = table.take_ids(rows)
+        if metadata and len(offsets) == 2 and table.has_metadata:  # one query: its metadata read when asked for
+            return cls([Hits(ids, scores, HitRows(table, rows), dims)])
+        meta_table = table.take_metadata(rows) if metadata else None
+        out = []
+        for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+            meta: Any = []  # no metadata asked for
+            if meta_table is not None:
+                meta = meta_table.slice(a, b - a)
+            elif metadata:  # asked for, but the store has no metadata columns
+                meta = [{} for _ in range(b - a)]
+            out.append(Hits(ids[a:b], scores[a:b], meta, dims))
+        return cls(out)
 
     def __getitem__(self, index: Any) -> Any:
         item = list.__getitem__(self, index)
@@ -174,3 +195,46 @@ class CompactResult(Record):
 
     rows_before: int
     rows_after: int
+
+
+@dataclass
+class Failure:
+    """An input that could not be read: its position among the inputs, where it came from, why."""
+
+    index: int
+    source: str
+    reason: str
+
+
+@dataclass(repr=False)
+class AddResult(Sequence[str]):
+    """What an ``add`` did. As a sequence it is ``ids``: the ids of the images it covered (added, replaced,
+    or already present and skipped), in input order. ``added``: the ids this call wrote (added or
+    replaced); ``skipped``: ids already in the store (``on_conflict="skip"``) or repeated within the call;
+    ``failed``: the inputs left out with ``skip_errors=True``, and why."""
+
+    ids: list[str]
+    added: list[str]
+    skipped: list[str]
+    failed: list[Failure]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.ids[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AddResult):
+            return (self.ids, self.added, self.skipped, self.failed) == (
+                other.ids, other.added, other.skipped, other.failed)  # fmt: skip
+        return isinstance(other, list) and self.ids == other
+
+    def __repr__(self) -> str:
+        return (
+            f"AddResult({len(self.ids)} images: {len(self.added)} added, {len(self.skipped)} skipped, "
+            f"{len(self.failed)} failed)"
+        )

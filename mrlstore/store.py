@@ -1,240 +1,94 @@
-"""The public Store: orchestrates the Zarr bands, the HNSW prefix indexes, the DuckDB catalog and the search.
+"""The public Store: a facade over the components of one open store. Each verb is one delegation:
 
-Commit protocol of a write (storage/FORMAT.md has the details):
-1. validate the whole batch, before any I/O;
-2. write the vectors into Zarr rows past the committed watermark, fsync;
-3. insert them into the in-memory HNSW indexes (invisible: past every query's snapshot watermark);
-4. one DuckDB transaction records ids, metadata, tombstones and the new watermark: the commit point;
-   it and the publish of a new in-memory ``Snapshot`` run under an exclusive visibility lock that queries
-   hold shared, so a query sees the catalog and memory of one moment.
-The HNSW indexes are a cache: saved atomically now and then, rebuilt when untrustworthy.
+- ``StoreState`` (tiers/state.py): the catalog, bands and prefix indexes, and the snapshot of the last commit;
+- ``Writer`` (write/): the commit protocol; ``ImageAdder`` and ``add_arrow`` feed it images and Arrow data;
+- ``Searcher`` and ``Reader`` (query/): queries and tuning; rows by id, SQL and Arrow scans;
+- ``Versions`` and ``Maintenance`` (upkeep/): which version is open and publishing it; copies, checks,
+  compaction.
+
+ARCHITECTURE.md draws how data flows through them.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, overload
 
-import numpy as np
 import pyarrow as pa
 
-from mrlstore._memory import release_freed_memory
-from mrlstore._rwlock import RWLock
 from mrlstore.encoder.protocol import Encoder
+from mrlstore.encoder.runner import EncoderSlot
 from mrlstore.errors import (
-    CorruptStoreError,
-    DuplicateIdError,
-    EmptyStoreError,
-    InvalidInputError,
-    MRLStoreError,
-    NotAStoreError,
     ReadOnlyError,
-    ShapeError,
-    StoreClosedError,
-    StoreNotFoundError,
-    UnknownIdError,
-    UnsupportedStorageError,
-    storage_error,
 )
-from mrlstore.inputs.arrow import ArrowIO, is_table
-from mrlstore.inputs.images import ImageInputs, bundled_weights_id, is_single, looks_like_vectors
-from mrlstore.inputs.images import check as check_images
-from mrlstore.inputs.images import encode as encode_images
-from mrlstore.inputs.images import expand as expand_images
-from mrlstore.inputs.vectors import (
-    dims_tuple,
-    id_list,
-    id_strings,
-    metadata_table,
-    positive_int,
-    query_batch,
-    stored_prefix,
-    vector_batch,
-)
-from mrlstore.query import tuning
-from mrlstore.query.funnel import Funnel, Plan, Snapshot
-from mrlstore.results import Hits, HitsBatch, StoreInfo, TuneResult
-from mrlstore.tiers.bands import BandedVectors, auto_chunk_rows
-from mrlstore.tiers.catalog import DB_FILE, Catalog
-from mrlstore.tiers.indexes import IndexCache
-from mrlstore.tiers.layout import create_store, remove_stale_temporaries
-from mrlstore.tiers.locking import NoLock, StoreLock
-from mrlstore.tiers.params import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreConfig, encoder_name
-from mrlstore.tiers.rows import RowTable, kept_metadata
+from mrlstore.inputs.staging import StoreShape
+from mrlstore.options import StoreConfig
+from mrlstore.query.filters import FilterCache
+from mrlstore.query.reads import SCAN_BATCH_ROWS, Reader, write_parquet
+from mrlstore.query.searcher import Searcher
+from mrlstore.results import AddResult, CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
+from mrlstore.tiers.locking import StoreLock
+from mrlstore.upkeep import opening
 from mrlstore.upkeep.maintenance import Maintenance
-from mrlstore.upkeep.versions import Versions
+from mrlstore.write.arrow_adds import add_arrow
+from mrlstore.write.image_adds import COMMIT_EVERY, ImageAdder
+from mrlstore.write.writer import Writer
 
-# What a type checker can tell apart (the rule itself runs on values: see mrlstore.inputs.images): a list of
-# numbers is one vector, a list of lists a batch. numpy's shape types do not separate a 1-D from a 2-D array
-# for mypy (a (2, 4) array matched a 1-D overload), so arrays, paths, images and columns are typed
-# Hits | HitsBatch: narrow with isinstance.
+# What a type checker can tell apart (the rule itself runs on values: see mrlstore.inputs.classify): a list
+# of numbers is one vector, a list of lists a batch. numpy's shape types do not separate a 1-D from a 2-D
+# array for mypy, so arrays, paths, images and columns are typed Hits | HitsBatch: narrow with isinstance.
 OneVector: TypeAlias = list[float]
 ManyVectors: TypeAlias = list[list[float]]
 
-_FILTER_CACHE_SIZE = 256
-_PLAN_CACHE_SIZE = 256
-_TRIM_AFTER_BYTES = 4 << 20
 
-
-class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
+class Store:
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        dim: int | None = None,
-        *,
-        bands: Sequence[int] | None = None,
-        metric: str | None = None,
-        dtype: str | None = None,
-        index_dims: Sequence[int] | None = None,
-        chunk_rows: int | None = None,
-        hnsw_m: int | None = None,
-        ef_construction: int | None = None,
-        read_only: bool = False,
-        encoder: Encoder | None = None,
-        storage_options: dict[str, Any] | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        local_dims: int = 0,
-    ):
-        self._remote = None
-        if isinstance(path, str) and "://" in path:  # before anything touches the disk
-            if not read_only:
-                raise UnsupportedStorageError(
-                    f"{path} is a URL: stores on object storage are read-only (open it with read_only=True); "
-                    "write to a local store and upload it with store.publish(url)"
-                )
-            from mrlstore.tiers.objectstore import RemoteSource
+    def __init__(self, path: str | os.PathLike[str], config: StoreConfig | None = None):
+        config = config if config is not None else StoreConfig()
+        self.read_only = config.read_only
+        self._options = config
+        self._versions = versions = opening.locate(path, config)
+        requested = config.creation()
+        opening.create_if_absent(versions.path, config, requested)
+        self._state = opening.open_tiers(versions, requested)
+        self._encoders = EncoderSlot(config.encoder, self._state.params.dim, versions.location)
+        self._writer = Writer(self._state, versions.committed)
+        self._images = ImageAdder(self._state, self._writer, self._encoders)
+        filters = FilterCache()
+        self._search = Searcher(self._state, self._encoders, filters, versions.committed)
+        self._reader = Reader(self._state, filters)
+        self._upkeep = Maintenance(self._state, self._reopen_with)
 
-            self._remote, self._cache_dir = RemoteSource(path, storage_options), cache_dir
-            self._local_dims = local_dims
-            path = self._remote.local_copy(cache_dir)  # the small parts; the bands stay remote
-        self.path = Path(path)
-        self.read_only = read_only
-        self.encoder = encoder
-        self._closed = True
-        requested: dict[str, Any] = {
-            "dim": dim if dim is not None else (encoder.dim if encoder is not None else None),
-            "bands": tuple(bands) if bands is not None else None,
-            "metric": metric,
-            "dtype": dtype,
-            "index_dims": tuple(index_dims) if index_dims is not None else None,
-            "hnsw_m": hnsw_m,
-            "ef_construction": ef_construction,
-            "chunk_rows": chunk_rows,
-        }
-        if not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir())):
-            if read_only:
-                raise StoreNotFoundError(f"no store at {self.path} (read_only=True never creates one)")
-            if requested["dim"] is None:
-                requested["dim"] = BUNDLED_ENCODER_DIM  # no dim, no encoder: images via the bundled encoder
-            name = encoder_name(encoder, int(requested["dim"]), dim)
-            weights = bundled_weights_id() if name == BUNDLED_ENCODER else None
-            config = StoreConfig.new(requested, name, auto_chunk_rows, encoder_weights=weights)
-            try:
-                create_store(self.path, config)
-            except OSError as e:
-                if isinstance(e, MRLStoreError):
-                    raise
-                raise storage_error("create a store at", self.path, e) from e
-        elif not self.path.is_dir() or not (self.path / DB_FILE).exists():
-            raise NotAStoreError(f"{self.path} exists but is not an mrlstore store (no {DB_FILE} inside)")
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def _reopen_with(self, lock: StoreLock) -> None:
+        """Switch to the files a compaction put at the store's path, holding their ``lock``."""
 
-        self._head = None
-        if self._remote is not None:
-            self._lock = NoLock()  # a local copy of a remote version: nobody writes it
-        elif read_only:
-            self._lock = self._reader_lock()  # readers of published versions take no StoreLock (versions.py)
-        else:
-            self._lock = StoreLock(self.path, exclusive=True)
-        try:
-            self._open(requested)
-        except BaseException:
-            if hasattr(self, "_catalog"):
-                self._catalog.close()
-            self._lock.release(remove_if_created=True)
-            raise
-        self._closed = False
+        def take_lock() -> None:
+            if self._state.lock is not None:
+                self._state.lock.release()
+            self._state.lock = lock
 
-    # -- opening -----------------------------------------------------------------------------------
-    def _open(self, requested: dict[str, Any]) -> None:
-        self._catalog = self._open_catalog()
-        self.manifest = self._catalog.manifest()
-        self.config = config = StoreConfig.from_manifest(self.manifest, self.path)
-        config.check_requested(requested, self.path)
-        self.dim, self.bands, self.metric = config.dim, config.bands, config.metric
-        self.dtype, self.index_dims = config.dtype, config.index_dims
-        watermark = int(self.manifest["committed_rows"])
-        self._generation = int(self.manifest.get("generation", 0))  # compaction renumbers rows: a new one
-        if "store_id" not in self.manifest and not self.read_only:  # stores made before store ids
-            self._catalog.set_manifest("store_id", uuid.uuid4().hex)
-            self.manifest = self._catalog.manifest()
+        opening.reopen(self._state, self._versions, take_lock)
 
-        self._vectors = self._open_vectors()
-        if not self.read_only:
-            remove_stale_temporaries(self.path)
-        if self._vectors.physical_rows() < watermark:  # the protocol grows Zarr before every commit
-            raise CorruptStoreError(
-                f"Zarr arrays hold {self._vectors.physical_rows()} rows but the catalog committed {watermark}"
-            )
-        if not self.read_only and not self._vectors.is_clean(watermark):
-            self._vectors.truncate(watermark)  # leftovers of an append that never committed
-        for band in self._vectors.bands:
-            rc = band.chunk_rows
-            for chunk in range(-(-watermark // rc)):
-                band.mapped(chunk, min(rc, watermark - chunk * rc))  # CorruptStoreError if missing or short
-        self._vectors.prefault(0, watermark)
-
-        self._snap = self._load_snapshot(watermark, version=0)
-        self._write_lock = threading.RLock()
-        # Queries hold it shared from their snapshot to their last catalog read; a commit and its publish
-        # hold it exclusively, so a query never mixes the catalog of one moment with memory of another.
-        self._visibility = RWLock()
-        self._filters: tuple[int, dict[str, np.ndarray]] = (-1, {})
-        self._plans: dict[tuple, Plan] = {}
-        self.index_status: dict[int, str] = {}
-        self._indexes = {d: self._load_index(d, watermark) for d in self.index_dims}
-        self._rows_since_save = {d: 0 for d in self.index_dims}
-        self._funnel = Funnel(self._vectors, self._indexes, self.metric, config.ef_search)
-        if not self.read_only:
-            self._start_publishing()
-
-    def _open_vectors(self) -> BandedVectors:
-        if self._remote is not None:
-            from mrlstore.tiers.objectstore import RemoteBands
-
-            return RemoteBands(self.path, self.dim, self.bands, self.dtype, self._remote, self._local_dims)
-        return BandedVectors(self.path, self.dim, self.bands, self.dtype)
-
-    def _load_snapshot(self, watermark: int, version: int, catalog: Catalog | None = None) -> Snapshot:
-        """The live mask and the in-memory ids and metadata, from the committed catalog."""
-        live_rows, items = (catalog or self._catalog).live_items()
-        if len(live_rows) and live_rows.max() >= watermark:
-            raise CorruptStoreError("catalog lists rows past its own committed watermark")
-        live = np.zeros(max(watermark, 1024), dtype=bool)
-        live[live_rows] = True
-        return Snapshot(version, watermark, live, len(live_rows), RowTable.from_catalog(live_rows, items, watermark))
-
-    # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
         """Save the index cache (writers), release the store. Safe to call twice."""
-        if self._closed:
+        state = self._state
+        if state.closed:
             return
-        with self._write_lock:
+        with state.write_lock:
             try:
                 if not self.read_only:
-                    self.checkpoint()
-                    self._publisher.close()
+                    state.indexes.checkpoint()
+                    self._versions.close()
             finally:
-                with self._visibility.write():  # let queries in flight finish first
-                    self._closed = True
-                    self._catalog.close()
-                    self._vectors.close()
-                    self._lock.release()
+                with state.visibility.write():  # let queries in flight finish first
+                    state.closed = True
+                    state.close_tiers()
+                    if state.lock is not None:
+                        state.lock.release()
 
     def __enter__(self) -> Store:
         return self
@@ -243,73 +97,140 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        state = getattr(self, "_state", None)
+        if state is not None and not state.closed:
             try:
                 self.close()
             except Exception:
                 pass
 
     def __len__(self) -> int:
-        self._check_open()
-        return self._snap.n_live
+        self._state.check_open()
+        return self._state.snap.n_live
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{self._snap.n_live} vectors"
-        return f"<mrlstore.Store {self.location!r} dim={self.dim} metric={self.metric} {state}>"
+        state = self._state
+        shown = "closed" if state.closed else f"{state.snap.n_live} vectors"
+        return f"<mrlstore.Store {self.location!r} dim={self.dim} metric={self.metric} {shown}>"
 
+    # -- what the store is -----------------------------------------------------------------------------
     @property
     def location(self) -> str:
-        """Where the store lives: its folder, or the URL of a store on object storage (whose small parts
-        are cached in ``path``)."""
-        return self._remote.url if self._remote is not None else str(self.path)
+        """The store's folder, or the URL of a store on object storage (its small parts cached in ``path``)."""
+        return self._versions.location
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreClosedError(f"store {self.location} is closed")
+    @property
+    def path(self) -> Path:
+        return self._state.path
 
-    def _check_writable(self) -> None:
-        if self.read_only:
-            if self._remote is not None:
-                raise ReadOnlyError(
-                    f"store {self.location} is on object storage, which is read-only: write to a local store "
-                    "and upload it with store.publish(url)"
-                )
-            raise ReadOnlyError(f"store {self.location} was opened with read_only=True")
+    @property
+    def config(self) -> StoreConfig:
+        """The config the store was opened with, its creation parameters as the store holds them (chunk_rows
+        as given: the store keeps one per band; hnsw_m when one M applies to every index)."""
+        p = self._state.params
+        return self._options.replaced(
+            dim=p.dim, bands=p.bands, metric=p.metric, dtype=p.dtype, index_dims=p.index_dims,
+            hnsw_m=None if p.hnsw_m_by_prefix else p.hnsw_m, ef_construction=p.ef_construction,
+        )  # fmt: skip
+
+    @property
+    def encoder(self) -> Encoder | None:
+        """The image encoder (None until the bundled one loads on the first image)."""
+        return self._encoders.encoder
+
+    @encoder.setter
+    def encoder(self, encoder: Encoder | None) -> None:
+        self._encoders.encoder = encoder
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._state.manifest
+
+    @property
+    def dim(self) -> int:
+        return self._state.params.dim
+
+    @property
+    def bands(self) -> tuple[int, ...]:
+        return self._state.params.bands
+
+    @property
+    def metric(self) -> str:
+        return self._state.params.metric
+
+    @property
+    def dtype(self) -> str:
+        return self._state.params.dtype
+
+    @property
+    def index_dims(self) -> tuple[int, ...]:
+        return self._state.params.index_dims
+
+    @property
+    def index_status(self) -> dict[int, str]:
+        return self._state.indexes.status
 
     def info(self) -> StoreInfo:
         """Creation parameters, current state (rows, live vectors, index status) and the tuned settings."""
-        self._check_open()
-        snap = self._snap
-        tuned = self.manifest.get("tuned")
+        self._state.check_open()
+        state, p = self._state, self._state.params
+        snap, tuned = state.snap, state.manifest.get("tuned")
         return StoreInfo(
-            path=self.location,
-            dim=self.dim,
-            bands=self.bands,
-            metric=self.metric,
-            dtype=self.dtype,
-            index_dims=self.index_dims,
-            chunk_rows=self._vectors.chunk_rows,
-            rows=snap.watermark,
-            live=snap.n_live,
-            deleted=snap.watermark - snap.n_live,
-            index_status=dict(self.index_status),
-            encoder=self.manifest.get("encoder"),
-            read_only=self.read_only,
-            version=self._remote.head["version"] if self._remote else self._head and self._head["version"],
+            path=self.location, dim=p.dim, bands=p.bands, metric=p.metric, dtype=p.dtype,
+            index_dims=p.index_dims, chunk_rows=state.vectors.chunk_rows, rows=snap.watermark, live=snap.n_live,
+            deleted=snap.watermark - snap.n_live, index_status=dict(state.indexes.status),
+            encoder=state.manifest.get("encoder"), read_only=self.read_only, version=self._versions.version,
             tuned=None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
-        )
+        )  # fmt: skip
 
-    # -- writes ------------------------------------------------------------------------------------
+    # -- writes ----------------------------------------------------------------------------------------
+    def add(
+        self,
+        images: Any,
+        ids: Sequence[str] | None = None,
+        metadata: Any = None,
+        *,
+        batch_size: int = 64,
+        commit_every: int = COMMIT_EVERY,
+        atomic: bool = False,
+        skip_errors: bool = False,
+        on_conflict: str = "skip",
+        progress: bool | None = None,
+    ) -> AddResult:
+        """Encode images with the store's encoder and add them; returns an :class:`AddResult` (their ids in
+        input order; ``added``, ``skipped``, ``failed``).
+
+        ``images``: a path, a folder (its image files, recursively, sorted), ``bytes`` or a binary file
+        object holding an encoded image, a PIL image, an array or tensor (HxW, HxWx3, HxWx4; NxHxWx3 for
+        several), or a list of these (:mod:`mrlstore.inputs.classify` has the rule). Files keep their
+        absolute path as ``path`` metadata. Ids default to a hash of each image's content, so adding the
+        same images again changes nothing; ``on_conflict`` decides for ids already in the store: ``"skip"``
+        (nothing is encoded for them), ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written).
+        Every file's header is checked before anything is encoded: a bad file raises UnreadableImageError
+        and nothing is written; with ``skip_errors=True`` it is left out and listed in ``failed``.
+
+        Images are committed ``commit_every`` at a time (``batch_size`` is the encoder's batch), so memory
+        stays bounded and an interrupt keeps every committed batch: the same add again encodes only what is
+        missing. ``atomic=True`` encodes everything first and commits once: all or nothing.
+        """
+        self._check_writable()
+        return self._images.add(
+            images, ids, metadata, batch_size=batch_size, commit_every=commit_every, atomic=atomic,
+            skip_errors=skip_errors, on_conflict=on_conflict, progress=progress,
+        )  # fmt: skip
+
+    def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
+        """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""
+        return self.add(images, ids, metadata, on_conflict="replace", **options)
+
     def add_vectors(
         self, vectors: Any, ids: Sequence[str] | None = None, metadata: Any = None, *, on_conflict: str = "error"
     ) -> list[str]:
         """Add new vectors (n x dim); returns their ids. Durable once it returns. ``on_conflict`` decides for
         ids already in the store: ``"error"`` (DuplicateIdError, nothing written), ``"skip"`` (those rows
         are left out; the others are added) or ``"replace"`` (as :meth:`upsert_vectors`)."""
-        if on_conflict not in ("error", "skip", "replace"):
-            raise InvalidInputError(f"on_conflict must be 'error', 'skip' or 'replace', got {on_conflict!r}")
-        replace = on_conflict == "replace"
-        return self._write(vectors, ids, metadata, replace=replace, keep_metadata=replace, skip=on_conflict == "skip")
+        self._check_writable()
+        return self._writer.add(vectors, ids, metadata, on_conflict)
 
     def upsert_vectors(
         self, vectors: Any, ids: Sequence[str], metadata: Any = None, keep_metadata: bool = True
@@ -317,174 +238,54 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         """Add vectors, replacing the vector of any existing entry with the same id. A replaced entry keeps
         the old metadata values this call leaves out (columns or keys it does not give, nulls; everything
         without ``metadata``); ``keep_metadata=False`` drops them: the entry has only what this call gives."""
-        if ids is None:
-            raise InvalidInputError("upsert_vectors needs ids (which entries to replace)")
-        return self._write(vectors, ids, metadata, replace=True, keep_metadata=keep_metadata)
-
-    def _write(
-        self, vectors: Any, ids: Any, metadata: Any, replace: bool, keep_metadata: bool = False, skip: bool = False
-    ) -> list[str]:
-        self._check_open()
         self._check_writable()
-        batch = vector_batch(vectors, self.dim, self.dtype, self.metric, self.index_dims)
-        id_batch = id_list(ids, len(batch))
-        meta = metadata_table(metadata, len(batch))
-        with self._write_lock:  # one writer: ids present now stay present until the commit
-            rows, new_ids, new_meta = batch, id_batch, meta
-            present = self._catalog.rows_of(id_batch) if skip and ids is not None else {}
-            if present:  # on_conflict="skip": leave those rows out
-                keep = np.array([i not in present for i in id_batch])
-                rows, new_ids = batch[keep], [i for i in id_batch if i not in present]
-                new_meta = None if meta is None else meta.filter(keep)
-            if new_ids:
-                self._commit([rows], new_ids, new_meta, replace, keep_metadata)
-        if batch.nbytes >= _TRIM_AFTER_BYTES:
-            release_freed_memory()
-        return id_batch
+        return self._writer.upsert(vectors, ids, metadata, keep_metadata)
 
-    def _commit(
+    def add_arrow(
         self,
-        batches: Iterable[np.ndarray],
-        id_batch: list[str],
-        meta: pa.Table | None,
-        replace: bool,
-        keep_metadata: bool,
-    ) -> None:
-        """Write the rows of ``batches`` (checked vectors, ``len(id_batch)`` rows in all, read one batch at a
-        time) and commit them as one: queries and a reopen see all of them or none."""
-        n = len(id_batch)
-        with self._write_lock:
-            self._check_open()
-            existing = self._catalog.rows_of(id_batch)
-            if existing and not replace:
-                raise DuplicateIdError(
-                    f"{len(existing)} id(s) already in the store, e.g. {sorted(existing)[:5]}; "
-                    "pass on_conflict='skip' or 'replace' (or use upsert_vectors)"
-                )
-            if keep_metadata and existing:
-                meta = kept_metadata(meta, self._snap.table.metadata_of([existing.get(i, -1) for i in id_batch]))
-            if meta is not None:
-                self._catalog.check_metadata(meta)
-            start = self._snap.watermark
-            replaced = np.fromiter(existing.values(), dtype=np.int64, count=len(existing))
-            rows = np.arange(start, start + n, dtype=np.int64)
-            try:
-                end = start
-                for batch in batches:
-                    self._append(end, batch)
-                    end += len(batch)
-                if end != start + n:
-                    raise ShapeError(f"got {end - start} vectors for {n} ids")
-                with self._visibility.write():  # queries see all of this write or none of it
-                    stored = self._catalog.commit_rows(start, id_batch, meta, start + n, replace_rows=replaced)
-                    self._publish(rows, replaced, stored)
-            except BaseException as e:
-                # An interruption can land after DuckDB's COMMIT: ask the catalog, never assume.
-                if self._catalog.committed_rows() == start:
-                    try:
-                        self._vectors.truncate(start)
-                    except OSError:
-                        pass  # a full disk: the leftovers past the watermark stay invisible, cleared on open
-                    if isinstance(e, OSError) and not isinstance(e, MRLStoreError):
-                        raise storage_error("write to the store", self.path, e) from e
-                    raise
-                self._resync_after_failure()  # committed: memory must catch up with the catalog
-                raise
-            self._autosave_indexes()
-            self._publisher.committed()
+        data: Any,
+        vector: str | None = "embedding",
+        id: str | None = "id",  # noqa: A002 - the column's name
+        *,
+        image: str | None = None,
+        batch_size: int | None = None,
+        on_conflict: str = "error",
+    ) -> int:
+        """Add the rows of ``data`` (a pa.Table, RecordBatchReader, iterable of RecordBatches, pandas DataFrame
+        or DuckDB relation): vectors from the column ``vector`` (or images, encoded, from the column
+        ``image``: bytes or paths), ids from ``id`` (None: generated, or content hashes for images), every
+        other column as metadata. Streams ``batch_size`` rows at a time (default: 256 MiB of float32
+        vectors), each batch one atomic commit: memory stays bounded, and a failure part way keeps every
+        batch committed before it. Returns the number of rows added. ``on_conflict`` as in ``add_vectors``."""
+        self._check_writable()
+        return add_arrow(self._writer, self._images, data, vector, id, image, batch_size, on_conflict)
 
-    def _append(self, start: int, batch: np.ndarray) -> None:
-        """Rows ``start``... of an uncommitted write: to the bands, and into the HNSW cache before the commit
-        so the visibility lock stays short. Rows past the watermark are invisible to queries; if the commit
-        fails they stay behind as dead labels that the next append of those rows overwrites."""
-        self._vectors.append(start, batch)
-        self._vectors.prefault(start, start + len(batch))
-        rows = np.arange(start, start + len(batch), dtype=np.int64)
-        for d, index in self._indexes.items():
-            index.add(stored_prefix(batch, d, self.dtype), rows)
+    def commit_staged(self, fragments: list[Any]) -> int:
+        """Add the rows of staged fragments (files :func:`mrlstore.inputs.staging.write_fragment` wrote, e.g.
+        by the workers of a Ray write) as one commit: all become visible at once, or, if any fragment is
+        unreadable or any id repeats, none. Returns the number of rows added."""
+        self._check_writable()
+        return self._writer.commit_staged(fragments)
 
-    def _resync_after_failure(self) -> None:
-        """Rebuild the in-memory state (snapshot, indexes) from the committed catalog and the Zarr tier,
-        after a failure between the commit and the in-memory update. If even that fails, the store
-        closes: reopening recovers from disk."""
-        try:
-            watermark = self._catalog.committed_rows()
-            self._snap = self._load_snapshot(watermark, self._snap.version + 1)
-            self._indexes.clear()  # the funnel holds this dict: refill it in place
-            self._indexes.update({d: self._load_index(d, watermark) for d in self.index_dims})
-            self._rows_since_save = {d: 0 for d in self.index_dims}
-        except BaseException:
-            self._closed = True
-            self._catalog.close()
-            self._lock.release()
-            raise
-
-    def _publish(self, rows: np.ndarray, replaced: np.ndarray, stored: pa.Table) -> None:
-        """Make a committed write visible in memory: a new snapshot (``stored``: the new rows' ids and
-        metadata as the catalog stored them), and the indexes' watermark."""
-        snap = self._snap
-        start, end = int(rows[0]), int(rows[-1]) + 1
-        live = snap.live
-        if end > len(live):
-            live = np.zeros(max(end, 2 * len(live)), dtype=bool)
-            live[:start] = snap.live[:start]
-        live[start:end] = True  # past the old watermark: no older snapshot reads these, so filled in place
-        if len(replaced):
-            live = live.copy()  # copy-on-write: an older snapshot keeps the replaced rows live
-            live[replaced] = False
-        n_live = snap.n_live + len(rows) - len(replaced)
-        self._snap = Snapshot(snap.version + 1, end, live, n_live, snap.table.appended(stored))
-        for d, index in self._indexes.items():
-            index.covered_rows = end
-            index.mark_deleted(replaced)
-            self._rows_since_save[d] += len(rows)
+    def staging_shape(self) -> StoreShape:
+        """What workers need to check and write fragments for this store."""
+        return self._writer.shape()
 
     def delete(self, ids: Sequence[str], missing_ok: bool = False) -> int:
         """Delete entries by id; returns how many were deleted. Unknown ids raise unless ``missing_ok``."""
-        self._check_open()
         self._check_writable()
-        ids = id_strings([ids] if isinstance(ids, str) else ids)
-        with self._write_lock:
-            found = self._catalog.rows_of(ids)
-            missing = [i for i in ids if i not in found]
-            if missing and not missing_ok:
-                raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
-            if not found:
-                return 0
-            rows = np.fromiter(found.values(), dtype=np.int64, count=len(found))
-            with self._visibility.write():
-                self._catalog.delete_rows(rows)
-                snap = self._snap
-                live = snap.live.copy()  # copy-on-write: a query in flight keeps its snapshot
-                live[rows] = False
-                self._snap = Snapshot(snap.version + 1, snap.watermark, live, snap.n_live - len(rows), snap.table)
-                for d, index in self._indexes.items():
-                    index.mark_deleted(rows)
-                    self._rows_since_save[d] += 1
-            self._publisher.committed()
-        return len(rows)
+        return self._writer.delete(ids, missing_ok)
 
-    # -- reads -------------------------------------------------------------------------------------
+    # -- reads -----------------------------------------------------------------------------------------
     def get(self, ids: Sequence[str], dims: int | None = None) -> pa.Table:
         """Entries by id, in the order given: id, metadata columns and ``vector`` (the first ``dims``)."""
-        self._check_open()
-        ids = id_strings([ids] if isinstance(ids, str) else ids)
-        d = dims_tuple(dims if dims is not None else self.dim, self.dim)[-1]
-        table = self._catalog.items_for_ids(ids)
-        if table.num_rows != len(ids):
-            found = set(table.column("id").to_pylist())
-            missing = [i for i in ids if i not in found]
-            raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
-        rows = table.column("_row").to_numpy()
-        vectors = self._vectors.gather(rows, 0, d)
-        flat = pa.array(vectors.reshape(-1), pa.float32())
-        table = table.drop_columns("_row").append_column("vector", pa.FixedSizeListArray.from_arrays(flat, d))
-        return table
+        self._state.check_open()
+        return self._reader.get(ids, dims)
 
     def sql(self, query: str) -> pa.Table:
         """Run one read-only SELECT over the catalog (table/view ``items``: id and metadata columns)."""
-        self._check_open()
-        return self._catalog.sql(query)
+        self._state.check_open()
+        return self._reader.sql(query)
 
     @overload
     def query(
@@ -515,63 +316,53 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         """Coarse-to-fine search: shortlist on ``dims[0]``, re-rank on each longer prefix.
 
         One rule: one query (a 1-D vector, a single image) gives one :class:`Hits`; a batch (a 2-D array,
-        a vector column, several images or a folder) gives a :class:`HitsBatch`, one Hits per query (a
-        list; ``to_arrow()`` makes one table). ``where`` is a
-        DuckDB boolean expression over the metadata columns. ``shortlist`` sets the survivors of each stage
-        but the last (an int halves along the funnel); without it, the setting ``tune`` measured for this
-        funnel shape applies (``dims`` omitted: the tuned fastest shape). ``ef`` overrides the HNSW beam.
+        a vector column, several images or a folder) gives a :class:`HitsBatch`, one Hits per query
+        (``to_arrow()`` makes one table). ``where`` is a DuckDB boolean expression over the metadata
+        columns. ``shortlist`` sets the survivors of each stage but the last (an int halves along the
+        funnel); without it, the setting ``tune`` measured for this funnel shape applies (``dims`` omitted:
+        the tuned fastest shape). ``ef`` overrides the HNSW beam.
         """
-        self._check_open()
-        plan = self._plan(dims, k, shortlist, ef)
-        queries, single = self._query_vectors(query, plan.dims[-1])
-        with self._visibility.read():  # one point in time: the snapshot and catalog reads agree
-            self._check_open()
-            snap = self._snap
-            if snap.n_live == 0:
-                raise EmptyStoreError(f"store {self.location} holds no vectors to search")
-            allowed = self._allowed(where, snap) if where is not None else None
-            rows, offsets, scores = self._funnel.run(snap, queries, plan, allowed)
-        hits = snap.hits(rows, offsets, scores, plan.dims, metadata)
-        return hits[0] if single else hits
+        return self._search.query(query, k, dims, where, shortlist, ef, metadata)  # it checks the store is open
 
-    def _plan(self, dims: Any, k: Any, shortlist: Any, ef: Any) -> Plan:
-        """The query plan for these arguments; validated plans are remembered (cleared by ``tune``)."""
-        key = tuning.plan_key(dims, k, shortlist, ef)
-        plan = self._plans.get(key) if key is not None else None
-        if plan is None:
-            plan = tuning.make_plan(self.manifest.get("tuned"), dims, k, shortlist, ef, self.index_dims, self.dim)
-            if key is not None:
-                if len(self._plans) >= _PLAN_CACHE_SIZE:
-                    self._plans.clear()
-                self._plans[key] = plan
-        return plan
+    def query_table(
+        self,
+        queries: Any,
+        k: int = 10,
+        dims: Any = None,
+        *,
+        vector: str = "embedding",
+        image: str | None = None,
+        **options: Any,
+    ) -> pa.Table:
+        """``query`` for a batch of queries, as one table: query (its index), rank (from 1), id, score, and
+        the metadata columns. ``queries`` may be a table (pa.Table, RecordBatch, pandas DataFrame, ...): its
+        column ``vector`` holds the query vectors, or with ``image=`` its column of that name holds images."""
+        self._state.check_open()
+        return self._search.query_table(queries, k, dims, vector, image, **options)
 
-    def _query_vectors(self, query: Any, need: int) -> tuple[np.ndarray, bool]:
-        if looks_like_vectors(query, self.dim) or (self._no_encoder() and looks_like_vectors(query)):
-            return query_batch(query, need, self.dim, self.metric)
-        if is_table(query):
-            raise InvalidInputError(
-                f"query() takes vectors or images, got a {type(query).__name__}: for a table of queries use "
-                "query_table(table, vector='embedding') (or image='<column>')"
-            )
-        encoder = self._image_encoder()
-        vectors, _ = encode_images(encoder, check_images(expand_images(query), skip_errors=False)[0], 64, None)
-        return query_batch(vectors, need, self.dim, self.metric)[0], is_single(query)
+    def scan(
+        self,
+        dims: int | None = None,
+        columns: list[str] | None = None,
+        where: str | None = None,
+        batch_size: int = SCAN_BATCH_ROWS,
+    ) -> pa.RecordBatchReader:
+        """The live entries as a RecordBatchReader (bounded memory): ``id``, the metadata ``columns`` (default
+        all), and ``vector``, the first ``dims`` numbers as float32 (none without ``dims``), in row order;
+        ``where`` filters like in ``query``. A consistent snapshot: later writes do not show."""
+        self._state.check_open()
+        return self._reader.scan(dims, columns, where, batch_size)
 
-    def _allowed(self, where: str, snap: Snapshot) -> np.ndarray:
-        """Live rows of ``snap`` matching ``where``; evaluated once per expression and snapshot version."""
-        version, cache = self._filters
-        if version != snap.version:
-            cache = {}
-            self._filters = (snap.version, cache)
-        allowed = cache.get(where)
-        if allowed is None:
-            allowed = self._catalog.filter_rows(where)
-            allowed = allowed[(allowed >= 0) & (allowed < snap.watermark)]
-            allowed = allowed[snap.live[allowed]]
-            if len(cache) < _FILTER_CACHE_SIZE:
-                cache[where] = allowed
-        return allowed
+    def to_arrow(self, dims: int | None = None, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+        """``scan(...)`` as one table."""
+        return self.scan(dims, columns, where).read_all()
+
+    def export_parquet(
+        self, dest: str | os.PathLike[str], dims: int | None = None, columns: list[str] | None = None
+    ) -> int:
+        """Write ``scan(dims, columns)`` to one Parquet file, atomically, in bounded memory; returns how many
+        rows. ``add_arrow(pq.ParquetFile(dest).iter_batches(), vector="vector")`` reads it back."""
+        return write_parquet(self.scan(dims, columns), Path(dest))
 
     def tune(
         self,
@@ -585,42 +376,69 @@ class Store(IndexCache, ImageInputs, ArrowIO, Maintenance, Versions):
         """For every funnel shape users pass (each indexed prefix straight to ``dim``, and through the band
         edges), measure the cheapest first-stage shortlist (and HNSW beam) whose recall@k against exact
         full-``dim`` search reaches ``recall``, on ``sample`` of the store's own rows as queries (each one's
-        own row excluded), or on up to ``sample`` of ``queries`` (full-``dim`` vectors or images like those
-        users will send: a store's own rows can be easier to find than new photos). Persisted: ``query``
-        uses the setting of the shape it runs (``dims`` omitted: the fastest shape that reached the
-        target). Shapes that miss the target within the shortlist budget keep their best effort and are
-        named in a warning; when none reaches it, TuningError is raised and the previous settings stay."""
-        self._check_open()
+        own row excluded), or on up to ``sample`` of ``queries`` (vectors or images like those users will
+        send). Persisted: ``query`` uses the setting of the shape it runs (``dims`` omitted: the fastest
+        shape that reached the target). Shapes that miss the target keep their best effort and are named in
+        a warning; when none reaches it, TuningError is raised and the previous settings stay."""
         self._check_writable()
-        held_out = self._query_vectors(queries, self.dim)[0] if queries is not None else None
-        k = positive_int(k, "k")
-        if not 0 < recall <= 1:
-            raise InvalidInputError(f"recall must be in (0, 1], got {recall}")
-        sample = positive_int(sample, "sample")
-        shapes = (
-            [dims_tuple(dims, self.dim)]
-            if dims is not None
-            else tuning.funnel_shapes(self.index_dims, self.bands, self.dim)
-        )
-        with self._write_lock:
-            snap = self._snap
-            if snap.n_live <= k + 1:
-                raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
-            choice = tuning.tune(
-                self._funnel, snap, shapes, recall, k, sample, seed, self.dim,
-                lambda rows: self._vectors.gather(rows, 0, self.dim), held_out,
-            )  # fmt: skip
-            self._catalog.set_manifest("tuned", choice)
-            self.manifest["tuned"] = choice
-            self._plans = {}
-            self._publisher.committed()
-        return TuneResult(**choice)
+        return self._search.tune(recall, k, sample, dims, seed, queries)
+
+    # -- versions and upkeep ---------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Save every HNSW index that changed since its last save (atomically)."""
+        self._check_writable()
+        with self._state.write_lock:
+            self._state.indexes.checkpoint()
+
+    def refresh(self) -> bool:
+        """Readers: move to the newest version the writer published (or uploaded); True if there was a newer
+        one. Queries in flight finish on the version they started with. Writers: always False."""
+        self._state.check_open()
+        state, versions = self._state, self._versions
+        return versions.refresh(state, lambda switch: opening.reopen(state, versions, switch))
+
+    def publish(self, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload the store's committed state to object storage (``s3://bucket/prefix``) as a new version
+        that ``mrlstore.open(url, read_only=True)`` opens anywhere. Atomic (its HEAD object is written last)
+        and incremental (only chunks the previous version lacks). Returns the new HEAD."""
+        self._state.check_open()
+        return self._versions.publish(self._state, url, storage_options)
+
+    def snapshot(self, dest: str | os.PathLike[str]) -> Path:
+        """Write a consistent copy of the store to ``dest`` (which must not exist) and return its path; other
+        processes read it meanwhile: ``mrlstore.open(dest, read_only=True)``."""
+        self._state.check_open()
+        return self._upkeep.snapshot(dest)
+
+    def verify(self) -> list[str]:
+        """What is wrong with the store's files against its commits (empty when consistent); see
+        :mod:`mrlstore.upkeep.verify`."""
+        self._state.check_open()
+        return self._upkeep.verify()
+
+    def compact(self) -> CompactResult:
+        """Rewrite the store without its deleted rows, crash-safely (a crash leaves the old or the new store,
+        never a mix); a store of an older format version is rewritten in the newest even with nothing
+        deleted. See :mod:`mrlstore.upkeep.compaction`."""
+        self._check_writable()
+        return self._upkeep.compact()
+
+    def _check_writable(self) -> None:
+        self._state.check_open()
+        if self.read_only:
+            if self._versions.remote is not None:
+                raise ReadOnlyError(
+                    f"store {self.location} is on object storage, which is read-only: write to a local store "
+                    "and upload it with store.publish(url)"
+                )
+            raise ReadOnlyError(f"store {self.location} was opened with read_only=True")
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     path: str | os.PathLike[str],
     dim: int | None = None,
     *,
+    config: StoreConfig | None = None,
     bands: Sequence[int] | None = None,
     metric: str | None = None,
     dtype: str | None = None,
@@ -634,7 +452,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     cache_dir: str | os.PathLike[str] | None = None,
     local_dims: int = 0,
 ) -> Store:
-    """Open the store at ``path``, creating it when absent.
+    """Open the store at ``path``, creating it when absent. ``config`` (a :class:`StoreConfig`) gives the
+    options below as one value; keywords given beside it override its fields.
 
     A new store takes its ``dim`` from ``dim``, else from ``encoder``, else it is a 2048-d store for the
     bundled MRL image encoder (loaded on the first ``add``/``query`` of images).
@@ -651,19 +470,9 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     bands ending at or before ``local_dims`` (e.g. 256) are downloaded whole into the cache instead, so a
     query fetches only its last stages' rows.
     """
-    return Store(
-        path,
-        dim,
-        bands=bands,
-        metric=metric,
-        dtype=dtype,
-        index_dims=index_dims,
-        chunk_rows=chunk_rows,
-        hnsw_m=hnsw_m,
-        ef_construction=ef_construction,
-        read_only=read_only,
-        encoder=encoder,
-        storage_options=storage_options,
-        cache_dir=cache_dir,
-        local_dims=local_dims,
-    )
+    given = (config if config is not None else StoreConfig()).replaced(
+        dim=dim, bands=bands, metric=metric, dtype=dtype, index_dims=index_dims, chunk_rows=chunk_rows,
+        hnsw_m=hnsw_m, ef_construction=ef_construction, read_only=read_only, encoder=encoder,
+        storage_options=storage_options, cache_dir=cache_dir, local_dims=local_dims,
+    )  # fmt: skip
+    return Store(path, given)

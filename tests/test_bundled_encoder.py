@@ -114,7 +114,7 @@ def test_a_folder_through_the_bundled_encoder_as_the_readme_shows(tmp_path):
 
 
 def test_a_store_made_with_other_bundled_weights_refuses_image_queries_but_not_vectors(tmp_path, monkeypatch):
-    from mrlstore import store as store_module
+    from mrlstore.upkeep import opening
 
     files = [str(p) for p in sorted(IMAGES.rglob("*.jpg"))[::20]]
     with mrlstore.open(tmp_path / "now.mrl") as store:
@@ -122,7 +122,7 @@ def test_a_store_made_with_other_bundled_weights_refuses_image_queries_but_not_v
         assert store.info()["encoder"] == "bundled"
         assert store.manifest["encoder_weights"] == encoder_module.sha256_of(encoder_module.BUNDLED_WEIGHTS)
     # a store made by a release that shipped other weights (here: the installed file seen with another hash)
-    monkeypatch.setattr(store_module, "bundled_weights_id", lambda: "0" * 64)
+    monkeypatch.setattr(opening, "bundled_weights_id", lambda: "0" * 64)
     with mrlstore.open(tmp_path / "old.mrl") as store:
         store.add_vectors(np.eye(2, 2048, dtype=np.float32), ids=["a", "b"])
     monkeypatch.undo()

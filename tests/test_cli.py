@@ -83,7 +83,7 @@ def _zeroed(x: np.ndarray, path: Path, chunk: str, span) -> Path:
     with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,), chunk_rows=128) as s:
         s.add_vectors(x)
         assert s.verify() == []
-        start = next(a.data_offset for a in s._vectors.arrays if (path / chunk).is_relative_to(a.dir))
+        start = next(a.data_offset for a in s._state.vectors.arrays if (path / chunk).is_relative_to(a.dir))
     data = bytearray((path / chunk).read_bytes())
     lo, hi = span(start, len(data))
     data[lo:hi] = bytes(hi - lo)

@@ -284,8 +284,10 @@ class Checker:
             for i, h in zip(probe, approx):
                 if h.ids[0] == i or abs(float(h.scores[0]) - 1.0) < 1e-4:
                     continue
-                row = store._catalog.rows_of([i])[i]
-                assert store._indexes[INDEX_DIM].holds(row), f"{label}: live row {i} is missing from the HNSW cache"
+                row = store._state.catalog.rows_of([i])[i]
+                assert store._state.indexes[INDEX_DIM].holds(row), (
+                    f"{label}: live row {i} is missing from the HNSW cache"
+                )
                 misses += 1
             assert misses <= max(1, len(probe) // 200), f"{label}: {misses} HNSW misses among {len(probe)} rows"
             self.stats.hnsw_misses += misses

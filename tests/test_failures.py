@@ -40,7 +40,7 @@ def test_index_failure_before_the_commit_changes_nothing(tmp_path, rng, monkeypa
 
 
 def test_failure_after_the_commit_keeps_the_write_and_the_store_usable(tmp_path, rng, monkeypatch):
-    from mrlstore.store import Store
+    from mrlstore.write.writer import Writer
 
     x = rng.standard_normal((30, 64)).astype(np.float32)
     with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
@@ -50,7 +50,7 @@ def test_failure_after_the_commit_keeps_the_write_and_the_store_usable(tmp_path,
             raise MemoryError("simulated failure while publishing a committed write")
 
         with monkeypatch.context() as m:
-            m.setattr(Store, "_publish", failing_publish)
+            m.setattr(Writer, "_show", failing_publish)
             with pytest.raises(MemoryError):
                 store.add_vectors(x[10:20], ids=[f"b{i}" for i in range(10)])
         assert len(store) == 20  # committed before the failure: durable and visible after the resync
@@ -141,21 +141,21 @@ def test_writers_are_not_starved_by_searches(rng):
 
 
 def test_a_query_during_a_commit_sees_one_point_in_time(tmp_path, rng, monkeypatch):
-    from mrlstore.store import Store
+    from mrlstore.write.writer import Writer
 
     x = rng.standard_normal((50, 64)).astype(np.float32)
     new = rng.standard_normal((1, 64)).astype(np.float32)
     with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
         store.add_vectors(x, ids=[f"a{i}" for i in range(50)], metadata=[{"g": i % 2} for i in range(50)])
         publishing = threading.Event()
-        original = Store._publish
+        original = Writer._show
 
         def slow_publish(self, *args, **kwargs):
             publishing.set()
             threading.Event().wait(0.3)  # hold the commit/publish window open
             return original(self, *args, **kwargs)
 
-        monkeypatch.setattr(Store, "_publish", slow_publish)
+        monkeypatch.setattr(Writer, "_show", slow_publish)
         writer = threading.Thread(target=store.upsert_vectors, args=(new, ["a0"]), kwargs={"metadata": [{"g": 0}]})
         writer.start()
         assert publishing.wait(30)

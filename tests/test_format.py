@@ -62,7 +62,7 @@ def test_compacting_a_v1_store_makes_it_v3_with_row_norms(fixture_copy):
         before = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
         store.compact()
         assert store.manifest["format_version"] == 3
-        assert store._vectors.norms is not None and all(a.sharded for a in store._vectors.arrays)
+        assert store._state.vectors.norms is not None and all(a.sharded for a in store._state.vectors.arrays)
         after = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
     assert after == before
     group = zarr.open_group(str(path / "vectors"), mode="r")
@@ -127,7 +127,7 @@ def test_a_version_2_store_keeps_its_layout_until_compacted(tmp_path, monkeypatc
     chunk = path / "vectors" / "band_00008_00032" / "c" / "0" / "0"
     assert chunk.stat().st_size == 64 * 24 * 2  # plain: full-size
     with mrlstore.open(path) as store:
-        assert store.manifest["format_version"] == 2 and not any(a.sharded for a in store._vectors.arrays)
+        assert store.manifest["format_version"] == 2 and not any(a.sharded for a in store._state.vectors.arrays)
         store.add_vectors(x[20:], ids=[str(i) for i in range(20, 50)])
         assert store.verify() == [] and store.query(x[33], k=1, dims=[32]).ids == ["33"]
     assert chunk.stat().st_size == 64 * 24 * 2
@@ -135,7 +135,7 @@ def test_a_version_2_store_keeps_its_layout_until_compacted(tmp_path, monkeypatc
     np.testing.assert_array_equal(group["band_00008_00032"][:], x[:, 8:].astype(np.float16))
     with mrlstore.open(path) as store:
         store.compact()
-        assert store.manifest["format_version"] == 3 and all(a.sharded for a in store._vectors.arrays)
+        assert store.manifest["format_version"] == 3 and all(a.sharded for a in store._state.vectors.arrays)
         assert store.query(x[33], k=1, dims=[32]).ids == ["33"]
     np.testing.assert_array_equal(
         zarr.open_group(str(path / "vectors"), mode="r")["band_00008_00032"][:], x[:, 8:].astype(np.float16)
@@ -151,7 +151,7 @@ def test_concurrent_reads_of_a_grown_chunk_keep_every_kernel_address_mapped(tmp_
     with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,), chunk_rows=65536) as store:
         store.add_vectors(x[:10], ids=[f"a{i}" for i in range(10)])
         store.query(x[0], k=3, dims=[8, 16])  # the kernels' addresses of chunk 0 at its first size
-        store._vectors.prefault_rows = 0  # as in a store past a quarter of RAM: appends do not map again
+        store._state.vectors.prefault_rows = 0  # as in a store past a quarter of RAM: appends do not map again
         store.add_vectors(x[10:], ids=[f"b{i}" for i in range(5000)])  # chunk 0's file grows
         real = np.memmap
 
@@ -169,7 +169,7 @@ def test_concurrent_reads_of_a_grown_chunk_keep_every_kernel_address_mapped(tmp_
         for t in threads:
             t.join()
         monkeypatch.setattr(zarr_bands.np, "memmap", real)
-        for band in store._vectors.bands:
+        for band in store._state.vectors.bands:
             alive = {int(m.ctypes.data) for m in [*band._maps.values(), *band._retired]}
             assert {int(a) for a in band._kernel[1]} <= alive  # a dropped map would leave a dangling pointer
         assert store.query(x[4000], k=1, dims=[8, 16]).ids == ["b3990"]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import mrlstore
-from mrlstore.inputs.images import looks_like_vectors
+from mrlstore.inputs.classify import looks_like_vectors
 
 
 class PixelEncoder:

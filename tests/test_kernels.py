@@ -8,7 +8,7 @@ import pytest
 
 import mrlstore
 from mrlstore import kernels, scoring
-from mrlstore.query import funnel as search
+from mrlstore.query import plan as query_plan
 from mrlstore.scoring import METRICS
 
 needs_native = pytest.mark.skipif(not kernels.NATIVE, reason="built without a C compiler: numpy twins only")
@@ -24,12 +24,12 @@ def test_top_orders_best_first_with_stable_ties():
 
 
 def test_default_shortlists_follow_the_paper():
-    assert search.default_shortlists(10, 2) == [200]
-    assert search.default_shortlists(10, 4) == [200, 100, 50]
-    assert search.default_shortlists(50, 3) == [1000, 500]
-    assert search.shortlist_sizes([30, 20], 5, 3) == [30, 20]
+    assert query_plan.default_shortlists(10, 2) == [200]
+    assert query_plan.default_shortlists(10, 4) == [200, 100, 50]
+    assert query_plan.default_shortlists(50, 3) == [1000, 500]
+    assert query_plan.shortlist_sizes([30, 20], 5, 3) == [30, 20]
     with pytest.raises(ValueError):
-        search.shortlist_sizes([30], 5, 3)
+        query_plan.shortlist_sizes([30], 5, 3)
 
 
 def test_zero_prefixes_score_zero_under_cosine():
@@ -65,7 +65,7 @@ def test_refine_kernel_matches_the_numpy_twin_and_the_reference(loaded, metric):
     queries = rng.standard_normal((4, 64)).astype(np.float32)
     per_query = [np.sort(rng.choice(700, size=n, replace=False)) for n in (90, 1, 300, 0)]
     rows, offsets = _flat(per_query)
-    got = {n: kernels.refine(store._vectors, rows, offsets, queries, (20, 50), (30, 7), metric, native=n)
+    got = {n: kernels.refine(store._state.vectors, rows, offsets, queries, (20, 50), (30, 7), metric, native=n)
            for n in (True, False)}  # fmt: skip
     (rows_n, off_n, s_n), (rows_p, off_p, s_p) = got[True], got[False]
     assert off_n.tolist() == off_p.tolist() == [0, 7, 8, 15, 15]
@@ -85,10 +85,11 @@ def test_refine_kernel_uses_threads_on_large_batches_with_the_same_result(loaded
     rng = np.random.default_rng(7)
     queries = rng.standard_normal((64, 64)).astype(np.float32)
     rows, offsets = _flat([np.sort(rng.choice(690, 600, replace=False)) + 10 for _ in range(64)])
-    with_threads = kernels.refine(store._vectors, rows, offsets, queries, (8, 24, 64), (200, 50, 10), "cosine")
+    with_threads = kernels.refine(store._state.vectors, rows, offsets, queries, (8, 24, 64), (200, 50, 10), "cosine")
     spans = list(zip(offsets[:-1], offsets[1:]))
+    vectors = store._state.vectors
     one_by_one = [
-        kernels.refine(store._vectors, rows[a:b], np.array([0, b - a]), queries[i : i + 1], (8, 24, 64), (200, 50, 10),
+        kernels.refine(vectors, rows[a:b], np.array([0, b - a]), queries[i : i + 1], (8, 24, 64), (200, 50, 10),
                        "cosine") for i, (a, b) in enumerate(spans)
     ]  # fmt: skip
     assert with_threads[0].tolist() == np.concatenate([r[0] for r in one_by_one]).tolist()
@@ -99,14 +100,14 @@ def test_refine_kernel_uses_threads_on_large_batches_with_the_same_result(loaded
 @pytest.mark.parametrize("n_queries", [1, 4])
 def test_scan_kernel_matches_the_numpy_twin_and_the_reference(loaded, metric, n_queries):
     store, x = loaded
-    snap = store._snap
+    snap = store._state.snap
     queries = np.random.default_rng(3).standard_normal((n_queries, 64)).astype(np.float32)
     allowed = np.flatnonzero(snap.live[: snap.watermark])[::3]
     for kw, candidates in (
         ({"stop": snap.watermark, "live": snap.live}, np.flatnonzero(snap.live[: snap.watermark])),
         ({"rows": allowed}, allowed),
     ):
-        got = {n: kernels.scan(store._vectors, queries, 40, 12, metric, native=n, **kw) for n in (True, False)}
+        got = {n: kernels.scan(store._state.vectors, queries, 40, 12, metric, native=n, **kw) for n in (True, False)}
         assert got[True][0].tolist() == got[False][0].tolist()
         assert got[True][2].tolist() == got[False][2].tolist() == list(range(0, 12 * n_queries + 1, 12))
         np.testing.assert_allclose(got[True][1], got[False][1], rtol=1e-5, atol=1e-6)
@@ -124,11 +125,11 @@ def test_one_query_block_scans_match_the_numpy_twin(loaded, metric, d, n):
     """The one-query scan in blocks of eight rows (d=8: the first band, squared norms read from row_norms;
     n=300 and 250: the cheap top-n cuts its buffer several times) over chunks of 64 rows with deleted rows."""
     store, x = loaded
-    snap = store._snap
+    snap = store._state.snap
     rng = np.random.default_rng(11)
     for q in (x[[200]] + 0.1 * rng.standard_normal((1, 64)), rng.standard_normal((1, 64))):
         q = q.astype(np.float32)
-        got = {m: kernels.scan(store._vectors, q, d, n, metric, stop=snap.watermark, live=snap.live, native=m)
+        got = {m: kernels.scan(store._state.vectors, q, d, n, metric, stop=snap.watermark, live=snap.live, native=m)
                for m in (True, False)}  # fmt: skip
         assert got[True][0].tolist() == got[False][0].tolist()
         # l2 near a stored row: sqrt(sq - 2 dot + qq) cancels, float32 sums differ by ~1e-5 there
@@ -144,9 +145,9 @@ def test_scan_kernel_uses_threads_on_large_scans_with_the_same_result(tmp_path):
     x = rng.standard_normal((20000, 128)).astype(np.float32)
     with mrlstore.open(tmp_path / "s", dim=128, bands=(16, 128), index_dims=(16,), chunk_rows=3000) as store:
         store.add_vectors(x)
-        snap = store._snap
+        snap = store._state.snap
         q = rng.standard_normal((1, 128)).astype(np.float32)
-        got = [kernels.scan(store._vectors, q, 128, 50, "cosine", stop=snap.watermark, live=snap.live, native=n)
+        got = [kernels.scan(store._state.vectors, q, 128, 50, "cosine", stop=snap.watermark, live=snap.live, native=n)
                for n in (True, False)]  # fmt: skip
         assert got[0][0].tolist() == got[1][0].tolist()
 
@@ -161,7 +162,7 @@ def test_portable_scoring_loops_agree_with_simd(loaded):
     out = []
     for simd in (True, False):
         native.set_simd(simd)
-        out.append(kernels.refine(store._vectors, rows, offsets, q, (8, 64), (50, 20), "l2"))
+        out.append(kernels.refine(store._state.vectors, rows, offsets, q, (8, 64), (50, 20), "l2"))
     native.set_simd(True)
     assert out[0][0].tolist() == out[1][0].tolist()
     np.testing.assert_allclose(out[0][2], out[1][2], rtol=1e-4, atol=1e-4)
@@ -218,11 +219,11 @@ def test_bounded_last_stage_returns_what_reading_every_row_returns(loaded, metri
     live = np.setdiff1d(np.arange(len(stored)), np.arange(5, 10))
     rows, offsets = _flat([live, live[::3], live[100:400], live])
     dims, keeps = stages
-    assert store._vectors.kernel_norms(len(stored)) is not None
-    bounded = kernels.refine(store._vectors, rows, offsets, queries, dims, keeps, metric)
-    twin = kernels.refine(store._vectors, rows, offsets, queries, dims, keeps, metric, native=False)
-    monkeypatch.setattr(store._vectors, "kernel_norms", lambda rows_needed: None)
-    unbounded = kernels.refine(store._vectors, rows, offsets, queries, dims, keeps, metric)
+    assert store._state.vectors.kernel_norms(len(stored)) is not None
+    bounded = kernels.refine(store._state.vectors, rows, offsets, queries, dims, keeps, metric)
+    twin = kernels.refine(store._state.vectors, rows, offsets, queries, dims, keeps, metric, native=False)
+    monkeypatch.setattr(store._state.vectors, "kernel_norms", lambda rows_needed: None)
+    unbounded = kernels.refine(store._state.vectors, rows, offsets, queries, dims, keeps, metric)
     for other in (twin, unbounded):
         assert bounded[0].tolist() == other[0].tolist()
         assert bounded[1].tolist() == other[1].tolist()
@@ -234,7 +235,7 @@ def test_bounded_last_stage_returns_what_reading_every_row_returns(loaded, metri
 
 def test_row_norms_hold_each_bands_squared_norm_as_stored(loaded):
     store, stored = loaded
-    norms = store._vectors.norms
+    norms = store._state.vectors.norms
     got = np.vstack([norms.mapped(c) for c in range(-(-len(stored) // norms.chunk_rows))])[: len(stored)]
     want = np.stack([(stored[:, a:b].astype(np.float64) ** 2).sum(1) for a, b in ((0, 8), (8, 24), (24, 64))], 1)
     np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -66,7 +66,7 @@ def test_a_published_store_answers_like_the_local_one_reading_only_what_queries_
     assert head["version"] == 1 and head["committed_rows"] == 3000
     remote = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
     try:
-        assert remote._remote.requests == 0, "opening downloads the small parts only"
+        assert remote._versions.remote.requests == 0, "opening downloads the small parts only"
         assert len(remote) == 3000 and remote.info()["version"] == 1
         for dims, where in [
             ([16, DIM], None),
@@ -85,9 +85,9 @@ def test_a_published_store_answers_like_the_local_one_reading_only_what_queries_
             == store.get(["r42"], dims=DIM).column("vector")[0].as_py()
         )
         assert remote.sql('SELECT count(*) AS n FROM items WHERE "group" = 1').column("n")[0].as_py() == 750
-        before = remote._remote.bytes
+        before = remote._versions.remote.bytes
         remote.query(vectors[7], k=10, dims=[16, DIM])
-        assert 0 < remote._remote.bytes - before < 1000 * DIM * 2, "a funnel query reads shortlisted rows only"
+        assert 0 < remote._versions.remote.bytes - before < 1000 * DIM * 2, "a funnel query reads shortlisted rows only"
         with pytest.raises(mrlstore.ReadOnlyError, match=f"{url} is on object storage.*publish"):
             remote.add_vectors(vectors[:1], ids=["x"])
         assert url in repr(remote) and remote.info()["path"] == url and remote.location == url
@@ -237,9 +237,9 @@ def test_short_bands_kept_local_leave_only_the_last_stage_remote(tmp_path, optio
     with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c", local_dims=64) as remote:
         got = remote.query(vectors[:5], k=5, dims=[16, 64, DIM])
         assert [h.ids for h in got] == [h.ids for h in want]
-        opened = list(remote._remote._files)  # the objects read from: the 64-256 band's only
+        opened = list(remote._versions.remote._files)  # the objects read from: the 64-256 band's only
         assert opened and all("/band_00064_00256/" in key for key in opened)
-        assert remote._remote.bytes <= 2000 * (DIM - 64) * 2
+        assert remote._versions.remote.bytes <= 2000 * (DIM - 64) * 2
 
 
 def test_another_store_is_never_published_over_one(tmp_path, options, bucket):

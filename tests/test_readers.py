@@ -121,7 +121,7 @@ def test_refresh_brings_adds_deletes_and_tuning(tmp_path):
             writer.add_vectors(vectors[300:], ids=[str(i) for i in range(300, 400)])
             writer.delete(["5"])
             writer.tune(recall=0.5, sample=50)
-            writer._publisher.close()  # publish now instead of within the interval
+            writer._versions.close()  # publish now instead of within the interval
             assert len(reader) == 300, "a reader stays on its version until it refreshes"
             assert reader.refresh() is True
             assert len(reader) == 399

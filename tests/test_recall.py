@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mrlstore
-from mrlstore.query.funnel import shortlist_sizes
+from mrlstore.query.plan import shortlist_sizes
 from mrlstore.testing import exact_funnel, exact_search, mrl_like_split, recall_at_k
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 import mrlstore
-from mrlstore.query import tuning
+from mrlstore.query import plan as query_plan
 from mrlstore.testing import mrl_like
 from mrlstore.tiers.rows import RowTable
 
@@ -130,18 +130,18 @@ def test_tune_covers_every_shape_and_query_with_dims_uses_its_setting(mrl_store)
     assert "tried" not in store.info()["tuned"]
     for key, setting in choice["shapes"].items():
         dims = [int(d) for d in key.split(",")]
-        plan = tuning.make_plan(store.manifest["tuned"], dims, 10, None, None, store.index_dims, store.dim)
+        plan = query_plan.make_plan(store.manifest["tuned"], dims, 10, None, None, store.index_dims, store.dim)
         assert plan.dims == tuple(dims) and plan.sizes[0] == setting["shortlist"]
         if setting["reached"]:
             assert setting["recall"] >= 0.9
         got = store.query(x[:20], k=10, dims=dims, metadata=False)
-        sizes = tuning.tapered_sizes(setting["shortlist"], 10, len(dims), setting["taper"])
+        sizes = query_plan.tapered_sizes(setting["shortlist"], 10, len(dims), setting["taper"])
         explicit = store.query(x[:20], k=10, dims=dims, shortlist=sizes, ef=setting["ef"], metadata=False)
         assert [h.ids for h in got] == [h.ids for h in explicit]
     # k=20 scales the tuned shortlist; an explicit shortlist overrides the tuning
-    plan = tuning.make_plan(store.manifest["tuned"], [16, 256], 20, None, None, store.index_dims, store.dim)
+    plan = query_plan.make_plan(store.manifest["tuned"], [16, 256], 20, None, None, store.index_dims, store.dim)
     assert plan.sizes[0] == 2 * choice["shapes"]["16,256"]["shortlist"]
-    plan = tuning.make_plan(store.manifest["tuned"], [16, 256], 10, 77, None, store.index_dims, store.dim)
+    plan = query_plan.make_plan(store.manifest["tuned"], [16, 256], 10, 77, None, store.index_dims, store.dim)
     assert plan.sizes == (77,)
 
 

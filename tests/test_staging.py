@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 import mrlstore
-from mrlstore.inputs.staging import STAGING_DIR, write_fragment
+from mrlstore.inputs.staging import write_fragment
+from mrlstore.tiers.layout import STAGING_DIR
 
 DIM = 32
 

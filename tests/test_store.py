@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 import mrlstore
-from mrlstore.query.funnel import shortlist_sizes
+from mrlstore.query.plan import shortlist_sizes
 from mrlstore.testing import exact_funnel, mrl_like
 
 
@@ -285,9 +285,7 @@ def test_each_engine_is_imported_by_one_module_only():
         "zarr": {"tiers/bands.py"}, "hnswlib": {"tiers/hnsw.py"}, "duckdb": {"tiers/catalog.py"},
         "torch": {"encoder/model.py"}, "ray": {"integrations/ray.py"},
     }  # fmt: skip
-    client = [
-        p.relative_to(package).as_posix() for p in package.rglob("*.py") if "pyarrow.fs" in p.read_text()
-    ]
+    client = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if "pyarrow.fs" in p.read_text()]
     assert client == ["tiers/objectstore.py"]
 
 

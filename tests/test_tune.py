@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import mrlstore
+from mrlstore.query import plan as query_plan
 from mrlstore.query import tuning
 from mrlstore.testing import exact_search, mrl_like, recall_at_k
 
@@ -65,7 +66,7 @@ def test_tuned_setting_is_persisted_and_used_by_default(tuned_store):
     with mrlstore.open(path, read_only=True) as store:
         assert store.manifest["tuned"]["shortlist"] == choice["shortlist"]
         default = store.query(queries, k=10, metadata=False)
-        sizes = tuning.tapered_sizes(choice["shortlist"], 10, len(choice["dims"]), choice["taper"])
+        sizes = query_plan.tapered_sizes(choice["shortlist"], 10, len(choice["dims"]), choice["taper"])
         explicit = store.query(queries, k=10, dims=choice["dims"], shortlist=sizes, ef=choice["ef"], metadata=False)
         assert [h.ids for h in default] == [h.ids for h in explicit]
         truth = exact_search(x.astype(np.float16).astype(np.float32), queries, 10)
@@ -77,13 +78,13 @@ def test_a_tapered_setting_gives_the_last_re_rank_half_as_many(tuned_store):
     three = [t for t in choice["tried"] if len(t["dims"]) == 3]
     assert {t["taper"] for t in three} == {1, 2}  # the three-stage shape was measured both ways
     tuned = {"dims": [16, 64, 256, 2048], "shortlist": 200, "ef": 200, "k": 10, "taper": 2}
-    plan = tuning.make_plan(tuned, None, 10, None, None, (16,), 2048)
+    plan = query_plan.make_plan(tuned, None, 10, None, None, (16,), 2048)
     assert plan.sizes == (200, 100, 25) and plan.ef == 200
-    assert tuning.make_plan(tuned, None, 5, None, None, (16,), 2048).sizes == (100, 50, 12)  # scaled with k
-    halving = tuning.make_plan({**tuned, "taper": 1}, None, 10, None, None, (16,), 2048)
+    assert query_plan.make_plan(tuned, None, 5, None, None, (16,), 2048).sizes == (100, 50, 12)  # scaled with k
+    halving = query_plan.make_plan({**tuned, "taper": 1}, None, 10, None, None, (16,), 2048)
     assert halving.sizes == (200, 100, 50)
     old = {key: v for key, v in tuned.items() if key != "taper"}  # tuned before tapering existed
-    assert tuning.make_plan(old, None, 10, None, None, (16,), 2048).sizes == (200, 100, 50)
+    assert query_plan.make_plan(old, None, 10, None, None, (16,), 2048).sizes == (200, 100, 50)
 
 
 def test_tune_rejects_bad_arguments(tuned_store, tmp_path):

@@ -22,12 +22,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mrlstore.encoder import bundled
 from mrlstore.errors import EncoderUnavailableError, InvalidInputError
 from mrlstore.inputs import images
+from mrlstore.results import Failure
 
 IMAGE_SIZE = 128  # input size of encoder files whose metadata names none (v1, v2)
 NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-WEIGHTS_DIR = images.BUNDLED_WEIGHTS_DIR
+WEIGHTS_DIR = bundled.BUNDLED_WEIGHTS_DIR
 BUNDLED_WEIGHTS = WEIGHTS_DIR / "mrl_lite0.pt"
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of EfficientNet-B0's seven stages.
@@ -200,7 +202,7 @@ class ImageEncoder:
         batch_size: int = 64,
         progress: bool | None = None,
         skip_errors: bool = False,
-        failures: list[images.Failure] | None = None,
+        failures: list[Failure] | None = None,
     ) -> np.ndarray:
         """Encode images (paths, folders, bytes, PIL images, arrays, tensors: see :mod:`mrlstore.inputs.images`).
 
@@ -223,7 +225,7 @@ class ImageEncoder:
                         if not skip_errors:
                             raise
                         if failures is not None:
-                            failures.append(images.Failure(index, item.describe(), str(e)))
+                            failures.append(Failure(index, item.describe(), str(e)))
                 if arrays:
                     out.append(self._embed(np.stack(arrays)))
                 bar.update(min(batch_size, len(items) - lo))
@@ -278,7 +280,7 @@ def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None 
         )
         raise EncoderUnavailableError(f"encoder weights not found at {weights}{hint}")
     if path is None:
-        if sha256_of(weights) != images.bundled_weights_id():
+        if sha256_of(weights) != bundled.bundled_weights_id():
             raise EncoderUnavailableError(f"bundled weights {weights} fail their sha256 check (corrupt install?)")
     try:
         blob = torch.load(weights, map_location="cpu", weights_only=True)

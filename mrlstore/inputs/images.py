@@ -1,13 +1,8 @@
-"""Image inputs: telling them from vectors, finding the files, stable ids, and decoding to RGB arrays.
+"""Image inputs: finding the files, checking them, stable ids, and decoding to RGB arrays.
 
 Imports neither torch nor the encoder: the store checks every input here before anything is encoded, then
-hands the encoder decoded images (uint8 HxWx3 arrays) a batch at a time.
-
-The rule (``add``/``query``): a 1-D numeric array or list is one vector; a 2-D numeric array (not uint8)
-whose width is the store's ``dim``, or a list of such rows, is a batch of vectors; everything else is an
-image or a collection of images: paths and folders (recursive, image files only, sorted), ``bytes`` and
-binary file objects holding an encoded image, PIL images, uint8 arrays of any shape (HxW, HxWx3, HxWx4,
-NxHxWx3), other arrays of 3 or 4 dimensions or 2-D with another width (HxW grayscale), tensors likewise.
+hands the encoder decoded images (uint8 HxWx3 arrays) a batch at a time. What counts as an image rather
+than vectors is decided once, in :mod:`mrlstore.inputs.classify`.
 """
 
 from __future__ import annotations
@@ -15,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +19,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from mrlstore.errors import DuplicateIdError, EncoderUnavailableError, InvalidInputError, UnreadableImageError
-from mrlstore.inputs.arrow import is_vector_column
-from mrlstore.inputs.vectors import first_positions, id_list, metadata_table, positive_int
-from mrlstore.tiers.params import BUNDLED_ENCODER
+from mrlstore.errors import EncoderUnavailableError, InvalidInputError, UnreadableImageError
+from mrlstore.inputs.vectors import first_positions, id_list, metadata_table
+from mrlstore.results import Failure
 
-COMMIT_EVERY = 1024  # images per commit of an add: 8 MiB of 2048-d float32 vectors, ~10 s of encoding on 2 cores
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
-
-
-@dataclass
-class Failure:
-    """An input that could not be read: its position among the inputs, where it came from, why."""
-
-    index: int
-    source: str
-    reason: str
 
 
 @dataclass
@@ -55,43 +39,12 @@ class ImageItem:
         return self.path if self.path is not None else type(self.value).__name__
 
 
-def _is_tensor(x: Any) -> bool:
+def is_tensor(x: Any) -> bool:
     return hasattr(x, "detach") and hasattr(x, "dtype") and hasattr(x, "ndim")
 
 
-def _is_pil(x: Any) -> bool:
+def is_pil(x: Any) -> bool:
     return hasattr(x, "convert") and hasattr(x, "mode") and hasattr(x, "size")
-
-
-def looks_like_vectors(x: Any, dim: int | None = None) -> bool:
-    """True when ``x`` is vectors by the module's rule; False for images and other encoder inputs. With
-    ``dim=None`` every numeric array that is not uint8 counts as vectors (a store without an encoder: a
-    wrong shape then gets the vectors' ShapeError)."""
-    if type(x) is np.ndarray and x.ndim == 1 and x.dtype.kind == "f":  # the common query: decided at once
-        return True
-    if isinstance(x, (str, bytes, bytearray, os.PathLike)) or _is_pil(x) or hasattr(x, "read"):
-        return False
-    if is_vector_column(x):  # Arrow list columns and pandas Series hold vectors, never images
-        return True
-    if _is_tensor(x):
-        if str(x.dtype) == "torch.uint8":
-            return False
-        return dim is None or x.ndim == 1 or (x.ndim == 2 and x.shape[-1] == dim)
-    if isinstance(x, np.ndarray):
-        if x.dtype.kind not in "fciub" or x.dtype == np.uint8:
-            return x.dtype.kind not in "fciub" and dim is None  # object arrays: the vectors' error
-        return dim is None or x.ndim == 1 or (x.ndim == 2 and x.shape[-1] == dim)
-    if isinstance(x, (list, tuple)) and x:
-        if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in x):
-            return True
-        return all(isinstance(v, (list, tuple, np.ndarray)) and _is_vector_row(v) for v in x)
-    return False
-
-
-def _is_vector_row(v: Any) -> bool:
-    if isinstance(v, np.ndarray):
-        return v.ndim == 1 and v.dtype.kind in "fciu" and v.dtype != np.uint8
-    return bool(v) and all(isinstance(a, (int, float, np.number)) and not isinstance(a, bool) for a in v)
 
 
 def is_url(x: Any) -> bool:
@@ -103,9 +56,9 @@ def expand(images: Any) -> list[ImageItem]:
     tensor its images. Raises InvalidInputError for inputs that are not images (URLs included)."""
     if isinstance(images, (str, os.PathLike)):
         return _expand_path(images)
-    if isinstance(images, (bytes, bytearray, memoryview)) or hasattr(images, "read") or _is_pil(images):
+    if isinstance(images, (bytes, bytearray, memoryview)) or hasattr(images, "read") or is_pil(images):
         return [ImageItem(images, None)]
-    if isinstance(images, np.ndarray) or _is_tensor(images):
+    if isinstance(images, np.ndarray) or is_tensor(images):
         if images.ndim == 4:
             return [ImageItem(im, None) for im in images]
         return [ImageItem(images, None)]
@@ -189,9 +142,9 @@ def to_rgb(item: ImageItem) -> np.ndarray:
     x = item.value
     if item.path is not None or isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
         return _decode(item)
-    if _is_pil(x):
+    if is_pil(x):
         return np.asarray(_rgb(x))
-    if _is_tensor(x):
+    if is_tensor(x):
         t = x.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
             t = t.permute(1, 2, 0)  # CHW -> HWC
@@ -239,44 +192,6 @@ def _rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
-BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "encoder" / "weights"
-
-
-def bundled_weights_id() -> str | None:
-    """The sha256 of the installed bundled encoder's weights, read without torch (None when not installed)."""
-    try:
-        return (BUNDLED_WEIGHTS_DIR / "mrl_lite0.sha256").read_text().split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def check_bundled_weights(recorded: str | None, where: object) -> None:
-    """A store's vectors and its image queries must come from the same bundled weights: a store made by an
-    earlier release (another encoder) would otherwise answer image queries with unrelated rows."""
-    installed = bundled_weights_id()
-    if recorded == installed:
-        return
-    made_by = f"weights with sha256 {recorded[:12]}..." if recorded else "an mrlstore before the v3 encoder"
-    raise EncoderUnavailableError(
-        f"{where} holds vectors of the bundled encoder of {made_by}, but the installed bundled encoder differs "
-        f"(sha256 {str(installed)[:12]}...), so its image vectors would not match them. Pass that encoder: "
-        "mrlstore.open(path, encoder=mrlstore.load_encoder(<its weights file>)); or query with vectors; or "
-        "re-add the images to a new store"
-    )
-
-
-def load_bundled_encoder(path: Any = None, device: str | None = None) -> Any:
-    """The bundled MRL image encoder (or one saved at ``path``); imports torch, so only when images come."""
-    try:
-        from mrlstore.encoder.model import load_encoder
-    except ImportError as e:
-        raise EncoderUnavailableError(
-            f"images need the image extra ({e.name} is not installed): pip install 'mrlstore[images]' "
-            "(install torch==2.13.0 first for the CPU build)"
-        ) from e
-    return load_encoder(path, device=device)
-
-
 def pil() -> Any:
     try:
         from PIL import Image
@@ -285,40 +200,6 @@ def pil() -> Any:
             "images need the image extra: pip install 'mrlstore[images]' (Pillow and torch)"
         ) from e
     return Image
-
-
-@dataclass(repr=False)
-class AddResult(Sequence[str]):
-    """What an ``add`` did. As a sequence it is ``ids``: the ids of the images it covered (added, replaced,
-    or already present and skipped), in input order. ``added``: the ids this call wrote (added or
-    replaced); ``skipped``: ids already in the store (``on_conflict="skip"``) or repeated within the call;
-    ``failed``: the inputs left out with ``skip_errors=True``, and why."""
-
-    ids: list[str]
-    added: list[str]
-    skipped: list[str]
-    failed: list[Failure]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: Any) -> Any:
-        return self.ids[i]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.ids)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, AddResult):
-            return (self.ids, self.added, self.skipped, self.failed) == (
-                other.ids, other.added, other.skipped, other.failed)  # fmt: skip
-        return isinstance(other, list) and self.ids == other
-
-    def __repr__(self) -> str:
-        return (
-            f"AddResult({len(self.ids)} images: {len(self.added)} added, {len(self.skipped)} skipped, "
-            f"{len(self.failed)} failed)"
-        )
 
 
 @dataclass
@@ -374,175 +255,3 @@ class ImageBatch:
     def _subset(self, keep: list[int]) -> tuple[list[ImageItem], list[str], pa.Table | None]:
         meta = None if self.metadata is None else self.metadata.take(np.asarray(keep, dtype=np.int64))
         return [self.items[p] for p in keep], [self.ids[p] for p in keep], meta
-
-
-def is_single(query: Any) -> bool:
-    """Whether a query input is one image (a result) rather than a collection (a list of results)."""
-    if isinstance(query, (list, tuple)):
-        return False
-    if isinstance(query, (str, os.PathLike)) and not is_url(query):
-        return not Path(query).is_dir()
-    return not ((isinstance(query, np.ndarray) or _is_tensor(query)) and query.ndim == 4)
-
-
-def encode(
-    encoder: Any,
-    items: list[ImageItem],
-    batch_size: int,
-    progress: bool | None,
-    failures: list[Failure] | None = None,
-    advance: Callable[[int], object] | None = None,
-) -> tuple[np.ndarray, list[int]]:
-    """The encoder's vectors for ``items``, decoding a batch of images at a time (bounded memory), and the
-    positions in ``items`` they belong to. An image that cannot be decoded raises UnreadableImageError, or
-    with ``failures`` given is left out and reported there. ``advance(n)`` (instead of a progress bar of
-    its own) is told of every batch done."""
-    from tqdm import tqdm
-
-    show = advance is None and (progress if progress is not None else len(items) > 4 * batch_size)
-    out, kept = [], []
-    with tqdm(total=len(items), desc="encode", unit="img", disable=not show) as bar:
-        for lo in range(0, len(items), batch_size):
-            batch = []
-            for pos, item in enumerate(items[lo : lo + batch_size], start=lo):
-                try:
-                    batch.append(to_rgb(item))
-                except InvalidInputError as e:
-                    if failures is None:
-                        raise
-                    failures.append(Failure(item.index, item.describe(), str(e)))
-                    continue
-                kept.append(pos)
-            if batch:
-                vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
-                if vectors.shape[0] != len(batch):
-                    raise EncoderUnavailableError(f"the encoder gave {len(vectors)} vectors for {len(batch)} images")
-                out.append(vectors)
-            (advance or bar.update)(min(batch_size, len(items) - lo))
-    dim = int(getattr(encoder, "dim", 0))
-    return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept
-
-
-@contextmanager
-def _hint_skip_errors(committed: int) -> Iterator[None]:
-    """An unreadable image's error, with what the caller can do about it."""
-    try:
-        yield
-    except UnreadableImageError as e:
-        kept = f"; the {committed} images committed before it stay (run the same add again to resume)"
-        raise UnreadableImageError(
-            f"{e}. Pass skip_errors=True (mrlstore add --skip-errors) to leave out unreadable images and list "
-            f"them{kept if committed else ''}"
-        ) from None
-
-
-class ImageInputs:
-    """The image half of :class:`mrlstore.Store` (its ``add``/``upsert``), kept beside the image rules.
-    Relies on the store's ``encoder``, ``manifest``, ``dim``, ``_catalog`` and ``_write``."""
-
-    encoder: Any
-    manifest: dict
-    dim: int
-
-    def add(
-        self,
-        images: Any,
-        ids: Sequence[str] | None = None,
-        metadata: Any = None,
-        *,
-        batch_size: int = 64,
-        commit_every: int = COMMIT_EVERY,
-        atomic: bool = False,
-        skip_errors: bool = False,
-        on_conflict: str = "skip",
-        progress: bool | None = None,
-    ) -> AddResult:
-        """Encode images with the store's encoder and add them; returns their ids in input order (an
-        :class:`AddResult`).
-
-        ``images``: a path, a folder (its image files, recursively, sorted), ``bytes`` or a binary file
-        object holding an encoded image, a PIL image, an array or tensor (HxW, HxWx3, HxWx4; NxHxWx3 for
-        several), or a list of any of these (see :mod:`mrlstore.inputs.images` for the rule that tells images from
-        vectors). Files keep their absolute path as ``path`` metadata. Ids default to a hash of each image's
-        content, so adding the same images again changes nothing; ``on_conflict`` decides for ids already
-        in the store: ``"skip"`` (nothing is encoded for them; listed in the result's ``skipped``),
-        ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written). Every file's header is checked
-        before anything is encoded: a bad file raises UnreadableImageError naming it and nothing is written;
-        with ``skip_errors=True`` it is left out and listed, with the reason, in the result's ``failed``.
-
-        Images are committed ``commit_every`` at a time (``batch_size`` is the encoder's batch), so memory
-        stays bounded and an interrupt (Ctrl-C, a crash, a kill) keeps every committed batch: running the
-        same add again encodes only what is missing. The progress bar counts committed images.
-        ``atomic=True`` encodes everything first and commits once: all or nothing.
-        """
-        self._check_open()
-        self._check_writable()
-        if on_conflict not in ("skip", "replace", "error"):
-            raise InvalidInputError(f"on_conflict must be 'skip', 'replace' or 'error', got {on_conflict!r}")
-        size = positive_int(batch_size, "batch_size")
-        group = positive_int(commit_every, "commit_every")
-        encoder = self._image_encoder()
-        with _hint_skip_errors(0):
-            batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
-        existing = self._catalog.rows_of(batch.ids)
-        if existing and on_conflict == "error":
-            raise DuplicateIdError(
-                f"{len(existing)} image id(s) already in the store, e.g. {sorted(existing)[:5]}; "
-                "pass on_conflict='skip' or 'replace'"
-            )
-        todo = batch.without(set(existing) if on_conflict == "skip" else set())
-        late: list[Failure] = []  # files whose header read but whose pixels did not (skip_errors only)
-        written: list[str] = []
-        step = len(todo.ids) if atomic else group
-        show = progress if progress is not None else len(todo.ids) > 4 * size
-        from tqdm import tqdm
-
-        with tqdm(total=len(todo.ids), desc="add", unit="img", disable=not show) as bar:
-            for lo in range(0, len(todo.ids), max(step, 1)):
-                part = todo.only(list(range(lo, min(lo + step, len(todo.ids)))))
-                failures = late if skip_errors else None
-                with _hint_skip_errors(len(written)):
-                    written += self._encode_and_commit(encoder, part, size, failures, on_conflict == "replace",
-                                                       bar.update if atomic else None)  # fmt: skip
-                if not atomic:
-                    bar.update(len(part.ids))
-        lost = {f.index for f in late}
-        skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
-        kept_ids = [i for i, item in zip(batch.ids, batch.items) if item.index not in lost]
-        return AddResult(kept_ids, written, skipped + batch.repeats, sorted(batch.failed + late, key=lambda f: f.index))
-
-    def _encode_and_commit(
-        self,
-        encoder: Any,
-        part: ImageBatch,
-        batch_size: int,
-        failures: list[Failure] | None,
-        replace: bool,
-        advance: Callable[[int], object] | None,
-    ) -> list[str]:
-        """Encode ``part`` and commit what decoded as one write; returns the ids written."""
-        vectors, kept = encode(encoder, part.items, batch_size, False, failures, advance)
-        decoded = part.only(kept)
-        if not decoded.items:
-            return []
-        return list(self._write(vectors, decoded.ids, decoded.metadata, replace=replace, keep_metadata=replace))
-
-    def upsert(self, images: Any, ids: Sequence[str] | None = None, metadata: Any = None, **options: Any) -> AddResult:
-        """``add(images, ..., on_conflict="replace")``: re-encode and replace entries with the same ids."""
-        return self.add(images, ids, metadata, on_conflict="replace", **options)
-
-    def _no_encoder(self) -> bool:
-        return self.encoder is None and self.manifest.get("encoder") != BUNDLED_ENCODER
-
-    def _image_encoder(self) -> Any:
-        if self.encoder is None and self.manifest.get("encoder") == BUNDLED_ENCODER:
-            check_bundled_weights(self.manifest.get("encoder_weights"), self.path)
-            self.encoder = load_bundled_encoder()  # imports torch: only when images are first encoded
-        if self.encoder is None:
-            raise EncoderUnavailableError(
-                "this store has no encoder for images: pass encoder=... to mrlstore.open(), or give vectors "
-                f"of length {self.dim} (add them with add_vectors())"
-            )
-        if getattr(self.encoder, "dim", self.dim) != self.dim:
-            raise EncoderUnavailableError(f"the encoder makes {self.encoder.dim}-d vectors, the store holds {self.dim}")
-        return self.encoder

@@ -23,7 +23,6 @@ from mrlstore.errors import InvalidInputError, MetadataError
 from mrlstore.inputs.arrow import column, to_matrix
 from mrlstore.inputs.vectors import id_list, metadata_table, vector_batch
 
-STAGING_DIR = "staging"  # under the store's folder; a writer that opens the store clears what is left there
 ID_FIELD, VECTOR_FIELD = "_id", "_vector"
 
 

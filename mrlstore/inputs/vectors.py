@@ -14,7 +14,6 @@ from mrlstore.errors import (
     DuplicateIdError,
     InvalidDimsError,
     InvalidIdError,
-    InvalidKError,
     MetadataError,
     NonFiniteError,
     ShapeError,
@@ -218,9 +217,3 @@ def dims_tuple(dims: Any, dim: int) -> tuple[int, ...]:
     if any(b <= a for a, b in zip(seq, seq[1:])):
         raise InvalidDimsError(f"dims must be strictly increasing, got {seq}")
     return tuple(int(d) for d in seq)
-
-
-def positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise InvalidKError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)

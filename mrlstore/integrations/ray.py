@@ -24,10 +24,11 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from mrlstore.inputs.arrow import column, to_matrix
-from mrlstore.inputs.staging import STAGING_DIR, StoreShape, new_staging_dir, remove_staging, write_fragment
+from mrlstore.inputs.staging import StoreShape, new_staging_dir, remove_staging, write_fragment
 from mrlstore.results import HitsBatch
 from mrlstore.store import Store
 from mrlstore.store import open as open_store
+from mrlstore.tiers.layout import STAGING_DIR
 
 FRAGMENT_ROWS = 16384  # rows per staged fragment at least (Ray merges smaller blocks): fewer, larger appends
 
@@ -62,10 +63,10 @@ class EmbedImages:
         device: str | None = None,
         batch_size: int = 64,
     ):
-        from mrlstore import load_encoder
+        from mrlstore.encoder.runner import load_bundled_encoder
 
         self.column, self.output, self.batch_size = column, output, batch_size
-        self.encoder = load_encoder(encoder_path, device=device or ("cuda" if ray.get_gpu_ids() else "cpu"))
+        self.encoder = load_bundled_encoder(encoder_path, device=device or ("cuda" if ray.get_gpu_ids() else "cpu"))
 
     def __call__(self, batch: Any) -> pa.Table:
         table = as_table(batch)

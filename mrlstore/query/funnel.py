@@ -1,4 +1,4 @@
-"""Search: an immutable snapshot of the committed rows, a query plan, and the funnel that runs it.
+"""The funnel: runs a query plan over a snapshot of the committed rows.
 
 A funnel is a list of prefix lengths ``dims``: the first stage finds ``sizes[0]`` candidates on the
 ``dims[0]``-prefix (HNSW when that prefix is indexed, else an exact scan); each later stage reads only its
@@ -8,82 +8,19 @@ exact scores on ``dims[-1]``. Candidates of a batch of queries travel as one fla
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
 from mrlstore import kernels
-from mrlstore.results import Hits, HitsBatch
-from mrlstore.tiers.rows import HitRows, RowTable
+from mrlstore.query.plan import Plan
+from mrlstore.tiers.snapshot import Snapshot
 
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
 # scan of those rows; larger ones use the HNSW index with over-fetching.
 FILTER_EXACT_ROWS = 50_000
 FILTER_EXACT_SHARE = 0.05
-
-
-def default_shortlists(k: int, stages: int) -> list[int]:
-    """Survivors after each stage but the last: the paper's 200 for k=10 at the first, halving after."""
-    first = max(200, 20 * k)
-    return [max(k, first >> i) for i in range(stages - 1)]
-
-
-def shortlist_sizes(shortlist: int | Sequence[int] | None, k: int, stages: int) -> list[int]:
-    if shortlist is None:
-        return default_shortlists(k, stages)
-    if isinstance(shortlist, (int, np.integer)) and not isinstance(shortlist, bool):
-        if shortlist < k:
-            raise ValueError(f"shortlist must be at least k={k}, got {shortlist}")
-        return [max(k, int(shortlist) >> i) for i in range(stages - 1)]
-    sizes = [int(s) for s in shortlist]
-    if len(sizes) != stages - 1:
-        raise ValueError(f"shortlist needs {stages - 1} sizes (one per stage but the last), got {len(sizes)}")
-    return sizes
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What one query call runs: the funnel's prefixes, survivors per stage but the last, k, HNSW beam."""
-
-    dims: tuple[int, ...]
-    k: int
-    sizes: tuple[int, ...]
-    ef: int | None = None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The committed rows at one point in time; writers publish a new one, queries keep theirs."""
-
-    version: int  # bumped by every commit and delete (filter results are cached per version)
-    watermark: int  # rows below it are committed
-    live: np.ndarray  # bool by row (rows at or past the watermark are never read)
-    n_live: int
-    table: RowTable  # ids and metadata by row
-
-    def hits(self, rows: np.ndarray, offsets: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> HitsBatch:
-        ids = self.table.take_ids(rows)
-        if metadata and len(offsets) == 2 and self.table.has_metadata:  # one query: its metadata read when asked for
-            return HitsBatch([Hits(ids, scores, HitRows(self.table, rows), dims)])
-        table = self.table.take_metadata(rows) if metadata else None
-        out = []
-        for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-            meta: Any = []  # no metadata asked for
-            if table is not None:
-                meta = table.slice(a, b - a)
-            elif metadata:  # asked for, but the store has no metadata columns
-                meta = [{} for _ in range(b - a)]
-            out.append(Hits(ids[a:b], scores[a:b], meta, dims))
-        return HitsBatch(out)
-
-    def live_sorted(self, rows: np.ndarray) -> np.ndarray:
-        """The rows of ``rows`` (1-D) a query may return, ascending."""
-        rows = rows[(rows >= 0) & (rows < self.watermark)]
-        rows = rows[self.live[rows]]
-        rows.sort()
-        return rows
 
 
 class PrefixSearch(Protocol):

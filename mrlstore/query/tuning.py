@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from mrlstore.errors import InvalidDimsError, InvalidKError, TuningError
-from mrlstore.inputs.vectors import dims_tuple, positive_int
-from mrlstore.query.funnel import Funnel, Plan, Snapshot, shortlist_sizes
+from mrlstore.errors import TuningError
+from mrlstore.query.funnel import Funnel
+from mrlstore.query.plan import Plan, shape_key, tapered_sizes
+from mrlstore.tiers.snapshot import Snapshot
 
 # Shortlists tried, smallest first; a funnel that needs more than the budget is not worth having. Between
 # the last coarse size that missed and the first that reached, the fine sizes are tried too: a coarse
@@ -32,101 +32,6 @@ GRID = (10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 2400,
 FINE_GRID = (15, 25, 40, 60, 90, 115, 130, 175, 230, 260, 350, 450, 500, 700, 1000, 1400, 2000, 2800)
 MAX_SHORTLIST = 3200
 TAPER = 2
-
-
-def shape_key(dims: Sequence[int]) -> str:
-    return ",".join(str(int(d)) for d in dims)
-
-
-def funnel_shapes(index_dims: Sequence[int], bands: Sequence[int], dim: int) -> list[tuple[int, ...]]:
-    """The shapes users pass: for every indexed prefix d < dim, d -> dim and d -> every band edge -> dim."""
-    shapes: list[tuple[int, ...]] = []
-    for d in index_dims:
-        if d >= dim:
-            continue
-        shapes.append((d, dim))
-        edges = tuple(b for b in bands if d < b < dim)
-        if edges:
-            shapes.append((d, *edges, dim))
-    return shapes or [(index_dims[0],) if index_dims else (dim,)]
-
-
-def default_dims(index_dims: Sequence[int], dim: int) -> tuple[int, ...]:
-    return (index_dims[0], dim) if index_dims and index_dims[0] < dim else (dim,)
-
-
-def make_plan(
-    tuned: dict[str, Any] | None,
-    dims: Sequence[int] | int | None,
-    k: Any,
-    shortlist: int | Sequence[int] | None,
-    ef: int | None,
-    index_dims: Sequence[int],
-    dim: int,
-) -> Plan:
-    """Validate a query's arguments and resolve them against the tuned settings."""
-    k = positive_int(k, "k")
-    if ef is not None:
-        ef = positive_int(ef, "ef")
-    setting = _tuned_setting(tuned, dims, dim) if shortlist is None else None
-    if setting is not None:
-        tuned_dims: list[int] = setting["dims"]
-        dims = tuned_dims
-        first = max(k, setting["shortlist"] * k // setting["k"])
-        ef = ef if ef is not None else max(setting["ef"], first)
-        shortlist = tapered_sizes(first, k, len(tuned_dims), setting.get("taper", 1))  # [] for one stage
-    dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
-    try:
-        sizes = shortlist_sizes(shortlist, k, len(dims_t))
-    except (ValueError, TypeError) as e:
-        raise InvalidKError(str(e)) from None
-    for s in sizes:
-        positive_int(s, "shortlist")
-        if s < k:
-            raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
-    return Plan(dims_t, k, tuple(sizes), ef)
-
-
-def tapered_sizes(shortlist: int, k: int, stages: int, taper: int) -> list[int]:
-    """Survivors per stage but the last: halving from ``shortlist``, the last of three or more divided by
-    ``taper`` once more."""
-    sizes = shortlist_sizes(shortlist, k, stages)
-    if taper > 1 and len(sizes) >= 2:
-        sizes[-1] = max(k, sizes[-1] // taper)
-    return sizes
-
-
-def plan_key(dims: Any, k: Any, shortlist: Any, ef: Any) -> tuple | None:
-    """A hashable key for query arguments of plain ``int`` types (None when some are not: those are
-    validated each time, so ``k=True`` or ``dims=[16.0]`` still get their error)."""
-
-    def plain(x: Any) -> Any:
-        if x is None or type(x) is int:
-            return x
-        if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
-            return tuple(x)
-        raise TypeError
-
-    try:
-        return (plain(dims), plain(k), plain(shortlist), plain(ef))
-    except TypeError:
-        return None
-
-
-def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[str, Any] | None:
-    if not tuned:
-        return None
-    if dims is None:
-        return tuned
-    try:
-        dims_t = dims_tuple(dims, dim)
-    except InvalidDimsError:
-        return None  # make_plan reports the bad dims
-    key = shape_key(dims_t)
-    setting = tuned.get("shapes", {}).get(key)
-    if setting is None and shape_key(tuned["dims"]) == key:
-        setting = tuned
-    return None if setting is None else {**setting, "dims": list(dims_t), "k": tuned["k"]}
 
 
 # Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs

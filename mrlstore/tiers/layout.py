@@ -10,20 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mrlstore._fsutil import copy_sparse, fsync_dir, fsync_file
-from mrlstore.inputs.staging import STAGING_DIR
+from mrlstore._version import __version__
 from mrlstore.tiers.bands import GROUP_DIR, create_bands
 from mrlstore.tiers.catalog import DB_FILE, Catalog
 from mrlstore.tiers.locking import LOCK_FILE
-from mrlstore.tiers.params import StoreConfig
+from mrlstore.tiers.params import StoreParams
 
 INDEX_DIR = "index"
+STAGING_DIR = "staging"  # under the store's folder; a writer that opens the store clears what is left there
 
 
-def create_store(path: Path, config: StoreConfig, generation: int = 0) -> None:
+def create_store(path: Path, config: StoreParams, generation: int = 0) -> None:
     """Build a new store in a temporary folder and rename it into place (creation is all-or-nothing);
     ``generation`` numbers its row layout (a compaction's new store gets the next one)."""
-    from mrlstore import __version__
-
     manifest = config.manifest(created_by=f"mrlstore {__version__}")
     if generation:
         manifest["generation"] = generation

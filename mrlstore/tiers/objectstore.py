@@ -41,6 +41,7 @@ from mrlstore.errors import (
     StoreNotFoundError,
 )
 from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.state import StoreState
 
 FORMAT = 1
 KEEP_VERSIONS = 3  # older versions' catalogs and indexes are deleted, with chunks no kept version uses
@@ -123,8 +124,8 @@ def write_bytes(fs: pafs.S3FileSystem, key: str, data: bytes) -> None:
 
 
 # -- publishing ----------------------------------------------------------------------------------------
-def publish_store(store: Any, url: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """Upload the store's current committed version to ``url``; returns the new HEAD. Only chunks the
+def publish_store(store: StoreState, url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Upload the open store's current committed version to ``url``; returns the new HEAD. Only chunks the
     previous version there does not have are uploaded; HEAD is written last, so a crash part way leaves the
     previous version readable."""
     fs, root = filesystem(url, options)
@@ -171,17 +172,17 @@ def _upload_part(fs: pafs.S3FileSystem, key: str, path: Path) -> str:
 
 
 def _capture(
-    store: Any, staged: Path
+    store: StoreState, staged: Path
 ) -> tuple[list[Path], dict[str, tuple[int, int, int]], dict[str, str], dict[str, Any]]:
     """Under the store's write lock: the catalog, index files and band metadata copied to ``staged``; an
     open descriptor of every chunk holding committed rows (a compaction swapping files later cannot change
     what is uploaded) with where its rows start and the byte count of its committed rows, by object key;
     and the object key of each chunk by its name "band/chunk" (what HEAD maps)."""
-    with store._write_lock:
+    with store.write_lock:
         if not store.read_only:
-            store.checkpoint()
-        snap, vectors = store._snap, store._vectors
-        store._catalog.snapshot_to(staged / "catalog.duckdb")
+            store.indexes.checkpoint()
+        snap, vectors = store.snap, store.vectors
+        store.catalog.snapshot_to(staged / "catalog.duckdb")
         if (store.path / "index").exists():
             shutil.copytree(store.path / "index", staged / "index", ignore=shutil.ignore_patterns(".*"))
         group = staged / "vectors"
@@ -189,7 +190,7 @@ def _capture(
         shutil.copy(vectors.root / "zarr.json", group / "zarr.json")
         chunks: dict[str, tuple[int, int, int]] = {}
         names: dict[str, str] = {}
-        generation = int(store.manifest.get("generation", 0))
+        generation = store.generation
         for band in vectors.bands:
             meta = band.plain_meta(snap.watermark)  # objects hold each chunk's rows, without a shard index
             (group / band.dir.name).mkdir()

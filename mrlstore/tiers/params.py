@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from mrlstore.errors import ConfigMismatchError, CorruptStoreError, InvalidInputError, NotAStoreError
-from mrlstore.inputs.vectors import positive_int
+import numpy as np
+
+from mrlstore.errors import ConfigMismatchError, CorruptStoreError, InvalidInputError, InvalidKError, NotAStoreError
 from mrlstore.scoring import METRICS
 
 FORMAT_NAME = "mrlstore"
@@ -52,6 +53,12 @@ _MANIFEST_KEYS = {
 }  # fmt: skip
 
 
+def positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InvalidKError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def encoder_name(encoder: object | None, dim: int, dim_given: int | None) -> str | None:
     """What the manifest records about the encoder a store was created for."""
     if encoder is not None:
@@ -73,7 +80,7 @@ def band_widths(dim: int, bands: Sequence[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreParams:
     """The creation parameters of a store (immutable once created)."""
 
     dim: int
@@ -98,7 +105,7 @@ class StoreConfig:
     @classmethod
     def new(
         cls, requested: dict[str, Any], encoder: str | None, auto_chunk_rows: Any, encoder_weights: str | None = None
-    ) -> StoreConfig:
+    ) -> StoreParams:
         """Validate the parameters of ``mrlstore.open`` for a new store (``None`` means the default);
         ``auto_chunk_rows(width, dtype)`` sizes chunks when ``chunk_rows`` is not given."""
         dim = int(requested["dim"])
@@ -157,7 +164,7 @@ class StoreConfig:
 
     # -- reopening ---------------------------------------------------------------------------------
     @classmethod
-    def from_manifest(cls, m: dict[str, Any], where: object) -> StoreConfig:
+    def from_manifest(cls, m: dict[str, Any], where: object) -> StoreParams:
         if m.get("format") != FORMAT_NAME:
             raise NotAStoreError(f"{where} holds a DuckDB file that is not an mrlstore catalog")
         if m.get("format_version") not in READABLE_FORMAT_VERSIONS:

@@ -13,17 +13,22 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mrlstore._fsutil import fsync_dir
 from mrlstore.errors import UnsupportedStorageError
+from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.layout import create_store, fsync_tree
-from mrlstore.tiers.locking import NoLock
+from mrlstore.tiers.locking import StoreLock
 from mrlstore.tiers.params import FORMAT_VERSION
 from mrlstore.tiers.rows import split_hits
+from mrlstore.tiers.snapshot import Snapshot
+from mrlstore.tiers.state import StoreState, open_state
+from mrlstore.write.writer import Writer
 
 COPY_BLOCK_ROWS = 8192  # live rows copied per commit into the new store
 _RENAME_EXCHANGE = 2
@@ -34,52 +39,59 @@ def temporary_path(path: Path) -> Path:
     return path.parent / f".{path.name}.compact-{os.getpid()}"
 
 
-def compact(store: Any) -> dict[str, int]:
-    """Rewrite ``store`` (an open writer) without deleted rows; returns the row counts before and after."""
-    from mrlstore.store import Store  # the new store is written by the same code as any store
-
-    snap = store._snap
+def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict[str, int]:
+    """Rewrite the open writer ``state`` without deleted rows; returns the row counts before and after.
+    ``reopen_with(lock)`` switches the store to the files the exchange put at its path, holding ``lock``."""
+    snap = state.snap
     live_rows = np.flatnonzero(snap.live[: snap.watermark])
     counts = {"rows_before": snap.watermark, "rows_after": len(live_rows)}
-    if len(live_rows) == snap.watermark and store.manifest.get("format_version") == FORMAT_VERSION:
+    if len(live_rows) == snap.watermark and state.manifest.get("format_version") == FORMAT_VERSION:
         return counts  # nothing deleted and the newest layout: nothing to rewrite
-    store.checkpoint()
-    tmp = temporary_path(store.path)
+    state.indexes.checkpoint()
+    tmp = temporary_path(state.path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        create_store(tmp, store.config, generation=store._generation + 1)  # old index caches stop matching
-        new = Store(tmp, encoder=store.encoder)
+        create_store(tmp, state.params, generation=state.generation + 1)  # old index caches stop matching
+        lock = StoreLock(tmp, exclusive=True)  # kept: nobody may open the new store before this one reopens
         try:
-            _copy_live(store, snap, live_rows, new)
-            if "tuned" in store.manifest:
-                new._catalog.set_manifest("tuned", store.manifest["tuned"])
-            if "store_id" in store.manifest:  # the same store, renumbered
-                new._catalog.set_manifest("store_id", store.manifest["store_id"])
-            new.checkpoint()
+            _write_new(state, snap, live_rows, tmp)
         except BaseException:
-            new.close()
+            lock.release()
             raise
-        new_lock = new._lock  # kept: the new store must never be open to anyone else before this one reopens
-        new._lock = NoLock()
-        new.close()
         fsync_tree(tmp)
-        _exchange(tmp, store.path)  # the commit point
+        _exchange(tmp, state.path)  # the commit point
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(store.path.parent)
-    new_lock.path = store.path / new_lock.path.name
-    store._reopen_with(new_lock)
+    fsync_dir(state.path.parent)
+    lock.path = state.path / lock.path.name
+    reopen_with(lock)
     shutil.rmtree(tmp, ignore_errors=True)  # the old store
     return counts
 
 
-def _copy_live(store: Any, snap: Any, live_rows: np.ndarray, new: Any) -> None:
-    for lo in range(0, len(live_rows), COPY_BLOCK_ROWS):
-        rows = live_rows[lo : lo + COPY_BLOCK_ROWS]
-        ids, meta = split_hits(snap.table.take(rows))
-        vectors = store._vectors.gather(rows, 0, store.dim)  # exact: stored values widen losslessly
-        new.add_vectors(vectors, ids=ids, metadata=meta if meta.num_columns else None)
+def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Path) -> None:
+    """The live rows, in row order, into the new store at ``tmp`` by the same write path as any add; its
+    tuned settings and store id carried over; its index caches saved."""
+    catalog = Catalog(tmp, read_only=False)
+    try:
+        new = open_state(tmp, False, {}, catalog, lambda p: BandedVectors(tmp, p.dim, p.bands, p.dtype))
+    except BaseException:
+        catalog.close()
+        raise
+    try:
+        writer = Writer(new, on_commit=lambda: None)
+        for lo in range(0, len(live_rows), COPY_BLOCK_ROWS):
+            rows = live_rows[lo : lo + COPY_BLOCK_ROWS]
+            ids, meta = split_hits(snap.table.take(rows))
+            vectors = state.vectors.gather(rows, 0, state.params.dim)  # exact: stored values widen losslessly
+            writer.write(vectors, ids, meta if meta.num_columns else None, replace=False)
+        for key in ("tuned", "store_id"):  # the same store, renumbered
+            if key in state.manifest:
+                new.catalog.set_manifest(key, state.manifest[key])
+        new.indexes.checkpoint()
+    finally:
+        new.close_tiers()
 
 
 def _exchange(a: Path, b: Path) -> None:

@@ -9,38 +9,40 @@ the catalog's rows lie below the watermark; the HNSW caches cover no row the cat
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.snapshot import Snapshot
+from mrlstore.tiers.state import StoreState
 
 ZERO_CHECK_BLOCK = 65536  # rows read per block when looking for all-zero rows
 NORM_CHECK_ROWS = 2000  # live rows, evenly spread, whose band norms are recomputed
 
 
-def problems(store: Any) -> list[str]:
-    """Everything wrong with ``store`` (an open Store), as sentences; empty when it is consistent."""
-    snap, vectors = store._snap, store._vectors
+def problems(state: StoreState) -> list[str]:
+    """Everything wrong with an open store's files, as sentences; empty when it is consistent."""
+    snap, vectors, params = state.snap, state.vectors, state.params
     found: list[str] = []
     found += vectors.file_problems(snap.watermark)  # the files as they are now, not the open maps
     if found:
         return found  # the rows cannot be read: the checks below would only repeat it
-    outside = store._catalog.rows_outside(snap.watermark)
+    outside = state.catalog.rows_outside(snap.watermark)
     if outside:
         found.append(f"the catalog lists {outside} row(s) at or past the committed watermark {snap.watermark}")
-    if store.metric == "cosine":
-        zero = _all_zero_rows(vectors, snap, store.index_dims[0] if store.index_dims else store.dim)
+    if params.metric == "cosine":
+        zero = _all_zero_rows(vectors, snap, params.index_dims[0] if params.index_dims else params.dim)
         if len(zero):
             found.append(
                 f"{len(zero)} committed row(s) read as all zeros (lost vector data), e.g. rows {zero[:5].tolist()}"
             )
     found += _norm_problems(vectors, snap)
-    for d, index in store._indexes.items():
+    for d, index in state.indexes.items():
         if index.covered_rows > snap.watermark:
             found.append(f"the {d}-d HNSW cache covers {index.covered_rows} rows; {snap.watermark} are committed")
     return found
 
 
-def _norm_problems(vectors: Any, snap: Any) -> list[str]:
+def _norm_problems(vectors: BandedVectors, snap: Snapshot) -> list[str]:
     """Stored band norms of up to NORM_CHECK_ROWS live rows, evenly spread, against their values."""
     if vectors.norms is None:
         return []
@@ -54,7 +56,7 @@ def _norm_problems(vectors: Any, snap: Any) -> list[str]:
     return [f"row_norms disagree with the stored vectors of {len(wrong)} sampled row(s), e.g. {wrong[:5].tolist()}"]
 
 
-def _all_zero_rows(vectors: Any, snap: Any, width: int) -> np.ndarray:
+def _all_zero_rows(vectors: BandedVectors, snap: Snapshot, width: int) -> np.ndarray:
     """Live rows whose first ``width`` numbers are all zero (never stored: cosine rejects them at add)."""
     out = []
     for lo in range(0, snap.watermark, ZERO_CHECK_BLOCK):

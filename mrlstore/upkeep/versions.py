@@ -30,11 +30,21 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file
+from mrlstore.errors import CorruptStoreError, NotAStoreError, UnsupportedStorageError
+from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.catalog import Catalog
+from mrlstore.tiers.locking import NoLock, StoreLock
+from mrlstore.tiers.params import StoreParams
+from mrlstore.tiers.snapshot import load_snapshot
+from mrlstore.tiers.state import HeldLock, StoreState
+
+if TYPE_CHECKING:  # the object-store client (pyarrow's S3 filesystem) loads only for stores that use it
+    from mrlstore.tiers.objectstore import RemoteSource
 
 PUBLISHED_DIR = "published"
 HEAD_FILE = "HEAD"
@@ -282,151 +292,172 @@ class Publisher:
 
 
 class Versions:
-    """The versions half of :class:`mrlstore.Store`: writers publish, readers open and refresh. Relies on
-    the store's path, catalog, snapshot, indexes, locks and ``_open``."""
+    """Which version of a store's files one handle has open, and keeping versions moving: a writer publishes
+    for reader processes after its commits; a reader opens the newest published version (or, for a store on
+    object storage, the newest uploaded one) and moves to newer ones on ``refresh``."""
 
-    path: Path
-    read_only: bool
-    manifest: dict[str, Any]
-    _head: dict[str, Any] | None
-    _generation: int
-    _write_lock: Any
-    _visibility: Any
-    _catalog: Any
-    _snap: Any
-    _indexes: dict[int, Any]
-    _remote: Any
-    _cache_dir: Any
+    def __init__(
+        self,
+        path: Path,
+        read_only: bool,
+        remote: RemoteSource | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_dims: int = 0,
+    ):
+        self.path, self.read_only, self.remote = path, read_only, remote
+        self.cache_dir, self.local_dims = cache_dir, local_dims
+        self.head: dict[str, Any] | None = None
+        self.publisher: Publisher | None = None
 
-    def refresh(self) -> bool:
-        """Readers: move to the newest version the writer published; True if there was a newer one. Queries
-        in flight finish on the version they started with. Writers see their own commits: always False."""
-        self._check_open()
-        if self._remote is not None:
-            return self._refresh_remote()
-        if not self.read_only or self._head is None:
-            return False
-        head = read_head(self.path)
-        if head is None or _key(head) == _key(self._head):
-            return False
-        with self._write_lock:  # one refresh at a time
-            if head.get("generation", 0) != self._generation:  # a compaction renumbered the rows
-                self._reopen_published(head)
-            else:
-                self._move_to(head)
-        return True
+    @property
+    def location(self) -> str:
+        """The store's folder, or the URL of a store on object storage (its small parts cached in ``path``)."""
+        return self.remote.url if self.remote is not None else str(self.path)
 
-    def publish(self, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Upload the store's committed state to object storage (``s3://bucket/prefix``) as a new version
-        that ``mrlstore.open(url, read_only=True)`` opens anywhere. Atomic: the version becomes visible when
-        complete (its HEAD object is written last), and a crash part way leaves the previous one readable.
-        Incremental: only chunks the previous version lacks are uploaded. Returns the new HEAD."""
-        from mrlstore.errors import UnsupportedStorageError
+    @property
+    def version(self) -> int | None:
+        """The published version open (None for a writer or a store never published)."""
+        head = self.remote.head if self.remote is not None else self.head
+        return None if head is None else int(head["version"])
+
+    def take_lock(self) -> HeldLock:
+        """What keeps this handle's files consistent: nothing for a local copy of a remote version; for a
+        reader, its registration (so a live writer publishes for it) and the newest version in ``head``, or a
+        shared StoreLock over the live catalog for a store never published and not publishable here; for a
+        writer, the exclusive StoreLock."""
+        if self.remote is not None:
+            return NoLock()
+        if not self.read_only:
+            return StoreLock(self.path, exclusive=True)
+        presence = ReaderPresence(self.path)  # first: a live writer publishes for the readers it sees
+        try:
+            self.head = newest_version(self.path)
+        except BaseException:
+            presence.release(remove_if_created=True)
+            raise
+        if self.head is not None:
+            return presence
+        presence.release()
+        return StoreLock(self.path, exclusive=False)
+
+    def open_catalog(self) -> Catalog:
+        """The live catalog (writers, unpublished stores), or the published version ``head`` names."""
+        if not self.read_only or self.head is None:
+            return Catalog(self.path, read_only=self.read_only)
+        catalog, self.head = _open_published(self.path, self.head)  # the head may be newer
+        return catalog
+
+    def open_bands(self, params: StoreParams) -> BandedVectors:
+        if self.remote is not None:
+            from mrlstore.tiers.objectstore import RemoteBands
+
+            return RemoteBands(self.path, params.dim, params.bands, params.dtype, self.remote, self.local_dims)
+        return BandedVectors(self.path, params.dim, params.bands, params.dtype)
+
+    # -- writers ---------------------------------------------------------------------------------------
+    def start_publishing(self, state: StoreState) -> None:
+        """Writers, on open: a publisher, and a version now if the newest one is behind the catalog."""
+        if self.publisher is not None:
+            self.publisher.close()
+        self.publisher = Publisher(
+            lambda: self.publish_version(state), lambda: state.write_lock, ReadersProbe(self.path)
+        )
+        if trails(read_head(self.path), _state_of(state)):
+            self.publisher.committed()  # published now if readers are waiting, else marked PENDING
+
+    def publish_version(self, state: StoreState) -> None:
+        """Publish the committed state for reader processes now (the caller holds the write lock)."""
+        self.head = publish(self.path, state.catalog.snapshot_to, _state_of(state))
+
+    def committed(self) -> None:
+        """A change was committed (the caller holds the write lock)."""
+        if self.publisher is not None:
+            self.publisher.committed()
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+
+    def publish(self, state: StoreState, url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+        """Upload the committed state to object storage as a new version there (see ``Store.publish``)."""
+        if self.remote is not None:
+            raise UnsupportedStorageError("publish() uploads a local store; this one is already on object storage")
         from mrlstore.tiers.objectstore import publish_store
 
-        self._check_open()
-        if self._remote is not None:
-            raise UnsupportedStorageError("publish() uploads a local store; this one is already on object storage")
-        return publish_store(self, url, storage_options)
+        return publish_store(state, url, storage_options)
 
-    def _refresh_remote(self) -> bool:
-        """A store on object storage: a newer published version is downloaded (its small parts) and opened."""
-        newer = self._remote.newer()
-        if newer is None:
+    # -- readers ---------------------------------------------------------------------------------------
+    def refresh(self, state: StoreState, reopen: Callable[[Callable[[], None]], None]) -> bool:
+        """Move to the newest version; True if there was a newer one. ``reopen(switch)`` closes the tiers,
+        runs ``switch`` and opens them again (a new row numbering, or a new remote version)."""
+        if self.remote is not None:
+            return self._refresh_remote(state, reopen)
+        if not self.read_only or self.head is None:
             return False
-        path = newer.local_copy(self._cache_dir)
+        head = read_head(self.path)
+        if head is None or _key(head) == _key(self.head):
+            return False
+        with state.write_lock:  # one refresh at a time
+            if head.get("generation", 0) != state.generation:  # a compaction renumbered the rows
 
-        def to_newer() -> None:
-            self._remote, self.path = newer, path
+                def to_head() -> None:
+                    self.head = head
 
-        with self._write_lock:
-            self._reopen(to_newer)
+                reopen(to_head)
+            else:
+                self._move_to(state, head)
         return True
 
-    def _move_to(self, head: dict[str, Any]) -> None:
+    def _refresh_remote(self, state: StoreState, reopen: Callable[[Callable[[], None]], None]) -> bool:
+        """A store on object storage: a newer published version is downloaded (its small parts) and opened."""
+        assert self.remote is not None
+        newer = self.remote.newer()
+        if newer is None:
+            return False
+        path = newer.local_copy(self.cache_dir)
+
+        def to_newer() -> None:
+            self.remote, self.path = newer, path
+
+        with state.write_lock:
+            reopen(to_newer)
+        return True
+
+    def _move_to(self, state: StoreState, head: dict[str, Any]) -> None:
         """Same row numbering: the new rows into the prefix indexes (queries go on meanwhile), then the new
         catalog, snapshot and deletions swapped in at once."""
-        from mrlstore.tiers.catalog import Catalog
-
-        catalog, head = _open_published(Catalog, self.path, head)
+        catalog, head = _open_published(self.path, head)
         try:
             manifest = catalog.manifest()
-            old = self._snap
-            snap = self._load_snapshot(int(manifest["committed_rows"]), old.version + 1, catalog)
-            for index in self._indexes.values():
-                self._extend_index(index, snap)
+            old = state.snap
+            snap = load_snapshot(catalog.live_items(), int(manifest["committed_rows"]), old.version + 1)
+            state.indexes.extend_all(snap, state.vectors)
             was_live = old.live[: old.watermark]
             newly_dead = np.flatnonzero(was_live & ~snap.live[: old.watermark])
         except BaseException:
             catalog.close()
             raise
-        with self._visibility.write():
-            previous, self._catalog = self._catalog, catalog
-            self._snap, self.manifest, self._head = snap, manifest, head
-            for index in self._indexes.values():
-                index.mark_deleted(newly_dead)
-            self._plans: dict[tuple, Any] = {}
+        with state.visibility.write():
+            previous, state.catalog = state.catalog, catalog
+            state.snap, state.manifest, self.head = snap, manifest, head
+            state.indexes.deleted(newly_dead)
         previous.close()
 
-    def _reopen_published(self, head: dict[str, Any]) -> None:
-        def to_head() -> None:
-            self._head = head
 
-        self._reopen(to_head)
-
-    def _reader_lock(self) -> Any:
-        """A reader's registration (so a live writer publishes for it) and the newest version in
-        ``self._head``; a store never published and not publishable here falls back to a shared StoreLock
-        over the live catalog."""
-        from mrlstore.tiers.locking import StoreLock
-
-        presence = ReaderPresence(self.path)  # first: a live writer publishes for the readers it sees
-        try:
-            self._head = newest_version(self.path)
-        except BaseException:
-            presence.release(remove_if_created=True)
-            raise
-        if self._head is not None:
-            return presence
-        presence.release()
-        return StoreLock(self.path, exclusive=False)
-
-    def _open_catalog(self) -> Any:
-        from mrlstore.tiers.catalog import Catalog
-
-        if not self.read_only or self._head is None:
-            return Catalog(self.path, read_only=self.read_only)
-        catalog, self._head = _open_published(Catalog, self.path, self._head)  # the head may be newer
-        return catalog
-
-    def _start_publishing(self) -> None:
-        """Writers, on open: a publisher, and a version now if the newest one is behind the catalog."""
-        previous = getattr(self, "_publisher", None)
-        if previous is not None:
-            previous.close()
-        self._publisher = Publisher(self._publish_version, lambda: self._write_lock, ReadersProbe(self.path))
-        if trails(read_head(self.path), self._version_state()):
-            self._publisher.committed()  # published now if readers are waiting, else marked PENDING
-
-    def _version_state(self) -> dict[str, Any]:
-        return version_state(self.manifest, self._snap.watermark, self._snap.n_live)
-
-    def _publish_version(self) -> None:
-        self._head = publish(self.path, self._catalog.snapshot_to, self._version_state())
+def _state_of(state: StoreState) -> dict[str, Any]:
+    return version_state(state.manifest, state.snap.watermark, state.snap.n_live)
 
 
 def _key(head: dict[str, Any]) -> tuple[int, int]:
     return int(head.get("generation", 0)), int(head["version"])
 
 
-def _open_published(catalog_class: Any, store: Path, head: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _open_published(store: Path, head: dict[str, Any]) -> tuple[Catalog, dict[str, Any]]:
     """The published catalog ``head`` names, read-only, and that head; if the writer deleted it meanwhile (a
     reader between reading HEAD and opening the file), the newest one and its head."""
-    from mrlstore.errors import CorruptStoreError, NotAStoreError
-
     for _ in range(5):
         try:
-            return catalog_class(store, read_only=True, db_file=catalog_path(store, head)), head
+            return Catalog(store, read_only=True, db_file=catalog_path(store, head)), head
         except (NotAStoreError, CorruptStoreError):
             newer = read_head(store)
             if newer is None or newer == head:

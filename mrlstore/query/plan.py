@@ -1,0 +1,172 @@
+"""Query plans: what one ``query`` call runs (the funnel's prefixes, survivors per stage, k, HNSW beam),
+resolved from the call's arguments and the settings ``tune`` persisted, and remembered per argument set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mrlstore.errors import InvalidDimsError, InvalidKError
+from mrlstore.inputs.vectors import dims_tuple
+from mrlstore.tiers.params import positive_int
+
+PLAN_CACHE_SIZE = 256
+
+
+def default_shortlists(k: int, stages: int) -> list[int]:
+    """Survivors after each stage but the last: the paper's 200 for k=10 at the first, halving after."""
+    first = max(200, 20 * k)
+    return [max(k, first >> i) for i in range(stages - 1)]
+
+
+def shortlist_sizes(shortlist: int | Sequence[int] | None, k: int, stages: int) -> list[int]:
+    if shortlist is None:
+        return default_shortlists(k, stages)
+    if isinstance(shortlist, bool):
+        raise TypeError(f"shortlist must be an int or a list of ints, got {shortlist!r}")
+    if isinstance(shortlist, (int, np.integer)):
+        if shortlist < k:
+            raise ValueError(f"shortlist must be at least k={k}, got {shortlist}")
+        return [max(k, int(shortlist) >> i) for i in range(stages - 1)]
+    sizes = [int(s) for s in shortlist]
+    if len(sizes) != stages - 1:
+        raise ValueError(f"shortlist needs {stages - 1} sizes (one per stage but the last), got {len(sizes)}")
+    return sizes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one query call runs: the funnel's prefixes, survivors per stage but the last, k, HNSW beam."""
+
+    dims: tuple[int, ...]
+    k: int
+    sizes: tuple[int, ...]
+    ef: int | None = None
+
+
+def shape_key(dims: Sequence[int]) -> str:
+    return ",".join(str(int(d)) for d in dims)
+
+
+def funnel_shapes(index_dims: Sequence[int], bands: Sequence[int], dim: int) -> list[tuple[int, ...]]:
+    """The shapes users pass: for every indexed prefix d < dim, d -> dim and d -> every band edge -> dim."""
+    shapes: list[tuple[int, ...]] = []
+    for d in index_dims:
+        if d >= dim:
+            continue
+        shapes.append((d, dim))
+        edges = tuple(b for b in bands if d < b < dim)
+        if edges:
+            shapes.append((d, *edges, dim))
+    return shapes or [(index_dims[0],) if index_dims else (dim,)]
+
+
+def default_dims(index_dims: Sequence[int], dim: int) -> tuple[int, ...]:
+    return (index_dims[0], dim) if index_dims and index_dims[0] < dim else (dim,)
+
+
+def make_plan(
+    tuned: dict[str, Any] | None,
+    dims: Sequence[int] | int | None,
+    k: Any,
+    shortlist: int | Sequence[int] | None,
+    ef: int | None,
+    index_dims: Sequence[int],
+    dim: int,
+) -> Plan:
+    """Validate a query's arguments and resolve them against the tuned settings."""
+    k = positive_int(k, "k")
+    if ef is not None:
+        ef = positive_int(ef, "ef")
+    setting = _tuned_setting(tuned, dims, dim) if shortlist is None else None
+    if setting is not None:
+        tuned_dims: list[int] = setting["dims"]
+        dims = tuned_dims
+        first = max(k, setting["shortlist"] * k // setting["k"])
+        ef = ef if ef is not None else max(setting["ef"], first)
+        shortlist = tapered_sizes(first, k, len(tuned_dims), setting.get("taper", 1))  # [] for one stage
+    dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
+    try:
+        sizes = shortlist_sizes(shortlist, k, len(dims_t))
+    except (ValueError, TypeError) as e:
+        raise InvalidKError(str(e)) from None
+    for s in sizes:
+        positive_int(s, "shortlist")
+        if s < k:
+            raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
+    return Plan(dims_t, k, tuple(sizes), ef)
+
+
+def tapered_sizes(shortlist: int, k: int, stages: int, taper: int) -> list[int]:
+    """Survivors per stage but the last: halving from ``shortlist``, the last of three or more divided by
+    ``taper`` once more."""
+    sizes = shortlist_sizes(shortlist, k, stages)
+    if taper > 1 and len(sizes) >= 2:
+        sizes[-1] = max(k, sizes[-1] // taper)
+    return sizes
+
+
+def plan_key(dims: Any, k: Any, shortlist: Any, ef: Any) -> tuple | None:
+    """A hashable key for query arguments of plain ``int`` types (None when some are not: those are
+    validated each time, so ``k=True`` or ``dims=[16.0]`` still get their error)."""
+
+    def plain(x: Any) -> Any:
+        if x is None or type(x) is int:
+            return x
+        if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
+            return tuple(x)
+        raise TypeError
+
+    try:
+        return (plain(dims), plain(k), plain(shortlist), plain(ef))
+    except TypeError:
+        return None
+
+
+def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[str, Any] | None:
+    if not tuned:
+        return None
+    if dims is None:
+        return tuned
+    try:
+        dims_t = dims_tuple(dims, dim)
+    except InvalidDimsError:
+        return None  # make_plan reports the bad dims
+    key = shape_key(dims_t)
+    setting = tuned.get("shapes", {}).get(key)
+    if setting is None and shape_key(tuned["dims"]) == key:
+        setting = tuned
+    return None if setting is None else {**setting, "dims": list(dims_t), "k": tuned["k"]}
+
+
+class PlanCache:
+    """Validated plans by argument set, for one tuned state: a new ``tuned`` entry (a new object) empties it."""
+
+    def __init__(self) -> None:
+        self._tuned: object = None
+        self._plans: dict[tuple, Plan] = {}
+
+    def plan(
+        self,
+        tuned: dict[str, Any] | None,
+        dims: Any,
+        k: Any,
+        shortlist: Any,
+        ef: Any,
+        index_dims: Sequence[int],
+        dim: int,
+    ) -> Plan:
+        if tuned is not self._tuned:
+            self._tuned, self._plans = tuned, {}
+        key = plan_key(dims, k, shortlist, ef)
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:
+            plan = make_plan(tuned, dims, k, shortlist, ef, index_dims, dim)
+            if key is not None:
+                if len(self._plans) >= PLAN_CACHE_SIZE:
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan

@@ -1,0 +1,125 @@
+"""An open store: its tiers (catalog, bands, prefix indexes) and the in-memory view of its last commit, the
+state the Store's components share.
+
+Components read these attributes. The writer replaces ``snap`` at each commit and the upkeep components
+swap whole tiers (a compaction, a newer version), always holding ``visibility`` exclusively; queries hold
+it shared from their snapshot to their last catalog read, so they never mix two moments. ``write_lock``
+admits one writer (and one refresh or upkeep job) at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from mrlstore._rwlock import RWLock
+from mrlstore.errors import CorruptStoreError, StoreClosedError
+from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.catalog import Catalog
+from mrlstore.tiers.indexes import IndexSet
+from mrlstore.tiers.layout import remove_stale_temporaries
+from mrlstore.tiers.params import StoreParams
+from mrlstore.tiers.snapshot import Snapshot, load_snapshot
+
+
+class HeldLock(Protocol):
+    """What keeps other processes off the store while it is open (a StoreLock, a reader's registration)."""
+
+    def release(self, remove_if_created: bool = False) -> None: ...
+
+
+class StoreState:
+    """The open tiers of one store and the snapshot of its last commit (see the module's docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        read_only: bool,
+        params: StoreParams,
+        manifest: dict[str, Any],
+        catalog: Catalog,
+        vectors: BandedVectors,
+        snap: Snapshot,
+        indexes: IndexSet,
+    ):
+        self.path, self.read_only, self.params, self.manifest = path, read_only, params, manifest
+        self.catalog, self.vectors, self.snap, self.indexes = catalog, vectors, snap, indexes
+        self.write_lock = threading.RLock()
+        self.visibility = RWLock()
+        self.lock: HeldLock | None = None
+        self.closed = False
+        self.location = str(path)  # what messages name: the folder, or the URL of a store on object storage
+
+    @property
+    def generation(self) -> int:
+        """The row numbering's generation: a compaction renumbers rows and starts a new one."""
+        return int(self.manifest.get("generation", 0))
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise StoreClosedError(f"store {self.location} is closed")
+
+    def adopt(self, other: StoreState) -> None:
+        """Take ``other``'s tiers (just opened on the files that replaced these); locks stay. The caller holds
+        ``visibility`` exclusively and has closed the old tiers."""
+        self.path, self.params, self.manifest = other.path, other.params, other.manifest
+        self.catalog, self.vectors, self.snap, self.indexes = other.catalog, other.vectors, other.snap, other.indexes
+
+    def close_tiers(self) -> None:
+        self.catalog.close()
+        self.vectors.close()
+
+    def shut(self) -> None:
+        """Close everything now (after a failure that left memory behind the catalog: reopening recovers)."""
+        self.closed = True
+        self.catalog.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def open_state(
+    path: Path,
+    read_only: bool,
+    requested: dict[str, Any],
+    catalog: Catalog,
+    open_bands: Callable[[StoreParams], BandedVectors],
+    version: int = 0,
+) -> StoreState:
+    """Open the tiers of the store at ``path`` whose committed state is ``catalog`` (the live catalog, or a
+    reader's published version): check the requested creation parameters, check and clean the bands
+    (leftovers past the watermark cut by writers), load the snapshot and the prefix indexes."""
+    manifest = catalog.manifest()
+    params = StoreParams.from_manifest(manifest, path)
+    params.check_requested(requested, path)
+    if "store_id" not in manifest and not read_only:  # stores made before store ids
+        catalog.set_manifest("store_id", uuid.uuid4().hex)
+        manifest = catalog.manifest()
+    watermark = int(manifest["committed_rows"])
+    vectors = open_bands(params)
+    try:
+        _check_bands(path, vectors, watermark, read_only)
+        snap = load_snapshot(catalog.live_items(), watermark, version)
+        indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only)
+        indexes.load(snap, vectors, catalog.tombstones())
+    except BaseException:
+        vectors.close()
+        raise
+    return StoreState(path, read_only, params, manifest, catalog, vectors, snap, indexes)
+
+
+def _check_bands(path: Path, vectors: BandedVectors, watermark: int, read_only: bool) -> None:
+    if not read_only:
+        remove_stale_temporaries(path)
+    if vectors.physical_rows() < watermark:  # the protocol grows Zarr before every commit
+        held = vectors.physical_rows()
+        raise CorruptStoreError(f"Zarr arrays hold {held} rows but the catalog committed {watermark}")
+    if not read_only and not vectors.is_clean(watermark):
+        vectors.truncate(watermark)  # leftovers of an append that never committed
+    for band in vectors.bands:
+        rc = band.chunk_rows
+        for chunk in range(-(-watermark // rc)):
+            band.mapped(chunk, min(rc, watermark - chunk * rc))  # CorruptStoreError if missing or short
+    vectors.prefault(0, watermark)

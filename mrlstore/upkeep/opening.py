@@ -1,0 +1,96 @@
+"""Opening a store: where its files are (a folder, or the local copy of a remote version's small parts),
+creating it when absent, opening its tiers under the right lock, and reopening them in place when a
+compaction or a newer version replaced the files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mrlstore.encoder.bundled import bundled_weights_id
+from mrlstore.errors import MRLStoreError, NotAStoreError, StoreNotFoundError, UnsupportedStorageError, storage_error
+from mrlstore.options import StoreConfig
+from mrlstore.tiers.bands import auto_chunk_rows
+from mrlstore.tiers.catalog import DB_FILE
+from mrlstore.tiers.layout import create_store
+from mrlstore.tiers.params import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreParams, encoder_name
+from mrlstore.tiers.state import StoreState, open_state
+from mrlstore.upkeep.versions import Versions
+
+
+def locate(path: str | os.PathLike[str], config: StoreConfig) -> Versions:
+    """Where the store's files are: a local folder, or for a URL the local copy of its small parts."""
+    if isinstance(path, str) and "://" in path:  # before anything touches the disk
+        if not config.read_only:
+            raise UnsupportedStorageError(
+                f"{path} is a URL: stores on object storage are read-only (open it with read_only=True); "
+                "write to a local store and upload it with store.publish(url)"
+            )
+        from mrlstore.tiers.objectstore import RemoteSource
+
+        remote = RemoteSource(path, config.storage_options)
+        local = remote.local_copy(config.cache_dir)  # the small parts; the bands stay remote
+        return Versions(Path(local), True, remote, config.cache_dir, config.local_dims)
+    return Versions(Path(path), config.read_only)
+
+
+def create_if_absent(path: Path, config: StoreConfig, requested: dict[str, Any]) -> None:
+    """A new store at ``path`` when there is none (an empty folder counts as none); ``requested`` gets the
+    bundled encoder's dim when neither a dim nor an encoder was given."""
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        if not path.is_dir() or not (path / DB_FILE).exists():
+            raise NotAStoreError(f"{path} exists but is not an mrlstore store (no {DB_FILE} inside)")
+        return
+    if config.read_only:
+        raise StoreNotFoundError(f"no store at {path} (read_only=True never creates one)")
+    if requested["dim"] is None:
+        requested["dim"] = BUNDLED_ENCODER_DIM  # no dim, no encoder: images via the bundled encoder
+    name = encoder_name(config.encoder, int(requested["dim"]), config.dim)
+    weights = bundled_weights_id() if name == BUNDLED_ENCODER else None
+    params = StoreParams.new(requested, name, auto_chunk_rows, encoder_weights=weights)
+    try:
+        create_store(path, params)
+    except OSError as e:
+        if isinstance(e, MRLStoreError):
+            raise
+        raise storage_error("create a store at", path, e) from e
+
+
+def open_tiers(versions: Versions, requested: dict[str, Any]) -> StoreState:
+    """The store's tiers, opened under its lock (a writer's, a reader's registration), with publishing
+    started for writers. On failure nothing stays open or locked."""
+    lock = versions.take_lock()
+    catalog = None
+    try:
+        catalog = versions.open_catalog()
+        state = open_state(versions.path, versions.read_only, requested, catalog, versions.open_bands)
+        state.lock, state.location = lock, versions.location
+        if not versions.read_only:
+            versions.start_publishing(state)
+    except BaseException:
+        if catalog is not None:
+            catalog.close()
+        lock.release(remove_if_created=True)
+        raise
+    return state
+
+
+def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) -> None:
+    """Close the tiers, ``switch()`` to what is to be opened instead (a lock, a version, a path), and open
+    again into ``state`` under the same locks; queries wait meanwhile."""
+    with state.visibility.write():
+        state.close_tiers()
+        switch()
+        catalog = versions.open_catalog()
+        try:
+            version = state.snap.version + 1  # filters cached for the old snapshot stay unused
+            new = open_state(versions.path, versions.read_only, {}, catalog, versions.open_bands, version)
+        except BaseException:
+            catalog.close()
+            raise
+        state.adopt(new)
+        state.location = versions.location
+        if not versions.read_only:
+            versions.start_publishing(state)

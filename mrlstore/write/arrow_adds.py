@@ -1,0 +1,50 @@
+"""Adding Arrow data: record batches streamed from tables, readers, DataFrames or DuckDB relations, each
+batch one commit of its vector column (or its images, through the image adder)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from mrlstore.errors import InvalidInputError
+from mrlstore.inputs.arrow import column, record_batches, to_matrix
+from mrlstore.write.image_adds import ImageAdder
+from mrlstore.write.writer import Writer
+
+ADD_BATCH_BYTES = 256 << 20  # float32 bytes per committed batch of add_arrow (a commit has a fixed cost)
+
+
+def add_arrow(
+    writer: Writer,
+    images: ImageAdder,
+    data: Any,
+    vector: str | None,
+    id_column: str | None,
+    image: str | None,
+    batch_size: int | None,
+    on_conflict: str,
+) -> int:
+    """``Store.add_arrow``; returns the number of rows added."""
+    if on_conflict not in ("error", "skip", "replace"):
+        raise InvalidInputError(f"on_conflict must be 'error', 'skip' or 'replace', got {on_conflict!r}")
+    if (vector is None) == (image is None):
+        raise InvalidInputError("add_arrow needs exactly one of vector= (a vector column) or image= (images)")
+    rows = batch_size or max(1, ADD_BATCH_BYTES // (4 * writer.state.params.dim))
+    added = 0
+    for batch in record_batches(data, rows):
+        source = column(batch, vector or image or "", "vector" if vector else "image")
+        ids = column(batch, id_column, "id").to_pylist() if id_column is not None else None
+        rest = [n for n in batch.schema.names if n not in (vector, image, id_column)]
+        meta = pa.Table.from_batches([batch.select(rest)]) if rest else None
+        if vector is not None:
+            before = writer.state.snap.n_live
+            replace = on_conflict == "replace"
+            writer.write(
+                to_matrix(source), ids, meta, replace=replace, keep_metadata=replace, skip=on_conflict == "skip"
+            )
+            added += writer.state.snap.n_live - before if on_conflict == "skip" else len(source)
+        else:
+            result = images.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict=on_conflict, atomic=True)
+            added += len(result.added)
+    return added
