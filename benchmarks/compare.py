@@ -7,7 +7,7 @@
 Data: (a) ``mrlstore.testing.mrl_like`` (seeded; 100 clusters, dimension j scaled by (j+1)^-0.5, noise
 1.0), dim 2048, 200 queries drawn independently from the same clusters (the stores tune on their own rows);
 (b) ``cifar``: CIFAR-10 embedded by the bundled encoder, database = the 50k training images, queries = 9,000
-of the 10k test images (needs the feature cache of examples/train_encoder.py; mAP@10 by class too); the
+of the 10k test images (needs the feature cache of tools/train_encoder.py; mAP@10 by class too); the
 other 1,000 (every 10th: they come sorted by class) are passed to ``tune(queries=...)``. Every system gets
 the same float16-rounded vectors. Ground truth: exact top-10 by cosine on them. Full-dim HNSW builds are skipped above
 ``--full-max-n`` (100k by default: at 1M, hnswlib's build alone took 1,508 s on 2 cores; the committed
@@ -116,18 +116,17 @@ def prepare_cifar(d: Path) -> Path:
 
 
 def cifar_embeddings() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings, labels, is-training-split). With the activation-map cache of examples/train_encoder.py
+    """(embeddings, labels, is-training-split). With the activation-map cache of tools/train_encoder.py
     (the frozen early blocks' output, as the encoder computes it) only the encoder's later blocks and
     projection run; without it the bundled encoder encodes all 60,000 images (about 10 minutes on 2 cores)."""
-    sys.path.insert(0, str(ROOT / "examples"))
     import io
     import zipfile
 
-    import train_encoder
     from PIL import Image
     from tqdm import tqdm
 
     import mrlstore
+    from tools import train_encoder  # run as python -m benchmarks.compare from the repository root
 
     enc = mrlstore.load_encoder(device="cpu")
     cache = train_encoder.DEFAULT_CACHE

@@ -1,13 +1,13 @@
 """Where the time of one query goes: p50 of single queries, then a cProfile breakdown (µs per query).
 
     python benchmarks/query_profile.py                     # 100k synthetic MRL-like 2048-d rows
-    python benchmarks/query_profile.py --n 20000 --root /path/to/another/checkout   # e.g. an older version
+    PYTHONPATH=/path/to/another/checkout python benchmarks/query_profile.py --n 20000   # e.g. an older version
 
 Builds (once) a default float16 store of N rows from ``mrlstore.testing`` (the data of compare.py) with
 three metadata columns, runs ``tune(recall=0.95)``, then times single queries, one at a time, with metadata:
 the default call ``store.query(q)``, ``dims=[16, 2048]`` and exact ``dims=[2048]``. The profile lists the
 functions with the most own time per default query (profiling inflates small calls; the p50s are without
-it). Works against any checkout with ``--root`` (the ``before`` column of issue notes). Then the stages of
+it). Works against any checkout put first on ``PYTHONPATH`` (the ``before`` column of issue notes). Then the stages of
 the default call and of ``dims=[16, 2048]`` at their tuned settings, each timed alone over the same queries
 (median µs per query): the first stage (HNSW), the re-rank of its candidates (for ``dims=[16, 2048]`` with
 the stored band norms, a format 2 store, and without), and an exact 16-d scan keeping as many rows (what
@@ -22,7 +22,6 @@ import hashlib
 import io
 import pstats
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -34,11 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1], help="checkout to import")
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "build" / "profile")
     ap.add_argument("--rebuild", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, str(args.root))
     import mrlstore
 
     try:
@@ -46,8 +43,9 @@ def main() -> None:
     except ImportError:  # a checkout from before the generator moved to mrlstore.testing
         from mrlstore.synthetic import mrl_like, mrl_like_blocks
 
-    print(f"mrlstore from {Path(mrlstore.__file__).parent}")
-    path = args.work / f"store_{args.n}_{hashlib.sha1(str(args.root.resolve()).encode()).hexdigest()[:8]}"
+    checkout = Path(mrlstore.__file__).resolve().parent
+    print(f"mrlstore from {checkout}")
+    path = args.work / f"store_{args.n}_{hashlib.sha1(str(checkout).encode()).hexdigest()[:8]}"
     if args.rebuild or not path.exists():
         shutil.rmtree(path, ignore_errors=True)
         t0 = time.perf_counter()

@@ -24,8 +24,6 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 TINY = ROOT.parent / "shared" / "datasets" / "tiny-imagenet" / "tiny-imagenet-200-train300.zip"
 
 

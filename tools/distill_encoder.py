@@ -1,9 +1,9 @@
 """The bundled encoder's recipe (v3): a general-purpose MRL projection distilled from a frozen ImageNet backbone.
 
     pip install -e ".[train]"
-    python examples/distill_encoder.py all --install   # extract, train, eval, export into mrlstore/encoder/weights/
-    python examples/distill_encoder.py baselines       # FF-16, FF-2048, MRL-E, class-disjoint (for the eval)
-    python benchmarks/encoder_eval.py                  # the full evaluation
+    python -m tools.distill_encoder all --install   # extract, train, eval, export into mrlstore/encoder/weights/
+    python -m tools.distill_encoder baselines       # FF-16, FF-2048, MRL-E, class-disjoint (for the eval)
+    python -m tools.encoder_eval                  # the full evaluation
 
 Stages: ``extract`` (cached backbone features and teacher logits, by shards of 5,000 photos: resumable),
 ``train [--run R]`` (the projection on those caches), ``eval [--run R]`` (a quick table: caltech101-ood
@@ -28,7 +28,7 @@ Loss, for every nesting size m (c_m = 1; ``--c-small`` sets it for m <= 16), on 
 
 Runs (``--run``): ``mrl`` (the shipped encoder); ``ff-<m>``, the same recipe with a single m-d output (FF);
 ``mrl-e``, one weight-tied head per term whose first m columns serve prefix m (MRL-E); ``mrl-disjoint``,
-``mrl`` without CIFAR-10's classes 5-9 (for the class-disjoint protocol of benchmarks/encoder_eval.py).
+``mrl`` without CIFAR-10's classes 5-9 (for the class-disjoint protocol of tools/encoder_eval.py).
 Deterministic with a fixed seed (0) on one device; resumable (a checkpoint per epoch, with the training
 arguments and time, which ``export`` writes into the encoder file's metadata).
 """
@@ -63,7 +63,7 @@ def source_index(source: str) -> list[tuple[str, int, str]]:
     with zipfile.ZipFile(SOURCES[source]) as z:
         names = sorted(n for n in z.namelist() if n.lower().endswith((".jpg", ".jpeg")))
     if source == "cifar":
-        from train_encoder import CLASSES
+        from tools.train_encoder import CLASSES
 
         return [(n, TINY_CLASSES + CLASSES.index(n.split("/")[1]), n.split("/")[0]) for n in names]
     classes = sorted({n.split("/")[-2] for n in names})
@@ -96,9 +96,9 @@ def extract(source: str, view: int, cache: Path, size: int, batch: int, seed: in
     import torch
     from PIL import Image
     from tqdm import tqdm
-    from train_encoder import _pretrained_backbone, save_shard
 
     from mrlstore.encoder.model import preprocess
+    from tools.train_encoder import _pretrained_backbone, save_shard
 
     index = source_index(source)
     todo = [
@@ -298,8 +298,7 @@ def leave_one_out(x: np.ndarray, labels: np.ndarray, k: int = 10) -> tuple[float
 
 
 def evaluate(args) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from encoder_eval import retrieval_metrics
+    from tools.encoder_eval import retrieval_metrics
 
     ood, cifar = load(args.cache, "ood"), load(args.cache, "cifar")
     tr, te = cifar["split"] == "train", cifar["split"] == "test"
@@ -317,9 +316,9 @@ def evaluate(args) -> None:
 
 def export(args) -> None:
     import torch
-    from train_encoder import _pretrained_backbone
 
     from mrlstore.encoder.model import MRLImageModel, save_encoder
+    from tools.train_encoder import _pretrained_backbone
 
     state = torch.load(args.cache / f"distill_{args.run}.pt", weights_only=True)
     model = MRLImageModel(hidden=int(state["hidden"]), dim=NESTING[-1])
@@ -328,7 +327,7 @@ def export(args) -> None:
     model.projection.load_state_dict(state["proj"])
     trained = state["args"]
     meta = {"name": args.name, "dim": NESTING[-1], "nesting": list(NESTING), "image_size": int(trained["size"]),
-            "recipe": "examples/distill_encoder.py", "args": trained, "train_seconds": round(state["seconds"]),
+            "recipe": "tools/distill_encoder.py", "args": trained, "train_seconds": round(state["seconds"]),
             "train_device": state.get("device", "cpu")}  # fmt: skip
     save_encoder(model, args.out, meta)
     print(f"wrote {args.out}")

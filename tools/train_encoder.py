@@ -1,12 +1,12 @@
 """Train the bundled MRL image encoder on CIFAR-10 (see mrlstore/encoder/weights/MODEL_CARD.md).
 
     pip install -e ".[train]"
-    python examples/train_encoder.py all            # the shipped recipe: the four stages below in order
-    python examples/train_encoder.py extract        # frozen backbone's pooled features + ImageNet logits
-    python examples/train_encoder.py extract-maps   # activation maps after backbone blocks 11 and 14
-    python examples/train_encoder.py finetune       # blocks 12-15 + MRL projection + nested heads
-    python examples/train_encoder.py export         # half-precision weights into mrlstore/encoder/weights/
-    python examples/train_encoder.py baselines      # fine-tuned MRL-E, FF-m and class-disjoint runs
+    python -m tools.train_encoder all            # the shipped recipe: the four stages below in order
+    python -m tools.train_encoder extract        # frozen backbone's pooled features + ImageNet logits
+    python -m tools.train_encoder extract-maps   # activation maps after backbone blocks 11 and 14
+    python -m tools.train_encoder finetune       # blocks 12-15 + MRL projection + nested heads
+    python -m tools.train_encoder export         # half-precision weights into mrlstore/encoder/weights/
+    python -m tools.train_encoder baselines      # fine-tuned MRL-E, FF-m and class-disjoint runs
 
 Fixed seed (0). Needs ../shared/datasets/cifar10/. Loss, for every nesting size m: cross-entropy of a
 10-class CIFAR head on the first m numbers, plus 0.3 x a distillation term (KL divergence to the
@@ -18,7 +18,7 @@ Fine-tuning on a CPU: the early blocks (0-11) stay at their ImageNet weights and
 image is cached once, so each epoch runs only the last blocks (12-15), the conv head and the projection.
 On CUDA the same stages run on the GPU. ``train`` is the earlier recipe (backbone fully frozen, only the
 projection trained on the pooled features; ``baselines --recipe frozen`` its comparisons).
-``python benchmarks/encoder_eval.py`` evaluates whichever checkpoints exist.
+``python -m tools.encoder_eval`` evaluates whichever checkpoints exist.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def load_cache(cache: Path) -> dict[str, np.ndarray]:
     index = json.loads((cache / "index.json").read_text())["items"]
     shards = sorted(cache.glob("shard_*.npz"))
     if len(shards) * SHARD < len(index):
-        sys.exit(f"feature cache {cache} is incomplete: run `python examples/train_encoder.py extract` first")
+        sys.exit(f"feature cache {cache} is incomplete: run `python -m tools.train_encoder extract` first")
     feats = np.concatenate([np.load(s)["features"] for s in shards]).astype(np.float32)
     logits = np.concatenate([np.load(s)["logits"] for s in shards]).astype(np.float32)
     split = np.array([s for s, _, _ in index])
@@ -334,7 +334,7 @@ def load_maps(cache: Path, cut: int) -> np.ndarray:
         sys.exit(f"activation maps are cached after blocks {MAP_CUTS}, not {cut}")
     shards = sorted(cache.glob("maps_*.npz"))
     if len(shards) * SHARD < len(json.loads((cache / "index.json").read_text())["items"]):
-        sys.exit(f"no activation maps in {cache}: run `python examples/train_encoder.py extract-maps` first")
+        sys.exit(f"no activation maps in {cache}: run `python -m tools.train_encoder extract-maps` first")
     return np.concatenate([np.load(s)[f"block{cut}"] for s in shards])
 
 
@@ -471,7 +471,7 @@ def _save_projection(proj, out: Path, **meta) -> None:
 
 def baselines_stage(cache: Path, epochs: int, hidden: int, distill: float) -> None:
     """The paper's comparisons: MRL-E, FF (one projection trained alone at each size m), and MRL trained on
-    classes 0-4 only (evaluated on the unseen classes 5-9 by benchmarks/encoder_eval.py)."""
+    classes 0-4 only (evaluated on the unseen classes 5-9 by tools/encoder_eval.py)."""
     from mrlstore.encoder.model import NESTING
 
     train_stage(cache, epochs, True, cache / "projection_mrl_e.pt", hidden, distill)

@@ -1,9 +1,9 @@
 """Evaluate the bundled image encoder at every prefix size: on photos of unseen classes, and on CIFAR-10.
 
     pip install -e ".[train]"
-    python examples/distill_encoder.py all && python examples/distill_encoder.py baselines
+    python -m tools.distill_encoder all && python -m tools.distill_encoder baselines
     git show e5758bc:mrlstore/weights/mrl_lite0.pt > build/mrl_lite0_v2.pt   # the previous encoder (v2)
-    python benchmarks/encoder_eval.py --weights build/mrl_lite0_v2.pt
+    python -m tools.encoder_eval --weights build/mrl_lite0_v2.pt
 
 Out of domain, ``caltech101-ood`` (2,646 photos, 61 Caltech-101 classes that share none with CIFAR-10 or
 Tiny-ImageNet-200; never trained on), leave-one-out: each photo queries the other 2,645.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -36,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 RAW_DIMS = (8, 16, 32, 64, 128, 256, 512, 1024, 1280)
@@ -99,9 +97,8 @@ class Evaluation:
     """The photos, cached features and checkpoints one report is computed from."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import distill_encoder as de
-
         from mrlstore.encoder.model import load_encoder
+        from tools import distill_encoder as de
 
         self.args, self.de = args, de
         self.bundled = load_encoder(device="cpu")
@@ -143,7 +140,7 @@ class Evaluation:
 
     # -- caltech101-ood --------------------------------------------------------------------------------
     def ood_rows(self) -> Rows:
-        from train_encoder import _pretrained_backbone
+        from tools.train_encoder import _pretrained_backbone
 
         rows: Rows = {}
 
@@ -347,7 +344,7 @@ def main() -> None:
     ood, (cifar, v3) = ev.ood_rows(), ev.cifar_rows()
     speed, speed_text = ev.encode_speed()
     bundled = f"{ev.bundled.name} (bundled, {ev.size} px)"
-    command = "python benchmarks/encoder_eval.py" + "".join(f" --weights {w}" for w in args.weights)
+    command = "python -m tools.encoder_eval" + "".join(f" --weights {w}" for w in args.weights)
     parts = [
         "# The bundled image encoder at every prefix size",
         f"Command: `{command}` (see its docstring; {time.perf_counter() - t0:.0f} s with cached features). "
