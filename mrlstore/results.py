@@ -173,7 +173,8 @@ class StoreInfo(Record):
 class TuneResult(Record):
     """``Store.tune()``: the fastest funnel that reached the target (``dims``, ``shortlist``, ``ef``,
     ``recall``, ``ms_per_query``, ``taper``), what it was measured against, every funnel shape's own
-    setting (``shapes``) and every point measured (``tried``)."""
+    setting (``shapes``) and every point measured (``tried``). A setting reaches the target when
+    ``recall_low``, a 95% lower confidence bound on the recall of new queries, does."""
 
     dims: list[int]
     shortlist: int
@@ -187,6 +188,7 @@ class TuneResult(Record):
     exact_ms_per_query: float
     shapes: dict[str, dict[str, Any]]
     tried: list[dict[str, Any]]
+    recall_low: float | None = None  # None in settings tuned before the bound existed
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,7 +23,8 @@ def tuned_store(tmp_path_factory):
 
 def test_tune_reaches_the_target_with_the_cheapest_setting_of_the_fastest_shape(tuned_store):
     _, _, choice = tuned_store
-    assert choice["recall"] >= 0.95 and choice["dims"] in ([16, 256], [16, 64, 256], [256])
+    assert choice["recall_low"] >= 0.95 and choice["recall"] >= choice["recall_low"]
+    assert choice["dims"] in ([16, 256], [16, 64, 256], [256])
     tried = choice["tried"]
     assert {tuple(t["dims"]) for t in tried} - {(256,)} == {(16, 256), (16, 64, 256)}  # both shapes compared
     # among the shapes' own choices (each its smallest reaching shortlist), the fastest; a larger coarse
@@ -39,12 +40,25 @@ def test_tune_reaches_the_target_with_the_cheapest_setting_of_the_fastest_shape(
     dims = [t["dims"] for t in tried if t["shortlist"] == fastest["shortlist"] and t["recall"] == fastest["recall"]]
     same = [t for t in tried if t["dims"] == dims[0]]
     assert same[-1]["shortlist"] == fastest["shortlist"]  # the search ends at its choice
-    assert all(t["recall"] < 0.95 for t in same if t["shortlist"] < fastest["shortlist"])  # cheaper ones missed
+    assert all(t["recall_low"] < 0.95 for t in same if t["shortlist"] < fastest["shortlist"])  # cheaper ones missed
     # the coarse grid up to the first size that reaches, then the fine sizes below it
     coarse = [t["shortlist"] for t in same if t["shortlist"] in tuning.GRID]
     assert coarse == sorted(coarse) and coarse[-1] >= fastest["shortlist"]
     below = [f for f in tuning.FINE_GRID if (coarse[-2] if len(coarse) > 1 else 0) < f < fastest["shortlist"]]
     assert {t["shortlist"] for t in same} >= set(below)
+
+
+def test_the_target_is_reached_by_a_lower_confidence_bound_and_holds_for_new_queries(tuned_store):
+    assert tuning.recall_lower_bound(np.full(50, 0.9)) == pytest.approx(0.9)
+    spread = np.array([1.0, 0.8] * 50)
+    assert tuning.recall_lower_bound(spread) == pytest.approx(0.9 - 1.645 * spread.std(ddof=1) / 10)
+    assert all(t["reached"] == (t["recall_low"] >= 0.95) for t in tuned_store[2]["tried"])
+    path, x, _ = tuned_store
+    queries, _ = mrl_like(400, 256, noise=1.0, seed=5, sample=1)  # new queries from the same clusters
+    with mrlstore.open(path, read_only=True) as store:
+        found = [h.ids for h in store.query(queries, k=10, metadata=False)]
+    truth = exact_search(x.astype(np.float16).astype(np.float32), queries, 10)
+    assert recall_at_k(found, [[str(r) for r in t] for t in truth]) >= 0.95
 
 
 def test_a_tiny_store_tunes_to_exact_search_when_that_is_faster(tmp_path, monkeypatch):
