@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +37,9 @@ class StoreConfig:
     local_dims: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("bands", "index_dims"):  # lists are welcome; kept as tuples (the value is frozen)
+        for name in ("bands", "index_dims"):  # lists and arrays are welcome; kept as tuples (the value is frozen)
             value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple) and isinstance(value, Sequence):
+            if value is not None and not isinstance(value, (tuple, str, bytes)) and isinstance(value, Iterable):
                 object.__setattr__(self, name, tuple(value))
 
     def creation(self) -> dict[str, Any]:
@@ -52,5 +52,13 @@ class StoreConfig:
     def replaced(self, **changes: Any) -> StoreConfig:
         """This config with the fields ``changes`` (keywords of ``open``) sets to other than their default."""
         defaults = {f.name: f.default for f in fields(self)}
-        given = {k: v for k, v in changes.items() if v is not None and v is not defaults[k] and v != defaults[k]}
+        unknown = sorted(set(changes) - set(defaults))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; StoreConfig has {sorted(defaults)}")
+        given = {k: v for k, v in changes.items() if v is not None and not _is_default(v, defaults[k])}
         return self if not given else type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **given})
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """``read_only=False`` or ``local_dims=0`` passed to ``open`` leave a config's own value alone."""
+    return isinstance(value, (bool, int)) and type(value) is type(default) and value == default

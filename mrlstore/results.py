@@ -189,6 +189,8 @@ class TuneResult(Record):
     shapes: dict[str, dict[str, Any]]
     tried: list[dict[str, Any]]
     recall_low: float | None = None  # None in settings tuned before the bound existed
+    rows: int | None = None  # the store's committed and live rows when it was tuned (None before they were kept)
+    live: int | None = None
 
 
 @dataclass(frozen=True, eq=False)

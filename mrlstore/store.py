@@ -46,8 +46,13 @@ ManyVectors: TypeAlias = list[list[float]]
 class Store:
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
-    def __init__(self, path: str | os.PathLike[str], config: StoreConfig | None = None):
-        config = config if config is not None else StoreConfig()
+    def __init__(self, path: str | os.PathLike[str], config: StoreConfig | int | None = None, **options: Any):
+        """``mrlstore.open(path, ...)`` is the usual way in; ``Store(path, config)`` takes a StoreConfig, and
+        ``Store(path, dim, **keywords)`` the keywords of ``open`` (as before StoreConfig existed)."""
+        if not isinstance(config, StoreConfig):
+            config = StoreConfig().replaced(dim=config, **options)
+        elif options:
+            config = config.replaced(**options)
         self.read_only = config.read_only
         self._options = config
         self._versions = versions = opening.locate(path, config)
@@ -382,6 +387,15 @@ class Store:
         a warning; when none reaches it, TuningError is raised and the previous settings stay."""
         self._check_writable()
         return self._search.tune(recall, k, sample, dims, seed, queries)
+
+    def report(self, k: int = 10, sample: int = 200, seed: int = 0) -> pa.Table:
+        """How recall and latency change with dims and shortlist on this store's own rows: one row per prefix
+        alone (an exact scan of its first d numbers) and per funnel shape and shortlist, with recall@k against
+        exact full-``dim`` search (and its 95% lower bound), p50 ms one query at a time, vector bytes read per
+        query, and which setting ``query()`` uses. Reuses ``tune``'s points when the store is unchanged since
+        (``mrlstore report STORE --plot dims.png`` prints and plots it)."""
+        self._state.check_open()
+        return self._search.report(k, sample, seed)
 
     # -- versions and upkeep ---------------------------------------------------------------------------
     def checkpoint(self) -> None:

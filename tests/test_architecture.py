@@ -58,3 +58,24 @@ def test_store_config_opens_like_the_keywords(tmp_path):
 def test_open_takes_every_config_field_by_keyword():
     keywords = set(inspect.signature(mrlstore.open).parameters) - {"path", "config"}
     assert keywords == {f.name for f in dataclasses.fields(mrlstore.StoreConfig)}
+
+
+def test_open_and_store_take_arrays_keywords_and_dims_as_before(tmp_path):
+    with mrlstore.open(tmp_path / "a", dim=32, bands=np.array([8, 32]), index_dims=np.array([8])) as store:
+        assert store.bands == (8, 32) and store.index_dims == (8,)
+    with Store(tmp_path / "a", 32, bands=[8, 32], read_only=True) as reader:  # Store's own keywords, as before
+        assert reader.read_only and reader.dim == 32
+    with Store(tmp_path / "a", mrlstore.StoreConfig(read_only=True)) as reader:
+        assert reader.read_only
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        Store(tmp_path / "a", 32, band=[8, 32])
+
+
+def test_a_closed_store_says_so_before_looking_at_the_query(tmp_path):
+    store = mrlstore.open(tmp_path / "a", dim=32, bands=(8, 32), index_dims=(8,))
+    store.close()
+    for bad in (np.ones(5, np.float32), "photo.jpg"):
+        with pytest.raises(mrlstore.StoreClosedError):
+            store.query(bad)
+    with pytest.raises(mrlstore.StoreClosedError):
+        store.query(np.ones(32, np.float32), k=0)

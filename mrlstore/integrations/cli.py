@@ -341,6 +341,26 @@ def tune(path: Path, recall: float, k: int) -> None:
 
 
 @main.command()
+@click.argument("store", type=STORE)
+@click.option("-k", "--k", "k", type=int, default=10, show_default=True)
+@click.option("--sample", type=int, default=200, show_default=True, help="Of the store's rows, used as queries.")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), help="Also draw it as a PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@storage_option
+@_reports_errors
+def report(store: str, k: int, sample: int, plot: Path | None, as_json: bool, storage_options: tuple[str, ...]) -> None:
+    """How recall and latency change with dims and shortlist on STORE's own rows (how many dims you need)."""
+    with _reading(store, storage_options) as s:
+        table = s.report(k=k, sample=sample)
+    _print_table(table.to_pylist(), as_json)
+    if plot is not None:
+        from mrlstore.integrations.plots import plot_dims_report
+
+        plot_dims_report(table, plot)
+        click.echo(f"wrote {plot}", err=True)
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
 @_reports_errors
 def compact(path: Path) -> None:

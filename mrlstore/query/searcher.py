@@ -18,6 +18,7 @@ from mrlstore.query import tuning
 from mrlstore.query.filters import FilterCache
 from mrlstore.query.funnel import Funnel
 from mrlstore.query.plan import Plan, PlanCache, funnel_shapes
+from mrlstore.query.report import dims_report
 from mrlstore.results import Hits, HitsBatch, TuneResult
 from mrlstore.tiers.params import positive_int
 from mrlstore.tiers.state import StoreState
@@ -49,6 +50,7 @@ class Searcher:
         self, query: Any, k: int, dims: Any, where: str | None, shortlist: Any, ef: int | None, metadata: bool
     ) -> Hits | HitsBatch:
         """``Store.query``: one query gives Hits, a batch a HitsBatch."""
+        self.state.check_open()  # before anything is planned or encoded (checked again under the lock)
         plan = self.plan(dims, k, shortlist, ef)
         queries, single = self.vectors_of(query, plan.dims[-1])
         state = self.state
@@ -81,6 +83,16 @@ class Searcher:
             return value.matrix, value.single
         vectors, _ = encode_images(self.encoders.get(manifest), value.items, 64, None)
         return query_batch(vectors, need, p.dim, p.metric)[0], value.single
+
+    def report(self, k: int, sample: int, seed: int) -> pa.Table:
+        """``Store.report``: the dims report over the current snapshot."""
+        state, p = self.state, self.state.params
+        k, sample = positive_int(k, "k"), positive_int(sample, "sample")
+        snap = state.snap
+        if snap.n_live <= k + 1:
+            raise EmptyStoreError(f"a report needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
+        read = lambda rows: state.vectors.gather(rows, 0, p.dim)  # noqa: E731 - the sampled rows' vectors
+        return dims_report(self.funnel, snap, p, state.manifest.get("tuned"), k, sample, seed, read)
 
     def tune(
         self, recall: float, k: int, sample: int, dims: Sequence[int] | None, seed: int, queries: Any

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,28 +60,17 @@ def tune(
     replace the sampled rows: a store's own rows can be easier queries than new ones. Raises TuningError,
     persisting nothing, when no shape reaches the target."""
     live_rows = np.flatnonzero(snap.live[: snap.watermark])
-    rng = np.random.default_rng(seed)
-    if queries is None:
-        probe = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
-        queries = read_queries(probe)
-    else:
-        queries = queries[np.sort(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))]
-        probe = np.full(len(queries), -1)  # no own row to exclude
-    t0 = time.perf_counter()
-    found, offsets, _ = funnel.exact(snap, queries, dim, k + 1)
-    exact_ms = 1e3 * (time.perf_counter() - t0) / len(queries)
-    truth = [_others(found[a:b], r, k) for r, a, b in zip(probe, offsets[:-1], offsets[1:])]
+    probe = Probe.sample(funnel, snap, k, sample, seed, dim, read_queries, queries)
+    exact_ms = probe.exact_ms
     budget = min(MAX_SHORTLIST, max(20 * k, len(live_rows) // 4))
     grid = [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
     tried: list[dict[str, Any]] = []
     best_per_shape: dict[str, dict[str, Any]] = {}  # each shape's cheapest reaching point, or its last try
     fine = sorted({max(k + 1, s) for s in FINE_GRID} - set(grid))
     for dims_t in shapes:
-        point, points = _cheapest(
-            lambda s, d=dims_t: _measure(funnel, snap, queries, probe, truth, d, s, k, recall), grid, fine
-        )
+        point, points = _cheapest(lambda s, d=dims_t: measure(funnel, snap, probe, d, s, k, recall), grid, fine)
         if point["reached"] and len(dims_t) >= 3:  # the tapered schedule at the same first stage
-            tapered = _measure(funnel, snap, queries, probe, truth, dims_t, point["shortlist"], k, recall, TAPER)
+            tapered = measure(funnel, snap, probe, dims_t, point["shortlist"], k, recall, TAPER)
             points.append(tapered)
             if tapered["reached"] and tapered["ms_per_query"] < point["ms_per_query"]:
                 point = tapered
@@ -87,7 +78,7 @@ def tune(
         best_per_shape[shape_key(dims_t)] = point
     best = _choose(best_per_shape, tried, recall, budget)
     if exact_ms < EXACT_CANDIDATE_FACTOR * best["ms_per_query"]:  # a small store: exact search may be faster
-        exact = _measure(funnel, snap, queries, probe, truth, (dim,), k + 1, k, recall)
+        exact = measure(funnel, snap, probe, (dim,), k + 1, k, recall)
         tried.append(exact)
         if exact["reached"] and exact["ms_per_query"] < best["ms_per_query"]:
             best = exact
@@ -97,7 +88,9 @@ def tune(
         **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "recall_low", "ms_per_query", "taper")},
         "k": k,
         "target": recall,
-        "sample": len(probe),
+        "sample": len(probe.rows),
+        "rows": snap.watermark,
+        "live": snap.n_live,
         "exact_ms_per_query": exact_ms,
         "shapes": shapes_out,
         "tried": tried,
@@ -147,19 +140,60 @@ def _others(rows: np.ndarray, own: int, k: int) -> np.ndarray:
     return rows[rows != own][:k]
 
 
-def _measure(funnel, snap, queries, probe, truth, dims_t, s, k, target, taper: int = 1) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Probe:
+    """Sampled queries and their exact top-k at full dimension: what tuning and the dims report measure
+    against. ``rows``: each query's own row, excluded from its results (-1 for held-out queries)."""
+
+    queries: np.ndarray
+    rows: np.ndarray
+    truth: list[np.ndarray]
+    exact_ms: float  # exact full-dimension search, batched, per query
+
+    @classmethod
+    def sample(
+        cls, funnel: Funnel, snap: Snapshot, k: int, sample: int, seed: int, dim: int, read_queries: Any,
+        queries: np.ndarray | None = None,
+    ) -> Probe:  # fmt: skip
+        """Up to ``sample`` of the store's live rows (or of ``queries``), and their truth."""
+        rng = np.random.default_rng(seed)
+        if queries is None:
+            live_rows = np.flatnonzero(snap.live[: snap.watermark])
+            rows = np.sort(rng.choice(live_rows, size=min(sample, len(live_rows)), replace=False))
+            queries = read_queries(rows)
+        else:
+            queries = queries[np.sort(rng.choice(len(queries), size=min(sample, len(queries)), replace=False))]
+            rows = np.full(len(queries), -1)  # no own row to exclude
+        t0 = time.perf_counter()
+        found, offsets, _ = funnel.exact(snap, queries, dim, k + 1)
+        exact_ms = 1e3 * (time.perf_counter() - t0) / len(queries)
+        truth = [_others(found[a:b], r, k) for r, a, b in zip(rows, offsets[:-1], offsets[1:])]
+        return cls(queries, rows, truth, exact_ms)
+
+    def recalls(self, found: list[np.ndarray], k: int) -> np.ndarray:
+        """Each query's recall@k of ``found`` (its rows, best first) against the truth."""
+        return np.array([len(set(_others(f, r, k).tolist()) & set(t.tolist())) / k
+                         for r, f, t in zip(self.rows, found, self.truth)])  # fmt: skip
+
+
+def measure(
+    funnel: Funnel, snap: Snapshot, probe: Probe, dims_t: Sequence[int], s: int, k: int, target: float, taper: int = 1
+) -> dict[str, Any]:
+    """One setting, timed one query at a time (the latency a caller of query() sees; a batch would time the
+    threads): its recall, lower bound, mean and median ms per query."""
     sizes = tuple(tapered_sizes(s, k + 1, len(dims_t), taper))
     ef = max(funnel.ef_search, s)
     plan = Plan(tuple(dims_t), k + 1, sizes, ef)
-    # One query at a time: the latency a caller of query() sees (a batch would time the threads).
-    t0 = time.perf_counter()
-    found = [funnel.run(snap, q[None], plan)[0] for q in queries]
-    ms = 1e3 * (time.perf_counter() - t0) / len(queries)
-    per_query = np.array([len(set(_others(f, r, k).tolist()) & set(t.tolist())) / k
-                          for r, f, t in zip(probe, found, truth)])  # fmt: skip
+    found, times = [], []
+    for q in probe.queries:
+        t0 = time.perf_counter()
+        found.append(funnel.run(snap, q[None], plan)[0])
+        times.append(time.perf_counter() - t0)
+    per_query = probe.recalls(found, k)
     got, low = float(per_query.mean()), recall_lower_bound(per_query)
     return {
-        "dims": list(dims_t), "shortlist": s, "ef": ef, "recall": got, "recall_low": low, "ms_per_query": ms,
+        "dims": list(dims_t), "shortlist": s, "ef": ef, "recall": got, "recall_low": low,
+        "ms_per_query": 1e3 * float(np.mean(times)), "p50_ms": 1e3 * float(np.median(times)),
         "reached": low >= target, "taper": taper,
     }  # fmt: skip
 

@@ -55,11 +55,11 @@ def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict
         lock = StoreLock(tmp, exclusive=True)  # kept: nobody may open the new store before this one reopens
         try:
             _write_new(state, snap, live_rows, tmp)
+            fsync_tree(tmp)
+            _exchange(tmp, state.path)  # the commit point
         except BaseException:
-            lock.release()
+            lock.release()  # the new store is thrown away: nobody holds it
             raise
-        fsync_tree(tmp)
-        _exchange(tmp, state.path)  # the commit point
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,109 @@
+"""The dims report: how recall and latency change with the number of dims per row and the funnel's shortlist,
+measured on the store's own rows ("how many dims do I need?", answered from the user's data).
+
+Two kinds of rows: each prefix alone (an exact scan of the first d numbers: the quality of d dims), and
+every funnel shape at each shortlist of tune's grid (tune's own points when they are fresh: same k, and the
+store unchanged since; ``taper`` 2 halves the last re-rank of a funnel of three or more stages). Recall is
+recall@k against exact full-dimension search; latency is one query at a time; bytes are the vector bytes a
+query reads from the bands (HNSW stages read none: the prefix indexes are in memory).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mrlstore.query import tuning
+from mrlstore.query.funnel import Funnel
+from mrlstore.query.plan import funnel_shapes, tapered_sizes
+from mrlstore.tiers.params import StoreParams
+from mrlstore.tiers.snapshot import Snapshot
+
+SCHEMA = pa.schema([
+    ("dims", pa.list_(pa.int32())), ("kind", pa.string()), ("codes", pa.string()), ("shortlist", pa.int32()),
+    ("taper", pa.int32()), ("recall", pa.float64()), ("recall_low", pa.float64()), ("p50_ms", pa.float64()),
+    ("bytes_per_query", pa.int64()), ("tuned", pa.bool_()),
+])  # fmt: skip
+
+
+def dims_report(
+    funnel: Funnel,
+    snap: Snapshot,
+    params: StoreParams,
+    tuned: dict[str, Any] | None,
+    k: int,
+    sample: int,
+    seed: int,
+    read_queries: Callable[[np.ndarray], np.ndarray],
+) -> pa.Table:
+    """The report's table (see the module's docstring), prefixes first, then funnels by shape and shortlist."""
+    probe = tuning.Probe.sample(funnel, snap, k, sample, seed, params.dim, read_queries)
+    itemsize = np.dtype(params.dtype).itemsize
+    rows = [_prefix_row(funnel, snap, probe, d, k, itemsize) for d in prefix_dims(params)]
+    for point in _funnel_points(funnel, snap, probe, params, tuned, k):
+        if len(point["dims"]) == 1 and point["dims"][0] == params.dim:
+            continue  # exact full-dimension search: the last prefix row
+        sizes = tapered_sizes(point["shortlist"], k + 1, len(point["dims"]), point.get("taper", 1))
+        rows.append({
+            "dims": point["dims"], "kind": "funnel", "codes": "raw", "shortlist": point["shortlist"],
+            "taper": point.get("taper", 1), "recall": point["recall"], "recall_low": point.get("recall_low"),
+            "p50_ms": point.get("p50_ms"),
+            "bytes_per_query": funnel_bytes(point["dims"], sizes, params.index_dims, snap.n_live, itemsize),
+            "tuned": _is_tuned(point, tuned),
+        })  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def prefix_dims(params: StoreParams) -> list[int]:
+    """The prefixes worth a row: the indexed ones, the band edges, and powers of two in between."""
+    powers = [1 << i for i in range(3, 16) if (1 << i) < params.dim]
+    return sorted({*params.index_dims, *params.bands, *powers, params.dim})
+
+
+def funnel_bytes(dims: Sequence[int], sizes: Sequence[int], index_dims: Sequence[int], live: int, itemsize: int) -> int:
+    """Vector bytes one query reads from the bands: an exact first stage scans every live row's prefix; each
+    re-rank stage reads its new columns for the survivors of the stage before."""
+    first = 0 if dims[0] in index_dims else live * dims[0]
+    later = sum(s * (b - a) for s, a, b in zip(sizes, dims[:-1], dims[1:]))
+    return int((first + later) * itemsize)
+
+
+def _prefix_row(funnel: Funnel, snap: Snapshot, probe: tuning.Probe, d: int, k: int, itemsize: int) -> dict:
+    found, times = [], []
+    for q in probe.queries:
+        t0 = time.perf_counter()
+        found.append(funnel.exact(snap, q[None], d, k + 1)[0])
+        times.append(time.perf_counter() - t0)
+    per_query = probe.recalls(found, k)
+    return {
+        "dims": [d], "kind": "prefix alone", "codes": "raw", "shortlist": None, "taper": None,
+        "recall": float(per_query.mean()),
+        "recall_low": tuning.recall_lower_bound(per_query), "p50_ms": 1e3 * float(np.median(times)),
+        "bytes_per_query": snap.n_live * d * itemsize, "tuned": False,
+    }  # fmt: skip
+
+
+def _funnel_points(
+    funnel: Funnel, snap: Snapshot, probe: tuning.Probe, params: StoreParams, tuned: dict[str, Any] | None, k: int
+) -> list[dict[str, Any]]:
+    """tune's measured points when fresh (same k, the store unchanged since, p50 kept), else every shape at
+    every shortlist of tune's grid up to its budget."""
+    if tuned and tuned.get("k") == k and (tuned.get("rows"), tuned.get("live")) == (snap.watermark, snap.n_live):
+        points = [p for p in tuned.get("tried", []) if "p50_ms" in p]
+        if points:
+            return sorted(points, key=lambda p: (len(p["dims"]), p["dims"], p["shortlist"], p.get("taper", 1)))
+    budget = min(tuning.MAX_SHORTLIST, max(20 * k, snap.n_live // 4))
+    grid = [s for s in sorted({max(k + 1, s) for s in tuning.GRID}) if s <= budget]
+    shapes = funnel_shapes(params.index_dims, params.bands, params.dim)
+    return [tuning.measure(funnel, snap, probe, shape, s, k, 1.0) for shape in shapes for s in grid]
+
+
+def _is_tuned(point: dict[str, Any], tuned: dict[str, Any] | None) -> bool:
+    if not tuned:
+        return False
+    same = point["dims"] == tuned["dims"] and point["shortlist"] == tuned["shortlist"]
+    return same and point.get("taper", 1) == tuned.get("taper", 1)

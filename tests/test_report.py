@@ -1,0 +1,76 @@
+"""The dims report (Store.report, mrlstore report): prefixes alone and funnels, measured on the store's rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mrlstore
+from mrlstore.query import report as report_module
+from mrlstore.testing import mrl_like
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    x, _ = mrl_like(3000, 128, noise=1.0, seed=2)
+    path = tmp_path_factory.mktemp("report") / "s"
+    with mrlstore.open(path, dim=128, bands=(16, 64, 128), index_dims=(16,)) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+    return path
+
+
+def test_a_report_has_every_prefix_alone_and_every_funnel_shape(store_path):
+    with mrlstore.open(store_path, read_only=True) as store:  # readers can ask too: nothing is saved
+        table = store.report(k=10, sample=60)
+    rows = table.to_pylist()
+    prefixes = [r for r in rows if r["kind"] == "prefix alone"]
+    assert [r["dims"] for r in prefixes] == [[8], [16], [32], [64], [128]]
+    assert prefixes[-1]["recall"] == 1.0 and prefixes[-1]["bytes_per_query"] == 3000 * 128 * 2
+    assert prefixes[0]["recall"] < prefixes[2]["recall"] < 1.0  # more dims, better neighbours
+    funnels = [r for r in rows if r["kind"] == "funnel"]
+    assert {tuple(r["dims"]) for r in funnels} == {(16, 128), (16, 64, 128)}
+    assert not any(r["tuned"] for r in rows)  # an untuned store has no default setting yet
+    for r in funnels:
+        assert 0 <= r["recall_low"] <= r["recall"] <= 1 and r["p50_ms"] > 0
+    wide = [r for r in funnels if r["dims"] == [16, 128]]
+    assert wide[-1]["recall"] > wide[0]["recall"]  # a longer shortlist finds more
+    # bytes: the 16-d HNSW stage reads no band; the re-rank reads 112 new numbers for each survivor
+    assert wide[0]["bytes_per_query"] == wide[0]["shortlist"] * 112 * 2
+
+
+def test_bytes_of_a_funnel():
+    assert report_module.funnel_bytes([16, 64, 2048], [200, 100], (16,), 10**6, 2) == (200 * 48 + 100 * 1984) * 2
+    assert report_module.funnel_bytes([24, 2048], [100], (16,), 1000, 4) == (1000 * 24 + 100 * 2024) * 4  # exact
+
+
+def test_a_fresh_tune_is_reused_and_its_setting_marked(store_path):
+    with mrlstore.open(store_path) as store:
+        tuned = store.tune(recall=0.9, k=10, sample=60)
+        table = store.report(k=10, sample=60)
+        funnels = [r for r in table.to_pylist() if r["kind"] == "funnel"]
+        measured = {(tuple(t["dims"]), t["shortlist"], t["taper"]): t["recall"] for t in tuned.tried}
+        assert {(tuple(r["dims"]), r["shortlist"], r["taper"]): r["recall"] for r in funnels} == {
+            key: value for key, value in measured.items() if key[0] != (128,)
+        }  # tune's own points, exact search aside (it is the last prefix row)
+        marked = [r for r in funnels if r["tuned"]]
+        if tuned.dims != [128]:
+            assert [(r["dims"], r["shortlist"]) for r in marked] == [(tuned.dims, tuned.shortlist)]
+        store.add_vectors(np.asarray(mrl_like(10, 128, seed=9)[0]), ids=[f"new{i}" for i in range(10)])
+        again = store.report(k=10, sample=60).to_pylist()  # the store changed: measured anew, over the grid
+        sizes = {r["shortlist"] for r in again if r["dims"] == [16, 128]}
+        assert {11, 20, 30, 50, 75, 100} <= sizes
+
+
+def test_the_command_prints_and_plots(store_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "dims.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "mrlstore", "report", str(store_path), "--sample", "40", "--plot", str(png)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].split()[:3] == ["dims", "kind", "codes"] and "prefix alone" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
