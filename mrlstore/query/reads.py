@@ -13,7 +13,7 @@ import pyarrow as pa
 from mrlstore.errors import InvalidInputError, UnknownIdError
 from mrlstore.inputs.vectors import dims_tuple, id_strings
 from mrlstore.query.filters import FilterCache
-from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState
 
@@ -62,7 +62,7 @@ SCAN_BATCH_ROWS = 8192  # rows per batch out: memory stays bounded whatever the 
 
 def scan_batches(
     snap: Snapshot,
-    vectors: BandedVectors,
+    vectors: VectorTier,
     rows: np.ndarray,
     dims: int | None,
     columns: list[str] | None,

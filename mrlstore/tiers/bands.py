@@ -497,6 +497,16 @@ class BandedVectors:
     def physical_rows(self) -> int:
         return min(b.shape_rows for b in self.arrays)
 
+    def map_committed(self, rows: int) -> None:
+        """Map the chunk files of the first ``rows`` rows; CorruptStoreError when one is missing or short."""
+        for band in self.bands:
+            rc = band.chunk_rows
+            for chunk in range(-(-rows // rc)):
+                band.mapped(chunk, min(rc, rows - chunk * rc))
+
+    def has_norms(self) -> bool:
+        return self.norms is not None
+
     def is_clean(self, rows: int) -> bool:
         """True when every array's shape is ``rows`` and no chunk file lies wholly past it."""
         for band in self.arrays:

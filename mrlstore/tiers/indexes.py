@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.hnsw import IndexUnusable, PrefixIndex
 from mrlstore.tiers.layout import INDEX_DIR
 from mrlstore.tiers.params import StoreParams
@@ -44,14 +44,14 @@ class IndexSet:
     def items(self) -> ItemsView[int, PrefixIndex]:
         return self.by_dim.items()
 
-    def load(self, snap: Snapshot, vectors: BandedVectors, tombstones: np.ndarray) -> None:
+    def load(self, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> None:
         """Every index of the store, from its saved file where that is usable, brought up to ``snap``."""
         self.by_dim.clear()  # the funnel holds this dict: refilled in place
         for d in self.params.index_dims:
             self.by_dim[d] = self._load(d, snap, vectors, tombstones)
             self._unsaved[d] = 0
 
-    def _load(self, d: int, snap: Snapshot, vectors: BandedVectors, tombstones: np.ndarray) -> PrefixIndex:
+    def _load(self, d: int, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> PrefixIndex:
         p, m, watermark = self.params, self.params.m_for(d), snap.watermark
         try:
             index = PrefixIndex.load(self._base(d), d, p.metric, m, p.ef_construction, self.generation)
@@ -88,7 +88,7 @@ class IndexSet:
             index.mark_deleted(rows)
             self._unsaved[d] += 1
 
-    def extend_all(self, snap: Snapshot, vectors: BandedVectors) -> None:
+    def extend_all(self, snap: Snapshot, vectors: VectorTier) -> None:
         """Add the rows of ``snap`` the indexes do not cover yet (a reader moving to a newer version)."""
         for index in self.by_dim.values():
             extend(index, snap, vectors)
@@ -114,7 +114,7 @@ class IndexSet:
         self._unsaved[d] = 0
 
 
-def extend(index: PrefixIndex, snap: Snapshot, vectors: BandedVectors) -> None:
+def extend(index: PrefixIndex, snap: Snapshot, vectors: VectorTier) -> None:
     """Add the live rows of ``snap`` that ``index`` does not cover yet, from the bands."""
     d, live = index.dim, snap.live
     for lo in range(index.covered_rows, snap.watermark, REBUILD_BLOCK_ROWS):

@@ -39,6 +39,7 @@ from mrlstore.errors import (
     ObjectStorageError,
     StoreAccessError,
     StoreNotFoundError,
+    UnsupportedStorageError,
 )
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.state import StoreState
@@ -182,6 +183,8 @@ def _capture(
         if not store.read_only:
             store.indexes.checkpoint()
         snap, vectors = store.snap, store.vectors
+        if not isinstance(vectors, BandedVectors):  # the chunk files themselves are uploaded
+            raise UnsupportedStorageError("publish() uploads a store whose bands are local files")
         store.catalog.snapshot_to(staged / "catalog.duckdb")
         if (store.path / "index").exists():
             shutil.copytree(store.path / "index", staged / "index", ignore=shutil.ignore_patterns(".*"))

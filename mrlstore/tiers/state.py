@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from mrlstore._rwlock import RWLock
 from mrlstore.errors import CorruptStoreError, StoreClosedError
-from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.indexes import IndexSet
 from mrlstore.tiers.layout import remove_stale_temporaries
@@ -41,7 +41,7 @@ class StoreState:
         params: StoreParams,
         manifest: dict[str, Any],
         catalog: Catalog,
-        vectors: BandedVectors,
+        vectors: VectorTier,
         snap: Snapshot,
         indexes: IndexSet,
     ):
@@ -85,7 +85,7 @@ def open_state(
     read_only: bool,
     requested: dict[str, Any],
     catalog: Catalog,
-    open_bands: Callable[[StoreParams], BandedVectors],
+    open_bands: Callable[[StoreParams], VectorTier],
     version: int = 0,
 ) -> StoreState:
     """Open the tiers of the store at ``path`` whose committed state is ``catalog`` (the live catalog, or a
@@ -110,7 +110,7 @@ def open_state(
     return StoreState(path, read_only, params, manifest, catalog, vectors, snap, indexes)
 
 
-def _check_bands(path: Path, vectors: BandedVectors, watermark: int, read_only: bool) -> None:
+def _check_bands(path: Path, vectors: VectorTier, watermark: int, read_only: bool) -> None:
     if not read_only:
         remove_stale_temporaries(path)
     if vectors.physical_rows() < watermark:  # the protocol grows Zarr before every commit
@@ -118,8 +118,5 @@ def _check_bands(path: Path, vectors: BandedVectors, watermark: int, read_only: 
         raise CorruptStoreError(f"Zarr arrays hold {held} rows but the catalog committed {watermark}")
     if not read_only and not vectors.is_clean(watermark):
         vectors.truncate(watermark)  # leftovers of an append that never committed
-    for band in vectors.bands:
-        rc = band.chunk_rows
-        for chunk in range(-(-watermark // rc)):
-            band.mapped(chunk, min(rc, watermark - chunk * rc))  # CorruptStoreError if missing or short
+    vectors.map_committed(watermark)  # CorruptStoreError if a file is missing or short
     vectors.prefault(0, watermark)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState
 
@@ -42,9 +42,9 @@ def problems(state: StoreState) -> list[str]:
     return found
 
 
-def _norm_problems(vectors: BandedVectors, snap: Snapshot) -> list[str]:
+def _norm_problems(vectors: VectorTier, snap: Snapshot) -> list[str]:
     """Stored band norms of up to NORM_CHECK_ROWS live rows, evenly spread, against their values."""
-    if vectors.norms is None:
+    if not vectors.has_norms():
         return []
     live = np.flatnonzero(snap.live[: snap.watermark])
     if not len(live):
@@ -56,7 +56,7 @@ def _norm_problems(vectors: BandedVectors, snap: Snapshot) -> list[str]:
     return [f"row_norms disagree with the stored vectors of {len(wrong)} sampled row(s), e.g. {wrong[:5].tolist()}"]
 
 
-def _all_zero_rows(vectors: BandedVectors, snap: Snapshot, width: int) -> np.ndarray:
+def _all_zero_rows(vectors: VectorTier, snap: Snapshot, width: int) -> np.ndarray:
     """Live rows whose first ``width`` numbers are all zero (never stored: cosine rejects them at add)."""
     out = []
     for lo in range(0, snap.watermark, ZERO_CHECK_BLOCK):

@@ -36,6 +36,7 @@ import numpy as np
 
 from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from mrlstore.errors import CorruptStoreError, NotAStoreError, UnsupportedStorageError
+from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.locking import NoLock, StoreLock
@@ -347,7 +348,7 @@ class Versions:
         catalog, self.head = _open_published(self.path, self.head)  # the head may be newer
         return catalog
 
-    def open_bands(self, params: StoreParams) -> BandedVectors:
+    def open_bands(self, params: StoreParams) -> VectorTier:
         if self.remote is not None:
             from mrlstore.tiers.objectstore import RemoteBands
 

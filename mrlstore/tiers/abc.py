@@ -1,0 +1,47 @@
+"""The interfaces between the tiers and the components above them. Local bands (:class:`BandedVectors`)
+and the bands of a store on object storage (:class:`RemoteBands`) both provide :class:`VectorTier`;
+``tests/test_bands_contract.py`` runs one contract against each."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from mrlstore.kernels import Rows
+
+
+class VectorTier(Rows, Protocol):
+    """The vectors of a store, by row number: read whole or by column range (what the kernels read, through
+    :class:`mrlstore.kernels.Rows`), appended past the committed watermark, cut back to it."""
+
+    @property
+    def chunk_rows(self) -> list[int]: ...
+
+    def physical_rows(self) -> int:
+        """Rows the files can hold (at least the committed ones)."""
+        ...
+
+    def is_clean(self, rows: int) -> bool:
+        """Whether nothing was written past row ``rows`` (leftovers of an append that never committed)."""
+        ...
+
+    def map_committed(self, rows: int) -> None:
+        """Map the files of the first ``rows`` rows; CorruptStoreError when one is missing or short."""
+        ...
+
+    def prefault(self, row_start: int, row_stop: int) -> None: ...
+
+    def append(self, start_row: int, vectors: np.ndarray) -> None: ...
+
+    def truncate(self, rows: int) -> None: ...
+
+    def file_problems(self, watermark: int) -> list[str]: ...
+
+    def has_norms(self) -> bool:
+        """Whether per-band row norms are stored (format 2 and later)."""
+        ...
+
+    def norm_mismatches(self, rows: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
