@@ -306,15 +306,9 @@ class RemoteSource:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
         try:
-            with _errors(self.url, "download"):
-                for part, digest in self.head["parts"].items():
-                    target = tmp / part
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with self.fs.open_input_stream(f"{self.root}/versions/{self.head['version']}/{part}") as f:
-                        data = f.read()
-                    if _digest(data) != digest:
-                        raise CorruptStoreError(f"{self.url}: {part} of version {self.head['version']} is corrupted")
-                    target.write_bytes(data)
+            with _errors(self.url, "download"), ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+                # all at once: a fresh reader's open waits for one round of requests, not one per part
+                list(pool.map(lambda item: self._download_part(tmp, *item), self.head["parts"].items()))
             (tmp / "index").mkdir(exist_ok=True)
             os.rename(tmp, dest)
         except FileExistsError:
@@ -323,6 +317,15 @@ class RemoteSource:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+    def _download_part(self, tmp: Path, part: str, digest: str) -> None:
+        target = tmp / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.fs.open_input_stream(f"{self.root}/versions/{self.head['version']}/{part}") as f:
+            data = f.read()
+        if _digest(data) != digest:
+            raise CorruptStoreError(f"{self.url}: {part} of version {self.head['version']} is corrupted")
+        target.write_bytes(data)
 
     def newer(self) -> RemoteSource | None:
         """The store's current version if it is not this one (another publish happened), else None."""

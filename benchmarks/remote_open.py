@@ -1,0 +1,63 @@
+"""How long a fresh reader takes to open a store on object storage (HEAD, then the small parts: catalog, index
+caches, array metadata, into an empty cache), against a moto S3 server on 127.0.0.1.
+
+    python benchmarks/remote_open.py STORE                    # publish STORE, then 5 fresh opens
+    PYTHONPATH=/path/to/other/checkout python benchmarks/remote_open.py STORE   # the same with other code
+
+moto answers on the same machine, so the times are moto's and this machine's, not S3's; the parts count
+says how many GETs a fresh open makes (at S3's ~63 ms first-byte p50 each, one after another or together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import objectstore  # benchmarks/objectstore.py: the moto server
+
+import mrlstore
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("store", type=Path)
+    ap.add_argument("--opens", type=int, default=5)
+    args = ap.parse_args()
+    print(f"mrlstore from {Path(mrlstore.__file__).parent}")
+    proc, host = objectstore.start_moto()
+    try:
+        import pyarrow.fs as pafs
+
+        options = {"key": "bench", "secret": "bench", "endpoint_url": host, "region": "us-east-1"}
+        fs = pafs.S3FileSystem(access_key="bench", secret_key="bench", scheme="http", region="us-east-1",
+                               endpoint_override=host, allow_bucket_creation=True)  # fmt: skip
+        fs.create_dir("bench")
+        url = "s3://bench/store.mrl"
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "store"  # a snapshot: the store may be open elsewhere
+            with mrlstore.open(args.store, read_only=True) as source:
+                source.snapshot(copy)
+            with mrlstore.open(copy) as local:
+                head = local.publish(url, storage_options=options)
+            print(f"published {head['committed_rows']:,} rows; a fresh open downloads {len(head['parts'])} parts")
+            times = []
+            for i in range(args.opens):
+                cache = Path(tmp) / f"cache{i}"
+                t0 = time.perf_counter()
+                with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache):
+                    times.append(time.perf_counter() - t0)
+                    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+                shutil.rmtree(cache, ignore_errors=True)
+            spread = [round(t, 3) for t in times]
+            print(f"fresh open: median {statistics.median(times):.3f} s of {spread}; {size / 2**20:.1f} MiB cached")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()
