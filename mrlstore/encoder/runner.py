@@ -59,7 +59,7 @@ class EncoderSlot:
 
 
 def encode_images(
-    encoder: Any,
+    encoder: Encoder,
     items: list[ImageItem],
     batch_size: int,
     progress: bool | None,

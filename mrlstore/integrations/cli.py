@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 import numpy as np
+import pyarrow as pa
 
 import mrlstore
 from mrlstore.errors import CorruptStoreError, MRLStoreError
@@ -273,8 +274,7 @@ def _with_hash_ids(batches: Iterator[Any], vector: str) -> Iterator[Any]:
         yield batch if len(keep) == len(ids) else batch.take(keep)
 
 
-def _string_array(values: list[str]) -> Any:
-    import pyarrow as pa
+def _string_array(values: list[str]) -> pa.Array:
 
     return pa.array(values, pa.string())
 

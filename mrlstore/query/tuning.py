@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ def tune(
     sample: int,
     seed: int,
     dim: int,
-    read_queries: Any,
+    read_queries: Callable[[np.ndarray], np.ndarray],
     queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Measure every shape's cheapest shortlist reaching ``recall`` (recall@k against exact ``dim``-d search,
@@ -152,7 +152,8 @@ class Probe:
 
     @classmethod
     def sample(
-        cls, funnel: Funnel, snap: Snapshot, k: int, sample: int, seed: int, dim: int, read_queries: Any,
+        cls, funnel: Funnel, snap: Snapshot, k: int, sample: int, seed: int, dim: int,
+        read_queries: Callable[[np.ndarray], np.ndarray],
         queries: np.ndarray | None = None,
     ) -> Probe:  # fmt: skip
         """Up to ``sample`` of the store's live rows (or of ``queries``), and their truth."""

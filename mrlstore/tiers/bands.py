@@ -181,7 +181,7 @@ class _Band:
         """Rows a chunk file of ``size`` bytes can hold."""
         return min(self.chunk_rows, max(0, size - self.data_offset) // self.row_bytes)
 
-    def mapped(self, chunk: int, rows: int = 1) -> Any:
+    def mapped(self, chunk: int, rows: int = 1) -> np.ndarray:
         """The rows of chunk ``chunk`` as an array (rows x width, stored dtype) mapping at least its first
         ``rows`` rows; mapped again if the file grew past the current map."""
         mm = self._maps.get(chunk)
@@ -190,7 +190,7 @@ class _Band:
         with self._map_lock:  # two threads may both find the map short: one maps, the other reuses it
             return self._map_again(chunk, rows)
 
-    def _map_again(self, chunk: int, rows: int) -> Any:
+    def _map_again(self, chunk: int, rows: int) -> np.ndarray:
         mm = self._maps.get(chunk)
         if mm is not None and len(mm) >= rows:
             return mm

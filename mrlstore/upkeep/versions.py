@@ -29,6 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,7 +193,7 @@ class ReadersProbe:
             self._fd = -1
 
 
-def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[str, Any]) -> Any:
+def _publish_if_allowed(store: Path, copy: Callable[[Path], None], state: dict[str, Any]) -> dict[str, Any] | None:
     from mrlstore.errors import MRLStoreError, StorageError
 
     try:
@@ -227,7 +228,7 @@ class Publisher:
     def __init__(
         self,
         publish_now: Callable[[], None],
-        lock_of: Callable[[], Any],
+        lock_of: Callable[[], AbstractContextManager[object]],
         readers: ReadersProbe,
         interval: float = PUBLISH_INTERVAL,
     ):

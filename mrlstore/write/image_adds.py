@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from mrlstore.encoder.protocol import Encoder
 from mrlstore.encoder.runner import EncoderSlot, encode_images
 from mrlstore.errors import DuplicateIdError, InvalidInputError, UnreadableImageError
 from mrlstore.inputs.classify import looks_like_vectors
@@ -93,7 +94,7 @@ class ImageAdder:
 
     def _encode_and_commit(
         self,
-        encoder: Any,
+        encoder: Encoder,
         part: ImageBatch,
         batch_size: int,
         failures: list[Failure] | None,
