@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -39,6 +40,8 @@
  * (500 -> 10) bounds save a third of the time; on short ones (25 -> 10, the default funnel's last stage) their
  * ordering costs more than the rows they save. Exported: the caller skips the norms' setup below it. */
 #define BOUND_MIN_PER_KEPT 4
+#define PAGE_BYTES 4096
+#define WARM_PROBES 2 /* rows checked for residency before a stage: the first and the last */
 enum { COSINE = 0, IP = 1, L2 = 2 };
 
 #include "_kernels_simd.h"
@@ -60,6 +63,7 @@ typedef struct {
     const Band *norms;     /* per-band squared norms of every row (float32, one column per band), or NULL */
     const int32_t *bounds; /* band b spans columns [bounds[b], bounds[b + 1]) */
     int n_bands;
+    int warm_threads; /* > 1: page a cold stage's rows in from this many threads first */
     volatile int failed, no_memory;
 } RefineCtx;
 
@@ -186,6 +190,7 @@ static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot,
         int split = s == c->stages - 1 && n >= BOUND_MIN_PER_KEPT * (Py_ssize_t)c->keeps[s]
                         ? prune_split(c, covered, c->dims[s])
                         : -1;
+        warm_rows(c->bs, rows, n, covered, c->dims[s], c->warm_threads);
         if (split >= 0) {
             last_stage_bounded(c, q, rows, dot, sq, n, covered, split, qq, heap, order);
             return;
@@ -240,9 +245,9 @@ static PyObject *refine(PyObject *self, PyObject *args) {
     PyObject *band_seq, *norm_seq;
     Py_buffer rows, offs, qs, dims, keeps, orows, oscores, ocounts, bounds;
     Py_ssize_t qstride;
-    int metric, threads;
-    if (!PyArg_ParseTuple(args, "Oy*y*y*ny*y*iw*w*w*iOy*", &band_seq, &rows, &offs, &qs, &qstride, &dims, &keeps,
-                          &metric, &orows, &oscores, &ocounts, &threads, &norm_seq, &bounds))
+    int metric, threads, warm_threads = 0;
+    if (!PyArg_ParseTuple(args, "Oy*y*y*ny*y*iw*w*w*iOy*|i", &band_seq, &rows, &offs, &qs, &qstride, &dims, &keeps,
+                          &metric, &orows, &oscores, &ocounts, &threads, &norm_seq, &bounds, &warm_threads))
         return NULL;
     Bands bs, nbs = {.n = 0};
     PyObject *result = NULL;
@@ -286,12 +291,13 @@ static PyObject *refine(PyObject *self, PyObject *args) {
         goto done;
     }
     RefineCtx c = {&bs,         rows.buf,     o,          qs.buf, nq, qstride, longest, d, kp, (int)stages, metric, k,
-                   orows.buf,   ocounts.buf,  oscores.buf, nbs.n ? &nbs.b[0] : NULL, bd, n_bands, 0, 0};
+                   orows.buf,   ocounts.buf,  oscores.buf, nbs.n ? &nbs.b[0] : NULL, bd, n_bands, 0, 0, 0};
     /* A thread costs tens of microseconds to start (far more when the cores are busy): only a batch with
      * milliseconds of work is split. A single query's re-rank of a few hundred rows stays on this thread. */
     int parts = threads < 1 ? 1 : threads;
     if (nq < 2 || (double)total * d[stages - 1] < 4194304.0) parts = 1;
     if (parts > nq) parts = (int)nq;
+    c.warm_threads = parts == 1 ? warm_threads : 0; /* a batch already reads with every thread */
     Py_BEGIN_ALLOW_THREADS parallel(refine_work, &c, parts);
     Py_END_ALLOW_THREADS if (c.no_memory) {
         PyErr_NoMemory();

@@ -32,6 +32,7 @@ def refine(
     threads: int,
     norms: Sequence[Band] | None,
     bounds: Buffer,  # int32 band edges from 0 to the dimension (used with norms)
+    warm_threads: int = 0,  # one query: page a stage's rows in from this many threads when they are cold
 ) -> None: ...
 def scan(
     bands: Sequence[Band],

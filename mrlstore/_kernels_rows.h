@@ -371,6 +371,61 @@ static void parallel(work_fn fn, void *ctx, int parts) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* cold reads: a stage's rows paged in together                                                         */
+
+/* Whether the first page of a row's columns [from, to) in the last band holding some (the widest, as a
+ * rule) is in memory: one mincore call. */
+static int row_resident(const Bands *bs, int64_t row, int from, int to) {
+    for (int i = bs->n - 1; i >= 0; i--) {
+        const Band *b = &bs->b[i];
+        int lo = band_lo(b, from), hi = band_hi(b, to);
+        if (lo >= hi) continue;
+        const char *p = band_row(b, row, lo);
+        if (!p) return 1;
+        unsigned char in_core = 1;
+        uintptr_t page = (uintptr_t)p & ~(uintptr_t)(PAGE_BYTES - 1);
+        return mincore((void *)page, 1, &in_core) != 0 || (in_core & 1);
+    }
+    return 1;
+}
+
+typedef struct {
+    const Bands *bs;
+    const int64_t *rows;
+    Py_ssize_t n;
+    int from, to;
+} WarmCtx;
+
+/* Read one byte of every page of the rows' columns [from, to): each thread waits for its own page faults. */
+static void warm_work(void *ctx, int part, int parts) {
+    const WarmCtx *w = ctx;
+    for (Py_ssize_t r = part; r < w->n; r += parts)
+        for (int i = 0; i < w->bs->n; i++) {
+            const Band *b = &w->bs->b[i];
+            int lo = band_lo(b, w->from), hi = band_hi(b, w->to);
+            const volatile char *p = lo < hi ? (const volatile char *)band_row(b, w->rows[r], lo) : NULL;
+            if (!p) continue;
+            size_t bytes = (size_t)(hi - lo) * b->itemsize;
+            for (size_t off = 0; off < bytes; off += PAGE_BYTES) (void)p[off];
+            (void)p[bytes - 1];
+        }
+}
+
+/* Before a stage reads n rows: if a few of them, spread over the list, are not in memory (a cold page
+ * cache, or a store larger than memory), fault all their pages in from `threads` threads at once, so the
+ * stage waits for one round of parallel reads instead of one page fault after another. Rows in memory
+ * cost two mincore calls. */
+static void warm_rows(const Bands *bs, const int64_t *rows, Py_ssize_t n, int from, int to, int threads) {
+    if (threads < 2 || n < 2) return;
+    int cold = 0;
+    for (int probe = 0; probe < WARM_PROBES && !cold; probe++)
+        cold = !row_resident(bs, rows[(n - 1) * probe / (WARM_PROBES - 1)], from, to);
+    if (!cold) return;
+    WarmCtx w = {bs, rows, n, from, to};
+    parallel(warm_work, &w, threads < n ? threads : (int)n);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* accumulate: a stage's new columns for a query's candidate rows                                      */
 
 /* Ask for the start of a row's columns [from, to) in every band ahead of use (scattered rows: the hardware

@@ -80,6 +80,11 @@ def query_norms(queries: np.ndarray, d: int) -> np.ndarray:
     q = queries[:, :d].astype(np.float64)
     return np.einsum("ij,ij->i", q, q)
 
+# Threads that page a single query's cold candidate rows in together before a stage reads them, in stores
+# whose rows were not all read at open (past a quarter of RAM). The kernel asks mincore about two of a
+# stage's rows first: rows in memory cost two system calls. 0 turns it off.
+COLD_READ_THREADS = 16
+
 
 def refine(
     vectors: Rows,
@@ -111,6 +116,7 @@ def refine(
         _native.refine(
             bands, rows, offsets, queries, queries.shape[1], _int32(tuple(stages)), _int32(tuple(keeps)),
             METRIC_CODES[metric], out_rows, out_scores, counts, threads(), None if norms is None else [norms], bounds,
+            COLD_READ_THREADS if needed > getattr(vectors, "prefault_rows", 0) else 0,  # read at open: in memory
         )  # fmt: skip
         out_rows, out_scores, offsets = _compact(counts, k, out_rows, out_scores)
         return out_rows, offsets, out_scores

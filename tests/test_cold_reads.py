@@ -1,0 +1,81 @@
+"""Cold reads (a store past a quarter of RAM: its rows are not read at open): chunk maps advised random
+access, and the kernel's parallel page-in of a stage's rows changes no result."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mrlstore
+from mrlstore import kernels
+from mrlstore.testing import mrl_like
+from mrlstore.tiers import bands
+
+
+def _mapped_flags(path_part: str) -> dict[str, str]:
+    """The VmFlags of this process's mappings of files whose path contains ``path_part``, by address range."""
+    flags, current = {}, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
+            current = fields[0] if len(fields) >= 6 and path_part in fields[5] else None
+        elif line.startswith("VmFlags:") and current:
+            flags[current] = line
+    return flags
+
+
+def _evict(store_path: Path) -> None:
+    """Drop the chunk files' pages from the page cache where nobody maps them (no root needed)."""
+    for f in (store_path / "vectors").rglob("*"):
+        if f.is_file() and f.name != "zarr.json":
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    x, _ = mrl_like(6000, 256, noise=1.0, seed=4)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=256, bands=(16, 64, 256), index_dims=(16,)) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_maps_of_rows_not_read_at_open_are_advised_random(store_path, monkeypatch):
+    query = mrl_like(1, 256, seed=4, sample=1)[0][0]
+    with mrlstore.open(store_path, read_only=True) as small:  # small: read at open, read-around kept
+        small.query(query)
+        flags = _mapped_flags(str(store_path / "vectors"))
+        assert flags and not any(" rr" in f for f in flags.values())
+    del small
+    gc.collect()  # the closed store's maps go with it
+    monkeypatch.setattr(bands, "_prefault_budget", lambda row_bytes: 0)  # as past a quarter of RAM
+    with mrlstore.open(store_path, read_only=True) as large:
+        large.query(query)
+        flags = _mapped_flags(str(store_path / "vectors"))
+        assert flags and all(" rr" in f for f in flags.values())
+
+
+def test_the_parallel_page_in_of_cold_rows_changes_no_result(store_path, monkeypatch):
+    monkeypatch.setattr(bands, "_prefault_budget", lambda row_bytes: 0)
+    queries = mrl_like(12, 256, noise=1.0, seed=4, sample=1)[0]
+    found = {}
+    for threads in (kernels.COLD_READ_THREADS, 0):
+        monkeypatch.setattr(kernels, "COLD_READ_THREADS", threads)
+        out = []
+        for q in queries:
+            _evict(store_path)
+            with mrlstore.open(store_path, read_only=True) as store:
+                for dims in (None, [16, 256], [16, 64, 256]):
+                    hits = store.query(q, dims=dims, shortlist=None if dims is None else 300)
+                    out.append((hits.ids, np.round(hits.scores, 5).tolist()))
+        found[threads] = out
+    assert found[kernels.COLD_READ_THREADS] == found[0]
