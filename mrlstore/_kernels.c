@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -40,7 +41,6 @@
  * (500 -> 10) bounds save a third of the time; on short ones (25 -> 10, the default funnel's last stage) their
  * ordering costs more than the rows they save. Exported: the caller skips the norms' setup below it. */
 #define BOUND_MIN_PER_KEPT 4
-#define PAGE_BYTES 4096
 #define WARM_PROBES 2 /* rows checked for residency before a stage: the first and the last */
 enum { COSINE = 0, IP = 1, L2 = 2 };
 
@@ -190,7 +190,8 @@ static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot,
         int split = s == c->stages - 1 && n >= BOUND_MIN_PER_KEPT * (Py_ssize_t)c->keeps[s]
                         ? prune_split(c, covered, c->dims[s])
                         : -1;
-        warm_rows(c->bs, rows, n, covered, c->dims[s], c->warm_threads);
+        /* a bounded last stage reads [covered, split) of every row, the rest only for rows that may still win */
+        warm_rows(c->bs, rows, n, covered, split >= 0 ? split : c->dims[s], c->warm_threads);
         if (split >= 0) {
             last_stage_bounded(c, q, rows, dot, sq, n, covered, split, qq, heap, order);
             return;

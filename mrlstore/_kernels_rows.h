@@ -373,6 +373,15 @@ static void parallel(work_fn fn, void *ctx, int parts) {
 /* ---------------------------------------------------------------------------------------------------- */
 /* cold reads: a stage's rows paged in together                                                         */
 
+static size_t page_bytes(void) {
+    static size_t bytes = 0;
+    if (!bytes) {
+        long got = sysconf(_SC_PAGESIZE);
+        bytes = got > 0 ? (size_t)got : 4096;
+    }
+    return bytes;
+}
+
 /* Whether the first page of a row's columns [from, to) in the last band holding some (the widest, as a
  * rule) is in memory: one mincore call. */
 static int row_resident(const Bands *bs, int64_t row, int from, int to) {
@@ -383,7 +392,7 @@ static int row_resident(const Bands *bs, int64_t row, int from, int to) {
         const char *p = band_row(b, row, lo);
         if (!p) return 1;
         unsigned char in_core = 1;
-        uintptr_t page = (uintptr_t)p & ~(uintptr_t)(PAGE_BYTES - 1);
+        uintptr_t page = (uintptr_t)p & ~(uintptr_t)(page_bytes() - 1);
         return mincore((void *)page, 1, &in_core) != 0 || (in_core & 1);
     }
     return 1;
@@ -405,8 +414,8 @@ static void warm_work(void *ctx, int part, int parts) {
             int lo = band_lo(b, w->from), hi = band_hi(b, w->to);
             const volatile char *p = lo < hi ? (const volatile char *)band_row(b, w->rows[r], lo) : NULL;
             if (!p) continue;
-            size_t bytes = (size_t)(hi - lo) * b->itemsize;
-            for (size_t off = 0; off < bytes; off += PAGE_BYTES) (void)p[off];
+            size_t bytes = (size_t)(hi - lo) * b->itemsize, step = page_bytes();
+            for (size_t off = 0; off < bytes; off += step) (void)p[off];
             (void)p[bytes - 1];
         }
 }

@@ -80,6 +80,7 @@ def query_norms(queries: np.ndarray, d: int) -> np.ndarray:
     q = queries[:, :d].astype(np.float64)
     return np.einsum("ij,ij->i", q, q)
 
+
 # Threads that page a single query's cold candidate rows in together before a stage reads them, in stores
 # whose rows were not all read at open (past a quarter of RAM). The kernel asks mincore about two of a
 # stage's rows first: rows in memory cost two system calls. 0 turns it off.

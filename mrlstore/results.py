@@ -191,6 +191,11 @@ class TuneResult(Record):
     recall_low: float | None = None  # None in settings tuned before the bound existed
     rows: int | None = None  # the store's committed and live rows when it was tuned (None before they were kept)
     live: int | None = None
+    generation: int | None = None  # its row numbering then, and how it was asked for (the report reuses
+    held_out: bool | None = None  # tune's points only when all of these match)
+    seed: int | None = None
+    sample_asked: int | None = None
+    all_shapes: bool | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,9 +20,7 @@ import pyarrow as pa
 
 from mrlstore.encoder.protocol import Encoder
 from mrlstore.encoder.runner import EncoderSlot
-from mrlstore.errors import (
-    ReadOnlyError,
-)
+from mrlstore.errors import ReadOnlyError, UnsupportedStorageError
 from mrlstore.inputs.staging import StoreShape
 from mrlstore.options import StoreConfig
 from mrlstore.query.filters import FilterCache
@@ -395,6 +393,11 @@ class Store:
         query, and which setting ``query()`` uses. Reuses ``tune``'s points when the store is unchanged since
         (``mrlstore report STORE --plot dims.png`` prints and plots it)."""
         self._state.check_open()
+        if self._versions.remote is not None:
+            raise UnsupportedStorageError(
+                "report() scans every prefix of the sampled queries' rows exactly, which on object storage means "
+                "thousands of requests: run it on the local store (or a snapshot) that was published"
+            )
         return self._search.report(k, sample, seed)
 
     # -- versions and upkeep ---------------------------------------------------------------------------

@@ -67,6 +67,8 @@ def test_a_published_store_answers_like_the_local_one_reading_only_what_queries_
     remote = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
     try:
         assert remote._versions.remote.requests == 0, "opening downloads the small parts only"
+        with pytest.raises(mrlstore.UnsupportedStorageError, match="report"):  # exact scans of remote rows
+            remote.report()
         assert len(remote) == 3000 and remote.info()["version"] == 1
         for dims, where in [
             ([16, DIM], None),

@@ -39,14 +39,17 @@ def dims_report(
     sample: int,
     seed: int,
     read_queries: Callable[[np.ndarray], np.ndarray],
+    generation: int = 0,
 ) -> pa.Table:
     """The report's table (see the module's docstring), prefixes first, then funnels by shape and shortlist."""
     probe = tuning.Probe.sample(funnel, snap, k, sample, seed, params.dim, read_queries)
     itemsize = np.dtype(params.dtype).itemsize
+    exact_tuned = tuned is not None and tuned["dims"] == [params.dim] and params.dim not in params.index_dims
     rows = [_prefix_row(funnel, snap, probe, d, k, itemsize) for d in prefix_dims(params)]
-    for point in _funnel_points(funnel, snap, probe, params, tuned, k):
-        if len(point["dims"]) == 1 and point["dims"][0] == params.dim:
-            continue  # exact full-dimension search: the last prefix row
+    rows[-1]["tuned"] = exact_tuned  # query() runs exact search when tune found it fastest
+    for point in _funnel_points(funnel, snap, probe, params, tuned, k, sample, seed, generation):
+        if len(point["dims"]) == 1 and point["dims"][0] not in params.index_dims:
+            continue  # exact search: a prefix row
         sizes = tapered_sizes(point["shortlist"], k + 1, len(point["dims"]), point.get("taper", 1))
         rows.append({
             "dims": point["dims"], "kind": "funnel", "codes": "raw", "shortlist": point["shortlist"],
@@ -65,10 +68,14 @@ def prefix_dims(params: StoreParams) -> list[int]:
 
 
 def funnel_bytes(dims: Sequence[int], sizes: Sequence[int], index_dims: Sequence[int], live: int, itemsize: int) -> int:
-    """Vector bytes one query reads from the bands: an exact first stage scans every live row's prefix; each
-    re-rank stage reads its new columns for the survivors of the stage before."""
-    first = 0 if dims[0] in index_dims else live * dims[0]
-    later = sum(s * (b - a) for s, a, b in zip(sizes, dims[:-1], dims[1:]))
+    """Vector bytes one query reads from the bands, at most: an exact first stage scans every live row's
+    prefix (and its sums carry over); after an HNSW first stage, which keeps no sums, the first re-rank reads
+    each candidate from column 0; each later stage reads its new columns for the survivors of the stage
+    before. A long last stage skips the rest of rows that cannot win, so it may read less."""
+    exact_first = dims[0] not in index_dims
+    first = live * dims[0] if exact_first else 0
+    starts = [dims[0] if exact_first else 0, *dims[1:-1]]
+    later = sum(s * (b - a) for s, a, b in zip(sizes, starts, dims[1:]))
     return int((first + later) * itemsize)
 
 
@@ -88,18 +95,45 @@ def _prefix_row(funnel: Funnel, snap: Snapshot, probe: tuning.Probe, d: int, k: 
 
 
 def _funnel_points(
-    funnel: Funnel, snap: Snapshot, probe: tuning.Probe, params: StoreParams, tuned: dict[str, Any] | None, k: int
+    funnel: Funnel,
+    snap: Snapshot,
+    probe: tuning.Probe,
+    params: StoreParams,
+    tuned: dict[str, Any] | None,
+    k: int,
+    sample: int,
+    seed: int,
+    generation: int,
 ) -> list[dict[str, Any]]:
-    """tune's measured points when fresh (same k, the store unchanged since, p50 kept), else every shape at
-    every shortlist of tune's grid up to its budget."""
-    if tuned and tuned.get("k") == k and (tuned.get("rows"), tuned.get("live")) == (snap.watermark, snap.n_live):
-        points = [p for p in tuned.get("tried", []) if "p50_ms" in p]
-        if points:
-            return sorted(points, key=lambda p: (len(p["dims"]), p["dims"], p["shortlist"], p.get("taper", 1)))
+    """Every shape at every shortlist of tune's grid up to its budget; the points tune measured are taken as
+    they are when fresh (the store unchanged since: same rows, live rows and generation; measured the same
+    way: the same k, sample and seed, on the store's own rows)."""
     budget = min(tuning.MAX_SHORTLIST, max(20 * k, snap.n_live // 4))
     grid = [s for s in sorted({max(k + 1, s) for s in tuning.GRID}) if s <= budget]
-    shapes = funnel_shapes(params.index_dims, params.bands, params.dim)
-    return [tuning.measure(funnel, snap, probe, shape, s, k, 1.0) for shape in shapes for s in grid]
+    known = {_key(p): p for p in _fresh_points(tuned, snap, generation, k, sample, seed)}
+    wanted = [
+        (tuple(shape), s, 1) for shape in funnel_shapes(params.index_dims, params.bands, params.dim) for s in grid
+    ]
+    points = [known.pop(key) if key in known else tuning.measure(funnel, snap, probe, key[0], key[1], k, 1.0)
+              for key in wanted]  # fmt: skip
+    points += list(known.values())  # tune's other points: tapered schedules, fine sizes
+    return sorted(points, key=lambda p: (len(p["dims"]), p["dims"], p["shortlist"], p.get("taper", 1)))
+
+
+def _fresh_points(
+    tuned: dict[str, Any] | None, snap: Snapshot, generation: int, k: int, sample: int, seed: int
+) -> list[dict[str, Any]]:
+    if not tuned or tuned.get("held_out", True):
+        return []
+    store_then = (tuned.get("rows"), tuned.get("live"), tuned.get("generation"))
+    asked_then = (tuned.get("k"), tuned.get("sample_asked"), tuned.get("seed"))
+    if store_then != (snap.watermark, snap.n_live, generation) or asked_then != (k, sample, seed):
+        return []
+    return [p for p in tuned.get("tried", []) if "p50_ms" in p]
+
+
+def _key(point: dict[str, Any]) -> tuple[tuple[int, ...], int, int]:
+    return tuple(point["dims"]), point["shortlist"], point.get("taper", 1)
 
 
 def _is_tuned(point: dict[str, Any], tuned: dict[str, Any] | None) -> bool:

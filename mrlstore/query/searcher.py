@@ -92,7 +92,7 @@ class Searcher:
         if snap.n_live <= k + 1:
             raise EmptyStoreError(f"a report needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
         read = lambda rows: state.vectors.gather(rows, 0, p.dim)  # noqa: E731 - the sampled rows' vectors
-        return dims_report(self.funnel, snap, p, state.manifest.get("tuned"), k, sample, seed, read)
+        return dims_report(self.funnel, snap, p, state.manifest.get("tuned"), k, sample, seed, read, state.generation)
 
     def tune(
         self, recall: float, k: int, sample: int, dims: Sequence[int] | None, seed: int, queries: Any
@@ -103,6 +103,7 @@ class Searcher:
         k = positive_int(k, "k")
         if not 0 < recall <= 1:
             raise InvalidInputError(f"recall must be in (0, 1], got {recall}")
+        recall = float(recall)  # a numpy scalar would not persist as JSON
         sample = positive_int(sample, "sample")
         shapes = [dims_tuple(dims, p.dim)] if dims is not None else funnel_shapes(p.index_dims, p.bands, p.dim)
         with state.write_lock:
@@ -113,6 +114,8 @@ class Searcher:
                 self.funnel, snap, shapes, recall, k, sample, seed, p.dim,
                 lambda rows: state.vectors.gather(rows, 0, p.dim), held_out,
             )  # fmt: skip
+            choice |= {"generation": state.generation, "held_out": held_out is not None, "seed": seed,
+                       "sample_asked": sample, "all_shapes": dims is None}  # fmt: skip
             state.catalog.set_manifest("tuned", choice)
             state.manifest = {**state.manifest, "tuned": choice}  # a new tuned entry: the plan cache empties
             self.on_commit()
