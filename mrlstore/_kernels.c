@@ -190,8 +190,9 @@ static void refine_query(RefineCtx *c, Py_ssize_t q, int64_t *rows, double *dot,
         int split = s == c->stages - 1 && n >= BOUND_MIN_PER_KEPT * (Py_ssize_t)c->keeps[s]
                         ? prune_split(c, covered, c->dims[s])
                         : -1;
-        /* a bounded last stage reads [covered, split) of every row, the rest only for rows that may still win */
-        warm_rows(c->bs, rows, n, covered, split >= 0 ? split : c->dims[s], c->warm_threads);
+        /* all of the stage's columns, also for a bounded last stage, which reads the rest of only some rows:
+         * measured cold, the extra reads in parallel cost less than those rows' faults one after another */
+        warm_rows(c->bs, rows, n, covered, c->dims[s], c->warm_threads);
         if (split >= 0) {
             last_stage_bounded(c, q, rows, dot, sq, n, covered, split, qq, heap, order);
             return;
