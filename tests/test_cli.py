@@ -74,7 +74,9 @@ def test_store_errors_exit_1_with_one_line(vectors, tmp_path):
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
     out = cli("add", store, str(root / "missing.jpg"))
     assert out.returncode == 1 and "error: " in out.stderr and "Traceback" not in out.stderr
-    assert cli("create", "s3://bucket/x.mrl", "--dim", "8").returncode == 1
+    out = cli("create", "s3://bucket/x.mrl", "--dim", "8", cwd=tmp_path)
+    assert out.returncode == 1 and "read-only" in out.stderr
+    assert not (tmp_path / "s3:").exists()  # refused before anything touched the disk
 
 
 def _zeroed(x: np.ndarray, path: Path, chunk: str, span) -> Path:

@@ -133,17 +133,17 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: a URL must reach open() as one (Path("s3://b/x") is the folder "s3:/b/x")
 @click.option("--dim", type=int, help="Vector length (default: 2048, for the bundled image encoder).")
 @click.option("--bands", help="Band ends, e.g. 16,64,256,2048.")
 @click.option("--index-dims", help="Prefixes with an HNSW index, e.g. 16,32.")
 @click.option("--metric", type=click.Choice(["cosine", "ip", "l2"]))
 @click.option("--dtype", type=click.Choice(["float16", "float32"]))
 @_reports_errors
-def create(path: Path, dim: int | None, bands: str | None, index_dims: str | None, metric: str | None,
+def create(path: str, dim: int | None, bands: str | None, index_dims: str | None, metric: str | None,
            dtype: str | None) -> None:  # fmt: skip
     """Create a store at PATH."""
-    if (path / "catalog.duckdb").exists():
+    if "://" not in path and (Path(path) / "catalog.duckdb").exists():
         raise click.UsageError(f"{path} already holds a store")
     with mrlstore.open(path, dim, bands=_ints(bands), index_dims=_ints(index_dims), metric=metric, dtype=dtype) as s:
         click.echo(f"created {s.path}: dim={s.dim} bands={list(s.bands)} index_dims={list(s.index_dims)}")
