@@ -94,11 +94,6 @@ def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequ
     return arr
 
 
-def stored_prefix(vectors: np.ndarray, d: int, dtype: str) -> np.ndarray:
-    """The first ``d`` numbers exactly as stored (rounded to ``dtype``), as float32."""
-    return vectors[:, :d].astype(dtype).astype(np.float32)
-
-
 def query_batch(query: Any, need: int, dim: int, metric: str) -> tuple[np.ndarray, bool]:
     """Queries as float32 (m, need) and whether a single 1-D query was given."""
     if type(query) is np.ndarray and query.dtype == np.float32 and query.ndim == 1 and need <= len(query) <= dim:

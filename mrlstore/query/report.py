@@ -10,7 +10,6 @@ query reads from the bands (HNSW stages read none: the prefix indexes are in mem
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,11 +79,7 @@ def funnel_bytes(dims: Sequence[int], sizes: Sequence[int], index_dims: Sequence
 
 
 def _prefix_row(funnel: Funnel, snap: Snapshot, probe: tuning.Probe, d: int, k: int, itemsize: int) -> dict:
-    found, times = [], []
-    for q in probe.queries:
-        t0 = time.perf_counter()
-        found.append(funnel.exact(snap, q[None], d, k + 1)[0])
-        times.append(time.perf_counter() - t0)
+    found, times = probe.each_timed(lambda q: funnel.exact(snap, q, d, k + 1)[0])
     per_query = probe.recalls(found, k)
     return {
         "dims": [d], "kind": "prefix alone", "codes": "raw", "shortlist": None, "taper": None,

@@ -189,6 +189,17 @@ class Probe:
         truth = [_others(found[a:b], r, k) for r, a, b in zip(rows, offsets[:-1], offsets[1:])]
         return cls(queries, rows, truth, exact_ms)
 
+    def each_timed(self, search: Callable[[np.ndarray], np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
+        """``search(query)`` (a 1 x dim array; it returns the rows found) for every query, one at a time: the
+        rows found and the seconds each took (the latency a caller of query() sees; a batch would time the
+        threads)."""
+        found, times = [], []
+        for q in self.queries:
+            t0 = time.perf_counter()
+            found.append(search(q[None]))
+            times.append(time.perf_counter() - t0)
+        return found, times
+
     def recalls(self, found: list[np.ndarray], k: int) -> np.ndarray:
         """Each query's recall@k of ``found`` (its rows, best first) against the truth."""
         return np.array([len(set(_others(f, r, k).tolist()) & set(t.tolist())) / k
@@ -198,16 +209,11 @@ class Probe:
 def measure(
     funnel: Funnel, snap: Snapshot, probe: Probe, dims_t: Sequence[int], s: int, k: int, target: float, taper: int = 1
 ) -> dict[str, Any]:
-    """One setting, timed one query at a time (the latency a caller of query() sees; a batch would time the
-    threads): its recall, lower bound, mean and median ms per query."""
+    """One setting, timed one query at a time: its recall, lower bound, mean and median ms per query."""
     sizes = tuple(tapered_sizes(s, k + 1, len(dims_t), taper))
     ef = max(funnel.ef_search, s)
     plan = Plan(tuple(dims_t), k + 1, sizes, ef)
-    found, times = [], []
-    for q in probe.queries:
-        t0 = time.perf_counter()
-        found.append(funnel.run(snap, q[None], plan)[0])
-        times.append(time.perf_counter() - t0)
+    found, times = probe.each_timed(lambda q: funnel.run(snap, q, plan)[0])
     per_query = probe.recalls(found, k)
     got, low = float(per_query.mean()), recall_lower_bound(per_query)
     return {

@@ -39,10 +39,7 @@ def add_arrow(
         meta = pa.Table.from_batches([batch.select(rest)]) if rest else None
         if vector is not None:
             before = writer.state.snap.n_live
-            replace = on_conflict == "replace"
-            writer.write(
-                to_matrix(source), ids, meta, replace=replace, keep_metadata=replace, skip=on_conflict == "skip"
-            )
+            writer.add(to_matrix(source), ids, meta, on_conflict)
             added += writer.state.snap.n_live - before if on_conflict == "skip" else len(source)
         else:
             result = images.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict=on_conflict, atomic=True)
