@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from mrlstore.encoder.protocol import Encoder
 
 # The fields persisted at creation (a reopen that passes another value raises ConfigMismatchError).
-CREATION_FIELDS = ("dim", "bands", "metric", "dtype", "index_dims", "chunk_rows", "hnsw_m", "ef_construction")
+CREATION_FIELDS = (
+    "dim", "bands", "metric", "dtype", "index_dims", "chunk_rows", "hnsw_m", "ef_construction", "prefixes",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class StoreConfig:
     chunk_rows: int | None = None
     hnsw_m: int | None = None
     ef_construction: int | None = None
+    prefixes: str | None = None
     read_only: bool = False
     encoder: Encoder | None = field(default=None, compare=False)
     storage_options: dict[str, Any] | None = field(default=None, compare=False, hash=False)

@@ -167,12 +167,15 @@ class StoreInfo(Record):
     read_only: bool
     version: int | None
     tuned: dict[str, Any] | None
+    # what shortlists read: "fitted" (codes fitted to the rows by tune) or "raw" (the vectors' own prefixes)
+    prefixes: str = "raw"
 
 
 @dataclass(frozen=True, eq=False)
 class TuneResult(Record):
     """``Store.tune()``: the fastest funnel that reached the target (``dims``, ``shortlist``, ``ef``,
-    ``recall``, ``ms_per_query``, ``taper``), what it was measured against, every funnel shape's own
+    ``recall``, ``ms_per_query``, ``taper``), whether it shortlists on fitted codes (``prefixes``), what it
+    was measured against, every funnel shape's own
     setting (``shapes``) and every point measured (``tried``). A setting reaches the target when
     ``recall_low``, a 95% lower confidence bound on the recall of new queries, does."""
 
@@ -196,6 +199,10 @@ class TuneResult(Record):
     seed: int | None = None
     sample_asked: int | None = None
     all_shapes: bool | None = None
+    # "fitted": the funnels shortlist on codes fitted to the store's rows; "raw": on the vectors' own prefixes
+    prefixes: str | None = None
+    raw_settings: dict[str, Any] | None = None  # with fitted codes: what the raw prefixes measured (or None)
+    fit_s: float | None = None  # seconds spent fitting codes and indexing them (None: no fit was tried)
 
 
 @dataclass(frozen=True, eq=False)

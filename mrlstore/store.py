@@ -133,7 +133,7 @@ class Store:
         p = self._state.params
         return self._options.replaced(
             dim=p.dim, bands=p.bands, metric=p.metric, dtype=p.dtype, index_dims=p.index_dims,
-            hnsw_m=None if p.hnsw_m_by_prefix else p.hnsw_m, ef_construction=p.ef_construction,
+            hnsw_m=None if p.hnsw_m_by_prefix else p.hnsw_m, ef_construction=p.ef_construction, prefixes=p.prefixes,
         )  # fmt: skip
 
     @property
@@ -184,6 +184,7 @@ class Store:
             deleted=snap.watermark - snap.n_live, index_status=dict(state.indexes.status),
             encoder=state.manifest.get("encoder"), read_only=self.read_only, version=self._versions.version,
             tuned=None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
+            prefixes="raw" if state.indexes.fitted is None else "fitted",
         )  # fmt: skip
 
     # -- writes ----------------------------------------------------------------------------------------
@@ -294,16 +295,19 @@ class Store:
     def query(
         self, query: OneVector, k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
         shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+        prefixes: str | None = None,
     ) -> Hits: ...  # fmt: skip
     @overload
     def query(
         self, query: ManyVectors, k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
         shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+        prefixes: str | None = None,
     ) -> HitsBatch: ...  # fmt: skip
     @overload
     def query(
         self, query: Any, k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
         shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+        prefixes: str | None = None,
     ) -> Hits | HitsBatch: ...  # fmt: skip
     def query(
         self,
@@ -315,17 +319,20 @@ class Store:
         shortlist: int | Sequence[int] | None = None,
         ef: int | None = None,
         metadata: bool = True,
+        prefixes: str | None = None,
     ) -> Hits | HitsBatch:
-        """Coarse-to-fine search: shortlist on ``dims[0]``, re-rank on each longer prefix.
+        """Coarse-to-fine search: shortlist on ``dims[0]`` numbers per row, re-rank on each longer prefix.
 
         One rule: one query (a 1-D vector, a single image) gives one :class:`Hits`; a batch (a 2-D array,
         a vector column, several images or a folder) gives a :class:`HitsBatch`, one Hits per query
         (``to_arrow()`` makes one table). ``where`` is a DuckDB boolean expression over the metadata
         columns. ``shortlist`` sets the survivors of each stage but the last (an int halves along the
         funnel); without it, the setting ``tune`` measured for this funnel shape applies (``dims`` omitted:
-        the tuned fastest shape). ``ef`` overrides the HNSW beam.
+        the tuned fastest shape). ``ef`` overrides the HNSW beam. The shortlist's numbers are the store's
+        fitted codes where ``tune`` fitted them (``info().prefixes``), else the raw prefix; ``prefixes="raw"``
+        asks for the raw prefix, ``"fitted"`` insists on the codes.
         """
-        return self._search.query(query, k, dims, where, shortlist, ef, metadata)  # it checks the store is open
+        return self._search.query(query, k, dims, where, shortlist, ef, metadata, prefixes)  # checks it is open
 
     def query_table(
         self,
@@ -463,6 +470,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     chunk_rows: int | None = None,
     hnsw_m: int | None = None,
     ef_construction: int | None = None,
+    prefixes: str | None = None,
     read_only: bool = False,
     encoder: Encoder | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -477,7 +485,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
 
     Creation parameters (``dim``, ``bands``, ``metric`` = "cosine" | "ip" | "l2", ``dtype`` = "float16" |
     "float32", ``index_dims`` (default: 16 and 32), ``chunk_rows``, ``hnsw_m`` (default 16, and 8 for
-    prefixes of at most 16 dims; a given value applies to every index), ``ef_construction``) are
+    prefixes of at most 16 dims; a given value applies to every index), ``ef_construction``, ``prefixes`` =
+    "auto" (``tune`` may fit short codes to the store's rows: see :meth:`Store.tune`) | "raw" (never)) are
     persisted; passing a different value on reopen raises :class:`ConfigMismatchError`.
 
     ``path`` may be an ``s3://bucket/prefix`` URL where :meth:`Store.publish` uploaded a store: it opens
@@ -489,7 +498,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     """
     given = (config if config is not None else StoreConfig()).replaced(
         dim=dim, bands=bands, metric=metric, dtype=dtype, index_dims=index_dims, chunk_rows=chunk_rows,
-        hnsw_m=hnsw_m, ef_construction=ef_construction, read_only=read_only, encoder=encoder,
+        hnsw_m=hnsw_m, ef_construction=ef_construction, prefixes=prefixes, read_only=read_only, encoder=encoder,
         storage_options=storage_options, cache_dir=cache_dir, local_dims=local_dims,
     )  # fmt: skip
     return Store(path, given)

@@ -22,6 +22,7 @@ pafs = pytest.importorskip("pyarrow.fs")
 from moto_server import free_port as _free_port  # noqa: E402
 from moto_server import start_moto as _start_moto  # noqa: E402
 
+from mrlstore.testing import mrl_like  # noqa: E402
 from mrlstore.tiers.objectstore import filesystem  # noqa: E402
 
 DIM = 256
@@ -267,3 +268,25 @@ def test_a_compacted_store_publishes_to_its_url_as_a_new_generation(tmp_path, op
     assert head["version"] == 2 and head["generation"] == 1
     with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
         assert len(remote) == 750 and remote.query(vectors[9], k=1).ids == ["r9"]
+
+
+def test_a_published_store_keeps_its_fitted_codes(tmp_path, options, bucket):
+    """Codes fitted by tune are part of the version: a reader shortlists on them, like the writer."""
+    rotation = np.linalg.qr(np.random.default_rng(2).standard_normal((DIM, DIM)))[0].astype(np.float32)
+    vectors = np.ascontiguousarray(mrl_like(3000, DIM, noise=1.0, seed=4)[0] @ rotation)  # no prefix structure
+    queries = np.ascontiguousarray(mrl_like(20, DIM, noise=1.0, seed=4, sample=1)[0] @ rotation)
+    url = f"s3://{bucket}/fitted.mrl"
+    with mrlstore.open(tmp_path / "local.mrl", dim=DIM, bands=(16, 64, DIM), index_dims=[16]) as store:
+        store.add_vectors(vectors, ids=[f"r{i}" for i in range(len(vectors))])
+        store.tune(recall=0.9, k=10, sample=100)
+        assert store.info().prefixes == "fitted"
+        local = [list(h.ids) for h in store.query(queries, k=10, dims=[16, DIM], shortlist=50)]
+        store.publish(url, storage_options=options)
+    remote = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
+    try:
+        assert remote.info().prefixes == "fitted"
+        assert [list(h.ids) for h in remote.query(queries, k=10, dims=[16, DIM], shortlist=50)] == local
+        raw = [list(h.ids) for h in remote.query(queries, k=10, dims=[16, DIM], shortlist=50, prefixes="raw")]
+        assert raw != local
+    finally:
+        remote.close()

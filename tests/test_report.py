@@ -51,13 +51,22 @@ def test_a_fresh_tune_is_reused_and_its_setting_marked(store_path):
         tuned = store.tune(recall=0.9, k=10, sample=60)
         table = store.report(k=10, sample=60)
         funnels = [r for r in table.to_pylist() if r["kind"] == "funnel"]
-        measured = {(tuple(t["dims"]), t["shortlist"], t["taper"]): t["recall"] for t in tuned.tried}
-        reported = {(tuple(r["dims"]), r["shortlist"], r["taper"]): r["recall"] for r in funnels}
+        kept = (False, True) if tuned.prefixes == "fitted" else (False,)  # a fit tune dropped is not reported
+        measured = {
+            (tuple(t["dims"]), t["shortlist"], t["taper"], t["fitted"]): t["recall"]
+            for t in tuned.tried
+            if t["fitted"] in kept
+        }
+        reported = {
+            (tuple(r["dims"]), r["shortlist"], r["taper"], r["codes"] == "fitted"): r["recall"] for r in funnels
+        }
         assert all(reported[key] == value for key, value in measured.items() if key[0] != (128,))  # reused
         assert {11, 20, 30, 50, 75, 100} <= {r["shortlist"] for r in funnels if r["dims"] == [16, 128]}  # and the rest
         marked = [r for r in funnels if r["tuned"]]
         if tuned.dims != [128]:
-            assert [(r["dims"], r["shortlist"]) for r in marked] == [(tuned.dims, tuned.shortlist)]
+            assert [(r["dims"], r["shortlist"], r["codes"]) for r in marked] == [
+                (tuned.dims, tuned.shortlist, tuned.prefixes)
+            ]
         store.add_vectors(np.asarray(mrl_like(10, 128, seed=9)[0]), ids=[f"new{i}" for i in range(10)])
         again = store.report(k=10, sample=60).to_pylist()  # the store changed: measured anew, over the grid
         sizes = {r["shortlist"] for r in again if r["dims"] == [16, 128]}

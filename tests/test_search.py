@@ -130,7 +130,8 @@ def test_tune_covers_every_shape_and_query_with_dims_uses_its_setting(mrl_store)
     assert "tried" not in store.info()["tuned"]
     for key, setting in choice["shapes"].items():
         dims = [int(d) for d in key.split(",")]
-        plan = query_plan.make_plan(store.manifest["tuned"], dims, 10, None, None, store.index_dims, store.dim)
+        tuned, fitted = store.manifest["tuned"], choice.prefixes == "fitted"
+        plan = query_plan.make_plan(tuned, dims, 10, None, None, store.index_dims, store.dim, fitted)
         assert plan.dims == tuple(dims) and plan.sizes[0] == setting["shortlist"]
         if setting["reached"]:
             assert setting["recall"] >= 0.9
@@ -139,7 +140,7 @@ def test_tune_covers_every_shape_and_query_with_dims_uses_its_setting(mrl_store)
         explicit = store.query(x[:20], k=10, dims=dims, shortlist=sizes, ef=setting["ef"], metadata=False)
         assert [h.ids for h in got] == [h.ids for h in explicit]
     # k=20 scales the tuned shortlist; an explicit shortlist overrides the tuning
-    plan = query_plan.make_plan(store.manifest["tuned"], [16, 256], 20, None, None, store.index_dims, store.dim)
+    plan = query_plan.make_plan(tuned, [16, 256], 20, None, None, store.index_dims, store.dim, fitted)
     assert plan.sizes[0] == 2 * choice["shapes"]["16,256"]["shortlist"]
     plan = query_plan.make_plan(store.manifest["tuned"], [16, 256], 10, 77, None, store.index_dims, store.dim)
     assert plan.sizes == (77,)

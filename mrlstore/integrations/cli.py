@@ -139,13 +139,17 @@ def main() -> None:
 @click.option("--index-dims", help="Prefixes with an HNSW index, e.g. 16,32.")
 @click.option("--metric", type=click.Choice(["cosine", "ip", "l2"]))
 @click.option("--dtype", type=click.Choice(["float16", "float32"]))
+@click.option("--prefixes", type=click.Choice(["auto", "raw"]),
+              help="auto (default): tune may fit short codes to the rows; raw: never.")  # fmt: skip
 @_reports_errors
 def create(path: str, dim: int | None, bands: str | None, index_dims: str | None, metric: str | None,
-           dtype: str | None) -> None:  # fmt: skip
+           dtype: str | None, prefixes: str | None) -> None:  # fmt: skip
     """Create a store at PATH."""
     if "://" not in path and (Path(path) / "catalog.duckdb").exists():
         raise click.UsageError(f"{path} already holds a store")
-    with mrlstore.open(path, dim, bands=_ints(bands), index_dims=_ints(index_dims), metric=metric, dtype=dtype) as s:
+    with mrlstore.open(
+        path, dim, bands=_ints(bands), index_dims=_ints(index_dims), metric=metric, dtype=dtype, prefixes=prefixes
+    ) as s:
         click.echo(f"created {s.path}: dim={s.dim} bands={list(s.bands)} index_dims={list(s.index_dims)}")
 
 
@@ -285,17 +289,19 @@ def _string_array(values: list[str]) -> pa.Array:
 @click.option("-k", "--k", "k", type=int, default=10, show_default=True)
 @click.option("--dims", help="The funnel, e.g. 16,2048 (default: the tuned setting).")
 @click.option("--where", help="A DuckDB filter over the metadata, e.g. \"label = 'cat'\".")
+@click.option("--prefixes", type=click.Choice(["raw", "fitted"]),
+              help="Shortlist on raw prefixes or fitted codes (default: the store's choice).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @storage_option
 @_reports_errors
-def query(store: str, query: str, k: int, dims: str | None, where: str | None, as_json: bool,
-          storage_options: tuple[str, ...]) -> None:  # fmt: skip
+def query(store: str, query: str, k: int, dims: str | None, where: str | None, prefixes: str | None,
+          as_json: bool, storage_options: tuple[str, ...]) -> None:  # fmt: skip
     """Query STORE with an image file or a .npy vector (1-D, or 2-D for several)."""
     q: Any = np.load(query, allow_pickle=False) if query.lower().endswith(VECTOR_SUFFIXES) else query
     with _reading(store, storage_options) as s:
         if isinstance(q, str):
             _announce_encoder(s)
-        results = s.query(q, k=k, dims=_ints(dims), where=where)
+        results = s.query(q, k=k, dims=_ints(dims), where=where, prefixes=prefixes)
         results = [results] if not isinstance(results, list) else results
         rows = [
             {"query": qi, "rank": rank + 1, "id": i, "score": float(score), **meta}
@@ -337,7 +343,7 @@ def tune(path: Path, recall: float, k: int) -> None:
     with mrlstore.open(path) as store:
         t = store.tune(recall=recall, k=k)
         click.echo(f"tuned: dims={t['dims']} shortlist={t['shortlist']} recall={t['recall']:.3f} "
-                   f"{t['ms_per_query']:.2f} ms/query")  # fmt: skip
+                   f"{t['ms_per_query']:.2f} ms/query, shortlisting on {t['prefixes']} codes")  # fmt: skip
 
 
 @main.command()

@@ -22,9 +22,12 @@ def plot_dims_report(table: pa.Table, dest: Path) -> None:
     except ImportError:
         raise InvalidInputError("--plot needs matplotlib: pip install matplotlib") from None
     rows = table.to_pylist()
-    prefixes = [r for r in rows if r["kind"] == "prefix alone"]
+    prefixes = [r for r in rows if r["kind"] == "prefix alone" and r["codes"] == "raw"]
+    codes = [r for r in rows if r["kind"] == "prefix alone" and r["codes"] == "fitted"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.plot([r["dims"][0] for r in prefixes], [r["recall"] for r in prefixes], "o-", label="raw prefix")
+    if codes:
+        left.plot([r["dims"][0] for r in codes], [r["recall"] for r in codes], "s--", label="fitted code (HNSW)")
     left.set(xscale="log", xlabel="dims per row (an exact scan of the prefix)", ylabel="recall@k vs full dims",
              title="How many dims does a row need?", ylim=(0, 1.02))  # fmt: skip
     left.set_xticks([r["dims"][0] for r in prefixes], [str(r["dims"][0]) for r in prefixes])
@@ -40,7 +43,7 @@ def _latency_panel(ax: Any, rows: list[dict[str, Any]], exact: dict[str, Any]) -
     shapes: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r["kind"] == "funnel":
-            shapes.setdefault(str(r["dims"]), []).append(r)
+            shapes.setdefault(f"{r['dims']} {r['codes']}", []).append(r)
     for name, points in shapes.items():
         points.sort(key=lambda r: r["recall"])
         ax.plot([r["recall"] for r in points], [r["p50_ms"] for r in points], ".-", label=f"funnel {name}")

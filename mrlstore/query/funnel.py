@@ -15,6 +15,8 @@ import numpy as np
 
 from mrlstore import kernels
 from mrlstore.query.plan import Plan
+from mrlstore.scoring import scores_from_sums, top
+from mrlstore.tiers.indexes import FittedCodes
 from mrlstore.tiers.snapshot import Snapshot
 
 # A where= filter matching at most this many rows (or this share of the store) is answered by an exact
@@ -32,20 +34,39 @@ class PrefixSearch(Protocol):
 
 
 class Funnel:
-    """Runs plans over snapshots of one store's vectors and prefix indexes."""
+    """Runs plans over snapshots of one store's vectors, prefix indexes and (when the store has a fit) the
+    indexes over its fitted codes."""
 
-    def __init__(self, vectors: kernels.Rows, indexes: Mapping[int, PrefixSearch], metric: str, ef_search: int):
+    def __init__(
+        self,
+        vectors: kernels.Rows,
+        indexes: Mapping[int, PrefixSearch],
+        metric: str,
+        ef_search: int,
+        fitted: FittedCodes | None = None,
+    ):
         self.vectors, self.indexes, self.metric, self.ef_search = vectors, indexes, metric, ef_search
+        self.fitted = fitted
+
+    def with_fitted(self, fitted: FittedCodes | None) -> Funnel:
+        """The same funnel over other fitted codes (``tune`` measures a fit before it keeps it)."""
+        return Funnel(self.vectors, self.indexes, self.metric, self.ef_search, fitted)
+
+    def uses_fit(self, plan: Plan) -> bool:
+        """Whether ``plan``'s first stage searches fitted codes."""
+        return plan.fitted and self.fitted is not None and plan.dims[0] in self.fitted.by_dim
 
     def run(
         self, snap: Snapshot, queries: np.ndarray, plan: Plan, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per query the best ``plan.k`` rows with exact scores on ``plan.dims[-1]``, as (rows, offsets, scores)."""
-        d0 = plan.dims[0]
-        if d0 not in self.indexes and len(plan.dims) == 1:  # exact search: the scan's scores are final
+        d0, fitted = plan.dims[0], self.uses_fit(plan)
+        if d0 not in self.indexes and len(plan.dims) == 1 and not fitted:  # exact: the scan's scores are final
             return self.exact(snap, queries, d0, plan.k, allowed)
         first = plan.sizes[0] if plan.sizes else plan.k
-        rows, offsets = self.first_stage(snap, queries, d0, first, allowed, plan.ef)
+        rows, offsets = self.first_stage(snap, queries, d0, first, allowed, plan.ef, fitted)
+        if fitted and len(plan.dims) == 1:
+            return self.code_scores(queries, rows, offsets, d0, plan.k)
         return self.refine(queries, rows, offsets, plan)
 
     def exact(
@@ -61,10 +82,22 @@ class Funnel:
         return found, offsets, scores
 
     def first_stage(
-        self, snap: Snapshot, queries: np.ndarray, d: int, n: int, allowed: np.ndarray | None, ef: int | None
+        self,
+        snap: Snapshot,
+        queries: np.ndarray,
+        d: int,
+        n: int,
+        allowed: np.ndarray | None,
+        ef: int | None,
+        fitted: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per query up to ``n`` candidate rows on the ``d``-prefix, sorted within each query."""
-        index = self.indexes.get(d)
+        """Per query up to ``n`` candidate rows on the ``d``-prefix (or the ``d``-number fitted codes), sorted
+        within each query. Exact scans read the raw prefix."""
+        index: PrefixSearch | None
+        if fitted and self.fitted is not None:
+            index, searched = self.fitted.by_dim[d], self.fitted.query_codes(queries, d)
+        else:
+            index, searched = self.indexes.get(d), queries
         beam = max(ef or self.ef_search, n)
         if allowed is not None and (
             index is None or len(allowed) <= max(FILTER_EXACT_ROWS, FILTER_EXACT_SHARE * snap.n_live)
@@ -72,11 +105,11 @@ class Funnel:
             rows, offsets, _ = self.exact(snap, queries, d, n, allowed)
             return _sorted_within(rows, offsets), offsets
         if allowed is not None and index is not None:
-            return _flatten(self._filtered_search(snap, index, queries, n, allowed, beam))
+            return _flatten(self._filtered_search(snap, index, searched, queries, n, allowed, beam))
         if index is None:
             rows, offsets, _ = self.exact(snap, queries, d, n)
             return _sorted_within(rows, offsets), offsets
-        labels = index.search(queries, n, beam, num_threads=-1 if len(queries) > 1 else 1)
+        labels = index.search(searched, n, beam, num_threads=-1 if len(queries) > 1 else 1)
         found = [snap.live_sorted(row) for row in labels]
         want = min(n, snap.n_live)
         short = [i for i, rows in enumerate(found) if len(rows) < want]
@@ -87,15 +120,23 @@ class Funnel:
         return _flatten(found)
 
     def _filtered_search(
-        self, snap: Snapshot, index: PrefixSearch, queries: np.ndarray, n: int, allowed: np.ndarray, beam: int
+        self,
+        snap: Snapshot,
+        index: PrefixSearch,
+        searched: np.ndarray,
+        queries: np.ndarray,
+        n: int,
+        allowed: np.ndarray,
+        beam: int,
     ) -> list[np.ndarray]:
-        """HNSW with over-fetching; queries it cannot satisfy fall back to an exact scan of ``allowed``."""
+        """HNSW with over-fetching (``searched``: what the index holds of the ``queries``); queries it cannot
+        satisfy fall back to an exact scan of ``allowed``."""
         want = min(n, len(allowed))
         fetch = min(snap.n_live, int(np.ceil(n * snap.n_live / len(allowed) * 1.5)) + 10)
         out: list[np.ndarray] = [np.empty(0, np.int64)] * len(queries)
         todo = np.arange(len(queries))
         while len(todo):
-            labels = index.search(queries[todo], fetch, max(beam, fetch), num_threads=-1)
+            labels = index.search(searched[todo], fetch, max(beam, fetch), num_threads=-1)
             retry = []
             for qi, row in zip(todo, labels):
                 row = row[(row >= 0) & (row < snap.watermark)]
@@ -113,6 +154,33 @@ class Funnel:
                 break
             fetch *= 2
         return out
+
+    def code_scores(
+        self, queries: np.ndarray, rows: np.ndarray, offsets: np.ndarray, d: int, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The best ``k`` of each query's candidates by their ``d``-number fitted codes (a one-stage fitted
+        plan: its scores are the codes'), best first."""
+        assert self.fitted is not None
+        fit = self.fitted.projection
+        codes = fit.codes(kernels.as_float32(self.vectors.gather(rows, 0, fit.basis.shape[0])), d).astype(np.float64)
+        q = fit.query_codes(queries, d).astype(np.float64)
+        owner = np.repeat(np.arange(len(queries)), np.diff(offsets))
+        dot = np.einsum("ij,ij->i", codes, q[owner])
+        sq = np.einsum("ij,ij->i", codes, codes)
+        qq = np.einsum("ij,ij->i", q, q)
+        space = fit.space
+        out_rows, out_scores, counts = [], [], []
+        for i in range(len(queries)):
+            a, b = int(offsets[i]), int(offsets[i + 1])
+            s = scores_from_sums(dot[a:b], sq[a:b], qq[i], space)
+            if space == "ip":  # the part of the full inner product the codes leave out is the same for every row
+                s = s + float(queries[i] @ fit.mean)
+            best = top(s, k, space)
+            out_rows.append(rows[a:b][best])
+            out_scores.append(s[best])
+            counts.append(len(best))
+        offsets_out = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return np.concatenate(out_rows).astype(np.int64), offsets_out, np.concatenate(out_scores)
 
     def refine(
         self, queries: np.ndarray, rows: np.ndarray, offsets: np.ndarray, plan: Plan

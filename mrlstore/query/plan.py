@@ -45,6 +45,7 @@ class Plan:
     k: int
     sizes: tuple[int, ...]
     ef: int | None = None
+    fitted: bool = False  # the first stage searches the store's fitted codes (where it has them)
 
 
 def shape_key(dims: Sequence[int]) -> str:
@@ -76,8 +77,11 @@ def make_plan(
     ef: int | None,
     index_dims: Sequence[int],
     dim: int,
+    fitted: bool = False,
 ) -> Plan:
-    """Validate a query's arguments and resolve them against the tuned settings."""
+    """Validate a query's arguments and resolve them against the tuned settings (of the fitted codes when
+    ``fitted``, else of the raw prefixes)."""
+    tuned = settings_for(tuned, fitted)
     k = positive_int(k, "k")
     if ef is not None:
         ef = positive_int(ef, "ef")
@@ -97,7 +101,15 @@ def make_plan(
         positive_int(s, "shortlist")
         if s < k:
             raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
-    return Plan(dims_t, k, tuple(sizes), ef)
+    return Plan(dims_t, k, tuple(sizes), ef, fitted)
+
+
+def settings_for(tuned: dict[str, Any] | None, fitted: bool) -> dict[str, Any] | None:
+    """The tuned settings of queries on fitted codes or on raw prefixes: a store tuned onto fitted codes
+    keeps its raw prefixes' settings under ``raw_settings``."""
+    if not tuned or (tuned.get("prefixes") == "fitted") == fitted:
+        return tuned
+    return tuned.get("raw_settings") if not fitted else None
 
 
 def tapered_sizes(shortlist: int, k: int, stages: int, taper: int) -> list[int]:
@@ -158,13 +170,15 @@ class PlanCache:
         ef: Any,
         index_dims: Sequence[int],
         dim: int,
+        fitted: bool = False,
     ) -> Plan:
         if tuned is not self._tuned:
             self._tuned, self._plans = tuned, {}
         key = plan_key(dims, k, shortlist, ef)
+        key = None if key is None else (*key, fitted)
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
-            plan = make_plan(tuned, dims, k, shortlist, ef, index_dims, dim)
+            plan = make_plan(tuned, dims, k, shortlist, ef, index_dims, dim, fitted)
             if key is not None:
                 if len(self._plans) >= PLAN_CACHE_SIZE:
                     self._plans.clear()

@@ -1,9 +1,11 @@
 """The dims report: how recall and latency change with the number of dims per row and the funnel's shortlist,
 measured on the store's own rows ("how many dims do I need?", answered from the user's data).
 
-Two kinds of rows: each prefix alone (an exact scan of the first d numbers: the quality of d dims), and
-every funnel shape at each shortlist of tune's grid (tune's own points when they are fresh: same k, and the
-store unchanged since; ``taper`` 2 halves the last re-rank of a funnel of three or more stages). Recall is
+Two kinds of rows: each prefix alone (an exact scan of the first d numbers: the quality of d dims; for a
+store with fitted codes, also each code alone, searched in its HNSW index), and every funnel shape at each
+shortlist of tune's grid, on raw prefixes and, with a fit, on fitted codes (column ``codes``); tune's own
+points are taken when they are fresh (same k, and the store unchanged since; ``taper`` 2 halves the last
+re-rank of a funnel of three or more stages). Recall is
 recall@k against exact full-dimension search; latency is one query at a time; bytes are the vector bytes a
 query reads from the bands (HNSW stages read none: the prefix indexes are in memory).
 """
@@ -18,7 +20,7 @@ import pyarrow as pa
 
 from mrlstore.query import tuning
 from mrlstore.query.funnel import Funnel
-from mrlstore.query.plan import funnel_shapes, tapered_sizes
+from mrlstore.query.plan import Plan, funnel_shapes, tapered_sizes
 from mrlstore.tiers.params import StoreParams
 from mrlstore.tiers.snapshot import Snapshot
 
@@ -46,12 +48,15 @@ def dims_report(
     exact_tuned = tuned is not None and tuned["dims"] == [params.dim] and params.dim not in params.index_dims
     rows = [_prefix_row(funnel, snap, probe, d, k, itemsize) for d in prefix_dims(params)]
     rows[-1]["tuned"] = exact_tuned  # query() runs exact search when tune found it fastest
+    if funnel.fitted is not None:
+        rows += [_code_row(funnel, snap, probe, d, k, params.dim * itemsize) for d in sorted(funnel.fitted.by_dim)]
     for point in _funnel_points(funnel, snap, probe, params, tuned, k, sample, seed, generation):
         if len(point["dims"]) == 1 and point["dims"][0] not in params.index_dims:
             continue  # exact search: a prefix row
         sizes = tapered_sizes(point["shortlist"], k + 1, len(point["dims"]), point.get("taper", 1))
         rows.append({
-            "dims": point["dims"], "kind": "funnel", "codes": "raw", "shortlist": point["shortlist"],
+            "dims": point["dims"], "kind": "funnel", "codes": "fitted" if point.get("fitted") else "raw",
+            "shortlist": point["shortlist"],
             "taper": point.get("taper", 1), "recall": point["recall"], "recall_low": point.get("recall_low"),
             "p50_ms": point.get("p50_ms"),
             "bytes_per_query": funnel_bytes(point["dims"], sizes, params.index_dims, snap.n_live, itemsize),
@@ -89,6 +94,19 @@ def _prefix_row(funnel: Funnel, snap: Snapshot, probe: tuning.Probe, d: int, k: 
     }  # fmt: skip
 
 
+def _code_row(funnel: Funnel, snap: Snapshot, probe: tuning.Probe, d: int, k: int, row_bytes: int) -> dict:
+    """A fitted code alone: its HNSW index's best k+1, ranked by the codes (their rows read whole)."""
+    plan = Plan((d,), k + 1, (), None, fitted=True)
+    found, times = probe.each_timed(lambda q: funnel.run(snap, q, plan)[0])
+    per_query = probe.recalls(found, k)
+    return {
+        "dims": [d], "kind": "prefix alone", "codes": "fitted", "shortlist": None, "taper": None,
+        "recall": float(per_query.mean()),
+        "recall_low": tuning.recall_lower_bound(per_query), "p50_ms": 1e3 * float(np.median(times)),
+        "bytes_per_query": (k + 1) * row_bytes, "tuned": False,
+    }  # fmt: skip
+
+
 def _funnel_points(
     funnel: Funnel,
     snap: Snapshot,
@@ -105,14 +123,22 @@ def _funnel_points(
     way: the same k, sample and seed, on the store's own rows)."""
     budget = min(tuning.MAX_SHORTLIST, max(20 * k, snap.n_live // 4))
     grid = [s for s in sorted({max(k + 1, s) for s in tuning.GRID}) if s <= budget]
-    known = {_key(p): p for p in _fresh_points(tuned, snap, generation, k, sample, seed)}
-    wanted = [
-        (tuple(shape), s, 1) for shape in funnel_shapes(params.index_dims, params.bands, params.dim) for s in grid
-    ]
-    points = [known.pop(key) if key in known else tuning.measure(funnel, snap, probe, key[0], key[1], k, 1.0)
-              for key in wanted]  # fmt: skip
+    fresh = _fresh_points(tuned, snap, generation, k, sample, seed)
+    # the points of a fit that tune measured and dropped are not the store's
+    known = {_key(p): p for p in fresh if funnel.fitted is not None or not p.get("fitted")}
+    modes = (False, True) if funnel.fitted is not None else (False,)
+    shapes = funnel_shapes(params.index_dims, params.bands, params.dim)
+    wanted = [(tuple(shape), s, 1, fitted) for fitted in modes for shape in shapes for s in grid]
+    points = [known.pop(key) if key in known else _measure(funnel, snap, probe, key, k) for key in wanted]
     points += list(known.values())  # tune's other points: tapered schedules, fine sizes
-    return sorted(points, key=lambda p: (len(p["dims"]), p["dims"], p["shortlist"], p.get("taper", 1)))
+    return sorted(
+        points, key=lambda p: (bool(p.get("fitted")), len(p["dims"]), p["dims"], p["shortlist"], p.get("taper", 1))
+    )
+
+
+def _measure(funnel: Funnel, snap: Snapshot, probe: tuning.Probe, key: tuple, k: int) -> dict[str, Any]:
+    dims, shortlist, taper, fitted = key
+    return tuning.measure(funnel, snap, probe, dims, shortlist, k, 1.0, taper, fitted)
 
 
 def _fresh_points(
@@ -127,12 +153,13 @@ def _fresh_points(
     return [p for p in tuned.get("tried", []) if "p50_ms" in p]
 
 
-def _key(point: dict[str, Any]) -> tuple[tuple[int, ...], int, int]:
-    return tuple(point["dims"]), point["shortlist"], point.get("taper", 1)
+def _key(point: dict[str, Any]) -> tuple[tuple[int, ...], int, int, bool]:
+    return tuple(point["dims"]), point["shortlist"], point.get("taper", 1), bool(point.get("fitted"))
 
 
 def _is_tuned(point: dict[str, Any], tuned: dict[str, Any] | None) -> bool:
     if not tuned:
         return False
     same = point["dims"] == tuned["dims"] and point["shortlist"] == tuned["shortlist"]
-    return same and point.get("taper", 1) == tuned.get("taper", 1)
+    codes = bool(point.get("fitted")) == (tuned.get("prefixes") == "fitted")
+    return same and codes and point.get("taper", 1) == tuned.get("taper", 1)

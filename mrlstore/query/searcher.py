@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from mrlstore.encoder.runner import EncoderSlot, encode_images
-from mrlstore.errors import EmptyStoreError, InvalidInputError
+from mrlstore.errors import EmptyStoreError, InvalidInputError, ShapeError
 from mrlstore.inputs.arrow import column, is_table, record_batches, to_matrix
 from mrlstore.inputs.classify import Images, classify
 from mrlstore.inputs.vectors import dims_tuple, query_batch
@@ -20,7 +21,10 @@ from mrlstore.query.funnel import Funnel
 from mrlstore.query.plan import Plan, PlanCache, funnel_shapes
 from mrlstore.query.report import dims_report
 from mrlstore.results import Hits, HitsBatch, TuneResult
+from mrlstore.tiers.indexes import FittedCodes
 from mrlstore.tiers.params import positive_int
+from mrlstore.tiers.projection import FIT_MIN_ROWS, FIT_SAMPLE_ROWS, Projection, can_fit, fit_width
+from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState
 
 
@@ -36,23 +40,59 @@ class Searcher:
     def funnel(self) -> Funnel:
         """The funnel over the store's current tiers (a new one after a compaction or a refresh swaps them)."""
         state, funnel = self.state, self._funnel
-        if funnel is None or funnel.vectors is not state.vectors or funnel.indexes is not state.indexes.by_dim:
-            funnel = Funnel(state.vectors, state.indexes.by_dim, state.params.metric, state.params.ef_search)
+        indexes = state.indexes
+        if (
+            funnel is None
+            or funnel.vectors is not state.vectors
+            or funnel.indexes is not indexes.by_dim
+            or funnel.fitted is not indexes.fitted
+        ):
+            p = state.params
+            funnel = Funnel(state.vectors, indexes.by_dim, p.metric, p.ef_search, indexes.fitted)
             self._funnel = funnel
         return funnel
 
-    def plan(self, dims: Any, k: Any, shortlist: Any, ef: Any) -> Plan:
+    def plan(self, dims: Any, k: Any, shortlist: Any, ef: Any, prefixes: str | None = None) -> Plan:
         """The plan for these query arguments, resolved against the tuned settings."""
-        p = self.state.params
-        return self.plans.plan(self.state.manifest.get("tuned"), dims, k, shortlist, ef, p.index_dims, p.dim)
+        p, fitted = self.state.params, self.uses_fit(prefixes)
+        return self.plans.plan(self.state.manifest.get("tuned"), dims, k, shortlist, ef, p.index_dims, p.dim, fitted)
+
+    def uses_fit(self, prefixes: str | None) -> bool:
+        """Whether a query asking for ``prefixes`` shortlists on fitted codes."""
+        has_fit = self.state.indexes.fitted is not None
+        if prefixes is None:
+            return has_fit
+        if prefixes not in ("raw", "fitted"):
+            raise InvalidInputError(f"prefixes must be 'raw', 'fitted' or None (the store's choice), got {prefixes!r}")
+        if prefixes == "fitted" and not has_fit:
+            raise InvalidInputError(
+                f"store {self.state.location} has no fitted codes: tune() fits them (on stores of at least "
+                f"{FIT_MIN_ROWS} rows not created with prefixes='raw', when they measure faster)"
+            )
+        return prefixes == "fitted"
 
     def query(
-        self, query: Any, k: int, dims: Any, where: str | None, shortlist: Any, ef: int | None, metadata: bool
+        self,
+        query: Any,
+        k: int,
+        dims: Any,
+        where: str | None,
+        shortlist: Any,
+        ef: int | None,
+        metadata: bool,
+        prefixes: str | None = None,
     ) -> Hits | HitsBatch:
         """``Store.query``: one query gives Hits, a batch a HitsBatch."""
         self.state.check_open()  # before anything is planned or encoded (checked again under the lock)
-        plan = self.plan(dims, k, shortlist, ef)
-        queries, single = self.vectors_of(query, plan.dims[-1])
+        plan = self.plan(dims, k, shortlist, ef, prefixes)
+        fitted = self.funnel.uses_fit(plan)
+        try:  # a first stage on fitted codes projects the whole query vector
+            queries, single = self.vectors_of(query, self.state.params.dim if fitted else plan.dims[-1])
+        except ShapeError:
+            if not fitted or prefixes == "fitted":
+                raise
+            plan = self.plan(dims, k, shortlist, ef, "raw")  # a shorter query cannot be projected: raw prefixes
+            queries, single = self.vectors_of(query, plan.dims[-1])
         state = self.state
         with state.visibility.read():  # one point in time: the snapshot and catalog reads agree
             state.check_open()
@@ -70,7 +110,7 @@ class Searcher:
             table = pa.Table.from_batches(list(record_batches(queries, 1 << 30)))
             source = column(table, image or vector, "image" if image else "vector")
             queries = source.to_pylist() if image else to_matrix(source)
-        opts = {"where": None, "shortlist": None, "ef": None, "metadata": True, **options}
+        opts = {"where": None, "shortlist": None, "ef": None, "metadata": True, "prefixes": None, **options}
         results = self.query(queries, k, dims, **opts)
         return (results if isinstance(results, HitsBatch) else HitsBatch([results])).to_arrow()
 
@@ -110,13 +150,41 @@ class Searcher:
             snap = state.snap
             if snap.n_live <= k + 1:
                 raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
-            choice = tuning.tune(
-                self.funnel, snap, shapes, recall, k, sample, seed, p.dim,
-                lambda rows: state.vectors.gather(rows, 0, p.dim), held_out,
-            )  # fmt: skip
+            read = lambda rows: state.vectors.gather(rows, 0, p.dim)  # noqa: E731 - the sampled rows' vectors
+            raw = self.funnel.with_fitted(None)
+            probe = tuning.Probe.sample(raw, snap, k, sample, seed, p.dim, read, held_out)
+            t0 = time.perf_counter()
+            candidate = self._fit(snap, read)
+            fit_s = time.perf_counter() - t0
+            fitted = None if candidate is None else raw.with_fitted(candidate)
+            choice = tuning.tune_prefixes(raw, fitted, tuning.Task(snap, shapes, recall, k, probe, p.dim))
             choice |= {"generation": state.generation, "held_out": held_out is not None, "seed": seed,
-                       "sample_asked": sample, "all_shapes": dims is None}  # fmt: skip
-            state.catalog.set_manifest("tuned", choice)
-            state.manifest = {**state.manifest, "tuned": choice}  # a new tuned entry: the plan cache empties
-            self.on_commit()
+                       "sample_asked": sample, "all_shapes": dims is None,
+                       "fit_s": None if candidate is None else fit_s}  # fmt: skip
+            self._keep(choice, candidate if choice["prefixes"] == "fitted" else None)
         return TuneResult(**choice)
+
+    def _fit(self, snap: Snapshot, read: Callable[[np.ndarray], np.ndarray]) -> FittedCodes | None:
+        """Codes fitted to a sample of the live rows, and indexes over every live row's codes (None: the store
+        keeps raw prefixes: created so, too small, or nothing indexed below the full dimension)."""
+        state, p = self.state, self.state.params
+        width = fit_width(p.index_dims, p.dim)
+        if p.prefixes == "raw" or not can_fit(snap.n_live, width) or not getattr(state.vectors, "native", True):
+            return None
+        live = np.flatnonzero(snap.live[: snap.watermark])
+        rows = np.sort(np.random.default_rng(0).choice(live, size=min(FIT_SAMPLE_ROWS, len(live)), replace=False))
+        projection = Projection.fit(read(rows), width, p.metric)
+        return state.indexes.build_fitted(projection, snap, state.vectors)
+
+    def _keep(self, choice: dict[str, Any], fitted: FittedCodes | None) -> None:
+        """Commit ``choice`` and its fit (None: none) in one transaction, then use them."""
+        state = self.state
+        fit = None if fitted is None else fitted.projection.to_manifest()
+        state.catalog.set_manifest_entries({"tuned": choice, "fit": fit})
+        manifest = {key: value for key, value in state.manifest.items() if key != "fit"}
+        with state.visibility.write():
+            state.indexes.install_fitted(fitted)
+            # a new tuned entry: the plan cache empties
+            state.manifest = {**manifest, "tuned": choice, **({"fit": fit} if fit is not None else {})}
+        state.indexes.save_fitted()
+        self.on_commit()

@@ -38,53 +38,63 @@ RETIME_CANDIDATES, RETIME_ROUNDS = 3, 2  # the leading shapes, timed this many m
 RECALL_BOUND_Z = 1.645  # one-sided 95%: a tuned setting reaches the target on new queries, not just the sample
 
 
+# A fit is kept when its fastest funnel takes at most this many times the raw prefixes' fastest: its codes
+# rank better at equal cost, and on a small store the two are timed within noise of each other.
+FIT_KEEP_MARGIN = 1.05
+FIT_NOISE_MARGIN = 1.25
+RACE_ROUNDS = 3
+
 # Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
 # anyway) took at most this many times the best funnel's time per query: on a large store it is far slower.
 EXACT_CANDIDATE_FACTOR = 4.0
 
 
-def tune(
-    funnel: Funnel,
-    snap: Snapshot,
-    shapes: list[tuple[int, ...]],
-    recall: float,
-    k: int,
-    sample: int,
-    seed: int,
-    dim: int,
-    read_queries: Callable[[np.ndarray], np.ndarray],
-    queries: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Measure every shape's cheapest shortlist reaching ``recall`` (recall@k against exact ``dim``-d search,
-    each sampled row's own entry excluded); returns the choice to persist. ``read_queries(rows)`` gives the
-    sampled rows' vectors. ``queries`` (full-``dim`` vectors, e.g. held-out ones like those users will send)
-    replace the sampled rows: a store's own rows can be easier queries than new ones. Raises TuningError,
-    persisting nothing, when no shape reaches the target."""
-    live_rows = np.flatnonzero(snap.live[: snap.watermark])
-    probe = Probe.sample(funnel, snap, k, sample, seed, dim, read_queries, queries)
+@dataclass(frozen=True)
+class Task:
+    """What a tuning measures: funnel ``shapes`` over ``snap``, against a ``recall``@``k`` target on
+    ``probe``'s queries, exact search at the full ``dim`` the reference."""
+
+    snap: Snapshot
+    shapes: list[tuple[int, ...]]
+    recall: float
+    k: int
+    probe: Probe
+    dim: int
+
+
+def tune(funnel: Funnel, task: Task, fitted: bool = False) -> dict[str, Any]:
+    """Measure every shape's cheapest shortlist reaching the target (recall@k against exact full-dimension
+    search, each sampled row's own entry excluded); returns the choice to persist. ``fitted``: the shapes'
+    first stages search the funnel's fitted codes. Raises TuningError, persisting nothing, when no shape
+    reaches the target."""
+    snap, shapes, recall, k, probe, dim = task.snap, task.shapes, task.recall, task.k, task.probe, task.dim
     exact_ms = probe.exact_ms
-    budget = min(MAX_SHORTLIST, max(20 * k, len(live_rows) // 4))
+    budget = min(MAX_SHORTLIST, max(20 * k, snap.n_live // 4))
     grid = [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
     tried: list[dict[str, Any]] = []
     best_per_shape: dict[str, dict[str, Any]] = {}  # each shape's cheapest reaching point, or its last try
     fine = sorted({max(k + 1, s) for s in FINE_GRID} - set(grid))
     for dims_t in shapes:
-        point, points = _cheapest(lambda s, d=dims_t: measure(funnel, snap, probe, d, s, k, recall), grid, fine)
+        point, points = _cheapest(
+            lambda s, d=dims_t: measure(funnel, snap, probe, d, s, k, recall, fitted=fitted), grid, fine
+        )
         if point["reached"] and len(dims_t) >= 3:  # the tapered schedule at the same first stage
-            tapered = measure(funnel, snap, probe, dims_t, point["shortlist"], k, recall, TAPER)
+            tapered = measure(funnel, snap, probe, dims_t, point["shortlist"], k, recall, TAPER, fitted)
             points.append(tapered)
             if tapered["reached"] and tapered["ms_per_query"] < point["ms_per_query"]:
                 point = tapered
         tried += points
         best_per_shape[shape_key(dims_t)] = point
-    _retime([p for p in best_per_shape.values() if p["reached"]], funnel, snap, probe, k)
+    _retime([p for p in best_per_shape.values() if p["reached"]], funnel, snap, probe, k, fitted)
     best = _choose(best_per_shape, tried, recall, budget)
     if exact_ms < EXACT_CANDIDATE_FACTOR * best["ms_per_query"]:  # a small store: exact search may be faster
         exact = measure(funnel, snap, probe, (dim,), k + 1, k, recall)
         tried.append(exact)
         if exact["reached"] and exact["ms_per_query"] < best["ms_per_query"]:
             best = exact
-    kept = ("shortlist", "ef", "recall", "recall_low", "ms_per_query", "reached", "taper")
+    for point in tried:  # which tune measured it (an exact scan in the fitted one reads raw prefixes)
+        point["prefixes"] = "fitted" if fitted else "raw"
+    kept = ("shortlist", "ef", "recall", "recall_low", "ms_per_query", "reached", "taper", "fitted")
     shapes_out = {key: {f: p[f] for f in kept} for key, p in best_per_shape.items()}
     return {
         **{f: best[f] for f in ("dims", "shortlist", "ef", "recall", "recall_low", "ms_per_query", "taper")},
@@ -99,7 +109,110 @@ def tune(
     }
 
 
-def _retime(points: list[dict[str, Any]], funnel: Funnel, snap: Snapshot, probe: Probe, k: int) -> None:
+def tune_prefixes(funnel: Funnel, fitted_funnel: Funnel | None, task: Task) -> dict[str, Any]:
+    """``tune`` with raw prefixes and, given ``fitted_funnel``, with its fitted codes; the choice says which
+    it keeps (``prefixes``: "raw" or "fitted"). A fit is kept when its fastest funnel reaching the target is
+    at least as fast as the raw prefixes' (within FIT_KEEP_MARGIN: ties go to the codes that rank better).
+    Warnings are those of the kept choice; TuningError when neither reaches the target."""
+    raw, raw_warnings = _attempt(lambda: tune(funnel, task))
+    fit: dict[str, Any] | Exception | None = None
+    fit_warnings: list[str] = []
+    if fitted_funnel is not None:
+        fit, fit_warnings = _attempt(lambda: tune(fitted_funnel, task, fitted=True))
+    if (
+        isinstance(fit, dict)
+        and fitted_funnel is not None
+        and _keeps_fit(raw, fit, {False: funnel, True: fitted_funnel}, task)
+    ):
+        raw_settings = None if isinstance(raw, Exception) else {f: v for f, v in raw.items() if f != "tried"}
+        tried = fit["tried"] + ([] if isinstance(raw, Exception) else raw["tried"])
+        for message in fit_warnings:
+            warnings.warn(message, stacklevel=4)  # the caller of Store.tune
+        return {**fit, "prefixes": "fitted", "raw_settings": raw_settings, "tried": tried}
+    if isinstance(raw, Exception):
+        if fitted_funnel is not None:
+            raise TuningError(f"{raw} (codes fitted to the store's rows did not reach it either)") from None
+        raise raw
+    for message in raw_warnings:
+        warnings.warn(message, stacklevel=4)
+    tried = raw["tried"] + (fit["tried"] if isinstance(fit, dict) else [])
+    return {**raw, "prefixes": "raw", "raw_settings": None, "tried": tried}
+
+
+def _keeps_fit(raw: dict[str, Any] | Exception, fit: dict[str, Any], funnels: dict[bool, Funnel], task: Task) -> bool:
+    """Whether the fitted codes' funnels beat the raw prefixes': the fastest of each, timed again in turns
+    (the two tunings ran one after the other, and a busy machine moves times by more than a query's
+    projection costs), within FIT_KEEP_MARGIN; or, within FIT_NOISE_MARGIN, needing fewer candidates for
+    the raw prefixes' fastest funnel, or as many with a better recall at the smallest."""
+    if isinstance(raw, Exception):
+        return True
+    raw_ms, fit_ms = _race([_fastest(raw), _fastest(fit)], funnels, task)
+    if fit_ms <= FIT_KEEP_MARGIN * raw_ms:
+        return True
+    if fit_ms > FIT_NOISE_MARGIN * raw_ms:
+        return False
+    fastest = _fastest(raw)
+    key = shape_key(fastest["dims"])
+    same = fit["shapes"].get(key)
+    if not same or not same["reached"] or same["shortlist"] > fastest["shortlist"]:
+        return False
+    if same["shortlist"] < fastest["shortlist"]:
+        return True
+    # equal shortlists (a small store, where every funnel reaches at the smallest): the codes that rank better
+    # alone, at the smallest shortlist tried
+    return _first_recall(fit, key) > _first_recall(raw, key)
+
+
+def _fastest(choice: dict[str, Any]) -> dict[str, Any]:
+    """The measured point of a choice's fastest funnel shape that reached the target."""
+    key, best = min(
+        ((key, p) for key, p in choice["shapes"].items() if p["reached"]), key=lambda item: item[1]["ms_per_query"]
+    )
+    return next(
+        p for p in choice["tried"]
+        if shape_key(p["dims"]) == key and p["shortlist"] == best["shortlist"] and p["taper"] == best["taper"]
+    )  # fmt: skip
+
+
+def _race(points: list[dict[str, Any]], funnels: dict[bool, Funnel], task: Task) -> list[float]:
+    """Median ms per query of each point's setting, timed RACE_ROUNDS times in turns."""
+    times: list[list[float]] = [[] for _ in points]
+    for _ in range(RACE_ROUNDS):
+        for i, p in enumerate(points):
+            funnel = funnels[p["fitted"]]
+            again = measure(
+                funnel, task.snap, task.probe, p["dims"], p["shortlist"], task.k, 1.0, p["taper"], p["fitted"]
+            )
+            times[i].append(again["ms_per_query"])
+    return [float(np.median(t)) for t in times]
+
+
+def _first_recall(choice: dict[str, Any], key: str) -> float:
+    """The recall of shape ``key`` at the smallest shortlist measured."""
+    points = [p for p in choice["tried"] if shape_key(p["dims"]) == key and p["taper"] == 1]
+    return min(points, key=lambda p: p["shortlist"])["recall"] if points else 0.0
+
+
+def _attempt(run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | Exception, list[str]]:
+    """``run()``'s result or TuningError, and the warnings it gave (kept back until a choice is made)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result: dict[str, Any] | Exception = run()
+        except TuningError as e:
+            result = e
+    return result, [str(w.message) for w in caught]
+
+
+def _funnel_ms(choice: dict[str, Any] | Exception | None) -> float:
+    """The time per query of a choice's fastest funnel reaching the target (inf: none)."""
+    if not isinstance(choice, dict):
+        return float("inf")
+    reached = [p["ms_per_query"] for p in choice["shapes"].values() if p["reached"]]
+    return min(reached, default=float("inf"))
+
+
+def _retime(points: list[dict[str, Any]], funnel: Funnel, snap: Snapshot, probe: Probe, k: int, fitted: bool) -> None:
     """Time the fastest few shapes' settings again, in turns, and keep each one's median: a single timing of
     a few milliseconds on a busy machine flipped the choice between shapes from one tune to the next."""
     leaders = sorted(points, key=lambda p: p["ms_per_query"])[:RETIME_CANDIDATES]
@@ -108,7 +221,7 @@ def _retime(points: list[dict[str, Any]], funnel: Funnel, snap: Snapshot, probe:
     times: dict[int, list[tuple[float, float]]] = {id(p): [(p["ms_per_query"], p["p50_ms"])] for p in leaders}
     for _ in range(RETIME_ROUNDS):
         for p in leaders:
-            again = measure(funnel, snap, probe, p["dims"], p["shortlist"], k, 1.0, p["taper"])
+            again = measure(funnel, snap, probe, p["dims"], p["shortlist"], k, 1.0, p["taper"], fitted)
             times[id(p)].append((again["ms_per_query"], again["p50_ms"]))
     for p in leaders:
         p["ms_per_query"] = float(np.median([t[0] for t in times[id(p)]]))
@@ -207,19 +320,27 @@ class Probe:
 
 
 def measure(
-    funnel: Funnel, snap: Snapshot, probe: Probe, dims_t: Sequence[int], s: int, k: int, target: float, taper: int = 1
+    funnel: Funnel,
+    snap: Snapshot,
+    probe: Probe,
+    dims_t: Sequence[int],
+    s: int,
+    k: int,
+    target: float,
+    taper: int = 1,
+    fitted: bool = False,
 ) -> dict[str, Any]:
     """One setting, timed one query at a time: its recall, lower bound, mean and median ms per query."""
     sizes = tuple(tapered_sizes(s, k + 1, len(dims_t), taper))
     ef = max(funnel.ef_search, s)
-    plan = Plan(tuple(dims_t), k + 1, sizes, ef)
+    plan = Plan(tuple(dims_t), k + 1, sizes, ef, fitted)
     found, times = probe.each_timed(lambda q: funnel.run(snap, q, plan)[0])
     per_query = probe.recalls(found, k)
     got, low = float(per_query.mean()), recall_lower_bound(per_query)
     return {
         "dims": list(dims_t), "shortlist": s, "ef": ef, "recall": got, "recall_low": low,
         "ms_per_query": 1e3 * float(np.mean(times)), "p50_ms": 1e3 * float(np.median(times)),
-        "reached": low >= target, "taper": taper,
+        "reached": low >= target, "taper": taper, "fitted": funnel.uses_fit(plan),
     }  # fmt: skip
 
 

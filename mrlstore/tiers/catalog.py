@@ -406,9 +406,15 @@ class Catalog:
 
     def set_manifest(self, key: str, value: Any) -> None:
         """Insert or replace one manifest entry (its own transaction)."""
+        self.set_manifest_entries({key: value})
+
+    def set_manifest_entries(self, entries: dict[str, Any]) -> None:
+        """Insert or replace manifest entries, all in one transaction (a value None removes its entry)."""
         with self._lock, self._transaction():
-            self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
-            self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
+            for key, value in entries.items():
+                self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
+                if value is not None:
+                    self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
 
     def _set_watermark(self, rows: int) -> None:
         self._con.execute("UPDATE manifest SET value = ? WHERE key = 'committed_rows'", [json.dumps(rows)])

@@ -46,7 +46,8 @@ def _digest(path: Path) -> str:
 
 
 class PrefixIndex:
-    """HNSW over the first ``dim`` numbers of each row; labels are the store's row numbers."""
+    """HNSW over the first ``dim`` numbers of each row (or of each row's fitted code); labels are the store's
+    row numbers."""
 
     def __init__(
         self,
@@ -56,9 +57,11 @@ class PrefixIndex:
         ef_construction: int = 200,
         capacity: int | None = 1024,
         generation: int = 0,
+        fit_id: str | None = None,
     ):
         self.dim, self.metric, self.M, self.ef_construction = dim, metric, M, ef_construction
         self.generation = generation  # the store's row numbering it was built for (compaction renumbers)
+        self.fit_id = fit_id  # the fitted projection its vectors are codes of (None: raw prefixes)
         self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
         self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
         if capacity is not None:  # None: load_index will initialise it
@@ -84,6 +87,7 @@ class PrefixIndex:
                 "M": self.M,
                 "ef_construction": self.ef_construction,
                 "generation": self.generation,
+                "fit_id": self.fit_id,
                 "covered_rows": self.covered_rows,
                 "element_count": self._index.element_count,
                 "deleted_count": self._deleted,
@@ -95,7 +99,16 @@ class PrefixIndex:
         atomic_write_bytes(side_path, json.dumps(side, indent=2).encode())
 
     @classmethod
-    def load(cls, base: Path, dim: int, metric: str, M: int, ef_construction: int, generation: int = 0) -> PrefixIndex:
+    def load(
+        cls,
+        base: Path,
+        dim: int,
+        metric: str,
+        M: int,
+        ef_construction: int,
+        generation: int = 0,
+        fit_id: str | None = None,
+    ) -> PrefixIndex:
         data_path, side_path = cls.paths(base)
         try:
             side = json.loads(side_path.read_text())
@@ -107,9 +120,11 @@ class PrefixIndex:
             raise IndexUnusable(f"{side_path} was written with other parameters")
         if side.get("generation", 0) != generation:  # older sidecars: generation 0, before any compaction
             raise IndexUnusable(f"{side_path} was built for another row numbering (before a compaction)")
+        if side.get("fit_id") != fit_id:
+            raise IndexUnusable(f"{side_path} holds codes of another fit")
         if side.get("bytes") != size or side.get("blake2b") != _digest(data_path):
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
-        self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation)
+        self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation, fit_id=fit_id)
         try:
             self._index.load_index(str(data_path), max_elements=_grown(int(side["element_count"])))
         except (RuntimeError, ValueError, MemoryError) as e:

@@ -4,7 +4,8 @@ file that is missing, stale or damaged is rebuilt from the vectors."""
 
 from __future__ import annotations
 
-from collections.abc import ItemsView
+from collections.abc import ItemsView, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.hnsw import IndexUnusable, PrefixIndex
 from mrlstore.tiers.layout import INDEX_DIR
 from mrlstore.tiers.params import StoreParams
+from mrlstore.tiers.projection import Projection
 from mrlstore.tiers.snapshot import Snapshot
 
 REBUILD_BLOCK_ROWS = 65536
@@ -20,6 +22,7 @@ REBUILD_BLOCK_ROWS = 65536
 # the rebuild work after a crash to a share of the store, while the saves of a growing store stay linear in
 # its size (a save every 100k rows rewrote a 1M-row index ten times during its build).
 INDEX_AUTOSAVE_ROWS = 100_000
+RAW, FITTED = "prefix", "fitted"  # the index families, as their files are named
 
 
 def stored_prefix(vectors: np.ndarray, d: int, dtype: str) -> np.ndarray:
@@ -27,15 +30,29 @@ def stored_prefix(vectors: np.ndarray, d: int, dtype: str) -> np.ndarray:
     return vectors[:, :d].astype(dtype).astype(np.float32)
 
 
+@dataclass
+class FittedCodes:
+    """A fitted projection and the HNSW indexes over its codes, by code length: what a funnel's fitted first
+    stage searches."""
+
+    projection: Projection
+    by_dim: dict[int, PrefixIndex]
+
+    def query_codes(self, queries: np.ndarray, d: int) -> np.ndarray:
+        return self.projection.query_codes(queries, d)
+
+
 class IndexSet:
     """One store's prefix indexes, ``by_dim`` (the mapping the funnel searches: refilled in place, never
-    replaced), with what each needs saved. ``status`` tells how each was opened: loaded, extended (a saved
-    file behind the commits) or rebuilt."""
+    replaced), and ``fitted``, the indexes over fitted codes when the store has a fit; with what each needs
+    saved. ``status`` tells how each raw index was opened: loaded, extended (a saved file behind the commits)
+    or rebuilt."""
 
     def __init__(self, path: Path, params: StoreParams, generation: int, read_only: bool):
         self.path, self.params, self.generation, self.read_only = path, params, generation, read_only
         self.by_dim: dict[int, PrefixIndex] = {}
-        self._unsaved: dict[int, int] = {}
+        self.fitted: FittedCodes | None = None
+        self._unsaved: dict[tuple[str, int], int] = {}
         self.status: dict[int, str] = {}
 
     def __getitem__(self, d: int) -> PrefixIndex:
@@ -44,80 +61,163 @@ class IndexSet:
     def items(self) -> ItemsView[int, PrefixIndex]:
         return self.by_dim.items()
 
-    def load(self, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> None:
+    @property
+    def projection(self) -> Projection | None:
+        return None if self.fitted is None else self.fitted.projection
+
+    def all_indexes(self) -> Iterator[tuple[str, int, PrefixIndex]]:
+        """Every index as (family, code length, index): family RAW or FITTED."""
+        for d, index in self.by_dim.items():
+            yield RAW, d, index
+        if self.fitted is not None:
+            for d, index in self.fitted.by_dim.items():
+                yield FITTED, d, index
+
+    def load(
+        self, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray, projection: Projection | None = None
+    ) -> None:
         """Every index of the store, from its saved file where that is usable, brought up to ``snap``."""
         self.by_dim.clear()  # the funnel holds this dict: refilled in place
+        self._unsaved.clear()
         for d in self.params.index_dims:
-            self.by_dim[d] = self._load(d, snap, vectors, tombstones)
-            self._unsaved[d] = 0
+            self.by_dim[d] = self._load(RAW, d, None, snap, vectors, tombstones)
+            self._unsaved[RAW, d] = 0
+        self.fitted = None
+        if projection is not None:
+            by_dim = {d: self._load(FITTED, d, projection, snap, vectors, tombstones) for d in fitted_dims(self.params)}
+            self.fitted = FittedCodes(projection, by_dim)
+            self._unsaved |= {(FITTED, d): 0 for d in by_dim}
 
-    def _load(self, d: int, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> PrefixIndex:
+    def _load(
+        self, family: str, d: int, fit: Projection | None, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray
+    ) -> PrefixIndex:
         p, m, watermark = self.params, self.params.m_for(d), snap.watermark
+        space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
         try:
-            index = PrefixIndex.load(self._base(d), d, p.metric, m, p.ef_construction, self.generation)
+            index = PrefixIndex.load(self._base(family, d), d, space, m, p.ef_construction, self.generation, fit_id)
             # A reader's published version may trail the writer's last save: rows past it stay invisible.
             if index.covered_rows > watermark and not self.read_only:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
             status = "loaded" if index.covered_rows >= watermark else "extended"
         except IndexUnusable:
-            index = PrefixIndex(d, p.metric, m, p.ef_construction, watermark + 1024, self.generation)
+            index = PrefixIndex(d, space, m, p.ef_construction, watermark + 1024, self.generation, fit_id)
             status = "rebuilt"
         start = index.covered_rows
-        extend(index, snap, vectors)
+        extend(index, snap, vectors, fit)
         index.mark_deleted(tombstones[tombstones < start])
-        self.status[d] = status
+        if family == RAW:
+            self.status[d] = status
         if status != "loaded" and not self.read_only:
-            self._save(d, index)
+            self._save(family, d, index)
         return index
+
+    def build_fitted(self, projection: Projection, snap: Snapshot, vectors: VectorTier) -> FittedCodes:
+        """New indexes over ``projection``'s codes of every live row of ``snap`` (not installed: ``tune``
+        measures them first)."""
+        p = self.params
+        by_dim = {}
+        for d in fitted_dims(p):
+            by_dim[d] = PrefixIndex(
+                d, projection.space, p.m_for(d), p.ef_construction, snap.watermark + 1024, self.generation,
+                projection.fit_id,
+            )  # fmt: skip
+        extend_many(list(by_dim.values()), snap, vectors, projection)
+        return FittedCodes(projection, by_dim)
+
+    def install_fitted(self, fitted: FittedCodes | None) -> None:
+        """Use ``fitted`` (None: raw prefixes only) from now on (``save_fitted`` then writes its files)."""
+        self.fitted = fitted
+        self._unsaved = {key: n for key, n in self._unsaved.items() if key[0] == RAW}
+        if fitted is not None:
+            self._unsaved |= {(FITTED, d): 1 for d in fitted.by_dim}
+
+    def save_fitted(self) -> None:
+        """Save the fitted indexes and remove the files of fits no longer in use."""
+        if self.read_only:
+            return
+        kept = set() if self.fitted is None else set(self.fitted.by_dim)
+        for side in (self.path / INDEX_DIR).glob(f"{FITTED}_*.json"):
+            if int(side.stem.split("_")[1]) not in kept:
+                for stale in PrefixIndex.paths(side.with_suffix("")):
+                    stale.unlink(missing_ok=True)
+        self.checkpoint()
 
     def insert(self, start: int, batch: np.ndarray) -> None:
         """Rows ``start``... of an uncommitted write (invisible until ``committed`` covers them)."""
         rows = np.arange(start, start + len(batch), dtype=np.int64)
         for d, index in self.by_dim.items():
             index.add(stored_prefix(batch, d, self.params.dtype), rows)
+        if self.fitted is not None and self.fitted.by_dim:
+            codes = self.fitted.projection.codes(stored_prefix(batch, self.params.dim, self.params.dtype))
+            for d, index in self.fitted.by_dim.items():
+                index.add(codes[:, :d], rows)
 
     def committed(self, end: int, replaced: np.ndarray, added: int) -> None:
         """A write committed: rows below ``end`` are visible, ``replaced`` rows are dead."""
-        for d, index in self.by_dim.items():
+        for family, d, index in self.all_indexes():
             index.covered_rows = end
             index.mark_deleted(replaced)
-            self._unsaved[d] += added
+            self._unsaved[family, d] += added
 
     def deleted(self, rows: np.ndarray) -> None:
-        for d, index in self.by_dim.items():
+        for family, d, index in self.all_indexes():
             index.mark_deleted(rows)
-            self._unsaved[d] += 1
+            self._unsaved[family, d] += 1
 
     def extend_all(self, snap: Snapshot, vectors: VectorTier) -> None:
         """Add the rows of ``snap`` the indexes do not cover yet (a reader moving to a newer version)."""
         for index in self.by_dim.values():
             extend(index, snap, vectors)
+        if self.fitted is not None:
+            extend_many(list(self.fitted.by_dim.values()), snap, vectors, self.fitted.projection)
 
     def checkpoint(self) -> None:
         """Save every index that changed since its last save (atomically)."""
-        for d, index in self.by_dim.items():
-            if self._unsaved[d]:
-                self._save(d, index)
+        for family, d, index in list(self.all_indexes()):
+            if self._unsaved[family, d]:
+                self._save(family, d, index)
 
     def autosave(self) -> None:
         """Save the indexes that changed by enough since their last save to be worth it."""
-        for d, index in self.by_dim.items():
-            if self._unsaved[d] >= max(INDEX_AUTOSAVE_ROWS, index.covered_rows // 4):
-                self._save(d, index)
+        for family, d, index in list(self.all_indexes()):
+            if self._unsaved[family, d] >= max(INDEX_AUTOSAVE_ROWS, index.covered_rows // 4):
+                self._save(family, d, index)
 
-    def _base(self, d: int) -> Path:
-        return self.path / INDEX_DIR / f"prefix_{d:05d}"
+    def _base(self, family: str, d: int) -> Path:
+        return self.path / INDEX_DIR / f"{family}_{d:05d}"
 
-    def _save(self, d: int, index: PrefixIndex) -> None:
+    def _save(self, family: str, d: int, index: PrefixIndex) -> None:
         (self.path / INDEX_DIR).mkdir(exist_ok=True)
-        index.save(self._base(d))
-        self._unsaved[d] = 0
+        index.save(self._base(family, d))
+        self._unsaved[family, d] = 0
 
 
-def extend(index: PrefixIndex, snap: Snapshot, vectors: VectorTier) -> None:
-    """Add the live rows of ``snap`` that ``index`` does not cover yet, from the bands."""
+def fitted_dims(params: StoreParams) -> tuple[int, ...]:
+    """The indexed prefixes shorter than the vectors: the code lengths a fit indexes."""
+    return tuple(d for d in params.index_dims if d < params.dim)
+
+
+def extend(index: PrefixIndex, snap: Snapshot, vectors: VectorTier, fit: Projection | None = None) -> None:
+    """Add the live rows of ``snap`` that ``index`` does not cover yet, from the bands (as codes of ``fit``)."""
+    if fit is not None:
+        extend_many([index], snap, vectors, fit)
+        return
     d, live = index.dim, snap.live
     for lo in range(index.covered_rows, snap.watermark, REBUILD_BLOCK_ROWS):
         hi = min(lo + REBUILD_BLOCK_ROWS, snap.watermark)
         keep = np.flatnonzero(live[lo:hi])
         index.add(vectors.read_range(lo, hi, 0, d)[keep], keep + lo, covered_rows=hi)
+
+
+def extend_many(indexes: list[PrefixIndex], snap: Snapshot, vectors: VectorTier, fit: Projection) -> None:
+    """``extend`` for indexes over codes of ``fit``: each block of full rows is read and projected once."""
+    if not indexes:
+        return
+    live, dim = snap.live, fit.basis.shape[0]
+    for lo in range(min(i.covered_rows for i in indexes), snap.watermark, REBUILD_BLOCK_ROWS):
+        hi = min(lo + REBUILD_BLOCK_ROWS, snap.watermark)
+        keep = np.flatnonzero(live[lo:hi])
+        codes = fit.codes(vectors.read_range(lo, hi, 0, dim)[keep])
+        for index in indexes:
+            ahead = keep + lo >= index.covered_rows
+            index.add(codes[ahead, : index.dim], keep[ahead] + lo, covered_rows=hi)

@@ -40,6 +40,7 @@ DEFAULT_INDEX_DIMS = (16, 32)
 DEFAULT_HNSW_M = 16
 COARSE_HNSW_M = 8  # the default M of indexes over prefixes of at most COARSE_PREFIX dims
 COARSE_PREFIX = 16
+PREFIX_CHOICES = ("auto", "raw")
 # 40, not hnswlib's usual 200: on 16-32-d prefixes the build takes a third of the time at the same
 # shortlist recall (benchmarks/results/build_params.md; at 100k, 64 -> 40 cut the build of both indexes
 # from 7.1 to 4.7 s while [32, 2048] shortlist 75 went from recall 0.978 to 0.976), and the first stage
@@ -96,6 +97,7 @@ class StoreParams:
     encoder_weights: str | None = None  # sha256 of the bundled encoder's weights the vectors came from
     # (prefix, M) for the indexes whose M is not hnsw_m: the coarse prefixes of a store made with the default
     hnsw_m_by_prefix: tuple[tuple[int, int], ...] = ()
+    prefixes: str = "auto"  # "raw": tune never fits codes to the rows (see mrlstore.tiers.projection)
 
     def m_for(self, prefix: int) -> int:
         """The HNSW M of the index over the ``prefix``-d prefix."""
@@ -146,6 +148,7 @@ class StoreParams:
             ef_search=DEFAULT_EF_SEARCH,
             encoder=encoder,
             encoder_weights=encoder_weights,
+            prefixes=_prefixes(requested.get("prefixes")),
         )
 
     def manifest(self, created_by: str) -> dict[str, Any]:
@@ -173,14 +176,18 @@ class StoreParams:
                 f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         try:
-            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix")
+            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix", "prefixes")
             values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name not in optional}
         except KeyError as e:
             raise CorruptStoreError(f"{where} has a manifest without {e}") from None
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         by_prefix = tuple(sorted((int(d), int(v)) for d, v in (m.get("hnsw_M_by_prefix") or {}).items()))
         return cls(
-            **values, encoder=m.get("encoder"), encoder_weights=m.get("encoder_weights"), hnsw_m_by_prefix=by_prefix
+            **values,
+            encoder=m.get("encoder"),
+            encoder_weights=m.get("encoder_weights"),
+            hnsw_m_by_prefix=by_prefix,
+            prefixes=m.get("prefixes", "auto"),
         )
 
     def check_requested(self, requested: dict[str, Any], where: object) -> None:
@@ -196,3 +203,11 @@ class StoreParams:
             if value != stored:
                 name = _MANIFEST_KEYS.get(key, key)
                 raise ConfigMismatchError(f"{where} was created with {name}={stored!r}, not {value!r}")
+
+
+def _prefixes(value: Any) -> str:
+    if value is None:
+        return "auto"
+    if value not in PREFIX_CHOICES:
+        raise InvalidInputError(f"prefixes must be one of {PREFIX_CHOICES}, got {value!r}")
+    return str(value)

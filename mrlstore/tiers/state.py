@@ -22,6 +22,7 @@ from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.indexes import IndexSet
 from mrlstore.tiers.layout import remove_stale_temporaries
 from mrlstore.tiers.params import StoreParams
+from mrlstore.tiers.projection import Projection
 from mrlstore.tiers.snapshot import Snapshot, load_snapshot
 
 
@@ -103,11 +104,17 @@ def open_state(
         _check_bands(path, vectors, watermark, read_only)
         snap = load_snapshot(catalog.live_items(), watermark, version)
         indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only)
-        indexes.load(snap, vectors, catalog.tombstones())
+        indexes.load(snap, vectors, catalog.tombstones(), projection_of(manifest, params))
     except BaseException:
         vectors.close()
         raise
     return StoreState(path, read_only, params, manifest, catalog, vectors, snap, indexes)
+
+
+def projection_of(manifest: dict[str, Any], params: StoreParams) -> Projection | None:
+    """The store's fitted projection (None: raw prefixes only)."""
+    entry = manifest.get("fit")
+    return None if entry is None else Projection.from_manifest(entry, params.dim)
 
 
 def _check_bands(path: Path, vectors: VectorTier, watermark: int, read_only: bool) -> None:

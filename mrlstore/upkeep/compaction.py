@@ -72,7 +72,7 @@ def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict
 
 def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Path) -> None:
     """The live rows, in row order, into the new store at ``tmp`` by the same write path as any add; its
-    tuned settings and store id carried over; its index caches saved."""
+    fitted projection, tuned settings and store id carried over; its index caches saved."""
     catalog = Catalog(tmp, read_only=False)
     try:
         new = open_state(tmp, False, {}, catalog, lambda p: BandedVectors(tmp, p.dim, p.bands, p.dtype))
@@ -80,6 +80,10 @@ def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Pa
         catalog.close()
         raise
     try:
+        fit = state.indexes.projection
+        if fit is not None:  # kept, so that the rows are projected on their way in
+            new.catalog.set_manifest("fit", fit.to_manifest())
+            new.indexes.install_fitted(new.indexes.build_fitted(fit, new.snap, new.vectors))
         writer = Writer(new, on_commit=lambda: None)
         for lo in range(0, len(live_rows), COPY_BLOCK_ROWS):
             rows = live_rows[lo : lo + COPY_BLOCK_ROWS]

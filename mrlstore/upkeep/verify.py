@@ -36,9 +36,10 @@ def problems(state: StoreState) -> list[str]:
                 f"{len(zero)} committed row(s) read as all zeros (lost vector data), e.g. rows {zero[:5].tolist()}"
             )
     found += _norm_problems(vectors, snap)
-    for d, index in state.indexes.items():
+    for family, d, index in state.indexes.all_indexes():
         if index.covered_rows > snap.watermark:
-            found.append(f"the {d}-d HNSW cache covers {index.covered_rows} rows; {snap.watermark} are committed")
+            covered = index.covered_rows
+            found.append(f"the {d}-d {family} HNSW cache covers {covered} rows; {snap.watermark} are committed")
     return found
 
 

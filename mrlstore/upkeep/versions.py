@@ -400,14 +400,13 @@ class Versions:
         if head is None or _key(head) == _key(self.head):
             return False
         with state.write_lock:  # one refresh at a time
-            if head.get("generation", 0) != state.generation:  # a compaction renumbered the rows
 
-                def to_head() -> None:
-                    self.head = head
+            def to_head() -> None:
+                self.head = head
 
+            # a compaction renumbered the rows, or tune fitted other codes: open the new version whole
+            if head.get("generation", 0) != state.generation or not self._move_to(state, head):
                 reopen(to_head)
-            else:
-                self._move_to(state, head)
         return True
 
     def _refresh_remote(self, state: StoreState, reopen: Callable[[Callable[[], None]], None]) -> bool:
@@ -425,12 +424,16 @@ class Versions:
             reopen(to_newer)
         return True
 
-    def _move_to(self, state: StoreState, head: dict[str, Any]) -> None:
+    def _move_to(self, state: StoreState, head: dict[str, Any]) -> bool:
         """Same row numbering: the new rows into the prefix indexes (queries go on meanwhile), then the new
-        catalog, snapshot and deletions swapped in at once."""
+        catalog, snapshot and deletions swapped in at once. False, changing nothing, when the new version's
+        fitted codes are not the open ones."""
         catalog, head = _open_published(self.path, head)
         try:
             manifest = catalog.manifest()
+            if fit_id(manifest) != fit_id(state.manifest):
+                catalog.close()
+                return False
             old = state.snap
             snap = load_snapshot(catalog.live_items(), int(manifest["committed_rows"]), old.version + 1)
             state.indexes.extend_all(snap, state.vectors)
@@ -444,6 +447,12 @@ class Versions:
             state.snap, state.manifest, self.head = snap, manifest, head
             state.indexes.deleted(newly_dead)
         previous.close()
+        return True
+
+
+def fit_id(manifest: dict[str, Any]) -> str | None:
+    """The id of the fitted projection a manifest holds (None: raw prefixes)."""
+    return (manifest.get("fit") or {}).get("id")
 
 
 def _state_of(state: StoreState) -> dict[str, Any]:

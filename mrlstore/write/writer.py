@@ -160,7 +160,7 @@ class Writer:
         try:
             watermark = state.catalog.committed_rows()
             state.snap = load_snapshot(state.catalog.live_items(), watermark, state.snap.version + 1)
-            state.indexes.load(state.snap, state.vectors, state.catalog.tombstones())
+            state.indexes.load(state.snap, state.vectors, state.catalog.tombstones(), state.indexes.projection)
         except BaseException:
             state.shut()
             raise

@@ -1,0 +1,248 @@
+"""Fitted codes (issue 24): do the short codes ``tune`` fits to a store's rows shortlist as well as an SVD of the
+same vectors, and does a store of vectors without Matryoshka structure get a fast funnel?
+
+    python benchmarks/fitted_codes.py                       # both parts; vectors cached under --work
+    python benchmarks/fitted_codes.py --part photos         # caltech101-ood, CIFAR-10 test, the demo photos
+    python benchmarks/fitted_codes.py --part rotated --n 100000
+
+photos: the bundled encoder's vectors of each set in a store, after ``tune(recall=0.95)``: ``dims=[16]``
+mAP@10 (leave-one-out, class labels) with the store's codes and with raw prefixes, against exact search on
+references fitted on the same vectors (SVD-16: the top 16 right singular vectors, inner product; PCA-16:
+centred, cosine); and ``[16, 2048]`` with ``shortlist=100``: the share of the exact 2048-d top 10 it finds.
+
+rotated: MRL-like 1024-d vectors and the same under a random rotation (same neighbours, no prefix
+structure), each in a store tuned to recall 0.95; the default query's recall on held-out queries and p50,
+and hnswlib over all 1024 dims at the fastest ef reaching the same recall, in the same run.
+Writes benchmarks/results/fitted_codes.md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import mrlstore
+from mrlstore.testing import mrl_like
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+K = 10
+
+
+# -- photo sets ---------------------------------------------------------------------------------------------
+def _zipped(path: Path, prefix: str = "") -> tuple[list[bytes], list[str]]:
+    with zipfile.ZipFile(path) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg") and n.startswith(prefix))
+        return [z.read(n) for n in names], [n.split("/")[-2] for n in names]
+
+
+def _photo_sets() -> dict[str, tuple[list, list[str]]]:
+    demo = sorted((ROOT / "examples" / "images").glob("*/*.jpg"))
+    sets: dict[str, tuple[list, list[str]]] = {"demo photos": ([str(p) for p in demo], [p.parent.name for p in demo])}
+    if (SHARED / "caltech101-ood").exists():
+        sets["caltech101-ood"] = _zipped(SHARED / "caltech101-ood" / "caltech101-ood.zip")
+    if (SHARED / "cifar10").exists():
+        sets["CIFAR-10 test"] = _zipped(SHARED / "cifar10" / "cifar10-jpg.zip", "test/")
+    return sets
+
+
+def encoded(work: Path, name: str, images: list, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    cache = work / f"{name.replace(' ', '_')}.npy"
+    if not cache.exists():
+        x = mrlstore.load_encoder().encode(images, progress=True)
+        np.save(cache, x)
+    return np.load(cache), np.asarray(labels)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def top_others(scores_of, n: int, k: int, block: int = 2048, skip_self: bool = True) -> np.ndarray:
+    """Per row, the best ``k`` other rows by ``scores_of(lo, hi)`` (a block of rows x all rows)."""
+    out = np.empty((n, k), np.int64)
+    for lo in range(0, n, block):
+        s = scores_of(lo, min(lo + block, n)).astype(np.float64)
+        if skip_self:
+            s[np.arange(len(s)), np.arange(lo, lo + len(s))] = -np.inf
+        part = np.argpartition(-s, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
+        out[lo : lo + len(s)] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def map_at_k(found: np.ndarray, labels: np.ndarray) -> float:
+    rel = labels[found] == labels[:, None]
+    precision = np.cumsum(rel, axis=1) / np.arange(1, found.shape[1] + 1)
+    return float(((precision * rel).sum(1) / np.maximum(rel.sum(1), 1)).mean())
+
+
+def references(x: np.ndarray, d: int = 16) -> dict[str, np.ndarray]:
+    """Exact leave-one-out top 10 by: the full vectors, the raw d-prefix, SVD-d and PCA-d of the same vectors."""
+    u = _unit(x)
+    raw = _unit(x[:, :d])
+    svd = u @ np.linalg.svd(u, full_matrices=False)[2][:d].T
+    mean = u.mean(0)
+    pca = _unit((u - mean) @ np.linalg.svd(u - mean, full_matrices=False)[2][:d].T)
+    n = len(x)
+    return {
+        "full": top_others(lambda a, b: u[a:b] @ u.T, n, K),
+        "raw": top_others(lambda a, b: raw[a:b] @ raw.T, n, K),
+        "svd": top_others(lambda a, b: svd[a:b] @ svd.T, n, K),
+        "pca": top_others(lambda a, b: pca[a:b] @ pca.T, n, K),
+    }
+
+
+def store_top(store: mrlstore.Store, x: np.ndarray, **query) -> np.ndarray:
+    """Leave-one-out top 10 of every stored row, through ``store.query``."""
+    out = np.empty((len(x), K), np.int64)
+    for lo in range(0, len(x), 1000):
+        for i, hits in enumerate(store.query(x[lo : lo + 1000], k=K + 1, **query), start=lo):
+            ids = [int(j) for j in hits.ids if int(j) != i][:K]
+            out[i, : len(ids)] = ids
+    return out
+
+
+def overlap(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found.tolist(), truth.tolist())]))
+
+
+def photos(work: Path) -> list[str]:
+    lines = [
+        "## Photo sets: the bundled encoder's vectors",
+        "",
+        "| set | rows | kept | `[16]` mAP@10 store | raw 16 | SVD-16 | PCA-16 | 2048-d | store / best SVD | "
+        "`[16, 2048]` sl 100 recall: store | raw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (images, labels) in _photo_sets().items():
+        x, y = encoded(work, name, images, labels)
+        ref = references(x)
+        path = work / "store.mrl"
+        shutil.rmtree(path, ignore_errors=True)
+        with mrlstore.open(path, dim=x.shape[1]) as store:
+            store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+            kept = store.tune(recall=0.95).prefixes
+            one = map_at_k(store_top(store, x, dims=[16]), y)
+            raw_one = map_at_k(store_top(store, x, dims=[16], prefixes="raw"), y)
+            funnel = overlap(store_top(store, x, dims=[16, x.shape[1]], shortlist=100), ref["full"])
+            raw_funnel = overlap(store_top(store, x, dims=[16, x.shape[1]], shortlist=100, prefixes="raw"), ref["full"])
+        maps = {key: map_at_k(found, y) for key, found in ref.items()}
+        best = max(maps["svd"], maps["pca"])
+        lines.append(
+            f"| {name} | {len(x)} | {kept} | {one:.3f} | {raw_one:.3f} (exact {maps['raw']:.3f}) | {maps['svd']:.3f} | "
+            f"{maps['pca']:.3f} | {maps['full']:.3f} | {one / best:.3f} | {funnel:.3f} | {raw_funnel:.3f} |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+# -- vectors without prefix structure -----------------------------------------------------------------------
+def rotated(work: Path, n: int, n_queries: int, dim: int) -> list[str]:
+    base, _ = mrl_like(n, dim, seed=7)
+    queries, _ = mrl_like(n_queries, dim, seed=7, sample=1)
+    rotation = np.linalg.qr(np.random.default_rng(1).standard_normal((dim, dim)))[0].astype(np.float32)
+    unit_base = _unit(base.astype(np.float16).astype(np.float32))  # the store holds float16
+    truth = top_others(lambda a, b: _unit(queries[a:b]) @ unit_base.T, n_queries, K, skip_self=False)
+    lines = [
+        f"## {n:,} MRL-like {dim}-d vectors, and the same under a random rotation ({n_queries} held-out queries)",
+        "",
+        "| store | tuned | prefixes | fit + indexes s | build s | held-out recall@10 | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    results = {}
+    for label, (b, q) in {"unrotated": (base, queries), "rotated": (base @ rotation, queries @ rotation)}.items():
+        path = work / f"{label}.mrl"
+        shutil.rmtree(path, ignore_errors=True)
+        with mrlstore.open(path, dim=dim) as store:
+            t0 = time.perf_counter()
+            store.add_vectors(b, ids=[str(i) for i in range(n)])
+            build = time.perf_counter() - t0
+            choice = store.tune(recall=0.95)
+            found, times = timed(lambda v: [int(i) for i in store.query(v, k=K).ids], q)
+        r = overlap(np.asarray(found), truth)
+        results[label] = (r, float(np.percentile(times, 50)))
+        fit = "-" if choice.fit_s is None else f"{choice.fit_s:.1f}"
+        lines.append(
+            f"| {label} | {choice.dims} sl {choice.shortlist} | {choice.prefixes} | {fit} | {build:.1f} | {r:.3f} | "
+            f"{np.percentile(times, 50):.3f} | {np.percentile(times, 99):.3f} |"
+        )
+        print(lines[-1], flush=True)
+    lines += hnswlib_rows(base @ rotation, queries @ rotation, truth, results)
+    return lines
+
+
+def timed(search, queries: np.ndarray) -> tuple[list, np.ndarray]:
+    search(queries[0])
+    found, times = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        found.append(search(q))
+        times.append(1e3 * (time.perf_counter() - t0))
+    return found, np.asarray(times)
+
+
+def hnswlib_rows(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, results: dict) -> list[str]:
+    import hnswlib
+
+    t0 = time.perf_counter()
+    index = hnswlib.Index(space="cosine", dim=base.shape[1])
+    index.init_index(max_elements=len(base), M=16, ef_construction=200)
+    index.add_items(base, np.arange(len(base)), num_threads=-1)
+    build = time.perf_counter() - t0
+    lines = ["", f"hnswlib over all {base.shape[1]} dims (M=16, ef_construction=200; build {build:.1f} s):", ""]
+    lines += ["| ef | recall@10 | p50 ms |", "|---|---|---|"]
+    curve = []
+    for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256):
+        index.set_ef(ef)
+        found, times = timed(lambda v: index.knn_query(v, k=K, num_threads=1)[0][0].tolist(), queries)
+        curve.append((overlap(np.asarray(found), truth), float(np.percentile(times, 50)), ef))
+        lines.append(f"| {ef} | {curve[-1][0]:.3f} | {curve[-1][1]:.3f} |")
+    lines.append("")
+    unrot_p50 = results["unrotated"][1]
+    rot_recall, rot_p50 = results["rotated"]
+    equal = [c for c in curve if c[0] >= rot_recall]
+    lines.append(f"- rotated store p50 / unrotated store p50: {rot_p50 / unrot_p50:.2f} (target at most 1.25)")
+    if equal:
+        lines.append(
+            f"- rotated store p50 / hnswlib p50 at recall >= {rot_recall:.3f} (ef={equal[0][2]}): "
+            f"{rot_p50 / equal[0][1]:.2f} (target below 1)"
+        )
+    else:
+        lines.append(f"- hnswlib reached no recall >= {rot_recall:.3f} up to ef=256")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("photos", "rotated", "both"), default="both")
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mrlstore-fitted"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fitted_codes.md")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Fitted codes",
+        "",
+        f"`python benchmarks/fitted_codes.py --part {args.part}` on {platform.machine()}, "
+        f"{time.strftime('%Y-%m-%d')}, mrlstore {mrlstore.__version__}.",
+        "",
+    ]
+    if args.part in ("photos", "both"):
+        lines += photos(args.work) + [""]
+    if args.part in ("rotated", "both"):
+        lines += rotated(args.work, args.n, args.queries, args.dim)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
