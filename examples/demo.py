@@ -49,18 +49,24 @@ def main() -> None:
         store.add([str(p) for p in database], metadata=[{"label": p.parent.name} for p in database])
         print(f"added {len(store)} images to {args.store}/ in {time.perf_counter() - t0:.1f} s")
 
-        rows, correct = [], {16: 0, 2048: 0}
-        for q in queries:
-            hits = store.query(str(q), k=args.k, dims=[16, 2048])
+        t0 = time.perf_counter()
+        tuned = store.tune(recall=0.95)  # measures funnels on the store's rows; may fit 16-number codes to them
+        print(f"tuned in {time.perf_counter() - t0:.1f} s: shortlists on {tuned.prefixes} codes")
+
+        rows, correct = [], {"16 raw": 0, "16": 0, "2048": 0}
+        vectors = encoder.encode([str(q) for q in queries], progress=False)
+        for q, v in zip(queries, vectors):
+            hits = store.query(v, k=args.k, dims=[16, 2048])
             rows.append((q, hits))
-            correct[2048] += sum(m["label"] == q.parent.name for m in hits.metadata)
-        for q in queries:
-            hits = store.query(str(q), k=args.k, dims=[16])
-            correct[16] += sum(m["label"] == q.parent.name for m in hits.metadata)
+            correct["2048"] += sum(m["label"] == q.parent.name for m in hits.metadata)
+            for key, prefixes in (("16", None), ("16 raw", "raw")):
+                alone = store.query(v, k=args.k, dims=[16], prefixes=prefixes)
+                correct[key] += sum(m["label"] == q.parent.name for m in alone.metadata)
         total = args.k * len(queries)
         print(
-            f"\nlabel precision@{args.k} over {len(queries)} held-out queries: "
-            f"dims=[16, 2048] {correct[2048] / total:.2f}, dims=[16] alone {correct[16] / total:.2f}"
+            f"\nlabel precision@{args.k} over {len(queries)} held-out queries: dims=[16, 2048] "
+            f"{correct['2048'] / total:.2f}; dims=[16] alone {correct['16'] / total:.2f} on the store's "
+            f"{tuned.prefixes} codes, {correct['16 raw'] / total:.2f} on the raw 16-prefix"
         )
         print(f"\nthe top {args.k} hits of each held-out query, dims=[16, 2048] (class and cosine score):")
         for q, hits in rows:

@@ -42,6 +42,7 @@ RECALL_BOUND_Z = 1.645  # one-sided 95%: a tuned setting reaches the target on n
 # rank better at equal cost, and on a small store the two are timed within noise of each other.
 FIT_KEEP_MARGIN = 1.05
 FIT_NOISE_MARGIN = 1.25
+FIT_NOISE_MS = 0.05  # on a small store every query takes tens of microseconds: the better codes win there
 RACE_ROUNDS = 3
 
 # Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
@@ -142,14 +143,14 @@ def tune_prefixes(funnel: Funnel, fitted_funnel: Funnel | None, task: Task) -> d
 def _keeps_fit(raw: dict[str, Any] | Exception, fit: dict[str, Any], funnels: dict[bool, Funnel], task: Task) -> bool:
     """Whether the fitted codes' funnels beat the raw prefixes': the fastest of each, timed again in turns
     (the two tunings ran one after the other, and a busy machine moves times by more than a query's
-    projection costs), within FIT_KEEP_MARGIN; or, within FIT_NOISE_MARGIN, needing fewer candidates for
-    the raw prefixes' fastest funnel, or as many with a better recall at the smallest."""
+    projection costs), within FIT_KEEP_MARGIN; or, within FIT_NOISE_MARGIN or FIT_NOISE_MS, needing fewer
+    candidates for the raw prefixes' fastest funnel, or as many with a better recall at the smallest."""
     if isinstance(raw, Exception):
         return True
     raw_ms, fit_ms = _race([_fastest(raw), _fastest(fit)], funnels, task)
     if fit_ms <= FIT_KEEP_MARGIN * raw_ms:
         return True
-    if fit_ms > FIT_NOISE_MARGIN * raw_ms:
+    if fit_ms > FIT_NOISE_MARGIN * raw_ms and fit_ms - raw_ms > FIT_NOISE_MS:
         return False
     fastest = _fastest(raw)
     key = shape_key(fastest["dims"])
