@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import mrlstore
-from mrlstore.testing import exact_search, mrl_like, recall_at_k
+from mrlstore.testing import exact_funnel, exact_search, mrl_like, recall_at_k
 from mrlstore.tiers.projection import Projection
 
 DIM = 128
@@ -65,7 +65,7 @@ def test_tune_fits_codes_where_raw_prefixes_rank_badly(fitted_store):
         info = store.info()
         assert info.prefixes == "fitted" and info.tuned["prefixes"] == "fitted"
         assert (path / "index" / "fitted_00016.hnsw").exists(), "the fitted index is saved beside the raw one"
-        assert (path / "index" / "prefix_00016.hnsw").exists()
+        assert (path / "index" / "prefix_00016.hnsw").exists(), "kept on disk for the next tune"
 
 
 def test_fitted_codes_find_held_out_neighbours_the_raw_prefix_misses(fitted_store):
@@ -82,13 +82,17 @@ def test_fitted_codes_find_held_out_neighbours_the_raw_prefix_misses(fitted_stor
     assert recall_at_k(as_rows(default), truth) >= 0.85
 
 
-def test_raw_prefixes_when_asked_give_the_results_from_before_the_fit(fitted_store):
+def test_raw_prefixes_when_asked_scan_the_prefix_the_fit_took_out_of_memory(fitted_store):
     path, _, before = fitted_store
+    queries = rotated(20, sample=1)
     with mrlstore.open(path) as store:
-        again = store.query(rotated(20, sample=1), k=10, dims=[16, DIM], shortlist=40, prefixes="raw")
-    assert _ids(again) == _ids(before)
-    for a, b in zip(again, before):
-        np.testing.assert_array_equal(a.scores, b.scores)
+        assert 16 not in store._state.indexes.by_dim, "the raw 16-d index left memory"
+        again = store.query(queries, k=10, dims=[16, DIM], shortlist=40, prefixes="raw")
+    stored = rotated(N).astype(np.float16).astype(np.float32)
+    reference = exact_funnel(stored, queries, [16, DIM], [40], 10)  # an exact scan of the raw 16-prefix
+    assert [[int(i) for i in ids] for ids in _ids(again)] == [r.tolist() for r in reference]
+    # before the fit, HNSW over the raw prefix found nearly the same rows
+    assert recall_at_k(_ids(before), _ids(again)) >= 0.8
 
 
 def test_full_dimension_scores_and_stored_vectors_do_not_change(fitted_store):
@@ -134,7 +138,7 @@ def test_the_fit_survives_reopen_with_the_same_results(fitted_store):
         first = store.query(queries, k=10)
         fit_id = store._state.indexes.projection.fit_id
     with mrlstore.open(path) as store:
-        assert store.info().index_status == {16: "loaded"}
+        assert store.info().index_status == {16: "fitted code"}
         assert store._state.indexes.projection.fit_id == fit_id
         assert _ids(store.query(queries, k=10)) == _ids(first)
     with mrlstore.open(path, read_only=True) as reader:
@@ -301,3 +305,27 @@ def test_the_command_line_creates_raw_stores_and_queries_either_codes(fitted_sto
     for prefixes in ("raw", "fitted"):
         out = run("query", path, tmp_path / "q.npy", "--dims", f"16,{DIM}", "--prefixes", prefixes, "--json")
         assert out.returncode == 0 and '"rank": 1' in out.stdout, out.stderr
+
+
+def test_filtered_queries_on_a_fitted_store_keep_their_recall(tmp_path):
+    """A where= filter matching few rows is scanned exactly on the raw prefix: with the raw settings, not the
+    fitted codes' smaller shortlist."""
+    base = rotated(N)
+    with _open(tmp_path / "s") as store:
+        store.add_vectors(base, ids=[str(i) for i in range(N)], metadata=[{"tag": i % 4} for i in range(N)])
+        store.tune(recall=0.9, k=10, sample=100)
+        assert store.info().prefixes == "fitted"
+        queries = rotated(40, sample=1)
+        hits = store.query(queries, k=10, where="tag = 0")
+        one_stage = store.query(queries, k=10, dims=[16], where="tag = 0")
+    allowed = np.arange(0, N, 4)
+    truth = [allowed[t] for t in exact_search(base[allowed], queries, 10)]
+    assert all(int(i) % 4 == 0 for h in [*hits, *one_stage] for i in h.ids)
+    assert recall_at_k(_ids(hits), truth) >= 0.9
+
+
+def test_a_tune_whose_funnels_cannot_use_codes_keeps_none(tmp_path):
+    with _filled(tmp_path / "s") as store:
+        choice = store.tune(recall=0.9, k=10, sample=100, dims=[64, DIM])
+        assert choice.prefixes == "raw" and choice.fit_s is None
+        assert store.info().prefixes == "raw" and not list((tmp_path / "s" / "index").glob("fitted_*"))

@@ -52,6 +52,12 @@ class Funnel:
         """The same funnel over other fitted codes (``tune`` measures a fit before it keeps it)."""
         return Funnel(self.vectors, self.indexes, self.metric, self.ef_search, fitted)
 
+    def scans_filter(self, snap: Snapshot, allowed: np.ndarray, plan: Plan) -> bool:
+        """Whether ``plan``'s first stage over the rows ``allowed`` is an exact scan (of the raw prefix)."""
+        if self.uses_fit(plan):
+            return _small_filter(snap, allowed)  # the fitted index exists
+        return plan.dims[0] not in self.indexes or _small_filter(snap, allowed)
+
     def uses_fit(self, plan: Plan) -> bool:
         """Whether ``plan``'s first stage searches fitted codes."""
         return plan.fitted and self.fitted is not None and plan.dims[0] in self.fitted.by_dim
@@ -99,9 +105,7 @@ class Funnel:
         else:
             index, searched = self.indexes.get(d), queries
         beam = max(ef or self.ef_search, n)
-        if allowed is not None and (
-            index is None or len(allowed) <= max(FILTER_EXACT_ROWS, FILTER_EXACT_SHARE * snap.n_live)
-        ):
+        if allowed is not None and (index is None or _small_filter(snap, allowed)):
             rows, offsets, _ = self.exact(snap, queries, d, n, allowed)
             return _sorted_within(rows, offsets), offsets
         if allowed is not None and index is not None:
@@ -189,6 +193,11 @@ class Funnel:
         stages = plan.dims[1:] if len(plan.dims) > 1 else plan.dims[:1]
         keeps = (*plan.sizes[1:], plan.k) if len(plan.dims) > 1 else (plan.k,)
         return kernels.refine(self.vectors, rows, offsets, queries, stages, keeps, self.metric)
+
+
+def _small_filter(snap: Snapshot, allowed: np.ndarray) -> bool:
+    """Whether a where= filter matches few enough rows to scan them exactly rather than search HNSW."""
+    return len(allowed) <= max(FILTER_EXACT_ROWS, FILTER_EXACT_SHARE * snap.n_live)
 
 
 def _flatten(per_query: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

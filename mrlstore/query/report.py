@@ -59,10 +59,16 @@ def dims_report(
             "shortlist": point["shortlist"],
             "taper": point.get("taper", 1), "recall": point["recall"], "recall_low": point.get("recall_low"),
             "p50_ms": point.get("p50_ms"),
-            "bytes_per_query": funnel_bytes(point["dims"], sizes, params.index_dims, snap.n_live, itemsize),
+            "bytes_per_query": funnel_bytes(point["dims"], sizes, _hnsw_dims(funnel, point), snap.n_live, itemsize),
             "tuned": _is_tuned(point, tuned),
         })  # fmt: skip
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _hnsw_dims(funnel: Funnel, point: dict[str, Any]) -> list[int]:
+    """The first stages this point's funnel searches with HNSW (raw prefixes a fit replaced are scanned)."""
+    fitted = funnel.fitted is not None and point.get("fitted")
+    return [*funnel.indexes, *(funnel.fitted.by_dim if fitted and funnel.fitted is not None else ())]
 
 
 def prefix_dims(params: StoreParams) -> list[int]:

@@ -21,7 +21,7 @@ from mrlstore.query.funnel import Funnel
 from mrlstore.query.plan import Plan, PlanCache, funnel_shapes
 from mrlstore.query.report import dims_report
 from mrlstore.results import Hits, HitsBatch, TuneResult
-from mrlstore.tiers.indexes import FittedCodes
+from mrlstore.tiers.indexes import FittedCodes, fitted_dims
 from mrlstore.tiers.params import positive_int
 from mrlstore.tiers.projection import FIT_MIN_ROWS, FIT_SAMPLE_ROWS, Projection, can_fit, fit_width
 from mrlstore.tiers.snapshot import Snapshot
@@ -100,6 +100,10 @@ class Searcher:
             if snap.n_live == 0:
                 raise EmptyStoreError(f"store {state.location} holds no vectors to search")
             allowed = self.filters.allowed(state.catalog, where, snap) if where is not None else None
+            if fitted and allowed is not None and self.funnel.scans_filter(snap, allowed, plan):
+                # the matching rows are scanned exactly, on their raw prefix: with the raw prefixes' settings
+                plan = self.plan(dims, k, shortlist, ef, "raw")
+                queries = np.ascontiguousarray(queries[:, : plan.dims[-1]])
             rows, offsets, scores = self.funnel.run(snap, queries, plan, allowed)
         hits = HitsBatch.of_rows(snap.table, rows, offsets, scores, plan.dims, metadata)
         return hits[0] if single else hits
@@ -151,10 +155,11 @@ class Searcher:
             if snap.n_live <= k + 1:
                 raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
             read = lambda rows: state.vectors.gather(rows, 0, p.dim)  # noqa: E731 - the sampled rows' vectors
+            state.indexes.ensure_raw(snap, state.vectors, state.catalog.tombstones())  # a fit unloaded them
             raw = self.funnel.with_fitted(None)
             probe = tuning.Probe.sample(raw, snap, k, sample, seed, p.dim, read, held_out)
             t0 = time.perf_counter()
-            candidate = self._fit(snap, read)
+            candidate = self._fit(snap, read, shapes)
             fit_s = time.perf_counter() - t0
             fitted = None if candidate is None else raw.with_fitted(candidate)
             choice = tuning.tune_prefixes(raw, fitted, tuning.Task(snap, shapes, recall, k, probe, p.dim))
@@ -164,12 +169,17 @@ class Searcher:
             self._keep(choice, candidate if choice["prefixes"] == "fitted" else None)
         return TuneResult(**choice)
 
-    def _fit(self, snap: Snapshot, read: Callable[[np.ndarray], np.ndarray]) -> FittedCodes | None:
+    def _fit(
+        self, snap: Snapshot, read: Callable[[np.ndarray], np.ndarray], shapes: list[tuple[int, ...]]
+    ) -> FittedCodes | None:
         """Codes fitted to a sample of the live rows, and indexes over every live row's codes (None: the store
-        keeps raw prefixes: created so, too small, or nothing indexed below the full dimension)."""
+        keeps raw prefixes: created so, too small, or no funnel shape starts at an indexed prefix below the
+        full dimension)."""
         state, p = self.state, self.state.params
         width = fit_width(p.index_dims, p.dim)
         if p.prefixes == "raw" or not can_fit(snap.n_live, width) or not getattr(state.vectors, "native", True):
+            return None
+        if not any(shape[0] in fitted_dims(p) for shape in shapes):
             return None
         live = np.flatnonzero(snap.live[: snap.watermark])
         rows = np.sort(np.random.default_rng(0).choice(live, size=min(FIT_SAMPLE_ROWS, len(live)), replace=False))

@@ -145,8 +145,12 @@ def _keeps_fit(raw: dict[str, Any] | Exception, fit: dict[str, Any], funnels: di
     (the two tunings ran one after the other, and a busy machine moves times by more than a query's
     projection costs), within FIT_KEEP_MARGIN; or, within FIT_NOISE_MARGIN or FIT_NOISE_MS, needing fewer
     candidates for the raw prefixes' fastest funnel, or as many with a better recall at the smallest."""
+    if not any(p["fitted"] for p in fit["shapes"].values() if p["reached"]):
+        return False  # no funnel that reached the target searched the codes: nothing speaks for them
     if isinstance(raw, Exception):
         return True
+    if not _fastest(fit)["fitted"]:
+        return False
     raw_ms, fit_ms = _race([_fastest(raw), _fastest(fit)], funnels, task)
     if fit_ms <= FIT_KEEP_MARGIN * raw_ms:
         return True

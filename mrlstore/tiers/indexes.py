@@ -18,6 +18,7 @@ from mrlstore.tiers.projection import Projection
 from mrlstore.tiers.snapshot import Snapshot
 
 REBUILD_BLOCK_ROWS = 65536
+FIT_BLOCK_ROWS = 8192  # full rows read and projected at a time (2048-d: 64 MB as float32)
 # Save the HNSW cache once this many rows, or a quarter of the index, were added since the last save: bounds
 # the rebuild work after a crash to a share of the store, while the saves of a growing store stay linear in
 # its size (a save every 100k rows rewrote a 1M-row index ten times during its build).
@@ -52,6 +53,7 @@ class IndexSet:
         self.path, self.params, self.generation, self.read_only = path, params, generation, read_only
         self.by_dim: dict[int, PrefixIndex] = {}
         self.fitted: FittedCodes | None = None
+        self._retired: list[tuple[int, PrefixIndex]] = []  # raw indexes a fit replaced, to save once
         self._unsaved: dict[tuple[str, int], int] = {}
         self.status: dict[int, str] = {}
 
@@ -79,7 +81,11 @@ class IndexSet:
         """Every index of the store, from its saved file where that is usable, brought up to ``snap``."""
         self.by_dim.clear()  # the funnel holds this dict: refilled in place
         self._unsaved.clear()
+        replaced = fitted_dims(self.params) if projection is not None else ()
         for d in self.params.index_dims:
+            if d in replaced:
+                self.status[d] = "fitted code"
+                continue
             self.by_dim[d] = self._load(RAW, d, None, snap, vectors, tombstones)
             self._unsaved[RAW, d] = 0
         self.fitted = None
@@ -124,17 +130,36 @@ class IndexSet:
         extend_many(list(by_dim.values()), snap, vectors, projection)
         return FittedCodes(projection, by_dim)
 
+    def ensure_raw(self, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> None:
+        """Load (or rebuild) the raw prefix indexes a fit replaced: ``tune`` measures raw prefixes again."""
+        for d in self.params.index_dims:
+            if d not in self.by_dim:
+                self.by_dim[d] = self._load(RAW, d, None, snap, vectors, tombstones)
+                self._unsaved[RAW, d] = 0
+
     def install_fitted(self, fitted: FittedCodes | None) -> None:
-        """Use ``fitted`` (None: raw prefixes only) from now on (``save_fitted`` then writes its files)."""
+        """Use ``fitted`` (None: raw prefixes only) from now on (``save_fitted`` then writes its files). The
+        raw indexes of the prefixes it codes leave memory (their files stay, for a later ``ensure_raw``): a
+        query asking for raw prefixes scans them exactly."""
         self.fitted = fitted
         self._unsaved = {key: n for key, n in self._unsaved.items() if key[0] == RAW}
         if fitted is not None:
             self._unsaved |= {(FITTED, d): 1 for d in fitted.by_dim}
+            for d in fitted.by_dim:
+                raw = self.by_dim.pop(d, None)  # in place: the funnel holds this dict
+                if raw is not None and self._unsaved.pop((RAW, d), 0):
+                    self._retired.append((d, raw))  # saved by save_fitted, outside the caller's locks
+                self.status[d] = "fitted code"
 
     def save_fitted(self) -> None:
-        """Save the fitted indexes and remove the files of fits no longer in use."""
+        """Save the fitted indexes and the raw ones they replaced, and remove the files of fits no longer in
+        use."""
+        retired, self._retired = self._retired, []
         if self.read_only:
             return
+        for d, raw in retired:
+            self._save(RAW, d, raw)
+            self._unsaved.pop((RAW, d), None)
         kept = set() if self.fitted is None else set(self.fitted.by_dim)
         for side in (self.path / INDEX_DIR).glob(f"{FITTED}_*.json"):
             if int(side.stem.split("_")[1]) not in kept:
@@ -214,8 +239,8 @@ def extend_many(indexes: list[PrefixIndex], snap: Snapshot, vectors: VectorTier,
     if not indexes:
         return
     live, dim = snap.live, fit.basis.shape[0]
-    for lo in range(min(i.covered_rows for i in indexes), snap.watermark, REBUILD_BLOCK_ROWS):
-        hi = min(lo + REBUILD_BLOCK_ROWS, snap.watermark)
+    for lo in range(min(i.covered_rows for i in indexes), snap.watermark, FIT_BLOCK_ROWS):
+        hi = min(lo + FIT_BLOCK_ROWS, snap.watermark)
         keep = np.flatnonzero(live[lo:hi])
         codes = fit.codes(vectors.read_range(lo, hi, 0, dim)[keep])
         for index in indexes:

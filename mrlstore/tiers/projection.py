@@ -26,6 +26,7 @@ from mrlstore.errors import CorruptStoreError
 
 FIT_FORMAT = 1
 FIT_SAMPLE_ROWS = 20_000  # rows the directions are estimated from: beyond this they barely move
+FIT_OVERSAMPLE, FIT_PASSES = 16, 6  # subspace iteration: extra directions carried, passes over the sample
 # Fewer rows than this many per code number and a fit is noise: a tiny store keeps its raw prefixes.
 FIT_MIN_ROWS_PER_DIM = 2
 FIT_MIN_ROWS = 100
@@ -59,17 +60,23 @@ class Projection:
         return INDEX_SPACE[self.metric]
 
     @classmethod
-    def fit(cls, sample: np.ndarray, width: int, metric: str) -> Projection:
+    def fit(cls, sample: np.ndarray, width: int, metric: str, seed: int = 0) -> Projection:
         """The top ``width`` principal directions of ``sample`` (rows as stored), prepared as the metric
-        compares them."""
-        x = _prepared(np.asarray(sample, dtype=np.float32), metric).astype(np.float64)
-        mean = x.mean(axis=0)
+        compares them: subspace iteration on the centred rows (a few passes of two thin products, about a
+        second for 20,000 x 2048 on 2 cores, where the full covariance and its eigenvectors take ten)."""
+        x = _prepared(np.asarray(sample, dtype=np.float32), metric)
+        mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         centred = x - mean
-        # The covariance's eigenvectors: dim x dim whatever the sample size (2048 x 2048 at most: 0.3 s here)
-        values, vectors = np.linalg.eigh(centred.T @ centred)
-        basis = vectors[:, np.argsort(values)[::-1][:width]]
+        rank = min(width + FIT_OVERSAMPLE, *centred.shape)
+        guess = np.random.default_rng(seed).standard_normal((centred.shape[1], rank)).astype(np.float32)
+        space = np.linalg.qr(guess)[0]
+        for _ in range(FIT_PASSES):
+            space = np.linalg.qr(centred.T @ (centred @ space))[0]
+        projected = (centred @ space).astype(np.float64)
+        values, vectors = np.linalg.eigh(projected.T @ projected)  # the small problem, in that subspace
+        basis = space.astype(np.float64) @ vectors[:, np.argsort(values)[::-1][:width]]
         basis *= np.where(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])] < 0, -1.0, 1.0)
-        return cls(metric, mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32))
+        return cls(metric, mean, np.ascontiguousarray(basis, dtype=np.float32))
 
     def codes(self, x: np.ndarray, k: int | None = None) -> np.ndarray:
         """The ``k``-number codes (default all ``width``) of stored rows ``x``, float32."""
