@@ -4,6 +4,7 @@ same vectors, and does a store of vectors without Matryoshka structure get a fas
     python benchmarks/fitted_codes.py                       # both parts; vectors cached under --work
     python benchmarks/fitted_codes.py --part photos         # caltech101-ood, CIFAR-10 test, the demo photos
     python benchmarks/fitted_codes.py --part rotated --n 100000
+    python benchmarks/fitted_codes.py --part coverage       # no timing: how well each code shortlists
 
 photos: the bundled encoder's vectors of each set in a store, after ``tune(recall=0.95)``: ``dims=[16]``
 mAP@10 (leave-one-out, class labels) with the store's codes and with raw prefixes, against exact search on
@@ -13,6 +14,10 @@ centred, cosine); and ``[16, 2048]`` with ``shortlist=100``: the share of the ex
 rotated: MRL-like 1024-d vectors and the same under a random rotation (same neighbours, no prefix
 structure), each in a store tuned to recall 0.95; the default query's recall on held-out queries and p50,
 and hnswlib over all 1024 dims at the fastest ef reaching the same recall, in the same run.
+
+coverage: the share of the exact full-dimension top 10 that an exact shortlist of S rows on each code
+holds (the raw k-prefix, and the k-number codes the store's own Projection.fit gives), for the photo sets
+and the MRL-like vectors (a rotation changes neither the full-dimension neighbours nor the fitted codes).
 Writes benchmarks/results/fitted_codes.md (or --out).
 """
 
@@ -219,9 +224,47 @@ def hnswlib_rows(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, resul
     return lines
 
 
+def coverage(work: Path, n: int, dim: int) -> list[str]:
+    from mrlstore.tiers.projection import FIT_SAMPLE_ROWS, Projection
+
+    sets = {name: encoded(work, name, images, labels)[0] for name, (images, labels) in _photo_sets().items()}
+    sets[f"MRL-like {n:,} x {dim}"] = mrl_like(n, dim, seed=7)[0]
+    lines = ["## Exact shortlists on each code: share of the full-dimension top 10 they hold", ""]
+    lines += ["| vectors | k | S | raw k-prefix | fitted k-code |", "|---|---|---|---|---|"]
+    for name, x in sets.items():
+        x = x.astype(np.float16).astype(np.float32)  # as stored
+        rng = np.random.default_rng(0)
+        queries = np.sort(rng.choice(len(x), size=min(1000, len(x)), replace=False))
+        sample = np.sort(rng.choice(len(x), size=min(FIT_SAMPLE_ROWS, len(x)), replace=False))
+        fit = Projection.fit(x[sample], 32, "cosine")
+        u = _unit(x)
+        truth = _top_of(u[queries] @ u.T, queries, K)
+        for k in (16, 32):
+            raw, codes = _unit(x[:, :k]), _unit(fit.codes(x, k))
+            for S in (50, 100):
+                got = [
+                    _held(raw[queries] @ raw.T, queries, S, truth),
+                    _held(codes[queries] @ codes.T, queries, S, truth),
+                ]
+                lines.append(f"| {name} | {k} | {S} | {got[0]:.3f} | {got[1]:.3f} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
+def _top_of(scores: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    scores = scores.astype(np.float64)
+    scores[np.arange(len(own)), own] = -np.inf
+    return np.argpartition(-scores, k, axis=1)[:, :k]
+
+
+def _held(scores: np.ndarray, own: np.ndarray, s: int, truth: np.ndarray) -> float:
+    shortlist = _top_of(scores, own, s)
+    return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(shortlist.tolist(), truth.tolist())]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("photos", "rotated", "both"), default="both")
+    ap.add_argument("--part", choices=("photos", "rotated", "both", "coverage"), default="both")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=1024)
@@ -240,6 +283,8 @@ def main() -> None:
         lines += photos(args.work) + [""]
     if args.part in ("rotated", "both"):
         lines += rotated(args.work, args.n, args.queries, args.dim)
+    if args.part == "coverage":
+        lines += coverage(args.work, args.n, args.dim)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
