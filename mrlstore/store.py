@@ -389,7 +389,11 @@ class Store:
         own row excluded), or on up to ``sample`` of ``queries`` (vectors or images like those users will
         send). Persisted: ``query`` uses the setting of the shape it runs (``dims`` omitted: the fastest
         shape that reached the target). Shapes that miss the target keep their best effort and are named in
-        a warning; when none reaches it, TuningError is raised and the previous settings stay."""
+        a warning; when none reaches it, TuningError is raised and the previous settings stay.
+
+        Unless the store was created with ``prefixes="raw"`` (or holds under 100 rows), tune also fits
+        short codes to the store's rows (their top principal directions), measures every shape on them too,
+        and keeps them when they reach the target at least as fast: ``info().prefixes`` says which."""
         self._check_writable()
         return self._search.tune(recall, k, sample, dims, seed, queries)
 
