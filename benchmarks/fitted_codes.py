@@ -74,9 +74,7 @@ def top_others(scores_of, n: int, k: int, block: int = 2048, skip_self: bool = T
     out = np.empty((n, k), np.int64)
     for lo in range(0, n, block):
         s = scores_of(lo, min(lo + block, n)).astype(np.float64)
-        if skip_self:
-            s[np.arange(len(s)), np.arange(lo, lo + len(s))] = -np.inf
-        part = np.argpartition(-s, k, axis=1)[:, :k]
+        part = _top_of(s, np.arange(lo, lo + len(s)) if skip_self else None, k)
         order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
         out[lo : lo + len(s)] = np.take_along_axis(part, order, 1)
     return out
@@ -251,15 +249,16 @@ def coverage(work: Path, n: int, dim: int) -> list[str]:
     return lines
 
 
-def _top_of(scores: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+def _top_of(scores: np.ndarray, own: np.ndarray | None, k: int) -> np.ndarray:
+    """Per row of ``scores``, its best ``k`` columns in no order, leaving out column ``own[row]`` (None: none)."""
     scores = scores.astype(np.float64)
-    scores[np.arange(len(own)), own] = -np.inf
+    if own is not None:
+        scores[np.arange(len(own)), own] = -np.inf
     return np.argpartition(-scores, k, axis=1)[:, :k]
 
 
 def _held(scores: np.ndarray, own: np.ndarray, s: int, truth: np.ndarray) -> float:
-    shortlist = _top_of(scores, own, s)
-    return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(shortlist.tolist(), truth.tolist())]))
+    return overlap(_top_of(scores, own, s), truth)
 
 
 def main() -> None:

@@ -127,7 +127,7 @@ def refine(
         _accumulate(vectors, rows, offsets, queries, covered, d, dot, sq)
         covered = d
         qq = query_norms(queries, d)
-        pos, scores, offsets = _select(rows, offsets, dot, sq, qq, metric, keep, by_row=i < len(stages) - 1)
+        pos, scores, offsets = select(rows, offsets, dot, sq, qq, metric, keep, by_row=i < len(stages) - 1)
         rows, dot, sq = rows[pos], dot[pos], sq[pos]
     return rows, offsets, scores
 
@@ -165,7 +165,7 @@ def _accumulate(vectors, rows, offsets, queries, col_from, col_to, dot, sq) -> N
             lo = stop
 
 
-def _select(rows, offsets, dot, sq, qq, metric, keep, by_row):
+def select(rows, offsets, dot, sq, qq, metric, keep, by_row):
     """The best ``keep`` per query: (positions into rows/dot/sq, their scores, new offsets); best first, or
     in row order when ``by_row``."""
     out_pos, out_scores, counts = [], [], []

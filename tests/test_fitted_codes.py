@@ -329,3 +329,22 @@ def test_a_tune_whose_funnels_cannot_use_codes_keeps_none(tmp_path):
         choice = store.tune(recall=0.9, k=10, sample=100, dims=[64, DIM])
         assert choice.prefixes == "raw" and choice.fit_s is None
         assert store.info().prefixes == "raw" and not list((tmp_path / "s" / "index").glob("fitted_*"))
+
+
+def test_lost_fitted_index_files_are_rebuilt_from_the_bands(tmp_path):
+    with _filled(tmp_path / "s") as store:
+        store.tune(recall=0.9, k=10, sample=100)
+        assert store.info().prefixes == "fitted"
+        store.delete([str(i) for i in range(0, 300, 3)])
+    for lost in (tmp_path / "s" / "index").glob("fitted_*"):
+        lost.unlink()
+    with mrlstore.open(tmp_path / "s") as store:
+        fitted = store._state.indexes.fitted
+        assert {d: index.live_count for d, index in fitted.by_dim.items()} == {16: N - 100}
+        queries = rotated(30, sample=1)
+        hits = store.query(queries, k=10)
+    assert (tmp_path / "s" / "index" / "fitted_00016.hnsw").exists(), "saved again after the rebuild"
+    live = [i for i in range(N) if i >= 300 or i % 3]
+    truth = [np.asarray(live)[t] for t in exact_search(rotated(N)[live], queries, 10)]
+    assert recall_at_k(_ids(hits), truth) >= 0.85
+    assert all(int(i) >= 300 or int(i) % 3 for ids in _ids(hits) for i in ids)

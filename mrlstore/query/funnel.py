@@ -15,7 +15,6 @@ import numpy as np
 
 from mrlstore import kernels
 from mrlstore.query.plan import Plan
-from mrlstore.scoring import scores_from_sums, top
 from mrlstore.tiers.indexes import FittedCodes
 from mrlstore.tiers.snapshot import Snapshot
 
@@ -172,19 +171,10 @@ class Funnel:
         dot = np.einsum("ij,ij->i", codes, q[owner])
         sq = np.einsum("ij,ij->i", codes, codes)
         qq = np.einsum("ij,ij->i", q, q)
-        space = fit.space
-        out_rows, out_scores, counts = [], [], []
-        for i in range(len(queries)):
-            a, b = int(offsets[i]), int(offsets[i + 1])
-            s = scores_from_sums(dot[a:b], sq[a:b], qq[i], space)
-            if space == "ip":  # the part of the full inner product the codes leave out is the same for every row
-                s = s + float(queries[i] @ fit.mean)
-            best = top(s, k, space)
-            out_rows.append(rows[a:b][best])
-            out_scores.append(s[best])
-            counts.append(len(best))
-        offsets_out = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return np.concatenate(out_rows).astype(np.int64), offsets_out, np.concatenate(out_scores)
+        pos, scores, out_offsets = kernels.select(rows, offsets, dot, sq, qq, fit.space, k, by_row=False)
+        if fit.space == "ip":  # the part of the full inner product the codes leave out is the same for every row
+            scores = scores + np.repeat(queries @ fit.mean, np.diff(out_offsets))
+        return rows[pos].astype(np.int64), out_offsets, scores
 
     def refine(
         self, queries: np.ndarray, rows: np.ndarray, offsets: np.ndarray, plan: Plan

@@ -67,8 +67,8 @@ def dims_report(
 
 def _hnsw_dims(funnel: Funnel, point: dict[str, Any]) -> list[int]:
     """The first stages this point's funnel searches with HNSW (raw prefixes a fit replaced are scanned)."""
-    fitted = funnel.fitted is not None and point.get("fitted")
-    return [*funnel.indexes, *(funnel.fitted.by_dim if fitted and funnel.fitted is not None else ())]
+    codes = funnel.fitted.by_dim if funnel.fitted is not None and point.get("fitted") else {}
+    return [*funnel.indexes, *codes]
 
 
 def prefix_dims(params: StoreParams) -> list[int]:

@@ -120,11 +120,7 @@ def tune_prefixes(funnel: Funnel, fitted_funnel: Funnel | None, task: Task) -> d
     fit_warnings: list[str] = []
     if fitted_funnel is not None:
         fit, fit_warnings = _attempt(lambda: tune(fitted_funnel, task, fitted=True))
-    if (
-        isinstance(fit, dict)
-        and fitted_funnel is not None
-        and _keeps_fit(raw, fit, {False: funnel, True: fitted_funnel}, task)
-    ):
+    if isinstance(fit, dict) and fitted_funnel is not None and _keeps_fit(raw, fit, fitted_funnel, task):
         raw_settings = None if isinstance(raw, Exception) else {f: v for f, v in raw.items() if f != "tried"}
         tried = fit["tried"] + ([] if isinstance(raw, Exception) else raw["tried"])
         for message in fit_warnings:
@@ -140,28 +136,29 @@ def tune_prefixes(funnel: Funnel, fitted_funnel: Funnel | None, task: Task) -> d
     return {**raw, "prefixes": "raw", "raw_settings": None, "tried": tried}
 
 
-def _keeps_fit(raw: dict[str, Any] | Exception, fit: dict[str, Any], funnels: dict[bool, Funnel], task: Task) -> bool:
-    """Whether the fitted codes' funnels beat the raw prefixes': the fastest of each, timed again in turns
-    (the two tunings ran one after the other, and a busy machine moves times by more than a query's
-    projection costs), within FIT_KEEP_MARGIN; or, within FIT_NOISE_MARGIN or FIT_NOISE_MS, needing fewer
-    candidates for the raw prefixes' fastest funnel, or as many with a better recall at the smallest."""
+def _keeps_fit(raw: dict[str, Any] | Exception, fit: dict[str, Any], funnel: Funnel, task: Task) -> bool:
+    """Whether the fitted codes' funnels beat the raw prefixes': the fastest of each, timed again in turns on
+    ``funnel`` (the fitted one: it runs raw plans as the raw one does; the two tunings ran one after the
+    other, and a busy machine moves times by more than a query's projection costs), within FIT_KEEP_MARGIN;
+    or, within FIT_NOISE_MARGIN or FIT_NOISE_MS, needing fewer candidates for the raw prefixes' fastest
+    funnel, or as many with a better recall at the smallest."""
     if not any(p["fitted"] for p in fit["shapes"].values() if p["reached"]):
         return False  # no funnel that reached the target searched the codes: nothing speaks for them
     if isinstance(raw, Exception):
         return True
-    if not _fastest(fit)["fitted"]:
+    raw_best, fit_best = _fastest(raw), _fastest(fit)
+    if not fit_best["fitted"]:
         return False
-    raw_ms, fit_ms = _race([_fastest(raw), _fastest(fit)], funnels, task)
+    raw_ms, fit_ms = _race([raw_best, fit_best], funnel, task)
     if fit_ms <= FIT_KEEP_MARGIN * raw_ms:
         return True
     if fit_ms > FIT_NOISE_MARGIN * raw_ms and fit_ms - raw_ms > FIT_NOISE_MS:
         return False
-    fastest = _fastest(raw)
-    key = shape_key(fastest["dims"])
+    key = shape_key(raw_best["dims"])
     same = fit["shapes"].get(key)
-    if not same or not same["reached"] or same["shortlist"] > fastest["shortlist"]:
+    if not same or not same["reached"] or same["shortlist"] > raw_best["shortlist"]:
         return False
-    if same["shortlist"] < fastest["shortlist"]:
+    if same["shortlist"] < raw_best["shortlist"]:
         return True
     # equal shortlists (a small store, where every funnel reaches at the smallest): the codes that rank better
     # alone, at the smallest shortlist tried
@@ -179,12 +176,11 @@ def _fastest(choice: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _race(points: list[dict[str, Any]], funnels: dict[bool, Funnel], task: Task) -> list[float]:
+def _race(points: list[dict[str, Any]], funnel: Funnel, task: Task) -> list[float]:
     """Median ms per query of each point's setting, timed RACE_ROUNDS times in turns."""
     times: list[list[float]] = [[] for _ in points]
     for _ in range(RACE_ROUNDS):
         for i, p in enumerate(points):
-            funnel = funnels[p["fitted"]]
             again = measure(
                 funnel, task.snap, task.probe, p["dims"], p["shortlist"], task.k, 1.0, p["taper"], p["fitted"]
             )
@@ -207,14 +203,6 @@ def _attempt(run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | Except
         except TuningError as e:
             result = e
     return result, [str(w.message) for w in caught]
-
-
-def _funnel_ms(choice: dict[str, Any] | Exception | None) -> float:
-    """The time per query of a choice's fastest funnel reaching the target (inf: none)."""
-    if not isinstance(choice, dict):
-        return float("inf")
-    reached = [p["ms_per_query"] for p in choice["shapes"].values() if p["reached"]]
-    return min(reached, default=float("inf"))
 
 
 def _retime(points: list[dict[str, Any]], funnel: Funnel, snap: Snapshot, probe: Probe, k: int, fitted: bool) -> None:

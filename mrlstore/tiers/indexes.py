@@ -86,36 +86,48 @@ class IndexSet:
             if d in replaced:
                 self.status[d] = "fitted code"
                 continue
-            self.by_dim[d] = self._load(RAW, d, None, snap, vectors, tombstones)
+            self.by_dim[d] = self._load_raw(d, snap, vectors, tombstones)
             self._unsaved[RAW, d] = 0
         self.fitted = None
         if projection is not None:
-            by_dim = {d: self._load(FITTED, d, projection, snap, vectors, tombstones) for d in fitted_dims(self.params)}
-            self.fitted = FittedCodes(projection, by_dim)
-            self._unsaved |= {(FITTED, d): 0 for d in by_dim}
+            opened = {d: self._open(FITTED, d, projection, snap.watermark) for d in fitted_dims(self.params)}
+            starts = {d: index.covered_rows for d, (index, _) in opened.items()}
+            # the stale ones extended together: each block of full rows is read and projected once
+            extend_many([index for index, _ in opened.values()], snap, vectors, projection)
+            for d, (index, status) in opened.items():
+                self._settle(FITTED, d, index, status, tombstones[tombstones < starts[d]])
+            self.fitted = FittedCodes(projection, {d: index for d, (index, _) in opened.items()})
+            self._unsaved |= {(FITTED, d): 0 for d in opened}
 
-    def _load(
-        self, family: str, d: int, fit: Projection | None, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray
-    ) -> PrefixIndex:
-        p, m, watermark = self.params, self.params.m_for(d), snap.watermark
+    def _load_raw(self, d: int, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> PrefixIndex:
+        """A raw prefix index, opened and brought up to ``snap``."""
+        index, status = self._open(RAW, d, None, snap.watermark)
+        start = index.covered_rows
+        extend(index, snap, vectors)
+        self._settle(RAW, d, index, status, tombstones[tombstones < start])
+        return index
+
+    def _open(self, family: str, d: int, fit: Projection | None, watermark: int) -> tuple[PrefixIndex, str]:
+        """The saved index where it is usable ("loaded", or "extended" when behind ``watermark``), else a new
+        empty one ("rebuilt")."""
+        p, m = self.params, self.params.m_for(d)
         space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
         try:
             index = PrefixIndex.load(self._base(family, d), d, space, m, p.ef_construction, self.generation, fit_id)
             # A reader's published version may trail the writer's last save: rows past it stay invisible.
             if index.covered_rows > watermark and not self.read_only:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
-            status = "loaded" if index.covered_rows >= watermark else "extended"
+            return index, "loaded" if index.covered_rows >= watermark else "extended"
         except IndexUnusable:
-            index = PrefixIndex(d, space, m, p.ef_construction, watermark + 1024, self.generation, fit_id)
-            status = "rebuilt"
-        start = index.covered_rows
-        extend(index, snap, vectors, fit)
-        index.mark_deleted(tombstones[tombstones < start])
+            return PrefixIndex(d, space, m, p.ef_construction, watermark + 1024, self.generation, fit_id), "rebuilt"
+
+    def _settle(self, family: str, d: int, index: PrefixIndex, status: str, dead: np.ndarray) -> None:
+        """After extending: hide the rows deleted since its file was saved, note how it opened, save it."""
+        index.mark_deleted(dead)
         if family == RAW:
             self.status[d] = status
         if status != "loaded" and not self.read_only:
             self._save(family, d, index)
-        return index
 
     def build_fitted(self, projection: Projection, snap: Snapshot, vectors: VectorTier) -> FittedCodes:
         """New indexes over ``projection``'s codes of every live row of ``snap`` (not installed: ``tune``
@@ -134,7 +146,7 @@ class IndexSet:
         """Load (or rebuild) the raw prefix indexes a fit replaced: ``tune`` measures raw prefixes again."""
         for d in self.params.index_dims:
             if d not in self.by_dim:
-                self.by_dim[d] = self._load(RAW, d, None, snap, vectors, tombstones)
+                self.by_dim[d] = self._load_raw(d, snap, vectors, tombstones)
                 self._unsaved[RAW, d] = 0
 
     def install_fitted(self, fitted: FittedCodes | None) -> None:
@@ -222,11 +234,8 @@ def fitted_dims(params: StoreParams) -> tuple[int, ...]:
     return tuple(d for d in params.index_dims if d < params.dim)
 
 
-def extend(index: PrefixIndex, snap: Snapshot, vectors: VectorTier, fit: Projection | None = None) -> None:
-    """Add the live rows of ``snap`` that ``index`` does not cover yet, from the bands (as codes of ``fit``)."""
-    if fit is not None:
-        extend_many([index], snap, vectors, fit)
-        return
+def extend(index: PrefixIndex, snap: Snapshot, vectors: VectorTier) -> None:
+    """Add the live rows of ``snap`` that ``index`` does not cover yet, from the bands."""
     d, live = index.dim, snap.live
     for lo in range(index.covered_rows, snap.watermark, REBUILD_BLOCK_ROWS):
         hi = min(lo + REBUILD_BLOCK_ROWS, snap.watermark)

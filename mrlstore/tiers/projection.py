@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mrlstore.errors import CorruptStoreError
+from mrlstore.scoring import normalize_prefix
 
 FIT_FORMAT = 1
 FIT_SAMPLE_ROWS = 20_000  # rows the directions are estimated from: beyond this they barely move
@@ -145,7 +146,4 @@ def can_fit(live_rows: int, width: int) -> bool:
 def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
     """Rows as the metric compares them: unit length for cosine (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
-    if metric != "cosine":
-        return x
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
+    return normalize_prefix(x, x.shape[1]) if metric == "cosine" else x
