@@ -63,8 +63,8 @@ class Projection:
     @classmethod
     def fit(cls, sample: np.ndarray, width: int, metric: str, seed: int = 0) -> Projection:
         """The top ``width`` principal directions of ``sample`` (rows as stored), prepared as the metric
-        compares them: subspace iteration on the centred rows (a few passes of two thin products, about a
-        second for 20,000 x 2048 on 2 cores, where the full covariance and its eigenvectors take ten)."""
+        compares them: subspace iteration on the centred rows (a few passes of two thin products, where the
+        full dim x dim covariance and its eigenvectors would cost far more)."""
         x = _prepared(np.asarray(sample, dtype=np.float32), metric)
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         centred = x - mean
@@ -86,7 +86,7 @@ class Projection:
 
     def query_codes(self, q: np.ndarray, k: int) -> np.ndarray:
         """Queries' ``k``-number codes, float32: centred like the rows', except for inner product, where the
-        mean's part of a score is the same for every row. A single query costs about 5 us at 2048 x 16."""
+        mean's part of a score is the same for every row. One matrix-vector product for a single query."""
         x = np.atleast_2d(np.asarray(q, dtype=np.float32))
         rows_t, shift = self._query_map(k)
         codes = rows_t @ x[0] if len(x) == 1 else x @ rows_t.T
