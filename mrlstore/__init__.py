@@ -48,11 +48,14 @@ if TYPE_CHECKING:  # torch loads on the first load_encoder()
     from mrlstore.encoder.model import ImageEncoder
 
 
-def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None = None) -> ImageEncoder:
-    """The bundled MRL image encoder, or one saved at ``path`` (imports torch on first use)."""
+def load_encoder(
+    path: str | os.PathLike[str] | None = None, device: str | None = None, image_size: int | None = None
+) -> ImageEncoder:
+    """The bundled MRL image encoder, or one saved at ``path`` (imports torch on first use); ``image_size``
+    resizes inputs to that many px instead of the size the weights name."""
     from mrlstore.encoder.runner import load_bundled_encoder
 
-    return load_bundled_encoder(path, device=device)
+    return load_bundled_encoder(path, device=device, image_size=image_size)
 
 
 __all__ = [

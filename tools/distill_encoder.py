@@ -1,14 +1,15 @@
 """The bundled encoder's recipe (v3): a general-purpose MRL projection distilled from a frozen ImageNet backbone.
 
     pip install -e ".[train]"
-    python -m tools.distill_encoder all --install   # extract, train, eval, export into mrlstore/encoder/weights/
+    python -m tools.distill_encoder all --install --input-size 192   # extract, train, eval, export (installed)
     python -m tools.distill_encoder baselines       # FF-16, FF-2048, MRL-E, class-disjoint (for the eval)
     python -m tools.encoder_eval                  # the full evaluation
 
 Stages: ``extract`` (cached backbone features and teacher logits, by shards of 5,000 photos: resumable),
 ``train [--run R]`` (the projection on those caches), ``eval [--run R]`` (a quick table: caltech101-ood
-leave-one-out, CIFAR-10 1-NN), ``export [--install]``. The whole recipe at the default 160 px took about
-an hour on this project's 2-core CPU (the model card has the exact times); it uses CUDA, with mixed
+leave-one-out, CIFAR-10 1-NN), ``export [--install] [--input-size PX]`` and ``restamp --input-size PX`` (the
+installed file at another input size, tensors kept: how v3.1 came from v3). The whole recipe at the default
+160 px took about an hour on this project's 2-core CPU (the model card has the exact times); it uses CUDA, with mixed
 precision, when present.
 
 The backbone (EfficientNet-Lite0, ImageNet weights) stays frozen, so features are computed once per photo
@@ -326,22 +327,44 @@ def export(args) -> None:
     model.backbone.load_state_dict(backbone)
     model.projection.load_state_dict(state["proj"])
     trained = state["args"]
-    meta = {"name": args.name, "dim": NESTING[-1], "nesting": list(NESTING), "image_size": int(trained["size"]),
+    size = args.input_size or int(trained["size"])
+    meta = {"name": args.name, "dim": NESTING[-1], "nesting": list(NESTING), "image_size": size,
             "recipe": "tools/distill_encoder.py", "args": trained, "train_seconds": round(state["seconds"]),
             "train_device": state.get("device", "cpu")}  # fmt: skip
     save_encoder(model, args.out, meta)
     print(f"wrote {args.out}")
     if args.install:
-        from mrlstore.encoder.model import BUNDLED_WEIGHTS, sha256_of
+        from mrlstore.encoder.model import BUNDLED_WEIGHTS
 
         shutil.copyfile(args.out, BUNDLED_WEIGHTS)
-        BUNDLED_WEIGHTS.with_suffix(".sha256").write_text(f"{sha256_of(BUNDLED_WEIGHTS)}  {BUNDLED_WEIGHTS.name}\n")
-        print(f"installed as {BUNDLED_WEIGHTS}")
+        _write_sha(BUNDLED_WEIGHTS)
+
+
+def restamp(args) -> None:
+    """The installed bundled file with another name and input size, its tensors unchanged (v3 at 160 px became
+    v3.1 at 192 px this way: ``restamp --input-size 192``; list the old sha256 in bundled.SAME_TENSORS_AT)."""
+    import torch
+
+    from mrlstore.encoder.model import BUNDLED_WEIGHTS
+
+    if args.input_size is None:
+        raise SystemExit("restamp needs --input-size")
+    blob = torch.load(BUNDLED_WEIGHTS, map_location="cpu", weights_only=True)
+    blob["meta"] = {**blob["meta"], "name": args.name, "image_size": args.input_size}
+    torch.save(blob, BUNDLED_WEIGHTS)
+    _write_sha(BUNDLED_WEIGHTS)
+
+
+def _write_sha(weights: Path) -> None:
+    from mrlstore.encoder.model import sha256_of
+
+    weights.with_suffix(".sha256").write_text(f"{sha256_of(weights)}  {weights.name}\n")
+    print(f"installed as {weights} (sha256 {sha256_of(weights)})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["extract", "train", "eval", "export", "all", "baselines"])
+    ap.add_argument("stage", choices=["extract", "train", "eval", "export", "all", "baselines", "restamp"])
     ap.add_argument("--cache", type=Path, default=None, help="feature cache (default: build/distill_<size>)")
     ap.add_argument("--run", default="mrl", choices=RUNS)
     ap.add_argument("--views", type=int, default=2, help="views per Tiny-ImageNet photo (view 0: centre crop)")
@@ -359,7 +382,8 @@ def main() -> None:
     ap.add_argument("--nbr-temperature", type=float, default=0.05, help="temperature of the neighbour softmax")
     ap.add_argument("--out", type=Path, default=None, help="exported file (default: <cache>/mrl_lite0_v3.pt)")
     ap.add_argument("--install", action="store_true", help="export into mrlstore/encoder/weights/ (with its sha256)")
-    ap.add_argument("--name", default="mrl-lite0-general-v3", help="the exported encoder's name")
+    ap.add_argument("--name", default="mrl-lite0-general-v3.1", help="the exported encoder's name")
+    ap.add_argument("--input-size", type=int, default=None, help="px the exported encoder resizes to (default --size)")
     args = ap.parse_args()
     args.cache = args.cache or ROOT / "build" / f"distill_{args.size}"
     args.out = args.out or args.cache / "mrl_lite0_v3.pt"
@@ -377,6 +401,8 @@ def main() -> None:
         evaluate(args)
     if args.stage in ("export", "all"):
         export(args)
+    if args.stage == "restamp":
+        restamp(args)
 
 
 if __name__ == "__main__":

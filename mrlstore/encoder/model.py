@@ -267,9 +267,12 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None = None) -> ImageEncoder:
+def load_encoder(
+    path: str | os.PathLike[str] | None = None, device: str | None = None, image_size: int | None = None
+) -> ImageEncoder:
     """The bundled encoder (``path=None``) or one saved by ``save_encoder``; weights load with
-    ``torch.load(weights_only=True)`` (no pickle) and the bundled file's sha256 is verified."""
+    ``torch.load(weights_only=True)`` (no pickle) and the bundled file's sha256 is verified. ``image_size``
+    overrides the input size the file names."""
     weights = Path(path) if path is not None else BUNDLED_WEIGHTS
     if not weights.exists():
         hint = (
@@ -301,6 +304,10 @@ def load_encoder(path: str | os.PathLike[str] | None = None, device: str | None 
     size = meta.get("image_size", IMAGE_SIZE)
     if not isinstance(size, int) or not 16 <= size <= 1024:
         raise EncoderUnavailableError(f"{weights}: image_size must be an integer from 16 to 1024 px, got {size!r}")
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or not 16 <= image_size <= 1024:
+            raise InvalidInputError(f"image_size must be an integer from 16 to 1024 px, got {image_size!r}")
+        size = image_size
     nesting = tuple(meta.get("nesting", NESTING))
     return ImageEncoder(model, nesting=nesting, name=name, device=device, image_size=size)
 

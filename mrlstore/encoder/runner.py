@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mrlstore.encoder.bundled import check_bundled_weights
+from mrlstore.encoder.bundled import bundled_input_size
 from mrlstore.encoder.protocol import Encoder
 from mrlstore.errors import EncoderUnavailableError, InvalidInputError
 from mrlstore.inputs.images import ImageItem, to_rgb
@@ -20,8 +20,11 @@ if TYPE_CHECKING:  # torch loads only when images are encoded
     from mrlstore.encoder.model import ImageEncoder
 
 
-def load_bundled_encoder(path: str | os.PathLike[str] | None = None, device: str | None = None) -> ImageEncoder:
-    """The bundled MRL image encoder (or one saved at ``path``); imports torch, so only when images come."""
+def load_bundled_encoder(
+    path: str | os.PathLike[str] | None = None, device: str | None = None, image_size: int | None = None
+) -> ImageEncoder:
+    """The bundled MRL image encoder (or one saved at ``path``), resizing inputs to ``image_size`` px if given
+    (default: the weights' own); imports torch, so only when images come."""
     try:
         from mrlstore.encoder.model import load_encoder
     except ImportError as e:
@@ -29,7 +32,7 @@ def load_bundled_encoder(path: str | os.PathLike[str] | None = None, device: str
             f"images need the image extra ({e.name} is not installed): pip install 'mrlstore[images]' "
             "(install torch==2.13.0 first for the CPU build)"
         ) from e
-    return load_encoder(path, device=device)
+    return load_encoder(path, device=device, image_size=image_size)
 
 
 class EncoderSlot:
@@ -46,8 +49,8 @@ class EncoderSlot:
     def get(self, manifest: dict[str, Any]) -> Encoder:
         """The encoder, loaded if need be; EncoderUnavailableError when the store has none for images."""
         if self.encoder is None and manifest.get("encoder") == BUNDLED_ENCODER:
-            check_bundled_weights(manifest.get("encoder_weights"), self.where)
-            self.encoder = load_bundled_encoder()  # imports torch: only when images are first encoded
+            size = bundled_input_size(manifest.get("encoder_weights"), self.where)
+            self.encoder = load_bundled_encoder(image_size=size)  # imports torch: only when images first come
         if self.encoder is None:
             raise EncoderUnavailableError(
                 "this store has no encoder for images: pass encoder=... to mrlstore.open(), or give vectors "
