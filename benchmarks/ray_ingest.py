@@ -3,6 +3,12 @@
 
     python benchmarks/ray_ingest.py                       # 200,000 x 2048 float16 vectors, 960 photos
     python benchmarks/ray_ingest.py --n 200000 --images 960 --work /path/with/space
+    python benchmarks/ray_ingest.py --generated --n 2000000 --work /path/with/space   # issue 25's driver test
+
+``--generated``: no Parquet and no photos; the rows are made by a ``map_batches`` whose function returns numpy
+arrays (a 2-D float16 array becomes Ray's tensor column), 16,384 MRL-like rows a batch, and ``add_arrow`` in
+one process gets the same batches as Arrow record batches. Reported: time, rows/s, the driver's peak
+anonymous memory, and for the sink the workers' part, the driver's commit and the index catch-up task.
 
 Each measurement runs in its own process with its own local Ray cluster (``ray.init(num_cpus=2)``; for
 EmbedImages one CPU more than actors, so the tasks that feed them can run). The Parquet file is the one
@@ -23,6 +29,9 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT.parent / "shared" / "datasets" / "tiny-imagenet" / "tiny-imagenet-200-train300.zip"
 
@@ -35,7 +44,7 @@ def start_ray(cpus: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def sink_child(parquet: Path, store_path: Path, workers: int) -> dict:
+def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int) -> dict:
     import ray.data
     from ingest import PeakAnon
 
@@ -46,18 +55,50 @@ def sink_child(parquet: Path, store_path: Path, workers: int) -> dict:
             self.staged_at = time.perf_counter()
             super().on_write_complete(write_result)
 
+        def catch_up_indexes(self) -> None:
+            self.committed_at = time.perf_counter()
+            super().catch_up_indexes()
+
     shutil.rmtree(store_path, ignore_errors=True)
     start_ray(2)
     mem = PeakAnon()
     t0 = time.perf_counter()
     sink = TimedSink(store_path, dim=2048, id="id")
-    ray.data.read_parquet(str(parquet)).write_datasink(sink, concurrency=workers)
+    if parquet is None:  # --generated
+        blocks = -(-n // GENERATED_BATCH)
+        ds = ray.data.range(blocks, override_num_blocks=blocks)
+        ds = ds.map_batches(generated_numpy, batch_size=1, fn_kwargs={"n": n})
+    else:
+        ds = ray.data.read_parquet(str(parquet))
+    ds.write_datasink(sink, concurrency=workers)
     end = time.perf_counter()
     return {"rows": sink.rows_added, "seconds": end - t0, "staging_s": sink.staged_at - t0,
-            "commit_s": end - sink.staged_at, "driver_peak_anon_mib": mem.stop()}  # fmt: skip
+            "commit_s": sink.committed_at - sink.staged_at, "catch_up_s": end - sink.committed_at,
+            "driver_peak_anon_mib": mem.stop()}  # fmt: skip
 
 
-def arrow_child(parquet: Path, store_path: Path) -> dict:
+GENERATED_BATCH = 16384
+
+
+def generated_rows(block: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block ``block`` of ``n`` MRL-like rows (100 clusters, variance decaying as 1/(i+1)): ids, vectors, labels."""
+    lo = block * GENERATED_BATCH
+    count = max(0, min(GENERATED_BATCH, n - lo))
+    scale = np.arange(1, 2049, dtype=np.float32) ** -0.5
+    centres = np.random.default_rng(0).standard_normal((100, 2048), dtype=np.float32)
+    rng = np.random.default_rng(1 + block)
+    labels = rng.integers(0, 100, size=count)
+    vectors = (rng.standard_normal((count, 2048), dtype=np.float32) + centres[labels]) * scale
+    return np.arange(lo, lo + count).astype(str), vectors.astype(np.float16), labels
+
+
+def generated_numpy(batch: dict, n: int) -> dict:
+    """A map_batches function returning numpy arrays: the 2-D float16 array becomes Ray's tensor column."""
+    ids, vectors, labels = generated_rows(int(batch["id"][0]), n)
+    return {"id": ids, "embedding": vectors, "label": np.char.add("c", labels.astype(str))}
+
+
+def arrow_child(parquet: Path | None, store_path: Path, n: int) -> dict:
     import pyarrow.parquet as pq
     from ingest import PeakAnon
 
@@ -67,9 +108,21 @@ def arrow_child(parquet: Path, store_path: Path) -> dict:
     mem = PeakAnon()
     t0 = time.perf_counter()
     with mrlstore.open(store_path, dim=2048) as store:
-        reader = pq.ParquetFile(parquet, pre_buffer=False, buffer_size=1 << 20)
-        rows = store.add_arrow(reader.iter_batches(batch_size=16384), vector="embedding")
+        if parquet is None:  # --generated: the same rows as the sink's, as Arrow record batches
+            batches = (generated_batch(b, n) for b in range(-(-n // GENERATED_BATCH)))
+        else:
+            batches = pq.ParquetFile(parquet, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=16384)
+        rows = store.add_arrow(batches, vector="embedding")
     return {"rows": rows, "seconds": time.perf_counter() - t0, "driver_peak_anon_mib": mem.stop()}
+
+
+def generated_batch(block: int, n: int) -> pa.RecordBatch:
+    ids, vectors, labels = generated_rows(block, n)
+    flat = pa.array(vectors.reshape(-1))
+    return pa.RecordBatch.from_pydict({
+        "id": ids, "embedding": pa.FixedSizeListArray.from_arrays(flat, 2048),
+        "label": np.char.add("c", labels.astype(str)),
+    })  # fmt: skip
 
 
 def photos(count: int) -> list[bytes]:
@@ -107,6 +160,7 @@ def direct_child(count: int) -> dict:
 
 def run(args: argparse.Namespace, *child: str) -> dict:
     cmd = [sys.executable, __file__, "--n", str(args.n), "--images", str(args.images), "--work", str(args.work)]
+    cmd += ["--generated"] if args.generated else []
     out = subprocess.run([*cmd, "--child", *child], capture_output=True, text=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not line:
@@ -119,34 +173,39 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--images", type=int, default=960)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "ingest")
+    ap.add_argument("--generated", action="store_true", help="rows from a map_batches returning numpy, no photos")
     ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
-    parquet = args.work / f"embeddings_{args.n}.parquet"
+    parquet = None if args.generated else args.work / f"embeddings_{args.n}.parquet"
     if args.child:
         kind, *rest = args.child
         store = args.work / "store_ray"
         result = {
-            "sink": lambda: sink_child(parquet, store, int(rest[0])),
-            "arrow": lambda: arrow_child(parquet, store),
+            "sink": lambda: sink_child(parquet, store, int(rest[0]), args.n),
+            "arrow": lambda: arrow_child(parquet, store, args.n),
             "embed": lambda: embed_child(args.images, int(rest[0])),
             "direct": lambda: direct_child(args.images),
         }[kind]()
         print("RESULT " + json.dumps(result))
         return
-    if not parquet.exists():
+    args.work.mkdir(parents=True, exist_ok=True)
+    if parquet is not None and not parquet.exists():
         from ingest import write_parquet
 
-        args.work.mkdir(parents=True, exist_ok=True)
         write_parquet(parquet.with_suffix(".tmp"), args.n)
         parquet.with_suffix(".tmp").rename(parquet)
+    source = "generated batches" if parquet is None else "Parquet"
     print("| what | rows | time | rows/s | detail |\n|---|---|---|---|---|")
     r = run(args, "arrow")
-    table_row("`add_arrow` from Parquet, one process", r, f"peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB")
+    peak = f"peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB"
+    table_row(f"`add_arrow` from {source}, one process", r, peak)
     for workers in (1, 2):
         r = run(args, "sink", str(workers))
+        parts = f"workers {r['staging_s']:.1f} s, commit {r['commit_s']:.1f} s, index catch-up {r['catch_up_s']:.1f} s"
         table_row(f"`StoreSink`, {workers} write worker(s)", r,
-                  f"workers {r['staging_s']:.1f} s, commit {r['commit_s']:.1f} s; "
-                  f"driver peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB")  # fmt: skip
+                  f"{parts}; driver peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB")  # fmt: skip
+    if args.generated:
+        return
     table_row("encoder.encode, one process (2 torch threads)", run(args, "direct"), "warm", images=True)
     for workers in (1, 2):
         table_row(f"`EmbedImages`, {workers} actor(s)", run(args, "embed", str(workers)),

@@ -65,25 +65,16 @@ def write_fragment(directory: Path, table: pa.Table, vector: str, id: str | None
 
 
 class Fragments:
-    """Fragments read for one commit: every id and metadata row at once (small), the vectors one fragment at
-    a time (memory-mapped, so a commit's memory does not grow with the vectors it writes)."""
+    """The fragments of one commit, read one at a time through memory maps, so that reading them costs memory
+    for one fragment at most (``whole()`` gathers every id and metadata row, for a commit that needs them)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], shape: StoreShape):
         self.paths = [Path(p) for p in paths]
         self.shape = shape
-        tables = [self._open(p).drop_columns([VECTOR_FIELD]) for p in self.paths]
-        ids = [i for t in tables for i in t.column(ID_FIELD).to_pylist()]
-        self.ids = id_list(ids, len(ids))  # ids repeated across fragments are refused here
-        self.metadata = None
-        if any(t.num_columns > 1 for t in tables):
-            try:
-                merged = pa.concat_tables([t.drop_columns([ID_FIELD]) for t in tables], promote_options="default")
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise MetadataError(f"the workers' metadata columns do not agree on their types: {e}") from None
-            self.metadata = metadata_table(merged, len(ids))
+        self.rows = [self._open(p).num_rows for p in self.paths]  # each checked to be a fragment of this store
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return sum(self.rows)
 
     def vectors(self) -> Iterator[np.ndarray]:
         """Each fragment's vectors in order, checked again (a fragment is a file anyone could touch)."""
@@ -91,6 +82,31 @@ class Fragments:
             table = self._open(path)
             flat = table.column(VECTOR_FIELD).combine_chunks().flatten()
             yield self.shape.checked(flat.to_numpy(zero_copy_only=False).reshape(table.num_rows, self.shape.dim))
+
+    def catalog_tables(self) -> Iterator[pa.Table]:
+        """Each fragment's ``id`` and metadata columns, checked as an add checks them (ids repeated within a
+        fragment are refused here, across fragments by the catalog)."""
+        for path in self.paths:
+            table = self._open(path).drop_columns([VECTOR_FIELD])
+            ids = id_list(table.column(ID_FIELD).to_pylist(), table.num_rows)
+            meta = metadata_table(table.drop_columns([ID_FIELD]), table.num_rows) if table.num_columns > 1 else None
+            out = pa.table({"id": pa.array(ids, pa.string())})
+            if meta is not None:
+                for name in meta.column_names:
+                    out = out.append_column(name, meta.column(name))
+            yield out
+
+    def whole(self) -> tuple[list[str], pa.Table | None]:
+        """Every id (repeats across fragments refused) and the metadata rows, all at once."""
+        tables = list(self.catalog_tables())
+        ids = id_list([i for t in tables for i in t.column("id").to_pylist()], len(self))
+        if not any(t.num_columns > 1 for t in tables):
+            return ids, None
+        try:
+            merged = pa.concat_tables([t.drop_columns(["id"]) for t in tables], promote_options="default")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise MetadataError(f"the workers' metadata columns do not agree on their types: {e}") from None
+        return ids, metadata_table(merged, len(ids))
 
     def _open(self, path: Path) -> pa.Table:
         try:

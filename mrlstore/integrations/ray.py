@@ -7,13 +7,16 @@ from many workers. ``pip install "mrlstore[ray]"``; the only module that imports
 
 :class:`StoreSink` keeps the store's rules: the driver is the store's only writer while the write runs;
 workers check their rows and write them as fragments beside the store, in parallel; when every task has
-finished the driver commits all fragments at once. If a task fails, or the driver dies, nothing of the
-write is visible and the store is as it was (a writer that opens the store later clears the fragments).
+finished the driver commits all fragments at once, reading one fragment at a time and holding neither the
+store's ids nor its HNSW indexes (its memory does not grow with the write or the store); then a Ray task
+extends the indexes to the new rows. If a task fails, or the driver dies, nothing of the write is visible
+and the store is as it was (a writer that opens the store later clears the fragments).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,11 @@ from ray.data.block import BlockAccessor
 
 from mrlstore.inputs.arrow import column, to_matrix
 from mrlstore.inputs.staging import StoreShape, new_staging_dir, remove_staging, write_fragment
+from mrlstore.options import StoreConfig
 from mrlstore.results import HitsBatch
-from mrlstore.store import Store
 from mrlstore.store import open as open_store
 from mrlstore.tiers.layout import STAGING_DIR
+from mrlstore.upkeep.staged import StagedWriter
 
 FRAGMENT_ROWS = 16384  # rows per staged fragment at least (Ray merges smaller blocks): fewer, larger appends
 
@@ -81,7 +85,9 @@ class StoreSink(Datasink):
     """``ds.write_datasink(StoreSink(path, vector="embedding", id="id"))``: adds the Dataset's rows to the
     store at ``path`` (created when absent, with ``create`` as in :func:`mrlstore.open`) in one commit.
     Vectors come from the column ``vector``, ids from ``id`` (None: generated), every other column is
-    metadata. The sink opens the store as its writer when it is made and closes it when the write ends.
+    metadata. The sink opens the store as its writer when it is made and closes it when the write ends;
+    the driver holds the store's lock, catalog and bands only, and a Ray task opens the store after the
+    commit to bring its prefix indexes (a cache the next writer would otherwise extend) up to the new rows.
 
     Workers write fragments under ``staging`` (default: the store's own ``staging`` folder; on a cluster of
     several machines, a folder every worker and the driver can reach). After the write, ``rows_added``
@@ -98,15 +104,16 @@ class StoreSink(Datasink):
         **create: Any,
     ):
         self.path = Path(path)
-        self._store: Store | None = open_store(self.path, **create)  # the writer until the write ends
-        self.shape: StoreShape = self._store.staging_shape()
+        # The store's writer until the write ends: its lock, catalog and bands, never its ids or indexes
+        self._writer: StagedWriter | None = StagedWriter(self.path, StoreConfig().replaced(**create))
+        self.shape: StoreShape = self._writer.shape()
         self.staging = new_staging_dir(Path(staging) if staging else self.path / STAGING_DIR)
         self._own_staging_root = staging is None
         self.vector, self.id, self.fragment_rows = vector, id, fragment_rows
         self.rows_added: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_store": None}  # workers get the settings, never the open store
+        return {**self.__dict__, "_writer": None}  # workers get the settings, never the open store
 
     @property
     def min_rows_per_write(self) -> int:
@@ -122,20 +129,31 @@ class StoreSink(Datasink):
         return written
 
     def on_write_complete(self, write_result: Any) -> None:
-        """On the driver, after every task succeeded: one commit of every fragment."""
+        """On the driver, after every task succeeded: one commit of every fragment; then a worker brings the
+        prefix indexes up to it (the driver never holds them)."""
         try:
             paths = [f["path"] for returned in write_result.write_returns for f in returned]
-            self.rows_added = self._writer().commit_staged(paths)
+            self.rows_added = self._staged_writer().commit_staged(paths)
         finally:
             self._finish()
+        if self.rows_added:
+            self.catch_up_indexes()
+
+    def catch_up_indexes(self) -> None:
+        """After a commit: a Ray task opens the store as its writer, which extends the prefix indexes to the
+        committed rows and saves them (the driver never loads them)."""
+        try:
+            ray.get(_catch_up_indexes.remote(str(self.path)))
+        except Exception as e:  # the rows are committed; the next writer's open extends the indexes
+            warnings.warn(f"{self.path}: the write committed, but extending its indexes failed: {e}", stacklevel=2)
 
     def on_write_failed(self, error: Exception) -> None:
         self._finish()  # nothing was committed: drop the fragments
 
-    def _writer(self) -> Store:
-        if self._store is None:
+    def _staged_writer(self) -> StagedWriter:
+        if self._writer is None:
             raise RuntimeError("this StoreSink already finished its write; make a new one for the next write")
-        return self._store
+        return self._writer
 
     def _finish(self) -> None:
         remove_staging(self.staging)
@@ -144,12 +162,18 @@ class StoreSink(Datasink):
                 self.staging.parent.rmdir()  # only when empty
             except OSError:
                 pass
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def get_name(self) -> str:
         return f"mrlstore({self.path.name})"
+
+
+@ray.remote
+def _catch_up_indexes(path: str) -> None:
+    """Open the store as its writer, which extends the prefix indexes to the committed rows and saves them."""
+    open_store(path).close()
 
 
 class QueryStore:

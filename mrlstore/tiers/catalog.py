@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -355,6 +355,34 @@ class Catalog:
                 if replace_rows is not None and len(replace_rows):
                     con.unregister("_dead")
         return stored.drop_columns(["_row"])
+
+    def append_tables(self, first_row: int, tables: Iterable[pa.Table], new_watermark: int) -> None:
+        """Record rows ``first_row..new_watermark`` from ``tables`` (``id`` and metadata columns, taken one at
+        a time) in one transaction: all of them or none. Memory holds one table at a time, never the write's ids
+        (repeated ids are refused by the catalog's own constraint)."""
+        row, registered = first_row, False
+        with self._lock:
+            try:
+                with self._transaction():
+                    for table in tables:
+                        if table.num_columns > 1:
+                            self._add_columns(table.drop_columns(["id"]))
+                        rows = pa.array(np.arange(row, row + table.num_rows, dtype=np.int64))
+                        self._con.register("_batch", table.add_column(0, "_row", rows))
+                        registered = True
+                        self._con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
+                        self._con.unregister("_batch")
+                        registered, row = False, row + table.num_rows
+                    if row != new_watermark:
+                        raise CorruptStoreError(f"tables of {row - first_row} rows for {new_watermark - first_row}")
+                    self._set_watermark(new_watermark)
+            except duckdb.ConversionException as e:
+                raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+            except duckdb.ConstraintException as e:
+                raise DuplicateIdError(f"an id is already in the store or repeated: {_first_line(e)}") from None
+            finally:
+                if registered:  # after the rollback: DuckDB refuses all but ROLLBACK after a failed statement
+                    self._con.unregister("_batch")
 
     def _commit_rows_txn(
         self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int

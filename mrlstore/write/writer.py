@@ -87,7 +87,8 @@ class Writer:
         """The rows of staged fragments as one commit (all visible at once, or none); returns how many."""
         staged = Fragments(fragments, self.shape())
         if len(staged):
-            self.commit(staged.vectors(), staged.ids, staged.metadata, replace=False, keep_metadata=False)
+            ids, metadata = staged.whole()
+            self.commit(staged.vectors(), ids, metadata, replace=False, keep_metadata=False)
         return len(staged)
 
     def commit(
