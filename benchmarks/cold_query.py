@@ -15,9 +15,12 @@ recall first reaches the store's.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import statistics
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,58 @@ from mrlstore.tiers import bands
 def drop_page_cache() -> None:
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages of a range (file pages leave the page cache)
+
+
+def evict_mapped(under: Path, only_random: bool = False) -> int:
+    """Reclaim the pages this process maps from files under ``under``: ``drop_caches`` leaves pages that are
+    mapped into a process, so an open store's rows read once would stay in memory. ``only_random``: only
+    maps advised random access (``rr`` in /proc/self/smaps), the rows a store leaves to disk rather than
+    reading them at open. Returns bytes advised."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    prefix, advised, span = str(under.resolve()), 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
+            span = fields[0] if len(fields) == 6 and fields[5].startswith(prefix) else None
+        elif span and line.startswith("VmFlags:") and (" rr" in line or not only_random):
+            start, end = (int(x, 16) for x in span.split("-"))
+            if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
+                advised += end - start
+    return advised
+
+
+def disk_reads(store: Path, reads: int = 256, threads: int = 16, seed: int = 0) -> dict:
+    """The disk under a store, cold: p50 of single random 4 KiB reads of its widest band's chunk files one
+    after another, and the time of ``reads`` such reads from ``threads`` threads (one round of parallel I/O)."""
+    files = sorted((store / "vectors").glob("band_*"))[-1].glob("c/*/0")
+    sizes = [(f, f.stat().st_size) for f in files if f.stat().st_size > 1 << 20]
+    rng = np.random.default_rng(seed)
+    picks = [
+        (sizes[i][0], int(rng.integers(0, sizes[i][1] // 4096)) * 4096) for i in rng.integers(0, len(sizes), reads)
+    ]
+    fds = {f: os.open(f, os.O_RDONLY) for f, _ in sizes}
+    try:
+        evict_mapped(store)
+        drop_page_cache()
+        single = []
+        for f, at in picks[: reads // 2]:
+            t0 = time.perf_counter()
+            os.pread(fds[f], 4096, at)
+            single.append((time.perf_counter() - t0) * 1e3)
+        drop_page_cache()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda p: os.pread(fds[p[0]], 4096, p[1]), picks))
+        round_ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return {"read_p50_ms": statistics.median(single), "parallel_reads": reads, "parallel_threads": threads,
+            "parallel_round_ms": round_ms}  # fmt: skip
 
 
 def recall(found: list[list[str]], truth: np.ndarray, k: int = 10) -> float:
@@ -83,7 +138,7 @@ def main() -> None:
     store_path = args.work / "mrlstore_store"
     queries = np.load(data / "queries.npy")[: args.queries]
     truth = np.load(data / "truth.npy")[: args.queries]
-    bands._prefault_budget = lambda row_bytes: 0  # as for a store past a quarter of RAM: nothing read at open
+    bands._resident_budget = lambda: 0  # as for a store past a quarter of RAM: nothing read at open
     opened = bands.BandedVectors.__init__
     results = {}
     modes = (("before: read-around, faults one by one", False, 0), ("no read-around", True, 0),

@@ -82,8 +82,9 @@ def query_norms(queries: np.ndarray, d: int) -> np.ndarray:
 
 
 # Threads that page a single query's cold candidate rows in together before a stage reads them, in stores
-# whose rows were not all read at open (past a quarter of RAM). The kernel asks mincore about two of a
-# stage's rows first: rows in memory cost two system calls. 0 turns it off.
+# whose rows were not all read at open (past a quarter of RAM: the narrowest bands are read whole, the widest
+# are not). The kernel asks mincore about two of a stage's rows first: rows in memory cost two system calls.
+# 0 turns it off.
 COLD_READ_THREADS = 16
 
 

@@ -57,7 +57,7 @@ def test_maps_of_rows_not_read_at_open_are_advised_random(store_path, monkeypatc
         assert flags and not any(" rr" in f for f in flags.values())
     del small
     gc.collect()  # the closed store's maps go with it
-    monkeypatch.setattr(bands, "_prefault_budget", lambda row_bytes: 0)  # as past a quarter of RAM
+    monkeypatch.setattr(bands, "_resident_budget", lambda: 0)  # as past a quarter of RAM
     with mrlstore.open(store_path, read_only=True) as large:
         large.query(query)
         flags = _mapped_flags(str(store_path / "vectors"))
@@ -65,7 +65,7 @@ def test_maps_of_rows_not_read_at_open_are_advised_random(store_path, monkeypatc
 
 
 def test_the_parallel_page_in_of_cold_rows_changes_no_result(store_path, monkeypatch):
-    monkeypatch.setattr(bands, "_prefault_budget", lambda row_bytes: 0)
+    monkeypatch.setattr(bands, "_resident_budget", lambda: 0)
     queries = mrl_like(12, 256, noise=1.0, seed=4, sample=1)[0]
     found = {}
     for threads in (kernels.COLD_READ_THREADS, 0):
@@ -79,3 +79,32 @@ def test_the_parallel_page_in_of_cold_rows_changes_no_result(store_path, monkeyp
                     out.append((hits.ids, np.round(hits.scores, 5).tolist()))
         found[threads] = out
     assert found[kernels.COLD_READ_THREADS] == found[0]
+
+
+def test_resident_rows_hold_the_narrowest_arrays_whole_first():
+    assert bands.resident_rows(1000, [16, 32, 96, 384], 1000 * (16 + 32 + 96) + 384 * 10) == [1000, 1000, 1000, 10]
+    assert bands.resident_rows(1000, [384, 16], 16 * 1000 + 384 * 5) == [5, 1000]  # by width, not by order
+    assert bands.resident_rows(1000, [16, 32], 10**9) == [1000, 1000]
+    assert bands.resident_rows(1000, [16, 32], 0) == [0, 0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_a_store_past_its_budget_keeps_its_narrow_bands_and_leaves_the_widest_to_disk(store_path, monkeypatch):
+    query = mrl_like(1, 256, seed=4, sample=1)[0][0]
+    with mrlstore.open(store_path, read_only=True) as whole:
+        expected = whole.query(query, dims=[16, 64, 256], shortlist=300)
+        dtype = whole.info()["dtype"]
+    del whole
+    gc.collect()
+    layout = bands.BandedVectors(store_path, 256, (16, 64, 256), dtype)
+    widest = max(layout.arrays, key=lambda a: a.row_bytes)
+    others = sum(a.row_bytes for a in layout.arrays if a is not widest)
+    monkeypatch.setattr(bands, "_resident_budget", lambda: 6000 * others)  # every row but the widest band's
+    with mrlstore.open(store_path, read_only=True) as past:
+        hits = past.query(query, dims=[16, 64, 256], shortlist=300)
+        maps = _mapped_flags(str(store_path / "vectors"))
+        random_maps = {r for r, f in maps.items() if " rr" in f}
+        assert len(random_maps) == 1  # the widest band's one chunk, not read at open; the others were
+        assert hits.ids == expected.ids
+        np.testing.assert_allclose(hits.scores, expected.scores, rtol=1e-6)
+    assert widest.dir.name == "band_00064_00256"

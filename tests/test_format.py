@@ -151,7 +151,7 @@ def test_concurrent_reads_of_a_grown_chunk_keep_every_kernel_address_mapped(tmp_
     with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,), chunk_rows=65536) as store:
         store.add_vectors(x[:10], ids=[f"a{i}" for i in range(10)])
         store.query(x[0], k=3, dims=[8, 16])  # the kernels' addresses of chunk 0 at its first size
-        store._state.vectors.prefault_rows = 0  # as in a store past a quarter of RAM: appends do not map again
+        store._state.vectors.resident_bytes = 0  # as in a store past a quarter of RAM: appends do not map again
         store.add_vectors(x[10:], ids=[f"b{i}" for i in range(5000)])  # chunk 0's file grows
         real = np.memmap
 

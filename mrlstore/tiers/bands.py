@@ -30,6 +30,7 @@ import json
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -447,12 +448,24 @@ def _inner_rows(codecs: list[dict], width: int, chunk_rows: int) -> int | None |
     return inner if ok else False
 
 
-def _prefault_budget(row_bytes: int) -> int:
+def _resident_budget() -> int:
+    """Bytes of rows a store reads at open and keeps mapped: a quarter of RAM."""
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 0
-    return ram // 4 // row_bytes
+    return ram // 4
+
+
+def resident_rows(rows: int, row_bytes: Sequence[int], budget: int) -> list[int]:
+    """Rows of each array (of ``row_bytes`` bytes a row) that a store of ``rows`` rows holds in memory
+    within ``budget`` bytes: the narrowest arrays whole first, so the funnel's early stages never wait
+    for the disk and only the widest band's rows, re-ranked a few per query, are read cold."""
+    held = [0] * len(row_bytes)
+    for i in sorted(range(len(row_bytes)), key=lambda i: row_bytes[i]):
+        held[i] = min(rows, budget // row_bytes[i])
+        budget -= held[i] * row_bytes[i]
+    return held
 
 
 class BandedVectors:
@@ -473,9 +486,22 @@ class BandedVectors:
         self._write_lock = threading.Lock()
         self._write_buffer: np.ndarray | None = None  # allocated by the first write, then reused
         self._kernel_bands: tuple[int, list[tuple]] = (0, [])  # rows covered, band descriptions
-        self.prefault_rows = _prefault_budget(self.dim * self.dtype.itemsize)
-        for band in self.arrays:
-            band.random_from_row = self.prefault_rows
+        self.resident_bytes = _resident_budget()
+        self.prefault_rows = 0  # rows every array holds in memory; the kernels page in rows past it
+        self._resident: list[int] = []
+        self._planned_for = 0
+        self._plan_residency(max(band.shape_rows for band in self.arrays))
+
+    def _plan_residency(self, rows: int) -> list[int]:
+        """Each array's rows held in memory for a store of ``rows`` rows; maps made from now on advise the
+        kernel of random access past them. Planned at open and again as the store grows."""
+        if not self._resident or rows > self._planned_for:
+            self._planned_for = rows
+            self._resident = resident_rows(rows, [a.row_bytes for a in self.arrays], self.resident_bytes)
+            for band, held in zip(self.arrays, self._resident):
+                band.random_from_row = held
+            self.prefault_rows = min(self._resident)
+        return self._resident
 
     def _scratch(self) -> np.ndarray:
         if self._write_buffer is None:
@@ -485,13 +511,12 @@ class BandedVectors:
     def prefault(self, row_start: int, row_stop: int) -> None:
         """Map the page tables of rows ``row_start:row_stop`` now, reading one value per page: otherwise a
         fresh process pays a page fault the first time it re-ranks each row (measured: it doubled the
-        p50 of its first queries). Only within ``prefault_rows`` (a quarter of RAM): a larger store's rows
-        are left to fault in as queries touch them, rather than read from disk at open."""
-        row_stop = min(row_stop, self.prefault_rows)
-        for band in self.arrays:
-            rc, step = band.chunk_rows, max(1, 4096 // band.dtype.itemsize)
-            for chunk in range(row_start // rc, -(-row_stop // rc)):
-                lo, hi = max(row_start, chunk * rc) - chunk * rc, min(row_stop, (chunk + 1) * rc) - chunk * rc
+        p50 of its first queries). Only the rows each array holds in memory (``resident_rows``, a quarter
+        of RAM in all): the rest fault in as queries touch them, rather than being read at open."""
+        for band, held in zip(self.arrays, self._plan_residency(row_stop)):
+            rc, step, stop = band.chunk_rows, max(1, 4096 // band.dtype.itemsize), min(row_stop, held)
+            for chunk in range(row_start // rc, -(-stop // rc)):
+                lo, hi = max(row_start, chunk * rc) - chunk * rc, min(stop, (chunk + 1) * rc) - chunk * rc
                 if lo < hi:
                     band.mapped(chunk, hi)[lo:hi].reshape(-1)[::step].max()
 
