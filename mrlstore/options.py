@@ -37,7 +37,7 @@ class StoreConfig:
     encoder: Encoder | None = field(default=None, compare=False)
     storage_options: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     cache_dir: str | os.PathLike[str] | None = None
-    local_dims: int = 0
+    local_dims: int | None = None  # None: every band but the widest, as a local store's open reads
 
     def __post_init__(self) -> None:
         for name in ("bands", "index_dims"):  # lists and arrays are welcome; kept as tuples (the value is frozen)
@@ -63,5 +63,5 @@ class StoreConfig:
 
 
 def _is_default(value: Any, default: Any) -> bool:
-    """``read_only=False`` or ``local_dims=0`` passed to ``open`` leave a config's own value alone."""
+    """``read_only=False`` passed to ``open`` leaves a config's own value alone."""
     return isinstance(value, (bool, int)) and type(value) is type(default) and value == default

@@ -169,6 +169,10 @@ class StoreInfo(Record):
     tuned: dict[str, Any] | None
     # what shortlists read: "fitted" (codes fitted to the rows by tune) or "raw" (the vectors' own prefixes)
     prefixes: str = "raw"
+    # a store on object storage: its reads so far (``requests``, ``bytes``, ``rounds``: batches of requests
+    # waited for one after another, ``waves``: the same counted FETCH_THREADS requests at a time) and
+    # ``local_dims``, the bands it downloaded whole
+    remote: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -185,6 +185,7 @@ class Store:
             encoder=state.manifest.get("encoder"), read_only=self.read_only, version=self._versions.version,
             tuned=None if tuned is None else {key: value for key, value in tuned.items() if key != "tried"},
             prefixes="raw" if state.indexes.fitted is None else "fitted",
+            remote=None if self._versions.remote is None else self._versions.remote.counters(),
         )  # fmt: skip
 
     # -- writes ----------------------------------------------------------------------------------------
@@ -479,7 +480,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     encoder: Encoder | None = None,
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    local_dims: int = 0,
+    local_dims: int | None = None,
 ) -> Store:
     """Open the store at ``path``, creating it when absent. ``config`` (a :class:`StoreConfig`) gives the
     options below as one value; keywords given beside it override its fields.
@@ -497,8 +498,9 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
     ``read_only=True``, with credentials and endpoint from ``storage_options`` (pyarrow's or s3fs's names:
     ``key``, ``secret``, ``endpoint_url``, ``region``...) or the AWS environment variables; the small parts
     are downloaded once into ``cache_dir`` (default ``~/.cache/mrlstore``), the vectors read as queries need;
-    bands ending at or before ``local_dims`` (e.g. 256) are downloaded whole into the cache instead, so a
-    query fetches only its last stages' rows.
+    bands ending at or before ``local_dims`` are downloaded whole into the cache instead (default: every
+    band but the widest, within a quarter of RAM, as a local store's open reads them; 0: none), so a query
+    fetches only its last stage's rows, from every chunk in one round of requests.
     """
     given = (config if config is not None else StoreConfig()).replaced(
         dim=dim, bands=bands, metric=metric, dtype=dtype, index_dims=index_dims, chunk_rows=chunk_rows,

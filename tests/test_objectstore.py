@@ -245,6 +245,45 @@ def test_short_bands_kept_local_leave_only_the_last_stage_remote(tmp_path, optio
         assert remote._versions.remote.bytes <= 2000 * (DIM - 64) * 2
 
 
+def test_a_reader_keeps_every_band_but_the_widest_near_by_default(tmp_path, options, bucket, monkeypatch):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 2000)
+    store.publish(url, storage_options=options)
+    want = store.query(vectors[:5], k=5, dims=[16, 64, DIM])
+    store.close()
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        got = remote.query(vectors[:5], k=5, dims=[16, 64, DIM])
+        assert [h.ids for h in got] == [h.ids for h in want]
+        opened = list(remote._versions.remote._files)
+        assert opened and all("/band_00064_00256/" in key for key in opened)
+    from mrlstore.tiers import bands
+
+    monkeypatch.setattr(bands, "_resident_budget", lambda: 2000 * 16 * 2)  # the 16-d band only
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c2") as remote:
+        got = remote.query(vectors[:5], k=5, dims=[16, 64, DIM])
+        assert [h.ids for h in got] == [h.ids for h in want]
+        opened = list(remote._versions.remote._files)
+        assert any("/band_00016_00064/" in key for key in opened)
+        assert not any("/band_00000_00016/" in key for key in opened)
+
+
+def test_a_stage_reads_every_chunk_it_needs_in_one_round(tmp_path, options, bucket):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 3000)  # 3 chunks of 1024 rows per band
+    store.publish(url, storage_options=options)
+    want = store.query(vectors[:3], k=10, dims=[16, DIM], shortlist=400)
+    store.close()
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c", local_dims=0) as remote:
+        source = remote._versions.remote
+        for i, hits in enumerate(want):
+            rounds, requests = source.rounds, source.requests
+            got = remote.query(vectors[i], k=10, dims=[16, DIM], shortlist=400)
+            assert got.ids == hits.ids
+            np.testing.assert_allclose(got.scores, hits.scores, rtol=1e-6)
+            assert source.rounds - rounds == 1  # two bands, three chunks each: one round of requests
+            assert source.requests - requests > 3
+
+
 def test_another_store_is_never_published_over_one(tmp_path, options, bucket):
     url = f"s3://{bucket}/s.mrl"
     first, vectors = _local_store(tmp_path / "a.mrl", 1500)

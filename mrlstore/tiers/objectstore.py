@@ -41,7 +41,7 @@ from mrlstore.errors import (
     StoreNotFoundError,
     UnsupportedStorageError,
 )
-from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.bands import BandedVectors, resident_rows
 from mrlstore.tiers.state import StoreState
 
 FORMAT = 1
@@ -52,7 +52,7 @@ COALESCE_BYTES = int(os.environ.get("MRLSTORE_COALESCE_BYTES", "0"))
 DENSE_SHARE = 4
 ROW_CACHE_BYTES = int(os.environ.get("MRLSTORE_ROW_CACHE_MB", "256")) << 20  # rows kept in memory per open store
 UPLOAD_THREADS = 8
-FETCH_THREADS = 16
+FETCH_THREADS = 64  # requests in flight at once: a stage's rows come in one wave up to this many
 _OPTION_NAMES = {  # fsspec/s3fs spellings -> pyarrow's
     "key": "access_key", "aws_access_key_id": "access_key",
     "secret": "secret_key", "aws_secret_access_key": "secret_key",
@@ -277,6 +277,8 @@ class RemoteSource:
             raise CorruptStoreError(f"{url}/HEAD has format {head.get('format')!r}, expected {FORMAT}")
         self.head = head
         self.requests = self.bytes = self.cached_bytes = 0
+        self.rounds = self.waves = 0  # batches of requests waited for one after another; FETCH_THREADS at a time
+        self.local_dims = 0  # the bands downloaded whole (set by RemoteBands)
         self.chunks: list[RemoteChunk] = []
         self._lock = threading.Lock()
         self._files: dict[str, Any] = {}
@@ -337,27 +339,47 @@ class RemoteSource:
 
     def read(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Byte ranges (offset, length) of one object, fetched concurrently."""
+        return self.read_many([(key, ranges)])[0]
+
+    def read_many(self, wanted: list[tuple[str, list[tuple[int, int]]]]) -> list[list[bytes]]:
+        """Byte ranges of several objects, every request at once (one round): per object, its ranges' bytes."""
+        handles = [self._handle(key) for key, _ in wanted]
+        for (key, ranges), handle in zip(wanted, handles):
+            end = max(offset + length for offset, length in ranges)
+            if handle.size() < end:
+                raise CorruptStoreError(f"{self.url}/{key} holds {handle.size()} bytes, rows need {end} (truncated)")
+
+        def fetch(job: tuple[str, Any, tuple[int, int]]) -> bytes:
+            key, handle, (offset, length) = job
+            with _errors(self.url, f"read {key}"):
+                data = handle.read_at(length, offset)
+            if len(data) != length:
+                raise CorruptStoreError(
+                    f"{self.url}/{key}: {len(data)} bytes at {offset}, expected {length} (truncated)"
+                )
+            return data
+
+        jobs = [(key, handle, r) for (key, ranges), handle in zip(wanted, handles) for r in ranges]
+        fetched = iter(list(self._pool.map(fetch, jobs)) if len(jobs) > 1 else [fetch(jobs[0])])
+        with self._lock:
+            self.requests += len(jobs)
+            self.bytes += sum(r[1] for _, _, r in jobs)
+            self.rounds += 1
+            self.waves += -(-len(jobs) // FETCH_THREADS)
+        return [[next(fetched) for _ in ranges] for _, ranges in wanted]
+
+    def _handle(self, key: str) -> Any:
         handle = self._files.get(key)
         if handle is None:
             with _errors(self.url, f"read {key}"):
                 handle = self.fs.open_input_file(f"{self.root}/{key}")
             self._files[key] = handle
-        end = max(offset + length for offset, length in ranges)
-        if handle.size() < end:
-            raise CorruptStoreError(f"{self.url}/{key} holds {handle.size()} bytes, rows need {end} (truncated)")
+        return handle
 
-        def fetch(r: tuple[int, int]) -> bytes:
-            with _errors(self.url, f"read {key}"):
-                data = handle.read_at(r[1], r[0])
-            if len(data) != r[1]:
-                raise CorruptStoreError(f"{self.url}/{key}: {len(data)} bytes at {r[0]}, expected {r[1]} (truncated)")
-            return data
-
-        out = list(self._pool.map(fetch, ranges)) if len(ranges) > 1 else [fetch(ranges[0])]
+    def counters(self) -> dict[str, int]:
         with self._lock:
-            self.requests += len(ranges)
-            self.bytes += sum(n for _, n in ranges)
-        return out
+            return {"requests": self.requests, "bytes": self.bytes, "rounds": self.rounds, "waves": self.waves,
+                    "local_dims": self.local_dims}  # fmt: skip
 
     def cache_rows(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more rows fit the row cache (ROW_CACHE_BYTES); when full it starts over."""
@@ -404,52 +426,74 @@ class RemoteChunk:
     def _gather(self, rows: np.ndarray) -> np.ndarray:
         """Rows in the order given, from the row cache or fetched (and cached)."""
         out = np.empty((len(rows), self.width), self.dtype)
+        missing = self.missing(rows)
         cache = self._cache
-        missing = np.unique(np.fromiter((r for r in rows.tolist() if r not in cache), np.int64))
         if len(missing):
-            fetched = self._fetch(missing)
+            first, last = self.runs(missing)
+            fetched = self.picked(missing, first, last, self.source.read(self.key, self.ranges(first, last)))
             if self.source.cache_rows(len(missing) * self.row_bytes):
-                cache.update(zip(missing.tolist(), fetched))
+                self.keep(missing, fetched)
             else:
                 cache = {**cache, **dict(zip(missing.tolist(), fetched))}
         for i, r in enumerate(rows.tolist()):
             out[i] = cache[r]
         return out
 
-    def _fetch(self, rows: np.ndarray) -> np.ndarray:
-        """Sorted unique rows: cut into runs of adjacent rows (gaps up to COALESCE_BYTES), one ranged request
-        per run (concurrently), then picked out of the runs. Rows filling at least 1/DENSE_SHARE of their span
-        (filtered scans) come in one request for the span."""
-        ordered = rows  # sorted and unique
-        if len(rows) * DENSE_SHARE >= ordered[-1] - ordered[0] + 1:  # a scan's rows: their span in one request
+    def missing(self, rows: np.ndarray) -> np.ndarray:
+        """Of ``rows``, those not in the row cache: sorted, unique."""
+        cache = self._cache
+        return np.unique(np.fromiter((r for r in rows.tolist() if r not in cache), np.int64))
+
+    def runs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted unique rows cut into runs of adjacent rows (gaps up to COALESCE_BYTES), one ranged request
+        per run: (first rows, last rows). Rows filling at least 1/DENSE_SHARE of their span (filtered scans)
+        make one run of the span."""
+        if len(rows) * DENSE_SHARE >= rows[-1] - rows[0] + 1:
             cut = np.empty(0, np.int64)
         else:
-            cut = np.flatnonzero(np.diff(ordered) > 1 + COALESCE_BYTES // self.row_bytes) + 1
-        first, last = ordered[np.r_[0, cut]], ordered[np.r_[cut - 1, len(ordered) - 1]]
-        data = self._runs(first, last)  # the runs' rows, back to back
+            cut = np.flatnonzero(np.diff(rows) > 1 + COALESCE_BYTES // self.row_bytes) + 1
+        return rows[np.r_[0, cut]], rows[np.r_[cut - 1, len(rows) - 1]]
+
+    def ranges(self, first: np.ndarray, last: np.ndarray) -> list[tuple[int, int]]:
+        return [(int(a) * self.row_bytes, (int(b) - int(a) + 1) * self.row_bytes) for a, b in zip(first, last)]
+
+    def picked(self, rows: np.ndarray, first: np.ndarray, last: np.ndarray, parts: list[bytes]) -> np.ndarray:
+        """``rows`` (sorted, unique) out of the bytes of the runs ``first``..``last``."""
+        data = np.frombuffer(b"".join(parts), dtype=self.dtype).reshape(-1, self.width)
         run_start = np.concatenate([[0], np.cumsum(last - first + 1)[:-1]])
-        run_of = np.searchsorted(first, ordered, side="right") - 1
-        return data[run_start[run_of] + ordered - first[run_of]]
+        run_of = np.searchsorted(first, rows, side="right") - 1
+        return data[run_start[run_of] + rows - first[run_of]]
+
+    def keep(self, rows: np.ndarray, fetched: np.ndarray) -> None:
+        """Rows into the row cache (room reserved with ``RemoteSource.cache_rows``)."""
+        self._cache.update(zip(rows.tolist(), fetched))
 
     def _runs(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-        ranges = [(int(a) * self.row_bytes, (int(b) - int(a) + 1) * self.row_bytes) for a, b in zip(first, last)]
-        parts = self.source.read(self.key, ranges)
+        parts = self.source.read(self.key, self.ranges(first, last))
         return np.frombuffer(b"".join(parts), dtype=self.dtype).reshape(-1, self.width)
 
 
 class RemoteBands(BandedVectors):
     """The bands of a remote version: the local cache holds their metadata, object storage their rows. Bands
     that end at or before ``local_dims`` are downloaded whole into the cache (the tier users keep near:
-    short prefixes are small) and read like a local store's."""
+    short prefixes are small) and read like a local store's; None: ``near_dims``."""
 
     native = False  # the native kernels read memory maps; remote rows go through the numpy twins
 
     def __init__(
-        self, path: Path, dim: int, bands: tuple[int, ...], dtype: str, source: RemoteSource, local_dims: int = 0
+        self,
+        path: Path,
+        dim: int,
+        bands: tuple[int, ...],
+        dtype: str,
+        source: RemoteSource,
+        local_dims: int | None = None,
     ):
         super().__init__(path, dim, bands, dtype)
         self.source = source
         rows = int(source.head["committed_rows"])
+        self.local_dims = source.local_dims = self.near_dims(rows) if local_dims is None else local_dims
+        downloads = []
         for band in self.bands:
             for chunk in range(-(-rows // band.chunk_rows)):
                 name = f"{band.dir.name}/{chunk}"
@@ -457,15 +501,54 @@ class RemoteBands(BandedVectors):
                 if key is None:
                     raise CorruptStoreError(f"{source.url}/HEAD names no object for chunk {name}")
                 filled = min(band.chunk_rows, rows - chunk * band.chunk_rows)
-                if band.stop <= local_dims:
-                    _download_chunk(
-                        source, key, band.chunk_path(chunk), filled * band.width * band.dtype.itemsize, band.chunk_bytes
-                    )
+                if band.stop <= self.local_dims:
+                    size = filled * band.width * band.dtype.itemsize
+                    downloads.append((key, band.chunk_path(chunk), size, band.chunk_bytes))
                 else:
                     band._maps[chunk] = RemoteChunk(source, key, filled, band.width, band.dtype)
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:  # all at once: open waits for one round
+            list(pool.map(lambda job: _download_chunk(source, *job), downloads))
+
+    def near_dims(self, rows: int) -> int:
+        """The default ``local_dims``: the bands before the widest, as many as a local store of ``rows``
+        rows holds whole in memory (``resident_rows``), so only the funnel's last stage reads remote rows."""
+        near = self.bands[:-1]
+        held = resident_rows(rows, [b.row_bytes for b in near], self.resident_bytes)
+        whole = 0
+        for band, count in zip(near, held):
+            if count < rows:
+                break
+            whole = band.stop
+        return whole
 
     def prefault(self, row_start: int, row_stop: int) -> None:
         pass  # remote rows come over the network when a query needs them; local ones fault in
+
+    def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]:
+        self._fetch_together(rows, col_start, col_stop)
+        return super().gather_bands(rows, col_start, col_stop)
+
+    def _fetch_together(self, rows: np.ndarray, col_start: int, col_stop: int) -> None:
+        """A stage's rows from every remote chunk they fall in, in one round of requests (the gather that
+        follows finds them in the row cache): chunk by chunk, a query would wait for one round per chunk."""
+        wanted = []
+        for band in self.bands:
+            if max(col_start, band.start) >= min(col_stop, band.stop):
+                continue
+            rc = band.chunk_rows
+            chunk_of = rows // rc
+            for chunk in np.unique(chunk_of).tolist():
+                remote = band._maps.get(chunk)
+                if not isinstance(remote, RemoteChunk):
+                    continue  # a chunk kept local
+                missing = remote.missing(rows[chunk_of == chunk] - chunk * rc)
+                if len(missing):
+                    wanted.append((remote, missing, *remote.runs(missing)))
+        if len(wanted) < 2 or not self.source.cache_rows(sum(len(w[1]) * w[0].row_bytes for w in wanted)):
+            return  # one chunk: its gather is one round anyway; more rows than the cache: chunk by chunk
+        parts = self.source.read_many([(chunk.key, chunk.ranges(first, last)) for chunk, _, first, last in wanted])
+        for (chunk, missing, first, last), got in zip(wanted, parts):
+            chunk.keep(missing, chunk.picked(missing, first, last, got))
 
     def file_problems(self, watermark: int) -> list[str]:
         """Local problems of the cached arrays, and remote chunks that are missing or shorter than the rows

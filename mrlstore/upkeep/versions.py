@@ -304,7 +304,7 @@ class Versions:
         read_only: bool,
         remote: RemoteSource | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
-        local_dims: int = 0,
+        local_dims: int | None = None,
     ):
         self.path, self.read_only, self.remote = path, read_only, remote
         self.cache_dir, self.local_dims = cache_dir, local_dims
