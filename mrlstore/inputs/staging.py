@@ -90,11 +90,8 @@ class Fragments:
             table = self._open(path).drop_columns([VECTOR_FIELD])
             ids = id_list(table.column(ID_FIELD).to_pylist(), table.num_rows)
             meta = metadata_table(table.drop_columns([ID_FIELD]), table.num_rows) if table.num_columns > 1 else None
-            out = pa.table({"id": pa.array(ids, pa.string())})
-            if meta is not None:
-                for name in meta.column_names:
-                    out = out.append_column(name, meta.column(name))
-            yield out
+            id_column = pa.array(ids, pa.string())
+            yield pa.table({"id": id_column}) if meta is None else meta.add_column(0, "id", id_column)
 
     def whole(self) -> tuple[list[str], pa.Table | None]:
         """Every id (repeats across fragments refused) and the metadata rows, all at once."""

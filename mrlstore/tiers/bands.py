@@ -489,13 +489,13 @@ class BandedVectors:
         self.resident_bytes = _resident_budget()
         self.prefault_rows = 0  # rows every array holds in memory; the kernels page in rows past it
         self._resident: list[int] = []
-        self._planned_for = 0
+        self._planned_for = -1
         self._plan_residency(max(band.shape_rows for band in self.arrays))
 
     def _plan_residency(self, rows: int) -> list[int]:
         """Each array's rows held in memory for a store of ``rows`` rows; maps made from now on advise the
         kernel of random access past them. Planned at open and again as the store grows."""
-        if not self._resident or rows > self._planned_for:
+        if rows > self._planned_for:
             self._planned_for = rows
             self._resident = resident_rows(rows, [a.row_bytes for a in self.arrays], self.resident_bytes)
             for band, held in zip(self.arrays, self._resident):

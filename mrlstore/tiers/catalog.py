@@ -363,7 +363,7 @@ class Catalog:
         row, registered = first_row, False
         with self._lock:
             try:
-                with self._transaction():
+                with _insert_errors("an id is already in the store or repeated"), self._transaction():
                     for table in tables:
                         if table.num_columns > 1:
                             self._add_columns(table.drop_columns(["id"]))
@@ -376,10 +376,6 @@ class Catalog:
                     if row != new_watermark:
                         raise CorruptStoreError(f"tables of {row - first_row} rows for {new_watermark - first_row}")
                     self._set_watermark(new_watermark)
-            except duckdb.ConversionException as e:
-                raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
-            except duckdb.ConstraintException as e:
-                raise DuplicateIdError(f"an id is already in the store or repeated: {_first_line(e)}") from None
             finally:
                 if registered:  # after the rollback: DuckDB refuses all but ROLLBACK after a failed statement
                     self._con.unregister("_batch")
@@ -387,20 +383,14 @@ class Catalog:
     def _commit_rows_txn(
         self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int
     ) -> pa.Table:
-        con = self._con
-        try:
-            with self._transaction():
-                if metadata is not None:
-                    self._add_columns(metadata)
-                if replace_rows is not None and len(replace_rows):
-                    self._tombstone_registered()
-                stored = _arrow(con, "INSERT INTO _items BY NAME SELECT * FROM _batch RETURNING *")
-                self._set_watermark(new_watermark)
-            return stored.sort_by("_row")
-        except duckdb.ConversionException as e:
-            raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
-        except duckdb.ConstraintException as e:
-            raise DuplicateIdError(f"an id is already in the store: {_first_line(e)}") from None
+        with _insert_errors("an id is already in the store"), self._transaction():
+            if metadata is not None:
+                self._add_columns(metadata)
+            if replace_rows is not None and len(replace_rows):
+                self._tombstone_registered()
+            stored = _arrow(self._con, "INSERT INTO _items BY NAME SELECT * FROM _batch RETURNING *")
+            self._set_watermark(new_watermark)
+        return stored.sort_by("_row")
 
     def delete_rows(self, rows: np.ndarray) -> None:
         with self._lock:
@@ -510,6 +500,17 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
 def _arrow_reader(con: duckdb.DuckDBPyConnection, sql: str) -> pa.RecordBatchReader:
     rel = con.sql(sql)
     return rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()
+
+
+@contextmanager
+def _insert_errors(duplicate: str) -> Iterator[None]:
+    """DuckDB's refusals of an insert (outside the transaction it rolled back) as the store's typed errors."""
+    try:
+        yield
+    except duckdb.ConversionException as e:
+        raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+    except duckdb.ConstraintException as e:
+        raise DuplicateIdError(f"{duplicate}: {_first_line(e)}") from None
 
 
 def _first_line(e: Exception) -> str:

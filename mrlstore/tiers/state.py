@@ -111,6 +111,21 @@ def open_state(
     return StoreState(path, read_only, params, manifest, catalog, vectors, snap, indexes)
 
 
+def check_rows(vectors: VectorTier, watermark: int) -> None:
+    if vectors.physical_rows() < watermark:  # the protocol grows Zarr before every commit
+        held = vectors.physical_rows()
+        raise CorruptStoreError(f"Zarr arrays hold {held} rows but the catalog committed {watermark}")
+
+
+def clear_uncommitted(path: Path, vectors: VectorTier, watermark: int) -> None:
+    """A writer's open: temporaries and band rows of appends that never committed go (CorruptStoreError when
+    the bands hold fewer rows than the catalog committed)."""
+    remove_stale_temporaries(path)
+    check_rows(vectors, watermark)
+    if not vectors.is_clean(watermark):
+        vectors.truncate(watermark)  # leftovers of an append that never committed
+
+
 def projection_of(manifest: dict[str, Any], params: StoreParams) -> Projection | None:
     """The store's fitted projection (None: raw prefixes only)."""
     entry = manifest.get("fit")
@@ -118,12 +133,9 @@ def projection_of(manifest: dict[str, Any], params: StoreParams) -> Projection |
 
 
 def _check_bands(path: Path, vectors: VectorTier, watermark: int, read_only: bool) -> None:
-    if not read_only:
-        remove_stale_temporaries(path)
-    if vectors.physical_rows() < watermark:  # the protocol grows Zarr before every commit
-        held = vectors.physical_rows()
-        raise CorruptStoreError(f"Zarr arrays hold {held} rows but the catalog committed {watermark}")
-    if not read_only and not vectors.is_clean(watermark):
-        vectors.truncate(watermark)  # leftovers of an append that never committed
+    if read_only:
+        check_rows(vectors, watermark)
+    else:
+        clear_uncommitted(path, vectors, watermark)
     vectors.map_committed(watermark)  # CorruptStoreError if a file is missing or short
     vectors.prefault(0, watermark)

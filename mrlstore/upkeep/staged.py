@@ -17,9 +17,8 @@ from mrlstore.inputs.staging import Fragments, StoreShape
 from mrlstore.options import StoreConfig
 from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.catalog import Catalog
-from mrlstore.tiers.layout import remove_stale_temporaries
 from mrlstore.tiers.params import StoreParams
-from mrlstore.tiers.state import HeldLock
+from mrlstore.tiers.state import HeldLock, clear_uncommitted
 from mrlstore.upkeep.opening import create_if_absent
 from mrlstore.upkeep.versions import Versions
 
@@ -41,7 +40,7 @@ class StagedWriter:
             self.params = StoreParams.from_manifest(self._catalog.manifest(), self.path)
             self.params.check_requested(requested, self.path)
             self._vectors = versions.open_bands(self.params)
-            self._clean(self._vectors, self._catalog.committed_rows())
+            clear_uncommitted(self.path, self._vectors, self._catalog.committed_rows())
         except BaseException:
             self.close()
             raise
@@ -67,12 +66,6 @@ class StagedWriter:
                 vectors.truncate(start)
             raise
         return end - start
-
-    def _clean(self, vectors: VectorTier, watermark: int) -> None:
-        """Leftovers of an append that never committed go, as a writer's open removes them."""
-        remove_stale_temporaries(self.path)
-        if not vectors.is_clean(watermark):
-            vectors.truncate(watermark)
 
     def close(self) -> None:
         if self._vectors is not None:
