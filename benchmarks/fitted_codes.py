@@ -5,6 +5,7 @@ same vectors, and does a store of vectors without Matryoshka structure get a fas
     python benchmarks/fitted_codes.py --part photos         # caltech101-ood, CIFAR-10 test, the demo photos
     python benchmarks/fitted_codes.py --part rotated --n 100000
     python benchmarks/fitted_codes.py --part coverage       # no timing: how well each code shortlists
+    python benchmarks/fitted_codes.py --part cost --n 1000000 --dim 2048 [--rotate]
 
 photos: the bundled encoder's vectors of each set in a store, after ``tune(recall=0.95)``: ``dims=[16]``
 mAP@10 (leave-one-out, class labels) with the store's codes and with raw prefixes, against exact search on
@@ -18,6 +19,9 @@ and hnswlib over all 1024 dims at the fastest ef reaching the same recall, in th
 coverage: the share of the exact full-dimension top 10 that an exact shortlist of S rows on each code
 holds (the raw k-prefix, and the k-number codes the store's own Projection.fit gives), for the photo sets
 and the MRL-like vectors (a rotation changes neither the full-dimension neighbours nor the fitted codes).
+cost: what a fit costs next to the build, on MRL-like rows in a store: the build (adds, generation not
+counted), ``tune``, the fit with its indexes over every row's codes (``fit_s``), and the projection alone
+(Projection.fit on a sample of the rows, as tune draws it).
 Writes benchmarks/results/fitted_codes.md (or --out).
 """
 
@@ -234,7 +238,7 @@ def coverage(work: Path, n: int, dim: int) -> list[str]:
         rng = np.random.default_rng(0)
         queries = np.sort(rng.choice(len(x), size=min(1000, len(x)), replace=False))
         sample = np.sort(rng.choice(len(x), size=min(FIT_SAMPLE_ROWS, len(x)), replace=False))
-        fit = Projection.fit(x[sample], 32, "cosine")
+        fit = Projection.fit(x[sample], 32, "cosine", judge_at=(16, 32), store_rows=len(x))  # as a store fits
         u = _unit(x)
         truth = _top_of(u[queries] @ u.T, queries, K)
         for k in (16, 32):
@@ -247,6 +251,45 @@ def coverage(work: Path, n: int, dim: int) -> list[str]:
                 lines.append(f"| {name} | {k} | {S} | {got[0]:.3f} | {got[1]:.3f} |")
                 print(lines[-1], flush=True)
     return lines
+
+
+def fit_cost(work: Path, n: int, dim: int, rotate: bool) -> list[str]:
+    from mrlstore.testing import mrl_like_blocks
+    from mrlstore.tiers.projection import FIT_SAMPLE_ROWS, Projection
+
+    path = work / f"cost_{n}.mrl"
+    shutil.rmtree(path, ignore_errors=True)
+    picked = np.sort(np.random.default_rng(0).choice(n, size=min(FIT_SAMPLE_ROWS, n), replace=False))
+    rotation = np.linalg.qr(np.random.default_rng(1).standard_normal((dim, dim)))[0].astype(np.float32)
+    sample, build, start = [], 0.0, 0
+    with mrlstore.open(path, dim=dim) as store:
+        for block, _ in mrl_like_blocks(n, dim, seed=7):
+            block = block @ rotation if rotate else block
+            stop = start + len(block)
+            sample.append(block[picked[(picked >= start) & (picked < stop)] - start])
+            t0 = time.perf_counter()
+            store.add_vectors(block, ids=[str(i) for i in range(start, stop)])
+            build += time.perf_counter() - t0
+            start = stop
+            print(f"added {stop:,} rows, {build:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        choice = store.tune(recall=0.95)
+        tune_s = time.perf_counter() - t0
+        index_dims = store.info().index_dims
+    rows = np.concatenate(sample).astype(np.float16).astype(np.float32)  # as stored
+    t0 = time.perf_counter()
+    fit = Projection.fit(rows, max(d for d in index_dims if d < dim), "cosine", judge_at=index_dims, store_rows=n)
+    projection_s = time.perf_counter() - t0
+    fit_s = choice.fit_s or 0.0
+    return [
+        f"## What a fit costs: {n:,} MRL-like {dim}-d rows{' under a random rotation' if rotate else ''}",
+        "",
+        "| rows | build s | tune s | fit + fitted indexes s | projection s | kept | fit + indexes / build |"
+        " projection / build |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {n:,} | {build:.1f} | {tune_s:.1f} | {fit_s:.1f} | {projection_s:.1f} (blend {fit.blend}) | "
+        f"{choice.prefixes} {choice.dims} | {fit_s / build:.3f} | {projection_s / build:.3f} |",
+    ]
 
 
 def _top_of(scores: np.ndarray, own: np.ndarray | None, k: int) -> np.ndarray:
@@ -263,10 +306,11 @@ def _held(scores: np.ndarray, own: np.ndarray, s: int, truth: np.ndarray) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("photos", "rotated", "both", "coverage"), default="both")
+    ap.add_argument("--part", choices=("photos", "rotated", "both", "coverage", "cost"), default="both")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--rotate", action="store_true", help="cost: the rows under a random rotation")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mrlstore-fitted"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fitted_codes.md")
     args = ap.parse_args()
@@ -284,6 +328,8 @@ def main() -> None:
         lines += rotated(args.work, args.n, args.queries, args.dim)
     if args.part == "coverage":
         lines += coverage(args.work, args.n, args.dim)
+    if args.part == "cost":
+        lines += fit_cost(args.work, args.n, args.dim, args.rotate)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

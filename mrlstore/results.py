@@ -206,7 +206,7 @@ class TuneResult(Record):
     # "fitted": the funnels shortlist on codes fitted to the store's rows; "raw": on the vectors' own prefixes
     prefixes: str | None = None
     raw_settings: dict[str, Any] | None = None  # with fitted codes: what the raw prefixes measured (or None)
-    fit_s: float | None = None  # seconds spent fitting codes and indexing them (None: no fit was tried)
+    fit_s: float | None = None  # seconds fitting codes and indexing those that beat raw prefixes (None: not tried)
 
 
 @dataclass(frozen=True, eq=False)

@@ -256,6 +256,56 @@ def test_a_projection_round_trips_and_refuses_damage():
             np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
 
 
+def test_codes_no_better_than_the_prefixes_get_no_indexes(tmp_path):
+    x, _ = mrl_like(N, DIM, n_clusters=10, seed=11)  # prefix-structured: the raw prefixes keep as much
+    with _open(tmp_path / "s") as store:
+        store.add_vectors(x, ids=[str(i) for i in range(N)])
+        choice = store.tune(recall=0.9, k=10, sample=100)
+        assert choice.prefixes == "raw" and choice.fit_s is not None, "a fit was tried"
+        assert not any(t["fitted"] for t in choice.tried), "and judged on a sample before any index was built"
+    assert not list((tmp_path / "s" / "index").glob("fitted_*"))
+
+
+def _groups_apart_from_order(n: int, seed: int) -> np.ndarray:
+    """Rows whose widest spread (4 dims of group centres) says nothing about which rows of a group are
+    nearest: that lives in the other dims, whose spread decays."""
+    centres = 5 * np.random.default_rng(1).standard_normal((20, 4))
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 32), np.float32)
+    x[:, :4] = centres[rng.integers(0, 20, n)]
+    x[:, 4:] = rng.standard_normal((n, 28)) * np.arange(1, 29) ** -0.5
+    return x
+
+
+@pytest.mark.parametrize(("metric", "margin"), [("cosine", 0.05), ("l2", 0.0)])
+def test_a_fit_keeps_the_directions_that_order_near_neighbours(metric, margin):
+    x, queries = _groups_apart_from_order(3000, 2), _groups_apart_from_order(300, 3)
+    fit = Projection.fit(x, 4, metric)
+    prepared = x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "cosine" else x
+    mean = prepared.mean(axis=0)
+    values, vectors = np.linalg.eigh(np.cov(prepared.T))
+    principal = Projection(metric, mean.astype(np.float32), np.ascontiguousarray(vectors[:, ::-1][:, :4], np.float32))
+
+    def held(projection: Projection) -> float:
+        codes, q = projection.codes(x), projection.query_codes(queries, 4)
+        if metric == "cosine":
+            codes = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+            q = q / np.linalg.norm(q, axis=1, keepdims=True)
+            near = np.argsort(-(q @ codes.T), axis=1)[:, :50]
+        else:
+            near = np.argsort(((q[:, None] - codes[None]) ** 2).sum(-1), axis=1)[:, :50]
+        truth = exact_search(x, queries, 10) if metric == "cosine" else _l2_top(x, queries, 10)
+        return float(np.mean([np.isin(t, f).mean() for t, f in zip(truth, near, strict=True)]))
+
+    assert fit.blend < 1.0, "neighbour differences weigh in where the widest spread orders nothing"
+    assert held(fit) > held(principal) + margin
+    assert Projection.from_manifest(fit.to_manifest(), 32).blend == fit.blend
+
+
+def _l2_top(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(((queries[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, :k]
+
+
 SIGKILL_TUNER = textwrap.dedent(
     """
     import sys, mrlstore

@@ -3,7 +3,9 @@
 A raw k-prefix is only as good as the encoder's training made it; on photos or embeddings it never saw, the
 top k principal directions of the store's own vectors keep full-dimension neighbourhoods far better (the
 bundled encoder on caltech101-ood: mAP@10 0.750 for the raw 16-prefix, 0.836 for the fitted 16-d code,
-0.907 at 2048 dims). The code of a vector is its centred projection on those directions,
+0.907 at 2048 dims). Where the largest spread is what separates groups rather than what orders a row's near
+neighbours, directions fitted to neighbour differences keep more; a fit measures both and their blend on
+held-out sample rows and keeps the best. The code of a vector is its centred projection on the directions,
 
     cosine: (x/|x| - mean) @ basis[:, :k]     ip and l2: (x - mean) @ basis[:, :k]
 
@@ -27,7 +29,13 @@ from mrlstore.scoring import normalize_prefix
 
 FIT_FORMAT = 1
 FIT_SAMPLE_ROWS = 20_000  # rows the directions are estimated from: beyond this they barely move
-FIT_OVERSAMPLE, FIT_PASSES = 16, 6  # subspace iteration: extra directions carried, passes over the sample
+FIT_OVERSAMPLE, FIT_PASSES = 16, 12  # subspace iteration: extra directions carried, passes
+BLENDS = (1.0, 0.5, 0.25, 0.0)  # candidate weights of the rows' spread against their neighbour differences
+NEIGHBOURS, ANCHOR_ROWS = 10, 1000  # near neighbours of this many sample rows give the differences
+PROBE_ROWS = 1000  # held-out sample rows that judge the candidates
+# A candidate is judged on how much of a probe's exact top 10 among the store's rows its codes keep in a
+# shortlist 5 times longer, scaled to the sample (a store 5x the sample: top 2 in a shortlist of 10).
+JUDGE_TOP, JUDGE_SHORTLIST_RATIO = 10, 5
 # Fewer rows than this many per code number and a fit is noise: a tiny store keeps its raw prefixes.
 FIT_MIN_ROWS_PER_DIM = 2
 FIT_MIN_ROWS = 100
@@ -41,6 +49,10 @@ class Projection:
     metric: str
     mean: np.ndarray  # (dim,) float32
     basis: np.ndarray  # (dim, width) float32, orthonormal columns, strongest first
+    blend: float = 1.0  # weight of the rows' spread against their neighbour differences (1: principal axes)
+    # Shares of held-out sample rows' neighbours the codes and the raw prefixes kept when fitted, and how many
+    # neighbours were judged (None: unjudged)
+    judged: tuple[float, float, int] | None = field(default=None, compare=False)
     _maps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -61,23 +73,66 @@ class Projection:
         return INDEX_SPACE[self.metric]
 
     @classmethod
-    def fit(cls, sample: np.ndarray, width: int, metric: str, seed: int = 0) -> Projection:
-        """The top ``width`` principal directions of ``sample`` (rows as stored), prepared as the metric
-        compares them: subspace iteration on the centred rows (a few passes of two thin products, where the
-        full dim x dim covariance and its eigenvectors would cost far more)."""
+    def fit(
+        cls,
+        sample: np.ndarray,
+        width: int,
+        metric: str,
+        seed: int = 0,
+        judge_at: tuple[int, ...] = (),
+        store_rows: int | None = None,
+    ) -> Projection:
+        """``width`` directions fitted to ``sample`` (rows as stored), prepared as the metric compares them.
+
+        Candidates weigh the rows' own spread (principal directions) against the differences between rows and
+        their nearest neighbours (the directions a shortlist must resolve): top variance alone favours what
+        separates groups and can drop what orders a row's near neighbours. The fit keeps the candidate whose
+        codes of each length in ``judge_at`` (default ``width``) keep most of held-out sample rows' exact
+        neighbours (see JUDGE_TOP; ``store_rows``: the rows the sample stands for, default its own); on a
+        tie, plain principal directions. ``judged`` records the share it kept and the raw prefixes' share."""
         x = _prepared(np.asarray(sample, dtype=np.float32), metric)
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        centred = x - mean
-        rank = min(width + FIT_OVERSAMPLE, *centred.shape)
-        guess = np.random.default_rng(seed).standard_normal((centred.shape[1], rank)).astype(np.float32)
-        space = np.linalg.qr(guess)[0]
-        for _ in range(FIT_PASSES):
-            space = np.linalg.qr(centred.T @ (centred @ space))[0]
-        projected = (centred @ space).astype(np.float64)
-        values, vectors = np.linalg.eigh(projected.T @ projected)  # the small problem, in that subspace
-        basis = space.astype(np.float64) @ vectors[:, np.argsort(values)[::-1][:width]]
-        basis *= np.where(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])] < 0, -1.0, 1.0)
-        return cls(metric, mean, np.ascontiguousarray(basis, dtype=np.float32))
+        rng = np.random.default_rng(seed)
+        probes, anchors = _split(len(x), rng)
+        near = _neighbour_differences(x, anchors, metric)
+        blends = BLENDS if near is not None and len(probes) else BLENDS[:1]
+        spread, differences = _second_moment(x - mean), None if near is None else _second_moment(near)
+        fits = [cls(metric, mean, _directions(spread, differences, b, width, rng), b) for b in blends]
+        if len(fits) == 1:
+            return fits[0]
+        lengths = tuple(k for k in judge_at if k <= width) or (width,)
+        raw = cls(metric, np.zeros_like(mean), np.eye(x.shape[1], width, dtype=np.float32))  # the raw prefixes
+        held, raw_held, judged = _judge(fits + [raw], x, probes, lengths, store_rows or len(x))
+        best = fits[int(np.argmax(held))]
+        return cls(metric, mean, best.basis, best.blend, (max(held), raw_held, judged))
+
+    @property
+    def beats_raw(self) -> bool:
+        """Whether the codes kept more held-out neighbours than the raw prefixes by more than twice the
+        judgement's standard error (True when unjudged): on a tie the raw prefixes' indexes already exist."""
+        if self.judged is None:
+            return True
+        share, raw_share, judged = self.judged
+        return share - raw_share > 2.0 * np.sqrt(max(share * (1.0 - share), 1e-4) / judged)
+
+    def held(
+        self, x: np.ndarray, probes: np.ndarray, truth: np.ndarray, lengths: tuple[int, ...], shortlist: int
+    ) -> float:
+        """The share of ``truth`` (rows' exact top lists) that ``probes``' top ``shortlist`` by their codes
+        hold among the prepared rows ``x``, averaged over code ``lengths``."""
+        all_codes = (x - self.mean) @ self.basis  # x is prepared already: codes() would prepare it again
+        all_queries = self.query_codes(x[probes], self.width)
+        shares = []
+        for k in lengths:
+            codes, queries = all_codes[:, :k], all_queries[:, :k]
+            if self.metric == "cosine":
+                codes, queries = normalize_prefix(codes, k), normalize_prefix(queries, k)
+            scores = _scores(queries, codes, self.space)
+            scores[np.arange(len(probes)), probes] = -np.inf
+            cut = min(shortlist, scores.shape[1] - 1)
+            last = np.partition(scores, scores.shape[1] - cut, axis=1)[:, scores.shape[1] - cut]  # shortlist's worst
+            shares.append(np.mean(np.take_along_axis(scores, truth, axis=1) >= last[:, None]))
+        return float(np.mean(shares))
 
     def codes(self, x: np.ndarray, k: int | None = None) -> np.ndarray:
         """The ``k``-number codes (default all ``width``) of stored rows ``x``, float32."""
@@ -115,6 +170,7 @@ class Projection:
             "id": self.fit_id,
             "mean": base64.b64encode(self.mean.astype("<f4").tobytes()).decode(),
             "basis": base64.b64encode(self.basis.astype("<f4").tobytes()).decode(),
+            "blend": self.blend,
         }
 
     @classmethod
@@ -125,7 +181,8 @@ class Projection:
             width = int(entry["width"])
             mean = np.frombuffer(base64.b64decode(entry["mean"]), dtype="<f4").astype(np.float32)
             basis = np.frombuffer(base64.b64decode(entry["basis"]), dtype="<f4").astype(np.float32)
-            out = cls(str(entry["metric"]), mean.reshape(dim), basis.reshape(dim, width))
+            blend = float(entry.get("blend", 1.0))  # fits made before blends were principal axes
+            out = cls(str(entry["metric"]), mean.reshape(dim), basis.reshape(dim, width), blend)
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptStoreError(f"the store's fitted projection is unreadable: {e}") from None
         if out.fit_id != entry.get("id"):
@@ -147,3 +204,72 @@ def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
     """Rows as the metric compares them: unit length for cosine (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
     return normalize_prefix(x, x.shape[1]) if metric == "cosine" else x
+
+
+def _split(rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sample rows that judge the candidates, and other rows whose neighbour differences fit them."""
+    order = rng.permutation(rows)
+    judges = min(PROBE_ROWS, rows // 5)
+    return np.sort(order[:judges]), np.sort(order[judges : judges + ANCHOR_ROWS])
+
+
+def _scores(a: np.ndarray, b: np.ndarray, space: str) -> np.ndarray:
+    """Similarity of every row of ``a`` to every row of ``b`` (higher is nearer), rows prepared."""
+    if space == "l2":
+        return 2.0 * (a @ b.T) - np.einsum("ij,ij->i", b, b)[None, :]
+    return a @ b.T
+
+
+def _top(scores: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` best columns, its own (``own``) excluded; in no particular order."""
+    scores[np.arange(len(own)), own] = -np.inf
+    k = min(k, scores.shape[1] - 1)
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
+def _judge(
+    candidates: list[Projection], x: np.ndarray, probes: np.ndarray, lengths: tuple[int, ...], store_rows: int
+) -> tuple[list[float], float, int]:
+    """Each candidate's share of the ``probes``' exact neighbours among the prepared rows ``x`` (see
+    JUDGE_TOP) but the last's, the last's share, and how many neighbours were judged."""
+    top = max(1, round(JUDGE_TOP * len(x) / max(store_rows, len(x))))
+    truth = _top(_scores(x[probes], x, candidates[0].space), probes, top)
+    shares = [c.held(x, probes, truth, lengths, top * JUDGE_SHORTLIST_RATIO) for c in candidates]
+    return shares[:-1], shares[-1], int(truth.size)
+
+
+def _neighbour_differences(x: np.ndarray, anchors: np.ndarray, metric: str) -> np.ndarray | None:
+    """Differences between ``anchors`` and each of their nearest rows in ``x`` (None: too few rows)."""
+    k = min(NEIGHBOURS, len(x) // 20)
+    if k < 1 or len(anchors) < 2:
+        return None
+    out = []
+    for lo in range(0, len(anchors), 512):
+        block = anchors[lo : lo + 512]
+        near = _top(_scores(x[block], x, INDEX_SPACE[metric]), block, k)
+        out.append((x[block][:, None, :] - x[near]).reshape(-1, x.shape[1]))
+    return np.concatenate(out)
+
+
+def _second_moment(rows: np.ndarray) -> np.ndarray:
+    """``rows.T @ rows`` scaled to unit trace (dim x dim, float32): computed once, a candidate's iteration
+    then costs dim x dim products instead of passes over the sample."""
+    moment = rows.T @ rows
+    return moment / max(float(np.trace(moment)), 1e-30)
+
+
+def _directions(
+    spread: np.ndarray, differences: np.ndarray | None, blend: float, width: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The top ``width`` eigenvectors of blend * spread + (1 - blend) * differences by subspace iteration
+    (only the few directions needed, where a full eigendecomposition of the dim x dim matrix costs more)."""
+    matrix = spread if differences is None or blend == 1.0 else blend * spread + (1.0 - blend) * differences
+    rank = min(width + FIT_OVERSAMPLE, matrix.shape[1])
+    space = np.linalg.qr(rng.standard_normal((matrix.shape[1], rank)).astype(np.float32))[0]
+    for _ in range(FIT_PASSES):
+        space = np.linalg.qr(matrix @ space)[0]
+    small = space.T.astype(np.float64) @ (matrix @ space).astype(np.float64)  # the small problem, in that subspace
+    values, vectors = np.linalg.eigh((small + small.T) / 2)
+    basis = space.astype(np.float64) @ vectors[:, np.argsort(values)[::-1][:width]]
+    basis *= np.where(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])] < 0, -1.0, 1.0)
+    return np.ascontiguousarray(basis, dtype=np.float32)
