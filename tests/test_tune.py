@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -124,3 +126,13 @@ def test_tune_compares_every_indexed_prefix_and_query_follows_the_choice(tmp_pat
         assert firsts - {256} == {8, 32}  # 256: exact search, a candidate on a store this small
         assert choice["dims"][0] in firsts and choice["recall"] >= 0.9
         assert store.query(x[5], k=10).dims == tuple(choice["dims"])
+
+
+def test_a_long_shortlist_from_a_short_prefix_suggests_a_longer_indexed_prefix():
+    with pytest.warns(UserWarning, match=r"index_dims=\(32, 128\)"):
+        tuning._advise_wider({"dims": [32, 256, 1024], "shortlist": 350})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuning._advise_wider({"dims": [32, 1024], "shortlist": 150})  # a short shortlist: nothing to say
+        tuning._advise_wider({"dims": [128, 1024], "shortlist": 400})  # already a long prefix
+        tuning._advise_wider({"dims": [32, 64], "shortlist": 400})  # vectors no longer than the suggestion

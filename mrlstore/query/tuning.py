@@ -44,6 +44,8 @@ FIT_KEEP_MARGIN = 1.05
 FIT_NOISE_MARGIN = 1.25
 FIT_NOISE_MS = 0.05  # on a small store every query takes tens of microseconds: the better codes win there
 RACE_ROUNDS = 3
+# A chosen shortlist this long from an indexed prefix shorter than WIDE_PREFIX: tune suggests a longer one.
+LONG_SHORTLIST, WIDE_PREFIX = 300, 128
 
 # Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
 # anyway) took at most this many times the best funnel's time per query: on a large store it is far slower.
@@ -239,7 +241,23 @@ def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any
             + f" against the target {recall}; queries with those dims use that best-effort setting",
             stacklevel=4,  # the caller of Store.tune
         )
-    return min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
+    chosen = min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
+    _advise_wider(chosen)
+    return chosen
+
+
+def _advise_wider(chosen: dict[str, Any]) -> None:
+    """A warning when even the fastest funnel needs a long shortlist from a short indexed prefix: on data whose
+    distances spread over many dimensions a longer indexed prefix answers faster (compare.py's gentle data,
+    100k x 1024: 0.76 ms with 16- and 32-d indexes, 0.19 to 0.25 ms with a 128-d one)."""
+    dims, shortlist = chosen["dims"], chosen["shortlist"]
+    if shortlist >= LONG_SHORTLIST and dims[0] < WIDE_PREFIX < dims[-1]:
+        warnings.warn(
+            f"tune: the fastest funnel needs a shortlist of {shortlist} from {dims[0]} numbers per row, so this "
+            f"data's short prefixes shortlist poorly; a store indexing a longer prefix "
+            f"(mrlstore.open(..., index_dims=(32, {WIDE_PREFIX}))) may answer faster",
+            stacklevel=5,  # the caller of Store.tune
+        )
 
 
 def _cheapest(measure: Any, grid: list[int], fine: list[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
