@@ -558,9 +558,12 @@ def main() -> None:
                 text=True,
             )
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
+            if proc.returncode or not lines:  # recorded, and the other systems still run
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{system} on {name} failed (exit {proc.returncode})")
+                why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                results.setdefault(name, {})[system] = {"failed": why, "rows": [], "n": n}
+                results_file.write_text(json.dumps(results, indent=1))
+                continue
             res = json.loads(lines[-1][len("RESULT ") :])
             res["wall_s"], res["n"] = time.perf_counter() - t0, n
             results.setdefault(name, {})[system] = res
@@ -654,9 +657,12 @@ def report(results: dict, out: Path) -> None:
                     f"{res['held_mib']:.0f} ({res['peak_mib']:.0f}) | {res['disk_mib']:.0f} |"
                 )
         lines += ["", *targets(res_all, name)]
+        failed = [f"{LABELS[s]} ({res_all[s]['failed']})" for s in SYSTEMS if "failed" in res_all.get(s, {})]
+        if failed:
+            lines += [f"Failed on this data: {'; '.join(failed)}.", ""]
         missing = [LABELS[s] for s in SYSTEMS if s not in res_all]
         if missing:
-            lines += [f"Not run on this data (full-dim build too slow on this machine): {', '.join(missing)}."]
+            lines += [f"Not run on this data (not asked for, or full-dim HNSW past its N limit): {', '.join(missing)}."]
     text = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(text)
     print(text)
@@ -751,7 +757,7 @@ def plot(results: dict, names: list[str], out: Path) -> None:
     for ax, name in zip(axes[0], names):
         for system in SYSTEMS:
             res = results[name].get(system)
-            if res:
+            if res and res["rows"]:  # a failed system has none
                 rs = sorted(res["rows"], key=lambda r: r["p50_ms"])
                 front = [r for i, r in enumerate(rs) if all(r["recall"] > q["recall"] for q in rs[:i])]
                 (line,) = ax.plot(
@@ -778,7 +784,7 @@ def plot(results: dict, names: list[str], out: Path) -> None:
     if len(sizes) > 1:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
         for system in SYSTEMS:
-            pts = [(int(n), results[n][system]) for n in sizes if system in results[n]]
+            pts = [(int(n), results[n][system]) for n in sizes if results[n].get(system, {}).get("rows")]
             best = [(n, best_at(r)) for n, r in pts]
             best = [(n, b) for n, b in best if b]
             kw = dict(marker=markers[system], label=LABELS[system])
