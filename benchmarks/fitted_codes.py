@@ -255,7 +255,7 @@ def coverage(work: Path, n: int, dim: int) -> list[str]:
 
 def fit_cost(work: Path, n: int, dim: int, rotate: bool) -> list[str]:
     from mrlstore.testing import mrl_like_blocks
-    from mrlstore.tiers.projection import FIT_SAMPLE_ROWS, Projection
+    from mrlstore.tiers.projection import FIT_SAMPLE_ROWS, Projection, fit_width
 
     path = work / f"cost_{n}.mrl"
     shutil.rmtree(path, ignore_errors=True)
@@ -278,7 +278,7 @@ def fit_cost(work: Path, n: int, dim: int, rotate: bool) -> list[str]:
         index_dims = store.info().index_dims
     rows = np.concatenate(sample).astype(np.float16).astype(np.float32)  # as stored
     t0 = time.perf_counter()
-    fit = Projection.fit(rows, max(d for d in index_dims if d < dim), "cosine", judge_at=index_dims, store_rows=n)
+    fit = Projection.fit(rows, fit_width(index_dims, dim), "cosine", judge_at=index_dims, store_rows=n)
     projection_s = time.perf_counter() - t0
     fit_s = choice.fit_s or 0.0
     return [

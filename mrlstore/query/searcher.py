@@ -159,35 +159,36 @@ class Searcher:
             raw = self.funnel.with_fitted(None)
             probe = tuning.Probe.sample(raw, snap, k, sample, seed, p.dim, read, held_out)
             t0 = time.perf_counter()
-            candidate, tried = self._fit(snap, read, shapes)
+            projection = self._fit(snap, read, shapes)
+            # codes no better than the raw prefixes on the sample get no indexes (as costly as the store's own)
+            candidate = (
+                None
+                if projection is None or not projection.beats_raw
+                else state.indexes.build_fitted(projection, snap, state.vectors)
+            )
             fit_s = time.perf_counter() - t0
             fitted = None if candidate is None else raw.with_fitted(candidate)
             choice = tuning.tune_prefixes(raw, fitted, tuning.Task(snap, shapes, recall, k, probe, p.dim))
             choice |= {"generation": state.generation, "held_out": held_out is not None, "seed": seed,
                        "sample_asked": sample, "all_shapes": dims is None,
-                       "fit_s": fit_s if tried else None}  # fmt: skip
+                       "fit_s": None if projection is None else fit_s}  # fmt: skip
             self._keep(choice, candidate if choice["prefixes"] == "fitted" else None)
         return TuneResult(**choice)
 
     def _fit(
         self, snap: Snapshot, read: Callable[[np.ndarray], np.ndarray], shapes: list[tuple[int, ...]]
-    ) -> tuple[FittedCodes | None, bool]:
-        """Codes fitted to a sample of the live rows with indexes over every live row's codes, and whether a
-        fit was tried. None: the store keeps raw prefixes: created so, too small, no funnel shape starts at
-        an indexed prefix below the full dimension, or the codes kept no more of the sample's neighbours than
-        the raw prefixes (their indexes, as costly as the store's own, are then not built)."""
+    ) -> Projection | None:
+        """Codes fitted to a sample of the live rows (None: the store keeps raw prefixes: created so, too
+        small, or no funnel shape starts at an indexed prefix below the full dimension)."""
         state, p = self.state, self.state.params
         width = fit_width(p.index_dims, p.dim)
         if p.prefixes == "raw" or not can_fit(snap.n_live, width) or not getattr(state.vectors, "native", True):
-            return None, False
+            return None
         if not any(shape[0] in fitted_dims(p) for shape in shapes):
-            return None, False
+            return None
         live = np.flatnonzero(snap.live[: snap.watermark])
         rows = np.sort(np.random.default_rng(0).choice(live, size=min(FIT_SAMPLE_ROWS, len(live)), replace=False))
-        projection = Projection.fit(read(rows), width, p.metric, judge_at=fitted_dims(p), store_rows=len(live))
-        if not projection.beats_raw:
-            return None, True
-        return state.indexes.build_fitted(projection, snap, state.vectors), True
+        return Projection.fit(read(rows), width, p.metric, judge_at=fitted_dims(p), store_rows=len(live))
 
     def _keep(self, choice: dict[str, Any], fitted: FittedCodes | None) -> None:
         """Commit ``choice`` and its fit (None: none) in one transaction, then use them."""

@@ -256,7 +256,7 @@ def _advise_wider(chosen: dict[str, Any]) -> None:
             f"tune: the fastest funnel needs a shortlist of {shortlist} from {dims[0]} numbers per row, so this "
             f"data's short prefixes shortlist poorly; a store indexing a longer prefix "
             f"(mrlstore.open(..., index_dims=(32, {WIDE_PREFIX}))) may answer faster",
-            stacklevel=5,  # the caller of Store.tune
+            stacklevel=4,  # the caller of Store.tune
         )
 
 

@@ -120,7 +120,8 @@ class Projection:
     ) -> float:
         """The share of ``truth`` (rows' exact top lists) that ``probes``' top ``shortlist`` by their codes
         hold among the prepared rows ``x``, averaged over code ``lengths``."""
-        all_codes = (x - self.mean) @ self.basis  # x is prepared already: codes() would prepare it again
+        # x is prepared already (codes() would prepare it again); centring after the product spares a copy of x
+        all_codes = x @ self.basis - self.mean @ self.basis
         all_queries = self.query_codes(x[probes], self.width)
         shares = []
         for k in lengths:
