@@ -15,6 +15,7 @@ import pytest
 
 import mrlstore
 from mrlstore.testing import exact_funnel, exact_search, mrl_like, recall_at_k
+from mrlstore.tiers import projection
 from mrlstore.tiers.projection import Projection
 
 DIM = 128
@@ -236,7 +237,8 @@ def test_a_query_shorter_than_the_vectors_uses_raw_prefixes(fitted_store):
 def test_a_projection_round_trips_and_refuses_damage():
     x = rotated(500)
     fit = Projection.fit(x, 16, "cosine")
-    np.testing.assert_allclose(fit.basis.T @ fit.basis, np.eye(16), atol=1e-5)
+    if not fit.trained:  # training moves directions off orthogonality
+        np.testing.assert_allclose(fit.basis.T @ fit.basis, np.eye(16), atol=1e-5)
     again = Projection.from_manifest(fit.to_manifest(), DIM)
     assert again.fit_id == fit.fit_id
     np.testing.assert_array_equal(again.codes(x[:5], 8), fit.codes(x[:5], 8))
@@ -300,6 +302,51 @@ def test_a_fit_keeps_the_directions_that_order_near_neighbours(metric, margin):
     assert fit.blend < 1.0, "neighbour differences weigh in where the widest spread orders nothing"
     assert held(fit) > held(principal) + margin
     assert Projection.from_manifest(fit.to_manifest(), 32).blend == fit.blend
+
+
+def test_the_training_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    codes, anchors = rng.standard_normal((40, 8)), np.array([3, 7, 11])
+    target = projection._softmax(rng.standard_normal((3, 40)))
+    target[np.arange(3), anchors] = 0.0  # an anchor is never its own neighbour
+    target /= target.sum(axis=1, keepdims=True)
+
+    def loss(c: np.ndarray) -> float:
+        total = 0.0
+        for k in (4, 8):
+            unit = c[:, :k] / np.linalg.norm(c[:, :k], axis=1, keepdims=True)
+            logits = unit[anchors] @ unit.T / projection.TRAIN_CODE_TEMP
+            logits[np.arange(3), anchors] = -np.inf
+            log_q = np.log(projection._softmax(logits) + 1e-300)
+            total -= float((target * np.where(target > 0, log_q, 0.0)).sum(axis=1).mean())
+        return total / 2
+
+    got = projection._code_gradient(codes, anchors, target, (4, 8))
+    step, numeric = 1e-6, np.zeros_like(codes)
+    for i, j in np.ndindex(*codes.shape):
+        up, down = codes.copy(), codes.copy()
+        up[i, j] += step
+        down[i, j] -= step
+        numeric[i, j] = (loss(up) - loss(down)) / (2 * step)
+    np.testing.assert_allclose(got, numeric, atol=1e-6)
+
+
+def test_training_keeps_more_held_out_neighbours_than_the_directions_it_starts_from():
+    x, _ = mrl_like(4000, 256, n_clusters=300, noise=1.0, seed=3)  # many small clusters: principal axes blur them
+    x = x @ np.linalg.qr(np.random.default_rng(1).standard_normal((256, 256)))[0].astype(np.float32)
+    prepared, rng = projection._prepared(x, "cosine"), np.random.default_rng(0)
+    probes, _ = projection._split(len(x), rng)
+    mean = prepared.mean(axis=0)
+    spread = projection._second_moment(prepared - mean)
+    start = Projection("cosine", mean, projection._directions(spread, None, 1.0, 32, rng))
+    span = projection._span(start.basis, spread, rng)
+    trained = projection._trained(start, span, prepared, np.setdiff1d(np.arange(len(x)), probes), (16, 32), rng)
+    judge = projection._Judge(prepared, probes, "cosine", len(x), (16, 32))
+    assert trained.trained == projection.TRAIN_STEPS
+    assert judge.held(trained) > judge.held(start) + 0.05  # measured: 0.768 -> 0.858
+    again = Projection.from_manifest(trained.to_manifest(), 256)
+    assert again.trained == trained.trained
+    np.testing.assert_array_equal(again.codes(x[:5], 16), trained.codes(x[:5], 16))
 
 
 def _l2_top(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
