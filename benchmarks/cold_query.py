@@ -1,15 +1,22 @@
-"""Queries against a cold page cache: the store's rows on disk, not in memory (a store larger than memory,
-or the first queries after a reboot), in three modes in the same run, against hnswlib's in-memory
-full-dimension HNSW: as before issue 25 (the kernel's read-around on every fault, one fault at a time),
-without read-around (MADV_RANDOM), and without it plus the parallel page-in of a stage's rows.
+"""Queries against a cold page cache, against hnswlib's in-memory full-dimension HNSW at equal recall.
 
-    sudo python benchmarks/cold_query.py --work /tmp/cmpwork     # compare.py's 100k data and tuned store
+Two protocols, in the same run:
 
-Needs root (``echo 1 > /proc/sys/vm/drop_caches``). Per query: close the store, drop the page cache, open it
-again (its rows mapped but not read: the open-time prefault, which reads stores below a quarter of RAM, is
-turned off here as for a larger store), then time one ``query`` (cold) and the same query again (warm).
-hnswlib (M=16, ef_construction=200, as compare.py) is built once, in memory, and timed at the ef whose
-recall first reaches the store's.
+- ``open`` (issue 25's): the store opened once as users open it, the page cache dropped before each query.
+  A store below a quarter of RAM reads its rows at open and keeps them mapped, and ``drop_caches`` leaves
+  mapped pages, so its rows stay in memory as hnswlib's index does; the run prints how much stayed.
+- reopened before each query with nothing read at open (as for a store past a quarter of RAM, or the first
+  query after a reboot), in three modes: as before issue 25 (the kernel's read-around on every fault, one
+  fault at a time: ``before``), without read-around (MADV_RANDOM: ``random``), and without it plus the
+  parallel page-in of a stage's rows (``parallel``). Each times one ``query`` (cold), then the same again.
+
+    sudo python benchmarks/cold_query.py --work /tmp/cmpwork                  # compare.py's 100k store
+    sudo python benchmarks/cold_query.py --work W --data 1000000 --modes open parallel
+
+Needs root (``echo 1 > /proc/sys/vm/drop_caches``) and the store compare.py's mrlstore system left in
+``--work`` for ``--data``. hnswlib (M=16, ef_construction=200, as compare.py) is loaded from where
+``compare.py --keep-hnsw`` kept it (else built here), and timed at the ef whose recall first reaches the
+store's in the first protocol run.
 """
 
 from __future__ import annotations
@@ -108,12 +115,55 @@ def cold_and_warm(
     return cold, warm, found
 
 
-def hnswlib_p50(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[int, float, float]:
+def open_store_cold(
+    store_path: Path, queries: np.ndarray, dims: list[int] | None
+) -> tuple[list[float], list[list[str]], int]:
+    """The issue's protocol on a store opened once as users do (rows read at open below a quarter of RAM):
+    the page cache dropped before each query. Returns the times, the hits, and what of the store's files
+    stayed in memory after the first drop (mapped by the open store: ``drop_caches`` leaves those)."""
+    times, found = [], []
+    with mrlstore.open(store_path, read_only=True) as store:
+        store.query(queries[0], dims=dims)
+        drop_page_cache()
+        resident = mapped_resident_bytes(store_path)
+        for q in queries:
+            drop_page_cache()
+            t0 = time.perf_counter()
+            hits = store.query(q, dims=dims)
+            times.append(time.perf_counter() - t0)
+            found.append(hits.ids)
+    return times, found, resident
+
+
+def mapped_resident_bytes(under: Path) -> int:
+    """Bytes of this process's maps of files under ``under`` that are in memory (``Rss`` in smaps)."""
+    prefix, total, inside = str(under.resolve()), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            inside = len(fields) == 6 and fields[5].startswith(prefix)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def hnswlib_index(base: np.ndarray, saved: Path):  # noqa: ANN201 - hnswlib ships no types
+    """compare.py's full-dimension HNSW (M=16, ef_construction=200): loaded where ``compare.py --keep-hnsw``
+    kept it, else built here."""
     import hnswlib
 
     index = hnswlib.Index(space="cosine", dim=base.shape[1])
+    if saved.exists():
+        index.load_index(str(saved), max_elements=len(base))
+        return index
     index.init_index(max_elements=len(base), M=16, ef_construction=200)
     index.add_items(base, np.arange(len(base)))
+    return index
+
+
+def hnswlib_p50(index, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[int, float, float]:  # noqa: ANN001
+    """The first ef whose recall reaches ``target``, its recall and p50 (page cache dropped before each query,
+    as for the store: hnswlib holds everything in its own memory, so that changes nothing)."""
     for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256):
         index.set_ef(ef)
         labels = [index.knn_query(q, k=10)[0][0] for q in queries]
@@ -122,28 +172,61 @@ def hnswlib_p50(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, target
             break
     times = []
     for q in queries:
+        drop_page_cache()
         t0 = time.perf_counter()
         index.knn_query(q, k=10)
         times.append(time.perf_counter() - t0)
     return ef, got, 1e3 * statistics.median(times)
 
 
+MODES = ("open", "before", "random", "parallel")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/cmpwork"), help="compare.py's --work folder")
+    ap.add_argument("--data", default="100000", help="compare.py's data set, whose store compare.py left in --work")
     ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--no-hnswlib", action="store_true")
     args = ap.parse_args()
-    data = args.work / "data_100000"
+    data = args.work / f"data_{args.data}"
     store_path = args.work / "mrlstore_store"
     queries = np.load(data / "queries.npy")[: args.queries]
     truth = np.load(data / "truth.npy")[: args.queries]
+    with mrlstore.open(store_path, read_only=True) as store:
+        if len(store) != len(np.load(data / "base.npy", mmap_mode="r")):
+            raise SystemExit(f"{store_path} does not hold data_{args.data}: run compare.py --data {args.data} first")
+    results = {}
+    if "open" in args.modes:
+        for dims in (None, [16, 2048]):
+            times, found, resident = open_store_cold(store_path, queries, dims)
+            name = f"store open, page cache dropped before each query, {'default' if dims is None else dims}"
+            results[name] = (1e3 * statistics.median(times), float("nan"), recall(found, truth))
+            print(f"{name}: cold p50 {results[name][0]:.3f} ms, recall@10 {results[name][2]:.3f}; "
+                  f"{resident / 2**30:.2f} GiB of the store's files stayed mapped in memory", flush=True)  # fmt: skip
+    harsh(args, store_path, queries, truth, results)
+    if not args.no_hnswlib:
+        now = next(iter(results))
+        target = results[now][2]
+        base = np.load(data / "base.npy", mmap_mode="r")
+        ef, got, p50 = hnswlib_p50(hnswlib_index(base, data / "hnswlib.hnsw"), queries, truth, target)
+        print(f"hnswlib 2048-d in memory, ef={ef}: p50 {p50:.3f} ms, recall@10 {got:.3f}")
+        for name, (cold, _, _) in results.items():
+            if "default" in name:
+                print(f"{name}: cold p50 / hnswlib in-memory p50 at equal or better recall: {cold:.3f} / {p50:.3f} = "
+                      f"{cold / p50:.2f}")  # fmt: skip
+
+
+def harsh(args: argparse.Namespace, store_path: Path, queries: np.ndarray, truth: np.ndarray, results: dict) -> None:
+    """Reopened before each query with nothing read at open, as for a store past a quarter of RAM."""
     bands._resident_budget = lambda: 0  # as for a store past a quarter of RAM: nothing read at open
     opened = bands.BandedVectors.__init__
-    results = {}
-    modes = (("before: read-around, faults one by one", False, 0), ("no read-around", True, 0),
-             ("no read-around + parallel page-in", True, kernels.COLD_READ_THREADS))  # fmt: skip
-    for label, random_access, threads in modes:
+    modes = (("before", "before: read-around, faults one by one", False, 0), ("random", "no read-around", True, 0),
+             ("parallel", "no read-around + parallel page-in", True, kernels.COLD_READ_THREADS))  # fmt: skip
+    for key, label, random_access, threads in modes:
+        if key not in args.modes:
+            continue
         kernels.COLD_READ_THREADS = threads
 
         def init(self, *a, _random=random_access, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
@@ -154,21 +237,11 @@ def main() -> None:
         bands.BandedVectors.__init__ = init
         for dims in (None, [16, 2048]):
             cold, warm, found = cold_and_warm(store_path, queries, dims)
-            name = f"{label}, {'default' if dims is None else dims}"
+            name = f"reopened, {label}, {'default' if dims is None else dims}"
             results[name] = (1e3 * statistics.median(cold), 1e3 * statistics.median(warm), recall(found, truth))
             print(f"{name}: cold p50 {results[name][0]:.3f} ms, warm p50 {results[name][1]:.3f} ms, "
                   f"recall@10 {results[name][2]:.3f}", flush=True)  # fmt: skip
-    if not args.no_hnswlib:
-        now = f"{modes[-1][0]}, default"
-        target = results[now][2]
-        base = np.load(data / "base.npy")
-        ef, got, p50 = hnswlib_p50(base, queries, truth, target)
-        print(f"hnswlib 2048-d in memory, ef={ef}: p50 {p50:.3f} ms, recall@10 {got:.3f}")
-        cold = results[now][0]
-        print(
-            f"cold default p50 / hnswlib in-memory p50 at equal or better recall: {cold:.3f} / {p50:.3f} = "
-            f"{cold / p50:.2f}"
-        )
+    bands.BandedVectors.__init__ = opened
 
 
 if __name__ == "__main__":

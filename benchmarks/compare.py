@@ -71,6 +71,7 @@ _DATA_LABELS: tuple[np.ndarray, np.ndarray] | None = None  # (database, query) l
 # training images are not the queries it will get).
 TUNE_HELD_OUT = 1000
 _TUNE_QUERIES: np.ndarray | None = None
+_KEEP_HNSW: Path | None = None  # --keep-hnsw: where hnswlib's built index is kept (for cold_query.py)
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -371,7 +372,10 @@ def run_hnswlib(base, queries, truth, work: Path, lq: int) -> dict:
     peak = mem.stop()
     index.save_index(str(work / "full.hnsw"))
     disk = du_mib(work / "full.hnsw")
-    (work / "full.hnsw").unlink()
+    if _KEEP_HNSW is not None:
+        os.replace(work / "full.hnsw", _KEEP_HNSW)
+    else:
+        (work / "full.hnsw").unlink()
     rows = []
     for ef in BASELINE_EFS:
         index.set_ef(ef)
@@ -484,9 +488,10 @@ RUNNERS = {
 }
 
 
-def child(system: str, name: str, work: Path, latency_queries: int) -> None:
-    global _DATA_LABELS
+def child(system: str, name: str, work: Path, latency_queries: int, keep_hnsw: bool = False) -> None:
+    global _DATA_LABELS, _KEEP_HNSW
     d = data_dir(work, name)
+    _KEEP_HNSW = d / "hnswlib.hnsw" if keep_hnsw else None
     base = np.load(d / "base.npy", mmap_mode="r")
     global _TUNE_QUERIES
     queries, truth = np.load(d / "queries.npy"), np.load(d / "truth.npy")
@@ -530,12 +535,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--report", action="store_true", help="only re-render the report from compare.json")
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--keep-hnsw", action="store_true", help="keep hnswlib's index in the data folder (cold_query.py loads it)"
+    )
     args = ap.parse_args()
     if args.report:
         report(json.loads((args.out / "compare.json").read_text()), args.out)
         return
     if args.child:
-        child(args.child, args.data[0], args.work, latency_queries=args.queries)
+        child(args.child, args.data[0], args.work, latency_queries=args.queries, keep_hnsw=args.keep_hnsw)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "compare.json"
@@ -553,7 +561,8 @@ def main() -> None:
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", system, "--data", name, "--work", str(args.work)]
-                + ["--queries", str(lq)],
+                + ["--queries", str(lq)]
+                + (["--keep-hnsw"] if args.keep_hnsw else []),
                 capture_output=True,
                 text=True,
             )
