@@ -23,6 +23,7 @@ from moto_server import free_port as _free_port  # noqa: E402
 from moto_server import start_moto as _start_moto  # noqa: E402
 
 from mrlstore.testing import mrl_like  # noqa: E402
+from mrlstore.tiers import objectstore  # noqa: E402
 from mrlstore.tiers.objectstore import filesystem  # noqa: E402
 
 DIM = 256
@@ -265,6 +266,22 @@ def test_a_reader_keeps_every_band_but_the_widest_near_by_default(tmp_path, opti
         opened = list(remote._versions.remote._files)
         assert any("/band_00016_00064/" in key for key in opened)
         assert not any("/band_00000_00016/" in key for key in opened)
+
+
+def test_objects_larger_than_a_range_download_whole_in_parallel_ranges(tmp_path, options, bucket, monkeypatch):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 2000)
+    store.publish(url, storage_options=options)
+    want = store.query(vectors[:5], k=5, dims=[16, 64, DIM])
+    store_vectors = store.get(["r0", "r1999"])
+    store.close()
+    monkeypatch.setattr(objectstore, "RANGE_BYTES", 1000)  # every part and near chunk comes in many ranges
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        got = remote.query(vectors[:5], k=5, dims=[16, 64, DIM])
+        assert [h.ids for h in got] == [h.ids for h in want]
+        got_vectors = np.array(remote.get(["r0", "r1999"]).column("vector").to_pylist(), dtype=np.float32)
+        want_vectors = np.array(store_vectors.column("vector").to_pylist(), dtype=np.float32)
+        np.testing.assert_array_equal(got_vectors, want_vectors)  # widest band remote, the others near
 
 
 def test_a_stage_reads_every_chunk_it_needs_in_one_round(tmp_path, options, bucket):
