@@ -287,7 +287,8 @@ def fit_cost(work: Path, n: int, dim: int, rotate: bool) -> list[str]:
         "| rows | build s | tune s | fit + fitted indexes s | projection s | kept | fit + indexes / build |"
         " projection / build |",
         "|---|---|---|---|---|---|---|---|",
-        f"| {n:,} | {build:.1f} | {tune_s:.1f} | {fit_s:.1f} | {projection_s:.1f} (blend {fit.blend}) | "
+        f"| {n:,} | {build:.1f} | {tune_s:.1f} | {fit_s:.1f} | "
+        f"{projection_s:.1f} (blend {fit.blend}, trained {fit.trained}) | "
         f"{choice.prefixes} {choice.dims} | {fit_s / build:.3f} | {projection_s / build:.3f} |",
     ]
 
