@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def drop_page_cache() -> None:
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages of a range (file pages leave the page cache)
 
 
+def store_maps(under: Path) -> Iterator[tuple[int, int, dict[str, str]]]:
+    """This process's maps of files under ``under``: start, end and their /proc/self/smaps fields."""
+    prefix, span, fields = str(under.resolve()), None, {}
+    for line in [*Path("/proc/self/smaps").read_text().splitlines(), "0-0 end"]:
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+            if span:
+                yield span[0], span[1], fields
+            inside = len(head) == 6 and head[5].startswith(prefix)
+            span, fields = (tuple(int(x, 16) for x in head[0].split("-")) if inside else None), {}
+        elif span and ":" in line:
+            name, value = line.split(":", 1)
+            fields[name] = value.strip()
+
+
 def evict_mapped(under: Path, only_random: bool = False) -> int:
     """Reclaim the pages this process maps from files under ``under``: ``drop_caches`` leaves pages that are
     mapped into a process, so an open store's rows read once would stay in memory. ``only_random``: only
@@ -52,13 +68,9 @@ def evict_mapped(under: Path, only_random: bool = False) -> int:
     reading them at open. Returns bytes advised."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    prefix, advised, span = str(under.resolve()), 0, None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
-            span = fields[0] if len(fields) == 6 and fields[5].startswith(prefix) else None
-        elif span and line.startswith("VmFlags:") and (" rr" in line or not only_random):
-            start, end = (int(x, 16) for x in span.split("-"))
+    advised = 0
+    for start, end, fields in store_maps(under):
+        if " rr" in f" {fields.get('VmFlags', '')}" or not only_random:
             if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
                 advised += end - start
     return advised
@@ -137,14 +149,7 @@ def open_store_cold(
 
 def mapped_resident_bytes(under: Path) -> int:
     """Bytes of this process's maps of files under ``under`` that are in memory (``Rss`` in smaps)."""
-    prefix, total, inside = str(under.resolve()), 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if fields and "-" in fields[0] and not fields[0].endswith(":"):
-            inside = len(fields) == 6 and fields[5].startswith(prefix)
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1]) * 1024
-    return total
+    return sum(int(fields.get("Rss", "0 kB").split()[0]) * 1024 for _, _, fields in store_maps(under))
 
 
 def hnswlib_index(base: np.ndarray, saved: Path):  # noqa: ANN201 - hnswlib ships no types

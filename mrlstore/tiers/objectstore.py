@@ -166,7 +166,7 @@ def publish_store(store: StoreState, url: str, options: dict[str, Any] | None) -
     return head
 
 
-def _digest(data: bytes) -> str:
+def _digest(data: bytes | memoryview) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -330,7 +330,7 @@ class RemoteSource:
         target.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         _read_whole(self.fs, f"{self.root}/versions/{self.head['version']}/{part}", buffer)
-        data = buffer.getvalue()
+        data = buffer.getbuffer()  # no second copy of a part that may be hundreds of MiB
         if _digest(data) != digest:
             raise CorruptStoreError(f"{self.url}: {part} of version {self.head['version']} is corrupted")
         target.write_bytes(data)

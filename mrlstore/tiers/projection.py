@@ -6,9 +6,9 @@ bundled encoder on caltech101-ood: mAP@10 0.750 for the raw 16-prefix, 0.836 for
 0.907 at 2048 dims). Where the largest spread is what separates groups rather than what orders a row's near
 neighbours, directions fitted to neighbour differences keep more; a fit measures both and their blend on
 held-out sample rows, and for cosine stores also the best of them trained to rank neighbours as the full
-vectors do (on CIFAR-10's vectors an exact 16-number shortlist of 100 then holds 0.90 of the full top 10,
-against 0.86 for principal directions), and keeps the best. The code of a vector is its centred
-projection on the directions,
+vectors do (benchmarks/results/fitted_codes_coverage.md: on CIFAR-10's vectors an exact 16-number shortlist
+of 100 then holds 0.896 of the full top 10, against 0.869 for the raw prefix), and keeps the best. The code
+of a vector is its centred projection on the directions,
 
     cosine: (x/|x| - mean) @ basis[:, :k]     ip and l2: (x - mean) @ basis[:, :k]
 
@@ -285,10 +285,10 @@ def _trained(
     """``start``'s directions (within ``span``'s columns) and origin refined by TRAIN_STEPS steps of Adam
     (see TRAIN_ROWS) on ``rows`` of the prepared (unit) rows ``x``: a linear code whose cosine orders near
     neighbours as the full vectors do, where principal directions keep the most variance."""
-    rows = rng.choice(rows, size=min(TRAIN_ROWS, len(rows)), replace=False)
-    centred = (x[rows] - start.mean) @ span
-    anchors = rng.choice(len(rows), size=min(TRAIN_ANCHORS, len(rows) - 1), replace=False)
-    full = x[rows[anchors]] @ x[rows].T
+    train = x[rng.choice(rows, size=min(TRAIN_ROWS, len(rows)), replace=False)]
+    centred = (train - start.mean) @ span
+    anchors = rng.choice(len(train), size=min(TRAIN_ANCHORS, len(train) - 1), replace=False)
+    full = train[anchors] @ train.T
     full[np.arange(len(anchors)), anchors] = -np.inf
     target = _softmax(full / TRAIN_FULL_TEMP)
     del full
