@@ -41,7 +41,7 @@ def prefix_scores(rows: np.ndarray, queries: np.ndarray, d: int, metric: str) ->
 def normalize_prefix(x: np.ndarray, d: int) -> np.ndarray:
     """The first ``d`` numbers of each row scaled to unit length (all-zero prefixes stay zero), float32."""
     p = np.asarray(x)[:, :d].astype(np.float32)
-    norms = np.linalg.norm(p, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", p, p))[:, None]
     return p / np.where(norms > 0, norms, 1.0)
 
 

@@ -347,6 +347,9 @@ def test_training_keeps_more_held_out_neighbours_than_the_directions_it_starts_f
     again = Projection.from_manifest(trained.to_manifest(), 256)
     assert again.trained == trained.trained
     np.testing.assert_array_equal(again.codes(x[:5], 16), trained.codes(x[:5], 16))
+    fit = Projection.fit(x, 32, "cosine", judge_at=(16, 32))  # the projection a fit returns is the one it judged
+    assert fit.trained and fit.judged is not None
+    assert judge.held(fit) == fit.judged[0], "the trained origin is kept with the trained directions"
 
 
 def _l2_top(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -445,3 +448,36 @@ def test_lost_fitted_index_files_are_rebuilt_from_the_bands(tmp_path):
     truth = [np.asarray(live)[t] for t in exact_search(rotated(N)[live], queries, 10)]
     assert recall_at_k(_ids(hits), truth) >= 0.85
     assert all(int(i) >= 300 or int(i) % 3 for ids in _ids(hits) for i in ids)
+
+
+def _weak_first(n: int, sample: int = 0) -> np.ndarray:
+    """MRL-like vectors whose first 16 numbers are weak ones from further in: a 16-number code fitted to the
+    rows keeps far more neighbours than that prefix, while a 64-number code keeps about what the prefix does."""
+    x, _ = mrl_like(n, DIM, noise=1.0, seed=11, sample=sample)
+    return np.ascontiguousarray(np.concatenate([x[:, 64:80], x[:, :64], x[:, 80:]], axis=1))
+
+
+def test_a_fit_codes_only_the_lengths_where_codes_beat_the_raw_prefix():
+    fit = Projection.fit(_weak_first(N), 64, "cosine", judge_at=(16, 64))
+    assert fit.coded == (16,) and fit.beats_raw
+    assert fit.codes_at((16, 64)) == (16,)
+    assert Projection.from_manifest(fit.to_manifest(), DIM).coded == (16,)
+    old = {key: value for key, value in fit.to_manifest().items() if key != "coded"}  # a fit saved before
+    assert Projection.from_manifest(old, DIM).codes_at((16, 64)) == (16, 64)
+
+
+def test_lengths_without_a_gain_keep_their_raw_prefix_index(tmp_path):
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=DIM, bands=(16, 64, DIM), index_dims=(16, 64)) as store:
+        store.add_vectors(_weak_first(N), ids=[str(i) for i in range(N)])
+        choice = store.tune(recall=0.9, k=10, sample=100, dims=[16, DIM])
+        assert choice.prefixes == "fitted"
+        queries = _weak_first(20, sample=1)
+        before = _ids(store.query(queries, k=10, dims=[64, DIM], shortlist=30))
+    names = sorted(p.name for p in (path / "index").glob("*.hnsw"))
+    assert names == ["fitted_00016.hnsw", "prefix_00016.hnsw", "prefix_00064.hnsw"]
+    with mrlstore.open(path) as store:
+        indexes = store._state.indexes
+        assert set(indexes.fitted.by_dim) == {16} and set(indexes.by_dim) == {64}
+        assert indexes.status == {16: "fitted code", 64: "loaded"}
+        assert _ids(store.query(queries, k=10, dims=[64, DIM], shortlist=30)) == before

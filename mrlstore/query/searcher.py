@@ -160,7 +160,7 @@ class Searcher:
             probe = tuning.Probe.sample(raw, snap, k, sample, seed, p.dim, read, held_out)
             t0 = time.perf_counter()
             projection = self._fit(snap, read, shapes)
-            # codes no better than the raw prefixes on the sample get no indexes (as costly as the store's own)
+            # codes get indexes only at lengths where they beat the raw prefixes on the sample (as costly as raw ones)
             candidate = (
                 None
                 if projection is None or not projection.beats_raw

@@ -81,7 +81,7 @@ class IndexSet:
         """Every index of the store, from its saved file where that is usable, brought up to ``snap``."""
         self.by_dim.clear()  # the funnel holds this dict: refilled in place
         self._unsaved.clear()
-        replaced = fitted_dims(self.params) if projection is not None else ()
+        replaced = projection.codes_at(fitted_dims(self.params)) if projection is not None else ()
         for d in self.params.index_dims:
             if d in replaced:
                 self.status[d] = "fitted code"
@@ -90,7 +90,7 @@ class IndexSet:
             self._unsaved[RAW, d] = 0
         self.fitted = None
         if projection is not None:
-            opened = {d: self._open(FITTED, d, projection, snap.watermark) for d in fitted_dims(self.params)}
+            opened = {d: self._open(FITTED, d, projection, snap.watermark) for d in replaced}
             starts = {d: index.covered_rows for d, (index, _) in opened.items()}
             # the stale ones extended together: each block of full rows is read and projected once
             extend_many([index for index, _ in opened.values()], snap, vectors, projection)
@@ -130,11 +130,11 @@ class IndexSet:
             self._save(family, d, index)
 
     def build_fitted(self, projection: Projection, snap: Snapshot, vectors: VectorTier) -> FittedCodes:
-        """New indexes over ``projection``'s codes of every live row of ``snap`` (not installed: ``tune``
-        measures them first)."""
+        """New indexes over ``projection``'s codes of every live row of ``snap``, at the lengths it codes
+        better than the raw prefixes (not installed: ``tune`` measures them first)."""
         p = self.params
         by_dim = {}
-        for d in fitted_dims(p):
+        for d in projection.codes_at(fitted_dims(p)):
             by_dim[d] = PrefixIndex(
                 d, projection.space, p.m_for(d), p.ef_construction, snap.watermark + 1024, self.generation,
                 projection.fit_id,

@@ -37,8 +37,12 @@ BLENDS = (1.0, 0.5, 0.25, 0.0)  # candidate weights of the rows' spread against 
 NEIGHBOURS, ANCHOR_ROWS = 10, 1000  # near neighbours of this many sample rows give the differences
 PROBE_ROWS = 1000  # held-out sample rows that judge the candidates
 # A candidate is judged on how much of a probe's exact top 10 among the store's rows its codes keep in a
-# shortlist 5 times longer, scaled to the sample (a store 5x the sample: top 2 in a shortlist of 10).
+# shortlist 5 times longer (at most a tenth of the rows), scaled to the sample (a store 5x the sample: top 2
+# in a shortlist of 10).
 JUDGE_TOP, JUDGE_SHORTLIST_RATIO = 10, 5
+# Codes whose length keeps fewer than this share of held-out neighbours more than the raw prefix get no index:
+# they would not shorten a shortlist by enough to pay for building and holding one.
+MIN_GAIN = 0.01
 # Fewer rows than this many per code number and a fit is noise: a tiny store keeps its raw prefixes.
 FIT_MIN_ROWS_PER_DIM = 2
 FIT_MIN_ROWS = 100
@@ -61,6 +65,9 @@ class Projection:
     basis: np.ndarray  # (dim, width) float32, strongest first (orthonormal columns unless trained)
     blend: float = 1.0  # weight of the rows' spread against their neighbour differences (1: principal axes)
     trained: int = 0  # steps of training that refined the directions (0: the blend's own)
+    # The code lengths worth an index: those whose codes kept more held-out neighbours than the raw prefix of
+    # the same length (see beats_raw_at); None: every length (unjudged, or fitted before lengths were judged)
+    coded: tuple[int, ...] | None = None
     # Shares of held-out sample rows' neighbours the codes and the raw prefixes kept when fitted, and how many
     # neighbours were judged (None: unjudged)
     judged: tuple[float, float, int] | None = field(default=None, compare=False)
@@ -100,7 +107,8 @@ class Projection:
         separates groups and can drop what orders a row's near neighbours. The fit keeps the candidate whose
         codes of each length in ``judge_at`` (default ``width``) keep most of held-out sample rows' exact
         neighbours (see JUDGE_TOP; ``store_rows``: the rows the sample stands for, default its own); on a
-        tie, plain principal directions. ``judged`` records the share it kept and the raw prefixes' share."""
+        tie, plain principal directions. ``judged`` records the share it kept and the raw prefixes' share,
+        ``coded`` the lengths whose codes beat the raw prefix of their length."""
         x = _prepared(np.asarray(sample, dtype=np.float32), metric)
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
         rng = np.random.default_rng(seed)
@@ -114,31 +122,39 @@ class Projection:
         lengths = tuple(k for k in judge_at if k <= width) or (width,)
         raw = cls(metric, np.zeros_like(mean), np.eye(x.shape[1], width, dtype=np.float32))  # the raw prefixes
         judge = _Judge(x, probes, fits[0].space, store_rows or len(x), lengths)
-        held = [judge.held(c) for c in fits]
-        best, best_held = fits[int(np.argmax(held))], max(held)
+        held = [judge.shares(c) for c in fits]
+        best, best_held = fits[int(np.argmax([np.mean(h) for h in held]))], max(held, key=np.mean)
         if metric == "cosine":
             span = _span(best.basis, spread if differences is None else spread + differences, rng)
             trained = _trained(best, span, x, np.setdiff1d(np.arange(len(x)), probes), lengths, rng)
-            trained_held = judge.held(trained)
-            if trained_held > best_held:
+            trained_held = judge.shares(trained)
+            if np.mean(trained_held) > np.mean(best_held):
                 best, best_held = trained, trained_held
-        judged = (best_held, judge.held(raw), judge.judged)
-        return cls(metric, mean, best.basis, best.blend, best.trained, judged)
+        raw_held = judge.shares(raw)
+        coded = tuple(k for k, s, r in zip(lengths, best_held, raw_held) if beats_raw_at(s, r, judge.judged))
+        judged = (float(np.mean(best_held)), float(np.mean(raw_held)), judge.judged)
+        return cls(metric, best.mean, best.basis, best.blend, best.trained, coded, judged)
 
     @property
     def beats_raw(self) -> bool:
-        """Whether the codes kept more held-out neighbours than the raw prefixes by more than twice the
-        judgement's standard error (True when unjudged): on a tie the raw prefixes' indexes already exist."""
-        if self.judged is None:
-            return True
-        share, raw_share, judged = self.judged
-        return share - raw_share > 2.0 * np.sqrt(max(share * (1.0 - share), 1e-4) / judged)
+        """Whether codes of some length are worth an index (True when unjudged)."""
+        return self.coded is None or bool(self.coded)
+
+    def codes_at(self, lengths: tuple[int, ...]) -> tuple[int, ...]:
+        """Which of a store's code ``lengths`` are worth an index (see ``coded``)."""
+        return tuple(k for k in lengths if self.coded is None or k in self.coded)
 
     def held(
         self, x: np.ndarray, probes: np.ndarray, truth: np.ndarray, lengths: tuple[int, ...], shortlist: int
     ) -> float:
         """The share of ``truth`` (rows' exact top lists) that ``probes``' top ``shortlist`` by their codes
         hold among the prepared rows ``x``, averaged over code ``lengths``."""
+        return float(np.mean(self.shares(x, probes, truth, lengths, shortlist)))
+
+    def shares(
+        self, x: np.ndarray, probes: np.ndarray, truth: np.ndarray, lengths: tuple[int, ...], shortlist: int
+    ) -> list[float]:
+        """``held`` for each code length."""
         # x is prepared already (codes() would prepare it again); centring after the product spares a copy of x
         all_codes = x @ self.basis - self.mean @ self.basis
         all_queries = self.query_codes(x[probes], self.width)
@@ -149,10 +165,8 @@ class Projection:
                 codes, queries = normalize_prefix(codes, k), normalize_prefix(queries, k)
             scores = _scores(queries, codes, self.space)
             scores[np.arange(len(probes)), probes] = -np.inf
-            cut = min(shortlist, scores.shape[1] - 1)
-            last = np.partition(scores, scores.shape[1] - cut, axis=1)[:, scores.shape[1] - cut]  # shortlist's worst
-            shares.append(np.mean(np.take_along_axis(scores, truth, axis=1) >= last[:, None]))
-        return float(np.mean(shares))
+            shares.append(float(np.mean(_in_shortlist(scores, truth, min(shortlist, scores.shape[1] - 1)))))
+        return shares
 
     def codes(self, x: np.ndarray, k: int | None = None) -> np.ndarray:
         """The ``k``-number codes (default all ``width``) of stored rows ``x``, float32."""
@@ -192,6 +206,7 @@ class Projection:
             "basis": base64.b64encode(self.basis.astype("<f4").tobytes()).decode(),
             "blend": self.blend,
             "trained": self.trained,
+            "coded": None if self.coded is None else list(self.coded),
         }
 
     @classmethod
@@ -204,7 +219,9 @@ class Projection:
             basis = np.frombuffer(base64.b64decode(entry["basis"]), dtype="<f4").astype(np.float32)
             blend = float(entry.get("blend", 1.0))  # fits made before blends were principal axes
             trained = int(entry.get("trained", 0))  # nor trained
-            out = cls(str(entry["metric"]), mean.reshape(dim), basis.reshape(dim, width), blend, trained)
+            coded = entry.get("coded")  # absent: fitted before lengths were judged, every length indexed
+            coded = None if coded is None else tuple(int(k) for k in coded)
+            out = cls(str(entry["metric"]), mean.reshape(dim), basis.reshape(dim, width), blend, trained, coded)
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptStoreError(f"the store's fitted projection is unreadable: {e}") from None
         if out.fit_id != entry.get("id"):
@@ -215,6 +232,13 @@ class Projection:
 def fit_width(index_dims: tuple[int, ...], dim: int) -> int:
     """The code numbers a fit needs: the longest indexed prefix shorter than the vectors (0: none)."""
     return max((d for d in index_dims if d < dim), default=0)
+
+
+def beats_raw_at(share: float, raw_share: float, judged: int) -> bool:
+    """Whether codes that kept ``share`` of ``judged`` held-out neighbours beat a raw prefix that kept
+    ``raw_share`` by more than twice the judgement's standard error and by MIN_GAIN: on a tie the raw prefix's
+    index exists already."""
+    return share - raw_share > max(MIN_GAIN, 2.0 * np.sqrt(max(share * (1.0 - share), 1e-4) / judged))
 
 
 def can_fit(live_rows: int, width: int) -> bool:
@@ -246,7 +270,19 @@ def _top(scores: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     """Each row's ``k`` best columns, its own (``own``) excluded; in no particular order."""
     scores[np.arange(len(own)), own] = -np.inf
     k = min(k, scores.shape[1] - 1)
+    if k == 1:  # a big store's sample judges each probe's nearest row: argmax is a few times faster
+        return scores.argmax(axis=1)[:, None]
     return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
+def _in_shortlist(scores: np.ndarray, truth: np.ndarray, cut: int) -> np.ndarray:
+    """Whether each of ``truth``'s columns scores among its row's ``cut`` best (ties in): fewer than ``cut``
+    columns score higher. Counting beats a partition where ``truth`` has few columns (a big store's judge)."""
+    wanted = np.take_along_axis(scores, truth, axis=1)
+    if truth.shape[1] > 2:
+        last = np.partition(scores, scores.shape[1] - cut, axis=1)[:, scores.shape[1] - cut]  # shortlist's worst
+        return wanted >= last[:, None]
+    return np.stack([(scores > wanted[:, [j]]).sum(axis=1) < cut for j in range(truth.shape[1])], axis=1)
 
 
 class _Judge:
@@ -260,7 +296,17 @@ class _Judge:
         self.judged = int(self.truth.size)
 
     def held(self, candidate: Projection) -> float:
-        return candidate.held(self.x, self.probes, self.truth, self.lengths, self.top * JUDGE_SHORTLIST_RATIO)
+        return float(np.mean(self.shares(candidate)))
+
+    def shares(self, candidate: Projection) -> list[float]:
+        """``held`` for each code length."""
+        return candidate.shares(self.x, self.probes, self.truth, self.lengths, self.shortlist)
+
+    @property
+    def shortlist(self) -> int:
+        """JUDGE_SHORTLIST_RATIO times the top, but at most a tenth of the rows: in a tiny store a shortlist of
+        half its rows holds every neighbour whatever the codes, and the judge could not tell them apart."""
+        return max(self.top, min(self.top * JUDGE_SHORTLIST_RATIO, len(self.x) // 10))
 
 
 def _span(basis: np.ndarray, moments: np.ndarray, rng: np.random.Generator) -> np.ndarray:
