@@ -9,9 +9,14 @@ Two protocols, in the same run:
   query after a reboot), in three modes: as before issue 25 (the kernel's read-around on every fault, one
   fault at a time: ``before``), without read-around (MADV_RANDOM: ``random``), and without it plus the
   parallel page-in of a stage's rows (``parallel``). Each times one ``query`` (cold), then the same again.
+- ``pause`` (a control for ``open``): the store opened once, a 50 ms sleep before each query instead of the
+  drop, hnswlib likewise. No file is read in either (the ``open`` rows print the major faults and disk bytes
+  per query), so what slows both is the CPU's caches going cold while the process waits, and a funnel runs
+  more distinct code (Python, numpy, two HNSW searches) than one hnswlib call.
 
     sudo python benchmarks/cold_query.py --work /tmp/cmpwork                  # compare.py's 100k store
     sudo python benchmarks/cold_query.py --work W --data 1000000 --modes open parallel
+    sudo python benchmarks/cold_query.py --work W --modes open pause      # the drop against a pause
 
 Needs root (``echo 1 > /proc/sys/vm/drop_caches``) and the store compare.py's mrlstore system left in
 ``--work`` for ``--data``. hnswlib (M=16, ef_construction=200, as compare.py) is loaded from where
@@ -24,10 +29,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import resource
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,24 +133,39 @@ def cold_and_warm(
     return cold, warm, found
 
 
+def pause() -> None:
+    time.sleep(0.05)
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has had read from disk (``read_bytes`` of /proc/self/io: page cache hits excluded)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["read_bytes"])
+
+
 def open_store_cold(
-    store_path: Path, queries: np.ndarray, dims: list[int] | None
-) -> tuple[list[float], list[list[str]], int]:
+    store_path: Path, queries: np.ndarray, dims: list[int] | None, before: Callable[[], None] = drop_page_cache
+) -> tuple[list[float], list[list[str]], int, tuple[float, float]]:
     """The issue's protocol on a store opened once as users do (rows read at open below a quarter of RAM):
-    the page cache dropped before each query. Returns the times, the hits, and what of the store's files
-    stayed in memory after the first drop (mapped by the open store: ``drop_caches`` leaves those)."""
-    times, found = [], []
+    the page cache dropped (or ``before`` run) before each query. Returns the times, the hits, what of the
+    store's files stayed in memory after the first drop (mapped by the open store: ``drop_caches`` leaves
+    those), and the mean major page faults and disk KiB per query."""
+    times, found, faults, read = [], [], 0, 0
     with mrlstore.open(store_path, read_only=True) as store:
         store.query(queries[0], dims=dims)
         drop_page_cache()
         resident = mapped_resident_bytes(store_path)
         for q in queries:
-            drop_page_cache()
+            before()
+            faults -= resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+            read -= disk_read_bytes()
             t0 = time.perf_counter()
             hits = store.query(q, dims=dims)
             times.append(time.perf_counter() - t0)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+            read += disk_read_bytes()
             found.append(hits.ids)
-    return times, found, resident
+    return times, found, resident, (faults / len(queries), read / 1024 / len(queries))
 
 
 def mapped_resident_bytes(under: Path) -> int:
@@ -166,9 +187,9 @@ def hnswlib_index(base: np.ndarray, saved: Path):  # noqa: ANN201 - hnswlib ship
     return index
 
 
-def hnswlib_p50(index, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[int, float, float]:  # noqa: ANN001
-    """The first ef whose recall reaches ``target``, its recall and p50 (page cache dropped before each query,
-    as for the store: hnswlib holds everything in its own memory, so that changes nothing)."""
+def hnswlib_p50(index, queries: np.ndarray, truth: np.ndarray, target: float, before: Callable[[], None]):  # noqa: ANN001, ANN201
+    """The first ef whose recall reaches ``target``, its recall and p50 (``before`` run before each query, as
+    for the store: hnswlib holds everything in its own memory, so a drop reads nothing)."""
     for ef in (10, 16, 24, 32, 48, 64, 96, 128, 192, 256):
         index.set_ef(ef)
         labels = [index.knn_query(q, k=10)[0][0] for q in queries]
@@ -177,14 +198,14 @@ def hnswlib_p50(index, queries: np.ndarray, truth: np.ndarray, target: float) ->
             break
     times = []
     for q in queries:
-        drop_page_cache()
+        before()
         t0 = time.perf_counter()
         index.knn_query(q, k=10)
         times.append(time.perf_counter() - t0)
     return ef, got, 1e3 * statistics.median(times)
 
 
-MODES = ("open", "before", "random", "parallel")
+MODES = ("open", "pause", "before", "random", "parallel")
 
 
 def main() -> None:
@@ -203,24 +224,37 @@ def main() -> None:
         if len(store) != len(np.load(data / "base.npy", mmap_mode="r")):
             raise SystemExit(f"{store_path} does not hold data_{args.data}: run compare.py --data {args.data} first")
     results = {}
-    if "open" in args.modes:
+    protocols = {"open": ("page cache dropped", drop_page_cache), "pause": ("a 50 ms pause", pause)}
+    for mode, (label, before) in protocols.items():
+        if mode not in args.modes:
+            continue
         for dims in (None, [16, 2048]):
-            times, found, resident = open_store_cold(store_path, queries, dims)
-            name = f"store open, page cache dropped before each query, {'default' if dims is None else dims}"
+            times, found, resident, (faults, read) = open_store_cold(store_path, queries, dims, before)
+            name = f"store open, {label} before each query, {'default' if dims is None else dims}"
             results[name] = (1e3 * statistics.median(times), float("nan"), recall(found, truth))
-            print(f"{name}: cold p50 {results[name][0]:.3f} ms, recall@10 {results[name][2]:.3f}; "
-                  f"{resident / 2**30:.2f} GiB of the store's files stayed mapped in memory", flush=True)  # fmt: skip
+            print(f"{name}: p50 {results[name][0]:.3f} ms, recall@10 {results[name][2]:.3f}; per query "
+                  f"{faults:.1f} major faults, {read:.1f} KiB read from disk; {resident / 2**30:.2f} GiB of the "
+                  "store's files stayed mapped in memory", flush=True)  # fmt: skip
     harsh(args, store_path, queries, truth, results)
     if not args.no_hnswlib:
-        now = next(iter(results))
-        target = results[now][2]
-        base = np.load(data / "base.npy", mmap_mode="r")
-        ef, got, p50 = hnswlib_p50(hnswlib_index(base, data / "hnswlib.hnsw"), queries, truth, target)
-        print(f"hnswlib 2048-d in memory, ef={ef}: p50 {p50:.3f} ms, recall@10 {got:.3f}")
-        for name, (cold, _, _) in results.items():
-            if "default" in name:
-                print(f"{name}: cold p50 / hnswlib in-memory p50 at equal or better recall: {cold:.3f} / {p50:.3f} = "
-                      f"{cold / p50:.2f}")  # fmt: skip
+        hnswlib_rows(args, data, queries, truth, results)
+
+
+def hnswlib_rows(args: argparse.Namespace, data: Path, queries: np.ndarray, truth: np.ndarray, results: dict) -> None:
+    """hnswlib at the first ef whose recall reaches the store's first row, after a drop (and after a pause
+    where the store was timed so); each default row of the store against it."""
+    target = results[next(iter(results))][2]
+    index = hnswlib_index(np.load(data / "base.npy", mmap_mode="r"), data / "hnswlib.hnsw")
+    ef, got, dropped = hnswlib_p50(index, queries, truth, target, drop_page_cache)
+    print(f"hnswlib 2048-d in memory, ef={ef}, page cache dropped before each query: p50 {dropped:.3f} ms, "
+          f"recall@10 {got:.3f}")  # fmt: skip
+    paused = hnswlib_p50(index, queries, truth, target, pause)[2] if "pause" in args.modes else float("nan")
+    if "pause" in args.modes:
+        print(f"hnswlib, a 50 ms pause before each query: p50 {paused:.3f} ms")
+    for name, (cold, _, _) in results.items():
+        if "default" in name:
+            p50 = paused if "pause" in name else dropped
+            print(f"{name}: p50 / hnswlib's at equal or better recall: {cold:.3f} / {p50:.3f} = {cold / p50:.2f}")
 
 
 def harsh(args: argparse.Namespace, store_path: Path, queries: np.ndarray, truth: np.ndarray, results: dict) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +179,14 @@ class Projection:
         mean's part of a score is the same for every row. One matrix-vector product for a single query."""
         x = np.atleast_2d(np.asarray(q, dtype=np.float32))
         rows_t, shift = self._query_map(k)
-        codes = rows_t @ x[0] if len(x) == 1 else x @ rows_t.T
-        codes = np.atleast_2d(codes)
+        if len(x) == 1:  # few numpy calls: after a pause each costs tens of microseconds (cold caches)
+            codes = rows_t @ x[0]
+            norm = math.sqrt(float(np.dot(x[0], x[0]))) if self.metric == "cosine" else 0.0
+            if norm > 0:
+                codes /= norm
+            codes -= shift
+            return codes[None]
+        codes = x @ rows_t.T
         if self.metric == "cosine":
             norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
             codes = codes / np.where(norms > 0, norms, 1.0)
