@@ -481,3 +481,14 @@ def test_lengths_without_a_gain_keep_their_raw_prefix_index(tmp_path):
         assert set(indexes.fitted.by_dim) == {16} and set(indexes.by_dim) == {64}
         assert indexes.status == {16: "fitted code", 64: "loaded"}
         assert _ids(store.query(queries, k=10, dims=[64, DIM], shortlist=30)) == before
+
+
+def test_a_fit_learns_from_rows_other_than_tunes_probes_where_the_store_has_enough():
+    from mrlstore.query.searcher import fit_sample
+
+    probes = np.arange(0, 30_000, 150)
+    big = fit_sample(np.arange(30_000), probes)
+    assert len(big) == projection.FIT_SAMPLE_ROWS and not np.isin(big, probes).any()
+    assert np.all(np.diff(big) > 0)
+    small = fit_sample(np.arange(5_000), probes[probes < 5_000])  # a small store's fit takes every row
+    np.testing.assert_array_equal(small, np.arange(5_000))

@@ -160,7 +160,7 @@ class Searcher:
             raw = self.funnel.with_fitted(None)
             probe = tuning.Probe.sample(raw, snap, k, sample, seed, p.dim, read, held_out)
             t0 = time.perf_counter()
-            projection = self._fit(snap, read, shapes)
+            projection = self._fit(snap, read, shapes, probe.rows)
             # codes get indexes only at lengths where they beat the raw prefixes on the sample (as costly as raw ones)
             candidate = (
                 None
@@ -179,10 +179,16 @@ class Searcher:
         return TuneResult(**choice)
 
     def _fit(
-        self, snap: Snapshot, read: Callable[[np.ndarray], np.ndarray], shapes: list[tuple[int, ...]]
+        self,
+        snap: Snapshot,
+        read: Callable[[np.ndarray], np.ndarray],
+        shapes: list[tuple[int, ...]],
+        probe_rows: np.ndarray,
     ) -> Projection | None:
         """Codes fitted to a sample of the live rows (None: the store keeps raw prefixes: created so, too
-        small, or no funnel shape starts at an indexed prefix below the full dimension)."""
+        small, or no funnel shape starts at an indexed prefix below the full dimension). Where the store has
+        rows to spare, the sample leaves out ``probe_rows`` (tune's sampled queries): codes trained on a query
+        rank its neighbours better than a new query's, and tune would promise new queries too much."""
         state, p = self.state, self.state.params
         width = fit_width(p.index_dims, p.dim)
         if p.prefixes == "raw" or not can_fit(snap.n_live, width) or not getattr(state.vectors, "native", True):
@@ -190,7 +196,7 @@ class Searcher:
         if not any(shape[0] in fitted_dims(p) for shape in shapes):
             return None
         live = np.flatnonzero(snap.live[: snap.watermark])
-        rows = np.sort(np.random.default_rng(0).choice(live, size=min(FIT_SAMPLE_ROWS, len(live)), replace=False))
+        rows = fit_sample(live, probe_rows)
         return Projection.fit(read(rows), width, p.metric, judge_at=fitted_dims(p), store_rows=len(live))
 
     def _keep(self, choice: dict[str, Any], fitted: FittedCodes | None) -> None:
@@ -205,3 +211,11 @@ class Searcher:
             state.manifest = {**manifest, "tuned": choice, **({"fit": fit} if fit is not None else {})}
         state.indexes.save_fitted()
         self.on_commit()
+
+
+def fit_sample(live: np.ndarray, probe_rows: np.ndarray) -> np.ndarray:
+    """The sorted rows a fit learns from: FIT_SAMPLE_ROWS of the ``live`` rows, none of ``probe_rows`` where
+    enough others are live (a smaller store's fit takes all its rows, probes included)."""
+    unprobed = np.setdiff1d(live, probe_rows)
+    pool = unprobed if len(unprobed) >= FIT_SAMPLE_ROWS else live
+    return np.sort(np.random.default_rng(0).choice(pool, size=min(FIT_SAMPLE_ROWS, len(pool)), replace=False))
