@@ -166,7 +166,8 @@ def test_tune_warns_about_shapes_that_miss_the_target(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             choice = store.tune(recall=0.95, k=10, sample=60)
-        assert choice["dims"] == [128, 256]
+        # the 128-d funnel, or an exact scan where that timed faster (a small store, a busy machine)
+        assert choice["dims"] in ([128, 256], [256])
         assert not choice["shapes"]["2,256"]["reached"]
         assert any("dims=[2, 256] reached only" in str(w.message) for w in caught)
 

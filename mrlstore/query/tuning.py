@@ -115,19 +115,24 @@ def tune(funnel: Funnel, task: Task, fitted: bool = False) -> dict[str, Any]:
 def tune_prefixes(funnel: Funnel, fitted_funnel: Funnel | None, task: Task) -> dict[str, Any]:
     """``tune`` with raw prefixes and, given ``fitted_funnel``, with its fitted codes; the choice says which
     it keeps (``prefixes``: "raw" or "fitted"). A fit is kept when its fastest funnel reaching the target is
-    at least as fast as the raw prefixes' (within FIT_KEEP_MARGIN: ties go to the codes that rank better).
+    at least as fast as the raw prefixes' (within FIT_KEEP_MARGIN: ties go to the codes that rank better),
+    and also when the raw prefixes' fastest starts at a length the fit does not code: that one is then the
+    default and the codes serve the funnels that start at their lengths.
     Warnings are those of the kept choice; TuningError when neither reaches the target."""
     raw, raw_warnings = _attempt(lambda: tune(funnel, task))
     fit: dict[str, Any] | Exception | None = None
     fit_warnings: list[str] = []
     if fitted_funnel is not None:
         fit, fit_warnings = _attempt(lambda: tune(fitted_funnel, task, fitted=True))
-    if isinstance(fit, dict) and fitted_funnel is not None and _keeps_fit(raw, fit, fitted_funnel, task):
+    kept = None
+    if isinstance(fit, dict) and fitted_funnel is not None:
+        kept = fit if _keeps_fit(raw, fit, fitted_funnel, task) else _raw_default_with_codes(raw, fit, fitted_funnel)
+    if kept is not None and isinstance(fit, dict):
         raw_settings = None if isinstance(raw, Exception) else {f: v for f, v in raw.items() if f != "tried"}
         tried = fit["tried"] + ([] if isinstance(raw, Exception) else raw["tried"])
         for message in fit_warnings:
             warnings.warn(message, stacklevel=4)  # the caller of Store.tune
-        return {**fit, "prefixes": "fitted", "raw_settings": raw_settings, "tried": tried}
+        return {**kept, "prefixes": "fitted", "raw_settings": raw_settings, "tried": tried}
     if isinstance(raw, Exception):
         if fitted_funnel is not None:
             raise TuningError(f"{raw} (codes fitted to the store's rows did not reach it either)") from None
@@ -165,6 +170,24 @@ def _keeps_fit(raw: dict[str, Any] | Exception, fit: dict[str, Any], funnel: Fun
     # equal shortlists (a small store, where every funnel reaches at the smallest): the codes that rank better
     # alone, at the smallest shortlist tried
     return _first_recall(fit, key) > _first_recall(raw, key)
+
+
+def _raw_default_with_codes(
+    raw: dict[str, Any] | Exception, fit: dict[str, Any], funnel: Funnel
+) -> dict[str, Any] | None:
+    """When the raw prefixes' fastest funnel starts at a length the fit does not code, it runs the same with
+    the fit installed: the fit's choice with that funnel as the default, so that queries asking for a coded
+    length (``dims=[16, ...]``) still shortlist on the codes. None when it starts at a coded length (its raw
+    index would leave memory) or when no funnel on the codes reached the target."""
+    if isinstance(raw, Exception) or funnel.fitted is None:
+        return None
+    default = raw["dims"][0]
+    if default in funnel.fitted.by_dim or not any(p["fitted"] and p["reached"] for p in fit["shapes"].values()):
+        return None
+    key = shape_key(raw["dims"])
+    chosen = {f: raw[f] for f in ("dims", "shortlist", "ef", "recall", "recall_low", "ms_per_query", "taper")}
+    shapes = {**fit["shapes"], **({key: raw["shapes"][key]} if key in raw["shapes"] else {})}
+    return {**fit, **chosen, "exact_ms_per_query": raw["exact_ms_per_query"], "shapes": shapes}
 
 
 def _fastest(choice: dict[str, Any]) -> dict[str, Any]:
