@@ -248,8 +248,9 @@ def hnswlib_rows(args: argparse.Namespace, data: Path, queries: np.ndarray, trut
     ef, got, dropped = hnswlib_p50(index, queries, truth, target, drop_page_cache)
     print(f"hnswlib 2048-d in memory, ef={ef}, page cache dropped before each query: p50 {dropped:.3f} ms, "
           f"recall@10 {got:.3f}")  # fmt: skip
-    paused = hnswlib_p50(index, queries, truth, target, pause)[2] if "pause" in args.modes else float("nan")
+    paused = float("nan")
     if "pause" in args.modes:
+        paused = hnswlib_p50(index, queries, truth, target, pause)[2]
         print(f"hnswlib, a 50 ms pause before each query: p50 {paused:.3f} ms")
     for name, (cold, _, _) in results.items():
         if "default" in name:

@@ -124,7 +124,8 @@ class Projection:
         raw = cls(metric, np.zeros_like(mean), np.eye(x.shape[1], width, dtype=np.float32))  # the raw prefixes
         judge = _Judge(x, probes, fits[0].space, store_rows or len(x), lengths)
         held = [judge.shares(c) for c in fits]
-        best, best_held = fits[int(np.argmax([np.mean(h) for h in held]))], max(held, key=np.mean)
+        first = int(np.argmax([np.mean(h) for h in held]))
+        best, best_held = fits[first], held[first]
         if metric == "cosine":
             span = _span(best.basis, spread if differences is None else spread + differences, rng)
             trained = _trained(best, span, x, np.setdiff1d(np.arange(len(x)), probes), lengths, rng)
@@ -145,17 +146,11 @@ class Projection:
         """Which of a store's code ``lengths`` are worth an index (see ``coded``)."""
         return tuple(k for k in lengths if self.coded is None or k in self.coded)
 
-    def held(
-        self, x: np.ndarray, probes: np.ndarray, truth: np.ndarray, lengths: tuple[int, ...], shortlist: int
-    ) -> float:
-        """The share of ``truth`` (rows' exact top lists) that ``probes``' top ``shortlist`` by their codes
-        hold among the prepared rows ``x``, averaged over code ``lengths``."""
-        return float(np.mean(self.shares(x, probes, truth, lengths, shortlist)))
-
     def shares(
         self, x: np.ndarray, probes: np.ndarray, truth: np.ndarray, lengths: tuple[int, ...], shortlist: int
     ) -> list[float]:
-        """``held`` for each code length."""
+        """For each code length in ``lengths``, the share of ``truth`` (rows' exact top lists) that
+        ``probes``' top ``shortlist`` by their codes hold among the prepared rows ``x``."""
         # x is prepared already (codes() would prepare it again); centring after the product spares a copy of x
         all_codes = x @ self.basis - self.mean @ self.basis
         all_queries = self.query_codes(x[probes], self.width)
@@ -303,6 +298,7 @@ class _Judge:
         self.judged = int(self.truth.size)
 
     def held(self, candidate: Projection) -> float:
+        """The share of the probes' neighbours ``candidate``'s codes keep, averaged over the code lengths."""
         return float(np.mean(self.shares(candidate)))
 
     def shares(self, candidate: Projection) -> list[float]:
