@@ -337,7 +337,10 @@ def test_a_published_store_keeps_its_fitted_codes(tmp_path, options, bucket):
         store.tune(recall=0.9, k=10, sample=100)
         assert store.info().prefixes == "fitted"
         local = [list(h.ids) for h in store.query(queries, k=10, dims=[16, DIM], shortlist=50)]
-        store.publish(url, storage_options=options)
+        head = store.publish(url, storage_options=options)
+    # the raw 16-prefix index the codes replaced stays local: no reader loads it, so none downloads it
+    published = {p for p in head["parts"] if p.startswith("index/")}
+    assert published == {"index/fitted_00016.hnsw", "index/fitted_00016.json"}
     remote = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
     try:
         assert remote.info().prefixes == "fitted"

@@ -220,6 +220,12 @@ class IndexSet:
             if self._unsaved[family, d] >= max(INDEX_AUTOSAVE_ROWS, index.covered_rows // 4):
                 self._save(family, d, index)
 
+    def files(self) -> list[Path]:
+        """The saved files of the indexes in use: a fit's replaced raw indexes are left out, since no reader
+        loads them (a query asking for raw prefixes then scans them exactly)."""
+        paths = (PrefixIndex.paths(self._base(family, d)) for family, d, _ in self.all_indexes())
+        return [path for pair in paths for path in pair if path.exists()]
+
     def _base(self, family: str, d: int) -> Path:
         return self.path / INDEX_DIR / f"{family}_{d:05d}"
 

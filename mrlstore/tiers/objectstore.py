@@ -191,8 +191,10 @@ def _capture(
         if not isinstance(vectors, BandedVectors):  # the chunk files themselves are uploaded
             raise UnsupportedStorageError("publish() uploads a store whose bands are local files")
         store.catalog.snapshot_to(staged / "catalog.duckdb")
-        if (store.path / "index").exists():
-            shutil.copytree(store.path / "index", staged / "index", ignore=shutil.ignore_patterns(".*"))
+        for path in store.indexes.files():  # a reader downloads each at open: only those it loads
+            target = staged / path.relative_to(store.path)
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy(path, target)
         group = staged / "vectors"
         group.mkdir()
         shutil.copy(vectors.root / "zarr.json", group / "zarr.json")
