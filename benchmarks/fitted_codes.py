@@ -5,6 +5,8 @@ same vectors, and does a store of vectors without Matryoshka structure get a fas
     python benchmarks/fitted_codes.py --part photos         # caltech101-ood, CIFAR-10 test, the demo photos
     python benchmarks/fitted_codes.py --part rotated --n 100000
     python benchmarks/fitted_codes.py --part coverage       # no timing: how well each code shortlists
+    python benchmarks/fitted_codes.py --part ceiling        # codes trained at length, with torch (slow)
+    python benchmarks/fitted_codes.py --part sparse --data DIR  # compare.py's cached data (base, queries, truth)
     python benchmarks/fitted_codes.py --part cost --n 1000000 --dim 2048 [--rotate]
 
 photos: the bundled encoder's vectors of each set in a store, after ``tune(recall=0.95)``: ``dims=[16]``
@@ -19,6 +21,16 @@ and hnswlib over all 1024 dims at the fastest ef reaching the same recall, in th
 coverage: the share of the exact full-dimension top 10 that an exact shortlist of S rows on each code
 holds (the raw k-prefix, and the k-number codes the store's own Projection.fit gives), for the photo sets
 and the MRL-like vectors (a rotation changes neither the full-dimension neighbours nor the fitted codes).
+ceiling: how far any 16-number code could go on the photo sets, held-out rows against trained ones. 1,000
+rows are held out; codes are trained on the others by gradient descent (torch, Adam, the listwise loss the
+store's own training uses, every training row a candidate): a linear map over all dimensions (200 steps)
+and a linear map plus a one-hidden-layer network (256 units, 1,000 steps). Each row's exact shortlist of
+100 on its codes, against its exact full-dimension top 10 among all rows, for held-out and trained rows.
+sparse: whether a fit whose sample is too sparse to hold rows' near neighbours (20,000 of 1M rows in
+clusters of 100) would do better knowing them: on compare.py's cached data (DIR holds base.npy, queries.npy,
+truth.npy), the share of the queries' exact top 10 that an exact shortlist of S rows on 32-number codes holds,
+for the raw prefix, the store's own fit, and principal directions blended with the differences between 1,000
+sample rows and their true 10 nearest among all rows (found by exact search).
 cost: what a fit costs next to the build, on MRL-like rows in a store: the build (adds, generation not
 counted), ``tune``, the fit with its indexes over every row's codes (``fit_s``), and the projection alone
 (Projection.fit on a sample of the rows, as tune draws it).
@@ -253,6 +265,118 @@ def coverage(work: Path, n: int, dim: int) -> list[str]:
     return lines
 
 
+def ceiling(work: Path) -> list[str]:
+    from mrlstore.tiers.projection import Projection
+
+    lines = ["## How far a 16-number code goes: exact shortlist of 100, share of the full top 10 it holds", ""]
+    lines += ["| vectors | code | held-out rows | trained rows | train s |", "|---|---|---|---|---|"]
+    for name, (images, labels) in _photo_sets().items():
+        x = _unit(encoded(work, name, images, labels)[0].astype(np.float16).astype(np.float32))
+        rng = np.random.default_rng(0)
+        held = np.sort(rng.choice(len(x), size=min(1000, len(x) // 5), replace=False))
+        trained = np.setdiff1d(np.arange(len(x)), held)
+        truth = _top_of(x @ x.T, np.arange(len(x)), K)
+        t0 = time.perf_counter()
+        fit = Projection.fit(x[trained], 16, "cosine", judge_at=(16,), store_rows=len(x))
+        codes = {"the store's fit (Projection.fit)": (_unit(fit.codes(x, 16)), time.perf_counter() - t0)}
+        codes |= _trained_codes(x, trained)
+        for label, (c, seconds) in codes.items():
+            got = [_held(c[rows] @ c.T, rows, 100, truth[rows]) for rows in (held, trained)]
+            lines.append(f"| {name} | {label} | {got[0]:.3f} | {got[1]:.3f} | {seconds:.0f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def _trained_codes(x: np.ndarray, rows: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+    """16-number codes of every row of ``x`` (unit rows) from maps trained on ``rows`` with torch."""
+    import torch
+
+    torch.manual_seed(0)
+    data = torch.from_numpy(x)
+    train = torch.from_numpy(rows)
+    full = data[train] @ data[train].T
+    full.fill_diagonal_(-torch.inf)  # a row is not its own neighbour
+    mean = data[train].mean(0)
+    start = torch.linalg.svd(data[train] - mean, full_matrices=False)[2][:16]  # principal directions
+
+    def linear() -> torch.nn.Linear:
+        layer = torch.nn.Linear(x.shape[1], 16)
+        with torch.no_grad():
+            layer.weight.copy_(start)
+            layer.bias.copy_(-(mean @ start.T))
+        return layer
+
+    class Network(torch.nn.Module):  # the linear code plus a learned correction, zero at the start
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.hidden, self.out = linear(), torch.nn.Linear(x.shape[1], 256), torch.nn.Linear(256, 16)
+            torch.nn.init.zeros_(self.out.weight)
+            torch.nn.init.zeros_(self.out.bias)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.linear(z) + self.out(torch.relu(self.hidden(z)))
+
+    out = {}
+    for label, model, steps in (("linear, all dims", linear(), 200), ("linear + 256-unit network", Network(), 1000)):
+        t0 = time.perf_counter()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(steps):
+            batch = torch.randint(len(train), (256,))
+            target = torch.softmax(full[batch] / 0.02, dim=1)
+            codes = torch.nn.functional.normalize(model(data[train]), dim=1)
+            own = torch.zeros_like(target, dtype=torch.bool)
+            own[torch.arange(len(batch)), batch] = True
+            logits = (codes[batch] @ codes.T / 0.04).masked_fill(own, -1e9)
+            loss = -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out[label] = (_unit(model(data).numpy()), time.perf_counter() - t0)
+    return out
+
+
+def sparse_sample(data: Path, k: int = 32) -> list[str]:
+    from mrlstore.tiers.projection import BLENDS, FIT_SAMPLE_ROWS, Projection, _directions, _second_moment
+
+    stored = np.load(data / "base.npy", mmap_mode="r")
+    x = np.empty(stored.shape, np.float32)
+    for lo in range(0, len(x), 100_000):
+        x[lo : lo + 100_000] = _unit(stored[lo : lo + 100_000].astype(np.float32))
+    queries, truth = _unit(np.load(data / "queries.npy").astype(np.float32)), np.load(data / "truth.npy")
+    rng = np.random.default_rng(0)
+    picked = np.sort(rng.choice(len(x), size=FIT_SAMPLE_ROWS, replace=False))
+    sample = x[picked]
+    fit = Projection.fit(sample, k, "cosine", judge_at=(16, k), store_rows=len(x))  # as tune fits
+    near = []
+    for lo in range(0, 1000, 100):  # the first 1,000 sample rows' true neighbours among all rows
+        nearest = _top_of(sample[lo : lo + 100] @ x.T, picked[lo : lo + 100], K)
+        near.append((sample[lo : lo + 100, None, :] - x[nearest]).reshape(-1, x.shape[1]))
+    mean = sample.mean(axis=0)
+    spread, differences = _second_moment(sample - mean), _second_moment(np.concatenate(near))
+    codes = {"raw prefix": lambda v: v[:, :k], f"the store's fit (blend {fit.blend}, trained {fit.trained})": fit.codes}
+    for blend in BLENDS:
+        known = Projection("cosine", mean, _directions(spread, differences, blend, k, rng), blend)
+        codes[f"true neighbours' differences, blend {blend}"] = known.codes
+    sizes = (200, 400, 800, 1600, 3200)
+    lines = [f"## A sparse sample: {len(x):,} rows, {k}-number codes, exact shortlists of S rows", ""]
+    lines += ["| code | " + " | ".join(f"S={s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for label, code in codes.items():
+        held = _shortlist_shares(code, x, queries, truth, k, sizes)
+        lines.append(f"| {label} | " + " | ".join(f"{h:.3f}" for h in held) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def _shortlist_shares(code, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, sizes) -> list[float]:
+    """The share of ``truth`` within each exact shortlist size on the ``k``-number ``code`` of the rows."""
+    rows = np.concatenate([_unit(code(x[lo : lo + 100_000])[:, :k]) for lo in range(0, len(x), 100_000)])
+    scores = _unit(code(queries)[:, :k]) @ rows.T
+    wanted = np.take_along_axis(scores, truth, axis=1)
+    ranks = np.stack([(scores > wanted[:, [j]]).sum(axis=1) for j in range(truth.shape[1])], axis=1)
+    return [float((ranks < s).mean()) for s in sizes]
+
+
 def fit_cost(work: Path, n: int, dim: int, rotate: bool) -> list[str]:
     from mrlstore.testing import mrl_like_blocks
     from mrlstore.tiers.projection import FIT_SAMPLE_ROWS, Projection, fit_width
@@ -307,10 +431,13 @@ def _held(scores: np.ndarray, own: np.ndarray, s: int, truth: np.ndarray) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("photos", "rotated", "both", "coverage", "cost"), default="both")
+    ap.add_argument(
+        "--part", choices=("photos", "rotated", "both", "coverage", "ceiling", "sparse", "cost"), default="both"
+    )
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--data", type=Path, help="sparse: a compare.py data folder (base.npy, queries.npy, truth.npy)")
     ap.add_argument("--rotate", action="store_true", help="cost: the rows under a random rotation")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mrlstore-fitted"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fitted_codes.md")
@@ -329,6 +456,10 @@ def main() -> None:
         lines += rotated(args.work, args.n, args.queries, args.dim)
     if args.part == "coverage":
         lines += coverage(args.work, args.n, args.dim)
+    if args.part == "ceiling":
+        lines += ceiling(args.work)
+    if args.part == "sparse":
+        lines += sparse_sample(args.data)
     if args.part == "cost":
         lines += fit_cost(args.work, args.n, args.dim, args.rotate)
     args.out.write_text("\n".join(lines) + "\n")
