@@ -4,10 +4,11 @@
 
 Uses the synthetic data of benchmarks/compare.py (made there, or here on first use). Each setting
 ``M:ef_construction:prefix`` builds a float16 store indexing that one prefix, then times single queries at
-shortlists 50, 100, 200 and 400 (dims = [prefix, 2048], metadata off) and their recall@10 against exact
-2048-d search. Writes benchmarks/results/build_params.md (100k) or build_params_<data>.md. This is the
-measurement behind the defaults M (16, and 8 on the 16-d prefix), ef_construction=40 and index_dims=(16, 32)
-(mrlstore/config.py): compare settings at equal recall, not at equal shortlist.
+shortlists 50, 100, 200 and 400 (dims = [prefix, dim], metadata off) and their recall@10 against exact
+full-dimension search. Writes benchmarks/results/build_params.md (100k) or build_params_<data>.md. This is the
+measurement behind the defaults M (16, and 8 on the 16-d prefix), ef_construction=40 (200 on prefixes of more
+than 32 dims) and index_dims=(16, 32) (mrlstore/tiers/params.py): compare settings at equal recall, not at
+equal shortlist.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def main() -> None:
     d = compare.prepare(args.work, args.data, 200)
     base = np.load(d / "base.npy", mmap_mode="r")
     queries, truth = np.load(d / "queries.npy"), np.load(d / "truth.npy")
+    dim = base.shape[1]  # 2048, or the second generator's 1024
     lines = [
-        f"N={len(base):,} synthetic (benchmarks/compare.py data), float16, one index per store; "
+        f"N={len(base):,} x {dim} synthetic (benchmarks/compare.py data), float16, one index per store; "
         f"`python benchmarks/build_params.py --data {args.data} --settings {' '.join(args.settings)}`",
         "",
         "| M | ef_construction | index | build s | "
@@ -53,7 +55,7 @@ def main() -> None:
         m, efc, prefix = (int(v) for v in setting.split(":"))
         shutil.rmtree(path, ignore_errors=True)
         t0 = time.perf_counter()
-        store = mrlstore.open(path, dim=2048, hnsw_m=m, ef_construction=efc, index_dims=(prefix,))
+        store = mrlstore.open(path, dim=dim, hnsw_m=m, ef_construction=efc, index_dims=(prefix,))
         for lo in range(0, len(base), compare.ADD_BATCH):
             hi = min(len(base), lo + compare.ADD_BATCH)
             store.add_vectors(base[lo:hi], ids=[str(i) for i in range(lo, hi)])
@@ -64,7 +66,7 @@ def main() -> None:
             times, found = [], []
             for q in queries:
                 t0 = time.perf_counter()
-                hits = store.query(q, k=10, dims=[prefix, 2048], shortlist=shortlist, metadata=False)
+                hits = store.query(q, k=10, dims=[prefix, dim], shortlist=shortlist, metadata=False)
                 times.append(time.perf_counter() - t0)
                 found.append([int(i) for i in hits.ids])
             cells.append(f"{compare.recall(found, truth):.3f} / {1e3 * np.median(times):.2f}")

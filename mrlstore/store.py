@@ -129,11 +129,12 @@ class Store:
     @property
     def config(self) -> StoreConfig:
         """The config the store was opened with, its creation parameters as the store holds them (chunk_rows
-        as given: the store keeps one per band; hnsw_m when one M applies to every index)."""
+        as given: the store keeps one per band; hnsw_m and ef_construction when one applies to every index)."""
         p = self._state.params
         return self._options.replaced(
             dim=p.dim, bands=p.bands, metric=p.metric, dtype=p.dtype, index_dims=p.index_dims,
-            hnsw_m=None if p.hnsw_m_by_prefix else p.hnsw_m, ef_construction=p.ef_construction, prefixes=p.prefixes,
+            hnsw_m=None if p.hnsw_m_by_prefix else p.hnsw_m,
+            ef_construction=None if p.ef_construction_by_prefix else p.ef_construction, prefixes=p.prefixes,
         )  # fmt: skip
 
     @property
@@ -490,7 +491,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose: mrlstore.open(path)
 
     Creation parameters (``dim``, ``bands``, ``metric`` = "cosine" | "ip" | "l2", ``dtype`` = "float16" |
     "float32", ``index_dims`` (default: 16 and 32), ``chunk_rows``, ``hnsw_m`` (default 16, and 8 for
-    prefixes of at most 16 dims; a given value applies to every index), ``ef_construction``, ``prefixes`` =
+    prefixes of at most 16 dims; a given value applies to every index), ``ef_construction`` (default 40, and
+    200 for prefixes of more than 32 dims; a given value applies to every index), ``prefixes`` =
     "auto" (``tune`` may fit short codes to the store's rows: see :meth:`Store.tune`) | "raw" (never)) are
     persisted; passing a different value on reopen raises :class:`ConfigMismatchError`.
 

@@ -183,6 +183,29 @@ def test_hnsw_m_is_8_on_coarse_prefixes_by_default_and_a_given_m_everywhere(tmp_
         assert store.query(x[5], k=1, dims=[32, 64]).ids == ["5"]
 
 
+@pytest.mark.parametrize("ef_construction", [None, 64])
+def test_wide_prefixes_get_a_better_built_graph_by_default_and_a_given_ef_construction_everywhere(
+    tmp_path, rng, ef_construction
+):
+    x = rng.standard_normal((80, 128)).astype(np.float32)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=128, index_dims=(16, 32, 64), ef_construction=ef_construction) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(80)])
+        by_prefix = store.manifest.get("hnsw_ef_construction_by_prefix")
+        config = store.config
+    sidecars = {d: json.loads((path / "index" / f"prefix_{d:05d}.json").read_text()) for d in (16, 32, 64)}
+    built = {d: side["ef_construction"] for d, side in sidecars.items()}
+    if ef_construction is None:
+        assert (built, by_prefix, config.ef_construction) == ({16: 40, 32: 40, 64: 200}, {"64": 200}, None)
+    else:
+        assert (built, by_prefix, config.ef_construction) == ({16: 64, 32: 64, 64: 64}, {}, 64)
+    with mrlstore.open(path, ef_construction=ef_construction) as store:  # no rebuild on reopen
+        assert store.info()["index_status"] == {16: "loaded", 32: "loaded", 64: "loaded"}
+        assert store.query(x[5], k=1, dims=[64, 128]).ids == ["5"]
+    with mrlstore.open(tmp_path / "copy", config=config) as copy:  # a store's config makes a store like it
+        assert copy.manifest.get("hnsw_ef_construction_by_prefix") == by_prefix
+
+
 def test_index_rows_past_saved_cache_are_added_on_open(tmp_path, rng):
     x = rng.standard_normal((60, 64)).astype(np.float32)
     path = tmp_path / "s"

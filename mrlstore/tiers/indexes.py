@@ -110,16 +110,16 @@ class IndexSet:
     def _open(self, family: str, d: int, fit: Projection | None, watermark: int) -> tuple[PrefixIndex, str]:
         """The saved index where it is usable ("loaded", or "extended" when behind ``watermark``), else a new
         empty one ("rebuilt")."""
-        p, m = self.params, self.params.m_for(d)
+        p, m, ef = self.params, self.params.m_for(d), self.params.ef_construction_for(d)
         space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
         try:
-            index = PrefixIndex.load(self._base(family, d), d, space, m, p.ef_construction, self.generation, fit_id)
+            index = PrefixIndex.load(self._base(family, d), d, space, m, ef, self.generation, fit_id)
             # A reader's published version may trail the writer's last save: rows past it stay invisible.
             if index.covered_rows > watermark and not self.read_only:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
             return index, "loaded" if index.covered_rows >= watermark else "extended"
         except IndexUnusable:
-            return PrefixIndex(d, space, m, p.ef_construction, watermark + 1024, self.generation, fit_id), "rebuilt"
+            return PrefixIndex(d, space, m, ef, watermark + 1024, self.generation, fit_id), "rebuilt"
 
     def _settle(self, family: str, d: int, index: PrefixIndex, status: str, dead: np.ndarray) -> None:
         """After extending: hide the rows deleted since its file was saved, note how it opened, save it."""
@@ -136,7 +136,7 @@ class IndexSet:
         by_dim = {}
         for d in projection.codes_at(fitted_dims(p)):
             by_dim[d] = PrefixIndex(
-                d, projection.space, p.m_for(d), p.ef_construction, snap.watermark + 1024, self.generation,
+                d, projection.space, p.m_for(d), p.ef_construction_for(d), snap.watermark + 1024, self.generation,
                 projection.fit_id,
             )  # fmt: skip
         extend_many(list(by_dim.values()), snap, vectors, projection)

@@ -46,11 +46,16 @@ PREFIX_CHOICES = ("auto", "raw")
 # from 7.1 to 4.7 s while [32, 2048] shortlist 75 went from recall 0.978 to 0.976), and the first stage
 # searches with a wide beam anyway.
 DEFAULT_EF_CONSTRUCTION = 40
+# Wider prefixes need a better-built graph: on compare.py's gentle generator at 1M rows, [128, 1024] with a
+# shortlist of 100 finds 0.855 of the top 10 on a 128-d index built at 40 (0.934 at 400), and 0.994 built at
+# 200 (benchmarks/results/compare_gentle.md: the tuned query went from 4.00 to 0.38 ms, the store's build
+# from 147 to 543 s; hnswlib over all 1024 dims took 1,192 s).
+WIDE_PREFIX, WIDE_EF_CONSTRUCTION = 32, 200
 DEFAULT_EF_SEARCH = 64
 # Manifest keys of the fields whose manifest spelling differs (kept: the on-disk format is fixed).
 _MANIFEST_KEYS = {
     "hnsw_m": "hnsw_M", "hnsw_m_by_prefix": "hnsw_M_by_prefix", "ef_construction": "hnsw_ef_construction",
-    "ef_search": "hnsw_ef_search",
+    "ef_construction_by_prefix": "hnsw_ef_construction_by_prefix", "ef_search": "hnsw_ef_search",
 }  # fmt: skip
 
 
@@ -75,6 +80,10 @@ def coarse_m(index_dims: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple((d, COARSE_HNSW_M) for d in sorted(index_dims) if d <= COARSE_PREFIX)
 
 
+def wide_ef_construction(index_dims: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((d, WIDE_EF_CONSTRUCTION) for d in sorted(index_dims) if d > WIDE_PREFIX)
+
+
 def band_widths(dim: int, bands: Sequence[int]) -> list[int]:
     edges = [0, *bands]
     return [edges[i + 1] - edges[i] for i in range(len(bands))]
@@ -97,11 +106,16 @@ class StoreParams:
     encoder_weights: str | None = None  # sha256 of the bundled encoder's weights the vectors came from
     # (prefix, M) for the indexes whose M is not hnsw_m: the coarse prefixes of a store made with the default
     hnsw_m_by_prefix: tuple[tuple[int, int], ...] = ()
+    ef_construction_by_prefix: tuple[tuple[int, int], ...] = ()
     prefixes: str = "auto"  # "raw": tune never fits codes to the rows (see mrlstore.tiers.projection)
 
     def m_for(self, prefix: int) -> int:
         """The HNSW M of the index over the ``prefix``-d prefix."""
         return dict(self.hnsw_m_by_prefix).get(prefix, self.hnsw_m)
+
+    def ef_construction_for(self, prefix: int) -> int:
+        """The HNSW ef_construction of the index over the ``prefix``-d prefix."""
+        return dict(self.ef_construction_by_prefix).get(prefix, self.ef_construction)
 
     # -- creation ----------------------------------------------------------------------------------
     @classmethod
@@ -145,6 +159,7 @@ class StoreParams:
             hnsw_m=int(requested["hnsw_m"] or DEFAULT_HNSW_M),
             hnsw_m_by_prefix=() if requested["hnsw_m"] else coarse_m(index_dims),
             ef_construction=int(requested["ef_construction"] or DEFAULT_EF_CONSTRUCTION),
+            ef_construction_by_prefix=() if requested["ef_construction"] else wide_ef_construction(index_dims),
             ef_search=DEFAULT_EF_SEARCH,
             encoder=encoder,
             encoder_weights=encoder_weights,
@@ -156,8 +171,8 @@ class StoreParams:
         out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "hnsw_m_by_prefix":
-                value = {str(d): m for d, m in value}  # JSON object: prefix -> M
+            if f.name in ("hnsw_m_by_prefix", "ef_construction_by_prefix"):
+                value = {str(d): v for d, v in value}  # JSON object: prefix -> M or ef_construction
             out[_MANIFEST_KEYS.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
         out["committed_rows"] = 0
         out["created_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -176,17 +191,17 @@ class StoreParams:
                 f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         try:
-            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix", "prefixes")
+            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix", "ef_construction_by_prefix", "prefixes")
             values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name not in optional}
         except KeyError as e:
             raise CorruptStoreError(f"{where} has a manifest without {e}") from None
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        by_prefix = tuple(sorted((int(d), int(v)) for d, v in (m.get("hnsw_M_by_prefix") or {}).items()))
         return cls(
             **values,
             encoder=m.get("encoder"),
             encoder_weights=m.get("encoder_weights"),
-            hnsw_m_by_prefix=by_prefix,
+            hnsw_m_by_prefix=_by_prefix(m, "hnsw_M_by_prefix"),
+            ef_construction_by_prefix=_by_prefix(m, "hnsw_ef_construction_by_prefix"),
             prefixes=m.get("prefixes", "auto"),
         )
 
@@ -203,6 +218,11 @@ class StoreParams:
             if value != stored:
                 name = _MANIFEST_KEYS.get(key, key)
                 raise ConfigMismatchError(f"{where} was created with {name}={stored!r}, not {value!r}")
+
+
+def _by_prefix(manifest: dict[str, Any], key: str) -> tuple[tuple[int, int], ...]:
+    """A manifest's optional object from prefix length to a value (absent in older stores: none)."""
+    return tuple(sorted((int(d), int(v)) for d, v in (manifest.get(key) or {}).items()))
 
 
 def _prefixes(value: Any) -> str:
