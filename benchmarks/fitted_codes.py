@@ -370,11 +370,11 @@ def sparse_sample(data: Path, k: int = 32) -> list[str]:
 
 def _shortlist_shares(code, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, sizes) -> list[float]:
     """The share of ``truth`` within each exact shortlist size on the ``k``-number ``code`` of the rows."""
+    from mrlstore.tiers.projection import _in_shortlist
+
     rows = np.concatenate([_unit(code(x[lo : lo + 100_000])[:, :k]) for lo in range(0, len(x), 100_000)])
     scores = _unit(code(queries)[:, :k]) @ rows.T
-    wanted = np.take_along_axis(scores, truth, axis=1)
-    ranks = np.stack([(scores > wanted[:, [j]]).sum(axis=1) for j in range(truth.shape[1])], axis=1)
-    return [float((ranks < s).mean()) for s in sizes]
+    return [float(np.mean(_in_shortlist(scores, truth, s))) for s in sizes]
 
 
 def fit_cost(work: Path, n: int, dim: int, rotate: bool) -> list[str]:

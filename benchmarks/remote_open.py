@@ -71,8 +71,10 @@ def main() -> None:
             for i in range(args.opens):
                 cache = Path(tmp) / f"parts{i}"
                 t0 = time.perf_counter()
-                RemoteSource(url, options).local_copy(cache)
+                source = RemoteSource(url, options)
+                source.local_copy(cache)
                 downloads.append(time.perf_counter() - t0)
+                source.close()
                 shutil.rmtree(cache, ignore_errors=True)
             spread = [round(t, 3) for t in downloads]
             print(f"of which the small parts' download: median {statistics.median(downloads):.3f} s of {spread}")
