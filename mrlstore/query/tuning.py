@@ -251,10 +251,13 @@ def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any
     reached = [p for p in best_per_shape.values() if p["reached"]]
     if not reached:
         best = max(tried, key=lambda p: p["recall"])
+        dims = best["dims"]
+        wider = f" (index_dims=(32, {WIDE_PREFIX}) in a new store)" if dims[0] < WIDE_PREFIX < dims[-1] else ""
         raise TuningError(
             f"no funnel reaches recall {recall} with a shortlist of at most {budget} (best {best['recall']:.3f} "
-            f"with dims={best['dims']}, shortlist {best['shortlist']}); nothing was saved: lower the target, index "
-            "a longer prefix, or check that the vectors have Matryoshka structure (short prefixes that rank well)"
+            f"with dims={dims}, shortlist {best['shortlist']}); nothing was saved: lower the target, index a "
+            f"longer prefix{wider}, or check that the vectors have Matryoshka structure (short prefixes that rank "
+            "well)"
         )
     missed = [p for p in best_per_shape.values() if not p["reached"]]
     if missed:
