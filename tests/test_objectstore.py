@@ -211,17 +211,23 @@ def test_a_publish_killed_part_way_leaves_the_previous_version(tmp_path, options
         assert store.publish(url, storage_options=options)["version"] == 2
 
 
-def test_corrupted_objects_are_typed_errors(tmp_path, options, bucket):
+def _published_with_a_short_chunk(tmp_path, options, bucket, chunk: str):
+    """A 1,500-row store published to the bucket, then its chunk object ``chunk`` cut to a third."""
     url = f"s3://{bucket}/s.mrl"
     store, vectors = _local_store(tmp_path / "local.mrl", 1500)
     head = store.publish(url, storage_options=options)
     store.close()
     fs, _ = filesystem(url, options)
-    chunk = f"{bucket}/s.mrl/{head['chunks']['band_00064_00256/1']}"
-    with fs.open_input_stream(chunk) as f:
+    key = f"{bucket}/s.mrl/{head['chunks'][chunk]}"
+    with fs.open_input_stream(key) as f:
         data = f.read()
-    with fs.open_output_stream(chunk) as f:
-        f.write(data[: len(data) // 3])  # truncated
+    with fs.open_output_stream(key) as f:
+        f.write(data[: len(data) // 3])
+    return url, fs, vectors
+
+
+def test_corrupted_objects_are_typed_errors(tmp_path, options, bucket):
+    url, fs, vectors = _published_with_a_short_chunk(tmp_path, options, bucket, "band_00064_00256/1")
     with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c1") as remote:
         with pytest.raises(mrlstore.CorruptStoreError, match="truncated"):
             remote.query(vectors[1400], k=5, dims=[16, DIM], shortlist=200)
@@ -230,6 +236,40 @@ def test_corrupted_objects_are_typed_errors(tmp_path, options, bucket):
     with pytest.raises(mrlstore.CorruptStoreError, match="corrupted"):
         mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c2")
     assert not any((tmp_path / "c2").rglob("catalog.duckdb"))
+
+
+def test_a_near_band_that_fails_to_download_fails_the_open(tmp_path, options, bucket):
+    # a near chunk: downloaded while the indexes load
+    url, _, _ = _published_with_a_short_chunk(tmp_path, options, bucket, "band_00016_00064/1")
+    with pytest.raises(mrlstore.CorruptStoreError, match="truncated"):
+        mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c")
+    assert not list((tmp_path / "c").rglob("band_00016_00064/c/1/0"))  # no partial chunk left to trust
+
+
+def test_indexes_just_downloaded_are_not_hashed_again_but_cached_ones_are(tmp_path, options, bucket, monkeypatch):
+    from mrlstore.tiers import hnsw
+
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 1500)
+    store.publish(url, storage_options=options)
+    want = store.query(vectors[:3], k=5)
+    store.close()
+    hashed: list[Path] = []
+    digest = hnsw._digest
+    monkeypatch.setattr(hnsw, "_digest", lambda path: hashed.append(path) or digest(path))
+    cache = tmp_path / "c"
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
+        assert remote.index_status == {16: "loaded"}
+        assert hashed == []  # checked against HEAD's digest as it arrived
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
+        assert [p.name for p in hashed] == ["prefix_00016.hnsw"]  # the cached copy: checked at load
+    (index_file,) = cache.rglob("prefix_00016.hnsw")
+    with open(index_file, "r+b") as f:
+        f.seek(100)
+        f.write(b"damage")
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
+        assert remote.index_status == {16: "rebuilt"}  # damage in the cache is still found
+        assert [h.ids for h in remote.query(vectors[:3], k=5)] == [h.ids for h in want]
 
 
 def test_short_bands_kept_local_leave_only_the_last_stage_remote(tmp_path, options, bucket):

@@ -108,7 +108,10 @@ class PrefixIndex:
         ef_construction: int,
         generation: int = 0,
         fit_id: str | None = None,
+        checked_digest: str | None = None,
     ) -> PrefixIndex:
+        """The index saved at ``base``; IndexUnusable when it is missing, damaged or built otherwise.
+        ``checked_digest``: the file's digest as checked since it was written (a download): not read again."""
         data_path, side_path = cls.paths(base)
         try:
             side = json.loads(side_path.read_text())
@@ -122,7 +125,7 @@ class PrefixIndex:
             raise IndexUnusable(f"{side_path} was built for another row numbering (before a compaction)")
         if side.get("fit_id") != fit_id:
             raise IndexUnusable(f"{side_path} holds codes of another fit")
-        if side.get("bytes") != size or side.get("blake2b") != _digest(data_path):
+        if side.get("bytes") != size or side.get("blake2b") != (checked_digest or _digest(data_path)):
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
         self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation, fit_id=fit_id)
         try:

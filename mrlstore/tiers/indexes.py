@@ -4,7 +4,7 @@ file that is missing, stale or damaged is rebuilt from the vectors."""
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator
+from collections.abc import ItemsView, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +49,13 @@ class IndexSet:
     saved. ``status`` tells how each raw index was opened: loaded, extended (a saved file behind the commits)
     or rebuilt."""
 
-    def __init__(self, path: Path, params: StoreParams, generation: int, read_only: bool):
+    def __init__(
+        self, path: Path, params: StoreParams, generation: int, read_only: bool, checked: Mapping[str, str] = {}
+    ):
+        """``checked``: digests of files (by path under ``path``) checked since they were written, such as the
+        parts a reader just downloaded: their sidecar checksums are not computed again."""
         self.path, self.params, self.generation, self.read_only = path, params, generation, read_only
+        self.checked = checked
         self.by_dim: dict[int, PrefixIndex] = {}
         self.fitted: FittedCodes | None = None
         self._retired: list[tuple[int, PrefixIndex]] = []  # raw indexes a fit replaced, to save once
@@ -112,8 +117,10 @@ class IndexSet:
         empty one ("rebuilt")."""
         p, m, ef = self.params, self.params.m_for(d), self.params.ef_construction_for(d)
         space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
+        base = self._base(family, d)
+        checked = self.checked.get(PrefixIndex.paths(base)[0].relative_to(self.path).as_posix())
         try:
-            index = PrefixIndex.load(self._base(family, d), d, space, m, ef, self.generation, fit_id)
+            index = PrefixIndex.load(base, d, space, m, ef, self.generation, fit_id, checked)
             # A reader's published version may trail the writer's last save: rows past it stay invisible.
             if index.covered_rows > watermark and not self.read_only:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")

@@ -16,7 +16,6 @@ Layout under the store's URL (storage/FORMAT.md):
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -54,10 +53,11 @@ DENSE_SHARE = 4
 ROW_CACHE_BYTES = int(os.environ.get("MRLSTORE_ROW_CACHE_MB", "256")) << 20  # rows kept in memory per open store
 UPLOAD_THREADS = 8
 FETCH_THREADS = 64  # requests in flight at once: a stage's rows come in one wave up to this many
-# Whole objects (the small parts, near bands) come as ranged GETs of RANGE_BYTES, RANGE_THREADS at a time: one
-# stream of a large object is slow (benchmarks/whole_object.py on moto: 200 MiB in 108 s as one stream, 1.6 s
-# as 16 MiB ranges from 8 threads; S3 advises ranges of 8-16 MB in parallel too).
-RANGE_BYTES, RANGE_THREADS = 16 << 20, 8
+# Whole objects (the small parts, near bands) come as ranged GETs RANGE_THREADS at a time: one stream of a
+# large object is slow (benchmarks/whole_object.py on moto: 200 MiB in 108 s as one stream, 1.6 s as 16 MiB
+# ranges from 8 threads; S3 advises ranges of 8-16 MB in parallel too). An object is cut into RANGE_THREADS
+# ranges of RANGE_BYTES to MAX_RANGE_BYTES, so objects up to 512 MiB come in one wave of requests.
+RANGE_BYTES, MAX_RANGE_BYTES, RANGE_THREADS = 16 << 20, 64 << 20, 8
 _OPTION_NAMES = {  # fsspec/s3fs spellings -> pyarrow's
     "key": "access_key", "aws_access_key_id": "access_key",
     "secret": "secret_key", "aws_secret_access_key": "secret_key",
@@ -166,8 +166,14 @@ def publish_store(store: StoreState, url: str, options: dict[str, Any] | None) -
     return head
 
 
+def _hasher() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
 def _digest(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    h = _hasher()
+    h.update(data)
+    return h.hexdigest()
 
 
 def _upload_part(fs: pafs.S3FileSystem, key: str, path: Path) -> str:
@@ -290,6 +296,7 @@ class RemoteSource:
         self._lock = threading.Lock()
         self._files: dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(FETCH_THREADS)
+        self._checked: dict[str, str] = {}  # digests by part, of those local_copy downloaded and checked
 
     def object_problems(self, key: str, size: int) -> list[str]:
         """A chunk object that is missing or holds fewer than ``size`` bytes."""
@@ -311,7 +318,7 @@ class RemoteSource:
         name = hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest()
         dest = base / name / f"g{self.head['generation']}-v{self.head['version']}"
         if (dest / "catalog.duckdb").exists():
-            return dest
+            return dest  # downloaded before: its index files are checked against their sidecars at load
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
         try:
@@ -320,6 +327,7 @@ class RemoteSource:
                 list(pool.map(lambda item: self._download_part(tmp, *item), self.head["parts"].items()))
             (tmp / "index").mkdir(exist_ok=True)
             os.rename(tmp, dest)
+            self._checked = dict(self.head["parts"])
         except FileExistsError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process downloaded it first
         except BaseException:
@@ -328,14 +336,21 @@ class RemoteSource:
         return dest
 
     def _download_part(self, tmp: Path, part: str, digest: str) -> None:
+        """One small part into ``tmp`` (a folder ``local_copy`` removes if anything fails), checked against
+        the digest HEAD records for it."""
         target = tmp / part
         target.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        _read_whole(self.fs, f"{self.root}/versions/{self.head['version']}/{part}", buffer)
-        data = buffer.getbuffer()  # no second copy of a part that may be hundreds of MiB
-        if _digest(data) != digest:
+        got = _hasher()
+        with open(target, "wb") as out:
+            _read_whole(self.fs, f"{self.root}/versions/{self.head['version']}/{part}", out, got)
+        if got.hexdigest() != digest:
             raise CorruptStoreError(f"{self.url}: {part} of version {self.head['version']} is corrupted")
-        target.write_bytes(data)
+
+    def take_checked(self) -> dict[str, str]:
+        """The digests of the parts ``local_copy`` downloaded and checked, once: a later open of the same copy
+        checks its files again."""
+        checked, self._checked = self._checked, {}
+        return checked
 
     def newer(self) -> RemoteSource | None:
         """The store's current version if it is not this one (another publish happened), else None."""
@@ -514,8 +529,10 @@ class RemoteBands(BandedVectors):
                     downloads.append((key, band.chunk_path(chunk), size, band.chunk_bytes))
                 else:
                     band._maps[chunk] = RemoteChunk(source, key, filled, band.width, band.dtype)
-        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:  # all at once: open waits for one round
-            list(pool.map(lambda job: _download_chunk(source, *job), downloads))
+        # All at once (one round of requests), in the background: the open loads the HNSW indexes meanwhile,
+        # and map_committed waits for them (a failed download fails the open).
+        self._downloads = ThreadPoolExecutor(UPLOAD_THREADS)
+        self._pending = [self._downloads.submit(_download_chunk, source, *job) for job in downloads]
 
     def near_dims(self, rows: int) -> int:
         """The default ``local_dims``: the bands before the widest, as many as a local store of ``rows``
@@ -528,6 +545,21 @@ class RemoteBands(BandedVectors):
                 break
             whole = band.stop
         return whole
+
+    def map_committed(self, rows: int) -> None:
+        self._downloaded()
+        super().map_committed(rows)
+
+    def read_range(self, row_start: int, row_stop: int, col_start: int, col_stop: int) -> np.ndarray:
+        self._downloaded()  # an index extended at open reads rows before map_committed
+        return super().read_range(row_start, row_stop, col_start, col_stop)
+
+    def _downloaded(self) -> None:
+        """Wait for the near bands' download; raises its first failure."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        self._downloads.shutdown()
 
     def prefault(self, row_start: int, row_stop: int) -> None:
         pass  # remote rows come over the network when a query needs them; local ones fault in
@@ -572,22 +604,32 @@ class RemoteBands(BandedVectors):
         return found
 
     def close(self) -> None:
+        self._downloads.shutdown(cancel_futures=True)  # an open that failed: nothing written after it
         super().close()
         self.source.close()
 
 
-def _read_whole(fs: pafs.S3FileSystem, key: str, out: BinaryIO) -> int:
-    """Object ``key`` written to ``out`` in order, as ranged GETs RANGE_THREADS at a time (at most twice that
-    many ranges held in memory); returns the bytes written."""
+def range_bytes(size: int) -> int:
+    """The length of the ranged GETs an object of ``size`` bytes is downloaded in."""
+    return min(MAX_RANGE_BYTES, max(RANGE_BYTES, -(-size // RANGE_THREADS)))
+
+
+def _read_whole(fs: pafs.S3FileSystem, key: str, out: BinaryIO, digest: Any = None) -> int:
+    """Object ``key`` written to ``out`` in order (and fed to ``digest``, a hashlib object, meanwhile), as
+    ranged GETs RANGE_THREADS at a time (at most twice that many ranges held in memory); returns the bytes
+    written."""
     handle = fs.open_input_file(key)
     try:
         size = int(handle.size())
-        starts = list(range(0, size, RANGE_BYTES))
+        step = range_bytes(size)
+        starts = list(range(0, size, step))
         with ThreadPoolExecutor(RANGE_THREADS) as pool:
             for lo in range(0, len(starts), 2 * RANGE_THREADS):
                 window = starts[lo : lo + 2 * RANGE_THREADS]
-                for block in pool.map(lambda at: handle.read_at(min(RANGE_BYTES, size - at), at), window):
+                for block in pool.map(lambda at: handle.read_at(min(step, size - at), at), window):
                     out.write(block)
+                    if digest is not None:
+                        digest.update(block)  # while the next ranges arrive: no second pass over the part
         return size
     finally:
         handle.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,10 +88,12 @@ def open_state(
     catalog: Catalog,
     open_bands: Callable[[StoreParams], VectorTier],
     version: int = 0,
+    checked: Mapping[str, str] = {},
 ) -> StoreState:
     """Open the tiers of the store at ``path`` whose committed state is ``catalog`` (the live catalog, or a
     reader's published version): check the requested creation parameters, check and clean the bands
-    (leftovers past the watermark cut by writers), load the snapshot and the prefix indexes."""
+    (leftovers past the watermark cut by writers), load the snapshot and the prefix indexes (``checked``:
+    see IndexSet)."""
     manifest = catalog.manifest()
     params = StoreParams.from_manifest(manifest, path)
     params.check_requested(requested, path)
@@ -99,12 +101,17 @@ def open_state(
         catalog.set_manifest("store_id", uuid.uuid4().hex)
         manifest = catalog.manifest()
     watermark = int(manifest["committed_rows"])
-    vectors = open_bands(params)
+    vectors = open_bands(params)  # a remote tier's near bands may still be downloading: map_committed waits
     try:
-        _check_bands(path, vectors, watermark, read_only)
+        if read_only:
+            check_rows(vectors, watermark)
+        else:
+            clear_uncommitted(path, vectors, watermark)
         snap = load_snapshot(catalog.live_items(), watermark, version)
-        indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only)
+        indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only, checked)
         indexes.load(snap, vectors, catalog.tombstones(), projection_of(manifest, params))
+        vectors.map_committed(watermark)  # CorruptStoreError if a file is missing or short
+        vectors.prefault(0, watermark)
     except BaseException:
         vectors.close()
         raise
@@ -130,12 +137,3 @@ def projection_of(manifest: dict[str, Any], params: StoreParams) -> Projection |
     """The store's fitted projection (None: raw prefixes only)."""
     entry = manifest.get("fit")
     return None if entry is None else Projection.from_manifest(entry, params.dim)
-
-
-def _check_bands(path: Path, vectors: VectorTier, watermark: int, read_only: bool) -> None:
-    if read_only:
-        check_rows(vectors, watermark)
-    else:
-        clear_uncommitted(path, vectors, watermark)
-    vectors.map_committed(watermark)  # CorruptStoreError if a file is missing or short
-    vectors.prefault(0, watermark)

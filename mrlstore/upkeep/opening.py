@@ -65,7 +65,9 @@ def open_tiers(versions: Versions, requested: dict[str, Any]) -> StoreState:
     catalog = None
     try:
         catalog = versions.open_catalog()
-        state = open_state(versions.path, versions.read_only, requested, catalog, versions.open_bands)
+        state = open_state(
+            versions.path, versions.read_only, requested, catalog, versions.open_bands, 0, versions.take_checked()
+        )
         state.lock, state.location = lock, versions.location
         if not versions.read_only:
             versions.start_publishing(state)
@@ -86,7 +88,8 @@ def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) ->
         catalog = versions.open_catalog()
         try:
             version = state.snap.version + 1  # filters cached for the old snapshot stay unused
-            new = open_state(versions.path, versions.read_only, {}, catalog, versions.open_bands, version)
+            checked = versions.take_checked()
+            new = open_state(versions.path, versions.read_only, {}, catalog, versions.open_bands, version, checked)
         except BaseException:
             catalog.close()
             raise

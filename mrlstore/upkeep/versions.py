@@ -322,6 +322,10 @@ class Versions:
         head = self.remote.head if self.remote is not None else self.head
         return None if head is None else int(head["version"])
 
+    def take_checked(self) -> dict[str, str]:
+        """Digests of the local copy's files downloaded and checked since the last call (see IndexSet)."""
+        return {} if self.remote is None else self.remote.take_checked()
+
     def take_lock(self) -> HeldLock:
         """What keeps this handle's files consistent: nothing for a local copy of a remote version; for a
         reader, its registration (so a live writer publishes for it) and the newest version in ``head``, or a
