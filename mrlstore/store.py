@@ -63,7 +63,7 @@ class Store:
         filters = FilterCache()
         self._search = Searcher(self._state, self._encoders, filters, versions.committed)
         self._reader = Reader(self._state, filters)
-        self._upkeep = Maintenance(self._state, self._reopen_with)
+        self._upkeep = Maintenance(self._state, self._reopen_with, self._reopen, versions.committed)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _reopen_with(self, lock: StoreLock) -> None:
@@ -75,6 +75,10 @@ class Store:
             self._state.lock = lock
 
         opening.reopen(self._state, self._versions, take_lock)
+
+    def _reopen(self) -> None:
+        """Open the tiers again on the same files (after a change to the indexed prefixes)."""
+        opening.reopen(self._state, self._versions, lambda: None)
 
     def close(self) -> None:
         """Save the index cache (writers), release the store. Safe to call twice."""
@@ -452,6 +456,15 @@ class Store:
         deleted. See :mod:`mrlstore.upkeep.compaction`."""
         self._check_writable()
         return self._upkeep.compact()
+
+    def set_index_dims(self, index_dims: Sequence[int]) -> None:
+        """Index other prefixes of the rows (``index_dims``, as given to ``open``), without adding them again:
+        an index over each new prefix is built from the stored vectors (at 1M rows a 128-d one takes
+        minutes; queries go on meanwhile), indexes of prefixes left out are deleted. What ``tune`` chose and
+        fitted is dropped with the old indexes: run ``tune()`` again. New indexes get a new store's HNSW
+        parameters for their prefix (``hnsw_m``/``ef_construction`` if the store was made with them)."""
+        self._check_writable()
+        self._upkeep.set_index_dims(index_dims)
 
     def _check_writable(self) -> None:
         self._state.check_open()

@@ -132,6 +132,18 @@ def test_delete_and_snapshot(store, vectors, tmp_path):
     assert "already exists" in one_line_error(cli("snapshot", str(store), str(tmp_path / "copy.mrl")))
 
 
+def test_index_dims_builds_other_indexes(store, vectors, tmp_path):
+    cli("add", str(store), str(tmp_path / "x.npy"))
+    out = cli("index-dims", str(store), "16,8")
+    assert out.returncode == 0, out.stderr
+    assert "indexed prefixes: [8, 16]" in out.stdout and "16: 'loaded'" in out.stdout
+    assert "index_dims must be distinct prefix lengths within 1..32" in one_line_error(
+        cli("index-dims", str(store), "64")
+    )
+    with mrlstore.open(store, read_only=True) as s:
+        assert s.index_dims == (8, 16) and len(s) == 40
+
+
 def test_publish_and_read_commands_on_s3_urls(store, vectors, tmp_path, s3_endpoint):
     from mrlstore.tiers.objectstore import filesystem
 

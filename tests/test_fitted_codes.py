@@ -3,8 +3,6 @@ measure faster, the coarse indexes search them, and nothing the user stored or r
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from killing import killed_part_way
 
 import mrlstore
 from mrlstore.testing import exact_funnel, exact_search, mrl_like, recall_at_k
@@ -375,12 +374,7 @@ def test_sigkill_during_tune_leaves_the_previous_codes_or_the_new(tmp_path):
     script = tmp_path / "tuner.py"
     script.write_text(SIGKILL_TUNER)
     outcomes = set()
-    for delay in (0.05, 0.3, 0.8, 1.5, 3.0):
-        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "READY"
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    for _ in killed_part_way(script, [str(path)], (0.05, 0.3, 0.8, 1.5, 3.0)):
         with mrlstore.open(path) as store:
             assert store.verify() == []
             info = store.info()

@@ -152,7 +152,7 @@ def test_tune_refuses_an_unreachable_target_and_keeps_the_previous_setting(tmp_p
         store.add_vectors(x)
         first = store.tune(recall=0.2, k=10, sample=50)
         with pytest.raises(
-            mrlstore.TuningError, match=r"no funnel reaches recall 0.95 .*best 0\.\d+.*index_dims=\(32, 128\)"
+            mrlstore.TuningError, match=r"no funnel reaches recall 0.95 .*best 0\.\d+.*set_index_dims\(\(32, 128\)\)"
         ):
             store.tune(recall=0.95, k=10, sample=50)
         assert store.manifest["tuned"]["target"] == 0.2 and store.manifest["tuned"] == first

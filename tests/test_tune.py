@@ -129,7 +129,7 @@ def test_tune_compares_every_indexed_prefix_and_query_follows_the_choice(tmp_pat
 
 
 def test_a_long_shortlist_from_a_short_prefix_suggests_a_longer_indexed_prefix():
-    with pytest.warns(UserWarning, match=r"index_dims=\(32, 128\)"):
+    with pytest.warns(UserWarning, match=r"set_index_dims\(\(32, 128\)\)"):
         tuning._advise_wider({"dims": [32, 256, 1024], "shortlist": 350})
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -346,6 +346,18 @@ def tune(path: Path, recall: float, k: int) -> None:
                    f"{t['ms_per_query']:.2f} ms/query, shortlisting on {t['prefixes']} codes")  # fmt: skip
 
 
+@main.command("index-dims")
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("dims")
+@_reports_errors
+def index_dims(path: Path, dims: str) -> None:
+    """Index the prefixes DIMS (comma-separated, e.g. 32,128) of the store at PATH instead of its current ones,
+    building the new indexes from its rows; run `mrlstore tune` again afterwards."""
+    with mrlstore.open(path) as store:
+        store.set_index_dims(_ints(dims) or [])
+        click.echo(f"indexed prefixes: {list(store.index_dims)} ({store.index_status})")
+
+
 @main.command()
 @click.argument("store", type=STORE)
 @click.option("-k", "--k", "k", type=int, default=10, show_default=True)

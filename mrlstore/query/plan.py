@@ -155,10 +155,12 @@ def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[st
 
 
 class PlanCache:
-    """Validated plans by argument set, for one tuned state: a new ``tuned`` entry (a new object) empties it."""
+    """Validated plans by argument set, for one tuned state: a new ``tuned`` entry (a new object) or other
+    indexed prefixes empty it."""
 
     def __init__(self) -> None:
         self._tuned: object = None
+        self._index_dims: tuple[int, ...] = ()
         self._plans: dict[tuple, Plan] = {}
 
     def plan(
@@ -172,8 +174,8 @@ class PlanCache:
         dim: int,
         fitted: bool = False,
     ) -> Plan:
-        if tuned is not self._tuned:
-            self._tuned, self._plans = tuned, {}
+        if tuned is not self._tuned or tuple(index_dims) != self._index_dims:
+            self._tuned, self._index_dims, self._plans = tuned, tuple(index_dims), {}
         key = plan_key(dims, k, shortlist, ef)
         key = None if key is None else (*key, fitted)
         plan = self._plans.get(key) if key is not None else None

@@ -252,12 +252,14 @@ def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any
     if not reached:
         best = max(tried, key=lambda p: p["recall"])
         dims = best["dims"]
-        wider = f" (index_dims=(32, {WIDE_PREFIX}) in a new store)" if dims[0] < WIDE_PREFIX < dims[-1] else ""
+        wider = (
+            f": store.set_index_dims((32, {WIDE_PREFIX})), then tune again" if dims[0] < WIDE_PREFIX < dims[-1] else ""
+        )
         raise TuningError(
             f"no funnel reaches recall {recall} with a shortlist of at most {budget} (best {best['recall']:.3f} "
-            f"with dims={dims}, shortlist {best['shortlist']}); nothing was saved: lower the target, index a "
-            f"longer prefix{wider}, or check that the vectors have Matryoshka structure (short prefixes that rank "
-            "well)"
+            f"with dims={dims}, shortlist {best['shortlist']}); nothing was saved: lower the target, check that "
+            "the vectors have Matryoshka structure (short prefixes that rank well), or index a longer prefix"
+            f"{wider}"
         )
     missed = [p for p in best_per_shape.values() if not p["reached"]]
     if missed:
@@ -280,8 +282,8 @@ def _advise_wider(chosen: dict[str, Any]) -> None:
     if shortlist >= LONG_SHORTLIST and dims[0] < WIDE_PREFIX < dims[-1]:
         warnings.warn(
             f"tune: the fastest funnel needs a shortlist of {shortlist} from {dims[0]} numbers per row, so this "
-            f"data's short prefixes shortlist poorly; a store indexing a longer prefix "
-            f"(mrlstore.open(..., index_dims=(32, {WIDE_PREFIX}))) may answer faster",
+            f"data's short prefixes shortlist poorly; indexing a longer prefix "
+            f"(store.set_index_dims((32, {WIDE_PREFIX})), then tune again) may answer faster",
             stacklevel=4,  # the caller of Store.tune
         )
 

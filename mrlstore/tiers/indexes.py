@@ -179,12 +179,29 @@ class IndexSet:
         for d, raw in retired:
             self._save(RAW, d, raw)
             self._unsaved.pop((RAW, d), None)
-        kept = set() if self.fitted is None else set(self.fitted.by_dim)
-        for side in (self.path / INDEX_DIR).glob(f"{FITTED}_*.json"):
-            if int(side.stem.split("_")[1]) not in kept:
+        self.remove_stale_files()
+        self.checkpoint()
+
+    def remove_stale_files(self) -> None:
+        """Delete the saved indexes of prefixes the store no longer indexes and of fits no longer in use (the
+        raw indexes a fit replaced stay, for a later ``ensure_raw``)."""
+        fitted = set() if self.fitted is None else set(self.fitted.by_dim)
+        for side in (self.path / INDEX_DIR).glob("*_*.json"):
+            family, d = side.stem.rsplit("_", 1)
+            kept = {RAW: set(self.params.index_dims), FITTED: fitted}.get(family)
+            if kept is not None and d.isdigit() and int(d) not in kept:
                 for stale in PrefixIndex.paths(side.with_suffix("")):
                     stale.unlink(missing_ok=True)
+
+    def prepare(self, params: StoreParams, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> None:
+        """Saved, current raw indexes over every prefix ``params`` indexes, so that the store reopened with
+        ``params`` and without a fit (``Store.set_index_dims``) loads them all: those in memory are saved,
+        the others loaded from their files or built from the bands and saved, one at a time."""
         self.checkpoint()
+        other = IndexSet(self.path, params, self.generation, self.read_only)
+        for d in params.index_dims:
+            if d not in self.by_dim:
+                other._load_raw(d, snap, vectors, tombstones)
 
     def insert(self, start: int, batch: np.ndarray) -> None:
         """Rows ``start``... of an uncommitted write (invisible until ``committed`` covers them)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -76,6 +76,23 @@ def default_bands(dim: int) -> tuple[int, ...]:
     return (*[b for b in (16, 64, 256) if b < dim], dim)
 
 
+def default_index_dims(dim: int) -> tuple[int, ...]:
+    return tuple(d for d in DEFAULT_INDEX_DIMS if d <= dim)
+
+
+def checked_index_dims(given: Any, dim: int) -> tuple[int, ...]:
+    """``given`` as sorted distinct prefix lengths within 1..dim; InvalidInputError otherwise."""
+    try:
+        dims = tuple(positive_int(d, "an indexed prefix length") for d in given)
+    except (TypeError, InvalidKError):
+        raise InvalidInputError(
+            f"index_dims must be a sequence of prefix lengths within 1..{dim}, got {given!r}"
+        ) from None
+    if any(d > dim for d in dims) or len(set(dims)) != len(dims):
+        raise InvalidInputError(f"index_dims must be distinct prefix lengths within 1..{dim}, got {dims}")
+    return tuple(sorted(dims))
+
+
 def coarse_m(index_dims: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple((d, COARSE_HNSW_M) for d in sorted(index_dims) if d <= COARSE_PREFIX)
 
@@ -137,11 +154,7 @@ class StoreParams:
         if dtype not in ("float16", "float32"):
             raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
         given = requested["index_dims"]
-        index_dims = (
-            tuple(int(d) for d in given) if given is not None else tuple(d for d in DEFAULT_INDEX_DIMS if d <= dim)
-        )
-        if any(not 1 <= d <= dim for d in index_dims) or len(set(index_dims)) != len(index_dims):
-            raise InvalidInputError(f"index_dims must be distinct prefix lengths within 1..{dim}, got {index_dims}")
+        index_dims = checked_index_dims(given, dim) if given is not None else default_index_dims(dim)
         widths = band_widths(dim, bands)
         rows = requested["chunk_rows"]
         chunk_rows = (
@@ -154,7 +167,7 @@ class StoreParams:
             bands=bands,
             metric=metric,
             dtype=dtype,
-            index_dims=tuple(sorted(index_dims)),
+            index_dims=index_dims,
             chunk_rows=chunk_rows,
             hnsw_m=int(requested["hnsw_m"] or DEFAULT_HNSW_M),
             hnsw_m_by_prefix=() if requested["hnsw_m"] else coarse_m(index_dims),
@@ -166,14 +179,36 @@ class StoreParams:
             prefixes=_prefixes(requested.get("prefixes")),
         )
 
+    def with_index_dims(self, index_dims: Sequence[int]) -> StoreParams:
+        """These parameters with other indexed prefixes (``Store.set_index_dims``). Prefixes kept keep their
+        M and ef_construction; new ones get a new store's, unless this store was made with its own
+        ``hnsw_m`` or ``ef_construction`` (then that one)."""
+        dims = checked_index_dims(index_dims, self.dim)
+        new = [d for d in dims if d not in self.index_dims]
+        m = {d: v for d, v in self.hnsw_m_by_prefix if d in dims}
+        ef = {d: v for d, v in self.ef_construction_by_prefix if d in dims}
+        if self.hnsw_m == DEFAULT_HNSW_M:
+            m |= dict(coarse_m(new))
+        if self.ef_construction == DEFAULT_EF_CONSTRUCTION:
+            ef |= dict(wide_ef_construction(new))
+        by_m, by_ef = tuple(sorted(m.items())), tuple(sorted(ef.items()))
+        return replace(self, index_dims=dims, hnsw_m_by_prefix=by_m, ef_construction_by_prefix=by_ef)
+
+    def index_entries(self) -> dict[str, Any]:
+        """The manifest entries that say which prefixes are indexed and how."""
+        return {
+            "index_dims": list(self.index_dims),
+            "hnsw_M_by_prefix": {str(d): v for d, v in self.hnsw_m_by_prefix},
+            "hnsw_ef_construction_by_prefix": {str(d): v for d, v in self.ef_construction_by_prefix},
+        }
+
     def manifest(self, created_by: str) -> dict[str, Any]:
         """The manifest a new store starts with (storage/FORMAT.md)."""
         out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("hnsw_m_by_prefix", "ef_construction_by_prefix"):
-                value = {str(d): v for d, v in value}  # JSON object: prefix -> M or ef_construction
             out[_MANIFEST_KEYS.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
+        out |= self.index_entries()  # the prefix maps as JSON objects: prefix -> M or ef_construction
         out["committed_rows"] = 0
         out["created_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         out["created_by"] = created_by

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mrlstore.errors import InvalidInputError
@@ -17,10 +17,17 @@ from mrlstore.upkeep import compaction, verify
 
 class Maintenance:
     """Upkeep of one open store. ``reopen_with(lock)`` switches the store to the files a compaction put in
-    place."""
+    place, ``reopen()`` opens its tiers again on the same files, ``committed()`` follows every change
+    committed here (publishing it for readers)."""
 
-    def __init__(self, state: StoreState, reopen_with: Callable[[StoreLock], None]):
-        self.state, self.reopen_with = state, reopen_with
+    def __init__(
+        self,
+        state: StoreState,
+        reopen_with: Callable[[StoreLock], None],
+        reopen: Callable[[], None],
+        committed: Callable[[], None],
+    ):
+        self.state, self.reopen_with, self.reopen, self.committed = state, reopen_with, reopen, committed
 
     def snapshot(self, dest: str | os.PathLike[str]) -> Path:
         """A consistent copy at ``dest`` (which must not exist); see ``Store.snapshot``."""
@@ -41,3 +48,18 @@ class Maintenance:
     def compact(self) -> CompactResult:
         with self.state.write_lock:
             return CompactResult(**compaction.compact(self.state, self.reopen_with))
+
+    def set_index_dims(self, index_dims: Sequence[int]) -> None:
+        """Index other prefixes (see ``Store.set_index_dims``). The new indexes are built and saved first
+        (queries go on meanwhile), then the manifest commits the change, then the tiers reopen on them: a
+        crash before the commit leaves the store as it was, after it the saved files load."""
+        state = self.state
+        with state.write_lock:
+            params = state.params.with_index_dims(index_dims)
+            if params.index_dims == state.params.index_dims:
+                return
+            state.indexes.prepare(params, state.snap, state.vectors, state.catalog.tombstones())
+            state.catalog.set_manifest_entries({**params.index_entries(), "tuned": None, "fit": None})
+            self.reopen()
+            state.indexes.remove_stale_files()
+            self.committed()

@@ -431,11 +431,11 @@ class Versions:
     def _move_to(self, state: StoreState, head: dict[str, Any]) -> bool:
         """Same row numbering: the new rows into the prefix indexes (queries go on meanwhile), then the new
         catalog, snapshot and deletions swapped in at once. False, changing nothing, when the new version's
-        fitted codes are not the open ones."""
+        fitted codes or indexed prefixes are not the open ones."""
         catalog, head = _open_published(self.path, head)
         try:
             manifest = catalog.manifest()
-            if fit_id(manifest) != fit_id(state.manifest):
+            if fit_id(manifest) != fit_id(state.manifest) or index_layout(manifest) != index_layout(state.manifest):
                 catalog.close()
                 return False
             old = state.snap
@@ -457,6 +457,12 @@ class Versions:
 def fit_id(manifest: dict[str, Any]) -> str | None:
     """The id of the fitted projection a manifest holds (None: raw prefixes)."""
     return (manifest.get("fit") or {}).get("id")
+
+
+def index_layout(manifest: dict[str, Any]) -> tuple[Any, ...]:
+    """Which prefixes a manifest indexes, and how (``Store.set_index_dims`` changes them)."""
+    keys = ("index_dims", "hnsw_M_by_prefix", "hnsw_ef_construction_by_prefix")
+    return tuple(json.dumps(manifest.get(key), sort_keys=True) for key in keys)
 
 
 def _state_of(state: StoreState) -> dict[str, Any]:

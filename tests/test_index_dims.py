@@ -1,0 +1,113 @@
+"""Changing which prefixes a store indexes (``Store.set_index_dims``): new indexes built from the stored
+rows, old ones and the tuning that used them dropped, readers following, and a crash at any moment leaving
+the old indexes or the new."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+from killing import killed_part_way
+
+import mrlstore
+from mrlstore.testing import exact_search, mrl_like, recall_at_k
+
+DIM = 256
+N = 3000
+
+
+def _filled(path, n: int = N) -> tuple[mrlstore.Store, np.ndarray]:
+    x, _ = mrl_like(n, DIM, noise=1.0, seed=5)
+    store = mrlstore.open(path, dim=DIM, bands=(16, 64, DIM), chunk_rows=1024)
+    store.add_vectors(x, ids=[str(i) for i in range(n)])
+    return store, x
+
+
+def _index_files(path) -> set[str]:
+    return {p.name for p in (path / "index").iterdir()}
+
+
+def test_a_wider_index_is_built_from_the_stored_rows_and_the_dropped_one_goes(tmp_path):
+    path = tmp_path / "s"
+    store, x = _filled(path)
+    with store:
+        store.tune(recall=0.9, k=10, sample=100)
+        assert "fit" in store.manifest  # the codes fitted to the 16- and 32-d indexes go with them
+        store.set_index_dims([128, 32])
+        assert store.index_dims == (32, 128) and len(store) == N
+        assert store.index_status == {32: "loaded", 128: "loaded"}
+        assert "tuned" not in store.manifest and "fit" not in store.manifest
+        assert store.config.index_dims == (32, 128)
+        assert store.manifest["hnsw_ef_construction_by_prefix"] == {"128": 200}  # a new store's for 128
+        assert _index_files(path) == {f"prefix_{d:05d}.{e}" for d in (32, 128) for e in ("hnsw", "json")}
+        queries = x[:50]
+        found = store.query(queries, k=10, dims=[128, DIM], shortlist=40)
+        truth = exact_search(x, queries, 10)
+        assert recall_at_k([[int(i) for i in h.ids] for h in found], truth) >= 0.95
+        choice = store.tune(recall=0.9, k=10, sample=100)
+        assert choice["dims"][0] in (32, 128)
+    with pytest.raises(mrlstore.ConfigMismatchError, match="index_dims"):
+        mrlstore.open(path, index_dims=(16, 32))
+    with mrlstore.open(path, index_dims=(128, 32)) as store:
+        assert set(store.index_status.values()) <= {"loaded", "fitted code"}  # saved: nothing rebuilt at open
+
+
+def test_bad_index_dims_are_refused_and_change_nothing(tmp_path):
+    store, _ = _filled(tmp_path / "s")
+    with store:
+        store.tune(recall=0.9, k=10, sample=100)
+        before = store.manifest
+        for bad in ([0, 32], [16, 300], [16, 16], "16", [16.5]):
+            with pytest.raises(mrlstore.InvalidInputError, match="index_dims"):
+                store.set_index_dims(bad)
+        store.set_index_dims((32, 16))  # the same prefixes: nothing to do, the tuning stays
+        assert store.manifest == before
+    with mrlstore.open(tmp_path / "s", read_only=True) as reader:
+        with pytest.raises(mrlstore.ReadOnlyError):
+            reader.set_index_dims([64])
+
+
+def test_a_reader_refreshes_to_the_new_indexes(tmp_path):
+    path = tmp_path / "s"
+    store, x = _filled(path)
+    with store, mrlstore.open(path, read_only=True) as reader:
+        assert reader.index_dims == (16, 32)
+        store.set_index_dims([64])
+        assert reader.refresh()
+        assert reader.index_dims == (64,) and reader.index_status == {64: "loaded"}
+        got, want = reader.query(x[:3], k=5, dims=[64, DIM]), store.query(x[:3], k=5, dims=[64, DIM])
+        assert [h.ids for h in got] == [h.ids for h in want]
+        assert not any(name.startswith("prefix_00016") for name in _index_files(path))
+
+
+SIGKILL_REINDEXER = textwrap.dedent(
+    """
+    import sys, mrlstore
+    store = mrlstore.open(sys.argv[1])
+    print("READY", flush=True)
+    store.set_index_dims([32, 128])
+    print("DONE", flush=True)
+    """
+)
+
+
+def test_sigkill_while_indexing_other_prefixes_leaves_the_old_indexes_or_the_new(tmp_path):
+    path = tmp_path / "s"
+    store, x = _filled(path, n=20_000)  # a 128-d build long enough to be killed part way
+    store.close()
+    script = tmp_path / "reindexer.py"
+    script.write_text(SIGKILL_REINDEXER)
+    seen = set()
+    for _ in killed_part_way(script, [str(path)], (0.05, 0.5, 1.5, 3.0, 6.0)):
+        with mrlstore.open(path) as store:
+            assert store.verify() == [] and len(store) == 20_000
+            seen.add(store.index_dims)
+            assert store.index_dims in {(16, 32), (32, 128)}
+            found = store.query(x[:20], k=10, dims=[store.index_dims[-1], DIM], shortlist=50)
+            truth = exact_search(x, x[:20], 10)
+            assert recall_at_k([[int(i) for i in h.ids] for h in found], truth) >= 0.9
+        if store.index_dims == (32, 128):  # start again from the old prefixes
+            with mrlstore.open(path) as store:
+                store.set_index_dims([16, 32])
+    assert seen == {(16, 32), (32, 128)}  # killed before the commit and after it (the build takes ~1.4 s)
