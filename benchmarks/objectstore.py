@@ -55,6 +55,16 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto server did not start")
 
 
+def bench_url(endpoint: str) -> tuple[str, dict[str, str]]:
+    """A store URL in a new bucket on the moto server at ``endpoint``, and the storage options to reach it."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(access_key="bench", secret_key="bench", scheme="http", region="us-east-1",
+                           endpoint_override=endpoint.split("://")[-1], allow_bucket_creation=True)  # fmt: skip
+    fs.create_dir("bench")
+    return "s3://bench/store.mrl", {"key": "bench", "secret": "bench", "endpoint_url": endpoint, "region": "us-east-1"}
+
+
 def local_store(work: Path, n: int) -> Path:
     path = work / f"objectstore_local_{n}"
     if (path / "catalog.duckdb").exists():
@@ -120,14 +130,7 @@ def main() -> None:
     queries = held_out_queries(args.work, args.n, args.queries)
     proc, endpoint = start_moto()
     try:
-        import pyarrow.fs as pafs
-
-        options = {"key": "bench", "secret": "bench", "endpoint_url": endpoint}
-        host = endpoint.split("://")[1]
-        fs = pafs.S3FileSystem(access_key="bench", secret_key="bench", scheme="http", region="us-east-1",
-                               endpoint_override=host, allow_bucket_creation=True)  # fmt: skip
-        fs.create_dir("bench")
-        url = "s3://bench/store.mrl"
+        url, options = bench_url(endpoint)
         with mrlstore.open(path) as local:
             t0 = time.perf_counter()
             head = local.publish(url, storage_options=options)

@@ -38,13 +38,7 @@ def main() -> None:
     print(f"mrlstore from {Path(mrlstore.__file__).parent}")
     proc, host = objectstore.start_moto()
     try:
-        import pyarrow.fs as pafs
-
-        options = {"key": "bench", "secret": "bench", "endpoint_url": host, "region": "us-east-1"}
-        fs = pafs.S3FileSystem(access_key="bench", secret_key="bench", scheme="http", region="us-east-1",
-                               endpoint_override=host, allow_bucket_creation=True)  # fmt: skip
-        fs.create_dir("bench")
-        url = "s3://bench/store.mrl"
+        url, options = objectstore.bench_url(host)
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / "store"  # a snapshot: the store may be open elsewhere
             with mrlstore.open(args.store, read_only=True) as source:

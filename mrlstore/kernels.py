@@ -43,7 +43,8 @@ def threads() -> int:
 
 class Rows(Protocol):
     """What the kernels read: mrlstore.tiers.bands.BandedVectors (rows without memory maps, such as
-    mrlstore.tiers.objectstore.RemoteBands, say ``native = False`` and go through the numpy twins)."""
+    mrlstore.tiers.objectstore.RemoteBands, say ``native = False`` and go through the numpy twins, except
+    for the stages within their ``native_dims``, whose bands ``kernel_bands`` describes)."""
 
     band_bounds: tuple[int, ...]  # band b spans columns band_bounds[b]:band_bounds[b + 1]
 
@@ -101,27 +102,17 @@ def refine(
     """Candidates (sorted within each query) through the funnel's later stages: at stage s, add the dot
     products and squared norms of columns ``stages[s-1]:stages[s]`` and keep the best ``keeps[s]`` per query
     (in row order between stages, so reads run forward). Returns the last stage's (rows, offsets, scores),
-    best first within each query."""
+    best first within each query. A tier without memory maps for every band (``native`` False: a remote
+    store) runs the stages within its ``native_dims`` natively and the rest through the numpy twins."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if native and _native is not None and getattr(vectors, "native", True):
-        nq, k = len(offsets) - 1, keeps[-1]
-        out_rows = np.empty(nq * k, dtype=np.int64)
-        out_scores = np.empty(nq * k, dtype=np.float64)
-        counts = np.empty(nq, dtype=np.int64)
-        needed = int(rows.max()) + 1 if len(rows) else 1
-        bands = vectors.kernel_bands(needed)
-        # The kernel bounds only long last stages: with none possible, skip the norms' setup.
-        least = _native.BOUND_MIN_PER_KEPT * keeps[-1]
-        long_last = len(rows) >= least * nq and (len(stages) == 1 or keeps[-2] >= least)
-        norms = vectors.kernel_norms(needed) if long_last else None
-        bounds = _int32(vectors.band_bounds) if norms is not None else _NO_BOUNDS
-        _native.refine(
-            bands, rows, offsets, queries, queries.shape[1], _int32(tuple(stages)), _int32(tuple(keeps)),
-            METRIC_CODES[metric], out_rows, out_scores, counts, threads(), None if norms is None else [norms], bounds,
-            COLD_READ_THREADS if needed > getattr(vectors, "prefault_rows", 0) else 0,  # read at open: in memory
-        )  # fmt: skip
-        out_rows, out_scores, offsets = _compact(counts, k, out_rows, out_scores)
-        return out_rows, offsets, out_scores
+    if native and _native is not None:
+        if getattr(vectors, "native", True):
+            return _refine_native(vectors, rows, offsets, queries, stages, keeps, metric, bounded=True)
+        near = sum(1 for d in stages[:-1] if d <= getattr(vectors, "native_dims", 0))
+        if near:
+            rows, offsets, _ = _refine_native(vectors, rows, offsets, queries, stages[:near], keeps[:near], metric)
+            rows = rows[np.lexsort((rows, np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))))]  # row order
+            stages, keeps = stages[near:], keeps[near:]  # their sums start again from column 0, for fewer rows
     dot, sq = np.zeros(len(rows)), np.zeros(len(rows))
     covered, scores = 0, np.empty(0)
     for i, (d, keep) in enumerate(zip(stages, keeps)):
@@ -131,6 +122,28 @@ def refine(
         pos, scores, offsets = select(rows, offsets, dot, sq, qq, metric, keep, by_row=i < len(stages) - 1)
         rows, dot, sq = rows[pos], dot[pos], sq[pos]
     return rows, offsets, scores
+
+
+def _refine_native(vectors, rows, offsets, queries, stages, keeps, metric, bounded=False):
+    """``refine`` in one native call; ``bounded``: a long last stage may skip rows by their band norms."""
+    nq, k = len(offsets) - 1, keeps[-1]
+    out_rows = np.empty(nq * k, dtype=np.int64)
+    out_scores = np.empty(nq * k, dtype=np.float64)
+    counts = np.empty(nq, dtype=np.int64)
+    needed = int(rows.max()) + 1 if len(rows) else 1
+    bands = vectors.kernel_bands(needed)
+    # The kernel bounds only long last stages: with none possible, skip the norms' setup.
+    least = _native.BOUND_MIN_PER_KEPT * keeps[-1]
+    long_last = bounded and len(rows) >= least * nq and (len(stages) == 1 or keeps[-2] >= least)
+    norms = vectors.kernel_norms(needed) if long_last else None
+    bounds = _int32(vectors.band_bounds) if norms is not None else _NO_BOUNDS
+    _native.refine(
+        bands, rows, offsets, queries, queries.shape[1], _int32(tuple(stages)), _int32(tuple(keeps)),
+        METRIC_CODES[metric], out_rows, out_scores, counts, threads(), None if norms is None else [norms], bounds,
+        COLD_READ_THREADS if needed > getattr(vectors, "prefault_rows", 0) else 0,  # read at open: in memory
+    )  # fmt: skip
+    out_rows, out_scores, offsets = _compact(counts, k, out_rows, out_scores)
+    return out_rows, offsets, out_scores
 
 
 _NO_BOUNDS = np.zeros(1, np.int32)

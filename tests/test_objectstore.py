@@ -308,6 +308,49 @@ def test_a_reader_keeps_every_band_but_the_widest_near_by_default(tmp_path, opti
         assert not any("/band_00000_00016/" in key for key in opened)
 
 
+def test_a_remote_funnel_reranks_its_near_bands_natively(tmp_path, options, bucket, monkeypatch):
+    from mrlstore import kernels
+
+    if not kernels.NATIVE:
+        pytest.skip("the native kernels are not built here")
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 3000)  # 3 chunks per band
+    store.publish(url, storage_options=options)
+    want = store.query(vectors[:4], k=10, dims=[16, 64, DIM], shortlist=300)
+    store.close()
+    native_stages = []
+    refine_native = kernels._refine_native
+    monkeypatch.setattr(
+        kernels, "_refine_native", lambda *a, **kw: native_stages.append(tuple(a[4])) or refine_native(*a, **kw)
+    )
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        assert remote._versions.remote.local_dims == 64  # the 16- and 64-wide bands near, the widest remote
+        got = remote.query(vectors[:4], k=10, dims=[16, 64, DIM], shortlist=300)
+        assert native_stages == [(64,)]  # the near stage natively, the remote one through the numpy twins
+        for g, w in zip(got, want):
+            assert g.ids == w.ids
+            np.testing.assert_allclose(g.scores, w.scores, rtol=1e-6)
+        native_stages.clear()
+        assert remote.query(vectors[0], k=10, dims=[16, DIM], shortlist=300).ids == want[0].ids
+        assert native_stages == []  # nothing near to re-rank before the remote stage
+
+
+def test_rows_past_a_full_row_cache_are_read_chunk_by_chunk(tmp_path, options, bucket, monkeypatch):
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 3000)
+    store.publish(url, storage_options=options)
+    want = store.query(vectors[:4], k=10, dims=[16, DIM], shortlist=300)
+    store.close()
+    monkeypatch.setattr(objectstore, "ROW_CACHE_BYTES", 20 * (DIM - 64) * 2)  # 20 rows of the remote band
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        for _ in range(2):  # the second time some rows are cached, others not
+            got = remote.query(vectors[:4], k=10, dims=[16, DIM], shortlist=300)
+            for g, w in zip(got, want):
+                assert g.ids == w.ids
+                np.testing.assert_allclose(g.scores, w.scores, rtol=1e-6)
+        assert remote._versions.remote.cached_bytes <= objectstore.ROW_CACHE_BYTES
+
+
 def test_objects_larger_than_a_range_download_whole_in_parallel_ranges(tmp_path, options, bucket, monkeypatch):
     url = f"s3://{bucket}/s.mrl"
     store, vectors = _local_store(tmp_path / "local.mrl", 2000)

@@ -607,11 +607,15 @@ class BandedVectors:
             lo, hi = max(col_start, band.start), min(col_stop, band.stop)
             if lo >= hi:
                 continue
-            block = band.take_sorted(rows)
+            block = self.take(band, rows)
             if lo > band.start or hi < band.stop:
                 block = block[:, lo - band.start : hi - band.start]
             blocks.append((hi, block))
         return blocks
+
+    def take(self, band: _Band, rows: np.ndarray) -> np.ndarray:
+        """``rows`` (sorted) of ``band``, whole, in the stored dtype."""
+        return band.take_sorted(rows)
 
     def kernel_bands(self, rows_needed: int) -> list[tuple]:
         """Every band's description for the native kernels (see ``_Band.kernel_band``); the list is kept

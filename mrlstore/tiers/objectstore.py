@@ -409,7 +409,7 @@ class RemoteSource:
         with self._lock:
             if self.cached_bytes + nbytes > ROW_CACHE_BYTES:
                 for chunk in self.chunks:
-                    chunk._cache = {}
+                    chunk.row_cache = {}
                 self.cached_bytes = 0
             if nbytes > ROW_CACHE_BYTES:
                 return False
@@ -421,6 +421,10 @@ class RemoteSource:
         self._files.clear()
 
 
+_NO_ROWS = np.empty(0, np.int64)
+_NO_ROWS.flags.writeable = False
+
+
 class RemoteChunk:
     """A chunk's committed rows on object storage, indexed like the memory map of a local chunk: fancy row
     indices (sorted) or a row slice, then optional columns. Rows close together share one request."""
@@ -428,7 +432,7 @@ class RemoteChunk:
     def __init__(self, source: RemoteSource, key: str, rows: int, width: int, dtype: np.dtype):
         self.source, self.key, self.rows, self.width, self.dtype = source, key, rows, width, dtype
         self.row_bytes = width * dtype.itemsize
-        self._cache: dict[int, np.ndarray] = {}  # rows read before (re-ranks revisit popular rows)
+        self.row_cache: dict[int, np.ndarray] = {}  # rows read before (re-ranks revisit popular rows)
         source.chunks.append(self)
 
     def __len__(self) -> int:
@@ -440,8 +444,8 @@ class RemoteChunk:
             start, stop, _ = rows.indices(self.rows)
             block = self._runs(np.array([start]), np.array([max(start, stop - 1)]))[: max(0, stop - start)]
         else:
-            rows = np.asarray(rows, dtype=np.int64)
-            if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            rows = np.asarray(rows, dtype=np.int64)  # sorted: the ends bound them
+            if len(rows) and (rows[0] < 0 or rows[-1] >= self.rows):
                 raise CorruptStoreError(f"{self.key}: row past the {self.rows} rows the version holds")
             block = self._gather(rows)
         return block[(slice(None), *cols)] if cols else block
@@ -450,7 +454,7 @@ class RemoteChunk:
         """Rows in the order given, from the row cache or fetched (and cached)."""
         out = np.empty((len(rows), self.width), self.dtype)
         missing = self.missing(rows)
-        cache = self._cache
+        cache = self.row_cache
         if len(missing):
             first, last = self.runs(missing)
             fetched = self.picked(missing, first, last, self.source.read(self.key, self.ranges(first, last)))
@@ -464,8 +468,9 @@ class RemoteChunk:
 
     def missing(self, rows: np.ndarray) -> np.ndarray:
         """Of ``rows``, those not in the row cache: sorted, unique."""
-        cache = self._cache
-        return np.unique(np.fromiter((r for r in rows.tolist() if r not in cache), np.int64))
+        cache = self.row_cache
+        absent = [r for r in rows.tolist() if r not in cache]
+        return np.unique(np.array(absent, np.int64)) if absent else _NO_ROWS  # warm queries: all cached
 
     def runs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sorted unique rows cut into runs of adjacent rows (gaps up to COALESCE_BYTES), one ranged request
@@ -489,7 +494,7 @@ class RemoteChunk:
 
     def keep(self, rows: np.ndarray, fetched: np.ndarray) -> None:
         """Rows into the row cache (room reserved with ``RemoteSource.cache_rows``)."""
-        self._cache.update(zip(rows.tolist(), fetched))
+        self.row_cache.update(zip(rows.tolist(), fetched))
 
     def _runs(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
         parts = self.source.read(self.key, self.ranges(first, last))
@@ -501,7 +506,7 @@ class RemoteBands(BandedVectors):
     that end at or before ``local_dims`` are downloaded whole into the cache (the tier users keep near:
     short prefixes are small) and read like a local store's; None: ``near_dims``."""
 
-    native = False  # the native kernels read memory maps; remote rows go through the numpy twins
+    native = False  # the native kernels read memory maps: only the near bands' stages run natively
 
     def __init__(
         self,
@@ -516,6 +521,7 @@ class RemoteBands(BandedVectors):
         self.source = source
         rows = int(source.head["committed_rows"])
         self.local_dims = source.local_dims = self.near_dims(rows) if local_dims is None else local_dims
+        self.native_dims = max((b.stop for b in self.bands if b.stop <= self.local_dims), default=0)
         downloads = []
         for band in self.bands:
             for chunk in range(-(-rows // band.chunk_rows)):
@@ -533,6 +539,10 @@ class RemoteBands(BandedVectors):
         # and map_committed waits for them (a failed download fails the open).
         self._downloads = ThreadPoolExecutor(UPLOAD_THREADS)
         self._pending = [self._downloads.submit(_download_chunk, source, *job) for job in downloads]
+
+    def kernel_bands(self, rows_needed: int) -> list[tuple]:
+        """The near bands' descriptions only: the native kernels run the stages within ``native_dims``."""
+        return [band.kernel_described(rows_needed)[0] for band in self.bands if band.stop <= self.native_dims]
 
     def near_dims(self, rows: int) -> int:
         """The default ``local_dims``: the bands before the widest, as many as a local store of ``rows``
@@ -568,22 +578,32 @@ class RemoteBands(BandedVectors):
         self._fetch_together(rows, col_start, col_stop)
         return super().gather_bands(rows, col_start, col_stop)
 
+    def take(self, band: Any, rows: np.ndarray) -> np.ndarray:
+        """A remote band's ``rows`` from its chunks' row caches in one pass (a stage's few rows each fall in
+        another chunk: a call per chunk cost more than the arithmetic), else chunk by chunk."""
+        if band.stop <= self.local_dims or not len(rows):
+            return band.take_sorted(rows)
+        maps, rc = band._maps, band.chunk_rows
+        try:
+            return np.stack([maps[c].row_cache[r] for c, r in zip((rows // rc).tolist(), (rows % rc).tolist())])
+        except KeyError:  # not fetched together (more rows than the row cache holds)
+            return band.take_sorted(rows)
+
     def _fetch_together(self, rows: np.ndarray, col_start: int, col_stop: int) -> None:
         """A stage's rows from every remote chunk they fall in, in one round of requests (the gather that
         follows finds them in the row cache): chunk by chunk, a query would wait for one round per chunk."""
         wanted = []
         for band in self.bands:
-            if max(col_start, band.start) >= min(col_stop, band.stop):
-                continue
-            rc = band.chunk_rows
-            chunk_of = rows // rc
-            for chunk in np.unique(chunk_of).tolist():
-                remote = band._maps.get(chunk)
-                if not isinstance(remote, RemoteChunk):
-                    continue  # a chunk kept local
-                missing = remote.missing(rows[chunk_of == chunk] - chunk * rc)
-                if len(missing):
-                    wanted.append((remote, missing, *remote.runs(missing)))
+            if max(col_start, band.start) >= min(col_stop, band.stop) or band.stop <= self.local_dims:
+                continue  # not read, or kept local
+            maps, rc = band._maps, band.chunk_rows
+            absent: dict[int, list[int]] = {}  # one pass over the rows: warm queries find them all cached
+            for c, r in zip((rows // rc).tolist(), (rows % rc).tolist()):
+                if r not in maps[c].row_cache:
+                    absent.setdefault(c, []).append(r)
+            for c, local in absent.items():
+                missing = np.unique(np.array(local, np.int64))
+                wanted.append((maps[c], missing, *maps[c].runs(missing)))
         if len(wanted) < 2 or not self.source.cache_rows(sum(len(w[1]) * w[0].row_bytes for w in wanted)):
             return  # one chunk: its gather is one round anyway; more rows than the cache: chunk by chunk
         parts = self.source.read_many([(chunk.key, chunk.ranges(first, last)) for chunk, _, first, last in wanted])
