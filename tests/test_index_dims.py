@@ -81,6 +81,17 @@ def test_a_reader_refreshes_to_the_new_indexes(tmp_path):
         assert not any(name.startswith("prefix_00016") for name in _index_files(path))
 
 
+def test_readers_opening_after_the_change_get_the_new_indexes(tmp_path):
+    path = tmp_path / "s"
+    store, _ = _filled(path)
+    with store:
+        with mrlstore.open(path, read_only=True) as reader:  # a version published for readers
+            assert reader.index_dims == (16, 32)
+        store.set_index_dims([64])  # an untuned store: only the indexed prefixes change
+    with mrlstore.open(path, read_only=True) as reader:
+        assert reader.index_dims == (64,) and reader.index_status == {64: "loaded"}
+
+
 SIGKILL_REINDEXER = textwrap.dedent(
     """
     import sys, mrlstore

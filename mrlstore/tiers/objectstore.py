@@ -636,16 +636,17 @@ def range_bytes(size: int) -> int:
 
 def _read_whole(fs: pafs.S3FileSystem, key: str, out: BinaryIO, digest: Any = None) -> int:
     """Object ``key`` written to ``out`` in order (and fed to ``digest``, a hashlib object, meanwhile), as
-    ranged GETs RANGE_THREADS at a time (at most twice that many ranges held in memory); returns the bytes
-    written."""
+    ranged GETs RANGE_THREADS at a time (at most 256 MiB of them held in memory, or RANGE_THREADS ranges when
+    they are longer); returns the bytes written."""
     handle = fs.open_input_file(key)
     try:
         size = int(handle.size())
         step = range_bytes(size)
         starts = list(range(0, size, step))
+        held = max(RANGE_THREADS, 2 * RANGE_THREADS * RANGE_BYTES // step)
         with ThreadPoolExecutor(RANGE_THREADS) as pool:
-            for lo in range(0, len(starts), 2 * RANGE_THREADS):
-                window = starts[lo : lo + 2 * RANGE_THREADS]
+            for lo in range(0, len(starts), held):
+                window = starts[lo : lo + held]
                 for block in pool.map(lambda at: handle.read_at(min(step, size - at), at), window):
                     out.write(block)
                     if digest is not None:

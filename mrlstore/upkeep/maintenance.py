@@ -61,5 +61,5 @@ class Maintenance:
             state.indexes.prepare(params, state.snap, state.vectors, state.catalog.tombstones())
             state.catalog.set_manifest_entries({**params.index_entries(), "tuned": None, "fit": None})
             self.reopen()
-            self.committed()  # readers move to the new version before the old prefixes' files go
+            self.committed()  # published (or marked pending) for readers: the indexed prefixes count as a change
             state.indexes.remove_stale_files()

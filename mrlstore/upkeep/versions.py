@@ -218,6 +218,7 @@ def version_state(manifest: dict[str, Any], committed_rows: int, live_rows: int)
         "committed_rows": committed_rows,
         "live_rows": live_rows,
         "tuned": hashlib.blake2b(json.dumps(manifest.get("tuned"), sort_keys=True).encode(), digest_size=8).hexdigest(),
+        "indexes": hashlib.blake2b("".join(index_layout(manifest)).encode(), digest_size=8).hexdigest(),
     }
 
 
