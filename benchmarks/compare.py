@@ -264,6 +264,16 @@ def measure(
 
 
 # -- the systems (each in a child process) ------------------------------------------------------------------
+def add_rows(store, base: np.ndarray, labels: np.ndarray) -> None:
+    """``base`` into ``store`` as compare.py's stores get it: ids "0".., a ``label`` column, ADD_BATCH at a time."""
+    import pyarrow as pa
+
+    for lo in range(0, len(base), ADD_BATCH):
+        hi = min(len(base), lo + ADD_BATCH)
+        meta = pa.table({"label": pa.array(labels[lo:hi].astype(str))})
+        store.add_vectors(base[lo:hi], ids=[str(i) for i in range(lo, hi)], metadata=meta)
+
+
 def run_mrlstore(
     base, queries, truth, work: Path, lq: int, dtype: str = "float16", index_dims: tuple[int, ...] | None = None
 ) -> dict:
@@ -285,10 +295,7 @@ def run_mrlstore(
     mem = PeakMemory()
     t0 = time.perf_counter()
     store = mrlstore.open(path, dim=dim, dtype=dtype, index_dims=index_dims)
-    for lo in range(0, len(base), ADD_BATCH):
-        hi = min(len(base), lo + ADD_BATCH)
-        meta = pa.table({"label": pa.array(labels[lo:hi].astype(str))})
-        store.add_vectors(base[lo:hi], ids=[str(i) for i in range(lo, hi)], metadata=meta)
+    add_rows(store, base, labels)
     store.checkpoint()
     build = time.perf_counter() - t0
     peak = mem.stop()

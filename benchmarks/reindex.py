@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-from compare import ADD_BATCH, K, PeakMemory, measure, rss_anon_mib  # benchmarks/compare.py
+from compare import K, PeakMemory, add_rows, measure, rss_anon_mib  # benchmarks/compare.py
 
 import mrlstore
 
@@ -30,10 +29,7 @@ def build(path: Path, base: np.ndarray) -> float:
     shutil.rmtree(path, ignore_errors=True)
     t0 = time.perf_counter()
     with mrlstore.open(path, dim=base.shape[1]) as store:
-        for lo in range(0, len(base), ADD_BATCH):
-            hi = min(len(base), lo + ADD_BATCH)
-            labels = pa.table({"label": pa.array((np.arange(lo, hi) % 100).astype(str))})
-            store.add_vectors(base[lo:hi], ids=[str(i) for i in range(lo, hi)], metadata=labels)
+        add_rows(store, base, np.arange(len(base)) % 100)  # compare.py's labels for data without classes
     return time.perf_counter() - t0
 
 

@@ -252,14 +252,12 @@ def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any
     if not reached:
         best = max(tried, key=lambda p: p["recall"])
         dims = best["dims"]
-        wider = (
-            f": store.set_index_dims((32, {WIDE_PREFIX})), then tune again" if dims[0] < WIDE_PREFIX < dims[-1] else ""
-        )
+        wider = _wider_index(dims)
         raise TuningError(
             f"no funnel reaches recall {recall} with a shortlist of at most {budget} (best {best['recall']:.3f} "
             f"with dims={dims}, shortlist {best['shortlist']}); nothing was saved: lower the target, check that "
             "the vectors have Matryoshka structure (short prefixes that rank well), or index a longer prefix"
-            f"{wider}"
+            f"{f': {wider}' if wider else ''}"
         )
     missed = [p for p in best_per_shape.values() if not p["reached"]]
     if missed:
@@ -279,13 +277,19 @@ def _advise_wider(chosen: dict[str, Any]) -> None:
     distances spread over many dimensions a longer indexed prefix answers faster (compare.py's gentle data,
     100k x 1024: 0.76 ms with 16- and 32-d indexes, 0.19 to 0.25 ms with a 128-d one)."""
     dims, shortlist = chosen["dims"], chosen["shortlist"]
-    if shortlist >= LONG_SHORTLIST and dims[0] < WIDE_PREFIX < dims[-1]:
+    wider = _wider_index(dims)
+    if shortlist >= LONG_SHORTLIST and wider:
         warnings.warn(
             f"tune: the fastest funnel needs a shortlist of {shortlist} from {dims[0]} numbers per row, so this "
-            f"data's short prefixes shortlist poorly; indexing a longer prefix "
-            f"(store.set_index_dims((32, {WIDE_PREFIX})), then tune again) may answer faster",
+            f"data's short prefixes shortlist poorly; indexing a longer prefix ({wider}) may answer faster",
             stacklevel=4,  # the caller of Store.tune
         )
+
+
+def _wider_index(dims: list[int]) -> str:
+    """How to index a longer prefix, for a funnel that starts below WIDE_PREFIX numbers of wider rows ("" for
+    any other)."""
+    return f"store.set_index_dims((32, {WIDE_PREFIX})), then tune again" if dims[0] < WIDE_PREFIX < dims[-1] else ""
 
 
 def _cheapest(measure: Any, grid: list[int], fine: list[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -52,6 +52,8 @@ DEFAULT_EF_CONSTRUCTION = 40
 # from 147 to 543 s; hnswlib over all 1024 dims took 1,192 s).
 WIDE_PREFIX, WIDE_EF_CONSTRUCTION = 32, 200
 DEFAULT_EF_SEARCH = 64
+# The manifest entries that say which prefixes are indexed and how (Store.set_index_dims changes them together).
+INDEX_ENTRY_KEYS = ("index_dims", "hnsw_M_by_prefix", "hnsw_ef_construction_by_prefix")
 # Manifest keys of the fields whose manifest spelling differs (kept: the on-disk format is fixed).
 _MANIFEST_KEYS = {
     "hnsw_m": "hnsw_M", "hnsw_m_by_prefix": "hnsw_M_by_prefix", "ef_construction": "hnsw_ef_construction",
@@ -195,12 +197,13 @@ class StoreParams:
         return replace(self, index_dims=dims, hnsw_m_by_prefix=by_m, ef_construction_by_prefix=by_ef)
 
     def index_entries(self) -> dict[str, Any]:
-        """The manifest entries that say which prefixes are indexed and how."""
-        return {
-            "index_dims": list(self.index_dims),
-            "hnsw_M_by_prefix": {str(d): v for d, v in self.hnsw_m_by_prefix},
-            "hnsw_ef_construction_by_prefix": {str(d): v for d, v in self.ef_construction_by_prefix},
-        }
+        """The manifest entries that say which prefixes are indexed and how (INDEX_ENTRY_KEYS)."""
+        values = (
+            list(self.index_dims),
+            {str(d): v for d, v in self.hnsw_m_by_prefix},
+            {str(d): v for d, v in self.ef_construction_by_prefix},
+        )
+        return dict(zip(INDEX_ENTRY_KEYS, values))
 
     def manifest(self, created_by: str) -> dict[str, Any]:
         """The manifest a new store starts with (storage/FORMAT.md)."""

@@ -41,7 +41,7 @@ from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.locking import NoLock, StoreLock
-from mrlstore.tiers.params import StoreParams
+from mrlstore.tiers.params import INDEX_ENTRY_KEYS, StoreParams
 from mrlstore.tiers.snapshot import load_snapshot
 from mrlstore.tiers.state import HeldLock, StoreState
 
@@ -462,8 +462,7 @@ def fit_id(manifest: dict[str, Any]) -> str | None:
 
 def index_layout(manifest: dict[str, Any]) -> tuple[Any, ...]:
     """Which prefixes a manifest indexes, and how (``Store.set_index_dims`` changes them)."""
-    keys = ("index_dims", "hnsw_M_by_prefix", "hnsw_ef_construction_by_prefix")
-    return tuple(json.dumps(manifest.get(key), sort_keys=True) for key in keys)
+    return tuple(json.dumps(manifest.get(key), sort_keys=True) for key in INDEX_ENTRY_KEYS)
 
 
 def _state_of(state: StoreState) -> dict[str, Any]:
