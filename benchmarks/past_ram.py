@@ -77,14 +77,15 @@ class TopK:
         self.scores, self.rows = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(rows, keep, axis=1)
 
 
-def build(path: Path, n: int, queries: np.ndarray, fit: bool, index_dims: list[int]) -> tuple[dict, np.ndarray]:
+def build(path: Path, n: int, queries: np.ndarray, args: argparse.Namespace) -> tuple[dict, np.ndarray]:
     shutil.rmtree(path, ignore_errors=True)
     truth = TopK(queries, K)
     mem = PeakAnon()
     t0 = time.perf_counter()
     generate_s = 0.0
-    prefixes = "auto" if fit else "raw"
-    with mrlstore.open(path, dim=DIM, dtype="float16", prefixes=prefixes, index_dims=index_dims) as store:
+    prefixes = "auto" if args.fit else "raw"
+    made = {"index_dims": args.index_dims, "ef_construction": args.ef_construction}
+    with mrlstore.open(path, dim=DIM, dtype="float16", prefixes=prefixes, **made) as store:
         lo = 0
         blocks = mrl_like_blocks(n, DIM, noise=1.0, seed=0, block_rows=BLOCK)
         for block, labels in tqdm(blocks, total=-(-n // BLOCK), desc="build", unit="block"):
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "past_ram")
     ap.add_argument("--fit", action="store_true", help="let tune fit codes (a second pass over every row)")
     ap.add_argument("--index-dims", type=int, nargs="+", default=[32], help="prefixes with an HNSW index")
+    ap.add_argument("--ef-construction", type=int, help="HNSW ef_construction of every index (default: the store's)")
     ap.add_argument("--skip-build", action="store_true", help="measure the store and truth already in --work")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "past_ram.md")
     args = ap.parse_args()
@@ -160,7 +162,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     queries, _ = mrl_like(args.queries, DIM, noise=1.0, seed=0, sample=1)
     if not args.skip_build:
-        built, truth = build(path, args.n, queries, args.fit, args.index_dims)
+        built, truth = build(path, args.n, queries, args)
         np.save(args.work / "truth.npy", truth)
         (args.work / "build.json").write_text(json.dumps(built))
         subprocess.run([sys.executable, *sys.argv, "--skip-build"], check=True)  # measured in a fresh process
@@ -180,7 +182,8 @@ def report(args: argparse.Namespace, r: dict) -> None:
         f"# A store past RAM: {r['n']:,} x {DIM} float16",
         "",
         f"`python benchmarks/past_ram.py --n {r['n']} --queries {args.queries}"
-        f"{' --fit' if args.fit else ''} --index-dims {' '.join(map(str, args.index_dims))} --work {args.work}`"
+        f"{' --fit' if args.fit else ''} --index-dims {' '.join(map(str, args.index_dims))}"
+        f"{f' --ef-construction {args.ef_construction}' if args.ef_construction else ''} --work {args.work}`"
         f" on {platform.machine()}, {os.cpu_count()} cores, "
         f"{ram:.1f} GiB RAM, {time.strftime('%Y-%m-%d')}.",
         "",
