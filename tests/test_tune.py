@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -128,11 +129,20 @@ def test_tune_compares_every_indexed_prefix_and_query_follows_the_choice(tmp_pat
         assert store.query(x[5], k=10).dims == tuple(choice["dims"])
 
 
-def test_a_long_shortlist_from_a_short_prefix_suggests_a_longer_indexed_prefix():
-    with pytest.warns(UserWarning, match=r"set_index_dims\(\(32, 128\)\)"):
-        tuning._advise_wider({"dims": [32, 256, 1024], "shortlist": 350})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        tuning._advise_wider({"dims": [32, 1024], "shortlist": 150})  # a short shortlist: nothing to say
-        tuning._advise_wider({"dims": [128, 1024], "shortlist": 400})  # already a long prefix
-        tuning._advise_wider({"dims": [32, 64], "shortlist": 400})  # vectors no longer than the suggestion
+def test_a_long_shortlist_gets_a_measured_longer_prefix_which_then_tunes_shorter(tmp_path):
+    x, _ = mrl_like(6000, 256, noise=1.0, seed=3, n_clusters=60)
+    advice = r"shortlist of (\d+) from 8 numbers.*set_index_dims\(\((\d+),\)\).*need a shortlist of (\d+)"
+    with mrlstore.open(tmp_path / "s", dim=256, bands=(16, 64, 256), index_dims=(8,)) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+        with pytest.warns(UserWarning, match=advice) as caught:
+            first = store.tune(recall=0.95, k=10, sample=100)
+        said = next(m for w in caught if (m := re.search(advice, str(w.message))))
+        long_shortlist, wider, estimate = (int(g) for g in said.groups())
+        assert long_shortlist == first["shortlist"] >= tuning.LONG_SHORTLIST
+        assert wider in (16, 32) and estimate <= first["shortlist"] // 2
+        store.set_index_dims((wider,))
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter("always")
+            again = store.tune(recall=0.95, k=10, sample=100)
+        assert again["dims"][0] == wider and again["shortlist"] <= first["shortlist"] // 2  # as measured
+        assert not [w for w in later if "longer indexed prefix" in str(w.message)]

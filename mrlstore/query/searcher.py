@@ -169,7 +169,7 @@ class Searcher:
             )
             fit_s = time.perf_counter() - t0
             fitted = None if candidate is None else raw.with_fitted(candidate)
-            choice = tuning.tune_prefixes(raw, fitted, tuning.Task(snap, shapes, recall, k, probe, p.dim))
+            choice = tuning.tune_prefixes(raw, fitted, tuning.Task(snap, shapes, recall, k, probe, p.dim, p.index_dims))
             choice |= {"generation": state.generation, "held_out": held_out is not None, "seed": seed,
                        "sample_asked": sample, "all_shapes": dims is None,
                        "fit_s": None if projection is None else fit_s}  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,10 @@ FIT_KEEP_MARGIN = 1.05
 FIT_NOISE_MARGIN = 1.25
 FIT_NOISE_MS = 0.05  # on a small store every query takes tens of microseconds: the better codes win there
 RACE_ROUNDS = 3
-# A chosen shortlist this long from an indexed prefix shorter than WIDE_PREFIX: tune suggests a longer one.
-LONG_SHORTLIST, WIDE_PREFIX = 300, 128
+# A chosen shortlist this long: tune measures what longer prefixes (these times the first stage's, not
+# indexed yet) would need, with an exact first stage on its sample, and names the shortest that needs at most
+# half as many (at 12M rows: 500 from 32 numbers, 75 from 64).
+LONG_SHORTLIST, WIDER_FACTORS = 300, (2, 4)
 
 # Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
 # anyway) took at most this many times the best funnel's time per query: on a large store it is far slower.
@@ -55,7 +57,8 @@ EXACT_CANDIDATE_FACTOR = 4.0
 @dataclass(frozen=True)
 class Task:
     """What a tuning measures: funnel ``shapes`` over ``snap``, against a ``recall``@``k`` target on
-    ``probe``'s queries, exact search at the full ``dim`` the reference."""
+    ``probe``'s queries, exact search at the full ``dim`` the reference; ``index_dims``, the store's indexed
+    prefixes (its advice on a longer one replaces the first stage's)."""
 
     snap: Snapshot
     shapes: list[tuple[int, ...]]
@@ -63,6 +66,8 @@ class Task:
     k: int
     probe: Probe
     dim: int
+    index_dims: tuple[int, ...] = ()
+    advice: dict[tuple[int, ...], str] = field(default_factory=dict, compare=False)  # measured once per tune
 
 
 def tune(funnel: Funnel, task: Task, fitted: bool = False) -> dict[str, Any]:
@@ -89,7 +94,7 @@ def tune(funnel: Funnel, task: Task, fitted: bool = False) -> dict[str, Any]:
         tried += points
         best_per_shape[shape_key(dims_t)] = point
     _retime([p for p in best_per_shape.values() if p["reached"]], funnel, snap, probe, k, fitted)
-    best = _choose(best_per_shape, tried, recall, budget)
+    best = _choose(best_per_shape, tried, recall, budget, lambda d, s: _wider_advice(funnel, task, d, s))
     if exact_ms < EXACT_CANDIDATE_FACTOR * best["ms_per_query"]:  # a small store: exact search may be faster
         exact = measure(funnel, snap, probe, (dim,), k + 1, k, recall)
         tried.append(exact)
@@ -246,13 +251,20 @@ def _retime(points: list[dict[str, Any]], funnel: Funnel, snap: Snapshot, probe:
         p["p50_ms"] = float(np.median([t[1] for t in times[id(p)]]))
 
 
-def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any]], recall: float, budget: int):
-    """The fastest shape that reached the target; a warning names the shapes that missed it."""
+def _choose(
+    best_per_shape: dict[str, dict[str, Any]],
+    tried: list[dict[str, Any]],
+    recall: float,
+    budget: int,
+    advise: Callable[[list[int], int], str],
+) -> dict[str, Any]:
+    """The fastest shape that reached the target; a warning names the shapes that missed it. ``advise(dims,
+    shortlist)``: how to index a longer prefix, for a funnel that needs a long shortlist ("" for none)."""
     reached = [p for p in best_per_shape.values() if p["reached"]]
     if not reached:
         best = max(tried, key=lambda p: p["recall"])
         dims = best["dims"]
-        wider = _wider_index(dims)
+        wider = advise(dims, budget)
         raise TuningError(
             f"no funnel reaches recall {recall} with a shortlist of at most {budget} (best {best['recall']:.3f} "
             f"with dims={dims}, shortlist {best['shortlist']}); nothing was saved: lower the target, check that "
@@ -268,28 +280,57 @@ def _choose(best_per_shape: dict[str, dict[str, Any]], tried: list[dict[str, Any
             stacklevel=4,  # the caller of Store.tune
         )
     chosen = min(reached, key=lambda p: p["ms_per_query"])  # among the shapes that reach it, the fastest
-    _advise_wider(chosen)
+    dims, shortlist = chosen["dims"], chosen["shortlist"]
+    wider = advise(dims, shortlist) if shortlist >= LONG_SHORTLIST else ""
+    if wider:  # on data whose distances spread over many dimensions, or a store of many millions of rows
+        warnings.warn(
+            f"tune: the fastest funnel needs a shortlist of {shortlist} from {dims[0]} numbers per row; a longer "
+            f"indexed prefix needs far fewer: {wider}",
+            stacklevel=4,  # the caller of Store.tune
+        )
     return chosen
 
 
-def _advise_wider(chosen: dict[str, Any]) -> None:
-    """A warning when even the fastest funnel needs a long shortlist from a short indexed prefix: on data whose
-    distances spread over many dimensions a longer indexed prefix answers faster (compare.py's gentle data,
-    100k x 1024: 0.76 ms with 16- and 32-d indexes, 0.19 to 0.25 ms with a 128-d one)."""
-    dims, shortlist = chosen["dims"], chosen["shortlist"]
-    wider = _wider_index(dims)
-    if shortlist >= LONG_SHORTLIST and wider:
-        warnings.warn(
-            f"tune: the fastest funnel needs a shortlist of {shortlist} from {dims[0]} numbers per row, so this "
-            f"data's short prefixes shortlist poorly; indexing a longer prefix ({wider}) may answer faster",
-            stacklevel=4,  # the caller of Store.tune
-        )
+def _wider_advice(funnel: Funnel, task: Task, dims: list[int], shortlist: int) -> str:
+    """How to index a longer prefix for a funnel that starts at ``dims[0]`` and needs ``shortlist`` from it:
+    the shortest of WIDER_FACTORS times as many numbers (not indexed yet) that needs at most half that
+    shortlist, measured with an exact first stage on the tune's sample (what an HNSW index over it finds at
+    best); "" when none does."""
+    key = (*dims, shortlist)
+    if key not in task.advice:
+        task.advice[key] = ""
+        for wider in (dims[0] * f for f in WIDER_FACTORS):
+            if wider >= task.dim or wider in task.index_dims:
+                continue
+            needs = _exact_first_shortlist(funnel, task, (wider, *(d for d in dims[1:] if d > wider)), shortlist // 2)
+            if needs is not None:
+                index_dims = tuple(sorted(set(task.index_dims) - {dims[0]} | {wider}))
+                task.advice[key] = (
+                    f"store.set_index_dims({index_dims}), then tune again (with an exact first stage on the same "
+                    f"sample, {wider} numbers need a shortlist of {needs})"
+                )
+                break
+    return task.advice[key]
 
 
-def _wider_index(dims: list[int]) -> str:
-    """How to index a longer prefix, for a funnel that starts below WIDE_PREFIX numbers of wider rows ("" for
-    any other)."""
-    return f"store.set_index_dims((32, {WIDE_PREFIX})), then tune again" if dims[0] < WIDE_PREFIX < dims[-1] else ""
+def _exact_first_shortlist(funnel: Funnel, task: Task, dims: tuple[int, ...], limit: int) -> int | None:
+    """The smallest shortlist (of the tuning grids, at most ``limit``) with which the funnel ``dims``, its first
+    stage an exact scan of the ``dims[0]``-prefix, reaches the target on the tune's sample; None if none does.
+    One scan keeps ``limit`` rows per query; each shortlist re-ranks the best of them."""
+    k, probe = task.k, task.probe
+    sizes = [s for s in sorted({max(k + 1, s) for s in (*GRID, *FINE_GRID)}) if s <= limit]
+    if not sizes:
+        return None
+    rows, offsets, _ = funnel.exact(task.snap, probe.queries, dims[0], sizes[-1])  # best first per query
+    for s in sizes:
+        firsts = [np.sort(rows[a : min(b, a + s)]) for a, b in zip(offsets[:-1], offsets[1:])]
+        starts = np.concatenate([[0], np.cumsum([len(f) for f in firsts])]).astype(np.int64)
+        plan = Plan(dims, k + 1, tuple(tapered_sizes(s, k + 1, len(dims), 1)), s)
+        found, found_at, _ = funnel.refine(probe.queries, np.concatenate(firsts).astype(np.int64), starts, plan)
+        per_query = probe.recalls([found[a:b] for a, b in zip(found_at[:-1], found_at[1:])], k)
+        if recall_lower_bound(per_query) >= task.recall:
+            return s
+    return None
 
 
 def _cheapest(measure: Any, grid: list[int], fine: list[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
