@@ -139,7 +139,7 @@ def test_a_long_shortlist_gets_a_measured_longer_prefix_which_then_tunes_shorter
         said = next(m for w in caught if (m := re.search(advice, str(w.message))))
         long_shortlist, wider, estimate = (int(g) for g in said.groups())
         assert long_shortlist == first["shortlist"] >= tuning.LONG_SHORTLIST
-        assert wider in (16, 32) and estimate <= first["shortlist"] // 2
+        assert wider in (16, 32) and estimate <= min(first["shortlist"] // 2, tuning.LONG_SHORTLIST - 1)
         store.set_index_dims((wider,))
         with warnings.catch_warnings(record=True) as later:
             warnings.simplefilter("always")

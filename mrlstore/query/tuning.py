@@ -46,7 +46,7 @@ FIT_NOISE_MS = 0.05  # on a small store every query takes tens of microseconds: 
 RACE_ROUNDS = 3
 # A chosen shortlist this long: tune measures what longer prefixes (these times the first stage's, not
 # indexed yet) would need, with an exact first stage on its sample, and names the shortest that needs at most
-# half as many (at 12M rows: 500 from 32 numbers, 75 from 64).
+# half as many and less than this.
 LONG_SHORTLIST, WIDER_FACTORS = 300, (2, 4)
 
 # Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
@@ -294,15 +294,16 @@ def _choose(
 def _wider_advice(funnel: Funnel, task: Task, dims: list[int], shortlist: int) -> str:
     """How to index a longer prefix for a funnel that starts at ``dims[0]`` and needs ``shortlist`` from it:
     the shortest of WIDER_FACTORS times as many numbers (not indexed yet) that needs at most half that
-    shortlist, measured with an exact first stage on the tune's sample (what an HNSW index over it finds at
-    best); "" when none does."""
+    shortlist and less than LONG_SHORTLIST (its own tune would not warn), measured with an exact first stage
+    on the tune's sample (what an HNSW index over it finds at best); "" when none does."""
     key = (*dims, shortlist)
     if key not in task.advice:
         task.advice[key] = ""
         for wider in (dims[0] * f for f in WIDER_FACTORS):
             if wider >= task.dim or wider in task.index_dims:
                 continue
-            needs = _exact_first_shortlist(funnel, task, (wider, *(d for d in dims[1:] if d > wider)), shortlist // 2)
+            later = tuple(d for d in dims[1:] if d > wider)
+            needs = _exact_first_shortlist(funnel, task, (wider, *later), min(shortlist // 2, LONG_SHORTLIST - 1))
             if needs is not None:
                 index_dims = tuple(sorted(set(task.index_dims) - {dims[0]} | {wider}))
                 task.advice[key] = (
