@@ -326,7 +326,7 @@ def _exact_first_shortlist(funnel: Funnel, task: Task, dims: tuple[int, ...], li
     for s in sizes:
         firsts = [np.sort(rows[a : min(b, a + s)]) for a, b in zip(offsets[:-1], offsets[1:])]
         starts = np.concatenate([[0], np.cumsum([len(f) for f in firsts])]).astype(np.int64)
-        plan = Plan(dims, k + 1, tuple(tapered_sizes(s, k + 1, len(dims), 1)), s)
+        plan = Plan(dims, k + 1, tuple(tapered_sizes(s, k + 1, len(dims), 1)))  # refine alone: no beam
         found, found_at, _ = funnel.refine(probe.queries, np.concatenate(firsts).astype(np.int64), starts, plan)
         per_query = probe.recalls([found[a:b] for a, b in zip(found_at[:-1], found_at[1:])], k)
         if recall_lower_bound(per_query) >= task.recall:
