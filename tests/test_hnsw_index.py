@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mrlstore.tiers.hnsw import IndexUnusable, PrefixIndex
+from mrlstore.tiers.hnsw_file import HnswFileError, read_state
 
 
 def _filled(rng, n=500, dim=8, metric="cosine"):
@@ -79,3 +80,68 @@ def test_concurrent_search_and_add(rng):
         t.join()
     assert not errors
     assert index.live_count == 3200 - 30
+
+
+def _hnswlib_state(path, dim, capacity, ours: bool):
+    """hnswlib's state dict of the index at ``path``, loaded by hnswlib's own loader or from read_state."""
+    import hnswlib
+
+    if ours:
+        index = hnswlib.Index.__new__(hnswlib.Index)
+        index.__setstate__((read_state(path, "cosine", dim, capacity),))
+    else:
+        index = hnswlib.Index(space="cosine", dim=dim)
+        index.load_index(str(path), max_elements=capacity)
+    state = index.__getstate__()[0]
+    order = np.argsort(state["label_lookup_internal"])  # hnswlib lists its hash map's order
+    for key in ("label_lookup_internal", "label_lookup_external"):
+        state[key] = state[key][order]
+    return state
+
+
+@pytest.mark.parametrize("n", [0, 1, 3000])
+def test_the_file_reader_gives_the_index_hnswlib_s_own_loader_builds(tmp_path, rng, n):
+    index = PrefixIndex(8, "cosine", M=4, ef_construction=20, capacity=16)  # M=4: many upper levels
+    x = rng.standard_normal((n, 8)).astype(np.float32)
+    index.add(x, np.arange(n) * 7 + 3, covered_rows=n)
+    index.mark_deleted(np.arange(min(n, 5)) * 7 + 3)
+    index.save(tmp_path / "p")
+    data, _ = PrefixIndex.paths(tmp_path / "p")
+    ours, theirs = _hnswlib_state(data, 8, 5000, True), _hnswlib_state(data, 8, 5000, False)
+    assert n < 3000 or (theirs["max_level"] >= 3 and theirs["has_deletions"])
+    if n == 0:  # hnswlib's loader leaves it set on an empty index; ours adds a first element alone, as new
+        assert theirs.pop("ep_added") and not ours["ep_added"]
+    for key, value in theirs.items():
+        if key in ("seed", "num_threads"):  # not saved in the file
+            continue
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(ours[key], value), key
+        else:
+            assert ours[key] == value, key
+    loaded = PrefixIndex.load(tmp_path / "p", 8, "cosine", 4, 20)
+    assert loaded.live_count == max(n - 5, 0)
+    if n:
+        assert np.array_equal(loaded.search(x[10:20], 1, 40), index.search(x[10:20], 1, 40))
+
+
+@pytest.mark.parametrize("damage", ["short_header", "count", "link_size", "tail_length"])
+def test_the_file_reader_refuses_a_file_whose_sizes_do_not_add_up(tmp_path, rng, damage):
+    """The checksum stops damaged files before they are read; the reader checks the sizes on its own too."""
+    index, _ = _filled(rng, n=300)
+    index.save(tmp_path / "p")
+    data, _ = PrefixIndex.paths(tmp_path / "p")
+    raw = bytearray(data.read_bytes())
+    count = int(np.frombuffer(raw[16:24], "<u8")[0])
+    tail = 96 + count * int(np.frombuffer(raw[24:32], "<u8")[0])
+    if damage == "short_header":
+        raw = raw[:50]
+    elif damage == "count":
+        raw[16:24] = np.array([count * 1000], "<u8").tobytes()
+    elif damage == "link_size":
+        first = tail + 4 * int(np.flatnonzero(np.frombuffer(raw[tail:], "<u4"))[0])
+        raw[first : first + 4] = np.array([5], "<u4").tobytes()
+    else:
+        raw += b"\0\0\0\0"
+    data.write_bytes(bytes(raw))
+    with pytest.raises(HnswFileError):
+        read_state(data, "cosine", 8, 5000)

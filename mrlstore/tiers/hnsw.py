@@ -17,7 +17,9 @@ import hnswlib
 import numpy as np
 
 from mrlstore._fsutil import atomic_write_bytes, publish_file
+from mrlstore._hugepages import huge_pages_for_new_regions
 from mrlstore._rwlock import RWLock
+from mrlstore.tiers.hnsw_file import read_state
 
 INDEX_FORMAT = 1
 _SPACES = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
@@ -64,8 +66,9 @@ class PrefixIndex:
         self.fit_id = fit_id  # the fitted projection its vectors are codes of (None: raw prefixes)
         self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
         self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
-        if capacity is not None:  # None: load_index will initialise it
-            self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
+        if capacity is not None:  # None: load will initialise it
+            with huge_pages_for_new_regions():
+                self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
         self._lock = RWLock()
         self._ef = 10  # hnswlib's default
         self._deleted = 0  # hnswlib's own counts include deleted elements
@@ -129,7 +132,11 @@ class PrefixIndex:
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
         self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation, fit_id=fit_id)
         try:
-            self._index.load_index(str(data_path), max_elements=_grown(int(side["element_count"])))
+            state = read_state(data_path, _SPACES[metric], dim, _grown(int(side["element_count"])))
+            # hnswlib's state constructor (pybind11's __setstate__, no pickle): whole-array copies
+            self._index = hnswlib.Index.__new__(hnswlib.Index)
+            with huge_pages_for_new_regions(collapse=True):
+                self._index.__setstate__((state,))
         except (RuntimeError, ValueError, MemoryError) as e:
             raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
         if self._index.element_count != side["element_count"] or self._index.dim != dim:
@@ -148,7 +155,8 @@ class PrefixIndex:
             if len(rows):
                 need = self._index.element_count + len(rows)
                 if need > self._index.get_max_elements():
-                    self._index.resize_index(max(need, _grown(self._index.get_max_elements())))
+                    with huge_pages_for_new_regions(collapse=True):  # the graph moves to a larger region
+                        self._index.resize_index(max(need, _grown(self._index.get_max_elements())))
                 self._index.add_items(
                     np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32),
                     np.asarray(rows, dtype=np.int64),
