@@ -132,17 +132,22 @@ def test_tune_compares_every_indexed_prefix_and_query_follows_the_choice(tmp_pat
 def test_a_long_shortlist_gets_a_measured_longer_prefix_which_then_tunes_shorter(tmp_path):
     x, _ = mrl_like(6000, 256, noise=1.0, seed=3, n_clusters=60)
     advice = r"shortlist of (\d+) from 8 numbers.*set_index_dims\(\((\d+),\)\).*need a shortlist of (\d+)"
-    with mrlstore.open(tmp_path / "s", dim=256, bands=(16, 64, 256), index_dims=(8,)) as store:
+    # Raw prefixes only, and the funnels' own settings checked rather than tune's choice: at 6,000 rows an
+    # exact scan or fitted codes may be timed faster, most of all on a busy machine.
+    raw = {"dim": 256, "bands": (16, 64, 256), "index_dims": (8,), "prefixes": "raw"}
+    with mrlstore.open(tmp_path / "s", **raw) as store:
         store.add_vectors(x, ids=[str(i) for i in range(len(x))])
         with pytest.warns(UserWarning, match=advice) as caught:
             first = store.tune(recall=0.95, k=10, sample=100)
         said = next(m for w in caught if (m := re.search(advice, str(w.message))))
         long_shortlist, wider, estimate = (int(g) for g in said.groups())
-        assert long_shortlist == first["shortlist"] >= tuning.LONG_SHORTLIST
-        assert wider in (16, 32) and estimate <= min(first["shortlist"] // 2, tuning.LONG_SHORTLIST - 1)
+        reached = {p["shortlist"] for shape, p in first["shapes"].items() if shape.startswith("8,") and p["reached"]}
+        assert long_shortlist in reached and long_shortlist >= tuning.LONG_SHORTLIST
+        assert wider in (16, 32) and estimate <= min(long_shortlist // 2, tuning.LONG_SHORTLIST - 1)
         store.set_index_dims((wider,))
         with warnings.catch_warnings(record=True) as later:
             warnings.simplefilter("always")
             again = store.tune(recall=0.95, k=10, sample=100)
-        assert again["dims"][0] == wider and again["shortlist"] <= first["shortlist"] // 2  # as measured
+        shapes = [p for shape, p in again["shapes"].items() if shape.startswith(f"{wider},") and p["reached"]]
+        assert shapes and max(p["shortlist"] for p in shapes) <= long_shortlist // 2  # as measured
         assert not [w for w in later if "longer indexed prefix" in str(w.message)]
