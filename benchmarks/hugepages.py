@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hugepages.md")
     ap.add_argument("--measure", choices=["off", "on", "hnswlib-load"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     base = args.work / f"index_{args.n}_{args.dim}"
     if args.measure:
         print(json.dumps(measure(base, args.dim, args.measure, args.queries, args.ef)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -145,3 +147,32 @@ def test_the_file_reader_refuses_a_file_whose_sizes_do_not_add_up(tmp_path, rng,
     data.write_bytes(bytes(raw))
     with pytest.raises(HnswFileError):
         read_state(data, "cosine", 8, 5000)
+
+
+FULL_DISK = r"""
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from mrlstore.tiers.hnsw import IndexNotSaved, PrefixIndex
+base = Path(sys.argv[1])
+x = np.random.default_rng(0).standard_normal((20000, 8)).astype(np.float32)
+index = PrefixIndex(8, "cosine", M=8, ef_construction=20, capacity=16)
+index.add(x[:2000], np.arange(2000), covered_rows=2000)
+index.save(base)  # about 0.2 MB: whole
+index.add(x[2000:], np.arange(2000, 20000), covered_rows=20000)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    index.save(base)  # about 2 MB: hnswlib stops at 1 MB and says nothing
+except IndexNotSaved as e:
+    print("refused:", e)
+"""
+
+
+def test_a_file_hnswlib_could_not_write_whole_is_refused_and_the_saved_copy_kept(tmp_path):
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "p")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "refused: hnswlib wrote an incomplete index (is the disk full?)" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.hnsw", "p.json"]  # no temporary file left
+    kept = PrefixIndex.load(tmp_path / "p", 8, "cosine", 8, 20)
+    assert kept.covered_rows == 2000 and kept.live_count == 2000

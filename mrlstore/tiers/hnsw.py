@@ -19,7 +19,7 @@ import numpy as np
 from mrlstore._fsutil import atomic_write_bytes, publish_file
 from mrlstore._hugepages import huge_pages_for_new_regions
 from mrlstore._rwlock import RWLock
-from mrlstore.tiers.hnsw_file import read_state
+from mrlstore.tiers.hnsw_file import HnswFileError, check_file, read_state
 
 INDEX_FORMAT = 1
 _SPACES = {"cosine": "cosine", "ip": "ip", "l2": "l2"}
@@ -33,6 +33,10 @@ def _grown(elements: int) -> int:
 
 class IndexUnusable(Exception):
     """The saved index cannot be trusted; rebuild it."""
+
+
+class IndexNotSaved(Exception):
+    """hnswlib wrote an incomplete file (it does not report failed writes): the saved copy is as it was."""
 
 
 class _NeedsWriteLock(Exception):
@@ -95,6 +99,11 @@ class PrefixIndex:
                 "element_count": self._index.element_count,
                 "deleted_count": self._deleted,
             }
+        try:
+            check_file(tmp, side["element_count"])
+        except HnswFileError as e:
+            tmp.unlink(missing_ok=True)
+            raise IndexNotSaved(f"hnswlib wrote an incomplete index (is the disk full?): {e}") from None
         side["bytes"] = tmp.stat().st_size
         side["blake2b"] = _digest(tmp)
         # Sidecar first would let a crash pair a new sidecar with an old file; the checksum catches both orders.

@@ -43,18 +43,8 @@ class HnswFileError(ValueError):
 def read_state(path: Path, space: str, dim: int, capacity: int) -> dict[str, Any]:
     """The state dict of the index saved at ``path``, with room for ``capacity`` elements. Its large arrays
     are views of a read-only memory map of the file (the state constructor copies them)."""
-    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-    if len(data) < HEADER.itemsize:
-        raise HnswFileError(f"{path}: {len(data)} bytes, shorter than hnswlib's header")
-    head = data[: HEADER.itemsize].view(HEADER)[0]
-    count, per_element = int(head["cur_element_count"]), int(head["size_data_per_element"])
-    links_end = HEADER.itemsize + count * per_element
-    if count > capacity or links_end > len(data) or (len(data) - links_end) % 4:
-        raise HnswFileError(f"{path}: the header's {count} elements do not fit the file or the capacity")
-    level0 = data[HEADER.itemsize : links_end]
-    upper = data[links_end:].view("<u4")
-    link_words = int(head["max_M"]) + 1  # a link count and max_M neighbours per upper level
-    levels = _upper_levels(upper, count, link_words, int(head["max_level"]), path)
+    head, level0, upper, levels = _parsed(path, capacity)
+    count, per_element, link_words = len(levels), int(head["size_data_per_element"]), int(head["max_M"]) + 1
     label_at = int(head["label_offset"])
     labels = level0.reshape(count, per_element)[:, label_at : label_at + 8]
     return {
@@ -78,6 +68,29 @@ def read_state(path: Path, space: str, dim: int, capacity: int) -> dict[str, Any
         "data_level0": level0.view(np.int8),
         "link_lists": _without_counts(upper, levels, link_words).view(np.int8),
     }
+
+
+def check_file(path: Path, count: int) -> None:
+    """Raise HnswFileError unless ``path`` holds a whole index of ``count`` elements: hnswlib's save_index
+    does not report failed writes (a full disk leaves a short file)."""
+    if _parsed(path, count)[0]["cur_element_count"] != count:
+        raise HnswFileError(f"{path}: the header does not count {count} elements")
+
+
+def _parsed(path: Path, capacity: int) -> tuple[np.void, np.ndarray, np.ndarray, np.ndarray]:
+    """The header, the level-0 blocks, the upper links (as uint32 words) and each element's upper levels,
+    every size checked against the file's."""
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    if len(data) < HEADER.itemsize:
+        raise HnswFileError(f"{path}: {len(data)} bytes, shorter than hnswlib's header")
+    head = data[: HEADER.itemsize].view(HEADER)[0]
+    count, per_element = int(head["cur_element_count"]), int(head["size_data_per_element"])
+    links_end = HEADER.itemsize + count * per_element
+    if count > capacity or links_end > len(data) or (len(data) - links_end) % 4:
+        raise HnswFileError(f"{path}: the header's {count} elements do not fit the file or the capacity")
+    upper = data[links_end:].view("<u4")
+    levels = _upper_levels(upper, count, int(head["max_M"]) + 1, int(head["max_level"]), path)
+    return head, data[HEADER.itemsize : links_end], upper, levels
 
 
 def _upper_levels(upper: np.ndarray, count: int, link_words: int, max_level: int, path: Path) -> np.ndarray:

@@ -4,6 +4,7 @@ file that is missing, stale or damaged is rebuilt from the vectors."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import ItemsView, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mrlstore.tiers.abc import VectorTier
-from mrlstore.tiers.hnsw import IndexUnusable, PrefixIndex
+from mrlstore.tiers.hnsw import IndexNotSaved, IndexUnusable, PrefixIndex
 from mrlstore.tiers.layout import INDEX_DIR
 from mrlstore.tiers.params import StoreParams
 from mrlstore.tiers.projection import Projection
@@ -254,8 +255,14 @@ class IndexSet:
         return self.path / INDEX_DIR / f"{family}_{d:05d}"
 
     def _save(self, family: str, d: int, index: PrefixIndex) -> None:
+        """Save one index; when hnswlib's write fails, warn and keep it unsaved (the next checkpoint tries
+        again; an open meanwhile extends the older saved copy or rebuilds): the rows it holds are committed."""
         (self.path / INDEX_DIR).mkdir(exist_ok=True)
-        index.save(self._base(family, d))
+        try:
+            index.save(self._base(family, d))
+        except IndexNotSaved as e:
+            warnings.warn(f"{e}; the index stays in memory", stacklevel=2)
+            return
         self._unsaved[family, d] = 0
 
 
