@@ -1,13 +1,14 @@
 """Transparent huge pages for the large arrays a library allocates where we cannot reach them (hnswlib's
 graph), on Linux; elsewhere, or where the kernel refuses, nothing happens.
 
-An HNSW search jumps between rows spread over the whole graph: at 4M 64-d rows (1.7 GB) with 4 KiB pages
-nearly every step misses the TLB, and one search took 244 us; backed by 2 MiB pages, 206 us. Most kernels
-give huge pages only to memory that asks for them (``madvise`` mode). hnswlib allocates with malloc, so the
-regions it maps are found by comparing the process's mappings before and after the call, then advised
-(``MADV_HUGEPAGE``: later page faults get huge pages); pages already filled (a loaded index) are collapsed
-into huge pages in a background thread (``MADV_COLLAPSE``, Linux 6.1+), 2 MiB at a time and only where all
-of a block is resident, so no memory is added.
+An HNSW search jumps between rows spread over the whole graph: at 4M 64-d rows (1.5 GiB) with 4 KiB pages
+nearly every step misses the TLB; on 2 MiB pages a search took 303 us against 376 (0.81x,
+benchmarks/results/hugepages.md). Most kernels give huge pages only to memory that asks for them
+(``madvise`` mode). hnswlib allocates with malloc, so the regions it maps are found by comparing the
+process's mappings before and after the call, then advised (``MADV_HUGEPAGE``: later page faults get huge
+pages); pages already filled (a loaded index) are collapsed into huge pages in a background thread
+(``MADV_COLLAPSE``, Linux 6.1+), 2 MiB at a time and only where all of a block is resident, so no memory is
+added.
 """
 
 from __future__ import annotations
