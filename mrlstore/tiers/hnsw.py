@@ -70,7 +70,7 @@ class PrefixIndex:
         self.fit_id = fit_id  # the fitted projection its vectors are codes of (None: raw prefixes)
         self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
         self._index = hnswlib.Index(space=_SPACES[metric], dim=dim)
-        if capacity is not None:  # None: load will initialise it
+        if capacity is not None:  # None: load replaces it with the saved index
             with huge_pages_for_new_regions():
                 self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
         self._lock = RWLock()

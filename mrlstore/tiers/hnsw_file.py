@@ -99,8 +99,9 @@ def _upper_levels(upper: np.ndarray, count: int, link_words: int, max_level: int
     has upper levels), so the walk jumps from one non-zero count to the next: a run of zero words at a count
     is a run of elements without upper levels."""
     levels = np.zeros(count, dtype=np.int32)
-    nonzero = np.flatnonzero(upper)
-    rank = np.cumsum(upper != 0, dtype=np.int64) - (upper != 0)  # non-zero words before each word
+    is_nonzero = upper != 0
+    nonzero = np.flatnonzero(is_nonzero)
+    rank = np.cumsum(is_nonzero, dtype=np.int64) - is_nonzero  # non-zero words before each word
     # memoryviews: item access returns Python ints, several times faster than numpy scalars in this loop
     words, next_nonzero, nonzero_before = upper.data, nonzero.data, rank.data
     element = word = 0
