@@ -68,6 +68,30 @@ def test_bad_index_dims_are_refused_and_change_nothing(tmp_path):
             reader.set_index_dims([64])
 
 
+def test_a_failed_reopen_after_the_commit_closes_the_handle_with_the_reason(tmp_path, monkeypatch):
+    """The change is committed before the tiers reopen; if they cannot (a fault injected into our own
+    opening step), the handle is closed, says why, and frees the store for the next open."""
+    from mrlstore.upkeep import opening
+
+    path = tmp_path / "s"
+    store, x = _filled(path)
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(opening, "open_state", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        store.set_index_dims([64])
+    monkeypatch.undo()
+    for call in (lambda: len(store), lambda: store.query(x[0], k=5), lambda: store.add_vectors(x[:1], ids=["new"])):
+        with pytest.raises(mrlstore.StoreClosedError, match="could not be opened again; open it again"):
+            call()
+    store.close()  # closed already: nothing to do
+    with mrlstore.open(path) as again:  # the lock was released; the change was committed
+        assert again.index_dims == (64,) and len(again) == N
+        assert again.query(x[0], k=5).ids[0] == "0"
+
+
 def test_a_reader_refreshes_to_the_new_indexes(tmp_path):
     path = tmp_path / "s"
     store, x = _filled(path)

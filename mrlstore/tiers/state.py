@@ -52,6 +52,7 @@ class StoreState:
         self.visibility = RWLock()
         self.lock: HeldLock | None = None
         self.closed = False
+        self.closed_because = ""  # said by check_open when the store was closed by a failure, not by close()
         self.location = str(path)  # what messages name: the folder, or the URL of a store on object storage
 
     @property
@@ -61,7 +62,8 @@ class StoreState:
 
     def check_open(self) -> None:
         if self.closed:
-            raise StoreClosedError(f"store {self.location} is closed")
+            because = f": {self.closed_because}" if self.closed_because else ""
+            raise StoreClosedError(f"store {self.location} is closed{because}")
 
     def adopt(self, other: StoreState) -> None:
         """Take ``other``'s tiers (just opened on the files that replaced these); locks stay. The caller holds
@@ -72,6 +74,12 @@ class StoreState:
     def close_tiers(self) -> None:
         self.catalog.close()
         self.vectors.close()
+
+    def abandon(self, because: str) -> None:
+        """Closed after its tiers were closed and could not be opened again (the lock is released)."""
+        self.closed, self.closed_because = True, because
+        if self.lock is not None:
+            self.lock.release()
 
     def shut(self) -> None:
         """Close everything now (after a failure that left memory behind the catalog: reopening recovers)."""

@@ -84,16 +84,26 @@ def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) ->
     again into ``state`` under the same locks; queries wait meanwhile."""
     with state.visibility.write():
         state.close_tiers()
-        switch()
-        catalog = versions.open_catalog()
         try:
-            version = state.snap.version + 1  # filters cached for the old snapshot stay unused
-            checked = versions.take_checked()
-            new = open_state(versions.path, versions.read_only, {}, catalog, versions.open_bands, version, checked)
+            switch()
+            new = _open_again(state, versions)
         except BaseException:
-            catalog.close()
+            # what changed is committed, but this handle has no tiers left: closed, with the reason
+            versions.stop()
+            state.abandon("its files changed and could not be opened again; open it again to go on")
             raise
         state.adopt(new)
         state.location = versions.location
         if not versions.read_only:
             versions.start_publishing(state)
+
+
+def _open_again(state: StoreState, versions: Versions) -> StoreState:
+    catalog = versions.open_catalog()
+    try:
+        version = state.snap.version + 1  # filters cached for the old snapshot stay unused
+        checked = versions.take_checked()
+        return open_state(versions.path, versions.read_only, {}, catalog, versions.open_bands, version, checked)
+    except BaseException:
+        catalog.close()
+        raise

@@ -290,6 +290,13 @@ class Publisher:
             self._timer = None
         if self._pending and self._readers.any():
             self._run()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop without publishing (the tiers are gone): the next writer's open publishes what trails."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._closed = True
         self._readers.close()
 
@@ -384,6 +391,11 @@ class Versions:
     def close(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
+
+    def stop(self) -> None:
+        """Stop publishing without a last version (the tiers could not be opened again)."""
+        if self.publisher is not None:
+            self.publisher.stop()
 
     def publish(self, state: StoreState, url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
         """Upload the committed state to object storage as a new version there (see ``Store.publish``)."""
