@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from mrlstore.tiers import hnsw_file
 from mrlstore.tiers.hnsw import IndexUnusable, PrefixIndex
 from mrlstore.tiers.hnsw_file import HnswFileError, read_state
 
@@ -147,6 +148,35 @@ def test_the_file_reader_refuses_a_file_whose_sizes_do_not_add_up(tmp_path, rng,
     data.write_bytes(bytes(raw))
     with pytest.raises(HnswFileError):
         read_state(data, "cosine", 8, 5000)
+
+
+@pytest.mark.skipif(hnsw_file._native is None, reason="built without the native walk (_hnsw_walk.c)")
+@pytest.mark.parametrize("damage", [None, "link_size", "past_max_level", "longer", "shorter", "empty"])
+def test_the_native_walk_and_its_python_twin_agree(tmp_path, rng, damage):
+    index = PrefixIndex(8, "cosine", M=4, ef_construction=20, capacity=16)  # M=4: many upper levels
+    index.add(rng.standard_normal((3000, 8)).astype(np.float32), np.arange(3000), covered_rows=3000)
+    index.save(tmp_path / "p")
+    raw = PrefixIndex.paths(tmp_path / "p")[0].read_bytes()
+    head = np.frombuffer(raw[:96], hnsw_file.HEADER)[0]
+    count, link_bytes = int(head["cur_element_count"]), (int(head["max_M"]) + 1) * 4
+    upper = np.frombuffer(raw, "<u4", offset=96 + count * int(head["size_data_per_element"])).copy()
+    first = int(np.flatnonzero(upper)[0])
+    if damage == "link_size":
+        upper[first] = 5
+    elif damage == "past_max_level":
+        upper[first] = link_bytes * (int(head["max_level"]) + 1)
+    elif damage in ("longer", "shorter", "empty"):
+        upper = {"longer": np.append(upper, 0), "shorter": upper[:-3], "empty": upper[:0]}[damage].astype("<u4")
+    outcomes = []
+    for walk in (hnsw_file._native.upper_levels, hnsw_file.walk_upper_levels):
+        levels = np.zeros(count, np.int32)
+        outcomes.append((walk(upper, levels, count, link_bytes, int(head["max_level"])), levels))
+    (native, native_levels), (twin, twin_levels) = outcomes
+    assert native == twin and np.array_equal(native_levels, twin_levels)
+    whole = native[2] < 0 and native[1] == len(upper)
+    assert whole == (damage is None)
+    if damage is None:
+        assert native_levels.max() >= 3 and np.count_nonzero(native_levels) > count // 8
 
 
 FULL_DISK = r"""

@@ -3,8 +3,9 @@ dict (what its ``__getstate__`` returns and its state constructor takes).
 
 hnswlib's own ``load_index`` reads the file element by element through a C++ stream, seeking twice per
 element: 3.6 s for a 4M-row 64-d index, against 1.5 s this way (benchmarks/results/hugepages.md); the
-state constructor copies whole arrays. The file
-is checked as it is read: every size must add up to the file's, or ``HnswFileError`` says where not.
+state constructor copies whole arrays. The one sequential step, the walk over the upper links' byte counts,
+runs in C without the GIL when built (_hnsw_walk.c), in its Python twin otherwise.
+The file is checked as it is read: every size must add up to the file's, or ``HnswFileError`` says where not.
 
 Layout (hnswlib 0.8, little-endian): a 96-byte header, then every element's level-0 block (its links, its
 vector, its label), then for each element a uint32 byte count of its upper-level links and those links.
@@ -16,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_native: Any  # the native walk (_hnsw_walk.c), or None
+try:
+    from mrlstore.tiers import _hnsw_walk as _native
+except ImportError:  # built without a C compiler: the Python twin gives the same levels
+    _native = None
 
 HEADER = np.dtype(
     [
@@ -95,17 +102,30 @@ def _parsed(path: Path, capacity: int) -> tuple[np.void, np.ndarray, np.ndarray,
 
 
 def _upper_levels(upper: np.ndarray, count: int, link_words: int, max_level: int, path: Path) -> np.ndarray:
-    """Each element's number of upper levels, walking the byte counts. Most are 0 (about one element in M
-    has upper levels), so the walk jumps from one non-zero count to the next: a run of zero words at a count
-    is a run of elements without upper levels."""
+    """Each element's number of upper levels, walking the byte counts (natively when built)."""
     levels = np.zeros(count, dtype=np.int32)
+    walk = _native.upper_levels if _native is not None else walk_upper_levels
+    element, end, bad = walk(upper, levels, count, link_words * 4, max_level)
+    if bad >= 0:
+        raise HnswFileError(f"{path}: element {element} has {bad} bytes of upper links")
+    if end != len(upper):
+        raise HnswFileError(f"{path}: the upper links end at byte {end * 4} of {len(upper) * 4}")
+    return levels
+
+
+def walk_upper_levels(
+    upper: np.ndarray, levels: np.ndarray, count: int, link_bytes: int, max_level: int
+) -> tuple[int, int, int]:
+    """The Python twin of ``_hnsw_walk.upper_levels`` (see _hnsw_walk.c): fills ``levels``; returns the
+    element with a bad byte count (``count``: none), the word after the last element and that count (-1:
+    none). Most counts are 0 (about one element in M has upper levels), so the walk jumps from one non-zero
+    count to the next: a run of zero words at a count is a run of elements without upper levels."""
     is_nonzero = upper != 0
     nonzero = np.flatnonzero(is_nonzero)
     rank = np.cumsum(is_nonzero, dtype=np.int64) - is_nonzero  # non-zero words before each word
     # memoryviews: item access returns Python ints, several times faster than numpy scalars in this loop
     words, next_nonzero, nonzero_before = upper.data, nonzero.data, rank.data
     element = word = 0
-    link_bytes = link_words * 4
     while element < count and word < len(upper):
         at = nonzero_before[word]
         nxt = next_nonzero[at] if at < len(nonzero) else len(upper)
@@ -114,13 +134,10 @@ def _upper_levels(upper: np.ndarray, count: int, link_words: int, max_level: int
         element, word = element + nxt - word, nxt
         size = words[word]
         if size % link_bytes or size // link_bytes > max_level:
-            raise HnswFileError(f"{path}: element {element} has {size} bytes of upper links")
+            return element, word, size
         levels[element] = size // link_bytes
         element, word = element + 1, word + 1 + size // 4
-    word += count - element
-    if word != len(upper):
-        raise HnswFileError(f"{path}: the upper links end at byte {word * 4} of {len(upper) * 4}")
-    return levels
+    return count, word + count - element, -1
 
 
 def _without_counts(upper: np.ndarray, levels: np.ndarray, link_words: int) -> np.ndarray:
