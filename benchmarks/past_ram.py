@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from cold_query import disk_reads, drop_page_cache, evict_mapped
+from cold_query import disk_read_bytes, disk_reads, drop_page_cache, evict_mapped
 from ingest import PeakAnon
 from tqdm import tqdm
 
@@ -113,14 +114,17 @@ def measure(path: Path, queries: np.ndarray, truth: np.ndarray, cold: bool, bare
     tuned = store.tune(recall=0.95)
     tune_s = time.perf_counter() - t0
     held = rss_anon_mib()
-    cold_ms, warm_ms, bare_ms, hits = [], [], [], []
+    cold_ms, warm_ms, bare_ms, hits, cold_faults, cold_kib = [], [], [], [], [], []
     for q in tqdm(queries, desc="queries", unit="query"):
         if cold:  # drop_caches leaves mapped pages: reclaim those of rows the store left to disk too
             evict_mapped(path, only_random=True)
             drop_page_cache()
+        faults, read = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, disk_read_bytes()
         t0 = time.perf_counter()
         found = store.query(q, k=K)
         cold_ms.append((time.perf_counter() - t0) * 1e3)
+        cold_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults)
+        cold_kib.append((disk_read_bytes() - read) / 1024)
         t0 = time.perf_counter()
         store.query(q, k=K)
         warm_ms.append((time.perf_counter() - t0) * 1e3)
@@ -139,6 +143,7 @@ def measure(path: Path, queries: np.ndarray, truth: np.ndarray, cold: bool, bare
         "open_s": open_s, "tune_s": tune_s, "held_anon_mib": held, "recall": recall,
         "cold_p50_ms": statistics.median(cold_ms) if cold else None, "warm_p50_ms": statistics.median(warm_ms),
         "bare_p50_ms": statistics.median(bare_ms) if cold else None,
+        "cold_major_faults_p50": statistics.median(cold_faults), "cold_read_kib_p50": statistics.median(cold_kib),
         "tuned": {key: tuned[key] for key in ("dims", "shortlist", "prefixes") if key in tuned},
         "prefixes": info["prefixes"], **disk,
     }  # fmt: skip
@@ -203,6 +208,11 @@ def report(args: argparse.Namespace, r: dict) -> None:
         f"| default query p50, warm | {r['warm_p50_ms']:.2f} ms |",
         f"| default query p50, cold (page cache dropped; pages of rows left to disk reclaimed) | {cold} |",
     ]
+    if r.get("cold_read_kib_p50") is not None and r["cold_p50_ms"] is not None:
+        lines.append(
+            f"| a cold query's disk reads, p50 (major page faults; KiB read from disk, any thread) | "
+            f"{r['cold_major_faults_p50']:.0f} faults; {r['cold_read_kib_p50']:.0f} KiB |"
+        )
     if r.get("bare_p50_ms") is not None:
         bare = f"{r['bare_p50_ms']:.2f} ms"
         lines.append(
