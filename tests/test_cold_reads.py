@@ -108,3 +108,25 @@ def test_a_store_past_its_budget_keeps_its_narrow_bands_and_leaves_the_widest_to
         assert hits.ids == expected.ids
         np.testing.assert_allclose(hits.scores, expected.scores, rtol=1e-6)
     assert widest.dir.name == "band_00064_00256"
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_the_chunk_where_the_rows_read_at_open_end_is_advised_random_past_them(tmp_path, monkeypatch):
+    """Read-around on the cold rows of that chunk read up to read_ahead_kb per fault (8 MiB at 12M rows)."""
+    x, _ = mrl_like(3000, 256, noise=1.0, seed=4)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=256, bands=(16, 256), index_dims=(16,), chunk_rows=3000) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(len(x))])
+    layout = bands.BandedVectors(path, 256, (16, 256), "float16")
+    wide = max(layout.arrays, key=lambda a: a.row_bytes)
+    narrow = sum(a.row_bytes for a in layout.arrays if a is not wide) * 3000
+    monkeypatch.setattr(bands, "_resident_budget", lambda: narrow + 1000 * wide.row_bytes)  # 1,000 wide rows
+    query = mrl_like(1, 256, seed=4, sample=1)[0][0]
+    with mrlstore.open(path, read_only=True) as store:
+        store.query(query, dims=[16, 256], shortlist=300)
+        maps = _mapped_flags(str(wide.dir))
+        assert len(maps) == 2  # one chunk, its map split where the rows read at open end
+        (held_span, held), (cold_span, cold) = sorted(maps.items(), key=lambda m: int(m[0].split("-")[0], 16))
+        assert " rr" not in held and " rr" in cold
+        held_bytes = int(held_span.split("-")[1], 16) - int(held_span.split("-")[0], 16)
+        assert held_bytes == -(-(layout.bands[-1].data_offset % 4096 + 1000 * wide.row_bytes) // 4096) * 4096

@@ -148,9 +148,10 @@ class _Band:
         # (rows covered, chunk base addresses) for the kernels: replaced whole, read once per query
         self._kernel: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.uint64))
         self._map_lock = threading.RLock()  # maps change under it: a replaced map must reach _retired
-        # Chunks from this row on are not read whole at open (prefault): their pages fault in one by one as
-        # queries touch scattered rows, so the kernel's read-around (up to 128 KiB per fault) is turned off
+        # Rows from this one on are not read at open (prefault): their pages fault in one by one as queries
+        # touch scattered rows, so the kernel's read-around (up to read_ahead_kb per fault) is turned off
         self.random_from_row = 0
+        self.rows_planned = 0  # the store's rows when random_from_row was planned
 
     def _check_layout(self, meta_path: Path) -> tuple[int, int | None]:
         """(chunk_rows, inner_rows or None for the plain layout), or CorruptStoreError."""
@@ -206,9 +207,10 @@ class _Band:
         # the gather itself on the re-rank path.
         shape = (self.file_rows(size), self.width)
         mapping = np.memmap(self.chunk_path(chunk), dtype=self.dtype, mode="r", offset=self.data_offset, shape=shape)
-        if chunk * self.chunk_rows >= self.random_from_row and hasattr(mmap, "MADV_RANDOM"):
-            # measured cold, a stage's scattered rows read 3x faster without read-around (benchmarks/cold_query.py)
-            mapping._mmap.madvise(mmap.MADV_RANDOM)  # type: ignore[attr-defined]
+        held = self.random_from_row - chunk * self.chunk_rows  # this chunk's rows read at open
+        has_cold = self.random_from_row < self.rows_planned  # else past `held` is only room for new rows
+        if hasattr(mmap, "MADV_RANDOM") and (held <= 0 or (has_cold and held < shape[0])):
+            _advise_random(mapping, max(0, held) * self.row_bytes)
         if mm is not None:
             self._retired.append(mm)
         self._maps[chunk] = fresh = mapping.view(np.ndarray)
@@ -448,6 +450,18 @@ def _inner_rows(codecs: list[dict], width: int, chunk_rows: int) -> int | None |
     return inner if ok else False
 
 
+def _advise_random(mapping: np.memmap, from_byte: int) -> None:
+    """No read-around for the rows from byte ``from_byte`` of ``mapping`` on (from the first whole page): a
+    stage reads them cold, a few scattered rows per query. Measured cold, such rows read 3x faster without
+    it (benchmarks/cold_query.py); in the chunk where the rows read at open end, read-around pulled in up
+    to read_ahead_kb (8 MiB here) per fault, most of a 12M-row store's cold reads (results/past_ram.md)."""
+    raw = mapping._mmap  # type: ignore[attr-defined]
+    ahead = len(raw) - mapping.nbytes  # the map starts at a page boundary, the array after it
+    start = -(-(ahead + from_byte) // mmap.PAGESIZE) * mmap.PAGESIZE
+    if start < len(raw):
+        raw.madvise(mmap.MADV_RANDOM, start, len(raw) - start)
+
+
 def _resident_budget() -> int:
     """Bytes of rows a store reads at open and keeps mapped: a quarter of RAM."""
     try:
@@ -499,7 +513,7 @@ class BandedVectors:
             self._planned_for = rows
             self._resident = resident_rows(rows, [a.row_bytes for a in self.arrays], self.resident_bytes)
             for band, held in zip(self.arrays, self._resident):
-                band.random_from_row = held
+                band.random_from_row, band.rows_planned = held, rows
             self.prefault_rows = min(self._resident)
         return self._resident
 
