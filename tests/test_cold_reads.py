@@ -130,3 +130,53 @@ def test_the_chunk_where_the_rows_read_at_open_end_is_advised_random_past_them(t
         assert " rr" not in held and " rr" in cold
         held_bytes = int(held_span.split("-")[1], 16) - int(held_span.split("-")[0], 16)
         assert held_bytes == -(-(layout.bands[-1].data_offset % 4096 + 1000 * wide.row_bytes) // 4096) * 4096
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_tune_reads_back_the_rows_held_in_memory_that_its_exact_scan_pushed_out(store_path, monkeypatch):
+    """Past RAM, tune's exact reference scan streams every row through the page cache and pushes out rows the
+    store read at open; they are read back before tune times anything (and before queries fault them in).
+    The push is made here by paging the maps out as the scan returns (MADV_PAGEOUT)."""
+    import ctypes
+
+    from mrlstore.query import tuning
+    from mrlstore.query.funnel import Funnel
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    vectors = str(store_path / "vectors")
+    scan, measure, paged_out, at_first_timing = Funnel.exact, tuning.measure, [], []
+
+    def scan_then_pushed_out(self, *args, **kwargs):
+        found = scan(self, *args, **kwargs)
+        for span in _mapped_rss(vectors):
+            lo, hi = (int(a, 16) for a in span.split("-"))
+            libc.madvise(lo, hi - lo, 21)  # MADV_PAGEOUT, Linux 5.4+
+        paged_out.append(sum(_mapped_rss(vectors).values()))
+        return found
+
+    def measured(*args, **kwargs):
+        if not at_first_timing:
+            at_first_timing.append(sum(_mapped_rss(vectors).values()))
+        return measure(*args, **kwargs)
+
+    with mrlstore.open(store_path) as store:
+        held = sum(_mapped_rss(vectors).values())
+        monkeypatch.setattr(Funnel, "exact", scan_then_pushed_out)
+        monkeypatch.setattr(tuning, "measure", measured)
+        store.tune(recall=0.9, k=10, sample=50)
+    if not paged_out or paged_out[0] > held // 2:
+        pytest.skip("the kernel kept the pages (no MADV_PAGEOUT)")
+    assert at_first_timing[0] >= held
+
+
+def _mapped_rss(path_part: str) -> dict[str, int]:
+    """The Rss (KiB) of this process's mappings of files whose path contains ``path_part``, by address range."""
+    rss, current = {}, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            current = fields[0] if len(fields) >= 6 and path_part in fields[5] else None
+        elif line.startswith("Rss:") and current:
+            rss[current] = int(fields[1])
+    return rss
