@@ -384,9 +384,6 @@ class Probe:
         t0 = time.perf_counter()
         found, offsets, _ = funnel.exact(snap, queries, dim, k + 1)
         exact_ms = 1e3 * (time.perf_counter() - t0) / len(queries)
-        # past RAM, that scan pushed rows the store holds in memory out of the page cache: read them back
-        # (faulted in one by one later, each would pull in read_ahead_kb), before anything is timed
-        funnel.vectors.prefault(0, snap.watermark)
         truth = [_others(found[a:b], r, k) for r, a, b in zip(rows, offsets[:-1], offsets[1:])]
         return cls(queries, rows, truth, exact_ms)
 
