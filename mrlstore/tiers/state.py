@@ -75,16 +75,11 @@ class StoreState:
         self.catalog.close()
         self.vectors.close()
 
-    def abandon(self, because: str) -> None:
-        """Closed after its tiers were closed and could not be opened again (the lock is released)."""
+    def shut(self, because: str = "") -> None:
+        """Close everything now, after a failure: one that left memory behind the catalog (reopening
+        recovers), or tiers that could not be opened again (``because`` says so to later calls)."""
         self.closed, self.closed_because = True, because
-        if self.lock is not None:
-            self.lock.release()
-
-    def shut(self) -> None:
-        """Close everything now (after a failure that left memory behind the catalog: reopening recovers)."""
-        self.closed = True
-        self.catalog.close()
+        self.catalog.close()  # closing it twice is harmless
         if self.lock is not None:
             self.lock.release()
 

@@ -90,7 +90,7 @@ def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) ->
         except BaseException:
             # what changed is committed, but this handle has no tiers left: closed, with the reason
             versions.stop()
-            state.abandon("its files changed and could not be opened again; open it again to go on")
+            state.shut("its files changed and could not be opened again; open it again to go on")
             raise
         state.adopt(new)
         state.location = versions.location

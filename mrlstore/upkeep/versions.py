@@ -285,11 +285,8 @@ class Publisher:
     def close(self) -> None:
         """Publish what is pending if readers are there, and stop the timer (the caller holds the write
         lock). Without readers PENDING stays: the next reader publishes the catalog itself."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._pending and self._readers.any():
-            self._run()
+            self._run()  # a timer firing meanwhile waits for the write lock, then finds the publisher closed
         self.stop()
 
     def stop(self) -> None:
