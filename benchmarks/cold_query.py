@@ -50,36 +50,55 @@ def drop_page_cache() -> None:
 
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages of a range (file pages leave the page cache)
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def store_maps(under: Path) -> Iterator[tuple[int, int, dict[str, str]]]:
-    """This process's maps of files under ``under``: start, end and their /proc/self/smaps fields."""
+def store_maps(under: Path) -> Iterator[tuple[int, int, Path, int, dict[str, str]]]:
+    """This process's maps of files under ``under``: start, end, the file, the file offset of the start,
+    and their /proc/self/smaps fields."""
     prefix, span, fields = str(under.resolve()), None, {}
     for line in [*Path("/proc/self/smaps").read_text().splitlines(), "0-0 end"]:
         head = line.split(maxsplit=5)
         if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
             if span:
-                yield span[0], span[1], fields
+                yield *span, fields
             inside = len(head) == 6 and head[5].startswith(prefix)
-            span, fields = (tuple(int(x, 16) for x in head[0].split("-")) if inside else None), {}
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            span, fields = ((start, end, Path(head[5]), int(head[2], 16)) if inside else None), {}
         elif span and ":" in line:
             name, value = line.split(":", 1)
             fields[name] = value.strip()
 
 
-def evict_mapped(under: Path, only_random: bool = False) -> int:
+def evict_mapped(under: Path, held: Callable[[Path], int] | None = None) -> int:
     """Reclaim the pages this process maps from files under ``under``: ``drop_caches`` leaves pages that are
-    mapped into a process, so an open store's rows read once would stay in memory. ``only_random``: only
-    maps advised random access (``rr`` in /proc/self/smaps), the rows a store leaves to disk rather than
-    reading them at open. Returns bytes advised."""
+    mapped into a process, so an open store's rows read once would stay in memory. ``held``: the bytes at
+    the start of a file to leave in memory (the rows a store reads at open); the rest is reclaimed.
+    Returns bytes advised."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     advised = 0
-    for start, end, fields in store_maps(under):
-        if " rr" in f" {fields.get('VmFlags', '')}" or not only_random:
-            if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
-                advised += end - start
+    for start, end, path, offset, _ in store_maps(under):
+        keep = 0 if held is None else held(path) - offset
+        first = start + max(0, -(-keep // PAGE) * PAGE)
+        if first < end and libc.madvise(first, end - first, MADV_PAGEOUT) == 0:
+            advised += end - first
     return advised
+
+
+def held_by_store(store: Path, info: dict) -> Callable[[Path], int]:
+    """For ``evict_mapped``: the bytes of each chunk file the store at ``store`` (``info``: its
+    ``Store.info()``) reads at open and keeps in memory."""
+    layout = bands.BandedVectors(store, info["dim"], tuple(info["bands"]), info["dtype"])
+    by_dir = {array.dir.resolve(): (array, rows) for array, rows in zip(layout.arrays, layout.held_rows)}
+    layout.close()
+
+    def held(path: Path) -> int:
+        array, rows = by_dir[path.parent.parent.parent.resolve()]  # <array>/c/<chunk>/0
+        chunk = int(path.parent.name)
+        return array.data_offset + min(array.chunk_rows, max(0, rows - chunk * array.chunk_rows)) * array.row_bytes
+
+    return held
 
 
 def disk_reads(store: Path, reads: int = 256, threads: int = 16, seed: int = 0) -> dict:
@@ -170,7 +189,7 @@ def open_store_cold(
 
 def mapped_resident_bytes(under: Path) -> int:
     """Bytes of this process's maps of files under ``under`` that are in memory (``Rss`` in smaps)."""
-    return sum(int(fields.get("Rss", "0 kB").split()[0]) * 1024 for _, _, fields in store_maps(under))
+    return sum(int(fields.get("Rss", "0 kB").split()[0]) * 1024 for *_, fields in store_maps(under))
 
 
 def hnswlib_index(base: np.ndarray, saved: Path):  # noqa: ANN201 - hnswlib ships no types
@@ -272,7 +291,7 @@ def harsh(args: argparse.Namespace, store_path: Path, queries: np.ndarray, truth
         def init(self, *a, _random=random_access, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
             opened(self, *a, **kw)
             for band in self.arrays:
-                band.random_from_row = 0 if _random else 1 << 62
+                band.random_access = _random
 
         bands.BandedVectors.__init__ = init
         for dims in (None, [16, 2048]):

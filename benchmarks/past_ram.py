@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from cold_query import disk_read_bytes, disk_reads, drop_page_cache, evict_mapped
+from cold_query import disk_read_bytes, disk_reads, drop_page_cache, evict_mapped, held_by_store
 from ingest import PeakAnon
 from tqdm import tqdm
 
@@ -114,10 +114,11 @@ def measure(path: Path, queries: np.ndarray, truth: np.ndarray, cold: bool, bare
     tuned = store.tune(recall=0.95)
     tune_s = time.perf_counter() - t0
     held = rss_anon_mib()
+    read_at_open = held_by_store(path, store.info())
     cold_ms, warm_ms, bare_ms, hits, cold_faults, cold_kib = [], [], [], [], [], []
     for q in tqdm(queries, desc="queries", unit="query"):
         if cold:  # drop_caches leaves mapped pages: reclaim those of rows the store left to disk too
-            evict_mapped(path, only_random=True)
+            evict_mapped(path, held=read_at_open)
             drop_page_cache()
         faults, read = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, disk_read_bytes()
         t0 = time.perf_counter()

@@ -42,6 +42,10 @@
  * ordering costs more than the rows they save. Exported: the caller skips the norms' setup below it. */
 #define BOUND_MIN_PER_KEPT 4
 #define WARM_PROBES 2 /* rows checked for residency before a stage: the first and the last */
+#define READ_AHEAD_BYTES (8 << 20) /* what a sequential scan asks the kernel to read at a time, per thread */
+/* The kernel reads at most max(read_ahead_kb, max_sectors_kb) of one MADV_WILLNEED: ask in pieces that every
+ * disk's default (128 KiB) covers */
+#define READ_AHEAD_PIECE ((uintptr_t)128 << 10)
 enum { COSINE = 0, IP = 1, L2 = 2 };
 
 #include "_kernels_simd.h"
@@ -378,8 +382,10 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
+    const Band *norms = prefix_norms ? &nbs.b[0] : NULL;
     ScanCtx c = {&bs,   have_rows ? rows.buf : NULL, have_live ? live.buf : NULL, lo, hi, n_rows, qs.buf, qq.buf,
-                 nq,    qstride, to, metric, keep, parts, heaps, counts, prefix_norms ? &nbs.b[0] : NULL, 0};
+                 nq,    qstride, to, metric, keep, parts, heaps, counts, norms,
+                 have_rows ? 0 : read_ahead_rows(&bs, to, norms), 0};
     int64_t *out_rows = orows.buf, *out_counts = ocounts.buf;
     double *out_scores = oscores.buf;
     Py_BEGIN_ALLOW_THREADS parallel(scan_work, &c, parts);
