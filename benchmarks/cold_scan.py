@@ -14,6 +14,7 @@ Printed per mode: seconds, major page faults and MiB read from disk (this proces
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ from mrlstore.tiers.bands import BandedVectors
 
 
 def timed_scan(layout: BandedVectors, queries: np.ndarray, rows: int, as_list: bool, cold: bool) -> dict:
+    """One scan through ``layout``, a fresh map of the bands (``drop_caches`` keeps pages that are mapped)."""
     if cold:
+        gc.collect()  # the maps of earlier layouts go with them
         drop_page_cache()
     faults, read = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, disk_read_bytes()
     dim = queries.shape[1]
@@ -52,7 +55,8 @@ def main() -> None:
     with mrlstore.open(args.store, read_only=True) as store:
         info = store.info()
         rows = min(args.rows, info["rows"])
-    layout = BandedVectors(args.store, info["dim"], tuple(info["bands"]), info["dtype"])
+    fresh = lambda: BandedVectors(args.store, info["dim"], tuple(info["bands"]), info["dtype"])  # noqa: E731
+    layout = fresh()
     queries = layout.read_range(rows // 2, rows // 2 + args.queries, 0, info["dim"])  # rows as queries
     print(f"{rows:,} rows x {info['dim']} {info['dtype']}, {args.queries} queries, kernels native: {kernels.NATIVE}")
     for label, as_list, cold in (
@@ -60,6 +64,9 @@ def main() -> None:
         ("cold, row list (faults one by one)", True, True),
         ("warm, range scan", False, False),
     ):
+        if cold:
+            layout.close()
+            layout = fresh()
         r = timed_scan(layout, queries, rows, as_list, cold)
         print(f"{label}: {r['s']:.2f} s, {r['major_faults']:,} major faults, {r['read_mib']:,.0f} MiB read")
     layout.close()
