@@ -3,6 +3,7 @@ readers reading ahead, and the kernel's parallel page-in of a stage's rows chang
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import resource
@@ -14,6 +15,7 @@ import pytest
 
 import mrlstore
 from mrlstore import kernels
+from mrlstore.query import tuning
 from mrlstore.testing import mrl_like
 from mrlstore.tiers import bands
 
@@ -169,3 +171,46 @@ def test_a_store_past_its_budget_keeps_its_narrow_bands_and_leaves_the_widest_to
         array = Path(name).parent.parent.parent.name
         held = rss >= rows_bytes[array] // 4096 * 4096  # read at open: in memory whole
         assert not held if array == widest.dir.name else held, (array, rss)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_tune_reads_back_the_held_rows_its_exact_search_pushed_out(store_path, monkeypatch):
+    """tune's reference search reads every row; in a store past RAM the page cache makes room with the rows
+    held in memory. MADV_PAGEOUT stands in for that memory pressure here."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    layout = bands.BandedVectors(store_path, 256, (16, 64, 256), "float16")
+    widest = max(layout.arrays, key=lambda a: a.row_bytes)
+    budget = 6000 * sum(a.row_bytes for a in layout.arrays if a is not widest)
+    del layout
+    monkeypatch.setattr(bands, "_resident_budget", lambda: budget)  # every row but the widest band's
+
+    def narrow_rss() -> int:
+        maps = _mapped_rss(str(store_path / "vectors"))
+        return sum(rss for name, (_, rss) in maps.items() if widest.dir.name not in name)
+
+    sample = tuning.Probe.sample
+
+    def pushed_out(*args, **kwargs):  # noqa: ANN002, ANN003
+        probe = sample(*args, **kwargs)
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 6 and str(store_path / "vectors") in fields[5]:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                assert libc.madvise(start, end - start, 21) == 0  # MADV_PAGEOUT (Linux 5.4)
+        assert narrow_rss() == 0
+        return probe
+
+    measured_with = []
+    choose = tuning.tune_prefixes
+
+    def measure(*args, **kwargs):  # noqa: ANN002, ANN003
+        measured_with.append(narrow_rss())
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(tuning.Probe, "sample", pushed_out)
+    monkeypatch.setattr(tuning, "tune_prefixes", measure)
+    with mrlstore.open(store_path) as store:
+        held = narrow_rss()
+        store.tune(recall=0.9, sample=20)
+    assert held > 0 and measured_with == [held]  # read back before tune measured the funnels on them
