@@ -46,6 +46,7 @@
 /* The kernel reads at most max(read_ahead_kb, max_sectors_kb) of one MADV_WILLNEED: ask in pieces that every
  * disk's default (128 KiB) covers */
 #define READ_AHEAD_PIECE ((uintptr_t)128 << 10)
+#define READ_AHEAD_PROBE ((size_t)2 << 20) /* bytes whose residency one mincore call reports */
 enum { COSINE = 0, IP = 1, L2 = 2 };
 
 #include "_kernels_simd.h"
