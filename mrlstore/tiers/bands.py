@@ -234,6 +234,19 @@ class _Band:
             for a in range(lo * self.row_bytes, hi * self.row_bytes, READ_AHEAD_PIECE):
                 _advise(mapping, mmap.MADV_WILLNEED, a, min(a + READ_AHEAD_PIECE, hi * self.row_bytes))
 
+    def read_in(self, chunk: int, lo: int, hi: int, step: int) -> None:
+        """Read rows ``lo:hi`` of chunk ``chunk`` and map their pages, touching one value in ``step``: with the
+        kernel's read-around for the time of the read, then random access again. Read-around brings large
+        folios, which the kernel maps 2 MiB at a time: over rows read so, a warm exact scan of 1M x 2048 took
+        89-92 ms, against 108-113 ms over rows read with MADV_WILLNEED (4 KiB pages)."""
+        mapping = self.mapped(chunk, hi)
+        advise = self.random_access and hasattr(mmap, "MADV_RANDOM")
+        if advise:
+            _advise(mapping, mmap.MADV_NORMAL, lo * self.row_bytes, hi * self.row_bytes)
+        mapping[lo:hi].reshape(-1)[::step].max()
+        if advise:
+            _advise(mapping, mmap.MADV_RANDOM, lo * self.row_bytes, hi * self.row_bytes)
+
     def take_sorted(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` (sorted) of the whole band, in the stored dtype, gathered chunk by chunk from the maps."""
         rc = self.chunk_rows
@@ -554,12 +567,11 @@ class BandedVectors:
         p50 of its first queries). Only the rows each array holds in memory (``resident_rows``, a quarter
         of RAM in all): the rest fault in as queries touch them, rather than being read at open."""
         for band, held in zip(self.arrays, self._plan_residency(row_stop)):
-            rc, step, stop = band.chunk_rows, max(1, 4096 // band.dtype.itemsize), min(row_stop, held)
+            rc, step, stop = band.chunk_rows, max(1, PAGE // band.dtype.itemsize), min(row_stop, held)
             for chunk in range(row_start // rc, -(-stop // rc)):
                 lo, hi = max(row_start, chunk * rc) - chunk * rc, min(stop, (chunk + 1) * rc) - chunk * rc
                 if lo < hi:
-                    band.read_ahead(chunk * rc + lo, chunk * rc + hi)
-                    band.mapped(chunk, hi)[lo:hi].reshape(-1)[::step].max()
+                    band.read_in(chunk, lo, hi, step)
 
     def file_problems(self, watermark: int) -> list[str]:
         """What is wrong with the files of every array (bands and row_norms) for ``watermark`` rows."""
