@@ -246,8 +246,8 @@ class _Band:
         mapping[lo:hi].reshape(-1)[::step].max()
         if advise:
             _advise(mapping, mmap.MADV_RANDOM, lo * self.row_bytes, hi * self.row_bytes)
-            # Advice on part of a map splits it, and the kernel unmaps a large folio it splits: map those pages
-            # again (from memory), or drop_caches and memory pressure take them (at 12M rows, 50 MiB of them)
+            # Some pages come out unmapped (at 12M rows, 50 MiB; likely large folios mapped across the split that
+            # advice on part of a map makes): map them again, from memory, or drop_caches would take them
             mapping[lo:hi].reshape(-1)[::step].max()
 
     def take_sorted(self, rows: np.ndarray) -> np.ndarray:
