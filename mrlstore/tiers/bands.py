@@ -157,6 +157,7 @@ class _Band:
         # Queries read scattered rows: a fault reads one page, not read_ahead_kb (8 MiB here). Sequential
         # readers say what they read next (read_ahead; the scan kernel does the same)
         self.random_access = True
+        self.rows_held = 0  # rows the store reads at open and keeps mapped (BandedVectors plans them)
 
     def _check_layout(self, meta_path: Path) -> tuple[int, int | None]:
         """(chunk_rows, inner_rows or None for the plain layout), or CorruptStoreError."""
@@ -253,8 +254,9 @@ class _Band:
     def take_sorted(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` (sorted) of the whole band, in the stored dtype, gathered chunk by chunk from the maps."""
         rc = self.chunk_rows
-        if len(rows) >= DENSE_READ_ROWS and rows[-1] - rows[0] < DENSE_READ_SPAN * len(rows):
-            self.read_ahead(int(rows[0]), int(rows[-1]) + 1)  # most pages of the span are read anyway
+        dense = len(rows) >= DENSE_READ_ROWS and rows[-1] - rows[0] < DENSE_READ_SPAN * len(rows)
+        if dense and rows[-1] >= self.rows_held:  # rows held are in memory: asking for them costs a page walk
+            self.read_ahead(max(int(rows[0]), self.rows_held), int(rows[-1]) + 1)  # most pages are read anyway
         chunk_of = rows // rc
         first, last = int(chunk_of[0]), int(chunk_of[-1])
         if first == last:
@@ -551,6 +553,8 @@ class BandedVectors:
         if rows > self._planned_for:
             self._planned_for = rows
             self._resident = resident_rows(rows, [a.row_bytes for a in self.arrays], self.resident_bytes)
+            for array, held in zip(self.arrays, self._resident):
+                array.rows_held = held
             self.prefault_rows = min(self._resident)
         return self._resident
 
