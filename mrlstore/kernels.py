@@ -130,7 +130,10 @@ def _refine_native(vectors, rows, offsets, queries, stages, keeps, metric, bound
     out_rows = np.empty(nq * k, dtype=np.int64)
     out_scores = np.empty(nq * k, dtype=np.float64)
     counts = np.empty(nq, dtype=np.int64)
-    needed = int(rows.max()) + 1 if len(rows) else 1
+    if not len(rows):
+        needed = 1
+    else:  # rows are sorted within each query: one query's last is its largest
+        needed = int(rows[-1] if nq == 1 else rows.max()) + 1
     bands = vectors.kernel_bands(needed)
     # The kernel bounds only long last stages: with none possible, skip the norms' setup.
     least = _native.BOUND_MIN_PER_KEPT * keeps[-1]

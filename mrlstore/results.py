@@ -39,6 +39,15 @@ class Hits:
         self._rows = metadata if isinstance(metadata, HitRows) else None
         self._metadata = None if isinstance(metadata, (pa.Table, HitRows)) else list(metadata or [])
 
+    @classmethod
+    def of_rows(cls, table: RowTable, rows: np.ndarray, scores: np.ndarray, dims: tuple, metadata: bool) -> Hits:
+        """One query's hits (its funnel's rows and scores, best first), with their ids and (when ``metadata``)
+        metadata from ``table``, read when first asked for."""
+        ids = table.take_ids(rows)
+        if not metadata:
+            return cls(ids, scores, None, dims)
+        return cls(ids, scores, HitRows(table, rows) if table.has_metadata else [{} for _ in ids], dims)
+
     @property
     def metadata(self) -> list[dict[str, Any]]:
         if self._metadata is None:
@@ -99,9 +108,9 @@ class HitsBatch(list[Hits]):
     ) -> HitsBatch:
         """The hits of a funnel's output (rows and scores of every query, split by ``offsets``), with their
         ids and (when ``metadata``) metadata from ``table``."""
+        if len(offsets) == 2:
+            return cls([Hits.of_rows(table, rows, scores, dims, metadata)])
         ids = table.take_ids(rows)
-        if metadata and len(offsets) == 2 and table.has_metadata:  # one query: its metadata read when asked for
-            return cls([Hits(ids, scores, HitRows(table, rows), dims)])
         meta_table = table.take_metadata(rows) if metadata else None
         out = []
         for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()):

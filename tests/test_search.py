@@ -246,3 +246,20 @@ def test_row_records_equal_arrows_dicts_for_every_column_kind():
         grown = table.appended(base.slice(0, 3).set_column(0, "id", pa.array(["t0", "t1", "t2"])))
         both = np.array([41, 2, 40, 39])  # rows in the tail too
         assert grown.records(both) == grown.take_metadata(both).to_pylist()
+
+
+@pytest.mark.parametrize("deleted", [(), (2,)])
+def test_live_sorted_keeps_the_committed_live_rows_in_order(deleted):
+    from mrlstore.tiers.snapshot import Snapshot
+
+    live = np.zeros(1024, dtype=bool)
+    live[:8] = True
+    live[list(deleted)] = False
+    snap = Snapshot(1, 8, live, int(live.sum()), None)  # rows 0-7 committed; no table needed here
+    kept = [r for r in (0, 2, 5, 7) if r not in deleted]
+    labels = np.array([5, 2, 7, 0], dtype=np.int64)
+    assert snap.live_sorted(labels).tolist() == kept
+    assert labels.tolist() == [5, 2, 7, 0]  # the caller's labels are left as they were
+    # padding (-1) and rows past the watermark (added, not committed yet) are never returned
+    assert snap.live_sorted(np.array([9, 5, -1, 2, 7, 0, 8], dtype=np.int64)).tolist() == kept
+    assert snap.live_sorted(np.empty(0, dtype=np.int64)).tolist() == []

@@ -47,6 +47,21 @@ def test_one_query_gives_hits_and_a_batch_gives_a_hits_batch(store):
     assert isinstance(batch + batch, mrlstore.HitsBatch) and len(batch + batch) == 6
 
 
+@pytest.mark.parametrize("metadata", [True, False])
+def test_one_query_gives_the_hits_of_a_batch_of_one(store, tmp_path, metadata):
+    s, x = store
+    bare = mrlstore.open(tmp_path / "bare", dim=32, bands=(8, 32), index_dims=(8,))  # no metadata columns
+    bare.add_vectors(x, ids=[f"r{i}" for i in range(300)])
+    for st in (s, bare):
+        for v in (x[7], x[7].astype(np.float64), list(x[7])):  # the float32 fast path and the general one
+            one, batch = st.query(v, k=5, metadata=metadata), st.query(x[7:8], k=5, metadata=metadata)
+            assert isinstance(one, mrlstore.Hits) and one == batch[0]
+            assert one.metadata == ([{"n": int(i[1:])} for i in one.ids] if metadata and st is s else
+                                    [{}] * 5 if metadata else [])  # fmt: skip
+            assert one.to_arrow().equals(batch[0].to_arrow())
+    bare.close()
+
+
 def test_info_tune_and_compact_are_records_that_read_like_dicts(store):
     s, _ = store
     info = s.info()

@@ -113,8 +113,12 @@ class Funnel:
             rows, offsets, _ = self.exact(snap, queries, d, n)
             return _sorted_within(rows, offsets), offsets
         labels = index.search(searched, n, beam, num_threads=-1 if len(queries) > 1 else 1)
-        found = [snap.live_sorted(row) for row in labels]
         want = min(n, snap.n_live)
+        if len(labels) == 1:  # one query, the usual call: fewer steps
+            rows = snap.live_sorted(labels[0])
+            if len(rows) >= want:
+                return rows, np.array([0, len(rows)], dtype=np.int64)
+        found = [snap.live_sorted(row) for row in labels]
         short = [i for i, rows in enumerate(found) if len(rows) < want]
         if short:  # HNSW came back with fewer than exist (tiny or heavily deleted stores): scan exactly
             rows, offsets, _ = self.exact(snap, queries[short], d, n)

@@ -124,18 +124,19 @@ def tapered_sizes(shortlist: int, k: int, stages: int, taper: int) -> list[int]:
 def plan_key(dims: Any, k: Any, shortlist: Any, ef: Any) -> tuple | None:
     """A hashable key for query arguments of plain ``int`` types (None when some are not: those are
     validated each time, so ``k=True`` or ``dims=[16.0]`` still get their error)."""
-
-    def plain(x: Any) -> Any:
-        if x is None or type(x) is int:
-            return x
-        if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
-            return tuple(x)
-        raise TypeError
-
     try:
-        return (plain(dims), plain(k), plain(shortlist), plain(ef))
+        return (_plain(dims), _plain(k), _plain(shortlist), _plain(ef))
     except TypeError:
         return None
+
+
+def _plain(x: Any) -> Any:
+    """``x`` when None or an int, a tuple of a list or tuple of ints; TypeError otherwise."""
+    if x is None or type(x) is int:
+        return x
+    if isinstance(x, (list, tuple)) and all(type(v) is int for v in x):
+        return tuple(x)
+    raise TypeError
 
 
 def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[str, Any] | None:

@@ -106,8 +106,9 @@ class Searcher:
                 plan = self.plan(dims, k, shortlist, ef, "raw")
                 queries = np.ascontiguousarray(queries[:, : plan.dims[-1]])
             rows, offsets, scores = self.funnel.run(snap, queries, plan, allowed)
-        hits = HitsBatch.of_rows(snap.table, rows, offsets, scores, plan.dims, metadata)
-        return hits[0] if single else hits
+        if single:
+            return Hits.of_rows(snap.table, rows, scores, plan.dims, metadata)
+        return HitsBatch.of_rows(snap.table, rows, offsets, scores, plan.dims, metadata)
 
     def query_table(self, queries: Any, k: int, dims: Any, vector: str, image: str | None, **options: Any) -> pa.Table:
         """``Store.query_table``: queries from a table's column (or vectors, images), hits as one table."""
@@ -123,6 +124,8 @@ class Searcher:
         """Query vectors (float32, ``need`` numbers each) from vectors or, through the encoder, images; and
         whether one query was given."""
         p, manifest = self.state.params, self.state.manifest
+        if type(query) is np.ndarray and query.ndim == 1 and query.dtype == np.float32:
+            return query_batch(query, need, p.dim, p.metric)  # the usual call, one vector: classify's first rule
         value = classify(query, p.dim, need, p.metric, images=lambda: self.encoders.available(manifest))
         if not isinstance(value, Images):
             return value.matrix, value.single

@@ -199,7 +199,9 @@ class PrefixIndex:
 
     def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray:
         """Row numbers of the approximate ``k`` nearest rows per query (-1 pads when fewer exist)."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries)[:, : self.dim], dtype=np.float32)
+        if not (queries.ndim == 2 and queries.shape[1] == self.dim and queries.dtype == np.float32):
+            queries = np.atleast_2d(queries)[:, : self.dim]  # (a query's codes come as hnswlib takes them)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         k_eff = min(k, self.live_count)
         if k_eff <= 0:
             return np.full((len(queries), k), -1, dtype=np.int64)
@@ -235,7 +237,7 @@ class PrefixIndex:
             if ef is None:
                 raise _NeedsWriteLock from None
             labels = self._knn_fallback(queries, k, num_threads)
-        return labels.astype(np.int64)
+        return labels.view(np.int64)  # hnswlib's uint64 labels are row numbers, far below 2**63
 
     def _knn_fallback(self, queries: np.ndarray, k: int, num_threads: int) -> np.ndarray:
         """hnswlib could not fill k slots (deleted elements crowd the graph): widen the beam, then ask

@@ -24,6 +24,8 @@ class Snapshot:
 
     def live_sorted(self, rows: np.ndarray) -> np.ndarray:
         """The rows of ``rows`` (1-D) a query may return, ascending."""
+        if self.n_live == self.watermark and len(rows) and 0 <= rows.min() and rows.max() < self.watermark:
+            return np.sort(rows)  # nothing deleted and every row committed: the usual query, in fewer calls
         rows = rows[(rows >= 0) & (rows < self.watermark)]
         rows = rows[self.live[rows]]
         rows.sort()
