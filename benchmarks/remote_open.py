@@ -4,12 +4,16 @@ caches, array metadata, into an empty cache), against a moto S3 server on 127.0.
     python benchmarks/remote_open.py STORE                    # publish STORE, then 5 fresh opens
     python benchmarks/remote_open.py STORE --profile          # and where the last open's time went
     PYTHONPATH=/path/to/other/checkout python benchmarks/remote_open.py STORE   # the same with other code
+    python benchmarks/remote_open.py STORE --against /path/to/other/checkout  # fresh opens in processes,
+                                              # alternating this code and the other's, on one published copy
 
 moto answers on the same machine, so the times are moto's and this machine's, not S3's; the parts count
 says how many GETs a fresh open makes (at S3's ~63 ms first-byte p50 each, one after another or together).
 moto copies a whole object for every ranged GET of it (benchmarks/whole_object.py), so the download of the
 large index files is far slower here than their bytes: the small parts' download is timed on its own too.
 moto also shares this machine's cores with the reader: each open reports the CPU seconds both used in it.
+A reader loads at open only the index a default query searches first; one more open then times the first
+query on each index HEAD defers (its download and load) and the reader's anonymous memory before and after.
 """
 
 from __future__ import annotations
@@ -17,15 +21,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import json
 import os
 import pstats
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import objectstore  # benchmarks/objectstore.py: the moto server
+from compare import rss_anon_mib
 
 import mrlstore
 from mrlstore.tiers.objectstore import RemoteSource
@@ -33,10 +42,16 @@ from mrlstore.tiers.objectstore import RemoteSource
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("store", type=Path)
+    ap.add_argument("store", type=Path, nargs="?")
     ap.add_argument("--opens", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="cProfile the last open (its main thread)")
+    ap.add_argument("--against", type=Path, help="a checkout whose code opens in turn with this one's")
+    ap.add_argument("--one-open", help=argparse.SUPPRESS)  # a child of --against: URL and options as JSON
     args = ap.parse_args()
+    if args.one_open:
+        return one_open(**json.loads(args.one_open))
+    if args.store is None:
+        ap.error("STORE is required")
     print(f"mrlstore from {Path(mrlstore.__file__).parent}")
     proc, host = objectstore.start_moto()
     try:
@@ -47,7 +62,13 @@ def main() -> None:
                 source.snapshot(copy)
             with mrlstore.open(copy) as local:
                 head = local.publish(url, storage_options=options)
-            print(f"published {head['committed_rows']:,} rows; a fresh open downloads {len(head['parts'])} parts")
+            parts, later = len(head["parts"]), len(head.get("deferred", []))
+            print(
+                f"published {head['committed_rows']:,} rows; a fresh open downloads {parts - later} parts "
+                f"({later} on first use)"
+            )
+            if args.against:
+                return alternate(url, options, Path(tmp), args.opens, args.against)
             times, reader_cpu, server_cpu = [], [], []
             for i in range(args.opens):
                 cache = Path(tmp) / f"cache{i}"
@@ -80,9 +101,64 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
             spread = [round(t, 3) for t in downloads]
             print(f"of which the small parts' download: median {statistics.median(downloads):.3f} s of {spread}")
+            first_use(url, options, Path(tmp) / "first-use", head)
     finally:
         proc.terminate()
         proc.wait()
+
+
+def alternate(url: str, options: dict, tmp: Path, opens: int, against: Path) -> None:
+    """Fresh opens in new processes, this checkout's code and ``against``'s in turn, on the same published
+    version (older code ignores HEAD entries it does not know)."""
+    here = Path(__file__).resolve().parents[1]
+    runs: dict[Path, list[dict]] = {here: [], against.resolve(): []}
+    for i in range(opens):
+        for code, got in runs.items():
+            job = json.dumps({"url": url, "options": options, "cache": str(tmp / f"cache-{i}-{len(got)}")})
+            out = subprocess.run(
+                [sys.executable, __file__, "--one-open", job], env={**os.environ, "PYTHONPATH": str(code)},
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            got.append(json.loads(out.splitlines()[-1]))
+            print(f"{code}: {got[-1]}", flush=True)
+    for code, got in runs.items():
+        opened = [round(r["open_s"], 2) for r in got]
+        print(
+            f"{code}: fresh open median {statistics.median(opened):.2f} s of {opened}; reader CPU "
+            f"{statistics.median(r['cpu_s'] for r in got):.2f} s; anonymous memory after the open "
+            f"{statistics.median(r['anon_mib'] for r in got):.0f} MiB"
+        )
+
+
+def one_open(url: str, options: dict, cache: str) -> None:
+    """One fresh open (for ``alternate``): prints its time, CPU seconds and anonymous memory as JSON."""
+    anon0, t0, cpu0 = rss_anon_mib(), time.perf_counter(), time.process_time()
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache):
+        took, cpu, anon = time.perf_counter() - t0, time.process_time() - cpu0, rss_anon_mib() - anon0
+    shutil.rmtree(cache, ignore_errors=True)
+    print(json.dumps({"open_s": took, "cpu_s": cpu, "anon_mib": anon}))
+
+
+def first_use(url: str, options: dict, cache: Path, head: dict) -> None:
+    """A fresh open, then its first default query and its first query on each deferred index, timed, with the
+    reader's anonymous memory (the deferred indexes' graphs load into it)."""
+    anon0 = rss_anon_mib()
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as reader:
+        anon = rss_anon_mib()
+        query = np.random.default_rng(0).standard_normal(reader.dim).astype(np.float32)
+        t0 = time.perf_counter()
+        reader.query(query)
+        took = 1e3 * (time.perf_counter() - t0)
+        print(f"after the open: anonymous memory {anon - anon0:.0f} MiB; first default query {took:.1f} ms")
+        near = reader.info().remote["local_dims"]  # a funnel ending there reads no remote rows
+        for part in head.get("deferred", []):
+            d = int(Path(part).stem.rsplit("_", 1)[1])
+            dims = [d, near] if near > d else [d]
+            t0 = time.perf_counter()
+            reader.query(query, dims=dims)
+            took = time.perf_counter() - t0
+            print(f"first query dims={dims} on {part} (its download and load): {took:.2f} s; anonymous memory "
+                  f"now {rss_anon_mib() - anon0:.0f} MiB")  # fmt: skip
 
 
 def cpu_seconds(pid: int) -> float:

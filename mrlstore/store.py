@@ -176,6 +176,8 @@ class Store:
 
     @property
     def index_status(self) -> dict[int, str]:
+        """How each raw prefix index opened: "loaded" (its saved file; a reader reads the files of indexes a
+        default query does not search on their first use), "extended", "rebuilt", or "fitted code"."""
         return self._state.indexes.status
 
     def info(self) -> StoreInfo:

@@ -432,3 +432,29 @@ def test_a_published_store_keeps_its_fitted_codes(tmp_path, options, bucket):
         assert raw != local
     finally:
         remote.close()
+
+
+def test_indexes_a_default_query_does_not_search_download_on_first_use(tmp_path, options, bucket):
+    """HEAD names them ``deferred``: a fresh reader's open leaves them remote, its first query that needs one
+    downloads it (checked against HEAD's digest), and a damaged object is rebuilt from the vectors."""
+    url = f"s3://{bucket}/s.mrl"
+    vectors = np.random.default_rng(0).standard_normal((1500, DIM)).astype(np.float32)
+    with mrlstore.open(tmp_path / "local.mrl", dim=DIM, bands=(16, 64, DIM), index_dims=[16, 32]) as store:
+        store.add_vectors(vectors, ids=[f"r{i}" for i in range(len(vectors))])
+        want = {str(d): [h.ids for h in store.query(vectors[:3], k=5, dims=d)] for d in ([16, DIM], [32, DIM])}
+        head = store.publish(url, storage_options=options)
+    assert head["deferred"] == ["index/prefix_00032.hnsw"]  # untuned: a default query starts at 16
+    cache = tmp_path / "c"
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
+        assert [p.name for p in cache.rglob("*.hnsw")] == ["prefix_00016.hnsw"]
+        assert [h.ids for h in remote.query(vectors[:3], k=5)] == want[str([16, DIM])]
+        assert [h.ids for h in remote.query(vectors[:3], k=5, dims=[32, DIM])] == want[str([32, DIM])]
+        assert sorted(p.name for p in cache.rglob("*.hnsw")) == ["prefix_00016.hnsw", "prefix_00032.hnsw"]
+    fs, root = filesystem(url, options)
+    with fs.open_output_stream(f"{root}/versions/{head['version']}/index/prefix_00032.hnsw") as out:
+        out.write(b"not an index")
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c2") as remote:
+        with pytest.warns(UserWarning, match="corrupted.*rebuilding the index from the vectors"):
+            got = [h.ids for h in remote.query(vectors[:3], k=5, dims=[32, DIM])]
+        same = [len(set(a) & set(b)) for a, b in zip(got, want[str([32, DIM])])]
+        assert sum(same) >= 12, same  # a new graph over the same rows

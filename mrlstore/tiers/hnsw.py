@@ -3,7 +3,8 @@
 hnswlib is unmaintained, saves non-atomically, and is not safe for writes during queries, so this wrapper
 (a) guards it with a readers-writer lock, (b) saves to a temporary file that is fsynced and renamed, with a
 JSON sidecar that records the file's size, checksum and the catalog watermark it covers, and (c) refuses
-to load a file whose sidecar does not match (the caller then rebuilds it from the Zarr tier).
+to load a file whose sidecar does not match (the caller then rebuilds it from the Zarr tier). A reader's
+index may be deferred: its sidecar checked at open, its file read (or downloaded) when first used.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hnswlib
 import numpy as np
@@ -19,6 +25,7 @@ import numpy as np
 from mrlstore._fsutil import atomic_write_bytes, publish_file
 from mrlstore._hugepages import huge_pages_for_new_regions
 from mrlstore._rwlock import RWLock
+from mrlstore.errors import CorruptStoreError
 from mrlstore.tiers.hnsw_file import HnswFileError, check_file, read_state
 
 INDEX_FORMAT = 1
@@ -41,6 +48,27 @@ class IndexNotSaved(Exception):
 
 class _NeedsWriteLock(Exception):
     pass
+
+
+@dataclass
+class _Deferred:
+    """What a deferred index needs to load: its file and sidecar, the file's digest when already checked, how
+    to make the file local first (a download; returns its checked digest), how to build it from the vectors
+    when the file turns out damaged, and rows deleted meanwhile."""
+
+    path: Path
+    side: dict[str, Any]
+    checked_digest: str | None
+    fetch: Callable[[], str | None] | None
+    rebuild: Callable[[], PrefixIndex] | None = None
+    dead: list[np.ndarray] = field(default_factory=list)
+
+
+def _has_size(path: Path, size: object) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 def _digest(path: Path) -> str:
@@ -74,6 +102,8 @@ class PrefixIndex:
             with huge_pages_for_new_regions():
                 self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
         self._lock = RWLock()
+        self._load_lock = threading.Lock()
+        self._deferred: _Deferred | None = None  # a saved graph not loaded yet (see load)
         self._ef = 10  # hnswlib's default
         self._deleted = 0  # hnswlib's own counts include deleted elements
 
@@ -85,6 +115,7 @@ class PrefixIndex:
     def save(self, base: Path) -> None:
         data_path, side_path = self.paths(base)
         tmp = data_path.with_name(f".{data_path.name}.tmp-{os.getpid()}")
+        self._ready()
         with self._lock.read():
             self._index.save_index(str(tmp))
             side = {
@@ -121,13 +152,17 @@ class PrefixIndex:
         generation: int = 0,
         fit_id: str | None = None,
         checked_digest: str | None = None,
+        fetch: Callable[[], str | None] | None = None,
+        rebuild: Callable[[], PrefixIndex] | None = None,
     ) -> PrefixIndex:
         """The index saved at ``base``; IndexUnusable when it is missing, damaged or built otherwise.
-        ``checked_digest``: the file's digest as checked since it was written (a download): not read again."""
+        ``checked_digest``: the file's digest as checked since it was written (a download): not read again.
+        ``fetch``: makes the file local first (a download), returning its checked digest. ``rebuild``: defer
+        the graph to first use (only the sidecar is read now); a file then found damaged is replaced by the
+        index ``rebuild()`` builds from the vectors."""
         data_path, side_path = cls.paths(base)
         try:
             side = json.loads(side_path.read_text())
-            size = data_path.stat().st_size
         except (OSError, ValueError) as e:
             raise IndexUnusable(f"no usable index at {data_path}: {e}") from None
         expected = {"format": INDEX_FORMAT, "dim": dim, "metric": metric, "M": M, "ef_construction": ef_construction}
@@ -137,22 +172,60 @@ class PrefixIndex:
             raise IndexUnusable(f"{side_path} was built for another row numbering (before a compaction)")
         if side.get("fit_id") != fit_id:
             raise IndexUnusable(f"{side_path} holds codes of another fit")
-        if side.get("bytes") != size or side.get("blake2b") != (checked_digest or _digest(data_path)):
-            raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
+        if fetch is None and not _has_size(data_path, side.get("bytes")):
+            raise IndexUnusable(f"{data_path} is missing or not the size its sidecar records")
         self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation, fit_id=fit_id)
-        try:
-            state = read_state(data_path, _SPACES[metric], dim, _grown(int(side["element_count"])))
-            # hnswlib's state constructor (pybind11's __setstate__, no pickle): whole-array copies
-            self._index = hnswlib.Index.__new__(hnswlib.Index)
-            with huge_pages_for_new_regions(collapse=True):
-                self._index.__setstate__((state,))
-        except (RuntimeError, ValueError, MemoryError) as e:
-            raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
-        if self._index.element_count != side["element_count"] or self._index.dim != dim:
-            raise IndexUnusable(f"{data_path} holds {self._index.element_count} elements, sidecar says otherwise")
         self.covered_rows = int(side["covered_rows"])
         self._deleted = int(side["deleted_count"])
+        pending = _Deferred(data_path, side, checked_digest, fetch, rebuild)
+        if rebuild is not None:
+            self._deferred = pending
+        else:
+            self._fill(pending)
         return self
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the graph is in memory (a deferred index loads on first use)."""
+        return self._deferred is None
+
+    def _ready(self) -> None:
+        """Load a deferred index's graph (once; concurrent callers wait for it)."""
+        if self._deferred is None:
+            return
+        with self._load_lock:
+            pending = self._deferred
+            if pending is None:
+                return
+            try:
+                self._fill(pending)
+            except (IndexUnusable, CorruptStoreError) as e:
+                assert pending.rebuild is not None
+                warnings.warn(f"{e}; rebuilding the index from the vectors", stacklevel=3)
+                built = pending.rebuild()
+                self._index, self._deleted, self.covered_rows = built._index, built._deleted, built.covered_rows
+            for rows in pending.dead:
+                self._hide(rows)
+            self._deferred = None  # last: a search that sees no deferral finds the deletions applied
+
+    def _fill(self, pending: _Deferred) -> None:
+        """The saved graph into memory, checked against its sidecar (IndexUnusable when it does not match)."""
+        side, data_path = pending.side, pending.path
+        checked = pending.fetch() if pending.fetch is not None else None
+        checked = checked or pending.checked_digest
+        if not _has_size(data_path, side.get("bytes")) or side.get("blake2b") != (checked or _digest(data_path)):
+            raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
+        try:
+            state = read_state(data_path, _SPACES[self.metric], self.dim, _grown(int(side["element_count"])))
+            # hnswlib's state constructor (pybind11's __setstate__, no pickle): whole-array copies
+            index = hnswlib.Index.__new__(hnswlib.Index)
+            with huge_pages_for_new_regions(collapse=True):
+                index.__setstate__((state,))
+        except (RuntimeError, ValueError, MemoryError) as e:
+            raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
+        if index.element_count != side["element_count"] or index.dim != self.dim:
+            raise IndexUnusable(f"{data_path} holds {index.element_count} elements, sidecar says otherwise")
+        self._index = index
 
     # -- updates -----------------------------------------------------------------------------------
     def add(
@@ -160,6 +233,7 @@ class PrefixIndex:
     ) -> None:
         """Insert (or, for labels already present, update) rows; ``covered_rows`` advances the watermark the
         index vouches for (None: rows not committed yet, invisible to queries until they are)."""
+        self._ready()
         with self._lock.write():
             if len(rows):
                 need = self._index.element_count + len(rows)
@@ -175,6 +249,14 @@ class PrefixIndex:
                 self.covered_rows = max(self.covered_rows, covered_rows)
 
     def mark_deleted(self, rows: np.ndarray) -> None:
+        if self._deferred is not None:
+            with self._load_lock:
+                if self._deferred is not None:  # hidden when the graph loads
+                    self._deferred.dead.append(np.asarray(rows, dtype=np.int64))
+                    return
+        self._hide(rows)
+
+    def _hide(self, rows: np.ndarray) -> None:
         with self._lock.write():
             for row in np.asarray(rows, dtype=np.int64).tolist():
                 try:
@@ -185,6 +267,7 @@ class PrefixIndex:
 
     def holds(self, row: int) -> bool:
         """Whether ``row`` is in the index and not marked deleted (hnswlib refuses deleted labels)."""
+        self._ready()
         with self._lock.read():
             try:
                 self._index.get_items([int(row)])
@@ -195,10 +278,13 @@ class PrefixIndex:
     # -- search ------------------------------------------------------------------------------------
     @property
     def live_count(self) -> int:
+        self._ready()
         return int(self._index.element_count) - self._deleted
 
     def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray:
         """Row numbers of the approximate ``k`` nearest rows per query (-1 pads when fewer exist)."""
+        if self._deferred is not None:
+            self._ready()
         if not (queries.ndim == 2 and queries.shape[1] == self.dim and queries.dtype == np.float32):
             queries = np.atleast_2d(queries)[:, : self.dim]  # (a query's codes come as hnswlib takes them)
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -5,9 +5,10 @@ file that is missing, stale or damaged is rebuilt from the vectors."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import ItemsView, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,15 +49,25 @@ class IndexSet:
     """One store's prefix indexes, ``by_dim`` (the mapping the funnel searches: refilled in place, never
     replaced), and ``fitted``, the indexes over fitted codes when the store has a fit; with what each needs
     saved. ``status`` tells how each raw index was opened: loaded, extended (a saved file behind the commits)
-    or rebuilt."""
+    or rebuilt. A reader loads the index a default query searches first at open and defers the others to
+    their first use (their files checked, and downloaded for a store on object storage, then)."""
 
     def __init__(
-        self, path: Path, params: StoreParams, generation: int, read_only: bool, checked: Mapping[str, str] = {}
+        self,
+        path: Path,
+        params: StoreParams,
+        generation: int,
+        read_only: bool,
+        checked: Mapping[str, str] = {},
+        fetch: Callable[[str], str | None] | None = None,
     ):
         """``checked``: digests of files (by path under ``path``) checked since they were written, such as the
-        parts a reader just downloaded: their sidecar checksums are not computed again."""
+        parts a reader just downloaded: their sidecar checksums are not computed again. ``fetch``: makes a
+        file (by path under ``path``) local, returning its checked digest (a reader of object storage)."""
         self.path, self.params, self.generation, self.read_only = path, params, generation, read_only
-        self.checked = checked
+        self.checked, self.fetch = checked, fetch
+        self.first_stage: tuple[str, int] | None = None  # loaded at a reader's open; None: every index
+        self._latest: tuple[Snapshot, VectorTier] | None = None  # the newest rows a deferred index could need
         self.by_dim: dict[int, PrefixIndex] = {}
         self.fitted: FittedCodes | None = None
         self._retired: list[tuple[int, PrefixIndex]] = []  # raw indexes a fit replaced, to save once
@@ -82,9 +93,16 @@ class IndexSet:
                 yield FITTED, d, index
 
     def load(
-        self, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray, projection: Projection | None = None
+        self,
+        snap: Snapshot,
+        vectors: VectorTier,
+        tombstones: np.ndarray,
+        projection: Projection | None = None,
+        first_stage: tuple[str, int] | None = None,
     ) -> None:
-        """Every index of the store, from its saved file where that is usable, brought up to ``snap``."""
+        """Every index of the store, from its saved file where that is usable, brought up to ``snap``; for a
+        reader, only ``first_stage`` (family, code length) now, the others on first use (None: all now)."""
+        self.first_stage, self._latest = first_stage, (snap, vectors)
         self.by_dim.clear()  # the funnel holds this dict: refilled in place
         self._unsaved.clear()
         replaced = projection.codes_at(fitted_dims(self.params)) if projection is not None else ()
@@ -119,15 +137,36 @@ class IndexSet:
         p, m, ef = self.params, self.params.m_for(d), self.params.ef_construction_for(d)
         space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
         base = self._base(family, d)
-        checked = self.checked.get(PrefixIndex.paths(base)[0].relative_to(self.path).as_posix())
+        part = PrefixIndex.paths(base)[0].relative_to(self.path).as_posix()
+        fetch, defer = self._fetcher(part), self.read_only and self.first_stage not in (None, (family, d))
+        rebuild = (lambda: self._built(d, fit)) if defer else None
         try:
-            index = PrefixIndex.load(base, d, space, m, ef, self.generation, fit_id, checked)
+            checked = self.checked.get(part)
+            index = PrefixIndex.load(base, d, space, m, ef, self.generation, fit_id, checked, fetch, rebuild)
             # A reader's published version may trail the writer's last save: rows past it stay invisible.
             if index.covered_rows > watermark and not self.read_only:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
             return index, "loaded" if index.covered_rows >= watermark else "extended"
         except IndexUnusable:
             return PrefixIndex(d, space, m, ef, watermark + 1024, self.generation, fit_id), "rebuilt"
+
+    def _built(self, d: int, fit: Projection | None) -> PrefixIndex:
+        """A new index over every live row of the newest snapshot (a deferred file found damaged)."""
+        assert self._latest is not None
+        snap, vectors = self._latest
+        p = self.params
+        space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
+        m, ef = p.m_for(d), p.ef_construction_for(d)
+        index = PrefixIndex(d, space, m, ef, snap.watermark + 1024, self.generation, fit_id)
+        if fit is None:
+            extend(index, snap, vectors)
+        else:
+            extend_many([index], snap, vectors, fit)
+        return index
+
+    def _fetcher(self, part: str) -> Callable[[], str | None] | None:
+        fetch = self.fetch
+        return None if fetch is None else lambda: fetch(part)
 
     def _settle(self, family: str, d: int, index: PrefixIndex, status: str, dead: np.ndarray) -> None:
         """After extending: hide the rows deleted since its file was saved, note how it opened, save it."""
@@ -228,6 +267,7 @@ class IndexSet:
 
     def extend_all(self, snap: Snapshot, vectors: VectorTier) -> None:
         """Add the rows of ``snap`` the indexes do not cover yet (a reader moving to a newer version)."""
+        self._latest = (snap, vectors)  # what a deferred index found damaged is rebuilt from
         for index in self.by_dim.values():
             extend(index, snap, vectors)
         if self.fitted is not None:
@@ -251,6 +291,11 @@ class IndexSet:
         paths = (PrefixIndex.paths(self._base(family, d)) for family, d, _ in self.all_indexes())
         return [path for pair in paths for path in pair if path.exists()]
 
+    def deferred_files(self, first_stage: tuple[str, int]) -> list[Path]:
+        """The saved graphs of the indexes in use other than ``first_stage``: what a reader loads on first
+        use, not at open."""
+        return [self._base(f, d).with_suffix(".hnsw") for f, d, _ in self.all_indexes() if (f, d) != first_stage]
+
     def _base(self, family: str, d: int) -> Path:
         return self.path / INDEX_DIR / f"{family}_{d:05d}"
 
@@ -264,6 +309,23 @@ class IndexSet:
             warnings.warn(f"{e}; the index stays in memory", stacklevel=2)
             return
         self._unsaved[family, d] = 0
+
+
+def default_first_stage(
+    manifest: dict[str, Any], params: StoreParams, projection: Projection | None
+) -> tuple[str, int]:
+    """The index a default query (``store.query(v)``) searches first, as (family, code length): what the
+    query planner resolves with no arguments (tests/test_deferred_indexes.py checks that they agree). A
+    reader loads it at open; a guess that is wrong only costs its first query a load."""
+    tuned = manifest.get("tuned") or None
+    fitted = projection is not None  # a store with a fit shortlists on its codes by default
+    if tuned and (tuned.get("prefixes") == "fitted") != fitted:
+        tuned = None if fitted else tuned.get("raw_settings")
+    index_dims = params.index_dims
+    first = int(tuned["dims"][0]) if tuned else index_dims[0] if index_dims else params.dim
+    if projection is not None and first in projection.codes_at(fitted_dims(params)):
+        return FITTED, first
+    return RAW, first
 
 
 def fitted_dims(params: StoreParams) -> tuple[int, ...]:

@@ -42,6 +42,7 @@ from mrlstore.errors import (
     UnsupportedStorageError,
 )
 from mrlstore.tiers.bands import BandedVectors, resident_rows
+from mrlstore.tiers.indexes import default_first_stage
 from mrlstore.tiers.state import StoreState
 
 FORMAT = 1
@@ -217,11 +218,14 @@ def _capture(
                 names[f"{band.dir.name}/{chunk}"] = key
                 fd = os.open(band.chunk_path(chunk), os.O_RDONLY)
                 chunks[key] = (fd, band.data_offset, rows * band.row_bytes)
+        first = default_first_stage(store.manifest, store.params, store.indexes.projection)
+        later = [p.relative_to(store.path).as_posix() for p in store.indexes.deferred_files(first) if p.exists()]
         state = {
             "store_id": store.manifest.get("store_id") or store.manifest.get("created_at"),
             "generation": generation,
             "committed_rows": snap.watermark,
             "live_rows": snap.n_live,
+            "deferred": later,  # parts a reader downloads when it first searches them, not at open
         }
     parts = [p.relative_to(staged) for p in staged.rglob("*") if p.is_file()]
     return parts, chunks, names, state
@@ -321,13 +325,15 @@ class RemoteSource:
             return dest  # downloaded before: its index files are checked against their sidecars at load
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+        later = set(self.head.get("deferred", ()))  # indexes a default query does not search: on first use
+        parts = {part: digest for part, digest in self.head["parts"].items() if part not in later}
         try:
             with _errors(self.url, "download"), ThreadPoolExecutor(UPLOAD_THREADS) as pool:
                 # all at once: a fresh reader's open waits for one round of requests, not one per part
-                list(pool.map(lambda item: self._download_part(tmp, *item), self.head["parts"].items()))
+                list(pool.map(lambda item: self._download_part(tmp / item[0], *item), parts.items()))
             (tmp / "index").mkdir(exist_ok=True)
             os.rename(tmp, dest)
-            self._checked = dict(self.head["parts"])
+            self._checked = parts
         except FileExistsError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process downloaded it first
         except BaseException:
@@ -335,10 +341,27 @@ class RemoteSource:
             raise
         return dest
 
-    def _download_part(self, tmp: Path, part: str, digest: str) -> None:
-        """One small part into ``tmp`` (a folder ``local_copy`` removes if anything fails), checked against
-        the digest HEAD records for it."""
-        target = tmp / part
+    def fetch_part(self, local: Path, part: str) -> str | None:
+        """A part ``local_copy`` left for later (HEAD's ``deferred``) into the local copy at ``local``;
+        returns its checked digest (None: it was there already, downloaded by an earlier open)."""
+        target = local / part
+        if target.exists():
+            return None
+        digest = self.head["parts"].get(part)
+        if digest is None:
+            raise CorruptStoreError(f"{self.url}: version {self.head['version']} has no part {part}")
+        tmp = target.with_name(f".{target.name}.download-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with _errors(self.url, "download"):
+                self._download_part(tmp, part, digest)
+            os.replace(tmp, target)  # complete or absent: other processes share the copy
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest
+
+    def _download_part(self, target: Path, part: str, digest: str) -> None:
+        """One small part into ``target`` (which the caller removes if anything fails), checked against the
+        digest HEAD records for it."""
         target.parent.mkdir(parents=True, exist_ok=True)
         got = _hasher()
         with open(target, "wb") as out:

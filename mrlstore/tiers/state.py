@@ -19,7 +19,7 @@ from mrlstore._rwlock import RWLock
 from mrlstore.errors import CorruptStoreError, StoreClosedError
 from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.catalog import Catalog
-from mrlstore.tiers.indexes import IndexSet
+from mrlstore.tiers.indexes import IndexSet, default_first_stage
 from mrlstore.tiers.layout import remove_stale_temporaries
 from mrlstore.tiers.params import StoreParams
 from mrlstore.tiers.projection import Projection
@@ -92,11 +92,12 @@ def open_state(
     open_bands: Callable[[StoreParams], VectorTier],
     version: int = 0,
     checked: Mapping[str, str] = {},
+    fetch: Callable[[str], str | None] | None = None,
 ) -> StoreState:
     """Open the tiers of the store at ``path`` whose committed state is ``catalog`` (the live catalog, or a
     reader's published version): check the requested creation parameters, check and clean the bands
-    (leftovers past the watermark cut by writers), load the snapshot and the prefix indexes (``checked``:
-    see IndexSet)."""
+    (leftovers past the watermark cut by writers), load the snapshot and the prefix indexes (``checked``,
+    ``fetch``: see IndexSet)."""
     manifest = catalog.manifest()
     params = StoreParams.from_manifest(manifest, path)
     params.check_requested(requested, path)
@@ -111,8 +112,9 @@ def open_state(
         else:
             clear_uncommitted(path, vectors, watermark)
         snap = load_snapshot(catalog.live_items(), watermark, version)
-        indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only, checked)
-        indexes.load(snap, vectors, catalog.tombstones(), projection_of(manifest, params))
+        indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only, checked, fetch)
+        projection = projection_of(manifest, params)
+        indexes.load(snap, vectors, catalog.tombstones(), projection, default_first_stage(manifest, params, projection))
         vectors.map_committed(watermark)  # CorruptStoreError if a file is missing or short
         vectors.prefault(0, watermark)
     except BaseException:

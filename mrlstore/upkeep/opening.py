@@ -65,9 +65,9 @@ def open_tiers(versions: Versions, requested: dict[str, Any]) -> StoreState:
     catalog = None
     try:
         catalog = versions.open_catalog()
-        state = open_state(
-            versions.path, versions.read_only, requested, catalog, versions.open_bands, 0, versions.take_checked()
-        )
+        checked, fetch = versions.take_checked(), versions.fetcher()
+        path, read_only = versions.path, versions.read_only
+        state = open_state(path, read_only, requested, catalog, versions.open_bands, 0, checked, fetch)
         state.lock, state.location = lock, versions.location
         if not versions.read_only:
             versions.start_publishing(state)
@@ -102,8 +102,8 @@ def _open_again(state: StoreState, versions: Versions) -> StoreState:
     catalog = versions.open_catalog()
     try:
         version = state.snap.version + 1  # filters cached for the old snapshot stay unused
-        checked = versions.take_checked()
-        return open_state(versions.path, versions.read_only, {}, catalog, versions.open_bands, version, checked)
+        checked, fetch = versions.take_checked(), versions.fetcher()
+        return open_state(versions.path, versions.read_only, {}, catalog, versions.open_bands, version, checked, fetch)
     except BaseException:
         catalog.close()
         raise

@@ -331,6 +331,12 @@ class Versions:
         """Digests of the local copy's files downloaded and checked since the last call (see IndexSet)."""
         return {} if self.remote is None else self.remote.take_checked()
 
+    def fetcher(self) -> Callable[[str], str | None] | None:
+        """For a store on object storage, what downloads a part of the open version that its open left for
+        later (an index loaded on first use) into the local copy, returning its checked digest."""
+        remote, path = self.remote, self.path
+        return None if remote is None else lambda part: remote.fetch_part(path, part)
+
     def take_lock(self) -> HeldLock:
         """What keeps this handle's files consistent: nothing for a local copy of a remote version; for a
         reader, its registration (so a live writer publishes for it) and the newest version in ``head``, or a
