@@ -5,6 +5,7 @@ the deletions made meanwhile, and a file found damaged then is rebuilt from the 
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -131,3 +132,30 @@ def test_a_deferred_index_found_damaged_on_first_use_is_rebuilt(tmp_path, when):
         overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
         assert overlap >= 0.9, overlap  # a new graph over the same rows
         assert reader._state.indexes.by_dim[32].live_count == N
+
+
+def test_a_deferred_index_its_live_writer_saved_again_loads_without_a_rebuild(tmp_path):
+    """A reader beside a live writer reads the index files the writer keeps saving: a file saved after the
+    reader opened, with more rows than the reader's version, is used as it is (rows past the version stay
+    invisible) and the refresh that brings them adds nothing twice."""
+    path = tmp_path / "s.mrl"
+    vectors = _vectors(N + 200)
+    writer = _writer(path)
+    try:
+        writer.add_vectors(vectors[:N], ids=[str(i) for i in range(N)])
+        writer.checkpoint()
+        with mrlstore.open(path, read_only=True) as reader:
+            assert len(reader) == N and _loaded(reader)[("prefix", 32)] is False
+            writer.add_vectors(vectors[N:], ids=[str(i) for i in range(N, N + 200)])
+            writer.checkpoint()  # the 32-d file now holds rows the reader's version does not
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no rebuild
+                hits = reader.query(vectors[N + 5], k=5, dims=[32, DIM], shortlist=20)
+                assert str(N + 5) not in hits.ids and all(int(i) < N for i in hits.ids)
+                assert _loaded(reader)[("prefix", 32)] is True
+                writer.close()  # publishes for the reader
+                assert reader.refresh() is True
+                assert reader.query(vectors[N + 5], k=5, dims=[32, DIM], shortlist=20).ids[0] == str(N + 5)
+            assert reader._state.indexes.by_dim[32].live_count == N + 200
+    finally:
+        writer.close()

@@ -458,3 +458,25 @@ def test_indexes_a_default_query_does_not_search_download_on_first_use(tmp_path,
             got = [h.ids for h in remote.query(vectors[:3], k=5, dims=[32, DIM])]
         same = [len(set(a) & set(b)) for a, b in zip(got, want[str([32, DIM])])]
         assert sum(same) >= 12, same  # a new graph over the same rows
+
+
+def test_a_deferred_index_of_a_version_newer_publishes_removed_is_rebuilt(tmp_path, options, bucket):
+    """Publishes keep the 3 newest versions: a reader still on an older one finds its deferred index gone
+    and builds it from the vectors (with a warning) instead of failing every query that needs it."""
+    url = f"s3://{bucket}/s.mrl"
+    vectors = np.random.default_rng(1).standard_normal((1500, DIM)).astype(np.float32)
+    store = mrlstore.open(tmp_path / "local.mrl", dim=DIM, bands=(16, 64, DIM), index_dims=[16, 32])
+    try:
+        store.add_vectors(vectors, ids=[f"r{i}" for i in range(len(vectors))])
+        want = [h.ids for h in store.query(vectors[:3], k=5, dims=[32, DIM])]
+        store.publish(url, storage_options=options)
+        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+            for i in range(3):
+                store.add_vectors(vectors[:1] + i + 1, ids=[f"new{i}"])
+                store.publish(url, storage_options=options)  # version 1's folder goes with the third
+            with pytest.warns(UserWarning, match="not found.*rebuilding the index from the vectors"):
+                got = [h.ids for h in remote.query(vectors[:3], k=5, dims=[32, DIM])]
+            same = [len(set(a) & set(b)) for a, b in zip(got, want)]
+            assert sum(same) >= 12, same  # a new graph over the same rows
+    finally:
+        store.close()

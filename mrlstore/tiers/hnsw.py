@@ -25,7 +25,7 @@ import numpy as np
 from mrlstore._fsutil import atomic_write_bytes, publish_file
 from mrlstore._hugepages import huge_pages_for_new_regions
 from mrlstore._rwlock import RWLock
-from mrlstore.errors import CorruptStoreError
+from mrlstore.errors import CorruptStoreError, StoreNotFoundError
 from mrlstore.tiers.hnsw_file import HnswFileError, check_file, read_state
 
 INDEX_FORMAT = 1
@@ -52,12 +52,11 @@ class _NeedsWriteLock(Exception):
 
 @dataclass
 class _Deferred:
-    """What a deferred index needs to load: its file and sidecar, the file's digest when already checked, how
-    to make the file local first (a download; returns its checked digest), how to build it from the vectors
-    when the file turns out damaged, and rows deleted meanwhile."""
+    """What loading a saved index needs: where it is saved, the file's digest when already checked, how to
+    make the file local first (a download; returns its checked digest), how to build the index from the
+    vectors instead when the file turns out damaged or gone (a deferred index), and rows deleted meanwhile."""
 
-    path: Path
-    side: dict[str, Any]
+    base: Path
     checked_digest: str | None
     fetch: Callable[[], str | None] | None
     rebuild: Callable[[], PrefixIndex] | None = None
@@ -158,31 +157,37 @@ class PrefixIndex:
         """The index saved at ``base``; IndexUnusable when it is missing, damaged or built otherwise.
         ``checked_digest``: the file's digest as checked since it was written (a download): not read again.
         ``fetch``: makes the file local first (a download), returning its checked digest. ``rebuild``: defer
-        the graph to first use (only the sidecar is read now); a file then found damaged is replaced by the
-        index ``rebuild()`` builds from the vectors."""
-        data_path, side_path = cls.paths(base)
+        the graph to first use (only the sidecar is read now); a file then found damaged or gone is replaced
+        by the index ``rebuild()`` builds from the vectors."""
+        self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation, fit_id=fit_id)
+        pending = _Deferred(base, checked_digest, fetch, rebuild)
+        if rebuild is None:
+            self._fill(pending)
+            return self
+        side = self._sidecar(base, local=fetch is None)
+        self.covered_rows, self._deleted = int(side["covered_rows"]), int(side["deleted_count"])
+        self._deferred = pending
+        return self
+
+    def _sidecar(self, base: Path, local: bool = True) -> dict[str, Any]:
+        """The sidecar saved at ``base``, checked against this index's parameters (and, when ``local``, the
+        file's size); IndexUnusable otherwise."""
+        data_path, side_path = self.paths(base)
         try:
             side = json.loads(side_path.read_text())
         except (OSError, ValueError) as e:
             raise IndexUnusable(f"no usable index at {data_path}: {e}") from None
-        expected = {"format": INDEX_FORMAT, "dim": dim, "metric": metric, "M": M, "ef_construction": ef_construction}
+        expected = {"format": INDEX_FORMAT, "dim": self.dim, "metric": self.metric, "M": self.M,
+                    "ef_construction": self.ef_construction}  # fmt: skip
         if any(side.get(k) != v for k, v in expected.items()):
             raise IndexUnusable(f"{side_path} was written with other parameters")
-        if side.get("generation", 0) != generation:  # older sidecars: generation 0, before any compaction
+        if side.get("generation", 0) != self.generation:  # older sidecars: generation 0, before any compaction
             raise IndexUnusable(f"{side_path} was built for another row numbering (before a compaction)")
-        if side.get("fit_id") != fit_id:
+        if side.get("fit_id") != self.fit_id:
             raise IndexUnusable(f"{side_path} holds codes of another fit")
-        if fetch is None and not _has_size(data_path, side.get("bytes")):
-            raise IndexUnusable(f"{data_path} is missing or not the size its sidecar records")
-        self = cls(dim, metric, M, ef_construction, capacity=None, generation=generation, fit_id=fit_id)
-        self.covered_rows = int(side["covered_rows"])
-        self._deleted = int(side["deleted_count"])
-        pending = _Deferred(data_path, side, checked_digest, fetch, rebuild)
-        if rebuild is not None:
-            self._deferred = pending
-        else:
-            self._fill(pending)
-        return self
+        if local and not _has_size(data_path, side.get("bytes")):
+            raise IndexUnusable(f"{data_path} is missing or does not match its checksum (truncated or replaced)")
+        return side
 
     @property
     def loaded(self) -> bool:
@@ -199,7 +204,8 @@ class PrefixIndex:
                 return
             try:
                 self._fill(pending)
-            except (IndexUnusable, CorruptStoreError) as e:
+            except (IndexUnusable, CorruptStoreError, StoreNotFoundError) as e:
+                # damaged since the open, or gone (a version on object storage that newer publishes removed)
                 assert pending.rebuild is not None
                 warnings.warn(f"{e}; rebuilding the index from the vectors", stacklevel=3)
                 built = pending.rebuild()
@@ -209,11 +215,12 @@ class PrefixIndex:
             self._deferred = None  # last: a search that sees no deferral finds the deletions applied
 
     def _fill(self, pending: _Deferred) -> None:
-        """The saved graph into memory, checked against its sidecar (IndexUnusable when it does not match)."""
-        side, data_path = pending.side, pending.path
-        checked = pending.fetch() if pending.fetch is not None else None
-        checked = checked or pending.checked_digest
-        if not _has_size(data_path, side.get("bytes")) or side.get("blake2b") != (checked or _digest(data_path)):
+        """The saved graph into memory, checked against its sidecar (IndexUnusable when it does not match).
+        The sidecar is read now: a live writer may have saved the index again since a reader opened."""
+        checked = (pending.fetch() if pending.fetch is not None else None) or pending.checked_digest
+        side = self._sidecar(pending.base)
+        data_path = self.paths(pending.base)[0]
+        if side.get("blake2b") != (checked or _digest(data_path)):
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
         try:
             state = read_state(data_path, _SPACES[self.metric], self.dim, _grown(int(side["element_count"])))
@@ -226,6 +233,7 @@ class PrefixIndex:
         if index.element_count != side["element_count"] or index.dim != self.dim:
             raise IndexUnusable(f"{data_path} holds {index.element_count} elements, sidecar says otherwise")
         self._index = index
+        self.covered_rows, self._deleted = int(side["covered_rows"]), int(side["deleted_count"])
 
     # -- updates -----------------------------------------------------------------------------------
     def add(
