@@ -14,6 +14,10 @@ large index files is far slower here than their bytes: the small parts' download
 moto also shares this machine's cores with the reader: each open reports the CPU seconds both used in it.
 A reader loads at open only the index a default query searches first; one more open then times the first
 query on each index HEAD defers (its download and load) and the reader's anonymous memory before and after.
+Last, that reader refreshes after the store gains ``--add`` rows and is published again: the refresh's time
+and the bytes its cache grew by (near chunks are kept by object key and linked into each version's copy).
+
+    python benchmarks/remote_open.py STORE --opens 0        # only the first-use queries and the refresh
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def main() -> None:
     ap.add_argument("store", type=Path, nargs="?")
     ap.add_argument("--opens", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="cProfile the last open (its main thread)")
+    ap.add_argument("--add", type=int, default=1000, help="rows added before the refresh")
     ap.add_argument("--against", type=Path, help="a checkout whose code opens in turn with this one's")
     ap.add_argument("--one-open", help=argparse.SUPPRESS)  # a child of --against: URL and options as JSON
     args = ap.parse_args()
@@ -69,42 +74,48 @@ def main() -> None:
             )
             if args.against:
                 return alternate(url, options, Path(tmp), args.opens, args.against)
-            times, reader_cpu, server_cpu = [], [], []
-            for i in range(args.opens):
-                cache = Path(tmp) / f"cache{i}"
-                profile = cProfile.Profile() if args.profile and i == args.opens - 1 else None
-                t0, cpu0, moto0 = time.perf_counter(), time.process_time(), cpu_seconds(proc.pid)
-                with profile or contextlib.nullcontext():
-                    opened = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache)
-                with opened:
-                    times.append(time.perf_counter() - t0)
-                    reader_cpu.append(time.process_time() - cpu0)
-                    server_cpu.append(cpu_seconds(proc.pid) - moto0)
-                    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
-                shutil.rmtree(cache, ignore_errors=True)
-            if profile is not None:
-                pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
-            spread = [round(t, 3) for t in times]
-            print(f"fresh open: median {statistics.median(times):.3f} s of {spread}; {size / 2**20:.1f} MiB cached")
-            print(
-                f"CPU seconds in an open, median: the reader's {statistics.median(reader_cpu):.2f}, the moto "
-                f"server's {statistics.median(server_cpu):.2f} (this machine has {os.cpu_count()} cores)"
-            )
-            downloads = []  # the small parts alone, as a fresh open fetches them first
-            for i in range(args.opens):
-                cache = Path(tmp) / f"parts{i}"
-                t0 = time.perf_counter()
-                source = RemoteSource(url, options)
-                source.local_copy(cache)
-                downloads.append(time.perf_counter() - t0)
-                source.close()
-                shutil.rmtree(cache, ignore_errors=True)
-            spread = [round(t, 3) for t in downloads]
-            print(f"of which the small parts' download: median {statistics.median(downloads):.3f} s of {spread}")
-            first_use(url, options, Path(tmp) / "first-use", head)
+            if args.opens:
+                time_opens(url, options, Path(tmp), args.opens, args.profile, proc.pid)
+            first_use(url, options, Path(tmp) / "first-use", head, copy, args.add)
     finally:
         proc.terminate()
         proc.wait()
+
+
+def time_opens(url: str, options: dict, tmp: Path, opens: int, profiled: bool, moto_pid: int) -> None:
+    """``opens`` fresh opens, then the small parts' download alone as often."""
+    times, reader_cpu, server_cpu = [], [], []
+    for i in range(opens):
+        cache = tmp / f"cache{i}"
+        profile = cProfile.Profile() if profiled and i == opens - 1 else None
+        t0, cpu0, moto0 = time.perf_counter(), time.process_time(), cpu_seconds(moto_pid)
+        with profile or contextlib.nullcontext():
+            opened = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache)
+        with opened:
+            times.append(time.perf_counter() - t0)
+            reader_cpu.append(time.process_time() - cpu0)
+            server_cpu.append(cpu_seconds(moto_pid) - moto0)
+            size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+        shutil.rmtree(cache, ignore_errors=True)
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
+    spread = [round(t, 3) for t in times]
+    print(f"fresh open: median {statistics.median(times):.3f} s of {spread}; {size / 2**20:.1f} MiB cached")
+    print(
+        f"CPU seconds in an open, median: the reader's {statistics.median(reader_cpu):.2f}, the moto "
+        f"server's {statistics.median(server_cpu):.2f} (this machine has {os.cpu_count()} cores)"
+    )
+    downloads = []  # the small parts alone, as a fresh open fetches them first
+    for i in range(opens):
+        cache = tmp / f"parts{i}"
+        t0 = time.perf_counter()
+        source = RemoteSource(url, options)
+        source.local_copy(cache)
+        downloads.append(time.perf_counter() - t0)
+        source.close()
+        shutil.rmtree(cache, ignore_errors=True)
+    spread = [round(t, 3) for t in downloads]
+    print(f"of which the small parts' download: median {statistics.median(downloads):.3f} s of {spread}")
 
 
 def alternate(url: str, options: dict, tmp: Path, opens: int, against: Path) -> None:
@@ -139,9 +150,10 @@ def one_open(url: str, options: dict, cache: str) -> None:
     print(json.dumps({"open_s": took, "cpu_s": cpu, "anon_mib": anon}))
 
 
-def first_use(url: str, options: dict, cache: Path, head: dict) -> None:
+def first_use(url: str, options: dict, cache: Path, head: dict, copy: Path, add: int) -> None:
     """A fresh open, then its first default query and its first query on each deferred index, timed, with the
-    reader's anonymous memory (the deferred indexes' graphs load into it)."""
+    reader's anonymous memory (the deferred indexes' graphs load into it); then its refresh after ``copy``
+    gained ``add`` rows and was published again."""
     anon0 = rss_anon_mib()
     with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as reader:
         anon = rss_anon_mib()
@@ -159,6 +171,26 @@ def first_use(url: str, options: dict, cache: Path, head: dict) -> None:
             took = time.perf_counter() - t0
             print(f"first query dims={dims} on {part} (its download and load): {took:.2f} s; anonymous memory "
                   f"now {rss_anon_mib() - anon0:.0f} MiB")  # fmt: skip
+        with mrlstore.open(copy) as local:
+            rows = np.random.default_rng(1).standard_normal((add, local.dim)).astype(np.float32)
+            local.add_vectors(rows, ids=[f"remote-open-{i}" for i in range(add)])
+            local.publish(url, storage_options=options)
+        before = disk_bytes(cache)
+        t0 = time.perf_counter()
+        reader.refresh()
+        took = time.perf_counter() - t0
+        grown = (disk_bytes(cache) - before) / 2**20
+        print(f"refresh after {add:,} rows were added and published: {took:.2f} s; the cache grew by {grown:.1f} MiB")
+
+
+def disk_bytes(folder: Path) -> int:
+    """The bytes the files under ``folder`` occupy, a file with several hard links once."""
+    seen: dict[int, int] = {}
+    for f in folder.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            seen[st.st_ino] = st.st_blocks * 512
+    return sum(seen.values())
 
 
 def cpu_seconds(pid: int) -> float:

@@ -480,3 +480,61 @@ def test_a_deferred_index_of_a_version_newer_publishes_removed_is_rebuilt(tmp_pa
             assert sum(same) >= 12, same  # a new graph over the same rows
     finally:
         store.close()
+
+
+def _copies(cache: Path) -> dict[str, Path]:
+    return {p.name: p for p in cache.glob("*/g*-v*")}
+
+
+def test_a_refreshed_reader_downloads_only_the_near_chunks_that_changed(tmp_path, options, bucket):
+    """Near chunks are kept by object key and linked into each version's copy: a full chunk comes once."""
+    url, cache = f"s3://{bucket}/s.mrl", tmp_path / "c"
+    store, vectors = _local_store(tmp_path / "local.mrl", 3000)
+    try:
+        store.publish(url, storage_options=options)
+        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
+            store.add_vectors(vectors[:100] + 1, ids=[f"n{i}" for i in range(100)])
+            store.publish(url, storage_options=options)
+            assert remote.refresh() is True and len(remote) == 3100
+            assert remote.query(vectors[5] + 1, k=1, dims=[16, 64]).ids == ["n5"]
+        v1, v2 = (_copies(cache)[name] for name in ("g0-v1", "g0-v2"))
+        band = "vectors/band_00000_00016/c"
+        full, grown = f"{band}/0/0", f"{band}/2/0"  # 1024-row chunks: the third one filled up (952 rows, then 1024)
+        assert (v1 / full).stat().st_ino == (v2 / full).stat().st_ino, "a full chunk is downloaded once"
+        assert (v1 / grown).stat().st_ino != (v2 / grown).stat().st_ino
+    finally:
+        store.close()
+
+
+def test_old_version_copies_and_abandoned_downloads_leave_the_cache(tmp_path, options, bucket):
+    url, cache = f"s3://{bucket}/s.mrl", tmp_path / "c"
+    store, vectors = _local_store(tmp_path / "local.mrl", 2100)
+    try:
+        store.publish(url, storage_options=options)
+        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
+            for i in range(4):
+                store.add_vectors(vectors[:1] + i + 1, ids=[f"n{i}"])
+                store.publish(url, storage_options=options)
+                remote.refresh()
+            assert sorted(_copies(cache)) == [f"g0-v{v}" for v in range(1, 6)], "none idle for an hour yet"
+            (root,) = {p.parent for p in _copies(cache).values()}
+            abandoned, fresh = root / ".download-dead", root / ".download-live"
+            abandoned.mkdir()
+            fresh.mkdir()
+            stale_chunks = [p for p in (root / "chunks").rglob("*") if p.is_file() and p.stat().st_nlink == 2]
+            hour_ago = time.time() - 2 * 3600
+            for old in [*(_copies(cache)[f"g0-v{v}"] for v in (1, 2, 3)), abandoned, *stale_chunks]:
+                os.utime(old, (hour_ago, hour_ago))
+            store.add_vectors(vectors[:1] + 9, ids=["n9"])
+            store.publish(url, storage_options=options)
+            assert remote.refresh() is True  # the newest copy is the one open: the oldest idle ones go
+            assert remote.query(vectors[0] + 9, k=1, dims=[16, 64]).ids == ["n9"]
+        # before v6 came: v1 and v2 were beyond the 3 newest and idle; v3 idle but among them
+        assert sorted(_copies(cache)) == ["g0-v3", "g0-v4", "g0-v5", "g0-v6"]
+        assert not abandoned.exists() and fresh.exists()
+        assert [c for c in stale_chunks if not c.exists()], "v1's last chunk (52 rows) went with v1"
+        for chunk in (root / "chunks").rglob("*"):
+            if chunk.is_file():  # linked into a copy, or recent
+                assert chunk.stat().st_nlink > 1 or time.time() - chunk.stat().st_mtime < 3600
+    finally:
+        store.close()

@@ -1,7 +1,8 @@
 """Stores on object storage (S3 and compatible), through pyarrow's S3 filesystem: ``store.publish(url)``
 uploads a consistent version; ``mrlstore.open(url, read_only=True)`` downloads the small parts (catalog,
-prefix indexes, array metadata) once into a local cache and reads the vector bands lazily, with ranged
-requests for the shortlisted rows only. The only module that talks to object storage.
+array metadata, the prefix index a default query searches first; the others on first use) once into a
+local cache, downloads the near bands (kept by chunk key across versions) and reads the wider bands lazily,
+with ranged requests for the shortlisted rows only. The only module that talks to object storage.
 
 Layout under the store's URL (storage/FORMAT.md):
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -47,6 +49,10 @@ from mrlstore.tiers.state import StoreState
 
 FORMAT = 1
 KEEP_VERSIONS = 3  # older versions' catalogs and indexes are deleted, with chunks no kept version uses
+# A reader's cache: beside each version's copy, the near chunks downloaded so far (by key, linked into the
+# copies); copies beyond the KEEP_VERSIONS newest and leftovers go once untouched this long.
+CHUNKS_DIR = "chunks"
+STALE_COPY_S = 3600.0
 # Rows at most this many bytes apart share one ranged request (0: adjacent rows only, nothing read that a
 # query does not need). Requests, not bytes, dominate S3's cost and latency: raise it to trade bytes for them.
 COALESCE_BYTES = int(os.environ.get("MRLSTORE_COALESCE_BYTES", "0"))
@@ -301,6 +307,7 @@ class RemoteSource:
         self._files: dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(FETCH_THREADS)
         self._checked: dict[str, str] = {}  # digests by part, of those local_copy downloaded and checked
+        self.cache_root: Path | None = None  # this URL's folder in the local cache (set by local_copy)
 
     def object_problems(self, key: str, size: int) -> list[str]:
         """A chunk object that is missing or holds fewer than ``size`` bytes."""
@@ -320,10 +327,12 @@ class RemoteSource:
             else Path(os.environ.get("MRLSTORE_CACHE", Path.home() / ".cache" / "mrlstore"))
         )
         name = hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest()
-        dest = base / name / f"g{self.head['generation']}-v{self.head['version']}"
+        self.cache_root = base / name
+        dest = self.cache_root / f"g{self.head['generation']}-v{self.head['version']}"
         if (dest / "catalog.duckdb").exists():
             return dest  # downloaded before: its index files are checked against their sidecars at load
         dest.parent.mkdir(parents=True, exist_ok=True)
+        _evict_old_copies(self.cache_root)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
         later = set(self.head.get("deferred", ()))  # indexes a default query does not search: on first use
         parts = {part: digest for part, digest in self.head["parts"].items() if part not in later}
@@ -340,6 +349,13 @@ class RemoteSource:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+    @property
+    def kept_chunks(self) -> Path:
+        """Where this URL's downloaded near chunks are kept, by object key: shared by the copies of every
+        version (a chunk object never changes), so a newer version downloads only the chunks that changed."""
+        assert self.cache_root is not None, "local_copy first"
+        return self.cache_root / CHUNKS_DIR
 
     def fetch_part(self, local: Path, part: str) -> str | None:
         """A part ``local_copy`` left for later (HEAD's ``deferred``) into the local copy at ``local``;
@@ -561,7 +577,8 @@ class RemoteBands(BandedVectors):
         # All at once (one round of requests), in the background: the open loads the HNSW indexes meanwhile,
         # and map_committed waits for them (a failed download fails the open).
         self._downloads = ThreadPoolExecutor(UPLOAD_THREADS)
-        self._pending = [self._downloads.submit(_download_chunk, source, *job) for job in downloads]
+        kept = source.kept_chunks
+        self._pending = [self._downloads.submit(_download_chunk, source, *job, kept) for job in downloads]
 
     def kernel_bands(self, rows_needed: int) -> list[tuple]:
         """The near bands' descriptions only: the native kernels run the stages within ``native_dims``."""
@@ -679,17 +696,67 @@ def _read_whole(fs: pafs.S3FileSystem, key: str, out: BinaryIO, digest: Any = No
         handle.close()
 
 
-def _download_chunk(source: RemoteSource, key: str, dest: Path, size: int, chunk_bytes: int) -> None:
-    """A chunk object into the cache as a full-size local chunk file (written under a temporary name)."""
+def _download_chunk(source: RemoteSource, key: str, dest: Path, size: int, chunk_bytes: int, kept: Path) -> None:
+    """A chunk object into the cache as a full-size local chunk file at ``dest``: a hard link to the copy
+    kept under ``kept`` by its key, downloaded first when no earlier version's copy has it."""
     if dest.exists():
         return
+    copy = kept / key
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with _errors(source.url, f"download {key}"):
-        with open(tmp, "wb") as out:
+    link = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    for attempt in range(2):
+        if not copy.exists():
+            _download_kept(source, key, copy, size, chunk_bytes)
+        try:
+            os.link(copy, link)
+        except FileNotFoundError:
+            if attempt:
+                raise
+            continue  # another process evicted it meanwhile: download it again
+        except OSError:  # a filesystem without hard links: a copy
+            shutil.copyfile(copy, link)
+        break
+    os.replace(link, dest)
+
+
+def _download_kept(source: RemoteSource, key: str, copy: Path, size: int, chunk_bytes: int) -> None:
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with _errors(source.url, f"download {key}"), open(tmp, "wb") as out:
             copied = _read_whole(source.fs, f"{source.root}/{key}", out)
             out.truncate(chunk_bytes)
-    if copied != size:
+        if copied != size:
+            raise CorruptStoreError(f"{source.url}/{key} holds {copied} bytes, expected {size} (truncated)")
+        os.replace(tmp, copy)  # complete or absent: other processes share the kept chunks
+    finally:
         tmp.unlink(missing_ok=True)
-        raise CorruptStoreError(f"{source.url}/{key} holds {copied} bytes, expected {size} (truncated)")
-    os.replace(tmp, dest)
+
+
+def _evict_old_copies(root: Path, keep: int = KEEP_VERSIONS, idle_s: float = STALE_COPY_S) -> None:
+    """Version copies of one URL beyond the ``keep`` newest, untouched for ``idle_s`` seconds (readers of them
+    have moved on: a process that still has one open keeps its mapped files), the kept chunks no copy links
+    to any more, and what a killed download left, as old."""
+    now = time.time()
+
+    def idle(path: Path) -> bool:
+        try:
+            return now - path.stat().st_mtime > idle_s
+        except OSError:
+            return False
+
+    found = [(m, p) for p in root.iterdir() if (m := re.fullmatch(r"g(\d+)-v(\d+)", p.name))]
+    copies = sorted(found, key=lambda item: (int(item[0][1]), int(item[0][2])))
+    for _, old in copies[: max(0, len(copies) - keep)]:
+        if idle(old):
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in [*root.glob(".download-*"), *root.rglob(".*.tmp-*"), *root.rglob(".*.download-*")]:
+        if not idle(leftover):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    for chunk in (root / CHUNKS_DIR).rglob("*"):
+        if chunk.is_file() and chunk.stat().st_nlink == 1 and idle(chunk):
+            chunk.unlink(missing_ok=True)
