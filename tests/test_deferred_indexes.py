@@ -132,6 +132,7 @@ def test_a_deferred_index_found_damaged_on_first_use_is_rebuilt(tmp_path, when):
         overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
         assert overlap >= 0.9, overlap  # a new graph over the same rows
         assert reader._state.indexes.by_dim[32].live_count == N
+        assert reader.index_status == {16: "loaded", 32: "rebuilt"}
 
 
 def test_a_deferred_index_its_live_writer_saved_again_loads_without_a_rebuild(tmp_path):

@@ -139,7 +139,7 @@ class IndexSet:
         base = self._base(family, d)
         part = PrefixIndex.paths(base)[0].relative_to(self.path).as_posix()
         fetch, defer = self._fetcher(part), self.read_only and self.first_stage not in (None, (family, d))
-        rebuild = (lambda: self._built(d, fit)) if defer else None
+        rebuild = (lambda: self._built(family, d, fit)) if defer else None
         try:
             checked = self.checked.get(part)
             index = PrefixIndex.load(base, d, space, m, ef, self.generation, fit_id, checked, fetch, rebuild)
@@ -150,8 +150,10 @@ class IndexSet:
         except IndexUnusable:
             return PrefixIndex(d, space, m, ef, watermark + 1024, self.generation, fit_id), "rebuilt"
 
-    def _built(self, d: int, fit: Projection | None) -> PrefixIndex:
-        """A new index over every live row of the newest snapshot (a deferred file found damaged)."""
+    def _built(self, family: str, d: int, fit: Projection | None) -> PrefixIndex:
+        """A new index over every live row of the newest snapshot (a deferred file found damaged or gone)."""
+        if family == RAW:
+            self.status[d] = "rebuilt"
         assert self._latest is not None
         snap, vectors = self._latest
         p = self.params
