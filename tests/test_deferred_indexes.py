@@ -43,23 +43,25 @@ SHAPES = [None, [16, DIM], [32, DIM]]
 
 @pytest.mark.parametrize(
     "kind, n",
-    [("untuned", N), ("tuned raw", 20 * N), ("tuned", 20 * N), ("tuned rotated", 20 * N), ("tuned exact", N)],
+    [("untuned", N), ("tuned raw", 20 * N), ("tuned", 20 * N), ("tuned rotated", 20 * N), ("tuned small", N)],
 )
 def test_a_reader_loads_the_default_querys_index_at_open_and_the_others_on_first_use(tmp_path, kind, n):
-    """Whatever the planner chose (``tune`` on 1,500 rows picks an exact scan: no index at open)."""
+    """Whatever the planner chose. ``tune`` picks the fastest shape it measures, so its choice may vary with
+    the machine's load: on 1,500 rows it is usually an exact scan (no index at open), on 30,000 an index."""
     path, rotated = tmp_path / "s.mrl", kind == "tuned rotated"
     queries = _vectors(10, sample=1, rotated=rotated)
     with _writer(path, **({"prefixes": "raw"} if kind == "tuned raw" else {})) as writer:
         writer.add_vectors(_vectors(n, rotated=rotated), ids=[str(i) for i in range(n)])
         if kind != "untuned":
             writer.tune(recall=0.9, k=10, sample=100)
-            assert (writer.info().prefixes == "raw") == (kind == "tuned raw")
-            assert (writer.info().tuned["dims"] == [DIM]) == (kind == "tuned exact")
+            if kind == "tuned raw":
+                assert writer.info().prefixes == "raw"  # created so: tune fits no codes
+        first = (writer.info().tuned or {"dims": INDEX_DIMS})["dims"][0]  # the default query's first prefix
         want = {str(dims): _ids(writer.query(queries, k=10, dims=dims)) for dims in SHAPES}
         assert all(_loaded(writer).values()), "a writer keeps every index in memory"
     with mrlstore.open(path, read_only=True) as reader:
         at_open = _loaded(reader)
-        assert list(at_open.values()).count(True) == (kind != "tuned exact") and len(at_open) >= 2, at_open
+        assert list(at_open.values()).count(True) == (first < DIM) and len(at_open) >= 2, at_open
         assert _ids(reader.query(queries, k=10)) == want["None"]
         assert _loaded(reader) == at_open, "the index loaded at open is the one the planner chose"
         for dims in SHAPES[1:]:
