@@ -4,6 +4,7 @@ bad cases: missing bucket, wrong credentials, endpoint down, a publish killed pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -53,12 +54,26 @@ def bucket(options):
     return _bucket(options, f"b{next(_counter)}-{os.getpid()}")
 
 
-def _local_store(path: Path, n: int, seed: int = 0) -> tuple[mrlstore.Store, np.ndarray]:
+def _local_store(path: Path, n: int, seed: int = 0, index_dims=(16,)) -> tuple[mrlstore.Store, np.ndarray]:
     vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-    store = mrlstore.open(path, dim=DIM, bands=(16, 64, DIM), index_dims=[16], chunk_rows=1024)
+    store = mrlstore.open(path, dim=DIM, bands=(16, 64, DIM), index_dims=index_dims, chunk_rows=1024)
     meta = [{"group": i % 4} for i in range(n)]
     store.add_vectors(vectors, ids=[f"r{i}" for i in range(n)], metadata=meta)
     return store, vectors
+
+
+@contextlib.contextmanager
+def _published_and_read(tmp_path, options, bucket, n: int, **store_options):
+    """A local store of ``n`` rows published to ``bucket``, and a reader of it caching in ``tmp_path/"c"``:
+    (store, its vectors, reader); the store stays open through the block, to publish again."""
+    store, vectors = _local_store(tmp_path / "local.mrl", n, **store_options)
+    try:
+        url = f"s3://{bucket}/s.mrl"
+        store.publish(url, storage_options=options)
+        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+            yield store, vectors, remote
+    finally:
+        store.close()
 
 
 def test_a_published_store_answers_like_the_local_one_reading_only_what_queries_need(tmp_path, options, bucket):
@@ -463,23 +478,15 @@ def test_indexes_a_default_query_does_not_search_download_on_first_use(tmp_path,
 def test_a_deferred_index_of_a_version_newer_publishes_removed_is_rebuilt(tmp_path, options, bucket):
     """Publishes keep the 3 newest versions: a reader still on an older one finds its deferred index gone
     and builds it from the vectors (with a warning) instead of failing every query that needs it."""
-    url = f"s3://{bucket}/s.mrl"
-    vectors = np.random.default_rng(1).standard_normal((1500, DIM)).astype(np.float32)
-    store = mrlstore.open(tmp_path / "local.mrl", dim=DIM, bands=(16, 64, DIM), index_dims=[16, 32])
-    try:
-        store.add_vectors(vectors, ids=[f"r{i}" for i in range(len(vectors))])
+    with _published_and_read(tmp_path, options, bucket, 1500, seed=1, index_dims=(16, 32)) as (store, vectors, remote):
         want = [h.ids for h in store.query(vectors[:3], k=5, dims=[32, DIM])]
-        store.publish(url, storage_options=options)
-        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
-            for i in range(3):
-                store.add_vectors(vectors[:1] + i + 1, ids=[f"new{i}"])
-                store.publish(url, storage_options=options)  # version 1's folder goes with the third
-            with pytest.warns(UserWarning, match="not found.*rebuilding the index from the vectors"):
-                got = [h.ids for h in remote.query(vectors[:3], k=5, dims=[32, DIM])]
-            same = [len(set(a) & set(b)) for a, b in zip(got, want)]
-            assert sum(same) >= 12, same  # a new graph over the same rows
-    finally:
-        store.close()
+        for i in range(3):
+            store.add_vectors(vectors[:1] + i + 1, ids=[f"new{i}"])
+            store.publish(f"s3://{bucket}/s.mrl", storage_options=options)  # version 1's folder goes with the third
+        with pytest.warns(UserWarning, match="not found.*rebuilding the index from the vectors"):
+            got = [h.ids for h in remote.query(vectors[:3], k=5, dims=[32, DIM])]
+        same = [len(set(a) & set(b)) for a, b in zip(got, want)]
+        assert sum(same) >= 12, same  # a new graph over the same rows
 
 
 def _copies(cache: Path) -> dict[str, Path]:
@@ -488,53 +495,57 @@ def _copies(cache: Path) -> dict[str, Path]:
 
 def test_a_refreshed_reader_downloads_only_the_near_chunks_that_changed(tmp_path, options, bucket):
     """Near chunks are kept by object key and linked into each version's copy: a full chunk comes once."""
-    url, cache = f"s3://{bucket}/s.mrl", tmp_path / "c"
-    store, vectors = _local_store(tmp_path / "local.mrl", 3000)
-    try:
-        store.publish(url, storage_options=options)
-        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
-            store.add_vectors(vectors[:100] + 1, ids=[f"n{i}" for i in range(100)])
-            store.publish(url, storage_options=options)
-            assert remote.refresh() is True and len(remote) == 3100
-            assert remote.query(vectors[5] + 1, k=1, dims=[16, 64]).ids == ["n5"]
-        v1, v2 = (_copies(cache)[name] for name in ("g0-v1", "g0-v2"))
-        band = "vectors/band_00000_00016/c"
-        full, grown = f"{band}/0/0", f"{band}/2/0"  # 1024-row chunks: the third one filled up (952 rows, then 1024)
-        assert (v1 / full).stat().st_ino == (v2 / full).stat().st_ino, "a full chunk is downloaded once"
-        assert (v1 / grown).stat().st_ino != (v2 / grown).stat().st_ino
-    finally:
-        store.close()
+    with _published_and_read(tmp_path, options, bucket, 3000) as (store, vectors, remote):
+        store.add_vectors(vectors[:100] + 1, ids=[f"n{i}" for i in range(100)])
+        store.publish(f"s3://{bucket}/s.mrl", storage_options=options)
+        assert remote.refresh() is True and len(remote) == 3100
+        assert remote.query(vectors[5] + 1, k=1, dims=[16, 64]).ids == ["n5"]
+    v1, v2 = (_copies(tmp_path / "c")[name] for name in ("g0-v1", "g0-v2"))
+    band = "vectors/band_00000_00016/c"
+    full, grown = f"{band}/0/0", f"{band}/2/0"  # 1024-row chunks: the third one filled up (952 rows, then 1024)
+    assert (v1 / full).stat().st_ino == (v2 / full).stat().st_ino, "a full chunk is downloaded once"
+    assert (v1 / grown).stat().st_ino != (v2 / grown).stat().st_ino
 
 
 def test_old_version_copies_and_abandoned_downloads_leave_the_cache(tmp_path, options, bucket):
     url, cache = f"s3://{bucket}/s.mrl", tmp_path / "c"
-    store, vectors = _local_store(tmp_path / "local.mrl", 2100)
-    try:
-        store.publish(url, storage_options=options)
-        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
-            for i in range(4):
-                store.add_vectors(vectors[:1] + i + 1, ids=[f"n{i}"])
-                store.publish(url, storage_options=options)
-                remote.refresh()
-            assert sorted(_copies(cache)) == [f"g0-v{v}" for v in range(1, 6)], "none idle for an hour yet"
-            (root,) = {p.parent for p in _copies(cache).values()}
-            abandoned, fresh = root / ".download-dead", root / ".download-live"
-            abandoned.mkdir()
-            fresh.mkdir()
-            stale_chunks = [p for p in (root / "chunks").rglob("*") if p.is_file() and p.stat().st_nlink == 2]
-            hour_ago = time.time() - 2 * 3600
-            for old in [*(_copies(cache)[f"g0-v{v}"] for v in (1, 2, 3)), abandoned, *stale_chunks]:
-                os.utime(old, (hour_ago, hour_ago))
-            store.add_vectors(vectors[:1] + 9, ids=["n9"])
+    with _published_and_read(tmp_path, options, bucket, 2100) as (store, vectors, remote):
+        for i in range(4):
+            store.add_vectors(vectors[:1] + i + 1, ids=[f"n{i}"])
             store.publish(url, storage_options=options)
-            assert remote.refresh() is True  # the newest copy is the one open: the oldest idle ones go
-            assert remote.query(vectors[0] + 9, k=1, dims=[16, 64]).ids == ["n9"]
-        # before v6 came: v1 and v2 were beyond the 3 newest and idle; v3 idle but among them
-        assert sorted(_copies(cache)) == ["g0-v3", "g0-v4", "g0-v5", "g0-v6"]
-        assert not abandoned.exists() and fresh.exists()
-        assert [c for c in stale_chunks if not c.exists()], "v1's last chunk (52 rows) went with v1"
-        for chunk in (root / "chunks").rglob("*"):
-            if chunk.is_file():  # linked into a copy, or recent
-                assert chunk.stat().st_nlink > 1 or time.time() - chunk.stat().st_mtime < 3600
-    finally:
-        store.close()
+            remote.refresh()
+        assert sorted(_copies(cache)) == [f"g0-v{v}" for v in range(1, 6)], "none idle for an hour yet"
+        (root,) = {p.parent for p in _copies(cache).values()}
+        abandoned, fresh = root / ".download-dead", root / ".download-live"
+        abandoned.mkdir()
+        fresh.mkdir()
+        stale_chunks = [p for p in (root / "chunks").rglob("*") if p.is_file() and p.stat().st_nlink == 2]
+        hour_ago = time.time() - 2 * 3600
+        for old in [*(_copies(cache)[f"g0-v{v}"] for v in (1, 2, 3)), abandoned, *stale_chunks]:
+            os.utime(old, (hour_ago, hour_ago))
+        store.add_vectors(vectors[:1] + 9, ids=["n9"])
+        store.publish(url, storage_options=options)
+        assert remote.refresh() is True  # the newest copy is the one open: the oldest idle ones go
+        assert remote.query(vectors[0] + 9, k=1, dims=[16, 64]).ids == ["n9"]
+    # before v6 came: v1 and v2 were beyond the 3 newest and idle; v3 idle but among them
+    assert sorted(_copies(cache)) == ["g0-v3", "g0-v4", "g0-v5", "g0-v6"]
+    assert not abandoned.exists() and fresh.exists()
+    assert [c for c in stale_chunks if not c.exists()], "v1's last chunk (52 rows) went with v1"
+    for chunk in (root / "chunks").rglob("*"):
+        if chunk.is_file():  # linked into a copy, or recent
+            assert chunk.stat().st_nlink > 1 or time.time() - chunk.stat().st_mtime < 3600
+
+
+def test_a_kept_chunk_is_copied_with_its_holes_where_hard_links_fail(tmp_path, monkeypatch):
+    kept, link = tmp_path / "kept", tmp_path / "link"
+    with open(kept, "wb") as f:
+        f.write(b"rows")
+        f.truncate(64 << 20)  # a full-size chunk file, mostly a hole
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(objectstore.os, "link", no_links)
+    objectstore._link(kept, link)
+    assert link.read_bytes() == kept.read_bytes() and link.stat().st_ino != kept.stat().st_ino
+    assert link.stat().st_blocks * 512 < 1 << 20, "the hole stays a hole"

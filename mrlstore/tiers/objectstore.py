@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow.fs as pafs
 
+from mrlstore._fsutil import copy_sparse
 from mrlstore.errors import (
     CorruptStoreError,
     InvalidInputError,
@@ -366,13 +367,8 @@ class RemoteSource:
         digest = self.head["parts"].get(part)
         if digest is None:
             raise CorruptStoreError(f"{self.url}: version {self.head['version']} has no part {part}")
-        tmp = target.with_name(f".{target.name}.download-{os.getpid()}-{threading.get_ident()}")
-        try:
-            with _errors(self.url, "download"):
-                self._download_part(tmp, part, digest)
-            os.replace(tmp, target)  # complete or absent: other processes share the copy
-        finally:
-            tmp.unlink(missing_ok=True)
+        with _errors(self.url, "download"), _complete_or_absent(target) as tmp:
+            self._download_part(tmp, part, digest)
         return digest
 
     def _download_part(self, target: Path, part: str, digest: str) -> None:
@@ -703,32 +699,41 @@ def _download_chunk(source: RemoteSource, key: str, dest: Path, size: int, chunk
         return
     copy = kept / key
     dest.parent.mkdir(parents=True, exist_ok=True)
-    link = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     for attempt in range(2):
         if not copy.exists():
-            _download_kept(source, key, copy, size, chunk_bytes)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            with _errors(source.url, f"download {key}"), _complete_or_absent(copy) as tmp, open(tmp, "wb") as out:
+                copied = _read_whole(source.fs, f"{source.root}/{key}", out)
+                out.truncate(chunk_bytes)
+                if copied != size:
+                    raise CorruptStoreError(f"{source.url}/{key} holds {copied} bytes, expected {size} (truncated)")
         try:
-            os.link(copy, link)
+            with _complete_or_absent(dest) as link:
+                _link(copy, link)
+            return
         except FileNotFoundError:
             if attempt:
-                raise
-            continue  # another process evicted it meanwhile: download it again
-        except OSError:  # a filesystem without hard links: a copy
-            shutil.copyfile(copy, link)
-        break
-    os.replace(link, dest)
+                raise  # another process evicted it meanwhile: downloaded again once
 
 
-def _download_kept(source: RemoteSource, key: str, copy: Path, size: int, chunk_bytes: int) -> None:
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = copy.with_name(f".{copy.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+def _link(copy: Path, link: Path) -> None:
     try:
-        with _errors(source.url, f"download {key}"), open(tmp, "wb") as out:
-            copied = _read_whole(source.fs, f"{source.root}/{key}", out)
-            out.truncate(chunk_bytes)
-        if copied != size:
-            raise CorruptStoreError(f"{source.url}/{key} holds {copied} bytes, expected {size} (truncated)")
-        os.replace(tmp, copy)  # complete or absent: other processes share the kept chunks
+        os.link(copy, link)
+    except FileNotFoundError:
+        raise
+    except OSError:  # a filesystem without hard links: a copy (the chunk files are mostly holes)
+        copy_sparse(copy, link)
+
+
+@contextmanager
+def _complete_or_absent(target: Path) -> Iterator[Path]:
+    """A temporary name beside ``target`` to write, renamed to ``target`` when the block ends (removed when
+    it raises): processes sharing the cache see a file whole or not at all. No fsync, as before: the cache
+    holds copies of objects, not commits."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -750,7 +755,7 @@ def _evict_old_copies(root: Path, keep: int = KEEP_VERSIONS, idle_s: float = STA
     for _, old in copies[: max(0, len(copies) - keep)]:
         if idle(old):
             shutil.rmtree(old, ignore_errors=True)
-    for leftover in [*root.glob(".download-*"), *root.rglob(".*.tmp-*"), *root.rglob(".*.download-*")]:
+    for leftover in [*root.glob(".download-*"), *root.rglob(".*.tmp-*")]:
         if not idle(leftover):
             continue
         if leftover.is_dir():
