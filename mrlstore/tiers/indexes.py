@@ -148,7 +148,13 @@ class IndexSet:
                 raise IndexUnusable(f"index covers {index.covered_rows} rows, catalog committed {watermark}")
             return index, "loaded" if index.covered_rows >= watermark else "extended"
         except IndexUnusable:
-            return PrefixIndex(d, space, m, ef, watermark + 1024, self.generation, fit_id), "rebuilt"
+            return self._empty(d, fit, watermark), "rebuilt"
+
+    def _empty(self, d: int, fit: Projection | None, rows: int) -> PrefixIndex:
+        """A new index over ``d``-prefixes (or ``fit``'s codes), with room for ``rows`` rows and some."""
+        p = self.params
+        space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
+        return PrefixIndex(d, space, p.m_for(d), p.ef_construction_for(d), rows + 1024, self.generation, fit_id)
 
     def _built(self, family: str, d: int, fit: Projection | None) -> PrefixIndex:
         """A new index over every live row of the newest snapshot (a deferred file found damaged or gone)."""
@@ -156,10 +162,7 @@ class IndexSet:
             self.status[d] = "rebuilt"
         assert self._latest is not None
         snap, vectors = self._latest
-        p = self.params
-        space, fit_id = (p.metric, None) if fit is None else (fit.space, fit.fit_id)
-        m, ef = p.m_for(d), p.ef_construction_for(d)
-        index = PrefixIndex(d, space, m, ef, snap.watermark + 1024, self.generation, fit_id)
+        index = self._empty(d, fit, snap.watermark)
         if fit is None:
             extend(index, snap, vectors)
         else:
@@ -182,12 +185,7 @@ class IndexSet:
         """New indexes over ``projection``'s codes of every live row of ``snap``, at the lengths it codes
         better than the raw prefixes (not installed: ``tune`` measures them first)."""
         p = self.params
-        by_dim = {}
-        for d in projection.codes_at(fitted_dims(p)):
-            by_dim[d] = PrefixIndex(
-                d, projection.space, p.m_for(d), p.ef_construction_for(d), snap.watermark + 1024, self.generation,
-                projection.fit_id,
-            )  # fmt: skip
+        by_dim = {d: self._empty(d, projection, snap.watermark) for d in projection.codes_at(fitted_dims(p))}
         extend_many(list(by_dim.values()), snap, vectors, projection)
         return FittedCodes(projection, by_dim)
 
