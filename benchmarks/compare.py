@@ -221,8 +221,11 @@ class PeakMemory:
 
 
 def du_mib(path: Path) -> float:
+    """MiB the files under ``path`` occupy on disk: blocks (chunk files are sparse), a hard-linked file once
+    (a reader's cache links its near chunks into each version's copy)."""
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return sum(f.stat().st_blocks * 512 for f in files) / 2**20
+    blocks = {st.st_ino: st.st_blocks for st in (f.stat() for f in files)}
+    return sum(blocks.values()) * 512 / 2**20
 
 
 def recall(found: list, truth: np.ndarray) -> float:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from compare import du_mib
 from tqdm import tqdm
 
 import mrlstore
@@ -154,8 +155,7 @@ def main() -> None:
             label = run_label(name, local_dims)
             results[f"{label}: open s"] = time.perf_counter() - t0
             results[f"{label}: local_dims"] = opened.get("local_dims")
-            disk = sum(f.stat().st_blocks * 512 for f in cache.rglob("*") if f.is_file())  # sparse files: blocks
-            results[f"{label}: cache MiB"] = disk / 2**20
+            results[f"{label}: cache MiB"] = du_mib(cache)
             results[f"{label}: cold"] = measure(remote, queries, dims)
             results[f"{label}: warm"] = measure(remote, queries, dims)
             print(label, results[f"{label}: cold"], results[f"{label}: warm"], flush=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import objectstore  # benchmarks/objectstore.py: the moto server
-from compare import rss_anon_mib
+from compare import du_mib, rss_anon_mib
 
 import mrlstore
 from mrlstore.tiers.objectstore import RemoteSource
@@ -95,12 +95,12 @@ def time_opens(url: str, options: dict, tmp: Path, opens: int, profiled: bool, m
             times.append(time.perf_counter() - t0)
             reader_cpu.append(time.process_time() - cpu0)
             server_cpu.append(cpu_seconds(moto_pid) - moto0)
-            size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+            cached = du_mib(cache)
         shutil.rmtree(cache, ignore_errors=True)
     if profile is not None:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
     spread = [round(t, 3) for t in times]
-    print(f"fresh open: median {statistics.median(times):.3f} s of {spread}; {size / 2**20:.1f} MiB cached")
+    print(f"fresh open: median {statistics.median(times):.3f} s of {spread}; {cached:.1f} MiB of cache on disk")
     print(
         f"CPU seconds in an open, median: the reader's {statistics.median(reader_cpu):.2f}, the moto "
         f"server's {statistics.median(server_cpu):.2f} (this machine has {os.cpu_count()} cores)"
@@ -175,22 +175,12 @@ def first_use(url: str, options: dict, cache: Path, head: dict, copy: Path, add:
             rows = np.random.default_rng(1).standard_normal((add, local.dim)).astype(np.float32)
             local.add_vectors(rows, ids=[f"remote-open-{i}" for i in range(add)])
             local.publish(url, storage_options=options)
-        before = disk_bytes(cache)
+        before = du_mib(cache)
         t0 = time.perf_counter()
         reader.refresh()
         took = time.perf_counter() - t0
-        grown = (disk_bytes(cache) - before) / 2**20
+        grown = du_mib(cache) - before
         print(f"refresh after {add:,} rows were added and published: {took:.2f} s; the cache grew by {grown:.1f} MiB")
-
-
-def disk_bytes(folder: Path) -> int:
-    """The bytes the files under ``folder`` occupy, a file with several hard links once."""
-    seen: dict[int, int] = {}
-    for f in folder.rglob("*"):
-        if f.is_file():
-            st = f.stat()
-            seen[st.st_ino] = st.st_blocks * 512
-    return sum(seen.values())
 
 
 def cpu_seconds(pid: int) -> float:
