@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -97,11 +98,15 @@ def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequ
 def query_batch(query: Any, need: int, dim: int, metric: str) -> tuple[np.ndarray, bool]:
     """Queries as float32 (m, need) and whether a single 1-D query was given."""
     if type(query) is np.ndarray and query.dtype == np.float32 and query.ndim == 1 and need <= len(query) <= dim:
-        # the common call, one float32 vector: the same checks in a few microseconds
-        if not np.isfinite(query).all():
-            raise NonFiniteError("query 0 contains NaN or inf")
-        if metric == "cosine" and not query[:need].any():
-            raise ZeroVectorError("query 0 is all zeros; cosine is undefined")
+        # the common call, one float32 vector: the same checks in one numpy call. A finite, positive sum of
+        # squares proves every value finite and the vector non-zero; otherwise (NaN, inf, an overflow or an
+        # underflow of the sum, a shorter prefix) the values are checked one by one
+        energy = float(np.dot(query, query))
+        if not (math.isfinite(energy) and energy > 0.0 and need == len(query)):
+            if not np.isfinite(query).all():
+                raise NonFiniteError("query 0 contains NaN or inf")
+            if metric == "cosine" and not query[:need].any():
+                raise ZeroVectorError("query 0 is all zeros; cosine is undefined")
         return query[None, :need], True
     arr = _numeric(query, "query")
     single = arr.ndim == 1

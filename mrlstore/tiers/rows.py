@@ -80,7 +80,7 @@ class RowTable:
         return table.take(pa.array(position, mask=~present))
 
     def take_ids(self, rows: np.ndarray) -> list[str]:
-        if self._base_ids is not None and len(rows) and rows.max() < self.base.num_rows:
+        if self._base_ids is not None and len(rows) and self._in_base(rows):
             ids = self._base_ids.take(rows)
             if ids is not None:
                 return ids
@@ -98,16 +98,24 @@ class RowTable:
 
     def records(self, rows: np.ndarray) -> list[dict[str, Any]]:
         """The metadata of ``rows`` as one dict per row: gathered column by column straight from the Arrow
-        buffers when every column allows it (strings, numbers and booleans without nulls; about 3 µs for
-        10 rows where Arrow's take and to_pylist cost about 20), else through Arrow."""
+        buffers when every column allows it (strings, numbers and booleans without nulls; 8 µs for 10 rows
+        and one string column where Arrow's take and to_pylist cost 22), else through Arrow."""
         if self._gathers is None:
             self._gathers = [(name, _gather_of(self.base.column(name))) for name in self.columns]
-        if len(rows) and rows.max() < self.base.num_rows and all(g is not None for _, g in self._gathers):
+        if len(rows) and self._in_base(rows) and all(g is not None for _, g in self._gathers):
             names = [name for name, _ in self._gathers]
             values = [g.take(rows) for _, g in self._gathers]
             if all(v is not None for v in values):
-                return [dict(zip(names, row)) for row in zip(*values)]
+                out: list[dict[str, Any]] = [{} for _ in rows]
+                for name, column in zip(names, values):  # column by column: a third of dict(zip(...)) per row
+                    for record, value in zip(out, column):
+                        record[name] = value
+                return out
         return records(self.take_metadata(rows), len(rows))
+
+    def _in_base(self, rows: np.ndarray) -> bool:
+        """Whether every row of ``rows`` (rows of this table) lies in the base."""
+        return self.tail is None or rows.max() < self.base.num_rows
 
     @staticmethod
     def _take(rows: np.ndarray, base: pa.Table, tail: pa.Table | None) -> pa.Table:
@@ -140,10 +148,11 @@ class HitRows:
 
 class _StringGather:
     """Strings of a single-chunk Arrow string column by row, read straight from its offsets and data
-    buffers: about 3 µs for 10 rows where Arrow's take and to_pylist cost about 10."""
+    buffers: about 4 µs for 10 rows where Arrow's take and to_pylist cost about 10."""
 
     def __init__(self, offsets: np.ndarray, data: memoryview, validity: np.ndarray | None, first: int):
-        self.offsets, self.data, self.validity, self.first = offsets, data, validity, first
+        self.data, self.validity, self.first = data, validity, first
+        self.starts: memoryview = offsets.data  # string i spans starts[i]:starts[i + 1]; indexed as Python ints
 
     @classmethod
     def of(cls, column: pa.ChunkedArray) -> _StringGather | None:
@@ -162,8 +171,8 @@ class _StringGather:
             at = rows + self.first
             if not ((self.validity[at >> 3] >> (at & 7)) & 1).all():
                 return None
-        data = self.data
-        return [str(data[a:b], "utf-8") for a, b in zip(self.offsets[rows].tolist(), self.offsets[rows + 1].tolist())]
+        data, starts = self.data, self.starts
+        return [str(data[starts[r] : starts[r + 1]], "utf-8") for r in rows.tolist()]
 
 
 class _NumberGather:

@@ -24,11 +24,11 @@ class Snapshot:
 
     def live_sorted(self, rows: np.ndarray) -> np.ndarray:
         """The rows of ``rows`` (1-D) a query may return, ascending."""
-        if self.n_live == self.watermark and len(rows) and 0 <= rows.min() and rows.max() < self.watermark:
-            return np.sort(rows)  # nothing deleted and every row committed: the usual query, in fewer calls
-        rows = rows[(rows >= 0) & (rows < self.watermark)]
-        rows = rows[self.live[rows]]
-        rows.sort()
+        rows = np.sort(rows)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.watermark):  # HNSW's -1 pads, rows past this version
+            rows = rows[(rows >= 0) & (rows < self.watermark)]
+        if self.n_live != self.watermark:  # some rows deleted
+            rows = rows[self.live[rows]]
         return rows
 
 
