@@ -413,6 +413,68 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* sum_squares, project: one query's checks and fitted codes in two calls (a numpy chain of them costs    */
+/* tens of microseconds once the CPU's caches went cold between queries)                                 */
+
+/* sum_squares(x) -> float: the sum of squares of float32 values, accumulated in double: finite exactly when
+ * every value is (no float32 squared overflows a double), positive exactly when one is non-zero (nor
+ * underflows one). */
+static PyObject *sum_squares(PyObject *self, PyObject *args) {
+    Py_buffer x;
+    if (!PyArg_ParseTuple(args, "y*", &x)) return NULL;
+    PyObject *result = NULL;
+    if (!PyBuffer_IsContiguous(&x, 'C') || x.len % 4) {
+        PyErr_SetString(PyExc_ValueError, "sum_squares needs a C-contiguous float32 buffer");
+    } else {
+        const float *v = (const float *)x.buf;
+        Py_ssize_t n = x.len / 4, i = 0;
+        double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (; i + 4 <= n; i += 4) {
+            s0 += (double)v[i] * v[i];
+            s1 += (double)v[i + 1] * v[i + 1];
+            s2 += (double)v[i + 2] * v[i + 2];
+            s3 += (double)v[i + 3] * v[i + 3];
+        }
+        for (; i < n; i++) s0 += (double)v[i] * v[i];
+        result = PyFloat_FromDouble((s0 + s1) + (s2 + s3));
+    }
+    PyBuffer_Release(&x);
+    return result;
+}
+
+/* project(x, rows, shift, scale, out): out[i] = scale * (rows[i] . x) - shift[i] for the k rows of a
+ * C-contiguous (k, n) float32 matrix; x holds n float32, shift and out k float32 each. */
+static PyObject *project(PyObject *self, PyObject *args) {
+    Py_buffer x, rows, shift, out;
+    double scale;
+    if (!PyArg_ParseTuple(args, "y*y*y*dw*", &x, &rows, &shift, &scale, &out)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = x.len / 4, k = shift.len / 4;
+    if (!PyBuffer_IsContiguous(&x, 'C') || !PyBuffer_IsContiguous(&rows, 'C') || !PyBuffer_IsContiguous(&shift, 'C') ||
+        !PyBuffer_IsContiguous(&out, 'C') || x.len % 4 || shift.len % 4 || n == 0 || rows.len != 4 * k * n ||
+        out.len != 4 * k || n > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "project: x (n float32), rows (k x n float32), shift and out (k float32)");
+    } else {
+        const float *xv = (const float *)x.buf, *m = (const float *)rows.buf, *sh = (const float *)shift.buf;
+        float *o = (float *)out.buf;
+        double d[4];
+        Py_ssize_t r = 0;
+        for (; r + 4 <= k; r += 4) {  /* the query is read once for four rows */
+            dot4_f32(xv, m + r * n, m + (r + 1) * n, m + (r + 2) * n, m + (r + 3) * n, (int)n, d);
+            for (int j = 0; j < 4; j++) o[r + j] = (float)(scale * d[j] - sh[r + j]);
+        }
+        for (; r < k; r++) o[r] = (float)(scale * dot_f32(m + r * n, xv, (int)n) - sh[r]);
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&shift);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* f16_to_f32                                                                                            */
 
 static PyObject *convert(PyObject *args, int allow_simd) {
@@ -453,6 +515,8 @@ static PyObject *set_simd(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"refine", refine, METH_VARARGS, "Every later funnel stage (accumulate, then keep the best) in one call."},
     {"scan", scan, METH_VARARGS, "Exact top-n over a row range or row list, for a batch of queries."},
+    {"sum_squares", sum_squares, METH_VARARGS, "Sum of squares of float32 values, in double."},
+    {"project", project, METH_VARARGS, "One query's codes: scale * (rows @ x) - shift, float32."},
     {"f16_to_f32", f16_to_f32, METH_VARARGS, "Widen float16 values (src buffer) into float32 (dst buffer)."},
     {"f16_to_f32_portable", f16_to_f32_portable, METH_VARARGS, "f16_to_f32 without SIMD (for tests)."},
     {"set_simd", set_simd, METH_O, "Enable (if the CPU has it) or disable the SIMD scoring loops; returns the state."},

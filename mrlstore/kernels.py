@@ -71,6 +71,25 @@ def as_float32(block: np.ndarray) -> np.ndarray:
     return block.astype(np.float32)
 
 
+def sum_squares(x: np.ndarray) -> float:
+    """The sum of squares of a 1-D float32 array, accumulated in float64: finite exactly when every value is,
+    positive exactly when one is non-zero (no float32 squared overflows or underflows a float64)."""
+    if _native is not None and x.flags.c_contiguous:
+        return float(_native.sum_squares(x))
+    wide = x.astype(np.float64)
+    return float(np.dot(wide, wide))
+
+
+def project(x: np.ndarray, rows: np.ndarray, shift: np.ndarray, scale: float) -> np.ndarray:
+    """``scale * (rows @ x) - shift`` as float32: one query's codes (``rows``: a C-contiguous (k, n) float32
+    matrix, ``x``: n float32, ``shift``: k float32)."""
+    if _native is not None and x.flags.c_contiguous:
+        out = np.empty(len(rows), np.float32)
+        _native.project(x, rows, shift, scale, out)
+        return out
+    return (rows @ x * np.float32(scale) - shift).astype(np.float32, copy=False)
+
+
 def _best(scores: np.ndarray, rows: np.ndarray, n: int, metric: str) -> np.ndarray:
     """Positions of the best ``n`` (score, row) pairs, best first, ties by the lower row."""
     order = np.argsort(rows, kind="stable")

@@ -239,3 +239,46 @@ def test_row_norms_hold_each_bands_squared_norm_as_stored(loaded):
     got = np.vstack([norms.mapped(c) for c in range(-(-len(stored) // norms.chunk_rows))])[: len(stored)]
     want = np.stack([(stored[:, a:b].astype(np.float64) ** 2).sum(1) for a, b in ((0, 8), (8, 24), (24, 64))], 1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[1.0, -2.0, 3.0], [0.0, 0.0], [np.inf, 1.0], [1.0, np.nan], [-np.inf], [1e-45, 0.0], [3e38] * 9, [], [0.5] * 4099],
+)
+def test_sum_squares_is_finite_and_positive_exactly_as_the_values_are(values, monkeypatch):
+    """float64 sums of float32 squares: neither the huge values' overflow nor the subnormals' underflow
+    (which a float32 sum would suffer) changes the answer; native and numpy agree."""
+    x = np.asarray(values, dtype=np.float32)
+    exact = float(np.sum(x.astype(np.float64) ** 2))
+    got = [kernels.sum_squares(x), kernels.sum_squares(x[::-1].copy()[::-1])]  # contiguous, then a strided view
+    monkeypatch.setattr(kernels, "_native", None)
+    got.append(kernels.sum_squares(x))
+    for value in got:
+        assert np.isfinite(value) == np.isfinite(x).all()
+        if np.isfinite(exact):
+            assert (value > 0) == bool(np.any(x != 0))
+            assert value == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 4, 7, 32])
+def test_project_matches_the_numpy_twin_with_and_without_simd(k, monkeypatch):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal(301).astype(np.float32)  # not a multiple of any vector width
+    rows = rng.standard_normal((k, 301)).astype(np.float32)
+    shift = rng.standard_normal(k).astype(np.float32)
+    want = (0.25 * (rows.astype(np.float64) @ x) - shift).astype(np.float32)
+    got = [kernels.project(x, rows, shift, 0.25)]
+    if kernels.NATIVE:
+        native = pytest.importorskip("mrlstore._kernels")
+        native.set_simd(False)
+        try:
+            got.append(kernels.project(x, rows, shift, 0.25))
+        finally:
+            native.set_simd(True)
+        with pytest.raises(ValueError, match="project"):
+            native.project(x, rows[:, :300].copy(), shift, 1.0, np.empty(k, np.float32))  # rows of another length
+    monkeypatch.setattr(kernels, "_native", None)
+    got.append(kernels.project(x, rows, shift, 0.25))
+    for codes in got:
+        assert codes.dtype == np.float32 and codes.shape == (k,)
+        np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-5)

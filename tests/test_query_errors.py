@@ -290,3 +290,20 @@ def test_delete_twice(store: mrlstore.Store) -> None:
 def test_get_unknown_ids(store: mrlstore.Store, ids: Any) -> None:
     with raises(mrlstore.UnknownIdError, KeyError, match=r"1 id\(s\) not in the store, e\.g\. \['nope'\]"):
         store.get(ids)
+
+
+def test_one_vector_queries_are_checked_value_by_value(store: mrlstore.Store) -> None:
+    """The one-vector path's checks equal the batch path's: NaN past the dims a query reads still fails,
+    huge and tiny values pass (a float32 sum of squares would overflow or underflow), a strided view works."""
+    q = query_vec()
+    bad = q.copy()
+    bad[-1] = np.inf
+    with raises(mrlstore.NonFiniteError, ValueError, match="query 0 contains NaN or inf"):
+        store.query(bad, dims=[16])
+    for scale in (1e30, 1e-40):
+        assert store.query(q * np.float32(scale), k=3, dims=[DIM]).ids == store.query(q, k=3, dims=[DIM]).ids
+    assert store.query(np.stack([q, q], axis=1)[:, 0], k=3).ids == store.query(q, k=3).ids  # not contiguous
+    zero_head = q.copy()
+    zero_head[:16] = 0
+    with raises(mrlstore.ZeroVectorError, ValueError, match="query 0 is all zeros"):
+        store.query(zero_head, dims=[16])

@@ -21,7 +21,7 @@ from mrlstore.errors import (
     ZeroVectorError,
 )
 from mrlstore.inputs.arrow import is_vector_column, to_matrix
-from mrlstore.kernels import as_float32
+from mrlstore.kernels import as_float32, sum_squares
 
 FLOAT16_MAX = 65504.0
 VALIDATE_ELEMENTS = 1 << 21  # per validation block: temporaries stay a few MiB whatever the batch
@@ -98,15 +98,12 @@ def vector_batch(vectors: Any, dim: int, dtype: str, metric: str, prefixes: Sequ
 def query_batch(query: Any, need: int, dim: int, metric: str) -> tuple[np.ndarray, bool]:
     """Queries as float32 (m, need) and whether a single 1-D query was given."""
     if type(query) is np.ndarray and query.dtype == np.float32 and query.ndim == 1 and need <= len(query) <= dim:
-        # the common call, one float32 vector: the same checks in one numpy call. A finite, positive sum of
-        # squares proves every value finite and the vector non-zero; otherwise (NaN, inf, an overflow or an
-        # underflow of the sum, a shorter prefix) the values are checked one by one
-        energy = float(np.dot(query, query))
-        if not (math.isfinite(energy) and energy > 0.0 and need == len(query)):
-            if not np.isfinite(query).all():
-                raise NonFiniteError("query 0 contains NaN or inf")
-            if metric == "cosine" and not query[:need].any():
-                raise ZeroVectorError("query 0 is all zeros; cosine is undefined")
+        # the common call, one float32 vector: the same checks in one or two native calls
+        energy = sum_squares(query)
+        if not math.isfinite(energy):
+            raise NonFiniteError("query 0 contains NaN or inf")
+        if metric == "cosine" and not (energy > 0 and (need == len(query) or sum_squares(query[:need]) > 0)):
+            raise ZeroVectorError("query 0 is all zeros; cosine is undefined")
         return query[None, :need], True
     arr = _numeric(query, "query")
     single = arr.ndim == 1

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mrlstore.errors import CorruptStoreError
+from mrlstore.kernels import project, sum_squares
 from mrlstore.scoring import normalize_prefix
 
 FIT_FORMAT = 1
@@ -174,13 +175,9 @@ class Projection:
         mean's part of a score is the same for every row. One matrix-vector product for a single query."""
         x = np.atleast_2d(np.asarray(q, dtype=np.float32))
         rows_t, shift = self._query_map(k)
-        if len(x) == 1:  # few numpy calls: after a pause each costs tens of microseconds (cold caches)
-            codes = rows_t @ x[0]
-            norm = math.sqrt(float(np.dot(x[0], x[0]))) if self.metric == "cosine" else 0.0
-            if norm > 0:
-                codes /= norm
-            codes -= shift
-            return codes[None]
+        if len(x) == 1:  # native calls: after a pause each numpy call costs tens of microseconds (cold caches)
+            energy = sum_squares(x[0]) if self.metric == "cosine" else 0.0
+            return project(x[0], rows_t, shift, 1 / math.sqrt(energy) if energy > 0 else 1.0)[None]
         codes = x @ rows_t.T
         if self.metric == "cosine":
             norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
