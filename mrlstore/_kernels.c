@@ -442,31 +442,39 @@ static PyObject *sum_squares(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* project(x, rows, shift, scale, out): out[i] = scale * (rows[i] . x) - shift[i] for the k rows of a
- * C-contiguous (k, n) float32 matrix; x holds n float32, shift and out k float32 each. */
+/* project(x, rows, shift, scale, out): out[i] = rows[i] . (scale * x) - shift[i] for the k rows of a
+ * C-contiguous (k, n) float32 matrix; x holds n float32, shift and out k float32 each. x is scaled first, in
+ * double: a cosine query's scale can exceed float32's range (subnormal values), and its scaled values cannot
+ * overflow a dot product. */
 static PyObject *project(PyObject *self, PyObject *args) {
     Py_buffer x, rows, shift, out;
     double scale;
     if (!PyArg_ParseTuple(args, "y*y*y*dw*", &x, &rows, &shift, &scale, &out)) return NULL;
     PyObject *result = NULL;
+    float *scaled = NULL;
     Py_ssize_t n = x.len / 4, k = shift.len / 4;
+    int shapes = x.len % 4 == 0 && shift.len % 4 == 0 && out.len == 4 * k && n <= INT_MAX &&
+                 (n == 0 ? rows.len == 0 : rows.len % (4 * n) == 0 && rows.len / (4 * n) == k);
     if (!PyBuffer_IsContiguous(&x, 'C') || !PyBuffer_IsContiguous(&rows, 'C') || !PyBuffer_IsContiguous(&shift, 'C') ||
-        !PyBuffer_IsContiguous(&out, 'C') || x.len % 4 || shift.len % 4 || n == 0 || rows.len != 4 * k * n ||
-        out.len != 4 * k || n > INT_MAX) {
+        !PyBuffer_IsContiguous(&out, 'C') || !shapes) {
         PyErr_SetString(PyExc_ValueError, "project: x (n float32), rows (k x n float32), shift and out (k float32)");
+    } else if ((scaled = malloc((n ? n : 1) * sizeof(float))) == NULL) {
+        PyErr_NoMemory();
     } else {
         const float *xv = (const float *)x.buf, *m = (const float *)rows.buf, *sh = (const float *)shift.buf;
         float *o = (float *)out.buf;
+        for (Py_ssize_t j = 0; j < n; j++) scaled[j] = (float)(scale * xv[j]);
         double d[4];
         Py_ssize_t r = 0;
-        for (; r + 4 <= k; r += 4) {  /* the query is read once for four rows */
-            dot4_f32(xv, m + r * n, m + (r + 1) * n, m + (r + 2) * n, m + (r + 3) * n, (int)n, d);
-            for (int j = 0; j < 4; j++) o[r + j] = (float)(scale * d[j] - sh[r + j]);
+        for (; r + 4 <= k; r += 4) { /* the query is read once for four rows */
+            dot4_f32(scaled, m + r * n, m + (r + 1) * n, m + (r + 2) * n, m + (r + 3) * n, (int)n, d);
+            for (int j = 0; j < 4; j++) o[r + j] = (float)(d[j] - sh[r + j]);
         }
-        for (; r < k; r++) o[r] = (float)(scale * dot_f32(m + r * n, xv, (int)n) - sh[r]);
+        for (; r < k; r++) o[r] = (float)(dot_f32(m + r * n, scaled, (int)n) - sh[r]);
         result = Py_None;
         Py_INCREF(result);
     }
+    free(scaled);
     PyBuffer_Release(&x);
     PyBuffer_Release(&rows);
     PyBuffer_Release(&shift);
@@ -516,7 +524,7 @@ static PyMethodDef methods[] = {
     {"refine", refine, METH_VARARGS, "Every later funnel stage (accumulate, then keep the best) in one call."},
     {"scan", scan, METH_VARARGS, "Exact top-n over a row range or row list, for a batch of queries."},
     {"sum_squares", sum_squares, METH_VARARGS, "Sum of squares of float32 values, in double."},
-    {"project", project, METH_VARARGS, "One query's codes: scale * (rows @ x) - shift, float32."},
+    {"project", project, METH_VARARGS, "One query's codes: rows @ (scale * x) - shift, float32."},
     {"f16_to_f32", f16_to_f32, METH_VARARGS, "Widen float16 values (src buffer) into float32 (dst buffer)."},
     {"f16_to_f32_portable", f16_to_f32_portable, METH_VARARGS, "f16_to_f32 without SIMD (for tests)."},
     {"set_simd", set_simd, METH_O, "Enable (if the CPU has it) or disable the SIMD scoring loops; returns the state."},

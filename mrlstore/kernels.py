@@ -74,20 +74,29 @@ def as_float32(block: np.ndarray) -> np.ndarray:
 def sum_squares(x: np.ndarray) -> float:
     """The sum of squares of a 1-D float32 array, accumulated in float64: finite exactly when every value is,
     positive exactly when one is non-zero (no float32 squared overflows or underflows a float64)."""
-    if _native is not None and x.flags.c_contiguous:
+    if _native is not None and x.dtype == np.float32 and x.flags.c_contiguous:
         return float(_native.sum_squares(x))
     wide = x.astype(np.float64)
     return float(np.dot(wide, wide))
 
 
 def project(x: np.ndarray, rows: np.ndarray, shift: np.ndarray, scale: float) -> np.ndarray:
-    """``scale * (rows @ x) - shift`` as float32: one query's codes (``rows``: a C-contiguous (k, n) float32
-    matrix, ``x``: n float32, ``shift``: k float32)."""
-    if _native is not None and x.flags.c_contiguous:
+    """``rows @ (scale * x) - shift`` as float32: one query's codes (``rows``: a (k, n) float32 matrix, ``x``: n
+    float32, ``shift``: k float32; the last two C-contiguous). ``x`` is scaled in float64 first, as
+    ``unit_rows`` scales a batch's queries."""
+    if _native is not None and x.flags.c_contiguous and x.dtype == rows.dtype == shift.dtype == np.float32:
         out = np.empty(len(rows), np.float32)
         _native.project(x, rows, shift, scale, out)
         return out
-    return (rows @ x * np.float32(scale) - shift).astype(np.float32, copy=False)
+    return (rows @ (x.astype(np.float64) * scale).astype(np.float32) - shift).astype(np.float32, copy=False)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """The rows of ``x`` scaled to unit length (zero rows stay zero), float32: the norms are taken in float64,
+    which no float32 value overflows or underflows."""
+    wide = x.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))[:, None]
+    return (wide / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 def _best(scores: np.ndarray, rows: np.ndarray, n: int, metric: str) -> np.ndarray:

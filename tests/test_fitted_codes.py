@@ -523,3 +523,20 @@ def test_a_raw_default_at_an_uncoded_length_keeps_the_codes_for_theirs():
     assert kept is not None and kept["dims"] == [64, 128] and kept["shapes"]["16,128"]["fitted"]
     assert tuning._raw_default_with_codes(choice([16, 128], False), fit, funnel) is None  # its raw index goes
     assert tuning._raw_default_with_codes(raw, choice([16, 128], False), funnel) is None  # no funnel on codes
+
+
+@pytest.mark.parametrize("magnitude", [1e-40, 1e30])
+def test_tiny_and_huge_queries_find_what_unit_ones_find_alone_or_in_a_batch(fitted_store, magnitude):
+    """Cosine ignores a query's length: one query (contiguous or a strided view) and a batch take the same
+    codes whatever the magnitude (a float32 norm would overflow or underflow)."""
+    path, _, _ = fitted_store
+    q = rotated(2, sample=1)
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    with mrlstore.open(path) as store:
+        assert store.info().prefixes == "fitted"
+        want = _ids(store.query(q, k=10, dims=[16]))
+        scaled = (q * magnitude).astype(np.float32)
+        strided = np.stack([scaled[0], scaled[0]], axis=1)[:, 0]
+        assert _ids(store.query(scaled, k=10, dims=[16])) == want
+        assert [list(store.query(scaled[i], k=10, dims=[16]).ids) for i in range(2)] == want
+        assert list(store.query(strided, k=10, dims=[16]).ids) == want[0]

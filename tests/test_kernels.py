@@ -260,25 +260,33 @@ def test_sum_squares_is_finite_and_positive_exactly_as_the_values_are(values, mo
             assert value == pytest.approx(exact, rel=1e-12)
 
 
-@pytest.mark.parametrize("k", [1, 4, 7, 32])
-def test_project_matches_the_numpy_twin_with_and_without_simd(k, monkeypatch):
+@pytest.mark.parametrize("k", [0, 1, 4, 7, 32])
+@pytest.mark.parametrize("magnitude", [1.0, 1e-40, 1e30])
+def test_project_matches_the_numpy_twin_with_and_without_simd(k, magnitude, monkeypatch):
+    """Codes of a query scaled to unit length first (as a cosine query's are), whatever its magnitude: a
+    subnormal query's scale is past float32's range, a huge one's squares are."""
     rng = np.random.default_rng(k)
-    x = rng.standard_normal(301).astype(np.float32)  # not a multiple of any vector width
+    unit = rng.standard_normal(301)  # not a multiple of any vector width
+    unit /= np.linalg.norm(unit)
+    x = (unit * magnitude).astype(np.float32)
+    scale = 1 / np.sqrt(np.sum(x.astype(np.float64) ** 2))
     rows = rng.standard_normal((k, 301)).astype(np.float32)
     shift = rng.standard_normal(k).astype(np.float32)
-    want = (0.25 * (rows.astype(np.float64) @ x) - shift).astype(np.float32)
-    got = [kernels.project(x, rows, shift, 0.25)]
+    want = (rows.astype(np.float64) @ unit - shift).astype(np.float32)
+    got = [kernels.project(x, rows, shift, scale)]
     if kernels.NATIVE:
         native = pytest.importorskip("mrlstore._kernels")
         native.set_simd(False)
         try:
-            got.append(kernels.project(x, rows, shift, 0.25))
+            got.append(kernels.project(x, rows, shift, scale))
         finally:
             native.set_simd(True)
-        with pytest.raises(ValueError, match="project"):
-            native.project(x, rows[:, :300].copy(), shift, 1.0, np.empty(k, np.float32))  # rows of another length
+        for bad_rows, bad_out in [(rows[:, :300].copy(), k), (rows, k + 1)][0 if k else 1 :]:  # short rows, long out
+            with pytest.raises(ValueError, match="project"):
+                native.project(x, bad_rows, shift, 1.0, np.empty(bad_out, np.float32))
     monkeypatch.setattr(kernels, "_native", None)
-    got.append(kernels.project(x, rows, shift, 0.25))
+    got.append(kernels.project(x, rows, shift, scale))
     for codes in got:
         assert codes.dtype == np.float32 and codes.shape == (k,)
-        np.testing.assert_allclose(codes, want, rtol=1e-5, atol=1e-5)
+        tolerance = 1e-5 if magnitude != 1e-40 else 1e-3  # subnormal values keep fewer digits
+        np.testing.assert_allclose(codes, want, rtol=tolerance, atol=tolerance)
