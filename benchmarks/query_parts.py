@@ -16,10 +16,9 @@ import collections
 import functools
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+from single_call import add_store_args, queries_of, users_call  # benchmarks/single_call.py
 
 
 def wrap_parts(charged: dict[str, float]) -> None:
@@ -64,8 +63,7 @@ def wrap_parts(charged: dict[str, float]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True, help="compare.py's --work")
-    ap.add_argument("--data", default="100000", help="compare.py's --data")
+    add_store_args(ap)
     ap.add_argument("--pause-ms", type=float, default=0.0, help="sleep before each query (0: back to back)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds over the queries (default: 5 warm, 1 paused)")
     args = ap.parse_args()
@@ -73,16 +71,11 @@ def main() -> None:
 
     charged: dict[str, float] = collections.defaultdict(float)
     wrap_parts(charged)
-    queries = np.load(args.work / f"data_{args.data}" / "queries.npy").astype(np.float32)
+    queries = queries_of(args.work, args.data)
     rounds = args.rounds or (1 if args.pause_ms else 5)
     totals = []
     with mrlstore.open(args.work / "mrlstore_store") as store:
-
-        def single(q: np.ndarray) -> list[int]:
-            hits = store.query(q)
-            _ = hits.metadata
-            return [int(i) for i in hits.ids]
-
+        single = users_call(store)
         for q in queries:
             single(q)
         charged.clear()

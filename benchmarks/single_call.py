@@ -20,11 +20,34 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 K = 10
+
+
+def add_store_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments that find compare.py's store and data (single_call.py's and query_parts.py's)."""
+    ap.add_argument("--work", type=Path, required=True, help="compare.py's --work")
+    ap.add_argument("--data", default="100000", help="compare.py's --data")
+
+
+def queries_of(work: Path, data: str) -> np.ndarray:
+    return np.load(work / f"data_{data}" / "queries.npy").astype(np.float32)
+
+
+def users_call(store: Any) -> Callable[[np.ndarray], list[int]]:
+    """compare.py's single call on ``store``: the default query, its metadata read, its ids as ints."""
+
+    def single(q: np.ndarray) -> list[int]:
+        hits = store.query(q, k=K)
+        _ = hits.metadata
+        return [int(i) for i in hits.ids]
+
+    return single
 
 
 def child(work: Path, data: str, ef: int, rounds: int) -> dict:
@@ -33,20 +56,13 @@ def child(work: Path, data: str, ef: int, rounds: int) -> dict:
 
     import mrlstore
 
-    d = work / f"data_{data}"
-    queries = np.load(d / "queries.npy").astype(np.float32)
+    queries = queries_of(work, data)
     index = hnswlib.Index(space="cosine", dim=queries.shape[1])
-    index.load_index(str(d / "hnswlib.hnsw"))
+    index.load_index(str(work / f"data_{data}" / "hnswlib.hnsw"))
     index.set_ef(ef)
     times: dict[str, list[float]] = {"store": [], "hnswlib": []}
     with mrlstore.open(work / "mrlstore_store") as store:
-
-        def single(q: np.ndarray) -> list[int]:
-            hits = store.query(q, k=K)
-            _ = hits.metadata
-            return [int(i) for i in hits.ids]
-
-        calls = {"store": single, "hnswlib": lambda q: index.knn_query(q, k=K, num_threads=1)[0][0]}
+        calls = {"store": users_call(store), "hnswlib": lambda q: index.knn_query(q, k=K, num_threads=1)[0][0]}
         for q in queries[:50]:  # warm-up
             for call in calls.values():
                 call(q)
@@ -72,8 +88,7 @@ def in_process(args: argparse.Namespace, checkout: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True, help="compare.py's --work")
-    ap.add_argument("--data", default="100000", help="compare.py's --data")
+    add_store_args(ap)
     ap.add_argument("--ef", type=int, default=48, help="hnswlib's beam")
     ap.add_argument("--rounds", type=int, default=5, help="rounds over every query, per system, per process")
     ap.add_argument("--against", type=Path, help="another checkout, run in turn with this one")
