@@ -82,21 +82,13 @@ def sum_squares(x: np.ndarray) -> float:
 
 def project(x: np.ndarray, rows: np.ndarray, shift: np.ndarray, scale: float) -> np.ndarray:
     """``rows @ (scale * x) - shift`` as float32: one query's codes (``rows``: a (k, n) float32 matrix, ``x``: n
-    float32, ``shift``: k float32; the last two C-contiguous). ``x`` is scaled in float64 first, as
-    ``unit_rows`` scales a batch's queries."""
+    float32, ``shift``: k float32; the last two C-contiguous). ``x`` is scaled in float64 first: a cosine
+    query's scale can be past float32's range."""
     if _native is not None and x.flags.c_contiguous and x.dtype == rows.dtype == shift.dtype == np.float32:
         out = np.empty(len(rows), np.float32)
         _native.project(x, rows, shift, scale, out)
         return out
     return (rows @ (x.astype(np.float64) * scale).astype(np.float32) - shift).astype(np.float32, copy=False)
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """The rows of ``x`` scaled to unit length (zero rows stay zero), float32: the norms are taken in float64,
-    which no float32 value overflows or underflows."""
-    wide = x.astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))[:, None]
-    return (wide / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 def _best(scores: np.ndarray, rows: np.ndarray, n: int, metric: str) -> np.ndarray:

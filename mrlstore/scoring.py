@@ -39,10 +39,12 @@ def prefix_scores(rows: np.ndarray, queries: np.ndarray, d: int, metric: str) ->
 
 
 def normalize_prefix(x: np.ndarray, d: int) -> np.ndarray:
-    """The first ``d`` numbers of each row scaled to unit length (all-zero prefixes stay zero), float32."""
+    """The first ``d`` numbers of each row scaled to unit length (all-zero prefixes stay zero), float32. The
+    norms are summed in float64, where no float32's square overflows or underflows (a query of tiny or huge
+    values keeps its direction)."""
     p = np.asarray(x)[:, :d].astype(np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", p, p))[:, None]
-    return p / np.where(norms > 0, norms, 1.0)
+    norms = np.sqrt(np.einsum("ij,ij->i", p, p, dtype=np.float64)).astype(np.float32)[:, None]
+    return p / np.where(norms > 0, norms, np.float32(1.0))
 
 
 def top(scores: np.ndarray, n: int, metric: str) -> np.ndarray:

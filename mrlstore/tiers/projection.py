@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mrlstore.errors import CorruptStoreError
-from mrlstore.kernels import project, sum_squares, unit_rows
+from mrlstore.kernels import project, sum_squares
 from mrlstore.scoring import normalize_prefix
 
 FIT_FORMAT = 1
@@ -178,7 +178,7 @@ class Projection:
         if len(x) == 1:  # native calls: after a pause each numpy call costs tens of microseconds (cold caches)
             energy = sum_squares(x[0]) if self.metric == "cosine" else 0.0
             return project(x[0], rows_t, shift, 1 / math.sqrt(energy) if energy > 0 else 1.0)[None]
-        codes = (unit_rows(x) if self.metric == "cosine" else x) @ rows_t.T
+        codes = _prepared(x, self.metric) @ rows_t.T
         return np.ascontiguousarray(codes - shift, dtype=np.float32)
 
     def _query_map(self, k: int) -> tuple[np.ndarray, np.ndarray]:
