@@ -13,9 +13,10 @@ anonymous memory, and for the sink the workers' part, the driver's commit and th
 Each measurement runs in its own process with its own local Ray cluster (``ray.init(num_cpus=2)``; for
 EmbedImages one CPU more than actors, so the tasks that feed them can run). The Parquet file is the one
 ``benchmarks/ingest.py`` writes (made here when absent). StoreSink's time is split into the workers' part
-(reading Parquet, checking rows, writing fragments) and the driver's single commit (appending the bands,
-HNSW inserts, the catalog). The photos are the first ``--images`` of ../shared/datasets/tiny-imagenet (64 px
-JPEGs, resized by the encoder like any photo).
+(reading Parquet, checking rows, writing vectors in place and fragments of ids and metadata) and the driver's
+single commit (in place: sizing the chunk files the workers wrote and the catalog; ``--sink-modes staging``:
+appending the staged vectors to the bands too), then the index catch-up task. The photos are the first
+``--images`` of ../shared/datasets/tiny-imagenet (64 px JPEGs, resized by the encoder like any photo).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def start_ray(cpus: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int) -> dict:
+def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int, mode: str) -> dict:
     import ray.data
     from ingest import PeakAnon
 
@@ -63,7 +64,8 @@ def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int) -> 
     start_ray(2)
     mem = PeakAnon()
     t0 = time.perf_counter()
-    sink = TimedSink(store_path, dim=2048, id="id")
+    staging = None if mode == "in-place" else store_path.parent / "sink_staging"  # a folder beside the store
+    sink = TimedSink(store_path, dim=2048, id="id", staging=staging)
     if parquet is None:  # --generated
         blocks = -(-n // GENERATED_BATCH)
         ds = ray.data.range(blocks, override_num_blocks=blocks)
@@ -74,7 +76,7 @@ def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int) -> 
     end = time.perf_counter()
     return {"rows": sink.rows_added, "seconds": end - t0, "staging_s": sink.staged_at - t0,
             "commit_s": sink.committed_at - sink.staged_at, "catch_up_s": end - sink.committed_at,
-            "driver_peak_anon_mib": mem.stop()}  # fmt: skip
+            "rows_moved": sink.rows_moved, "driver_peak_anon_mib": mem.stop()}  # fmt: skip
 
 
 GENERATED_BATCH = 16384
@@ -161,6 +163,7 @@ def direct_child(count: int) -> dict:
 def run(args: argparse.Namespace, *child: str) -> dict:
     cmd = [sys.executable, __file__, "--n", str(args.n), "--images", str(args.images), "--work", str(args.work)]
     cmd += ["--generated"] if args.generated else []
+    cmd += ["--skip-arrow"] if args.skip_arrow else []
     out = subprocess.run([*cmd, "--child", *child], capture_output=True, text=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not line:
@@ -174,6 +177,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=960)
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "ingest")
     ap.add_argument("--generated", action="store_true", help="rows from a map_batches returning numpy, no photos")
+    ap.add_argument(
+        "--sink-modes",
+        nargs="+",
+        choices=["in-place", "staging"],
+        default=["in-place"],
+        help="in-place: workers write vectors into the store (the default); staging: they write whole "
+        "rows to a staging folder and the driver copies them in (StoreSink(staging=...))",
+    )
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--skip-arrow", action="store_true", help="the sink runs only")
     ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
     parquet = None if args.generated else args.work / f"embeddings_{args.n}.parquet"
@@ -181,7 +194,7 @@ def main() -> None:
         kind, *rest = args.child
         store = args.work / "store_ray"
         result = {
-            "sink": lambda: sink_child(parquet, store, int(rest[0]), args.n),
+            "sink": lambda: sink_child(parquet, store, int(rest[0]), args.n, rest[1]),
             "arrow": lambda: arrow_child(parquet, store, args.n),
             "embed": lambda: embed_child(args.images, int(rest[0])),
             "direct": lambda: direct_child(args.images),
@@ -196,14 +209,17 @@ def main() -> None:
         parquet.with_suffix(".tmp").rename(parquet)
     source = "generated batches" if parquet is None else "Parquet"
     print("| what | rows | time | rows/s | detail |\n|---|---|---|---|---|")
-    r = run(args, "arrow")
-    peak = f"peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB"
-    table_row(f"`add_arrow` from {source}, one process", r, peak)
-    for workers in (1, 2):
-        r = run(args, "sink", str(workers))
-        parts = f"workers {r['staging_s']:.1f} s, commit {r['commit_s']:.1f} s, index catch-up {r['catch_up_s']:.1f} s"
-        table_row(f"`StoreSink`, {workers} write worker(s)", r,
-                  f"{parts}; driver peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB")  # fmt: skip
+    if not args.skip_arrow:
+        r = run(args, "arrow")
+        peak = f"peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB"
+        table_row(f"`add_arrow` from {source}, one process", r, peak)
+    for mode in args.sink_modes:
+        for workers in args.workers:
+            r = run(args, "sink", str(workers), mode)
+            parts = (f"workers {r['staging_s']:.1f} s, commit {r['commit_s']:.1f} s (rows moved {r['rows_moved']:,}), "
+                     f"index catch-up {r['catch_up_s']:.1f} s")  # fmt: skip
+            table_row(f"`StoreSink` {mode}, {workers} write worker(s)", r,
+                      f"{parts}; driver peak anonymous memory {r['driver_peak_anon_mib']:.0f} MiB")  # fmt: skip
     if args.generated:
         return
     table_row("encoder.encode, one process (2 torch threads)", run(args, "direct"), "warm", images=True)

@@ -38,6 +38,7 @@ from mrlstore.errors import (
     UnknownIdError,
     UnreadableImageError,
     UnsupportedStorageError,
+    WriteEndedError,
     ZeroVectorError,
 )
 from mrlstore.options import StoreConfig
@@ -89,6 +90,7 @@ __all__ = [
     "StoreClosedError",
     "StoreConfig",
     "StoreLockedError",
+    "WriteEndedError",
     "StoreNotFoundError",
     "TuningError",
     "UnknownIdError",

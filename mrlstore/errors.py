@@ -133,6 +133,11 @@ class StoreLockedError(MRLStoreError, BlockingIOError):
     """Another writer (this process or another) holds the store."""
 
 
+class WriteEndedError(MRLStoreError, RuntimeError):
+    """A staged write's worker found its write ended (its driver gone, or it committed or failed): it may no
+    longer write rows into the store."""
+
+
 class UnsupportedStorageError(MRLStoreError, ValueError):
     """A store path that is a URL (``s3://``, ``gs://``, ``memory://``, ``http(s)://``): stores live in local
     folders."""

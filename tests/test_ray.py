@@ -51,14 +51,18 @@ def dataset(table: pa.Table, blocks: int = 4):
     return ray_data.from_arrow(table).repartition(blocks)
 
 
-def test_storesink_writes_every_row_in_one_commit(tmp_path):
+@pytest.mark.parametrize("where", ["in place", "staging folder"])
+def test_storesink_writes_every_row_in_one_commit(tmp_path, where):
     path = tmp_path / "s.mrl"
     with mrlstore.open(path, dim=DIM, index_dims=[16]) as store:
         store.add_vectors(np.ones((1, DIM), np.float32), ids=["before"])
     table, vectors = rows_table(0, 3000)
-    sink = StoreSink(path, fragment_rows=500)
+    staging = tmp_path / "shared" if where == "staging folder" else None
+    sink = StoreSink(path, fragment_rows=500, staging=staging)
     dataset(table, 6).write_datasink(sink)
-    assert sink.rows_added == 3000
+    assert sink.rows_added == 3000 and sink.rows_moved == 0
+    if staging is not None:
+        assert not any(staging.rglob("*.arrow"))
     with mrlstore.open(path, read_only=True) as store:
         assert len(store) == 3001
         got = store.get(["r5", "r2999"], dims=DIM)
@@ -138,10 +142,15 @@ def test_a_worker_killed_after_writing_is_retried_without_duplicates(tmp_path):
     path = tmp_path / "s.mrl"
     table, vectors = rows_table(0, 2000)
     sink = DiesOnceAfterWriting(path, dim=DIM, index_dims=[16], fragment_rows=500)
-    dataset(table).write_datasink(sink)  # Ray retries the killed task; its orphan fragment is never committed
+    dataset(table).write_datasink(sink)  # Ray retries the killed task; its orphan rows are never committed
+    assert sink.rows_added == 2000 and sink.rows_moved <= 500  # the dead attempt's rows, when not the last
     with mrlstore.open(path, read_only=True) as store:
-        assert len(store) == 2000
+        assert len(store) == 2000 and store.verify() == []
         assert store.sql("SELECT count(DISTINCT id) AS n FROM items").column("n")[0].as_py() == 2000
+        stored = np.stack(
+            store.get(table.column("id").to_pylist(), dims=DIM).column("vector").to_numpy(zero_copy_only=False)
+        )
+        np.testing.assert_array_equal(stored, vectors.astype(np.float16).astype(np.float32))
         assert store.query(vectors[1999], k=1).ids == ["r1999"]
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import pytest
 import mrlstore
 from mrlstore.inputs.staging import write_fragment
 from mrlstore.options import StoreConfig
-from mrlstore.tiers.layout import STAGING_DIR
-from mrlstore.upkeep.staged import StagedWriter
+from mrlstore.tiers.layout import LEASE_FILE, STAGING_DIR
+from mrlstore.tiers.locking import WriteLease
+from mrlstore.upkeep.staged import RangeWriter, StagedWriter
 
 DIM = 32
 
@@ -166,3 +169,200 @@ def test_a_staged_writer_killed_mid_commit_leaves_whole_commits_only(tmp_path, d
         assert len(s) - 1 in (3000 * done, 3000 * (done + 1)) and s.verify() == []
         if len(s) > 1:
             assert s.get(["r0"]).num_rows == 1
+
+
+# -- in place: workers write vectors straight into the bands at reserved rows; the commit copies none ------
+class Reservations:
+    """What the Ray sink's reservation actor does, in one process."""
+
+    def __init__(self, first: int):
+        self.next = first
+
+    def __call__(self, rows: int) -> int:
+        start, self.next = self.next, self.next + rows
+        return start
+
+
+def in_place(path: Path) -> tuple[StagedWriter, RangeWriter, Reservations, WriteLease]:
+    writer = StagedWriter(path, StoreConfig())
+    staging = path / STAGING_DIR / "w"
+    lease = WriteLease(staging / LEASE_FILE)
+    lease.grant()
+    worker = RangeWriter(path, writer.shape(), tuple(writer.params.bands), staging, lease)
+    return writer, worker, Reservations(writer.committed_rows()), lease
+
+
+def vectors_of(table: pa.Table) -> np.ndarray:
+    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "plain"])
+def test_rows_written_in_place_commit_as_one_and_a_failed_tasks_rows_are_filled(tmp_path, monkeypatch, layout):
+    from mrlstore.tiers import params as config
+
+    path = tmp_path / "s.mrl"
+    if layout == "plain":
+        monkeypatch.setattr(config, "FORMAT_VERSION", 2)  # full-size chunk files, no shard index
+    with mrlstore.open(path, dim=DIM, bands=(8, DIM), index_dims=[8], chunk_rows=64) as s:
+        s.add_vectors(np.ones((1, DIM), np.float32), ids=["old"])
+    blocks = [rows(0, 100, color=["red"] * 100), rows(100, 70), rows(170, 90, size=list(range(90))), rows(260, 50)]
+    writer, worker, reserve, _ = in_place(path)
+    try:
+        written = [worker.write(t, "embedding", "id", reserve) for t in blocks]
+        assert [w["start"] for w in written] == [1, 101, 171, 261]
+        del written[1]  # its task failed after writing: rows 101..170 are a hole the commit must fill
+        assert writer.commit_in_place(written, worker.lease) == (240, 70)
+    finally:
+        worker.close()
+        writer.close()
+    kept = pa.concat_tables([blocks[0], blocks[2], blocks[3]], promote_options="default")
+    with mrlstore.open(path) as s:
+        assert len(s) == 241 and s.verify() == []
+        got = s.get(kept.column("id").to_pylist(), dims=DIM)
+        stored = np.stack(got.column("vector").to_numpy(zero_copy_only=False))
+        np.testing.assert_array_equal(stored, vectors_of(kept).astype(np.float16).astype(np.float32))
+        assert s.get(["r5", "r200"]).select(["color", "size"]).to_pylist() == [
+            {"color": "red", "size": None},
+            {"color": None, "size": 30},
+        ]
+        assert s.query(vectors_of(blocks[3])[7], k=1).ids == ["r267"]  # moved into the hole
+        with pytest.raises(mrlstore.UnknownIdError):
+            s.get(["r120"])
+    if layout == "sharded":  # any Zarr v3 reader sees the committed rows
+        import zarr
+
+        band = zarr.open_array(str(path / "vectors" / "band_00008_00032"), mode="r")
+        assert band.shape == (241, DIM - 8)
+        b0, b2, b3 = (vectors_of(blocks[i]) for i in (0, 2, 3))
+        # the hole took the rows past the end in order: block 2's last 20, then block 3's 50
+        expect = np.vstack([np.ones((1, DIM)), b0, b2[70:], b3, b2[:70]]).astype(np.float16)
+        np.testing.assert_array_equal(band[:], expect[:, 8:])
+
+
+def test_place_rows_keeps_rows_inside_and_fills_holes_from_the_end():
+    from mrlstore.upkeep.staged import place_rows
+
+    assert place_rows(10, [(10, 5), (15, 3)]) == ([], [(10, 0, 0, 5), (15, 1, 0, 3)])
+    # a failed task reserved 15..19: the commit ends at 21; the last block's first row stays at 20 and its
+    # other five (21..25, past the end) fill the hole
+    moves, pieces = place_rows(10, [(10, 5), (20, 6)])
+    assert moves == [(21, 15, 5)] and pieces == [(10, 0, 0, 5), (15, 1, 1, 5), (20, 1, 0, 1)]
+    # two holes, filled in order from two blocks past the end
+    moves, pieces = place_rows(0, [(2, 2), (6, 1), (9, 2)])
+    assert moves == [(6, 0, 1), (9, 1, 1), (10, 4, 1)]
+    assert [(dst, rows) for dst, _, _, rows in pieces] == [(0, 1), (1, 1), (2, 2), (4, 1)]
+    assert place_rows(7, []) == ([], [])
+    with pytest.raises(mrlstore.CorruptStoreError):
+        place_rows(0, [(0, 5), (3, 5)])  # overlapping reservations
+
+
+def test_a_worker_of_a_write_that_ended_writes_nothing(tmp_path):
+    path, _ = staged_store(tmp_path)
+    writer, worker, reserve, _ = in_place(path)
+    worker.write(rows(0, 30), "embedding", "id", reserve)
+    writer.close()  # its driver died without committing
+    try:
+        with mrlstore.open(path) as s:  # the next writer ends the lease, then erases the rows
+            assert len(s) == 1 and s.verify() == []
+        with pytest.raises(mrlstore.WriteEndedError):
+            worker.write(rows(30, 30), "embedding", "id", reserve)
+    finally:
+        worker.close()
+    with mrlstore.open(path) as s:
+        assert len(s) == 1 and s.verify() == [] and not (path / STAGING_DIR).exists()
+        s.add_vectors(np.ones((2, DIM), np.float32), ids=["a", "b"])
+        assert s.verify() == []
+
+
+def test_revoking_a_lease_waits_for_the_writes_in_flight(tmp_path):
+    lease = WriteLease(tmp_path / LEASE_FILE)
+    lease.grant()
+    events: list[str] = []
+    inside = threading.Event()
+
+    def worker() -> None:
+        with lease.held():
+            inside.set()
+            time.sleep(0.3)
+            events.append("worker wrote")
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait()
+    lease.revoke()
+    events.append("revoked")
+    t.join()
+    assert events == ["worker wrote", "revoked"]
+    with pytest.raises(mrlstore.WriteEndedError), lease.held():
+        pass
+
+
+KILLED_IN_PLACE = """
+import os, signal, sys
+import numpy as np, pyarrow as pa
+from pathlib import Path
+from mrlstore.options import StoreConfig
+from mrlstore.tiers.bands import BandedVectors
+from mrlstore.tiers.catalog import Catalog
+from mrlstore.tiers.layout import LEASE_FILE, STAGING_DIR
+from mrlstore.tiers.locking import WriteLease
+from mrlstore.upkeep.staged import RangeWriter, StagedWriter
+
+path, dim, kill_at = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+def dies_at(cls, name, after=False):
+    original = getattr(cls, name)
+    def call(*args, **kwargs):
+        if not after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    setattr(cls, name, call)
+
+if kill_at == "settle":  # after the hole was filled
+    dies_at(BandedVectors, "settle")
+elif kill_at == "catalog":  # after the files were sized and indexed, before the commit point
+    dies_at(Catalog, "append_tables")
+elif kill_at == "committed":  # right after the commit point
+    dies_at(Catalog, "append_tables", after=True)
+writer = StagedWriter(path, StoreConfig())
+lease = WriteLease(path / STAGING_DIR / "w" / LEASE_FILE)
+lease.grant()
+worker = RangeWriter(path, writer.shape(), tuple(writer.params.bands), path / STAGING_DIR / "w", lease)
+next_row = [writer.committed_rows()]
+def reserve(n):
+    start = next_row[0]
+    next_row[0] += n
+    return start
+written = []
+for i in range(6):
+    v = np.random.default_rng(i).standard_normal((700, dim)).astype(np.float32)
+    t = pa.table({"id": [f"k{i}_{j}" for j in range(700)], "embedding": list(v)})
+    w = worker.write(t, "embedding", "id", reserve)
+    if kill_at == "writing" and i == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if i != 1:  # block 1's task "failed": a hole the commit fills from the end
+        written.append(w)
+writer.commit_in_place(written, lease)
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["writing", "settle", "catalog", "committed"])
+def test_a_writer_killed_during_a_write_in_place_leaves_the_store_whole(tmp_path, kill_at):
+    path = tmp_path / "s.mrl"
+    with mrlstore.open(path, dim=DIM, bands=(8, DIM), index_dims=[8], chunk_rows=512) as s:
+        s.add_vectors(np.ones((1, DIM), np.float32), ids=["old"])
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_PLACE, str(path), str(DIM), kill_at], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    with mrlstore.open(path) as s:  # the writer's open erases what never committed
+        assert s.verify() == [] and not (path / STAGING_DIR).exists()
+        if kill_at == "committed":
+            assert len(s) == 1 + 5 * 700
+            v = np.random.default_rng(5).standard_normal((700, DIM)).astype(np.float32)  # moved into the hole
+            stored = np.stack(s.get(["k5_0", "k5_699"], dims=DIM).column("vector").to_numpy(zero_copy_only=False))
+            np.testing.assert_array_equal(stored, v[[0, 699]].astype(np.float16).astype(np.float32))
+        else:
+            assert len(s) == 1
+        after = np.arange(1, DIM + 1, dtype=np.float32)
+        s.add_vectors(after[None], ids=["after"])
+        assert s.verify() == [] and s.query(after, k=1).ids == ["after"]

@@ -41,17 +41,33 @@ class StoreShape:
         return np.ascontiguousarray(batch, dtype=np.dtype(self.dtype))
 
 
-def write_fragment(directory: Path, table: pa.Table, vector: str, id: str | None, shape: StoreShape) -> dict[str, Any]:  # noqa: A002
-    """Check the rows of ``table`` (vectors in column ``vector``, ids in ``id`` or generated, every other column
-    metadata) and write them as one fragment in ``directory``; returns ``{"path", "rows"}``."""
+def checked_rows(
+    table: pa.Table, vector: str, id: str | None, shape: StoreShape
+) -> tuple[np.ndarray, list[str], pa.Table | None]:  # noqa: A002
+    """The rows of ``table`` checked as an add checks them: (vectors in the stored dtype, ids, metadata or
+    None). Vectors come from column ``vector``, ids from ``id`` (None: generated), every other column is
+    metadata."""
     vectors = shape.checked(to_matrix(column(table, vector, "vector")))
     n = len(vectors)
     ids = id_list(column(table, id, "id").to_pylist() if id is not None else None, n)
     rest = [name for name in table.column_names if name not in (vector, id)]
-    meta = metadata_table(table.select(rest), n) if rest else None
+    return vectors, ids, metadata_table(table.select(rest), n) if rest else None
+
+
+def write_fragment(directory: Path, table: pa.Table, vector: str, id: str | None, shape: StoreShape) -> dict[str, Any]:  # noqa: A002
+    """Check the rows of ``table`` (as ``checked_rows``) and write them as one fragment in ``directory``;
+    returns ``{"path", "rows"}``."""
+    vectors, ids, meta = checked_rows(table, vector, id, shape)
     flat = pa.array(vectors.reshape(-1), type=pa.from_numpy_dtype(vectors.dtype))
     vector_column = pa.FixedSizeListArray.from_arrays(flat, shape.dim)
-    out = pa.table({ID_FIELD: pa.array(ids, pa.string()), VECTOR_FIELD: vector_column})
+    return {"path": str(save_fragment(directory, ids, meta, vector_column)), "rows": len(ids)}
+
+
+def save_fragment(directory: Path, ids: list[str], meta: pa.Table | None, vectors: pa.Array | None = None) -> Path:
+    """Ids, vectors (None: written in place elsewhere) and metadata as one fragment file in ``directory``."""
+    out = pa.table({ID_FIELD: pa.array(ids, pa.string())})
+    if vectors is not None:
+        out = out.append_column(VECTOR_FIELD, vectors)
     if meta is not None:
         for name in meta.column_names:
             out = out.append_column(name, meta.column(name))
@@ -61,7 +77,7 @@ def write_fragment(directory: Path, table: pa.Table, vector: str, id: str | None
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, out.schema) as writer:
         writer.write_table(out)
     os.replace(tmp, dest)
-    return {"path": str(dest), "rows": n}
+    return dest
 
 
 class Fragments:
@@ -80,18 +96,27 @@ class Fragments:
         """Each fragment's vectors in order, checked again (a fragment is a file anyone could touch)."""
         for path in self.paths:
             table = self._open(path)
+            if VECTOR_FIELD not in table.column_names:
+                raise InvalidInputError(f"staged fragment {path} holds no vectors (they were written in place)")
             flat = table.column(VECTOR_FIELD).combine_chunks().flatten()
             yield self.shape.checked(flat.to_numpy(zero_copy_only=False).reshape(table.num_rows, self.shape.dim))
 
     def catalog_tables(self) -> Iterator[pa.Table]:
         """Each fragment's ``id`` and metadata columns, checked as an add checks them (ids repeated within a
         fragment are refused here, across fragments by the catalog)."""
-        for path in self.paths:
-            table = self._open(path).drop_columns([VECTOR_FIELD])
-            ids = id_list(table.column(ID_FIELD).to_pylist(), table.num_rows)
-            meta = metadata_table(table.drop_columns([ID_FIELD]), table.num_rows) if table.num_columns > 1 else None
-            id_column = pa.array(ids, pa.string())
-            yield pa.table({"id": id_column}) if meta is None else meta.add_column(0, "id", id_column)
+        for i in range(len(self.paths)):
+            yield self.catalog_table(i)
+
+    def catalog_table(self, i: int, offset: int = 0, rows: int | None = None) -> pa.Table:
+        """Rows ``offset..offset+rows`` (None: to the end) of fragment ``i``'s ids and metadata, checked."""
+        table = self._open(self.paths[i])
+        if VECTOR_FIELD in table.column_names:
+            table = table.drop_columns([VECTOR_FIELD])
+        table = table.slice(offset, rows)
+        ids = id_list(table.column(ID_FIELD).to_pylist(), table.num_rows)
+        meta = metadata_table(table.drop_columns([ID_FIELD]), table.num_rows) if table.num_columns > 1 else None
+        id_column = pa.array(ids, pa.string())
+        return pa.table({"id": id_column}) if meta is None else meta.add_column(0, "id", id_column)
 
     def whole(self) -> tuple[list[str], pa.Table | None]:
         """Every id (repeats across fragments refused) and the metadata rows, all at once."""
@@ -111,7 +136,11 @@ class Fragments:
         except (OSError, pa.ArrowInvalid) as e:
             raise InvalidInputError(f"staged fragment {path} cannot be read: {e}") from None
         names = table.column_names
-        if names[:2] != [ID_FIELD, VECTOR_FIELD] or table.schema.field(VECTOR_FIELD).type.list_size != self.shape.dim:
+        vectors_fit = VECTOR_FIELD not in names or (
+            names[1] == VECTOR_FIELD
+            and getattr(table.schema.field(VECTOR_FIELD).type, "list_size", -1) == self.shape.dim
+        )
+        if names[:1] != [ID_FIELD] or not vectors_fit:
             raise InvalidInputError(f"{path} is not a staged fragment of this store (columns {names[:3]}...)")
         return table
 

@@ -6,11 +6,13 @@ from many workers. ``pip install "mrlstore[ray]"``; the only module that imports
     ds.drop_columns(["bytes"]).write_datasink(StoreSink("photos.mrl", id="path"))
 
 :class:`StoreSink` keeps the store's rules: the driver is the store's only writer while the write runs;
-workers check their rows and write them as fragments beside the store, in parallel; when every task has
-finished the driver commits all fragments at once, reading one fragment at a time and holding neither the
-store's ids nor its HNSW indexes (its memory does not grow with the write or the store); then a Ray task
-extends the indexes to the new rows. If a task fails, or the driver dies, nothing of the write is visible
-and the store is as it was (a writer that opens the store later clears the fragments).
+workers check their rows and write their vectors straight into the store's band files, in parallel, at row
+ranges a small actor reserves for them past the committed watermark, and their ids and metadata as fragments
+beside the store; when every task has finished the driver commits them all at once, copying no vector and
+holding neither the store's ids nor its HNSW indexes (its memory does not grow with the write or the store);
+then a Ray task extends the indexes to the new rows. If a task fails, or the driver dies, nothing of the
+write is visible and the store is as it was (a writer that opens the store later erases the rows and the
+fragments, after ending the write's lease so that no worker of it writes again).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from mrlstore.inputs.staging import StoreShape, new_staging_dir, remove_staging,
 from mrlstore.options import StoreConfig
 from mrlstore.results import HitsBatch
 from mrlstore.store import open as open_store
-from mrlstore.tiers.layout import STAGING_DIR
-from mrlstore.upkeep.staged import StagedWriter
+from mrlstore.tiers.layout import LEASE_FILE, STAGING_DIR
+from mrlstore.tiers.locking import WriteLease
+from mrlstore.upkeep.staged import RangeWriter, StagedWriter
 
 FRAGMENT_ROWS = 16384  # rows per staged fragment at least (Ray merges smaller blocks): fewer, larger appends
 
@@ -89,9 +92,11 @@ class StoreSink(Datasink):
     the driver holds the store's lock, catalog and bands only, and a Ray task opens the store after the
     commit to bring its prefix indexes (a cache the next writer would otherwise extend) up to the new rows.
 
-    Workers write fragments under ``staging`` (default: the store's own ``staging`` folder; on a cluster of
-    several machines, a folder every worker and the driver can reach). After the write, ``rows_added``
-    says how many rows it added."""
+    By default workers write vectors straight into the store's files (they must reach ``path``: one machine,
+    or a shared file system with working flock locks). With ``staging`` (a folder every worker and the
+    driver can reach, for a store only the driver can reach) workers write whole rows there instead and the
+    driver copies their vectors in at the commit. After the write, ``rows_added`` says how many rows it added
+    and ``rows_moved`` how many the commit copied into rows that failed tasks had reserved (normally none)."""
 
     def __init__(
         self,
@@ -107,10 +112,22 @@ class StoreSink(Datasink):
         # The store's writer until the write ends: its lock, catalog and bands, never its ids or indexes
         self._writer: StagedWriter | None = StagedWriter(self.path, StoreConfig().replaced(**create))
         self.shape: StoreShape = self._writer.shape()
+        self.bands = tuple(self._writer.params.bands)
+        self.in_place = staging is None
         self.staging = new_staging_dir(Path(staging) if staging else self.path / STAGING_DIR)
         self._own_staging_root = staging is None
         self.vector, self.id, self.fragment_rows = vector, id, fragment_rows
         self.rows_added: int | None = None
+        self.rows_moved = 0  # rows the commit copied into rows that failed tasks had reserved
+        self.lease = WriteLease(self.staging / LEASE_FILE)
+        self._rows: Any = None
+        if self.in_place:
+            try:
+                self.lease.grant()
+                self._rows = _RowReservations.remote(self._writer.committed_rows())  # type: ignore[attr-defined]
+            except BaseException:
+                self._finish()
+                raise
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_writer": None}  # workers get the settings, never the open store
@@ -120,20 +137,30 @@ class StoreSink(Datasink):
         return self.fragment_rows
 
     def write(self, blocks: Any, ctx: Any) -> list[dict[str, Any]]:
-        """On a worker: each block checked (as an add checks it) and written as a fragment."""
-        written = []
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            if table.num_rows:
-                written.append(write_fragment(self.staging, table, self.vector, self.id, self.shape))
-        return written
+        """On a worker: each block checked (as an add checks it) and written, in place or as a fragment."""
+        tables = (BlockAccessor.for_block(block).to_arrow() for block in blocks)
+        tables = (t for t in tables if t.num_rows)
+        if not self.in_place:
+            return [write_fragment(self.staging, t, self.vector, self.id, self.shape) for t in tables]
+        writer = RangeWriter(self.path, self.shape, self.bands, self.staging, self.lease)
+        try:
+            return [writer.write(t, self.vector, self.id, self._reserve) for t in tables]
+        finally:
+            writer.close()
+
+    def _reserve(self, rows: int) -> int:
+        return int(ray.get(self._rows.reserve.remote(rows)))
 
     def on_write_complete(self, write_result: Any) -> None:
         """On the driver, after every task succeeded: one commit of every fragment; then a worker brings the
         prefix indexes up to it (the driver never holds them)."""
         try:
-            paths = [f["path"] for returned in write_result.write_returns for f in returned]
-            self.rows_added = self._staged_writer().commit_staged(paths)
+            written = [f for returned in write_result.write_returns for f in returned]
+            writer = self._staged_writer()
+            if self.in_place:
+                self.rows_added, self.rows_moved = writer.commit_in_place(written, self.lease)
+            else:
+                self.rows_added = writer.commit_staged([f["path"] for f in written])
         finally:
             self._finish()
         if self.rows_added:
@@ -148,7 +175,11 @@ class StoreSink(Datasink):
             warnings.warn(f"{self.path}: the write committed, but extending its indexes failed: {e}", stacklevel=2)
 
     def on_write_failed(self, error: Exception) -> None:
-        self._finish()  # nothing was committed: drop the fragments
+        try:
+            if self.in_place and self._writer is not None:
+                self._writer.discard_in_place(self.lease)  # nothing was committed: no worker writes after this
+        finally:
+            self._finish()  # and the fragments go
 
     def _staged_writer(self) -> StagedWriter:
         if self._writer is None:
@@ -156,6 +187,7 @@ class StoreSink(Datasink):
         return self._writer
 
     def _finish(self) -> None:
+        self.lease.revoke()
         remove_staging(self.staging)
         if self._own_staging_root:
             try:
@@ -165,9 +197,24 @@ class StoreSink(Datasink):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._rows is not None:
+            ray.kill(self._rows)
+            self._rows = None
 
     def get_name(self) -> str:
         return f"mrlstore({self.path.name})"
+
+
+@ray.remote(num_cpus=0)
+class _RowReservations:
+    """The rows past the committed watermark, handed out to in-place writers in disjoint ranges."""
+
+    def __init__(self, first: int):
+        self.next = first
+
+    def reserve(self, rows: int) -> int:
+        start, self.next = self.next, self.next + rows
+        return start
 
 
 @ray.remote

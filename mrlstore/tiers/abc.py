@@ -38,6 +38,19 @@ class VectorTier(Rows, Protocol):
 
     def append(self, start_row: int, vectors: np.ndarray) -> None: ...
 
+    def write_rows(self, start_row: int, vectors: np.ndarray, sized: bool = True) -> None:
+        """Write rows durably without changing the arrays' shapes (``sized=False``: rows alone, by one of
+        several processes writing side by side at rows reserved for each)."""
+        ...
+
+    def read_written(self, row: int, n: int) -> np.ndarray:
+        """Rows as written, uncommitted ones included (n x dim, stored dtype)."""
+        ...
+
+    def settle(self, first_row: int, end_row: int) -> None:
+        """Make rows written with ``sized=False`` up to ``end_row`` whole files and erase rows past it."""
+        ...
+
     def truncate(self, rows: int) -> None: ...
 
     def file_problems(self, watermark: int) -> list[str]: ...

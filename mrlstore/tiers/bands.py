@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mrlstore._fsutil import atomic_write_bytes, fsync_dir
+from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file
 from mrlstore.errors import CorruptStoreError
 from mrlstore.kernels import as_float32
 
@@ -295,9 +295,10 @@ class _Band:
             keep = min(len(addresses), from_chunk)
             self._kernel = (min(covered, keep * self.chunk_rows), addresses[:keep])
 
-    def write(self, start_row: int, block: np.ndarray, scratch: np.ndarray) -> list[Path]:
+    def write(self, start_row: int, block: np.ndarray, scratch: np.ndarray, sized: bool = True) -> list[Path]:
         """Write rows ``start_row..`` in place (``scratch``: a reused 1-D buffer of the band's dtype);
-        returns the files touched (not yet fsynced)."""
+        returns the files touched (not yet fsynced). ``sized=False`` writes the rows alone, leaving the file's
+        size and shard index to ``settle`` (workers writing one file side by side must not resize it)."""
         touched = []
         row, end = start_row, start_row + len(block)
         while row < end:
@@ -309,16 +310,46 @@ class _Band:
                 touched += [path.parent, path.parent.parent, self.dir]  # new entries need their dirs synced
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if self.sharded:
-                    self._grow(fd, offset + n)
-                elif os.fstat(fd).st_size != self.chunk_bytes:
-                    os.ftruncate(fd, self.chunk_bytes)  # the plain layout: full-size chunk files
+                if sized:
+                    self._size(fd, offset + n)
                 self._pwrite_rows(fd, offset, block[row - start_row : row - start_row + n], scratch)
             finally:
                 os.close(fd)
             touched.append(path)
             row += n
         return touched
+
+    def _size(self, fd: int, rows: int) -> None:
+        if self.sharded:
+            self._grow(fd, rows)
+        elif os.fstat(fd).st_size < self.chunk_bytes:
+            os.ftruncate(fd, self.chunk_bytes)  # the plain layout: full-size chunk files
+
+    def settle(self, chunk: int, rows: int) -> None:
+        """Size and index chunk file ``chunk`` for its first ``rows`` rows after ``write(sized=False)`` put
+        them there, and fsync it."""
+        fd = os.open(self.chunk_path(chunk), os.O_RDWR)
+        try:
+            self._size(fd, rows)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read_written(self, row: int, n: int) -> np.ndarray:
+        """Rows ``row..row+n`` (within one chunk) as written, uncommitted ones included, read from the file."""
+        chunk, offset = divmod(row, self.chunk_rows)
+        want = n * self.row_bytes
+        try:
+            fd = os.open(self.chunk_path(chunk), os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptStoreError(f"chunk file {self.chunk_path(chunk)} of written rows is missing") from None
+        try:
+            data = os.pread(fd, want, self.data_offset + offset * self.row_bytes)
+        finally:
+            os.close(fd)
+        if len(data) != want:
+            raise CorruptStoreError(f"chunk file {self.chunk_path(chunk)} ends before rows {row}..{row + n}")
+        return np.frombuffer(data, dtype=self.dtype).reshape(n, self.width)
 
     def _grow(self, fd: int, rows: int) -> None:
         """A sharded chunk file ready for its first ``rows`` rows: capacity doubled (in inner chunks) if
@@ -615,22 +646,45 @@ class BandedVectors:
     def append(self, start_row: int, vectors: np.ndarray) -> None:
         """Write ``vectors`` (n x dim) at rows ``start_row..`` durably; visible after the catalog commits."""
         with self._write_lock:
-            touched: list[Path] = []
-            for band in self.bands:
-                touched += band.write(start_row, vectors[:, band.start : band.stop], self._scratch())
-            if self.norms is not None:
-                norms = band_norms(vectors, self.edges, self.dtype)
-                touched += self.norms.write(start_row, norms, norms.reshape(-1))  # contiguous: written as is
-            for p in dict.fromkeys(touched):
-                if p.is_dir():
-                    fsync_dir(p)
-                else:
-                    fd = os.open(p, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+            self.write_rows(start_row, vectors)
             self.set_rows(start_row + len(vectors))
+
+    def write_rows(self, start_row: int, vectors: np.ndarray, sized: bool = True) -> None:
+        """Write ``vectors`` and their band norms at rows ``start_row..`` and fsync them, leaving the arrays'
+        shapes alone. ``sized=False``: the rows alone, for processes that write one store side by side at
+        rows reserved for each (its writer then calls ``settle``)."""
+        touched: list[Path] = []
+        for band in self.bands:
+            touched += band.write(start_row, vectors[:, band.start : band.stop], self._scratch(), sized)
+        if self.norms is not None:
+            norms = band_norms(vectors, self.edges, self.dtype)
+            touched += self.norms.write(start_row, norms, norms.reshape(-1), sized)  # contiguous: written as is
+        for p in dict.fromkeys(touched):
+            if p.is_dir():
+                fsync_dir(p)
+            else:
+                fsync_file(p)
+
+    def read_written(self, row: int, n: int) -> np.ndarray:
+        """Rows ``row..row+n`` as written (n x dim, stored dtype), uncommitted ones included."""
+        out = np.empty((n, self.dim), dtype=self.dtype)
+        for band in self.bands:
+            at = row
+            while at < row + n:
+                take = min(row + n - at, band.chunk_rows - at % band.chunk_rows)
+                out[at - row : at - row + take, band.start : band.stop] = band.read_written(at, take)
+                at += take
+        return out
+
+    def settle(self, first_row: int, end_row: int) -> None:
+        """After rows ``first_row..end_row`` were written with ``sized=False`` (and maybe more past them):
+        size and index their chunk files, make ``end_row`` the arrays' shape and erase rows past it."""
+        with self._write_lock:
+            for array in self.arrays:
+                rc = array.chunk_rows
+                for chunk in range(first_row // rc, -(-end_row // rc)):
+                    array.settle(chunk, min(rc, end_row - chunk * rc))
+        self.truncate(end_row)
 
     def set_rows(self, rows: int) -> None:
         """Record ``rows`` as the arrays' shape so zarr-python readers see exactly the committed rows."""

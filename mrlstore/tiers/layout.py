@@ -13,11 +13,12 @@ from mrlstore._fsutil import copy_sparse, fsync_dir, fsync_file
 from mrlstore._version import __version__
 from mrlstore.tiers.bands import GROUP_DIR, create_bands
 from mrlstore.tiers.catalog import DB_FILE, Catalog
-from mrlstore.tiers.locking import LOCK_FILE
+from mrlstore.tiers.locking import LOCK_FILE, WriteLease
 from mrlstore.tiers.params import StoreParams
 
 INDEX_DIR = "index"
 STAGING_DIR = "staging"  # under the store's folder; a writer that opens the store clears what is left there
+LEASE_FILE = "LEASE"  # in a staged write's folder: its workers write rows in place while it exists
 
 
 def create_store(path: Path, config: StoreParams, generation: int = 0) -> None:
@@ -87,6 +88,8 @@ def remove_stale_temporaries(path: Path) -> None:
     for pattern in (f".{path.name}.compact-*", f"..{path.name}.compact-*.creating-*"):  # and its creation
         for leftover in path.parent.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
+    for lease in path.glob(f"{STAGING_DIR}/*/{LEASE_FILE}"):
+        WriteLease(lease).revoke()  # a dead write's workers may still live: no row of theirs after this
     shutil.rmtree(path / STAGING_DIR, ignore_errors=True)  # fragments of a staged write whose driver died
 
 

@@ -1,13 +1,16 @@
-"""One writer per store, across threads and processes (an advisory flock on the store's LOCK file)."""
+"""One writer per store, across threads and processes (an advisory flock on the store's LOCK file), and the
+lease under which a staged write's workers write rows in place for that writer."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from mrlstore.errors import StoreLockedError
+from mrlstore.errors import StoreLockedError, WriteEndedError
 
 LOCK_FILE = "LOCK"
 READER_WAIT_S = 5.0
@@ -93,6 +96,52 @@ class NoLock:
 
     def release(self, remove_if_created: bool = False) -> None:
         pass
+
+
+class WriteLease:
+    """A file that lets a staged write's workers write rows in place, beside the writer that holds the store's
+    lock: each worker holds it shared while it writes; the writer revokes it (takes it exclusively, waiting
+    for writes in flight, and deletes it) before it commits or clears those rows, so a worker of a write that
+    ended (its driver killed, its task given up) never writes again. flock: one machine, or a shared file
+    system whose locks reach every worker."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def grant(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Shared, for one worker's write; WriteEndedError when the lease was revoked."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise WriteEndedError(f"{self.path}: the write this task belongs to has ended") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:  # revoked between our open and our lock
+                raise WriteEndedError(f"{self.path}: the write this task belongs to has ended")
+            yield
+        finally:
+            os.close(fd)
+
+    def revoke(self) -> None:
+        """Wait for the workers' writes in flight, then end the lease (no-op when already ended)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:
