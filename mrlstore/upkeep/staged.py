@@ -101,7 +101,7 @@ class StagedWriter:
             for src, dst, n in moves:
                 for lo in range(0, n, MOVE_ROWS):
                     take = min(MOVE_ROWS, n - lo)
-                    vectors.write_rows(dst + lo, vectors.read_written(src + lo, take))
+                    vectors.write_rows(dst + lo, vectors.read_written(src + lo, take), sized=False)  # settled next
             vectors.settle(start, end)
             catalog.append_tables(start, _pieces(fragments, pieces), end)
         except BaseException:
