@@ -252,18 +252,34 @@ def test_place_rows_keeps_rows_inside_and_fills_holes_from_the_end():
     assert moves == [(6, 0, 1), (9, 1, 1), (10, 4, 1)]
     assert [(dst, rows) for dst, _, _, rows in pieces] == [(0, 1), (1, 1), (2, 2), (4, 1)]
     assert place_rows(7, []) == ([], [])
+    assert place_rows(5, [(5, 0), (5, 3)]) == ([], [(5, 1, 0, 3)])  # a block of no rows takes no place
+    assert place_rows(5, [(5, 3), (5, 0)]) == ([], [(5, 0, 0, 3)])
     with pytest.raises(mrlstore.CorruptStoreError):
         place_rows(0, [(0, 5), (3, 5)])  # overlapping reservations
+
+
+def written_past(path: Path, first: int, n: int) -> np.ndarray:
+    """Rows ``first..first+n`` as the band files hold them now, committed or not (zeros where erased)."""
+    from mrlstore.tiers.bands import BandedVectors
+    from mrlstore.tiers.params import default_bands
+
+    vectors = BandedVectors(path, DIM, default_bands(DIM), "float16")
+    try:
+        return vectors.read_written(first, n)
+    finally:
+        vectors.close()
 
 
 def test_a_worker_of_a_write_that_ended_writes_nothing(tmp_path):
     path, _ = staged_store(tmp_path)
     writer, worker, reserve, _ = in_place(path)
-    worker.write(rows(0, 30), "embedding", "id", reserve)
+    worker.write(rows(0, 30), "embedding", "id", reserve)  # rows 1..30, inside the last committed chunk
     writer.close()  # its driver died without committing
+    assert written_past(path, 1, 30).any()
     try:
         with mrlstore.open(path) as s:  # the next writer ends the lease, then erases the rows
             assert len(s) == 1 and s.verify() == []
+        assert not written_past(path, 1, 30).any()
         with pytest.raises(mrlstore.WriteEndedError):
             worker.write(rows(30, 30), "embedding", "id", reserve)
     finally:
@@ -272,6 +288,48 @@ def test_a_worker_of_a_write_that_ended_writes_nothing(tmp_path):
         assert len(s) == 1 and s.verify() == [] and not (path / STAGING_DIR).exists()
         s.add_vectors(np.ones((2, DIM), np.float32), ids=["a", "b"])
         assert s.verify() == []
+
+
+def test_a_commit_that_fails_before_writing_erases_the_workers_rows(tmp_path):
+    path, _ = staged_store(tmp_path)
+    writer, worker, reserve, lease = in_place(path)
+    try:
+        written = [worker.write(rows(0, 30), "embedding", "id", reserve)]
+        written[0]["rows"] = 29  # what a worker said disagrees with its fragment
+        with pytest.raises(mrlstore.CorruptStoreError, match="row counts"):
+            writer.commit_in_place(written, lease)
+        assert writer.committed_rows() == 1
+    finally:
+        worker.close()
+        writer.close()
+    assert not written_past(path, 1, 30).any()
+    with mrlstore.open(path) as s:
+        assert len(s) == 1 and s.verify() == []
+
+
+def test_a_lease_held_by_a_hung_worker_refuses_the_next_writer(tmp_path):
+    path, _ = staged_store(tmp_path)
+    writer, worker, reserve, lease = in_place(path)
+    writer.close()  # its driver died; one of its workers hangs inside its write
+    held, release = threading.Event(), threading.Event()
+
+    def hung_worker() -> None:
+        with lease.held():
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hung_worker)
+    t.start()
+    held.wait()
+    try:
+        with pytest.raises(mrlstore.StoreLockedError, match="still holds"):
+            lease.revoke(timeout=0.2)
+    finally:
+        release.set()
+        t.join()
+        worker.close()
+    with mrlstore.open(path) as s:  # the worker is gone: the next writer's open goes through
+        assert len(s) == 1 and s.verify() == []
 
 
 def test_revoking_a_lease_waits_for_the_writes_in_flight(tmp_path):
@@ -321,6 +379,16 @@ def dies_at(cls, name, after=False):
 
 if kill_at == "settle":  # after the hole was filled
     dies_at(BandedVectors, "settle")
+elif kill_at == "mid-settle":  # some chunk files sized and indexed, others not
+    from mrlstore.tiers import bands
+    settled = []
+    original = bands._Band.settle
+    def settle_then_die(self, chunk, rows):
+        original(self, chunk, rows)
+        settled.append(chunk)
+        if len(settled) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bands._Band.settle = settle_then_die
 elif kill_at == "catalog":  # after the files were sized and indexed, before the commit point
     dies_at(Catalog, "append_tables")
 elif kill_at == "committed":  # right after the commit point
@@ -347,7 +415,7 @@ writer.commit_in_place(written, lease)
 """
 
 
-@pytest.mark.parametrize("kill_at", ["writing", "settle", "catalog", "committed"])
+@pytest.mark.parametrize("kill_at", ["writing", "settle", "mid-settle", "catalog", "committed"])
 def test_a_writer_killed_during_a_write_in_place_leaves_the_store_whole(tmp_path, kill_at):
     path = tmp_path / "s.mrl"
     with mrlstore.open(path, dim=DIM, bands=(8, DIM), index_dims=[8], chunk_rows=512) as s:

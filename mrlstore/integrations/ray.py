@@ -28,6 +28,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from mrlstore.errors import StoreLockedError
 from mrlstore.inputs.arrow import column, to_matrix
 from mrlstore.inputs.staging import StoreShape, new_staging_dir, remove_staging, write_fragment
 from mrlstore.options import StoreConfig
@@ -187,13 +188,17 @@ class StoreSink(Datasink):
         return self._writer
 
     def _finish(self) -> None:
-        self.lease.revoke()
-        remove_staging(self.staging)
-        if self._own_staging_root:
-            try:
-                self.staging.parent.rmdir()  # only when empty
-            except OSError:
-                pass
+        try:
+            self.lease.revoke(timeout=0)  # the commit or the discard revoked it already
+        except StoreLockedError:
+            pass  # a hung worker: its rows and fragments wait for the next writer's open, which clears them
+        else:
+            remove_staging(self.staging)
+            if self._own_staging_root:
+                try:
+                    self.staging.parent.rmdir()  # only when empty
+                except OSError:
+                    pass
         if self._writer is not None:
             self._writer.close()
             self._writer = None

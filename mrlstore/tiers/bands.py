@@ -327,13 +327,16 @@ class _Band:
 
     def settle(self, chunk: int, rows: int) -> None:
         """Size and index chunk file ``chunk`` for its first ``rows`` rows after ``write(sized=False)`` put
-        them there, and fsync it."""
-        fd = os.open(self.chunk_path(chunk), os.O_RDWR)
+        them there, and fsync it and its folders."""
+        path = self.chunk_path(chunk)
+        fd = os.open(path, os.O_RDWR)
         try:
             self._size(fd, rows)
             os.fsync(fd)
         finally:
             os.close(fd)
+        for folder in (path.parent, path.parent.parent, self.dir):  # the worker that made it may have died first
+            fsync_dir(folder)
 
     def read_written(self, row: int, n: int) -> np.ndarray:
         """Rows ``row..row+n`` (within one chunk) as written, uncommitted ones included, read from the file."""

@@ -78,10 +78,10 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
         raise
 
 
-def remove_stale_temporaries(path: Path) -> None:
+def remove_stale_temporaries(path: Path) -> bool:
     """Temporary files of atomic writes that a killed writer never renamed, the fragments of a staged write
     that never committed, and the folder a killed compaction left beside the store (the caller holds the
-    writer lock: no such write can be running)."""
+    writer lock: no such write can be running). True when a staged write was left behind."""
     for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*", "published/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
@@ -90,7 +90,9 @@ def remove_stale_temporaries(path: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
     for lease in path.glob(f"{STAGING_DIR}/*/{LEASE_FILE}"):
         WriteLease(lease).revoke()  # a dead write's workers may still live: no row of theirs after this
+    staged = (path / STAGING_DIR).exists()
     shutil.rmtree(path / STAGING_DIR, ignore_errors=True)  # fragments of a staged write whose driver died
+    return staged
 
 
 def fsync_tree(root: Path) -> None:

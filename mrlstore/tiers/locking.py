@@ -14,6 +14,7 @@ from mrlstore.errors import StoreLockedError, WriteEndedError
 
 LOCK_FILE = "LOCK"
 READER_WAIT_S = 5.0
+LEASE_WAIT_S = 120.0  # a worker holds a staged write's lease for one block's write (seconds)
 
 
 class StoreLock:
@@ -131,14 +132,26 @@ class WriteLease:
         finally:
             os.close(fd)
 
-    def revoke(self) -> None:
-        """Wait for the workers' writes in flight, then end the lease (no-op when already ended)."""
+    def revoke(self, timeout: float = LEASE_WAIT_S) -> None:
+        """Wait for the workers' writes in flight, then end the lease (no-op when already ended);
+        StoreLockedError if a worker still holds it after ``timeout`` seconds (a stopped or hung process)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDWR)  # over NFS an exclusive lock needs a file open for writing
         except FileNotFoundError:
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreLockedError(
+                            f"a worker of a staged write still holds {self.path} after {timeout:.0f} s; end that "
+                            "process (a Ray worker of a write that ended), then open the store again"
+                        ) from None
+                    time.sleep(0.01)
             self.path.unlink(missing_ok=True)
         finally:
             os.close(fd)

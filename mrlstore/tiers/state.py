@@ -132,9 +132,10 @@ def check_rows(vectors: VectorTier, watermark: int) -> None:
 def clear_uncommitted(path: Path, vectors: VectorTier, watermark: int) -> None:
     """A writer's open: temporaries and band rows of appends that never committed go (CorruptStoreError when
     the bands hold fewer rows than the catalog committed)."""
-    remove_stale_temporaries(path)
+    staged_write_left = remove_stale_temporaries(path)
     check_rows(vectors, watermark)
-    if not vectors.is_clean(watermark):
+    # its workers may have written rows past the watermark inside the last chunk, which is_clean cannot see
+    if staged_write_left or not vectors.is_clean(watermark):
         vectors.truncate(watermark)  # leftovers of an append that never committed
 
 

@@ -92,16 +92,13 @@ class StagedWriter:
         catalog, vectors = self._open()
         lease.revoke()
         start = catalog.committed_rows()
-        fragments = Fragments([w["path"] for w in written], self.shape())
-        if [int(w["rows"]) for w in written] != fragments.rows:
-            raise CorruptStoreError("staged fragments hold other row counts than their workers wrote")
-        moves, pieces = place_rows(start, [(int(w["start"]), n) for w, n in zip(written, fragments.rows)])
-        end = start + len(fragments)
         try:
-            for src, dst, n in moves:
-                for lo in range(0, n, MOVE_ROWS):
-                    take = min(MOVE_ROWS, n - lo)
-                    vectors.write_rows(dst + lo, vectors.read_written(src + lo, take), sized=False)  # settled next
+            fragments = Fragments([w["path"] for w in written], self.shape())
+            if [int(w["rows"]) for w in written] != fragments.rows:
+                raise CorruptStoreError("staged fragments hold other row counts than their workers wrote")
+            moves, pieces = place_rows(start, [(int(w["start"]), n) for w, n in zip(written, fragments.rows)])
+            end = start + len(fragments)
+            _copy_rows(vectors, moves)
             vectors.settle(start, end)
             catalog.append_tables(start, _pieces(fragments, pieces), end)
         except BaseException:
@@ -145,10 +142,11 @@ class RangeWriter:
     def write(self, table: pa.Table, vector: str, id: str | None, reserve: Callable[[int], int]) -> dict[str, Any]:  # noqa: A002
         """Returns ``{"path", "rows", "start"}`` for ``StagedWriter.commit_in_place``."""
         vectors, ids, meta = checked_rows(table, vector, id, self.shape)
-        with self.lease.held():
+        with self.lease.held():  # the fragment too: a worker of an ended write leaves nothing behind
             start = reserve(len(vectors))
             self.vectors.write_rows(start, vectors, sized=False)
-        return {"path": str(save_fragment(self.staging, ids, meta)), "rows": len(ids), "start": start}
+            fragment = save_fragment(self.staging, ids, meta)
+        return {"path": str(fragment), "rows": len(ids), "start": start}
 
     def close(self) -> None:
         self.vectors.close()
@@ -170,6 +168,8 @@ def place_rows(first: int, blocks: Sequence[tuple[int, int]]) -> tuple[list[Copy
     at = first
     for i in sorted(range(len(blocks)), key=lambda i: blocks[i][0]):
         start, n = blocks[i]
+        if n == 0:
+            continue  # no rows, no place
         if start < at or n < 0:
             raise CorruptStoreError(f"staged rows {start}..{start + n} overlap others or precede row {first}")
         if start > at and at < end:
@@ -193,6 +193,14 @@ def place_rows(first: int, blocks: Sequence[tuple[int, int]]) -> tuple[list[Copy
             dst, want = dst + take, want - take
     pieces.sort()
     return moves, pieces
+
+
+def _copy_rows(vectors: VectorTier, moves: list[Copy]) -> None:
+    """Rows past a commit's end into the holes before it, a block at a time (``settle`` sizes the files)."""
+    for src, dst, n in moves:
+        for lo in range(0, n, MOVE_ROWS):
+            take = min(MOVE_ROWS, n - lo)
+            vectors.write_rows(dst + lo, vectors.read_written(src + lo, take), sized=False)
 
 
 def _pieces(fragments: Fragments, pieces: list[Piece]) -> Iterator[pa.Table]:
