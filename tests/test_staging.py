@@ -434,3 +434,62 @@ def test_a_writer_killed_during_a_write_in_place_leaves_the_store_whole(tmp_path
         after = np.arange(1, DIM + 1, dtype=np.float32)
         s.add_vectors(after[None], ids=["after"])
         assert s.verify() == [] and s.query(after, k=1).ids == ["after"]
+
+
+# -- a large commit goes into the catalog in steps (bounded memory), still all or nothing -----------------
+@pytest.fixture
+def small_steps(monkeypatch):
+    from mrlstore.tiers import catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "APPEND_STEP_ROWS", 30)
+
+
+def test_a_commit_in_steps_that_fails_late_leaves_nothing_behind(tmp_path, small_steps):
+    from mrlstore.tiers.catalog import STAGED_KEY
+
+    path, paths = staged_store(tmp_path)  # fragments of 40 rows (column color) and 25 (column size)
+    with mrlstore.open(path) as s:
+        paths += stage(s, rows(30, 3), where=tmp_path / "fragments")  # ids of the first fragment again
+    writer = StagedWriter(path, StoreConfig())
+    try:
+        with pytest.raises(mrlstore.DuplicateIdError):
+            writer.commit_staged(paths)  # the first 40 rows went in their own transaction before the repeat
+        assert writer.commit_staged(paths[:2]) == 65  # the same ids again: the failed write left none
+    finally:
+        writer.close()
+    with mrlstore.open(path) as s:
+        assert len(s) == 66 and s.verify() == [] and STAGED_KEY not in s.manifest
+        assert s.get(["r3", "r50"]).select(["color", "size"]).to_pylist() == [
+            {"color": "red", "size": None},
+            {"color": None, "size": 10},
+        ]
+
+
+KILLED_BETWEEN_STEPS = """
+import os, signal, sys
+from mrlstore.options import StoreConfig
+from mrlstore.tiers import catalog
+from mrlstore.upkeep.staged import StagedWriter
+
+catalog.APPEND_STEP_ROWS = 30
+original, steps = catalog.Catalog._insert_step, []
+def insert_step(self, *args):
+    steps.append(1)
+    if len(steps) == 2:  # the first step's transaction (40 rows, the column color, the mark) committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args)
+catalog.Catalog._insert_step = insert_step
+StagedWriter(sys.argv[1], StoreConfig()).commit_staged(sys.argv[2:])
+"""
+
+
+def test_a_writer_killed_between_steps_of_a_commit_leaves_the_store_as_it_was(tmp_path):
+    path, paths = staged_store(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_STEPS, str(path), *paths], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    with mrlstore.open(path, read_only=True) as reader:  # before any writer: the committed state only
+        assert len(reader) == 1 and reader.verify() == []
+    with mrlstore.open(path) as s:  # the writer's open removes the dead write's rows and columns
+        assert len(s) == 1 and s.verify() == [] and "color" not in s.sql("SELECT * FROM items").column_names
+        assert s.commit_staged(paths) == 65
+        assert len(s) == 66 and s.verify() == []

@@ -31,6 +31,9 @@ from mrlstore.errors import (
 
 DB_FILE = "catalog.duckdb"
 # Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
+APPEND_STEP_ROWS = 262_144  # rows per transaction of a large append_tables (about 35 MiB of DuckDB memory)
+STAGED_KEY = "staged_write"  # manifest entry while an append_tables in steps runs: its first row, prior columns
+_WATERMARK = "SELECT CAST(value AS BIGINT) FROM manifest WHERE key = 'committed_rows'"
 _FILE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": "v1.2.0"}
 # The store's own connection runs users' where= and sql() text, so it reaches nothing but its tables: no
 # files, network, extensions or ATTACH, and the configuration is locked so no statement can undo that.
@@ -78,6 +81,7 @@ class Catalog:
         except duckdb.Error as e:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
         self._columns: dict[str, str] | None = None
+        self._batch_registered = False  # "_batch" is registered on the connection (unregistered after a rollback)
         self._checked_filters: set[str] = set()  # where= expressions already parsed and found read-only
 
     def close(self) -> None:
@@ -128,12 +132,12 @@ class Catalog:
     def live_items(self) -> tuple[np.ndarray, pa.Table]:
         """Every live row: (row numbers ascending, their id and metadata columns)."""
         with self._lock, _corruption_as_error(self.path):
-            t = _arrow(self._con, "SELECT * FROM _items ORDER BY _row")
+            t = _arrow(self._con, f"SELECT * FROM _items WHERE _row < ({_WATERMARK}) ORDER BY _row")
         return t.column("_row").to_numpy().astype(np.int64), t.drop_columns(["_row"])
 
     def live_count(self) -> int:
         with self._lock, _corruption_as_error(self.path):
-            return int(self._con.execute("SELECT count(*) FROM _items").fetchall()[0][0])
+            return int(self._con.execute(f"SELECT count(*) FROM _items WHERE _row < ({_WATERMARK})").fetchall()[0][0])
 
     def tombstones(self) -> np.ndarray:
         with self._lock, _corruption_as_error(self.path):
@@ -356,29 +360,77 @@ class Catalog:
                     con.unregister("_dead")
         return stored.drop_columns(["_row"])
 
-    def append_tables(self, first_row: int, tables: Iterable[pa.Table], new_watermark: int) -> None:
+    def append_tables(
+        self, first_row: int, tables: Iterable[pa.Table], new_watermark: int, step_rows: int | None = None
+    ) -> None:
         """Record rows ``first_row..new_watermark`` from ``tables`` (``id`` and metadata columns, taken one at
-        a time) in one transaction: all of them or none. Memory holds one table at a time, never the write's ids
-        (repeated ids are refused by the catalog's own constraint)."""
-        row, registered = first_row, False
+        a time): all of them visible at once, or none. DuckDB holds a transaction's rows and their unique
+        index entries in memory, so a write of more than ``step_rows`` rows (default APPEND_STEP_ROWS) goes in
+        several transactions of about that many: rows past the watermark belong to no committed state, the
+        first transaction marks the write in the manifest (a failure here, or the next writer's open, removes
+        its rows and columns: ``discard_staged``), and the last one moves the watermark. Repeated ids are
+        refused by the catalog's own constraint."""
+        before, row, tables = list(self.columns()), first_row, iter(tables)
+        step_rows = step_rows or APPEND_STEP_ROWS
         with self._lock:
             try:
-                with _insert_errors("an id is already in the store or repeated"), self._transaction():
-                    for table in tables:
-                        if table.num_columns > 1:
-                            self._add_columns(table.drop_columns(["id"]))
-                        rows = pa.array(np.arange(row, row + table.num_rows, dtype=np.int64))
-                        self._con.register("_batch", table.add_column(0, "_row", rows))
-                        registered = True
-                        self._con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
-                        self._con.unregister("_batch")
-                        registered, row = False, row + table.num_rows
-                    if row != new_watermark:
-                        raise CorruptStoreError(f"tables of {row - first_row} rows for {new_watermark - first_row}")
-                    self._set_watermark(new_watermark)
-            finally:
-                if registered:  # after the rollback: DuckDB refuses all but ROLLBACK after a failed statement
-                    self._con.unregister("_batch")
+                while True:
+                    with _insert_errors("an id is already in the store or repeated"), self._transaction():
+                        row, done = self._insert_step(row, tables, step_rows)
+                        if done:
+                            if row != new_watermark:
+                                raise CorruptStoreError(
+                                    f"tables of {row - first_row} rows for {new_watermark - first_row}"
+                                )
+                            self._set_watermark(new_watermark)
+                        self._set_staged(None if done else {"first_row": first_row, "columns": before})
+                    if done:
+                        return
+            except BaseException:
+                self._unregister_batch()  # after the rollback: DuckDB refuses all but ROLLBACK after a failure
+                if row > first_row:
+                    self.discard_staged()
+                raise
+
+    def _insert_step(self, row: int, tables: Iterator[pa.Table], step_rows: int) -> tuple[int, bool]:
+        """Insert tables at rows ``row..`` until ``step_rows`` rows or the end: (next row, whether at the end)."""
+        start = row
+        for table in tables:
+            if table.num_columns > 1:
+                self._add_columns(table.drop_columns(["id"]))
+            rows = pa.array(np.arange(row, row + table.num_rows, dtype=np.int64))
+            self._con.register("_batch", table.add_column(0, "_row", rows))
+            self._batch_registered = True
+            self._con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
+            self._unregister_batch()
+            row += table.num_rows
+            if row - start >= step_rows:
+                return row, False
+        return row, True
+
+    def _unregister_batch(self) -> None:
+        if self._batch_registered:
+            self._con.unregister("_batch")
+            self._batch_registered = False
+
+    def _set_staged(self, entry: dict[str, Any] | None) -> None:
+        self._con.execute("DELETE FROM manifest WHERE key = ?", [STAGED_KEY])
+        if entry is not None:
+            self._con.execute("INSERT INTO manifest VALUES (?, ?)", [STAGED_KEY, json.dumps(entry)])
+
+    def discard_staged(self) -> None:
+        """Remove the rows and the metadata columns of a write in steps that never moved the watermark (a
+        writer's open, or the write's own failure); no-op when there is none."""
+        with self._lock:
+            entry = self.manifest().get(STAGED_KEY)
+            if entry is None:
+                return
+            with self._transaction():
+                self._con.execute("DELETE FROM _items WHERE _row >= ?", [self.committed_rows()])
+                for name in set(self.columns()) - set(entry["columns"]):
+                    self._con.execute(f"ALTER TABLE _items DROP COLUMN {_quote(name)}")
+                self._set_staged(None)
+                self._refresh_view()
 
     def _commit_rows_txn(
         self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int
@@ -408,10 +460,12 @@ class Catalog:
         self._con.execute("INSERT INTO tombstones SELECT _row FROM _dead")
 
     def rows_outside(self, watermark: int) -> int:
-        """How many catalog rows lie outside ``[0, watermark)`` (0 in a consistent store)."""
+        """How many catalog rows lie outside ``[0, watermark)`` (0 in a consistent store; rows past it are
+        expected while a write in steps is marked, and go at the next writer's open)."""
+        staged = STAGED_KEY in self.manifest()
         with self._lock, _corruption_as_error(self.path):
-            query = "SELECT count(*) FROM _items WHERE _row < 0 OR _row >= ?"
-            return int(self._con.execute(query, [watermark]).fetchall()[0][0])
+            query = "SELECT count(*) FROM _items WHERE _row < 0 OR (_row >= ? AND NOT ?)"
+            return int(self._con.execute(query, [watermark, staged]).fetchall()[0][0])
 
     def committed_rows(self) -> int:
         """The committed watermark, read from the database (the truth after any failure)."""

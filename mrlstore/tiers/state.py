@@ -110,7 +110,8 @@ def open_state(
         if read_only:
             check_rows(vectors, watermark)
         else:
-            clear_uncommitted(path, vectors, watermark)
+            clear_uncommitted(path, vectors, catalog)
+            manifest = catalog.manifest()  # without the mark of a write that died
         snap = load_snapshot(catalog.live_items(), watermark, version)
         indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only, checked, fetch)
         projection = projection_of(manifest, params)
@@ -129,9 +130,11 @@ def check_rows(vectors: VectorTier, watermark: int) -> None:
         raise CorruptStoreError(f"Zarr arrays hold {held} rows but the catalog committed {watermark}")
 
 
-def clear_uncommitted(path: Path, vectors: VectorTier, watermark: int) -> None:
-    """A writer's open: temporaries and band rows of appends that never committed go (CorruptStoreError when
-    the bands hold fewer rows than the catalog committed)."""
+def clear_uncommitted(path: Path, vectors: VectorTier, catalog: Catalog) -> None:
+    """A writer's open: temporaries, catalog rows and band rows of appends that never committed go
+    (CorruptStoreError when the bands hold fewer rows than the catalog committed)."""
+    catalog.discard_staged()
+    watermark = catalog.committed_rows()
     staged_write_left = remove_stale_temporaries(path)
     check_rows(vectors, watermark)
     # its workers may have written rows past the watermark inside the last chunk, which is_clean cannot see

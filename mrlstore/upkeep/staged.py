@@ -57,7 +57,7 @@ class StagedWriter:
             self.params = StoreParams.from_manifest(self._catalog.manifest(), self.path)
             self.params.check_requested(requested, self.path)
             self._vectors = versions.open_bands(self.params)
-            clear_uncommitted(self.path, self._vectors, self._catalog.committed_rows())
+            clear_uncommitted(self.path, self._vectors, self._catalog)
         except BaseException:
             self.close()
             raise
