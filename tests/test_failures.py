@@ -187,3 +187,27 @@ def test_rows_of_a_failed_commit_are_overwritten_in_the_index(tmp_path, rng, mon
         assert store.query(x[15], k=1, dims=[8, 64]).scores[0] < 0.99
     with mrlstore.open(tmp_path / "s") as store:
         assert store.query(x[25], k=1, dims=[8, 64]).ids == ["c5"] and len(store) == 20
+
+
+def test_short_pwrites_are_completed_not_lost(tmp_path, rng, monkeypatch):
+    """pwrite may write less than asked and say so only in its return value: every byte still lands."""
+    import os
+
+    from mrlstore import _fsutil
+
+    real_pwrite, calls = os.pwrite, []
+
+    def short_pwrite(fd, data, offset):  # noqa: ANN001, ANN202
+        calls.append(len(data))
+        return real_pwrite(fd, memoryview(data).cast("B")[:1000], offset)  # at most 1000 bytes a call
+
+    monkeypatch.setattr(_fsutil.os, "pwrite", short_pwrite)
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,), chunk_rows=128) as store:
+        store.add_vectors(x[:200], ids=[f"a{i}" for i in range(200)])
+        store.add_vectors(x[200:], ids=[f"a{i}" for i in range(200, 300)])
+    monkeypatch.undo()
+    assert max(calls) > 1000  # the writes were cut short
+    with mrlstore.open(tmp_path / "s") as store:
+        assert store.verify() == []
+        np.testing.assert_array_equal(_vectors(store, [f"a{i}" for i in range(300)]), _f16(x))

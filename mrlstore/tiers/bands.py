@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file
+from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file, pwrite_all
 from mrlstore.errors import CorruptStoreError
 from mrlstore.kernels import as_float32
 
@@ -359,7 +359,7 @@ class _Band:
         short, and the index listing every inner chunk up to them."""
         size = os.fstat(fd).st_size
         if size < self.data_offset:  # a new file: an index of empty entries
-            os.pwrite(fd, np.full(2 * self.n_inner, EMPTY, dtype="<u8").tobytes(), 0)
+            pwrite_all(fd, np.full(2 * self.n_inner, EMPTY, dtype="<u8").tobytes(), 0)
             size = self.data_offset
         have = (size - self.data_offset) // self.inner_bytes
         need = -(-rows // self.inner_rows)
@@ -375,7 +375,7 @@ class _Band:
         changed = np.flatnonzero((index != want).any(axis=1))
         if len(changed):
             lo, hi = int(changed[0]), int(changed[-1]) + 1
-            os.pwrite(fd, want[lo:hi].tobytes(), 16 * lo)
+            pwrite_all(fd, want[lo:hi].tobytes(), 16 * lo)
 
     def _wanted_index(self, present: int) -> np.ndarray:
         """The shard index listing inner chunks ``0..present-1`` at their places, the rest empty."""
@@ -408,7 +408,7 @@ class _Band:
             else:
                 data = scratch[: len(part) * self.width].reshape(len(part), self.width)
                 np.copyto(data, part, casting="same_kind")
-            os.pwrite(fd, data.data.cast("B"), self.data_offset + (offset + lo) * self.row_bytes)
+            pwrite_all(fd, data.data, self.data_offset + (offset + lo) * self.row_bytes)
 
     def file_problems(self, watermark: int) -> list[str]:
         """What is wrong with this array's files for ``watermark`` committed rows, read from disk now (the
@@ -475,7 +475,7 @@ class _Band:
                     self._set_index(fd, keep)
                     os.ftruncate(fd, min(os.fstat(fd).st_size, self.data_offset + keep * self.inner_bytes))
                 if stop > offset:
-                    os.pwrite(fd, bytes((stop - offset) * self.row_bytes), self.data_offset + offset * self.row_bytes)
+                    pwrite_all(fd, bytes((stop - offset) * self.row_bytes), self.data_offset + offset * self.row_bytes)
                 os.fsync(fd)
             finally:
                 os.close(fd)
