@@ -384,10 +384,11 @@ elif kill_at == "mid-settle":  # some chunk files sized and indexed, others not
     settled = []
     original = bands._Band.settle
     def settle_then_die(self, chunk, rows):
-        original(self, chunk, rows)
+        touched = original(self, chunk, rows)
         settled.append(chunk)
         if len(settled) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        return touched
     bands._Band.settle = settle_then_die
 elif kill_at == "catalog":  # after the files were sized and indexed, before the commit point
     dies_at(Catalog, "append_tables")

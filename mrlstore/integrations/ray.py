@@ -9,7 +9,8 @@ from many workers. ``pip install "mrlstore[ray]"``; the only module that imports
 workers check their rows and write their vectors straight into the store's band files, in parallel, at row
 ranges a small actor reserves for them past the committed watermark, and their ids and metadata as fragments
 beside the store; when every task has finished the driver commits them all at once, copying no vector and
-holding neither the store's ids nor its HNSW indexes (its memory does not grow with the write or the store);
+holding neither the store's ids nor its HNSW indexes (its memory does not grow with the write; the catalog's
+unique id index, about 70 bytes a row, grows with the store);
 then a Ray task extends the indexes to the new rows. If a task fails, or the driver dies, nothing of the
 write is visible and the store is as it was (a writer that opens the store later erases the rows and the
 fragments, after ending the write's lease so that no worker of it writes again).
@@ -116,7 +117,6 @@ class StoreSink(Datasink):
         self.bands = tuple(self._writer.params.bands)
         self.in_place = staging is None
         self.staging = new_staging_dir(Path(staging) if staging else self.path / STAGING_DIR)
-        self._own_staging_root = staging is None
         self.vector, self.id, self.fragment_rows = vector, id, fragment_rows
         self.rows_added: int | None = None
         self.rows_moved = 0  # rows the commit copied into rows that failed tasks had reserved
@@ -194,9 +194,9 @@ class StoreSink(Datasink):
             pass  # a hung worker: its rows and fragments wait for the next writer's open, which clears them
         else:
             remove_staging(self.staging)
-            if self._own_staging_root:
+            if self.in_place:
                 try:
-                    self.staging.parent.rmdir()  # only when empty
+                    self.staging.parent.rmdir()  # the store's own staging folder, only when empty
                 except OSError:
                     pass
         if self._writer is not None:

@@ -325,18 +325,17 @@ class _Band:
         elif os.fstat(fd).st_size < self.chunk_bytes:
             os.ftruncate(fd, self.chunk_bytes)  # the plain layout: full-size chunk files
 
-    def settle(self, chunk: int, rows: int) -> None:
+    def settle(self, chunk: int, rows: int) -> list[Path]:
         """Size and index chunk file ``chunk`` for its first ``rows`` rows after ``write(sized=False)`` put
-        them there, and fsync it and its folders."""
+        them there; returns it and its folders (not yet fsynced: the worker that made it may have died
+        before it synced them)."""
         path = self.chunk_path(chunk)
         fd = os.open(path, os.O_RDWR)
         try:
             self._size(fd, rows)
-            os.fsync(fd)
         finally:
             os.close(fd)
-        for folder in (path.parent, path.parent.parent, self.dir):  # the worker that made it may have died first
-            fsync_dir(folder)
+        return [path, path.parent, path.parent.parent, self.dir]
 
     def read_written(self, row: int, n: int) -> np.ndarray:
         """Rows ``row..row+n`` (within one chunk) as written, uncommitted ones included, read from the file."""
@@ -495,6 +494,15 @@ class _Band:
             self._kernel = (0, np.zeros(0, dtype=np.uint64))
             self._maps.clear()
             self._retired.clear()
+
+
+def _fsync_each(paths: list[Path]) -> None:
+    """fsync every file and folder in ``paths`` once."""
+    for p in dict.fromkeys(paths):
+        if p.is_dir():
+            fsync_dir(p)
+        else:
+            fsync_file(p)
 
 
 def _inner_rows(codecs: list[dict], width: int, chunk_rows: int) -> int | None | bool:
@@ -662,11 +670,7 @@ class BandedVectors:
         if self.norms is not None:
             norms = band_norms(vectors, self.edges, self.dtype)
             touched += self.norms.write(start_row, norms, norms.reshape(-1), sized)  # contiguous: written as is
-        for p in dict.fromkeys(touched):
-            if p.is_dir():
-                fsync_dir(p)
-            else:
-                fsync_file(p)
+        _fsync_each(touched)
 
     def read_written(self, row: int, n: int) -> np.ndarray:
         """Rows ``row..row+n`` as written (n x dim, stored dtype), uncommitted ones included."""
@@ -683,10 +687,12 @@ class BandedVectors:
         """After rows ``first_row..end_row`` were written with ``sized=False`` (and maybe more past them):
         size and index their chunk files, make ``end_row`` the arrays' shape and erase rows past it."""
         with self._write_lock:
+            touched: list[Path] = []
             for array in self.arrays:
                 rc = array.chunk_rows
                 for chunk in range(first_row // rc, -(-end_row // rc)):
-                    array.settle(chunk, min(rc, end_row - chunk * rc))
+                    touched += array.settle(chunk, min(rc, end_row - chunk * rc))
+            _fsync_each(touched)
         self.truncate(end_row)
 
     def set_rows(self, rows: int) -> None:

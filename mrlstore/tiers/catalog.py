@@ -30,10 +30,10 @@ from mrlstore.errors import (
 )
 
 DB_FILE = "catalog.duckdb"
-# Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
 APPEND_STEP_ROWS = 262_144  # rows per transaction of a large append_tables (about 35 MiB of DuckDB memory)
-STAGED_KEY = "staged_write"  # manifest entry while an append_tables in steps runs: its first row, prior columns
+STAGED_KEY = "staged_write"  # manifest entry while an append_tables in steps runs: the columns before it
 _WATERMARK = "SELECT CAST(value AS BIGINT) FROM manifest WHERE key = 'committed_rows'"
+# Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
 _FILE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": "v1.2.0"}
 # The store's own connection runs users' where= and sql() text, so it reaches nothing but its tables: no
 # files, network, extensions or ATTACH, and the configuration is locked so no statement can undo that.
@@ -383,7 +383,7 @@ class Catalog:
                                     f"tables of {row - first_row} rows for {new_watermark - first_row}"
                                 )
                             self._set_watermark(new_watermark)
-                        self._set_staged(None if done else {"first_row": first_row, "columns": before})
+                        self._put_manifest(STAGED_KEY, None if done else {"columns": before})
                     if done:
                         return
             except BaseException:
@@ -413,11 +413,6 @@ class Catalog:
             self._con.unregister("_batch")
             self._batch_registered = False
 
-    def _set_staged(self, entry: dict[str, Any] | None) -> None:
-        self._con.execute("DELETE FROM manifest WHERE key = ?", [STAGED_KEY])
-        if entry is not None:
-            self._con.execute("INSERT INTO manifest VALUES (?, ?)", [STAGED_KEY, json.dumps(entry)])
-
     def discard_staged(self) -> None:
         """Remove the rows and the metadata columns of a write in steps that never moved the watermark (a
         writer's open, or the write's own failure); no-op when there is none."""
@@ -429,7 +424,7 @@ class Catalog:
                 self._con.execute("DELETE FROM _items WHERE _row >= ?", [self.committed_rows()])
                 for name in set(self.columns()) - set(entry["columns"]):
                     self._con.execute(f"ALTER TABLE _items DROP COLUMN {_quote(name)}")
-                self._set_staged(None)
+                self._put_manifest(STAGED_KEY, None)
                 self._refresh_view()
 
     def _commit_rows_txn(
@@ -484,9 +479,13 @@ class Catalog:
         """Insert or replace manifest entries, all in one transaction (a value None removes its entry)."""
         with self._lock, self._transaction():
             for key, value in entries.items():
-                self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
-                if value is not None:
-                    self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
+                self._put_manifest(key, value)
+
+    def _put_manifest(self, key: str, value: Any) -> None:
+        """Insert or replace one manifest entry (None: remove it) inside the caller's transaction."""
+        self._con.execute("DELETE FROM manifest WHERE key = ?", [key])
+        if value is not None:
+            self._con.execute("INSERT INTO manifest VALUES (?, ?)", [key, json.dumps(value)])
 
     def _set_watermark(self, rows: int) -> None:
         self._con.execute("UPDATE manifest SET value = ? WHERE key = 'committed_rows'", [json.dumps(rows)])

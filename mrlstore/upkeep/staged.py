@@ -2,7 +2,8 @@
 the workers that write rows in place for it.
 
 The writer holds the store's writer lock, its catalog and its bands, and never the ids, the metadata or the
-HNSW indexes, so its memory grows neither with the store nor with the write. Two ways in:
+HNSW indexes, so its memory does not grow with the write (only the catalog's unique id index grows with the
+store). Two ways in:
 
 - fragments (``commit_staged``): workers write whole rows beside the store; the commit reads them one at a
   time through memory maps and appends their vectors to the bands;
@@ -11,7 +12,8 @@ HNSW indexes, so its memory grows neither with the store nor with the write. Two
   metadata. The commit copies no vector: it fills the holes that failed tasks left with the last rows
   (normally none), sizes and indexes the chunk files the workers wrote, and registers the ids.
 
-Either way the ids and metadata go in one catalog transaction (the commit point, as for every write). The
+Either way the ids and metadata go in with ``Catalog.append_tables`` (all visible at once: the commit point,
+as for every write; a large write in several transactions of bounded size). The
 indexes are a cache that trails the catalog until the store is next opened as a writer, which extends them
 from the bands (the Ray sink does that on a worker).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +74,11 @@ class StagedWriter:
         catalog, vectors = self._open()
         staged = Fragments(fragments, self.shape())
         start = end = catalog.committed_rows()
-        try:
+        with _undone_unless_committed(catalog, vectors, start):
             for batch in staged.vectors():
                 vectors.append(end, batch)
                 end += len(batch)
             catalog.append_tables(start, staged.catalog_tables(), end)
-        except BaseException:
-            if catalog.committed_rows() == start:  # never assume: the commit may have landed before the error
-                vectors.truncate(start)
-            raise
         return end - start
 
     def committed_rows(self) -> int:
@@ -92,7 +91,7 @@ class StagedWriter:
         catalog, vectors = self._open()
         lease.revoke()
         start = catalog.committed_rows()
-        try:
+        with _undone_unless_committed(catalog, vectors, start):  # workers' rows are past start even before
             fragments = Fragments([w["path"] for w in written], self.shape())
             if [int(w["rows"]) for w in written] != fragments.rows:
                 raise CorruptStoreError("staged fragments hold other row counts than their workers wrote")
@@ -101,10 +100,6 @@ class StagedWriter:
             _copy_rows(vectors, moves)
             vectors.settle(start, end)
             catalog.append_tables(start, _pieces(fragments, pieces), end)
-        except BaseException:
-            if catalog.committed_rows() == start:
-                vectors.truncate(start)
-            raise
         return end - start, sum(n for _, _, n in moves)
 
     def discard_in_place(self, lease: WriteLease) -> None:
@@ -128,6 +123,18 @@ class StagedWriter:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+@contextmanager
+def _undone_unless_committed(catalog: Catalog, vectors: VectorTier, start: int) -> Iterator[None]:
+    """On any error, the band rows past ``start`` erased unless the catalog committed them (never assume: the
+    commit may have landed before the error)."""
+    try:
+        yield
+    except BaseException:
+        if catalog.committed_rows() == start:
+            vectors.truncate(start)
+        raise
 
 
 class RangeWriter:
