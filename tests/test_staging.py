@@ -466,6 +466,30 @@ def test_a_commit_in_steps_that_fails_late_leaves_nothing_behind(tmp_path, small
         ]
 
 
+def test_each_step_of_a_commit_is_checkpointed_before_the_next(tmp_path, small_steps, monkeypatch):
+    # DuckDB keeps committed rows and index entries in memory until a checkpoint: without one per step,
+    # the driver's memory grows with the write (the write-ahead log shows what is still held)
+    from mrlstore.tiers import catalog as catalog_module
+
+    path, paths = staged_store(tmp_path)  # 40 + 25 rows: steps of 40 and 25
+    wal = path / (catalog_module.DB_FILE + ".wal")
+    original, held = catalog_module.Catalog._insert_step, []
+
+    def insert_step(self, *args):
+        held.append(wal.stat().st_size if wal.exists() else 0)
+        return original(self, *args)
+
+    monkeypatch.setattr(catalog_module.Catalog, "_insert_step", insert_step)
+    writer = StagedWriter(path, StoreConfig())
+    try:
+        assert writer.commit_staged(paths) == 65
+    finally:
+        writer.close()
+    assert len(held) == 2 and held[1] == 0
+    with mrlstore.open(path) as s:
+        assert len(s) == 66 and s.verify() == []
+
+
 KILLED_BETWEEN_STEPS = """
 import os, signal, sys
 from mrlstore.options import StoreConfig

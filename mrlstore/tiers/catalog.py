@@ -30,7 +30,7 @@ from mrlstore.errors import (
 )
 
 DB_FILE = "catalog.duckdb"
-APPEND_STEP_ROWS = 262_144  # rows per transaction of a large append_tables (about 35 MiB of DuckDB memory)
+APPEND_STEP_ROWS = 262_144  # rows per checkpointed transaction of a large append_tables
 STAGED_KEY = "staged_write"  # manifest entry while an append_tables in steps runs: the columns before it
 _WATERMARK = "SELECT CAST(value AS BIGINT) FROM manifest WHERE key = 'committed_rows'"
 # Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
@@ -143,6 +143,12 @@ class Catalog:
         with self._lock, _corruption_as_error(self.path):
             t = self._con.execute("SELECT _row FROM tombstones ORDER BY _row").fetchnumpy()
         return np.asarray(t["_row"], dtype=np.int64)
+
+    def memory_held(self) -> dict[str, int]:
+        """Bytes DuckDB holds in memory for this catalog, by what holds them (its ``duckdb_memory()`` tags)."""
+        with self._lock:
+            rows = self._con.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory() WHERE memory_usage_bytes > 0")
+            return {str(tag): int(held) for tag, held in rows.fetchall()}
 
     def rows_of(self, ids: list[str]) -> dict[str, int]:
         if not ids:
@@ -364,12 +370,13 @@ class Catalog:
         self, first_row: int, tables: Iterable[pa.Table], new_watermark: int, step_rows: int | None = None
     ) -> None:
         """Record rows ``first_row..new_watermark`` from ``tables`` (``id`` and metadata columns, taken one at
-        a time): all of them visible at once, or none. DuckDB holds a transaction's rows and their unique
-        index entries in memory, so a write of more than ``step_rows`` rows (default APPEND_STEP_ROWS) goes in
-        several transactions of about that many: rows past the watermark belong to no committed state, the
-        first transaction marks the write in the manifest (a failure here, or the next writer's open, removes
-        its rows and columns: ``discard_staged``), and the last one moves the watermark. Repeated ids are
-        refused by the catalog's own constraint."""
+        a time): all of them visible at once, or none. DuckDB holds committed rows and their unique index
+        entries in memory until a checkpoint writes them out, so a write of more than ``step_rows`` rows
+        (default APPEND_STEP_ROWS) goes in several transactions of about that many, each checkpointed: rows
+        past the watermark belong to no committed state, the first transaction marks the write in the
+        manifest (a failure here, or the next writer's open, removes its rows and columns:
+        ``discard_staged``), and the last one moves the watermark. Repeated ids are refused by the catalog's
+        own constraint."""
         before, row, tables = list(self.columns()), first_row, iter(tables)
         step_rows = step_rows or APPEND_STEP_ROWS
         with self._lock:
@@ -386,6 +393,7 @@ class Catalog:
                         self._put_manifest(STAGED_KEY, None if done else {"columns": before})
                     if done:
                         return
+                    self._checkpoint()
             except BaseException:
                 self._unregister_batch()  # after the rollback: DuckDB refuses all but ROLLBACK after a failure
                 if row > first_row:
@@ -407,6 +415,13 @@ class Catalog:
             if row - start >= step_rows:
                 return row, False
         return row, True
+
+    def _checkpoint(self) -> None:
+        """Write committed changes into the file, which lets DuckDB free the memory that holds them."""
+        try:
+            self._con.execute("CHECKPOINT")
+        except duckdb.Error as e:
+            raise StorageError(f"cannot checkpoint the catalog {self.path}: {_first_line(e)}") from None
 
     def _unregister_batch(self) -> None:
         if self._batch_registered:

@@ -1,0 +1,138 @@
+"""The catalog's memory when a write registers many ids: what grows with the write, and what with the store.
+
+A Ray write's driver commits its ids and metadata through ``Catalog.append_tables``, which goes into DuckDB
+in checkpointed transactions of at most APPEND_STEP_ROWS rows. Each case runs in its own process on a fresh
+catalog (a store of 8-number vectors; only its catalog is written): ``--base`` rows are registered first,
+then the process is measured while it registers ``--rows`` more, either in steps (the default) or in one
+transaction (``--one-transaction``: the commit before steps existed). Then ``--small-adds`` commits of 1,000
+rows each, as a stream of ``Store.add`` calls would make. Reported: peak and final anonymous memory of the
+process, and DuckDB's own account of what it holds (``duckdb_memory()``), after each part.
+
+    python benchmarks/catalog_memory.py --base 0 2000000 --rows 500000 2000000 --ids sequential random
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BATCH = 16384  # rows per Arrow table handed to append_tables, as a sink's fragments come
+
+
+def ids(lo: int, count: int, kind: str) -> pa.Array:
+    """``count`` distinct ids from position ``lo``: decimal row numbers, or 64-bit hashes of them."""
+    n = np.arange(lo, lo + count, dtype=np.uint64)
+    if kind == "random":
+        n = n * np.uint64(0x9E3779B97F4A7C15)  # odd multiplier: a permutation of the 64-bit numbers
+    return pa.array(n).cast(pa.string())
+
+
+def tables(lo: int, count: int, kind: str) -> Iterator[pa.Table]:
+    labels = np.char.add("c", (np.arange(BATCH) % 100).astype(str))
+    for start in range(lo, lo + count, BATCH):
+        k = min(BATCH, lo + count - start)
+        yield pa.table({"id": ids(start, k, kind), "label": labels[:k]})
+
+
+def duckdb_held(catalog) -> dict[str, int]:  # noqa: ANN001
+    return {tag: held >> 20 for tag, held in catalog.memory_held().items()}
+
+
+def child(base: int, rows: int, kind: str, one_transaction: bool, small_adds: int, work: str | None) -> dict:
+    from ingest import PeakAnon
+
+    import mrlstore
+    from mrlstore.tiers.catalog import Catalog
+
+    work_dir = Path(tempfile.mkdtemp(prefix="catalog_memory_", dir=work))
+    try:
+        with mrlstore.open(work_dir / "s.mrl", dim=8, index_dims=[8]):
+            pass
+        catalog = Catalog(work_dir / "s.mrl", read_only=False)
+        if base:
+            catalog.append_tables(0, tables(0, base, kind), base)
+            catalog.close()  # measure from a fresh open, as a new driver would
+            catalog = Catalog(work_dir / "s.mrl", read_only=False)
+        out: dict = {"base": base, "rows": rows, "ids": kind, "one_transaction": one_transaction}
+        out["anon_open_mib"] = anon_mib()
+        mem, t0 = PeakAnon(), time.perf_counter()
+        catalog.append_tables(base, tables(base, rows, kind), base + rows, step_rows=rows if one_transaction else None)
+        out.update(write_s=time.perf_counter() - t0, write_peak_mib=mem.stop(), write_after_mib=anon_mib())
+        out["write_duckdb_mib"] = duckdb_held(catalog)
+        mem, t0, end = PeakAnon(), time.perf_counter(), base + rows
+        for _ in range(small_adds):
+            catalog.append_tables(end, tables(end, 1000, kind), end + 1000)
+            end += 1000
+        out.update(small_s=time.perf_counter() - t0, small_peak_mib=mem.stop(), small_after_mib=anon_mib())
+        out["small_duckdb_mib"] = duckdb_held(catalog)
+        catalog.close()
+        return out
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def anon_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=int, nargs="+", default=[0, 2_000_000], help="rows in the store before")
+    ap.add_argument("--rows", type=int, nargs="+", default=[500_000, 2_000_000], help="rows of the measured write")
+    ap.add_argument("--ids", nargs="+", choices=["sequential", "random"], default=["sequential", "random"])
+    ap.add_argument("--one-transaction", action="store_true", help="also run each case in one transaction")
+    ap.add_argument("--small-adds", type=int, default=20, help="commits of 1,000 rows after the write")
+    ap.add_argument("--work", default=None, help="folder for the temporary catalogs (default: the system's)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return
+    modes = [False, True] if args.one_transaction else [False]
+    print("| ids | store before | memory at open | write | commit | time | peak | after | DuckDB holds after | "
+          f"{args.small_adds} adds of 1,000: peak | after | DuckDB holds |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, base, rows, one in itertools.product(args.ids, args.base, args.rows, modes):
+        spec = {"base": base, "rows": rows, "kind": kind, "one_transaction": one, "small_adds": args.small_adds,
+                "work": args.work}  # fmt: skip
+        cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        cells = [
+            kind,
+            f"{base:,}",
+            f"{r['anon_open_mib']:.0f} MiB",
+            f"{rows:,}",
+            "one transaction" if one else "steps",
+            f"{r['write_s']:.1f} s",
+            f"{r['write_peak_mib']:.0f} MiB",
+            f"{r['write_after_mib']:.0f} MiB",
+            held(r["write_duckdb_mib"]),
+            f"{r['small_peak_mib']:.0f} MiB",
+            f"{r['small_after_mib']:.0f} MiB",
+            held(r["small_duckdb_mib"]),
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def held(tags: dict[str, int]) -> str:
+    return ", ".join(f"{tag.lower()} {mib} MiB" for tag, mib in sorted(tags.items())) or "nothing"
+
+
+if __name__ == "__main__":
+    main()
