@@ -514,6 +514,10 @@ def test_a_writer_killed_between_steps_of_a_commit_leaves_the_store_as_it_was(tm
     assert proc.returncode == -signal.SIGKILL
     with mrlstore.open(path, read_only=True) as reader:  # before any writer: the committed state only
         assert len(reader) == 1 and reader.verify() == []
+        assert reader.sql("SELECT id FROM items").column("id").to_pylist() == ["old"]
+        with pytest.raises(mrlstore.UnknownIdError):
+            reader.get(["r0"])
+        assert reader.sql("SELECT count(*) AS n FROM items WHERE color = 'red'").column("n").to_pylist() == [0]
     with mrlstore.open(path) as s:  # the writer's open removes the dead write's rows and columns
         assert len(s) == 1 and s.verify() == [] and "color" not in s.sql("SELECT * FROM items").column_names
         assert s.commit_staged(paths) == 65

@@ -80,6 +80,8 @@ class Catalog:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {msg}") from None
         except duckdb.Error as e:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
+        if read_only:
+            self._hide_uncommitted()
         self._columns: dict[str, str] | None = None
         self._batch_registered = False  # "_batch" is registered on the connection (unregistered after a rollback)
         self._checked_filters: set[str] = set()  # where= expressions already parsed and found read-only
@@ -87,6 +89,18 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             self._con.close()
+
+    def _hide_uncommitted(self) -> None:
+        """Past a write in steps whose writer died, show this reader the committed rows only: a temporary
+        view ``_items`` shadows the table for its connection alone (the next writer's open deletes the rest;
+        no writer can open while this reader has the file)."""
+        try:
+            marked = self._con.execute("SELECT count(*) FROM manifest WHERE key = ?", [STAGED_KEY]).fetchall()
+        except duckdb.Error:
+            return  # not a catalog: manifest() says so to the caller
+        if marked[0][0]:
+            table = f"{_quote(self._con.execute('SELECT current_database()').fetchall()[0][0])}.main._items"
+            self._con.execute(f"CREATE TEMP VIEW _items AS SELECT * FROM {table} WHERE _row < ({_WATERMARK})")
 
     # -- schema and manifest -----------------------------------------------------------------------
     def create_schema(self, manifest: dict[str, Any]) -> None:
@@ -123,7 +137,8 @@ class Catalog:
             if self._columns is None:
                 rows = self._con.execute(
                     "SELECT column_name, data_type FROM information_schema.columns "
-                    "WHERE table_name = '_items' AND table_schema = 'main' ORDER BY ordinal_position"
+                    "WHERE table_name = '_items' AND table_schema = 'main' AND table_catalog = current_database() "
+                    "ORDER BY ordinal_position"
                 ).fetchall()
                 self._columns = {n: t for n, t in rows if n not in ("_row", "id")}
             return dict(self._columns)
