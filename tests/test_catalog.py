@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mrlstore.errors import DuplicateIdError, InvalidFilterError, MetadataError
+from mrlstore.errors import CorruptStoreError, DuplicateIdError, InvalidFilterError, MetadataError
 from mrlstore.tiers.catalog import Catalog
 
 
@@ -75,3 +75,20 @@ def test_items_for_ids_keeps_request_order(catalog):
 def test_a_trailing_comment_cannot_escape_the_filter(catalog):
     catalog.commit_rows(0, ["a", "b"], pa.table({"n": [1, 2]}), new_watermark=2)
     assert catalog.filter_rows("n = 1 -- the parenthesis after this stays in force").tolist() == [0]
+
+
+def test_memory_held_is_duckdbs_own_account_by_tag(catalog):
+    tables = (pa.table({"id": pa.array(np.arange(lo, lo + 1000).astype(str))}) for lo in range(0, 5000, 1000))
+    catalog.append_tables(0, tables, 5000, step_rows=2000)
+    held = catalog.memory_held()
+    assert held and all(isinstance(tag, str) and n > 0 for tag, n in held.items())
+    assert catalog.live_count() == 5000
+
+
+def test_a_reader_refuses_an_unreadable_staged_write_mark(tmp_path, catalog):
+    from mrlstore.tiers.catalog import STAGED_KEY
+
+    catalog.set_manifest(STAGED_KEY, "not a mark")
+    catalog.close()
+    with pytest.raises(CorruptStoreError, match="staged write"):
+        Catalog(tmp_path, read_only=True)

@@ -9,8 +9,8 @@ from many workers. ``pip install "mrlstore[ray]"``; the only module that imports
 workers check their rows and write their vectors straight into the store's band files, in parallel, at row
 ranges a small actor reserves for them past the committed watermark, and their ids and metadata as fragments
 beside the store; when every task has finished the driver commits them all at once, copying no vector and
-holding neither the store's ids nor its HNSW indexes (its memory does not grow with the write; with random
-ids, the catalog's unique id index takes about 48 bytes a row of the store);
+holding neither the store's ids nor its HNSW indexes (with ids in insertion order its memory does not grow
+with the write; with random ids, the catalog's unique id index takes about 48 bytes a row of the store);
 then a Ray task extends the indexes to the new rows. If a task fails, or the driver dies, nothing of the
 write is visible and the store is as it was (a writer that opens the store later erases the rows and the
 fragments, after ending the write's lease so that no worker of it writes again).

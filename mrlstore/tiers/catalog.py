@@ -24,6 +24,7 @@ from mrlstore.errors import (
     ForbiddenSQLError,
     InvalidFilterError,
     MetadataError,
+    MRLStoreError,
     NotAStoreError,
     StorageError,
     StoreLockedError,
@@ -80,6 +81,7 @@ class Catalog:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {msg}") from None
         except duckdb.Error as e:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
+        self._hidden = False  # _items is shadowed by a view of the committed rows (a reader after a dead write)
         if read_only:
             self._hide_uncommitted()
         self._columns: dict[str, str] | None = None
@@ -91,16 +93,24 @@ class Catalog:
             self._con.close()
 
     def _hide_uncommitted(self) -> None:
-        """Past a write in steps whose writer died, show this reader the committed rows only: a temporary
-        view ``_items`` shadows the table for its connection alone (the next writer's open deletes the rest;
-        no writer can open while this reader has the file)."""
+        """Past a write in steps whose writer died, show this reader the committed rows and columns only: a
+        temporary view ``_items`` shadows the table for its connection alone (the next writer's open deletes
+        the rest; no writer can open while this reader has the file). A query that names the table with its
+        database still reaches the table itself."""
         try:
-            marked = self._con.execute("SELECT count(*) FROM manifest WHERE key = ?", [STAGED_KEY]).fetchall()
+            mark = self._con.execute("SELECT value FROM manifest WHERE key = ?", [STAGED_KEY]).fetchall()
         except duckdb.Error:
             return  # not a catalog: manifest() says so to the caller
-        if marked[0][0]:
+        if not mark:
+            return
+        try:
+            kept = ", ".join(_quote(name) for name in ["_row", "id", *json.loads(mark[0][0])["columns"]])
             table = f"{_quote(self._con.execute('SELECT current_database()').fetchall()[0][0])}.main._items"
-            self._con.execute(f"CREATE TEMP VIEW _items AS SELECT * FROM {table} WHERE _row < ({_WATERMARK})")
+            self._con.execute(f"CREATE TEMP VIEW _items AS SELECT {kept} FROM {table} WHERE _row < ({_WATERMARK})")
+        except (duckdb.Error, TypeError, ValueError, KeyError) as e:
+            self._con.close()
+            raise CorruptStoreError(f"catalog {self.path} marks an unreadable staged write: {e}") from None
+        self._hidden = True
 
     # -- schema and manifest -----------------------------------------------------------------------
     def create_schema(self, manifest: dict[str, Any]) -> None:
@@ -137,8 +147,9 @@ class Catalog:
             if self._columns is None:
                 rows = self._con.execute(
                     "SELECT column_name, data_type FROM information_schema.columns "
-                    "WHERE table_name = '_items' AND table_schema = 'main' AND table_catalog = current_database() "
-                    "ORDER BY ordinal_position"
+                    "WHERE table_name = '_items' AND table_schema = 'main' AND table_catalog = "
+                    + ("'temp'" if self._hidden else "current_database()")
+                    + " ORDER BY ordinal_position"
                 ).fetchall()
                 self._columns = {n: t for n, t in rows if n not in ("_row", "id")}
             return dict(self._columns)
@@ -160,7 +171,8 @@ class Catalog:
         return np.asarray(t["_row"], dtype=np.int64)
 
     def memory_held(self) -> dict[str, int]:
-        """Bytes DuckDB holds in memory for this catalog, by what holds them (its ``duckdb_memory()`` tags)."""
+        """Bytes DuckDB's own accounting says it holds, by tag (``duckdb_memory()``): not the process's memory,
+        which can be far more (after one large transaction, 10 MiB here against 346 MiB)."""
         with self._lock:
             rows = self._con.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory() WHERE memory_usage_bytes > 0")
             return {str(tag): int(held) for tag, held in rows.fetchall()}
@@ -410,9 +422,7 @@ class Catalog:
                         return
                     self._checkpoint()
             except BaseException:
-                self._unregister_batch()  # after the rollback: DuckDB refuses all but ROLLBACK after a failure
-                if row > first_row:
-                    self.discard_staged()
+                self._undo_steps(row > first_row)
                 raise
 
     def _insert_step(self, row: int, tables: Iterator[pa.Table], step_rows: int) -> tuple[int, bool]:
@@ -431,12 +441,25 @@ class Catalog:
                 return row, False
         return row, True
 
+    def _undo_steps(self, any_committed: bool) -> None:
+        """After a failed step: its batch unregistered (after the rollback: DuckDB refuses all but ROLLBACK
+        after a failure) and the earlier steps' rows removed. Never raises over the step's own error: after a
+        fatal one (a failed checkpoint) DuckDB refuses everything, and the next writer's open removes them."""
+        try:
+            self._unregister_batch()
+            if any_committed:
+                self.discard_staged()
+        except (duckdb.Error, MRLStoreError):
+            pass
+
     def _checkpoint(self) -> None:
         """Write committed changes into the file, which lets DuckDB free the memory that holds them."""
         try:
             self._con.execute("CHECKPOINT")
         except duckdb.Error as e:
-            raise StorageError(f"cannot checkpoint the catalog {self.path}: {_first_line(e)}") from None
+            raise StorageError(
+                f"cannot checkpoint the catalog {self.path} (reopen the store to go on): {_first_line(e)}"
+            ) from None
 
     def _unregister_batch(self) -> None:
         if self._batch_registered:

@@ -2,8 +2,9 @@
 the workers that write rows in place for it.
 
 The writer holds the store's writer lock, its catalog and its bands, and never the ids, the metadata or the
-HNSW indexes, so its memory does not grow with the write (the catalog checkpoints each step of a large
-commit; with random ids, DuckDB's unique id index takes about 48 bytes a row of the store). Two ways in:
+HNSW indexes, and the catalog checkpoints each step of a large commit, so with ids in insertion order its
+memory does not grow with the write (with random ids, DuckDB's unique id index takes about 48 bytes a row of
+the store). Two ways in:
 
 - fragments (``commit_staged``): workers write whole rows beside the store; the commit reads them one at a
   time through memory maps and appends their vectors to the bands;
@@ -28,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from mrlstore.errors import CorruptStoreError
+from mrlstore.errors import CorruptStoreError, MRLStoreError
 from mrlstore.inputs.staging import Fragments, StoreShape, checked_rows, save_fragment
 from mrlstore.options import StoreConfig
 from mrlstore.tiers.abc import VectorTier
@@ -128,11 +129,16 @@ class StagedWriter:
 @contextmanager
 def _undone_unless_committed(catalog: Catalog, vectors: VectorTier, start: int) -> Iterator[None]:
     """On any error, the band rows past ``start`` erased unless the catalog committed them (never assume: the
-    commit may have landed before the error)."""
+    commit may have landed before the error). A catalog that cannot say (DuckDB shut down after a failed
+    checkpoint) leaves them to the next writer's open, and the error stays the first one."""
     try:
         yield
     except BaseException:
-        if catalog.committed_rows() == start:
+        try:
+            committed: int | None = catalog.committed_rows()
+        except MRLStoreError:
+            committed = None
+        if committed == start:
             vectors.truncate(start)
         raise
 
