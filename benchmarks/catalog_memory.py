@@ -3,12 +3,19 @@
 A Ray write's driver commits its ids and metadata through ``Catalog.append_tables``, which goes into DuckDB
 in checkpointed transactions of at most APPEND_STEP_ROWS rows. Each case runs in its own process on a fresh
 catalog (a store of 8-number vectors; only its catalog is written): ``--base`` rows are registered first,
-then the process is measured while it registers ``--rows`` more, either in steps (the default) or in one
-transaction (``--one-transaction``: the commit before steps existed). Then ``--small-adds`` commits of 1,000
-rows each, as a stream of ``Store.add`` calls would make. Reported: peak and final anonymous memory of the
-process, and DuckDB's own account of what it holds (``duckdb_memory()``), after each part.
+then the process is measured while it registers ``--rows`` more in checkpointed steps, as the store does,
+and with ``--one-transaction`` also in one transaction (the commit before steps existed). Then
+``--small-adds`` commits of 1,000 rows each, as a stream of ``Store.add`` calls would make. Reported: peak
+and final anonymous memory of the process, and DuckDB's own account of what it holds (``duckdb_memory()``),
+after each part.
+
+``--alternatives N`` measures, on raw DuckDB tables of N random ids, what a store without DuckDB's unique
+index on ``id`` would trade: whether a memory limit makes DuckDB evict the index (inserting 500k more ids
+with a checkpoint after each step of 262,144), the file's size with and without the index, and what
+checking a batch against the stored ids by a hash join costs instead.
 
     python benchmarks/catalog_memory.py --base 0 2000000 --rows 500000 2000000 --ids sequential random
+    python benchmarks/catalog_memory.py --alternatives 8000000
 """
 
 from __future__ import annotations
@@ -84,6 +91,66 @@ def child(base: int, rows: int, kind: str, one_transaction: bool, small_adds: in
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def alternatives(n: int, work: str | None) -> None:
+    import duckdb
+
+    folder = Path(tempfile.mkdtemp(prefix="catalog_memory_", dir=work))
+    try:
+        sizes = {}
+        for unique in (True, False):
+            path = folder / f"unique_{unique}.duckdb"
+            con = duckdb.connect(str(path))
+            con.execute(f"CREATE TABLE t (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL {'UNIQUE' if unique else ''})")
+            for lo in range(0, n, 262_144):
+                insert(con, lo, min(262_144, n - lo))
+            con.close()
+            sizes[unique] = path.stat().st_size / 2**20
+        print(f"{n:,} random ids: catalog file {sizes[True]:.0f} MiB with the unique index, {sizes[False]:.0f} without")
+        evict(folder / "unique_True.duckdb", n)
+        check_cost(folder / "unique_False.duckdb", n)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def insert(con, lo: int, count: int) -> None:  # noqa: ANN001
+    con.register("_b", pa.table({"_row": np.arange(lo, lo + count), "id": ids(lo, count, "random")}))
+    con.execute("INSERT INTO t SELECT * FROM _b")
+    con.unregister("_b")
+    con.execute("CHECKPOINT")
+
+
+def evict(path: Path, n: int) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(path), config={"memory_limit": "150MB"})
+    try:
+        for lo in range(n, n + 500_000, 262_144):
+            insert(con, lo, min(262_144, n + 500_000 - lo))
+        print(f"memory_limit 150MB, 500k more ids with a checkpoint per step: went in, peak {anon_mib():.0f} MiB")
+    except duckdb.OutOfMemoryException as e:
+        print(f"memory_limit 150MB, 500k more ids with a checkpoint per step: refused ({str(e).splitlines()[0]})")
+    finally:
+        con.close()
+
+
+def check_cost(path: Path, n: int) -> None:
+    import duckdb
+
+    con = duckdb.connect(str(path))
+    for batch in (1, 1000, 262_144):
+        con.register("_b", pa.table({"id": pa.concat_arrays([ids(n, batch - 1, "random"), ids(5, 1, "random")])}))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            found = con.execute("SELECT t.id FROM t SEMI JOIN _b ON t.id = _b.id LIMIT 1").fetchall()
+            times.append(time.perf_counter() - t0)
+        con.unregister("_b")
+        ms = float(np.median(times)) * 1e3
+        print(f"duplicate check of {batch:,} ids (one repeated) by hash join: {ms:.1f} ms median of 5, "
+              f"{ms / (n / 1e6):.1f} ms per million stored ids; found {len(found)}")  # fmt: skip
+    con.close()
+
+
 def anon_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
@@ -99,8 +166,12 @@ def main() -> None:
     ap.add_argument("--one-transaction", action="store_true", help="also run each case in one transaction")
     ap.add_argument("--small-adds", type=int, default=20, help="commits of 1,000 rows after the write")
     ap.add_argument("--work", default=None, help="folder for the temporary catalogs (default: the system's)")
+    ap.add_argument("--alternatives", type=int, default=0, metavar="N", help="raw DuckDB at N random ids instead")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.alternatives:
+        alternatives(args.alternatives, args.work)
+        return
     if args.child:
         print(json.dumps(child(**json.loads(args.child))))
         return
