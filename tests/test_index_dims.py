@@ -50,8 +50,9 @@ def test_a_wider_index_is_built_from_the_stored_rows_and_the_dropped_one_goes(tm
         found = store.query(queries, k=10, dims=[128, DIM], shortlist=40)
         truth = exact_search(x, queries, 10)
         assert recall_at_k([[int(i) for i in h.ids] for h in found], truth) >= 0.95
-        choice = store.tune(recall=0.9, k=10, sample=100)
-        assert choice["dims"][0] in (32, 128)
+        # the new index tunes (which shape is fastest is a race of timings: an exact scan can win on a busy machine)
+        choice = store.tune(recall=0.9, k=10, sample=100, dims=[128, DIM])
+        assert choice["dims"] == [128, DIM] and choice["recall"] >= 0.9
     with pytest.raises(mrlstore.ConfigMismatchError, match="index_dims"):
         mrlstore.open(path, index_dims=(16, 32))
     with mrlstore.open(path, index_dims=(128, 32)) as store:
