@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import rss_anon_mib  # noqa: E402  (benchmarks/compare.py)
 
 BATCH = 16384  # rows per Arrow table handed to append_tables, as a sink's fragments come
 
@@ -74,16 +75,16 @@ def child(base: int, rows: int, kind: str, one_transaction: bool, small_adds: in
             catalog.close()  # measure from a fresh open, as a new driver would
             catalog = Catalog(work_dir / "s.mrl", read_only=False)
         out: dict = {"base": base, "rows": rows, "ids": kind, "one_transaction": one_transaction}
-        out["anon_open_mib"] = anon_mib()
+        out["anon_open_mib"] = rss_anon_mib()
         mem, t0 = PeakAnon(), time.perf_counter()
         catalog.append_tables(base, tables(base, rows, kind), base + rows, step_rows=rows if one_transaction else None)
-        out.update(write_s=time.perf_counter() - t0, write_peak_mib=mem.stop(), write_after_mib=anon_mib())
+        out.update(write_s=time.perf_counter() - t0, write_peak_mib=mem.stop(), write_after_mib=rss_anon_mib())
         out["write_duckdb_mib"] = duckdb_held(catalog)
         mem, t0, end = PeakAnon(), time.perf_counter(), base + rows
         for _ in range(small_adds):
             catalog.append_tables(end, tables(end, 1000, kind), end + 1000)
             end += 1000
-        out.update(small_s=time.perf_counter() - t0, small_peak_mib=mem.stop(), small_after_mib=anon_mib())
+        out.update(small_s=time.perf_counter() - t0, small_peak_mib=mem.stop(), small_after_mib=rss_anon_mib())
         out["small_duckdb_mib"] = duckdb_held(catalog)
         catalog.close()
         return out
@@ -126,7 +127,7 @@ def evict(path: Path, n: int) -> None:
     try:
         for lo in range(n, n + 500_000, 262_144):
             insert(con, lo, min(262_144, n + 500_000 - lo))
-        print(f"memory_limit 150MB, 500k more ids with a checkpoint per step: went in, peak {anon_mib():.0f} MiB")
+        print(f"memory_limit 150MB, 500k more ids with a checkpoint per step: went in, peak {rss_anon_mib():.0f} MiB")
     except duckdb.OutOfMemoryException as e:
         print(f"memory_limit 150MB, 500k more ids with a checkpoint per step: refused ({str(e).splitlines()[0]})")
     finally:
@@ -149,13 +150,6 @@ def check_cost(path: Path, n: int) -> None:
         print(f"duplicate check of {batch:,} ids (one repeated) by hash join: {ms:.1f} ms median of 5, "
               f"{ms / (n / 1e6):.1f} ms per million stored ids; found {len(found)}")  # fmt: skip
     con.close()
-
-
-def anon_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:

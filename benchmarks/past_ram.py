@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from cold_query import disk_read_bytes, disk_reads, drop_page_cache, evict_mapped, held_by_store
+from compare import rss_anon_mib  # benchmarks/compare.py
 from ingest import PeakAnon
 from tqdm import tqdm
 
@@ -48,13 +49,6 @@ from mrlstore.testing import mrl_like, mrl_like_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM, K, BLOCK, ADD_ROWS = 2048, 10, 65536, 16384
-
-
-def rss_anon_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
