@@ -470,11 +470,12 @@ class Catalog:
         """Remove the rows and the metadata columns of a write in steps that never moved the watermark (a
         writer's open, or the write's own failure); no-op when there is none."""
         with self._lock:
-            entry = self.manifest().get(STAGED_KEY)
+            manifest = self.manifest()
+            entry = manifest.get(STAGED_KEY)
             if entry is None:
                 return
             with self._transaction():
-                self._con.execute("DELETE FROM _items WHERE _row >= ?", [self.committed_rows()])
+                self._con.execute("DELETE FROM _items WHERE _row >= ?", [int(manifest["committed_rows"])])
                 for name in set(self.columns()) - set(entry["columns"]):
                     self._con.execute(f"ALTER TABLE _items DROP COLUMN {_quote(name)}")
                 self._put_manifest(STAGED_KEY, None)
