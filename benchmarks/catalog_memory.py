@@ -5,9 +5,11 @@ in checkpointed transactions of at most APPEND_STEP_ROWS rows. Each case runs in
 catalog (a store of 8-number vectors; only its catalog is written): ``--base`` rows are registered first,
 then the process is measured while it registers ``--rows`` more in checkpointed steps, as the store does,
 and with ``--one-transaction`` also in one transaction (the commit before steps existed). Then
-``--small-adds`` commits of 1,000 rows each, as a stream of ``Store.add`` calls would make. Reported: peak
-and final anonymous memory of the process, and DuckDB's own account of what it holds (``duckdb_memory()``),
-after each part.
+``--small-adds`` commits of 1,000 rows each as ``Store.add`` makes them (``rows_of``, then ``commit_rows``).
+Reported: peak and final anonymous memory of the process, DuckDB's own account of what it holds
+(``duckdb_memory()``) after each part, and the small adds' median time. ``--id-index`` picks how ids are
+found: ``cache`` (format 4: the ``ids/`` runs) or ``duckdb`` (formats 1-3: DuckDB's unique index on ``id``,
+made here with ``CREATE UNIQUE INDEX``); both by default, each case in its own process.
 
 ``--alternatives N`` measures, on raw DuckDB tables of N random ids, what a store without DuckDB's unique
 index on ``id`` would trade: whether a memory limit makes DuckDB evict the index (inserting 500k more ids
@@ -15,6 +17,7 @@ with a checkpoint after each step of 262,144), the file's size with and without 
 checking a batch against the stored ids by a hash join costs instead.
 
     python benchmarks/catalog_memory.py --base 0 2000000 --rows 500000 2000000 --ids sequential random
+    python benchmarks/catalog_memory.py --base 8000000 --rows 2000000 --ids random --small-adds 20
     python benchmarks/catalog_memory.py --alternatives 8000000
 """
 
@@ -59,32 +62,46 @@ def duckdb_held(catalog) -> dict[str, int]:  # noqa: ANN001
     return {tag: held >> 20 for tag, held in catalog.memory_held().items()}
 
 
-def child(base: int, rows: int, kind: str, one_transaction: bool, small_adds: int, work: str | None) -> dict:
+def child(
+    base: int, rows: int, kind: str, one_transaction: bool, small_adds: int, work: str | None, id_index: str
+) -> dict:
     from ingest import PeakAnon
 
     import mrlstore
-    from mrlstore.tiers.catalog import Catalog
+    from mrlstore.tiers.catalog import DB_FILE, Catalog
 
     work_dir = Path(tempfile.mkdtemp(prefix="catalog_memory_", dir=work))
     try:
         with mrlstore.open(work_dir / "s.mrl", dim=8, index_dims=[8]):
             pass
+        if id_index == "duckdb":  # as formats 1-3 kept their ids
+            import duckdb
+
+            with duckdb.connect(str(work_dir / "s.mrl" / DB_FILE)) as con:
+                con.execute("CREATE UNIQUE INDEX unique_id ON _items (id)")
         catalog = Catalog(work_dir / "s.mrl", read_only=False)
         if base:
             catalog.append_tables(0, tables(0, base, kind), base)
             catalog.close()  # measure from a fresh open, as a new driver would
             catalog = Catalog(work_dir / "s.mrl", read_only=False)
-        out: dict = {"base": base, "rows": rows, "ids": kind, "one_transaction": one_transaction}
+        out: dict = {"base": base, "rows": rows, "ids": kind, "one_transaction": one_transaction, "index": id_index}
         out["anon_open_mib"] = rss_anon_mib()
         mem, t0 = PeakAnon(), time.perf_counter()
         catalog.append_tables(base, tables(base, rows, kind), base + rows, step_rows=rows if one_transaction else None)
         out.update(write_s=time.perf_counter() - t0, write_peak_mib=mem.stop(), write_after_mib=rss_anon_mib())
         out["write_duckdb_mib"] = duckdb_held(catalog)
-        mem, t0, end = PeakAnon(), time.perf_counter(), base + rows
+        mem, end, times = PeakAnon(), base + rows, []
         for _ in range(small_adds):
-            catalog.append_tables(end, tables(end, 1000, kind), end + 1000)
+            batch = next(tables(end, 1000, kind))
+            t0 = time.perf_counter()
+            new_ids = batch.column("id").to_pylist()
+            if catalog.rows_of(new_ids):
+                raise AssertionError("a new id was found")
+            catalog.commit_rows(end, new_ids, batch.drop_columns(["id"]), end + 1000)
+            times.append(time.perf_counter() - t0)
             end += 1000
-        out.update(small_s=time.perf_counter() - t0, small_peak_mib=mem.stop(), small_after_mib=rss_anon_mib())
+        out.update(small_ms=float(np.median(times)) * 1e3 if times else 0.0, small_peak_mib=mem.stop())
+        out["small_after_mib"] = rss_anon_mib()
         out["small_duckdb_mib"] = duckdb_held(catalog)
         catalog.close()
         return out
@@ -159,6 +176,7 @@ def main() -> None:
     ap.add_argument("--ids", nargs="+", choices=["sequential", "random"], default=["sequential", "random"])
     ap.add_argument("--one-transaction", action="store_true", help="also run each case in one transaction")
     ap.add_argument("--small-adds", type=int, default=20, help="commits of 1,000 rows after the write")
+    ap.add_argument("--id-index", nargs="+", choices=["cache", "duckdb"], default=["cache", "duckdb"])
     ap.add_argument("--work", default=None, help="folder for the temporary catalogs (default: the system's)")
     ap.add_argument("--alternatives", type=int, default=0, metavar="N", help="raw DuckDB at N random ids instead")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -170,16 +188,17 @@ def main() -> None:
         print(json.dumps(child(**json.loads(args.child))))
         return
     modes = [False, True] if args.one_transaction else [False]
-    print("| ids | store before | memory at open | write | commit | time | peak | after | DuckDB holds after | "
-          f"{args.small_adds} adds of 1,000: peak | after | DuckDB holds |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind, base, rows, one in itertools.product(args.ids, args.base, args.rows, modes):
+    print("| ids | ids found by | store before | memory at open | write | commit | time | peak | after | "
+          f"DuckDB holds after | {args.small_adds} adds of 1,000: median | peak | after | DuckDB holds |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, base, rows, one, index in itertools.product(args.ids, args.base, args.rows, modes, args.id_index):
         spec = {"base": base, "rows": rows, "kind": kind, "one_transaction": one, "small_adds": args.small_adds,
-                "work": args.work}  # fmt: skip
+                "work": args.work, "id_index": index}  # fmt: skip
         cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         cells = [
             kind,
+            "ids/ cache" if index == "cache" else "DuckDB index",
             f"{base:,}",
             f"{r['anon_open_mib']:.0f} MiB",
             f"{rows:,}",
@@ -188,6 +207,7 @@ def main() -> None:
             f"{r['write_peak_mib']:.0f} MiB",
             f"{r['write_after_mib']:.0f} MiB",
             held(r["write_duckdb_mib"]),
+            f"{r['small_ms']:.1f} ms",
             f"{r['small_peak_mib']:.0f} MiB",
             f"{r['small_after_mib']:.0f} MiB",
             held(r["small_duckdb_mib"]),

@@ -55,13 +55,13 @@ def test_v1_fixture_accepts_writes(fixture_copy):
     assert "row_norms" not in group.array_keys()  # a version 1 store stays version 1 until compacted
 
 
-def test_compacting_a_v1_store_makes_it_v3_with_row_norms(fixture_copy):
+def test_compacting_a_v1_store_makes_it_v4_with_row_norms(fixture_copy):
     path, expected = fixture_copy
     with mrlstore.open(path) as store:
         assert store.manifest["format_version"] == 1
         before = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
         store.compact()
-        assert store.manifest["format_version"] == 3
+        assert store.manifest["format_version"] == 4
         assert store._state.vectors.norms is not None and all(a.sharded for a in store._state.vectors.arrays)
         after = {i: store.query(np.array(v), k=3, dims=[8, 32]).ids for i, v in list(expected["vectors"].items())[:6]}
     assert after == before
@@ -78,7 +78,7 @@ def test_chunk_files_grow_with_their_rows(tmp_path):
     x = np.random.default_rng(0).standard_normal((300, 2048)).astype(np.float32)
     with mrlstore.open(tmp_path / "s") as store:  # the default 2048-d store: chunks of about 64 MiB
         store.add_vectors(x)
-        assert store.manifest["format_version"] == 3
+        assert store.manifest["format_version"] == 4
     apparent, disk = _apparent_and_disk(tmp_path / "s")
     assert apparent <= 2 * disk, (apparent, disk)  # full-size chunk files made it 25x
     widest = tmp_path / "s" / "vectors" / "band_00256_02048" / "c" / "0" / "0"
@@ -135,7 +135,7 @@ def test_a_version_2_store_keeps_its_layout_until_compacted(tmp_path, monkeypatc
     np.testing.assert_array_equal(group["band_00008_00032"][:], x[:, 8:].astype(np.float16))
     with mrlstore.open(path) as store:
         store.compact()
-        assert store.manifest["format_version"] == 3 and all(a.sharded for a in store._state.vectors.arrays)
+        assert store.manifest["format_version"] == 4 and all(a.sharded for a in store._state.vectors.arrays)
         assert store.query(x[33], k=1, dims=[32]).ids == ["33"]
     np.testing.assert_array_equal(
         zarr.open_group(str(path / "vectors"), mode="r")["band_00008_00032"][:], x[:, 8:].astype(np.float16)

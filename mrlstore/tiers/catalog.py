@@ -3,6 +3,8 @@
 Tables (see storage/FORMAT.md): ``manifest(key, value)`` with JSON values, ``_items(_row, id, <metadata>)``
 for live rows, ``tombstones(_row)`` for deleted ones, and the view ``items`` (``_items`` without ``_row``)
 that users query. A row number below the committed watermark is either in ``_items`` or in ``tombstones``.
+Ids are unique among live rows; stores of format 4 find them through the ``ids/`` cache (``IdIndex``)
+instead of a DuckDB index, and every write checks its ids there.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from mrlstore.errors import (
     StorageError,
     StoreLockedError,
 )
+from mrlstore.tiers.id_index import ID_DIR, IdIndex
 
 DB_FILE = "catalog.duckdb"
 APPEND_STEP_ROWS = 262_144  # rows per checkpointed transaction of a large append_tables
 STAGED_KEY = "staged_write"  # manifest entry while an append_tables in steps runs: the columns before it
 _WATERMARK = "SELECT CAST(value AS BIGINT) FROM manifest WHERE key = 'committed_rows'"
+_ID_HASH = "hash(id)"  # DuckDB's 64-bit hash: the id cache's key (its runs record this hash of _HASH_GUARD)
+_HASH_GUARD = "mrlstore id hash"
+_ANY_ROWS = 4096  # rows looked up by "= ANY(list)" (point reads); more go through a join
 # Serialise in a format DuckDB 1.2+ can read, so a store is not tied to the newest DuckDB release.
 _FILE_CONFIG: dict[str, str | bool | int | float | list[str]] = {"storage_compatibility_version": "v1.2.0"}
 # The store's own connection runs users' where= and sql() text, so it reaches nothing but its tables: no
@@ -65,6 +71,9 @@ def _quote(name: str) -> str:
 class Catalog:
     def __init__(self, path: Path, read_only: bool, create: bool = False, db_file: Path | None = None):
         self.path = Path(db_file) if db_file is not None else Path(path) / DB_FILE
+        self._id_dir = Path(path) / ID_DIR
+        self._id_index: IdIndex | None = None  # loaded on first use
+        self._unique_ids: bool | None = None  # DuckDB's own unique index on id (formats 1-3): no cache then
         self.read_only = read_only
         self._lock = threading.RLock()
         if not create and not self.path.exists():
@@ -90,6 +99,7 @@ class Catalog:
 
     def close(self) -> None:
         with self._lock:
+            self._forget_ids()
             self._con.close()
 
     def _hide_uncommitted(self) -> None:
@@ -118,7 +128,7 @@ class Catalog:
             con = self._con
             with self._transaction():
                 con.execute("CREATE TABLE manifest (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)")
-                con.execute("CREATE TABLE _items (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE)")
+                con.execute("CREATE TABLE _items (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL)")
                 con.execute("CREATE TABLE tombstones (_row BIGINT PRIMARY KEY)")
                 self._refresh_view()
                 rows = [(k, json.dumps(v)) for k, v in manifest.items()]
@@ -178,15 +188,17 @@ class Catalog:
             return {str(tag): int(held) for tag, held in rows.fetchall()}
 
     def rows_of(self, ids: list[str]) -> dict[str, int]:
+        """The row of each of ``ids`` that is in ``_items``."""
         if not ids:
             return {}
-        with self._lock:
-            self._con.register("_ids_in", pa.table({"id": pa.array(ids, pa.string())}))
-            try:
-                found = self._con.execute("SELECT i.id, i._row FROM _items i JOIN _ids_in q ON i.id = q.id").fetchall()
-            finally:
-                self._con.unregister("_ids_in")
-        return dict(found)
+        with self._lock, _corruption_as_error(self.path):
+            return self._find(ids)
+
+    def repeated_ids(self, limit: int = 5) -> list[str]:
+        """Up to ``limit`` ids stored at more than one row below the watermark (none in a consistent store)."""
+        query = f"SELECT id FROM _items WHERE _row < ({_WATERMARK}) GROUP BY id HAVING count(*) > 1 LIMIT ?"
+        with self._lock, _corruption_as_error(self.path):
+            return [i for (i,) in self._con.execute(query, [limit]).fetchall()]
 
     def filter_rows(self, where: str) -> np.ndarray:
         """Sorted rows of ``_items`` matching ``where`` (checked once per distinct expression)."""
@@ -218,14 +230,109 @@ class Catalog:
 
     def items_for_ids(self, ids: list[str]) -> pa.Table:
         """Rows of ``_items`` (``_row``, id, metadata) for ``ids``, in the order given; unknown ids absent."""
-        with self._lock:
-            self._con.register(
-                "_ids_in", pa.table({"id": pa.array(ids, pa.string()), "_pos": pa.array(range(len(ids)))})
-            )
+        with self._lock, _corruption_as_error(self.path):
+            found = self._find(ids) if ids else {}
+            positions = [pos for pos, i in enumerate(ids) if i in found]
+            rows = [found[ids[pos]] for pos in positions]
+            self._con.register("_rows_in", pa.table({"_row": pa.array(rows, pa.int64()), "_pos": positions}))
             try:
-                return _arrow(self._con, "SELECT i.* FROM _items i JOIN _ids_in q ON i.id = q.id ORDER BY q._pos")
+                return _arrow(self._con, "SELECT i.* FROM _items i JOIN _rows_in q ON i._row = q._row ORDER BY q._pos")
             finally:
-                self._con.unregister("_ids_in")
+                self._con.unregister("_rows_in")
+
+    # -- the id cache (IdIndex): candidates by hash, each checked here ---------------------------------
+    def _ids(self) -> IdIndex | None:
+        """The id cache, loaded on first use; None for a store whose DuckDB index on id finds and checks ids
+        (formats 1-3: a release that knows no cache may write them, so it could not be trusted)."""
+        if self._unique_ids is None:
+            query = ("SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database() "
+                     "AND table_name = '_items' AND constraint_type = 'UNIQUE'")  # fmt: skip
+            self._unique_ids = bool(self._con.execute(query).fetchall()[0][0])
+        if self._id_index is None and not self._unique_ids:
+            # the hash of the guard text and the row numbering: runs of another hash or generation are not used
+            generation = self.manifest().get("generation", 0)
+            guard = self._con.execute("SELECT hash(?)", [f"{_HASH_GUARD} {generation}"]).fetchall()[0][0]
+            index = IdIndex(self._id_dir, int(guard), self._read_pairs, writable=not self.read_only)
+            index.load(self.committed_rows())
+            self._id_index = index
+        return self._id_index
+
+    def _forget_ids(self) -> None:
+        """After a failed write (or a discarded one): the next use reloads the cache from disk and catalog."""
+        if self._id_index is not None:
+            self._id_index.close()
+            self._id_index = None
+
+    def _read_pairs(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        got = self._con.execute(f"SELECT {_ID_HASH} AS h, _row FROM _items WHERE _row >= ? AND _row < ?", [lo, hi])
+        pairs = got.fetchnumpy()
+        return np.asarray(pairs["h"], dtype=np.uint64), np.asarray(pairs["_row"], dtype=np.int64)
+
+    def _hashes(self, ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        self._con.register("_hash_in", pa.table({"id": ids}))
+        try:
+            got = self._con.execute(f"SELECT {_ID_HASH} AS h FROM _hash_in").fetchnumpy()
+        finally:
+            self._con.unregister("_hash_in")
+        return np.asarray(got["h"], dtype=np.uint64)
+
+    def _find(self, ids: list[str]) -> dict[str, int]:
+        """The row of each of ``ids`` in ``_items``: the cache's candidates, checked against the catalog."""
+        index = self._ids()
+        if index is None:
+            return self._join_ids(ids, 0)
+        positions, rows = index.candidates(self._hashes(pa.array(ids, pa.string())))
+        stored = self._ids_at(rows)
+        found = {ids[p]: r for p, r in zip(positions.tolist(), rows.tolist()) if stored.get(r) == ids[p]}
+        if index.tail_in_catalog:  # a reader whose cache misses many rows: those are joined here
+            found.update(self._join_ids(ids, index.covered))
+        return found
+
+    def _ids_at(self, rows: np.ndarray) -> dict[int, str]:
+        """The id at each of ``rows`` that is in ``_items``."""
+        rows = np.unique(rows)
+        if not len(rows):
+            return {}
+        if len(rows) <= _ANY_ROWS:  # point reads of the _row index
+            got = self._con.execute("SELECT _row, id FROM _items WHERE _row = ANY(?)", [rows.tolist()]).fetchall()
+            return dict(got)
+        self._con.register("_rows_in", pa.table({"_row": rows}))
+        try:
+            return dict(self._con.execute("SELECT i._row, i.id FROM _items i JOIN _rows_in q USING (_row)").fetchall())
+        finally:
+            self._con.unregister("_rows_in")
+
+    def _join_ids(self, ids: list[str], from_row: int) -> dict[str, int]:
+        self._con.register("_ids_in", pa.table({"id": pa.array(ids, pa.string())}))
+        try:
+            query = "SELECT i.id, i._row FROM _items i JOIN _ids_in q ON i.id = q.id WHERE i._row >= ?"
+            return dict(self._con.execute(query, [from_row]).fetchall())
+        finally:
+            self._con.unregister("_ids_in")
+
+    def _refuse_repeats(self, hashes: np.ndarray, rows: np.ndarray) -> None:
+        """Inside a write's transaction, after its rows went into ``_items``: DuplicateIdError if an id of
+        ``rows`` (``hashes``: their ids' hashes) is at another row too; then the cache takes them."""
+        index = self._ids()
+        if index is None:
+            return  # DuckDB's unique index refuses them
+        positions, others = index.candidates(hashes)
+        apart = rows[positions] != others
+        own, others = rows[positions][apart], others[apart]
+        _, group, sizes = np.unique(hashes, return_inverse=True, return_counts=True)
+        sharing = rows[sizes[group] > 1]  # rows of this write whose hash another of its rows has
+        if len(own) or len(sharing):
+            stored = self._ids_at(np.concatenate([own, others, sharing]))
+            repeated = {
+                stored[a] for a, b in zip(own.tolist(), others.tolist()) if a in stored and stored.get(b) == stored[a]
+            }
+            within = [stored[r] for r in sharing.tolist() if r in stored]
+            repeated |= {i for i in within if within.count(i) > 1}
+            if repeated:
+                raise DuplicateIdError(
+                    f"{len(repeated)} id(s) already in the store or repeated, e.g. {sorted(repeated)[:5]}"
+                )
+        index.add(hashes, rows)
 
     def sql(self, query: str) -> pa.Table:
         with self._lock:
@@ -386,11 +493,19 @@ class Catalog:
             if replace_rows is not None and len(replace_rows):
                 con.register("_dead", pa.table({"_row": pa.array(np.asarray(replace_rows, dtype=np.int64))}))
             try:
-                stored = self._commit_rows_txn(metadata, replace_rows, new_watermark)
+                hashes = self._hashes(batch.column("id")) if self._ids() is not None else np.empty(0, np.uint64)
+                stored = self._commit_rows_txn(
+                    metadata, replace_rows, new_watermark, batch.column("_row").to_numpy(), hashes
+                )
+            except BaseException:
+                self._forget_ids()
+                raise
             finally:
                 con.unregister("_batch")
                 if replace_rows is not None and len(replace_rows):
                     con.unregister("_dead")
+            if self._id_index is not None:
+                self._id_index.flush()
         return stored.drop_columns(["_row"])
 
     def append_tables(
@@ -418,16 +533,20 @@ class Catalog:
                                 )
                             self._set_watermark(new_watermark)
                         self._put_manifest(STAGED_KEY, None if done else {"columns": before})
+                    if not done:
+                        self._checkpoint()
+                    if self._id_index is not None:  # its runs apart from the committed ones until the end
+                        self._id_index.flush(keep_below=0 if done else first_row)
                     if done:
                         return
-                    self._checkpoint()
             except BaseException:
                 self._undo_steps(row > first_row)
                 raise
 
     def _insert_step(self, row: int, tables: Iterator[pa.Table], step_rows: int) -> tuple[int, bool]:
         """Insert tables at rows ``row..`` until ``step_rows`` rows or the end: (next row, whether at the end)."""
-        start = row
+        start, hashes = row, []
+        done = True
         for table in tables:
             if table.num_columns > 1:
                 self._add_columns(table.drop_columns(["id"]))
@@ -436,15 +555,21 @@ class Catalog:
             self._batch_registered = True
             self._con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
             self._unregister_batch()
+            if self._ids() is not None:
+                hashes.append(self._hashes(table.column("id")))
             row += table.num_rows
             if row - start >= step_rows:
-                return row, False
-        return row, True
+                done = False
+                break
+        if hashes:
+            self._refuse_repeats(np.concatenate(hashes), np.arange(start, row, dtype=np.int64))
+        return row, done
 
     def _undo_steps(self, any_committed: bool) -> None:
         """After a failed step: its batch unregistered (after the rollback: DuckDB refuses all but ROLLBACK
         after a failure) and the earlier steps' rows removed. Never raises over the step's own error: after a
         fatal one (a failed checkpoint) DuckDB refuses everything, and the next writer's open removes them."""
+        self._forget_ids()
         try:
             self._unregister_batch()
             if any_committed:
@@ -480,9 +605,15 @@ class Catalog:
                     self._con.execute(f"ALTER TABLE _items DROP COLUMN {_quote(name)}")
                 self._put_manifest(STAGED_KEY, None)
                 self._refresh_view()
+            self._forget_ids()  # its rows' pairs go at the next load
 
     def _commit_rows_txn(
-        self, metadata: pa.Table | None, replace_rows: np.ndarray | None, new_watermark: int
+        self,
+        metadata: pa.Table | None,
+        replace_rows: np.ndarray | None,
+        new_watermark: int,
+        rows: np.ndarray,
+        hashes: np.ndarray,
     ) -> pa.Table:
         with _insert_errors("an id is already in the store"), self._transaction():
             if metadata is not None:
@@ -490,6 +621,8 @@ class Catalog:
             if replace_rows is not None and len(replace_rows):
                 self._tombstone_registered()
             stored = _arrow(self._con, "INSERT INTO _items BY NAME SELECT * FROM _batch RETURNING *")
+            if len(hashes):
+                self._refuse_repeats(hashes, rows)
             self._set_watermark(new_watermark)
         return stored.sort_by("_row")
 

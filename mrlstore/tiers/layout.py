@@ -13,6 +13,7 @@ from mrlstore._fsutil import copy_sparse, fsync_dir, fsync_file
 from mrlstore._version import __version__
 from mrlstore.tiers.bands import GROUP_DIR, create_bands
 from mrlstore.tiers.catalog import DB_FILE, Catalog
+from mrlstore.tiers.id_index import ID_DIR
 from mrlstore.tiers.locking import LOCK_FILE, WriteLease
 from mrlstore.tiers.params import StoreParams
 
@@ -68,6 +69,7 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
             shutil.copytree(src / INDEX_DIR, tmp / INDEX_DIR)
         else:
             (tmp / INDEX_DIR).mkdir()
+        _copy_id_runs(src / ID_DIR, tmp / ID_DIR)
         copy_catalog(tmp / DB_FILE)
         (tmp / LOCK_FILE).touch()
         fsync_tree(tmp)
@@ -76,6 +78,18 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _copy_id_runs(src: Path, dest: Path) -> None:
+    """The id cache's runs (a cache: the copy's first writer drops those past its catalog). A reader's copy
+    holds no lock that stops the writer's merges, so a run deleted meanwhile is left out (its pairs are in
+    the merged run, or read from the catalog)."""
+    dest.mkdir()
+    for run in src.glob("*.run") if src.is_dir() else []:
+        try:
+            shutil.copyfile(run, dest / run.name)
+        except FileNotFoundError:
+            continue
 
 
 def remove_stale_temporaries(path: Path) -> bool:

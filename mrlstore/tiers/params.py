@@ -20,8 +20,11 @@ FORMAT_NAME = "mrlstore"
 # 3 stores each band's chunks with Zarr's sharding codec (index first): chunk files grow with their rows
 # instead of being created full-size; 1 and 2 (full-size sparse chunk files) are still read and written,
 # and compact() rewrites them at 3.
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# 4 drops DuckDB's unique index on _items.id (about 50 bytes a row, held by every writer); ids are found
+# through the ids/ cache and checked by each write. mrlstore releases that know only 1-3 refuse 4, so they
+# never write without that check; compact() rewrites older stores at 4.
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 BUNDLED_ENCODER = "bundled"
 BUNDLED_ENCODER_DIM = 2048
 # The 16-d and 32-d prefixes get an HNSW index by default. Measured on MRL-like vectors

@@ -4,7 +4,8 @@ What a crash or a lost file can break, each checked against the catalog (the com
 (and row_norms) holds the committed rows; every chunk file that holds committed rows exists with its full
 size; no live row reads as all zeros where a stored vector cannot be zero (a missing chunk reads as zeros
 in Zarr); a sample of rows' stored band norms agree with their values (the bounded re-rank trusts them);
-the catalog's rows lie below the watermark; the HNSW caches cover no row the catalog lacks.
+the catalog's rows lie below the watermark and no id is at two of them; the HNSW caches cover no row the
+catalog lacks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def problems(state: StoreState) -> list[str]:
     outside = state.catalog.rows_outside(snap.watermark)
     if outside:
         found.append(f"the catalog lists {outside} row(s) at or past the committed watermark {snap.watermark}")
+    repeated = state.catalog.repeated_ids()
+    if repeated:
+        found.append(f"ids stored at more than one live row, e.g. {repeated}")
     if params.metric == "cosine":
         zero = _all_zero_rows(vectors, snap, params.index_dims[0] if params.index_dims else params.dim)
         if len(zero):
