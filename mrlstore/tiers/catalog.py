@@ -520,7 +520,7 @@ class Catalog:
         ``discard_staged``), and the last one moves the watermark. Repeated ids are refused by the catalog's
         own constraint."""
         before, row, tables = list(self.columns()), first_row, iter(tables)
-        step_rows = step_rows or APPEND_STEP_ROWS
+        step_rows, marked = step_rows or APPEND_STEP_ROWS, False
         with self._lock:
             try:
                 while True:
@@ -532,7 +532,9 @@ class Catalog:
                                     f"tables of {row - first_row} rows for {new_watermark - first_row}"
                                 )
                             self._set_watermark(new_watermark)
-                        self._put_manifest(STAGED_KEY, None if done else {"columns": before})
+                        if done == marked:  # the first of several steps marks the write, the last unmarks it
+                            self._put_manifest(STAGED_KEY, None if done else {"columns": before})
+                            marked = not done
                     if not done:
                         self._checkpoint()
                     if self._id_index is not None:  # its runs apart from the committed ones until the end
