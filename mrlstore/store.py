@@ -455,7 +455,8 @@ class Store:
     def compact(self) -> CompactResult:
         """Rewrite the store without its deleted rows, crash-safely (a crash leaves the old or the new store,
         never a mix); a store of an older format version is rewritten in the newest even with nothing
-        deleted. See :mod:`mrlstore.upkeep.compaction`."""
+        deleted (format 3 with nothing deleted: its catalog alone, in one transaction). See
+        :mod:`mrlstore.upkeep.compaction`."""
         self._check_writable()
         return self._upkeep.compact()
 

@@ -142,8 +142,10 @@ def id_constraints(path):
 def make_version_3(path):
     """The catalog as releases before format 4 made it: DuckDB's unique index on id."""
     with duckdb.connect(str(path / catalog_module.DB_FILE)) as con:
-        con.execute("CREATE TABLE _old (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE)")
-        con.execute("INSERT INTO _old SELECT _row, id FROM _items")
+        extra = "".join(f", {n} {t}" for n, t in con.execute("SELECT column_name, data_type FROM duckdb_columns() "
+                        "WHERE table_name = '_items' AND column_name NOT IN ('_row', 'id')").fetchall())  # fmt: skip
+        con.execute(f"CREATE TABLE _old (_row BIGINT PRIMARY KEY, id VARCHAR NOT NULL UNIQUE{extra})")
+        con.execute("INSERT INTO _old SELECT * FROM _items")
         con.execute("DROP VIEW items")
         con.execute("DROP TABLE _items")
         con.execute("ALTER TABLE _old RENAME TO _items")
@@ -156,17 +158,65 @@ def test_a_version_3_store_refuses_repeats_and_compacts_to_version_4(store_path)
         add(s, [f"v{j}" for j in range(30)])
     make_version_3(store_path)
     assert id_constraints(store_path) == [("NOT NULL",), ("UNIQUE",)]
+    chunks = {p: p.stat().st_ino for p in (store_path / "vectors").rglob("c/*/*")}
     with mrlstore.open(store_path) as s:
         assert s.manifest["format_version"] == 3
         with pytest.raises(mrlstore.DuplicateIdError):
             add(s, ["w", "v7"])
-        add(s, ["w"])
-        s.compact()
+        add(s, ["w"], metadata=[{"tag": "new"}])
+        assert s.compact().rows_after == 31  # nothing deleted: the catalog alone is made again
         assert s.manifest["format_version"] == 4 and len(s) == 31
         with pytest.raises(mrlstore.DuplicateIdError):
             add(s, ["v7"])
         assert s.get(["v29", "w"]).column("id").to_pylist() == ["v29", "w"] and s.verify() == []
+        assert s.get(["w"]).column("tag").to_pylist() == ["new"]
     assert id_constraints(store_path) == [("NOT NULL",)]
+    assert all(p.stat().st_ino == ino for p, ino in chunks.items())  # the vectors were not rewritten
+    with mrlstore.open(store_path, read_only=True) as reader:
+        assert reader.manifest["format_version"] == 4 and reader.get(["v3"]).column("id").to_pylist() == ["v3"]
+
+
+def test_a_version_3_store_with_deleted_rows_is_rewritten_as_version_4(store_path):
+    with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
+        add(s, [f"v{j}" for j in range(30)])
+    make_version_3(store_path)
+    with mrlstore.open(store_path) as s:
+        s.delete(["v3"])
+        assert s.compact().rows_after == 29 and s.manifest["format_version"] == 4
+        add(s, ["v3"])
+        with pytest.raises(mrlstore.DuplicateIdError):
+            add(s, ["v4"])
+        assert s.verify() == []
+    assert id_constraints(store_path) == [("NOT NULL",)]
+
+
+KILLED_IN_UPGRADE = """
+import os, signal, sys
+import mrlstore
+from mrlstore.tiers import catalog
+
+original = catalog.Catalog._put_manifest
+def put_manifest(self, key, value):
+    if key == "format_version":  # inside the upgrade's transaction, its new table filled
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, key, value)
+catalog.Catalog._put_manifest = put_manifest
+with mrlstore.open(sys.argv[1]) as s:
+    s.compact()
+"""
+
+
+def test_a_writer_killed_while_upgrading_a_catalog_leaves_it_as_it_was(store_path):
+    with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
+        add(s, [f"v{j}" for j in range(30)], metadata=[{"n": j} for j in range(30)])
+    make_version_3(store_path)
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_UPGRADE, str(store_path)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert id_constraints(store_path) == [("NOT NULL",), ("UNIQUE",)]
+    with mrlstore.open(store_path) as s:
+        assert s.manifest["format_version"] == 3 and len(s) == 30 and s.verify() == []
+        s.compact()
+        assert s.manifest["format_version"] == 4 and s.get(["v9"]).column("n").to_pylist() == [9]
 
 
 def test_ids_whose_hashes_collide_are_told_apart_by_the_catalog(store_path, monkeypatch):

@@ -628,6 +628,27 @@ class Catalog:
             self._set_watermark(new_watermark)
         return stored.sort_by("_row")
 
+    def drop_id_index(self, format_version: int) -> None:
+        """Make ``_items`` again without DuckDB's unique index on id (formats 1-3), in one transaction that
+        also sets ``format_version``: the ids' cache takes over at the next lookup."""
+        query = ("SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = current_database() "
+                 "AND schema_name = 'main' AND table_name = '_items' ORDER BY column_index")  # fmt: skip
+        with self._lock:
+            typed = [f"{_quote(n)} {t}" for n, t in self._con.execute(query).fetchall() if n not in ("_row", "id")]
+            with self._transaction():
+                self._con.execute("DROP VIEW items")
+                self._con.execute(
+                    f"CREATE TABLE _items_new ({', '.join(['_row BIGINT PRIMARY KEY', 'id VARCHAR NOT NULL', *typed])})"
+                )
+                self._con.execute("INSERT INTO _items_new SELECT * FROM _items")
+                self._con.execute("DROP TABLE _items")
+                self._con.execute("ALTER TABLE _items_new RENAME TO _items")
+                self._refresh_view()
+                self._put_manifest("format_version", format_version)
+            self._checkpoint()
+            self._unique_ids = None
+            self._forget_ids()
+
     def delete_rows(self, rows: np.ndarray) -> None:
         with self._lock:
             con = self._con

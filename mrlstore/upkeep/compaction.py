@@ -39,6 +39,21 @@ def temporary_path(path: Path) -> Path:
     return path.parent / f".{path.name}.compact-{os.getpid()}"
 
 
+ONLY_CATALOG_BEHIND = 3  # a store of this format with nothing deleted differs from the newest in its catalog only
+
+
+def upgrade_catalog(state: StoreState) -> dict[str, int] | None:
+    """A store of format 3 with nothing deleted: its catalog made format 4 in place (DuckDB's index on id
+    dropped, in one transaction), instead of rewriting its vectors and indexes. Returns the row counts, or
+    None when the store needs a compaction proper (or none)."""
+    snap = state.snap
+    live = int(snap.live[: snap.watermark].sum())
+    if live != snap.watermark or state.manifest.get("format_version") != ONLY_CATALOG_BEHIND:
+        return None
+    state.catalog.drop_id_index(FORMAT_VERSION)
+    return {"rows_before": snap.watermark, "rows_after": live}
+
+
 def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict[str, int]:
     """Rewrite the open writer ``state`` without deleted rows; returns the row counts before and after.
     ``reopen_with(lock)`` switches the store to the files the exchange put at its path, holding ``lock``."""

@@ -47,6 +47,11 @@ class Maintenance:
 
     def compact(self) -> CompactResult:
         with self.state.write_lock:
+            counts = compaction.upgrade_catalog(self.state)
+            if counts is not None:  # nothing to rewrite but the catalog
+                self.reopen()
+                self.committed()
+                return CompactResult(**counts)
             return CompactResult(**compaction.compact(self.state, self.reopen_with))
 
     def set_index_dims(self, index_dims: Sequence[int]) -> None:
