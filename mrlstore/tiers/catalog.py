@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -326,8 +327,8 @@ class Catalog:
             repeated = {
                 stored[a] for a, b in zip(own.tolist(), others.tolist()) if a in stored and stored.get(b) == stored[a]
             }
-            within = [stored[r] for r in sharing.tolist() if r in stored]
-            repeated |= {i for i in within if within.count(i) > 1}
+            within = Counter(stored[r] for r in sharing.tolist() if r in stored)
+            repeated |= {i for i, times in within.items() if times > 1}
             if repeated:
                 raise DuplicateIdError(
                     f"{len(repeated)} id(s) already in the store or repeated, e.g. {sorted(repeated)[:5]}"
@@ -517,8 +518,8 @@ class Catalog:
         (default APPEND_STEP_ROWS) goes in several transactions of about that many, each checkpointed: rows
         past the watermark belong to no committed state, the first transaction marks the write in the
         manifest (a failure here, or the next writer's open, removes its rows and columns:
-        ``discard_staged``), and the last one moves the watermark. Repeated ids are refused by the catalog's
-        own constraint."""
+        ``discard_staged``), and the last one moves the watermark. Each step refuses ids already stored or
+        repeated in the write (``_refuse_repeats``; formats 1-3: DuckDB's unique index)."""
         before, row, tables = list(self.columns()), first_row, iter(tables)
         step_rows, marked = step_rows or APPEND_STEP_ROWS, False
         with self._lock:
@@ -631,10 +632,8 @@ class Catalog:
     def drop_id_index(self, format_version: int) -> None:
         """Make ``_items`` again without DuckDB's unique index on id (formats 1-3), in one transaction that
         also sets ``format_version``: the ids' cache takes over at the next lookup."""
-        query = ("SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = current_database() "
-                 "AND schema_name = 'main' AND table_name = '_items' ORDER BY column_index")  # fmt: skip
         with self._lock:
-            typed = [f"{_quote(n)} {t}" for n, t in self._con.execute(query).fetchall() if n not in ("_row", "id")]
+            typed = [f"{_quote(name)} {dtype}" for name, dtype in self.columns().items()]
             with self._transaction():
                 self._con.execute("DROP VIEW items")
                 self._con.execute(

@@ -47,11 +47,10 @@ def upgrade_catalog(state: StoreState) -> dict[str, int] | None:
     dropped, in one transaction), instead of rewriting its vectors and indexes. Returns the row counts, or
     None when the store needs a compaction proper (or none)."""
     snap = state.snap
-    live = int(snap.live[: snap.watermark].sum())
-    if live != snap.watermark or state.manifest.get("format_version") != ONLY_CATALOG_BEHIND:
+    if snap.n_live != snap.watermark or state.manifest.get("format_version") != ONLY_CATALOG_BEHIND:
         return None
     state.catalog.drop_id_index(FORMAT_VERSION)
-    return {"rows_before": snap.watermark, "rows_after": live}
+    return {"rows_before": snap.watermark, "rows_after": snap.n_live}
 
 
 def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict[str, int]:
