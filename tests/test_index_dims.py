@@ -51,8 +51,9 @@ def test_a_wider_index_is_built_from_the_stored_rows_and_the_dropped_one_goes(tm
         truth = exact_search(x, queries, 10)
         assert recall_at_k([[int(i) for i in h.ids] for h in found], truth) >= 0.95
         # the new index tunes (which shape is fastest is a race of timings: an exact scan can win on a busy machine)
-        choice = store.tune(recall=0.9, k=10, sample=100, dims=[128, DIM])
-        assert choice["dims"] == [128, DIM] and choice["recall"] >= 0.9
+        store.tune(recall=0.9, k=10, sample=100, dims=[128, DIM])
+        shape = store.manifest["tuned"]["shapes"][f"128,{DIM}"]  # measured whether or not it won
+        assert shape["reached"] and shape["recall"] >= 0.9
     with pytest.raises(mrlstore.ConfigMismatchError, match="index_dims"):
         mrlstore.open(path, index_dims=(16, 32))
     with mrlstore.open(path, index_dims=(128, 32)) as store:
