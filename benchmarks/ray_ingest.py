@@ -4,6 +4,7 @@
     python benchmarks/ray_ingest.py                       # 200,000 x 2048 float16 vectors, 960 photos
     python benchmarks/ray_ingest.py --n 200000 --images 960 --work /path/with/space
     python benchmarks/ray_ingest.py --generated --n 2000000 --work /path/with/space   # issue 25's driver test
+    python benchmarks/ray_ingest.py --generated --ids random --n 2000000 --work /path   # UUID-like ids, no order
 
 ``--generated``: no Parquet and no photos; the rows are made by a ``map_batches`` whose function returns numpy
 arrays (a 2-D float16 array becomes Ray's tensor column), 16,384 MRL-like rows a batch, and ``add_arrow`` in
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def start_ray(cpus: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int, mode: str) -> dict:
+def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int, mode: str, ids: str) -> dict:
     import ray.data
     from ingest import PeakAnon
 
@@ -69,7 +71,7 @@ def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int, mod
     if parquet is None:  # --generated
         blocks = -(-n // GENERATED_BATCH)
         ds = ray.data.range(blocks, override_num_blocks=blocks)
-        ds = ds.map_batches(generated_numpy, batch_size=1, fn_kwargs={"n": n})
+        ds = ds.map_batches(generated_numpy, batch_size=1, fn_kwargs={"n": n, "ids": ids})
     else:
         ds = ray.data.read_parquet(str(parquet))
     ds.write_datasink(sink, concurrency=workers)
@@ -82,8 +84,9 @@ def sink_child(parquet: Path | None, store_path: Path, workers: int, n: int, mod
 GENERATED_BATCH = 16384
 
 
-def generated_rows(block: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Block ``block`` of ``n`` MRL-like rows (100 clusters, variance decaying as 1/(i+1)): ids, vectors, labels."""
+def generated_rows(block: int, n: int, ids: str = "sequential") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block ``block`` of ``n`` MRL-like rows (100 clusters, variance decaying as 1/(i+1)): ids, vectors, labels.
+    ``ids``: "sequential" (the row numbers) or "random" (UUID-like strings in no order, from their own seed)."""
     lo = block * GENERATED_BATCH
     count = max(0, min(GENERATED_BATCH, n - lo))
     scale = np.arange(1, 2049, dtype=np.float32) ** -0.5
@@ -91,16 +94,21 @@ def generated_rows(block: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     rng = np.random.default_rng(1 + block)
     labels = rng.integers(0, 100, size=count)
     vectors = (rng.standard_normal((count, 2048), dtype=np.float32) + centres[labels]) * scale
-    return np.arange(lo, lo + count).astype(str), vectors.astype(np.float16), labels
+    if ids == "random":
+        raw = np.random.default_rng([7, block]).bytes(16 * count)
+        names = np.array([str(uuid.UUID(bytes=raw[i : i + 16])) for i in range(0, 16 * count, 16)])
+    else:
+        names = np.arange(lo, lo + count).astype(str)
+    return names, vectors.astype(np.float16), labels
 
 
-def generated_numpy(batch: dict, n: int) -> dict:
+def generated_numpy(batch: dict, n: int, ids: str) -> dict:
     """A map_batches function returning numpy arrays: the 2-D float16 array becomes Ray's tensor column."""
-    ids, vectors, labels = generated_rows(int(batch["id"][0]), n)
+    ids, vectors, labels = generated_rows(int(batch["id"][0]), n, ids)
     return {"id": ids, "embedding": vectors, "label": np.char.add("c", labels.astype(str))}
 
 
-def arrow_child(parquet: Path | None, store_path: Path, n: int) -> dict:
+def arrow_child(parquet: Path | None, store_path: Path, n: int, ids: str) -> dict:
     import pyarrow.parquet as pq
     from ingest import PeakAnon
 
@@ -111,18 +119,18 @@ def arrow_child(parquet: Path | None, store_path: Path, n: int) -> dict:
     t0 = time.perf_counter()
     with mrlstore.open(store_path, dim=2048) as store:
         if parquet is None:  # --generated: the same rows as the sink's, as Arrow record batches
-            batches = (generated_batch(b, n) for b in range(-(-n // GENERATED_BATCH)))
+            batches = (generated_batch(b, n, ids) for b in range(-(-n // GENERATED_BATCH)))
         else:
             batches = pq.ParquetFile(parquet, pre_buffer=False, buffer_size=1 << 20).iter_batches(batch_size=16384)
         rows = store.add_arrow(batches, vector="embedding")
     return {"rows": rows, "seconds": time.perf_counter() - t0, "driver_peak_anon_mib": mem.stop()}
 
 
-def generated_batch(block: int, n: int) -> pa.RecordBatch:
-    ids, vectors, labels = generated_rows(block, n)
+def generated_batch(block: int, n: int, ids: str) -> pa.RecordBatch:
+    names, vectors, labels = generated_rows(block, n, ids)
     flat = pa.array(vectors.reshape(-1))
     return pa.RecordBatch.from_pydict({
-        "id": ids, "embedding": pa.FixedSizeListArray.from_arrays(flat, 2048),
+        "id": names, "embedding": pa.FixedSizeListArray.from_arrays(flat, 2048),
         "label": np.char.add("c", labels.astype(str)),
     })  # fmt: skip
 
@@ -164,6 +172,7 @@ def run(args: argparse.Namespace, *child: str) -> dict:
     cmd = [sys.executable, __file__, "--n", str(args.n), "--images", str(args.images), "--work", str(args.work)]
     cmd += ["--generated"] if args.generated else []
     cmd += ["--skip-arrow"] if args.skip_arrow else []
+    cmd += ["--ids", args.ids]
     out = subprocess.run([*cmd, "--child", *child], capture_output=True, text=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not line:
@@ -185,6 +194,10 @@ def main() -> None:
         help="in-place: workers write vectors into the store (the default); staging: they write whole "
         "rows to a staging folder and the driver copies them in (StoreSink(staging=...))",
     )
+    ap.add_argument(
+        "--ids", choices=["sequential", "random"], default="sequential",
+        help="--generated's ids: the row numbers, or UUID-like strings in no order (the catalog's hard case)",
+    )  # fmt: skip
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip-arrow", action="store_true", help="the sink runs only")
     ap.add_argument("--child", nargs="+")
@@ -194,8 +207,8 @@ def main() -> None:
         kind, *rest = args.child
         store = args.work / "store_ray"
         result = {
-            "sink": lambda: sink_child(parquet, store, int(rest[0]), args.n, rest[1]),
-            "arrow": lambda: arrow_child(parquet, store, args.n),
+            "sink": lambda: sink_child(parquet, store, int(rest[0]), args.n, rest[1], args.ids),
+            "arrow": lambda: arrow_child(parquet, store, args.n, args.ids),
             "embed": lambda: embed_child(args.images, int(rest[0])),
             "direct": lambda: direct_child(args.images),
         }[kind]()
