@@ -176,6 +176,19 @@ def test_a_version_3_store_refuses_repeats_and_compacts_to_version_4(store_path)
         assert reader.manifest["format_version"] == 4 and reader.get(["v3"]).column("id").to_pylist() == ["v3"]
 
 
+def test_readers_of_a_version_3_store_published_before_its_upgrade_see_version_4_after_it(store_path):
+    """The catalog-only upgrade changes no row: the published version must still count as behind it."""
+    with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
+        add(s, [f"v{j}" for j in range(30)])
+    make_version_3(store_path)
+    with mrlstore.open(store_path, read_only=True) as reader:  # publishes the version-3 catalog for readers
+        assert reader.manifest["format_version"] == 3
+    with mrlstore.open(store_path) as s:
+        s.compact()
+    with mrlstore.open(store_path, read_only=True) as reader:
+        assert reader.manifest["format_version"] == 4 and reader.get(["v3"]).column("id").to_pylist() == ["v3"]
+
+
 def test_a_version_3_store_with_deleted_rows_is_rewritten_as_version_4(store_path):
     with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
         add(s, [f"v{j}" for j in range(30)])

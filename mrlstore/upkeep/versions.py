@@ -214,6 +214,7 @@ def trails(head: dict[str, Any] | None, state: dict[str, Any]) -> bool:
 def version_state(manifest: dict[str, Any], committed_rows: int, live_rows: int) -> dict[str, Any]:
     """What tells whether a published version is behind the catalog."""
     return {
+        "format_version": int(manifest["format_version"]),  # compact() may remake the catalog alone
         "generation": int(manifest.get("generation", 0)),
         "committed_rows": committed_rows,
         "live_rows": live_rows,
