@@ -13,7 +13,8 @@ moto copies a whole object for every ranged GET of it (benchmarks/whole_object.p
 large index files is far slower here than their bytes: the small parts' download is timed on its own too.
 moto also shares this machine's cores with the reader: each open reports the CPU seconds both used in it.
 A reader loads at open only the index a default query searches first; one more open then times the first
-query on each index HEAD defers (its download and load) and the reader's anonymous memory before and after.
+query on each index HEAD defers (its download and load) and the reader's anonymous memory before and after,
+and ``get`` by id (its first call downloads the id runs HEAD defers).
 Last, that reader refreshes after the store gains ``--add`` rows and is published again: the refresh's time
 and the bytes its cache grew by (near chunks are kept by object key and linked into each version's copy).
 
@@ -162,8 +163,9 @@ def first_use(url: str, options: dict, cache: Path, head: dict, copy: Path, add:
         reader.query(query)
         took = 1e3 * (time.perf_counter() - t0)
         print(f"after the open: anonymous memory {anon - anon0:.0f} MiB; first default query {took:.1f} ms")
+        lookups(reader)
         near = reader.info().remote["local_dims"]  # a funnel ending there reads no remote rows
-        for part in head.get("deferred", []):
+        for part in [p for p in head.get("deferred", []) if p.startswith("index/")]:
             d = int(Path(part).stem.rsplit("_", 1)[1])
             dims = [d, near] if near > d else [d]
             t0 = time.perf_counter()
@@ -181,6 +183,24 @@ def first_use(url: str, options: dict, cache: Path, head: dict, copy: Path, add:
         took = time.perf_counter() - t0
         grown = du_mib(cache) - before
         print(f"refresh after {add:,} rows were added and published: {took:.2f} s; the cache grew by {grown:.1f} MiB")
+
+
+def lookups(reader: mrlstore.Store, calls: int = 20, per_call: int = 10) -> None:
+    """``get`` of ``per_call`` ids at random rows: the first call (which downloads the id runs a version
+    publishes), then the median of ``calls`` more, each with other ids; with ``dims`` the near bands hold
+    (the lookup and local reads), then with every dimension (the widest band's rows are remote)."""
+    sample = f"SELECT id FROM items USING SAMPLE {(2 * calls + 1) * per_call} ROWS (reservoir, 7)"
+    ids = reader.sql(sample).column("id").to_pylist()
+    near = reader.info().remote["local_dims"]
+    for dims in (near, reader.dim):
+        times = []
+        for at in range(0, (calls + 1) * per_call, per_call):
+            t0 = time.perf_counter()
+            reader.get(ids[at : at + per_call], dims=dims)
+            times.append(1e3 * (time.perf_counter() - t0))
+        ids = ids[(calls + 1) * per_call :] + ids[:per_call]  # other ids for the second pass
+        print(f"get of {per_call} ids, dims={dims}: first call {times[0]:.1f} ms, then median "
+              f"{statistics.median(times[1:]):.2f} ms ({calls} calls)")  # fmt: skip
 
 
 def cpu_seconds(pid: int) -> float:

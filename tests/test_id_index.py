@@ -70,6 +70,29 @@ def test_every_pair_is_found_through_flushes_merges_and_a_reload(tmp_path, small
     assert found(reloaded, wanted) == source.expected(wanted)
 
 
+def test_copied_runs_read_back_the_same_pairs_even_after_their_files_were_merged_away(tmp_path, small_runs):
+    source = PairSource()
+    index = IdIndex(tmp_path / ID_DIR, 7, source.read, writable=True)
+    index.load(0)
+    for lo in range(0, 40, 10):
+        rows = np.arange(lo, lo + 10, dtype=np.int64)
+        index.add(rows.astype(np.uint64) % 13, rows)
+        source.put(rows, rows.astype(np.uint64) % 13)
+        index.flush()
+    reader = IdIndex(tmp_path / ID_DIR, 7, source.read, writable=False)
+    reader.load(40)
+    assert reader.covered == index.covered and reader.covered >= 32
+    for path in (tmp_path / ID_DIR).glob("*.run"):
+        path.unlink()  # as a writer's merge would: the reader's maps still hold them
+    copied = reader.copy_runs(tmp_path / "copy", watermark=40)
+    assert sorted(p.name for p in copied) == sorted(run.path.name for run in reader._runs)
+    assert reader.copy_runs(tmp_path / "short", watermark=reader._runs[0].hi - 1) == []  # none past it
+    again = IdIndex(tmp_path / "copy", 7, source.read, writable=False)
+    again.load(40)
+    wanted = np.arange(0, 15, dtype=np.uint64)
+    assert again.covered == reader.covered and found(again, wanted) == source.expected(wanted)
+
+
 def test_a_writers_load_drops_runs_past_its_watermark_and_damaged_or_foreign_files(tmp_path, small_runs):
     source = PairSource()
     folder = tmp_path / ID_DIR

@@ -23,8 +23,10 @@ pafs = pytest.importorskip("pyarrow.fs")
 from moto_server import free_port as _free_port  # noqa: E402
 from moto_server import start_moto as _start_moto  # noqa: E402
 
+from mrlstore.errors import CorruptStoreError, UnknownIdError  # noqa: E402
 from mrlstore.testing import mrl_like  # noqa: E402
-from mrlstore.tiers import objectstore  # noqa: E402
+from mrlstore.tiers import catalog as catalog_module  # noqa: E402
+from mrlstore.tiers import id_index, objectstore  # noqa: E402
 from mrlstore.tiers.objectstore import filesystem  # noqa: E402
 
 DIM = 256
@@ -487,6 +489,71 @@ def test_a_deferred_index_of_a_version_newer_publishes_removed_is_rebuilt(tmp_pa
             got = [h.ids for h in remote.query(vectors[:3], k=5, dims=[32, DIM])]
         same = [len(set(a) & set(b)) for a, b in zip(got, want)]
         assert sum(same) >= 12, same  # a new graph over the same rows
+
+
+def test_a_reader_finds_ids_through_the_published_id_runs_downloaded_on_first_lookup(
+    tmp_path, options, bucket, monkeypatch
+):
+    """Publish uploads the id cache's runs and HEAD defers them: a fresh reader's open and its queries leave
+    them remote, its first lookup by id downloads them (checked against HEAD's digests) and finds ids through
+    them instead of a join over every id of the catalog; a refresh does the same for the new version."""
+    monkeypatch.setattr(id_index, "TAIL_ROWS", 64)  # runs at test sizes
+    monkeypatch.setattr(id_index, "BUILD_ROWS", 128)
+    monkeypatch.setattr(id_index, "READER_TAIL_ROWS", 100)  # past 100 rows without runs a reader would join
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 1500)
+    head = store.publish(url, storage_options=options)
+    runs = [part for part in head["deferred"] if part.startswith("ids/")]
+    assert runs and all(part in head["parts"] for part in runs)
+    cache = tmp_path / "c"
+    joined = []
+    real_join = catalog_module.Catalog._join_ids
+    monkeypatch.setattr(catalog_module.Catalog, "_join_ids", lambda *a: joined.append(a[1:]) or real_join(*a))
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as remote:
+        remote.query(vectors[:2], k=3)
+        assert not list(cache.rglob("*.run"))  # queries never look ids up
+        wanted = ["r7", "r1499", "r640"]
+        got = remote.get(wanted)
+        assert got.column("id").to_pylist() == wanted
+        np.testing.assert_allclose(np.stack(got.column("vector").to_numpy(zero_copy_only=False)),
+                                   vectors[[7, 1499, 640]], atol=2e-2)  # fmt: skip
+        assert sorted(p.name for p in cache.rglob("*.run")) == sorted(Path(part).name for part in runs)
+        with pytest.raises(UnknownIdError):
+            remote.get(["r3", "nowhere"])
+        more = np.random.default_rng(5).standard_normal((300, DIM)).astype(np.float32)
+        store.add_vectors(more, ids=[f"n{i}" for i in range(300)])
+        newer = store.publish(url, storage_options=options)
+        assert remote.refresh() is True
+        assert remote.get(["n299", "r0"]).column("id").to_pylist() == ["n299", "r0"]
+        newer_runs = [part for part in newer["deferred"] if part.startswith("ids/")]
+        assert len(list(cache.rglob("*.run"))) == len(runs) + len(newer_runs)
+    assert joined == []  # every lookup went through the runs
+    fs, root = filesystem(url, options)
+    with fs.open_output_stream(f"{root}/versions/{newer['version']}/{newer_runs[0]}") as out:
+        out.write(b"not a run")
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c2") as remote:
+        for _ in range(2):  # nothing half-downloaded stays behind: the second lookup fails the same way
+            with pytest.raises(CorruptStoreError, match="corrupted"):
+                remote.get(["r7"])
+    store.close()
+
+
+def test_a_reader_of_a_version_whose_id_runs_were_removed_joins_ids_in_its_catalog(
+    tmp_path, options, bucket, monkeypatch
+):
+    """Publishes keep the 3 newest versions: a reader still on an older one finds its id runs gone, and its
+    lookups by id go through its catalog instead of failing."""
+    monkeypatch.setattr(id_index, "TAIL_ROWS", 64)
+    monkeypatch.setattr(id_index, "READER_TAIL_ROWS", 100)
+    joined = []
+    real_join = catalog_module.Catalog._join_ids
+    monkeypatch.setattr(catalog_module.Catalog, "_join_ids", lambda *a: joined.append(a[1:]) or real_join(*a))
+    with _published_and_read(tmp_path, options, bucket, 1500, seed=2) as (store, vectors, remote):
+        for i in range(3):
+            store.add_vectors(vectors[:1] + i + 1, ids=[f"new{i}"])
+            store.publish(f"s3://{bucket}/s.mrl", storage_options=options)  # version 1's folder goes with the third
+        assert remote.get(["r1400", "r2"]).column("id").to_pylist() == ["r1400", "r2"]
+        assert joined and not list((tmp_path / "c").rglob("*.run"))
 
 
 def _copies(cache: Path) -> dict[str, Path]:

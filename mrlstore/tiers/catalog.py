@@ -70,10 +70,20 @@ def _quote(name: str) -> str:
 
 
 class Catalog:
-    def __init__(self, path: Path, read_only: bool, create: bool = False, db_file: Path | None = None):
+    def __init__(
+        self,
+        path: Path,
+        read_only: bool,
+        create: bool = False,
+        db_file: Path | None = None,
+        fetch_ids: Callable[[], None] | None = None,
+    ):
+        """``fetch_ids``: what brings the id cache's runs into ``path/ids`` before its first load (a version on
+        object storage downloads them on first use)."""
         self.path = Path(db_file) if db_file is not None else Path(path) / DB_FILE
         self._id_dir = Path(path) / ID_DIR
         self._id_index: IdIndex | None = None  # loaded on first use
+        self._fetch_ids = fetch_ids
         self._unique_ids: bool | None = None  # DuckDB's own unique index on id (formats 1-3): no cache then
         self.read_only = read_only
         self._lock = threading.RLock()
@@ -250,6 +260,9 @@ class Catalog:
                      "AND table_name = '_items' AND constraint_type = 'UNIQUE'")  # fmt: skip
             self._unique_ids = bool(self._con.execute(query).fetchall()[0][0])
         if self._id_index is None and not self._unique_ids:
+            if self._fetch_ids is not None:
+                self._fetch_ids()  # once it returns: later calls find the files there
+                self._fetch_ids = None
             # the hash of the guard text and the row numbering: runs of another hash or generation are not used
             generation = self.manifest().get("generation", 0)
             guard = self._con.execute("SELECT hash(?)", [f"{_HASH_GUARD} {generation}"]).fetchall()[0][0]
@@ -257,6 +270,13 @@ class Catalog:
             index.load(self.committed_rows())
             self._id_index = index
         return self._id_index
+
+    def copy_id_runs(self, dest: Path) -> list[Path]:
+        """The id cache's runs of the committed rows into ``dest`` (none for formats 1-3), for a copy of this
+        catalog made at the same point (``snapshot_to``, under the store's write lock)."""
+        with self._lock, _corruption_as_error(self.path):
+            index = self._ids()
+            return [] if index is None else index.copy_runs(dest, self.committed_rows())
 
     def _forget_ids(self) -> None:
         """After a failed write (or a discarded one): the next use reloads the cache from disk and catalog."""

@@ -112,6 +112,23 @@ class IdIndex:
         except OSError:
             return
 
+    def copy_runs(self, dest: Path, watermark: int) -> list[Path]:
+        """The runs within ``watermark`` as files in ``dest`` (for a copy of the catalog made at the same
+        point), written from this index's maps: whole even if a writer merged a run away since the load."""
+        dest.mkdir(parents=True, exist_ok=True)
+        copied = []
+        for run in self._runs:
+            if run.hi > watermark:
+                break
+            copied.append(dest / run.path.name)
+            n = len(run.hashes)
+            with open(copied[-1], "wb") as f:
+                f.write(_header(self.guard, run.lo, run.hi, n))
+                for column in (run.hashes, run.rows):  # a block at a time: bounded memory
+                    for at in range(0, n, MERGE_BLOCK):
+                        f.write(np.asarray(column[at : at + MERGE_BLOCK]).tobytes())
+        return copied
+
     def _sort_tail(self) -> None:
         order = np.argsort(self._tail_hashes, kind="stable")
         self._tail_hashes, self._tail_rows = self._tail_hashes[order], self._tail_rows[order]
@@ -186,10 +203,8 @@ class IdIndex:
         self.folder.mkdir(exist_ok=True)
         path = self.folder / f"{lo:013d}-{hi:013d}.run"
         tmp = self.folder / f".{path.name}.tmp-{os.getpid()}"
-        header = np.zeros(1, _HEADER)
-        header[0] = (_MAGIC, self.guard, lo, hi, n)
         with open(tmp, "wb") as f:
-            f.write(header.tobytes().ljust(_HEADER_BYTES, b"\0"))
+            f.write(_header(self.guard, lo, hi, n))
             f.truncate(_HEADER_BYTES + 16 * n)
         if n:
             out_hashes = np.memmap(tmp, dtype=np.uint64, mode="r+", offset=_HEADER_BYTES, shape=(n,))
@@ -212,6 +227,12 @@ class IdIndex:
         if run is None:
             raise OSError(f"the id run {path} just written does not read back")
         return run
+
+
+def _header(guard: int, lo: int, hi: int, n: int) -> bytes:
+    header = np.zeros(1, _HEADER)
+    header[0] = (_MAGIC, guard, lo, hi, n)
+    return header.tobytes().ljust(_HEADER_BYTES, b"\0")
 
 
 def _matches(

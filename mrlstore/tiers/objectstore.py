@@ -45,6 +45,7 @@ from mrlstore.errors import (
     UnsupportedStorageError,
 )
 from mrlstore.tiers.bands import BandedVectors, resident_rows
+from mrlstore.tiers.id_index import ID_DIR
 from mrlstore.tiers.indexes import default_first_stage
 from mrlstore.tiers.state import StoreState
 
@@ -205,6 +206,7 @@ def _capture(
         if not isinstance(vectors, BandedVectors):  # the chunk files themselves are uploaded
             raise UnsupportedStorageError("publish() uploads a store whose bands are local files")
         store.catalog.snapshot_to(staged / "catalog.duckdb")
+        id_runs = store.catalog.copy_id_runs(staged / ID_DIR)  # for a reader's first lookup by id
         for path in store.indexes.files():  # a reader downloads each at open: only those it loads
             target = staged / path.relative_to(store.path)
             target.parent.mkdir(exist_ok=True)
@@ -227,6 +229,7 @@ def _capture(
                 chunks[key] = (fd, band.data_offset, rows * band.row_bytes)
         first = default_first_stage(store.manifest, store.params, store.indexes.projection)
         later = [p.relative_to(store.path).as_posix() for p in store.indexes.deferred_files(first) if p.exists()]
+        later += [p.relative_to(staged).as_posix() for p in id_runs]
         state = {
             "store_id": store.manifest.get("store_id") or store.manifest.get("created_at"),
             "generation": generation,
@@ -370,6 +373,11 @@ class RemoteSource:
         with _errors(self.url, "download"), _complete_or_absent(target) as tmp:
             self._download_part(tmp, part, digest)
         return digest
+
+    def fetch_parts(self, local: Path, parts: list[str]) -> None:
+        """Several parts ``local_copy`` left for later, all at once (one round of requests)."""
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(lambda part: self.fetch_part(local, part), parts))
 
     def _download_part(self, target: Path, part: str, digest: str) -> None:
         """One small part into ``target`` (which the caller removes if anything fails), checked against the

@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file
-from mrlstore.errors import CorruptStoreError, NotAStoreError, UnsupportedStorageError
+from mrlstore.errors import CorruptStoreError, NotAStoreError, StoreNotFoundError, UnsupportedStorageError
 from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.catalog import Catalog
+from mrlstore.tiers.id_index import ID_DIR
 from mrlstore.tiers.locking import NoLock, StoreLock
 from mrlstore.tiers.params import INDEX_ENTRY_KEYS, StoreParams
 from mrlstore.tiers.snapshot import load_snapshot
@@ -338,6 +339,22 @@ class Versions:
         remote, path = self.remote, self.path
         return None if remote is None else lambda part: remote.fetch_part(path, part)
 
+    def _id_runs_fetcher(self) -> Callable[[], None] | None:
+        """For a store on object storage, what downloads the open version's id runs (left for the first
+        lookup by id: queries never need them)."""
+        remote, path = self.remote, self.path
+        if remote is None:
+            return None
+        runs = [part for part in remote.head.get("deferred", ()) if part.startswith(f"{ID_DIR}/")]
+
+        def fetch() -> None:
+            try:
+                remote.fetch_parts(path, runs)
+            except StoreNotFoundError:
+                pass  # a version that newer publishes removed: the catalog joins the ids the runs miss
+
+        return fetch
+
     def take_lock(self) -> HeldLock:
         """What keeps this handle's files consistent: nothing for a local copy of a remote version; for a
         reader, its registration (so a live writer publishes for it) and the newest version in ``head``, or a
@@ -361,7 +378,7 @@ class Versions:
     def open_catalog(self) -> Catalog:
         """The live catalog (writers, unpublished stores), or the published version ``head`` names."""
         if not self.read_only or self.head is None:
-            return Catalog(self.path, read_only=self.read_only)
+            return Catalog(self.path, read_only=self.read_only, fetch_ids=self._id_runs_fetcher())
         catalog, self.head = _open_published(self.path, self.head)  # the head may be newer
         return catalog
 
