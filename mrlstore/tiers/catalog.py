@@ -81,7 +81,8 @@ class Catalog:
         """``fetch_ids``: what brings the id cache's runs into ``path/ids`` before its first load (a version on
         object storage downloads them on first use)."""
         self.path = Path(db_file) if db_file is not None else Path(path) / DB_FILE
-        self._id_dir = Path(path) / ID_DIR
+        self._folder = Path(path)
+        self._id_dir = self._folder / ID_DIR
         self._id_index: IdIndex | None = None  # loaded on first use
         self._fetch_ids = fetch_ids
         self._unique_ids: bool | None = None  # DuckDB's own unique index on id (formats 1-3): no cache then
@@ -89,24 +90,27 @@ class Catalog:
         self._lock = threading.RLock()
         if not create and not self.path.exists():
             raise NotAStoreError(f"{path} is not an mrlstore store (no {DB_FILE})")
-        try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only, config=_SANDBOX_CONFIG)
-        except duckdb.IOException as e:
-            msg = str(e)
-            if "lock" in msg.lower():
-                raise StoreLockedError(
-                    f"{path} is open for writing by another process; DuckDB allows one process per file "
-                    f"(close the writer, or read a copy made with Store.snapshot). DuckDB said: {msg}"
-                ) from None
-            raise CorruptStoreError(f"cannot open catalog {self.path}: {msg}") from None
-        except duckdb.Error as e:
-            raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
+        self._con = self._connect()
         self._hidden = False  # _items is shadowed by a view of the committed rows (a reader after a dead write)
         if read_only:
             self._hide_uncommitted()
         self._columns: dict[str, str] | None = None
         self._batch_registered = False  # "_batch" is registered on the connection (unregistered after a rollback)
         self._checked_filters: set[str] = set()  # where= expressions already parsed and found read-only
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        try:
+            return duckdb.connect(str(self.path), read_only=self.read_only, config=_SANDBOX_CONFIG)
+        except duckdb.IOException as e:
+            msg = str(e)
+            if "lock" in msg.lower():
+                raise StoreLockedError(
+                    f"{self._folder} is open for writing by another process; DuckDB allows one process per file "
+                    f"(close the writer, or read a copy made with Store.snapshot). DuckDB said: {msg}"
+                ) from None
+            raise CorruptStoreError(f"cannot open catalog {self.path}: {msg}") from None
+        except duckdb.Error as e:
+            raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -558,6 +562,7 @@ class Catalog:
                             marked = not done
                     if not done:
                         self._checkpoint()
+                        self._release_buffers()
                     if self._id_index is not None:  # its runs apart from the committed ones until the end
                         self._id_index.flush(keep_below=0 if done else first_row)
                     if done:
@@ -599,6 +604,13 @@ class Catalog:
                 self.discard_staged()
         except (duckdb.Error, MRLStoreError):
             pass
+
+    def _release_buffers(self) -> None:
+        """Between steps of a long write, a new connection: DuckDB keeps every block a connection wrote in its
+        buffer pool until its memory limit (80% of RAM) forces them out, and frees them when the connection
+        closes (the writer lock keeps other processes away meanwhile)."""
+        self._con.close()
+        self._con = self._connect()
 
     def _checkpoint(self) -> None:
         """Write committed changes into the file, which lets DuckDB free the memory that holds them."""

@@ -3,9 +3,9 @@ the workers that write rows in place for it.
 
 The writer holds the store's writer lock, its catalog and its bands, and never the ids, the metadata or the
 HNSW indexes; the catalog checkpoints each step of a large commit and finds ids through the store's id cache
-(format 4; DuckDB's unique index on id, about 50 bytes a row of the store, in formats 1-3), so its memory
-does not grow with the store (DuckDB keeps the blocks the commit wrote in its buffer pool, up to its own
-memory limit: about 11 bytes a row of 20-character random ids). Two ways in:
+(format 4; DuckDB's unique index on id, about 50 bytes a row of the store, in formats 1-3) and connects
+again after each step (DuckDB would keep every block the commit wrote), so its memory grows with neither
+the store nor the write. Two ways in:
 
 - fragments (``commit_staged``): workers write whole rows beside the store; the commit reads them one at a
   time through memory maps and appends their vectors to the bands;
