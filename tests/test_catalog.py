@@ -100,6 +100,34 @@ def test_a_long_write_leaves_duckdb_holding_only_its_last_steps_blocks(catalog):
         catalog.commit_rows(n, [str(ids[100])], None, n + 1)
 
 
+def test_a_catalog_that_cannot_connect_again_between_steps_fails_the_write_and_every_later_call(
+    tmp_path, catalog, monkeypatch
+):
+    """Another DuckDB client may take the file while the writer reconnects: a few tries, then StorageError."""
+    from mrlstore.errors import StorageError, StoreLockedError
+    from mrlstore.tiers import catalog as catalog_module
+
+    tries = []
+
+    def refused(self):
+        tries.append(1)
+        raise StoreLockedError("open for writing by another process")
+
+    monkeypatch.setattr(catalog_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(Catalog, "_connect", refused)
+    tables = (pa.table({"id": pa.array(np.arange(lo, lo + 100).astype(str))}) for lo in range(0, 500, 100))
+    with pytest.raises(StorageError, match="reopen the store to go on"):
+        catalog.append_tables(0, tables, 500, step_rows=200)
+    assert len(tries) == 6
+    with pytest.raises(StorageError, match="reopen the store to go on"):
+        catalog.committed_rows()
+    catalog.close()
+    monkeypatch.undo()
+    again = Catalog(tmp_path, read_only=True)
+    assert again.committed_rows() == 0  # the first step's rows never count: the watermark did not move
+    again.close()
+
+
 def test_a_reader_refuses_an_unreadable_staged_write_mark(tmp_path, catalog):
     from mrlstore.tiers.catalog import STAGED_KEY
 

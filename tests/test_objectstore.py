@@ -23,7 +23,7 @@ pafs = pytest.importorskip("pyarrow.fs")
 from moto_server import free_port as _free_port  # noqa: E402
 from moto_server import start_moto as _start_moto  # noqa: E402
 
-from mrlstore.errors import CorruptStoreError, UnknownIdError  # noqa: E402
+from mrlstore.errors import UnknownIdError  # noqa: E402
 from mrlstore.testing import mrl_like  # noqa: E402
 from mrlstore.tiers import catalog as catalog_module  # noqa: E402
 from mrlstore.tiers import id_index, objectstore  # noqa: E402
@@ -496,7 +496,8 @@ def test_a_reader_finds_ids_through_the_published_id_runs_downloaded_on_first_lo
 ):
     """Publish uploads the id cache's runs and HEAD defers them: a fresh reader's open and its queries leave
     them remote, its first lookup by id downloads them (checked against HEAD's digests) and finds ids through
-    them instead of a join over every id of the catalog; a refresh does the same for the new version."""
+    them instead of a join over every id of the catalog; a refresh does the same for the new version; a
+    corrupted run is not kept, and the catalog joins instead (the runs are a cache)."""
     monkeypatch.setattr(id_index, "TAIL_ROWS", 64)  # runs at test sizes
     monkeypatch.setattr(id_index, "BUILD_ROWS", 128)
     monkeypatch.setattr(id_index, "READER_TAIL_ROWS", 100)  # past 100 rows without runs a reader would join
@@ -532,9 +533,9 @@ def test_a_reader_finds_ids_through_the_published_id_runs_downloaded_on_first_lo
     with fs.open_output_stream(f"{root}/versions/{newer['version']}/{newer_runs[0]}") as out:
         out.write(b"not a run")
     with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c2") as remote:
-        for _ in range(2):  # nothing half-downloaded stays behind: the second lookup fails the same way
-            with pytest.raises(CorruptStoreError, match="corrupted"):
-                remote.get(["r7"])
+        with pytest.warns(RuntimeWarning, match="corrupted; looking ids up in the catalog instead"):
+            assert remote.get(["r7", "n3"]).column("id").to_pylist() == ["r7", "n3"]
+        assert joined and Path(newer_runs[0]).name not in {p.name for p in (tmp_path / "c2").rglob("*.run")}
     store.close()
 
 
@@ -545,15 +546,23 @@ def test_a_reader_of_a_version_whose_id_runs_were_removed_joins_ids_in_its_catal
     lookups by id go through its catalog instead of failing."""
     monkeypatch.setattr(id_index, "TAIL_ROWS", 64)
     monkeypatch.setattr(id_index, "READER_TAIL_ROWS", 100)
-    joined = []
+    joined, fetched = [], []
     real_join = catalog_module.Catalog._join_ids
     monkeypatch.setattr(catalog_module.Catalog, "_join_ids", lambda *a: joined.append(a[1:]) or real_join(*a))
-    with _published_and_read(tmp_path, options, bucket, 1500, seed=2) as (store, vectors, remote):
-        for i in range(3):
-            store.add_vectors(vectors[:1] + i + 1, ids=[f"new{i}"])
-            store.publish(f"s3://{bucket}/s.mrl", storage_options=options)  # version 1's folder goes with the third
-        assert remote.get(["r1400", "r2"]).column("id").to_pylist() == ["r1400", "r2"]
-        assert joined and not list((tmp_path / "c").rglob("*.run"))
+    real_fetch = objectstore.RemoteSource.fetch_parts
+    monkeypatch.setattr(objectstore.RemoteSource, "fetch_parts", lambda *a: fetched.append(a[2]) or real_fetch(*a))
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 1500, seed=2)
+    with store:
+        head = store.publish(url, storage_options=options)
+        runs = [part for part in head["deferred"] if part.startswith("ids/")]
+        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+            for i in range(3):
+                store.add_vectors(vectors[:1] + i + 1, ids=[f"new{i}"])
+                store.publish(url, storage_options=options)  # version 1's folder goes with the third
+            assert remote.get(["r1400", "r2"]).column("id").to_pylist() == ["r1400", "r2"]
+    assert runs and fetched == [runs]  # the version had runs, and the reader tried to fetch them
+    assert joined and not list((tmp_path / "c").rglob("*.run"))
 
 
 def _copies(cache: Path) -> dict[str, Path]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import duckdb
 import numpy as np
@@ -608,9 +609,20 @@ class Catalog:
     def _release_buffers(self) -> None:
         """Between steps of a long write, a new connection: DuckDB keeps every block a connection wrote in its
         buffer pool until its memory limit (80% of RAM) forces them out, and frees them when the connection
-        closes (the writer lock keeps other processes away meanwhile)."""
+        closes. The writer lock keeps mrlstore processes away meanwhile, not other DuckDB clients: a few tries,
+        then StorageError, and the catalog refuses every later call the same way (the store must be reopened;
+        the write's steps go at the next writer's open)."""
         self._con.close()
-        self._con = self._connect()
+        for wait in (0.0, 0.05, 0.2, 0.5, 1.0, 2.0):
+            time.sleep(wait)
+            try:
+                self._con = self._connect()
+                return
+            except MRLStoreError as e:
+                failure = e
+        message = f"cannot connect to the catalog {self.path} again (reopen the store to go on): {failure}"
+        self._con = cast(duckdb.DuckDBPyConnection, _Unusable(message))
+        raise StorageError(message)
 
     def _checkpoint(self) -> None:
         """Write committed changes into the file, which lets DuckDB free the memory that holds them."""
@@ -794,6 +806,20 @@ def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
 def _arrow_reader(con: duckdb.DuckDBPyConnection, sql: str) -> pa.RecordBatchReader:
     rel = con.sql(sql)
     return rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()
+
+
+class _Unusable:
+    """In place of a connection that could not be made again: every use raises StorageError (closing is
+    allowed)."""
+
+    def __init__(self, message: str):
+        self._message = message
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        raise StorageError(self._message)
 
 
 @contextmanager

@@ -215,7 +215,7 @@ def trails(head: dict[str, Any] | None, state: dict[str, Any]) -> bool:
 def version_state(manifest: dict[str, Any], committed_rows: int, live_rows: int) -> dict[str, Any]:
     """What tells whether a published version is behind the catalog."""
     return {
-        "format_version": int(manifest["format_version"]),  # compact() may remake the catalog alone
+        "format_version": manifest.get("format_version"),  # compact() may remake the catalog alone
         "generation": int(manifest.get("generation", 0)),
         "committed_rows": committed_rows,
         "live_rows": live_rows,
@@ -347,11 +347,13 @@ class Versions:
             return None
         runs = [part for part in remote.head.get("deferred", ()) if part.startswith(f"{ID_DIR}/")]
 
-        def fetch() -> None:
+        def fetch() -> None:  # the runs are a cache: without them the catalog joins the ids they would find
             try:
                 remote.fetch_parts(path, runs)
             except StoreNotFoundError:
-                pass  # a version that newer publishes removed: the catalog joins the ids the runs miss
+                pass  # a version that newer publishes removed
+            except CorruptStoreError as e:
+                warnings.warn(f"{e}; looking ids up in the catalog instead", RuntimeWarning, stacklevel=2)
 
         return fetch
 
