@@ -176,10 +176,17 @@ def make_version_3(path):
         con.execute("UPDATE manifest SET value = '3' WHERE key = 'format_version'")
 
 
-def test_a_version_3_store_refuses_repeats_and_compacts_to_version_4(store_path):
+@pytest.fixture
+def version_3_store(store_path):
+    """A store of ids v0..v29 made as format 3 made it (DuckDB's unique index on id)."""
     with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
         add(s, [f"v{j}" for j in range(30)])
     make_version_3(store_path)
+    return store_path
+
+
+def test_a_version_3_store_refuses_repeats_and_compacts_to_version_4(version_3_store):
+    store_path = version_3_store
     assert id_constraints(store_path) == [("NOT NULL",), ("UNIQUE",)]
     chunks = {p: p.stat().st_ino for p in (store_path / "vectors").rglob("c/*/*")}
     with mrlstore.open(store_path) as s:
@@ -199,11 +206,9 @@ def test_a_version_3_store_refuses_repeats_and_compacts_to_version_4(store_path)
         assert reader.manifest["format_version"] == 4 and reader.get(["v3"]).column("id").to_pylist() == ["v3"]
 
 
-def test_readers_of_a_version_3_store_published_before_its_upgrade_see_version_4_after_it(store_path):
+def test_readers_of_a_version_3_store_published_before_its_upgrade_see_version_4_after_it(version_3_store):
     """The catalog-only upgrade changes no row: the published version must still count as behind it."""
-    with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
-        add(s, [f"v{j}" for j in range(30)])
-    make_version_3(store_path)
+    store_path = version_3_store
     with mrlstore.open(store_path, read_only=True) as reader:  # publishes the version-3 catalog for readers
         assert reader.manifest["format_version"] == 3
     with mrlstore.open(store_path) as s:
@@ -212,10 +217,8 @@ def test_readers_of_a_version_3_store_published_before_its_upgrade_see_version_4
         assert reader.manifest["format_version"] == 4 and reader.get(["v3"]).column("id").to_pylist() == ["v3"]
 
 
-def test_a_version_3_store_with_deleted_rows_is_rewritten_as_version_4(store_path):
-    with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
-        add(s, [f"v{j}" for j in range(30)])
-    make_version_3(store_path)
+def test_a_version_3_store_with_deleted_rows_is_rewritten_as_version_4(version_3_store):
+    store_path = version_3_store
     with mrlstore.open(store_path) as s:
         s.delete(["v3"])
         assert s.compact().rows_after == 29 and s.manifest["format_version"] == 4

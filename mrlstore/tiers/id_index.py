@@ -115,19 +115,8 @@ class IdIndex:
     def copy_runs(self, dest: Path, watermark: int) -> list[Path]:
         """The runs within ``watermark`` as files in ``dest`` (for a copy of the catalog made at the same
         point), written from this index's maps: whole even if a writer merged a run away since the load."""
-        dest.mkdir(parents=True, exist_ok=True)
-        copied = []
-        for run in self._runs:
-            if run.hi > watermark:
-                break
-            copied.append(dest / run.path.name)
-            n = len(run.hashes)
-            with open(copied[-1], "wb") as f:
-                f.write(_header(self.guard, run.lo, run.hi, n))
-                for column in (run.hashes, run.rows):  # a block at a time: bounded memory
-                    for at in range(0, n, MERGE_BLOCK):
-                        f.write(np.asarray(column[at : at + MERGE_BLOCK]).tobytes())
-        return copied
+        within = [run for run in self._runs if run.hi <= watermark]  # the chain: those past it come last
+        return [self._write_run(run.lo, run.hi, _blocks(run), len(run.hashes), dest).path for run in within]
 
     def _sort_tail(self) -> None:
         order = np.argsort(self._tail_hashes, kind="stable")
@@ -198,13 +187,19 @@ class IdIndex:
             older.path.unlink(missing_ok=True)
             newer.path.unlink(missing_ok=True)
 
-    def _write_run(self, lo: int, hi: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: int) -> _Run:
-        """Write ``n`` pairs, given as sorted blocks of (hashes, rows), to the run file of rows ``lo..hi``."""
-        self.folder.mkdir(exist_ok=True)
-        path = self.folder / f"{lo:013d}-{hi:013d}.run"
-        tmp = self.folder / f".{path.name}.tmp-{os.getpid()}"
+    def _write_run(
+        self, lo: int, hi: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: int, folder: Path | None = None
+    ) -> _Run:
+        """Write ``n`` pairs, given as sorted blocks of (hashes, rows), to the run file of rows ``lo..hi`` in
+        ``folder`` (default: this index's)."""
+        folder = folder or self.folder
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{lo:013d}-{hi:013d}.run"
+        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+        header = np.zeros(1, _HEADER)
+        header[0] = (_MAGIC, self.guard, lo, hi, n)
         with open(tmp, "wb") as f:
-            f.write(_header(self.guard, lo, hi, n))
+            f.write(header.tobytes().ljust(_HEADER_BYTES, b"\0"))
             f.truncate(_HEADER_BYTES + 16 * n)
         if n:
             out_hashes = np.memmap(tmp, dtype=np.uint64, mode="r+", offset=_HEADER_BYTES, shape=(n,))
@@ -229,12 +224,6 @@ class IdIndex:
         return run
 
 
-def _header(guard: int, lo: int, hi: int, n: int) -> bytes:
-    header = np.zeros(1, _HEADER)
-    header[0] = (_MAGIC, guard, lo, hi, n)
-    return header.tobytes().ljust(_HEADER_BYTES, b"\0")
-
-
 def _matches(
     stored: np.ndarray, rows: np.ndarray, wanted: np.ndarray, order: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +237,12 @@ def _matches(
     starts = np.repeat(left - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
     at = starts + np.arange(int(counts.sum()))
     return np.repeat(order[hit], counts).astype(np.int64), np.asarray(rows[at], dtype=np.int64)
+
+
+def _blocks(run: _Run) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A run's pairs, MERGE_BLOCK at a time (bounded memory)."""
+    for at in range(0, len(run.hashes), MERGE_BLOCK):
+        yield np.asarray(run.hashes[at : at + MERGE_BLOCK]), np.asarray(run.rows[at : at + MERGE_BLOCK])
 
 
 def _merged_blocks(older: _Run, newer: _Run) -> Iterator[tuple[np.ndarray, np.ndarray]]:
