@@ -121,6 +121,11 @@ def storage_error(action: str, path: str | os.PathLike[str], e: OSError) -> Stor
     return error
 
 
+class OutOfMemoryError(MRLStoreError, MemoryError):
+    """The catalog's engine (DuckDB) could not get the memory a call needed. Nothing was changed: a write that
+    fails so commits nothing, and the store stays open and usable."""
+
+
 class ObjectStorageError(MRLStoreError, OSError):
     """Object storage failed: the endpoint is down or unreachable, or a request failed."""
 

@@ -41,6 +41,7 @@ HIERARCHY = [
     ("ConfigMismatchError", ValueError),
     ("CorruptStoreError", OSError),
     ("StoreLockedError", BlockingIOError),
+    ("OutOfMemoryError", MemoryError),
     ("WriteEndedError", RuntimeError),
     ("ReadOnlyError", PermissionError),
     ("StoreClosedError", RuntimeError),

@@ -211,3 +211,44 @@ def test_short_pwrites_are_completed_not_lost(tmp_path, rng, monkeypatch):
     with mrlstore.open(tmp_path / "s") as store:
         assert store.verify() == []
         np.testing.assert_array_equal(_vectors(store, [f"a{i}" for i in range(300)]), _f16(x))
+
+
+def _duckdb_memory_limit(monkeypatch, limit: str) -> None:
+    """Catalogs connected from now on get a DuckDB memory limit (a real one: the engine itself refuses)."""
+    from mrlstore.tiers import catalog
+
+    monkeypatch.setattr(catalog, "_SANDBOX_CONFIG", {**catalog._SANDBOX_CONFIG, "memory_limit": limit})
+
+
+@pytest.mark.parametrize("step_rows", [None, 20_000], ids=["one-transaction", "in-steps"])
+def test_duckdb_out_of_memory_is_typed_and_changes_nothing(tmp_path, rng, monkeypatch, step_rows):
+    if step_rows:
+        monkeypatch.setattr("mrlstore.tiers.catalog.APPEND_STEP_ROWS", step_rows)
+    _duckdb_memory_limit(monkeypatch, "8MB")
+    n = 150_000
+    x = rng.standard_normal((n, 16)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,)) as store:
+        store.add_vectors(x[:10], ids=[f"a{i}" for i in range(10)])
+        with pytest.raises(mrlstore.OutOfMemoryError, match="ran out of memory writing .*nothing was changed"):
+            store.add_vectors(x, ids=[f"b{i}" for i in range(n)], metadata=[{"t": "x" * 200} for _ in range(n)])
+        assert len(store) == 10 and store.sql("SELECT count(*) AS n FROM items").column("n").to_pylist() == [10]
+        store.add_vectors(x[10:20], ids=[f"c{i}" for i in range(10)])  # the store stays usable
+    with mrlstore.open(tmp_path / "s") as store:
+        assert len(store) == 20 and store.query(x[15], k=1, dims=[8, 16]).ids == ["c5"]
+
+
+def test_duckdb_out_of_memory_reading_is_not_corruption_or_a_bad_query(tmp_path, rng, monkeypatch):
+    n = 100_000
+    x = rng.standard_normal((n, 16)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,)) as store:
+        store.add_vectors(x, ids=[f"id{i}" for i in range(n)], metadata=[{"t": f"{i:0>200}"} for i in range(n)])
+    _duckdb_memory_limit(monkeypatch, "8MB")  # below the ids and metadata an open loads
+    with pytest.raises(mrlstore.OutOfMemoryError, match="reading"):
+        mrlstore.open(tmp_path / "s")
+    _duckdb_memory_limit(monkeypatch, "48MB")
+    with mrlstore.open(tmp_path / "s") as store:
+        heavy = "SELECT t || t || t || t AS long FROM items ORDER BY long DESC"
+        with pytest.raises(mrlstore.OutOfMemoryError, match="running sql"):
+            store.sql(heavy)
+        assert store.sql("SELECT count(*) AS n FROM items").column("n").to_pylist() == [n]
+        assert store.query(x[7], k=1, dims=[8, 16]).ids == ["id7"]

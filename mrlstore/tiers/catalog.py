@@ -30,6 +30,7 @@ from mrlstore.errors import (
     MetadataError,
     MRLStoreError,
     NotAStoreError,
+    OutOfMemoryError,
     StorageError,
     StoreLockedError,
 )
@@ -240,6 +241,8 @@ class Catalog:
                     f"where={where!r} does not bind: {_first_line(e)}. Metadata columns: "
                     f"{', '.join(['id', *self.columns()])}"
                 ) from None
+            except duckdb.OutOfMemoryException as e:
+                raise _out_of_memory("filtering", self.path, e) from None
             except duckdb.Error as e:
                 raise InvalidFilterError(f"where={where!r} failed: {_first_line(e)}") from None
         return np.sort(np.asarray(res["_row"], dtype=np.int64))
@@ -367,6 +370,8 @@ class Catalog:
                 return self._read_only(lambda: _arrow(self._con, query))
             except duckdb.PermissionException as e:
                 raise ForbiddenSQLError(f"sql() refused: {_first_line(e)}") from None
+            except duckdb.OutOfMemoryException as e:
+                raise _out_of_memory("running sql() on", self.path, e) from None
             except duckdb.Error as e:
                 raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
 
@@ -380,6 +385,8 @@ class Catalog:
             yield
             try:
                 con.commit()
+            except duckdb.OutOfMemoryException:
+                raise
             except duckdb.Error as e:  # the commit itself: its WAL could not be written
                 raise StorageError(f"cannot commit to the catalog {self.path}: {_first_line(e)}") from None
         except BaseException as e:
@@ -390,6 +397,8 @@ class Catalog:
             self._columns = None
             if isinstance(e, duckdb.IOException):
                 raise StorageError(f"cannot write the catalog {self.path}: {_first_line(e)}") from None
+            if isinstance(e, duckdb.OutOfMemoryException):
+                raise _out_of_memory("writing", self.path, e) from None
             raise
 
     def _read_only(self, run: Callable[[], T]) -> T:
@@ -471,6 +480,8 @@ class Catalog:
             ).fetchall()
             try:
                 self._copy_to(dest, tables, views)
+            except duckdb.OutOfMemoryException as e:
+                raise _out_of_memory("copying", self.path, e) from None
             except duckdb.Error as e:  # I/O, or a checkpoint DuckDB calls fatal: the disk, in practice
                 raise StorageError(f"cannot write a copy of the catalog to {dest}: {_first_line(e)}") from None
 
@@ -791,8 +802,17 @@ def _parse_tree_names(tree: Any) -> tuple[set[str], set[str]]:
 def _corruption_as_error(path: Path) -> Iterator[None]:
     try:
         yield
+    except duckdb.OutOfMemoryException as e:
+        raise _out_of_memory("reading", path, e) from None
     except duckdb.Error as e:
         raise CorruptStoreError(f"cannot read catalog {path}: {_first_line(e)}") from None
+
+
+def _out_of_memory(doing: str, path: Path, e: duckdb.Error) -> OutOfMemoryError:
+    return OutOfMemoryError(
+        f"DuckDB ran out of memory {doing} the catalog {path} ({_first_line(e)}); nothing was changed. Free "
+        "memory, or write (or ask for) fewer rows or less metadata in one call"
+    )
 
 
 def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
