@@ -7,6 +7,7 @@ caches, array metadata, into an empty cache), against a moto S3 server on 127.0.
     python benchmarks/remote_open.py STORE --against /path/to/other/checkout  # fresh opens in processes,
                                               # alternating this code and the other's, on one published copy
 
+The publish is timed first, with the largest growth of the publisher's anonymous memory meanwhile.
 moto answers on the same machine, so the times are moto's and this machine's, not S3's; the parts count
 says how many GETs a fresh open makes (at S3's ~63 ms first-byte p50 each, one after another or together).
 moto copies a whole object for every ranged GET of it (benchmarks/whole_object.py), so the download of the
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import objectstore  # benchmarks/objectstore.py: the moto server
-from compare import du_mib, rss_anon_mib
+from compare import PeakMemory, du_mib, rss_anon_mib
 
 import mrlstore
 from mrlstore.tiers.objectstore import RemoteSource
@@ -67,11 +68,13 @@ def main() -> None:
             with mrlstore.open(args.store, read_only=True) as source:
                 source.snapshot(copy)
             with mrlstore.open(copy) as local:
+                memory, t0 = PeakMemory(), time.perf_counter()
                 head = local.publish(url, storage_options=options)
+                took, grew = time.perf_counter() - t0, memory.stop()
             parts, later = len(head["parts"]), len(head.get("deferred", []))
             print(
-                f"published {head['committed_rows']:,} rows; a fresh open downloads {parts - later} parts "
-                f"({later} on first use)"
+                f"published {head['committed_rows']:,} rows in {took:.1f} s (anonymous memory up {grew:.0f} MiB "
+                f"at most meanwhile); a fresh open downloads {parts - later} parts ({later} on first use)"
             )
             if args.against:
                 return alternate(url, options, Path(tmp), args.opens, args.against)

@@ -179,17 +179,15 @@ def _hasher() -> Any:
     return hashlib.blake2b(digest_size=16)
 
 
-def _digest(data: bytes | memoryview) -> str:
-    h = _hasher()
-    h.update(data)
-    return h.hexdigest()
-
-
 def _upload_part(fs: pafs.S3FileSystem, key: str, path: Path) -> str:
-    """One small part up; returns its digest (read once for both)."""
-    data = path.read_bytes()
-    write_bytes(fs, key, data)
-    return _digest(data)
+    """One small part up, 8 MiB at a time (a part held whole would cost its size in memory: at 1M rows the
+    32-d index is 264 MiB, and the parts go up 8 at once); returns its digest, taken on the way."""
+    digest = _hasher()
+    with open(path, "rb") as f, fs.open_output_stream(key) as out:
+        while block := f.read(8 << 20):
+            out.write(block)
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _capture(
