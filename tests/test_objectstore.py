@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -563,6 +565,41 @@ def test_a_reader_of_a_version_whose_id_runs_were_removed_joins_ids_in_its_catal
             assert remote.get(["r1400", "r2"]).column("id").to_pylist() == ["r1400", "r2"]
     assert runs and fetched == [runs]  # the version had runs, and the reader tried to fetch them
     assert joined and not list((tmp_path / "c").rglob("*.run"))
+
+
+def test_the_first_lookup_by_id_downloads_its_runs_without_holding_up_other_threads(
+    tmp_path, options, bucket, monkeypatch
+):
+    """The id runs come before the catalog's lock is taken: a filter or sql() in another thread runs during
+    the download, and a second lookup waits for the same download instead of starting another."""
+    monkeypatch.setattr(id_index, "TAIL_ROWS", 64)
+    monkeypatch.setattr(id_index, "READER_TAIL_ROWS", 100)
+    started, release, fetched = threading.Event(), threading.Event(), []
+    real_fetch = objectstore.RemoteSource.fetch_parts
+
+    def slow_fetch(*args):
+        fetched.append(args[2])
+        started.set()
+        assert release.wait(30)
+        return real_fetch(*args)
+
+    monkeypatch.setattr(objectstore.RemoteSource, "fetch_parts", slow_fetch)
+    url = f"s3://{bucket}/s.mrl"
+    store, _ = _local_store(tmp_path / "local.mrl", 1500, seed=3)
+    with store:
+        store.publish(url, storage_options=options)
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(remote.get, ["r10", "r1200"])
+            assert started.wait(30)
+            second = pool.submit(remote.get, ["r11"])
+            counted = pool.submit(remote.sql, "SELECT count(*) AS n FROM items")
+            assert counted.result(timeout=20).column("n").to_pylist() == [1500]  # during the download
+            assert not first.done() and not second.done()
+            release.set()
+            assert first.result(timeout=30).column("id").to_pylist() == ["r10", "r1200"]
+            assert second.result(timeout=30).column("id").to_pylist() == ["r11"]
+    assert len(fetched) == 1
 
 
 def _copies(cache: Path) -> dict[str, Path]:

@@ -87,6 +87,7 @@ class Catalog:
         self._id_dir = self._folder / ID_DIR
         self._id_index: IdIndex | None = None  # loaded on first use
         self._fetch_ids = fetch_ids
+        self._fetch_lock = threading.Lock()
         self._unique_ids: bool | None = None  # DuckDB's own unique index on id (formats 1-3): no cache then
         self.read_only = read_only
         self._lock = threading.RLock()
@@ -208,6 +209,7 @@ class Catalog:
         """The row of each of ``ids`` that is in ``_items``."""
         if not ids:
             return {}
+        self._fetch_id_runs()
         with self._lock, _corruption_as_error(self.path):
             return self._find(ids)
 
@@ -249,6 +251,8 @@ class Catalog:
 
     def items_for_ids(self, ids: list[str]) -> pa.Table:
         """Rows of ``_items`` (``_row``, id, metadata) for ``ids``, in the order given; unknown ids absent."""
+        if ids:
+            self._fetch_id_runs()
         with self._lock, _corruption_as_error(self.path):
             found = self._find(ids) if ids else {}
             positions = [pos for pos, i in enumerate(ids) if i in found]
@@ -260,6 +264,17 @@ class Catalog:
                 self._con.unregister("_rows_in")
 
     # -- the id cache (IdIndex): candidates by hash, each checked here ---------------------------------
+    def _fetch_id_runs(self) -> None:
+        """A remote version's id runs, downloaded before a lookup takes the catalog's lock, so that other
+        threads' filters and sql() go on meanwhile (one download at a time; ``_ids`` fetches them itself if
+        anything else loads the cache first)."""
+        if self._fetch_ids is None:
+            return
+        with self._fetch_lock:
+            if self._fetch_ids is not None:
+                self._fetch_ids()
+                self._fetch_ids = None
+
     def _ids(self) -> IdIndex | None:
         """The id cache, loaded on first use; None for a store whose DuckDB index on id finds and checks ids
         (formats 1-3: a release that knows no cache may write them, so it could not be trusted)."""
@@ -268,9 +283,7 @@ class Catalog:
                      "AND table_name = '_items' AND constraint_type = 'UNIQUE'")  # fmt: skip
             self._unique_ids = bool(self._con.execute(query).fetchall()[0][0])
         if self._id_index is None and not self._unique_ids:
-            if self._fetch_ids is not None:
-                self._fetch_ids()  # once it returns: later calls find the files there
-                self._fetch_ids = None
+            self._fetch_id_runs()
             # the hash of the guard text and the row numbering: runs of another hash or generation are not used
             generation = self.manifest().get("generation", 0)
             guard = self._con.execute("SELECT hash(?)", [f"{_HASH_GUARD} {generation}"]).fetchall()[0][0]
