@@ -143,7 +143,9 @@ def publish_store(store: StoreState, url: str, options: dict[str, Any] | None) -
     """Upload the open store's current committed version to ``url``; returns the new HEAD. Only chunks the
     previous version there does not have are uploaded; HEAD is written last, so a crash part way leaves the
     previous version readable."""
-    fs, root = filesystem(url, options)
+    # Each write waits for its part's upload: with pyarrow's background writes a reader of the local files
+    # faster than the network queues whole chunk objects in memory (a publish at 1M rows grew by 550 MiB, 172 now).
+    fs, root = filesystem(url, {"background_writes": False, **(options or {})})
     with tempfile.TemporaryDirectory(prefix="mrlstore-publish-") as tmp, _errors(url, "publish"):
         staged = Path(tmp)
         parts, chunks, names, state = _capture(store, staged)
