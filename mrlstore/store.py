@@ -431,7 +431,11 @@ class Store:
         one. Queries in flight finish on the version they started with. Writers: always False."""
         self._state.check_open()
         state, versions = self._state, self._versions
-        return versions.refresh(state, lambda switch: opening.reopen(state, versions, switch))
+        return versions.refresh(
+            state,
+            lambda switch: opening.reopen(state, versions, switch),
+            lambda switch, undo: opening.open_beside(state, versions, switch, undo),
+        )
 
     def publish(self, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Upload the store's committed state to object storage (``s3://bucket/prefix``) as a new version

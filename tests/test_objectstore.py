@@ -5,6 +5,7 @@ bad cases: missing bucket, wrong credentials, endpoint down, a publish killed pa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -162,18 +163,23 @@ def test_urls_open_read_only_only(options):
         mrlstore.open("s3://bucket/s.mrl", dim=8, storage_options=options)
 
 
-def test_wrong_credentials_are_refused(tmp_path):
+def _user_allowed(endpoint: str, statements: list[dict]) -> dict:
+    """storage_options of a new IAM user of the moto server at ``endpoint`` with a policy of ``statements``."""
     import boto3
 
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+    iam.create_user(UserName="writer")
+    policy = json.dumps({"Version": "2012-10-17", "Statement": statements})
+    iam.put_user_policy(UserName="writer", PolicyName="s3", PolicyDocument=policy)
+    key = iam.create_access_key(UserName="writer")["AccessKey"]
+    return {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "endpoint_url": endpoint}
+
+
+def test_wrong_credentials_are_refused(tmp_path):
     proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})  # then every request is checked
     try:
-        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
-                           aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
-        iam.create_user(UserName="writer")
-        iam.put_user_policy(UserName="writer", PolicyName="s3", PolicyDocument='{"Version": "2012-10-17", '
-                            '"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}')  # fmt: skip
-        key = iam.create_access_key(UserName="writer")["AccessKey"]
-        good = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "endpoint_url": endpoint}
+        good = _user_allowed(endpoint, [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}])
         _bucket(good, "private")
         store, _ = _local_store(tmp_path / "local.mrl", 100)
         with store:
@@ -662,3 +668,154 @@ def test_a_kept_chunk_is_copied_with_its_holes_where_hard_links_fail(tmp_path, m
     objectstore._link(kept, link)
     assert link.read_bytes() == kept.read_bytes() and link.stat().st_ino != kept.stat().st_ino
     assert link.stat().st_blocks * 512 < 1 << 20, "the hole stays a hole"
+
+
+# -- versions, garbage and the cache when several parties meet at one URL ----------------------------------
+def test_a_cache_never_serves_another_store_published_at_the_same_url(tmp_path, options, bucket):
+    """The cache keeps copies by store (and endpoint), not by URL alone: a store deleted and another published
+    at its URL is downloaded afresh, by new readers and by a refresh of an old one."""
+    url, cache = f"s3://{bucket}/s.mrl", tmp_path / "c"
+    first, _ = _local_store(tmp_path / "a.mrl", 300, seed=1)
+    with first:
+        first.publish(url, storage_options=options)
+    old_reader = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache)
+    assert len(old_reader) == 300
+    fs, root = filesystem(url, options)
+    fs.delete_dir(root)
+    second, vectors = _local_store(tmp_path / "b.mrl", 200, seed=2)  # the same ids, other vectors
+    with second:
+        second.publish(url, storage_options=options)
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as reader:
+        assert len(reader) == 200
+        np.testing.assert_allclose(reader.get(["r3"]).column("vector")[0].as_py(), vectors[3], atol=2e-2)
+    with old_reader:
+        assert old_reader.refresh() is True and len(old_reader) == 200
+        assert old_reader.query(vectors[7], k=1).ids == ["r7"]
+
+
+def test_readers_opening_one_url_at_once_share_one_download(tmp_path, options, bucket):
+    """The first opens of a version race to put its copy in the shared cache: one wins, the others use it."""
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 1200)
+    with store:
+        store.publish(url, storage_options=options)
+
+    def open_and_query(cache: Path) -> list[str]:
+        start.wait()
+        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as reader:
+            return reader.query(vectors[9], k=1).ids
+
+    for trial in range(3):
+        start = threading.Barrier(4)
+        with ThreadPoolExecutor(4) as pool:
+            found = list(pool.map(open_and_query, [tmp_path / f"c{trial}"] * 4))
+        assert found == [["r9"]] * 4
+        assert len(list((tmp_path / f"c{trial}").glob("*/g0-v1"))) == 1
+
+
+def test_garbage_collection_keeps_every_chunk_a_kept_version_names(tmp_path, options, bucket, monkeypatch):
+    """A chunk that grew gets a new key; the old key goes only when no kept version (3) names it, however
+    long ago it was uploaded: a reader of an older kept version goes on reading its rows."""
+    monkeypatch.setattr(objectstore, "_older_than", lambda entry, seconds: True)  # every object long uploaded
+    url = f"s3://{bucket}/s.mrl"
+    with _published_and_read(tmp_path, options, bucket, 1500) as (store, vectors, remote):
+        first = remote._versions.remote.head["chunks"]
+        grown = [key for name, key in first.items() if name.endswith("/1")]  # rows 1024-1499 of each band
+        fs, root = filesystem(url, options)
+        for i in range(3):
+            store.add_vectors(vectors[:1] + i + 1, ids=[f"n{i}"])  # chunk 1 grows each time
+            store.publish(url, storage_options=options)
+            kept = i < 2  # versions 1-3 are kept, then versions 2-4
+            assert all((fs.get_file_info(f"{root}/{key}").type == pafs.FileType.File) == kept for key in grown)
+            if kept:
+                assert remote.get(["r1400"], dims=DIM).num_rows == 1
+                assert remote.query(vectors[1450], k=1).ids == ["r1450"]
+
+
+def test_a_publish_that_cannot_delete_old_objects_still_publishes(tmp_path):
+    """Garbage collection runs after HEAD, the commit point: a bucket policy that refuses deletes costs
+    storage, with a warning, and every publish returns its version."""
+    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    try:
+        refused = {"Effect": "Deny", "Action": "s3:DeleteObject", "Resource": "*"}
+        writer = _user_allowed(endpoint, [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}, refused])
+        url = f"s3://{_bucket(writer, 'nodelete')}/s.mrl"
+        store, vectors = _local_store(tmp_path / "local.mrl", 100)
+        with store:
+            for version in range(1, 6):
+                store.add_vectors(vectors[:1] + version, ids=[f"n{version}"])
+                if version <= KEEP:
+                    assert store.publish(url, storage_options=writer)["version"] == version
+                else:
+                    with pytest.warns(RuntimeWarning, match=f"published version {version}, but could not delete"):
+                        assert store.publish(url, storage_options=writer)["version"] == version
+        with mrlstore.open(url, read_only=True, storage_options=writer, cache_dir=tmp_path / "c") as reader:
+            assert len(reader) == 105 and reader.info()["version"] == 5
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+KEEP = objectstore.KEEP_VERSIONS
+
+
+def test_a_refresh_that_fails_leaves_the_reader_on_its_version(tmp_path, options, bucket, monkeypatch):
+    url = f"s3://{bucket}/s.mrl"
+    with _published_and_read(tmp_path, options, bucket, 1100) as (store, vectors, remote):
+        store.add_vectors(vectors[:100] + 1, ids=[f"n{i}" for i in range(100)])
+        store.publish(url, storage_options=options)
+        download = objectstore._download_chunk
+
+        def fails_once(source, key, *args):
+            monkeypatch.setattr(objectstore, "_download_chunk", download)
+            raise mrlstore.ObjectStorageError(f"{source.url}: download {key} failed: connection reset")
+
+        monkeypatch.setattr(objectstore, "_download_chunk", fails_once)
+        with pytest.raises(mrlstore.ObjectStorageError, match="connection reset"):
+            remote.refresh()
+        assert len(remote) == 1100 and remote.info()["version"] == 1
+        assert remote.query(vectors[3], k=1).ids == ["r3"] and remote.get(["r1000"], dims=DIM).num_rows == 1
+        assert remote.refresh() is True and len(remote) == 1200 and remote.query(vectors[5] + 1, k=1).ids == ["n5"]
+
+
+def test_overlapping_publishes_of_one_url_take_turns(tmp_path, options, bucket, monkeypatch):
+    """Two publishes at once would both write the next version's parts: they take turns, each a version."""
+    url = f"s3://{bucket}/s.mrl"
+    upload = objectstore._upload_part
+
+    def slow_upload(*args):
+        time.sleep(0.2)  # a slow link: the other publish starts meanwhile
+        return upload(*args)
+
+    monkeypatch.setattr(objectstore, "_upload_part", slow_upload)
+    store, vectors = _local_store(tmp_path / "local.mrl", 500)
+    with store, ThreadPoolExecutor(2) as pool:
+        heads = list(pool.map(lambda _: store.publish(url, storage_options=options), range(2)))
+        assert sorted(h["version"] for h in heads) == [1, 2]
+        with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as reader:
+            assert reader.info()["version"] == 2 and reader.query(vectors[4], k=1).ids == ["r4"]
+
+
+@pytest.mark.parametrize(
+    "head", [[1, 2], {"format": 1}, "version-as-text", "no-chunks"], ids=["list", "bare", "version", "chunks"]
+)
+def test_a_damaged_head_is_a_typed_error_for_readers_and_publishers(tmp_path, options, bucket, head):
+    url = f"s3://{bucket}/s.mrl"
+    store, _ = _local_store(tmp_path / "local.mrl", 100)
+    with store:
+        good = store.publish(url, storage_options=options)
+        if head == "version-as-text":
+            head = {**good, "version": "2"}
+        elif head == "no-chunks":
+            head = {k: v for k, v in good.items() if k != "chunks"}
+        fs, root = filesystem(url, options)
+        objectstore.write_bytes(fs, f"{root}/HEAD", json.dumps(head).encode())
+        with pytest.raises(mrlstore.CorruptStoreError, match="HEAD"):
+            mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c")
+        with pytest.raises(mrlstore.CorruptStoreError, match="HEAD"):
+            store.publish(url, storage_options=options)
+
+
+def test_storage_options_must_be_a_mapping(tmp_path, bucket):
+    with pytest.raises(mrlstore.InvalidInputError, match="storage_options must be a dict"):
+        mrlstore.open(f"s3://{bucket}/s.mrl", read_only=True, storage_options=["key"], cache_dir=tmp_path / "c")

@@ -16,6 +16,8 @@ Layout under the store's URL (storage/FORMAT.md):
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,6 +46,7 @@ from mrlstore.errors import (
     StoreAccessError,
     StoreNotFoundError,
     UnsupportedStorageError,
+    storage_error,
 )
 from mrlstore.tiers.bands import BandedVectors, resident_rows
 from mrlstore.tiers.id_index import ID_DIR
@@ -51,6 +55,7 @@ from mrlstore.tiers.state import StoreState
 
 FORMAT = 1
 KEEP_VERSIONS = 3  # older versions' catalogs and indexes are deleted, with chunks no kept version uses
+HEAD_COPY = "HEAD.json"  # each version's HEAD, also under versions/<n>/: which chunks a kept version uses
 # A reader's cache: beside each version's copy, the near chunks downloaded so far (by key, linked into the
 # copies); copies beyond the KEEP_VERSIONS newest and leftovers go once untouched this long.
 CHUNKS_DIR = "chunks"
@@ -85,12 +90,8 @@ def filesystem(url: str, options: dict[str, Any] | None) -> tuple[pafs.S3FileSys
     parsed = urlparse(url)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ObjectStorageError(f"{url}: only s3:// URLs (S3 and compatible services) are supported")
-    opts = {_OPTION_NAMES.get(k, k): v for k, v in (options or {}).items()}
-    endpoint = (
-        opts.pop("endpoint_override", None)
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    opts = _options(options)
+    endpoint = opts.pop("endpoint_override", None) or _endpoint(options)
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         opts.setdefault("scheme", scheme if host else "https")
@@ -104,6 +105,22 @@ def filesystem(url: str, options: dict[str, Any] | None) -> tuple[pafs.S3FileSys
     except TypeError as e:
         raise ObjectStorageError(f"storage_options not understood by pyarrow's S3FileSystem: {e}") from None
     return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def _options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` in pyarrow's names."""
+    if options is not None and not isinstance(options, dict):
+        raise InvalidInputError(f"storage_options must be a dict, got {type(options).__name__}")
+    return {_OPTION_NAMES.get(k, k): v for k, v in (options or {}).items()}
+
+
+def _endpoint(options: dict[str, Any] | None) -> str | None:
+    """The endpoint ``options`` (or the AWS environment variables) name; None: AWS's own."""
+    return (
+        _options(options).get("endpoint_override")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
 
 
 @contextmanager
@@ -145,36 +162,76 @@ def publish_store(store: StoreState, url: str, options: dict[str, Any] | None) -
     previous version readable."""
     # Each write waits for its part's upload: with pyarrow's background writes a reader of the local files
     # faster than the network queues whole chunk objects in memory (a publish at 1M rows grew by 550 MiB, 172 now).
-    fs, root = filesystem(url, {"background_writes": False, **(options or {})})
-    with tempfile.TemporaryDirectory(prefix="mrlstore-publish-") as tmp, _errors(url, "publish"):
-        staged = Path(tmp)
-        parts, chunks, names, state = _capture(store, staged)
+    fs, root = filesystem(url, {"background_writes": False, **_options(options)})
+    with _publishing(url, options), tempfile.TemporaryDirectory(prefix="mrlstore-publish-") as tmp:
+        with _errors(url, "publish"):
+            head = _publish(fs, root, url, store, Path(tmp))
         try:
-            previous = _remote_head(fs, root)
-            if previous and previous.get("store_id") != state["store_id"]:
-                raise InvalidInputError(
-                    f"{url} holds another store (store_id {previous.get('store_id')}, this one is "
-                    f"{state['store_id']}): publish to a new URL, or delete the old one first"
-                )
-            version = int(previous.get("version", 0)) + 1 if previous else 1
-            have = set(previous.get("chunks", {}).values()) if previous else set()
-            todo = [(key, fd, start, size) for key, (fd, start, size) in chunks.items() if key not in have]
-            prefix = f"{root}/versions/{version}"
-            with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-                list(pool.map(lambda job: _upload_chunk(fs, f"{root}/{job[0]}", *job[1:]), todo))
-                digests = list(pool.map(lambda p: _upload_part(fs, f"{prefix}/{p}", staged / p), parts))
-        finally:
-            for fd, _, _ in chunks.values():
-                os.close(fd)
-        head = {
-            "format": FORMAT, "version": version, "published_at": time.time(), **state,
-            "parts": {str(p): digest for p, digest in zip(parts, digests)},
-            "chunks": names,
-            "uploaded_chunk_bytes": sum(size for _, _, _, size in todo),
-        }  # fmt: skip
-        write_bytes(fs, f"{root}/HEAD", json.dumps(head, indent=1).encode())
-        _collect_garbage(fs, root, version, head)
+            _collect_garbage(fs, root, head)
+        except OSError as e:  # the version is published: what is left costs storage, not correctness
+            warnings.warn(f"{url}: published version {head['version']}, but could not delete old objects: "
+                          f"{_short(e)}", RuntimeWarning, stacklevel=4)  # fmt: skip
     return head
+
+
+def _publish(fs: pafs.S3FileSystem, root: str, url: str, store: StoreState, staged: Path) -> dict[str, Any]:
+    """The uploads of one publish, HEAD last; returns the new HEAD."""
+    parts, chunks, names, state = _capture(store, staged)
+    try:
+        previous = _previous_head(fs, root, url, state["store_id"])
+        version = int(previous["version"]) + 1 if previous else 1
+        have = set(previous["chunks"].values()) if previous else set()
+        todo = [(key, fd, start, size) for key, (fd, start, size) in chunks.items() if key not in have]
+        prefix = f"{root}/versions/{version}"
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(lambda job: _upload_chunk(fs, f"{root}/{job[0]}", *job[1:]), todo))
+            digests = list(pool.map(lambda p: _upload_part(fs, f"{prefix}/{p}", staged / p), parts))
+    finally:
+        for fd, _, _ in chunks.values():
+            os.close(fd)
+    head = {
+        "format": FORMAT, "version": version, "published_at": time.time(), **state,
+        "parts": {str(p): digest for p, digest in zip(parts, digests)},
+        "chunks": names,
+        "uploaded_chunk_bytes": sum(size for _, _, _, size in todo),
+    }  # fmt: skip
+    text = json.dumps(head, indent=1).encode()
+    write_bytes(fs, f"{prefix}/{HEAD_COPY}", text)  # what garbage collection keeps for this version
+    write_bytes(fs, f"{root}/HEAD", text)
+    return head
+
+
+def _previous_head(fs: pafs.S3FileSystem, root: str, url: str, store_id: Any) -> dict[str, Any] | None:
+    """The HEAD a publish builds on: None at a new URL; refused if it is another store's."""
+    previous = _remote_head(fs, root)
+    if previous is None:
+        return None
+    _checked_head(url, previous)
+    if previous.get("store_id") != store_id:
+        raise InvalidInputError(
+            f"{url} holds another store (store_id {previous.get('store_id')}, this one is "
+            f"{store_id}): publish to a new URL, or delete the old one first"
+        )
+    return previous
+
+
+@contextmanager
+def _publishing(url: str, options: dict[str, Any] | None) -> Iterator[None]:
+    """One publish to ``url`` at a time on this machine (a flock, so threads and processes alike): two that
+    overlap would upload the same version's parts over each other. Object storage offers no lock here;
+    keeping publishes from several machines apart is the caller's part."""
+    key = hashlib.blake2b(json.dumps([url, _endpoint(options)]).encode(), digest_size=8).hexdigest()
+    try:
+        fd = os.open(Path(tempfile.gettempdir()) / f"mrlstore-publish-{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        fd = -1  # a temp folder this process may not write: unguarded, as before
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _hasher() -> Any:
@@ -214,7 +271,7 @@ def _capture(
         group = staged / "vectors"
         group.mkdir()
         shutil.copy(vectors.root / "zarr.json", group / "zarr.json")
-        chunks: dict[str, tuple[int, int, int]] = {}
+        files: dict[str, tuple[Path, int, int]] = {}
         names: dict[str, str] = {}
         generation = store.generation
         for band in vectors.bands:
@@ -225,8 +282,7 @@ def _capture(
                 rows = min(band.chunk_rows, snap.watermark - chunk * band.chunk_rows)
                 key = f"chunks/g{generation}/{band.dir.name}/{chunk}-{rows}"
                 names[f"{band.dir.name}/{chunk}"] = key
-                fd = os.open(band.chunk_path(chunk), os.O_RDONLY)
-                chunks[key] = (fd, band.data_offset, rows * band.row_bytes)
+                files[key] = (band.chunk_path(chunk), band.data_offset, rows * band.row_bytes)
         first = default_first_stage(store.manifest, store.params, store.indexes.projection)
         later = [p.relative_to(store.path).as_posix() for p in store.indexes.deferred_files(first) if p.exists()]
         later += [p.relative_to(staged).as_posix() for p in id_runs]
@@ -237,8 +293,22 @@ def _capture(
             "live_rows": snap.n_live,
             "deferred": later,  # parts a reader downloads when it first searches them, not at open
         }
+        chunks = _open_all(files)  # last: nothing after it fails and leaves them open
     parts = [p.relative_to(staged) for p in staged.rglob("*") if p.is_file()]
     return parts, chunks, names, state
+
+
+def _open_all(files: dict[str, tuple[Path, int, int]]) -> dict[str, tuple[int, int, int]]:
+    """A read descriptor in place of each path (all of them, or none left open)."""
+    opened: dict[str, tuple[int, int, int]] = {}
+    try:
+        for key, (path, start, size) in files.items():
+            opened[key] = (os.open(path, os.O_RDONLY), start, size)
+    except BaseException:
+        for fd, _, _ in opened.values():
+            os.close(fd)
+        raise
+    return opened
 
 
 def _upload_chunk(fs: pafs.S3FileSystem, key: str, fd: int, start: int, size: int) -> None:
@@ -255,32 +325,56 @@ def _upload_chunk(fs: pafs.S3FileSystem, key: str, fd: int, start: int, size: in
 
 def _remote_head(fs: pafs.S3FileSystem, root: str) -> dict[str, Any] | None:
     try:
-        return read_json(fs, f"{root}/HEAD")
+        head = read_json(fs, f"{root}/HEAD")
     except FileNotFoundError:
         return None
     except ValueError:
         raise CorruptStoreError(f"{root}/HEAD is not valid JSON") from None
+    if not isinstance(head, dict):
+        raise CorruptStoreError(f"{root}/HEAD is not a JSON object")
+    return head
 
 
-def _collect_garbage(fs: pafs.S3FileSystem, root: str, version: int, head: dict[str, Any]) -> None:
+_HEAD_FIELDS = {"version": int, "generation": int, "committed_rows": int, "parts": dict, "chunks": dict}
+
+
+def _checked_head(url: str, head: dict[str, Any]) -> dict[str, Any]:
+    """``head`` if it is a HEAD this reader can open, else a CorruptStoreError saying what is wrong."""
+    if head.get("format") != FORMAT:
+        raise CorruptStoreError(f"{url}/HEAD has format {head.get('format')!r}, expected {FORMAT}")
+    for field, kind in _HEAD_FIELDS.items():
+        if not isinstance(head.get(field), kind) or isinstance(head.get(field), bool):
+            raise CorruptStoreError(f"{url}/HEAD has no valid {field!r} (expected {kind.__name__})")
+    return head
+
+
+def _collect_garbage(fs: pafs.S3FileSystem, root: str, head: dict[str, Any]) -> None:
     """Delete versions older than the KEEP_VERSIONS newest, and chunks that no kept version names (a reader
-    that opened an old version keeps its downloaded parts; its lazy chunk reads fail once deleted)."""
+    that opened an older version keeps its downloaded parts; its lazy chunk reads fail once deleted)."""
+    version = int(head["version"])
     keep = set(range(max(1, version - KEEP_VERSIONS + 1), version + 1))
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(f"{root}/versions", allow_not_found=True))
-    except OSError:
-        return
+    entries = fs.get_file_info(pafs.FileSelector(f"{root}/versions", allow_not_found=True))
     for entry in entries:
         name = entry.path.rsplit("/", 1)[-1]
         if entry.type == pafs.FileType.Directory and name.isdigit() and int(name) not in keep:
             fs.delete_dir(entry.path)
-    # A grown chunk gets a new key, and a compaction a new generation: what the new HEAD does not name is
-    # left to the readers of older versions for an hour, then deleted.
+    # A grown chunk gets a new key, and a compaction a new generation: a chunk goes once no kept version
+    # names it and it is an hour old (a publish running elsewhere may have uploaded it for its HEAD).
     used = set(head["chunks"].values())
+    for kept in sorted(keep - {version}):
+        try:
+            used.update(read_json(fs, f"{root}/versions/{kept}/{HEAD_COPY}")["chunks"].values())
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            return  # a version published before versions kept their HEAD: its chunks are unknown, so kept
     for entry in fs.get_file_info(pafs.FileSelector(f"{root}/chunks", recursive=True, allow_not_found=True)):
         key = entry.path[len(root) + 1 :]
         if entry.type == pafs.FileType.File and key not in used and _older_than(entry, 3600):
             fs.delete_file(entry.path)
+
+
+def _version_key(head: dict[str, Any]) -> tuple[Any, int, int]:
+    """What tells two published versions apart (a store deleted and another published at its URL too)."""
+    return head.get("store_id"), int(head["generation"]), int(head["version"])
 
 
 def _older_than(entry: pafs.FileInfo, seconds: float) -> bool:
@@ -300,9 +394,7 @@ class RemoteSource:
                 head = _remote_head(self.fs, self.root)
         if head is None:
             raise StoreNotFoundError(f"no store published at {url} (no HEAD object)")
-        if head.get("format") != FORMAT:
-            raise CorruptStoreError(f"{url}/HEAD has format {head.get('format')!r}, expected {FORMAT}")
-        self.head = head
+        self.head = _checked_head(url, head)
         self.requests = self.bytes = self.cached_bytes = 0
         self.rounds = self.waves = 0  # batches of requests waited for one after another; FETCH_THREADS at a time
         self.local_dims = 0  # the bands downloaded whole (set by RemoteBands)
@@ -330,12 +422,16 @@ class RemoteSource:
             if cache_dir
             else Path(os.environ.get("MRLSTORE_CACHE", Path.home() / ".cache" / "mrlstore"))
         )
-        name = hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest()
-        self.cache_root = base / name
+        # one folder per store at this URL and endpoint: a copy is never taken for another store's
+        key = json.dumps([self.url, _endpoint(self.options), self.head.get("store_id")])
+        self.cache_root = base / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
         dest = self.cache_root / f"g{self.head['generation']}-v{self.head['version']}"
         if (dest / "catalog.duckdb").exists():
             return dest  # downloaded before: its index files are checked against their sidecars at load
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error("make the cache folder", dest.parent, e) from None
         _evict_old_copies(self.cache_root)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
         later = set(self.head.get("deferred", ()))  # indexes a default query does not search: on first use
@@ -347,8 +443,11 @@ class RemoteSource:
             (tmp / "index").mkdir(exist_ok=True)
             os.rename(tmp, dest)
             self._checked = parts
-        except FileExistsError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process downloaded it first
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (dest / "catalog.duckdb").exists():
+                raise
+            # another process downloaded it first
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -399,7 +498,7 @@ class RemoteSource:
         """The store's current version if it is not this one (another publish happened), else None."""
         with _errors(self.url, "refresh"):
             head = _remote_head(self.fs, self.root)
-        if head is None or (head["generation"], head["version"]) == (self.head["generation"], self.head["version"]):
+        if head is None or _version_key(head) == _version_key(self.head):
             return None
         return RemoteSource(self.url, self.options, head)
 

@@ -98,6 +98,22 @@ def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) ->
             versions.start_publishing(state)
 
 
+def open_beside(state: StoreState, versions: Versions, switch: Callable[[], None], undo: Callable[[], None]) -> None:
+    """Open what ``switch()`` names while the open tiers go on answering, then swap them in (a copy of a
+    remote version, which needs no lock): if the new one fails to open, ``undo()`` and the handle stays on
+    what it had."""
+    switch()
+    try:
+        new = _open_again(state, versions)
+    except BaseException:
+        undo()
+        raise
+    with state.visibility.write():
+        state.close_tiers()
+        state.adopt(new)
+        state.location = versions.location
+
+
 def _open_again(state: StoreState, versions: Versions) -> StoreState:
     catalog = versions.open_catalog()
     try:

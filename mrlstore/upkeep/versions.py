@@ -49,6 +49,9 @@ from mrlstore.tiers.state import HeldLock, StoreState
 if TYPE_CHECKING:  # the object-store client (pyarrow's S3 filesystem) loads only for stores that use it
     from mrlstore.tiers.objectstore import RemoteSource
 
+Reopen = Callable[[Callable[[], None]], None]
+OpenBeside = Callable[[Callable[[], None], Callable[[], None]], None]
+
 PUBLISHED_DIR = "published"
 HEAD_FILE = "HEAD"
 READERS_FILE = "READERS"  # open readers hold a shared flock on it
@@ -429,11 +432,12 @@ class Versions:
         return publish_store(state, url, storage_options)
 
     # -- readers ---------------------------------------------------------------------------------------
-    def refresh(self, state: StoreState, reopen: Callable[[Callable[[], None]], None]) -> bool:
+    def refresh(self, state: StoreState, reopen: Reopen, open_beside: OpenBeside) -> bool:
         """Move to the newest version; True if there was a newer one. ``reopen(switch)`` closes the tiers,
-        runs ``switch`` and opens them again (a new row numbering, or a new remote version)."""
+        runs ``switch`` and opens them again (a new row numbering); ``open_beside(switch, undo)`` opens a new
+        remote version before it closes the old one (``undo`` if that fails)."""
         if self.remote is not None:
-            return self._refresh_remote(state, reopen)
+            return self._refresh_remote(state, open_beside)
         if not self.read_only or self.head is None:
             return False
         head = read_head(self.path)
@@ -449,19 +453,29 @@ class Versions:
                 reopen(to_head)
         return True
 
-    def _refresh_remote(self, state: StoreState, reopen: Callable[[Callable[[], None]], None]) -> bool:
-        """A store on object storage: a newer published version is downloaded (its small parts) and opened."""
+    def _refresh_remote(self, state: StoreState, open_beside: OpenBeside) -> bool:
+        """A store on object storage: a newer published version is downloaded (its small parts) and opened;
+        if that fails, the reader stays on its version."""
         assert self.remote is not None
         newer = self.remote.newer()
         if newer is None:
             return False
-        path = newer.local_copy(self.cache_dir)
+        try:
+            path = newer.local_copy(self.cache_dir)
+        except BaseException:
+            newer.close()
+            raise
+        old = self.remote, self.path
 
         def to_newer() -> None:
             self.remote, self.path = newer, path
 
+        def back() -> None:
+            self.remote, self.path = old
+            newer.close()
+
         with state.write_lock:
-            reopen(to_newer)
+            open_beside(to_newer, back)
         return True
 
     def _move_to(self, state: StoreState, head: dict[str, Any]) -> bool:
