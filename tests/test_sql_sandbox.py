@@ -111,6 +111,18 @@ def test_the_store_tables_still_answer(store):
     assert len(store.query(np.ones(16), k=5, where="lower(label) IN ('1', '2') AND regexp_matches(id, '.')").ids) == 5
 
 
+@pytest.mark.parametrize(
+    "where, n",
+    [("label LIKE '1%'", 10), ("label ILIKE '1'", 10), ("label NOT LIKE '1'", 30), ("label SIMILAR TO '[12]'", 20),
+     ("CAST(label AS INT) / 2 >= 1", 20), ("CAST(label AS INT) // 2 = 1", 20), ("id ~~ '%'", 40)],
+)  # fmt: skip
+def test_operators_are_not_refused_as_paths(store, where, n):
+    """DuckDB names operators as functions (LIKE is ~~, division /): only table names that look like paths
+    are refused."""
+    assert len(store.query(np.ones(16), k=40, where=where).ids) == n
+    assert store.sql(f"SELECT count(*) AS n FROM items WHERE {where}").column("n").to_pylist() == [n]
+
+
 def test_read_only_readers_are_sandboxed_too(store, tmp_path):
     with mrlstore.open(tmp_path / "s.mrl", read_only=True) as reader:
         with pytest.raises(ForbiddenSQLError):

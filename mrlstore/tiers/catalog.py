@@ -441,13 +441,16 @@ class Catalog:
         tree = json.loads(self._con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
         if tree.get("error"):
             raise InvalidFilterError(f"{allowed}: {shown!r}")
-        nodes, functions = _parse_tree_names(tree)
+        nodes, functions, tables = _parse_tree_names(tree)
         if nodes - _READ_NODES:
             raise ForbiddenSQLError(f"{what} refused a write hidden in a SELECT: {allowed}: {shown!r}")
+        # a bare table name may resolve to a table function, or be a file path DuckDB would scan
         refused = sorted(
-            f
-            for f in functions
-            if f in _REFUSED_FUNCTIONS or f.startswith(_REFUSED_PREFIXES) or not _PATH_CHARACTERS.isdisjoint(f)
+            name
+            for name in functions | tables
+            if name in _REFUSED_FUNCTIONS
+            or name.startswith(_REFUSED_PREFIXES)
+            or (name in tables and not _PATH_CHARACTERS.isdisjoint(name))
         )
         if refused:
             raise ForbiddenSQLError(
@@ -790,11 +793,12 @@ T = TypeVar("T")
 _READ_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
 
 
-def _parse_tree_names(tree: Any) -> tuple[set[str], set[str]]:
-    """Every query-node type (``*_NODE``) and every function or table name (lower case) in a
-    json_serialize_sql tree."""
+def _parse_tree_names(tree: Any) -> tuple[set[str], set[str], set[str]]:
+    """Every query-node type (``*_NODE``), function name and table name (lower case) in a json_serialize_sql
+    tree. Operators are functions too (``LIKE`` is ``~~``, division ``/``)."""
     nodes: set[str] = set()
     functions: set[str] = set()
+    tables: set[str] = set()
     stack = [tree]
     while stack:
         item = stack.pop()
@@ -802,13 +806,14 @@ def _parse_tree_names(tree: Any) -> tuple[set[str], set[str]]:
             kind = item.get("type")
             if isinstance(kind, str) and kind.endswith("_NODE"):
                 nodes.add(kind)
-            name = item.get("function_name") or (item.get("table_name") if kind == "BASE_TABLE" else None)
-            if isinstance(name, str):  # a bare table name may resolve to a table function
-                functions.add(name.lower())
+            if isinstance(item.get("function_name"), str):
+                functions.add(item["function_name"].lower())
+            if kind == "BASE_TABLE" and isinstance(item.get("table_name"), str):
+                tables.add(item["table_name"].lower())
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return nodes, functions
+    return nodes, functions, tables
 
 
 @contextmanager
