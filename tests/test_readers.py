@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,32 @@ def test_a_writer_without_readers_copies_nothing_and_publishes_when_one_arrives(
         assert (path / "published" / "PENDING").exists()
         with mrlstore.open(path, read_only=True) as reader:  # waits for the writer's publish (about a second)
             assert len(reader) == 200 and not (path / "published" / "PENDING").exists()
+
+
+def test_readers_open_across_a_compaction_refresh_to_the_new_generation(tmp_path):
+    """A compaction swaps in a new folder: the readers open before it stay registered (the writer publishes
+    the new generation for them), and a reader opened later in the same process, while an older one still
+    has a catalog of the old generation open, gets the new generation's catalog with the new bands."""
+    path = tmp_path / "s.mrl"
+    vectors = np.random.default_rng(0).standard_normal((150, DIM)).astype(np.float32)
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(vectors[:100], ids=[f"x{i}" for i in range(100)])
+    old_reader = mrlstore.open(path, read_only=True)
+    stale_reader = mrlstore.open(path, read_only=True)  # never refreshes: keeps generation 0's catalog open
+    with stale_reader, old_reader, mrlstore.open(path) as writer:
+        writer.delete([f"x{i}" for i in range(10)])
+        writer.compact()
+        writer.add_vectors(vectors[100:], ids=[f"y{i}" for i in range(50)])
+        deadline = time.monotonic() + 10  # the writer publishes within its interval (a second)
+        while len(old_reader) != 140 and time.monotonic() < deadline:
+            old_reader.refresh()
+            time.sleep(0.05)
+        assert len(old_reader) == 140
+        assert old_reader.query(vectors[120], k=1).ids == ["y20"] and "x0" not in old_reader.query(vectors[0], k=3).ids
+        writer.add_vectors(vectors[:1] + 1, ids=["z"])
+        writer.close()
+        with mrlstore.open(path, read_only=True) as reader:
+            assert len(reader) == 141 and len(stale_reader) == 100
+            got = np.asarray(reader.get(["x50"], dims=DIM).column("vector")[0].as_py(), dtype=np.float32)
+            np.testing.assert_allclose(got, vectors[50], atol=1e-2)
+            assert reader.query(vectors[50], k=1, dims=[DIM]).ids == ["x50"]

@@ -1,12 +1,14 @@
 """Published versions: how readers in other processes query a store while its writer keeps adding.
 
 DuckDB lets no other process open a catalog while a writer has it. So the writer publishes: after its
-commits it copies the catalog (ids, metadata, tombstones, manifest) to ``published/catalog-<n>.duckdb``, a
-file never written again, and then replaces ``published/HEAD`` (JSON naming it) atomically. Readers open
+commits it copies the catalog (ids, metadata, tombstones, manifest) to
+``published/catalog-g<generation>-<n>.duckdb``, a file never written again, and then replaces
+``published/HEAD`` (JSON naming it) atomically. Readers open
 the copy HEAD names, never the live catalog, and take no lock: a writer never waits for readers, and a
 reader never sees a partial batch (a version is a committed catalog). The vectors need no copy: rows below
 a version's watermark never change in place (appends write past it; compaction swaps in a whole new folder,
-and a reader's memory maps keep the old files), so the bands serve every version.
+and a reader's memory maps keep the old files), so the bands serve every version. A compaction links the
+old folder's READERS into the new one, so the readers open across it are published for and refresh to it.
 
 Publishing costs a catalog copy, so a writer publishes only while readers are there: each open reader holds a
 shared flock on ``published/READERS``, which the writer probes (one non-blocking flock) after a commit. With
@@ -82,7 +84,9 @@ def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, 
     folder.mkdir(exist_ok=True)
     previous = read_head(store) or {}
     number = int(previous.get("version", 0)) + 1
-    name = f"catalog-{number:010d}.duckdb"
+    # the generation in the name: a compaction's new folder numbers its versions from 1 again, and DuckDB hands
+    # a process the database it already has open under a path, so one name must never mean two catalogs
+    name = f"catalog-g{int(state.get('generation', 0)):06d}-{number:010d}.duckdb"
     tmp = folder / f".{name}.tmp-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     try:
@@ -103,6 +107,18 @@ def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, 
         if leftover != tmp:
             leftover.unlink(missing_ok=True)  # a killed publisher's partial copy
     return head
+
+
+def carry_readers(old: Path, new: Path) -> None:
+    """Before a compaction's exchange: the readers registered at ``old`` count as readers of ``new`` (the same
+    READERS file, linked), so the writer publishes the new generation for them and their refresh finds it."""
+    readers = old / PUBLISHED_DIR / READERS_FILE
+    try:
+        if readers.exists():
+            (new / PUBLISHED_DIR).mkdir(exist_ok=True)
+            os.link(readers, new / PUBLISHED_DIR / READERS_FILE)
+    except OSError:
+        pass  # no hard links here: those readers move on when another reader or writer publishes
 
 
 def newest_version(store: Path) -> dict[str, Any] | None:
@@ -527,10 +543,15 @@ def _open_published(store: Path, head: dict[str, Any]) -> tuple[Catalog, dict[st
     reader between reading HEAD and opening the file), the newest one and its head."""
     for _ in range(5):
         try:
-            return Catalog(store, read_only=True, db_file=catalog_path(store, head)), head
+            catalog = Catalog(store, read_only=True, db_file=catalog_path(store, head))
         except (NotAStoreError, CorruptStoreError):
             newer = read_head(store)
             if newer is None or newer == head:
                 raise
             head = newer
+            continue
+        if catalog.manifest().get("generation", 0) == head.get("generation", 0):
+            return catalog, head
+        catalog.close()  # a file of another generation under that name: never paired with these bands
+        raise CorruptStoreError(f"{catalog.path} is not the catalog of generation {head.get('generation', 0)}")
     raise CorruptStoreError(f"{store}: published versions keep changing under the reader; try again")
