@@ -87,3 +87,30 @@ def test_a_compaction_killed_at_any_moment_leaves_the_old_or_the_new_store(half_
         np.testing.assert_array_equal(got[1], expected[1])
         assert s.verify() == []
     assert not [p.name for p in path.parent.iterdir() if "compact" in p.name]  # nothing left beside it
+
+
+def test_a_compaction_of_only_deleted_rows_keeps_every_column(tmp_path):
+    """The new store gets the old one's columns first, with their types: a column no live row fills is not
+    dropped, and later values still have to fit it."""
+    with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,)) as s:
+        x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+        s.add_vectors(x[:2], ids=["a", "b"], metadata=[{"n": 1, "tag": "x"}, {"n": 2, "tag": "y"}])
+        columns = s.sql("SELECT * FROM items").schema
+        s.delete(["a", "b"])
+        assert s.compact() == {"rows_before": 2, "rows_after": 0}
+        assert s.sql("SELECT * FROM items").schema == columns
+        with pytest.raises(mrlstore.MetadataError, match="BIGINT"):
+            s.add_vectors(x[2:], ids=["c"], metadata=[{"n": "text"}])
+        s.add_vectors(x[2:], ids=["c"], metadata=[{"n": 3}])
+        assert s.get(["c"]).column("n").to_pylist() == [3]
+
+
+def test_what_a_killed_compaction_leaves_goes_whatever_the_store_is_named(tmp_path):
+    path = tmp_path / "photos[2024].mrl"  # glob characters in the name
+    with mrlstore.open(path, dim=16, bands=(8, 16), index_dims=(8,)) as s:
+        s.add_vectors(np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32))
+    left = tmp_path / ".photos[2024].mrl.compact-12345"
+    (left / "vectors").mkdir(parents=True)
+    with mrlstore.open(path) as s:
+        assert len(s) == 4
+    assert not left.exists()

@@ -226,3 +226,62 @@ def test_metadata_type_conflict_changes_no_file(store: mrlstore.Store, method: s
 def test_metadata_of_empty_dicts_is_no_metadata(store: mrlstore.Store) -> None:
     # Two entries for two vectors, none with a column: not a length mismatch ("got 0 metadata rows" is wrong).
     assert store.add_vectors(vecs(2, seed=3), ids=["a", "b"], metadata=[{}, {}]) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "metadata,match",
+    [
+        ([{"n": 1.7}, {"n": 2}], r"metadata\[0\]\['n'\] = 1.7 does not fit column 'n' of type BIGINT"),
+        ([{"n": 1}, {"n": 2**63}], "cannot form typed columns"),
+        ([{"Tag": "x"}, {"Tag": "y"}], "'Tag' differs from the store's column 'tag' only in case"),
+        ([{"a": 1, "A": 2}, {"a": 1}], "DuckDB's names ignore case"),
+        ([{"ID": "x"}, {"ID": "y"}], "column name 'ID' is reserved"),
+        ([{1: "x"}, {}], "metadata keys must be strings, got 1"),
+        (pa.table({"d": pa.array([1, 2], pa.decimal256(50, 2))}), "type the catalog cannot store .*decimal256"),
+    ],
+    ids=["float-into-bigint", "int-past-64-bits", "case-of-a-column", "case-within", "ID", "int-key", "decimal256"],
+)
+def test_metadata_that_would_change_or_collide_is_refused(store: mrlstore.Store, metadata: Any, match: str) -> None:
+    before = logical(store)
+    with raises(mrlstore.MetadataError, ValueError, match=match):
+        store.add_vectors(vecs(2, seed=5), ids=["new1", "new2"], metadata=metadata)
+    assert logical(store) == before
+
+
+def test_metadata_that_casts_without_change_is_stored(store: mrlstore.Store) -> None:
+    """Text is parsed as DuckDB parses it, whole floats go into integer columns, and half floats are widened
+    (DuckDB reads none); only values that would change are refused."""
+    store.add_vectors(vecs(1, seed=5), ids=["f"], metadata=[{"n": "12"}])
+    store.add_vectors(vecs(1, seed=6), ids=["g"], metadata=[{"n": 3.0}])
+    store.add_vectors(vecs(1, seed=7), ids=["h"], metadata=pa.table({"half": pa.array([0.5], pa.float16())}))
+    got = store.sql("SELECT id, n, half FROM items WHERE id IN ('f', 'g', 'h') ORDER BY id").to_pylist()
+    assert got == [
+        {"id": "f", "n": 12, "half": None},
+        {"id": "g", "n": 3, "half": None},
+        {"id": "h", "n": None, "half": 0.5},
+    ]
+
+
+def test_ids_that_are_not_valid_unicode(store: mrlstore.Store) -> None:
+    with raises(mrlstore.InvalidIdError, TypeError, match=r"valid Unicode.*ids\[1\]"):
+        store.add_vectors(vecs(2), ids=["fine", "\ud800"])
+    assert len(store) == N
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"recall": "high"}, "recall must be a number"), ({"recall": 1.5}, "recall must be a number in"),
+     ({"seed": -1}, "seed must be a non-negative integer"), ({"seed": 0.5}, "seed must be")],
+)  # fmt: skip
+def test_bad_tune_arguments(store: mrlstore.Store, kwargs: dict, match: str) -> None:
+    with raises(mrlstore.InvalidInputError, ValueError, match=match):
+        store.tune(sample=5, **kwargs)
+    assert store.info()["tuned"] is None
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+def test_bad_add_arrow_batch_size(store: mrlstore.Store, batch_size: Any) -> None:
+    table = pa.table({"id": ["x"], "vector": pa.array([vecs(1)[0].tolist()], pa.list_(pa.float32()))})
+    with raises(mrlstore.InvalidInputError, ValueError, match="batch_size must be a positive integer"):
+        store.add_arrow(table, vector="vector", id="id", batch_size=batch_size)
+    assert len(store) == N

@@ -54,6 +54,19 @@ def test_hit_metadata_matches_the_catalog_across_commits_deletes_upserts_and_reo
         check(store)
 
 
+def test_upsert_keeps_old_values_given_in_another_type_or_as_none(small_store, rng):
+    """keep_metadata fills what an upsert leaves null from the old entry, also when the given column came in
+    another Arrow type (an int for a float column, a key given only as None)."""
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    small_store.add_vectors(
+        x[:2], ids=["b", "c"], metadata=[{"price": 2.5, "label": "y"}, {"price": 1.0, "label": "z"}]
+    )
+    given = [{"price": None}, {"price": 9, "label": None}]  # price: an int and None; label: only None
+    small_store.upsert_vectors(x[1:3], ids=["b", "c"], metadata=given)
+    got = small_store.sql("SELECT id, price, label FROM items ORDER BY id").to_pylist()
+    assert got == [{"id": "b", "price": 2.5, "label": "y"}, {"id": "c", "price": 9.0, "label": "z"}]
+
+
 def test_metadata_false_and_stores_without_columns(small_store, rng):
     x = rng.standard_normal((40, 64)).astype(np.float32)
     small_store.add_vectors(x)

@@ -159,6 +159,11 @@ def id_strings(ids: Any) -> list[str]:
             v = str(v)
         if not isinstance(v, str) or not v:
             raise InvalidIdError(f"ids must be non-empty strings; ids[{i}] is {v!r}")
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidIdError(f"ids must be valid Unicode text (UTF-8); ids[{i}] is {v!r}") from None
         out.append(v)
     return out
 
@@ -184,21 +189,30 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
             if not any(rows):
                 return None  # every entry empty: no metadata at all
             keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, not the first's only
+            for key in keys:
+                if not isinstance(key, str):
+                    raise MetadataError(f"metadata keys must be strings, got {key!r}")
             table = pa.table({k: [r.get(k) for r in rows] for k in keys})
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # OverflowError: an int past 64 bits
         raise MetadataError(f"metadata values cannot form typed columns: {e}") from None
     if table.num_rows != n:
         raise MetadataError(f"got {table.num_rows} metadata rows for {n} vectors")
     for name in table.column_names:
-        if not isinstance(name, str) or not name or name in RESERVED_COLUMNS or name.startswith("_"):
+        if not isinstance(name, str) or not name or name.lower() in RESERVED_COLUMNS or name.startswith("_"):
             raise MetadataError(
                 f"metadata column name {name!r} is reserved or invalid (reserved: id, score, vector, and names "
                 "starting with '_')"
             )
-    if len(set(table.column_names)) != len(table.column_names):
-        raise MetadataError(f"duplicate metadata column names: {table.column_names}")
+    if len({name.lower() for name in table.column_names}) != len(table.column_names):
+        raise MetadataError(
+            f"duplicate metadata column names (DuckDB's names ignore case, so 'a' and 'A' are one column): "
+            f"{table.column_names}"
+        )
     if table.num_columns == 0:
         return None
+    for i, field in enumerate(table.schema):
+        if pa.types.is_float16(field.type):  # DuckDB reads no half floats; float32 holds every value
+            table = table.set_column(i, field.name, table.column(i).cast(pa.float32()))
     return table
 
 

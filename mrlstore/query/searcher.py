@@ -149,10 +149,12 @@ class Searcher:
         state, p = self.state, self.state.params
         held_out = self.vectors_of(queries, p.dim)[0] if queries is not None else None
         k = positive_int(k, "k")
-        if not 0 < recall <= 1:
-            raise InvalidInputError(f"recall must be in (0, 1], got {recall}")
+        if isinstance(recall, bool) or not isinstance(recall, (int, float, np.number)) or not 0 < recall <= 1:
+            raise InvalidInputError(f"recall must be a number in (0, 1], got {recall!r}")
         recall = float(recall)  # a numpy scalar would not persist as JSON
         sample = positive_int(sample, "sample")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
         shapes = [dims_tuple(dims, p.dim)] if dims is not None else funnel_shapes(p.index_dims, p.bands, p.dim)
         with state.write_lock:
             snap = state.snap

@@ -182,6 +182,16 @@ class Catalog:
                 self._columns = {n: t for n, t in rows if n not in ("_row", "id")}
             return dict(self._columns)
 
+    def add_columns(self, columns: dict[str, str]) -> None:
+        """The metadata columns of ``columns`` (name -> DuckDB type) the store lacks, empty (a compaction
+        carries every column of the old store, also those no live row fills)."""
+        with self._lock, self._transaction():
+            existing = self.columns()
+            for name, dtype in columns.items():
+                if name not in existing:
+                    self._con.execute(f"ALTER TABLE _items ADD COLUMN {_quote(name)} {dtype}")
+            self._refresh_view()
+
     # -- reads -------------------------------------------------------------------------------------
     def live_items(self) -> tuple[np.ndarray, pa.Table]:
         """Every live row: (row numbers ascending, their id and metadata columns)."""
@@ -464,10 +474,12 @@ class Catalog:
         shared = [c for c in metadata.column_names if c in existing]
         if not shared:
             return
-        casts = ", ".join(f"TRY_CAST({_quote(c)} AS {existing[c]}) IS NULL AND {_quote(c)} IS NOT NULL" for c in shared)
         with self._lock:
             self._con.register("_meta_check", metadata.select(shared))
             try:
+                given = dict(self._con.execute("DESCRIBE SELECT * FROM _meta_check").fetchall()[i][:2] for i in
+                             range(len(shared)))  # fmt: skip
+                casts = ", ".join(_refused_cast(_quote(c), existing[c], given[c]) for c in shared)
                 bad = self._con.execute(f"SELECT {casts} FROM _meta_check").fetchall()
             except duckdb.Error as e:
                 raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
@@ -478,7 +490,8 @@ class Catalog:
                 if failed:
                     value = metadata.column(col)[row_i].as_py()
                     raise MetadataError(
-                        f"metadata[{row_i}][{col!r}] = {value!r} does not fit column {col!r} of type {existing[col]}"
+                        f"metadata[{row_i}][{col!r}] = {value!r} does not fit column {col!r} of type "
+                        f"{existing[col]} (or would change when stored there)"
                     )
 
     def snapshot_to(self, dest: Path) -> None:
@@ -542,7 +555,7 @@ class Catalog:
             con = self._con
             # Registrations stay outside the transaction: after a failed statement DuckDB refuses
             # everything but ROLLBACK, and an unregister there would hide the real error.
-            con.register("_batch", batch)
+            _register_metadata(con, "_batch", batch)
             if replace_rows is not None and len(replace_rows):
                 con.register("_dead", pa.table({"_row": pa.array(np.asarray(replace_rows, dtype=np.int64))}))
             try:
@@ -607,7 +620,7 @@ class Catalog:
             if table.num_columns > 1:
                 self._add_columns(table.drop_columns(["id"]))
             rows = pa.array(np.arange(row, row + table.num_rows, dtype=np.int64))
-            self._con.register("_batch", table.add_column(0, "_row", rows))
+            _register_metadata(self._con, "_batch", table.add_column(0, "_row", rows))
             self._batch_registered = True
             self._con.execute("INSERT INTO _items BY NAME SELECT * FROM _batch")
             self._unregister_batch()
@@ -778,9 +791,15 @@ class Catalog:
         finally:
             self._con.unregister("_meta_probe")
         added = False
+        by_lower = {column.lower(): column for column in [*existing, "id"]}
         for name, dtype, *_ in described:
             if name in existing or name == "id":
                 continue
+            if name.lower() in by_lower:
+                raise MetadataError(
+                    f"metadata column {name!r} differs from the store's column {by_lower[name.lower()]!r} only in "
+                    "case, and DuckDB's column names ignore case: use the store's spelling"
+                )
             if dtype == '"NULL"' or dtype.upper() == "NULL":
                 dtype = "VARCHAR"  # an all-null first batch: text is the least surprising type
             self._con.execute(f"ALTER TABLE _items ADD COLUMN {_quote(name)} {dtype}")
@@ -867,8 +886,31 @@ def _insert_errors(duplicate: str) -> Iterator[None]:
         yield
     except duckdb.ConversionException as e:
         raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
+    except duckdb.NotImplementedException as e:
+        raise MetadataError(f"metadata of a type the catalog cannot store: {_first_line(e)}") from None
     except duckdb.ConstraintException as e:
         raise DuplicateIdError(f"{duplicate}: {_first_line(e)}") from None
+
+
+def _refused_cast(column: str, stored: str, given: str) -> str:
+    """SQL that is true where a value of ``column`` (of DuckDB type ``given``) cannot be stored as ``stored``:
+    no cast, or one that changes it (1.7 into BIGINT, a struct field the column lacks). Text is parsed as
+    DuckDB parses it ('12' into BIGINT), so it is only required to cast."""
+    cast = f"TRY_CAST({column} AS {stored})"
+    fails = f"({cast} IS NULL AND {column} IS NOT NULL)"
+    if given == stored or given.upper() in ("VARCHAR", '"NULL"', "NULL"):
+        return fails
+    return f"({fails} OR TRY_CAST({cast} AS {given}) IS DISTINCT FROM {column})"
+
+
+def _register_metadata(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
+    """``table`` (ids and metadata) registered as ``name``; a column type DuckDB cannot read is the caller's
+    MetadataError."""
+    try:
+        con.register(name, table)
+    except duckdb.NotImplementedException as e:
+        types = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
+        raise MetadataError(f"metadata of a type the catalog cannot store ({types}): {_first_line(e)}") from None
 
 
 def _first_line(e: Exception) -> str:

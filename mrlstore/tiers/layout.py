@@ -3,6 +3,7 @@ temporaries of interrupted atomic writes (storage/FORMAT.md)."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import threading
@@ -99,7 +100,8 @@ def remove_stale_temporaries(path: Path) -> bool:
     for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*", "published/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
-    for pattern in (f".{path.name}.compact-*", f"..{path.name}.compact-*.creating-*"):  # and its creation
+    name = glob.escape(path.name)  # a store named "photos[2024].mrl" is no pattern
+    for pattern in (f".{name}.compact-*", f"..{name}.compact-*.creating-*"):  # and its creation
         for leftover in path.parent.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
     for lease in path.glob(f"{STAGING_DIR}/*/{LEASE_FILE}"):

@@ -235,7 +235,12 @@ def kept_metadata(given: pa.Table | None, old: pa.Table | None) -> pa.Table | No
     for name in old.column_names:
         if name not in given.column_names:
             given = given.append_column(name, old.column(name))
-        elif given.column(name).null_count and given.schema.field(name).type == old.schema.field(name).type:
-            filled = pc.coalesce(given.column(name), old.column(name))
-            given = given.set_column(given.column_names.index(name), name, filled)
+        elif given.column(name).null_count:
+            column, stored = given.column(name), old.schema.field(name).type
+            if column.type != stored:  # an int given for a float column, or a key given only as None
+                try:
+                    column = column.cast(stored)  # safe: a value that would change is refused
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    continue  # the catalog says whether the given values fit
+            given = given.set_column(given.column_names.index(name), name, pc.coalesce(column, old.column(name)))
     return given

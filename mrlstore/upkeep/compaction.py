@@ -96,6 +96,7 @@ def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Pa
         catalog.close()
         raise
     try:
+        new.catalog.add_columns(state.catalog.columns())  # in their order, and those no live row fills
         fit = state.indexes.projection
         if fit is not None:  # kept, so that the rows are projected on their way in
             new.catalog.set_manifest("fit", fit.to_manifest())

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from mrlstore.errors import InvalidInputError
 from mrlstore.inputs.arrow import column, record_batches, to_matrix
+from mrlstore.tiers.params import positive_int
 from mrlstore.write.image_adds import ImageAdder
 from mrlstore.write.writer import Writer
 
@@ -30,6 +31,8 @@ def add_arrow(
         raise InvalidInputError(f"on_conflict must be 'error', 'skip' or 'replace', got {on_conflict!r}")
     if (vector is None) == (image is None):
         raise InvalidInputError("add_arrow needs exactly one of vector= (a vector column) or image= (images)")
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
     rows = batch_size or max(1, ADD_BATCH_BYTES // (4 * writer.state.params.dim))
     added = 0
     for batch in record_batches(data, rows):
