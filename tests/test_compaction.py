@@ -111,6 +111,11 @@ def test_what_a_killed_compaction_leaves_goes_whatever_the_store_is_named(tmp_pa
         s.add_vectors(np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32))
     left = tmp_path / ".photos[2024].mrl.compact-12345"
     (left / "vectors").mkdir(parents=True)
+    creating = tmp_path / "..photos[2024].mrl.compact-12345.creating-12345-678"
+    creating.mkdir()
+    neighbours = tmp_path / ".photos[2024].mrl.compact-7.compact-99"  # a store named "photos[2024].mrl.compact-7"
+    neighbours.mkdir()
     with mrlstore.open(path) as s:
         assert len(s) == 4
-    assert not left.exists()
+    assert not left.exists() and not creating.exists()
+    assert neighbours.exists(), "another store's compaction in progress"

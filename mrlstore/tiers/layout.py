@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -100,9 +101,11 @@ def remove_stale_temporaries(path: Path) -> bool:
     for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*", "published/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
-    name = glob.escape(path.name)  # a store named "photos[2024].mrl" is no pattern
-    for pattern in (f".{name}.compact-*", f"..{name}.compact-*.creating-*"):  # and its creation
-        for leftover in path.parent.glob(pattern):
+    # the folder is ".NAME.compact-PID" (and "..NAME.compact-PID.creating-..." while it is made): a store
+    # named "NAME.compact-2" beside this one is not this one's leftover, and "photos[2024]" is no pattern
+    mine = re.compile(rf"\.?\.{re.escape(path.name)}\.compact-\d+(\.creating-\d+-\d+)?")
+    for leftover in path.parent.glob(f"*.{glob.escape(path.name)}.compact-*"):
+        if mine.fullmatch(leftover.name):
             shutil.rmtree(leftover, ignore_errors=True)
     for lease in path.glob(f"{STAGING_DIR}/*/{LEASE_FILE}"):
         WriteLease(lease).revoke()  # a dead write's workers may still live: no row of theirs after this
