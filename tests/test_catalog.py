@@ -135,3 +135,16 @@ def test_a_reader_refuses_an_unreadable_staged_write_mark(tmp_path, catalog):
     catalog.close()
     with pytest.raises(CorruptStoreError, match="staged write"):
         Catalog(tmp_path, read_only=True)
+
+
+def test_staged_writes_check_metadata_as_adds_do(catalog):
+    """append_tables (StoreSink, add_arrow in steps) refuses values that would change when stored, as
+    commit_rows does: 1.7 into a BIGINT column was stored as 2."""
+    catalog.commit_rows(0, ["a"], pa.table({"count": [5], "flag": [True]}), new_watermark=1)
+    for given in ({"count": [1.7]}, {"flag": [2]}):
+        table = pa.table({"id": ["b"], **given})
+        with pytest.raises(MetadataError, match="would change when stored"):
+            catalog.append_tables(1, [table], 2)
+        assert catalog.manifest()["committed_rows"] == 1 and catalog.rows_of(["b"]) == {}
+    catalog.append_tables(1, [pa.table({"id": ["b"], "count": [2.0], "flag": [1]})], 2)
+    assert catalog.live_items()[1].to_pylist()[1] == {"id": "b", "count": 2, "flag": True}

@@ -179,3 +179,11 @@ def test_store_add_and_query_images(encoder, images, tmp_path):
         assert hits.metadata[own] == {"i": 3, "path": str(paths[3])}
         hits = store.query(arrays[2], k=5, dims=[8, 128])  # a uint8 array is an image, not a vector
         assert hits.scores[hits.ids.index(ids[2])] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_preprocess_resamples_only_the_centre_square():
+    """A thin strip is cropped before it is resampled: a 100000x1 image made a 19,200,000x192 intermediate
+    (about 11 GB) when the whole image was resized first."""
+    strip = np.full((1, 100_000, 3), 200, np.uint8)
+    x = preprocess(strip, size=32)
+    assert x.shape == (3, 32, 32) and np.allclose(x, (200 - 127) / 128)

@@ -4,6 +4,7 @@ reads the decoded pixels, so the tests need neither torch nor weights)."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -278,3 +279,74 @@ def test_stored_paths_are_absolute(store, photos, monkeypatch):
     store.add(["photos/p0.png", "photos/./sub"])
     paths = sorted(store.sql("SELECT path FROM items").column("path").to_pylist())
     assert paths == [str(photos / "p0.png"), str(photos / "sub" / "q.jpg")]
+
+
+class Decoded:
+    """Records the pixels the store hands the encoder."""
+
+    dim, nesting = 48, (8, 16, 48)
+
+    def __init__(self):
+        self.images = []
+
+    def encode(self, images, batch_size=64):
+        self.images.extend(images)
+        return PixelEncoder().encode(images)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, "PNG") if mode else Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_deep_pixels_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """16-bit files and arrays, and float images, keep their picture: scaled, where a conversion to RGB
+    clipped every value past 255 (two 16-bit gradients decoded to almost all white)."""
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0..65472
+    encoder = Decoded()
+    with mrlstore.open(tmp_path / "s", encoder=encoder, bands=(8, 48), index_dims=(8,)) as store:
+        store.add([_png(ramp), ramp, Image.fromarray((ramp / 65535).astype(np.float32), "F")])
+    expected = np.repeat((ramp / 257).round().astype(np.uint8)[:, :, None], 3, axis=2)
+    for decoded in encoder.images:
+        assert np.abs(decoded.astype(int) - expected).max() <= 1
+
+
+def test_file_objects_are_read_once_and_checked_like_bytes(store):
+    """A file object is read into bytes: its header is checked before anything is written (with ids given
+    too), skip_errors leaves a broken one out, a pipe that cannot seek works, and its id is its bytes'."""
+    good = _png_bytes(_pixels(1))
+    with pytest.raises(mrlstore.UnreadableImageError, match="skip_errors"):
+        store.add([io.BytesIO(_png_bytes(_pixels(2))), io.BytesIO(b"not an image")], ids=["a", "b"], commit_every=1)
+    assert len(store) == 0
+    result = store.add([io.BytesIO(good), io.BytesIO(b"broken")], skip_errors=True)
+    assert len(result.added) == 1 and [f.index for f in result.failed] == [1]
+    assert store.add(good).skipped == result.added  # the same content id as the bytes themselves
+
+
+def test_empty_and_odd_in_memory_images_are_checked_before_anything_is_written(store):
+    with pytest.raises(mrlstore.UnreadableImageError, match="0x0 pixels"):
+        store.add([_pixels(1), np.zeros((0, 0, 3), np.uint8)], commit_every=1)
+    assert len(store) == 0
+    result = store.add([_pixels(1), np.zeros((5, 0, 3), np.uint8), Image.new("RGB", (0, 0))], skip_errors=True)
+    assert len(result.added) == 1 and [f.index for f in result.failed] == [1, 2]
+    with pytest.raises(mrlstore.UnreadableImageError, match="no pixels|none to encode"):
+        store.query(np.zeros((5, 0, 3), np.uint8), k=1)
+
+
+def test_bfloat16_tensors(store):
+    torch = pytest.importorskip("torch")
+    image = torch.from_numpy(_pixels(4)).permute(2, 0, 1).to(torch.bfloat16) / 255.0
+    ids = store.add(image)
+    assert store.query(image, k=1, dims=[8, 48]).ids == list(ids)
+
+
+def test_a_file_name_that_is_not_utf8_is_named_and_can_be_skipped(store, tmp_path):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    Image.fromarray(_pixels(1)).save(folder / "ok.png")
+    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(_png_bytes(_pixels(2)))
+    with pytest.raises(mrlstore.UnreadableImageError, match="not valid UTF-8"):
+        store.add(folder)
+    result = store.add(folder, skip_errors=True)
+    assert len(result.added) == 1 and len(result.failed) == 1 and len(store) == 1

@@ -307,3 +307,11 @@ def test_one_vector_queries_are_checked_value_by_value(store: mrlstore.Store) ->
     zero_head[:16] = 0
     with raises(mrlstore.ZeroVectorError, ValueError, match="query 0 is all zeros"):
         store.query(zero_head, dims=[16])
+
+
+def test_query_table_of_no_rows(store: mrlstore.Store) -> None:
+    import pyarrow as pa
+
+    empty = pa.table({"vector": pa.array([], pa.list_(pa.float32()))})
+    with pytest.raises(mrlstore.ShapeError, match="no rows"):
+        store.query_table(empty, k=3)

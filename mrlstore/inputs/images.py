@@ -56,7 +56,12 @@ def expand(images: Any) -> list[ImageItem]:
     tensor its images. Raises InvalidInputError for inputs that are not images (URLs included)."""
     if isinstance(images, (str, os.PathLike)):
         return _expand_path(images)
-    if isinstance(images, (bytes, bytearray, memoryview)) or hasattr(images, "read") or is_pil(images):
+    if hasattr(images, "read"):  # read once: checked, hashed and decoded like bytes (a pipe cannot seek)
+        data = images.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidInputError(f"a file object of images must be opened in binary mode, got {type(data).__name__}")
+        return [ImageItem(bytes(data), None)]
+    if isinstance(images, (bytes, bytearray, memoryview)) or is_pil(images):
         return [ImageItem(images, None)]
     if isinstance(images, np.ndarray) or is_tensor(images):
         if images.ndim == 4:
@@ -96,15 +101,42 @@ def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], l
     failures: list[Failure] = []
     for item in items:
         try:
+            if item.path is not None and not _is_utf8(item.path):
+                raise UnreadableImageError(f"cannot keep the file name {item.path!r}: it is not valid UTF-8")
             if item.path is not None or isinstance(item.value, (bytes, bytearray, memoryview)):
                 with _opened(item) as im:
                     im.verify()
+            else:
+                _check_in_memory(item.value)
             good.append(item)
         except InvalidInputError as e:
             if not skip_errors:
                 raise
             failures.append(Failure(item.index, item.describe(), str(e)))
     return good, failures
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name of other bytes, decoded by Python with surrogate escapes
+        return False
+    return True
+
+
+def _check_in_memory(x: Any) -> None:
+    """An in-memory image (PIL image, array, tensor) has pixels, in a shape ``to_rgb`` reads."""
+    if is_pil(x):
+        width, height = x.size
+    else:
+        shape = tuple(x.shape)
+        if is_tensor(x) and len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+            shape = shape[1:] + shape[:1]  # CHW, as to_rgb permutes it
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+            raise UnreadableImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {tuple(x.shape)}")
+        height, width = shape[:2]
+    if width == 0 or height == 0:
+        raise UnreadableImageError(f"an image of {width}x{height} pixels has none to encode")
 
 
 @contextmanager
@@ -148,7 +180,7 @@ def to_rgb(item: ImageItem) -> np.ndarray:
         t = x.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
             t = t.permute(1, 2, 0)  # CHW -> HWC
-        x = t.numpy()
+        x = (t.float() if t.is_floating_point() else t).numpy()  # bfloat16 has no numpy type
     if isinstance(x, np.ndarray):
         return _array_rgb(x)
     raise InvalidInputError(f"cannot read an image from a {type(x).__name__}")
@@ -174,6 +206,8 @@ def _array_rgb(arr: np.ndarray) -> np.ndarray:
                 raise InvalidInputError("an image array contains NaN or inf")
             if arr.max(initial=0.0) <= 1.0:  # floats in [0, 1]
                 arr = arr * 255.0
+        else:
+            arr = _to_8_bits(arr)
         arr = np.clip(arr, 0, 255).round().astype(np.uint8)
     if arr.shape[2] == 1:
         return np.repeat(arr, 3, axis=2)
@@ -182,9 +216,20 @@ def _array_rgb(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _to_8_bits(arr: np.ndarray) -> np.ndarray:
+    """Integer pixels as 0..255: values up to 255 as they are, up to 65535 as 16-bit (divided by 257),
+    larger ones by their type's range."""
+    top = int(arr.max(initial=0))
+    if top <= 255:
+        return arr
+    return arr / (257.0 if top <= 65535 else np.iinfo(arr.dtype).max / 255.0)
+
+
 def _rgb(im: Any) -> Any:
     if im.mode == "RGB":
         return im
+    if im.mode.startswith(("I", "F")):  # 16- and 32-bit pixels: scaled to 8 bits (convert() would clip them)
+        return pil().fromarray(_array_rgb(np.asarray(im)))
     if im.mode in ("RGBA", "LA", "P", "PA"):
         im = im.convert("RGBA")
         bg = pil().new("RGBA", im.size, (255, 255, 255, 255))

@@ -113,7 +113,10 @@ class Searcher:
     def query_table(self, queries: Any, k: int, dims: Any, vector: str, image: str | None, **options: Any) -> pa.Table:
         """``Store.query_table``: queries from a table's column (or vectors, images), hits as one table."""
         if is_table(queries):
-            table = pa.Table.from_batches(list(record_batches(queries, 1 << 30)))
+            batches = list(record_batches(queries, 1 << 30))
+            if not sum(b.num_rows for b in batches):
+                raise ShapeError("query_table got a table with no rows: expected at least one query")
+            table = pa.Table.from_batches(batches)
             source = column(table, image or vector, "image" if image else "vector")
             queries = source.to_pylist() if image else to_matrix(source)
         opts = {"where": None, "shortlist": None, "ef": None, "metadata": True, "prefixes": None, **options}

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -484,7 +484,8 @@ class Catalog:
             except duckdb.Error as e:
                 raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
             finally:
-                self._con.unregister("_meta_check")
+                with suppress(duckdb.Error):  # in an aborted transaction: the next register replaces it
+                    self._con.unregister("_meta_check")
         for row_i, flags in enumerate(bad):
             for col, failed in zip(shared, flags):
                 if failed:
@@ -619,6 +620,7 @@ class Catalog:
         for table in tables:
             if table.num_columns > 1:
                 self._add_columns(table.drop_columns(["id"]))
+                self.check_metadata(table.drop_columns(["id"]))  # as every add does: no silent change
             rows = pa.array(np.arange(row, row + table.num_rows, dtype=np.int64))
             _register_metadata(self._con, "_batch", table.add_column(0, "_row", rows))
             self._batch_registered = True

@@ -16,6 +16,9 @@ from mrlstore.write.writer import Writer
 ADD_BATCH_BYTES = 256 << 20  # float32 bytes per committed batch of add_arrow (a commit has a fixed cost)
 
 
+ARROW_HINT = "add_arrow takes no skip_errors: leave such rows out of the table, or use store.add(..., skip_errors=True)"
+
+
 def add_arrow(
     writer: Writer,
     images: ImageAdder,
@@ -45,6 +48,7 @@ def add_arrow(
             writer.add(to_matrix(source), ids, meta, on_conflict)
             added += writer.state.snap.n_live - before if on_conflict == "skip" else len(source)
         else:
-            result = images.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict=on_conflict, atomic=True)
+            result = images.add(source.to_pylist(), ids=ids, metadata=meta, on_conflict=on_conflict, atomic=True,
+                                hint=ARROW_HINT)  # fmt: skip
             added += len(result.added)
     return added

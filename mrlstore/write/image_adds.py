@@ -20,17 +20,17 @@ from mrlstore.write.writer import Writer
 COMMIT_EVERY = 1024  # images per commit of an add: 8 MiB of 2048-d float32 vectors, ~10 s of encoding on 2 cores
 
 
+SKIP_HINT = "Pass skip_errors=True (mrlstore add --skip-errors) to leave out unreadable images and list them"
+
+
 @contextmanager
-def _hint_skip_errors(committed: int) -> Iterator[None]:
+def _hint_skip_errors(committed: int, hint: str) -> Iterator[None]:
     """An unreadable image's error, with what the caller can do about it."""
     try:
         yield
     except UnreadableImageError as e:
         kept = f"; the {committed} images committed before it stay (run the same add again to resume)"
-        raise UnreadableImageError(
-            f"{e}. Pass skip_errors=True (mrlstore add --skip-errors) to leave out unreadable images and list "
-            f"them{kept if committed else ''}"
-        ) from None
+        raise UnreadableImageError(f"{e}. {hint}{kept if committed else ''}") from None
 
 
 class ImageAdder:
@@ -51,8 +51,10 @@ class ImageAdder:
         skip_errors: bool = False,
         on_conflict: str = "skip",
         progress: bool | None = None,
+        hint: str = SKIP_HINT,
     ) -> AddResult:
-        """Encode and add ``images`` (see ``Store.add``); returns what was done."""
+        """Encode and add ``images`` (see ``Store.add``); returns what was done. ``hint``: what an unreadable
+        image's error tells the caller to do."""
         if on_conflict not in ("skip", "replace", "error"):
             raise InvalidInputError(f"on_conflict must be 'skip', 'replace' or 'error', got {on_conflict!r}")
         size = positive_int(batch_size, "batch_size")
@@ -63,7 +65,7 @@ class ImageAdder:
             raise InvalidInputError(
                 f"add() encodes images, and this looks like vectors of length {dim}: add vectors with add_vectors()"
             )
-        with _hint_skip_errors(0):
+        with _hint_skip_errors(0, hint):
             batch = ImageBatch.prepare(images, ids, metadata, skip_errors)
         existing = self.state.catalog.rows_of(batch.ids)
         if existing and on_conflict == "error":
@@ -82,7 +84,7 @@ class ImageAdder:
             for lo in range(0, len(todo.ids), max(step, 1)):
                 part = todo.only(list(range(lo, min(lo + step, len(todo.ids)))))
                 failures = late if skip_errors else None
-                with _hint_skip_errors(len(written)):
+                with _hint_skip_errors(len(written), hint):
                     written += self._encode_and_commit(encoder, part, size, failures, on_conflict == "replace",
                                                        bar.update if atomic else None)  # fmt: skip
                 if not atomic:
