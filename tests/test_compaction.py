@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,3 +120,41 @@ def test_what_a_killed_compaction_leaves_goes_whatever_the_store_is_named(tmp_pa
         assert len(s) == 4
     assert not left.exists() and not creating.exists()
     assert neighbours.exists(), "another store's compaction in progress"
+
+
+def test_reads_in_other_threads_wait_for_a_compaction_and_never_mix_two_stores(tmp_path):
+    """get and sql hold the store's visibility lock as queries do: during compactions they neither fail on
+    closed files nor pair a row of the old numbering with the new files. A scan begun before a compaction
+    raises StoreClosedError where it would have read the new files as the old ones."""
+    path = tmp_path / "s"
+    x = np.random.default_rng(4).standard_normal((3000, 32)).astype(np.float32)
+    with mrlstore.open(path, dim=32, bands=(8, 32), index_dims=(8,), chunk_rows=512) as s:
+        s.add_vectors(x, ids=[f"r{i}" for i in range(3000)])
+        scan = s.scan(dims=32, batch_size=256)
+        next(iter(scan))  # the first batch, read before the compaction
+        stop, problems = threading.Event(), []
+
+        def read() -> None:
+            rng = np.random.default_rng(0)
+            while not stop.is_set():
+                i = int(rng.integers(2000, 3000))
+                try:
+                    got = np.asarray(s.get([f"r{i}"], dims=32).column("vector")[0].as_py(), np.float32)
+                    if not np.allclose(got, x[i], atol=2e-2):
+                        problems.append(f"r{i} came back with another row's vector")
+                    s.sql("SELECT count(*) FROM items")
+                except Exception as e:  # noqa: BLE001 - any failure is the finding
+                    problems.append(repr(e))
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for round_ in range(3):
+                s.delete([f"r{i}" for i in range(round_ * 500, round_ * 500 + 500)])
+                s.compact()
+        finally:
+            stop.set()
+            thread.join()
+        assert problems == []
+        with pytest.raises(mrlstore.StoreClosedError, match="compaction or refresh"):
+            scan.read_all()

@@ -29,18 +29,20 @@ class Reader:
         state = self.state
         ids = id_strings([ids] if isinstance(ids, str) else ids)
         d = dims_tuple(dims if dims is not None else state.params.dim, state.params.dim)[-1]
-        table = state.catalog.items_for_ids(ids)
-        if table.num_rows != len(ids):
-            found = set(table.column("id").to_pylist())
-            missing = [i for i in ids if i not in found]
-            raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
-        rows = table.column("_row").to_numpy()
-        vectors = state.vectors.gather(rows, 0, d)
+        with state.visibility.read():  # the rows the catalog names and the files they are read from agree
+            table = state.catalog.items_for_ids(ids)
+            if table.num_rows != len(ids):
+                found = set(table.column("id").to_pylist())
+                missing = [i for i in ids if i not in found]
+                raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+            rows = table.column("_row").to_numpy()
+            vectors = state.vectors.gather(rows, 0, d)
         flat = pa.array(vectors.reshape(-1), pa.float32())
         return table.drop_columns("_row").append_column("vector", pa.FixedSizeListArray.from_arrays(flat, d))
 
     def sql(self, query: str) -> pa.Table:
-        return self.state.catalog.sql(query)
+        with self.state.visibility.read():  # not on a catalog a compaction or refresh is closing
+            return self.state.catalog.sql(query)
 
     def scan(
         self, dims: int | None, columns: list[str] | None, where: str | None, batch_size: int
@@ -49,12 +51,13 @@ class Reader:
         state = self.state
         if dims is not None:
             dims = dims_tuple([dims], state.params.dim)[0]
-        snap = state.snap
-        if where is not None:
-            rows = self.filters.allowed(state.catalog, where, snap)
-        else:
-            rows = np.flatnonzero(snap.live[: snap.watermark])
-        return scan_batches(snap, state.vectors, rows, dims, columns, batch_size)
+        with state.visibility.read():  # a snapshot, its filter and its files of one point in time
+            snap, vectors = state.snap, state.vectors
+            if where is not None:
+                rows = self.filters.allowed(state.catalog, where, snap)
+            else:
+                rows = np.flatnonzero(snap.live[: snap.watermark])
+        return scan_batches(snap, vectors, rows, dims, columns, batch_size)
 
 
 SCAN_BATCH_ROWS = 8192  # rows per batch out: memory stays bounded whatever the store's size

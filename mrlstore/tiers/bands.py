@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file, pwrite_all
-from mrlstore.errors import CorruptStoreError
+from mrlstore.errors import CorruptStoreError, StoreClosedError
 from mrlstore.kernels import as_float32
 
 GROUP_DIR = "vectors"
@@ -154,6 +154,7 @@ class _Band:
         # (rows covered, chunk base addresses) for the kernels: replaced whole, read once per query
         self._kernel: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.uint64))
         self._map_lock = threading.RLock()  # maps change under it: a replaced map must reach _retired
+        self._closed = False  # then its path may hold another store's file (a compaction swapped folders)
         # Queries read scattered rows: a fault reads one page, not read_ahead_kb (8 MiB here). Sequential
         # readers say what they read next (read_ahead; the scan kernel does the same)
         self.random_access = True
@@ -206,6 +207,11 @@ class _Band:
         mm = self._maps.get(chunk)
         if mm is not None and len(mm) >= rows:
             return mm
+        if self._closed:
+            raise StoreClosedError(
+                f"{self.label} of {self.dir.parent.parent} was closed (a compaction or refresh replaced the store's "
+                "files) while a read of it went on: read again"
+            )
         size, problem = self._size_problem(chunk, rows)
         if problem is not None:
             raise CorruptStoreError(problem)
@@ -491,6 +497,7 @@ class _Band:
 
     def close(self) -> None:
         with self._map_lock:
+            self._closed = True
             self._kernel = (0, np.zeros(0, dtype=np.uint64))
             self._maps.clear()
             self._retired.clear()
