@@ -179,7 +179,7 @@ def test_metadata_entry_that_is_not_a_dict(store: mrlstore.Store) -> None:
         store.add_vectors(vecs(2), ids=["a", "b"], metadata=[{"n": 1}, 5])
 
 
-@pytest.mark.parametrize("name", ["id", "score", "vector", "_row", "_private"])
+@pytest.mark.parametrize("name", ["id", "score", "vector", "query", "rank", "_row", "_private"])
 def test_reserved_metadata_column_names(store: mrlstore.Store, name: str) -> None:
     with raises(mrlstore.MetadataError, ValueError, match=f"column name '{name}' is reserved"):
         store.add_vectors(vecs(2), ids=["a", "b"], metadata=[{name: 1}, {name: 2}])

@@ -315,3 +315,40 @@ def test_query_table_of_no_rows(store: mrlstore.Store) -> None:
     empty = pa.table({"vector": pa.array([], pa.list_(pa.float32()))})
     with pytest.raises(mrlstore.ShapeError, match="no rows"):
         store.query_table(empty, k=3)
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 10**7}, {"k": 2**31, "dims": [DIM]}, {"k": 3, "shortlist": 10**12}])
+def test_sizes_past_the_store_return_what_it_holds(store: mrlstore.Store, kwargs: dict) -> None:
+    """k and shortlists are capped at the live rows: a k of 10**7 sized buffers of 20 x k per query."""
+    hits = store.query(vecs(1, seed=9)[0], **kwargs)
+    assert len(hits.ids) == min(kwargs["k"], N) and len(set(hits.ids)) == len(hits.ids)
+
+
+@pytest.mark.parametrize("dims", [1.5, 64.0, "64", [16.0, 64]])
+def test_dims_that_are_not_integers(store: mrlstore.Store, dims: Any) -> None:
+    with raises(mrlstore.InvalidDimsError, ValueError, match="dims must be"):
+        store.query(vecs(1)[0], dims=dims)
+    with raises(mrlstore.InvalidDimsError, ValueError, match="dims must be"):
+        store.get(["v01"], dims=dims)
+
+
+def test_a_cosine_query_whose_first_stage_prefix_is_zero(store: mrlstore.Store) -> None:
+    query = vecs(2, seed=3)
+    query[1, :16] = 0  # the 16-d first stage would rank on nothing
+    with raises(mrlstore.ZeroVectorError, ValueError, match="query 1's first 16 numbers are all zeros"):
+        store.query(query, dims=[16, DIM])
+    with raises(mrlstore.ZeroVectorError, ValueError, match="query 0's first 16 numbers"):
+        store.query(query[1], dims=[16, DIM])
+    assert len(store.query(query[1], k=3, dims=[DIM]).ids) == 3  # exact search on all of it is defined
+
+
+def test_full_dimension_search_is_exact_even_where_that_length_is_indexed(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=32, bands=(16, 32), index_dims=(16, 32)) as s:
+        s.add_vectors(x, ids=[str(i) for i in range(3000)])
+        stored = np.stack(s.get([str(i) for i in range(3000)], dims=32).column("vector").to_numpy(zero_copy_only=False))
+        stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+        for q in rng.standard_normal((20, 32)).astype(np.float32):
+            want = np.argsort(-(stored @ (q / np.linalg.norm(q))))[:10]
+            assert s.query(q, k=10, dims=[32]).ids == [str(i) for i in want]

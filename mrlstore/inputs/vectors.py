@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from mrlstore.kernels import as_float32, sum_squares
 
 FLOAT16_MAX = 65504.0
 VALIDATE_ELEMENTS = 1 << 21  # per validation block: temporaries stay a few MiB whatever the batch
-RESERVED_COLUMNS = frozenset({"id", "score", "vector"})
+RESERVED_COLUMNS = frozenset({"id", "score", "vector", "query", "rank"})  # the columns of results
 
 
 def _numeric(x: Any, what: str, keep_float: bool = False) -> np.ndarray:
@@ -125,6 +125,19 @@ def query_batch(query: Any, need: int, dim: int, metric: str) -> tuple[np.ndarra
     return arr, single
 
 
+def check_prefix(queries: np.ndarray, d: int) -> None:
+    """Cosine queries whose first ``d`` numbers (a funnel's first stage) are all zero: undefined there."""
+    if len(queries) == 1:
+        if sum_squares(np.ascontiguousarray(queries[0, :d])) > 0:
+            return
+        raise ZeroVectorError(f"query 0's first {d} numbers are all zeros; cosine is undefined on that prefix")
+    nonzero = np.any(queries[:, :d] != 0, axis=1)
+    if not nonzero.all():
+        raise ZeroVectorError(
+            f"query {_first_bad_row(nonzero)}'s first {d} numbers are all zeros; cosine is undefined on that prefix"
+        )
+
+
 def id_list(ids: Any, n: int) -> list[str]:
     if ids is None:
         return [uuid.uuid4().hex for _ in range(n)]
@@ -200,8 +213,8 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
     for name in table.column_names:
         if not isinstance(name, str) or not name or name.lower() in RESERVED_COLUMNS or name.startswith("_"):
             raise MetadataError(
-                f"metadata column name {name!r} is reserved or invalid (reserved: id, score, vector, and names "
-                "starting with '_')"
+                f"metadata column name {name!r} is reserved or invalid (reserved: id, score, vector, query, rank, "
+                "and names starting with '_')"
             )
     if len({name.lower() for name in table.column_names}) != len(table.column_names):
         raise MetadataError(
@@ -217,6 +230,8 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
 
 
 def dims_tuple(dims: Any, dim: int) -> tuple[int, ...]:
+    if not isinstance(dims, (int, np.integer, Iterable)) or isinstance(dims, (str, bytes)):
+        raise InvalidDimsError(f"dims must be an integer or a sequence of integers, got {dims!r}")
     seq = [dims] if isinstance(dims, (int, np.integer)) else list(dims)
     if not seq:
         raise InvalidDimsError("dims must name at least one prefix length")

@@ -43,13 +43,15 @@ class Funnel:
         metric: str,
         ef_search: int,
         fitted: FittedCodes | None = None,
+        dim: int = 0,
     ):
+        """``dim``: the store's; ``dims=[dim]`` is exact search even where that length is indexed."""
         self.vectors, self.indexes, self.metric, self.ef_search = vectors, indexes, metric, ef_search
-        self.fitted = fitted
+        self.fitted, self.dim = fitted, dim
 
     def with_fitted(self, fitted: FittedCodes | None) -> Funnel:
         """The same funnel over other fitted codes (``tune`` measures a fit before it keeps it)."""
-        return Funnel(self.vectors, self.indexes, self.metric, self.ef_search, fitted)
+        return Funnel(self.vectors, self.indexes, self.metric, self.ef_search, fitted, self.dim)
 
     def scans_filter(self, snap: Snapshot, allowed: np.ndarray, plan: Plan) -> bool:
         """Whether ``plan``'s first stage over the rows ``allowed`` is an exact scan (of the raw prefix)."""
@@ -66,7 +68,7 @@ class Funnel:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per query the best ``plan.k`` rows with exact scores on ``plan.dims[-1]``, as (rows, offsets, scores)."""
         d0, fitted = plan.dims[0], self.uses_fit(plan)
-        if d0 not in self.indexes and len(plan.dims) == 1 and not fitted:  # exact: the scan's scores are final
+        if len(plan.dims) == 1 and not fitted and (d0 not in self.indexes or d0 == self.dim):  # exact: final scores
             return self.exact(snap, queries, d0, plan.k, allowed)
         first = plan.sizes[0] if plan.sizes else plan.k
         rows, offsets = self.first_stage(snap, queries, d0, first, allowed, plan.ef, fitted)

@@ -4,7 +4,7 @@ resolved from the call's arguments and the settings ``tune`` persisted, and reme
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,14 @@ class Plan:
     sizes: tuple[int, ...]
     ef: int | None = None
     fitted: bool = False  # the first stage searches the store's fitted codes (where it has them)
+
+
+def within(plan: Plan, rows: int) -> Plan:
+    """``plan`` with k and the survivors per stage at most ``rows``, the live rows (k past the store returns
+    every row; a k of 10**7 sized buffers of 20 x k per query for a store of 1,000 rows)."""
+    if plan.k <= rows and all(size <= rows for size in plan.sizes):
+        return plan
+    return replace(plan, k=max(1, min(plan.k, rows)), sizes=tuple(max(1, min(s, rows)) for s in plan.sizes))
 
 
 def shape_key(dims: Sequence[int]) -> str:

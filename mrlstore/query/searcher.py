@@ -15,11 +15,11 @@ from mrlstore.encoder.runner import EncoderSlot, encode_images
 from mrlstore.errors import EmptyStoreError, InvalidInputError, ShapeError
 from mrlstore.inputs.arrow import column, is_table, record_batches, to_matrix
 from mrlstore.inputs.classify import Images, classify
-from mrlstore.inputs.vectors import dims_tuple, query_batch
+from mrlstore.inputs.vectors import check_prefix, dims_tuple, query_batch
 from mrlstore.query import tuning
 from mrlstore.query.filters import FilterCache
 from mrlstore.query.funnel import Funnel
-from mrlstore.query.plan import Plan, PlanCache, funnel_shapes
+from mrlstore.query.plan import Plan, PlanCache, funnel_shapes, within
 from mrlstore.query.report import dims_report
 from mrlstore.results import Hits, HitsBatch, TuneResult
 from mrlstore.tiers.indexes import FittedCodes, fitted_dims
@@ -49,7 +49,7 @@ class Searcher:
             or funnel.fitted is not indexes.fitted
         ):
             p = state.params
-            funnel = Funnel(state.vectors, indexes.by_dim, p.metric, p.ef_search, indexes.fitted)
+            funnel = Funnel(state.vectors, indexes.by_dim, p.metric, p.ef_search, indexes.fitted, p.dim)
             self._funnel = funnel
         return funnel
 
@@ -94,16 +94,19 @@ class Searcher:
                 raise
             plan = self.plan(dims, k, shortlist, ef, "raw")  # a shorter query cannot be projected: raw prefixes
             queries, single = self.vectors_of(query, plan.dims[-1])
+        if self.state.params.metric == "cosine" and not fitted:
+            check_prefix(queries, plan.dims[0])
         state = self.state
         with state.visibility.read():  # one point in time: the snapshot and catalog reads agree
             state.check_open()
             snap = state.snap
             if snap.n_live == 0:
                 raise EmptyStoreError(f"store {state.location} holds no vectors to search")
+            plan = within(plan, snap.n_live)
             allowed = self.filters.allowed(state.catalog, where, snap) if where is not None else None
             if fitted and allowed is not None and self.funnel.scans_filter(snap, allowed, plan):
                 # the matching rows are scanned exactly, on their raw prefix: with the raw prefixes' settings
-                plan = self.plan(dims, k, shortlist, ef, "raw")
+                plan = within(self.plan(dims, k, shortlist, ef, "raw"), snap.n_live)
                 queries = np.ascontiguousarray(queries[:, : plan.dims[-1]])
             rows, offsets, scores = self.funnel.run(snap, queries, plan, allowed)
         if single:
