@@ -4,6 +4,7 @@ QueryStore."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -112,6 +113,27 @@ def test_a_failing_task_leaves_the_store_as_it_was(tmp_path):
         assert len(store) == 10 and store.verify() == []
         assert not any((path / "staging").rglob("*.arrow"))
         store.add_vectors(vectors[:1], ids=["after"])
+
+
+def test_a_sink_closed_or_dropped_without_its_write_ending_gives_the_store_back(tmp_path):
+    """Ray calls neither on_write_complete nor on_write_failed when the driver is interrupted: the sink's
+    close() (or its with-block, or dropping it) releases the store's lock, and nothing becomes visible."""
+    path = tmp_path / "s.mrl"
+    table, vectors = rows_table(0, 600)
+    with mrlstore.open(path, dim=DIM, index_dims=[16]) as store:
+        store.add_vectors(vectors[:5], ids=[f"old{i}" for i in range(5)])
+    with StoreSink(path, fragment_rows=100) as sink:
+        with pytest.raises(mrlstore.StoreLockedError):
+            mrlstore.open(path)
+        sink.write([table.slice(0, 300)], None)  # a worker's rows in place, the commit never comes
+    with mrlstore.open(path) as store:
+        assert len(store) == 5 and store.verify() == []
+    sink = StoreSink(path, staging=tmp_path / "shared")
+    del sink
+    gc.collect()
+    with mrlstore.open(path) as store:
+        assert len(store) == 5
+        store.add_vectors(vectors[5:6], ids=["after"])
 
 
 def test_ids_repeated_across_workers_fail_the_commit_and_change_nothing(tmp_path):

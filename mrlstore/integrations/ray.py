@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,8 @@ class StoreSink(Datasink):
         self.rows_moved = 0  # rows the commit copied into rows that failed tasks had reserved
         self.lease = WriteLease(self.staging / LEASE_FILE)
         self._rows: Any = None
+        # a sink dropped without a write (or after one Ray never ended: an interrupt) gives the store back
+        self._release = weakref.finalize(self, StagedWriter.close, self._writer)
         if self.in_place:
             try:
                 self.lease.grant()
@@ -131,7 +134,21 @@ class StoreSink(Datasink):
                 raise
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_writer": None}  # workers get the settings, never the open store
+        # workers get the settings, never the open store
+        return {**self.__dict__, "_writer": None, "_release": None}
+
+    def close(self) -> None:
+        """Give the store back without committing anything: for a write that never ended (Ray calls neither
+        ``on_write_complete`` nor ``on_write_failed`` when the driver is interrupted) or a sink never used.
+        Rows its workers wrote stay invisible; after a write that ended it does nothing."""
+        if self._writer is not None:
+            self.on_write_failed(RuntimeError("the sink was closed"))
+
+    def __enter__(self) -> StoreSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def min_rows_per_write(self) -> int:
@@ -202,6 +219,8 @@ class StoreSink(Datasink):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if self._release is not None:
+                self._release.detach()
         if self._rows is not None:
             ray.kill(self._rows)
             self._rows = None
