@@ -137,8 +137,13 @@ def test_shortlist_int_smaller_than_k(store: mrlstore.Store, shortlist: int) -> 
 
 @pytest.mark.parametrize(
     "shortlist,match",
-    [([100, 50], "needs 1 sizes"), (2.5, "float"), ("a", "invalid literal")],
-    ids=["too-many", "float", "str"],
+    [
+        ([100, 50], "needs 1 sizes"),
+        (2.5, "an int or a list of ints"),
+        ("a", "an int or a list of ints"),
+        ([12.5], "sizes must be integers"),
+    ],
+    ids=["too-many", "float", "str", "float-in-list"],
 )
 def test_shortlist_of_wrong_form(store: mrlstore.Store, shortlist: Any, match: str) -> None:
     with raises(mrlstore.InvalidKError, ValueError, match=match):
@@ -352,3 +357,12 @@ def test_full_dimension_search_is_exact_even_where_that_length_is_indexed(tmp_pa
         for q in rng.standard_normal((20, 32)).astype(np.float32):
             want = np.argsort(-(stored @ (q / np.linalg.norm(q))))[:10]
             assert s.query(q, k=10, dims=[32]).ids == [str(i) for i in want]
+
+
+def test_export_parquet_to_a_folder_or_nowhere(store: mrlstore.Store, tmp_path) -> None:
+    (tmp_path / "out").mkdir()
+    with raises(mrlstore.InvalidInputError, ValueError, match="is a folder"):
+        store.export_parquet(tmp_path / "out", dims=16)
+    with raises(mrlstore.StorageError, OSError, match="there is no folder"):
+        store.export_parquet(tmp_path / "nope" / "x.parquet", dims=16)
+    assert store.export_parquet(tmp_path / "out" / "x.parquet", dims=16) == N

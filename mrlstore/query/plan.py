@@ -31,6 +31,10 @@ def shortlist_sizes(shortlist: int | Sequence[int] | None, k: int, stages: int) 
         if shortlist < k:
             raise ValueError(f"shortlist must be at least k={k}, got {shortlist}")
         return [max(k, int(shortlist) >> i) for i in range(stages - 1)]
+    if not isinstance(shortlist, Sequence) or isinstance(shortlist, str):
+        raise TypeError(f"shortlist must be an int or a list of ints, got {shortlist!r}")
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in shortlist):
+        raise TypeError(f"shortlist sizes must be integers, got {list(shortlist)!r}")  # 1.5 is no size
     sizes = [int(s) for s in shortlist]
     if len(sizes) != stages - 1:
         raise ValueError(f"shortlist needs {stages - 1} sizes (one per stage but the last), got {len(sizes)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mrlstore.errors import InvalidInputError, UnknownIdError
+from mrlstore.errors import InvalidInputError, StorageError, UnknownIdError, storage_error
 from mrlstore.inputs.vectors import dims_tuple, id_strings
 from mrlstore.query.filters import FilterCache
 from mrlstore.tiers.abc import VectorTier
@@ -102,6 +102,10 @@ def write_parquet(reader: pa.RecordBatchReader, dest: Path) -> int:
     returns the number of rows."""
     import pyarrow.parquet as pq  # loaded when a file is written
 
+    if dest.is_dir():
+        raise InvalidInputError(f"{dest} is a folder: export_parquet writes one file (e.g. {dest / 'out.parquet'})")
+    if not dest.parent.is_dir():
+        raise StorageError(f"cannot write {dest}: there is no folder {dest.parent}")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     rows = 0
     try:
@@ -110,6 +114,9 @@ def write_parquet(reader: pa.RecordBatchReader, dest: Path) -> int:
                 writer.write_batch(batch)
                 rows += batch.num_rows
         os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise storage_error("write", dest, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
