@@ -106,7 +106,8 @@ def default_stage_times(store, queries: np.ndarray) -> None:
     funnel, snap = store._search.funnel, store._state.snap
     plan = store._search.plan(None, 10, None, None)
     qs = [np.ascontiguousarray(q[None], dtype=np.float32) for q in queries]
-    first = lambda q: funnel.first_stage(snap, q, plan.dims[0], plan.sizes[0], None, plan.ef)  # noqa: E731
+    fitted = funnel.uses_fit(plan)
+    first = lambda q: funnel.first_stage(snap, q, plan.dims[0], plan.sizes[0], None, plan.ef, fitted)  # noqa: E731
     candidates = {id(q): first(q) for q in qs}
     full = median_us(lambda q: store.query(q[0], k=10).metadata, qs)
     hnsw = median_us(first, qs)
@@ -123,15 +124,16 @@ def stage_times(store, queries: np.ndarray) -> None:
     from mrlstore import kernels
 
     funnel, snap, vectors = store._search.funnel, store._state.snap, store._state.vectors
-    shortlist = store._search.plan([16, 2048], 10, None, None).sizes[0]
+    plan = store._search.plan([16, 2048], 10, None, None)
+    shortlist, fitted = plan.sizes[0], funnel.uses_fit(plan)  # a tuned store may search fitted 16-d codes
     qs = [np.ascontiguousarray(q[None], dtype=np.float32) for q in queries]
 
-    candidates = {id(q): np.sort(funnel.indexes[16].search(q, shortlist, shortlist)[0]) for q in qs}
-    offsets = np.array([0, shortlist], dtype=np.int64)
+    first = lambda q: funnel.first_stage(snap, q, 16, shortlist, None, plan.ef, fitted)  # noqa: E731
+    candidates = {id(q): first(q) for q in qs}  # rows, offsets
     print(f"\ndims=[16, 2048] stages alone, shortlist {shortlist} (median µs per query):")
-    hnsw = median_us(lambda q: funnel.indexes[16].search(q, shortlist, shortlist), qs)
-    print(f"  16-d HNSW search (ef {shortlist}): {hnsw:.0f}")
-    rerank = lambda q: kernels.refine(vectors, candidates[id(q)], offsets, q, (2048,), (10,), "cosine")  # noqa: E731
+    hnsw = median_us(first, qs)
+    print(f"  16-d HNSW search{' (fitted codes)' if fitted else ''}, ef {plan.ef}, live rows sorted: {hnsw:.0f}")
+    rerank = lambda q: kernels.refine(vectors, *candidates[id(q)], q, (2048,), (10,), "cosine")  # noqa: E731
     norms = getattr(vectors, "norms", None)
     print(f"  2048-d re-rank{' with row norms' if norms is not None else ''}: {median_us(rerank, qs):.0f}")
     if norms is not None:

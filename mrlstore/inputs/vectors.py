@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -230,9 +230,12 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
 
 
 def dims_tuple(dims: Any, dim: int) -> tuple[int, ...]:
-    if not isinstance(dims, (int, np.integer, Iterable)) or isinstance(dims, (str, bytes)):
+    try:
+        seq = [dims] if isinstance(dims, (int, np.integer)) else list(dims)
+    except TypeError:
+        seq = None  # not iterable: a float
+    if seq is None or isinstance(dims, (str, bytes)):
         raise InvalidDimsError(f"dims must be an integer or a sequence of integers, got {dims!r}")
-    seq = [dims] if isinstance(dims, (int, np.integer)) else list(dims)
     if not seq:
         raise InvalidDimsError("dims must name at least one prefix length")
     for d in seq:
