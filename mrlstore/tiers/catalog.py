@@ -477,8 +477,8 @@ class Catalog:
         with self._lock:
             self._con.register("_meta_check", metadata.select(shared))
             try:
-                given = dict(self._con.execute("DESCRIBE SELECT * FROM _meta_check").fetchall()[i][:2] for i in
-                             range(len(shared)))  # fmt: skip
+                described = self._con.execute("DESCRIBE SELECT * FROM _meta_check").fetchall()
+                given = {name: dtype for name, dtype, *_ in described}
                 casts = ", ".join(_refused_cast(_quote(c), existing[c], given[c]) for c in shared)
                 bad = self._con.execute(f"SELECT {casts} FROM _meta_check").fetchall()
             except duckdb.Error as e:
