@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from mrlstore.errors import EncoderUnavailableError, InvalidInputError, UnreadableImageError
-from mrlstore.inputs.vectors import first_positions, id_list, metadata_table
+from mrlstore.inputs.vectors import first_positions, id_list, is_utf8, metadata_table
 from mrlstore.results import Failure
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -101,7 +101,7 @@ def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], l
     failures: list[Failure] = []
     for item in items:
         try:
-            if item.path is not None and not _is_utf8(item.path):
+            if item.path is not None and not is_utf8(item.path):
                 raise UnreadableImageError(f"cannot keep the file name {item.path!r}: it is not valid UTF-8")
             if item.path is not None or isinstance(item.value, (bytes, bytearray, memoryview)):
                 with _opened(item) as im:
@@ -116,24 +116,15 @@ def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], l
     return good, failures
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a file name of other bytes, decoded by Python with surrogate escapes
-        return False
-    return True
-
-
 def _check_in_memory(x: Any) -> None:
     """An in-memory image (PIL image, array, tensor) has pixels, in a shape ``to_rgb`` reads."""
     if is_pil(x):
         width, height = x.size
     else:
         shape = tuple(x.shape)
-        if is_tensor(x) and len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
-            shape = shape[1:] + shape[:1]  # CHW, as to_rgb permutes it
-        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
-            raise UnreadableImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {tuple(x.shape)}")
+        if is_tensor(x) and _channels_first(shape):
+            shape = shape[1:] + shape[:1]  # as to_rgb permutes it
+        _check_shape(shape, tuple(x.shape))
         height, width = shape[:2]
     if width == 0 or height == 0:
         raise UnreadableImageError(f"an image of {width}x{height} pixels has none to encode")
@@ -178,7 +169,7 @@ def to_rgb(item: ImageItem) -> np.ndarray:
         return np.asarray(_rgb(x))
     if is_tensor(x):
         t = x.detach().cpu()
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+        if _channels_first(tuple(t.shape)):
             t = t.permute(1, 2, 0)  # CHW -> HWC
         x = (t.float() if t.is_floating_point() else t).numpy()  # bfloat16 has no numpy type
     if isinstance(x, np.ndarray):
@@ -192,12 +183,20 @@ def _decode(item: ImageItem) -> np.ndarray:
         return np.asarray(_rgb(im))
 
 
+def _channels_first(shape: tuple[int, ...]) -> bool:
+    """A tensor shape read as CxHxW (tensors come channels first; arrays never are)."""
+    return len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+
+
+def _check_shape(shape: tuple[int, ...], given: tuple[int, ...]) -> None:
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+        raise UnreadableImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {given}")
+
+
 def _array_rgb(arr: np.ndarray) -> np.ndarray:
-    shape = arr.shape
+    _check_shape(arr.shape, arr.shape)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise InvalidInputError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {shape}")
     if arr.dtype != np.uint8:
         if arr.dtype.kind not in "fiu":
             raise InvalidInputError(f"an image array must be numeric, got dtype {arr.dtype}")

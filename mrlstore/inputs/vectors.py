@@ -172,13 +172,19 @@ def id_strings(ids: Any) -> list[str]:
             v = str(v)
         if not isinstance(v, str) or not v:
             raise InvalidIdError(f"ids must be non-empty strings; ids[{i}] is {v!r}")
-        if not v.isascii():
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidIdError(f"ids must be valid Unicode text (UTF-8); ids[{i}] is {v!r}") from None
+        if not v.isascii() and not is_utf8(v):
+            raise InvalidIdError(f"ids must be valid Unicode text (UTF-8); ids[{i}] is {v!r}")
         out.append(v)
     return out
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (not so: lone surrogates, as Python decodes file names of other bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def metadata_table(metadata: Any, n: int) -> pa.Table | None:
