@@ -88,7 +88,7 @@ def main() -> None:
 
 def write_grid(rows, path: Path) -> Path:
     """One row per query: the query, then its hits, each captioned with its full class name and score."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageOps
 
     k = len(rows[0][1].ids)
     caption_h = 26  # two lines: class, then score (or "query")
@@ -96,10 +96,10 @@ def write_grid(rows, path: Path) -> Path:
     draw = ImageDraw.Draw(canvas)
     for r, (q, hits) in enumerate(rows):
         y = 6 + r * (TILE + caption_h + 8)
-        tiles = [(Image.open(q), q.parent.name, "query", (40, 40, 200))]
+        tiles = [(ImageOps.exif_transpose(Image.open(q)), q.parent.name, "query", (40, 40, 200))]
         for score, meta in zip(hits.scores, hits.metadata):
             colour = (0, 130, 0) if meta["label"] == q.parent.name else (200, 0, 0)
-            tiles.append((Image.open(meta["path"]), meta["label"], f"{score:.3f}", colour))
+            tiles.append((ImageOps.exif_transpose(Image.open(meta["path"])), meta["label"], f"{score:.3f}", colour))
         for c, (img, label, detail, colour) in enumerate(tiles):
             x = 6 + c * (TILE + 6) + (4 if c else 0)
             canvas.paste(img.convert("RGB").resize((TILE, TILE), Image.NEAREST), (x, y))

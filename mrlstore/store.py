@@ -212,9 +212,10 @@ class Store:
         """Encode images with the store's encoder and add them; returns an :class:`AddResult` (their ids in
         input order; ``added``, ``skipped``, ``failed``).
 
-        ``images``: a path, a folder (its image files, recursively, sorted), ``bytes`` or a binary file
-        object holding an encoded image, a PIL image, an array or tensor (HxW, HxWx3, HxWx4; NxHxWx3 for
-        several), or a list of these (:mod:`mrlstore.inputs.classify` has the rule). Files keep their
+        ``images``: a path, a folder (its image files, recursively and through symlinked subfolders,
+        sorted), ``bytes`` or a binary file object holding an encoded image, a PIL image, an array or tensor
+        (HxW, HxWx3, HxWx4; NxHxWx3 for several), or a list of these (:mod:`mrlstore.inputs.classify` has
+        the rule). Photos are turned upright by their EXIF orientation. Files keep their
         absolute path as ``path`` metadata. Ids default to a hash of each image's content, so adding the
         same images again changes nothing; ``on_conflict`` decides for ids already in the store: ``"skip"``
         (nothing is encoded for them), ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written).

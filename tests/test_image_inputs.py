@@ -350,3 +350,33 @@ def test_a_file_name_that_is_not_utf8_is_named_and_can_be_skipped(store, tmp_pat
         store.add(folder)
     result = store.add(folder, skip_errors=True)
     assert len(result.added) == 1 and len(result.failed) == 1 and len(store) == 1
+
+
+def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path):
+    """A phone photo stores its pixels sideways and an EXIF orientation tag: the encoder sees it upright,
+    from a file, from bytes and from an opened PIL image, and an image without the tag is left as it is."""
+    upright = _pixels(5, size=(20, 32))
+    sideways = Image.fromarray(np.rot90(upright, k=1))  # stored turned a quarter left, as a camera would
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    path = tmp_path / "phone.jpg"
+    sideways.save(path, exif=exif, quality=100, subsampling=0)
+    encoder = Decoded()
+    with mrlstore.open(tmp_path / "s", encoder=encoder, bands=(8, 48), index_dims=(8,)) as store:
+        store.add([path, path.read_bytes(), Image.open(path), upright], ids=["file", "bytes", "pil", "plain"])
+    assert [im.shape for im in encoder.images] == [upright.shape] * 4
+    for decoded in encoder.images[:3]:  # a JPEG round trip: close, not equal
+        assert np.abs(decoded.astype(int) - upright).mean() < 8
+    assert np.array_equal(encoder.images[3], upright)
+
+
+def test_symlinked_subfolders_are_followed_once(store, photos, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(_pixels(7)).save(elsewhere / "linked.png")
+    (photos / "sub" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (photos / "sub" / "loop").symlink_to(photos, target_is_directory=True)  # a link back up: no loop
+    store.add(photos)
+    paths = store.sql("SELECT path FROM items").column("path").to_pylist()
+    assert str(photos / "sub" / "link" / "linked.png") in paths
+    assert len(store) == 5 and len(paths) == 5

@@ -24,6 +24,7 @@ from mrlstore.inputs.vectors import first_positions, id_list, is_utf8, metadata_
 from mrlstore.results import Failure
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+_EXIF_ORIENTATION = 0x0112
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
 
 
@@ -87,11 +88,25 @@ def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
         )
     path = Path(os.path.abspath(p))  # stored as metadata: it must resolve from any working directory
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f for f in _files_below(path) if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise InvalidInputError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return [ImageItem(str(f), str(f)) for f in files]
     return [ImageItem(str(path), str(path))]
+
+
+def _files_below(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder``, through symlinked subfolders too (people link photo folders in), each
+    real folder once, so a link back up cannot loop."""
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield from (Path(root, n) for n in names if os.path.isfile(os.path.join(root, n)))
 
 
 def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], list[Failure]]:
@@ -166,7 +181,7 @@ def to_rgb(item: ImageItem) -> np.ndarray:
     if item.path is not None or isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
         return _decode(item)
     if is_pil(x):
-        return np.asarray(_rgb(x))
+        return np.asarray(_rgb(_upright(x)))
     if is_tensor(x):
         t = x.detach().cpu()
         if _channels_first(tuple(t.shape)):
@@ -180,7 +195,7 @@ def to_rgb(item: ImageItem) -> np.ndarray:
 def _decode(item: ImageItem) -> np.ndarray:
     with _opened(item) as im:
         im.load()
-        return np.asarray(_rgb(im))
+        return np.asarray(_rgb(_upright(im)))
 
 
 def _channels_first(shape: tuple[int, ...]) -> bool:
@@ -222,6 +237,15 @@ def _to_8_bits(arr: np.ndarray) -> np.ndarray:
     if top <= 255:
         return arr
     return arr / (257.0 if top <= 65535 else np.iinfo(arr.dtype).max / 255.0)
+
+
+def _upright(im: Any) -> Any:
+    """The image as viewers show it: cameras and phones store pixels sideways and an EXIF orientation tag."""
+    if im.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+        return im
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)
 
 
 def _rgb(im: Any) -> Any:
