@@ -67,6 +67,18 @@ def test_the_target_is_reached_by_a_lower_confidence_bound_and_holds_for_new_que
     assert recall_at_k(found, [[str(r) for r in t] for t in truth]) >= 0.95
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_smaller_k_than_tuned_keeps_the_tuned_shortlist_and_its_recall(tuned_store, k):
+    """A shortlist tuned for the top 10 holds the top 1 at least as often; cut in proportion to k (to 2 of
+    25 for k=1) it lost a quarter of them."""
+    path, x, _ = tuned_store
+    queries, _ = mrl_like(400, 256, noise=1.0, seed=5, sample=1)
+    with mrlstore.open(path, read_only=True) as store:
+        found = [h.ids for h in store.query(queries, k=k, metadata=False)]
+    truth = exact_search(x.astype(np.float16).astype(np.float32), queries, k)
+    assert recall_at_k(found, [[str(r) for r in t] for t in truth]) >= 0.95
+
+
 def test_a_tiny_store_tunes_to_exact_search_when_that_is_faster(tmp_path, monkeypatch):
     x, _ = mrl_like(60, 64, seed=3)
     with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64), index_dims=(16,)) as store:
@@ -100,7 +112,8 @@ def test_a_tapered_setting_gives_the_last_re_rank_half_as_many(tuned_store):
     tuned = {"dims": [16, 64, 256, 2048], "shortlist": 200, "ef": 200, "k": 10, "taper": 2}
     plan = query_plan.make_plan(tuned, None, 10, None, None, (16,), 2048)
     assert plan.sizes == (200, 100, 25) and plan.ef == 200
-    assert query_plan.make_plan(tuned, None, 5, None, None, (16,), 2048).sizes == (100, 50, 12)  # scaled with k
+    assert query_plan.make_plan(tuned, None, 5, None, None, (16,), 2048).sizes == (200, 100, 25)  # kept for less
+    assert query_plan.make_plan(tuned, None, 15, None, None, (16,), 2048).sizes == (300, 150, 37)  # grown for more
     halving = query_plan.make_plan({**tuned, "taper": 1}, None, 10, None, None, (16,), 2048)
     assert halving.sizes == (200, 100, 50)
     old = {key: v for key, v in tuned.items() if key != "taper"}  # tuned before tapering existed
