@@ -19,7 +19,7 @@ from mrlstore.inputs.vectors import check_prefix, dims_tuple, query_batch
 from mrlstore.query import tuning
 from mrlstore.query.filters import FilterCache
 from mrlstore.query.funnel import Funnel
-from mrlstore.query.plan import Plan, PlanCache, funnel_shapes, within
+from mrlstore.query.plan import Plan, PlanCache, for_filter_scan, funnel_shapes, within
 from mrlstore.query.report import dims_report
 from mrlstore.results import Hits, HitsBatch, TuneResult
 from mrlstore.tiers.indexes import FittedCodes, fitted_dims
@@ -104,10 +104,12 @@ class Searcher:
                 raise EmptyStoreError(f"store {state.location} holds no vectors to search")
             plan = within(plan, snap.n_live)
             allowed = self.filters.allowed(state.catalog, where, snap) if where is not None else None
-            if fitted and allowed is not None and self.funnel.scans_filter(snap, allowed, plan):
-                # the matching rows are scanned exactly, on their raw prefix: with the raw prefixes' settings
-                plan = within(self.plan(dims, k, shortlist, ef, "raw"), snap.n_live)
-                queries = np.ascontiguousarray(queries[:, : plan.dims[-1]])
+            if allowed is not None and self.funnel.scans_filter(snap, allowed, plan):
+                if fitted:  # the matching rows are scanned exactly, on their raw prefix: the raw prefixes' settings
+                    plan = within(self.plan(dims, k, shortlist, ef, "raw"), snap.n_live)
+                    queries = np.ascontiguousarray(queries[:, : plan.dims[-1]])
+                if shortlist is None:
+                    plan = for_filter_scan(plan, len(allowed))
             rows, offsets, scores = self.funnel.run(snap, queries, plan, allowed)
         if single:
             return Hits.of_rows(snap.table, rows, scores, plan.dims, metadata)
