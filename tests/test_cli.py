@@ -79,6 +79,25 @@ def test_store_errors_exit_1_with_one_line(vectors, tmp_path):
     assert not (tmp_path / "s3:").exists()  # refused before anything touched the disk
 
 
+def test_commands_refuse_a_folder_without_a_store_and_a_missing_path(vectors, tmp_path):
+    """Only `create` makes a store: `add` into an empty folder made a 2048-d store there, and then failed
+    on 64-d vectors. A missing path is one line and exit 1, as the README says, for every command."""
+    root, _ = vectors
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (("add", empty, root / "x.npy"), ("tune", empty), ("delete", empty, "a"), ("compact", empty),
+                 ("index-dims", empty, "16"), ("info", empty), ("snapshot", empty, tmp_path / "c")):  # fmt: skip
+        out = cli(*map(str, args))
+        assert out.returncode == 1 and "is not a store" in out.stderr and "mrlstore create" in out.stderr, args
+        assert len(out.stderr.splitlines()) == 1 and not any(empty.iterdir()), args
+    for command in ("add", "tune", "compact", "info", "verify", "query"):
+        out = cli(
+            command, str(tmp_path / "nowhere.mrl"), *([str(root / "x.npy")] if command in ("add", "query") else [])
+        )
+        assert out.returncode == 1 and "does not exist" in out.stderr and len(out.stderr.splitlines()) == 1, command
+    assert not (tmp_path / "nowhere.mrl").exists()
+
+
 def _zeroed(x: np.ndarray, path: Path, chunk: str, span) -> Path:
     """A 64-d store of ``x`` at ``path`` whose chunk file ``chunk`` has its bytes ``span(data_offset,
     size)`` zeroed (data_offset: where its rows start, after a version 3 shard index); returns the file."""

@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 import mrlstore
-from mrlstore.errors import CorruptStoreError, MRLStoreError
+from mrlstore.errors import CorruptStoreError, MRLStoreError, StoreNotFoundError
 from mrlstore.inputs.vectors import first_positions
+from mrlstore.tiers.catalog import DB_FILE
 
 VECTOR_SUFFIXES = (".npy",)
 TABLE_SUFFIXES = (".parquet", ".pq")
@@ -97,15 +98,12 @@ def _options(pairs: tuple[str, ...]) -> dict[str, str] | None:
 
 
 class StorePath(click.ParamType):
-    """A local store folder that exists, or an ``s3://`` URL (checked when opened)."""
+    """A local store folder or an ``s3://`` URL (checked when opened: a missing one is an error, exit 1)."""
 
     name = "STORE"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str:
-        text = str(value)
-        if "://" not in text and not Path(text).exists():
-            self.fail(f"{text!r} does not exist (a store folder, or an s3:// URL)", param, ctx)
-        return text
+        return str(value)
 
 
 STORE = StorePath()
@@ -115,8 +113,25 @@ storage_option = click.option(
 )  # fmt: skip
 
 
+def _check_local(path: str | Path) -> None:
+    """A local path names a store: ``mrlstore.open`` would make a 2048-d store in an empty folder, and an add
+    of 64-d vectors would fail after it."""
+    if "://" not in str(path) and not (Path(path) / DB_FILE).is_file():
+        what = "is not a store" if Path(path).exists() else "does not exist"
+        raise StoreNotFoundError(f"{path} {what}: make one first with `mrlstore create {path}` (--dim for vectors)")
+
+
 @contextmanager
-def _reading(store: str, storage_options: tuple[str, ...]) -> Iterator[mrlstore.Store]:
+def _writing(path: Path) -> Iterator[mrlstore.Store]:
+    """The store at ``path``, opened to change it."""
+    _check_local(path)
+    with mrlstore.open(path) as s:
+        yield s
+
+
+@contextmanager
+def _reading(store: str | Path, storage_options: tuple[str, ...] = ()) -> Iterator[mrlstore.Store]:
+    _check_local(store)
     with mrlstore.open(store, read_only=True, storage_options=_options(storage_options)) as s:
         yield s
 
@@ -154,7 +169,7 @@ def create(path: str, dim: int | None, bands: str | None, index_dims: str | None
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--skip-errors", is_flag=True, help="Leave out unreadable images (listed) instead of failing.")
 @click.option("--on-conflict", type=click.Choice(["skip", "replace", "error"]), default="skip", show_default=True,
@@ -183,7 +198,7 @@ def add(path: Path, inputs: tuple[str, ...], skip_errors: bool, on_conflict: str
     images = [i for i in inputs if i not in vectors and i not in tables]
     if (ids_file or metadata_file) and (len(vectors) != 1 or tables or images):
         raise click.UsageError("--ids and --metadata go with exactly one .npy file")
-    with mrlstore.open(path) as store:
+    with _writing(path) as store:
         for f in vectors:
             _add_npy(store, Path(f), ids_file, metadata_file, on_conflict)
         for f in tables:
@@ -334,26 +349,26 @@ def sql(store: str, statement: str, as_json: bool, storage_options: tuple[str, .
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--recall", type=float, default=0.95, show_default=True)
 @click.option("-k", "--k", "k", type=int, default=10, show_default=True)
 @_reports_errors
 def tune(path: Path, recall: float, k: int) -> None:
     """Measure and save the cheapest funnel reaching RECALL@k."""
-    with mrlstore.open(path) as store:
+    with _writing(path) as store:
         t = store.tune(recall=recall, k=k)
         click.echo(f"tuned: dims={t['dims']} shortlist={t['shortlist']} recall={t['recall']:.3f} "
                    f"{t['ms_per_query']:.2f} ms/query, shortlisting on {t['prefixes']} codes")  # fmt: skip
 
 
 @main.command("index-dims")
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.argument("dims")
 @_reports_errors
 def index_dims(path: Path, dims: str) -> None:
     """Index the prefixes DIMS (comma-separated, e.g. 32,128) of the store at PATH instead of its current ones,
     building the new indexes from its rows; run `mrlstore tune` again afterwards."""
-    with mrlstore.open(path) as store:
+    with _writing(path) as store:
         store.set_index_dims(_ints(dims) or [])
         click.echo(f"indexed prefixes: {list(store.index_dims)} ({store.index_status})")
 
@@ -379,46 +394,46 @@ def report(store: str, k: int, sample: int, plot: Path | None, as_json: bool, st
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path))
 @_reports_errors
 def compact(path: Path) -> None:
     """Rewrite the store at PATH without its deleted rows (crash-safe)."""
-    with mrlstore.open(path) as store:
+    with _writing(path) as store:
         counts = store.compact()
     click.echo(f"{counts['rows_before']} rows -> {counts['rows_after']}")
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.argument("ids", nargs=-1, required=True)
 @click.option("--missing-ok", is_flag=True, help="Ignore ids that are not in the store.")
 @_reports_errors
 def delete(path: Path, ids: tuple[str, ...], missing_ok: bool) -> None:
     """Delete the entries IDS from the store at PATH."""
-    with mrlstore.open(path) as store:
+    with _writing(path) as store:
         n = store.delete(list(ids), missing_ok=missing_ok)
     click.echo(f"deleted {n} entries")
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.argument("dest", type=click.Path(path_type=Path))
 @_reports_errors
 def snapshot(path: Path, dest: Path) -> None:
     """Write a consistent copy of the store at PATH to DEST (a new folder)."""
-    with mrlstore.open(path, read_only=True) as store:
+    with _reading(path) as store:
         written = store.snapshot(dest)
     click.echo(f"wrote a snapshot to {written}")
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.argument("url")
 @storage_option
 @_reports_errors
 def publish(path: Path, url: str, storage_options: tuple[str, ...]) -> None:
     """Upload the store at PATH to object storage (s3://bucket/prefix) as a new version."""
-    with mrlstore.open(path, read_only=True) as store:
+    with _reading(path) as store:
         head = store.publish(url, storage_options=_options(storage_options))
     click.echo(f"published version {head['version']} ({head['live_rows']} live rows) to {url}")
 
