@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 import numpy as np
 import pyarrow as pa
@@ -89,7 +89,7 @@ class Hits:
             cols[name] = pa.array([m.get(name) for m in self.metadata])
         return pa.table(cols)
 
-    def to_pandas(self):  # -> pandas.DataFrame (pandas is optional)
+    def to_pandas(self) -> Any:  # a pandas.DataFrame (pandas is optional, so not named in the type)
         return self.to_arrow().to_pandas()
 
     def __repr__(self) -> str:
@@ -122,9 +122,14 @@ class HitsBatch(list[Hits]):
             out.append(Hits(ids[a:b], scores[a:b], meta, dims))
         return cls(out)
 
-    def __getitem__(self, index: Any) -> Any:
-        item = list.__getitem__(self, index)
-        return HitsBatch(item) if isinstance(index, slice) else item
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> Hits: ...
+    @overload
+    def __getitem__(self, index: slice) -> HitsBatch: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> Hits | HitsBatch:
+        if isinstance(index, slice):
+            return HitsBatch(list.__getitem__(self, index))
+        return list.__getitem__(self, index)
 
     def __add__(self, other: Any) -> HitsBatch:  # type: ignore[override]
         return HitsBatch(list.__add__(self, other))
@@ -142,7 +147,7 @@ class HitsBatch(list[Hits]):
                              "id": pa.array([], pa.string()), "score": pa.array([], pa.float64())})  # fmt: skip
         return pa.concat_tables(parts, promote_options="default")
 
-    def to_pandas(self):  # -> pandas.DataFrame (pandas is optional)
+    def to_pandas(self) -> Any:  # a pandas.DataFrame (pandas is optional, so not named in the type)
         return self.to_arrow().to_pandas()
 
     def __repr__(self) -> str:
@@ -250,7 +255,11 @@ class AddResult(Sequence[str]):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: Any) -> Any:
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
         return self.ids[i]
 
     def __iter__(self) -> Iterator[str]:

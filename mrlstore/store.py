@@ -37,8 +37,8 @@ from mrlstore.write.writer import Writer
 # What a type checker can tell apart (the rule itself runs on values: see mrlstore.inputs.classify): a list
 # of numbers is one vector, a list of lists a batch. numpy's shape types do not separate a 1-D from a 2-D
 # array for mypy, so arrays, paths, images and columns are typed Hits | HitsBatch: narrow with isinstance.
-OneVector: TypeAlias = list[float]
-ManyVectors: TypeAlias = list[list[float]]
+OneVector: TypeAlias = "list[float] | tuple[float, ...]"
+ManyVectors: TypeAlias = "list[list[float]] | list[tuple[float, ...]]"
 
 
 class Store:
