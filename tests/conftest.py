@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import errors_support
@@ -21,6 +22,25 @@ def small_store(tmp_path):
     store = mrlstore.open(tmp_path / "s.mrl", dim=64, bands=(8, 16, 64), index_dims=(8,), chunk_rows=32)
     yield store
     store.close()
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``mount_tmpfs("3m")``: a new tmpfs of that size (root only: the test skips elsewhere), unmounted after."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
+        if subprocess.run(command, capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @pytest.fixture(scope="session")

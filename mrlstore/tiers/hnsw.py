@@ -131,14 +131,17 @@ class PrefixIndex:
             }
         try:
             check_file(tmp, side["element_count"])
+            side["bytes"] = tmp.stat().st_size
+            side["blake2b"] = _digest(tmp)
+            # Sidecar first would let a crash pair a new sidecar with an old file; the checksum catches both orders.
+            publish_file(tmp, data_path)
+            atomic_write_bytes(side_path, json.dumps(side, indent=2).encode())
         except HnswFileError as e:
             tmp.unlink(missing_ok=True)
             raise IndexNotSaved(f"hnswlib wrote an incomplete index (is the disk full?): {e}") from None
-        side["bytes"] = tmp.stat().st_size
-        side["blake2b"] = _digest(tmp)
-        # Sidecar first would let a crash pair a new sidecar with an old file; the checksum catches both orders.
-        publish_file(tmp, data_path)
-        atomic_write_bytes(side_path, json.dumps(side, indent=2).encode())
+        except OSError as e:  # hnswlib writes nothing to a folder it may not write in, and says nothing
+            tmp.unlink(missing_ok=True)
+            raise IndexNotSaved(f"cannot save the index {data_path}: {e.strerror or e}") from None
 
     @classmethod
     def load(

@@ -302,9 +302,12 @@ class IndexSet:
     def _save(self, family: str, d: int, index: PrefixIndex) -> None:
         """Save one index; when hnswlib's write fails, warn and keep it unsaved (the next checkpoint tries
         again; an open meanwhile extends the older saved copy or rebuilds): the rows it holds are committed."""
-        (self.path / INDEX_DIR).mkdir(exist_ok=True)
         try:
+            (self.path / INDEX_DIR).mkdir(exist_ok=True)
             index.save(self._base(family, d))
+        except OSError as e:
+            warnings.warn(f"cannot save the index of {family} {d}: {e.strerror or e}; it stays in memory", stacklevel=2)
+            return
         except IndexNotSaved as e:
             warnings.warn(f"{e}; the index stays in memory", stacklevel=2)
             return

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from mrlstore._fsutil import copy_sparse, fsync_dir, fsync_file
 from mrlstore._version import __version__
+from mrlstore.errors import MRLStoreError, StorageError, storage_error
 from mrlstore.tiers.bands import GROUP_DIR, create_bands
 from mrlstore.tiers.catalog import DB_FILE, Catalog
 from mrlstore.tiers.id_index import ID_DIR
-from mrlstore.tiers.locking import LOCK_FILE, WriteLease
+from mrlstore.tiers.locking import LOCK_FILE, WriteLease, pid_alive
 from mrlstore.tiers.params import StoreParams
 
 INDEX_DIR = "index"
@@ -62,7 +63,11 @@ def create_store(path: Path, config: StoreParams, generation: int = 0) -> None:
 def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> None:
     """Copy a store (its writer lock held by the caller) to ``dest``, atomically: vectors, index cache, and
     the catalog through ``copy_catalog(path)`` (a consistent point in time)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise storage_error("write a snapshot to", dest, e) from None
+    _remove_dead_snapshots(dest)
     tmp = dest.parent / f".{dest.name}.snapshot-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -77,9 +82,23 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
         fsync_tree(tmp)
         os.rename(tmp, dest)
         fsync_dir(dest.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, shutil.Error):  # copytree gathers each file's OSError into one list of messages
+            failures = e.args[0] if e.args and isinstance(e.args[0], list) and e.args[0] else [("", "", str(e))]
+            raise StorageError(f"cannot write a snapshot to {dest}: {failures[0][-1]}") from None
+        if isinstance(e, OSError) and not isinstance(e, MRLStoreError):
+            raise storage_error("write a snapshot to", dest, e) from None
         raise
+
+
+def _remove_dead_snapshots(dest: Path) -> None:
+    """The copies that snapshots to ``dest`` killed part way left beside it (their process is gone)."""
+    mine = re.compile(rf"\.{re.escape(dest.name)}\.snapshot-(\d+)-\d+")
+    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.snapshot-*"):
+        found = mine.fullmatch(leftover.name)
+        if found and not pid_alive(int(found[1])):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _copy_id_runs(src: Path, dest: Path) -> None:

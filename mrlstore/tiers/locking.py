@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mrlstore.errors import StoreLockedError, WriteEndedError
+from mrlstore.errors import MRLStoreError, StoreLockedError, WriteEndedError, storage_error
 
 LOCK_FILE = "LOCK"
 READER_WAIT_S = 5.0
@@ -22,7 +22,19 @@ class StoreLock:
         self.path = Path(store_path) / LOCK_FILE
         self.created = False  # so a failed open can remove the file it made
         self.exclusive = exclusive
-        if exclusive:
+        self._fd = -1
+        try:
+            self._take(store_path)
+        except OSError as e:  # a full disk, a read-only file system: typed, and nothing held
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            if isinstance(e, MRLStoreError):
+                raise
+            raise storage_error("take the lock" if exclusive else "read the lock", self.path, e) from None
+
+    def _take(self, store_path: Path) -> None:
+        if self.exclusive:
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
                 self.created = True
@@ -32,21 +44,21 @@ class StoreLock:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
-                self._fd = -1  # every writer creates LOCK first: without one, no writer is there
-                return
+                return  # every writer creates LOCK first: without one, no writer is there
         try:
             self._acquire()
         except BlockingIOError:
             holder = self._holder()
             os.close(self._fd)
-            if exclusive:
+            self._fd = -1
+            if self.exclusive:
                 raise StoreLockedError(
                     f"{store_path} is already open for writing{holder}; one writer at a time: close that one "
                     "to write here, or open this one with read_only=True, which works at any time, beside a live "
                     "writer"
                 ) from None
             raise StoreLockedError(f"{store_path} is open for writing{holder}; readers must wait for it") from None
-        if exclusive:
+        if self.exclusive:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -69,7 +81,7 @@ class StoreLock:
             pid = os.pread(self._fd, 32, 0).decode().strip()
         except OSError:
             return ""
-        return pid if pid.isdigit() and _alive(int(pid)) else ""
+        return pid if pid.isdigit() and pid_alive(int(pid)) else ""
 
     def _holder(self) -> str:
         """Who holds the lock: the writer's pid is in LOCK while it lives; readers write nothing, so a pid
@@ -157,7 +169,8 @@ class WriteLease:
             os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mrlstore._fsutil import fsync_dir
-from mrlstore.errors import UnsupportedStorageError
+from mrlstore.errors import MRLStoreError, UnsupportedStorageError, storage_error
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.layout import create_store, fsync_tree
@@ -76,8 +76,10 @@ def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict
         except BaseException:
             lock.release()  # the new store is thrown away: nobody holds it
             raise
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, MRLStoreError):  # a full disk: the store is as it was
+            raise storage_error("compact", state.path, e) from None
         raise
     fsync_dir(state.path.parent)
     lock.path = state.path / lock.path.name

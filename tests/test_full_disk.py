@@ -1,0 +1,131 @@
+"""A full disk, a read-only folder: every verb that writes files fails with a typed StorageError (or, for
+the index cache, which is rebuildable, a warning), holds no lock or descriptor afterwards, and the store
+is consistent and writable once there is space again. Real tmpfs mounts (root only; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mrlstore
+
+DIM = 64
+
+
+def _vectors(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def _fill(disk: Path) -> Path:
+    """A file that takes every free block of ``disk``; delete it to free them."""
+    filler = disk / "filler"
+    block = b"\0" * (64 << 10)
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with open(filler, "ab", buffering=0) as f:  # the last partial block too
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+    return filler
+
+
+def _descriptors_under(disk: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(disk)):
+            found.append(target)
+    return found
+
+
+@pytest.fixture
+def store_on_disk(mount_tmpfs):
+    disk = mount_tmpfs("24m")
+    path = disk / "s.mrl"
+    with mrlstore.open(path, dim=DIM, bands=(16, DIM), index_dims=(16,)) as store:
+        store.add_vectors(_vectors(2000), ids=[f"r{i}" for i in range(2000)])
+        store.delete([f"r{i}" for i in range(0, 2000, 3)])
+    return disk, path
+
+
+def test_a_writer_open_on_a_full_disk_is_typed_and_holds_no_lock(store_on_disk):
+    """The lock's pid could not be written: a bare OSError, and the descriptor kept the flock, so every
+    later open said StoreLockedError until the process ended."""
+    disk, path = store_on_disk
+    filler = _fill(disk)
+    with pytest.raises(mrlstore.StorageError, match="disk is full"):
+        mrlstore.open(path)
+    assert not _descriptors_under(disk)
+    filler.unlink()
+    with mrlstore.open(path) as store:
+        assert len(store) == 1333 and store.verify() == []
+
+
+def test_compact_and_snapshot_on_a_full_disk_are_typed_and_change_nothing(store_on_disk, tmp_path):
+    disk, path = store_on_disk
+    with mrlstore.open(path) as store:
+        filler = _fill(disk)
+        with pytest.raises(mrlstore.StorageError, match="disk is full|No space left"):
+            store.compact()
+        with pytest.raises(mrlstore.StorageError, match="snapshot.*(disk is full|No space left)"):
+            store.snapshot(disk / "copy.mrl")  # was shutil.Error, which no MRLStoreError handler catches
+        filler.unlink()
+        assert len(store) == 1333 and store.verify() == []
+        assert store.compact().rows_after == 1333
+        assert store.get(["r1"]).num_rows == 1
+    assert not _descriptors_under(disk)
+    assert sorted(p.name for p in disk.iterdir()) == ["s.mrl"]  # no temporary copy left beside it
+
+
+def test_an_index_folder_it_cannot_write_warns_and_never_fails_a_committed_add(store_on_disk):
+    """hnswlib writes nothing to a read-only folder and says nothing: the save's check raised a bare
+    FileNotFoundError out of add_vectors after its commit, and out of checkpoint() and close()."""
+    _, path = store_on_disk
+    index = path / "index"
+    subprocess.run(["mount", "--bind", str(index), str(index)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(index)], check=True)
+        with mrlstore.open(path) as store, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store.add_vectors(_vectors(300, seed=1), ids=[f"n{i}" for i in range(300)])
+            store.checkpoint()
+        assert any("stays in memory" in str(w.message) for w in caught)
+    finally:
+        subprocess.run(["umount", "-l", str(index)], check=False)
+    with mrlstore.open(path) as store:
+        assert len(store) == 1633 and store.verify() == []
+        assert store.query(_vectors(300, seed=1)[7], k=1).ids == ["n7"]
+
+
+def test_a_snapshot_killed_part_way_leaves_nothing_after_the_next(tmp_path):
+    with mrlstore.open(tmp_path / "s.mrl", dim=DIM, bands=(16, DIM), index_dims=(16,)) as store:
+        store.add_vectors(_vectors(50), ids=[f"r{i}" for i in range(50)])
+        dead = _a_dead_pid()
+        (tmp_path / f".copy.mrl.snapshot-{dead}-1" / "vectors").mkdir(parents=True)  # a killed snapshot's copy
+        live = tmp_path / f".copy.mrl.snapshot-{os.getpid()}-99"  # one that may still be running
+        live.mkdir()
+        other = tmp_path / f".copy.mrl.x.snapshot-{dead}-1"  # another destination's
+        other.mkdir()
+        store.snapshot(tmp_path / "copy.mrl")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([live.name, other.name])
+
+
+def _a_dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
