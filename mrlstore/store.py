@@ -424,7 +424,7 @@ class Store:
     def checkpoint(self) -> None:
         """Save every HNSW index that changed since its last save (atomically)."""
         self._check_writable()
-        with self._state.write_lock:
+        with self._state.writing():
             self._state.indexes.checkpoint()
 
     def refresh(self) -> bool:

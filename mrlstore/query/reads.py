@@ -29,7 +29,7 @@ class Reader:
         state = self.state
         ids = id_strings([ids] if isinstance(ids, str) else ids)
         d = dims_tuple(dims if dims is not None else state.params.dim, state.params.dim)[-1]
-        with state.visibility.read():  # the rows the catalog names and the files they are read from agree
+        with state.reading():  # the rows the catalog names and the files they are read from agree
             table = state.catalog.items_for_ids(ids)
             if table.num_rows != len(ids):
                 found = set(table.column("id").to_pylist())
@@ -41,7 +41,7 @@ class Reader:
         return table.drop_columns("_row").append_column("vector", pa.FixedSizeListArray.from_arrays(flat, d))
 
     def sql(self, query: str) -> pa.Table:
-        with self.state.visibility.read():  # not on a catalog a compaction or refresh is closing
+        with self.state.reading():  # not on a catalog a compaction or refresh is closing
             return self.state.catalog.sql(query)
 
     def scan(
@@ -51,7 +51,7 @@ class Reader:
         state = self.state
         if dims is not None:
             dims = dims_tuple([dims], state.params.dim)[0]
-        with state.visibility.read():  # a snapshot, its filter and its files of one point in time
+        with state.reading():  # a snapshot, its filter and its files of one point in time
             snap, vectors = state.snap, state.vectors
             if where is not None:
                 rows = self.filters.allowed(state.catalog, where, snap)

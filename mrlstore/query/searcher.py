@@ -97,8 +97,7 @@ class Searcher:
         if self.state.params.metric == "cosine" and not fitted:
             check_prefix(queries, plan.dims[0])
         state = self.state
-        with state.visibility.read():  # one point in time: the snapshot and catalog reads agree
-            state.check_open()
+        with state.reading():  # one point in time: the snapshot and catalog reads agree
             snap = state.snap
             if snap.n_live == 0:
                 raise EmptyStoreError(f"store {state.location} holds no vectors to search")
@@ -144,11 +143,13 @@ class Searcher:
         """``Store.report``: the dims report over the current snapshot."""
         state, p = self.state, self.state.params
         k, sample = positive_int(k, "k"), positive_int(sample, "sample")
-        snap = state.snap
-        if snap.n_live <= k + 1:
-            raise EmptyStoreError(f"a report needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
-        read = lambda rows: state.vectors.gather(rows, 0, p.dim)  # noqa: E731 - the sampled rows' vectors
-        return dims_report(self.funnel, snap, p, state.manifest.get("tuned"), k, sample, seed, read, state.generation)
+        with state.writing():  # as tune: no close, compaction or refresh closes the files it scans meanwhile
+            snap = state.snap
+            if snap.n_live <= k + 1:
+                raise EmptyStoreError(f"a report needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
+            read = lambda rows: state.vectors.gather(rows, 0, p.dim)  # noqa: E731 - the sampled rows' vectors
+            tuned, generation = state.manifest.get("tuned"), state.generation
+            return dims_report(self.funnel, snap, p, tuned, k, sample, seed, read, generation)
 
     def tune(
         self, recall: float, k: int, sample: int, dims: Sequence[int] | None, seed: int, queries: Any
@@ -164,7 +165,7 @@ class Searcher:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
         shapes = [dims_tuple(dims, p.dim)] if dims is not None else funnel_shapes(p.index_dims, p.bands, p.dim)
-        with state.write_lock:
+        with state.writing():
             snap = state.snap
             if snap.n_live <= k + 1:
                 raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")

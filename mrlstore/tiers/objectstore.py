@@ -256,7 +256,7 @@ def _capture(
     open descriptor of every chunk holding committed rows (a compaction swapping files later cannot change
     what is uploaded) with where its rows start and the byte count of its committed rows, by object key;
     and the object key of each chunk by its name "band/chunk" (what HEAD maps)."""
-    with store.write_lock:
+    with store.writing():
         if not store.read_only:
             store.indexes.checkpoint()
         snap, vectors = store.snap, store.vectors

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +60,21 @@ class StoreState:
     def generation(self) -> int:
         """The row numbering's generation: a compaction renumbers rows and starts a new one."""
         return int(self.manifest.get("generation", 0))
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """``visibility`` shared, on a store still open once it is held (a close that ran while the caller
+        waited is StoreClosedError, not a call on closed files)."""
+        with self.visibility.read():
+            self.check_open()
+            yield
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """``write_lock``, on a store still open once it is held (see ``reading``)."""
+        with self.write_lock:
+            self.check_open()
+            yield
 
     def check_open(self) -> None:
         if self.closed:

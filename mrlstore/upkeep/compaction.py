@@ -28,7 +28,7 @@ from mrlstore.tiers.params import FORMAT_VERSION
 from mrlstore.tiers.rows import split_hits
 from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState, open_state
-from mrlstore.upkeep.versions import carry_readers
+from mrlstore.upkeep.versions import carry_readers, mark_pending
 from mrlstore.write.writer import Writer
 
 COPY_BLOCK_ROWS = 8192  # live rows copied per commit into the new store
@@ -71,6 +71,7 @@ def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict
         try:
             _write_new(state, snap, live_rows, tmp)
             carry_readers(state.path, tmp)
+            mark_pending(tmp)
             fsync_tree(tmp)
             _exchange(tmp, state.path)  # the commit point
         except BaseException:

@@ -35,18 +35,18 @@ class Maintenance:
         if dest.exists():
             raise InvalidInputError(f"snapshot destination {dest} already exists")
         state = self.state
-        with state.write_lock:
+        with state.writing():
             if not state.read_only:
                 state.indexes.checkpoint()
             copy_store(state.path, dest, state.catalog.snapshot_to)
         return dest
 
     def verify(self) -> list[str]:
-        with self.state.write_lock:
+        with self.state.writing():
             return verify.problems(self.state)
 
     def compact(self) -> CompactResult:
-        with self.state.write_lock:
+        with self.state.writing():
             counts = compaction.upgrade_catalog(self.state)
             if counts is not None:  # nothing to rewrite but the catalog
                 self.reopen()
@@ -59,7 +59,7 @@ class Maintenance:
         (queries go on meanwhile), then the manifest commits the change, then the tiers reopen on them: a
         crash before the commit leaves the store as it was, after it the saved files load."""
         state = self.state
-        with state.write_lock:
+        with state.writing():
             params = state.params.with_index_dims(index_dims)
             if params.index_dims == state.params.index_dims:
                 return

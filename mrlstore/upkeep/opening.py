@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from mrlstore.encoder.bundled import bundled_weights_id
-from mrlstore.errors import MRLStoreError, NotAStoreError, StoreNotFoundError, UnsupportedStorageError, storage_error
+from mrlstore.errors import (
+    MRLStoreError,
+    NotAStoreError,
+    StoreLockedError,
+    StoreNotFoundError,
+    UnsupportedStorageError,
+    storage_error,
+)
 from mrlstore.options import StoreConfig
 from mrlstore.tiers.bands import auto_chunk_rows
 from mrlstore.tiers.catalog import DB_FILE
@@ -18,6 +25,8 @@ from mrlstore.tiers.layout import create_store
 from mrlstore.tiers.params import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreParams, encoder_name
 from mrlstore.tiers.state import StoreState, open_state
 from mrlstore.upkeep.versions import Versions
+
+SWAP_RETRIES = 5  # opens of a reader that compactions may swap the folder under
 
 
 def locate(path: str | os.PathLike[str], config: StoreConfig) -> Versions:
@@ -60,7 +69,34 @@ def create_if_absent(path: Path, config: StoreConfig, requested: dict[str, Any])
 
 def open_tiers(versions: Versions, requested: dict[str, Any]) -> StoreState:
     """The store's tiers, opened under its lock (a writer's, a reader's registration), with publishing
-    started for writers. On failure nothing stays open or locked."""
+    started for writers. On failure nothing stays open or locked. A local reader whose store folder a
+    compaction swapped while it opened (its files may be of both generations) opens the new one."""
+    swappable = versions.read_only and versions.remote is None
+    for attempt in range(SWAP_RETRIES):
+        before = _folder_id(versions.path) if swappable else None
+        try:
+            state = _open_tiers_once(versions, requested)
+        except MRLStoreError:
+            if before is None or _folder_id(versions.path) == before or attempt == SWAP_RETRIES - 1:
+                raise
+            continue
+        if before is None or _folder_id(versions.path) == before:
+            return state
+        state.close_tiers()  # it may pair one generation's catalog with the other's bands: again
+        if state.lock is not None:
+            state.lock.release()
+    raise StoreLockedError(f"{versions.path} was compacted {SWAP_RETRIES} times while this reader opened it")
+
+
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _open_tiers_once(versions: Versions, requested: dict[str, Any]) -> StoreState:
     lock = versions.take_lock()
     catalog = None
     try:

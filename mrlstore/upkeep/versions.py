@@ -121,6 +121,16 @@ def carry_readers(old: Path, new: Path) -> None:
         pass  # no hard links here: those readers move on when another reader or writer publishes
 
 
+def mark_pending(store: Path) -> None:
+    """A compaction's new folder, before the exchange: no version of it is published yet, and its writer will
+    publish one (readers that open it meanwhile wait for that, as for any pending commit)."""
+    try:
+        (store / PUBLISHED_DIR).mkdir(exist_ok=True)
+        (store / PUBLISHED_DIR / PENDING_FILE).touch()
+    except OSError:
+        pass  # readers then find no version and wait for the writer's lock, as before
+
+
 def newest_version(store: Path) -> dict[str, Any] | None:
     """For a reader opening ``store``: the newest published version. With no writer alive, the live catalog
     is published first if the newest version trails it (a killed writer may have committed after its last
@@ -456,10 +466,10 @@ class Versions:
             return self._refresh_remote(state, open_beside)
         if not self.read_only or self.head is None:
             return False
-        head = read_head(self.path)
-        if head is None or _key(head) == _key(self.head):
-            return False
-        with state.write_lock:  # one refresh at a time
+        with state.writing():  # one refresh at a time; HEAD read under it, so never an older one than ours
+            head = read_head(self.path)
+            if head is None or _key(head) == _key(self.head):
+                return False
 
             def to_head() -> None:
                 self.head = head
@@ -490,7 +500,10 @@ class Versions:
             self.remote, self.path = old
             newer.close()
 
-        with state.write_lock:
+        with state.writing():
+            if self.remote is not old[0]:  # another refresh moved meanwhile, to this version or a newer one
+                newer.close()
+                return False
             open_beside(to_newer, back)
         return True
 

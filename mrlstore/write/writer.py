@@ -70,7 +70,7 @@ class Writer:
         batch = vector_batch(vectors, p.dim, p.dtype, p.metric, p.index_dims)
         id_batch = id_list(ids, len(batch))
         meta = metadata_table(metadata, len(batch))
-        with self.state.write_lock:  # one writer: ids present now stay present until the commit
+        with self.state.writing():  # one writer: ids present now stay present until the commit
             rows, new_ids, new_meta = batch, id_batch, meta
             present = self.state.catalog.rows_of(id_batch) if skip and ids is not None else {}
             if present:  # on_conflict="skip": leave those rows out
@@ -102,8 +102,7 @@ class Writer:
         """Write the rows of ``batches`` (checked vectors, ``len(id_batch)`` rows in all, read one batch at a
         time) and commit them as one: queries and a reopen see all of them or none."""
         state = self.state
-        with state.write_lock:
-            state.check_open()
+        with state.writing():
             existing = state.catalog.rows_of(id_batch)
             if existing and not replace:
                 raise DuplicateIdError(
@@ -186,7 +185,7 @@ class Writer:
         """Delete entries by id; returns how many. Unknown ids raise UnknownIdError unless ``missing_ok``."""
         state = self.state
         ids = id_strings([ids] if isinstance(ids, str) else ids)
-        with state.write_lock:
+        with state.writing():
             found = state.catalog.rows_of(ids)
             missing = [i for i in ids if i not in found]
             if missing and not missing_ok:
