@@ -3,8 +3,10 @@ then query the store from two workers. Runs on a local Ray cluster (ray.init() s
 
     pip install torch==2.13.0 && pip install -e ".[images,ray]" && python examples/ray_pipeline.py
 
-On a real cluster the same code runs with ray.init(address="auto"); give StoreSink a staging= folder that every
-machine can reach (a shared file system), since the workers write their fragments there.
+On a real cluster the same code runs with ray.init(address="auto"). The workers write their vectors into the
+store's files in place, so every machine must reach the store's folder (a shared file system with working flock
+locks); where only the driver reaches it, give StoreSink a staging= folder every worker can reach: workers then
+write whole rows there and the driver copies their vectors in.
 """
 
 from __future__ import annotations

@@ -401,8 +401,10 @@ class Store:
         a warning; when none reaches it, TuningError is raised and the previous settings stay.
 
         Unless the store was created with ``prefixes="raw"`` (or holds under 100 rows), tune also fits
-        short codes to the store's rows (their top principal directions), measures every shape on them too,
-        and keeps them when they reach the target at least as fast: ``info().prefixes`` says which."""
+        short codes to the store's rows (principal directions, the directions of differences between rows and
+        their nearest neighbours, and blends of the two: ``mrlstore/tiers/projection.py``), measures every
+        shape on them too, and keeps them when they reach the target at least as fast: ``info().prefixes``
+        says which."""
         self._check_writable()
         return self._search.tune(recall, k, sample, dims, seed, queries)
 

@@ -189,3 +189,14 @@ with mrlstore.open({str(tmp_path / "s")!r}) as s:  # a store for the bundled enc
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "pip install 'mrlstore[images]'" in out.stdout
+
+
+def test_output_cut_short_by_a_pipe_is_silent(vectors, tmp_path):
+    """`mrlstore sql ... | head -1` printed `error: Broken pipe` when head stopped reading."""
+    root, _ = vectors
+    store = str(tmp_path / "s.mrl")
+    assert cli("create", store, "--dim", "64", "--bands", "16,64", "--index-dims", "16").returncode == 0
+    assert cli("add", store, str(root / "x.npy")).returncode == 0
+    command = f"{sys.executable} -m mrlstore sql {store} 'SELECT repeat(id, 300) AS r FROM items' | head -c 10"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
+    assert len(out.stdout) == 10 and out.stderr == "" and out.returncode in (0, 141), (out.returncode, out.stderr)

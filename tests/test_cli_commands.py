@@ -105,6 +105,7 @@ def test_parquet_adds_read_vector_id_and_metadata_columns(store, vectors, tmp_pa
 
 def test_unreadable_input_files_are_one_line_errors(store, vectors, tmp_path):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("1 2 3\n")
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     (tmp_path / "ids.txt").write_bytes(b"\xff\xfe")
     (tmp_path / "meta.jsonl").write_text("{not json\n")
@@ -114,8 +115,11 @@ def test_unreadable_input_files_are_one_line_errors(store, vectors, tmp_path):
         ["add", str(store), str(tmp_path / "x.npy"), "--ids", str(tmp_path / "ids.txt")],
         ["add", str(store), str(tmp_path / "x.npy"), "--metadata", str(tmp_path / "meta.jsonl")],
         ["query", str(store), str(tmp_path / "objects.npy")],
+        ["add", str(store), str(tmp_path / "text.npy")],
     ):
-        one_line_error(cli(*args))
+        message = one_line_error(cli(*args))
+        assert "pickled" not in message, message  # numpy's words for a text file or objects
+    assert "not a .npy file" in one_line_error(cli("add", str(store), str(tmp_path / "text.npy")))
     assert _count(store) == 0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 import mrlstore
-from mrlstore.errors import CorruptStoreError, MRLStoreError, StoreNotFoundError
+from mrlstore.errors import CorruptStoreError, InvalidInputError, MRLStoreError, StoreNotFoundError
 from mrlstore.inputs.vectors import first_positions
 from mrlstore.tiers.catalog import DB_FILE
 
@@ -46,6 +46,9 @@ def _reports_errors(fn: Any) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # whoever read the output stopped (`| head`): nothing to say, as git does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            sys.exit(141)
         except MRLStoreError as e:
             _fail(str(e))
         except OSError as e:  # what the library leaves to the OS: a path it was handed, a full disk
@@ -215,7 +218,7 @@ def add(path: Path, inputs: tuple[str, ...], skip_errors: bool, on_conflict: str
 
 def _add_npy(store: mrlstore.Store, f: Path, ids_file: Path | None, metadata_file: Path | None,
              on_conflict: str) -> None:  # fmt: skip
-    x = np.load(f, allow_pickle=False)
+    x = _load_npy(f)
     x = x[None, :] if x.ndim == 1 else x
     ids = ids_file.read_text().splitlines() if ids_file else _vector_ids(x)
     meta = _read_metadata(metadata_file) if metadata_file else None
@@ -223,6 +226,20 @@ def _add_npy(store: mrlstore.Store, f: Path, ids_file: Path | None, metadata_fil
     before = len(store)
     store.add_vectors(x, ids=ids, metadata=meta, on_conflict=on_conflict)
     click.echo(f"{f}: added {len(store) - before} vectors, {len(ids) - (len(store) - before)} already present")
+
+
+def _load_npy(f: Path) -> np.ndarray:
+    """The array of a .npy file; one of objects, or a file that is no .npy, is a clear error (numpy says a
+    text file "contains pickled data")."""
+    try:
+        with open(f, "rb") as stream:
+            if stream.read(6) != b"\x93NUMPY":
+                raise InvalidInputError(f"{f} is not a .npy file (np.save writes one): it lacks the NUMPY header")
+        return np.load(f, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise InvalidInputError(f"{f} holds Python objects, not numbers: save the vectors as numbers") from None
+        raise InvalidInputError(f"cannot read {f}: {e}") from None
 
 
 def _vector_ids(x: np.ndarray) -> list[str]:
@@ -312,7 +329,7 @@ def _string_array(values: list[str]) -> pa.Array:
 def query(store: str, query: str, k: int, dims: str | None, where: str | None, prefixes: str | None,
           as_json: bool, storage_options: tuple[str, ...]) -> None:  # fmt: skip
     """Query STORE with an image file or a .npy vector (1-D, or 2-D for several)."""
-    q: Any = np.load(query, allow_pickle=False) if query.lower().endswith(VECTOR_SUFFIXES) else query
+    q: Any = _load_npy(Path(query)) if query.lower().endswith(VECTOR_SUFFIXES) else query
     with _reading(store, storage_options) as s:
         if isinstance(q, str):
             _announce_encoder(s)
