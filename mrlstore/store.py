@@ -85,7 +85,10 @@ class Store:
         state = self._state
         if state.closed:
             return
+        state.closing = True  # threads looping on writes would otherwise take the lock again and again first
         with state.write_lock:
+            if state.closed:  # another close() ran meanwhile
+                return
             try:
                 if not self.read_only:
                     state.indexes.checkpoint()

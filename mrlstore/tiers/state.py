@@ -53,6 +53,7 @@ class StoreState:
         self.visibility = RWLock()
         self.lock: HeldLock | None = None
         self.closed = False
+        self.closing = False  # close() is waiting for the write lock: later calls are refused, not queued
         self.closed_because = ""  # said by check_open when the store was closed by a failure, not by close()
         self.location = str(path)  # what messages name: the folder, or the URL of a store on object storage
 
@@ -77,7 +78,7 @@ class StoreState:
             yield
 
     def check_open(self) -> None:
-        if self.closed:
+        if self.closed or self.closing:
             because = f": {self.closed_because}" if self.closed_because else ""
             raise StoreClosedError(f"store {self.location} is closed{because}")
 
