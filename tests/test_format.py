@@ -182,3 +182,15 @@ def test_concurrent_reads_of_a_grown_chunk_keep_every_kernel_address_mapped(tmp_
             alive = {int(m.ctypes.data) for m in [*band._maps.values(), *band._retired]}
             assert {int(a) for a in band._kernel[1]} <= alive  # a dropped map would leave a dangling pointer
         assert store.query(x[4000], k=1, dims=[8, 16]).ids == ["b3990"]
+
+
+def test_verify_names_lost_row_norms(tmp_path):
+    """A store of format 2 or later without row_norms opens (re-ranks read whole rows), so only verify()
+    can tell that they were lost; it said nothing."""
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=32, bands=(8, 32), index_dims=(8,)) as store:
+        store.add_vectors(np.random.default_rng(0).standard_normal((50, 32)).astype(np.float32))
+        assert store.verify() == []
+    shutil.rmtree(path / "vectors" / "row_norms")
+    with mrlstore.open(path) as store:
+        assert any("row_norms is missing" in p for p in store.verify())
