@@ -191,3 +191,21 @@ def test_readers_open_across_a_compaction_refresh_to_the_new_generation(tmp_path
             got = np.asarray(reader.get(["x50"], dims=DIM).column("vector")[0].as_py(), dtype=np.float32)
             np.testing.assert_allclose(got, vectors[50], atol=1e-2)
             assert reader.query(vectors[50], k=1, dims=[DIM]).ids == ["x50"]
+
+
+def test_published_catalogs_deleted_by_hand_are_published_again(tmp_path):
+    """A reader met `NotAStoreError: ... (no catalog.duckdb)` when the published copies were gone, though the
+    live catalog was whole; a reader without a live writer, or the writer's next open, now publishes again."""
+    path = tmp_path / "s.mrl"
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(np.ones((3, DIM), np.float32) + np.arange(3)[:, None], ids=["a", "b", "c"])
+    with mrlstore.open(path, read_only=True) as reader:
+        assert len(reader) == 3
+    for copy in (path / "published").glob("catalog-*.duckdb"):
+        copy.unlink()
+    with mrlstore.open(path, read_only=True) as reader:
+        assert len(reader) == 3 and reader.get(["b"]).num_rows == 1
+    for copy in (path / "published").glob("catalog-*.duckdb"):
+        copy.unlink()
+    with mrlstore.open(path) as writer, mrlstore.open(path, read_only=True) as reader:
+        assert len(reader) == 3 and len(writer) == 3

@@ -77,6 +77,12 @@ def catalog_path(store: Path, head: dict[str, Any]) -> Path:
     return store / PUBLISHED_DIR / str(head["catalog"])
 
 
+def usable_head(store: Path) -> dict[str, Any] | None:
+    """HEAD, unless the catalog it names is gone (deleted by hand): then a version is due, as with none."""
+    head = read_head(store)
+    return head if head is not None and catalog_path(store, head).is_file() else None
+
+
 def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, Any]) -> dict[str, Any]:
     """Publish a new version: ``copy_catalog(path)`` writes the catalog copy, then HEAD names it (with
     ``state``: what the writer compares to tell whether a version is behind). Returns the new HEAD."""
@@ -141,7 +147,7 @@ def newest_version(store: Path) -> dict[str, Any] | None:
     from mrlstore.tiers.catalog import Catalog
     from mrlstore.tiers.locking import StoreLock
 
-    head = read_head(store)
+    head = usable_head(store)
     try:
         lock = StoreLock(store, exclusive=False)
     except StoreLockedError:
@@ -428,7 +434,7 @@ class Versions:
         self.publisher = Publisher(
             lambda: self.publish_version(state), lambda: state.write_lock, ReadersProbe(self.path)
         )
-        if trails(read_head(self.path), _state_of(state)):
+        if trails(usable_head(self.path), _state_of(state)):
             self.publisher.committed()  # published now if readers are waiting, else marked PENDING
 
     def publish_version(self, state: StoreState) -> None:
@@ -557,10 +563,14 @@ def _open_published(store: Path, head: dict[str, Any]) -> tuple[Catalog, dict[st
     for _ in range(5):
         try:
             catalog = Catalog(store, read_only=True, db_file=catalog_path(store, head))
-        except (NotAStoreError, CorruptStoreError):
+        except (NotAStoreError, CorruptStoreError) as e:
             newer = read_head(store)
             if newer is None or newer == head:
-                raise
+                raise CorruptStoreError(
+                    f"{store}: the published catalog {head.get('catalog')} that published/HEAD names is missing or "
+                    f"unreadable ({e}); the live catalog is not affected: the writer's next commit or open "
+                    "publishes a new version"
+                ) from None
             head = newer
             continue
         if catalog.manifest().get("generation", 0) == head.get("generation", 0):
