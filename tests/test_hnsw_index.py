@@ -258,3 +258,32 @@ def test_an_ip_index_saved_before_the_lift_is_rebuilt(tmp_path, rng):
     side.write_text(json.dumps(old))
     with pytest.raises(IndexUnusable, match="ip graph"):
         PrefixIndex.load(tmp_path / "p", 8, "ip", 8, 50)
+
+
+def test_a_row_far_longer_than_the_rest_is_kept_beside_the_graph(tmp_path, monkeypatch):
+    """Lifted to its norm, one row 10,000 times longer than the rest sat every other row at about that
+    norm from every query, and float32 l2 lost their order (recall@10 fell from 0.94 to 0.07)."""
+    from mrlstore.tiers import ip_lift
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    queries = rng.standard_normal((100, 16)).astype(np.float32)
+    index = PrefixIndex(16, "ip", M=16, ef_construction=100, capacity=16)
+    index.add(x, np.arange(3000), covered_rows=3000)
+    long_row = (x[5] / np.linalg.norm(x[5]) * 10_000).astype(np.float32)[None, :]
+    index.add(long_row, np.array([3000]), covered_rows=3001)
+    every = np.vstack([x, long_row])
+    truth = _top(queries, every, 10)
+    found = index.search(queries, k=10, ef=200)
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) >= 0.9
+    assert index.live_count == 3001 and index.holds(3000)
+    index.save(tmp_path / "p")
+    loaded = PrefixIndex.load(tmp_path / "p", 16, "ip", 16, 100)
+    assert np.array_equal(loaded.search(queries, k=10, ef=200), found)
+    loaded.mark_deleted(np.array([3000]))
+    assert loaded.live_count == 3000 and not loaded.holds(3000) and 3000 not in loaded.search(queries, k=10, ef=200)
+    monkeypatch.setattr(ip_lift, "LONG_MAX", 2)  # many beside the graph (norms grew): a rebuild takes them in
+    more = (x[6:9] / np.linalg.norm(x[6:9], axis=1, keepdims=True) * 100).astype(np.float32)
+    loaded.add(more, np.array([3001, 3002, 3003]), covered_rows=3004)
+    assert not loaded._lift.long and loaded.live_count == 3003
+    assert loaded.search(more[:1], k=1, ef=200)[0, 0] == 3001

@@ -27,14 +27,10 @@ from mrlstore._hugepages import huge_pages_for_new_regions
 from mrlstore._rwlock import RWLock
 from mrlstore.errors import CorruptStoreError, StoreNotFoundError
 from mrlstore.tiers.hnsw_file import HnswFileError, check_file, read_state
+from mrlstore.tiers.ip_lift import Lift
 
 INDEX_FORMAT = 1
-# Inner product is searched as l2 over rows lifted to one norm R (one more number, sqrt(R^2 - |x|^2)): then
-# |q' - x'|^2 = |q|^2 + R^2 - 2 q.x orders rows as q.x does. hnswlib's own "ip" space is no metric, and its
-# graphs miss neighbours: on MRL-like 16-d prefixes (8,000 rows) they found 0.61 of the top 200 at M=8, where
-# the lifted l2 graph found 0.96 (benchmarks/ip_graphs.py).
-_SPACES = {"cosine": "cosine", "ip": "l2", "l2": "l2"}
-IP_HEADROOM = 1.25  # R over the largest norm seen, so that rows a little longer than those fit without a rebuild
+_SPACES = {"cosine": "cosine", "ip": "l2", "l2": "l2"}  # inner product: l2 over lifted rows (tiers/ip_lift.py)
 
 
 def _grown(elements: int) -> int:
@@ -73,18 +69,19 @@ def _live_items(index: hnswlib.Index) -> tuple[np.ndarray, np.ndarray]:
     and has no call that tells them: each is asked alone when some are)."""
     labels = np.asarray(index.get_ids_list(), dtype=np.int64)
     try:
-        return labels, np.ascontiguousarray(index.get_items(labels), dtype=np.float32)
+        items = np.asarray(index.get_items(labels), dtype=np.float32).reshape(len(labels), index.dim)
+        return labels, np.ascontiguousarray(items)
     except RuntimeError:
         pass
-    rows, items = [], []
+    rows: list[int] = []
+    found: list[Any] = []
     for row in labels.tolist():
         try:
-            items.append(index.get_items([row])[0])
+            found.append(index.get_items([row])[0])
             rows.append(row)
         except RuntimeError:
             continue
-    width = index.dim
-    return np.array(rows, dtype=np.int64), np.asarray(items, dtype=np.float32).reshape(len(rows), width)
+    return np.array(rows, dtype=np.int64), np.asarray(found, dtype=np.float32).reshape(len(rows), index.dim)
 
 
 def _has_size(path: Path, size: object) -> bool:
@@ -120,9 +117,8 @@ class PrefixIndex:
         self.generation = generation  # the store's row numbering it was built for (compaction renumbers)
         self.fit_id = fit_id  # the fitted projection its vectors are codes of (None: raw prefixes)
         self.covered_rows = 0  # every committed row below this is in the index (or was deleted)
-        self._lifted = metric == "ip"
-        self._radius = 0.0  # the norm rows are lifted to (inner product only; set by the first rows)
-        self._index = hnswlib.Index(space=_SPACES[metric], dim=dim + self._lifted)
+        self._lift = Lift(dim) if metric == "ip" else None  # inner product: rows lifted to one norm
+        self._index = hnswlib.Index(space=_SPACES[metric], dim=self._width)
         if capacity is not None:  # None: load replaces it with the saved index
             with huge_pages_for_new_regions():
                 self._index.init_index(max_elements=max(capacity, 16), M=M, ef_construction=ef_construction)
@@ -131,6 +127,11 @@ class PrefixIndex:
         self._deferred: _Deferred | None = None  # a saved graph not loaded yet (see load)
         self._ef = 10  # hnswlib's default
         self._deleted = 0  # hnswlib's own counts include deleted elements
+
+    @property
+    def _width(self) -> int:
+        """The length of the vectors the graph holds (a lifted row has one number more)."""
+        return self.dim + (self._lift is not None)
 
     # -- persistence -------------------------------------------------------------------------------
     @staticmethod
@@ -151,7 +152,7 @@ class PrefixIndex:
                 "ef_construction": self.ef_construction,
                 "generation": self.generation,
                 "fit_id": self.fit_id,
-                "ip_radius": self._radius if self._lifted else None,
+                **(self._lift.to_sidecar() if self._lift is not None else {"ip_radius": None}),
                 "covered_rows": self.covered_rows,
                 "element_count": self._index.element_count,
                 "deleted_count": self._deleted,
@@ -196,7 +197,7 @@ class PrefixIndex:
             return self
         side = self._sidecar(base, local=fetch is None)
         self.covered_rows, self._deleted = int(side["covered_rows"]), int(side["deleted_count"])
-        self._radius = float(side.get("ip_radius") or 0.0)
+        self._lift = Lift.from_sidecar(dim, side) if self._lift is not None else None
         self._deferred = pending
         return self
 
@@ -216,7 +217,7 @@ class PrefixIndex:
             raise IndexUnusable(f"{side_path} was built for another row numbering (before a compaction)")
         if side.get("fit_id") != self.fit_id:
             raise IndexUnusable(f"{side_path} holds codes of another fit")
-        if self._lifted and not isinstance(side.get("ip_radius"), (int, float)):
+        if self._lift is not None and not isinstance(side.get("ip_radius"), (int, float)):
             raise IndexUnusable(f"{side_path} is an hnswlib ip graph (before inner product was searched as l2)")
         if local and not _has_size(data_path, side.get("bytes")):
             raise IndexUnusable(f"{data_path} is missing or does not match its checksum (truncated or replaced)")
@@ -243,7 +244,7 @@ class PrefixIndex:
                 warnings.warn(f"{e}; rebuilding the index from the vectors", stacklevel=3)
                 built = pending.rebuild()
                 self._index, self._deleted, self.covered_rows = built._index, built._deleted, built.covered_rows
-                self._radius = built._radius
+                self._lift = built._lift
             for rows in pending.dead:
                 self._hide(rows)
             self._deferred = None  # last: a search that sees no deferral finds the deletions applied
@@ -257,61 +258,60 @@ class PrefixIndex:
         if side.get("blake2b") != (checked or _digest(data_path)):
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
         try:
-            width = self.dim + self._lifted
-            state = read_state(data_path, _SPACES[self.metric], width, _grown(int(side["element_count"])))
+            state = read_state(data_path, _SPACES[self.metric], self._width, _grown(int(side["element_count"])))
             # hnswlib's state constructor (pybind11's __setstate__, no pickle): whole-array copies
             index = hnswlib.Index.__new__(hnswlib.Index)
             with huge_pages_for_new_regions(collapse=True):
                 index.__setstate__((state,))
         except (RuntimeError, ValueError, MemoryError) as e:
             raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
-        if index.element_count != side["element_count"] or index.dim != self.dim + self._lifted:
+        if index.element_count != side["element_count"] or index.dim != self._width:
             raise IndexUnusable(f"{data_path} holds {index.element_count} elements, sidecar says otherwise")
         self._index = index
         self.covered_rows, self._deleted = int(side["covered_rows"]), int(side["deleted_count"])
-        self._radius = float(side.get("ip_radius") or 0.0)
+        self._lift = Lift.from_sidecar(self.dim, side) if self._lift is not None else None
 
     # -- updates -----------------------------------------------------------------------------------
     def add(
         self, vectors: np.ndarray, rows: np.ndarray, covered_rows: int | None = None, num_threads: int = -1
     ) -> None:
         """Insert (or, for labels already present, update) rows; ``covered_rows`` advances the watermark the
-        index vouches for (None: rows not committed yet, invisible to queries until they are)."""
+        index vouches for (None: rows not committed yet, invisible to queries until they are). Updates come
+        from the store's one writer (or one refresh) at a time."""
         self._ready()
+        x = np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._lift is not None and len(rows):
+            x, rows, radius = self._lift.split(x, rows)
+            if radius is not None:
+                self._relift(radius, num_threads)
+            x = self._lift.lifted(x)
         with self._lock.write():
             if len(rows):
-                x = np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32)
-                if self._lifted:
-                    x = self._lift(x, num_threads)
                 need = self._index.element_count + len(rows)
                 if need > self._index.get_max_elements():
                     with huge_pages_for_new_regions(collapse=True):  # the graph moves to a larger region
                         self._index.resize_index(max(need, _grown(self._index.get_max_elements())))
-                self._index.add_items(x, np.asarray(rows, dtype=np.int64), num_threads=num_threads)
+                self._index.add_items(x, rows, num_threads=num_threads)
             if covered_rows is not None:
                 self.covered_rows = max(self.covered_rows, covered_rows)
 
-    def _lift(self, x: np.ndarray, num_threads: int) -> np.ndarray:
-        """Rows with their lifting number (under the write lock); rows longer than the radius first rebuild
-        the graph at a larger one (rare: each rebuild leaves IP_HEADROOM)."""
-        norms = np.linalg.norm(x, axis=1)
-        longest = float(norms.max(initial=0.0))
-        if longest > self._radius:
-            self._relift(longest * IP_HEADROOM, num_threads)
-        lift = np.sqrt(np.maximum(self._radius**2 - norms.astype(np.float64) ** 2, 0.0))
-        return np.ascontiguousarray(np.hstack([x, lift[:, None].astype(np.float32)]))
-
     def _relift(self, radius: float, num_threads: int) -> None:
-        """The graph built again with every row lifted to ``radius`` (rows marked deleted are left out)."""
-        old, self._radius = self._index, radius
-        rows, x = _live_items(old)
-        self._index = hnswlib.Index(space=_SPACES[self.metric], dim=self.dim + 1)
+        """The graph built again with its rows (and those beside it that fit) lifted to ``radius``, while
+        searches go on with the old one; then swapped in. Rows marked deleted are left out."""
+        assert self._lift is not None
+        rows, x = _live_items(self._index)  # reads: searches may run meanwhile, updates may not
+        taken_rows, taken = self._lift.taken_in(radius)
+        rows, x = np.concatenate([rows, taken_rows]), np.vstack([x[:, : self.dim], taken])
+        graph = hnswlib.Index(space=_SPACES[self.metric], dim=self._width)
         with huge_pages_for_new_regions():
-            self._index.init_index(_grown(max(len(rows), 16)), M=self.M, ef_construction=self.ef_construction)
-        self._index.set_ef(self._ef)
-        self._deleted = 0
+            graph.init_index(_grown(max(len(rows), 16)), M=self.M, ef_construction=self.ef_construction)
         if len(rows):
-            self._index.add_items(self._lift(x[:, : self.dim], num_threads), rows, num_threads=num_threads)
+            graph.add_items(self._lift.lifted(x, radius), rows, num_threads=num_threads)
+        with self._lock.write():
+            graph.set_ef(self._ef)
+            self._index, self._deleted = graph, 0
+            self._lift.moved_in(radius, taken_rows)
 
     def mark_deleted(self, rows: np.ndarray) -> None:
         if self._deferred is not None:
@@ -324,6 +324,8 @@ class PrefixIndex:
     def _hide(self, rows: np.ndarray) -> None:
         with self._lock.write():
             for row in np.asarray(rows, dtype=np.int64).tolist():
+                if self._lift is not None and self._lift.drop(row):
+                    continue
                 try:
                     self._index.mark_deleted(row)
                     self._deleted += 1
@@ -334,6 +336,8 @@ class PrefixIndex:
         """Whether ``row`` is in the index and not marked deleted (hnswlib refuses deleted labels)."""
         self._ready()
         with self._lock.read():
+            if self._lift is not None and int(row) in self._lift.long:
+                return True
             try:
                 self._index.get_items([int(row)])
             except RuntimeError:
@@ -344,6 +348,11 @@ class PrefixIndex:
     @property
     def live_count(self) -> int:
         self._ready()
+        beside = len(self._lift.long) if self._lift is not None else 0
+        return self._graph_count + beside
+
+    @property
+    def _graph_count(self) -> int:
         return int(self._index.element_count) - self._deleted
 
     def search(self, queries: np.ndarray, k: int, ef: int, num_threads: int = 1) -> np.ndarray:
@@ -353,7 +362,7 @@ class PrefixIndex:
         if not (queries.ndim == 2 and queries.shape[1] == self.dim and queries.dtype == np.float32):
             queries = np.atleast_2d(queries)[:, : self.dim]  # (a query's codes come as hnswlib takes them)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self._lifted:  # a query's lifting number is 0
+        if self._lift is not None:  # a query's lifting number is 0
             queries = np.ascontiguousarray(np.hstack([queries, np.zeros((len(queries), 1), np.float32)]))
         k_eff = min(k, self.live_count)
         if k_eff <= 0:
@@ -378,36 +387,46 @@ class PrefixIndex:
         return out
 
     def _knn(self, queries: np.ndarray, k: int, num_threads: int, ef: int | None = None) -> np.ndarray:
-        k = min(k, self.live_count)
-        if k <= 0:
-            return np.empty((len(queries), 0), dtype=np.int64)
-        if ef is not None and ef != self._ef:
-            self._index.set_ef(ef)
-            self._ef = ef
-        try:
-            labels, _ = self._index.knn_query(queries, k=k, num_threads=num_threads)
-        except RuntimeError:
-            if ef is None:
-                raise _NeedsWriteLock from None
-            labels = self._knn_fallback(queries, k, num_threads)
-        return labels.view(np.int64)  # hnswlib's uint64 labels are row numbers, far below 2**63
+        """The best ``k`` labels per query (the caller holds the lock): the graph's, and for an inner-product
+        index merged with the rows beside it."""
+        graph_k = min(k, self._graph_count)
+        if graph_k <= 0:
+            labels, dists = np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.float32)
+        else:
+            if ef is not None and ef != self._ef:
+                self._index.set_ef(ef)
+                self._ef = ef
+            try:
+                found, dists = self._index.knn_query(queries, k=graph_k, num_threads=num_threads)
+                labels = found.view(np.int64)  # hnswlib's uint64 labels are row numbers, far below 2**63
+            except RuntimeError:
+                if ef is None:
+                    raise _NeedsWriteLock from None
+                labels, dists = self._knn_fallback(queries, graph_k, num_threads)
+        if self._lift is None:
+            return labels
+        return self._lift.merged(queries, labels, dists, k)
 
-    def _knn_fallback(self, queries: np.ndarray, k: int, num_threads: int) -> np.ndarray:
+    def _knn_fallback(self, queries: np.ndarray, k: int, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
         """hnswlib could not fill k slots (deleted elements crowd the graph): widen the beam, then ask
-        each query for fewer; missing slots stay -1 and the caller completes them exactly."""
+        each query for fewer; missing slots stay -1 (at an infinite distance) and the caller completes them
+        exactly."""
         self._index.set_ef(max(self._ef, k) * 4 + 100)
         try:
-            return self._index.knn_query(queries, k=k, num_threads=num_threads)[0]
+            found, dists = self._index.knn_query(queries, k=k, num_threads=num_threads)
+            return found.view(np.int64), dists
         except RuntimeError:
-            out = np.full((len(queries), k), -1, dtype=np.int64)
+            labels = np.full((len(queries), k), -1, dtype=np.int64)
+            dists = np.full((len(queries), k), np.inf, dtype=np.float32)
             for i, q in enumerate(queries):
                 kk = k
                 while kk > 0:
                     try:
-                        out[i, :kk] = self._index.knn_query(q, k=kk, num_threads=1)[0][0]
+                        found, near = self._index.knn_query(q, k=kk, num_threads=1)
+                        labels[i, :kk], dists[i, :kk] = found[0].view(np.int64), near[0]
                         break
                     except RuntimeError:
                         kk //= 2
-            return out
+            return labels, dists
         finally:
             self._index.set_ef(self._ef)

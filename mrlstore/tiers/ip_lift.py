@@ -1,0 +1,99 @@
+"""Inner product searched as l2: each row ``x`` lifted to one norm R by one more number, sqrt(R^2 - |x|^2), and
+each query given 0 there, so that |q' - x'|^2 = |q|^2 + R^2 - 2 q.x orders rows as q.x does. hnswlib's own
+"ip" space is no metric and its graphs miss neighbours: on MRL-like 16-d prefixes (8,000 rows) they found 0.61
+of the top 200 at M=8, where the lifted graph found 0.96 (benchmarks/ip_graphs.py).
+
+Rows far longer than the rest are kept beside the graph and scored exactly by every search: lifted to their
+norm, all others would sit at about R from every query, and the float32 l2 that hnswlib computes would lose
+their order (one row 10,000 times longer than the rest left 0.07 of the top 10). A ``Lift`` holds the radius
+and those rows; ``PrefixIndex`` holds one for an inner-product index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+HEADROOM = 1.25  # R over the longest row in the graph: rows a little longer fit without a rebuild
+LONG_FACTOR = 4.0  # a row longer than this many radii is kept beside the graph
+# More rows than this beside it: the norms grew, and the graph is rebuilt at a radius that takes them in
+# (scoring 4,096 32-d rows exactly costs a query about as much as its HNSW search).
+LONG_MAX = 4096
+
+
+class Lift:
+    """The lifting radius of one inner-product index and the rows kept beside its graph (row -> its prefix)."""
+
+    def __init__(self, dim: int, radius: float = 0.0, long: dict[int, np.ndarray] | None = None):
+        self.dim, self.radius = dim, radius
+        self.long: dict[int, np.ndarray] = long or {}
+        self._side: tuple[np.ndarray, np.ndarray] | None = None  # the long rows as arrays, for searches
+
+    def split(self, x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """Of rows to add: those for the graph (the others are kept beside it now), and the radius the graph
+        must be rebuilt at first (None: the current one serves)."""
+        norms = np.linalg.norm(x, axis=1)
+        base = self.radius or HEADROOM * float(np.quantile(norms, 0.999))  # first rows: all but the longest
+        beside = norms > LONG_FACTOR * base if base > 0 else np.zeros(len(norms), dtype=bool)
+        for row, vector in zip(rows[beside].tolist(), x[beside]):
+            self.long[row] = np.array(vector, dtype=np.float32)
+        self._side = None
+        longest = float(norms[~beside].max(initial=0.0))
+        radius = HEADROOM * longest if longest > self.radius else None
+        if len(self.long) > LONG_MAX:  # the norms grew: the graph takes them in, but for the longest 0.1%
+            beside_norms = np.linalg.norm(np.stack(list(self.long.values())), axis=1)
+            radius = HEADROOM * max(longest, float(np.quantile(beside_norms, 0.999)))
+        return x[~beside], rows[~beside], radius
+
+    def lifted(self, x: np.ndarray, radius: float | None = None) -> np.ndarray:
+        """Rows with their lifting number (at ``radius``, default this lift's)."""
+        r = self.radius if radius is None else radius
+        lift = np.sqrt(np.maximum(r * r - np.square(np.linalg.norm(x.astype(np.float64), axis=1)), 0.0))
+        return np.ascontiguousarray(np.hstack([x, lift[:, None].astype(np.float32)]))
+
+    def taken_in(self, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        """The rows beside the graph that a graph at ``radius`` takes in (their rows, their prefixes)."""
+        rows = [row for row, v in self.long.items() if float(np.linalg.norm(v)) <= radius]
+        vectors = np.array([self.long[row] for row in rows], dtype=np.float32).reshape(len(rows), self.dim)
+        return np.array(rows, dtype=np.int64), vectors
+
+    def moved_in(self, radius: float, rows: np.ndarray) -> None:
+        """The graph was rebuilt at ``radius`` holding ``rows`` of those beside it."""
+        self.radius = radius
+        for row in rows.tolist():
+            self.long.pop(row, None)
+        self._side = None
+
+    def drop(self, row: int) -> bool:
+        """Forget a deleted row kept beside the graph; False when it is not one of them."""
+        if self.long.pop(row, None) is None:
+            return False
+        self._side = None
+        return True
+
+    def merged(self, queries: np.ndarray, labels: np.ndarray, dists: np.ndarray, k: int) -> np.ndarray:
+        """The best ``k`` per query of the graph's (labels, squared l2 distances of the lifted rows) and the
+        rows beside it, by inner product."""
+        if not self.long:
+            return labels
+        if self._side is None:
+            self._side = (np.fromiter(self.long, dtype=np.int64), np.stack(list(self.long.values())))
+        side_rows, side_x = self._side
+        q = queries[:, : self.dim]
+        graph_ip = (np.einsum("ij,ij->i", q, q)[:, None] + self.radius**2 - dists) / 2
+        graph_ip = np.where(labels >= 0, graph_ip, -np.inf)
+        scores = np.hstack([graph_ip, q @ side_x.T])
+        every = np.hstack([labels, np.broadcast_to(side_rows, (len(q), len(side_rows)))])
+        keep = min(k, scores.shape[1])
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+        out = np.take_along_axis(every, best, axis=1)
+        return np.where(np.take_along_axis(scores, best, axis=1) > -np.inf, out, -1)
+
+    def to_sidecar(self) -> dict[str, Any]:
+        return {"ip_radius": self.radius, "ip_long": [[row, v.tolist()] for row, v in self.long.items()]}
+
+    @classmethod
+    def from_sidecar(cls, dim: int, side: dict[str, Any]) -> Lift:
+        long = {int(row): np.array(v, dtype=np.float32) for row, v in side.get("ip_long") or []}
+        return cls(dim, float(side.get("ip_radius") or 0.0), long)
