@@ -96,6 +96,14 @@ def test_commands_refuse_a_folder_without_a_store_and_a_missing_path(vectors, tm
         )
         assert out.returncode == 1 and "does not exist" in out.stderr and len(out.stderr.splitlines()) == 1, command
     assert not (tmp_path / "nowhere.mrl").exists()
+    for command in ("add", "compact", "delete"):  # a URL stays a URL (a Path made it the folder "s3:/b/x")
+        out = cli(
+            command,
+            "s3://bucket/x.mrl",
+            *([str(root / "x.npy")] if command == "add" else ["a"] * (command == "delete")),
+            cwd=tmp_path,
+        )
+        assert out.returncode == 1 and "read-only" in out.stderr and not (tmp_path / "s3:").exists(), command
 
 
 def _zeroed(x: np.ndarray, path: Path, chunk: str, span) -> Path:

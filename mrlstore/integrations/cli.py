@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import select
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +47,10 @@ def _reports_errors(fn: Any) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except BrokenPipeError:  # whoever read the output stopped (`| head`): nothing to say, as git does
+        except BrokenPipeError as e:
+            if not _stdout_gone():  # a connection, say to object storage: an error like any other
+                _fail(f"{e.strerror or e}")
+            # whoever read the output stopped (`| head`): nothing to say, as git does
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
             sys.exit(141)
         except MRLStoreError as e:
@@ -64,6 +68,16 @@ def _reports_errors(fn: Any) -> Any:
             _fail(f"{type(e).__name__}: {e} (MRLSTORE_DEBUG=1 shows the traceback)")
 
     return run
+
+
+def _stdout_gone() -> bool:
+    """Whether the broken pipe is standard output (a pipe whose reader exited polls as an error)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _fail(message: str) -> None:
@@ -125,7 +139,7 @@ def _check_local(path: str | Path) -> None:
 
 
 @contextmanager
-def _writing(path: Path) -> Iterator[mrlstore.Store]:
+def _writing(path: str) -> Iterator[mrlstore.Store]:
     """The store at ``path``, opened to change it."""
     _check_local(path)
     with mrlstore.open(path) as s:
@@ -172,7 +186,7 @@ def create(path: str, dim: int | None, bands: str | None, index_dims: str | None
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--skip-errors", is_flag=True, help="Leave out unreadable images (listed) instead of failing.")
 @click.option("--on-conflict", type=click.Choice(["skip", "replace", "error"]), default="skip", show_default=True,
@@ -189,7 +203,7 @@ def create(path: str, dim: int | None, bands: str | None, index_dims: str | None
 @click.option("--id-column", help="Parquet: the id column (default: 'id' if present, else a hash of each vector).")
 @click.option("--columns", help="Parquet: only these metadata columns (comma-separated; default all).")
 @_reports_errors
-def add(path: Path, inputs: tuple[str, ...], skip_errors: bool, on_conflict: str, batch_size: int, commit_every: int,
+def add(path: str, inputs: tuple[str, ...], skip_errors: bool, on_conflict: str, batch_size: int, commit_every: int,
         atomic: bool, ids_file: Path | None, metadata_file: Path | None, vector_column: str, id_column: str | None,
         columns: str | None) -> None:  # fmt: skip
     """Add images (files and folders), vectors (.npy: one per row) or a Parquet table to the store at PATH.
@@ -366,11 +380,11 @@ def sql(store: str, statement: str, as_json: bool, storage_options: tuple[str, .
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
 @click.option("--recall", type=float, default=0.95, show_default=True)
 @click.option("-k", "--k", "k", type=int, default=10, show_default=True)
 @_reports_errors
-def tune(path: Path, recall: float, k: int) -> None:
+def tune(path: str, recall: float, k: int) -> None:
     """Measure and save the cheapest funnel reaching RECALL@k."""
     with _writing(path) as store:
         t = store.tune(recall=recall, k=k)
@@ -379,10 +393,10 @@ def tune(path: Path, recall: float, k: int) -> None:
 
 
 @main.command("index-dims")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
 @click.argument("dims")
 @_reports_errors
-def index_dims(path: Path, dims: str) -> None:
+def index_dims(path: str, dims: str) -> None:
     """Index the prefixes DIMS (comma-separated, e.g. 32,128) of the store at PATH instead of its current ones,
     building the new indexes from its rows; run `mrlstore tune` again afterwards."""
     with _writing(path) as store:
@@ -411,9 +425,9 @@ def report(store: str, k: int, sample: int, plot: Path | None, as_json: bool, st
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
 @_reports_errors
-def compact(path: Path) -> None:
+def compact(path: str) -> None:
     """Rewrite the store at PATH without its deleted rows (crash-safe)."""
     with _writing(path) as store:
         counts = store.compact()
@@ -421,11 +435,11 @@ def compact(path: Path) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
 @click.argument("ids", nargs=-1, required=True)
 @click.option("--missing-ok", is_flag=True, help="Ignore ids that are not in the store.")
 @_reports_errors
-def delete(path: Path, ids: tuple[str, ...], missing_ok: bool) -> None:
+def delete(path: str, ids: tuple[str, ...], missing_ok: bool) -> None:
     """Delete the entries IDS from the store at PATH."""
     with _writing(path) as store:
         n = store.delete(list(ids), missing_ok=missing_ok)
@@ -433,10 +447,10 @@ def delete(path: Path, ids: tuple[str, ...], missing_ok: bool) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
 @click.argument("dest", type=click.Path(path_type=Path))
 @_reports_errors
-def snapshot(path: Path, dest: Path) -> None:
+def snapshot(path: str, dest: Path) -> None:
     """Write a consistent copy of the store at PATH to DEST (a new folder)."""
     with _reading(path) as store:
         written = store.snapshot(dest)
@@ -444,11 +458,11 @@ def snapshot(path: Path, dest: Path) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
 @click.argument("url")
 @storage_option
 @_reports_errors
-def publish(path: Path, url: str, storage_options: tuple[str, ...]) -> None:
+def publish(path: str, url: str, storage_options: tuple[str, ...]) -> None:
     """Upload the store at PATH to object storage (s3://bucket/prefix) as a new version."""
     with _reading(path) as store:
         head = store.publish(url, storage_options=_options(storage_options))

@@ -489,6 +489,7 @@ class Versions:
         """A store on object storage: a newer published version is downloaded (its small parts) and opened;
         if that fails, the reader stays on its version."""
         assert self.remote is not None
+        old = self.remote, self.path  # before newer(): another refresh that moves meanwhile makes this one stale
         newer = self.remote.newer()
         if newer is None:
             return False
@@ -497,7 +498,6 @@ class Versions:
         except BaseException:
             newer.close()
             raise
-        old = self.remote, self.path
 
         def to_newer() -> None:
             self.remote, self.path = newer, path
