@@ -266,3 +266,29 @@ def test_embed_images_then_sink_then_query_store(tmp_path):
     got = {row["id"]: list(row["hit_ids"]) for row in out}
     assert [got[str(p)] for p in files] == expected
     assert all(got[str(p)][0] == str(p) for p in files)
+
+
+def test_a_relative_store_path_means_the_driver_s_folder(tmp_path, monkeypatch):
+    """Workers resolved StoreSink("photos.mrl") against their own working directory (Ray's working_dir copy,
+    another machine): CorruptStoreError in place, and an empty stray store made by the index catch-up."""
+    monkeypatch.chdir(tmp_path)
+    table, vectors = rows_table(0, 600)
+    sink = StoreSink("rel.mrl", dim=DIM, index_dims=[16], staging="shared", fragment_rows=200)
+    assert sink.path == tmp_path / "rel.mrl" and sink.staging.is_relative_to(tmp_path / "shared")
+    monkeypatch.chdir(tmp_path.parent)  # the driver moves on; the sink's paths do not
+    dataset(table, 3).write_datasink(sink)
+    with mrlstore.open(tmp_path / "rel.mrl", read_only=True) as store:
+        assert len(store) == 600 and store.query(vectors[7], k=1).ids == ["r7"]
+
+
+def test_numpy_batches_with_image_columns_pass_through():
+    """QueryStore and EmbedImages read Ray's default batches (dicts of numpy arrays): a 4-D image column, or
+    one of images of several sizes, failed in pa.table ("only handle 1-dimensional arrays")."""
+    from mrlstore.integrations.ray import as_table
+
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros((4, 5, 3), np.uint8), np.zeros((6, 2, 3), np.uint8)
+    table = as_table({"v": np.ones((2, DIM), np.float32), "thumb": np.zeros((2, 8, 8, 3), np.uint8),
+                      "image": ragged, "name": np.array(["a", "b"])})  # fmt: skip
+    assert table.column("v").type == pa.list_(pa.float32(), DIM) and table.column("name").to_pylist() == ["a", "b"]
+    assert "Tensor" in str(table.column("thumb").type) and "Tensor" in str(table.column("image").type)

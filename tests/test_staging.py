@@ -551,3 +551,26 @@ def test_a_writer_killed_between_steps_of_a_commit_leaves_the_store_as_it_was(tm
         assert len(s) == 1 and s.verify() == [] and "color" not in s.sql("SELECT * FROM items").column_names
         assert s.commit_staged(paths) == 65
         assert len(s) == 66 and s.verify() == []
+
+
+@pytest.mark.parametrize("order", ["int first", "float first"])
+def test_metadata_types_do_not_depend_on_which_fragment_comes_first(store, order, tmp_path):
+    """Ray hands the fragments over in the order its tasks finish: an int column in the first and a float
+    in the second made a BIGINT column that refused 0.5 (the whole write failed), the other order a DOUBLE.
+    The columns are now typed for every fragment first; an all-null column takes the others' type."""
+    ints = rows(0, 20, x=list(range(20)), note=[None] * 20)
+    floats = rows(20, 20, x=[0.5] * 20, note=[3] * 20)
+    tables = (ints, floats) if order == "int first" else (floats, ints)
+    paths = stage(store, *tables, where=tmp_path / "fragments")  # the writer's open clears the store's own
+    store.close()
+    writer = StagedWriter(store.path, StoreConfig())  # a Ray write's commit, a fragment at a time
+    try:
+        assert writer.commit_staged(paths) == 40
+    finally:
+        writer.close()
+    store = mrlstore.open(store.path, read_only=True)
+    described = store.sql("DESCRIBE SELECT x, note FROM items").to_pylist()
+    described = {r["column_name"]: r["column_type"] for r in described}
+    assert described == {"x": "DOUBLE", "note": "BIGINT"}, described
+    assert store.get(["r3", "r25"]).column("x").to_pylist() == [3.0, 0.5]
+    store.close()

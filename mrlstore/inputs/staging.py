@@ -118,6 +118,25 @@ class Fragments:
         id_column = pa.array(ids, pa.string())
         return pa.table({"id": id_column}) if meta is None else meta.add_column(0, "id", id_column)
 
+    def metadata_columns(self) -> pa.Table | None:
+        """The metadata columns of every fragment, typed to hold all of them (an int column of one and a
+        float of another: float; all nulls in one: the other's type), as an empty table: what the catalog
+        makes first, so that the stored types do not depend on which worker finished first. None when no
+        fragment has metadata, or their types do not unify (each then goes in as an add would)."""
+        schemas = []
+        for path in self.paths:
+            table = self._open(path).slice(0, 0)
+            meta = table.drop_columns([c for c in (ID_FIELD, VECTOR_FIELD) if c in table.column_names])
+            converted = metadata_table(meta, 0) if meta.num_columns else None
+            if converted is not None:
+                schemas.append(converted.schema)
+        if not schemas:
+            return None
+        try:
+            return pa.unify_schemas(schemas, promote_options="permissive").empty_table()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+
     def whole(self) -> tuple[list[str], pa.Table | None]:
         """Every id (repeats across fragments refused) and the metadata rows, all at once."""
         tables = list(self.catalog_tables())
@@ -125,7 +144,7 @@ class Fragments:
         if not any(t.num_columns > 1 for t in tables):
             return ids, None
         try:
-            merged = pa.concat_tables([t.drop_columns(["id"]) for t in tables], promote_options="default")
+            merged = pa.concat_tables([t.drop_columns(["id"]) for t in tables], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise MetadataError(f"the workers' metadata columns do not agree on their types: {e}") from None
         return ids, metadata_table(merged, len(ids))

@@ -45,11 +45,13 @@ FRAGMENT_ROWS = 16384  # rows per staged fragment at least (Ray merges smaller b
 
 def as_table(batch: Any) -> pa.Table:
     """A Ray batch (pyarrow, pandas, or a dict of numpy columns) as a pa.Table; 2-D columns become
-    fixed-size lists."""
+    fixed-size lists, other columns what Ray makes of them (images: its tensor columns)."""
     if isinstance(batch, pa.Table):
         return batch
     if isinstance(batch, dict):
-        return pa.table({name: vector_array(v) if getattr(v, "ndim", 1) == 2 else v for name, v in batch.items()})
+        rest = BlockAccessor.batch_to_block({k: v for k, v in batch.items() if getattr(v, "ndim", 1) != 2})
+        columns = {k: vector_array(v) if getattr(v, "ndim", 1) == 2 else rest.column(k) for k, v in batch.items()}
+        return pa.table(columns)
     return BlockAccessor.for_block(batch).to_arrow()
 
 
@@ -111,13 +113,13 @@ class StoreSink(Datasink):
         fragment_rows: int = FRAGMENT_ROWS,
         **create: Any,
     ):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # workers (and the index catch-up) resolve it elsewhere
         # The store's writer until the write ends: its lock, catalog and bands, never its ids or indexes
         self._writer: StagedWriter | None = StagedWriter(self.path, StoreConfig().replaced(**create))
         self.shape: StoreShape = self._writer.shape()
         self.bands = tuple(self._writer.params.bands)
         self.in_place = staging is None
-        self.staging = new_staging_dir(Path(staging) if staging else self.path / STAGING_DIR)
+        self.staging = new_staging_dir(Path(staging).absolute() if staging else self.path / STAGING_DIR)
         self.vector, self.id, self.fragment_rows = vector, id, fragment_rows
         self.rows_added: int | None = None
         self.rows_moved = 0  # rows the commit copied into rows that failed tasks had reserved

@@ -576,7 +576,12 @@ class Catalog:
         return stored.drop_columns(["_row"])
 
     def append_tables(
-        self, first_row: int, tables: Iterable[pa.Table], new_watermark: int, step_rows: int | None = None
+        self,
+        first_row: int,
+        tables: Iterable[pa.Table],
+        new_watermark: int,
+        step_rows: int | None = None,
+        columns: pa.Table | None = None,
     ) -> None:
         """Record rows ``first_row..new_watermark`` from ``tables`` (``id`` and metadata columns, taken one at
         a time): all of them visible at once, or none. DuckDB holds committed rows and their unique index
@@ -585,13 +590,16 @@ class Catalog:
         past the watermark belong to no committed state, the first transaction marks the write in the
         manifest (a failure here, or the next writer's open, removes its rows and columns:
         ``discard_staged``), and the last one moves the watermark. Each step refuses ids already stored or
-        repeated in the write (``_refuse_repeats``; formats 1-3: DuckDB's unique index)."""
+        repeated in the write (``_refuse_repeats``; formats 1-3: DuckDB's unique index). ``columns`` (an
+        empty table): metadata columns to make first, in these types."""
         before, row, tables = list(self.columns()), first_row, iter(tables)
         step_rows, marked = step_rows or APPEND_STEP_ROWS, False
         with self._lock:
             try:
                 while True:
                     with _insert_errors("an id is already in the store or repeated"), self._transaction():
+                        if columns is not None and row == first_row:
+                            self._add_columns(columns)
                         row, done = self._insert_step(row, tables, step_rows)
                         if done:
                             if row != new_watermark:
