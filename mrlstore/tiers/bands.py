@@ -631,7 +631,10 @@ class BandedVectors:
 
     def file_problems(self, watermark: int) -> list[str]:
         """What is wrong with the files of every array (bands and row_norms) for ``watermark`` rows."""
-        return [problem for band in self.arrays for problem in band.file_problems(watermark)]
+        found = [problem for band in self.arrays for problem in band.file_problems(watermark)]
+        if self.norms is None and any(band.sharded for band in self.bands):  # made with them (format 3 on)
+            found.append("row_norms is missing: the store opens without it, and re-ranks read whole rows")
+        return found
 
     @property
     def chunk_rows(self) -> list[int]:

@@ -18,7 +18,6 @@ from mrlstore.tiers.state import StoreState
 
 ZERO_CHECK_BLOCK = 65536  # rows read per block when looking for all-zero rows
 NORM_CHECK_ROWS = 2000  # live rows, evenly spread, whose band norms are recomputed
-NORMS_SINCE = 2  # the format that added row_norms
 
 
 def problems(state: StoreState) -> list[str]:
@@ -40,7 +39,7 @@ def problems(state: StoreState) -> list[str]:
             found.append(
                 f"{len(zero)} committed row(s) read as all zeros (lost vector data), e.g. rows {zero[:5].tolist()}"
             )
-    found += _norm_problems(vectors, snap, int(state.manifest.get("format_version", 1)))
+    found += _norm_problems(vectors, snap)
     for family, d, index in state.indexes.all_indexes():
         if index.covered_rows > snap.watermark:
             covered = index.covered_rows
@@ -48,11 +47,9 @@ def problems(state: StoreState) -> list[str]:
     return found
 
 
-def _norm_problems(vectors: VectorTier, snap: Snapshot, format_version: int) -> list[str]:
+def _norm_problems(vectors: VectorTier, snap: Snapshot) -> list[str]:
     """Stored band norms of up to NORM_CHECK_ROWS live rows, evenly spread, against their values."""
     if not vectors.has_norms():
-        if format_version >= NORMS_SINCE:  # the store opens without them, reading whole rows: say they are lost
-            return [f"row_norms is missing (a format {format_version} store keeps each row's band norms)"]
         return []
     live = np.flatnonzero(snap.live[: snap.watermark])
     if not len(live):
