@@ -130,7 +130,7 @@ storage_option = click.option(
 )  # fmt: skip
 
 
-def _check_local(path: str | Path) -> None:
+def _check_local(path: str) -> None:
     """A local path names a store: ``mrlstore.open`` would make a 2048-d store in an empty folder, and an add
     of 64-d vectors would fail after it."""
     if "://" not in str(path) and not (Path(path) / DB_FILE).is_file():
@@ -147,7 +147,7 @@ def _writing(path: str) -> Iterator[mrlstore.Store]:
 
 
 @contextmanager
-def _reading(store: str | Path, storage_options: tuple[str, ...] = ()) -> Iterator[mrlstore.Store]:
+def _reading(store: str, storage_options: tuple[str, ...] = ()) -> Iterator[mrlstore.Store]:
     _check_local(store)
     with mrlstore.open(store, read_only=True, storage_options=_options(storage_options)) as s:
         yield s

@@ -305,11 +305,8 @@ class IndexSet:
         try:
             (self.path / INDEX_DIR).mkdir(exist_ok=True)
             index.save(self._base(family, d))
-        except OSError as e:
-            warnings.warn(f"cannot save the index of {family} {d}: {e.strerror or e}; it stays in memory", stacklevel=2)
-            return
-        except IndexNotSaved as e:
-            warnings.warn(f"{e}; the index stays in memory", stacklevel=2)
+        except (OSError, IndexNotSaved) as e:  # a folder it may not write in (mkdir), or hnswlib's failed write
+            warnings.warn(f"cannot save the index of {family} {d}: {e}; it stays in memory", stacklevel=2)
             return
         self._unsaved[family, d] = 0
 

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mrlstore._fsutil import copy_sparse, fsync_dir, fsync_file
@@ -67,7 +67,9 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise storage_error("write a snapshot to", dest, e) from None
-    _remove_dead_snapshots(dest)
+    for leftover, found in _own_leftovers(dest, "snapshot", r"(\d+)-\d+"):
+        if not pid_alive(int(found[1])):  # what a snapshot killed part way left
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = dest.parent / f".{dest.name}.snapshot-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -92,15 +94,6 @@ def copy_store(src: Path, dest: Path, copy_catalog: Callable[[Path], None]) -> N
         raise
 
 
-def _remove_dead_snapshots(dest: Path) -> None:
-    """The copies that snapshots to ``dest`` killed part way left beside it (their process is gone)."""
-    mine = re.compile(rf"\.{re.escape(dest.name)}\.snapshot-(\d+)-\d+")
-    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.snapshot-*"):
-        found = mine.fullmatch(leftover.name)
-        if found and not pid_alive(int(found[1])):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _copy_id_runs(src: Path, dest: Path) -> None:
     """The id cache's runs (a cache: the copy's first writer drops those past its catalog). A reader's copy
     holds no lock that stops the writer's merges, so a run deleted meanwhile is left out (its pairs are in
@@ -120,17 +113,23 @@ def remove_stale_temporaries(path: Path) -> bool:
     for pattern in (f"{GROUP_DIR}/*/.zarr.json.tmp-*", f"{INDEX_DIR}/.*.tmp-*", "published/.*.tmp-*"):
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
-    # the folder is ".NAME.compact-PID" (and "..NAME.compact-PID.creating-..." while it is made): a store
-    # named "NAME.compact-2" beside this one is not this one's leftover, and "photos[2024]" is no pattern
-    mine = re.compile(rf"\.?\.{re.escape(path.name)}\.compact-\d+(\.creating-\d+-\d+)?")
-    for leftover in path.parent.glob(f"*.{glob.escape(path.name)}.compact-*"):
-        if mine.fullmatch(leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True)
+    # the folder is ".NAME.compact-PID" (and "..NAME.compact-PID.creating-..." while it is made)
+    for leftover, _ in _own_leftovers(path, "compact", r"\d+(\.creating-\d+-\d+)?"):
+        shutil.rmtree(leftover, ignore_errors=True)
     for lease in path.glob(f"{STAGING_DIR}/*/{LEASE_FILE}"):
         WriteLease(lease).revoke()  # a dead write's workers may still live: no row of theirs after this
     staged = (path / STAGING_DIR).exists()
     shutil.rmtree(path / STAGING_DIR, ignore_errors=True)  # fragments of a staged write whose driver died
     return staged
+
+
+def _own_leftovers(path: Path, kind: str, rest: str) -> Iterator[tuple[Path, re.Match[str]]]:
+    """The temporary folders ``.NAME.<kind>-<rest>`` (``rest`` a regex) beside ``path``, with their match: a
+    store named "NAME.<kind>-2" beside it is not one of them, and "photos[2024]" is no glob pattern."""
+    mine = re.compile(rf"\.?\.{re.escape(path.name)}\.{kind}-{rest}")
+    for leftover in path.parent.glob(f"*.{glob.escape(path.name)}.{kind}-*"):
+        if found := mine.fullmatch(leftover.name):
+            yield leftover, found
 
 
 def fsync_tree(root: Path) -> None:
