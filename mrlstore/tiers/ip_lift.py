@@ -5,8 +5,8 @@ of the top 200 at M=8, where the lifted graph found 0.96 (benchmarks/ip_graphs.p
 
 Rows far longer than the rest are kept beside the graph and scored exactly by every search: lifted to their
 norm, all others would sit at about R from every query, and the float32 l2 that hnswlib computes would lose
-their order (one row 10,000 times longer than the rest left 0.07 of the top 10). A ``Lift`` holds the radius
-and those rows; ``PrefixIndex`` holds one for an inner-product index.
+their order (in a review's scratch run, one row 10,000 times longer than the rest left 0.07 of the top 10).
+A ``Lift`` holds the radius and those rows; ``PrefixIndex`` holds one for an inner-product index.
 """
 
 from __future__ import annotations
