@@ -287,3 +287,46 @@ def test_a_row_far_longer_than_the_rest_is_kept_beside_the_graph(tmp_path, monke
     loaded.add(more, np.array([3001, 3002, 3003]), covered_rows=3004)
     assert not loaded._lift.long and loaded.live_count == 3003
     assert loaded.search(more[:1], k=1, ef=200)[0, 0] == 3001
+
+
+@pytest.mark.parametrize("long_first", [True, False])
+def test_a_row_number_written_again_on_the_other_side_of_the_lift_keeps_one_copy(tmp_path, rng, long_first):
+    """Rows of a failed commit are written again with new vectors: a row that was kept beside the graph and
+    comes back ordinary (or the reverse) must not leave its old copy searchable, nor after a reload."""
+    x = rng.standard_normal((500, 8)).astype(np.float32)
+    index = PrefixIndex(8, "ip", M=8, ef_construction=50, capacity=16)
+    index.add(x, np.arange(500), covered_rows=500)
+    ordinary, long = x[7:8].copy(), (1000 * x[7:8]).astype(np.float32)
+    first, second = (long, ordinary) if long_first else (ordinary, long)
+    index.add(first, np.array([500]))  # the failed commit's row: never covered
+    index.add(second, np.array([500]), covered_rows=501)
+    assert index.live_count == 501 and index.holds(500)
+    every = np.vstack([x, second])
+    for probe in (index, _reloaded(index, tmp_path)):
+        found = probe.search(x[:50], k=5, ef=100)
+        assert all(len(set(f)) == 5 for f in found)  # row 500 once at most
+        truth = _top(x[:50], every, 5)
+        assert np.mean([len(set(f) & set(t)) / 5 for f, t in zip(found, truth)]) >= 0.9
+        probe.mark_deleted(np.array([500]))
+        assert probe.live_count == 500 and not probe.holds(500)
+        assert 500 not in probe.search(x[:50], k=5, ef=100)
+
+
+def _reloaded(index: PrefixIndex, tmp_path) -> PrefixIndex:
+    index.save(tmp_path / "p")
+    return PrefixIndex.load(tmp_path / "p", 8, "ip", 8, 50)
+
+
+def test_rows_kept_beside_the_graph_change_by_replacement_so_searches_see_one_whole_set():
+    """A search reads the rows beside the graph without the write lock's help in numpy: an add changes them
+    by replacing the dict, never in place (a search that saw it change part way raised IndexError)."""
+    rng = np.random.default_rng(0)
+    index = PrefixIndex(8, "ip", M=8, ef_construction=40, capacity=16)
+    index.add(rng.standard_normal((2000, 8)).astype(np.float32), np.arange(2000), covered_rows=2000)
+    index.add(np.full((1, 8), 1000, np.float32), np.array([2000]), covered_rows=2001)
+    seen = index._lift.long
+    before = dict(seen)
+    index.add(np.full((1, 8), 2000, np.float32), np.array([2001]), covered_rows=2002)
+    index.mark_deleted(np.array([2000]))
+    assert seen.keys() == before.keys() and list(index._lift.long) == [2001]
+    assert index.search(np.ones((1, 8), np.float32), k=1, ef=20)[0, 0] == 2001

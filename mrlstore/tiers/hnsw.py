@@ -282,12 +282,15 @@ class PrefixIndex:
         x = np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
         if self._lift is not None and len(rows):
-            x, rows, radius = self._lift.split(x, rows)
+            x, rows, beside, radius = self._lift.split(x, rows)
+            self._set_beside(rows, beside)
             if radius is not None:
                 self._relift(radius, num_threads)
             x = self._lift.lifted(x)
         with self._lock.write():
             if len(rows):
+                if self._lift is not None:
+                    self._deleted -= self._lift.relinked(rows)  # hnswlib unmarks a label written again
                 need = self._index.element_count + len(rows)
                 if need > self._index.get_max_elements():
                     with huge_pages_for_new_regions(collapse=True):  # the graph moves to a larger region
@@ -295,6 +298,22 @@ class PrefixIndex:
                 self._index.add_items(x, rows, num_threads=num_threads)
             if covered_rows is not None:
                 self.covered_rows = max(self.covered_rows, covered_rows)
+
+    def _set_beside(self, graph_rows: np.ndarray, beside: dict[int, np.ndarray]) -> None:
+        """Rows kept beside the graph from now on (an older copy of one in the graph is marked deleted), and
+        those going into it no longer kept beside it."""
+        assert self._lift is not None
+        if not beside and not self._lift.long:
+            return
+        with self._lock.write():
+            for row in beside:
+                try:
+                    self._index.mark_deleted(row)
+                except RuntimeError:
+                    continue  # not in the graph: nothing to unlink
+                self._deleted += 1
+                self._lift.unlinked.add(row)
+            self._lift.place(graph_rows, beside)
 
     def _relift(self, radius: float, num_threads: int) -> None:
         """The graph built again with its rows (and those beside it that fit) lifted to ``radius``, while
@@ -323,9 +342,10 @@ class PrefixIndex:
 
     def _hide(self, rows: np.ndarray) -> None:
         with self._lock.write():
-            for row in np.asarray(rows, dtype=np.int64).tolist():
-                if self._lift is not None and self._lift.drop(row):
-                    continue
+            labels = np.asarray(rows, dtype=np.int64).tolist()
+            if self._lift is not None:
+                self._lift.drop(labels)  # and any copy in the graph is marked below
+            for row in labels:
                 try:
                     self._index.mark_deleted(row)
                     self._deleted += 1

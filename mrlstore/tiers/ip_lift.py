@@ -23,28 +23,46 @@ LONG_MAX = 4096
 
 
 class Lift:
-    """The lifting radius of one inner-product index and the rows kept beside its graph (row -> its prefix)."""
+    """The lifting radius of one inner-product index and the rows kept beside its graph (row -> its prefix).
+    ``long`` is replaced, never changed in place, and only under the index's write lock: a search reads one
+    whole dict."""
 
-    def __init__(self, dim: int, radius: float = 0.0, long: dict[int, np.ndarray] | None = None):
+    def __init__(self, dim: int, radius: float = 0.0, long: dict[int, np.ndarray] | None = None, unlinked: Any = ()):
         self.dim, self.radius = dim, radius
         self.long: dict[int, np.ndarray] = long or {}
-        self._side: tuple[np.ndarray, np.ndarray] | None = None  # the long rows as arrays, for searches
+        # rows beside the graph whose older copy in it is marked deleted (a row number written again after
+        # a failed commit); written to the graph again, hnswlib unmarks that copy
+        self.unlinked: set[int] = set(unlinked)
+        self._side: tuple[dict[int, np.ndarray], np.ndarray, np.ndarray] | None = None  # long as arrays
 
-    def split(self, x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, float | None]:
-        """Of rows to add: those for the graph (the others are kept beside it now), and the radius the graph
-        must be rebuilt at first (None: the current one serves)."""
+    def split(
+        self, x: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray], float | None]:
+        """Of rows to add: those for the graph, those to keep beside it, and the radius the graph must be
+        rebuilt at first (None: the current one serves). Changes nothing: ``place`` does, under the lock."""
         norms = np.linalg.norm(x, axis=1)
         base = self.radius or HEADROOM * float(np.quantile(norms, 0.999))  # first rows: all but the longest
         beside = norms > LONG_FACTOR * base if base > 0 else np.zeros(len(norms), dtype=bool)
-        for row, vector in zip(rows[beside].tolist(), x[beside]):
-            self.long[row] = np.array(vector, dtype=np.float32)
-        self._side = None
+        kept = {row: np.array(v, dtype=np.float32) for row, v in zip(rows[beside].tolist(), x[beside])}
         longest = float(norms[~beside].max(initial=0.0))
         radius = HEADROOM * longest if longest > self.radius else None
-        if len(self.long) > LONG_MAX:  # the norms grew: the graph takes them in, but for the longest 0.1%
-            beside_norms = np.linalg.norm(np.stack(list(self.long.values())), axis=1)
+        if len(self.long) + len(kept) > LONG_MAX:  # the norms grew: the graph takes them in, but the longest 0.1%
+            beside_norms = np.linalg.norm(np.stack([*self.long.values(), *kept.values()]), axis=1)
             radius = HEADROOM * max(longest, float(np.quantile(beside_norms, 0.999)))
-        return x[~beside], rows[~beside], radius
+        return x[~beside], rows[~beside], kept, radius
+
+    def place(self, graph_rows: np.ndarray, beside: dict[int, np.ndarray]) -> None:
+        """``beside`` kept beside the graph, and ``graph_rows`` no longer (a row number written again after
+        a failed commit may change sides)."""
+        if not beside and not self.long:
+            return
+        long = dict(self.long)
+        if long and len(graph_rows):
+            held = np.fromiter(long, dtype=np.int64, count=len(long))
+            for row in held[np.isin(held, graph_rows)].tolist():
+                del long[row]
+        long.update(beside)
+        self.long = long
 
     def lifted(self, x: np.ndarray, radius: float | None = None) -> np.ndarray:
         """Rows with their lifting number (at ``radius``, default this lift's)."""
@@ -52,34 +70,45 @@ class Lift:
         lift = np.sqrt(np.maximum(r * r - np.square(np.linalg.norm(x.astype(np.float64), axis=1)), 0.0))
         return np.ascontiguousarray(np.hstack([x, lift[:, None].astype(np.float32)]))
 
+    def relinked(self, graph_rows: np.ndarray) -> int:
+        """How many of ``graph_rows`` have a copy in the graph marked deleted, which their write unmarks."""
+        if not self.unlinked:
+            return 0
+        back = self.unlinked.intersection(np.asarray(graph_rows).tolist())
+        self.unlinked -= back
+        return len(back)
+
     def taken_in(self, radius: float) -> tuple[np.ndarray, np.ndarray]:
         """The rows beside the graph that a graph at ``radius`` takes in (their rows, their prefixes)."""
-        rows = [row for row, v in self.long.items() if float(np.linalg.norm(v)) <= radius]
-        vectors = np.array([self.long[row] for row in rows], dtype=np.float32).reshape(len(rows), self.dim)
+        long = self.long
+        rows = [row for row, v in long.items() if float(np.linalg.norm(v)) <= radius]
+        vectors = np.array([long[row] for row in rows], dtype=np.float32).reshape(len(rows), self.dim)
         return np.array(rows, dtype=np.int64), vectors
 
     def moved_in(self, radius: float, rows: np.ndarray) -> None:
-        """The graph was rebuilt at ``radius`` holding ``rows`` of those beside it."""
+        """The graph was rebuilt at ``radius`` holding ``rows`` of those beside it (and no deleted rows)."""
         self.radius = radius
-        for row in rows.tolist():
-            self.long.pop(row, None)
-        self._side = None
+        taken = set(rows.tolist())
+        self.long = {row: v for row, v in self.long.items() if row not in taken}
+        self.unlinked = set()
 
-    def drop(self, row: int) -> bool:
-        """Forget a deleted row kept beside the graph; False when it is not one of them."""
-        if self.long.pop(row, None) is None:
-            return False
-        self._side = None
-        return True
+    def drop(self, rows: list[int]) -> None:
+        """Forget deleted rows kept beside the graph."""
+        gone = {row for row in rows if row in self.long} if self.long else set()
+        if gone:
+            self.long = {row: v for row, v in self.long.items() if row not in gone}
+        self.unlinked.difference_update(rows)
 
     def merged(self, queries: np.ndarray, labels: np.ndarray, dists: np.ndarray, k: int) -> np.ndarray:
         """The best ``k`` per query of the graph's (labels, squared l2 distances of the lifted rows) and the
         rows beside it, by inner product."""
-        if not self.long:
+        long, side = self.long, self._side
+        if not long:
             return labels
-        if self._side is None:
-            self._side = (np.fromiter(self.long, dtype=np.int64), np.stack(list(self.long.values())))
-        side_rows, side_x = self._side
+        if side is None or side[0] is not long:
+            side = (long, np.fromiter(long, dtype=np.int64, count=len(long)), np.stack(list(long.values())))
+            self._side = side
+        _, side_rows, side_x = side
         q = queries[:, : self.dim]
         graph_ip = (np.einsum("ij,ij->i", q, q)[:, None] + self.radius**2 - dists) / 2
         graph_ip = np.where(labels >= 0, graph_ip, -np.inf)
@@ -91,9 +120,13 @@ class Lift:
         return np.where(np.take_along_axis(scores, best, axis=1) > -np.inf, out, -1)
 
     def to_sidecar(self) -> dict[str, Any]:
-        return {"ip_radius": self.radius, "ip_long": [[row, v.tolist()] for row, v in self.long.items()]}
+        return {
+            "ip_radius": self.radius,
+            "ip_long": [[row, v.tolist()] for row, v in self.long.items()],
+            "ip_unlinked": sorted(self.unlinked),
+        }
 
     @classmethod
     def from_sidecar(cls, dim: int, side: dict[str, Any]) -> Lift:
         long = {int(row): np.array(v, dtype=np.float32) for row, v in side.get("ip_long") or []}
-        return cls(dim, float(side.get("ip_radius") or 0.0), long)
+        return cls(dim, float(side.get("ip_radius") or 0.0), long, side.get("ip_unlinked") or ())
