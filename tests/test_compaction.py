@@ -116,10 +116,12 @@ def test_what_a_killed_compaction_leaves_goes_whatever_the_store_is_named(tmp_pa
     creating.mkdir()
     neighbours = tmp_path / ".photos[2024].mrl.compact-7.compact-99"  # a store named "photos[2024].mrl.compact-7"
     neighbours.mkdir()
+    hidden = tmp_path / "..photos[2024].mrl.compact-12345"  # the store ".photos[2024].mrl" compacting
+    hidden.mkdir()
     with mrlstore.open(path) as s:
         assert len(s) == 4
     assert not left.exists() and not creating.exists()
-    assert neighbours.exists(), "another store's compaction in progress"
+    assert neighbours.exists() and hidden.exists(), "another store's compaction in progress"
 
 
 def test_reads_in_other_threads_wait_for_a_compaction_and_never_mix_two_stores(tmp_path):

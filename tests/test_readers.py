@@ -209,3 +209,36 @@ def test_published_catalogs_deleted_by_hand_are_published_again(tmp_path):
         copy.unlink()
     with mrlstore.open(path) as writer, mrlstore.open(path, read_only=True) as reader:
         assert len(reader) == 3 and len(writer) == 3
+
+
+def test_a_refresh_that_finds_a_compaction_under_way_opens_the_new_numbering_whole(tmp_path, monkeypatch):
+    """A reader read HEAD (a new version of its numbering), then a compaction swapped the folder before it
+    opened that version's catalog, which was gone: it fell forward to the new numbering's catalog and kept
+    the old bands and indexes (get returned other rows' vectors, queries other rows)."""
+    from mrlstore.upkeep import versions
+
+    path = tmp_path / "s.mrl"
+    vectors = np.random.default_rng(2).standard_normal((410, DIM)).astype(np.float32)
+    ids = [f"r{i}" for i in range(410)]
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(vectors[:400], ids=ids[:400])
+        with mrlstore.open(path, read_only=True) as reader:
+            writer.add_vectors(vectors[400:], ids=ids[400:])
+            with writer._state.writing():
+                writer._versions.publish_version(writer._state)  # the new version, same numbering
+            real = versions._open_published
+
+            def compacted_meanwhile(store, head):  # the reader's thread descheduled after reading HEAD
+                monkeypatch.setattr(versions, "_open_published", real)
+                writer.delete(ids[0:400:2])
+                writer.compact()
+                with writer._state.writing():
+                    writer._versions.publish_version(writer._state)
+                return real(store, head)
+
+            monkeypatch.setattr(versions, "_open_published", compacted_meanwhile)
+            assert reader.refresh() is True
+            assert len(reader) == 210 and reader.verify() == []
+            got = reader.get(ids[1:410:2]).column("vector").to_pylist()
+            assert np.allclose(np.array(got, np.float32), vectors[1:410:2], atol=1e-2)
+            assert reader.query(vectors[1], k=1).ids == ["r1"]

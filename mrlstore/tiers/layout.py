@@ -114,7 +114,7 @@ def remove_stale_temporaries(path: Path) -> bool:
         for tmp in path.glob(pattern):
             tmp.unlink(missing_ok=True)
     # the folder is ".NAME.compact-PID" (and "..NAME.compact-PID.creating-..." while it is made)
-    for leftover, _ in _own_leftovers(path, "compact", r"\d+(\.creating-\d+-\d+)?"):
+    for leftover, _ in _own_leftovers(path, "compact", r"\d+", r"\d+\.creating-\d+-\d+"):
         shutil.rmtree(leftover, ignore_errors=True)
     for lease in path.glob(f"{STAGING_DIR}/*/{LEASE_FILE}"):
         WriteLease(lease).revoke()  # a dead write's workers may still live: no row of theirs after this
@@ -123,10 +123,16 @@ def remove_stale_temporaries(path: Path) -> bool:
     return staged
 
 
-def _own_leftovers(path: Path, kind: str, rest: str) -> Iterator[tuple[Path, re.Match[str]]]:
-    """The temporary folders ``.NAME.<kind>-<rest>`` (``rest`` a regex) beside ``path``, with their match: a
-    store named "NAME.<kind>-2" beside it is not one of them, and "photos[2024]" is no glob pattern."""
-    mine = re.compile(rf"\.?\.{re.escape(path.name)}\.{kind}-{rest}")
+def _own_leftovers(
+    path: Path, kind: str, rest: str, hidden_rest: str | None = None
+) -> Iterator[tuple[Path, re.Match[str]]]:
+    """The temporary folders ``.NAME.<kind>-<rest>`` (``rest`` a regex) beside ``path``, and with
+    ``hidden_rest`` those named ``..NAME.<kind>-<hidden_rest>``, with their match: a store named
+    "NAME.<kind>-2" beside it is not one of them, nor the temporaries of a store named ".NAME", and
+    "photos[2024]" is no glob pattern."""
+    name = re.escape(path.name)
+    forms = [rf"\.{name}\.{kind}-{rest}"] + ([rf"\.\.{name}\.{kind}-{hidden_rest}"] if hidden_rest else [])
+    mine = re.compile("|".join(f"(?:{form})" for form in forms))
     for leftover in path.parent.glob(f"*.{glob.escape(path.name)}.{kind}-*"):
         if found := mine.fullmatch(leftover.name):
             yield leftover, found

@@ -515,12 +515,17 @@ class Versions:
 
     def _move_to(self, state: StoreState, head: dict[str, Any]) -> bool:
         """Same row numbering: the new rows into the prefix indexes (queries go on meanwhile), then the new
-        catalog, snapshot and deletions swapped in at once. False, changing nothing, when the new version's
-        fitted codes or indexed prefixes are not the open ones."""
+        catalog, snapshot and deletions swapped in at once. False, changing nothing, when the version found
+        has another row numbering (the catalog ``head`` named was gone: a compaction) or its fitted codes or
+        indexed prefixes are not the open ones."""
         catalog, head = _open_published(self.path, head)
         try:
             manifest = catalog.manifest()
-            if fit_id(manifest) != fit_id(state.manifest) or index_layout(manifest) != index_layout(state.manifest):
+            if (
+                head.get("generation", 0) != state.generation  # a compaction since HEAD was read: renumbered
+                or fit_id(manifest) != fit_id(state.manifest)
+                or index_layout(manifest) != index_layout(state.manifest)
+            ):
                 catalog.close()
                 return False
             old = state.snap
