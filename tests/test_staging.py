@@ -574,3 +574,48 @@ def test_metadata_types_do_not_depend_on_which_fragment_comes_first(store, order
     assert described == {"x": "DOUBLE", "note": "BIGINT"}, described
     assert store.get(["r3", "r25"]).column("x").to_pylist() == [3.0, 0.5]
     store.close()
+
+
+@pytest.mark.parametrize("first", [0, 1])
+@pytest.mark.parametrize(
+    "a, b, outcome",
+    [
+        ([1] * 20, ["a"] * 20, "refused"),  # int first made BIGINT and refused "a"; text first took both
+        ([1] * 20, [True] * 20, "refused"),
+        ([{"a": 1}] * 20, [{"b": "x"}] * 20, "STRUCT(a BIGINT, b VARCHAR)"),  # not in the order tasks ended
+        (["a"] * 20, pa.array(["b"] * 20).dictionary_encode(), "VARCHAR"),
+    ],
+)
+def test_metadata_types_that_do_not_unify_fail_in_either_order(store, tmp_path, first, a, b, outcome):
+    """Columns whose types do not unify across fragments failed or not depending on which fragment the commit
+    took first; now a MetadataError before any row is written, and what unifies comes out the same."""
+    tables = [rows(0, 20, m=a), rows(20, 20, m=b)]
+    paths = stage(store, *(tables if first == 0 else tables[::-1]), where=tmp_path / "fragments")
+    store.close()
+    writer = StagedWriter(store.path, StoreConfig())
+    try:
+        if outcome == "refused":
+            with pytest.raises(mrlstore.MetadataError, match="'m' has types that do not unify"):
+                writer.commit_staged(paths)
+        else:
+            assert writer.commit_staged(paths) == 40
+    finally:
+        writer.close()
+    with mrlstore.open(store.path, read_only=True) as reader:
+        columns = reader.sql("DESCRIBE SELECT * FROM items").to_pylist()
+        columns = {r["column_name"]: r["column_type"] for r in columns}
+        assert columns.get("m") == (None if outcome == "refused" else outcome)
+        assert len(reader) == (1 if outcome == "refused" else 41)
+
+
+def test_fragments_that_disagree_on_an_existing_column_take_its_type(store, tmp_path):
+    store.add_vectors(np.ones((1, DIM), np.float32), ids=["text"], metadata=[{"m": "t"}])
+    paths = stage(store, rows(0, 20, m=[1] * 20), rows(20, 20, m=["a"] * 20), where=tmp_path / "fragments")
+    store.close()
+    writer = StagedWriter(store.path, StoreConfig())
+    try:
+        assert writer.commit_staged(paths) == 40
+    finally:
+        writer.close()
+    with mrlstore.open(store.path, read_only=True) as reader:
+        assert reader.get(["r0", "r20"]).column("m").to_pylist() == ["1", "a"]

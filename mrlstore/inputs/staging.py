@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,24 +118,22 @@ class Fragments:
         id_column = pa.array(ids, pa.string())
         return pa.table({"id": id_column}) if meta is None else meta.add_column(0, "id", id_column)
 
-    def metadata_columns(self) -> pa.Table | None:
+    def metadata_columns(self, existing: Collection[str] = ()) -> pa.Table | None:
         """The metadata columns of every fragment, typed to hold all of them (an int column of one and a
         float of another: float; all nulls in one: the other's type), as an empty table: what the catalog
-        makes first, so that the stored types do not depend on which worker finished first. None when no
-        fragment has metadata, or their types do not unify (each then goes in as an add would)."""
-        schemas = []
+        makes first, so that the stored types do not depend on which worker finished first. A column of
+        types that do not unify is a MetadataError, unless it is one of the ``existing`` columns (whose
+        type each value must then fit). None when no fragment has metadata."""
+        fields: dict[str, list[pa.Field]] = {}
         for path in self.paths:
             table = self._open(path).slice(0, 0)
             meta = table.drop_columns([c for c in (ID_FIELD, VECTOR_FIELD) if c in table.column_names])
             converted = metadata_table(meta, 0) if meta.num_columns else None
-            if converted is not None:
-                schemas.append(converted.schema)
-        if not schemas:
-            return None
-        try:
-            return pa.unify_schemas(schemas, promote_options="permissive").empty_table()
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            return None
+            for field in converted.schema if converted is not None else ():
+                fields.setdefault(field.name, []).append(field)
+        known = {name.lower() for name in existing}
+        merged = [f for name, group in fields.items() if (f := _unified(name, group, name.lower() in known))]
+        return pa.schema(merged).empty_table() if merged else None
 
     def whole(self) -> tuple[list[str], pa.Table | None]:
         """Every id (repeats across fragments refused) and the metadata rows, all at once."""
@@ -162,6 +160,23 @@ class Fragments:
         if names[:1] != [ID_FIELD] or not vectors_fit:
             raise InvalidInputError(f"{path} is not a staged fragment of this store (columns {names[:3]}...)")
         return table
+
+
+def _unified(name: str, fields: list[pa.Field], existing: bool) -> pa.Field | None:
+    """One metadata column's type over the fragments that have it, the same whatever order they came in;
+    None for an existing column whose fragments disagree (the catalog's type rules then apply)."""
+    plain = (f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in fields)
+    ordered = sorted({str(f.type): f for f in plain}.items())
+    try:
+        return pa.unify_schemas([pa.schema([f]) for _, f in ordered], promote_options="permissive").field(0)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        if existing:
+            return None
+        types = ", ".join(kind for kind, _ in ordered)
+        raise MetadataError(
+            f"metadata column {name!r} has types that do not unify in the workers' blocks ({types}): "
+            "give it one type in every block"
+        ) from None
 
 
 def new_staging_dir(root: Path) -> Path:

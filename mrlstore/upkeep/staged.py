@@ -80,7 +80,8 @@ class StagedWriter:
             for batch in staged.vectors():
                 vectors.append(end, batch)
                 end += len(batch)
-            catalog.append_tables(start, staged.catalog_tables(), end, columns=staged.metadata_columns())
+            columns = staged.metadata_columns(catalog.columns())
+            catalog.append_tables(start, staged.catalog_tables(), end, columns=columns)
         return end - start
 
     def committed_rows(self) -> int:
@@ -101,7 +102,8 @@ class StagedWriter:
             end = start + len(fragments)
             _copy_rows(vectors, moves)
             vectors.settle(start, end)
-            catalog.append_tables(start, _pieces(fragments, pieces), end, columns=fragments.metadata_columns())
+            columns = fragments.metadata_columns(catalog.columns())
+            catalog.append_tables(start, _pieces(fragments, pieces), end, columns=columns)
         return end - start, sum(n for _, _, n in moves)
 
     def discard_in_place(self, lease: WriteLease) -> None:
