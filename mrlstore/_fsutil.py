@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mrlstore.errors import UnsupportedStorageError
+
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -74,3 +76,13 @@ def copy_sparse(src: str | os.PathLike, dst: str | os.PathLike) -> None:
                 else:
                     fo.write(page)
         fo.truncate(size)
+
+
+def local_destination(dest: str | os.PathLike[str], what: str) -> Path:
+    """``dest`` as a local path; a URL is refused before anything is written (``Path("s3://b/x")`` would be
+    the local folder ``s3:/b/x``)."""
+    if isinstance(dest, str) and "://" in dest:
+        raise UnsupportedStorageError(
+            f"{dest} is a URL: {what} writes local files (publish() uploads a store to object storage)"
+        )
+    return Path(dest)

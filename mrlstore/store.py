@@ -18,6 +18,7 @@ from typing import Any, TypeAlias, overload
 
 import pyarrow as pa
 
+from mrlstore._fsutil import local_destination
 from mrlstore.encoder.protocol import Encoder
 from mrlstore.encoder.runner import EncoderSlot
 from mrlstore.errors import ReadOnlyError, UnsupportedStorageError
@@ -384,7 +385,8 @@ class Store:
     ) -> int:
         """Write ``scan(dims, columns)`` to one Parquet file, atomically, in bounded memory; returns how many
         rows. ``add_arrow(pq.ParquetFile(dest).iter_batches(), vector="vector")`` reads it back."""
-        return write_parquet(self.scan(dims, columns), Path(dest))
+        target = local_destination(dest, "export_parquet")  # before the scan takes its snapshot
+        return write_parquet(self.scan(dims, columns), target)
 
     def tune(
         self,

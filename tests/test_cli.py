@@ -208,3 +208,17 @@ def test_output_cut_short_by_a_pipe_is_silent(vectors, tmp_path):
     command = f"{sys.executable} -m mrlstore sql {store} 'SELECT repeat(id, 300) AS r FROM items' | head -c 10"
     out = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
     assert len(out.stdout) == 10 and out.stderr == "" and out.returncode in (0, 141), (out.returncode, out.stderr)
+
+
+@pytest.mark.parametrize("command", ["snapshot", "export"])
+def test_a_url_destination_is_refused_in_one_line_and_makes_no_local_folder(vectors, tmp_path, command):
+    """click's Path made s3://b/x the local s3:/b/x: DuckDB then asked for its httpfs extension, Arrow for a
+    bucket, and a stray folder s3: stayed behind."""
+    store = tmp_path / "s.mrl"
+    with mrlstore.open(store, dim=64, bands=(16, 64), index_dims=(16,)) as s:
+        s.add_vectors(vectors[1][:20])
+    result = cli(command, str(store), "s3://bucket/copy", cwd=tmp_path)
+    assert result.returncode == 1 and "is a URL" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "s3:").exists()
+    with mrlstore.open(store, read_only=True) as s, pytest.raises(mrlstore.UnsupportedStorageError):
+        s.snapshot("s3://bucket/copy")

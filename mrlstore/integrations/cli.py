@@ -245,10 +245,10 @@ def _add_npy(store: mrlstore.Store, f: Path, ids_file: Path | None, metadata_fil
 def _load_npy(f: Path) -> np.ndarray:
     """The array of a .npy file; one of objects, or a file that is no .npy, is a clear error (numpy says a
     text file "contains pickled data")."""
+    with open(f, "rb") as stream:
+        if stream.read(6) != b"\x93NUMPY":
+            raise InvalidInputError(f"{f} is not a .npy file (np.save writes one): it lacks the NUMPY header")
     try:
-        with open(f, "rb") as stream:
-            if stream.read(6) != b"\x93NUMPY":
-                raise InvalidInputError(f"{f} is not a .npy file (np.save writes one): it lacks the NUMPY header")
         return np.load(f, allow_pickle=False)
     except ValueError as e:
         if "allow_pickle" in str(e):
@@ -448,9 +448,9 @@ def delete(path: str, ids: tuple[str, ...], missing_ok: bool) -> None:
 
 @main.command()
 @click.argument("path")  # a string: Path("s3://b/x") would be the folder "s3:/b/x"
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest")  # text: a URL is refused by the store, never made a local folder
 @_reports_errors
-def snapshot(path: str, dest: Path) -> None:
+def snapshot(path: str, dest: str) -> None:
     """Write a consistent copy of the store at PATH to DEST (a new folder)."""
     with _reading(path) as store:
         written = store.snapshot(dest)
@@ -489,11 +489,11 @@ def verify(store: str, storage_options: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("store", type=STORE)
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest")  # text: a URL is refused by the store, never made a local folder
 @click.option("--dims", type=int, help="Also write the first DIMS numbers of each vector.")
 @storage_option
 @_reports_errors
-def export(store: str, dest: Path, dims: int | None, storage_options: tuple[str, ...]) -> None:
+def export(store: str, dest: str, dims: int | None, storage_options: tuple[str, ...]) -> None:
     """Write the live entries of STORE (id, metadata, optionally vectors) to a Parquet file DEST."""
     with _reading(store, storage_options) as s:
         n = s.export_parquet(dest, dims=dims)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mrlstore._fsutil import local_destination
 from mrlstore.errors import InvalidInputError
 from mrlstore.results import CompactResult
 from mrlstore.tiers.layout import copy_store
@@ -31,7 +32,7 @@ class Maintenance:
 
     def snapshot(self, dest: str | os.PathLike[str]) -> Path:
         """A consistent copy at ``dest`` (which must not exist); see ``Store.snapshot``."""
-        dest = Path(dest)
+        dest = local_destination(dest, "snapshot")
         if dest.exists():
             raise InvalidInputError(f"snapshot destination {dest} already exists")
         state = self.state
