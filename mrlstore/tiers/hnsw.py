@@ -282,10 +282,11 @@ class PrefixIndex:
         x = np.ascontiguousarray(vectors[:, : self.dim], dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
         if self._lift is not None and len(rows):
-            x, rows, beside, radius = self._lift.split(x, rows)
-            self._set_beside(rows, beside)
-            if radius is not None:
-                self._relift(radius, num_threads)
+            split = self._lift.split(x, rows)
+            x, rows = split.graph_x, split.graph_rows
+            self._set_beside(rows, split.beside)
+            if split.radius is not None:
+                self._relift(split.radius, split.limit, num_threads)
             x = self._lift.lifted(x)
         with self._lock.write():
             if len(rows):
@@ -315,7 +316,7 @@ class PrefixIndex:
                 self._lift.unlinked.add(row)
             self._lift.place(graph_rows, beside)
 
-    def _relift(self, radius: float, num_threads: int) -> None:
+    def _relift(self, radius: float, limit: float, num_threads: int) -> None:
         """The graph built again with its rows (and those beside it that fit) lifted to ``radius``, while
         searches go on with the old one; then swapped in. Rows marked deleted are left out."""
         assert self._lift is not None
@@ -330,7 +331,7 @@ class PrefixIndex:
         with self._lock.write():
             graph.set_ef(self._ef)
             self._index, self._deleted = graph, 0
-            self._lift.moved_in(radius, taken_rows)
+            self._lift.moved_in(radius, limit, taken_rows)
 
     def mark_deleted(self, rows: np.ndarray) -> None:
         if self._deferred is not None:

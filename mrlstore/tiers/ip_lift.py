@@ -3,23 +3,36 @@ each query given 0 there, so that |q' - x'|^2 = |q|^2 + R^2 - 2 q.x orders rows 
 "ip" space is no metric and its graphs miss neighbours: on MRL-like 16-d prefixes (8,000 rows) they found 0.61
 of the top 200 at M=8, where the lifted graph found 0.96 (benchmarks/ip_graphs.py).
 
-Rows far longer than the rest are kept beside the graph and scored exactly by every search: lifted to their
-norm, all others would sit at about R from every query, and the float32 l2 that hnswlib computes would lose
-their order (in a review's scratch run, one row 10,000 times longer than the rest left 0.07 of the top 10).
-A ``Lift`` holds the radius and those rows; ``PrefixIndex`` holds one for an inner-product index.
+Rows far longer than the rest are kept beside the graph and scored exactly by every search. In the graph they
+would set R: every other row would sit at about R from every query, so that the float32 l2 hnswlib computes
+loses their order (in a review's scratch run, one row 10,000 times longer than the rest left 0.07 of the top
+10), and the long rows themselves, far from the rest on the sphere, are seldom reached (benchmarks/ip_graphs.py,
+"rows much longer than the rest"). "Far longer" is against the first rows' median, so that a group of them
+counts, not only a handful. A ``Lift`` holds the radius, that limit and those rows; ``PrefixIndex`` holds one
+for an inner-product index.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 HEADROOM = 1.25  # R over the longest row in the graph: rows a little longer fit without a rebuild
-LONG_FACTOR = 4.0  # a row longer than this many radii is kept beside the graph
+LONG_FACTOR = 3.0  # a row longer than this many times the first rows' median is kept beside the graph
 # More rows than this beside it: the norms grew, and the graph is rebuilt at a radius that takes them in
 # (scoring 4,096 32-d rows exactly costs a query about as much as its HNSW search).
 LONG_MAX = 4096
+
+
+class Split(NamedTuple):
+    """Rows to add, sorted by ``Lift.split``."""
+
+    graph_x: np.ndarray
+    graph_rows: np.ndarray
+    beside: dict[int, np.ndarray]
+    radius: float | None  # rebuild the graph at this radius first (None: the current one serves)
+    limit: float
 
 
 class Lift:
@@ -27,29 +40,37 @@ class Lift:
     ``long`` is replaced, never changed in place, and only under the index's write lock: a search reads one
     whole dict."""
 
-    def __init__(self, dim: int, radius: float = 0.0, long: dict[int, np.ndarray] | None = None, unlinked: Any = ()):
+    def __init__(
+        self,
+        dim: int,
+        radius: float = 0.0,
+        long: dict[int, np.ndarray] | None = None,
+        unlinked: Any = (),
+        limit: float = 0.0,
+    ):
         self.dim, self.radius = dim, radius
+        self.limit = limit  # rows longer than this are kept beside the graph (0: set by the first rows)
         self.long: dict[int, np.ndarray] = long or {}
         # rows beside the graph whose older copy in it is marked deleted (a row number written again after
         # a failed commit); written to the graph again, hnswlib unmarks that copy
         self.unlinked: set[int] = set(unlinked)
         self._side: tuple[dict[int, np.ndarray], np.ndarray, np.ndarray] | None = None  # long as arrays
 
-    def split(
-        self, x: np.ndarray, rows: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray], float | None]:
-        """Of rows to add: those for the graph, those to keep beside it, and the radius the graph must be
-        rebuilt at first (None: the current one serves). Changes nothing: ``place`` does, under the lock."""
+    def split(self, x: np.ndarray, rows: np.ndarray) -> Split:
+        """Of rows to add: those for the graph, those to keep beside it, and the radius and limit the graph
+        must be rebuilt at first (radius None: the current one serves). Changes nothing: ``place`` and
+        ``moved_in`` do, under the lock."""
         norms = np.linalg.norm(x, axis=1)
-        base = self.radius or HEADROOM * float(np.quantile(norms, 0.999))  # first rows: all but the longest
-        beside = norms > LONG_FACTOR * base if base > 0 else np.zeros(len(norms), dtype=bool)
+        limit = self.limit or LONG_FACTOR * float(np.median(norms))  # the first rows set it
+        beside = norms > limit if limit > 0 else np.zeros(len(norms), dtype=bool)
         kept = {row: np.array(v, dtype=np.float32) for row, v in zip(rows[beside].tolist(), x[beside])}
         longest = float(norms[~beside].max(initial=0.0))
         radius = HEADROOM * longest if longest > self.radius else None
         if len(self.long) + len(kept) > LONG_MAX:  # the norms grew: the graph takes them in, but the longest 0.1%
             beside_norms = np.linalg.norm(np.stack([*self.long.values(), *kept.values()]), axis=1)
-            radius = HEADROOM * max(longest, float(np.quantile(beside_norms, 0.999)))
-        return x[~beside], rows[~beside], kept, radius
+            limit = max(limit, float(np.quantile(beside_norms, 0.999)))
+            radius = HEADROOM * max(longest, limit)
+        return Split(x[~beside], rows[~beside], kept, radius, limit)
 
     def place(self, graph_rows: np.ndarray, beside: dict[int, np.ndarray]) -> None:
         """``beside`` kept beside the graph, and ``graph_rows`` no longer (a row number written again after
@@ -85,9 +106,10 @@ class Lift:
         vectors = np.array([long[row] for row in rows], dtype=np.float32).reshape(len(rows), self.dim)
         return np.array(rows, dtype=np.int64), vectors
 
-    def moved_in(self, radius: float, rows: np.ndarray) -> None:
-        """The graph was rebuilt at ``radius`` holding ``rows`` of those beside it (and no deleted rows)."""
-        self.radius = radius
+    def moved_in(self, radius: float, limit: float, rows: np.ndarray) -> None:
+        """The graph was rebuilt at ``radius`` holding ``rows`` of those beside it (and no deleted rows); rows
+        longer than ``limit`` are kept beside it from now on."""
+        self.radius, self.limit = radius, limit
         taken = set(rows.tolist())
         self.long = {row: v for row, v in self.long.items() if row not in taken}
         self.unlinked = set()
@@ -115,13 +137,18 @@ class Lift:
         scores = np.hstack([graph_ip, q @ side_x.T])
         every = np.hstack([labels, np.broadcast_to(side_rows, (len(q), len(side_rows)))])
         keep = min(k, scores.shape[1])
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+        if keep < scores.shape[1]:  # the best k of thousands beside the graph: partition, then order those
+            part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+            best = np.take_along_axis(part, np.argsort(-np.take_along_axis(scores, part, 1), axis=1), 1)
+        else:
+            best = np.argsort(-scores, axis=1, kind="stable")
         out = np.take_along_axis(every, best, axis=1)
         return np.where(np.take_along_axis(scores, best, axis=1) > -np.inf, out, -1)
 
     def to_sidecar(self) -> dict[str, Any]:
         return {
             "ip_radius": self.radius,
+            "ip_limit": self.limit,
             "ip_long": [[row, v.tolist()] for row, v in self.long.items()],
             "ip_unlinked": sorted(self.unlinked),
         }
@@ -129,4 +156,6 @@ class Lift:
     @classmethod
     def from_sidecar(cls, dim: int, side: dict[str, Any]) -> Lift:
         long = {int(row): np.array(v, dtype=np.float32) for row, v in side.get("ip_long") or []}
-        return cls(dim, float(side.get("ip_radius") or 0.0), long, side.get("ip_unlinked") or ())
+        radius = float(side.get("ip_radius") or 0.0)
+        limit = float(side.get("ip_limit") or 4 * radius)  # (the rule before the limit was saved)
+        return cls(dim, radius, long, side.get("ip_unlinked") or (), limit)
