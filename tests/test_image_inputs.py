@@ -376,7 +376,9 @@ def test_symlinked_subfolders_are_followed_once(store, photos, tmp_path):
     Image.fromarray(_pixels(7)).save(elsewhere / "linked.png")
     (photos / "sub" / "link").symlink_to(elsewhere, target_is_directory=True)
     (photos / "sub" / "loop").symlink_to(photos, target_is_directory=True)  # a link back up: no loop
+    (photos / "a_link").symlink_to(photos / "sub", target_is_directory=True)  # sorts before the real one
     store.add(photos)
     paths = store.sql("SELECT path FROM items").column("path").to_pylist()
     assert str(photos / "sub" / "link" / "linked.png") in paths
     assert len(store) == 5 and len(paths) == 5
+    assert not [p for p in paths if "a_link" in p], "a file inside the folder is named by its own path"
