@@ -39,7 +39,7 @@ from mrlstore.write.writer import Writer
 # of numbers is one vector, a list of lists a batch. numpy's shape types do not separate a 1-D from a 2-D
 # array for mypy, so arrays, paths, images and columns are typed Hits | HitsBatch: narrow with isinstance.
 OneVector: TypeAlias = "list[float] | tuple[float, ...]"
-ManyVectors: TypeAlias = "list[list[float]] | list[tuple[float, ...]]"
+ManyVectors: TypeAlias = "Sequence[list[float]] | Sequence[tuple[float, ...]]"
 
 
 class Store:

@@ -114,6 +114,7 @@ def test_a_type_checker_sees_the_rule(tmp_path):
         reveal_type(added[0])
         reveal_type(added[:1])
         reveal_type(batch[0].to_pandas())
+        reveal_type(store.query([(0.1, 0.2, 0.3, 0.4), (0.4, 0.3, 0.2, 0.1)]))
     """)
     )
     out = subprocess.run(
@@ -125,5 +126,5 @@ def test_a_type_checker_sees_the_rule(tmp_path):
                 if "Revealed" in line]  # fmt: skip
     hits, batch = "mrlstore.results.Hits", "mrlstore.results.HitsBatch"
     assert [r.replace("builtins.", "") for r in revealed] == [
-        hits, batch, f"{hits} | {batch}", "int", "list[int]", hits, hits, batch, "str", "list[str]", "Any",
+        hits, batch, f"{hits} | {batch}", "int", "list[int]", hits, hits, batch, "str", "list[str]", "Any", batch,
     ], out.stdout  # fmt: skip
