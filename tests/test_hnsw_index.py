@@ -348,3 +348,32 @@ def test_a_group_of_rows_far_longer_than_the_rest_is_kept_beside_the_graph_and_f
     found = index.search(queries, k=200, ef=200)
     truth = _top(queries, x, 10)
     assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) >= 0.95
+
+
+def test_the_lift_never_shrinks_below_rows_in_the_graph(tmp_path, monkeypatch):
+    """First rows mostly all-zero set no limit of 0, and a rebuild for many rows beside the graph keeps the
+    radius: rebuilt smaller, rows already in the graph got a lift of 0 and were never found again."""
+    from mrlstore.tiers import ip_lift
+
+    monkeypatch.setattr(ip_lift, "LONG_MAX", 20)
+    rng = np.random.default_rng(0)
+    first = np.zeros((10, 8), np.float32)
+    first[6:] = rng.standard_normal((4, 8))
+    first[6:] *= 10 / np.linalg.norm(first[6:], axis=1, keepdims=True)
+    index = PrefixIndex(8, "ip", M=8, ef_construction=50, capacity=16)
+    index.add(first, np.arange(10), covered_rows=10)
+    assert index._lift.limit == pytest.approx(30)  # 3 times the median of the rows that are not zeros
+    second = rng.standard_normal((300, 8)).astype(np.float32)
+    second /= np.linalg.norm(second, axis=1, keepdims=True)
+    second[:30] *= 40  # past the limit: beside the graph, more than LONG_MAX, so the graph is rebuilt
+    index.add(second, np.arange(10, 310), covered_rows=310)
+    radius = index._lift.radius
+    rows = [r for r in range(310) if r not in index._lift.long]
+    lifted = index._index.get_items(rows)
+    assert np.allclose(np.linalg.norm(lifted, axis=1), radius, rtol=1e-3)  # every row in the graph on the sphere
+    for probe in (index, _reloaded(index, tmp_path)):
+        assert probe._lift.limit == index._lift.limit and probe._lift.radius == radius
+    # many rows beside, all shorter than the graph's radius: a rebuild takes them in at the same radius
+    lift = ip_lift.Lift(8, radius=12.5, limit=3.0, long={r: np.full(8, 5 / np.sqrt(8), np.float32) for r in range(25)})
+    split = lift.split(np.ones((1, 8), np.float32) / np.sqrt(8), np.array([100]))
+    assert split.radius == 12.5

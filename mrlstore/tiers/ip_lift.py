@@ -25,6 +25,13 @@ LONG_FACTOR = 3.0  # a row longer than this many times the first rows' median is
 LONG_MAX = 4096
 
 
+def _first_limit(norms: np.ndarray) -> float:
+    """The limit the first rows set: LONG_FACTOR times their median norm, all-zero rows left out (0: none
+    yet, and the next rows set it)."""
+    nonzero = norms[norms > 0]
+    return LONG_FACTOR * float(np.median(nonzero)) if len(nonzero) else 0.0
+
+
 class Split(NamedTuple):
     """Rows to add, sorted by ``Lift.split``."""
 
@@ -61,7 +68,7 @@ class Lift:
         must be rebuilt at first (radius None: the current one serves). Changes nothing: ``place`` and
         ``moved_in`` do, under the lock."""
         norms = np.linalg.norm(x, axis=1)
-        limit = self.limit or LONG_FACTOR * float(np.median(norms))  # the first rows set it
+        limit = self.limit or _first_limit(norms)
         beside = norms > limit if limit > 0 else np.zeros(len(norms), dtype=bool)
         kept = {row: np.array(v, dtype=np.float32) for row, v in zip(rows[beside].tolist(), x[beside])}
         longest = float(norms[~beside].max(initial=0.0))
@@ -69,7 +76,7 @@ class Lift:
         if len(self.long) + len(kept) > LONG_MAX:  # the norms grew: the graph takes them in, but the longest 0.1%
             beside_norms = np.linalg.norm(np.stack([*self.long.values(), *kept.values()]), axis=1)
             limit = max(limit, float(np.quantile(beside_norms, 0.999)))
-            radius = HEADROOM * max(longest, limit)
+            radius = max(self.radius, HEADROOM * max(longest, limit))  # never smaller: rows in the graph fit
         return Split(x[~beside], rows[~beside], kept, radius, limit)
 
     def place(self, graph_rows: np.ndarray, beside: dict[int, np.ndarray]) -> None:
@@ -157,5 +164,6 @@ class Lift:
     def from_sidecar(cls, dim: int, side: dict[str, Any]) -> Lift:
         long = {int(row): np.array(v, dtype=np.float32) for row, v in side.get("ip_long") or []}
         radius = float(side.get("ip_radius") or 0.0)
-        limit = float(side.get("ip_limit") or 4 * radius)  # (the rule before the limit was saved)
+        saved = side.get("ip_limit")
+        limit = 4 * radius if saved is None else float(saved)  # (the rule before the limit was saved)
         return cls(dim, radius, long, side.get("ip_unlinked") or (), limit)
