@@ -450,3 +450,25 @@ def test_verify_reports_an_id_stored_twice(store_path):
         con.execute("UPDATE _items SET id = 'a' WHERE id = 'b'")
     with mrlstore.open(store_path) as s:
         assert s.verify() == ["ids stored at more than one live row, e.g. ['a']"]
+
+
+@pytest.mark.parametrize("change", ["delete", "upsert"])
+def test_a_reader_on_an_older_version_finds_rows_a_later_writer_deleted(store_path, monkeypatch, change):
+    """Runs a later writer builds hold the pairs of its own live rows: a row deleted (or replaced) since a
+    reader's version was missing from them, and the reader's get said UnknownIdError for a row its sql saw."""
+    monkeypatch.setattr(id_index, "TAIL_ROWS", 8)
+    with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
+        add(s, [f"a{j}" for j in range(6)])  # below TAIL_ROWS: no run yet
+    with mrlstore.open(store_path, read_only=True) as reader:
+        with mrlstore.open(store_path) as writer:
+            if change == "delete":
+                writer.delete(["a3"])
+            else:
+                writer.upsert_vectors(np.ones((1, DIM), np.float32), ids=["a3"])
+        with mrlstore.open(store_path) as writer:
+            add(writer, [f"b{j}" for j in range(20)])  # the runs now cover rows from 0, without a3's
+        assert list((store_path / ID_DIR).glob("*.run"))
+        assert reader.sql("SELECT count(*) AS n FROM items WHERE id = 'a3'").column("n").to_pylist() == [1]
+        assert reader.get(["a3", "a4"]).column("id").to_pylist() == ["a3", "a4"]
+        with pytest.raises(mrlstore.UnknownIdError):
+            reader.get(["nope"])

@@ -87,6 +87,9 @@ class Catalog:
         self._id_dir = self._folder / ID_DIR
         self._id_index: IdIndex | None = None  # loaded on first use
         self._fetch_ids = fetch_ids
+        # a local reader's runs are the live store's: a later writer rewrites them from its own live rows,
+        # without those it deleted since this reader's version (a published version's runs are its own)
+        self._runs_may_lack_rows = read_only and fetch_ids is None
         self._fetch_lock = threading.Lock()
         self._unique_ids: bool | None = None  # DuckDB's own unique index on id (formats 1-3): no cache then
         self.read_only = read_only
@@ -338,6 +341,8 @@ class Catalog:
         found = {ids[p]: r for p, r in zip(positions.tolist(), rows.tolist()) if stored.get(r) == ids[p]}
         if index.tail_in_catalog:  # a reader whose cache misses many rows: those are joined here
             found.update(self._join_ids(ids, index.covered))
+        if self._runs_may_lack_rows and len(found) < len(set(ids)):
+            found.update(self._join_ids([i for i in dict.fromkeys(ids) if i not in found], 0))
         return found
 
     def _ids_at(self, rows: np.ndarray) -> dict[int, str]:
@@ -436,6 +441,8 @@ class Catalog:
             self._con.rollback()
 
     def _check_single_select(self, sql: str, what: str, shown: str) -> None:
+        if not isinstance(sql, str):
+            raise InvalidFilterError(f"{what} takes SQL text, got {type(sql).__name__}")
         try:
             statements = self._con.extract_statements(sql)
         except duckdb.Error as e:
@@ -896,7 +903,7 @@ def _insert_errors(duplicate: str) -> Iterator[None]:
         yield
     except duckdb.ConversionException as e:
         raise MetadataError(f"metadata does not fit the store's column types: {_first_line(e)}") from None
-    except duckdb.NotImplementedException as e:
+    except (duckdb.NotImplementedException, duckdb.InvalidInputException) as e:
         raise MetadataError(f"metadata of a type the catalog cannot store: {_first_line(e)}") from None
     except duckdb.ConstraintException as e:
         raise DuplicateIdError(f"{duplicate}: {_first_line(e)}") from None
