@@ -285,3 +285,33 @@ def test_bad_add_arrow_batch_size(store: mrlstore.Store, batch_size: Any) -> Non
     with raises(mrlstore.InvalidInputError, ValueError, match="batch_size must be a positive integer"):
         store.add_arrow(table, vector="vector", id="id", batch_size=batch_size)
     assert len(store) == N
+
+
+# -- found by a review: inputs that reached the engines raw -----------------------------------------------
+@pytest.mark.parametrize(
+    "metadata,match",
+    [
+        ({"p": "bad\udc80"}, "valid Unicode"),  # a lone surrogate: bytes decoded with surrogateescape
+        ({"bad\udc80": 1}, "valid Unicode"),
+        ({"e": {}}, "empty dict"),  # DuckDB stores no struct without fields
+        ({"e": [{}]}, "empty dict"),
+    ],
+    ids=["value", "key", "empty-dict", "list-of-empty-dicts"],
+)
+def test_metadata_duckdb_cannot_store_is_refused_and_changes_nothing(store: mrlstore.Store, metadata, match) -> None:
+    before = logical(store)
+    with raises(mrlstore.MetadataError, ValueError, match=match):
+        store.add_vectors(vecs(1), ids=["new"], metadata=[metadata])
+    assert logical(store) == before
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.5, True])
+def test_a_scan_batch_size_is_checked_when_the_scan_is_asked_for(store: mrlstore.Store, batch_size) -> None:
+    with raises(mrlstore.InvalidKError, ValueError, match="batch_size must be a positive integer"):
+        store.scan(batch_size=batch_size)  # -1 returned no rows at all, 0 failed only once iterated
+
+
+@pytest.mark.parametrize("query", [None, 123, b"SELECT 1"])
+def test_sql_of_no_text_is_an_invalid_filter(store: mrlstore.Store, query) -> None:
+    with raises(mrlstore.InvalidFilterError, ValueError, match="takes SQL text"):
+        store.sql(query)

@@ -214,6 +214,8 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
             table = pa.table({k: [r.get(k) for r in rows] for k in keys})
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:  # OverflowError: an int past 64 bits
         raise MetadataError(f"metadata values cannot form typed columns: {e}") from None
+    except UnicodeError as e:  # text with lone surrogates (from bytes decoded with surrogateescape)
+        raise MetadataError(f"metadata text must be valid Unicode: {e}") from None
     if table.num_rows != n:
         raise MetadataError(f"got {table.num_rows} metadata rows for {n} vectors")
     for name in table.column_names:
@@ -230,9 +232,18 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
     if table.num_columns == 0:
         return None
     for i, field in enumerate(table.schema):
+        if _has_empty_struct(field.type):
+            raise MetadataError(f"metadata column {field.name!r} holds an empty dict (a struct without fields), "
+                                "which the catalog cannot store: leave the key out, or give it None")  # fmt: skip
         if pa.types.is_float16(field.type):  # DuckDB reads no half floats; float32 holds every value
             table = table.set_column(i, field.name, table.column(i).cast(pa.float32()))
     return table
+
+
+def _has_empty_struct(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind) and kind.num_fields == 0:
+        return True
+    return any(_has_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
 
 
 def dims_tuple(dims: Any, dim: int) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from mrlstore.errors import InvalidInputError, StorageError, UnknownIdError, sto
 from mrlstore.inputs.vectors import dims_tuple, id_strings
 from mrlstore.query.filters import FilterCache
 from mrlstore.tiers.abc import VectorTier
+from mrlstore.tiers.params import positive_int
 from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState
 
@@ -49,6 +50,7 @@ class Reader:
     ) -> pa.RecordBatchReader:
         """The live entries as a reader of batches (see ``Store.scan``); a consistent snapshot."""
         state = self.state
+        batch_size = positive_int(batch_size, "batch_size")  # now: iterating the reader is too late to say so
         if dims is not None:
             dims = dims_tuple([dims], state.params.dim)[0]
         with state.reading():  # a snapshot, its filter and its files of one point in time
