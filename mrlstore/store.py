@@ -403,7 +403,8 @@ class Store:
         own row excluded), or on up to ``sample`` of ``queries`` (vectors or images like those users will
         send). Persisted: ``query`` uses the setting of the shape it runs (``dims`` omitted: the fastest
         shape that reached the target). Shapes that miss the target keep their best effort and are named in
-        a warning; when none reaches it, TuningError is raised and the previous settings stay.
+        a warning; when none reaches it, TuningError is raised (naming what exact search costs, where it
+        was measured) and the previous settings stay.
 
         Unless the store was created with ``prefixes="raw"`` (or holds under 100 rows), tune also fits
         short codes to the store's rows (principal directions, the directions of differences between rows and

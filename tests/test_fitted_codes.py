@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -475,6 +476,11 @@ def test_lengths_without_a_gain_keep_their_raw_prefix_index(tmp_path):
         assert set(indexes.fitted.by_dim) == {16} and set(indexes.by_dim) == {64}
         assert indexes.status == {16: "fitted code", 64: "loaded"}
         assert _ids(store.query(queries, k=10, dims=[64, DIM], shortlist=30)) == before
+        rows = store.report(sample=50).to_pylist()
+    # funnels from 64 run on raw prefixes whatever they ask: listed once, as raw (they were listed twice)
+    keys = Counter((tuple(r["dims"]), r["kind"], r["codes"], r["shortlist"], r["taper"]) for r in rows)
+    assert [key for key, n in keys.items() if n > 1] == []
+    assert {r["dims"][0] for r in rows if r["codes"] == "fitted"} == {16}
 
 
 def test_a_fit_learns_from_rows_other_than_tunes_probes_where_the_store_has_enough():

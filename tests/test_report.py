@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -91,6 +92,79 @@ def test_a_store_indexed_at_full_dim_reports_its_index_and_numpy_targets_persist
         store.add_vectors(x)
         assert store.tune(recall=np.float64(0.9), sample=50).target == 0.9  # a numpy target is stored as JSON
         rows = store.report(sample=40).to_pylist()
-    funnels = [r for r in rows if r["kind"] == "funnel"]
-    assert funnels and {tuple(r["dims"]) for r in funnels} == {(64,)}  # the HNSW search query() runs
-    assert sum(r["tuned"] for r in rows) == 1  # the default setting is marked, whether HNSW or exact search
+    assert not [r for r in rows if r["kind"] == "funnel"]  # dims=[dim] is exact search, indexed or not
+    assert [r["dims"] for r in rows if r["tuned"]] == [[64]]  # the default setting is marked
+
+
+def _what_query_runs(store: mrlstore.Store, k: int) -> tuple[list[int], int | None, str]:
+    plan = store._search.plan(None, k, None, None)
+    if not plan.sizes:  # exact search (a small store): the prefix row
+        return list(plan.dims), None, "raw"
+    return list(plan.dims), plan.sizes[0], "fitted" if store._search.funnel.uses_fit(plan) else "raw"
+
+
+@pytest.mark.parametrize("case", ["k past tune's", "a fit's choice starting at a raw prefix"])
+def test_the_row_marked_tuned_is_what_query_runs(tmp_path, case):
+    """report(k=20) on a store tuned at k=10 marked the k=10 shortlist (query runs one grown for k); a fit's
+    choice whose first prefix has no codes marked no row at all (its point was measured on raw prefixes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if case == "k past tune's":
+            x, _ = mrl_like(4000, 128, seed=7, n_clusters=40)
+            store = mrlstore.open(tmp_path / "s", dim=128, bands=(16, 32, 128), metric="l2", prefixes="raw")
+            store.add_vectors(x)
+            store.tune(recall=0.95, k=10)
+            k, seed = 20, 0
+        else:
+            x, _ = mrl_like(2000, 100, seed=5, n_clusters=30)
+            store = mrlstore.open(tmp_path / "s", dim=100, bands=(10, 100), metric="cosine", dtype="float32",
+                                  index_dims=(16, 32))  # fmt: skip
+            store.add_vectors(x)
+            store.tune(recall=0.9, seed=1)
+            k, seed = 10, 1
+        rows = store.report(k=k, seed=seed).to_pylist()
+    marked = [(r["dims"], r["shortlist"], r["codes"]) for r in rows if r["tuned"]]
+    assert marked == [_what_query_runs(store, k)]
+    store.close()
+
+
+def test_a_full_dimension_index_is_reported_as_the_exact_search_it_runs(tmp_path):
+    """dims=[dim] is an exact scan, indexed or not: report listed it as HNSW funnels reading 0 bytes."""
+    x, _ = mrl_like(2000, 100, seed=5, n_clusters=30)
+    with mrlstore.open(tmp_path / "s", dim=100, bands=(10, 100), index_dims=(100,)) as store:
+        store.add_vectors(x)
+        rows = store.report(sample=50).to_pylist()
+    full = [r for r in rows if r["dims"] == [100]]
+    assert [r["kind"] for r in full] == ["prefix alone"] and full[0]["bytes_per_query"] == 2000 * 100 * 2
+
+
+def test_the_tuned_mark_follows_the_codes_and_the_k_a_query_runs_with():
+    from types import SimpleNamespace
+
+    params = SimpleNamespace(dim=100, index_dims=(16, 32))  # what the mark reads of a store's parameters
+    tuned = {"dims": [32, 100], "shortlist": 15, "prefixes": "fitted", "k": 10, "taper": 1}
+    raw, codes = {"dims": [32, 100], "shortlist": 15}, {"dims": [32, 100], "shortlist": 15, "fitted": True}
+
+    def marked(point: dict, k: int, coded: set[int]) -> bool:
+        return report_module._key(point) == report_module._tuned_key(tuned, k, coded, params)
+
+    assert marked(raw, 10, coded={16})  # 32 has no codes: the raw prefix runs
+    assert not marked(codes, 10, coded={16})
+    assert marked(codes, 10, coded={16, 32})
+    assert not marked(raw, 20, coded={16})  # k=20 runs a shortlist of 30
+    assert marked({**raw, "shortlist": 30}, 20, coded={16})
+    single = {"dims": [16], "shortlist": 11, "prefixes": "raw", "k": 10, "taper": 1}  # HNSW on 16 alone
+    assert report_module._tuned_key(single, 10, set(), params) == ((16,), 11, 1, False)
+    assert report_module._tuned_key({**single, "dims": [100]}, 10, set(), params) is None  # exact search
+
+
+def test_a_single_indexed_prefix_tuned_is_marked(tmp_path):
+    """tune(dims=[16]) runs HNSW on 16 alone: its row is the tuned one (no row was marked)."""
+    x, _ = mrl_like(3000, 128, seed=3, n_clusters=30)
+    with mrlstore.open(tmp_path / "s", dim=128, bands=(16, 32, 128), index_dims=(16, 32)) as store:
+        store.add_vectors(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            store.tune(recall=0.3, dims=[16], sample=50)
+            rows = store.report(sample=50).to_pylist()
+    assert [(r["dims"], r["kind"]) for r in rows if r["tuned"]] == [([16], "funnel")]

@@ -191,3 +191,55 @@ def test_the_filter_scan_shortlist_is_the_untuned_one_at_least():
     wide = query_plan.Plan((32, 128), 10, (400,))
     assert query_plan.for_filter_scan(wide, 5000) is wide
     assert query_plan.for_filter_scan(query_plan.Plan((128,), 10, ()), 5000).sizes == ()
+
+
+def test_seeds_are_checked_by_report_and_kept_as_numbers_by_tune(tmp_path):
+    x, _ = mrl_like(500, 64, seed=2)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64), index_dims=(16,)) as store:
+        store.add_vectors(x)
+        assert store.tune(seed=np.int64(3), sample=50).seed == 3  # a numpy seed failed to persist: TypeError
+        for seed in (-1, 1.5):
+            with pytest.raises(mrlstore.InvalidInputError, match="seed"):
+                store.report(seed=seed, sample=20)  # numpy's own ValueError and TypeError
+        assert store.report(seed=np.int64(3), sample=20).num_rows
+
+
+def test_a_k_past_the_largest_shortlist_tunes(tmp_path):
+    x, _ = mrl_like(3300, 32, seed=1, n_clusters=10)
+    with mrlstore.open(tmp_path / "s", dim=32, bands=(8, 32), index_dims=(8,), prefixes="raw") as store:
+        store.add_vectors(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert store.tune(k=3200, sample=5).shortlist >= 3201  # the shortlists tried were none: IndexError
+
+
+def test_an_unreachable_target_says_what_exact_search_costs_on_a_small_store(tmp_path):
+    """Random rows have no Matryoshka structure: no funnel reaches 0.99. The error names the best funnel (not
+    exact search, whose 1.0 it once reported as the best found) and what exact search would cost."""
+    x = np.random.default_rng(0).standard_normal((2000, 128)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=128, bands=(16, 32, 128), prefixes="raw") as store:
+        store.add_vectors(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            first = store.tune(recall=0.5)
+        for dims in (None, [16, 128]):
+            with pytest.raises(mrlstore.TuningError, match=r"best 0\.\d+ with dims=\[(16|32)[^\]]*\].*exact search "
+                               r"reaches it at [\d.]+ ms per query: query\(v, dims=\[128\]\)"):  # fmt: skip
+                store.tune(recall=0.99, dims=dims)
+        assert store.info()["tuned"]["target"] == first.target  # the settings stay
+
+
+def test_a_failed_tune_leaves_the_fit_in_use_as_a_reopen_has_it(tmp_path, monkeypatch):
+    x, _ = mrl_like(4000, 128, seed=7, n_clusters=40)
+    with mrlstore.open(tmp_path / "s", dim=128, bands=(16, 32, 128), metric="ip") as store:
+        store.add_vectors(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert store.tune(recall=0.95).prefixes == "fitted"
+        status = store.info().index_status
+        monkeypatch.setattr(tuning, "EXACT_CANDIDATE_FACTOR", 0)  # exact search would reach any target
+        with pytest.raises(mrlstore.TuningError):
+            store.tune(dims=[16], recall=0.999)
+        assert store.info().index_status == status  # the raw indexes tune loaded stayed in use
+    with mrlstore.open(tmp_path / "s") as store:
+        assert store.info().index_status == status

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from mrlstore.query import tuning
 from mrlstore.query.funnel import Funnel
-from mrlstore.query.plan import Plan, funnel_shapes, tapered_sizes
+from mrlstore.query.plan import Plan, funnel_shapes, tapered_sizes, tuned_first
 from mrlstore.tiers.params import StoreParams
 from mrlstore.tiers.snapshot import Snapshot
 
@@ -45,14 +45,15 @@ def dims_report(
     """The report's table (see the module's docstring), prefixes first, then funnels by shape and shortlist."""
     probe = tuning.Probe.sample(funnel, snap, k, sample, seed, params.dim, read_queries)
     itemsize = np.dtype(params.dtype).itemsize
-    exact_tuned = tuned is not None and tuned["dims"] == [params.dim] and params.dim not in params.index_dims
+    exact_tuned = tuned is not None and tuned["dims"] == [params.dim]
     rows = [_prefix_row(funnel, snap, probe, d, k, itemsize) for d in prefix_dims(params)]
     rows[-1]["tuned"] = exact_tuned  # query() runs exact search when tune found it fastest
     if funnel.fitted is not None:
         rows += [_code_row(funnel, snap, probe, d, k, params.dim * itemsize) for d in sorted(funnel.fitted.by_dim)]
+    coded = set(funnel.fitted.by_dim) if funnel.fitted is not None else set()
     for point in _funnel_points(funnel, snap, probe, params, tuned, k, sample, seed, generation):
-        if len(point["dims"]) == 1 and point["dims"][0] not in params.index_dims:
-            continue  # exact search: a prefix row
+        if _exact(point["dims"], params, coded):
+            continue  # exact search (dims=[dim] is, indexed or not): a prefix row
         sizes = tapered_sizes(point["shortlist"], k + 1, len(point["dims"]), point.get("taper", 1))
         rows.append({
             "dims": point["dims"], "kind": "funnel", "codes": "fitted" if point.get("fitted") else "raw",
@@ -60,7 +61,7 @@ def dims_report(
             "taper": point.get("taper", 1), "recall": point["recall"], "recall_low": point.get("recall_low"),
             "p50_ms": point.get("p50_ms"),
             "bytes_per_query": funnel_bytes(point["dims"], sizes, _hnsw_dims(funnel, point), snap.n_live, itemsize),
-            "tuned": _is_tuned(point, tuned),
+            "tuned": _key(point) == _tuned_key(tuned, k, coded, params),
         })  # fmt: skip
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
@@ -127,14 +128,20 @@ def _funnel_points(
     """Every shape at every shortlist of tune's grid up to its budget; the points tune measured are taken as
     they are when fresh (the store unchanged since: same rows, live rows and generation; measured the same
     way: the same k, sample and seed, on the store's own rows)."""
-    budget = min(tuning.MAX_SHORTLIST, max(20 * k, snap.n_live // 4))
-    grid = [s for s in sorted({max(k + 1, s) for s in tuning.GRID}) if s <= budget]
-    fresh = _fresh_points(tuned, snap, generation, k, sample, seed)
-    # the points of a fit that tune measured and dropped are not the store's
-    known = {_key(p): p for p in fresh if funnel.fitted is not None or not p.get("fitted")}
-    modes = (False, True) if funnel.fitted is not None else (False,)
-    shapes = funnel_shapes(params.index_dims, params.bands, params.dim)
-    wanted = [(tuple(shape), s, 1, fitted) for fitted in modes for shape in shapes for s in grid]
+    grid = tuning.shortlist_grid(k, snap.n_live)[1]
+    coded = set(funnel.fitted.by_dim) if funnel.fitted is not None else set()
+    known: dict[tuple, dict[str, Any]] = {}
+    for point in _fresh_points(tuned, snap, generation, k, sample, seed):
+        if funnel.fitted is not None or not point.get("fitted"):  # a fit tune measured and dropped: not the store's
+            point = {**point, "fitted": bool(point.get("fitted")) and point["dims"][0] in coded}  # as it ran
+            known.setdefault(_key(point), point)
+    shapes = [tuple(shape) for shape in funnel_shapes(params.index_dims, params.bands, params.dim)]
+    # on the codes only where the first prefix has them (the others run on raw prefixes: the same funnel)
+    wanted = [(shape, s, 1, fitted) for shape in shapes for fitted in (False, True) if not fitted or shape[0] in coded
+              for s in grid]  # fmt: skip
+    runs = _tuned_key(tuned, k, coded, params)
+    if runs is not None and runs not in wanted:
+        wanted.append(runs)  # what query(v, k=k) runs, also where that shortlist is off the grid
     points = [known.pop(key) if key in known else _measure(funnel, snap, probe, key, k) for key in wanted]
     points += list(known.values())  # tune's other points: tapered schedules, fine sizes
     return sorted(
@@ -163,9 +170,18 @@ def _key(point: dict[str, Any]) -> tuple[tuple[int, ...], int, int, bool]:
     return tuple(point["dims"]), point["shortlist"], point.get("taper", 1), bool(point.get("fitted"))
 
 
-def _is_tuned(point: dict[str, Any], tuned: dict[str, Any] | None) -> bool:
-    if not tuned:
-        return False
-    same = point["dims"] == tuned["dims"] and point["shortlist"] == tuned["shortlist"]
-    codes = bool(point.get("fitted")) == (tuned.get("prefixes") == "fitted")
-    return same and codes and point.get("taper", 1) == tuned.get("taper", 1)
+def _tuned_key(
+    tuned: dict[str, Any] | None, k: int, coded: set[int], params: StoreParams
+) -> tuple[tuple[int, ...], int, int, bool] | None:
+    """The funnel ``query(v, k=k)`` runs: tune's shape, its shortlist for this k, on the codes when its first
+    prefix has them (a fit's choice may start at a raw prefix); None for exact search or an untuned store."""
+    if not tuned or _exact(tuned["dims"], params, coded):
+        return None
+    shortlist = tuned_first(tuned["shortlist"], tuned.get("k", k), k)
+    codes = tuned.get("prefixes") == "fitted" and tuned["dims"][0] in coded
+    return tuple(tuned["dims"]), shortlist, tuned.get("taper", 1), codes
+
+
+def _exact(dims: Sequence[int], params: StoreParams, coded: set[int]) -> bool:
+    """Whether a funnel of ``dims`` is exact search: ``[dim]``, or one prefix that no index searches."""
+    return len(dims) == 1 and (dims[0] == params.dim or dims[0] not in {*params.index_dims, *coded})

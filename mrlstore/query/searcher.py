@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -142,7 +143,7 @@ class Searcher:
     def report(self, k: int, sample: int, seed: int) -> pa.Table:
         """``Store.report``: the dims report over the current snapshot."""
         state, p = self.state, self.state.params
-        k, sample = positive_int(k, "k"), positive_int(sample, "sample")
+        k, sample, seed = positive_int(k, "k"), positive_int(sample, "sample"), _seed(seed)
         with state.writing():  # as tune: no close, compaction or refresh closes the files it scans meanwhile
             snap = state.snap
             if snap.n_live <= k + 1:
@@ -161,34 +162,33 @@ class Searcher:
         if isinstance(recall, bool) or not isinstance(recall, (int, float, np.number)) or not 0 < recall <= 1:
             raise InvalidInputError(f"recall must be a number in (0, 1], got {recall!r}")
         recall = float(recall)  # a numpy scalar would not persist as JSON
-        sample = positive_int(sample, "sample")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+        sample, seed = positive_int(sample, "sample"), _seed(seed)
         shapes = [dims_tuple(dims, p.dim)] if dims is not None else funnel_shapes(p.index_dims, p.bands, p.dim)
         with state.writing():
             snap = state.snap
             if snap.n_live <= k + 1:
                 raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
             read = lambda rows: state.vectors.gather(rows, 0, p.dim)  # noqa: E731 - the sampled rows' vectors
-            state.indexes.ensure_raw(snap, state.vectors, state.catalog.tombstones())  # a fit unloaded them
-            raw = self.funnel.with_fitted(None)
-            probe = tuning.Probe.sample(raw, snap, k, sample, seed, p.dim, read, held_out)
-            if state.vectors.prefault_rows < snap.watermark:
-                # Its exact search read rows the store leaves to disk, and the page cache made room for them
-                # with the rows held in memory (at 12M rows two thirds of them: cold queries then faulted
-                # 444 pages against 77): read those back before measuring, and for the queries after
-                state.vectors.prefault(0, snap.watermark)
-            t0 = time.perf_counter()
-            projection = self._fit(snap, read, shapes, probe.rows)
-            # codes get indexes only at lengths where they beat the raw prefixes on the sample (as costly as raw ones)
-            candidate = (
-                None
-                if projection is None or not projection.beats_raw
-                else state.indexes.build_fitted(projection, snap, state.vectors)
-            )
-            fit_s = time.perf_counter() - t0
-            fitted = None if candidate is None else raw.with_fitted(candidate)
-            choice = tuning.tune_prefixes(raw, fitted, tuning.Task(snap, shapes, recall, k, probe, p.dim, p.index_dims))
+            with self._raw_while_measuring(snap):
+                raw = self.funnel.with_fitted(None)
+                probe = tuning.Probe.sample(raw, snap, k, sample, seed, p.dim, read, held_out)
+                if state.vectors.prefault_rows < snap.watermark:
+                    # Its exact search read rows the store leaves to disk, and the page cache made room for them
+                    # with the rows held in memory (at 12M rows two thirds of them: cold queries then faulted
+                    # 444 pages against 77): read those back before measuring, and for the queries after
+                    state.vectors.prefault(0, snap.watermark)
+                t0 = time.perf_counter()
+                projection = self._fit(snap, read, shapes, probe.rows)
+                # codes get indexes only at lengths where they beat the raw prefixes on the sample (as costly)
+                candidate = (
+                    None
+                    if projection is None or not projection.beats_raw
+                    else state.indexes.build_fitted(projection, snap, state.vectors)
+                )
+                fit_s = time.perf_counter() - t0
+                fitted = None if candidate is None else raw.with_fitted(candidate)
+                task = tuning.Task(snap, shapes, recall, k, probe, p.dim, p.index_dims)
+                choice = tuning.tune_prefixes(raw, fitted, task)
             choice |= {"generation": state.generation, "held_out": held_out is not None, "seed": seed,
                        "sample_asked": sample, "all_shapes": dims is None,
                        "fit_s": None if projection is None else fit_s}  # fmt: skip
@@ -196,6 +196,21 @@ class Searcher:
         del candidate, fitted, projection
         release_freed_memory()  # a code index not kept (at 1M rows: 80 MB of small blocks) leaves the heap
         return TuneResult(**choice)
+
+    @contextmanager
+    def _raw_while_measuring(self, snap: Snapshot) -> Iterator[None]:
+        """The raw indexes a fit replaced, loaded for tune to measure raw prefixes again; if tune fails, the
+        fit in use takes their place again (as a reopen would have it)."""
+        state = self.state
+        state.indexes.ensure_raw(snap, state.vectors, state.catalog.tombstones())
+        try:
+            yield
+        except BaseException:
+            if state.indexes.fitted is not None:
+                with state.visibility.write():
+                    state.indexes.install_fitted(state.indexes.fitted)
+                state.indexes.save_fitted()
+            raise
 
     def _fit(
         self,
@@ -230,6 +245,12 @@ class Searcher:
             state.manifest = {**manifest, "tuned": choice, **({"fit": fit} if fit is not None else {})}
         state.indexes.save_fitted()
         self.on_commit()
+
+
+def _seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)  # a numpy integer would not persist as JSON
 
 
 def fit_sample(live: np.ndarray, probe_rows: np.ndarray) -> np.ndarray:

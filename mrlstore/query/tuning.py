@@ -14,6 +14,7 @@ measures both and keeps the faster one that reaches the target.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -77,8 +78,7 @@ def tune(funnel: Funnel, task: Task, fitted: bool = False) -> dict[str, Any]:
     reaches the target."""
     snap, shapes, recall, k, probe, dim = task.snap, task.shapes, task.recall, task.k, task.probe, task.dim
     exact_ms = probe.exact_ms
-    budget = min(MAX_SHORTLIST, max(20 * k, snap.n_live // 4))
-    grid = [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
+    budget, grid = shortlist_grid(k, snap.n_live)
     tried: list[dict[str, Any]] = []
     best_per_shape: dict[str, dict[str, Any]] = {}  # each shape's cheapest reaching point, or its last try
     fine = sorted({max(k + 1, s) for s in FINE_GRID} - set(grid))
@@ -93,10 +93,17 @@ def tune(funnel: Funnel, task: Task, fitted: bool = False) -> dict[str, Any]:
                 point = tapered
         tried += points
         best_per_shape[shape_key(dims_t)] = point
-    _retime([p for p in best_per_shape.values() if p["reached"]], funnel, snap, probe, k, fitted)
-    best = _choose(best_per_shape, tried, recall, budget, lambda d, s: _wider_advice(funnel, task, d, s))
-    if exact_ms < EXACT_CANDIDATE_FACTOR * best["ms_per_query"]:  # a small store: exact search may be faster
+    reached = [p for p in best_per_shape.values() if p["reached"]]
+    _retime(reached, funnel, snap, probe, k, fitted)
+    exact = None
+    if exact_ms < EXACT_CANDIDATE_FACTOR * min((p["ms_per_query"] for p in reached or tried), default=math.inf):
+        # a small store: exact search may be faster than any funnel (or, where none reaches the target, the way)
         exact = measure(funnel, snap, probe, (dim,), k + 1, k, recall)
+    hint = ""
+    if exact is not None and exact["reached"] and not reached:
+        hint = f"; exact search reaches it at {exact['ms_per_query']:.3f} ms per query: query(v, dims=[{dim}])"
+    best = _choose(best_per_shape, tried, recall, budget, lambda d, s: _wider_advice(funnel, task, d, s), hint)
+    if exact is not None:
         tried.append(exact)
         if exact["reached"] and exact["ms_per_query"] < best["ms_per_query"]:
             best = exact
@@ -115,6 +122,13 @@ def tune(funnel: Funnel, task: Task, fitted: bool = False) -> dict[str, Any]:
         "shapes": shapes_out,
         "tried": tried,
     }
+
+
+def shortlist_grid(k: int, live: int) -> tuple[int, list[int]]:
+    """The largest first-stage shortlist tune tries for ``k`` on ``live`` rows, and the sizes it tries (k+1 at
+    least, also for a k past MAX_SHORTLIST)."""
+    budget = max(k + 1, min(MAX_SHORTLIST, max(20 * k, live // 4)))
+    return budget, [s for s in sorted({max(k + 1, s) for s in GRID}) if s <= budget]
 
 
 def tune_prefixes(funnel: Funnel, fitted_funnel: Funnel | None, task: Task) -> dict[str, Any]:
@@ -257,6 +271,7 @@ def _choose(
     recall: float,
     budget: int,
     advise: Callable[[list[int], int], str],
+    hint: str = "",
 ) -> dict[str, Any]:
     """The fastest shape that reached the target; a warning names the shapes that missed it. ``advise(dims,
     shortlist)``: how to index a longer prefix, for a funnel that needs a long shortlist ("" for none)."""
@@ -269,7 +284,7 @@ def _choose(
             f"no funnel reaches recall {recall} with a shortlist of at most {budget} (best {best['recall']:.3f} "
             f"with dims={dims}, shortlist {best['shortlist']}); nothing was saved: lower the target, check that "
             "the vectors have Matryoshka structure (short prefixes that rank well), or index a longer prefix"
-            f"{f': {wider}' if wider else ''}"
+            f"{f': {wider}' if wider else ''}{hint}"
         )
     missed = [p for p in best_per_shape.values() if not p["reached"]]
     if missed:
