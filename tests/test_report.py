@@ -168,3 +168,17 @@ def test_a_single_indexed_prefix_tuned_is_marked(tmp_path):
             store.tune(recall=0.3, dims=[16], sample=50)
             rows = store.report(sample=50).to_pylist()
     assert [(r["dims"], r["kind"]) for r in rows if r["tuned"]] == [([16], "funnel")]
+
+
+def test_a_single_prefix_without_an_index_tuned_is_its_exact_scan_row(tmp_path, monkeypatch):
+    """tune(dims=[48]) where no index holds 48: query() scans that prefix exactly, and its row was neither
+    listed (48 is no band edge nor power of two) nor marked."""
+    from mrlstore.query import tuning
+
+    monkeypatch.setattr(tuning, "EXACT_CANDIDATE_FACTOR", 0)  # the shape asked for, not a full exact search
+    x, _ = mrl_like(4000, 128, seed=7, n_clusters=40)
+    with mrlstore.open(tmp_path / "s", dim=128, bands=(16, 32, 128), index_dims=(16, 32), prefixes="raw") as store:
+        store.add_vectors(x)
+        assert store.tune(recall=0.5, sample=50, dims=[48]).dims == [48]
+        rows = store.report(sample=50).to_pylist()
+    assert [(r["dims"], r["kind"]) for r in rows if r["tuned"]] == [([48], "prefix alone")]

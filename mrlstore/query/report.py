@@ -45,12 +45,14 @@ def dims_report(
     """The report's table (see the module's docstring), prefixes first, then funnels by shape and shortlist."""
     probe = tuning.Probe.sample(funnel, snap, k, sample, seed, params.dim, read_queries)
     itemsize = np.dtype(params.dtype).itemsize
-    exact_tuned = tuned is not None and tuned["dims"] == [params.dim]
-    rows = [_prefix_row(funnel, snap, probe, d, k, itemsize) for d in prefix_dims(params)]
-    rows[-1]["tuned"] = exact_tuned  # query() runs exact search when tune found it fastest
+    coded = set(funnel.fitted.by_dim) if funnel.fitted is not None else set()
+    # query() scans a prefix exactly when tune chose exact search, or one prefix no index searches
+    scanned = [int(tuned["dims"][0])] if tuned is not None and _exact(tuned["dims"], params, coded) else []
+    rows = [_prefix_row(funnel, snap, probe, d, k, itemsize) for d in sorted({*prefix_dims(params), *scanned})]
+    for row in rows:
+        row["tuned"] = row["dims"] == scanned
     if funnel.fitted is not None:
         rows += [_code_row(funnel, snap, probe, d, k, params.dim * itemsize) for d in sorted(funnel.fitted.by_dim)]
-    coded = set(funnel.fitted.by_dim) if funnel.fitted is not None else set()
     for point in _funnel_points(funnel, snap, probe, params, tuned, k, sample, seed, generation):
         if _exact(point["dims"], params, coded):
             continue  # exact search (dims=[dim] is, indexed or not): a prefix row
