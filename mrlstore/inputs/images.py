@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -101,25 +100,17 @@ def _files_below(folder: Path) -> Iterator[Path]:
     real folder once, so a link back up cannot loop; the real folders first, so that a file inside ``folder``
     is named by its own path, not a link's."""
     seen: set[str] = set()
-    links: list[str] = []
-    for walk in itertools.chain([os.walk(folder)], (os.walk(link, followlinks=True) for link in _each(links))):
-        for root, dirs, names in walk:
+    starts: list[tuple[str | Path, bool]] = [(folder, False)]
+    for start, follow in starts:  # the list grows while it is read: linked folders after the real ones
+        for root, dirs, names in os.walk(start, followlinks=follow):
             real = os.path.realpath(root)
             if real in seen:
                 dirs.clear()
                 continue
             seen.add(real)
             dirs.sort()
-            links += [os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d))]
+            starts += [(os.path.join(root, d), True) for d in dirs if os.path.islink(os.path.join(root, d))]
             yield from (Path(root, n) for n in names if os.path.isfile(os.path.join(root, n)))
-
-
-def _each(items: list[str]) -> Iterator[str]:
-    """The items of a list that grows while it is read."""
-    i = 0
-    while i < len(items):
-        yield items[i]
-        i += 1
 
 
 def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], list[Failure]]:

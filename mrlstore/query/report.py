@@ -53,7 +53,7 @@ def dims_report(
         row["tuned"] = row["dims"] == scanned
     if funnel.fitted is not None:
         rows += [_code_row(funnel, snap, probe, d, k, params.dim * itemsize) for d in sorted(funnel.fitted.by_dim)]
-    for point in _funnel_points(funnel, snap, probe, params, tuned, k, sample, seed, generation):
+    for point in _funnel_points(funnel, snap, probe, params, tuned, coded, k, sample, seed, generation):
         if _exact(point["dims"], params, coded):
             continue  # exact search (dims=[dim] is, indexed or not): a prefix row
         sizes = tapered_sizes(point["shortlist"], k + 1, len(point["dims"]), point.get("taper", 1))
@@ -122,6 +122,7 @@ def _funnel_points(
     probe: tuning.Probe,
     params: StoreParams,
     tuned: dict[str, Any] | None,
+    coded: set[int],
     k: int,
     sample: int,
     seed: int,
@@ -131,7 +132,6 @@ def _funnel_points(
     they are when fresh (the store unchanged since: same rows, live rows and generation; measured the same
     way: the same k, sample and seed, on the store's own rows)."""
     grid = tuning.shortlist_grid(k, snap.n_live)[1]
-    coded = set(funnel.fitted.by_dim) if funnel.fitted is not None else set()
     known: dict[tuple, dict[str, Any]] = {}
     for point in _fresh_points(tuned, snap, generation, k, sample, seed):
         if funnel.fitted is not None or not point.get("fitted"):  # a fit tune measured and dropped: not the store's
