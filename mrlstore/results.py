@@ -221,6 +221,8 @@ class TuneResult(Record):
     prefixes: str | None = None
     raw_settings: dict[str, Any] | None = None  # with fitted codes: what the raw prefixes measured (or None)
     fit_s: float | None = None  # seconds fitting codes and indexing those that beat raw prefixes (None: not tried)
+    # per first prefix ("16"), how tuned shortlists grow with the store: by (live rows / live) ** exponent
+    growth: dict[str, float] | None = None  # None before it was measured: exponent 1
 
 
 @dataclass(frozen=True, eq=False)

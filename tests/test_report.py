@@ -145,17 +145,19 @@ def test_the_tuned_mark_follows_the_codes_and_the_k_a_query_runs_with():
     tuned = {"dims": [32, 100], "shortlist": 15, "prefixes": "fitted", "k": 10, "taper": 1}
     raw, codes = {"dims": [32, 100], "shortlist": 15}, {"dims": [32, 100], "shortlist": 15, "fitted": True}
 
-    def marked(point: dict, k: int, coded: set[int]) -> bool:
-        return report_module._key(point) == report_module._tuned_key(tuned, k, coded, params)
+    def marked(point: dict, k: int, coded: set[int], live: int = 1000) -> bool:
+        return report_module._key(point) == report_module._tuned_key(tuned, k, coded, params, live)
 
     assert marked(raw, 10, coded={16})  # 32 has no codes: the raw prefix runs
     assert not marked(codes, 10, coded={16})
     assert marked(codes, 10, coded={16, 32})
     assert not marked(raw, 20, coded={16})  # k=20 runs a shortlist of 30
     assert marked({**raw, "shortlist": 30}, 20, coded={16})
+    tuned |= {"live": 1000, "growth": {"32": 0.5}}
+    assert marked({**raw, "shortlist": 30}, 10, coded={16}, live=4000)  # the store grew 4x since: twice
     single = {"dims": [16], "shortlist": 11, "prefixes": "raw", "k": 10, "taper": 1}  # HNSW on 16 alone
-    assert report_module._tuned_key(single, 10, set(), params) == ((16,), 11, 1, False)
-    assert report_module._tuned_key({**single, "dims": [100]}, 10, set(), params) is None  # exact search
+    assert report_module._tuned_key(single, 10, set(), params, 1000) == ((16,), 11, 1, False)
+    assert report_module._tuned_key({**single, "dims": [100]}, 10, set(), params, 1000) is None  # exact search
 
 
 def test_a_single_indexed_prefix_tuned_is_marked(tmp_path):

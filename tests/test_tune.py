@@ -243,3 +243,48 @@ def test_a_failed_tune_leaves_the_fit_in_use_as_a_reopen_has_it(tmp_path, monkey
         assert store.info().index_status == status  # the raw indexes tune loaded stayed in use
     with mrlstore.open(tmp_path / "s") as store:
         assert store.info().index_status == status
+
+
+def test_tuned_shortlists_grow_with_the_store_by_the_measured_exponent():
+    tuned = {"dims": [16, 64, 256, 2048], "shortlist": 200, "ef": 200, "k": 10, "taper": 2, "live": 1000,
+             "growth": {"16": 0.5}}  # fmt: skip
+    plan = query_plan.make_plan(tuned, None, 10, None, None, (16,), 2048)
+    assert plan.sizes == (200, 100, 25) and query_plan.for_rows(plan, 1000) is plan
+    assert query_plan.for_rows(plan, 600).sizes == (200, 100, 25)  # fewer rows than tuned: kept
+    assert query_plan.for_rows(plan, 4000).sizes == (400, 200, 50)  # 4x the rows, exponent 0.5: twice, tapered
+    unmeasured = query_plan.make_plan({**tuned, "growth": None}, None, 10, None, None, (16,), 2048)
+    assert query_plan.for_rows(unmeasured, 4000).sizes == (800, 400, 100)  # in proportion
+    before_live = query_plan.make_plan({**tuned, "live": None}, None, 10, None, None, (16,), 2048)
+    assert query_plan.for_rows(before_live, 4000).sizes == (200, 100, 25)  # tuned before the rows were kept
+    given = query_plan.make_plan(tuned, None, 10, 200, None, (16,), 2048)
+    assert query_plan.for_rows(given, 4000).sizes == given.sizes  # a shortlist the caller gave is used as given
+    shapes = {**tuned, "shapes": {"32,2048": {"shortlist": 50, "ef": 64, "taper": 1}}, "growth": {"32": 1.0}}
+    assert query_plan.for_rows(
+        query_plan.make_plan(shapes, [32, 2048], 10, None, None, (16, 32), 2048), 3000
+    ).sizes == (150,)  # each shape by its own first prefix's exponent
+    one = query_plan.make_plan({**tuned, "dims": [16], "shortlist": 64, "ef": 64}, None, 10, None, None, (16,), 2048)
+    assert one.sizes == () and query_plan.for_rows(one, 4000).ef == 128  # one stage: its beam grows
+    raw = {**tuned, "live": 1000, "growth": {"16": 1.0}}
+    fitted = {**tuned, "prefixes": "fitted", "raw_settings": raw}
+    raw_plan = query_plan.make_plan(fitted, None, 10, None, None, (16,), 2048, fitted=False)
+    assert query_plan.for_rows(raw_plan, 2000).sizes == (400, 200, 50)  # the raw prefixes' own settings
+
+
+def test_a_store_grown_after_tune_keeps_its_recall_and_says_to_tune_again(tmp_path):
+    """A shortlist tuned at 4,000 rows of data with 250 clusters found 0.58-0.76 of the top 10 at 16,000."""
+    x, _ = mrl_like(16400, 128, n_clusters=250, spectrum="gentle", seed=3)
+    queries, held, x = x[:200], x[200:400], x[400:]
+    with mrlstore.open(tmp_path / "s", dim=128, bands=(16, 64, 128)) as store:
+        store.add_vectors(x[:4000], ids=[str(i) for i in range(4000)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # shapes that miss the target
+            choice = store.tune(recall=0.95, queries=queries)
+        assert set(choice.growth) == {"16", "32"} and all(0.5 <= g <= 1 for g in choice.growth.values())
+        store.add_vectors(x[4000:], ids=[str(i) for i in range(4000, len(x))])
+        with pytest.warns(UserWarning, match=r"4\.0x the 4,000 tune measured.*tune\(\) again"):
+            found = store.query(held, k=10, metadata=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            store.query(held[0], k=10, metadata=False)  # once per tune
+        truth = exact_search(x.astype(np.float16).astype(np.float32), held, 10)
+        assert recall_at_k([h.ids for h in found], [[str(r) for r in t] for t in truth]) >= 0.95

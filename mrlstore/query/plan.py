@@ -3,6 +3,7 @@ resolved from the call's arguments and the settings ``tune`` persisted, and reme
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -50,6 +51,42 @@ class Plan:
     sizes: tuple[int, ...]
     ef: int | None = None
     fitted: bool = False  # the first stage searches the store's fitted codes (where it has them)
+    tuned_live: int = 0  # the live rows tune measured ``sizes`` on (0: the sizes were not tuned)
+    growth: float = 1.0  # tuned sizes grow by (live rows / tuned_live) ** growth
+    taper: int = 1  # the tuned schedule's (``tapered_sizes``)
+
+
+def for_rows(plan: Plan, live: int) -> Plan:
+    """``plan`` for a store of ``live`` rows: its tuned survivors grown with the store since tune, then every
+    size at most ``live``."""
+    return within(grown(plan, live), live)
+
+
+def grown(plan: Plan, live: int) -> Plan:
+    """``plan`` with survivors tuned on fewer rows grown as the store grew since, by the exponent tune
+    measured (``tuning.growth_exponents``). A true neighbour's rank on a short prefix grows with the rows
+    around it: kept as tuned, a shortlist tuned at 20k rows found 0.71 of the top 10 at 80k rows and 0.50
+    at 160k on data of 1,000 clusters, 0.99 grown (benchmarks/results/tune_growth.md)."""
+    if not plan.tuned_live or live <= plan.tuned_live:
+        return plan
+    if not plan.sizes:  # one stage: its beam is what tune measured
+        ef = None if plan.ef is None else grown_size(plan.ef, plan.tuned_live, plan.growth, live)
+        return replace(plan, ef=ef)
+    first = grown_size(plan.sizes[0], plan.tuned_live, plan.growth, live)
+    return replace(plan, sizes=tuple(tapered_sizes(first, plan.k, len(plan.dims), plan.taper)))
+
+
+def grown_size(size: int, tuned_live: int, growth: float, live: int) -> int:
+    """A survivor count tuned on ``tuned_live`` rows, for ``live`` rows (see ``grown``)."""
+    if not tuned_live or live <= tuned_live:
+        return size
+    return max(size, math.ceil(size * (live / tuned_live) ** growth))
+
+
+def tuned_growth(setting: dict[str, Any]) -> tuple[int, float]:
+    """The live rows a tuned setting was measured on (0: not kept) and the exponent its shortlists grow by
+    (1.0 where tune did not measure it)."""
+    return int(setting.get("live") or 0), float((setting.get("growth") or {}).get(str(setting["dims"][0]), 1.0))
 
 
 def within(plan: Plan, rows: int) -> Plan:
@@ -98,12 +135,14 @@ def make_plan(
     if ef is not None:
         ef = positive_int(ef, "ef")
     setting = _tuned_setting(tuned, dims, dim) if shortlist is None else None
+    tuned_live, growth, taper = 0, 1.0, 1
     if setting is not None:
+        (tuned_live, growth), taper = tuned_growth(setting), setting.get("taper", 1)
         tuned_dims: list[int] = setting["dims"]
         dims = tuned_dims
         first = tuned_first(setting["shortlist"], setting["k"], k)
         ef = ef if ef is not None else max(setting["ef"], first)
-        shortlist = tapered_sizes(first, k, len(tuned_dims), setting.get("taper", 1))  # [] for one stage
+        shortlist = tapered_sizes(first, k, len(tuned_dims), taper)  # [] for one stage
     dims_t = dims_tuple(dims if dims is not None else default_dims(index_dims, dim), dim)
     try:
         sizes = shortlist_sizes(shortlist, k, len(dims_t))
@@ -113,7 +152,7 @@ def make_plan(
         positive_int(s, "shortlist")
         if s < k:
             raise InvalidKError(f"shortlist sizes must be at least k={k}, got {s}")
-    return Plan(dims_t, k, tuple(sizes), ef, fitted)
+    return Plan(dims_t, k, tuple(sizes), ef, fitted, tuned_live, growth, taper)
 
 
 def tuned_first(shortlist: int, tuned_k: int, k: int) -> int:
@@ -183,7 +222,9 @@ def _tuned_setting(tuned: dict[str, Any] | None, dims: Any, dim: int) -> dict[st
     setting = tuned.get("shapes", {}).get(key)
     if setting is None and shape_key(tuned["dims"]) == key:
         setting = tuned
-    return None if setting is None else {**setting, "dims": list(dims_t), "k": tuned["k"]}
+    if setting is None:
+        return None
+    return {**setting, "dims": list(dims_t), "k": tuned["k"], "live": tuned.get("live"), "growth": tuned.get("growth")}
 
 
 class PlanCache:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from mrlstore.query import tuning
 from mrlstore.query.funnel import Funnel
-from mrlstore.query.plan import Plan, funnel_shapes, tapered_sizes, tuned_first
+from mrlstore.query.plan import Plan, funnel_shapes, grown_size, tapered_sizes, tuned_first, tuned_growth
 from mrlstore.tiers.params import StoreParams
 from mrlstore.tiers.snapshot import Snapshot
 
@@ -63,7 +63,7 @@ def dims_report(
             "taper": point.get("taper", 1), "recall": point["recall"], "recall_low": point.get("recall_low"),
             "p50_ms": point.get("p50_ms"),
             "bytes_per_query": funnel_bytes(point["dims"], sizes, _hnsw_dims(funnel, point), snap.n_live, itemsize),
-            "tuned": _key(point) == _tuned_key(tuned, k, coded, params),
+            "tuned": _key(point) == _tuned_key(tuned, k, coded, params, snap.n_live),
         })  # fmt: skip
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
@@ -141,7 +141,7 @@ def _funnel_points(
     # on the codes only where the first prefix has them (the others run on raw prefixes: the same funnel)
     wanted = [(shape, s, 1, fitted) for shape in shapes for fitted in (False, True) if not fitted or shape[0] in coded
               for s in grid]  # fmt: skip
-    runs = _tuned_key(tuned, k, coded, params)
+    runs = _tuned_key(tuned, k, coded, params, snap.n_live)
     if runs is not None and runs not in wanted:
         wanted.append(runs)  # what query(v, k=k) runs, also where that shortlist is off the grid
     points = [known.pop(key) if key in known else _measure(funnel, snap, probe, key, k) for key in wanted]
@@ -173,13 +173,14 @@ def _key(point: dict[str, Any]) -> tuple[tuple[int, ...], int, int, bool]:
 
 
 def _tuned_key(
-    tuned: dict[str, Any] | None, k: int, coded: set[int], params: StoreParams
+    tuned: dict[str, Any] | None, k: int, coded: set[int], params: StoreParams, live: int
 ) -> tuple[tuple[int, ...], int, int, bool] | None:
-    """The funnel ``query(v, k=k)`` runs: tune's shape, its shortlist for this k, on the codes when its first
-    prefix has them (a fit's choice may start at a raw prefix); None for exact search or an untuned store."""
+    """The funnel ``query(v, k=k)`` runs: tune's shape, its shortlist for this k (grown with the ``live`` rows
+    since), on the codes when its first prefix has them (a fit's choice may start at a raw prefix); None for
+    exact search or an untuned store."""
     if not tuned or _exact(tuned["dims"], params, coded):
         return None
-    shortlist = tuned_first(tuned["shortlist"], tuned.get("k", k), k)
+    shortlist = grown_size(tuned_first(tuned["shortlist"], tuned.get("k", k), k), *tuned_growth(tuned), live)
     codes = tuned.get("prefixes") == "fitted" and tuned["dims"][0] in coded
     return tuple(tuned["dims"]), shortlist, tuned.get("taper", 1), codes
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +21,7 @@ from mrlstore.inputs.vectors import check_prefix, dims_tuple, query_batch
 from mrlstore.query import tuning
 from mrlstore.query.filters import FilterCache
 from mrlstore.query.funnel import Funnel
-from mrlstore.query.plan import Plan, PlanCache, for_filter_scan, funnel_shapes, within
+from mrlstore.query.plan import Plan, PlanCache, for_filter_scan, for_rows, funnel_shapes
 from mrlstore.query.report import dims_report
 from mrlstore.results import Hits, HitsBatch, TuneResult
 from mrlstore.tiers.indexes import FittedCodes, fitted_dims
@@ -28,6 +29,8 @@ from mrlstore.tiers.params import positive_int
 from mrlstore.tiers.projection import FIT_MIN_ROWS, FIT_SAMPLE_ROWS, Projection, can_fit, fit_width
 from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState
+
+GROWTH_TOLD = 2  # queries warn once when the store holds this many times the live rows tune measured
 
 
 class Searcher:
@@ -37,6 +40,7 @@ class Searcher:
         self.state, self.encoders, self.filters, self.on_commit = state, encoders, filters, on_commit
         self.plans = PlanCache()
         self._funnel: Funnel | None = None
+        self._growth_told: object = None  # the tuned settings whose growth a warning named
 
     @property
     def funnel(self) -> Funnel:
@@ -102,11 +106,13 @@ class Searcher:
             snap = state.snap
             if snap.n_live == 0:
                 raise EmptyStoreError(f"store {state.location} holds no vectors to search")
-            plan = within(plan, snap.n_live)
+            if plan.tuned_live and snap.n_live >= GROWTH_TOLD * plan.tuned_live:
+                self._tell_growth(plan, snap.n_live)
+            plan = for_rows(plan, snap.n_live)
             allowed = self.filters.allowed(state.catalog, where, snap) if where is not None else None
             if allowed is not None and self.funnel.scans_filter(snap, allowed, plan):
                 if fitted:  # the matching rows are scanned exactly, on their raw prefix: the raw prefixes' settings
-                    plan = within(self.plan(dims, k, shortlist, ef, "raw"), snap.n_live)
+                    plan = for_rows(self.plan(dims, k, shortlist, ef, "raw"), snap.n_live)
                     queries = np.ascontiguousarray(queries[:, : plan.dims[-1]])
                 if shortlist is None:
                     plan = for_filter_scan(plan, len(allowed))
@@ -114,6 +120,22 @@ class Searcher:
         if single:
             return Hits.of_rows(snap.table, rows, scores, plan.dims, metadata)
         return HitsBatch.of_rows(snap.table, rows, offsets, scores, plan.dims, metadata)
+
+    def _tell_growth(self, plan: Plan, live: int) -> None:
+        """Warn once per tune that the store has outgrown the rows tune measured."""
+        tuned = self.state.manifest.get("tuned")
+        if tuned is self._growth_told:
+            return
+        self._growth_told = tuned
+        now = for_rows(plan, live)
+        was_size, now_size = (plan.sizes[0], now.sizes[0]) if plan.sizes else (plan.ef, now.ef)
+        warnings.warn(
+            f"store {self.state.location} holds {live:,} live rows, {live / plan.tuned_live:.1f}x the "
+            f"{plan.tuned_live:,} tune measured: queries grow the tuned shortlist with them (to the power "
+            f"{plan.growth:g} tune measured: {was_size} -> {now_size}) to keep recall; tune() again to measure "
+            "the cheapest funnel at this size",
+            stacklevel=4,
+        )
 
     def query_table(self, queries: Any, k: int, dims: Any, vector: str, image: str | None, **options: Any) -> pa.Table:
         """``Store.query_table``: queries from a table's column (or vectors, images), hits as one table."""
@@ -189,9 +211,13 @@ class Searcher:
                 fitted = None if candidate is None else raw.with_fitted(candidate)
                 task = tuning.Task(snap, shapes, recall, k, probe, p.dim, p.index_dims)
                 choice = tuning.tune_prefixes(raw, fitted, task)
+                longest = max((setting["shortlist"] for setting in choice["shapes"].values()), default=k)
+                growth = tuning.growth_exponents(raw, task, longest, seed)
             choice |= {"generation": state.generation, "held_out": held_out is not None, "seed": seed,
                        "sample_asked": sample, "all_shapes": dims is None,
-                       "fit_s": None if projection is None else fit_s}  # fmt: skip
+                       "fit_s": None if projection is None else fit_s, "growth": growth}  # fmt: skip
+            if choice.get("raw_settings"):
+                choice["raw_settings"]["growth"] = growth
             self._keep(choice, candidate if choice["prefixes"] == "fitted" else None)
         del candidate, fitted, projection
         release_freed_memory()  # a code index not kept (at 1M rows: 80 MB of small blocks) leaves the heap

@@ -50,6 +50,12 @@ RACE_ROUNDS = 3
 # half as many and less than this.
 LONG_SHORTLIST, WIDER_FACTORS = 300, (2, 4)
 
+# Growth: a part of 1/GROWTH_PART of the rows is measured against them all, on stores of GROWTH_MIN_ROWS;
+# ranks are read up to GROWTH_RANK_CAP times the chosen shortlist.
+# The rank needed grows faster on larger stores than the part shows (benchmarks/tune_growth.py's first
+# generator measures under 0.3 at 20k rows, where its shortlists need about 0.5 up to 8x the rows): a floor.
+GROWTH_PART, GROWTH_MIN_ROWS, GROWTH_RANK_CAP, GROWTH_FLOOR = 4, 4000, 4, 0.5
+
 # Exact search is timed one query at a time as a candidate when the batched exact pass (which tune runs
 # anyway) took at most this many times the best funnel's time per query: on a large store it is far slower.
 EXACT_CANDIDATE_FACTOR = 4.0
@@ -347,6 +353,52 @@ def _exact_first_shortlist(funnel: Funnel, task: Task, dims: tuple[int, ...], li
         if recall_lower_bound(per_query) >= task.recall:
             return s
     return None
+
+
+def growth_exponents(funnel: Funnel, task: Task, shortlist: int, seed: int) -> dict[str, float]:
+    """How the shortlist each first prefix of ``task.shapes`` needs grows with the store's rows, as an exponent
+    of the growth (queries grow tuned shortlists by ``(rows now / rows tuned) ** exponent``; ``plan.grown``).
+    Measured as a store and a random 1/GROWTH_PART of its rows compare: with an exact scan of the raw prefix
+    as the first stage, the rank on it of the sample's true neighbours (within the part, for the part) that
+    recall at the target needs. 1.0 (a fixed neighbour's rank grows in proportion to the rows, and the nearest
+    rows only come closer) where the store is too small to tell or the rank is past GROWTH_RANK_CAP times
+    ``shortlist`` (the longest tuned); at least GROWTH_FLOOR."""
+    snap, probe, k = task.snap, task.probe, task.k
+    firsts = sorted({shape[0] for shape in task.shapes if shape[0] < task.dim})
+    if snap.n_live < GROWTH_MIN_ROWS or not firsts:
+        return {str(d): 1.0 for d in firsts}
+    live = np.flatnonzero(snap.live[: snap.watermark])
+    part_rows = np.sort(np.random.default_rng(seed).choice(live, size=len(live) // GROWTH_PART, replace=False))
+    found, offsets, _ = funnel.exact(snap, probe.queries, task.dim, k + 1, part_rows)
+    part_truth = [_others(found[a:b], r, k) for r, a, b in zip(probe.rows, offsets[:-1], offsets[1:])]
+    cap = min(len(part_rows) - 1, GROWTH_RANK_CAP * max(k + 1, shortlist))
+    out = {}
+    for d in firsts:
+        whole_rank = _needed_rank(funnel.exact(snap, probe.queries, d, cap + 1), probe, probe.truth, task.recall)
+        part_rank = _needed_rank(
+            funnel.exact(snap, probe.queries, d, cap + 1, part_rows), probe, part_truth, task.recall
+        )
+        if whole_rank > cap or part_rank > cap:
+            out[str(d)] = 1.0
+        else:
+            exponent = math.log(whole_rank / part_rank) / math.log(GROWTH_PART)
+            out[str(d)] = round(min(1.0, max(GROWTH_FLOOR, exponent)), 3)
+    return out
+
+
+def _needed_rank(
+    ranked: tuple[np.ndarray, np.ndarray, np.ndarray], probe: Probe, truth: list[np.ndarray], recall: float
+) -> int:
+    """The shortlist from exact first-stage rankings (rows best first per query, offsets) that holds
+    ``recall`` of ``truth``'s rows, pooled over the queries (each query's own row not counted); past the
+    rankings' length where none does."""
+    rows, offsets, _ = ranked
+    ranks: list[int] = []
+    for own, t, a, b in zip(probe.rows, truth, offsets[:-1], offsets[1:]):
+        ranking = rows[a:b][rows[a:b] != own]
+        position = {int(r): i + 1 for i, r in enumerate(ranking)}
+        ranks += [position.get(int(r), len(ranking) + 1) for r in t]
+    return int(np.quantile(ranks, recall, method="higher")) if ranks else 1
 
 
 def _cheapest(measure: Any, grid: list[int], fine: list[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
