@@ -237,10 +237,12 @@ def test_a_failed_tune_leaves_the_fit_in_use_as_a_reopen_has_it(tmp_path, monkey
             warnings.simplefilter("ignore")
             assert store.tune(recall=0.95).prefixes == "fitted"
         status = store.info().index_status
+        fitted_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "index").glob("fitted_*")}
         monkeypatch.setattr(tuning, "EXACT_CANDIDATE_FACTOR", 0)  # exact search would reach any target
         with pytest.raises(mrlstore.TuningError):
             store.tune(dims=[16], recall=0.999)
         assert store.info().index_status == status  # the raw indexes tune loaded stayed in use
+        assert fitted_files and {p: p.stat().st_mtime_ns for p in fitted_files} == fitted_files  # not saved again
     with mrlstore.open(tmp_path / "s") as store:
         assert store.info().index_status == status
 

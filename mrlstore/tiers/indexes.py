@@ -200,10 +200,12 @@ class IndexSet:
         """Use ``fitted`` (None: raw prefixes only) from now on (``save_fitted`` then writes its files). The
         raw indexes of the prefixes it codes leave memory (their files stay, for a later ``ensure_raw``): a
         query asking for raw prefixes scans them exactly."""
+        same = fitted is not None and fitted is self.fitted  # back in use (a failed tune): its files are current
         self.fitted = fitted
-        self._unsaved = {key: n for key, n in self._unsaved.items() if key[0] == RAW}
+        self._unsaved = {key: n for key, n in self._unsaved.items() if key[0] == RAW or same}
         if fitted is not None:
-            self._unsaved |= {(FITTED, d): 1 for d in fitted.by_dim}
+            if not same:
+                self._unsaved |= {(FITTED, d): 1 for d in fitted.by_dim}
             for d in fitted.by_dim:
                 raw = self.by_dim.pop(d, None)  # in place: the funnel holds this dict
                 if raw is not None and self._unsaved.pop((RAW, d), 0):
