@@ -85,4 +85,11 @@ def local_destination(dest: str | os.PathLike[str], what: str) -> Path:
         raise UnsupportedStorageError(
             f"{dest} is a URL: {what} writes local files (publish() uploads a store to object storage)"
         )
-    return Path(dest)
+    return local_path(dest)
+
+
+def local_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` absolute, ``~`` expanded: DuckDB expands ``~`` where Python does not (a store at "~/x" had its
+    catalog in the home folder and its other files under a folder named "~"), and a relative path resolved
+    again after ``os.chdir`` put a store's later chunks in another folder than its catalog."""
+    return Path(path).expanduser().absolute()

@@ -307,3 +307,35 @@ def test_missing_zarr_group(closed_path: Path) -> None:
     (closed_path / "vectors" / "zarr.json").unlink()
     with raises(mrlstore.CorruptStoreError, OSError, match="missing Zarr group"):
         mrlstore.open(closed_path, read_only=True)
+
+
+def test_a_relative_path_stays_the_same_store_after_chdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunks of adds after os.chdir went to a new folder under the new working directory, while the
+    catalog (open in DuckDB) committed them: the store reopened as corrupt."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    rng = np.random.default_rng(0)
+    with mrlstore.open("rel.mrl", dim=8) as store:
+        store.add_vectors(rng.standard_normal((100, 8)).astype(np.float32))
+        monkeypatch.chdir(tmp_path / "b")
+        store.add_vectors(rng.standard_normal((200, 8)).astype(np.float32))
+        assert store.path == tmp_path / "a" / "rel.mrl"
+    assert not (tmp_path / "b" / "rel.mrl").exists()
+    with mrlstore.open(tmp_path / "a" / "rel.mrl") as store:
+        assert len(store) == 300 and store.verify() == []
+
+
+def test_a_path_under_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DuckDB expands "~" and Python does not: the catalog went to the home folder, the rest under a folder
+    named "~" (the open failed and left it)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with mrlstore.open("~/photos.mrl", dim=8) as store:
+        store.add_vectors(np.ones((3, 8), dtype=np.float32))
+        store.snapshot("~/snap.mrl")
+    assert not (tmp_path / "~").exists()
+    for name in ("photos.mrl", "snap.mrl"):
+        with mrlstore.open(tmp_path / "home" / name, read_only=True) as store:
+            assert len(store) == 3

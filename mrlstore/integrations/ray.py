@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ import ray
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from mrlstore._fsutil import local_path
 from mrlstore.errors import StoreLockedError
 from mrlstore.inputs.arrow import column, to_matrix
 from mrlstore.inputs.staging import StoreShape, new_staging_dir, remove_staging, write_fragment
@@ -113,13 +113,13 @@ class StoreSink(Datasink):
         fragment_rows: int = FRAGMENT_ROWS,
         **create: Any,
     ):
-        self.path = Path(path).absolute()  # workers (and the index catch-up) resolve it elsewhere
+        self.path = local_path(path)  # workers (and the index catch-up) resolve it elsewhere
         # The store's writer until the write ends: its lock, catalog and bands, never its ids or indexes
         self._writer: StagedWriter | None = StagedWriter(self.path, StoreConfig().replaced(**create))
         self.shape: StoreShape = self._writer.shape()
         self.bands = tuple(self._writer.params.bands)
         self.in_place = staging is None
-        self.staging = new_staging_dir(Path(staging).absolute() if staging else self.path / STAGING_DIR)
+        self.staging = new_staging_dir(local_path(staging) if staging else self.path / STAGING_DIR)
         self.vector, self.id, self.fragment_rows = vector, id, fragment_rows
         self.rows_added: int | None = None
         self.rows_moved = 0  # rows the commit copied into rows that failed tasks had reserved

@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pyarrow.fs as pafs
 
-from mrlstore._fsutil import copy_sparse
+from mrlstore._fsutil import copy_sparse, local_path
 from mrlstore.errors import (
     CorruptStoreError,
     InvalidInputError,
@@ -418,7 +418,7 @@ class RemoteSource:
     def local_copy(self, cache_dir: str | os.PathLike[str] | None) -> Path:
         """The small parts of this version in the local cache (downloaded once; complete or absent)."""
         base = (
-            Path(cache_dir)
+            local_path(cache_dir)
             if cache_dir
             else Path(os.environ.get("MRLSTORE_CACHE", Path.home() / ".cache" / "mrlstore"))
         )

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mrlstore._fsutil import local_path
 from mrlstore.encoder.bundled import bundled_weights_id
 from mrlstore.errors import (
     MRLStoreError,
@@ -42,7 +43,7 @@ def locate(path: str | os.PathLike[str], config: StoreConfig) -> Versions:
         remote = RemoteSource(path, config.storage_options)
         local = remote.local_copy(config.cache_dir)  # the small parts; the bands stay remote
         return Versions(Path(local), True, remote, config.cache_dir, config.local_dims)
-    return Versions(Path(path), config.read_only)
+    return Versions(local_path(path), config.read_only)
 
 
 def create_if_absent(path: Path, config: StoreConfig, requested: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from mrlstore._fsutil import local_path
 from mrlstore.errors import CorruptStoreError, MRLStoreError
 from mrlstore.inputs.staging import Fragments, StoreShape, checked_rows, save_fragment
 from mrlstore.options import StoreConfig
@@ -50,7 +51,7 @@ class StagedWriter:
     commits only, under its exclusive writer lock until ``close()``."""
 
     def __init__(self, path: str | os.PathLike[str], config: StoreConfig):
-        versions = Versions(Path(path), read_only=False)
+        versions = Versions(local_path(path), read_only=False)
         requested = config.creation()
         create_if_absent(versions.path, config, requested)
         self.path = versions.path
