@@ -156,5 +156,10 @@ class StoreClosedError(MRLStoreError, RuntimeError):
     """The store was closed."""
 
 
+class StoreChangedError(MRLStoreError, RuntimeError):
+    """A read-only handle's version no longer matches the store's files (a compaction renumbered the rows):
+    ``refresh()`` it first."""
+
+
 class EncoderUnavailableError(MRLStoreError, RuntimeError):
     """``add``/``query`` with images, but the store has no usable encoder."""

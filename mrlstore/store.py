@@ -64,7 +64,7 @@ class Store:
         filters = FilterCache()
         self._search = Searcher(self._state, self._encoders, filters, versions.committed)
         self._reader = Reader(self._state, filters)
-        self._upkeep = Maintenance(self._state, self._reopen_with, self._reopen, versions.committed)
+        self._upkeep = Maintenance(self._state, self._reopen_with, self._reopen, versions.committed, versions.holds)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _reopen_with(self, lock: StoreLock) -> None:

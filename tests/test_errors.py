@@ -51,6 +51,7 @@ HIERARCHY = [
     ("UnsupportedStorageError", ValueError),
     ("WriteEndedError", RuntimeError),
     ("ReadOnlyError", PermissionError),
+    ("StoreChangedError", RuntimeError),
     ("StoreClosedError", RuntimeError),
     ("EncoderUnavailableError", RuntimeError),
 ]

@@ -242,3 +242,29 @@ def test_a_refresh_that_finds_a_compaction_under_way_opens_the_new_numbering_who
             got = reader.get(ids[1:410:2]).column("vector").to_pylist()
             assert np.allclose(np.array(got, np.float32), vectors[1:410:2], atol=1e-2)
             assert reader.query(vectors[1], k=1).ids == ["r1"]
+
+
+def test_a_readers_snapshot_after_a_compaction_is_refused_until_it_refreshes(tmp_path):
+    """The copy paired the reader's catalog with the compacted folder's bands: ids held other rows'
+    vectors (i10 held i510's), or the copy did not open."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, DIM)).astype(np.float32)
+    ids = [f"i{i}" for i in range(1000)]
+    with mrlstore.open(tmp_path / "s", dim=DIM, bands=(16, DIM), dtype="float32") as writer:
+        writer.add_vectors(x, ids=ids)
+        with mrlstore.open(tmp_path / "s", read_only=True) as reader:
+            reader.snapshot(tmp_path / "before")  # its own numbering: fine
+            writer.delete(ids[:500])
+            writer.compact()
+            writer.add_vectors(rng.standard_normal((600, DIM)).astype(np.float32), ids=[f"n{i}" for i in range(600)])
+            with pytest.raises(mrlstore.StoreChangedError, match="refresh"):
+                reader.snapshot(tmp_path / "after")
+            assert not (tmp_path / "after").exists()
+            reader.refresh()
+            reader.snapshot(tmp_path / "after")
+    with mrlstore.open(tmp_path / "before", read_only=True) as copy:
+        assert len(copy) == 1000 and copy.verify() == []
+        assert np.array_equal(np.asarray(copy.get(["i10"]).column("vector")[0].values), x[10])
+    with mrlstore.open(tmp_path / "after", read_only=True) as copy:
+        assert len(copy) == 1100 and copy.verify() == []
+        assert np.array_equal(np.asarray(copy.get(["i510"]).column("vector")[0].values), x[510])

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mrlstore._fsutil import local_destination
-from mrlstore.errors import InvalidInputError
+from mrlstore.errors import InvalidInputError, StoreChangedError
 from mrlstore.results import CompactResult
 from mrlstore.tiers.layout import copy_store
 from mrlstore.tiers.locking import StoreLock
@@ -19,7 +20,8 @@ from mrlstore.upkeep import compaction, verify
 class Maintenance:
     """Upkeep of one open store. ``reopen_with(lock)`` switches the store to the files a compaction put in
     place, ``reopen()`` opens its tiers again on the same files, ``committed()`` follows every change
-    committed here (publishing it for readers)."""
+    committed here (publishing it for readers), ``holds(generation)`` says whether the store's folder still
+    holds that row numbering (``Versions.holds``)."""
 
     def __init__(
         self,
@@ -27,8 +29,10 @@ class Maintenance:
         reopen_with: Callable[[StoreLock], None],
         reopen: Callable[[], None],
         committed: Callable[[], None],
+        holds: Callable[[int], bool] = lambda generation: True,
     ):
         self.state, self.reopen_with, self.reopen, self.committed = state, reopen_with, reopen, committed
+        self.holds = holds
 
     def snapshot(self, dest: str | os.PathLike[str]) -> Path:
         """A consistent copy at ``dest`` (which must not exist); see ``Store.snapshot``."""
@@ -39,8 +43,23 @@ class Maintenance:
         with state.writing():
             if not state.read_only:
                 state.indexes.checkpoint()
+            self._check_folder()
             copy_store(state.path, dest, state.catalog.snapshot_to)
+            try:
+                self._check_folder()  # a compaction during the copy
+            except StoreChangedError:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
         return dest
+
+    def _check_folder(self) -> None:
+        """A reader's snapshot copies the folder's bands beside the reader's catalog: they must be of its
+        numbering (after a compaction, ids were paired with other rows' vectors)."""
+        if not self.holds(self.state.generation):
+            raise StoreChangedError(
+                f"store {self.state.path} was compacted since this reader's version (its rows are numbered "
+                "anew): refresh() the reader, or snapshot from the writer"
+            )
 
     def verify(self) -> list[str]:
         with self.state.writing():

@@ -364,6 +364,14 @@ class Versions:
         head = self.remote.head if self.remote is not None else self.head
         return None if head is None else int(head["version"])
 
+    def holds(self, generation: int) -> bool:
+        """Whether the store's folder still holds the row numbering this handle reads: a compaction swaps in
+        a new folder, renumbered, which a local reader that has not refreshed does not read."""
+        if not self.read_only or self.remote is not None or self.head is None:
+            return True
+        head = read_head(self.path)
+        return head is not None and int(head.get("generation", 0)) == generation
+
     def take_checked(self) -> dict[str, str]:
         """Digests of the local copy's files downloaded and checked since the last call (see IndexSet)."""
         return {} if self.remote is None else self.remote.take_checked()
