@@ -67,6 +67,27 @@ def test_upsert_keeps_old_values_given_in_another_type_or_as_none(small_store, r
     assert got == [{"id": "b", "price": 2.5, "label": "y"}, {"id": "c", "price": 9.0, "label": "z"}]
 
 
+def test_upsert_keeps_old_values_beside_text_the_catalog_casts(small_store, rng):
+    """Text DuckDB casts to the column's type (' 7', '2021-1-5', 'yes') but Arrow does not: the other rows'
+    old values, kept where they were given as None, were lost (stored as null)."""
+    import datetime
+
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    old = [{"count": i, "day": datetime.date(2020, 1, 1 + i), "ok": True} for i in range(4)]
+    small_store.add_vectors(x, ids=list("abcd"), metadata=old)
+    given = [{"count": " 7", "day": "2021-1-5", "ok": "yes"}, {"count": None, "day": None, "ok": None}]
+    small_store.upsert_vectors(x[:2], ids=["a", "b"], metadata=given)
+    got = small_store.sql("SELECT id, count, day, ok FROM items WHERE id IN ('a', 'b') ORDER BY id").to_pylist()
+    assert got == [
+        {"id": "a", "count": 7, "day": datetime.date(2021, 1, 5), "ok": True},
+        {"id": "b", "count": 1, "day": datetime.date(2020, 1, 2), "ok": True},
+    ]
+    with pytest.raises(mrlstore.MetadataError, match="'tags'"):  # no one type holds both: refused, nothing changes
+        small_store.add_vectors(x[2:3], ids=["e"], metadata=[{"tags": [1, 2]}])
+        small_store.upsert_vectors(x[2:4], ids=["e", "f"], metadata=[{"tags": {"a": 1}}, {"tags": None}])
+    assert len(small_store) == 5
+
+
 def test_metadata_false_and_stores_without_columns(small_store, rng):
     x = rng.standard_normal((40, 64)).astype(np.float32)
     small_store.add_vectors(x)

@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mrlstore.errors import MetadataError
+
 ID = "id"
 _MIN_TAIL = 4096  # rows: below this the tail never folds into the base
 
@@ -236,11 +238,26 @@ def kept_metadata(given: pa.Table | None, old: pa.Table | None) -> pa.Table | No
         if name not in given.column_names:
             given = given.append_column(name, old.column(name))
         elif given.column(name).null_count:
-            column, stored = given.column(name), old.schema.field(name).type
-            if column.type != stored:  # an int given for a float column, or a key given only as None
-                try:
-                    column = column.cast(stored)  # safe: a value that would change is refused
-                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                    continue  # the catalog says whether the given values fit
-            given = given.set_column(given.column_names.index(name), name, pc.coalesce(column, old.column(name)))
+            column, kept = _alike(name, given.column(name), old.column(name))
+            given = given.set_column(given.column_names.index(name), name, pc.coalesce(column, kept))
     return given
+
+
+def _alike(name: str, given: pa.ChunkedArray, old: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """``given`` and ``old`` of one type: the stored one where the given values cast to it (an int given for
+    a float column, a key given only as None), else the given one (text such as ' 7' or '2021-1-5' that the
+    catalog casts on its way in, but Arrow does not: the old values then go in as text too, and were lost)."""
+    if given.type == old.type:
+        return given, old
+    refused = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+    try:
+        return given.cast(old.type), old  # safe: a value that would change is refused
+    except refused:
+        pass
+    try:
+        return given, old.cast(given.type)
+    except refused:
+        raise MetadataError(
+            f"metadata {name!r}: the values given ({given.type}) and the stored ones kept where they are None "
+            f"({old.type}) do not fit one type; give every value of the column, or keep_metadata=False"
+        ) from None
