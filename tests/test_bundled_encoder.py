@@ -180,3 +180,23 @@ def test_photos_of_classes_no_training_set_contains_retrieve_by_class(bundled):
     print("caltech101-ood, 12 classes x 8 photos, leave-one-out 1-NN:", acc)
     # 12 classes (chance 0.08); measured with v3.1: 0.70 / 0.80 / 0.95 at m = 8 / 16 / 2048 (v3: 0.76 / 0.81 / 0.94)
     assert acc[2048] >= 0.85 and acc[16] >= 0.7 and acc[8] >= 0.65
+
+
+def test_large_photos_are_shrunk_as_they_are_decoded_and_encode_as_alone(bundled, tmp_path):
+    """A batch held every decoded photo at full size until the encoder ran: 64 photos of 12 MP, 2.3 GB."""
+    import tracemalloc
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    with mrlstore.open(tmp_path / "s") as store:
+        tracemalloc.start()
+        added = store.add(tmp_path, batch_size=64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        stored = np.stack(store.get(list(added), dims=2048).column("vector").to_numpy(zero_copy_only=False))
+    assert peak < 4 * 1500 * 2000 * 3  # about one photo decoded at a time (the six held 54 MB)
+    alone = bundled.encode(sorted(tmp_path.glob("p*.png"))).astype(np.float16).astype(np.float32)
+    assert np.allclose(stored, alone, atol=1e-3)  # as the encoder gives them

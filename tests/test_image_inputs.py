@@ -382,3 +382,15 @@ def test_symlinked_subfolders_are_followed_once(store, photos, tmp_path):
     assert str(photos / "sub" / "link" / "linked.png") in paths
     assert len(store) == 5 and len(paths) == 5
     assert not [p for p in paths if "a_link" in p], "a file inside the folder is named by its own path"
+
+
+def test_an_encoder_without_prepare_gets_batches_of_bounded_pixels(store, photos, monkeypatch):
+    from mrlstore.encoder import runner
+
+    encoder = store.encoder
+    sizes = []
+    encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda images, batch_size=64: sizes.append(len(images)) or encode(images))
+    monkeypatch.setattr(runner, "DECODED_BATCH_BYTES", 2 * 20 * 24 * 3)  # two of these photos
+    assert len(store.add(photos)) == 4
+    assert sizes == [2, 2]

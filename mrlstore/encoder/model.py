@@ -223,7 +223,7 @@ class ImageEncoder:
                 arrays = []
                 for index, item in enumerate(items[lo : lo + batch_size], start=lo):
                     try:
-                        arrays.append(preprocess(images.to_rgb(item), self.image_size))
+                        arrays.append(self.prepare(images.to_rgb(item)))
                     except InvalidInputError as e:
                         if not skip_errors:
                             raise
@@ -234,6 +234,16 @@ class ImageEncoder:
                 bar.update(min(batch_size, len(items) - lo))
         bar.close()
         return np.concatenate(out) if out else np.empty((0, self.dim), dtype=np.float32)
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """A decoded image (uint8 HxWx3) as this encoder's input, 3 x image_size x image_size float32: what
+        ``embed_prepared`` takes (a store shrinks each image so as soon as it is decoded)."""
+        return preprocess(rgb, self.image_size)
+
+    def embed_prepared(self, batch: np.ndarray) -> np.ndarray:
+        """Vectors of a stack of ``prepare``'d images, as ``encode`` gives for the images."""
+        with torch.inference_mode():
+            return self._embed(batch)
 
     def _embed(self, batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)

@@ -72,28 +72,54 @@ def encode_images(
     """The encoder's vectors for ``items``, decoding a batch of images at a time (bounded memory), and the
     positions in ``items`` they belong to. An image that cannot be decoded raises UnreadableImageError, or
     with ``failures`` given is left out and reported there. ``advance(n)`` (instead of a progress bar of
-    its own) is told of every batch done."""
+    its own) is told of every batch done.
+
+    Each image is shrunk to the encoder's input as soon as it is decoded where the encoder can say how
+    (``prepare``, the bundled one), else a batch goes to the encoder early once its decoded images hold
+    DECODED_BATCH_BYTES: a batch of 64 phone photos of 12 MP held 2.3 GB of pixels (48 MP: 9 GB)."""
     from tqdm import tqdm
 
     show = advance is None and (progress if progress is not None else len(items) > 4 * batch_size)
     out, kept = [], []
     with tqdm(total=len(items), desc="encode", unit="img", disable=not show) as bar:
         for lo in range(0, len(items), batch_size):
-            batch = []
+            batch: list[np.ndarray] = []
+            held = 0
             for pos, item in enumerate(items[lo : lo + batch_size], start=lo):
                 try:
-                    batch.append(to_rgb(item))
+                    batch.append(_decoded(encoder, item))
                 except InvalidInputError as e:
                     if failures is None:
                         raise
                     failures.append(Failure(item.index, item.describe(), str(e)))
                     continue
                 kept.append(pos)
+                held += batch[-1].nbytes
+                if held >= DECODED_BATCH_BYTES:
+                    out.append(_encoded(encoder, batch, batch_size))
+                    batch, held = [], 0
             if batch:
-                vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
-                if vectors.shape[0] != len(batch):
-                    raise EncoderUnavailableError(f"the encoder gave {len(vectors)} vectors for {len(batch)} images")
-                out.append(vectors)
+                out.append(_encoded(encoder, batch, batch_size))
             (advance or bar.update)(min(batch_size, len(items) - lo))
     dim = int(getattr(encoder, "dim", 0))
     return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept
+
+
+DECODED_BATCH_BYTES = 256 << 20
+
+
+def _decoded(encoder: Encoder, item: ImageItem) -> np.ndarray:
+    """``item`` decoded: the encoder's own input where it has ``prepare``, else uint8 HxWx3."""
+    prepare = getattr(encoder, "prepare", None)
+    return prepare(to_rgb(item)) if prepare is not None else to_rgb(item)
+
+
+def _encoded(encoder: Encoder, batch: list[np.ndarray], batch_size: int) -> np.ndarray:
+    embed = getattr(encoder, "embed_prepared", None)
+    if embed is not None and hasattr(encoder, "prepare"):
+        vectors = np.asarray(embed(np.stack(batch)), dtype=np.float32)
+    else:
+        vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
+    if vectors.shape[0] != len(batch):
+        raise EncoderUnavailableError(f"the encoder gave {len(vectors)} vectors for {len(batch)} images")
+    return vectors
