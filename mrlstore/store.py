@@ -224,7 +224,8 @@ class Store:
         same images again changes nothing; ``on_conflict`` decides for ids already in the store: ``"skip"``
         (nothing is encoded for them), ``"replace"`` or ``"error"`` (DuplicateIdError, nothing written).
         Every file's header is checked before anything is encoded: a bad file raises UnreadableImageError
-        and nothing is written; with ``skip_errors=True`` it is left out and listed in ``failed``.
+        and nothing is written; with ``skip_errors=True`` it is left out and listed in ``failed``. Pixels that
+        break after a good header fail when decoded: the batches committed before stay (the error says so).
 
         Images are committed ``commit_every`` at a time (``batch_size`` is the encoder's batch), so memory
         stays bounded and an interrupt keeps every committed batch: the same add again encodes only what is

@@ -5,7 +5,6 @@ part way that a re-run completes."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from errors_support import without_root_file_access
 from PIL import Image
 
 import mrlstore
@@ -188,19 +188,10 @@ def test_bad_places_give_one_line_errors(tmp_path):
     assert not (tmp_path / "afile.txt").is_dir()
 
 
-def _without_root_file_access() -> None:
-    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so even
-    root obeys the permission bits after exec (as a user without permission would)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def test_a_folder_without_permission_is_one_line(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)  # no write permission, even for its owner
-    drop = _without_root_file_access if os.geteuid() == 0 else None
+    drop = without_root_file_access if os.geteuid() == 0 else None
     if drop is not None:
         try:
             subprocess.run([sys.executable, "-c", "pass"], preexec_fn=drop, check=True)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from errors_support import without_root_file_access
 from PIL import Image
 
 import mrlstore
@@ -394,3 +397,58 @@ def test_an_encoder_without_prepare_gets_batches_of_bounded_pixels(store, photos
     monkeypatch.setattr(runner, "DECODED_BATCH_BYTES", 2 * 20 * 24 * 3)  # two of these photos
     assert len(store.add(photos)) == 4
     assert sizes == [2, 2]
+
+
+def test_a_dark_16_bit_file_is_scaled_by_its_mode(tmp_path):
+    """A 16-bit file with no pixel above 255 was read as 8-bit (256 times too bright): two files one level
+    apart in one pixel encoded at cosine 0.25."""
+    dark = np.full((16, 16), 200, dtype=np.uint16)
+    encoder = Decoded()
+    with mrlstore.open(tmp_path / "s", encoder=encoder, bands=(8, 48), index_dims=(8,)) as store:
+        store.add([_png(dark)])
+    assert Image.open(io.BytesIO(_png(dark))).mode.startswith("I;16")
+    assert encoder.images[0].max() == 1  # 200 / 257, rounded
+
+
+def test_pil_images_whose_pixels_cannot_load_are_typed_and_skippable(store, tmp_path):
+    good = _pixels(0)
+    Image.fromarray(_pixels(1, (64, 64))).save(tmp_path / "t.jpg", quality=95)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 3])  # the header reads; the pixels do not
+    with pytest.raises(mrlstore.UnreadableImageError, match="cannot read the pixels"):
+        store.add([good, Image.open(tmp_path / "t.jpg")])
+    assert len(store) == 0
+    result = store.add([good, Image.open(tmp_path / "t.jpg")], skip_errors=True)
+    assert len(result.added) == 1 and len(result.failed) == 1
+    with pytest.raises(mrlstore.UnreadableImageError):
+        store.query(Image.open(tmp_path / "t.jpg"), k=1)
+
+
+def test_heic_files_in_a_folder_are_named_with_what_reads_them(store, photos):
+    """A folder's .heic and .avif photos were left out without a word."""
+    (photos / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    with pytest.raises(mrlstore.UnreadableImageError, match="IMG_0001.HEIC.*pillow-heif"):
+        store.add(photos)
+    assert len(store.add(photos, skip_errors=True).added) == 4
+
+
+def test_a_subfolder_that_cannot_be_listed_is_named(photos, tmp_path):
+    """Its photos were left out without a word (os.walk skips what it cannot list)."""
+    script = (
+        "import sys\n"
+        "from mrlstore.inputs.images import expand, check\n"
+        "items = expand(sys.argv[1])\n"
+        "good, failed = check(items, skip_errors=True)\n"
+        "print(len(good), [f.reason for f in failed])\n"
+    )
+    (photos / "sub").chmod(0)
+    try:
+        drop = without_root_file_access if os.geteuid() == 0 else None
+        out = subprocess.run([sys.executable, "-c", script, str(photos)], capture_output=True, text=True,
+                             preexec_fn=drop)  # fmt: skip
+    finally:
+        (photos / "sub").chmod(0o755)
+    if drop is None and os.access(photos / "sub", os.R_OK) and "0 [" in out.stdout:
+        pytest.skip("this file system ignores permission bits")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("3 ") and f"cannot read folder {photos / 'sub'}: permission denied" in out.stdout

@@ -23,7 +23,15 @@ from mrlstore.errors import EncoderUnavailableError, InvalidInputError, Unreadab
 from mrlstore.inputs.vectors import first_positions, id_list, is_utf8, metadata_table
 from mrlstore.results import Failure
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Phone photos come as HEIC and AVIF too: a folder's are added, or named where Pillow cannot read them (they
+# were left out without a word).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+)
+_PLUGINS = {
+    ".heic": "HEIC photos need a Pillow plugin: pip install pillow-heif, then pillow_heif.register_heif_opener()",
+    ".avif": "AVIF needs Pillow 11.3 or later, or the pillow-avif-plugin package",
+}
 _EXIF_ORIENTATION = 0x0112
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
 
@@ -88,21 +96,25 @@ def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
         )
     path = Path(os.path.abspath(p))  # stored as metadata: it must resolve from any working directory
     if path.is_dir():
-        files = sorted(f for f in _files_below(path) if f.suffix.lower() in IMAGE_SUFFIXES)
+        unreadable: list[Path] = []  # listed as inputs: each fails its check, naming the folder
+        files = sorted(f for f in _files_below(path, unreadable) if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(files + unreadable)
         if not files:
             raise InvalidInputError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return [ImageItem(str(f), str(f)) for f in files]
     return [ImageItem(str(path), str(path))]
 
 
-def _files_below(folder: Path) -> Iterator[Path]:
+def _files_below(folder: Path, unreadable: list[Path]) -> Iterator[Path]:
     """Every file under ``folder``, through symlinked subfolders too (people link photo folders in), each
     real folder once, so a link back up cannot loop; the real folders first, so that a file inside ``folder``
-    is named by its own path, not a link's."""
+    is named by its own path, not a link's. Folders that cannot be listed go to ``unreadable`` (their photos
+    were left out without a word)."""
     seen: set[str] = set()
     starts: list[tuple[str | Path, bool]] = [(folder, False)]
+    skipped = lambda e: unreadable.append(Path(e.filename))  # noqa: E731
     for start, follow in starts:  # the list grows while it is read: linked folders after the real ones
-        for root, dirs, names in os.walk(start, followlinks=follow):
+        for root, dirs, names in os.walk(start, followlinks=follow, onerror=skipped):
             real = os.path.realpath(root)
             if real in seen:
                 dirs.clear()
@@ -138,6 +150,7 @@ def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], l
 def _check_in_memory(x: Any) -> None:
     """An in-memory image (PIL image, array, tensor) has pixels, in a shape ``to_rgb`` reads."""
     if is_pil(x):
+        _pil_pixels(x)
         width, height = x.size
     else:
         shape = tuple(x.shape)
@@ -159,8 +172,13 @@ def _opened(item: ImageItem) -> Iterator[Any]:
             yield im
     except FileNotFoundError:
         raise UnreadableImageError(f"image file not found: {item.path}") from None
+    except PermissionError:
+        what = "folder" if item.path is not None and os.path.isdir(item.path) else "image"
+        raise UnreadableImageError(f"cannot read {what} {item.describe()}: permission denied") from None
     except Exception as e:  # PIL raises many kinds for broken data
-        raise UnreadableImageError(f"cannot read image {item.describe()}: {e}") from None
+        suffix = "" if item.path is None else Path(item.path).suffix.lower().replace(".heif", ".heic")
+        hint = f" ({_PLUGINS[suffix]})" if suffix in _PLUGINS and "cannot identify" in str(e) else ""
+        raise UnreadableImageError(f"cannot read image {item.describe()}: {e}{hint}") from None
 
 
 def content_id(item: ImageItem) -> str:
@@ -185,7 +203,7 @@ def to_rgb(item: ImageItem) -> np.ndarray:
     if item.path is not None or isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
         return _decode(item)
     if is_pil(x):
-        return np.asarray(_rgb(_upright(x)))
+        return np.asarray(_rgb(_upright(_pil_pixels(x))))
     if is_tensor(x):
         t = x.detach().cpu()
         if _channels_first(tuple(t.shape)):
@@ -194,6 +212,17 @@ def to_rgb(item: ImageItem) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return _array_rgb(x)
     raise InvalidInputError(f"cannot read an image from a {type(x).__name__}")
+
+
+def _pil_pixels(im: Any) -> Any:
+    """A PIL image with its pixels loaded: one opened lazily from a broken or closed file fails here, typed
+    (it raised OSError or AssertionError out of add and query, also with skip_errors)."""
+    try:
+        im.load()
+    except Exception as e:  # PIL raises many kinds for broken data
+        why = str(e) or f"{type(e).__name__} (was its file closed?)"
+        raise UnreadableImageError(f"cannot read the pixels of a PIL image: {why}") from None
+    return im
 
 
 def _decode(item: ImageItem) -> np.ndarray:
@@ -255,6 +284,8 @@ def _upright(im: Any) -> Any:
 def _rgb(im: Any) -> Any:
     if im.mode == "RGB":
         return im
+    if im.mode.startswith("I;16"):  # 16 bits by its mode: a dark one (no pixel above 255) was read as 8-bit
+        return pil().fromarray(_array_rgb((np.asarray(im) / 257.0).round().astype(np.uint8)))
     if im.mode.startswith(("I", "F")):  # 16- and 32-bit pixels: scaled to 8 bits (convert() would clip them)
         return pil().fromarray(_array_rgb(np.asarray(im)))
     if im.mode in ("RGBA", "LA", "P", "PA"):
