@@ -295,8 +295,12 @@ def test_bad_add_arrow_batch_size(store: mrlstore.Store, batch_size: Any) -> Non
         ({"bad\udc80": 1}, "valid Unicode"),
         ({"e": {}}, "empty dict"),  # DuckDB stores no struct without fields
         ({"e": [{}]}, "empty dict"),
+        ({"tag\x00x": 1}, "NUL"),  # DuckDB cut the name at NUL: the value went into another column 'tag'
+        ({"e": {"a\x00b": 1}}, "NUL"),
+        ({"exif": {"Make": "a", "make": "b"}}, "differ only in case"),  # a raw duckdb BinderException
+        ({"e": [{"x": 1, "X": 2}]}, "differ only in case"),
     ],
-    ids=["value", "key", "empty-dict", "list-of-empty-dicts"],
+    ids=["value", "key", "empty-dict", "list-of-empty-dicts", "nul-key", "nested-nul-key", "case-keys", "nested-case"],
 )
 def test_metadata_duckdb_cannot_store_is_refused_and_changes_nothing(store: mrlstore.Store, metadata, match) -> None:
     before = logical(store)

@@ -219,6 +219,8 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
     if table.num_rows != n:
         raise MetadataError(f"got {table.num_rows} metadata rows for {n} vectors")
     for name in table.column_names:
+        if isinstance(name, str) and "\x00" in name:  # DuckDB cuts a name at NUL: 'tag\x00x' went into 'tag'
+            raise MetadataError(f"metadata column name {name!r} holds a NUL character")
         if not isinstance(name, str) or not name or name.lower() in RESERVED_COLUMNS or name.startswith("_"):
             raise MetadataError(
                 f"metadata column name {name!r} is reserved or invalid (reserved: id, score, vector, query, rank, "
@@ -232,18 +234,27 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
     if table.num_columns == 0:
         return None
     for i, field in enumerate(table.schema):
-        if _has_empty_struct(field.type):
-            raise MetadataError(f"metadata column {field.name!r} holds an empty dict (a struct without fields), "
-                                "which the catalog cannot store: leave the key out, or give it None")  # fmt: skip
+        problem = _nested_problem(field.type)
+        if problem:
+            raise MetadataError(f"metadata column {field.name!r} holds {problem}")
         if pa.types.is_float16(field.type):  # DuckDB reads no half floats; float32 holds every value
             table = table.set_column(i, field.name, table.column(i).cast(pa.float32()))
     return table
 
 
-def _has_empty_struct(kind: pa.DataType) -> bool:
-    if pa.types.is_struct(kind) and kind.num_fields == 0:
-        return True
-    return any(_has_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
+def _nested_problem(kind: pa.DataType) -> str:
+    """What the catalog cannot store in a column of ``kind`` ("" for nothing): dicts without keys, keys with
+    NUL, keys that differ only in case (DuckDB's struct fields ignore case)."""
+    if pa.types.is_struct(kind):
+        names = [kind.field(i).name for i in range(kind.num_fields)]
+        if not names:
+            return ("an empty dict (a struct without fields), which the catalog cannot store: leave the key out, "
+                    "or give it None")  # fmt: skip
+        if any("\x00" in name for name in names):
+            return f"a dict key with a NUL character: {[n for n in names if chr(0) in n]!r}"
+        if len({name.lower() for name in names}) != len(names):
+            return f"dict keys that differ only in case, which the catalog takes for one: {names}"
+    return next(filter(None, (_nested_problem(kind.field(i).type) for i in range(kind.num_fields))), "")
 
 
 def dims_tuple(dims: Any, dim: int) -> tuple[int, ...]:
