@@ -194,6 +194,34 @@ def test_add_arrow_encodes_an_image_column(tmp_path):
         assert sorted(s.sql("SELECT label FROM items").column("label").to_pylist()) == list("abcde")
         with pytest.raises(mrlstore.InvalidInputError, match="exactly one"):
             s.add_arrow(table, image="img")
+        committed = []
+
+        def stream():  # 100 batches of one image: how many are read before the first commit?
+            for i in range(100):
+                committed.append(len(s))
+                yield pa.record_batch({"img": [png(100 + i)]})
+
+        assert s.add_arrow(stream(), vector=None, id=None, image="img") == 100
+        assert committed.count(5) <= 64  # a batch of images was sized by vectors: 32,768 rows, the whole stream
+
+
+def test_batches_of_other_schemas_are_added_each_as_it_is(store):
+    """Merging small batches raised ArrowInvalid ('Schema at index 1 was different') where one batch's column
+    was all null, another had one more column, or only the nullable flag differed."""
+    x = _x(4)
+    batches = [
+        pa.record_batch({"v": _fixed(x[:1]), "id": ["a"], "tag": pa.nulls(1)}),
+        pa.record_batch({"v": _fixed(x[1:2]), "id": ["b"], "tag": ["t"]}),
+        pa.record_batch({"v": _fixed(x[2:3]), "id": ["c"], "tag": ["u"], "n": [1]}),
+        pa.RecordBatch.from_arrays(
+            [_fixed(x[3:4]), pa.array(["d"]), pa.array(["w"])],
+            schema=pa.schema([("v", _fixed(x[3:4]).type), ("id", pa.string(), False), ("tag", pa.string())]),
+        ),
+    ]
+    assert store.add_arrow(batches, vector="v", id="id") == 4
+    got = store.sql("SELECT id, tag, n FROM items ORDER BY id").to_pylist()
+    assert got == [{"id": "a", "tag": None, "n": None}, {"id": "b", "tag": "t", "n": None},
+                   {"id": "c", "tag": "u", "n": 1}, {"id": "d", "tag": "w", "n": None}]  # fmt: skip
 
 
 def test_a_column_that_only_recent_commits_have_reads_as_nulls_everywhere(store):

@@ -105,10 +105,14 @@ def _batches_of(data: Iterable[Any]) -> Iterator[pa.RecordBatch]:
 
 def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
     """Batches of ``rows`` rows (the last may be shorter): large ones sliced without a copy, small ones
-    merged (a commit has a fixed cost)."""
+    merged (a commit has a fixed cost), only with others of the same schema (a column all null in one batch,
+    or one more column, made ``from_batches`` raise ArrowInvalid)."""
     pending: list[pa.RecordBatch] = []
     count = 0
     for batch in batches:
+        if pending and not batch.schema.equals(pending[0].schema):
+            yield from pa.Table.from_batches(pending).combine_chunks().to_batches()
+            pending, count = [], 0
         for lo in range(0, batch.num_rows, rows):
             piece = batch.slice(lo, rows)
             if not pending and piece.num_rows == rows:

@@ -14,6 +14,9 @@ from mrlstore.write.image_adds import ImageAdder
 from mrlstore.write.writer import Writer
 
 ADD_BATCH_BYTES = 256 << 20  # float32 bytes per committed batch of add_arrow (a commit has a fixed cost)
+# Images per committed batch: sized by vectors, a batch was 32,768 photos, all read from the stream before the
+# first commit (60 batches of two 1 MB images: 1 GB more memory); encoding 64 costs far more than a commit.
+ADD_BATCH_IMAGES = 64
 
 
 ARROW_HINT = "add_arrow takes no skip_errors: leave such rows out of the table, or use store.add(..., skip_errors=True)"
@@ -36,7 +39,7 @@ def add_arrow(
         raise InvalidInputError("add_arrow needs exactly one of vector= (a vector column) or image= (images)")
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
-    rows = batch_size or max(1, ADD_BATCH_BYTES // (4 * writer.state.params.dim))
+    rows = batch_size or (ADD_BATCH_IMAGES if image else max(1, ADD_BATCH_BYTES // (4 * writer.state.params.dim)))
     added = 0
     for batch in record_batches(data, rows):
         source = column(batch, vector or image or "", "vector" if vector else "image")
