@@ -75,6 +75,22 @@ def test_bad_index_dims_are_refused_and_change_nothing(tmp_path):
             reader.set_index_dims([64])
 
 
+def test_rows_with_an_all_zero_prefix_refuse_a_cosine_index_of_it(tmp_path):
+    """Stored while 16 was not indexed, such a row was taken into a new 16-d index; from then on every
+    compaction failed (ZeroVectorError) and verify called the row lost."""
+    x = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
+    x[5, :16] = 0
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 32, 64), index_dims=(32,)) as store:
+        store.add_vectors(x, ids=[f"i{i}" for i in range(200)])
+        with pytest.raises(mrlstore.ZeroVectorError, match=r"all-zero 16-d prefix, e.g. ids \['i5'\]"):
+            store.set_index_dims((16, 32))
+        assert store.index_dims == (32,) and store.verify() == []
+        store.delete(["i5"])
+        store.set_index_dims((16, 32))
+        store.delete(["i0"])
+        assert store.compact().rows_after == 198 and store.verify() == []
+
+
 def test_a_failed_reopen_after_the_commit_closes_the_handle_with_the_reason(tmp_path, monkeypatch):
     """The change is committed before the tiers reopen; if they cannot (a fault injected into our own
     opening step), the handle is closed, says why, and frees the store for the next open."""

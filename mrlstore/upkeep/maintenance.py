@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mrlstore._fsutil import local_destination
-from mrlstore.errors import InvalidInputError, StoreChangedError
+from mrlstore.errors import InvalidInputError, StoreChangedError, ZeroVectorError
 from mrlstore.results import CompactResult
 from mrlstore.tiers.layout import copy_store
 from mrlstore.tiers.locking import StoreLock
@@ -52,6 +52,19 @@ class Maintenance:
                 raise
         return dest
 
+    def _check_prefixes(self, d: int) -> None:
+        """Rows whose first ``d`` numbers are all zero, stored while ``d`` was not indexed, refuse a cosine
+        index of ``d``: undefined there (the build took them, then compaction refused every row again and
+        verify called them lost)."""
+        state = self.state
+        zero = verify.all_zero_rows(state.vectors, state.snap, d)
+        if len(zero):
+            raise ZeroVectorError(
+                f"{len(zero)} row(s) have an all-zero {d}-d prefix, e.g. ids {state.snap.table.take_ids(zero[:3])}: "
+                f"cosine similarity is undefined there, so {d} numbers cannot be indexed; delete those rows, or "
+                "index longer prefixes"
+            )
+
     def _check_folder(self) -> None:
         """A reader's snapshot copies the folder's bands beside the reader's catalog: they must be of its
         numbering (after a compaction, ids were paired with other rows' vectors)."""
@@ -83,6 +96,8 @@ class Maintenance:
             params = state.params.with_index_dims(index_dims)
             if params.index_dims == state.params.index_dims:
                 return
+            if params.metric == "cosine" and params.index_dims:
+                self._check_prefixes(min(params.index_dims))
             state.indexes.prepare(params, state.snap, state.vectors, state.catalog.tombstones())
             state.catalog.set_manifest_entries({**params.index_entries(), "tuned": None, "fit": None})
             self.reopen()

@@ -34,7 +34,7 @@ def problems(state: StoreState) -> list[str]:
     if repeated:
         found.append(f"ids stored at more than one live row, e.g. {repeated}")
     if params.metric == "cosine":
-        zero = _all_zero_rows(vectors, snap, params.index_dims[0] if params.index_dims else params.dim)
+        zero = all_zero_rows(vectors, snap, params.index_dims[0] if params.index_dims else params.dim)
         if len(zero):
             found.append(
                 f"{len(zero)} committed row(s) read as all zeros (lost vector data), e.g. rows {zero[:5].tolist()}"
@@ -61,8 +61,8 @@ def _norm_problems(vectors: VectorTier, snap: Snapshot) -> list[str]:
     return [f"row_norms disagree with the stored vectors of {len(wrong)} sampled row(s), e.g. {wrong[:5].tolist()}"]
 
 
-def _all_zero_rows(vectors: VectorTier, snap: Snapshot, width: int) -> np.ndarray:
-    """Live rows whose first ``width`` numbers are all zero (never stored: cosine rejects them at add)."""
+def all_zero_rows(vectors: VectorTier, snap: Snapshot, width: int) -> np.ndarray:
+    """Live rows whose first ``width`` numbers are all zero (cosine rejects them at add where indexed)."""
     out = []
     for lo in range(0, snap.watermark, ZERO_CHECK_BLOCK):
         hi = min(lo + ZERO_CHECK_BLOCK, snap.watermark)
