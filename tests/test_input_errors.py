@@ -4,6 +4,7 @@ Fixtures: conftest.py; helpers: errors_support.py."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
@@ -299,8 +300,19 @@ def test_bad_add_arrow_batch_size(store: mrlstore.Store, batch_size: Any) -> Non
         ({"e": {"a\x00b": 1}}, "NUL"),
         ({"exif": {"Make": "a", "make": "b"}}, "differ only in case"),  # a raw duckdb BinderException
         ({"e": [{"x": 1, "X": 2}]}, "differ only in case"),
+        ({"wait": datetime.timedelta(seconds=90)}, "durations"),  # export_parquet then raised pyarrow's error
     ],
-    ids=["value", "key", "empty-dict", "list-of-empty-dicts", "nul-key", "nested-nul-key", "case-keys", "nested-case"],
+    ids=[
+        "value",
+        "key",
+        "empty-dict",
+        "list-of-empty-dicts",
+        "nul-key",
+        "nested-nul-key",
+        "case-keys",
+        "nested-case",
+        "timedelta",
+    ],  # fmt: skip
 )
 def test_metadata_duckdb_cannot_store_is_refused_and_changes_nothing(store: mrlstore.Store, metadata, match) -> None:
     before = logical(store)

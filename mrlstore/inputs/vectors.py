@@ -244,7 +244,10 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
 
 def _nested_problem(kind: pa.DataType) -> str:
     """What the catalog cannot store in a column of ``kind`` ("" for nothing): dicts without keys, keys with
-    NUL, keys that differ only in case (DuckDB's struct fields ignore case)."""
+    NUL, keys that differ only in case (DuckDB's struct fields ignore case), durations."""
+    if pa.types.is_duration(kind) or pa.types.is_interval(kind):
+        return ("durations (timedelta), which the catalog keeps as intervals that come back as another type "
+                "and that Parquet export cannot write: give them as numbers (seconds)")  # fmt: skip
     if pa.types.is_struct(kind):
         names = [kind.field(i).name for i in range(kind.num_fields)]
         if not names:
