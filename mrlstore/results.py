@@ -244,10 +244,11 @@ class Failure:
 
 @dataclass(repr=False)
 class AddResult(Sequence[str]):
-    """What an ``add`` did. As a sequence it is ``ids``: the ids of the images it covered (added, replaced,
-    or already present and skipped), in input order. ``added``: the ids this call wrote (added or
-    replaced); ``skipped``: ids already in the store (``on_conflict="skip"``) or repeated within the call;
-    ``failed``: the inputs left out with ``skip_errors=True``, and why."""
+    """What an ``add`` did. As a sequence it is ``ids``: the id of each image it covered (added, replaced,
+    or already present and skipped), in input order, an image given twice twice (the inputs left out with
+    ``skip_errors=True`` have none). ``added``: the ids this call wrote (added or replaced); ``skipped``: ids
+    already in the store (``on_conflict="skip"``) or repeated within the call; ``failed``: the inputs left
+    out, and why."""
 
     ids: list[str]
     added: list[str]

@@ -452,3 +452,13 @@ def test_a_subfolder_that_cannot_be_listed_is_named(photos, tmp_path):
         pytest.skip("this file system ignores permission bits")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("3 ") and f"cannot read folder {photos / 'sub'}: permission denied" in out.stdout
+
+
+def test_the_result_has_one_id_per_input_also_for_an_image_given_twice(store, photos):
+    """A repeat was left out of the ids, so zipping the inputs with the result paired later inputs with
+    other images' ids."""
+    a, b = str(photos / "p0.png"), str(photos / "p1.png")
+    result = store.add([a, a, b])
+    assert len(result) == 3 and result[0] == result[1] != result[2]
+    assert store.get([result[2]]).column("path").to_pylist() == [b]
+    assert len(result.added) == 2 and result.skipped == [result[0]]

@@ -12,7 +12,7 @@ import io
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +314,7 @@ class ImageBatch:
     metadata: pa.Table | None
     failed: list[Failure]
     repeats: list[str]  # content ids given twice in one call (the repeat is left out)
+    given: list[str] = field(default_factory=list)  # every checked input's id in input order, repeats too
 
     @classmethod
     def prepare(cls, images: Any, ids: Any, metadata: Any, skip_errors: bool) -> ImageBatch:
@@ -345,7 +346,7 @@ class ImageBatch:
             return self
         first = set(keep)
         repeats = [i for pos, i in enumerate(self.ids) if pos not in first]
-        return ImageBatch(*self._subset(keep), self.failed, repeats)
+        return ImageBatch(*self._subset(keep), self.failed, repeats, self.ids)
 
     def without(self, ids: set[str]) -> ImageBatch:
         """The images whose ids are not in ``ids``."""

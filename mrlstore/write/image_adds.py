@@ -91,7 +91,8 @@ class ImageAdder:
                     bar.update(len(part.ids))
         lost = {f.index for f in late}
         skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
-        kept_ids = [i for i, item in zip(batch.ids, batch.items) if item.index not in lost]
+        lost_ids = {i for i, item in zip(batch.ids, batch.items) if item.index in lost}
+        kept_ids = [i for i in batch.given or batch.ids if i not in lost_ids]  # one per input, repeats too
         return AddResult(kept_ids, written, skipped + batch.repeats, sorted(batch.failed + late, key=lambda f: f.index))
 
     def _encode_and_commit(
