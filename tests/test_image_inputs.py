@@ -462,3 +462,19 @@ def test_the_result_has_one_id_per_input_also_for_an_image_given_twice(store, ph
     assert len(result) == 3 and result[0] == result[1] != result[2]
     assert store.get([result[2]]).column("path").to_pylist() == [b]
     assert len(result.added) == 2 and result.skipped == [result[0]]
+
+
+def test_columns_of_paths_or_files_are_images(store, photos):
+    """A pandas Series of paths was taken for vectors, a numpy array of paths for one image, an Arrow
+    column of bytes failed ('cannot read images from a BinaryScalar')."""
+    import pandas as pd
+    import pyarrow as pa
+
+    paths = [str(photos / "p0.png"), str(photos / "p1.png")]
+    data = [open(p, "rb").read() for p in paths]
+    ids = list(store.add(paths))
+    for column in (pd.Series(paths), np.array(paths), np.array(paths, dtype=object), pa.array(paths),
+                   pa.array(data, pa.binary()), pa.chunked_array([data[:1], data[1:]]), pd.Series(data)):  # fmt: skip
+        assert list(store.add(column)) == ids
+        found = store.query(column, k=1)
+        assert isinstance(found, mrlstore.HitsBatch) and [h.ids[0] for h in found] == ids

@@ -9,6 +9,7 @@ DataFrame, or a DuckDB relation (read through its own Arrow reader).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -25,7 +26,9 @@ def is_vector_column(x: Any) -> bool:
     if isinstance(x, (pa.Array, pa.ChunkedArray)):
         kind = x.type.storage_type if isinstance(x.type, pa.BaseExtensionType) else x.type
         return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    return type(x).__name__ == "Series" and hasattr(x, "to_numpy")  # pandas, without importing it
+    if type(x).__name__ == "Series" and hasattr(x, "to_numpy"):  # pandas, without importing it
+        return not (len(x) and isinstance(x.iloc[0], (str, bytes, os.PathLike)))  # a column of paths: images
+    return False
 
 
 def _list_storage(x: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from mrlstore.errors import EncoderUnavailableError, InvalidInputError
 from mrlstore.inputs.arrow import is_table, is_vector_column
-from mrlstore.inputs.images import ImageItem, check, expand, is_pil, is_tensor, is_url
+from mrlstore.inputs.images import ImageItem, check, expand, is_column, is_pil, is_tensor, is_url
 from mrlstore.inputs.vectors import query_batch
 
 
@@ -97,7 +97,7 @@ def _is_vector_row(v: Any) -> bool:
 
 def is_single(query: Any) -> bool:
     """Whether a query input is one image (a result) rather than a collection (a list of results)."""
-    if isinstance(query, (list, tuple)):
+    if isinstance(query, (list, tuple)) or is_column(query):
         return False
     if isinstance(query, (str, os.PathLike)) and not is_url(query):
         return not Path(query).is_dir()

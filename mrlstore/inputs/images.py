@@ -72,6 +72,8 @@ def expand(images: Any) -> list[ImageItem]:
         return [ImageItem(bytes(data), None)]
     if isinstance(images, (bytes, bytearray, memoryview)) or is_pil(images):
         return [ImageItem(images, None)]
+    if is_column(images):  # paths or encoded files in a numpy, pandas or Arrow column
+        return expand(images.tolist() if hasattr(images, "tolist") else images.to_pylist())
     if isinstance(images, np.ndarray) or is_tensor(images):
         if images.ndim == 4:
             return [ImageItem(im, None) for im in images]
@@ -87,6 +89,17 @@ def expand(images: Any) -> list[ImageItem]:
         f"cannot read images from a {type(images).__name__}: expected paths or folders, bytes, binary file "
         "objects, PIL images, arrays or tensors"
     )
+
+
+def is_column(x: Any) -> bool:
+    """A column of paths or encoded files: text or bytes in a 1-D numpy array, a pandas Series, an Arrow
+    array (they were read as one image, or as vectors)."""
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 and x.dtype.kind in "USO"
+    if isinstance(x, (pa.Array, pa.ChunkedArray)):
+        return pa.types.is_string(x.type) or pa.types.is_large_string(x.type) or pa.types.is_binary(x.type) \
+            or pa.types.is_large_binary(x.type)  # fmt: skip
+    return type(x).__name__ == "Series" and hasattr(x, "tolist")
 
 
 def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
