@@ -265,7 +265,7 @@ def test_tuned_shortlists_grow_with_the_store_by_the_measured_exponent():
         query_plan.make_plan(shapes, [32, 2048], 10, None, None, (16, 32), 2048), 3000
     ).sizes == (150,)  # each shape by its own first prefix's exponent
     one = query_plan.make_plan({**tuned, "dims": [16], "shortlist": 64, "ef": 64}, None, 10, None, None, (16,), 2048)
-    assert one.sizes == () and query_plan.for_rows(one, 4000).ef == 128  # one stage: its beam grows
+    assert query_plan.for_rows(one, 4000) == one  # one stage (exact, or HNSW alone): no shortlist grows
     raw = {**tuned, "live": 1000, "growth": {"16": 1.0}}
     fitted = {**tuned, "prefixes": "fitted", "raw_settings": raw}
     raw_plan = query_plan.make_plan(fitted, None, 10, None, None, (16,), 2048, fitted=False)
@@ -288,5 +288,21 @@ def test_a_store_grown_after_tune_keeps_its_recall_and_says_to_tune_again(tmp_pa
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             store.query(held[0], k=10, metadata=False)  # once per tune
+            store.delete(["0"])
+            store.compact()  # reads the tuned entry anew: it warned again
+            store.query(held[0], k=10, metadata=False)
         truth = exact_search(x.astype(np.float16).astype(np.float32), held, 10)
         assert recall_at_k([h.ids for h in found], [[str(r) for r in t] for t in truth]) >= 0.95
+
+
+def test_a_store_tuned_to_exact_search_is_told_to_tune_again_as_it_grows(tmp_path):
+    """Exact search keeps its recall: the warning said queries grew a shortlist (an exact scan has none)."""
+    x, _ = mrl_like(1200, 64, seed=4)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64)) as store:
+        store.add_vectors(x[:500])
+        store.tune(dims=[64], sample=50)
+        store.add_vectors(x[500:])
+        with pytest.warns(UserWarning) as told:
+            store.query(x[0], k=10)
+    (message,) = [str(w.message) for w in told]
+    assert "2.4x the 500 tune measured: tune() again" in message and "grow" not in message

@@ -180,7 +180,9 @@ def _tuned_key(
     exact search or an untuned store."""
     if not tuned or _exact(tuned["dims"], params, coded):
         return None
-    shortlist = grown_size(tuned_first(tuned["shortlist"], tuned.get("k", k), k), *tuned_growth(tuned), live)
+    shortlist = tuned_first(tuned["shortlist"], tuned.get("k", k), k)
+    if len(tuned["dims"]) > 1:  # as plan.grown: one stage has no shortlist to grow
+        shortlist = grown_size(shortlist, *tuned_growth(tuned), live)
     codes = tuned.get("prefixes") == "fitted" and tuned["dims"][0] in coded
     return tuple(tuned["dims"]), shortlist, tuned.get("taper", 1), codes
 

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,17 @@ from mrlstore.tiers.state import StoreState
 GROWTH_TOLD = 2  # queries warn once when the store holds this many times the live rows tune measured
 
 
+def _outside_mrlstore() -> int:
+    """The ``stacklevel`` of a warning raised by the caller of this function that names the first frame
+    outside the package (query and query_table reach the warning through different depths)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class Searcher:
     """Queries and tuning over one open store. ``on_commit`` runs after ``tune`` persisted its choice."""
 
@@ -40,7 +54,7 @@ class Searcher:
         self.state, self.encoders, self.filters, self.on_commit = state, encoders, filters, on_commit
         self.plans = PlanCache()
         self._funnel: Funnel | None = None
-        self._growth_told: object = None  # the tuned settings whose growth a warning named
+        self._growth_told: tuple = ()  # the tune whose growth a warning named
 
     @property
     def funnel(self) -> Funnel:
@@ -122,19 +136,23 @@ class Searcher:
         return HitsBatch.of_rows(snap.table, rows, offsets, scores, plan.dims, metadata)
 
     def _tell_growth(self, plan: Plan, live: int) -> None:
-        """Warn once per tune that the store has outgrown the rows tune measured."""
-        tuned = self.state.manifest.get("tuned")
-        if tuned is self._growth_told:
+        """Warn once per tune (also across refreshes and compactions, which read the entry anew) that the
+        store has outgrown the rows tune measured."""
+        tuned = self.state.manifest.get("tuned") or {}
+        key = tuple(tuned.get(f) for f in ("rows", "live", "generation", "seed", "ms_per_query", "fit_s"))
+        if key == self._growth_told:
             return
-        self._growth_told = tuned
-        now = for_rows(plan, live)
-        was_size, now_size = (plan.sizes[0], now.sizes[0]) if plan.sizes else (plan.ef, now.ef)
+        self._growth_told = key
+        grown = (
+            f"queries grow the tuned shortlist with them ({plan.sizes[0]} -> {for_rows(plan, live).sizes[0]}) to "
+            "keep recall; "
+            if plan.sizes
+            else ""
+        )
         warnings.warn(
             f"store {self.state.location} holds {live:,} live rows, {live / plan.tuned_live:.1f}x the "
-            f"{plan.tuned_live:,} tune measured: queries grow the tuned shortlist with them (to the power "
-            f"{plan.growth:g} tune measured: {was_size} -> {now_size}) to keep recall; tune() again to measure "
-            "the cheapest funnel at this size",
-            stacklevel=4,
+            f"{plan.tuned_live:,} tune measured: {grown}tune() again to measure the cheapest funnel at this size",
+            stacklevel=_outside_mrlstore(),
         )
 
     def query_table(self, queries: Any, k: int, dims: Any, vector: str, image: str | None, **options: Any) -> pa.Table:
