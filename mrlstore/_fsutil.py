@@ -89,7 +89,9 @@ def local_destination(dest: str | os.PathLike[str], what: str) -> Path:
 
 
 def local_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` absolute, ``~`` expanded: DuckDB expands ``~`` where Python does not (a store at "~/x" had its
-    catalog in the home folder and its other files under a folder named "~"), and a relative path resolved
-    again after ``os.chdir`` put a store's later chunks in another folder than its catalog."""
-    return Path(path).expanduser().absolute()
+    """``path`` absolute, ``~`` expanded, symlinks resolved: DuckDB expands ``~`` where Python does not (a
+    store at "~/x" had its catalog in the home folder and its other files under a folder named "~"); a
+    relative path resolved again after ``os.chdir`` put a store's later chunks in another folder than its
+    catalog; and a compaction of a store opened through a link swapped the link for the compacted folder,
+    leaving the linked folder, uncompacted, as a second store that a writer could open beside it."""
+    return Path(os.path.realpath(os.path.expanduser(path)))

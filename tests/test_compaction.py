@@ -160,3 +160,21 @@ def test_reads_in_other_threads_wait_for_a_compaction_and_never_mix_two_stores(t
         assert problems == []
         with pytest.raises(mrlstore.StoreClosedError, match="compaction or refresh"):
             scan.read_all()
+
+
+def test_a_store_opened_through_a_link_is_compacted_where_it_lies(tmp_path):
+    """The compaction's exchange swapped the link for the compacted folder: the linked folder stayed, old,
+    as a second store a writer could open beside the first (a write there was not seen through the link)."""
+    x, _ = mrl_like(2000, 64, seed=1)
+    real, link = tmp_path / "disk" / "store.mrl", tmp_path / "store.mrl"
+    with mrlstore.open(real, dim=64, bands=(16, 64)) as store:
+        store.add_vectors(x, ids=[str(i) for i in range(2000)])
+    link.symlink_to(real)
+    with mrlstore.open(link) as store:
+        store.delete([str(i) for i in range(1500)])
+        assert store.compact().rows_after == 500
+        with pytest.raises(mrlstore.StoreLockedError):
+            mrlstore.open(real)  # one store, one writer
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["disk", "store.mrl"]
+    with mrlstore.open(real, read_only=True) as store:
+        assert len(store) == 500 and store.verify() == []
