@@ -185,6 +185,7 @@ class Searcher:
         state, p = self.state, self.state.params
         k, sample, seed = positive_int(k, "k"), positive_int(sample, "sample"), _seed(seed)
         with state.writing():  # as tune: no close, compaction or refresh closes the files it scans meanwhile
+            p = state.params  # as of now (see tune)
             snap = state.snap
             if snap.n_live <= k + 1:
                 raise EmptyStoreError(f"a report needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
@@ -203,8 +204,10 @@ class Searcher:
             raise InvalidInputError(f"recall must be a number in (0, 1], got {recall!r}")
         recall = float(recall)  # a numpy scalar would not persist as JSON
         sample, seed = positive_int(sample, "sample"), _seed(seed)
-        shapes = [dims_tuple(dims, p.dim)] if dims is not None else funnel_shapes(p.index_dims, p.bands, p.dim)
+        asked = dims_tuple(dims, p.dim) if dims is not None else None
         with state.writing():
+            p = state.params  # as of now: set_index_dims in another thread may have changed the indexed prefixes
+            shapes = [asked] if asked is not None else funnel_shapes(p.index_dims, p.bands, p.dim)
             snap = state.snap
             if snap.n_live <= k + 1:
                 raise EmptyStoreError(f"tuning needs more than k+1={k + 1} vectors, the store holds {snap.n_live}")
