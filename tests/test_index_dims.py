@@ -116,6 +116,22 @@ def test_a_writers_open_removes_the_index_files_of_prefixes_not_indexed(tmp_path
         "prefix_00016.hnsw", "prefix_00016.json", "prefix_00032.hnsw", "prefix_00032.json"]  # fmt: skip
 
 
+def test_an_explicit_default_hnsw_m_applies_to_every_index_also_of_new_prefixes(tmp_path):
+    """hnsw_m=16 or ef_construction=40 given (the defaults) was taken for none: set_index_dims gave the new 8-d
+    index M=8 and the 64-d one ef_construction 200; and a default store reopened with hnsw_m=16 said nothing,
+    though its 16-d index uses M=8."""
+    x, _ = mrl_like(500, DIM, seed=1)
+    opts = {"dim": DIM, "bands": (16, 64, DIM), "index_dims": (32,)}
+    with mrlstore.open(tmp_path / "s", hnsw_m=16, ef_construction=40, **opts) as store:
+        store.add_vectors(x)
+        store.set_index_dims((8, 32, 64))
+        assert store.manifest["hnsw_M_by_prefix"] == {} and store.manifest["hnsw_ef_construction_by_prefix"] == {}
+    with mrlstore.open(tmp_path / "d", **{**opts, "index_dims": (16, 32)}):
+        pass
+    with pytest.raises(mrlstore.ConfigMismatchError, match=r"hnsw_M_by_prefix=\{16: 8\}"):
+        mrlstore.open(tmp_path / "d", hnsw_m=16)
+
+
 def test_a_failed_reopen_after_the_commit_closes_the_handle_with_the_reason(tmp_path, monkeypatch):
     """The change is committed before the tiers reopen; if they cannot (a fault injected into our own
     opening step), the handle is closed, says why, and frees the store for the next open."""

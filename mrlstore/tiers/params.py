@@ -130,6 +130,10 @@ class StoreParams:
     hnsw_m_by_prefix: tuple[tuple[int, int], ...] = ()
     ef_construction_by_prefix: tuple[tuple[int, int], ...] = ()
     prefixes: str = "auto"  # "raw": tune never fits codes to the rows (see mrlstore.tiers.projection)
+    # whether open() was given hnsw_m / ef_construction: then it applies to every index, also of prefixes
+    # indexed later (a given value equal to the default was taken for none: new coarse prefixes got M=8)
+    hnsw_m_given: bool = False
+    ef_construction_given: bool = False
 
     def m_for(self, prefix: int) -> int:
         """The HNSW M of the index over the ``prefix``-d prefix."""
@@ -182,6 +186,8 @@ class StoreParams:
             encoder=encoder,
             encoder_weights=encoder_weights,
             prefixes=_prefixes(requested.get("prefixes")),
+            hnsw_m_given=requested["hnsw_m"] is not None,
+            ef_construction_given=requested["ef_construction"] is not None,
         )
 
     def with_index_dims(self, index_dims: Sequence[int]) -> StoreParams:
@@ -192,9 +198,9 @@ class StoreParams:
         new = [d for d in dims if d not in self.index_dims]
         m = {d: v for d, v in self.hnsw_m_by_prefix if d in dims}
         ef = {d: v for d, v in self.ef_construction_by_prefix if d in dims}
-        if self.hnsw_m == DEFAULT_HNSW_M:
+        if not self.hnsw_m_given:
             m |= dict(coarse_m(new))
-        if self.ef_construction == DEFAULT_EF_CONSTRUCTION:
+        if not self.ef_construction_given:
             ef |= dict(wide_ef_construction(new))
         by_m, by_ef = tuple(sorted(m.items())), tuple(sorted(ef.items()))
         return replace(self, index_dims=dims, hnsw_m_by_prefix=by_m, ef_construction_by_prefix=by_ef)
@@ -232,7 +238,8 @@ class StoreParams:
                 f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}"
             )
         try:
-            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix", "ef_construction_by_prefix", "prefixes")
+            optional = ("encoder", "encoder_weights", "hnsw_m_by_prefix", "ef_construction_by_prefix", "prefixes",
+                        "hnsw_m_given", "ef_construction_given")  # fmt: skip
             values = {f.name: m[_MANIFEST_KEYS.get(f.name, f.name)] for f in fields(cls) if f.name not in optional}
         except KeyError as e:
             raise CorruptStoreError(f"{where} has a manifest without {e}") from None
@@ -244,6 +251,11 @@ class StoreParams:
             hnsw_m_by_prefix=_by_prefix(m, "hnsw_M_by_prefix"),
             ef_construction_by_prefix=_by_prefix(m, "hnsw_ef_construction_by_prefix"),
             prefixes=m.get("prefixes", "auto"),
+            # stores made before these were kept: a value other than the default was given
+            hnsw_m_given=bool(m.get("hnsw_m_given", values["hnsw_m"] != DEFAULT_HNSW_M)),
+            ef_construction_given=bool(
+                m.get("ef_construction_given", values["ef_construction"] != DEFAULT_EF_CONSTRUCTION)
+            ),
         )
 
     def check_requested(self, requested: dict[str, Any], where: object) -> None:
@@ -256,6 +268,13 @@ class StoreParams:
                 continue  # one size for every band, as given at creation
             if key == "index_dims" and tuple(sorted(value)) == stored:
                 continue  # kept sorted
+            per_prefix = {"hnsw_m": self.hnsw_m_by_prefix, "ef_construction": self.ef_construction_by_prefix}
+            if value == stored and per_prefix.get(key):  # some indexes were built with another value
+                name = _MANIFEST_KEYS[key + "_by_prefix"]
+                raise ConfigMismatchError(
+                    f"{where} was created without {_MANIFEST_KEYS[key]} given: its indexes use {name}="
+                    f"{dict(per_prefix[key])} (and {stored} elsewhere), not {value} for every index"
+                )
             if value != stored:
                 name = _MANIFEST_KEYS.get(key, key)
                 raise ConfigMismatchError(f"{where} was created with {name}={stored!r}, not {value!r}")
