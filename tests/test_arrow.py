@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import mrlstore
+from mrlstore.write.writer import Writer
 
 DIM = 32
 
@@ -205,7 +206,7 @@ def test_add_arrow_encodes_an_image_column(tmp_path):
         assert committed.count(5) <= 64  # a batch of images was sized by vectors: 32,768 rows, the whole stream
 
 
-def test_batches_of_other_schemas_are_added_each_as_it_is(store):
+def test_batches_of_other_schemas_are_unified_and_merged(store, monkeypatch):
     """Merging small batches raised ArrowInvalid ('Schema at index 1 was different') where one batch's column
     was all null, another had one more column, or only the nullable flag differed."""
     x = _x(4)
@@ -218,10 +219,17 @@ def test_batches_of_other_schemas_are_added_each_as_it_is(store):
             schema=pa.schema([("v", _fixed(x[3:4]).type), ("id", pa.string(), False), ("tag", pa.string())]),
         ),
     ]
+    writes = []
+    write = Writer.write
+    monkeypatch.setattr(Writer, "write", lambda self, *a, **k: writes.append(len(a[0])) or write(self, *a, **k))
     assert store.add_arrow(batches, vector="v", id="id") == 4
     got = store.sql("SELECT id, tag, n FROM items ORDER BY id").to_pylist()
     assert got == [{"id": "a", "tag": None, "n": None}, {"id": "b", "tag": "t", "n": None},
                    {"id": "c", "tag": "u", "n": 1}, {"id": "d", "tag": "w", "n": None}]  # fmt: skip
+    assert writes == [4]  # unified and merged: one commit (each batch its own was 80x slower)
+    clash = [pa.record_batch({"v": _fixed(x[:1]), "id": ["e"], "tag": [1]}),
+             pa.record_batch({"v": _fixed(x[1:2]), "id": ["f"], "tag": ["x"]})]  # fmt: skip
+    assert store.add_arrow(clash, vector="v", id="id") == 2  # types that do not unify: apart, each its own
 
 
 def test_a_column_that_only_recent_commits_have_reads_as_nulls_everywhere(store):

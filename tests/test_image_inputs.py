@@ -472,9 +472,19 @@ def test_columns_of_paths_or_files_are_images(store, photos):
 
     paths = [str(photos / "p0.png"), str(photos / "p1.png")]
     data = [open(p, "rb").read() for p in paths]
-    ids = list(store.add(paths))
-    for column in (pd.Series(paths), np.array(paths), np.array(paths, dtype=object), pa.array(paths),
-                   pa.array(data, pa.binary()), pa.chunked_array([data[:1], data[1:]]), pd.Series(data)):  # fmt: skip
-        assert list(store.add(column)) == ids
-        found = store.query(column, k=1)
-        assert isinstance(found, mrlstore.HitsBatch) and [h.ids[0] for h in found] == ids
+    pil = [Image.open(p) for p in paths]
+    pixels = [np.asarray(im.convert("RGB")) for im in pil]
+    columns = {  # each column and the list it holds
+        "series of paths": (pd.Series(paths), paths), "array of paths": (np.array(paths), paths),
+        "object array": (np.array(paths, dtype=object), paths), "arrow strings": (pa.array(paths), paths),
+        "arrow string_view": (pa.array(paths, pa.string_view()), paths),
+        "arrow binary": (pa.array(data, pa.binary()), data), "chunked": (pa.chunked_array([data[:1], data[1:]]), data),
+        "series of bytes": (pd.Series(data), data), "series of PIL images": (pd.Series(pil, index=[5, 6]), pil),
+        "series of pixels": (pd.Series(pixels), pixels),
+    }  # fmt: skip
+    for name, (column, items) in columns.items():
+        ids = list(store.add(items))
+        assert list(store.add(column)) == ids, name
+        found = store.query(column, k=1)  # each finds its image (held under its file's id and its pixels' id)
+        assert isinstance(found, mrlstore.HitsBatch) and len(found) == 2, name
+        assert all(h.scores[0] > 0.9999 for h in found), name

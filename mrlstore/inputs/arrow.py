@@ -9,7 +9,6 @@ DataFrame, or a DuckDB relation (read through its own Arrow reader).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,7 +26,13 @@ def is_vector_column(x: Any) -> bool:
         kind = x.type.storage_type if isinstance(x.type, pa.BaseExtensionType) else x.type
         return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
     if type(x).__name__ == "Series" and hasattr(x, "to_numpy"):  # pandas, without importing it
-        return not (len(x) and isinstance(x.iloc[0], (str, bytes, os.PathLike)))  # a column of paths: images
+        # vectors as lists or 1-D arrays (or numbers: one vector); paths, files, PIL images, pixels: images
+        first = x.iloc[0] if len(x) else None
+        return (
+            first is None
+            or isinstance(first, (list, tuple, int, float, np.number))
+            or (isinstance(first, np.ndarray) and first.ndim == 1)
+        )
     return False
 
 
@@ -108,14 +113,17 @@ def _batches_of(data: Iterable[Any]) -> Iterator[pa.RecordBatch]:
 
 def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
     """Batches of ``rows`` rows (the last may be shorter): large ones sliced without a copy, small ones
-    merged (a commit has a fixed cost), only with others of the same schema (a column all null in one batch,
-    or one more column, made ``from_batches`` raise ArrowInvalid)."""
+    merged (a commit has a fixed cost), their schemas unified (a column all null in some batches, or in
+    some only: ``from_batches`` raised ArrowInvalid); batches whose schemas do not unify go apart."""
     pending: list[pa.RecordBatch] = []
     count = 0
+    schema: pa.Schema | None = None  # pending's, unified
     for batch in batches:
-        if pending and not batch.schema.equals(pending[0].schema):
-            yield from pa.Table.from_batches(pending).combine_chunks().to_batches()
-            pending, count = [], 0
+        unified = _unify([schema, batch.schema]) if pending and schema is not None else batch.schema
+        if unified is None:
+            yield from _merged(pending).to_batches()
+            pending, count, unified = [], 0, batch.schema
+        schema = unified
         for lo in range(0, batch.num_rows, rows):
             piece = batch.slice(lo, rows)
             if not pending and piece.num_rows == rows:
@@ -124,12 +132,27 @@ def _rebatched(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Reco
             pending.append(piece)
             count += piece.num_rows
             if count >= rows:  # pieces hold fewer than rows each: one full batch out, the rest waits
-                merged = pa.Table.from_batches(pending).combine_chunks()
+                merged = _merged(pending)
                 yield from merged.slice(0, rows).to_batches()
                 rest = merged.slice(rows)
-                pending, count = [b for b in rest.to_batches() if b.num_rows], rest.num_rows
+                pending, count, schema = [b for b in rest.to_batches() if b.num_rows], rest.num_rows, merged.schema
     if count:
-        yield from pa.Table.from_batches(pending).combine_chunks().to_batches()
+        yield from _merged(pending).to_batches()
+
+
+def _unify(schemas: list[pa.Schema]) -> pa.Schema | None:
+    try:
+        return pa.unify_schemas(schemas, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+
+
+def _merged(pending: list[pa.RecordBatch]) -> pa.Table:
+    """One table of ``pending`` (their schemas unify; the first batch's columns first)."""
+    if all(b.schema.equals(pending[0].schema) for b in pending):
+        return pa.Table.from_batches(pending).combine_chunks()
+    tables = [pa.Table.from_batches([b]) for b in pending]
+    return pa.concat_tables(tables, promote_options="default").combine_chunks()
 
 
 def column(batch: pa.RecordBatch, name: str, role: str) -> pa.Array:

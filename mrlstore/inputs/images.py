@@ -97,8 +97,8 @@ def is_column(x: Any) -> bool:
     if isinstance(x, np.ndarray):
         return x.ndim == 1 and x.dtype.kind in "USO"
     if isinstance(x, (pa.Array, pa.ChunkedArray)):
-        return pa.types.is_string(x.type) or pa.types.is_large_string(x.type) or pa.types.is_binary(x.type) \
-            or pa.types.is_large_binary(x.type)  # fmt: skip
+        kinds = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view")
+        return any(getattr(pa.types, kind, lambda _: False)(x.type) for kind in kinds)
     return type(x).__name__ == "Series" and hasattr(x, "tolist")
 
 
