@@ -80,6 +80,7 @@ def encode_images(
     from tqdm import tqdm
 
     show = advance is None and (progress if progress is not None else len(items) > 4 * batch_size)
+    prepared = callable(getattr(encoder, "prepare", None)) and callable(getattr(encoder, "embed_prepared", None))
     out, kept = [], []
     with tqdm(total=len(items), desc="encode", unit="img", disable=not show) as bar:
         for lo in range(0, len(items), batch_size):
@@ -87,7 +88,7 @@ def encode_images(
             held = 0
             for pos, item in enumerate(items[lo : lo + batch_size], start=lo):
                 try:
-                    batch.append(_decoded(encoder, item))
+                    batch.append(encoder.prepare(to_rgb(item)) if prepared else to_rgb(item))  # type: ignore[attr-defined]
                 except InvalidInputError as e:
                     if failures is None:
                         raise
@@ -96,10 +97,10 @@ def encode_images(
                 kept.append(pos)
                 held += batch[-1].nbytes
                 if held >= DECODED_BATCH_BYTES:
-                    out.append(_encoded(encoder, batch, batch_size))
+                    out.append(_encoded(encoder, batch, batch_size, prepared))
                     batch, held = [], 0
             if batch:
-                out.append(_encoded(encoder, batch, batch_size))
+                out.append(_encoded(encoder, batch, batch_size, prepared))
             (advance or bar.update)(min(batch_size, len(items) - lo))
     dim = int(getattr(encoder, "dim", 0))
     return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept
@@ -108,16 +109,10 @@ def encode_images(
 DECODED_BATCH_BYTES = 256 << 20
 
 
-def _decoded(encoder: Encoder, item: ImageItem) -> np.ndarray:
-    """``item`` decoded: the encoder's own input where it has ``prepare``, else uint8 HxWx3."""
-    prepare = getattr(encoder, "prepare", None)
-    return prepare(to_rgb(item)) if prepare is not None else to_rgb(item)
-
-
-def _encoded(encoder: Encoder, batch: list[np.ndarray], batch_size: int) -> np.ndarray:
-    embed = getattr(encoder, "embed_prepared", None)
-    if embed is not None and hasattr(encoder, "prepare"):
-        vectors = np.asarray(embed(np.stack(batch)), dtype=np.float32)
+def _encoded(encoder: Encoder, batch: list[np.ndarray], batch_size: int, prepared: bool) -> np.ndarray:
+    """Vectors of ``batch``: ``prepare``'d images through ``embed_prepared``, else decoded ones through ``encode``."""
+    if prepared:
+        vectors = np.asarray(encoder.embed_prepared(np.stack(batch)), dtype=np.float32)  # type: ignore[attr-defined]
     else:
         vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
     if vectors.shape[0] != len(batch):
