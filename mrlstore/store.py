@@ -64,7 +64,9 @@ class Store:
         filters = FilterCache()
         self._search = Searcher(self._state, self._encoders, filters, versions.committed)
         self._reader = Reader(self._state, filters)
-        self._upkeep = Maintenance(self._state, self._reopen_with, self._reopen, versions.committed, versions.holds)
+        self._upkeep = Maintenance(
+            self._state, self._reopen_with, self._reopen, self._reindex, versions.committed, versions.holds
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _reopen_with(self, lock: StoreLock) -> None:
@@ -80,6 +82,10 @@ class Store:
     def _reopen(self) -> None:
         """Open the tiers again on the same files (after a change to the indexed prefixes)."""
         opening.reopen(self._state, self._versions, lambda: None)
+
+    def _reindex(self) -> None:
+        """Load the indexes of the prefixes now indexed (after ``set_index_dims``); catalog and bands stay."""
+        opening.reindex(self._state, self._versions)
 
     def close(self) -> None:
         """Save the index cache (writers), release the store. Safe to call twice."""

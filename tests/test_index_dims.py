@@ -132,9 +132,9 @@ def test_an_explicit_default_hnsw_m_applies_to_every_index_also_of_new_prefixes(
         mrlstore.open(tmp_path / "d", hnsw_m=16)
 
 
-def test_a_failed_reopen_after_the_commit_closes_the_handle_with_the_reason(tmp_path, monkeypatch):
-    """The change is committed before the tiers reopen; if they cannot (a fault injected into our own
-    opening step), the handle is closed, says why, and frees the store for the next open."""
+def test_a_failed_load_after_the_commit_closes_the_handle_with_the_reason(tmp_path, monkeypatch):
+    """The change is committed before the new indexes load; if they cannot (a fault injected into our own
+    loading step), the handle is closed, says why, and frees the store for the next open."""
     from mrlstore.upkeep import opening
 
     path = tmp_path / "s"
@@ -143,17 +143,36 @@ def test_a_failed_reopen_after_the_commit_closes_the_handle_with_the_reason(tmp_
     def refuse(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(opening, "open_state", refuse)
+    monkeypatch.setattr(opening, "reload_indexes", refuse)
     with pytest.raises(OSError, match="No space left"):
         store.set_index_dims([64])
     monkeypatch.undo()
     for call in (lambda: len(store), lambda: store.query(x[0], k=5), lambda: store.add_vectors(x[:1], ids=["new"])):
-        with pytest.raises(mrlstore.StoreClosedError, match="could not be opened again; open it again"):
+        with pytest.raises(mrlstore.StoreClosedError, match="could not be loaded; open it again"):
             call()
     store.close()  # closed already: nothing to do
     with mrlstore.open(path) as again:  # the lock was released; the change was committed
         assert again.index_dims == (64,) and len(again) == N
         assert again.query(x[0], k=5).ids[0] == "0"
+
+
+def test_a_scan_and_an_export_going_on_outlive_a_change_of_the_indexed_prefixes(tmp_path):
+    """Only the indexes change: the catalog and bands stay open, so readers of rows in progress go on (they
+    raised StoreClosedError, "a compaction or refresh replaced the store's files")."""
+    path = tmp_path / "s"
+    store, x = _filled(path)
+    with store:
+        scan = store.scan(dims=16, batch_size=500)
+        first = scan.read_next_batch()
+        rows = store.scan(dims=16, batch_size=500)
+        store.set_index_dims([64])
+        rest = [first, *scan]
+        assert sum(b.num_rows for b in rest) == N
+        got = np.concatenate([np.asarray(b.column("vector").values).reshape(-1, 16) for b in rest])
+        np.testing.assert_allclose(got, x[:, :16], rtol=1e-3, atol=1e-3)
+        assert store.export_parquet(tmp_path / "out.parquet") == N
+        assert sum(b.num_rows for b in rows) == N
+        assert store.index_dims == (64,) and store.query(x[0], k=5).ids[0] == "0"
 
 
 def test_a_reader_refreshes_to_the_new_indexes(tmp_path):
@@ -162,6 +181,7 @@ def test_a_reader_refreshes_to_the_new_indexes(tmp_path):
     with store, mrlstore.open(path, read_only=True) as reader:
         assert reader.index_dims == (16, 32)
         store.set_index_dims([64])
+        store._versions.close()  # publish now instead of within the interval
         assert reader.refresh()
         assert reader.index_dims == (64,) and reader.index_status == {64: "loaded"}
         got, want = reader.query(x[:3], k=5, dims=[64, DIM]), store.query(x[:3], k=5, dims=[64, DIM])

@@ -131,14 +131,34 @@ def open_state(
             manifest = catalog.manifest()  # without the mark of a write that died
         snap = load_snapshot(catalog.live_items(), watermark, version)
         indexes = IndexSet(path, params, int(manifest.get("generation", 0)), read_only, checked, fetch)
-        projection = projection_of(manifest, params)
-        indexes.load(snap, vectors, catalog.tombstones(), projection, default_first_stage(manifest, params, projection))
+        load_indexes(indexes, manifest, snap, vectors, catalog)
         vectors.map_committed(watermark)  # CorruptStoreError if a file is missing or short
         vectors.prefault(0, watermark)
     except BaseException:
         vectors.close()
         raise
     return StoreState(path, read_only, params, manifest, catalog, vectors, snap, indexes)
+
+
+def load_indexes(
+    indexes: IndexSet, manifest: dict[str, Any], snap: Snapshot, vectors: VectorTier, catalog: Catalog
+) -> None:
+    """Load ``indexes`` as ``manifest`` names them (its fit, and what a reader loads first) up to ``snap``."""
+    projection = projection_of(manifest, indexes.params)
+    first = default_first_stage(manifest, indexes.params, projection)
+    indexes.load(snap, vectors, catalog.tombstones(), projection, first)
+
+
+def reload_indexes(state: StoreState) -> None:
+    """Load the indexes the committed manifest names, the catalog and bands staying open (after
+    ``set_index_dims``: a scan or export in another thread goes on); queries wait only for the swap. The
+    caller holds the write lock."""
+    manifest = state.catalog.manifest()
+    params = StoreParams.from_manifest(manifest, state.path)
+    indexes = IndexSet(state.path, params, state.generation, state.read_only)
+    load_indexes(indexes, manifest, state.snap, state.vectors, state.catalog)
+    with state.visibility.write():
+        state.params, state.manifest, state.indexes = params, manifest, indexes
 
 
 def check_rows(vectors: VectorTier, watermark: int) -> None:

@@ -19,20 +19,21 @@ from mrlstore.upkeep import compaction, verify
 
 class Maintenance:
     """Upkeep of one open store. ``reopen_with(lock)`` switches the store to the files a compaction put in
-    place, ``reopen()`` opens its tiers again on the same files, ``committed()`` follows every change
-    committed here (publishing it for readers), ``holds(generation)`` says whether the store's folder still
-    holds that row numbering (``Versions.holds``)."""
+    place, ``reopen()`` opens its tiers again on the same files, ``reindex()`` only its indexes (as the
+    manifest names them), ``committed()`` follows every change committed here (publishing it for readers),
+    ``holds(generation)`` says whether the store's folder still holds that row numbering (``Versions.holds``)."""
 
     def __init__(
         self,
         state: StoreState,
         reopen_with: Callable[[StoreLock], None],
         reopen: Callable[[], None],
+        reindex: Callable[[], None],
         committed: Callable[[], None],
         holds: Callable[[int], bool] = lambda generation: True,
     ):
-        self.state, self.reopen_with, self.reopen, self.committed = state, reopen_with, reopen, committed
-        self.holds = holds
+        self.state, self.reopen_with, self.reopen, self.reindex = state, reopen_with, reopen, reindex
+        self.committed, self.holds = committed, holds
 
     def snapshot(self, dest: str | os.PathLike[str]) -> Path:
         """A consistent copy at ``dest`` (which must not exist); see ``Store.snapshot``."""
@@ -89,8 +90,9 @@ class Maintenance:
 
     def set_index_dims(self, index_dims: Sequence[int]) -> None:
         """Index other prefixes (see ``Store.set_index_dims``). The new indexes are built and saved first
-        (queries go on meanwhile), then the manifest commits the change, then the tiers reopen on them: a
-        crash before the commit leaves the store as it was, after it the saved files load."""
+        (queries go on meanwhile), then the manifest commits the change, then they are loaded (the catalog
+        and bands stay open: a scan in another thread goes on): a crash before the commit leaves the store as
+        it was, after it the saved files load."""
         state = self.state
         with state.writing():
             params = state.params.with_index_dims(index_dims)
@@ -100,6 +102,6 @@ class Maintenance:
                 self._check_prefixes(min(params.index_dims))
             state.indexes.prepare(params, state.snap, state.vectors, state.catalog.tombstones())
             state.catalog.set_manifest_entries({**params.index_entries(), "tuned": None, "fit": None})
-            self.reopen()
+            self.reindex()
             self.committed()  # published (or marked pending) for readers: the indexed prefixes count as a change
             state.indexes.remove_stale_files()

@@ -24,7 +24,7 @@ from mrlstore.tiers.bands import auto_chunk_rows
 from mrlstore.tiers.catalog import DB_FILE
 from mrlstore.tiers.layout import create_store
 from mrlstore.tiers.params import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreParams, encoder_name
-from mrlstore.tiers.state import StoreState, open_state
+from mrlstore.tiers.state import StoreState, open_state, reload_indexes
 from mrlstore.upkeep.versions import Versions
 
 SWAP_RETRIES = 5  # opens of a reader that compactions may swap the folder under
@@ -143,6 +143,18 @@ def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) ->
         state.location = versions.location
         if not versions.read_only:
             versions.start_publishing(state)
+
+
+def reindex(state: StoreState, versions: Versions) -> None:
+    """Load the indexes of the prefixes the store now indexes, its catalog and bands left open (see
+    ``reload_indexes``). If they cannot be loaded the handle is closed, as ``reopen`` does."""
+    try:
+        reload_indexes(state)
+    except BaseException:
+        with state.visibility.write():
+            versions.stop()
+            state.shut("its indexed prefixes changed and their indexes could not be loaded; open it again to go on")
+        raise
 
 
 def open_beside(state: StoreState, versions: Versions, switch: Callable[[], None], undo: Callable[[], None]) -> None:
