@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeGuard
 
 from mrlstore.errors import UnsupportedStorageError
 
@@ -78,10 +79,15 @@ def copy_sparse(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         fo.truncate(size)
 
 
+def is_url(path: object) -> TypeGuard[str]:
+    """Whether ``path`` names a store on object storage (``s3://...``) rather than a local folder."""
+    return isinstance(path, str) and "://" in path
+
+
 def local_destination(dest: str | os.PathLike[str], what: str) -> Path:
     """``dest`` as a local path; a URL is refused before anything is written (``Path("s3://b/x")`` would be
     the local folder ``s3:/b/x``)."""
-    if isinstance(dest, str) and "://" in dest:
+    if is_url(dest):
         raise UnsupportedStorageError(
             f"{dest} is a URL: {what} writes local files (publish() uploads a store to object storage)"
         )

@@ -139,14 +139,16 @@ def test_a_full_dimension_index_is_reported_as_the_exact_search_it_runs(tmp_path
 
 
 def test_the_tuned_mark_follows_the_codes_and_the_k_a_query_runs_with():
-    from types import SimpleNamespace
+    from mrlstore.query.funnel import Funnel
 
-    params = SimpleNamespace(dim=100, index_dims=(16, 32))  # what the mark reads of a store's parameters
+    def funnel(coded: set[int]) -> Funnel:  # of 100-d rows indexing 16 and 32, a fit replacing the ``coded`` ones
+        return Funnel(None, {d: None for d in (16, 32) if d not in coded}, "l2", 10, None, 100)  # type: ignore[arg-type]
+
     tuned = {"dims": [32, 100], "shortlist": 15, "prefixes": "fitted", "k": 10, "taper": 1}
     raw, codes = {"dims": [32, 100], "shortlist": 15}, {"dims": [32, 100], "shortlist": 15, "fitted": True}
 
     def marked(point: dict, k: int, coded: set[int], live: int = 1000) -> bool:
-        return report_module._key(point) == report_module._tuned_key(tuned, k, coded, params, live)
+        return report_module._key(point) == report_module._tuned_key(funnel(coded), tuned, k, coded, live)
 
     assert marked(raw, 10, coded={16})  # 32 has no codes: the raw prefix runs
     assert not marked(codes, 10, coded={16})
@@ -156,8 +158,9 @@ def test_the_tuned_mark_follows_the_codes_and_the_k_a_query_runs_with():
     tuned |= {"live": 1000, "growth": {"32": 0.5}}
     assert marked({**raw, "shortlist": 30}, 10, coded={16}, live=4000)  # the store grew 4x since: twice
     single = {"dims": [16], "shortlist": 11, "prefixes": "raw", "k": 10, "taper": 1}  # HNSW on 16 alone
-    assert report_module._tuned_key(single, 10, set(), params, 1000) == ((16,), 11, 1, False)
-    assert report_module._tuned_key({**single, "dims": [100]}, 10, set(), params, 1000) is None  # exact search
+    assert report_module._tuned_key(funnel(set()), single, 10, set(), 1000) == ((16,), 11, 1, False)
+    assert report_module._tuned_key(funnel(set()), {**single, "dims": [100]}, 10, set(), 1000) is None  # exact
+    assert report_module._tuned_key(funnel({16}), single, 10, {16}, 1000) is None  # raw 16 unindexed: a scan
 
 
 def test_a_single_indexed_prefix_tuned_is_marked(tmp_path, monkeypatch):

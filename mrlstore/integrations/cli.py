@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 import mrlstore
+from mrlstore._fsutil import is_url
 from mrlstore.errors import CorruptStoreError, InvalidInputError, MRLStoreError, StoreNotFoundError
 from mrlstore.inputs.vectors import first_positions
 from mrlstore.tiers.catalog import DB_FILE
@@ -133,7 +134,7 @@ storage_option = click.option(
 def _check_local(path: str) -> None:
     """A local path names a store: ``mrlstore.open`` would make a 2048-d store in an empty folder, and an add
     of 64-d vectors would fail after it."""
-    if "://" not in str(path) and not (Path(path) / DB_FILE).is_file():
+    if not is_url(str(path)) and not (Path(path) / DB_FILE).is_file():
         what = "is not a store" if Path(path).exists() else "does not exist"
         raise StoreNotFoundError(f"{path} {what}: make one first with `mrlstore create {path}` (--dim for vectors)")
 

@@ -8,7 +8,7 @@ exact scores on ``dims[-1]``. Candidates of a batch of queries travel as one fla
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -63,12 +63,17 @@ class Funnel:
         """Whether ``plan``'s first stage searches fitted codes."""
         return plan.fitted and self.fitted is not None and plan.dims[0] in self.fitted.by_dim
 
+    def is_exact(self, dims: Sequence[int], fitted: bool) -> bool:
+        """Whether a funnel of ``dims`` (``fitted``: on codes) is exact search: one stage, on the whole vector
+        or on a raw prefix that no index searches."""
+        return len(dims) == 1 and not fitted and (dims[0] not in self.indexes or dims[0] == self.dim)
+
     def run(
         self, snap: Snapshot, queries: np.ndarray, plan: Plan, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per query the best ``plan.k`` rows with exact scores on ``plan.dims[-1]``, as (rows, offsets, scores)."""
         d0, fitted = plan.dims[0], self.uses_fit(plan)
-        if len(plan.dims) == 1 and not fitted and (d0 not in self.indexes or d0 == self.dim):  # exact: final scores
+        if self.is_exact(plan.dims, fitted):  # final scores
             return self.exact(snap, queries, d0, plan.k, allowed)
         first = plan.sizes[0] if plan.sizes else plan.k
         rows, offsets = self.first_stage(snap, queries, d0, first, allowed, plan.ef, fitted)

@@ -67,9 +67,11 @@ def grown(plan: Plan, live: int) -> Plan:
     measured (``tuning.growth_exponents``). A true neighbour's rank on a short prefix grows with the rows
     around it: kept as tuned, a shortlist tuned at 20k rows found 0.71 of the top 10 at 80k rows and 0.50
     at 160k on data of 1,000 clusters, 0.99 grown (benchmarks/results/tune_growth.md)."""
-    if not plan.tuned_live or live <= plan.tuned_live or not plan.sizes:  # one stage: no shortlist to grow
+    if not plan.sizes:  # one stage: no shortlist to grow
         return plan
     first = grown_size(plan.sizes[0], plan.tuned_live, plan.growth, live)
+    if first == plan.sizes[0]:
+        return plan
     return replace(plan, sizes=tuple(tapered_sizes(first, plan.k, len(plan.dims), plan.taper)))
 
 

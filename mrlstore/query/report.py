@@ -47,14 +47,14 @@ def dims_report(
     itemsize = np.dtype(params.dtype).itemsize
     coded = set(funnel.fitted.by_dim) if funnel.fitted is not None else set()
     # query() scans a prefix exactly when tune chose exact search, or one prefix no index searches
-    scanned = [int(tuned["dims"][0])] if tuned is not None and _exact(tuned["dims"], params, coded) else []
+    scanned = [int(tuned["dims"][0])] if tuned is not None and _tuned_exact(funnel, tuned, coded) else []
     rows = [_prefix_row(funnel, snap, probe, d, k, itemsize) for d in sorted({*prefix_dims(params), *scanned})]
     for row in rows:
         row["tuned"] = row["dims"] == scanned
     if funnel.fitted is not None:
         rows += [_code_row(funnel, snap, probe, d, k, params.dim * itemsize) for d in sorted(funnel.fitted.by_dim)]
     for point in _funnel_points(funnel, snap, probe, params, tuned, coded, k, sample, seed, generation):
-        if _exact(point["dims"], params, coded):
+        if funnel.is_exact(point["dims"], bool(point.get("fitted")) and point["dims"][0] in coded):
             continue  # exact search (dims=[dim] is, indexed or not): a prefix row
         sizes = tapered_sizes(point["shortlist"], k + 1, len(point["dims"]), point.get("taper", 1))
         rows.append({
@@ -63,7 +63,7 @@ def dims_report(
             "taper": point.get("taper", 1), "recall": point["recall"], "recall_low": point.get("recall_low"),
             "p50_ms": point.get("p50_ms"),
             "bytes_per_query": funnel_bytes(point["dims"], sizes, _hnsw_dims(funnel, point), snap.n_live, itemsize),
-            "tuned": _key(point) == _tuned_key(tuned, k, coded, params, snap.n_live),
+            "tuned": _key(point) == _tuned_key(funnel, tuned, k, coded, snap.n_live),
         })  # fmt: skip
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
@@ -141,7 +141,7 @@ def _funnel_points(
     # on the codes only where the first prefix has them (the others run on raw prefixes: the same funnel)
     wanted = [(shape, s, 1, fitted) for shape in shapes for fitted in (False, True) if not fitted or shape[0] in coded
               for s in grid]  # fmt: skip
-    runs = _tuned_key(tuned, k, coded, params, snap.n_live)
+    runs = _tuned_key(funnel, tuned, k, coded, snap.n_live)
     if runs is not None and runs not in wanted:
         wanted.append(runs)  # what query(v, k=k) runs, also where that shortlist is off the grid
     points = [known.pop(key) if key in known else _measure(funnel, snap, probe, key, k) for key in wanted]
@@ -173,20 +173,23 @@ def _key(point: dict[str, Any]) -> tuple[tuple[int, ...], int, int, bool]:
 
 
 def _tuned_key(
-    tuned: dict[str, Any] | None, k: int, coded: set[int], params: StoreParams, live: int
+    funnel: Funnel, tuned: dict[str, Any] | None, k: int, coded: set[int], live: int
 ) -> tuple[tuple[int, ...], int, int, bool] | None:
     """The funnel ``query(v, k=k)`` runs: tune's shape, its shortlist for this k (grown with the ``live`` rows
     since), on the codes when its first prefix has them (a fit's choice may start at a raw prefix); None for
     exact search or an untuned store."""
-    if not tuned or _exact(tuned["dims"], params, coded):
+    if not tuned or _tuned_exact(funnel, tuned, coded):
         return None
     shortlist = tuned_first(tuned["shortlist"], tuned.get("k", k), k)
     if len(tuned["dims"]) > 1:  # as plan.grown: one stage has no shortlist to grow
         shortlist = grown_size(shortlist, *tuned_growth(tuned), live)
-    codes = tuned.get("prefixes") == "fitted" and tuned["dims"][0] in coded
-    return tuple(tuned["dims"]), shortlist, tuned.get("taper", 1), codes
+    return tuple(tuned["dims"]), shortlist, tuned.get("taper", 1), _tuned_codes(tuned, coded)
 
 
-def _exact(dims: Sequence[int], params: StoreParams, coded: set[int]) -> bool:
-    """Whether a funnel of ``dims`` is exact search: ``[dim]``, or one prefix that no index searches."""
-    return len(dims) == 1 and (dims[0] == params.dim or dims[0] not in {*params.index_dims, *coded})
+def _tuned_codes(tuned: dict[str, Any], coded: set[int]) -> bool:
+    """Whether tune's choice shortlists on fitted codes (a fit's choice may start at a raw prefix)."""
+    return tuned.get("prefixes") == "fitted" and tuned["dims"][0] in coded
+
+
+def _tuned_exact(funnel: Funnel, tuned: dict[str, Any], coded: set[int]) -> bool:
+    return funnel.is_exact(tuned["dims"], _tuned_codes(tuned, coded))

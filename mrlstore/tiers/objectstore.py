@@ -80,10 +80,6 @@ _OPTION_NAMES = {  # fsspec/s3fs spellings -> pyarrow's
 }  # fmt: skip
 
 
-def is_url(path: Any) -> bool:
-    return isinstance(path, str) and "://" in path
-
-
 def filesystem(url: str, options: dict[str, Any] | None) -> tuple[pafs.S3FileSystem, str]:
     """The S3 filesystem for ``url`` (s3://bucket/prefix) and its root "bucket/prefix". Credentials and the
     endpoint come from ``options`` (pyarrow or s3fs names), else the standard AWS environment variables."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mrlstore._fsutil import local_path
+from mrlstore._fsutil import is_url, local_path
 from mrlstore.encoder.bundled import bundled_weights_id
 from mrlstore.errors import (
     MRLStoreError,
@@ -32,7 +32,7 @@ SWAP_RETRIES = 5  # opens of a reader that compactions may swap the folder under
 
 def locate(path: str | os.PathLike[str], config: StoreConfig) -> Versions:
     """Where the store's files are: a local folder, or for a URL the local copy of its small parts."""
-    if isinstance(path, str) and "://" in path:  # before anything touches the disk
+    if is_url(path):  # before anything touches the disk
         if not config.read_only:
             raise UnsupportedStorageError(
                 f"{path} is a URL: stores on object storage are read-only (open it with read_only=True); "
