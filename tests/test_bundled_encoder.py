@@ -102,6 +102,21 @@ def test_a_new_store_adds_and_queries_images_with_the_bundled_encoder(tmp_path):
         assert store.query(files[7], k=1, dims=[16, 2048]).ids == [ids[7]]
 
 
+def test_a_store_made_with_the_bundled_encoder_passed_is_the_bundled_encoders(tmp_path, bundled):
+    """As the demo makes it (``encoder=load_encoder()``): it recorded the encoder's name, so reopened without
+    one it took no images ("this store has no encoder for images"); another input size is another encoder."""
+    files = [str(p) for p in sorted(IMAGES.rglob("*.jpg"))[::12]]
+    with mrlstore.open(tmp_path / "s", encoder=bundled) as store:
+        ids = store.add(files)
+        assert store.manifest["encoder"] == "bundled"
+        assert store.manifest["encoder_weights"] == encoder_module.bundled.bundled_weights_id()
+    with mrlstore.open(tmp_path / "s", read_only=True) as store:
+        assert store.query(files[2], k=1, dims=[16, 2048]).ids == [ids[2]]
+    other = mrlstore.load_encoder(device="cpu", image_size=128)
+    with mrlstore.open(tmp_path / "t", encoder=other) as store:
+        assert store.manifest["encoder"] == other.name and store.manifest.get("encoder_weights") is None
+
+
 def test_a_folder_through_the_bundled_encoder_as_the_readme_shows(tmp_path):
     folder = IMAGES / "camera"
     files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

@@ -198,6 +198,9 @@ class ImageEncoder:
         self.nesting = tuple(int(m) for m in nesting)
         self.name = name
         self.image_size = int(image_size)
+        # the installed bundled weights at their own input size: a store made with it records "bundled" and
+        # the weights' sha256, so it takes images later without an encoder passed (load_encoder sets it)
+        self.bundled = False
 
     def encode(
         self,
@@ -322,7 +325,9 @@ def load_encoder(
             raise InvalidInputError(f"image_size must be an integer from 16 to 1024 px, got {image_size!r}")
         size = image_size
     nesting = tuple(meta.get("nesting", NESTING))
-    return ImageEncoder(model, nesting=nesting, name=name, device=device, image_size=size)
+    encoder = ImageEncoder(model, nesting=nesting, name=name, device=device, image_size=size)
+    encoder.bundled = path is None and size == meta.get("image_size", IMAGE_SIZE)
+    return encoder
 
 
 def save_encoder(model: MRLImageModel, path: str | os.PathLike[str], meta: dict[str, Any], half: bool = True) -> None:

@@ -71,7 +71,11 @@ def positive_int(value: Any, what: str) -> int:
 
 
 def encoder_name(encoder: object | None, dim: int, dim_given: int | None) -> str | None:
-    """What the manifest records about the encoder a store was created for."""
+    """What the manifest records about the encoder a store was created for: "bundled" for the installed
+    bundled encoder, given or not (a store made with ``encoder=load_encoder()`` recorded its name, and then
+    took no images without one passed), else the encoder's name."""
+    if getattr(encoder, "bundled", False) is True:
+        return BUNDLED_ENCODER
     if encoder is not None:
         return str(getattr(encoder, "name", type(encoder).__name__))
     return BUNDLED_ENCODER if dim_given is None and dim == BUNDLED_ENCODER_DIM else None
