@@ -26,7 +26,7 @@ class PixelEncoder:
     def __init__(self):
         self.seen = 0
 
-    def encode(self, images, batch_size=64):
+    def encode(self, images):  # as README describes an encoder: no batch_size
         out = []
         for im in images:
             assert im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
@@ -224,10 +224,10 @@ class InterruptedEncoder(PixelEncoder):
         super().__init__()
         self.stop_after = stop_after
 
-    def encode(self, images, batch_size=64):
+    def encode(self, images):
         if self.seen + len(images) > self.stop_after:
             raise KeyboardInterrupt
-        return super().encode(images, batch_size)
+        return super().encode(images)
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ class Encoder(Protocol):
     dim: int
     nesting: tuple[int, ...]
 
-    def encode(self, images: Any, batch_size: int = 64) -> np.ndarray:
+    def encode(self, images: Any) -> np.ndarray:
         """float32 array (n, dim), one row per image, in order. The store passes a list of decoded images
-        (uint8 HxWx3 arrays); the bundled encoder also takes paths, folders and the other inputs of
-        :mod:`mrlstore.inputs.images`."""
+        (uint8 HxWx3 arrays), at most an add's ``batch_size`` at a time; the bundled encoder also takes
+        paths, folders and the other inputs of :mod:`mrlstore.inputs.images`."""
         ...

@@ -97,10 +97,10 @@ def encode_images(
                 kept.append(pos)
                 held += batch[-1].nbytes
                 if held >= DECODED_BATCH_BYTES:
-                    out.append(_encoded(encoder, batch, batch_size, prepared))
+                    out.append(_encoded(encoder, batch, prepared))
                     batch, held = [], 0
             if batch:
-                out.append(_encoded(encoder, batch, batch_size, prepared))
+                out.append(_encoded(encoder, batch, prepared))
             (advance or bar.update)(min(batch_size, len(items) - lo))
     dim = int(getattr(encoder, "dim", 0))
     return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept
@@ -109,12 +109,12 @@ def encode_images(
 DECODED_BATCH_BYTES = 256 << 20
 
 
-def _encoded(encoder: Encoder, batch: list[np.ndarray], batch_size: int, prepared: bool) -> np.ndarray:
+def _encoded(encoder: Encoder, batch: list[np.ndarray], prepared: bool) -> np.ndarray:
     """Vectors of ``batch``: ``prepare``'d images through ``embed_prepared``, else decoded ones through ``encode``."""
     if prepared:
         vectors = np.asarray(encoder.embed_prepared(np.stack(batch)), dtype=np.float32)  # type: ignore[attr-defined]
     else:
-        vectors = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)
+        vectors = np.asarray(encoder.encode(batch), dtype=np.float32)  # a batch already: README's encode(images)
     if vectors.shape[0] != len(batch):
         raise EncoderUnavailableError(f"the encoder gave {len(vectors)} vectors for {len(batch)} images")
     return vectors
