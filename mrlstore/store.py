@@ -143,12 +143,14 @@ class Store:
     @property
     def config(self) -> StoreConfig:
         """The config the store was opened with, its creation parameters as the store holds them (chunk_rows
-        as given: the store keeps one per band; hnsw_m and ef_construction when one applies to every index)."""
+        as given: the store keeps one per band; hnsw_m and ef_construction where the store was made with one
+        for every index: a default's values given to a new store would apply to every prefix there)."""
         p = self._state.params
         return self._options.replaced(
             dim=p.dim, bands=p.bands, metric=p.metric, dtype=p.dtype, index_dims=p.index_dims,
-            hnsw_m=None if p.hnsw_m_by_prefix else p.hnsw_m,
-            ef_construction=None if p.ef_construction_by_prefix else p.ef_construction, prefixes=p.prefixes,
+            hnsw_m=p.hnsw_m if p.hnsw_m_given and not p.hnsw_m_by_prefix else None,
+            ef_construction=p.ef_construction if p.ef_construction_given and not p.ef_construction_by_prefix else None,
+            prefixes=p.prefixes,
         )  # fmt: skip
 
     @property

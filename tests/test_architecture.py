@@ -46,13 +46,15 @@ def test_store_config_opens_like_the_keywords(tmp_path):
         store.add_vectors(rng.standard_normal((20, 32)).astype(np.float32))
         opened = store.config
         assert (opened.dim, opened.bands, opened.metric, opened.index_dims) == (32, (8, 32), "ip", (8,))
-        assert opened.dtype == "float16" and opened.ef_construction is not None  # from the store
+        assert opened.dtype == "float16" and opened.hnsw_m is None and opened.ef_construction is None  # defaults
     with mrlstore.open(tmp_path / "a", config=config, read_only=True) as reader:  # keywords override fields
         assert reader.read_only and len(reader) == 20
     with pytest.raises(mrlstore.ConfigMismatchError):
         mrlstore.open(tmp_path / "a", config=dataclasses.replace(config, metric="l2"))
     with mrlstore.open(tmp_path / "b", config=opened) as copy:  # a store's config makes a store like it
         assert copy.config == opened and copy.manifest["hnsw_M_by_prefix"] == store.manifest["hnsw_M_by_prefix"]
+        given = ("hnsw_m_given", "ef_construction_given")  # a default's values were given: new prefixes took them
+        assert [copy.manifest[key] for key in given] == [store.manifest[key] for key in given] == [False, False]
 
 
 def test_open_takes_every_config_field_by_keyword():
