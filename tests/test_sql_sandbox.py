@@ -101,6 +101,10 @@ def test_refusals_name_what_was_refused(store):
         store.sql("COPY items TO '/tmp/x.csv'")
     with pytest.raises(ForbiddenSQLError, match="ATTACH"):
         store.sql("ATTACH '/tmp/x.db'")
+    with pytest.raises(ForbiddenSQLError, match="got 2 statements"):  # as the README says (it was the parent class)
+        store.sql("SELECT 1; DELETE FROM items")
+    with pytest.raises(InvalidFilterError, match="got no statement"):
+        store.sql("  ")
     assert isinstance(ForbiddenSQLError("x"), ValueError)
 
 

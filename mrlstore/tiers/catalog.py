@@ -448,8 +448,10 @@ class Catalog:
         except duckdb.Error as e:
             raise InvalidFilterError(f"{what} is not valid SQL: {_first_line(e)}") from None
         allowed = f"{what} accepts one read-only SELECT over the store's tables (writes go through the Store API)"
-        if len(statements) != 1:
-            raise InvalidFilterError(f"{allowed}; got {len(statements)} statements: {shown!r}")
+        if len(statements) > 1:  # a second statement is how text smuggles in a write
+            raise ForbiddenSQLError(f"{allowed}; got {len(statements)} statements: {shown!r}")
+        if not statements:
+            raise InvalidFilterError(f"{allowed}; got no statement: {shown!r}")
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
             error = ForbiddenSQLError if kind != duckdb.StatementType.INVALID else InvalidFilterError
