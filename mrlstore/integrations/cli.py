@@ -389,8 +389,14 @@ def tune(path: str, recall: float, k: int) -> None:
     """Measure and save the cheapest funnel reaching RECALL@k."""
     with _writing(path) as store:
         t = store.tune(recall=recall, k=k)
-        click.echo(f"tuned: dims={t['dims']} shortlist={t['shortlist']} recall={t['recall']:.3f} "
-                   f"{t['ms_per_query']:.2f} ms/query, shortlisting on {t['prefixes']} codes")  # fmt: skip
+        measured = f"recall={t['recall']:.3f} {t['ms_per_query']:.2f} ms/query"
+        (d,) = t["dims"] if len(t["dims"]) == 1 else (None,)
+        if d is not None and (d == store.dim or d not in store.index_dims):  # no index searched: a scan
+            click.echo(f"tuned: exact search of the first {d} numbers (dims=[{d}]) {measured}: faster than any funnel")
+        else:
+            fitted = t["prefixes"] == "fitted" and store.index_status.get(t["dims"][0]) == "fitted code"
+            codes = "fitted codes" if fitted else "raw prefixes"
+            click.echo(f"tuned: dims={t['dims']} shortlist={t['shortlist']} {measured}, shortlisting on {codes}")
 
 
 @main.command("index-dims")
