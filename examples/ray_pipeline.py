@@ -32,9 +32,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    # One CPU more than embedding workers: the actors hold theirs for the whole run, and the tasks that read
-    # the files and write the fragments need one too (with no CPU left for them, the pipeline would stall).
-    ray.init(num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False)
+    # One CPU more than actors at once: the actors hold theirs for the whole run (step 1's embedding workers,
+    # step 3's two pools of one), and the tasks that read the files and write the fragments need one too (with
+    # no CPU left for them, the pipeline stalls: step 3 did with --workers 1).
+    ray.init(num_cpus=max(args.workers, 2) + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     shutil.rmtree(args.store, ignore_errors=True)
 

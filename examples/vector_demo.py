@@ -4,7 +4,7 @@
 
 The vectors are synthetic with MRL-like structure (mrlstore.testing: 100 clusters, signal concentrated in
 the leading dimensions), so the demo runs anywhere without downloads. It builds ./vector_demo_store (Zarr bands +
-HNSW over the 16-d prefix + DuckDB metadata), runs a 16-d shortlist -> 2048-d re-rank query, a filtered
+HNSW over the 16- and 32-d prefixes + DuckDB metadata), runs a 16-d shortlist -> 2048-d re-rank query, a filtered
 query and a SQL aggregate, and compares the funnel with exact 2048-d search on the same vectors.
 """
 

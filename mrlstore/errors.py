@@ -76,7 +76,7 @@ class EmptyStoreError(MRLStoreError, LookupError):
 
 
 class StoreNotFoundError(MRLStoreError, FileNotFoundError):
-    """The path does not exist and the store may not be created here (read-only, or no ``dim``)."""
+    """The path does not exist and the store may not be created here (``read_only=True``, or a URL)."""
 
 
 class NotAStoreError(MRLStoreError, ValueError):
@@ -144,8 +144,9 @@ class WriteEndedError(MRLStoreError, RuntimeError):
 
 
 class UnsupportedStorageError(MRLStoreError, ValueError):
-    """A store path that is a URL (``s3://``, ``gs://``, ``memory://``, ``http(s)://``): stores live in local
-    folders."""
+    """What the store's storage cannot do: open a URL for writing (stores on object storage are read-only:
+    ``publish()`` uploads a local one), write a snapshot or export to a URL, publish or ``report()`` a store
+    that is on object storage. A URL other than ``s3://`` is ObjectStorageError."""
 
 
 class ReadOnlyError(MRLStoreError, PermissionError):

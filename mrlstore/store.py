@@ -237,7 +237,8 @@ class Store:
 
         Images are committed ``commit_every`` at a time (``batch_size`` is the encoder's batch), so memory
         stays bounded and an interrupt keeps every committed batch: the same add again encodes only what is
-        missing. ``atomic=True`` encodes everything first and commits once: all or nothing.
+        missing. ``atomic=True`` encodes everything first and commits once: all or nothing. ``progress``
+        shows a bar (None: for long adds).
         """
         self._check_writable()
         return self._images.add(
@@ -352,7 +353,8 @@ class Store:
         funnel); without it, the setting ``tune`` measured for this funnel shape applies (``dims`` omitted:
         the tuned fastest shape). ``ef`` overrides the HNSW beam. The shortlist's numbers are the store's
         fitted codes where ``tune`` fitted them (``info().prefixes``), else the raw prefix; ``prefixes="raw"``
-        asks for the raw prefix, ``"fitted"`` insists on the codes.
+        asks for the raw prefix, ``"fitted"`` insists on the codes. ``metadata=False`` leaves each hit's
+        metadata empty (no catalog read).
         """
         return self._search.query(query, k, dims, where, shortlist, ef, metadata, prefixes)  # checks it is open
 
@@ -381,7 +383,8 @@ class Store:
     ) -> pa.RecordBatchReader:
         """The live entries as a RecordBatchReader (bounded memory): ``id``, the metadata ``columns`` (default
         all), and ``vector``, the first ``dims`` numbers as float32 (none without ``dims``), in row order;
-        ``where`` filters like in ``query``. A consistent snapshot: later writes do not show."""
+        ``where`` filters like in ``query``; ``batch_size`` rows per batch. A consistent snapshot: later writes
+        do not show."""
         self._state.check_open()
         return self._reader.scan(dims, columns, where, batch_size)
 
@@ -413,7 +416,9 @@ class Store:
         send). Persisted: ``query`` uses the setting of the shape it runs (``dims`` omitted: the fastest
         shape that reached the target). Shapes that miss the target keep their best effort and are named in
         a warning; when none reaches it, TuningError is raised (naming what exact search costs, where it
-        was measured) and the previous settings stay.
+        was measured) and the previous settings stay. Where scanning every row exactly measures faster
+        than any funnel (small stores), that is the choice: ``dims=[dim]``. ``dims`` tunes that one shape
+        only; ``seed`` picks the sample.
 
         Unless the store was created with ``prefixes="raw"`` (or holds under 100 rows), tune also fits
         short codes to the store's rows (principal directions, the directions of differences between rows and

@@ -10,7 +10,7 @@ workers check their rows and write their vectors straight into the store's band 
 ranges a small actor reserves for them past the committed watermark, and their ids and metadata as fragments
 beside the store; when every task has finished the driver commits them all at once, copying no vector and
 holding neither the store's ids nor its HNSW indexes (with ids in insertion order its memory does not grow
-with the write; with random ids, the catalog's unique id index takes about 48 bytes a row of the store);
+with the write; with random ids it stays near 250 MiB at 2M rows, benchmarks/results/ray_ingest.md);
 then a Ray task extends the indexes to the new rows. If a task fails, or the driver dies, nothing of the
 write is visible and the store is as it was (a writer that opens the store later erases the rows and the
 fragments, after ending the write's lease so that no worker of it writes again).
