@@ -52,6 +52,42 @@ def test_untrustworthy_files_are_refused(tmp_path, rng, damage):
         PrefixIndex.load(tmp_path / "p", 8, "cosine", 8 if damage != "params" else 16, 50)
 
 
+def _ip_filled(rng) -> PrefixIndex:
+    x = rng.standard_normal((500, 8)).astype(np.float32)
+    index = PrefixIndex(8, "ip", M=8, ef_construction=50, capacity=16)
+    index.add(x, np.arange(500), covered_rows=500)
+    index.add((1000 * x[7:8]).astype(np.float32), np.array([500]), covered_rows=501)  # kept beside the graph
+    return index
+
+
+EDITS = {  # a sidecar field as damage or a hand left it: rows hidden from searches, or every query failing
+    "covered_rows": 3000, "element_count": None, "deleted_count": "abc", "ip_radius": 1e300,
+    "ip_limit": "abc", "ip_unlinked": [5, "x"], "ip_long": [[500, [1.0, 2.0, 3.0]]],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("field", list(EDITS))
+@pytest.mark.parametrize("checksummed", [True, False])
+def test_an_edited_sidecar_is_refused_so_the_cache_is_rebuilt(tmp_path, rng, field, checksummed):
+    import json
+
+    metric = "ip" if field.startswith("ip_") else "cosine"
+    index = _ip_filled(rng) if metric == "ip" else _filled(rng)[0]
+    index.save(tmp_path / "p")
+    _, side_path = PrefixIndex.paths(tmp_path / "p")
+    side = json.loads(side_path.read_text())
+    if not checksummed:  # a sidecar saved before the checksum of its own fields: its values are checked
+        del side["side_blake2b"]
+        PrefixIndex.load(tmp_path / "p", 8, metric, 8, 50)  # untouched, it loads
+        if field == "covered_rows":
+            return  # a plausible number: only the checksum tells it was changed
+    side[field] = EDITS[field]
+    side_path.write_text(json.dumps(side))
+    for deferred in (None, lambda: index):
+        with pytest.raises(IndexUnusable, match="checksum|count of rows|ip"):
+            PrefixIndex.load(tmp_path / "p", 8, metric, 8, 50, rebuild=deferred)
+
+
 def test_search_pads_when_fewer_rows_than_k(rng):
     index, _ = _filled(rng, n=5)
     out = index.search(rng.standard_normal(8).astype(np.float32), k=10, ef=10)
@@ -254,7 +290,7 @@ def test_an_ip_index_saved_before_the_lift_is_rebuilt(tmp_path, rng):
     index.save(tmp_path / "p")
     side = PrefixIndex.paths(tmp_path / "p")[1]
     old = json.loads(side.read_text())
-    del old["ip_radius"]  # what releases before this one wrote
+    del old["ip_radius"], old["side_blake2b"]  # what releases before the lift wrote
     side.write_text(json.dumps(old))
     with pytest.raises(IndexUnusable, match="ip graph"):
         PrefixIndex.load(tmp_path / "p", 8, "ip", 8, 50)

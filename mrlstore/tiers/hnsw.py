@@ -91,6 +91,16 @@ def _has_size(path: Path, size: object) -> bool:
         return False
 
 
+def _side_digest(side: dict[str, Any]) -> str:
+    """The checksum of a sidecar's own fields: an edited count or lift field made rows vanish from searches,
+    or every query fail, where a damaged cache should be rebuilt."""
+    body = json.dumps({k: v for k, v in side.items() if k != "side_blake2b"}, sort_keys=True)
+    return hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
+
+
+_COUNTS = ("covered_rows", "element_count", "deleted_count")
+
+
 def _digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -161,6 +171,7 @@ class PrefixIndex:
             check_file(tmp, side["element_count"])
             side["bytes"] = tmp.stat().st_size
             side["blake2b"] = _digest(tmp)
+            side["side_blake2b"] = _side_digest(side)
             # Sidecar first would let a crash pair a new sidecar with an old file; the checksum catches both orders.
             publish_file(tmp, data_path)
             atomic_write_bytes(side_path, json.dumps(side, indent=2).encode())
@@ -196,8 +207,8 @@ class PrefixIndex:
             self._fill(pending)
             return self
         side = self._sidecar(base, local=fetch is None)
-        self.covered_rows, self._deleted = int(side["covered_rows"]), int(side["deleted_count"])
-        self._lift = Lift.from_sidecar(dim, side) if self._lift is not None else None
+        self.covered_rows, self._deleted = side["covered_rows"], side["deleted_count"]
+        self._lift = self._lift_of(side, base)
         self._deferred = pending
         return self
 
@@ -209,6 +220,10 @@ class PrefixIndex:
             side = json.loads(side_path.read_text())
         except (OSError, ValueError) as e:
             raise IndexUnusable(f"no usable index at {data_path}: {e}") from None
+        if not isinstance(side, dict) or side.get("side_blake2b", None) not in (None, _side_digest(side)):
+            raise IndexUnusable(f"{side_path} does not match its checksum (edited or damaged)")
+        if any(isinstance(side.get(k), bool) or not isinstance(side.get(k), int) or side[k] < 0 for k in _COUNTS):
+            raise IndexUnusable(f"{side_path} lacks a count of rows ({', '.join(_COUNTS)})")
         expected = {"format": INDEX_FORMAT, "dim": self.dim, "metric": self.metric, "M": self.M,
                     "ef_construction": self.ef_construction}  # fmt: skip
         if any(side.get(k) != v for k, v in expected.items()):
@@ -258,7 +273,7 @@ class PrefixIndex:
         if side.get("blake2b") != (checked or _digest(data_path)):
             raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
         try:
-            state = read_state(data_path, _SPACES[self.metric], self._width, _grown(int(side["element_count"])))
+            state = read_state(data_path, _SPACES[self.metric], self._width, _grown(side["element_count"]))
             # hnswlib's state constructor (pybind11's __setstate__, no pickle): whole-array copies
             index = hnswlib.Index.__new__(hnswlib.Index)
             with huge_pages_for_new_regions(collapse=True):
@@ -268,8 +283,17 @@ class PrefixIndex:
         if index.element_count != side["element_count"] or index.dim != self._width:
             raise IndexUnusable(f"{data_path} holds {index.element_count} elements, sidecar says otherwise")
         self._index = index
-        self.covered_rows, self._deleted = int(side["covered_rows"]), int(side["deleted_count"])
-        self._lift = Lift.from_sidecar(self.dim, side) if self._lift is not None else None
+        self.covered_rows, self._deleted = side["covered_rows"], side["deleted_count"]
+        self._lift = self._lift_of(side, pending.base)
+
+    def _lift_of(self, side: dict[str, Any], base: Path) -> Lift | None:
+        """An ip index's lift as its sidecar saved it (None for other metrics); IndexUnusable if garbled."""
+        if self._lift is None:
+            return None
+        try:
+            return Lift.from_sidecar(self.dim, side)
+        except ValueError as e:
+            raise IndexUnusable(f"{self.paths(base)[1]}: {e}") from None
 
     # -- updates -----------------------------------------------------------------------------------
     def add(

@@ -162,8 +162,23 @@ class Lift:
 
     @classmethod
     def from_sidecar(cls, dim: int, side: dict[str, Any]) -> Lift:
-        long = {int(row): np.array(v, dtype=np.float32) for row, v in side.get("ip_long") or []}
-        radius = float(side.get("ip_radius") or 0.0)
-        saved = side.get("ip_limit")
-        limit = 4 * radius if saved is None else float(saved)  # (the rule before the limit was saved)
-        return cls(dim, radius, long, side.get("ip_unlinked") or (), limit)
+        """The lift a sidecar saved; ValueError when its fields are not what ``to_sidecar`` writes."""
+        try:
+            long = {_row(row): np.array(v, dtype=np.float32) for row, v in side.get("ip_long") or []}
+            radius = float(side.get("ip_radius") or 0.0)
+            saved = side.get("ip_limit")
+            limit = 4 * radius if saved is None else float(saved)  # (the rule before the limit was saved)
+            unlinked = [_row(row) for row in side.get("ip_unlinked") or ()]
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"unreadable ip fields: {e}") from None
+        if not (0 <= radius < 1e150 and 0 <= limit < 1e150):  # squared in float64 as it searches
+            raise ValueError(f"ip_radius {radius} or ip_limit {limit} out of range")
+        if any(v.shape != (dim,) or not np.isfinite(v).all() for v in long.values()):
+            raise ValueError(f"ip_long holds a row that is not {dim} finite numbers")
+        return cls(dim, radius, long, unlinked, limit)
+
+
+def _row(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a row number")
+    return value
