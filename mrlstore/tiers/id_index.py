@@ -9,7 +9,9 @@ candidate row against ``_items`` (so this map may hold pairs that are no longer 
   hash, read through memory maps (held by the page cache, not by the process);
 - a *tail* in memory: the pairs of rows past the last run, written out as a run once it has TAIL_ROWS.
 
-A run is written, fsynced and renamed into place. The newest two merge while the newer is at least half
+A run is written, fsynced and renamed into place; its header holds the BLAKE2b of its pairs, checked when
+it is opened (a run whose bytes changed is not used: rebuilt by a writer, looked up in the catalog by a
+reader). The newest two merge while the newer is at least half
 the size of the older (like a binary counter: about log2(rows / TAIL_ROWS) runs; each pair is rewritten
 that many times), a block at a time. The runs that follow each other from row 0 cover rows ``0..covered``;
 a writer's load deletes every other run file and every run past the committed watermark (a dead write's
@@ -18,6 +20,7 @@ rows, which later writes reuse), then reads the rows past ``covered`` from the c
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +34,9 @@ BUILD_ROWS = 262_144  # catalog rows read per run when a writer builds missing r
 READER_TAIL_ROWS = 262_144  # a reader past more uncovered rows than this asks the catalog instead of loading
 MERGE_BLOCK = 262_144  # pairs taken from each run per step of a merge (bounded memory: about 20 MB)
 _MAGIC = b"MRLIDS01"
-_HEADER = np.dtype([("magic", "S8"), ("guard", "<u8"), ("lo", "<i8"), ("hi", "<i8"), ("n", "<i8")])
+_HEADER = np.dtype(
+    [("magic", "S8"), ("guard", "<u8"), ("lo", "<i8"), ("hi", "<i8"), ("n", "<i8"), ("digest", "V16")]
+)  # runs written before the digest have zeros there: their pairs are checked for order and range instead
 _HEADER_BYTES = 64
 
 # The catalog's rows lo..hi that are in _items: (their id hashes as uint64, their rows as int64).
@@ -156,17 +161,19 @@ class IdIndex:
             return None
         if len(header) != 1:
             return None
-        magic, guard, lo, hi, n = header[0].tolist()
+        magic, guard, lo, hi, n, digest = header[0].tolist()
         if (magic, guard, lo, hi) != (_MAGIC, self.guard, int(lo_text), int(hi_text)) or size != _HEADER_BYTES + 16 * n:
             return None
         if n == 0:
             empty = np.empty(0, np.uint64)
             return _Run(path, lo, hi, empty, empty.astype(np.int64))
         try:
-            hashes = np.memmap(path, dtype=np.uint64, mode="r", offset=_HEADER_BYTES, shape=(n,))
-            rows = np.memmap(path, dtype=np.int64, mode="r", offset=_HEADER_BYTES + 8 * n, shape=(n,))
+            body = np.memmap(path, dtype=np.uint8, mode="r", offset=_HEADER_BYTES, shape=(16 * n,))
         except (OSError, ValueError):
             return None
+        hashes, rows = body[: 8 * n].view(np.uint64), body[8 * n :].view(np.int64)
+        if not _intact(body, bytes(digest), hashes, rows, lo, hi):
+            return None  # a damaged run trusted hid stored ids, and let a second row take one
         return _Run(path, lo, hi, hashes, rows)
 
     def _add_run(self, hashes: np.ndarray, rows: np.ndarray, hi: int) -> None:
@@ -197,21 +204,23 @@ class IdIndex:
         path = folder / f"{lo:013d}-{hi:013d}.run"
         tmp = folder / f".{path.name}.tmp-{os.getpid()}"
         header = np.zeros(1, _HEADER)
-        header[0] = (_MAGIC, self.guard, lo, hi, n)
+        header[0] = (_MAGIC, self.guard, lo, hi, n, bytes(16))
         with open(tmp, "wb") as f:
             f.write(header.tobytes().ljust(_HEADER_BYTES, b"\0"))
             f.truncate(_HEADER_BYTES + 16 * n)
         if n:
-            out_hashes = np.memmap(tmp, dtype=np.uint64, mode="r+", offset=_HEADER_BYTES, shape=(n,))
-            out_rows = np.memmap(tmp, dtype=np.int64, mode="r+", offset=_HEADER_BYTES + 8 * n, shape=(n,))
+            out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=_HEADER_BYTES, shape=(16 * n,))
+            out_hashes, out_rows = out[: 8 * n].view(np.uint64), out[8 * n :].view(np.int64)
             at = 0
             for hashes, rows in blocks:
                 out_hashes[at : at + len(hashes)] = hashes
                 out_rows[at : at + len(rows)] = rows
                 at += len(hashes)
-            out_hashes.flush()
-            out_rows.flush()
-            del out_hashes, out_rows
+            header[0]["digest"] = _digest(out)
+            out.flush()
+            del out, out_hashes, out_rows
+            with open(tmp, "r+b") as f:
+                f.write(header.tobytes())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # a run renamed into place is whole, even after a power cut
@@ -222,6 +231,19 @@ class IdIndex:
         if run is None:
             raise OSError(f"the id run {path} just written does not read back")
         return run
+
+
+def _digest(body: np.ndarray) -> bytes:
+    return hashlib.blake2b(body.data, digest_size=16).digest()
+
+
+def _intact(body: np.ndarray, digest: bytes, hashes: np.ndarray, rows: np.ndarray, lo: int, hi: int) -> bool:
+    """Whether a run's pairs are as written: their digest, or for a run written before digests (zeros),
+    hashes in order and rows within ``lo..hi``."""
+    if any(digest):
+        return _digest(body) == digest
+    ordered = bool(np.all(hashes[1:] >= hashes[:-1]))
+    return ordered and (len(rows) == 0 or (int(rows.min()) >= lo and int(rows.max()) < hi))
 
 
 def _matches(
