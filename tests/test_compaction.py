@@ -62,6 +62,27 @@ def test_compaction_keeps_the_content_and_halves_the_disk(half_deleted):
         assert len(s) == N // 2 + 1 and s.verify() == []
 
 
+@pytest.mark.parametrize("value", [100.0, np.nan])
+def test_a_compaction_refuses_rows_whose_values_disagree_with_their_norms(tmp_path, value):
+    """Copied, a damaged row's norms were computed again from the damage: verify() then found nothing, for
+    good (finite damage), or compact() said NonFiniteError about a batch the caller never gave (NaN)."""
+    path = tmp_path / "s"
+    x, _ = mrl_like(3000, 256, noise=1.0, seed=0)
+    with mrlstore.open(path, dim=256, bands=(16, 64, 256), index_dims=(16,), chunk_rows=1024) as s:
+        s.add_vectors(x, ids=[f"r{i}" for i in range(3000)])
+        s.delete(["r2999"])
+    chunk = path / "vectors" / "band_00064_00256" / "c" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    middle = len(raw) // 3  # inside the rows, clear of the shard index at the end
+    raw[middle : middle + 64] = np.full(32, value, np.float16).tobytes()
+    chunk.write_bytes(bytes(raw))
+    with mrlstore.open(path) as s:
+        with pytest.raises(mrlstore.CorruptStoreError, match="compact\\(\\) stopped, the store unchanged"):
+            s.compact()
+        assert s.info()["rows"] == 3000 and len(s) == 2999
+    assert not list(tmp_path.glob(".s.compact-*"))
+
+
 def test_compacting_a_store_without_deletions_changes_nothing(tmp_path):
     with mrlstore.open(tmp_path / "s", dim=16, bands=(8, 16), index_dims=(8,)) as s:
         s.add_vectors(np.random.default_rng(1).standard_normal((10, 16)).astype(np.float32))

@@ -761,13 +761,14 @@ class BandedVectors:
         self._kernel_bands = (min(covered for _, covered in pairs), described)  # replaced whole
         return described
 
-    def norm_mismatches(self, rows: np.ndarray) -> np.ndarray:
+    def norm_mismatches(self, rows: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
         """Of ``rows`` (sorted), those whose stored band norms disagree with their stored values (beyond
-        float32 rounding): the bounded re-rank trusts the norms."""
+        float32 rounding): the bounded re-rank trusts the norms. ``values``: the rows' whole vectors, where
+        the caller has read them."""
         if self.norms is None or not len(rows):
             return np.empty(0, np.int64)
         stored = self.norms.take_sorted(rows)
-        want = band_norms(self.gather(rows, 0, self.dim), self.edges, self.dtype)
+        want = band_norms(self.gather(rows, 0, self.dim) if values is None else values, self.edges, self.dtype)
         bad = ~np.isclose(stored, want, rtol=1e-3, atol=1e-6 * want.sum(axis=1, keepdims=True) + 1e-30).all(axis=1)
         return rows[bad]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mrlstore._fsutil import fsync_dir
-from mrlstore.errors import MRLStoreError, UnsupportedStorageError, storage_error
+from mrlstore.errors import CorruptStoreError, MRLStoreError, UnsupportedStorageError, storage_error
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.layout import create_store, fsync_tree
@@ -109,6 +109,7 @@ def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Pa
             rows = live_rows[lo : lo + COPY_BLOCK_ROWS]
             ids, meta = split_hits(snap.table.take(rows))
             vectors = state.vectors.gather(rows, 0, state.params.dim)  # exact: stored values widen losslessly
+            _check_copied(state, snap, rows, vectors)
             writer.write(vectors, ids, meta if meta.num_columns else None, replace=False)
         for key in ("tuned", "store_id"):  # the same store, renumbered
             if key in state.manifest:
@@ -116,6 +117,18 @@ def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Pa
         new.indexes.checkpoint()
     finally:
         new.close_tiers()
+
+
+def _check_copied(state: StoreState, snap: Snapshot, rows: np.ndarray, vectors: np.ndarray) -> None:
+    """Rows whose stored values are not finite or disagree with their stored norms are damaged: copied, their
+    norms would be computed again from the damage and verify() would find nothing from then on."""
+    bad = np.union1d(state.vectors.norm_mismatches(rows, vectors), rows[~np.isfinite(vectors).all(axis=1)])
+    if len(bad):
+        raise CorruptStoreError(
+            f"compact() stopped, the store unchanged: the stored vectors of {len(bad)} row(s), e.g. ids "
+            f"{snap.table.take_ids(bad[:3])}, are not finite or disagree with their stored norms (damaged band "
+            "files; verify() lists what it finds): delete those rows or restore a copy, then compact again"
+        )
 
 
 def _exchange(a: Path, b: Path) -> None:
