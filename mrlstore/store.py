@@ -473,11 +473,12 @@ class Store:
         self._state.check_open()
         return self._upkeep.snapshot(dest)
 
-    def verify(self) -> list[str]:
+    def verify(self, full: bool = False) -> list[str]:
         """What is wrong with the store's files against its commits (empty when consistent); see
-        :mod:`mrlstore.upkeep.verify`."""
+        :mod:`mrlstore.upkeep.verify`. Stored values are checked against their stored norms on 2,000 rows;
+        ``full=True`` checks every live row (reads every vector: about a second per GB on a local disk)."""
         self._state.check_open()
-        return self._upkeep.verify()
+        return self._upkeep.verify(full)
 
     def compact(self) -> CompactResult:
         """Rewrite the store without its deleted rows, crash-safely (a crash leaves the old or the new store,

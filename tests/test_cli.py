@@ -64,7 +64,7 @@ def test_a_session_from_create_to_export(vectors, tmp_path):
         scan = len(dims) == 1 and (dims[0] == 64 or dims[0] not in s.index_dims)
     said = f"exact search of the first {dims[0]} numbers" if scan else f"dims={dims} shortlist="
     assert out.stdout.startswith(f"tuned: {said}"), out.stdout
-    assert "consistent" in cli("verify", store).stdout
+    assert "consistent" in cli("verify", store).stdout and "consistent" in cli("verify", store, "--full").stdout
     assert cli("compact", store).stdout.strip() == "300 rows -> 300"
     out = cli("export", store, str(tmp_path / "out.parquet"), "--dims", "16")
     assert out.returncode == 0 and "wrote 300 rows" in out.stdout

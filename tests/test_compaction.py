@@ -80,6 +80,8 @@ def test_a_compaction_refuses_rows_whose_values_disagree_with_their_norms(tmp_pa
         with pytest.raises(mrlstore.CorruptStoreError, match="compact\\(\\) stopped, the store unchanged"):
             s.compact()
         assert s.info()["rows"] == 3000 and len(s) == 2999
+        found = s.verify(full=True)  # every row: the sampled check may pass it by
+        assert len(found) == 1 and "row_norms disagree" in found[0] and "of 1 row(s)" in found[0]
     assert not list(tmp_path.glob(".s.compact-*"))
 
 

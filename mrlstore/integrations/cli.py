@@ -478,13 +478,14 @@ def publish(path: str, url: str, storage_options: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("store", type=STORE)
+@click.option("--full", is_flag=True, help="Check every row's values against its stored norms (reads every vector).")
 @storage_option
 @_reports_errors
-def verify(store: str, storage_options: tuple[str, ...]) -> None:
+def verify(store: str, full: bool, storage_options: tuple[str, ...]) -> None:
     """Check the files of STORE against its commits; exit 1 listing what is wrong."""
     try:
         with _reading(store, storage_options) as s:
-            found = s.verify()
+            found = s.verify(full=full)
     except CorruptStoreError as e:  # too damaged to open: that is the finding
         found = [str(e)]
     if found:

@@ -75,9 +75,9 @@ class Maintenance:
                 "anew): refresh() the reader, or snapshot from the writer"
             )
 
-    def verify(self) -> list[str]:
+    def verify(self, full: bool = False) -> list[str]:
         with self.state.writing():
-            return verify.problems(self.state)
+            return verify.problems(self.state, full)
 
     def compact(self) -> CompactResult:
         with self.state.writing():

@@ -3,7 +3,8 @@
 What a crash or a lost file can break, each checked against the catalog (the commit point): every band
 (and row_norms) holds the committed rows; every chunk file that holds committed rows exists with its full
 size; no live row reads as all zeros where a stored vector cannot be zero (a missing chunk reads as zeros
-in Zarr); a sample of rows' stored band norms agree with their values (the bounded re-rank trusts them);
+in Zarr); a sample of rows' stored band norms agree with their values (the bounded re-rank trusts them;
+``full``: every live row's, which reads every vector);
 the catalog's rows lie below the watermark and no id is at two of them; the HNSW caches cover no row the
 catalog lacks.
 """
@@ -18,10 +19,12 @@ from mrlstore.tiers.state import StoreState
 
 ZERO_CHECK_BLOCK = 65536  # rows read per block when looking for all-zero rows
 NORM_CHECK_ROWS = 2000  # live rows, evenly spread, whose band norms are recomputed
+FULL_CHECK_BLOCK = 16384  # rows read per block when every row's norms are recomputed (128 MiB at 2048-d)
 
 
-def problems(state: StoreState) -> list[str]:
-    """Everything wrong with an open store's files, as sentences; empty when it is consistent."""
+def problems(state: StoreState, full: bool = False) -> list[str]:
+    """Everything wrong with an open store's files, as sentences; empty when it is consistent. ``full``
+    checks every live row's values against its stored norms, not a sample."""
     snap, vectors, params = state.snap, state.vectors, state.params
     found: list[str] = []
     found += vectors.file_problems(snap.watermark)  # the files as they are now, not the open maps
@@ -39,7 +42,7 @@ def problems(state: StoreState) -> list[str]:
             found.append(
                 f"{len(zero)} committed row(s) read as all zeros (lost vector data), e.g. rows {zero[:5].tolist()}"
             )
-    found += _norm_problems(vectors, snap)
+    found += _every_norm_problem(vectors, snap, params.dim) if full else _norm_problems(vectors, snap)
     for family, d, index in state.indexes.all_indexes():
         if index.covered_rows > snap.watermark:
             covered = index.covered_rows
@@ -59,6 +62,28 @@ def _norm_problems(vectors: VectorTier, snap: Snapshot) -> list[str]:
     if not len(wrong):
         return []
     return [f"row_norms disagree with the stored vectors of {len(wrong)} sampled row(s), e.g. {wrong[:5].tolist()}"]
+
+
+def _every_norm_problem(vectors: VectorTier, snap: Snapshot, dim: int) -> list[str]:
+    """Stored band norms of every live row against its values, a block of rows at a time (a progress bar on
+    stores past a few blocks)."""
+    if not vectors.has_norms():
+        return []
+    from tqdm import tqdm
+
+    wrong = []
+    blocks = range(0, snap.watermark, FULL_CHECK_BLOCK)
+    for lo in tqdm(blocks, desc="verify", unit="block", disable=len(blocks) < 8):
+        hi = min(lo + FULL_CHECK_BLOCK, snap.watermark)
+        live = snap.live[lo:hi]
+        values = vectors.read_range(lo, hi, 0, dim)[live]
+        wrong.append(vectors.norm_mismatches(np.flatnonzero(live) + lo, values))
+        wrong.append(np.flatnonzero(live)[~np.isfinite(values).all(axis=1)] + lo)
+    bad = np.unique(np.concatenate(wrong)) if wrong else np.empty(0, np.int64)
+    if not len(bad):
+        return []
+    return [f"row_norms disagree with the stored vectors (or they are not finite) of {len(bad)} row(s), e.g. rows "
+            f"{bad[:5].tolist()}"]  # fmt: skip
 
 
 def all_zero_rows(vectors: VectorTier, snap: Snapshot, width: int) -> np.ndarray:
