@@ -131,6 +131,26 @@ def test_refresh_brings_adds_deletes_and_tuning(tmp_path):
             assert reader.info()["tuned"] == writer.info()["tuned"]
 
 
+@pytest.mark.parametrize("damage", ["emptied", "garbled"])
+def test_a_damaged_published_copy_is_published_again(tmp_path, damage):
+    """Readers were refused (CorruptStoreError) until a write published a new version: neither a writer's
+    open nor a reader without a writer replaced the copy, whose HEAD still matched the catalog."""
+    path = tmp_path / "s.mrl"
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(np.random.default_rng(0).standard_normal((300, DIM)).astype(np.float32))
+    mrlstore.open(path, read_only=True).close()  # a reader came: a published copy exists
+    copy = next((path / "published").glob("catalog-*.duckdb"))
+    size = copy.stat().st_size
+    copy.write_bytes(b"" if damage == "emptied" else np.random.default_rng(1).bytes(size))
+    with mrlstore.open(path, read_only=True) as reader:  # no writer: this reader publishes again
+        assert len(reader) == 300
+    if damage == "emptied":  # a writer's open sees a copy of another size and publishes again too
+        copy = next((path / "published").glob("catalog-*.duckdb"))
+        copy.write_bytes(b"")
+        with mrlstore.open(path), mrlstore.open(path, read_only=True) as reader:
+            assert len(reader) == 300
+
+
 def test_a_reader_after_a_killed_writer_sees_its_last_commit(tmp_path):
     path = tmp_path / "s.mrl"
     code = COMMON + textwrap.dedent(

@@ -78,9 +78,16 @@ def catalog_path(store: Path, head: dict[str, Any]) -> Path:
 
 
 def usable_head(store: Path) -> dict[str, Any] | None:
-    """HEAD, unless the catalog it names is gone (deleted by hand): then a version is due, as with none."""
+    """HEAD, unless the catalog it names is gone or not of the size published (deleted or cut short): then
+    a version is due, as with none (readers were refused until a write published again)."""
     head = read_head(store)
-    return head if head is not None and catalog_path(store, head).is_file() else None
+    if head is None:
+        return None
+    try:
+        size = catalog_path(store, head).stat().st_size
+    except (OSError, KeyError):
+        return None
+    return head if head.get("catalog_bytes", size) == size else None
 
 
 def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, Any]) -> dict[str, Any]:
@@ -98,12 +105,13 @@ def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, 
     try:
         copy_catalog(tmp)
         fsync_file(tmp)
+        size = tmp.stat().st_size
         os.replace(tmp, folder / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
         raise
-    head = {"version": number, "catalog": name, "published_at": time.time(), **state}
+    head = {"version": number, "catalog": name, "catalog_bytes": size, "published_at": time.time(), **state}
     atomic_write_bytes(folder / HEAD_FILE, json.dumps(head, indent=2).encode())
     (folder / PENDING_FILE).unlink(missing_ok=True)
     fsync_dir(folder)
@@ -160,6 +168,8 @@ def newest_version(store: Path) -> dict[str, Any] | None:
         try:
             manifest = catalog.manifest()
             state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
+            if head is not None and not _opens(store, head):
+                head = None  # a damaged copy of the size published: this reader publishes again
             if trails(head, state):
                 head = _publish_if_allowed(store, catalog.snapshot_to, state)
         finally:
@@ -167,6 +177,17 @@ def newest_version(store: Path) -> dict[str, Any] | None:
     finally:
         lock.release()
     return head
+
+
+def _opens(store: Path, head: dict[str, Any]) -> bool:
+    """Whether the published catalog ``head`` names opens (DuckDB checks its blocks' checksums)."""
+    from mrlstore.tiers.catalog import Catalog
+
+    try:
+        Catalog(store, read_only=True, db_file=catalog_path(store, head)).close()
+    except (NotAStoreError, CorruptStoreError):
+        return False
+    return True
 
 
 def _await_writer(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | None:
