@@ -320,6 +320,20 @@ def test_a_run_whose_pairs_changed_is_not_used(store_path, part):
         assert len(s) == 64 and s.verify() == []
 
 
+def test_a_folder_where_a_run_was_is_left_and_the_ids_still_found(store_path):
+    """A writer's load unlinked it: IsADirectoryError from every get and add, at every open."""
+    with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
+        add(s, [f"x{j}" for j in range(64)])
+    run = next((store_path / ID_DIR).glob("*.run"))
+    run.unlink()
+    run.mkdir()
+    for _ in range(2):
+        with mrlstore.open(store_path) as s:
+            assert s.get(["x5"]).num_rows == 1
+            with pytest.raises(mrlstore.DuplicateIdError):
+                add(s, ["x5"])
+
+
 def test_a_reader_past_many_rows_without_runs_finds_ids_through_the_catalog(store_path, monkeypatch):
     with mrlstore.open(store_path, dim=DIM, index_dims=[8]) as s:
         add(s, [f"y{j}" for j in range(50)])

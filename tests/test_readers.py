@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +150,17 @@ def test_a_damaged_published_copy_is_published_again(tmp_path, damage):
         copy.write_bytes(b"")
         with mrlstore.open(path), mrlstore.open(path, read_only=True) as reader:
             assert len(reader) == 300
+
+
+def test_a_file_where_the_published_folder_belongs_is_replaced(tmp_path):
+    """Every writer's open raised FileExistsError: published versions are copies, made again."""
+    path = tmp_path / "s.mrl"
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(np.random.default_rng(0).standard_normal((30, DIM)).astype(np.float32))
+    shutil.rmtree(path / "published")
+    (path / "published").write_bytes(b"x")
+    with mrlstore.open(path) as writer, mrlstore.open(path, read_only=True) as reader:
+        assert len(writer) == len(reader) == 30
 
 
 def test_a_reader_after_a_killed_writer_sees_its_last_commit(tmp_path):

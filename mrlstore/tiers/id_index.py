@@ -149,7 +149,8 @@ class IdIndex:
         return chain
 
     def _run_files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.run")) if self.folder.is_dir() else []
+        """The run files (a folder of that name is damage: left alone, as unlink could not remove it)."""
+        return sorted(p for p in self.folder.glob("*.run") if not p.is_dir()) if self.folder.is_dir() else []
 
     def _open_run(self, path: Path) -> _Run | None:
         """The run in ``path``, or None when it is unreadable, cut short, misnamed or of another hash."""

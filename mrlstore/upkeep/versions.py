@@ -232,7 +232,10 @@ class ReadersProbe:
     """The writer's view of the readers: whether any holds published/READERS."""
 
     def __init__(self, store: Path):
-        (store / PUBLISHED_DIR).mkdir(exist_ok=True)
+        folder = store / PUBLISHED_DIR
+        if not folder.is_dir() and os.path.lexists(folder):
+            folder.unlink()  # damage (every writer's open failed: FileExistsError): versions are copies, made again
+        folder.mkdir(exist_ok=True)
         self._fd = os.open(store / PUBLISHED_DIR / READERS_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
         self.pending_marker = store / PUBLISHED_DIR / PENDING_FILE
 
