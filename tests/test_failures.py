@@ -95,6 +95,19 @@ def test_zarr_shorter_than_the_commit_is_corruption(tmp_path, rng):
         mrlstore.open(tmp_path / "s")
 
 
+@pytest.mark.parametrize("garbage", [b"", b"\xff\xfe not json", b'{"zarr_format": 3, "node_type": "array"}'])
+def test_verify_names_group_metadata_zarr_readers_cannot_open(tmp_path, rng, garbage):
+    """The store reads its arrays without the group's zarr.json, so damage there went unseen by verify()
+    while Zarr readers, which the README says open the bands, could not."""
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64)) as store:
+        store.add_vectors(rng.standard_normal((10, 64)))
+        assert store.verify() == []
+    (tmp_path / "s" / "vectors" / "zarr.json").write_bytes(garbage)
+    with mrlstore.open(tmp_path / "s") as store:
+        found = store.verify()
+        assert len(found) == 1 and "Zarr readers cannot open" in found[0] and len(store) == 10
+
+
 def test_unsorted_index_dims_create_a_store(tmp_path):
     with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64), index_dims=(32, 16)) as store:
         assert store.index_dims == (16, 32)

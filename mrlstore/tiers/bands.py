@@ -572,6 +572,17 @@ def resident_rows(rows: int, row_bytes: Sequence[int], budget: int) -> list[int]
     return held
 
 
+def _group_problems(root: Path) -> list[str]:
+    """What keeps Zarr v3 readers from opening the bands' group (the store itself does not read it)."""
+    try:
+        meta = json.loads((root / "zarr.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"the Zarr group metadata {root / 'zarr.json'} is unreadable ({e}): Zarr readers cannot open it"]
+    if not isinstance(meta, dict) or (meta.get("zarr_format"), meta.get("node_type")) != (3, "group"):
+        return [f"{root / 'zarr.json'} is not Zarr v3 group metadata: Zarr readers cannot open the group"]
+    return []
+
+
 class BandedVectors:
     """Reads and appends rows of a store's Zarr band arrays."""
 
@@ -632,6 +643,7 @@ class BandedVectors:
     def file_problems(self, watermark: int) -> list[str]:
         """What is wrong with the files of every array (bands and row_norms) for ``watermark`` rows."""
         found = [problem for band in self.arrays for problem in band.file_problems(watermark)]
+        found += _group_problems(self.root)
         if self.norms is None and any(band.sharded for band in self.bands):  # made with them (format 3 on)
             found.append("row_norms is missing: the store opens without it, and re-ranks read whole rows")
         return found
