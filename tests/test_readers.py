@@ -152,6 +152,22 @@ def test_a_damaged_published_copy_is_published_again(tmp_path, damage):
             assert len(reader) == 300
 
 
+def test_a_garbled_head_beside_a_live_writer_is_named_and_the_next_commit_publishes(tmp_path):
+    """Readers were told StoreLockedError ("readers must wait for it"), which no wait mends."""
+    path = tmp_path / "s.mrl"
+    rng = np.random.default_rng(0)
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(rng.standard_normal((30, DIM)).astype(np.float32))
+        with mrlstore.open(path, read_only=True) as first:  # registered: the writer publishes for it
+            (path / "published" / "HEAD").write_bytes(b"\x00garbage")
+            with pytest.raises(mrlstore.CorruptStoreError, match="HEAD is unreadable"):
+                mrlstore.open(path, read_only=True)
+            writer.add_vectors(rng.standard_normal((5, DIM)).astype(np.float32))
+            writer._versions.close()  # publish now instead of within the interval
+            with mrlstore.open(path, read_only=True) as reader:
+                assert len(reader) == 35 and len(first) == 30
+
+
 def test_a_file_where_the_published_folder_belongs_is_replaced(tmp_path):
     """Every writer's open raised FileExistsError: published versions are copies, made again."""
     path = tmp_path / "s.mrl"

@@ -96,10 +96,13 @@ def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, 
     folder = store / PUBLISHED_DIR
     folder.mkdir(exist_ok=True)
     previous = read_head(store) or {}
-    number = int(previous.get("version", 0)) + 1
     # the generation in the name: a compaction's new folder numbers its versions from 1 again, and DuckDB hands
-    # a process the database it already has open under a path, so one name must never mean two catalogs
-    name = f"catalog-g{int(state.get('generation', 0)):06d}-{number:010d}.duckdb"
+    # a process the database it already has open under a path, so one name must never mean two catalogs (past
+    # the copies kept too: a HEAD lost or garbled numbered from 1 again, and a reader got the old catalog)
+    prefix = f"catalog-g{int(state.get('generation', 0)):06d}-"
+    kept = [int(p.stem[len(prefix) :]) for p in folder.glob(f"{prefix}*.duckdb") if p.stem[len(prefix) :].isdigit()]
+    number = max([int(previous.get("version", 0)), *kept]) + 1
+    name = f"{prefix}{number:010d}.duckdb"
     tmp = folder / f".{name}.tmp-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     try:
@@ -160,6 +163,11 @@ def newest_version(store: Path) -> dict[str, Any] | None:
         lock = StoreLock(store, exclusive=False)
     except StoreLockedError:
         head = _await_writer(store, head)  # a live writer publishes for the readers it sees
+        if head is None and (store / PUBLISHED_DIR / HEAD_FILE).exists():
+            raise CorruptStoreError(
+                f"{store / PUBLISHED_DIR / HEAD_FILE} is unreadable (damaged?) while a writer holds the store: "
+                "its next commit publishes a new version for readers"
+            ) from None
         if head is None:
             raise
         return head
