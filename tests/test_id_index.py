@@ -327,11 +327,14 @@ def test_a_folder_where_a_run_was_is_left_and_the_ids_still_found(store_path):
     run = next((store_path / ID_DIR).glob("*.run"))
     run.unlink()
     run.mkdir()
-    for _ in range(2):
+    for attempt in range(2):
         with mrlstore.open(store_path) as s:
             assert s.get(["x5"]).num_rows == 1
             with pytest.raises(mrlstore.DuplicateIdError):
                 add(s, ["x5"])
+            s.snapshot(store_path.parent / f"copy{attempt}")  # the folder is not copied (it was StorageError)
+        with mrlstore.open(store_path.parent / f"copy{attempt}") as copy:
+            assert copy.get(["x5"]).num_rows == 1
 
 
 def test_a_reader_past_many_rows_without_runs_finds_ids_through_the_catalog(store_path, monkeypatch):

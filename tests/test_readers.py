@@ -168,6 +168,22 @@ def test_a_garbled_head_beside_a_live_writer_is_named_and_the_next_commit_publis
                 assert len(reader) == 35 and len(first) == 30
 
 
+@pytest.mark.parametrize("head", [b"1", b"[]", b'"x"', b'{"catalog": 5}'])
+def test_a_head_of_another_json_shape_is_no_version(tmp_path, head):
+    """JSON that is no HEAD object raised TypeError at every open, the writer's included (so no commit could
+    publish a new one)."""
+    path = tmp_path / "s.mrl"
+    with mrlstore.open(path, dim=DIM, index_dims=[8]) as writer:
+        writer.add_vectors(np.random.default_rng(0).standard_normal((30, DIM)).astype(np.float32))
+    mrlstore.open(path, read_only=True).close()
+    (path / "published" / "HEAD").write_bytes(head)
+    with mrlstore.open(path, read_only=True) as reader:  # no writer: this reader publishes again
+        assert len(reader) == 30
+    (path / "published" / "HEAD").write_bytes(head)
+    with mrlstore.open(path) as writer, mrlstore.open(path, read_only=True) as reader:
+        assert len(writer) == len(reader) == 30
+
+
 def test_a_file_where_the_published_folder_belongs_is_replaced(tmp_path):
     """Every writer's open raised FileExistsError: published versions are copies, made again."""
     path = tmp_path / "s.mrl"

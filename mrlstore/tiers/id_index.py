@@ -152,8 +152,9 @@ class IdIndex:
         """The run files (a folder of that name is damage: left alone, as unlink could not remove it)."""
         return sorted(p for p in self.folder.glob("*.run") if not p.is_dir()) if self.folder.is_dir() else []
 
-    def _open_run(self, path: Path) -> _Run | None:
-        """The run in ``path``, or None when it is unreadable, cut short, misnamed or of another hash."""
+    def _open_run(self, path: Path, written: bool = False) -> _Run | None:
+        """The run in ``path``, or None when it is unreadable, cut short, misnamed, of another hash or its pairs
+        do not match their digest (``written``: just written from these pairs, so not hashed again)."""
         try:
             lo_text, hi_text = path.stem.split("-")
             header = np.fromfile(path, dtype=_HEADER, count=1)
@@ -173,7 +174,7 @@ class IdIndex:
         except (OSError, ValueError):
             return None
         hashes, rows = body[: 8 * n].view(np.uint64), body[8 * n :].view(np.int64)
-        if not _intact(body, bytes(digest), hashes, rows, lo, hi):
+        if not written and not _intact(body, bytes(digest), hashes, rows, lo, hi):
             return None  # a damaged run trusted hid stored ids, and let a second row take one
         return _Run(path, lo, hi, hashes, rows)
 
@@ -228,7 +229,7 @@ class IdIndex:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        run = self._open_run(path)
+        run = self._open_run(path, written=True)
         if run is None:
             raise OSError(f"the id run {path} just written does not read back")
         return run

@@ -102,7 +102,7 @@ def _copy_id_runs(src: Path, dest: Path) -> None:
     for run in src.glob("*.run") if src.is_dir() else []:
         try:
             shutil.copyfile(run, dest / run.name)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):  # gone, or damage in a run's place (not copied)
             continue
 
 

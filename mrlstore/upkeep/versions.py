@@ -66,11 +66,13 @@ KEEP_VERSIONS = 3  # older copies are deleted (a reader that has one open keeps 
 def read_head(store: Path) -> dict[str, Any] | None:
     """The newest published version of the store at ``store``, or None if none was ever published."""
     try:
-        return json.loads((store / PUBLISHED_DIR / HEAD_FILE).read_text())
+        head = json.loads((store / PUBLISHED_DIR / HEAD_FILE).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return None  # a HEAD no writer of this format made: read the live catalog as before
+    # JSON of another shape (a number, a list) raised TypeError at every open, the writer's included
+    return head if isinstance(head, dict) and isinstance(head.get("catalog"), str) else None
 
 
 def catalog_path(store: Path, head: dict[str, Any]) -> Path:
@@ -155,7 +157,6 @@ def newest_version(store: Path) -> dict[str, Any] | None:
     (a store no writer of this version has opened, in a folder this process may not write): the caller
     then reads the live catalog under a shared lock, as before versions."""
     from mrlstore.errors import StoreLockedError
-    from mrlstore.tiers.catalog import Catalog
     from mrlstore.tiers.locking import StoreLock
 
     head = usable_head(store)
@@ -172,30 +173,39 @@ def newest_version(store: Path) -> dict[str, Any] | None:
             raise
         return head
     try:
-        catalog = Catalog(store, read_only=True)  # a damaged catalog raises here, as for any open
-        try:
-            manifest = catalog.manifest()
-            state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
-            if head is not None and not _opens(store, head):
-                head = None  # a damaged copy of the size published: this reader publishes again
-            if trails(head, state):
-                head = _publish_if_allowed(store, catalog.snapshot_to, state)
-        finally:
-            catalog.close()
+        return _published_if_trailing(store, head)
     finally:
         lock.release()
-    return head
 
 
-def _opens(store: Path, head: dict[str, Any]) -> bool:
-    """Whether the published catalog ``head`` names opens (DuckDB checks its blocks' checksums)."""
+def _published_if_trailing(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``head``, or a new version of the live catalog if ``head`` trails it (None: publish one). The caller
+    holds a shared StoreLock: no writer is alive."""
     from mrlstore.tiers.catalog import Catalog
 
+    catalog = Catalog(store, read_only=True)  # a damaged catalog raises here, as for any open
     try:
-        Catalog(store, read_only=True, db_file=catalog_path(store, head)).close()
-    except (NotAStoreError, CorruptStoreError):
-        return False
-    return True
+        manifest = catalog.manifest()
+        state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
+        return _publish_if_allowed(store, catalog.snapshot_to, state) if trails(head, state) else head
+    finally:
+        catalog.close()
+
+
+def _publish_over_damaged(store: Path) -> dict[str, Any] | None:
+    """A new version in place of a published copy that does not open, if no writer is alive to publish one
+    (None otherwise): readers were refused until some write published again."""
+    from mrlstore.errors import StoreLockedError
+    from mrlstore.tiers.locking import StoreLock
+
+    try:
+        lock = StoreLock(store, exclusive=False)
+    except StoreLockedError:
+        return None
+    try:
+        return _published_if_trailing(store, None)
+    finally:
+        lock.release()
 
 
 def _await_writer(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -610,6 +620,8 @@ def _open_published(store: Path, head: dict[str, Any]) -> tuple[Catalog, dict[st
             catalog = Catalog(store, read_only=True, db_file=catalog_path(store, head))
         except (NotAStoreError, CorruptStoreError) as e:
             newer = read_head(store)
+            if newer is None or newer == head:
+                newer = _publish_over_damaged(store)
             if newer is None or newer == head:
                 raise CorruptStoreError(
                     f"{store}: the published catalog {head.get('catalog')} that published/HEAD names is missing or "
