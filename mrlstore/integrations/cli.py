@@ -390,11 +390,12 @@ def tune(path: str, recall: float, k: int) -> None:
     with _writing(path) as store:
         t = store.tune(recall=recall, k=k)
         measured = f"recall={t['recall']:.3f} {t['ms_per_query']:.2f} ms/query"
-        (d,) = t["dims"] if len(t["dims"]) == 1 else (None,)
-        if d is not None and (d == store.dim or d not in store.index_dims):  # no index searched: a scan
+        d = t["dims"][0]
+        coded = store.index_status.get(d) == "fitted code"  # its raw index replaced by the fit's codes
+        fitted = t["prefixes"] == "fitted" and coded
+        if len(t["dims"]) == 1 and not fitted and (d == store.dim or d not in store.index_dims or coded):
             click.echo(f"tuned: exact search of the first {d} numbers (dims=[{d}]) {measured}: faster than any funnel")
-        else:
-            fitted = t["prefixes"] == "fitted" and store.index_status.get(t["dims"][0]) == "fitted code"
+        else:  # as Funnel.is_exact tells a scan from a search
             codes = "fitted codes" if fitted else "raw prefixes"
             click.echo(f"tuned: dims={t['dims']} shortlist={t['shortlist']} {measured}, shortlisting on {codes}")
 
