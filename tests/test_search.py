@@ -88,6 +88,27 @@ def test_upsert_keeps_old_values_beside_text_the_catalog_casts(small_store, rng)
     assert len(small_store) == 5
 
 
+@pytest.mark.parametrize(
+    "stored, given",
+    [({"x": 1}, {"z": "w"}), ({"x": 1}, {"x": 2, "z": "w"}), (True, 5)],
+    ids=["struct of other fields", "struct of more fields", "int into a boolean"],
+)
+def test_upsert_keeping_old_values_refuses_what_an_add_refuses(small_store, rng, stored, given):
+    """Arrow's cast matches struct fields by name and makes any nonzero int True: the given value was stored
+    changed ({'z': 'w'} as {'x': None}, 5 as True) where add_vectors refuses it."""
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    small_store.add_vectors(x[:1], ids=["a"], metadata=[{"col": stored}])
+    with pytest.raises(mrlstore.MetadataError):
+        small_store.add_vectors(x[1:2], ids=["b"], metadata=[{"col": given}])
+    for call in (
+        lambda: small_store.upsert_vectors(x[:2], ids=["a", "c"], metadata=[{}, {"col": given}]),
+        lambda: small_store.add_vectors(x[:2], ids=["a", "c"], metadata=[{}, {"col": given}], on_conflict="replace"),
+    ):
+        with pytest.raises(mrlstore.MetadataError):
+            call()
+    assert len(small_store) == 1 and small_store.get(["a"]).column("col").to_pylist() == [stored]
+
+
 def test_metadata_false_and_stores_without_columns(small_store, rng):
     x = rng.standard_normal((40, 64)).astype(np.float32)
     small_store.add_vectors(x)

@@ -243,6 +243,20 @@ def kept_metadata(given: pa.Table | None, old: pa.Table | None) -> pa.Table | No
     return given
 
 
+def _unchanged_cast(values: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
+    """``values`` cast to ``to``, refused (ArrowInvalid) where the cast changes a value: Arrow's safe cast
+    refuses overflow and truncation, but matches struct fields by name (dropping the others, filling the
+    missing with null) and turns any nonzero int into True, so {"z": "w"} was stored as {"x": None} and 5 as
+    True where add_vectors refuses both. Floats are left to the safe cast (NaN never equals itself), and a
+    column of nulls casts to anything."""
+    cast = values.cast(to)
+    if pa.types.is_floating(values.type) or pa.types.is_null(values.type):  # nothing a round trip would add
+        return cast
+    if not cast.cast(values.type).equals(values):
+        raise pa.ArrowInvalid(f"casting {values.type} to {to} changes values")
+    return cast
+
+
 def _alike(name: str, given: pa.ChunkedArray, old: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
     """``given`` and ``old`` of one type: the stored one where the given values cast to it (an int given for
     a float column, a key given only as None), else the given one (text such as ' 7' or '2021-1-5' that the
@@ -251,11 +265,11 @@ def _alike(name: str, given: pa.ChunkedArray, old: pa.ChunkedArray) -> tuple[pa.
         return given, old
     refused = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
     try:
-        return given.cast(old.type), old  # safe: a value that would change is refused
+        return _unchanged_cast(given, old.type), old
     except refused:
         pass
     try:
-        return given, old.cast(given.type)
+        return given, _unchanged_cast(old, given.type)
     except refused:
         raise MetadataError(
             f"metadata {name!r}: the values given ({given.type}) and the stored ones kept where they are None "
