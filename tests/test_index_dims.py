@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 from killing import killed_part_way
+from publishing import publish_now
 
 import mrlstore
 from mrlstore.testing import exact_search, mrl_like, recall_at_k
@@ -181,7 +182,7 @@ def test_a_reader_refreshes_to_the_new_indexes(tmp_path):
     with store, mrlstore.open(path, read_only=True) as reader:
         assert reader.index_dims == (16, 32)
         store.set_index_dims([64])
-        store._versions.close()  # publish now instead of within the interval
+        publish_now(store)
         assert reader.refresh()
         assert reader.index_dims == (64,) and reader.index_status == {64: "loaded"}
         got, want = reader.query(x[:3], k=5, dims=[64, DIM]), store.query(x[:3], k=5, dims=[64, DIM])

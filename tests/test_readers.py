@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from publishing import publish_now
 
 import mrlstore
 
@@ -123,7 +124,7 @@ def test_refresh_brings_adds_deletes_and_tuning(tmp_path):
             writer.add_vectors(vectors[300:], ids=[str(i) for i in range(300, 400)])
             writer.delete(["5"])
             writer.tune(recall=0.5, sample=50)
-            writer._versions.close()  # publish now instead of within the interval
+            publish_now(writer)
             assert len(reader) == 300, "a reader stays on its version until it refreshes"
             assert reader.refresh() is True
             assert len(reader) == 399
@@ -163,7 +164,7 @@ def test_a_garbled_head_beside_a_live_writer_is_named_and_the_next_commit_publis
             with pytest.raises(mrlstore.CorruptStoreError, match="HEAD is unreadable"):
                 mrlstore.open(path, read_only=True)
             writer.add_vectors(rng.standard_normal((5, DIM)).astype(np.float32))
-            writer._versions.close()  # publish now instead of within the interval
+            publish_now(writer)
             with mrlstore.open(path, read_only=True) as reader:
                 assert len(reader) == 35 and len(first) == 30
 
