@@ -28,6 +28,7 @@ from mrlstore.tiers.params import FORMAT_VERSION
 from mrlstore.tiers.rows import split_hits
 from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState, open_state
+from mrlstore.upkeep.verify import damaged_rows
 from mrlstore.upkeep.versions import carry_readers, mark_pending
 from mrlstore.write.writer import Writer
 
@@ -122,7 +123,7 @@ def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Pa
 def _check_copied(state: StoreState, snap: Snapshot, rows: np.ndarray, vectors: np.ndarray) -> None:
     """Rows whose stored values are not finite or disagree with their stored norms are damaged: copied, their
     norms would be computed again from the damage and verify() would find nothing from then on."""
-    bad = np.union1d(state.vectors.norm_mismatches(rows, vectors), rows[~np.isfinite(vectors).all(axis=1)])
+    bad = damaged_rows(state.vectors, rows, vectors)
     if len(bad):
         raise CorruptStoreError(
             f"compact() stopped, the store unchanged: the stored vectors of {len(bad)} row(s), e.g. ids "

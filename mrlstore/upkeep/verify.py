@@ -76,14 +76,18 @@ def _every_norm_problem(vectors: VectorTier, snap: Snapshot, dim: int) -> list[s
     for lo in tqdm(blocks, desc="verify", unit="block", disable=len(blocks) < 8):
         hi = min(lo + FULL_CHECK_BLOCK, snap.watermark)
         live = snap.live[lo:hi]
-        values = vectors.read_range(lo, hi, 0, dim)[live]
-        wrong.append(vectors.norm_mismatches(np.flatnonzero(live) + lo, values))
-        wrong.append(np.flatnonzero(live)[~np.isfinite(values).all(axis=1)] + lo)
-    bad = np.unique(np.concatenate(wrong)) if wrong else np.empty(0, np.int64)
+        wrong.append(damaged_rows(vectors, np.flatnonzero(live) + lo, vectors.read_range(lo, hi, 0, dim)[live]))
+    bad = np.concatenate(wrong) if wrong else np.empty(0, np.int64)
     if not len(bad):
         return []
     return [f"row_norms disagree with the stored vectors (or they are not finite) of {len(bad)} row(s), e.g. rows "
             f"{bad[:5].tolist()}"]  # fmt: skip
+
+
+def damaged_rows(vectors: VectorTier, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Of ``rows`` (sorted), whose whole stored vectors are ``values``, those not finite or disagreeing with
+    their stored band norms (verify(full=True), and what compaction refuses to copy)."""
+    return np.union1d(vectors.norm_mismatches(rows, values), rows[~np.isfinite(values).all(axis=1)])
 
 
 def all_zero_rows(vectors: VectorTier, snap: Snapshot, width: int) -> np.ndarray:

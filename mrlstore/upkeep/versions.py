@@ -87,7 +87,7 @@ def usable_head(store: Path) -> dict[str, Any] | None:
         return None
     try:
         size = catalog_path(store, head).stat().st_size
-    except (OSError, KeyError):
+    except OSError:
         return None
     return head if head.get("catalog_bytes", size) == size else None
 
