@@ -11,7 +11,10 @@ ARCHITECTURE.md draws how data flows through them.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, overload
@@ -42,6 +45,21 @@ OneVector: TypeAlias = "list[float] | tuple[float, ...]"
 ManyVectors: TypeAlias = "Sequence[list[float]] | Sequence[tuple[float, ...]]"
 
 
+_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    """Close the stores left open at interpreter exit, while threads still run: after it, a daemon thread
+    (a writer's publishing timer, a user's thread adding rows) is frozen where it stands, lock held, and
+    a store closed by the garbage collector then waited for that lock forever or aborted in hnswlib."""
+    for store in list(_OPEN_STORES):
+        try:
+            store.close()
+        except Exception:  # noqa: S112 - nothing to report to at exit; the store reopens as after a crash
+            continue
+
+
 class Store:
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
@@ -67,6 +85,7 @@ class Store:
         self._upkeep = Maintenance(
             self._state, self._reopen_with, self._reopen, self._reindex, versions.committed, versions.holds
         )
+        _OPEN_STORES.add(self)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _reopen_with(self, lock: StoreLock) -> None:
@@ -115,7 +134,9 @@ class Store:
 
     def __del__(self) -> None:
         state = getattr(self, "_state", None)
-        if state is not None and not state.closed:
+        # At interpreter exit _close_open_stores ran; a finalizer then must not wait for a lock a daemon
+        # thread, frozen by the exit, may hold (the store is as a crash leaves it: consistent)
+        if state is not None and not state.closed and not sys.is_finalizing():
             try:
                 self.close()
             except Exception:

@@ -132,3 +132,40 @@ def test_writer_while_a_reader_in_another_process_holds_the_store(closed_path: P
 def test_readers_in_two_processes_are_fine(closed_path: Path) -> None:
     with mrlstore.open(closed_path, read_only=True):
         assert _run_child_open(closed_path, read_only=True) == "opened"
+
+
+LEFT_OPEN_AT_EXIT = textwrap.dedent(
+    """
+    import sys, threading, time
+    import numpy as np
+    import mrlstore
+
+    store = mrlstore.open(sys.argv[1], dim=64)
+    reader = mrlstore.open(sys.argv[1], read_only=True)  # so the writer's timer publishes for it
+    x = np.random.default_rng(0).standard_normal((2000, 64), dtype=np.float32)
+
+    def keep_adding():
+        for i in range(10**6):
+            try:
+                store.add_vectors(x, ids=[f"{i}-{j}" for j in range(len(x))])
+            except mrlstore.StoreClosedError:
+                return
+
+    threading.Thread(target=keep_adding, daemon=True).start()
+    time.sleep(1.0)
+    print(len(store), flush=True)  # and exit with both handles open, an add under way
+    """
+)
+
+
+def test_stores_left_open_at_exit_close_while_a_daemon_thread_adds(tmp_path: Path) -> None:
+    script = tmp_path / "left_open.py"
+    script.write_text(LEFT_OPEN_AT_EXIT)
+    path = tmp_path / "s"
+    for _ in range(2):
+        # before: the garbage collector closed the store after the exit froze the adding thread, lock held:
+        # a hang, or hnswlib's threads aborting the process
+        done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with mrlstore.open(path) as store:
+            assert store.verify() == [] and len(store) % 2000 == 0 and len(store) >= int(done.stdout)
