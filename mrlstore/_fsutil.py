@@ -79,6 +79,15 @@ def copy_sparse(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         fo.truncate(size)
 
 
+def folder_id(path: Path) -> tuple[int, int] | None:
+    """The identity of the folder at ``path`` (device, inode; None if absent): a compaction swaps in another."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def is_url(path: object) -> TypeGuard[str]:
     """Whether ``path`` names a store on object storage (``s3://...``) rather than a local folder."""
     return isinstance(path, str) and "://" in path

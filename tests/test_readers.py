@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from publishing import publish_now
+from publishing import publish_now, publish_once
 
 import mrlstore
 
@@ -333,3 +333,57 @@ def test_a_readers_snapshot_after_a_compaction_is_refused_until_it_refreshes(tmp
     with mrlstore.open(tmp_path / "after", read_only=True) as copy:
         assert len(copy) == 1100 and copy.verify() == []
         assert np.array_equal(np.asarray(copy.get(["i510"]).column("vector")[0].values), x[510])
+
+
+@pytest.mark.parametrize("deleted", [10, 3000])
+def test_a_reader_refreshed_then_compacted_under_keeps_reading_its_own_version(tmp_path, deleted):
+    """A refresh in the same numbering brought new rows the reader had not mapped; after a compaction it
+    mapped them from the new folder's renumbered files: get() gave other rows' vectors, an exact query
+    other rows (or, files now shorter, CorruptStoreError), and its verify() reported a healthy store as damaged."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6000, DIM)).astype(np.float32)
+    ids = [f"i{i}" for i in range(6000)]
+    with mrlstore.open(tmp_path / "s", dim=DIM, bands=(8, 16, DIM), index_dims=[8], dtype="float32") as writer:
+        writer.add_vectors(x[:1000], ids=ids[:1000])
+        with mrlstore.open(tmp_path / "s", read_only=True) as reader:
+            writer.add_vectors(x[1000:], ids=ids[1000:])
+            publish_once(writer)
+            assert reader.refresh() and len(reader) == 6000
+            writer.delete(ids[:deleted])
+            writer.compact()
+            got = reader.get(["i1500", "i3000", "i5500"]).column("vector").to_pylist()
+            assert np.array_equal(np.array(got, np.float32), x[[1500, 3000, 5500]])
+            assert reader.query(x[5500], k=1, dims=[DIM]).ids == ["i5500"]
+            with pytest.raises(mrlstore.StoreChangedError, match="refresh"):
+                reader.verify()  # the folder's files are the compacted numbering's
+            assert reader.refresh() and len(reader) == 6000 - deleted and reader.verify() == []
+            assert reader.get(["i5500"]).column("vector").to_pylist() == [x[5500].tolist()]
+
+
+def test_a_compaction_while_a_refresh_maps_new_rows_makes_it_open_the_new_numbering(tmp_path, monkeypatch):
+    """The refresh checked the numbering, then a compaction swapped the folder before it mapped the new rows:
+    it must not pair its version with the swapped-in files (it opens the new numbering whole instead)."""
+    from mrlstore.tiers.indexes import IndexSet
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, DIM)).astype(np.float32)
+    ids = [f"i{i}" for i in range(3000)]
+    with mrlstore.open(tmp_path / "s", dim=DIM, bands=(8, 16, DIM), index_dims=[8], dtype="float32") as writer:
+        writer.add_vectors(x[:1000], ids=ids[:1000])
+        with mrlstore.open(tmp_path / "s", read_only=True) as reader:
+            writer.add_vectors(x[1000:], ids=ids[1000:])
+            publish_once(writer)
+            real = IndexSet.extend_all
+
+            def compacted_meanwhile(self, snap, vectors):  # the reader's thread descheduled meanwhile
+                monkeypatch.setattr(IndexSet, "extend_all", real)
+                writer.delete(ids[:10])
+                writer.compact()
+                publish_once(writer)
+                return real(self, snap, vectors)
+
+            monkeypatch.setattr(IndexSet, "extend_all", compacted_meanwhile)
+            assert reader.refresh() and len(reader) == 2990 and reader.verify() == []
+            got = reader.get(["i1500", "i2999"]).column("vector").to_pylist()
+            assert np.array_equal(np.array(got, np.float32), x[[1500, 2999]])
+            assert reader.query(x[2500], k=1, dims=[DIM]).ids == ["i2500"]

@@ -656,8 +656,9 @@ class BandedVectors:
         return min(b.shape_rows for b in self.arrays)
 
     def map_committed(self, rows: int) -> None:
-        """Map the chunk files of the first ``rows`` rows; CorruptStoreError when one is missing or short."""
-        for band in self.bands:
+        """Map the chunk files of the first ``rows`` rows of every array; CorruptStoreError when one is missing
+        or short. A reader's maps keep its version's files after a compaction swaps in other ones."""
+        for band in self.arrays:
             rc = band.chunk_rows
             for chunk in range(-(-rows // rc)):
                 band.mapped(chunk, min(rc, rows - chunk * rc))

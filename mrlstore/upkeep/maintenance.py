@@ -67,17 +67,19 @@ class Maintenance:
             )
 
     def _check_folder(self) -> None:
-        """A reader's snapshot copies the folder's bands beside the reader's catalog: they must be of its
-        numbering (after a compaction, ids were paired with other rows' vectors)."""
+        """A reader's snapshot copies the folder's bands beside the reader's catalog, and its verify checks
+        them: they must be of its numbering (after a compaction, ids were paired with other rows' vectors)."""
         if not self.holds(self.state.generation):
             raise StoreChangedError(
                 f"store {self.state.path} was compacted since this reader's version (its rows are numbered "
-                "anew): refresh() the reader, or snapshot from the writer"
+                "anew): refresh() the reader, or snapshot and verify from the writer"
             )
 
     def verify(self, full: bool = False) -> list[str]:
         with self.state.writing():
-            return verify.problems(self.state, full)
+            found = verify.problems(self.state, full)
+            self._check_folder()  # the files checked were another numbering's: not this reader's problems
+            return found
 
     def compact(self) -> CompactResult:
         with self.state.writing():

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mrlstore._fsutil import is_url, local_path
+from mrlstore._fsutil import folder_id, is_url, local_path
 from mrlstore.encoder.bundled import bundled_weights_id
 from mrlstore.errors import (
     MRLStoreError,
@@ -70,31 +70,35 @@ def create_if_absent(path: Path, config: StoreConfig, requested: dict[str, Any])
 
 def open_tiers(versions: Versions, requested: dict[str, Any]) -> StoreState:
     """The store's tiers, opened under its lock (a writer's, a reader's registration), with publishing
-    started for writers. On failure nothing stays open or locked. A local reader whose store folder a
-    compaction swapped while it opened (its files may be of both generations) opens the new one."""
-    swappable = versions.read_only and versions.remote is None
-    for attempt in range(SWAP_RETRIES):
-        before = _folder_id(versions.path) if swappable else None
-        try:
-            state = _open_tiers_once(versions, requested)
-        except MRLStoreError:
-            if before is None or _folder_id(versions.path) == before or attempt == SWAP_RETRIES - 1:
-                raise
-            continue
-        if before is None or _folder_id(versions.path) == before:
-            return state
-        state.close_tiers()  # it may pair one generation's catalog with the other's bands: again
+    started for writers. On failure nothing stays open or locked."""
+
+    def release(state: StoreState) -> None:
+        state.close_tiers()
         if state.lock is not None:
             state.lock.release()
+
+    return _unswapped(versions, lambda: _open_tiers_once(versions, requested), release)
+
+
+def _unswapped(
+    versions: Versions, open_once: Callable[[], StoreState], release: Callable[[StoreState], None]
+) -> StoreState:
+    """``open_once()``, again if a compaction swapped a local reader's folder while it ran (its files may be
+    of both generations); the folder opened is recorded in ``versions.folder``."""
+    swappable = versions.read_only and versions.remote is None
+    for attempt in range(SWAP_RETRIES):
+        before = folder_id(versions.path) if swappable else None
+        try:
+            state = open_once()
+        except MRLStoreError:
+            if before is None or folder_id(versions.path) == before or attempt == SWAP_RETRIES - 1:
+                raise
+            continue
+        if before is None or folder_id(versions.path) == before:
+            versions.folder = before
+            return state
+        release(state)
     raise StoreLockedError(f"{versions.path} was compacted {SWAP_RETRIES} times while this reader opened it")
-
-
-def _folder_id(path: Path) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
 
 
 def _open_tiers_once(versions: Versions, requested: dict[str, Any]) -> StoreState:
@@ -174,6 +178,10 @@ def open_beside(state: StoreState, versions: Versions, switch: Callable[[], None
 
 
 def _open_again(state: StoreState, versions: Versions) -> StoreState:
+    return _unswapped(versions, lambda: _open_state_again(state, versions), StoreState.close_tiers)
+
+
+def _open_state_again(state: StoreState, versions: Versions) -> StoreState:
     catalog = versions.open_catalog()
     try:
         version = state.snap.version + 1  # filters cached for the old snapshot stay unused

@@ -37,15 +37,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file
-from mrlstore.errors import CorruptStoreError, NotAStoreError, StoreNotFoundError, UnsupportedStorageError
+from mrlstore._fsutil import atomic_write_bytes, folder_id, fsync_dir, fsync_file
+from mrlstore.errors import (
+    CorruptStoreError,
+    MRLStoreError,
+    NotAStoreError,
+    StoreNotFoundError,
+    UnsupportedStorageError,
+)
 from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.id_index import ID_DIR
 from mrlstore.tiers.locking import NoLock, StoreLock
 from mrlstore.tiers.params import INDEX_ENTRY_KEYS, StoreParams
-from mrlstore.tiers.snapshot import load_snapshot
+from mrlstore.tiers.snapshot import Snapshot, load_snapshot
 from mrlstore.tiers.state import HeldLock, StoreState
 
 if TYPE_CHECKING:  # the object-store client (pyarrow's S3 filesystem) loads only for stores that use it
@@ -394,6 +400,7 @@ class Versions:
         self.cache_dir, self.local_dims = cache_dir, local_dims
         self.head: dict[str, Any] | None = None
         self.publisher: Publisher | None = None
+        self.folder: tuple[int, int] | None = None  # a local reader's open folder (a compaction swaps another in)
 
     @property
     def location(self) -> str:
@@ -580,7 +587,9 @@ class Versions:
                 return False
             old = state.snap
             snap = load_snapshot(catalog.live_items(), int(manifest["committed_rows"]), old.version + 1)
-            state.indexes.extend_all(snap, state.vectors)
+            if not self._mapped_in_place(state, snap):
+                catalog.close()
+                return False
             was_live = old.live[: old.watermark]
             newly_dead = np.flatnonzero(was_live & ~snap.live[: old.watermark])
         except BaseException:
@@ -592,6 +601,18 @@ class Versions:
             state.indexes.deleted(newly_dead)
         previous.close()
         return True
+
+    def _mapped_in_place(self, state: StoreState, snap: Snapshot) -> bool:
+        """The new rows into the prefix indexes and every array's maps (a compaction later swaps the folder:
+        the maps keep this generation's files); False if one swapped before they were mapped."""
+        try:
+            state.indexes.extend_all(snap, state.vectors)
+            state.vectors.map_committed(snap.watermark)
+        except MRLStoreError:
+            if folder_id(self.path) == self.folder:
+                raise
+            return False  # the swapped-in files are another numbering's: shorter, or missing
+        return folder_id(self.path) == self.folder
 
 
 def fit_id(manifest: dict[str, Any]) -> str | None:
