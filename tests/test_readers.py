@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +337,17 @@ def test_a_readers_snapshot_after_a_compaction_is_refused_until_it_refreshes(tmp
         assert np.array_equal(np.asarray(copy.get(["i510"]).column("vector")[0].values), x[510])
 
 
+@contextmanager
+def _reader_then_more_rows(path: Path, x: np.ndarray, ids: list[str]) -> Iterator[tuple[mrlstore.Store, ...]]:
+    """A writer of ``x[:1000]``, a reader opened then, and the rest of ``x`` committed and published."""
+    with mrlstore.open(path, dim=DIM, bands=(8, 16, DIM), index_dims=[8], dtype="float32") as writer:
+        writer.add_vectors(x[:1000], ids=ids[:1000])
+        with mrlstore.open(path, read_only=True) as reader:
+            writer.add_vectors(x[1000:], ids=ids[1000:])
+            publish_once(writer)
+            yield writer, reader
+
+
 @pytest.mark.parametrize("deleted", [10, 3000])
 def test_a_reader_refreshed_then_compacted_under_keeps_reading_its_own_version(tmp_path, deleted):
     """A refresh in the same numbering brought new rows the reader had not mapped; after a compaction it
@@ -343,21 +356,17 @@ def test_a_reader_refreshed_then_compacted_under_keeps_reading_its_own_version(t
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6000, DIM)).astype(np.float32)
     ids = [f"i{i}" for i in range(6000)]
-    with mrlstore.open(tmp_path / "s", dim=DIM, bands=(8, 16, DIM), index_dims=[8], dtype="float32") as writer:
-        writer.add_vectors(x[:1000], ids=ids[:1000])
-        with mrlstore.open(tmp_path / "s", read_only=True) as reader:
-            writer.add_vectors(x[1000:], ids=ids[1000:])
-            publish_once(writer)
-            assert reader.refresh() and len(reader) == 6000
-            writer.delete(ids[:deleted])
-            writer.compact()
-            got = reader.get(["i1500", "i3000", "i5500"]).column("vector").to_pylist()
-            assert np.array_equal(np.array(got, np.float32), x[[1500, 3000, 5500]])
-            assert reader.query(x[5500], k=1, dims=[DIM]).ids == ["i5500"]
-            with pytest.raises(mrlstore.StoreChangedError, match="refresh"):
-                reader.verify()  # the folder's files are the compacted numbering's
-            assert reader.refresh() and len(reader) == 6000 - deleted and reader.verify() == []
-            assert reader.get(["i5500"]).column("vector").to_pylist() == [x[5500].tolist()]
+    with _reader_then_more_rows(tmp_path / "s", x, ids) as (writer, reader):
+        assert reader.refresh() and len(reader) == 6000
+        writer.delete(ids[:deleted])
+        writer.compact()
+        got = reader.get(["i1500", "i3000", "i5500"]).column("vector").to_pylist()
+        assert np.array_equal(np.array(got, np.float32), x[[1500, 3000, 5500]])
+        assert reader.query(x[5500], k=1, dims=[DIM]).ids == ["i5500"]
+        with pytest.raises(mrlstore.StoreChangedError, match="refresh"):
+            reader.verify()  # the folder's files are the compacted numbering's
+        assert reader.refresh() and len(reader) == 6000 - deleted and reader.verify() == []
+        assert reader.get(["i5500"]).column("vector").to_pylist() == [x[5500].tolist()]
 
 
 def test_a_compaction_while_a_refresh_maps_new_rows_makes_it_open_the_new_numbering(tmp_path, monkeypatch):
@@ -368,22 +377,18 @@ def test_a_compaction_while_a_refresh_maps_new_rows_makes_it_open_the_new_number
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3000, DIM)).astype(np.float32)
     ids = [f"i{i}" for i in range(3000)]
-    with mrlstore.open(tmp_path / "s", dim=DIM, bands=(8, 16, DIM), index_dims=[8], dtype="float32") as writer:
-        writer.add_vectors(x[:1000], ids=ids[:1000])
-        with mrlstore.open(tmp_path / "s", read_only=True) as reader:
-            writer.add_vectors(x[1000:], ids=ids[1000:])
+    with _reader_then_more_rows(tmp_path / "s", x, ids) as (writer, reader):
+        real = IndexSet.extend_all
+
+        def compacted_meanwhile(self, snap, vectors):  # the reader's thread descheduled meanwhile
+            monkeypatch.setattr(IndexSet, "extend_all", real)
+            writer.delete(ids[:10])
+            writer.compact()
             publish_once(writer)
-            real = IndexSet.extend_all
+            return real(self, snap, vectors)
 
-            def compacted_meanwhile(self, snap, vectors):  # the reader's thread descheduled meanwhile
-                monkeypatch.setattr(IndexSet, "extend_all", real)
-                writer.delete(ids[:10])
-                writer.compact()
-                publish_once(writer)
-                return real(self, snap, vectors)
-
-            monkeypatch.setattr(IndexSet, "extend_all", compacted_meanwhile)
-            assert reader.refresh() and len(reader) == 2990 and reader.verify() == []
-            got = reader.get(["i1500", "i2999"]).column("vector").to_pylist()
-            assert np.array_equal(np.array(got, np.float32), x[[1500, 2999]])
-            assert reader.query(x[2500], k=1, dims=[DIM]).ids == ["i2500"]
+        monkeypatch.setattr(IndexSet, "extend_all", compacted_meanwhile)
+        assert reader.refresh() and len(reader) == 2990 and reader.verify() == []
+        got = reader.get(["i1500", "i2999"]).column("vector").to_pylist()
+        assert np.array_equal(np.array(got, np.float32), x[[1500, 2999]])
+        assert reader.query(x[2500], k=1, dims=[DIM]).ids == ["i2500"]
