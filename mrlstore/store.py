@@ -405,7 +405,8 @@ class Store:
         """The live entries as a RecordBatchReader (bounded memory): ``id``, the metadata ``columns`` (default
         all), and ``vector``, the first ``dims`` numbers as float32 (none without ``dims``), in row order;
         ``where`` filters like in ``query``; ``batch_size`` rows per batch. A consistent snapshot: later writes
-        do not show."""
+        do not show, and it reads to the end through a compaction, a refresh or ``close()`` meanwhile (it holds
+        the maps of its rows' files until it is dropped); on object storage a refresh or close() ends it."""
         self._state.check_open()
         return self._reader.scan(dims, columns, where, batch_size)
 

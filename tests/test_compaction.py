@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from publishing import publish_once
 
 import mrlstore
 from mrlstore.testing import mrl_like
@@ -159,7 +160,7 @@ def test_what_a_killed_compaction_leaves_goes_whatever_the_store_is_named(tmp_pa
 def test_reads_in_other_threads_wait_for_a_compaction_and_never_mix_two_stores(tmp_path):
     """get and sql hold the store's visibility lock as queries do: during compactions they neither fail on
     closed files nor pair a row of the old numbering with the new files. A scan begun before a compaction
-    raises StoreClosedError where it would have read the new files as the old ones."""
+    reads its snapshot to the end (the old files, through its maps)."""
     path = tmp_path / "s"
     x = np.random.default_rng(4).standard_normal((3000, 32)).astype(np.float32)
     with mrlstore.open(path, dim=32, bands=(8, 32), index_dims=(8,), chunk_rows=512) as s:
@@ -190,8 +191,11 @@ def test_reads_in_other_threads_wait_for_a_compaction_and_never_mix_two_stores(t
             stop.set()
             thread.join()
         assert problems == []
-        with pytest.raises(mrlstore.StoreClosedError, match="compaction or refresh"):
-            scan.read_all()
+        rest = scan.read_all()  # the snapshot it began on, to the end
+        assert rest.column("id").to_pylist() == [f"r{i}" for i in range(256, 3000)]
+        assert np.allclose(
+            np.asarray(rest.column("vector").combine_chunks().values).reshape(-1, 32), x[256:], atol=2e-2
+        )
 
 
 def test_a_store_opened_through_a_link_is_compacted_where_it_lies(tmp_path):
@@ -210,3 +214,29 @@ def test_a_store_opened_through_a_link_is_compacted_where_it_lies(tmp_path):
     assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["disk", "store.mrl"]
     with mrlstore.open(real, read_only=True) as store:
         assert len(store) == 500 and store.verify() == []
+
+
+def test_scans_started_before_a_compaction_or_a_refresh_read_their_snapshot_to_the_end(tmp_path):
+    """A scan reads lazily: the compaction (by the same handle) or the refresh of a reader to the compacted
+    numbering closed the maps it read, and it raised StoreClosedError for a store that was open."""
+    x = np.random.default_rng(5).standard_normal((3000, 64)).astype(np.float32)
+    ids = [f"r{i}" for i in range(3000)]
+    live = [i for i in range(3000) if i % 10]
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64), chunk_rows=256, dtype="float32") as store:
+        store.add_vectors(x[:1000], ids=ids[:1000])
+        with mrlstore.open(tmp_path / "s", read_only=True) as reader:
+            store.add_vectors(x[1000:], ids=ids[1000:])  # rows neither handle has read
+            store.delete(ids[::10])
+            publish_once(store)
+            assert reader.refresh()
+            scans = [handle.scan(dims=64, batch_size=250) for handle in (store, reader)]
+            firsts = [scan.read_next_batch() for scan in scans]
+            store.compact()
+            store.add_vectors(x[:5] + 1, ids=["n0", "n1", "n2", "n3", "n4"])
+            publish_once(store)
+            assert reader.refresh() and len(reader) == len(live) + 5
+            for first, scan in zip(firsts, scans):
+                batches = [first, *scan]
+                assert [i for b in batches for i in b.column("id").to_pylist()] == [ids[i] for i in live]
+                got = np.concatenate([np.asarray(b.column("vector").values).reshape(-1, 64) for b in batches])
+                assert np.array_equal(got, x[live])

@@ -13,7 +13,7 @@ import pyarrow as pa
 from mrlstore.errors import InvalidInputError, StorageError, UnknownIdError, storage_error
 from mrlstore.inputs.vectors import dims_tuple, id_strings
 from mrlstore.query.filters import FilterCache
-from mrlstore.tiers.abc import VectorTier
+from mrlstore.tiers.abc import RowGather
 from mrlstore.tiers.params import positive_int
 from mrlstore.tiers.snapshot import Snapshot
 from mrlstore.tiers.state import StoreState
@@ -54,7 +54,8 @@ class Reader:
         if dims is not None:
             dims = dims_tuple([dims], state.params.dim)[0]
         with state.reading():  # a snapshot, its filter and its files of one point in time
-            snap, vectors = state.snap, state.vectors
+            snap = state.snap
+            vectors = state.vectors.frozen(snap.watermark)  # read on after a compaction replaces the files
             if where is not None:
                 rows = self.filters.allowed(state.catalog, where, snap)
             else:
@@ -67,7 +68,7 @@ SCAN_BATCH_ROWS = 8192  # rows per batch out: memory stays bounded whatever the 
 
 def scan_batches(
     snap: Snapshot,
-    vectors: VectorTier,
+    vectors: RowGather,
     rows: np.ndarray,
     dims: int | None,
     columns: list[str] | None,

@@ -11,6 +11,14 @@ import numpy as np
 from mrlstore.kernels import Rows
 
 
+class RowGather(Protocol):
+    """Rows by number, read as one moment's files (``VectorTier.frozen``)."""
+
+    def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
+        """Rows (any order) x columns ``col_start:col_stop`` as float32."""
+        ...
+
+
 class VectorTier(Rows, Protocol):
     """The vectors of a store, by row number: read whole or by column range (what the kernels read, through
     :class:`mrlstore.kernels.Rows`), appended past the committed watermark, cut back to it."""
@@ -60,5 +68,10 @@ class VectorTier(Rows, Protocol):
         ...
 
     def norm_mismatches(self, rows: np.ndarray, values: np.ndarray | None = None) -> np.ndarray: ...
+
+    def frozen(self, rows: int) -> RowGather:
+        """The first ``rows`` rows as the files are now, readable after the tier is closed (a compaction or
+        refresh replaced it): for a scan that runs on while they happen. The caller holds the read lock."""
+        ...
 
     def close(self) -> None: ...

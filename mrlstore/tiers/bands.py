@@ -30,7 +30,7 @@ import json
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ import numpy as np
 from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file, pwrite_all
 from mrlstore.errors import CorruptStoreError, StoreClosedError
 from mrlstore.kernels import as_float32
+from mrlstore.tiers.abc import RowGather
+
+MapOf = Callable[[int, int], np.ndarray]  # (chunk, rows it must cover) -> that chunk's map
+BlocksOf = Callable[[np.ndarray, int, int], list[tuple[int, np.ndarray]]]  # sorted rows, columns -> band blocks
 
 GROUP_DIR = "vectors"
 NORMS_ARRAY = "row_norms"
@@ -226,16 +230,17 @@ class _Band:
         self._maps[chunk] = fresh = mapping.view(np.ndarray)
         return fresh
 
-    def read_ahead(self, row_start: int, row_stop: int) -> None:
+    def read_ahead(self, row_start: int, row_stop: int, mapped: MapOf | None = None) -> None:
         """Start reading rows ``row_start:row_stop`` (mapped) into the page cache without waiting: the
         maps advise random access, so a sequential reader would otherwise fault one page at a time (a cold
-        exact scan of 262k rows of the 2048-wide band: 14.4 s that way against 1.9 s, benchmarks/cold_scan.py)."""
+        exact scan of 262k rows of the 2048-wide band: 14.4 s that way against 1.9 s, benchmarks/cold_scan.py).
+        ``mapped``: where the chunks' maps come from (default: this band's, mapped as needed)."""
         if not hasattr(mmap, "MADV_WILLNEED"):
             return
-        rc = self.chunk_rows
+        rc, mapped = self.chunk_rows, mapped or self.mapped
         for chunk in range(row_start // rc, -(-row_stop // rc)):
             lo, hi = max(row_start, chunk * rc) - chunk * rc, min(row_stop, (chunk + 1) * rc) - chunk * rc
-            mapping = self.mapped(chunk, hi)
+            mapping = mapped(chunk, hi)
             if not isinstance(mapping, np.ndarray):
                 continue  # rows elsewhere (object storage), not in a file's map
             for a in range(lo * self.row_bytes, hi * self.row_bytes, READ_AHEAD_PIECE):
@@ -257,23 +262,29 @@ class _Band:
             # advice on part of a map makes): map them again, from memory, or drop_caches would take them
             mapping[lo:hi].reshape(-1)[::step].max()
 
-    def take_sorted(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (sorted) of the whole band, in the stored dtype, gathered chunk by chunk from the maps."""
-        rc = self.chunk_rows
+    def take_sorted(self, rows: np.ndarray, mapped: MapOf | None = None) -> np.ndarray:
+        """Rows ``rows`` (sorted) of the whole band, in the stored dtype, gathered chunk by chunk from the maps
+        (``mapped``: as ``read_ahead``)."""
+        rc, mapped = self.chunk_rows, mapped or self.mapped
         dense = len(rows) >= DENSE_READ_ROWS and rows[-1] - rows[0] < DENSE_READ_SPAN * len(rows)
         if dense and rows[-1] >= self.rows_held:  # rows held are in memory: asking for them costs a page walk
-            self.read_ahead(max(int(rows[0]), self.rows_held), int(rows[-1]) + 1)  # most pages are read anyway
+            self.read_ahead(max(int(rows[0]), self.rows_held), int(rows[-1]) + 1, mapped)  # most pages are read anyway
         chunk_of = rows // rc
         first, last = int(chunk_of[0]), int(chunk_of[-1])
         if first == last:
-            return self.mapped(first, int(rows[-1]) - first * rc + 1)[rows - first * rc]
+            return mapped(first, int(rows[-1]) - first * rc + 1)[rows - first * rc]
         block = np.empty((len(rows), self.width), dtype=self.dtype)
         bounds = [0, *np.searchsorted(chunk_of, np.arange(first + 1, last + 1)).tolist(), len(rows)]
         for a, b in zip(bounds[:-1], bounds[1:]):
             if a < b:
                 chunk = int(chunk_of[a])
-                block[a:b] = self.mapped(chunk, int(rows[b - 1]) - chunk * rc + 1)[rows[a:b] - chunk * rc]
+                block[a:b] = mapped(chunk, int(rows[b - 1]) - chunk * rc + 1)[rows[a:b] - chunk * rc]
         return block
+
+    def maps_now(self, rows: int) -> list[np.ndarray]:
+        """The maps of the chunks of the first ``rows`` rows, as they are now."""
+        rc = self.chunk_rows
+        return [self.mapped(c, min(rc, rows - c * rc)) for c in range(-(-rows // rc))]
 
     def kernel_band(self, rows_needed: int) -> tuple:
         """(chunk base addresses, chunk_rows, first column, width, is_float16) for the native kernels,
@@ -501,6 +512,60 @@ class _Band:
             self._kernel = (0, np.zeros(0, dtype=np.uint64))
             self._maps.clear()
             self._retired.clear()
+
+
+class _FrozenRows:
+    """Rows read through a fixed set of chunk maps (``BandedVectors.frozen``)."""
+
+    def __init__(self, maps: dict[_Band, list[np.ndarray]], rows: int):
+        self._maps, self.rows = maps, rows
+
+    def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
+        return _gather_in_order(self._blocks, rows, col_start, col_stop)
+
+    def _blocks(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]:
+        def take(band: _Band, rows: np.ndarray) -> np.ndarray:
+            maps = self._maps[band]
+            return band.take_sorted(rows, lambda chunk, _: maps[chunk])
+
+        if len(rows) and rows[-1] >= self.rows:
+            raise IndexError(f"row {rows[-1]} is past the {self.rows} rows read through these maps")
+        return _band_blocks(list(self._maps), take, rows, col_start, col_stop)
+
+
+def _gather_in_order(blocks_of: BlocksOf, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
+    """Rows in any order through ``blocks_of`` (which reads sorted rows band by band), as float32."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), col_stop - col_start), dtype=np.float32)
+    if len(rows) == 0:
+        return out
+    order = np.argsort(rows, kind="stable")
+    col = col_start
+    for stop, block in blocks_of(rows[order], col_start, col_stop):
+        out[order, col - col_start : stop - col_start] = as_float32(block)
+        col = stop
+    return out
+
+
+def _band_blocks(
+    bands: Sequence[_Band],
+    take: Callable[[_Band, np.ndarray], np.ndarray],
+    rows: np.ndarray,
+    col_start: int,
+    col_stop: int,
+) -> list[tuple[int, np.ndarray]]:
+    """Columns ``col_start:col_stop`` of sorted ``rows``, one block per band (``take`` reads a band's rows
+    whole) in the stored dtype, each paired with its last column + 1."""
+    blocks = []
+    for band in bands:
+        lo, hi = max(col_start, band.start), min(col_stop, band.stop)
+        if lo >= hi:
+            continue
+        block = take(band, rows)
+        if lo > band.start or hi < band.stop:
+            block = block[:, lo - band.start : hi - band.start]
+        blocks.append((hi, block))
+    return blocks
 
 
 def _fsync_each(paths: list[Path]) -> None:
@@ -733,31 +798,21 @@ class BandedVectors:
 
     def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
         """Rows (any order, may repeat) x columns ``col_start:col_stop`` as float32, in the order given."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), col_stop - col_start), dtype=np.float32)
-        if len(rows) == 0:
-            return out
-        order = np.argsort(rows, kind="stable")
-        col = col_start
-        for stop, block in self.gather_bands(rows[order], col_start, col_stop):
-            out[order, col - col_start : stop - col_start] = as_float32(block)
-            col = stop
-        return out
+        return _gather_in_order(self.gather_bands, rows, col_start, col_stop)
 
     def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]:
         """The re-rank read: for sorted ``rows``, columns ``col_start:col_stop`` as one block per band,
         in the stored dtype, each paired with its last column + 1. Whole-row reads from each chunk's
         memory map, no reassembly: within 2x of a raw memmap gather of the same bytes."""
-        blocks = []
-        for band in self.bands:
-            lo, hi = max(col_start, band.start), min(col_stop, band.stop)
-            if lo >= hi:
-                continue
-            block = self.take(band, rows)
-            if lo > band.start or hi < band.stop:
-                block = block[:, lo - band.start : hi - band.start]
-            blocks.append((hi, block))
-        return blocks
+        return _band_blocks(self.bands, self.take, rows, col_start, col_stop)
+
+    def frozen(self, rows: int) -> RowGather:
+        """The first ``rows`` rows read through the maps this tier holds now, which keep their files: a long
+        read (a scan) goes on after a compaction or refresh closes the tier. The caller holds the store's
+        read lock, and a compaction maps every committed row before it swaps folders, so none is mapped
+        here from a swapped-in file."""
+        self.map_committed(rows)
+        return _FrozenRows({band: band.maps_now(rows) for band in self.bands}, rows)
 
     def take(self, band: _Band, rows: np.ndarray) -> np.ndarray:
         """``rows`` (sorted) of ``band``, whole, in the stored dtype."""

@@ -48,6 +48,7 @@ from mrlstore.errors import (
     UnsupportedStorageError,
     storage_error,
 )
+from mrlstore.tiers.abc import RowGather
 from mrlstore.tiers.bands import BandedVectors, resident_rows
 from mrlstore.tiers.id_index import ID_DIR
 from mrlstore.tiers.indexes import default_first_stage
@@ -712,6 +713,9 @@ class RemoteBands(BandedVectors):
 
     def prefault(self, row_start: int, row_stop: int) -> None:
         pass  # remote rows come over the network when a query needs them; local ones fault in
+
+    def frozen(self, rows: int) -> RowGather:
+        return self  # a version's objects never change; a refresh closes the tier, and a scan then says so
 
     def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]:
         self._fetch_together(rows, col_start, col_stop)

@@ -64,6 +64,9 @@ def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict
     if len(live_rows) == snap.watermark and state.manifest.get("format_version") == FORMAT_VERSION:
         return counts  # nothing deleted and the newest layout: nothing to rewrite
     state.indexes.checkpoint()
+    # every committed row mapped from the files swapped out: scans and queries of the old snapshot under
+    # way until the reopen never map a swapped-in file (renumbered) in their place
+    state.vectors.map_committed(snap.watermark)
     tmp = temporary_path(state.path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
