@@ -43,7 +43,7 @@ SHAPES = [None, [16, DIM], [32, DIM]]
 
 @pytest.mark.parametrize(
     "kind, n",
-    [("untuned", N), ("tuned raw", 20 * N), ("tuned", 20 * N), ("tuned rotated", 20 * N), ("tuned small", N)],
+    [("untuned", N), ("tuned raw", 8 * N), ("tuned", 8 * N), ("tuned rotated", 8 * N), ("tuned small", N)],
 )
 def test_a_reader_loads_the_default_querys_index_at_open_and_the_others_on_first_use(tmp_path, kind, n):
     """Whatever the planner chose. ``tune`` picks the fastest shape it measures, so its choice may vary with
