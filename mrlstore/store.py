@@ -11,16 +11,15 @@ ARCHITECTURE.md draws how data flows through them.
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, overload
 
 import pyarrow as pa
 
+from mrlstore import _open_handles as open_handles
 from mrlstore._fsutil import local_destination
 from mrlstore.encoder.protocol import Encoder
 from mrlstore.encoder.runner import EncoderSlot
@@ -45,27 +44,13 @@ OneVector: TypeAlias = "list[float] | tuple[float, ...]"
 ManyVectors: TypeAlias = "Sequence[list[float]] | Sequence[tuple[float, ...]]"
 
 
-_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_stores() -> None:
-    """Close the stores left open at interpreter exit, while threads still run: after it, a daemon thread
-    (a writer's publishing timer, a user's thread adding rows) is frozen where it stands, lock held, and
-    a store closed by the garbage collector then waited for that lock forever or aborted in hnswlib."""
-    for store in list(_OPEN_STORES):
-        try:
-            store.close()
-        except Exception:  # noqa: S112 - nothing to report to at exit; the store reopens as after a crash
-            continue
-
-
 class Store:
     """A Matryoshka embedding store; create or reopen one with :func:`mrlstore.open`."""
 
     def __init__(self, path: str | os.PathLike[str], config: StoreConfig | int | None = None, **options: Any):
         """``mrlstore.open(path, ...)`` is the usual way in; ``Store(path, config)`` takes a StoreConfig, and
         ``Store(path, dim, **keywords)`` the keywords of ``open`` (as before StoreConfig existed)."""
+        self._pid = os.getpid()  # a forked child's inherited stores are its parent's to close
         if not isinstance(config, StoreConfig):
             config = StoreConfig().replaced(dim=config, **options)
         elif options:
@@ -85,7 +70,7 @@ class Store:
         self._upkeep = Maintenance(
             self._state, self._reopen_with, self._reopen, self._reindex, versions.committed, versions.holds
         )
-        _OPEN_STORES.add(self)
+        open_handles.register(self)  # closed at exit if still open then
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _reopen_with(self, lock: StoreLock) -> None:
@@ -134,9 +119,9 @@ class Store:
 
     def __del__(self) -> None:
         state = getattr(self, "_state", None)
-        # At interpreter exit _close_open_stores ran; a finalizer then must not wait for a lock a daemon
-        # thread, frozen by the exit, may hold (the store is as a crash leaves it: consistent)
-        if state is not None and not state.closed and not sys.is_finalizing():
+        # At exit, open_handles closed what was open; a finalizer then must not wait for a lock a daemon
+        # thread, frozen by the exit, may hold, nor a forked child for one its parent's threads held
+        if state is not None and not state.closed and not sys.is_finalizing() and self._pid == os.getpid():
             try:
                 self.close()
             except Exception:

@@ -3,6 +3,7 @@ new store (the random-kill loop of tests/test_crash.py also compacts)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -240,3 +241,50 @@ def test_scans_started_before_a_compaction_or_a_refresh_read_their_snapshot_to_t
                 assert [i for b in batches for i in b.column("id").to_pylist()] == [ids[i] for i in live]
                 got = np.concatenate([np.asarray(b.column("vector").values).reshape(-1, 64) for b in batches])
                 assert np.array_equal(got, x[live])
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.parametrize("ends", ["closed", "dropped"])
+def test_a_scan_reads_on_after_its_handle_ends_and_another_compacts(tmp_path, read_only, ends):
+    x = np.random.default_rng(1).standard_normal((3000, 64)).astype(np.float32)
+    ids = [f"r{i}" for i in range(3000)]
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64), chunk_rows=256, dtype="float32") as store:
+        store.add_vectors(x, ids=ids)
+        store.delete(ids[::3])
+    live = [i for i in range(3000) if i % 3]
+    store = mrlstore.open(tmp_path / "s", read_only=read_only)
+    scan = store.scan(dims=64, batch_size=200)
+    first = scan.read_next_batch()
+    if ends == "closed":
+        store.close()
+    del store
+    gc.collect()  # dropped: the garbage collector closes it
+    with mrlstore.open(tmp_path / "s") as other:
+        assert other.compact()["rows_after"] == len(live)  # the files the scan began on are deleted
+    batches = [first, *scan]
+    assert [i for b in batches for i in b.column("id").to_pylist()] == [ids[i] for i in live]
+    got = np.concatenate([np.asarray(b.column("vector").values).reshape(-1, 64) for b in batches])
+    assert np.array_equal(got, x[live])
+
+
+def _deleted_bands_mapped() -> set[str]:
+    """The band arrays of deleted chunk files this process still maps."""
+    with open("/proc/self/maps") as maps:
+        paths = {" ".join(line.split()[5:-1]) for line in maps if line.rstrip().endswith("(deleted)")}
+    return {p.split("/vectors/")[-1].split("/c/")[0] for p in paths if "/vectors/" in p}
+
+
+@pytest.mark.parametrize("dims, held", [(None, set()), (16, {"band_00000_00016"})])
+def test_a_scan_across_a_compaction_keeps_only_the_files_it_reads(tmp_path, dims, held):
+    """A scan held every band's old files (their disk space) until dropped, those it never read too."""
+    x = np.random.default_rng(0).standard_normal((4000, 256)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=256, bands=(16, 64, 256), chunk_rows=512) as store:
+        store.add_vectors(x, ids=[f"r{i}" for i in range(4000)], metadata=[{"n": i} for i in range(4000)])
+        store.delete([f"r{i}" for i in range(0, 4000, 2)])
+        scan = store.scan(dims=dims, columns=["n"], batch_size=100)
+        scan.read_next_batch()
+        store.compact()
+        assert _deleted_bands_mapped() == held
+        assert sum(b.num_rows for b in scan) == 1900
+        del scan
+        assert _deleted_bands_mapped() == set()

@@ -169,3 +169,50 @@ def test_stores_left_open_at_exit_close_while_a_daemon_thread_adds(tmp_path: Pat
         assert done.returncode == 0, done.stderr[-2000:]
         with mrlstore.open(path) as store:
             assert store.verify() == [] and len(store) % 2000 == 0 and len(store) >= int(done.stdout)
+
+
+FORKED_WHILE_ADDING = textwrap.dedent(
+    """
+    import os, subprocess, sys, threading, time
+    import numpy as np
+    import mrlstore
+
+    store = mrlstore.open(sys.argv[1], dim=32, index_dims=(8,))
+    x = np.random.default_rng(0).standard_normal((20000, 32)).astype(np.float32)
+
+    def keep_adding():
+        for i in range(10**6):
+            try:
+                store.add_vectors(x, ids=[f"{i}-{j}" for j in range(len(x))])
+            except mrlstore.StoreClosedError:
+                return
+
+    threading.Thread(target=keep_adding, daemon=True).start()
+    time.sleep(1.0)
+    pid = os.fork()  # most likely while the thread holds the store's write lock
+    if pid == 0:
+        sys.exit(0)  # the parent's store is not the child's to close
+    deadline = time.monotonic() + 60
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            sys.exit("the child hung at exit")
+        time.sleep(0.1)
+    other = [sys.executable, "-c", f"import mrlstore; mrlstore.open({sys.argv[1]!r})"]
+    print(subprocess.run(other, capture_output=True, text=True).stderr.strip().splitlines()[-1], flush=True)
+    """
+)
+
+
+def test_a_forked_child_leaves_its_parents_store_alone_at_exit(tmp_path: Path) -> None:
+    """Closing the parent's store at the child's exit waited for a lock a parent thread held at the fork
+    (the child hung), crashed in DuckDB, or would have released the parent's writer lock."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_WHILE_ADDING)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "StoreLockedError" in done.stdout  # the parent still held its lock after the child's exit
+    with mrlstore.open(tmp_path / "s") as store:
+        assert store.verify() == [] and len(store) % 20000 == 0

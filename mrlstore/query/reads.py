@@ -55,7 +55,8 @@ class Reader:
             dims = dims_tuple([dims], state.params.dim)[0]
         with state.reading():  # a snapshot, its filter and its files of one point in time
             snap = state.snap
-            vectors = state.vectors.frozen(snap.watermark)  # read on after a compaction replaces the files
+            # read on after a compaction replaces the files (holding only the bands the scan reads)
+            vectors = state.vectors.frozen(snap.watermark, dims) if dims else None
             if where is not None:
                 rows = self.filters.allowed(state.catalog, where, snap)
             else:
@@ -68,14 +69,14 @@ SCAN_BATCH_ROWS = 8192  # rows per batch out: memory stays bounded whatever the 
 
 def scan_batches(
     snap: Snapshot,
-    vectors: RowGather,
+    vectors: RowGather | None,
     rows: np.ndarray,
     dims: int | None,
     columns: list[str] | None,
     batch_rows: int,
 ) -> pa.RecordBatchReader:
     """Rows ``rows`` (ascending) of ``snap`` as a reader of batches: id, the metadata ``columns`` (default
-    all), and ``vector`` (the first ``dims`` numbers, float32) when ``dims`` is given."""
+    all), and ``vector`` (the first ``dims`` numbers, float32, read from ``vectors``) when ``dims`` is given."""
     names = snap.table.columns
     if columns is not None:
         missing = [c for c in columns if c not in names]
@@ -92,7 +93,7 @@ def scan_batches(
         for lo in range(0, len(rows), batch_rows):
             part = rows[lo : lo + batch_rows]
             table = snap.table.take(part).select(["id", *names])
-            if dims:
+            if vectors is not None and dims:  # given together
                 flat = pa.array(vectors.gather(part, 0, dims).reshape(-1), pa.float32())
                 table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, dims))
             yield from table.cast(schema).to_batches(max_chunksize=batch_rows)

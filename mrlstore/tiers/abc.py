@@ -69,9 +69,10 @@ class VectorTier(Rows, Protocol):
 
     def norm_mismatches(self, rows: np.ndarray, values: np.ndarray | None = None) -> np.ndarray: ...
 
-    def frozen(self, rows: int) -> RowGather:
-        """The first ``rows`` rows as the files are now, readable after the tier is closed (a compaction or
-        refresh replaced it): for a scan that runs on while they happen. The caller holds the read lock."""
+    def frozen(self, rows: int, columns: int) -> RowGather:
+        """The first ``columns`` numbers of the first ``rows`` rows as the files are now, readable after the
+        tier is closed (a compaction or refresh replaced it): for a scan that runs on while they happen. The
+        caller holds the read lock."""
         ...
 
     def close(self) -> None: ...

@@ -517,8 +517,8 @@ class _Band:
 class _FrozenRows:
     """Rows read through a fixed set of chunk maps (``BandedVectors.frozen``)."""
 
-    def __init__(self, maps: dict[_Band, list[np.ndarray]], rows: int):
-        self._maps, self.rows = maps, rows
+    def __init__(self, maps: dict[_Band, list[np.ndarray]], rows: int, columns: int):
+        self._maps, self.rows, self.columns = maps, rows, columns  # only the bands of those columns: held
 
     def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
         return _gather_in_order(self._blocks, rows, col_start, col_stop)
@@ -528,8 +528,8 @@ class _FrozenRows:
             maps = self._maps[band]
             return band.take_sorted(rows, lambda chunk, _: maps[chunk])
 
-        if len(rows) and rows[-1] >= self.rows:
-            raise IndexError(f"row {rows[-1]} is past the {self.rows} rows read through these maps")
+        if (len(rows) and rows[-1] >= self.rows) or col_stop > self.columns:
+            raise IndexError(f"rows up to {self.rows} and columns up to {self.columns} are read through these maps")
         return _band_blocks(list(self._maps), take, rows, col_start, col_stop)
 
 
@@ -806,13 +806,12 @@ class BandedVectors:
         memory map, no reassembly: within 2x of a raw memmap gather of the same bytes."""
         return _band_blocks(self.bands, self.take, rows, col_start, col_stop)
 
-    def frozen(self, rows: int) -> RowGather:
-        """The first ``rows`` rows read through the maps this tier holds now, which keep their files: a long
-        read (a scan) goes on after a compaction or refresh closes the tier. The caller holds the store's
-        read lock, and a compaction maps every committed row before it swaps folders, so none is mapped
-        here from a swapped-in file."""
-        self.map_committed(rows)
-        return _FrozenRows({band: band.maps_now(rows) for band in self.bands}, rows)
+    def frozen(self, rows: int, columns: int) -> RowGather:
+        """The first ``columns`` numbers of the first ``rows`` rows, read through the maps the tier holds now,
+        which keep their files: a long read (a scan) goes on after a compaction or refresh closes the tier.
+        The caller holds the store's read lock, and a compaction maps every committed row before it swaps
+        folders, so none is mapped here from a swapped-in file."""
+        return _FrozenRows({band: band.maps_now(rows) for band in self.bands if band.start < columns}, rows, columns)
 
     def take(self, band: _Band, rows: np.ndarray) -> np.ndarray:
         """``rows`` (sorted) of ``band``, whole, in the stored dtype."""

@@ -714,7 +714,7 @@ class RemoteBands(BandedVectors):
     def prefault(self, row_start: int, row_stop: int) -> None:
         pass  # remote rows come over the network when a query needs them; local ones fault in
 
-    def frozen(self, rows: int) -> RowGather:
+    def frozen(self, rows: int, columns: int) -> RowGather:
         return self  # a version's objects never change; a refresh closes the tier, and a scan then says so
 
     def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]:

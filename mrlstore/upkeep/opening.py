@@ -77,10 +77,10 @@ def open_tiers(versions: Versions, requested: dict[str, Any]) -> StoreState:
         if state.lock is not None:
             state.lock.release()
 
-    return _unswapped(versions, lambda: _open_tiers_once(versions, requested), release)
+    return _open_unswapped(versions, lambda: _open_tiers_once(versions, requested), release)
 
 
-def _unswapped(
+def _open_unswapped(
     versions: Versions, open_once: Callable[[], StoreState], release: Callable[[StoreState], None]
 ) -> StoreState:
     """``open_once()``, again if a compaction swapped a local reader's folder while it ran (its files may be
@@ -178,7 +178,7 @@ def open_beside(state: StoreState, versions: Versions, switch: Callable[[], None
 
 
 def _open_again(state: StoreState, versions: Versions) -> StoreState:
-    return _unswapped(versions, lambda: _open_state_again(state, versions), StoreState.close_tiers)
+    return _open_unswapped(versions, lambda: _open_state_again(state, versions), StoreState.close_tiers)
 
 
 def _open_state_again(state: StoreState, versions: Versions) -> StoreState:
