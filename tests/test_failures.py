@@ -84,6 +84,45 @@ def test_interrupt_right_after_the_commit_does_not_truncate(tmp_path, rng, monke
         np.testing.assert_array_equal(_vectors(store, ["b3", "a3"]), _f16(x[[13, 3]]))
 
 
+class _InterruptOnce:
+    """A DuckDB connection whose ``method`` runs, then raises KeyboardInterrupt once (Ctrl-C landing there)."""
+
+    def __init__(self, con, method: str):
+        self._con, self._method, self._armed = con, method, True
+
+    def __getattr__(self, name):
+        real = getattr(self._con, name)
+        if name != self._method or not self._armed:
+            return real
+
+        def interrupted(*args, **kwargs):
+            self._armed = False
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        return interrupted
+
+
+@pytest.mark.parametrize("where", ["begin", "commit"])
+def test_a_delete_interrupted_around_its_transaction_leaves_the_handle_as_the_catalog_is(tmp_path, rng, where):
+    """Ctrl-C right after BEGIN left the transaction open (every later call said CorruptStoreError, 'Current
+    transaction is aborted'); right after COMMIT the handle still counted and found the deleted row."""
+    x = rng.standard_normal((100, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x, ids=[f"r{i}" for i in range(100)])
+        catalog = store._state.catalog
+        catalog._con = _InterruptOnce(catalog._con, where)
+        with pytest.raises(KeyboardInterrupt):
+            store.delete(["r7"])
+        gone = where == "commit"
+        assert len(store) == 100 - gone and store.sql("SELECT count(*) AS n FROM items")["n"][0].as_py() == 100 - gone
+        assert (store.query(x[7], k=1, dims=[64]).ids == ["r7"]) is not gone
+        store.delete(["r8"])
+        assert len(store) == 99 - gone and store.verify() == []
+    with mrlstore.open(tmp_path / "s") as store:
+        assert len(store) == 99 - gone and store.verify() == []
+
+
 def test_zarr_shorter_than_the_commit_is_corruption(tmp_path, rng):
     with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64)) as store:
         store.add_vectors(rng.standard_normal((10, 64)))

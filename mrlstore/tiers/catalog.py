@@ -408,8 +408,8 @@ class Catalog:
         """One write transaction: committed, or rolled back on any exception (DuckDB may have aborted it
         already, after an I/O error); a file-system failure becomes a StorageError."""
         con = self._con
-        con.begin()
-        try:
+        try:  # begin inside: an interrupt right after it must still roll back (the handle was left unusable)
+            con.begin()
             yield
             try:
                 con.commit()
@@ -434,11 +434,12 @@ class Catalog:
         (a data-modifying CTE), and none may reach the catalog except through the Store API."""
         if self.read_only:
             return run()
-        self._con.begin()
         try:
+            self._con.begin()
             return run()
         finally:
-            self._con.rollback()
+            with suppress(duckdb.Error):  # none begun, if begin itself was interrupted
+                self._con.rollback()
 
     def _check_single_select(self, sql: str, what: str, shown: str) -> None:
         if not isinstance(sql, str):

@@ -194,11 +194,29 @@ class Writer:
                 return 0
             rows = np.fromiter(found.values(), dtype=np.int64, count=len(found))
             with state.visibility.write():
-                state.catalog.delete_rows(rows)
-                snap = state.snap
-                live = snap.live.copy()  # copy-on-write: a query in flight keeps its snapshot
-                live[rows] = False
-                state.snap = Snapshot(snap.version + 1, snap.watermark, live, snap.n_live - len(rows), snap.table)
-                state.indexes.deleted(rows)
+                try:
+                    state.catalog.delete_rows(rows)
+                    self._show_deleted(rows)
+                except BaseException:
+                    self._catch_up_delete(rows, list(found))
+                    raise
             self.on_commit()
         return len(rows)
+
+    def _catch_up_delete(self, rows: np.ndarray, ids: list[str]) -> None:
+        """After an interruption (Ctrl-C) anywhere in a delete: if the catalog committed it, memory shows it
+        too (published with the next commit, or by the next reader). Ask the catalog, never assume."""
+        if self.state.catalog.rows_of(ids):
+            return  # rolled back
+        if self.state.snap.live[rows].any():
+            self._show_deleted(rows)
+        else:
+            self.state.indexes.deleted(rows)  # in case it stopped between the snapshot and the indexes
+
+    def _show_deleted(self, rows: np.ndarray) -> None:
+        """Make a committed delete of ``rows`` visible in memory (under the visibility lock)."""
+        snap = self.state.snap
+        live = snap.live.copy()  # copy-on-write: a query in flight keeps its snapshot
+        live[rows] = False
+        self.state.snap = Snapshot(snap.version + 1, snap.watermark, live, snap.n_live - len(rows), snap.table)
+        self.state.indexes.deleted(rows)
