@@ -288,3 +288,32 @@ def test_a_scan_across_a_compaction_keeps_only_the_files_it_reads(tmp_path, dims
         assert sum(b.num_rows for b in scan) == 1900
         del scan
         assert _deleted_bands_mapped() == set()
+
+
+@pytest.mark.parametrize("where", ["_exchange", "fsync_dir"])
+def test_a_compaction_interrupted_after_its_swap_moves_the_handle_to_the_new_files(tmp_path, monkeypatch, where):
+    """Ctrl-C just after the folder swap committed: the handle wrote on to the swapped-out files, unlocked
+    (a second writer could open the store), and lost every later add."""
+    from mrlstore.upkeep import compaction
+
+    x = np.random.default_rng(6).standard_normal((2000, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64)) as store:
+        store.add_vectors(x, ids=[f"r{i}" for i in range(2000)])
+        store.delete([f"r{i}" for i in range(0, 2000, 2)])
+        real = getattr(compaction, where)
+
+        def then_interrupt(*args):
+            real(*args)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(compaction, where, then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            store.compact()
+        monkeypatch.setattr(compaction, where, real)
+        assert store.info()["rows"] == 1000 and store.verify() == []
+        store.add_vectors(x[:10] + 1, ids=[f"later{i}" for i in range(10)])
+        with pytest.raises(mrlstore.StoreLockedError):
+            mrlstore.open(tmp_path / "s")
+    with mrlstore.open(tmp_path / "s") as store:
+        assert len(store) == 1010 and store.verify() == []
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]

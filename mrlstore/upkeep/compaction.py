@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlstore._fsutil import fsync_dir
+from mrlstore._fsutil import folder_id, fsync_dir
 from mrlstore.errors import CorruptStoreError, MRLStoreError, UnsupportedStorageError, storage_error
 from mrlstore.tiers.bands import BandedVectors
 from mrlstore.tiers.catalog import Catalog
@@ -71,6 +71,7 @@ def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         create_store(tmp, state.params, generation=state.generation + 1)  # old index caches stop matching
+        fresh = folder_id(tmp)
         lock = StoreLock(tmp, exclusive=True)  # kept: nobody may open the new store before this one reopens
         try:
             _write_new(state, snap, live_rows, tmp)
@@ -79,18 +80,29 @@ def compact(state: StoreState, reopen_with: Callable[[StoreLock], None]) -> dict
             fsync_tree(tmp)
             _exchange(tmp, state.path)  # the commit point
         except BaseException:
-            lock.release()  # the new store is thrown away: nobody holds it
+            if folder_id(state.path) != fresh:
+                lock.release()  # the new store is thrown away: nobody holds it
+                raise
+            _follow_exchange(state, lock, tmp, reopen_with)  # interrupted (Ctrl-C) just after it committed
             raise
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, MRLStoreError):  # a full disk: the store is as it was
             raise storage_error("compact", state.path, e) from None
         raise
-    fsync_dir(state.path.parent)
-    lock.path = state.path / lock.path.name
-    reopen_with(lock)
-    shutil.rmtree(tmp, ignore_errors=True)  # the old store
+    _follow_exchange(state, lock, tmp, reopen_with)
     return counts
+
+
+def _follow_exchange(state: StoreState, lock: StoreLock, tmp: Path, reopen_with: Callable[[StoreLock], None]) -> None:
+    """The exchange committed: this handle moves to the new files even if interrupted meanwhile (writing on
+    to the swapped-out files, unlocked, lost every later add)."""
+    try:
+        fsync_dir(state.path.parent)
+    finally:
+        lock.path = state.path / lock.path.name
+        reopen_with(lock)  # if this fails the handle is closed, with the reason
+    shutil.rmtree(tmp, ignore_errors=True)  # the old store
 
 
 def _write_new(state: StoreState, snap: Snapshot, live_rows: np.ndarray, tmp: Path) -> None:
