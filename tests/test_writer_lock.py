@@ -134,6 +134,19 @@ def test_readers_in_two_processes_are_fine(closed_path: Path) -> None:
         assert _run_child_open(closed_path, read_only=True) == "opened"
 
 
+# a daemon thread adding ``x`` to ``store`` again and again until the store closes, for a second
+ADDING_IN_A_DAEMON_THREAD = """
+def keep_adding():
+    for i in range(10**6):
+        try:
+            store.add_vectors(x, ids=[f"{i}-{j}" for j in range(len(x))])
+        except mrlstore.StoreClosedError:
+            return
+
+threading.Thread(target=keep_adding, daemon=True).start()
+time.sleep(1.0)
+"""
+
 LEFT_OPEN_AT_EXIT = textwrap.dedent(
     """
     import sys, threading, time
@@ -144,18 +157,10 @@ LEFT_OPEN_AT_EXIT = textwrap.dedent(
     reader = mrlstore.open(sys.argv[1], read_only=True)  # so the writer's timer publishes for it
     x = np.random.default_rng(0).standard_normal((2000, 64), dtype=np.float32)
 
-    def keep_adding():
-        for i in range(10**6):
-            try:
-                store.add_vectors(x, ids=[f"{i}-{j}" for j in range(len(x))])
-            except mrlstore.StoreClosedError:
-                return
-
-    threading.Thread(target=keep_adding, daemon=True).start()
-    time.sleep(1.0)
+    ADDING_IN_A_DAEMON_THREAD
     print(len(store), flush=True)  # and exit with both handles open, an add under way
     """
-)
+).replace("ADDING_IN_A_DAEMON_THREAD", ADDING_IN_A_DAEMON_THREAD)
 
 
 def test_stores_left_open_at_exit_close_while_a_daemon_thread_adds(tmp_path: Path) -> None:
@@ -180,15 +185,7 @@ FORKED_WHILE_ADDING = textwrap.dedent(
     store = mrlstore.open(sys.argv[1], dim=32, index_dims=(8,))
     x = np.random.default_rng(0).standard_normal((20000, 32)).astype(np.float32)
 
-    def keep_adding():
-        for i in range(10**6):
-            try:
-                store.add_vectors(x, ids=[f"{i}-{j}" for j in range(len(x))])
-            except mrlstore.StoreClosedError:
-                return
-
-    threading.Thread(target=keep_adding, daemon=True).start()
-    time.sleep(1.0)
+    ADDING_IN_A_DAEMON_THREAD
     pid = os.fork()  # most likely while the thread holds the store's write lock
     if pid == 0:
         sys.exit(0)  # the parent's store is not the child's to close
@@ -201,7 +198,7 @@ FORKED_WHILE_ADDING = textwrap.dedent(
     other = [sys.executable, "-c", f"import mrlstore; mrlstore.open({sys.argv[1]!r})"]
     print(subprocess.run(other, capture_output=True, text=True).stderr.strip().splitlines()[-1], flush=True)
     """
-)
+).replace("ADDING_IN_A_DAEMON_THREAD", ADDING_IN_A_DAEMON_THREAD)
 
 
 def test_a_forked_child_leaves_its_parents_store_alone_at_exit(tmp_path: Path) -> None:
