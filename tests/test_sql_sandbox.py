@@ -160,3 +160,31 @@ def test_the_command_line_refuses_them_in_one_line(store, tmp_path, args):
     assert out.returncode == 1, out
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and "refused" in out.stderr
     assert "Traceback" not in out.stderr and not list(tmp_path.glob("secret.csv.*"))
+
+
+LONG_QUERY_INTERRUPTED = """
+import signal, sys, threading
+import numpy as np
+import mrlstore
+
+store = mrlstore.open(sys.argv[1], dim=8)
+store.add_vectors(np.ones((2000, 8), np.float32), metadata=[{"n": i} for i in range(2000)])
+main = threading.get_ident()
+threading.Timer(2.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # Ctrl-C
+try:
+    store.sql("SELECT sum(a.n * b.n - c.n) FROM items a, items b, items c")  # hours
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", store.sql("SELECT count(*) AS n FROM items")["n"][0].as_py())
+"""
+
+
+def test_ctrl_c_in_a_long_sql_query_is_a_keyboard_interrupt_and_nothing_is_printed(tmp_path):
+    """DuckDB turned it into RuntimeError('Query interrupted') (`mrlstore sql` exited 1, not 130) and drew its
+    progress bar on standard output."""
+    script = tmp_path / "long.py"
+    script.write_text(LONG_QUERY_INTERRUPTED)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "KeyboardInterrupt 2000\n"

@@ -54,8 +54,7 @@ _SANDBOX_CONFIG: dict[str, str | bool | int | float | list[str]] = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
     "allow_community_extensions": False,
-    "lock_configuration": True,
-}
+}  # then locked (lock_configuration), once _connect has turned DuckDB's progress bar off
 # Functions refused in user SQL even though the locked engine would stop most of them: file and network
 # readers, and introspection that shows paths, settings, secrets or runs SQL given as a string.
 _REFUSED_FUNCTIONS = frozenset(
@@ -106,7 +105,7 @@ class Catalog:
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         try:
-            return duckdb.connect(str(self.path), read_only=self.read_only, config=_SANDBOX_CONFIG)
+            con = duckdb.connect(str(self.path), read_only=self.read_only, config=_SANDBOX_CONFIG)
         except duckdb.IOException as e:
             msg = str(e)
             if "lock" in msg.lower():
@@ -117,6 +116,13 @@ class Catalog:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {msg}") from None
         except duckdb.Error as e:
             raise CorruptStoreError(f"cannot open catalog {self.path}: {e}") from None
+        try:  # a library prints nothing (`mrlstore sql` printed DuckDB's progress bar to stdout); then locked
+            con.execute("SET enable_progress_bar = false")
+            con.execute("SET lock_configuration = true")
+        except BaseException:
+            con.close()
+            raise
+        return con
 
     def close(self) -> None:
         with self._lock:
@@ -402,6 +408,10 @@ class Catalog:
                 raise _out_of_memory("running sql() on", self.path, e) from None
             except duckdb.Error as e:
                 raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
+            except RuntimeError as e:
+                if str(e) == "Query interrupted":  # DuckDB took the user's Ctrl-C: give it back as one
+                    raise KeyboardInterrupt from None
+                raise
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
