@@ -205,6 +205,29 @@ with mrlstore.open({str(tmp_path / "s")!r}) as s:  # a store for the bundled enc
     assert "pip install 'mrlstore[images]'" in out.stdout
 
 
+def test_a_torch_that_fails_to_import_is_not_called_missing(tmp_path):
+    """A torch whose import failed (broken, or its first import interrupted by Ctrl-C) was reported as "not
+    installed", with advice to install it."""
+    code = f"""
+import sys, importlib.abc
+class Broken(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            raise ImportError("cannot import name 'nn' from partially initialized module 'torch'", name="torch")
+sys.meta_path.insert(0, Broken())
+import numpy as np, mrlstore
+with mrlstore.open({str(tmp_path / "s")!r}) as s:
+    try:
+        s.add(np.zeros((8, 8, 3), np.uint8))
+    except mrlstore.EncoderUnavailableError as e:
+        print("ERROR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "could not be loaded" in out.stdout and "partially initialized" in out.stdout
+    assert "not installed" not in out.stdout
+
+
 def test_output_cut_short_by_a_pipe_is_silent(vectors, tmp_path):
     """`mrlstore sql ... | head -1` printed `error: Broken pipe` when head stopped reading."""
     root, _ = vectors

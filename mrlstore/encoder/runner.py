@@ -27,10 +27,15 @@ def load_bundled_encoder(
     (default: the weights' own); imports torch, so only when images come."""
     try:
         from mrlstore.encoder.model import load_encoder
-    except ImportError as e:
+    except ModuleNotFoundError as e:
         raise EncoderUnavailableError(
             f"images need the image extra ({e.name} is not installed): pip install 'mrlstore[images]' "
             "(install torch==2.13.0 first for the CPU build)"
+        ) from e
+    except ImportError as e:  # installed but broken, or its import interrupted earlier in this process
+        raise EncoderUnavailableError(
+            f"the image encoder could not be loaded: importing {e.name or 'torch'} failed ({e}); if an import was "
+            "interrupted (Ctrl-C) in this process, start a new one"
         ) from e
     return load_encoder(path, device=device, image_size=image_size)
 
