@@ -104,6 +104,7 @@ def test_compacting_a_store_without_deletions_changes_nothing(tmp_path):
         s.compact()
 
 
+@pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 @pytest.mark.parametrize("kill_after", [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7])  # a compaction: ~0.5 s
 def test_a_compaction_killed_at_any_moment_leaves_the_old_or_the_new_store(half_deleted, kill_after):
     path, _ = half_deleted

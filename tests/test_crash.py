@@ -471,6 +471,7 @@ def test_sigkill_writer_many_times(tmp_path):
     _assert_no_recovery_violations(stats)
 
 
+@pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 def test_sigkill_with_damaged_index_cache(tmp_path):
     """Between kills, damage the HNSW cache; the reopened store must rebuild it and stay fully correct."""
     stale = tmp_path / "stale-index"

@@ -367,6 +367,7 @@ SIGKILL_TUNER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 def test_sigkill_during_tune_leaves_the_previous_codes_or_the_new(tmp_path):
     path = tmp_path / "s"
     with _filled(path) as store:

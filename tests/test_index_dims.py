@@ -212,6 +212,7 @@ SIGKILL_REINDEXER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 def test_sigkill_while_indexing_other_prefixes_leaves_the_old_indexes_or_the_new(tmp_path):
     path = tmp_path / "s"
     store, x = _filled(path, n=20_000)  # a 128-d build long enough to be killed part way

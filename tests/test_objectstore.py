@@ -693,6 +693,7 @@ def test_a_cache_never_serves_another_store_published_at_the_same_url(tmp_path, 
         assert old_reader.query(vectors[7], k=1).ids == ["r7"]
 
 
+@pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 def test_readers_opening_one_url_at_once_share_one_download(tmp_path, options, bucket):
     """The first opens of a version race to put its copy in the shared cache: one wins, the others use it."""
     url = f"s3://{bucket}/s.mrl"

@@ -55,6 +55,7 @@ REPORT_RACE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 def test_report_beside_close_and_compact_finishes_or_says_closed(tmp_path):
     """report() took no lock: close() and compaction unmapped the bands its native scans were reading."""
     script = tmp_path / "race.py"
@@ -127,6 +128,7 @@ def _batch(b: int) -> np.ndarray:
     return np.random.default_rng(1000 + b).standard_normal((50, 32)).astype(np.float32)
 
 
+@pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 @pytest.mark.parametrize("threads", [1, 4])
 def test_readers_open_and_refresh_while_the_writer_compacts(tmp_path, threads):
     """A reader opening during a compaction met a folder with no version yet (StoreLockedError), or paired

@@ -170,7 +170,7 @@ import mrlstore
 store = mrlstore.open(sys.argv[1], dim=8)
 store.add_vectors(np.ones((2000, 8), np.float32), metadata=[{"n": i} for i in range(2000)])
 main = threading.get_ident()
-threading.Timer(2.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # Ctrl-C
+threading.Timer(1.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # Ctrl-C
 try:
     store.sql("SELECT sum(a.n * b.n - c.n) FROM items a, items b, items c")  # hours
 except KeyboardInterrupt:
