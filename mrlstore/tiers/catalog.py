@@ -119,6 +119,10 @@ class Catalog:
         try:  # a library prints nothing (`mrlstore sql` printed DuckDB's progress bar to stdout); then locked
             con.execute("SET enable_progress_bar = false")
             con.execute("SET lock_configuration = true")
+        except duckdb.Error:  # another connection of this process to the file locked the shared instance
+            if not _locked(con):
+                con.close()
+                raise
         except BaseException:
             con.close()
             raise
@@ -880,6 +884,11 @@ def _out_of_memory(doing: str, path: Path, e: duckdb.Error) -> OutOfMemoryError:
         f"DuckDB ran out of memory {doing} the catalog {path} ({_first_line(e)}); nothing was changed. Free "
         "memory, or write (or ask for) fewer rows or less metadata in one call"
     )
+
+
+def _locked(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the configuration of ``con``'s database instance is locked."""
+    return bool(con.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0])
 
 
 def _arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
