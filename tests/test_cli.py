@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -185,16 +186,13 @@ def test_a_snapshot_stays_as_small_as_the_store(tmp_path):
         assert s.query(x[5], k=1).ids == s.query(x[5], k=1, dims=[2048]).ids
 
 
-def test_vectors_work_without_torch_or_pillow_and_images_say_what_to_install(tmp_path):
-    code = f"""
-import sys
-sys.modules["torch"] = None  # an install without the image extra
-sys.modules["PIL"] = None
+def _image_add_error(tmp_path, prelude: str, before_add: str = "") -> subprocess.CompletedProcess:
+    """A fresh process: ``prelude``, then a store for the bundled encoder, ``before_add`` (lines run with
+    ``s`` open), and an image add whose EncoderUnavailableError is printed after "ERROR"."""
+    code = f"""{prelude}
 import numpy as np, mrlstore
-x = np.random.default_rng(0).standard_normal((50, 2048)).astype(np.float32)
 with mrlstore.open({str(tmp_path / "s")!r}) as s:  # a store for the bundled encoder
-    s.add_vectors(x)
-    assert s.query(x[3], k=1).ids == s.query(x[3], k=1, dims=[2048]).ids
+{textwrap.indent(before_add, "    ")}
     try:
         s.add(np.zeros((8, 8, 3), np.uint8))
     except mrlstore.EncoderUnavailableError as e:
@@ -202,28 +200,36 @@ with mrlstore.open({str(tmp_path / "s")!r}) as s:  # a store for the bundled enc
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_vectors_work_without_torch_or_pillow_and_images_say_what_to_install(tmp_path):
+    prelude = """
+import sys
+sys.modules["torch"] = None  # an install without the image extra
+sys.modules["PIL"] = None
+"""
+    vectors = """
+x = np.random.default_rng(0).standard_normal((50, 2048)).astype(np.float32)
+s.add_vectors(x)
+assert s.query(x[3], k=1).ids == s.query(x[3], k=1, dims=[2048]).ids
+"""
+    out = _image_add_error(tmp_path, prelude, vectors)
     assert "pip install 'mrlstore[images]'" in out.stdout
 
 
 def test_a_torch_that_fails_to_import_is_not_called_missing(tmp_path):
     """A torch whose import failed (broken, or its first import interrupted by Ctrl-C) was reported as "not
     installed", with advice to install it."""
-    code = f"""
+    prelude = """
 import sys, importlib.abc
 class Broken(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "torch":
             raise ImportError("cannot import name 'nn' from partially initialized module 'torch'", name="torch")
 sys.meta_path.insert(0, Broken())
-import numpy as np, mrlstore
-with mrlstore.open({str(tmp_path / "s")!r}) as s:
-    try:
-        s.add(np.zeros((8, 8, 3), np.uint8))
-    except mrlstore.EncoderUnavailableError as e:
-        print("ERROR", e)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = _image_add_error(tmp_path, prelude)
     assert "could not be loaded" in out.stdout and "partially initialized" in out.stdout
     assert "not installed" not in out.stdout
 
