@@ -3,6 +3,7 @@ whatever the text, through the Python API and the command line; a refused call c
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -190,3 +191,50 @@ def test_ctrl_c_in_a_long_sql_query_is_a_keyboard_interrupt_and_nothing_is_print
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == "KeyboardInterrupt 2000\n"
+
+
+SNAPSHOTS_INTERRUPTED = """
+import collections, json, random, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a shell (a parent may ignore it)
+import numpy as np
+import mrlstore
+
+folder = sys.argv[1]
+store = mrlstore.open(folder + "/store", dim=8)
+n = 20000
+store.add_vectors(np.ones((n, 8), np.float32), metadata=[{"n": i, "note": "x" * 40} for i in range(n)])
+started = time.perf_counter()
+store.snapshot(folder + "/timing")
+took = time.perf_counter() - started
+main, pick = threading.get_ident(), random.Random(0)
+seen = collections.Counter()
+for i in range(12):  # Ctrl-C at moments spread over a snapshot's time
+    timer = threading.Timer(pick.uniform(0, took), lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    try:
+        try:
+            store.snapshot(f"{folder}/copy{i}")
+            outcome = "returned"
+        except KeyboardInterrupt:
+            outcome = "KeyboardInterrupt"
+        except BaseException as e:
+            outcome = type(e).__name__ + ": " + str(e)[-60:]
+        timer.join()
+        time.sleep(0.01)  # a signal sent after the snapshot returned lands here
+    except KeyboardInterrupt:
+        pass
+    seen[outcome] += 1
+print(json.dumps({"seen": sorted(seen), "rows": len(store), "problems": store.verify(), "took": took}))
+"""
+
+
+def test_ctrl_c_during_a_snapshot_is_a_keyboard_interrupt(tmp_path):
+    """It came out as RuntimeError('Query interrupted'), or as StorageError ("cannot write a copy of the catalog
+    ... transaction is aborted", a disk failure) where the copy's cleanup hid the interrupt."""
+    script = tmp_path / "snapshots.py"
+    script.write_text(SNAPSHOTS_INTERRUPTED)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert set(report["seen"]) <= {"KeyboardInterrupt", "returned"}, report
+    assert report["rows"] == 20000 and report["problems"] == [], report

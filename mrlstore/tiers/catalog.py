@@ -413,9 +413,7 @@ class Catalog:
             except duckdb.Error as e:
                 raise InvalidFilterError(f"query failed: {_first_line(e)}") from None
             except RuntimeError as e:
-                if str(e) == "Query interrupted":  # DuckDB took the user's Ctrl-C: give it back as one
-                    raise KeyboardInterrupt from None
-                raise
+                raise _interrupt_or(e) from None
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -524,20 +522,18 @@ class Catalog:
         holds the lock). The store's own connection may touch no other file, so the copy is written by a
         connection of its own, table by table through Arrow, after the same DDL."""
         with self._lock:
-            tables = self._con.execute(
-                "SELECT table_name, sql FROM duckdb_tables() WHERE database_name = current_database() "
-                "AND schema_name = 'main' ORDER BY table_oid"
-            ).fetchall()
-            views = self._con.execute(
-                "SELECT sql FROM duckdb_views() WHERE database_name = current_database() AND NOT internal "
-                "AND schema_name = 'main' ORDER BY view_oid"
-            ).fetchall()
             try:
+                tables = self._con.execute(
+                    "SELECT table_name, sql FROM duckdb_tables() WHERE database_name = current_database() "
+                    "AND schema_name = 'main' ORDER BY table_oid"
+                ).fetchall()
+                views = self._con.execute(
+                    "SELECT sql FROM duckdb_views() WHERE database_name = current_database() AND NOT internal "
+                    "AND schema_name = 'main' ORDER BY view_oid"
+                ).fetchall()
                 self._copy_to(dest, tables, views)
-            except duckdb.OutOfMemoryException as e:
-                raise _out_of_memory("copying", self.path, e) from None
-            except duckdb.Error as e:  # I/O, or a checkpoint DuckDB calls fatal: the disk, in practice
-                raise StorageError(f"cannot write a copy of the catalog to {dest}: {_first_line(e)}") from None
+            except (duckdb.Error, RuntimeError) as e:
+                raise _copy_error(e, self.path, dest) from None
 
     def _copy_to(self, dest: Path, tables: list[Any], views: list[Any]) -> None:
         """The tables' DDL and rows, then the views, into a new database at ``dest`` (the lock is held)."""
@@ -547,10 +543,8 @@ class Catalog:
             for name, ddl in tables:
                 copy.execute(ddl)
                 copy.register("_source", _arrow_reader(self._con, f"SELECT * FROM {_quote(name)}"))
-                try:
-                    copy.execute(f"INSERT INTO {_quote(name)} SELECT * FROM _source")
-                finally:
-                    copy.unregister("_source")
+                copy.execute(f"INSERT INTO {_quote(name)} SELECT * FROM _source")
+                copy.unregister("_source")  # not on failure: in an aborted transaction it hid the error
             for (ddl,) in views:
                 copy.execute(ddl)
             copy.commit()
@@ -950,6 +944,25 @@ def _register_metadata(con: duckdb.DuckDBPyConnection, name: str, table: pa.Tabl
     except duckdb.NotImplementedException as e:
         types = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
         raise MetadataError(f"metadata of a type the catalog cannot store ({types}): {_first_line(e)}") from None
+
+
+def _interrupt_or(e: Exception) -> BaseException:
+    """What to raise for ``e``: the user's Ctrl-C, which DuckDB turns into RuntimeError('Query interrupted'),
+    or into an error naming the KeyboardInterrupt an Arrow stream it read raised, given back as the
+    KeyboardInterrupt it was; anything else as it is."""
+    if str(e) == "Query interrupted" or (isinstance(e, duckdb.Error) and "KeyboardInterrupt" in str(e)):
+        return KeyboardInterrupt()
+    return e
+
+
+def _copy_error(e: Exception, source: Path, dest: Path) -> BaseException:
+    """What a failed copy of the catalog at ``source`` to ``dest`` raises."""
+    given = _interrupt_or(e)
+    if isinstance(given, duckdb.OutOfMemoryException):
+        return _out_of_memory("copying", source, given)
+    if isinstance(given, duckdb.Error):  # I/O, or a checkpoint DuckDB calls fatal: the disk, in practice
+        return StorageError(f"cannot write a copy of the catalog to {dest}: {_first_line(given)}")
+    return given
 
 
 def _first_line(e: Exception) -> str:
