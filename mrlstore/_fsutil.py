@@ -88,6 +88,37 @@ def folder_id(path: Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+class HeldFolder:
+    """A folder held open, so that its identity (device, inode) names no other folder while held: a compaction
+    deletes the folder it swapped out, and ext4 gives its inode to the next folder made (a reader checking
+    "is my folder still there?" by identity alone took a later compaction's folder for its own)."""
+
+    def __init__(self, path: Path):
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        info = os.fstat(self._fd)
+        self.identity = info.st_dev, info.st_ino
+
+    def is_at(self, path: Path) -> bool:
+        """Whether ``path`` is still this folder."""
+        return folder_id(path) == self.identity
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def hold_folder(path: Path) -> HeldFolder | None:
+    """The folder at ``path`` held (None if absent)."""
+    try:
+        return HeldFolder(path)
+    except OSError:
+        return None
+
+
 def is_url(path: object) -> TypeGuard[str]:
     """Whether ``path`` names a store on object storage (``s3://...``) rather than a local folder."""
     return isinstance(path, str) and "://" in path

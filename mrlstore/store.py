@@ -103,7 +103,7 @@ class Store:
             try:
                 if not self.read_only:
                     state.indexes.checkpoint()
-                    self._versions.close()
+                self._versions.close()
             finally:
                 with state.visibility.write():  # let queries in flight finish first
                     state.closed = True

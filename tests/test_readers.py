@@ -20,6 +20,7 @@ import pytest
 from publishing import publish_now, publish_once
 
 import mrlstore
+from mrlstore._fsutil import HeldFolder
 
 DIM, BATCH = 32, 50
 
@@ -369,9 +370,12 @@ def test_a_reader_refreshed_then_compacted_under_keeps_reading_its_own_version(t
         assert reader.get(["i5500"]).column("vector").to_pylist() == [x[5500].tolist()]
 
 
-def test_a_compaction_while_a_refresh_maps_new_rows_makes_it_open_the_new_numbering(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compactions", [1, 2])
+def test_a_compaction_while_a_refresh_maps_new_rows_makes_it_open_the_new_numbering(tmp_path, monkeypatch, compactions):
     """The refresh checked the numbering, then a compaction swapped the folder before it mapped the new rows:
-    it must not pair its version with the swapped-in files (it opens the new numbering whole instead)."""
+    it must not pair its version with the swapped-in files (it opens the new numbering whole instead). Two
+    compactions: the second folder took the inode the first freed (ext4 reuses it), and looked like the
+    folder the reader opened."""
     from mrlstore.tiers.indexes import IndexSet
 
     rng = np.random.default_rng(4)
@@ -382,13 +386,39 @@ def test_a_compaction_while_a_refresh_maps_new_rows_makes_it_open_the_new_number
 
         def compacted_meanwhile(self, snap, vectors):  # the reader's thread descheduled meanwhile
             monkeypatch.setattr(IndexSet, "extend_all", real)
-            writer.delete(ids[:10])
-            writer.compact()
+            for n in range(compactions):
+                writer.delete(ids[n * 10 : n * 10 + 10])
+                writer.compact()
             publish_once(writer)
             return real(self, snap, vectors)
 
         monkeypatch.setattr(IndexSet, "extend_all", compacted_meanwhile)
-        assert reader.refresh() and len(reader) == 2990 and reader.verify() == []
+        assert reader.refresh() and len(reader) == 3000 - 10 * compactions and reader.verify() == []
         got = reader.get(["i1500", "i2999"]).column("vector").to_pylist()
         assert np.array_equal(np.array(got, np.float32), x[[1500, 2999]])
         assert reader.query(x[2500], k=1, dims=[DIM]).ids == ["i2500"]
+
+
+def test_a_readers_folder_is_told_apart_from_the_next_folder_made_at_its_path(tmp_path):
+    """A compaction deletes the folder it swapped out, and ext4 gives the freed inode to the next folder made
+    (50 of 50 tries here): a reader that knew its folder by (device, inode) alone could take a later
+    compaction's folder for its own. Held open, the folder keeps its inode."""
+    path = tmp_path / "store"
+    path.mkdir()
+    held = HeldFolder(path)
+    for _ in range(20):
+        shutil.rmtree(path)
+        path.mkdir()
+        assert not held.is_at(path)
+    held.release()
+    assert HeldFolder(path).is_at(path)
+
+
+def test_readers_let_go_of_their_folder_when_closed(tmp_path):
+    with mrlstore.open(tmp_path / "s", dim=DIM) as writer:
+        writer.add_vectors(np.ones((10, DIM), np.float32))
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with mrlstore.open(tmp_path / "s", read_only=True) as reader:
+                reader.refresh()
+        assert len(os.listdir("/proc/self/fd")) == before

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mrlstore._fsutil import folder_id, is_url, local_path
+from mrlstore._fsutil import HeldFolder, hold_folder, is_url, local_path
 from mrlstore.encoder.bundled import bundled_weights_id
 from mrlstore.errors import (
     MRLStoreError,
@@ -84,21 +84,29 @@ def _open_unswapped(
     versions: Versions, open_once: Callable[[], StoreState], release: Callable[[StoreState], None]
 ) -> StoreState:
     """``open_once()``, again if a compaction swapped a local reader's folder while it ran (its files may be
-    of both generations); the folder opened is recorded in ``versions.folder``."""
+    of both generations); the folder opened is held by ``versions`` (``Versions.hold``)."""
     swappable = versions.read_only and versions.remote is None
     for attempt in range(SWAP_RETRIES):
-        before = folder_id(versions.path) if swappable else None
+        before = hold_folder(versions.path) if swappable else None
         try:
             state = open_once()
-        except MRLStoreError:
-            if before is None or folder_id(versions.path) == before or attempt == SWAP_RETRIES - 1:
+        except BaseException as e:
+            swapped = before is not None and not before.is_at(versions.path)
+            _let_go(before)
+            if not (isinstance(e, MRLStoreError) and swapped) or attempt == SWAP_RETRIES - 1:
                 raise
             continue
-        if before is None or folder_id(versions.path) == before:
-            versions.folder = before
+        if before is None or before.is_at(versions.path):
+            versions.hold(before)
             return state
+        before.release()
         release(state)
     raise StoreLockedError(f"{versions.path} was compacted {SWAP_RETRIES} times while this reader opened it")
+
+
+def _let_go(folder: HeldFolder | None) -> None:
+    if folder is not None:
+        folder.release()
 
 
 def _open_tiers_once(versions: Versions, requested: dict[str, Any]) -> StoreState:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mrlstore._fsutil import atomic_write_bytes, folder_id, fsync_dir, fsync_file
+from mrlstore._fsutil import HeldFolder, atomic_write_bytes, fsync_dir, fsync_file
 from mrlstore.errors import (
     CorruptStoreError,
     MRLStoreError,
@@ -400,7 +400,7 @@ class Versions:
         self.cache_dir, self.local_dims = cache_dir, local_dims
         self.head: dict[str, Any] | None = None
         self.publisher: Publisher | None = None
-        self.folder: tuple[int, int] | None = None  # a local reader's open folder (a compaction swaps another in)
+        self._folder: HeldFolder | None = None  # a local reader's open folder (a compaction swaps another in)
 
     @property
     def location(self) -> str:
@@ -503,9 +503,19 @@ class Versions:
         if self.publisher is not None:
             self.publisher.committed()
 
+    def hold(self, folder: HeldFolder | None) -> None:
+        """Keep ``folder``, the one a local reader opened its files in, in place of the one held before."""
+        previous, self._folder = self._folder, folder
+        if previous is not None and previous is not folder:
+            previous.release()
+
     def close(self) -> None:
-        if self.publisher is not None:
-            self.publisher.close()
+        """Stop publishing (a writer, its last version published) and let go of the folder (a reader)."""
+        try:
+            if self.publisher is not None:
+                self.publisher.close()
+        finally:
+            self.hold(None)
 
     def stop(self) -> None:
         """Stop publishing without a last version (the tiers could not be opened again)."""
@@ -609,10 +619,14 @@ class Versions:
             state.indexes.extend_all(snap, state.vectors)
             state.vectors.map_committed(snap.watermark)
         except MRLStoreError:
-            if folder_id(self.path) == self.folder:
+            if self._opened_here():
                 raise
             return False  # the swapped-in files are another numbering's: shorter, or missing
-        return folder_id(self.path) == self.folder
+        return self._opened_here()
+
+    def _opened_here(self) -> bool:
+        """Whether the store's path is still the folder this reader opened."""
+        return self._folder is not None and self._folder.is_at(self.path)
 
 
 def fit_id(manifest: dict[str, Any]) -> str | None:
