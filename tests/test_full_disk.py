@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -129,3 +130,49 @@ def _a_dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+ID_RUN_ON_A_FULL_DISK = """
+import errno, sys
+from pathlib import Path
+import numpy as np
+import mrlstore
+from mrlstore.tiers import id_index
+
+disk = Path(sys.argv[1])
+real = id_index.IdIndex._write_run
+
+
+def disk_full_first(*args, **kwargs):  # the disk fills between the catalog's commit and the id run
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        f.truncate(f.tell() - 65536)  # room for the run's header, not for its 1.1 MB of pairs
+    return real(*args, **kwargs)
+
+
+store = mrlstore.open(disk / "s.mrl", dim=8)
+id_index.IdIndex._write_run = disk_full_first
+store.add_vectors(np.ones((70_000, 8), np.float32), ids=[f"n{i}" for i in range(70_000)])
+print("returned", len(store), store.get(["n69999"]).num_rows, flush=True)
+store.close()
+"""
+
+
+def test_an_add_whose_id_run_finds_the_disk_full_returns_committed(mount_tmpfs, tmp_path):
+    """The id run (16 bytes a row, written after the commit once 65,536 rows wait) was a sparse file written
+    through a memory map: a page the full disk could not give killed the process (SIGBUS), no exception."""
+    disk = mount_tmpfs("24m")
+    script = tmp_path / "id_run.py"
+    script.write_text(ID_RUN_ON_A_FULL_DISK)
+    done = subprocess.run([sys.executable, str(script), str(disk)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout == "returned 70000 1\n"
+    assert not list((disk / "s.mrl" / "ids").glob(".*.tmp-*"))  # what the failed run took is given back
+    (disk / "filler").unlink()
+    with mrlstore.open(disk / "s.mrl") as store:
+        assert len(store) == 70_000 and store.verify(full=True) == []
+        assert store.get(["n0", "n69999"]).num_rows == 2

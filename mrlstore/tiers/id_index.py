@@ -207,32 +207,45 @@ class IdIndex:
         tmp = folder / f".{path.name}.tmp-{os.getpid()}"
         header = np.zeros(1, _HEADER)
         header[0] = (_MAGIC, self.guard, lo, hi, n, bytes(16))
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes().ljust(_HEADER_BYTES, b"\0"))
-            f.truncate(_HEADER_BYTES + 16 * n)
-        if n:
-            out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=_HEADER_BYTES, shape=(16 * n,))
-            out_hashes, out_rows = out[: 8 * n].view(np.uint64), out[8 * n :].view(np.int64)
-            at = 0
-            for hashes, rows in blocks:
-                out_hashes[at : at + len(hashes)] = hashes
-                out_rows[at : at + len(rows)] = rows
-                at += len(hashes)
-            header[0]["digest"] = _digest(out)
-            out.flush()
-            del out, out_hashes, out_rows
-            with open(tmp, "r+b") as f:
-                f.write(header.tobytes())
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)  # a run renamed into place is whole, even after a power cut
-        finally:
-            os.close(fd)
+            _write_run_file(tmp, header, blocks, n)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: what it took goes now, not at the next writer's load
+            raise
         os.replace(tmp, path)
         run = self._open_run(path, written=True)
         if run is None:
             raise OSError(f"the id run {path} just written does not read back")
         return run
+
+
+def _write_run_file(tmp: Path, header: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: int) -> None:
+    """The run file at ``tmp``: ``header`` (its digest filled in here), then the ``n`` hashes, then their rows,
+    fsynced."""
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes().ljust(_HEADER_BYTES, b"\0"))
+        f.flush()
+        # the pages written through the map below get their disk now: a full disk is an OSError here, where
+        # a sparse file made the map's first write past the free space kill the process (SIGBUS)
+        os.posix_fallocate(f.fileno(), 0, _HEADER_BYTES + 16 * n)
+    if n:
+        out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=_HEADER_BYTES, shape=(16 * n,))
+        out_hashes, out_rows = out[: 8 * n].view(np.uint64), out[8 * n :].view(np.int64)
+        at = 0
+        for hashes, rows in blocks:
+            out_hashes[at : at + len(hashes)] = hashes
+            out_rows[at : at + len(rows)] = rows
+            at += len(hashes)
+        header[0]["digest"] = _digest(out)
+        out.flush()
+        del out, out_hashes, out_rows
+        with open(tmp, "r+b") as f:
+            f.write(header.tobytes())
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a run renamed into place is whole, even after a power cut
+    finally:
+        os.close(fd)
 
 
 def _digest(body: np.ndarray) -> bytes:
