@@ -113,6 +113,28 @@ def test_an_index_folder_it_cannot_write_warns_and_never_fails_a_committed_add(s
         assert store.query(_vectors(300, seed=1)[7], k=1).ids == ["n7"]
 
 
+def test_set_index_dims_that_cannot_delete_the_old_index_files_returns_committed(store_on_disk):
+    """It committed the new prefixes, then raised a bare OSError (EROFS) removing the dropped prefix's files:
+    a call that raised had changed the store."""
+    _, path = store_on_disk
+    index = path / "index"
+    with mrlstore.open(path) as store:
+        store.checkpoint()  # the 16-d index saved: the file the change drops
+        subprocess.run(["mount", "--bind", str(index), str(index)], check=True)
+        try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(index)], check=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the new index stays in memory (warned)
+                store.set_index_dims((32,))
+            assert store.config.index_dims == (32,)
+        finally:
+            subprocess.run(["umount", "-l", str(index)], check=False)
+    assert list(index.glob("prefix_00016*"))  # left for the next writer's open
+    with mrlstore.open(path) as store:
+        assert store.config.index_dims == (32,) and store.verify() == []
+        assert not list(index.glob("prefix_00016*"))
+
+
 def test_a_snapshot_killed_part_way_leaves_nothing_after_the_next(tmp_path):
     with mrlstore.open(tmp_path / "s.mrl", dim=DIM, bands=(16, DIM), index_dims=(16,)) as store:
         store.add_vectors(_vectors(50), ids=[f"r{i}" for i in range(50)])

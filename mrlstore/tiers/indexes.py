@@ -226,14 +226,19 @@ class IndexSet:
 
     def remove_stale_files(self) -> None:
         """Delete the saved indexes of prefixes the store no longer indexes and of fits no longer in use (the
-        raw indexes a fit replaced stay, for a later ``ensure_raw``)."""
+        raw indexes a fit replaced stay, for a later ``ensure_raw``). Never raises OSError: it runs after a
+        commit (``set_index_dims``, tune), and what it cannot delete costs disk, not correctness (a writer's
+        open tries again)."""
         fitted = set() if self.fitted is None else set(self.fitted.by_dim)
-        for side in (self.path / INDEX_DIR).glob("*_*.json"):
-            family, d = side.stem.rsplit("_", 1)
-            kept = {RAW: set(self.params.index_dims), FITTED: fitted}.get(family)
-            if kept is not None and d.isdigit() and int(d) not in kept:
-                for stale in PrefixIndex.paths(side.with_suffix("")):
-                    stale.unlink(missing_ok=True)
+        try:
+            for side in (self.path / INDEX_DIR).glob("*_*.json"):
+                family, d = side.stem.rsplit("_", 1)
+                kept = {RAW: set(self.params.index_dims), FITTED: fitted}.get(family)
+                if kept is not None and d.isdigit() and int(d) not in kept:
+                    for stale in PrefixIndex.paths(side.with_suffix("")):
+                        stale.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def prepare(self, params: StoreParams, snap: Snapshot, vectors: VectorTier, tombstones: np.ndarray) -> None:
         """Saved, current raw indexes over every prefix ``params`` indexes, so that the store reopened with

@@ -132,10 +132,7 @@ def _open_tiers_once(versions: Versions, requested: dict[str, Any]) -> StoreStat
 def _remove_stale_indexes(state: StoreState) -> None:
     """A writer's open removes the index files of prefixes and fits the store no longer uses: a set_index_dims
     killed between saving its new indexes and committing left them (12.6 MiB at 20k rows for one 128-d index)."""
-    try:
-        state.indexes.remove_stale_files()
-    except OSError:
-        pass  # a cache: what stays costs disk, not correctness
+    state.indexes.remove_stale_files()
 
 
 def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) -> None:
