@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TypeGuard
 
-from mrlstore.errors import UnsupportedStorageError
+from mrlstore.errors import InvalidInputError, UnsupportedStorageError
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -124,14 +124,21 @@ def is_url(path: object) -> TypeGuard[str]:
     return isinstance(path, str) and "://" in path
 
 
-def local_destination(dest: str | os.PathLike[str], what: str) -> Path:
+def local_destination(dest: str | os.PathLike[str], what: str, store: Path) -> Path:
     """``dest`` as a local path; a URL is refused before anything is written (``Path("s3://b/x")`` would be
-    the local folder ``s3:/b/x``)."""
+    the local folder ``s3:/b/x``), and so is a path inside the folder of ``store`` (its next compaction
+    swaps the whole folder away, and what was written there with it)."""
     if is_url(dest):
         raise UnsupportedStorageError(
             f"{dest} is a URL: {what} writes local files (publish() uploads a store to object storage)"
         )
-    return local_path(dest)
+    target = local_path(dest)
+    if target.is_relative_to(store):
+        raise InvalidInputError(
+            f"{what} destination {target} is inside the store's folder {store}, which a compaction replaces "
+            "whole: write it outside"
+        )
+    return target
 
 
 def local_path(path: str | os.PathLike[str]) -> Path:

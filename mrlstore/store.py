@@ -404,7 +404,7 @@ class Store:
     ) -> int:
         """Write ``scan(dims, columns)`` to one Parquet file, atomically, in bounded memory; returns how many
         rows. ``add_arrow(pq.ParquetFile(dest).iter_batches(), vector="vector")`` reads it back."""
-        target = local_destination(dest, "export_parquet")  # before the scan takes its snapshot
+        target = local_destination(dest, "export_parquet", self._state.path)  # before the scan snapshots
         return write_parquet(self.scan(dims, columns), target)
 
     def tune(

@@ -371,3 +371,18 @@ def test_add_vectors_streams_a_memory_mapped_float16_array(tmp_path):
         np.testing.assert_array_equal(np.stack(got), source[-3:].astype(np.float32))
         # an exact first stage (128 is not indexed): HNSW's multi-threaded build is not deterministic
         assert store.query(source[7].astype(np.float32), k=1, dims=[128, dim]).ids == ["7"]
+
+
+def test_snapshots_and_exports_inside_the_stores_folder_are_refused(tmp_path):
+    """They were written there, and the next compaction, which replaces the folder whole, deleted them."""
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=16) as store:
+        store.add_vectors(np.ones((5, 16), np.float32))
+        before = sorted(p.name for p in path.iterdir())
+        with pytest.raises(mrlstore.InvalidInputError, match="inside the store's folder") as refused:
+            store.snapshot(path / "backup")
+        assert isinstance(refused.value, ValueError)
+        with pytest.raises(mrlstore.InvalidInputError, match="inside the store's folder"):
+            store.export_parquet(path / "rows.parquet")
+        assert sorted(p.name for p in path.iterdir()) == before
+        assert store.export_parquet(path / ".." / "rows.parquet") == 5  # beside it: fine

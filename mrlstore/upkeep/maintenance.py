@@ -37,7 +37,7 @@ class Maintenance:
 
     def snapshot(self, dest: str | os.PathLike[str]) -> Path:
         """A consistent copy at ``dest`` (which must not exist); see ``Store.snapshot``."""
-        dest = local_destination(dest, "snapshot")
+        dest = local_destination(dest, "snapshot", self.state.path)
         if dest.exists():
             raise InvalidInputError(f"snapshot destination {dest} already exists")
         state = self.state
