@@ -5,7 +5,9 @@ is consistent and writable once there is space again. Real tmpfs mounts (root on
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -133,6 +135,28 @@ def test_set_index_dims_that_cannot_delete_the_old_index_files_returns_committed
     with mrlstore.open(path) as store:
         assert store.config.index_dims == (32,) and store.verify() == []
         assert not list(index.glob("prefix_00016*"))
+
+
+def test_a_writer_killed_mid_append_reopens_on_the_disk_it_filled(store_on_disk):
+    """The open rewrote the arrays' metadata (new space) before deleting the chunk files of the append that
+    never committed (what frees space): a bare OSError, and no writer could open until space was freed."""
+    disk, path = store_on_disk
+    leftovers = []
+    for first in (path / "vectors").glob("*/c/0/0"):  # what a killed append leaves: chunks past the watermark
+        leftovers.append(first.parent.parent / "7" / "0")
+        leftovers[-1].parent.mkdir()
+        shutil.copy(first, leftovers[-1])
+        meta = first.parent.parent.parent / "zarr.json"  # the arrays grown first, as every append does
+        grown = json.loads(meta.read_text())
+        grown["shape"][0] = 8 * grown["chunk_grid"]["configuration"]["chunk_shape"][0]
+        meta.write_text(json.dumps(grown))
+    (path / "LOCK").write_text("999999\n")  # and its pid
+    filler = _fill(disk)
+    with mrlstore.open(path) as store:
+        assert len(store) == 1333 and not any(f.exists() for f in leftovers)
+    filler.unlink()
+    with mrlstore.open(path) as store:
+        assert store.verify(full=True) == []
 
 
 def test_a_snapshot_killed_part_way_leaves_nothing_after_the_next(tmp_path):

@@ -495,7 +495,10 @@ class _Band:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        first_chunk = -(-first_row // self.chunk_rows)
+        self.drop_chunks_from(-(-first_row // self.chunk_rows))
+
+    def drop_chunks_from(self, first_chunk: int) -> None:
+        """Delete the chunk files from ``first_chunk`` on."""
         cdir = self.dir / "c"
         if not cdir.exists():
             return
@@ -791,10 +794,12 @@ class BandedVectors:
     def truncate(self, rows: int) -> None:
         """Forget everything past ``rows`` (uncommitted leftovers of a crashed or failed append)."""
         with self._write_lock:
-            self.set_rows(rows)
             self._kernel_bands = (0, [])  # chunk files past rows go away or shrink: so do their maps
+            for band in self.arrays:  # first what frees space: a writer a full disk killed reopens on it
+                band.drop_chunks_from(-(-rows // band.chunk_rows))
             for band in self.arrays:
                 band.discard_from(rows)
+            self.set_rows(rows)
 
     def gather(self, rows: np.ndarray, col_start: int, col_stop: int) -> np.ndarray:
         """Rows (any order, may repeat) x columns ``col_start:col_stop`` as float32, in the order given."""

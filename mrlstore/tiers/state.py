@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mrlstore._rwlock import RWLock
-from mrlstore.errors import CorruptStoreError, StoreClosedError
+from mrlstore.errors import CorruptStoreError, MRLStoreError, StoreClosedError, storage_error
 from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.catalog import Catalog
 from mrlstore.tiers.indexes import IndexSet, default_first_stage
@@ -176,7 +176,12 @@ def clear_uncommitted(path: Path, vectors: VectorTier, catalog: Catalog) -> None
     check_rows(vectors, watermark)
     # its workers may have written rows past the watermark inside the last chunk, which is_clean cannot see
     if staged_write_left or not vectors.is_clean(watermark):
-        vectors.truncate(watermark)  # leftovers of an append that never committed
+        try:
+            vectors.truncate(watermark)  # leftovers of an append that never committed
+        except MRLStoreError:
+            raise
+        except OSError as e:
+            raise storage_error("clear the rows of a write that never committed from", path, e) from None
 
 
 def projection_of(manifest: dict[str, Any], params: StoreParams) -> Projection | None:
