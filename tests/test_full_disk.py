@@ -159,6 +159,35 @@ def test_a_writer_killed_mid_append_reopens_on_the_disk_it_filled(store_on_disk)
         assert store.verify(full=True) == []
 
 
+def test_a_commit_whose_checkpoint_finds_the_disk_full_closes_the_store_saying_why(mount_tmpfs):
+    """DuckDB checkpoints at the commit that takes its log past 16 MB; on a full disk that is a fatal error,
+    after which it refuses every statement. The add said CorruptStoreError ("database has been invalidated")
+    and the handle stayed open, every later call saying the same, even with space again."""
+    disk = mount_tmpfs("64m")
+    path = disk / "s.mrl"
+    store = mrlstore.open(path, dim=8)
+    wal = path / "catalog.duckdb.wal"
+
+    def add(batch: int) -> None:
+        labels = [{"label": f"{batch}-{i}-" + "x" * 2000} for i in range(1000)]
+        store.add_vectors(np.ones((1000, 8), np.float32), ids=[f"{batch}-{i}" for i in range(1000)], metadata=labels)
+
+    batch = 0
+    while not wal.exists() or wal.stat().st_size < 14_500_000:  # the next add's 2 MB take it past 16 MB
+        add(batch)
+        batch += 1
+    before = len(store)
+    filler = _fill(disk)
+    os.truncate(filler, filler.stat().st_size - 3_000_000)  # room for the add, not for the checkpoint
+    with pytest.raises(mrlstore.StorageError, match="No space left.*the store closed: open it again"):
+        add(batch)
+    with pytest.raises(mrlstore.StoreClosedError, match="DuckDB stopped its catalog"):
+        len(store)
+    filler.unlink()
+    with mrlstore.open(path) as again:
+        assert len(again) in (before, before + 1000) and again.verify(full=True) == []
+
+
 def test_a_snapshot_killed_part_way_leaves_nothing_after_the_next(tmp_path):
     with mrlstore.open(tmp_path / "s.mrl", dim=DIM, bands=(16, DIM), index_dims=(16,)) as store:
         store.add_vectors(_vectors(50), ids=[f"r{i}" for i in range(50)])

@@ -441,6 +441,18 @@ class Catalog:
                 raise _out_of_memory("writing", self.path, e) from None
             raise
 
+    def stopped(self) -> bool:
+        """Whether DuckDB has invalidated the catalog's database after a fatal error (a checkpoint that found
+        the disk full): it refuses every statement until the store is opened again."""
+        with self._lock:
+            try:
+                self._con.execute("SELECT 1").fetchall()
+            except duckdb.FatalException:
+                return True
+            except duckdb.Error:
+                pass
+            return False
+
     def _read_only(self, run: Callable[[], T]) -> T:
         """Run user SQL in a transaction that is always rolled back: a SELECT may still hide a write
         (a data-modifying CTE), and none may reach the catalog except through the Store API."""
@@ -586,9 +598,10 @@ class Catalog:
                 self._forget_ids()
                 raise
             finally:
-                con.unregister("_batch")
-                if replace_rows is not None and len(replace_rows):
-                    con.unregister("_dead")
+                with suppress(duckdb.Error):  # a failed commit can leave DuckDB refusing even this: not its error
+                    con.unregister("_batch")
+                    if replace_rows is not None and len(replace_rows):
+                        con.unregister("_dead")
             if self._id_index is not None:
                 self._id_index.flush()
         return stored.drop_columns(["_row"])
@@ -869,6 +882,8 @@ def _corruption_as_error(path: Path) -> Iterator[None]:
         yield
     except duckdb.OutOfMemoryException as e:
         raise _out_of_memory("reading", path, e) from None
+    except duckdb.FatalException as e:  # the engine, not the file: an earlier write failed (a full disk)
+        raise StorageError(f"cannot read catalog {path}: {_first_line(e)}; open the store again") from None
     except duckdb.Error as e:
         raise CorruptStoreError(f"cannot read catalog {path}: {_first_line(e)}") from None
 

@@ -25,6 +25,8 @@ from mrlstore.errors import (
     InvalidInputError,
     MRLStoreError,
     ShapeError,
+    StorageError,
+    StoreClosedError,
     UnknownIdError,
     storage_error,
 )
@@ -143,6 +145,7 @@ class Writer:
     def _after_failure(self, start: int, error: BaseException) -> None:
         """An interruption can land after DuckDB's COMMIT: ask the catalog, never assume."""
         state = self.state
+        self._closed_if_catalog_stopped(error)
         if state.catalog.committed_rows() == start:
             try:
                 state.vectors.truncate(start)
@@ -152,6 +155,19 @@ class Writer:
                 raise storage_error("write to the store", state.path, error) from error
             return
         self._resync()  # committed: memory must catch up with the catalog
+
+    def _closed_if_catalog_stopped(self, error: BaseException | None) -> None:
+        """After a failed write: if DuckDB stopped the catalog (a fatal error, such as a checkpoint that found the
+        disk full), nothing more can be read or written through it, so the store closes, saying why."""
+        if not self.state.catalog.stopped():
+            return
+        why = "DuckDB stopped its catalog after a failed write (a fatal error, such as a full disk): open it again"
+        self.state.shut(why)
+        if isinstance(error, StorageError):  # the failure itself (a full disk), and what it did to the store
+            raise StorageError(
+                f"{error}; DuckDB stopped the catalog after it, and the store closed: open it again"
+            ) from None
+        raise StoreClosedError(f"store {self.state.location} is closed: {why}") from error
 
     def _resync(self) -> None:
         """Rebuild the in-memory state (snapshot, indexes) from the committed catalog and the bands. If even
@@ -206,6 +222,7 @@ class Writer:
     def _catch_up_delete(self, rows: np.ndarray, ids: list[str]) -> None:
         """After an interruption (Ctrl-C) anywhere in a delete: if the catalog committed it, memory shows it
         too (published with the next commit, or by the next reader). Ask the catalog, never assume."""
+        self._closed_if_catalog_stopped(None)
         if self.state.catalog.rows_of(ids):
             return  # rolled back
         if self.state.snap.live[rows].any():
