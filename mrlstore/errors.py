@@ -110,7 +110,7 @@ def storage_error(action: str, path: str | os.PathLike[str], e: OSError) -> Stor
     """A StorageError saying what failed where, in words, from the OSError the file system raised."""
     reason = _REASONS.get(e.errno or 0) or (e.strerror or str(e)).lower()
     existing = Path(os.path.abspath(path))
-    while not existing.exists() and existing != existing.parent:
+    while not _exists(existing) and existing != existing.parent:
         existing = existing.parent
     if existing != Path(os.path.abspath(path)) and not existing.is_dir():
         reason = f"{existing} is a file, not a folder"
@@ -119,6 +119,14 @@ def storage_error(action: str, path: str | os.PathLike[str], e: OSError) -> Stor
     error = StorageError(f"cannot {action} {path}: {reason}")
     error.errno = e.errno  # callers may still test it, as for any OSError
     return error
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; True when that cannot be known (a folder this user may not read)."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
 
 
 class OutOfMemoryError(MRLStoreError, MemoryError):

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -251,3 +252,77 @@ def test_an_add_whose_id_run_finds_the_disk_full_returns_committed(mount_tmpfs, 
     with mrlstore.open(disk / "s.mrl") as store:
         assert len(store) == 70_000 and store.verify(full=True) == []
         assert store.get(["n0", "n69999"]).num_rows == 2
+
+
+def _as_nobody(run) -> str:
+    """``run()`` in a forked child that became the user nobody (root reads every file whatever its mode);
+    returns what it returned, or the error it raised as "TypeName: message"."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: everything it needs is imported already (the venv may be closed to nobody)
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            said = str(run())
+        except BaseException as e:
+            said = f"{type(e).__name__}: {e}"
+        os.write(write, said.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        said = pipe.read()
+    os.waitpid(pid, 0)
+    return said
+
+
+@pytest.mark.parametrize("unreadable", ["vectors", "vectors/band_00016_00064/c/0/0", "published", ""])
+def test_files_this_user_may_not_read_are_a_storage_error_naming_them(tmp_path, unreadable):
+    """Bare PermissionErrors came out of open(), verify() and queries (no MRLStoreError handler caught them);
+    an unreadable folder even made the error's own message fail."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    base = Path(tempfile.mkdtemp())
+    try:
+        os.chmod(base, 0o755)
+        with mrlstore.open(base / "s", dim=DIM, bands=(16, DIM)) as store:
+            store.add_vectors(_vectors(100))
+        with mrlstore.open(base / "s", read_only=True):  # a reader's open makes published/
+            pass
+        subprocess.run(["chmod", "-R", "a+rwX", str(base)], check=True)
+        os.chmod(base / "s" / unreadable, 0)
+        said = _as_nobody(lambda: mrlstore.open(base / "s", read_only=unreadable != "published").close())
+        assert said.startswith("StorageError: cannot ") and "permission denied" in said, said
+        assert str(base / "s" / unreadable).rstrip("/") in said, said
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_verify_reports_a_chunk_file_it_cannot_read_or_that_is_a_folder(tmp_path):
+    """verify() raised a bare PermissionError for the first, and called the second 4096 bytes long."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    base = Path(tempfile.mkdtemp())
+    chunk = base / "s" / "vectors" / "band_00016_00064" / "c" / "0" / "0"
+    try:
+        os.chmod(base, 0o755)
+        with mrlstore.open(base / "s", dim=DIM, bands=(16, DIM)) as store:
+            store.add_vectors(_vectors(100))
+        subprocess.run(["chown", "-R", "nobody", str(base / "s")], check=True)
+
+        def verify_after_chmod() -> list[str]:
+            with mrlstore.open(base / "s", read_only=True) as reader:
+                os.chmod(chunk, 0)
+                return reader.verify()
+
+        assert _as_nobody(verify_after_chmod) == str([f"chunk file {chunk} holding committed rows cannot be read "
+                                                      "(permission denied)"])  # fmt: skip
+        os.chmod(chunk, 0o644)
+        with mrlstore.open(base / "s", read_only=True) as reader:
+            chunk.unlink()
+            chunk.mkdir()
+            assert reader.verify() == [f"chunk file {chunk} holding committed rows is not a file"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from mrlstore._fsutil import atomic_write_bytes, fsync_dir, fsync_file, pwrite_all
-from mrlstore.errors import CorruptStoreError, StoreClosedError
+from mrlstore.errors import CorruptStoreError, StoreClosedError, storage_error
 from mrlstore.kernels import as_float32
 from mrlstore.tiers.abc import RowGather
 
@@ -222,7 +223,12 @@ class _Band:
         # A plain ndarray view (the map stays alive as its base): np.memmap's indexing hooks cost more than
         # the gather itself on the re-rank path.
         shape = (self.file_rows(size), self.width)
-        mapping = np.memmap(self.chunk_path(chunk), dtype=self.dtype, mode="r", offset=self.data_offset, shape=shape)
+        try:
+            mapping = np.memmap(
+                self.chunk_path(chunk), dtype=self.dtype, mode="r", offset=self.data_offset, shape=shape
+            )
+        except OSError as e:  # a file this user may not read
+            raise storage_error("read", self.chunk_path(chunk), e) from None
         if self.random_access and hasattr(mmap, "MADV_RANDOM"):
             _advise(mapping, mmap.MADV_RANDOM, 0, mapping.nbytes)
         if mm is not None:
@@ -445,6 +451,8 @@ class _Band:
         _, problem = self._size_problem(chunk, rows)
         if problem is not None:
             return [problem]
+        if not os.access(self.chunk_path(chunk), os.R_OK):
+            return [f"chunk file {self.chunk_path(chunk)} holding committed rows cannot be read (permission denied)"]
         return self.index_problems(chunk, rows) if self.sharded else []
 
     def _size_problem(self, chunk: int, rows: int) -> tuple[int, str | None]:
@@ -452,9 +460,12 @@ class _Band:
         or a plain one not full-size), what is wrong with it."""
         path = self.chunk_path(chunk)
         try:
-            size = path.stat().st_size
+            info = path.stat()
         except FileNotFoundError:
             return -1, f"chunk file {path} holding committed rows is missing"
+        if not stat.S_ISREG(info.st_mode):
+            return -1, f"chunk file {path} holding committed rows is not a file"
+        size = info.st_size
         if not self.sharded and size != self.chunk_bytes:
             return size, f"chunk file {path} has {size} bytes, expected {self.chunk_bytes}"
         if self.file_rows(size) < rows:

@@ -49,10 +49,13 @@ def locate(path: str | os.PathLike[str], config: StoreConfig) -> Versions:
 def create_if_absent(path: Path, config: StoreConfig, requested: dict[str, Any]) -> None:
     """A new store at ``path`` when there is none (an empty folder counts as none); ``requested`` gets the
     bundled encoder's dim when neither a dim nor an encoder was given."""
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        if not path.is_dir() or not (path / DB_FILE).exists():
-            raise NotAStoreError(f"{path} exists but is not an mrlstore store (no {DB_FILE} inside)")
-        return
+    try:
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            if not path.is_dir() or not (path / DB_FILE).exists():
+                raise NotAStoreError(f"{path} exists but is not an mrlstore store (no {DB_FILE} inside)")
+            return
+    except PermissionError as e:  # a folder this user may not list
+        raise storage_error("open", path, e) from None
     if config.read_only:
         raise StoreNotFoundError(f"no store at {path} (read_only=True never creates one)")
     if requested["dim"] is None:
@@ -77,7 +80,12 @@ def open_tiers(versions: Versions, requested: dict[str, Any]) -> StoreState:
         if state.lock is not None:
             state.lock.release()
 
-    return _open_unswapped(versions, lambda: _open_tiers_once(versions, requested), release)
+    try:
+        return _open_unswapped(versions, lambda: _open_tiers_once(versions, requested), release)
+    except MRLStoreError:
+        raise
+    except OSError as e:  # a file or folder this user may not read: which one, typed
+        raise storage_error("open", e.filename or versions.path, e) from None
 
 
 def _open_unswapped(
