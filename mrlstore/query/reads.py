@@ -109,7 +109,8 @@ def write_parquet(reader: pa.RecordBatchReader, dest: Path) -> int:
     if dest.is_dir():
         raise InvalidInputError(f"{dest} is a folder: export_parquet writes one file (e.g. {dest / 'out.parquet'})")
     if not dest.parent.is_dir():
-        raise StorageError(f"cannot write {dest}: there is no folder {dest.parent}")
+        problem = "is a file, not a folder" if dest.parent.exists() else "does not exist"
+        raise StorageError(f"cannot write {dest}: {dest.parent} {problem}")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     rows = 0
     try:
