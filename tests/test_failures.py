@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -304,3 +305,24 @@ def test_duckdb_out_of_memory_reading_is_not_corruption_or_a_bad_query(tmp_path,
             store.sql(heavy)
         assert store.sql("SELECT count(*) AS n FROM items").column("n").to_pylist() == [n]
         assert store.query(x[7], k=1, dims=[8, 16]).ids == ["id7"]
+
+
+def test_failed_adds_leave_no_descriptors_or_maps_behind(tmp_path):
+    """Each add refused inside its commit kept the four chunk maps its truncation replaced, each with a
+    descriptor, until the store closed: 400 failures held 1,600 descriptors, and at the process's limit even
+    valid adds and queries failed ('too many open files')."""
+    rng = np.random.default_rng(0)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64)) as store:
+        store.add_vectors(rng.standard_normal((1000, 64)).astype(np.float32), metadata=[{"tag": "a"}] * 1000)
+
+        def refused() -> None:  # "Tag" clashes with the column "tag": found inside the commit
+            with pytest.raises(mrlstore.MetadataError):
+                store.add_vectors(rng.standard_normal((2, 64)).astype(np.float32), metadata=[{"Tag": "x"}] * 2)
+            store.query(rng.standard_normal(64).astype(np.float32), k=1, dims=[64])  # maps the chunks again
+
+        refused()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(30):
+            refused()
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert len(store) == 1000

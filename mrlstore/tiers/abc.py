@@ -61,6 +61,11 @@ class VectorTier(Rows, Protocol):
 
     def truncate(self, rows: int) -> None: ...
 
+    def release_retired(self) -> None:
+        """Let go of the maps that larger or truncated files replaced (each holds a descriptor). The caller
+        holds the visibility lock exclusively: no read in flight still uses one."""
+        ...
+
     def file_problems(self, watermark: int) -> list[str]: ...
 
     def has_norms(self) -> bool:

@@ -309,6 +309,11 @@ class _Band:
                 self._kernel = (covered, addresses)  # replaced whole: a concurrent reader keeps its copy
         return (addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)), covered
 
+    def release_retired(self) -> None:
+        """Drop the replaced maps (no read in flight uses them: see ``BandedVectors.release_retired``)."""
+        with self._map_lock:
+            self._retired.clear()
+
     def forget_maps(self, from_chunk: int = 0) -> None:
         """Map chunks at or past ``from_chunk`` again when next read (their files changed size)."""
         with self._map_lock:
@@ -801,6 +806,10 @@ class BandedVectors:
         """Record ``rows`` as the arrays' shape so zarr-python readers see exactly the committed rows."""
         for band in self.arrays:
             band.set_shape_rows(rows)
+
+    def release_retired(self) -> None:
+        for band in self.arrays:
+            band.release_retired()
 
     def truncate(self, rows: int) -> None:
         """Forget everything past ``rows`` (uncommitted leftovers of a crashed or failed append)."""

@@ -123,6 +123,7 @@ class Writer:
                     end = start + len(id_batch)
                     stored = state.catalog.commit_rows(start, id_batch, meta, end, replace_rows=replaced)
                     self._show(start, end, replaced, stored)
+                    state.vectors.release_retired()  # no query in flight: maps its growing files replaced
             except BaseException as e:
                 self._after_failure(start, e)
                 raise
@@ -151,6 +152,8 @@ class Writer:
                 state.vectors.truncate(start)
             except OSError:
                 pass  # a full disk: the leftovers past the watermark stay invisible, cleared on open
+            with state.visibility.write():  # the maps truncate replaced (4 descriptors per failed add)
+                state.vectors.release_retired()
             if isinstance(error, OSError) and not isinstance(error, MRLStoreError):
                 raise storage_error("write to the store", state.path, error) from error
             return
