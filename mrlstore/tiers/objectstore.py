@@ -556,8 +556,15 @@ class RemoteSource:
             return True
 
     def close(self) -> None:
+        """Stop fetching and drop the row caches, and the chunks' link back here (a cycle that kept each
+        refreshed-away version, its S3 client's descriptors and up to ROW_CACHE_BYTES of rows, until a full
+        garbage collection)."""
         self._pool.shutdown(wait=False)
         self._files.clear()
+        with self._lock:
+            for chunk in self.chunks:
+                chunk.row_cache = {}
+            self.chunks, self.cached_bytes = [], 0
 
 
 _NO_ROWS = np.empty(0, np.int64)
