@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 import mrlstore
+from mrlstore.query import filters
 from mrlstore.query import plan as query_plan
 from mrlstore.testing import mrl_like
 from mrlstore.tiers.rows import RowTable
@@ -130,6 +131,20 @@ def test_filters_see_every_commit_and_delete(small_store, rng):
     assert len(after) == 38 and "31" not in after and "1" not in after
     small_store.upsert_vectors(x[:1], ids=["4"], metadata=[{"g": 2}])  # row 4 (g=1) replaced with g=2
     assert "4" not in small_store.query(x[0], k=100, dims=[64], where=where).ids
+
+
+def test_the_filter_cache_is_bounded_in_bytes_and_keeps_the_filters_in_use(small_store, rng, monkeypatch):
+    """It kept the first 256 filters whatever their size (781 MiB of matching rows on a 400k-row store) and
+    never cached another."""
+    x = rng.standard_normal((1000, 64)).astype(np.float32)
+    small_store.add_vectors(x, ids=[str(i) for i in range(1000)], metadata=[{"n": i} for i in range(1000)])
+    monkeypatch.setattr(filters, "FILTER_CACHE_BYTES", 3 * 8 * 1000)  # three filters matching every row
+    cache, state = filters.FilterCache(), small_store._state
+    for i in range(10):
+        assert len(cache.allowed(state.catalog, f"n >= {i}", state.snap)) == 1000 - i
+        cache.allowed(state.catalog, "n >= 0", state.snap)  # in use: kept
+    assert list(cache._cache) == ["n >= 8", "n >= 9", "n >= 0"] and cache._bytes <= 3 * 8 * 1000
+    assert small_store.query(x[7], k=1, dims=[64], where="n >= 7").ids == ["7"]
 
 
 def test_queries_with_metadata_from_threads_during_writes(tmp_path, rng):
