@@ -11,6 +11,7 @@ ARCHITECTURE.md draws how data flows through them.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,6 @@ from mrlstore.query.filters import FilterCache
 from mrlstore.query.reads import SCAN_BATCH_ROWS, Reader, write_parquet
 from mrlstore.query.searcher import Searcher
 from mrlstore.results import AddResult, CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
-from mrlstore.tiers.locking import StoreLock
 from mrlstore.upkeep import opening
 from mrlstore.upkeep.maintenance import Maintenance
 from mrlstore.write.arrow_adds import add_arrow
@@ -68,29 +68,16 @@ class Store:
         self._search = Searcher(self._state, self._encoders, filters, versions.committed)
         self._reader = Reader(self._state, filters)
         self._upkeep = Maintenance(
-            self._state, self._reopen_with, self._reopen, self._reindex, versions.committed, versions.holds
+            self._state,  # functions of the state, not of this Store: closed, it is freed at once (no cycle)
+            functools.partial(opening.reopen_with_lock, self._state, versions),
+            functools.partial(opening.reopen, self._state, versions, lambda: None),
+            functools.partial(opening.reindex, self._state, versions),
+            versions.committed,
+            versions.holds,
         )
         open_handles.register(self)  # closed at exit if still open then
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def _reopen_with(self, lock: StoreLock) -> None:
-        """Switch to the files a compaction put at the store's path, holding their ``lock``."""
-
-        def take_lock() -> None:
-            if self._state.lock is not None:
-                self._state.lock.release()
-            self._state.lock = lock
-
-        opening.reopen(self._state, self._versions, take_lock)
-
-    def _reopen(self) -> None:
-        """Open the tiers again on the same files (after a change to the indexed prefixes)."""
-        opening.reopen(self._state, self._versions, lambda: None)
-
-    def _reindex(self) -> None:
-        """Load the indexes of the prefixes now indexed (after ``set_index_dims``); catalog and bands stay."""
-        opening.reindex(self._state, self._versions)
-
     def close(self) -> None:
         """Save the index cache (writers), release the store. Safe to call twice."""
         state = self._state

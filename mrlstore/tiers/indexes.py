@@ -5,6 +5,7 @@ file that is missing, stale or damaged is rebuilt from the vectors."""
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, ItemsView, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mrlstore.errors import StoreClosedError
 from mrlstore.tiers.abc import VectorTier
 from mrlstore.tiers.hnsw import IndexNotSaved, IndexUnusable, PrefixIndex
 from mrlstore.tiers.layout import INDEX_DIR
@@ -139,7 +141,7 @@ class IndexSet:
         base = self._base(family, d)
         part = PrefixIndex.paths(base)[0].relative_to(self.path).as_posix()
         fetch, defer = self._fetcher(part), self.read_only and self.first_stage not in (None, (family, d))
-        rebuild = (lambda: self._built(family, d, fit)) if defer else None
+        rebuild = self._rebuilder(family, d, fit) if defer else None
         try:
             checked = self.checked.get(part)
             index = PrefixIndex.load(base, d, space, m, ef, self.generation, fit_id, checked, fetch, rebuild)
@@ -168,6 +170,19 @@ class IndexSet:
         else:
             extend_many([index], snap, vectors, fit)
         return index
+
+    def _rebuilder(self, family: str, d: int, fit: Projection | None) -> Callable[[], PrefixIndex]:
+        """What builds a deferred index from the vectors instead, holding this set weakly: a closure over it,
+        held by its own index, made a cycle that kept a closed store's indexes until a full garbage collection."""
+        owner = weakref.ref(self)
+
+        def rebuild() -> PrefixIndex:
+            indexes = owner()
+            if indexes is None:
+                raise StoreClosedError("the store this index belongs to was closed")
+            return indexes._built(family, d, fit)
+
+        return rebuild
 
     def _fetcher(self, part: str) -> Callable[[], str | None] | None:
         fetch = self.fetch

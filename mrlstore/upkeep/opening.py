@@ -23,6 +23,7 @@ from mrlstore.options import StoreConfig
 from mrlstore.tiers.bands import auto_chunk_rows
 from mrlstore.tiers.catalog import DB_FILE
 from mrlstore.tiers.layout import create_store
+from mrlstore.tiers.locking import StoreLock
 from mrlstore.tiers.params import BUNDLED_ENCODER, BUNDLED_ENCODER_DIM, StoreParams, encoder_name
 from mrlstore.tiers.state import StoreState, open_state, reload_indexes
 from mrlstore.upkeep.versions import Versions
@@ -160,6 +161,17 @@ def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) ->
         state.location = versions.location
         if not versions.read_only:
             versions.start_publishing(state)
+
+
+def reopen_with_lock(state: StoreState, versions: Versions, lock: StoreLock) -> None:
+    """Switch to the files a compaction put at the store's path, holding their ``lock``."""
+
+    def take_lock() -> None:
+        if state.lock is not None:
+            state.lock.release()
+        state.lock = lock
+
+    reopen(state, versions, take_lock)
 
 
 def reindex(state: StoreState, versions: Versions) -> None:

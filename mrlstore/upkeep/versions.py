@@ -514,6 +514,7 @@ class Versions:
         try:
             if self.publisher is not None:
                 self.publisher.close()
+                self.publisher = None  # it refers back here: a closed store would wait for the collector
         finally:
             self.hold(None)
 
