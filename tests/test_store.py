@@ -413,3 +413,35 @@ def test_a_closed_store_is_freed_when_dropped(tmp_path, read_only):
         assert handle() is None and indexes() is None
     finally:
         gc.enable()
+
+
+QUERIES_BETWEEN_ADDS = """
+import sys
+import numpy as np
+import mrlstore
+
+x = np.random.default_rng(0).standard_normal((5000, 64)).astype(np.float32)
+store = mrlstore.open(sys.argv[1], dim=64)
+store.add_vectors(x[:3000], ids=[f"a{i}" for i in range(3000)], metadata=[{"n": i} for i in range(3000)])
+store.query(x[5], k=5)  # the native kernels' chunk addresses cached
+for step in range(20):  # each add grows the last chunk's file: its map is replaced
+    rows = slice(3000 + 100 * step, 3100 + 100 * step)
+    store.add_vectors(x[rows], ids=[f"b{step}_{i}" for i in range(100)], metadata=[{"n": -1}] * 100)
+    assert store.query(x[5], k=5).ids[0] == "a5"  # candidates among the old rows
+    assert store.query(x[7], k=1, where="n >= 0 AND n < 50").ids == ["a7"]
+print("ok")
+"""
+
+
+def test_queries_between_adds_read_only_live_maps(tmp_path):
+    """Releasing the maps a growing file replaced left their addresses in the native kernels' cached chunk
+    descriptions: the next query reading old rows read unmapped memory (SIGSEGV at the 11th add)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "adds.py"
+    script.write_text(QUERIES_BETWEEN_ADDS)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", (done.returncode, done.stderr[-2000:])

@@ -62,8 +62,10 @@ class VectorTier(Rows, Protocol):
     def truncate(self, rows: int) -> None: ...
 
     def release_retired(self) -> None:
-        """Let go of the maps that larger or truncated files replaced (each holds a descriptor). The caller
-        holds the visibility lock exclusively: no read in flight still uses one."""
+        """Let go of the maps that larger or truncated files replaced (each holds a descriptor), and of the
+        kernels' cached descriptions of the chunks, which hold the maps' addresses (a query reading a released
+        map's address crashed the process). The caller holds the visibility lock exclusively: no read in
+        flight still uses one."""
         ...
 
     def file_problems(self, watermark: int) -> list[str]: ...

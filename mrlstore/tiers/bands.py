@@ -309,10 +309,15 @@ class _Band:
                 self._kernel = (covered, addresses)  # replaced whole: a concurrent reader keeps its copy
         return (addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)), covered
 
-    def release_retired(self) -> None:
-        """Drop the replaced maps (no read in flight uses them: see ``BandedVectors.release_retired``)."""
+    def release_retired(self) -> bool:
+        """Drop the replaced maps, and the kernels' description, which may still hold their addresses (no
+        read in flight uses either: see ``BandedVectors.release_retired``); True if there were any."""
         with self._map_lock:
+            if not self._retired:
+                return False
             self._retired.clear()
+            self._kernel = (0, np.zeros(0, dtype=np.uint64))
+            return True
 
     def forget_maps(self, from_chunk: int = 0) -> None:
         """Map chunks at or past ``from_chunk`` again when next read (their files changed size)."""
@@ -808,8 +813,8 @@ class BandedVectors:
             band.set_shape_rows(rows)
 
     def release_retired(self) -> None:
-        for band in self.arrays:
-            band.release_retired()
+        if any([band.release_retired() for band in self.arrays]):  # every band's, then the descriptions
+            self._kernel_bands = (0, [])
 
     def truncate(self, rows: int) -> None:
         """Forget everything past ``rows`` (uncommitted leftovers of a crashed or failed append)."""
