@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -184,6 +186,12 @@ def test_a_commit_whose_checkpoint_finds_the_disk_full_closes_the_store_saying_w
         add(batch)
     with pytest.raises(mrlstore.StoreClosedError, match="DuckDB stopped its catalog"):
         len(store)
+    store.close()
+    for _ in range(100):  # its publishing timer stops at its next turn (it re-armed forever, touching PENDING)
+        if not any(isinstance(t, threading.Timer) for t in threading.enumerate()):
+            break
+        time.sleep(0.05)
+    assert not any(isinstance(t, threading.Timer) for t in threading.enumerate())
     filler.unlink()
     with mrlstore.open(path) as again:
         assert len(again) in (before, before + 1000) and again.verify(full=True) == []

@@ -317,8 +317,10 @@ class Publisher:
         lock_of: Callable[[], AbstractContextManager[object]],
         readers: ReadersProbe,
         interval: float = PUBLISH_INTERVAL,
+        gone: Callable[[], bool] = lambda: False,
     ):
         self._publish_now, self._lock_of, self.interval = publish_now, lock_of, interval
+        self._gone = gone  # the store was closed by a failure (close() was not called): stop, publishing nothing
         self._readers = readers
         self._last = self._took = 0.0
         self._pending = False
@@ -353,6 +355,9 @@ class Publisher:
     def _on_timer(self) -> None:
         with self._lock_of():
             self._timer = None
+            if self._gone():
+                self.stop()
+                return
             if self._pending and not self._closed:
                 self.committed()
 
@@ -489,7 +494,10 @@ class Versions:
         if self.publisher is not None:
             self.publisher.close()
         self.publisher = Publisher(
-            lambda: self.publish_version(state), lambda: state.write_lock, ReadersProbe(self.path)
+            lambda: self.publish_version(state),
+            lambda: state.write_lock,
+            ReadersProbe(self.path),
+            gone=lambda: state.closed,
         )
         if trails(usable_head(self.path), _state_of(state)):
             self.publisher.committed()  # published now if readers are waiting, else marked PENDING

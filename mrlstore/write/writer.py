@@ -159,7 +159,7 @@ class Writer:
             return
         self._resync()  # committed: memory must catch up with the catalog
 
-    def _closed_if_catalog_stopped(self, error: BaseException | None) -> None:
+    def _closed_if_catalog_stopped(self, error: BaseException) -> None:
         """After a failed write: if DuckDB stopped the catalog (a fatal error, such as a checkpoint that found the
         disk full), nothing more can be read or written through it, so the store closes, saying why."""
         if not self.state.catalog.stopped():
@@ -216,16 +216,16 @@ class Writer:
                 try:
                     state.catalog.delete_rows(rows)
                     self._show_deleted(rows)
-                except BaseException:
-                    self._catch_up_delete(rows, list(found))
+                except BaseException as e:
+                    self._catch_up_delete(rows, list(found), e)
                     raise
             self.on_commit()
         return len(rows)
 
-    def _catch_up_delete(self, rows: np.ndarray, ids: list[str]) -> None:
+    def _catch_up_delete(self, rows: np.ndarray, ids: list[str], error: BaseException) -> None:
         """After an interruption (Ctrl-C) anywhere in a delete: if the catalog committed it, memory shows it
         too (published with the next commit, or by the next reader). Ask the catalog, never assume."""
-        self._closed_if_catalog_stopped(None)
+        self._closed_if_catalog_stopped(error)
         if self.state.catalog.rows_of(ids):
             return  # rolled back
         if self.state.snap.live[rows].any():
