@@ -133,7 +133,7 @@ def local_destination(dest: str | os.PathLike[str], what: str, store: Path) -> P
             f"{dest} is a URL: {what} writes local files (publish() uploads a store to object storage)"
         )
     target = local_path(dest)
-    if target.is_relative_to(store):
+    if target.is_relative_to(local_path(store)):  # resolved alike (a remote store's cache may be a link)
         raise InvalidInputError(
             f"{what} destination {target} is inside the store's folder {store}, which a compaction replaces "
             "whole: write it outside"

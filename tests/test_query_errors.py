@@ -366,6 +366,7 @@ def test_export_parquet_to_a_folder_or_nowhere(store: mrlstore.Store, tmp_path) 
     with raises(mrlstore.StorageError, OSError, match="nope does not exist"):
         store.export_parquet(tmp_path / "nope" / "x.parquet", dims=16)
     (tmp_path / "afile").write_text("")  # it said "there is no folder" here too
-    with raises(mrlstore.StorageError, OSError, match="afile is a file, not a folder"):
-        store.export_parquet(tmp_path / "afile" / "x.parquet", dims=16)
+    for under in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with raises(mrlstore.StorageError, OSError, match="afile is a file, not a folder"):
+            store.export_parquet(under / "x.parquet", dims=16)
     assert store.export_parquet(tmp_path / "out" / "x.parquet", dims=16) == N

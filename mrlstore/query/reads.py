@@ -109,8 +109,11 @@ def write_parquet(reader: pa.RecordBatchReader, dest: Path) -> int:
     if dest.is_dir():
         raise InvalidInputError(f"{dest} is a folder: export_parquet writes one file (e.g. {dest / 'out.parquet'})")
     if not dest.parent.is_dir():
-        problem = "is a file, not a folder" if dest.parent.exists() else "does not exist"
-        raise StorageError(f"cannot write {dest}: {dest.parent} {problem}")
+        above = dest.parent
+        while not above.exists():
+            above = above.parent
+        problem = f"{dest.parent} does not exist" if above.is_dir() else f"{above} is a file, not a folder"
+        raise StorageError(f"cannot write {dest}: {problem}")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     rows = 0
     try:
