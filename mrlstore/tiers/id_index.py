@@ -20,11 +20,13 @@ rows, which later writes reuse), then reads the rows past ``covered`` from the c
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -225,9 +227,7 @@ def _write_run_file(tmp: Path, header: np.ndarray, blocks: Iterable[tuple[np.nda
     with open(tmp, "wb") as f:
         f.write(header.tobytes().ljust(_HEADER_BYTES, b"\0"))
         f.flush()
-        # the pages written through the map below get their disk now: a full disk is an OSError here, where
-        # a sparse file made the map's first write past the free space kill the process (SIGBUS)
-        os.posix_fallocate(f.fileno(), 0, _HEADER_BYTES + 16 * n)
+        _reserve(f, _HEADER_BYTES + 16 * n)
     if n:
         out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=_HEADER_BYTES, shape=(16 * n,))
         out_hashes, out_rows = out[: 8 * n].view(np.uint64), out[8 * n :].view(np.int64)
@@ -246,6 +246,20 @@ def _write_run_file(tmp: Path, header: np.ndarray, blocks: Iterable[tuple[np.nda
         os.fsync(fd)  # a run renamed into place is whole, even after a power cut
     finally:
         os.close(fd)
+
+
+def _reserve(f: BinaryIO, size: int) -> None:
+    """The file ``f`` grown to ``size`` bytes with its disk space taken now: a full disk is an OSError here,
+    where a sparse file made a memory map's first write past the free space kill the process (SIGBUS). Where
+    the system cannot (no posix_fallocate, or a file system refusing it), sparse, as before."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except AttributeError:
+        f.truncate(size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        f.truncate(size)
 
 
 def _digest(body: np.ndarray) -> bytes:
