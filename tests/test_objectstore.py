@@ -644,6 +644,19 @@ def test_a_refreshed_away_version_is_freed_at_once(tmp_path, options, bucket):
             gc.enable()
 
 
+def test_a_remote_scan_ended_by_a_refresh_says_so(tmp_path, options, bucket):
+    """It raised a bare KeyError (the closed tier's chunk maps were gone)."""
+    with _published_and_read(tmp_path, options, bucket, 3000) as (store, vectors, remote):
+        batches = remote.scan(dims=DIM, batch_size=1000)
+        assert batches.read_next_batch().num_rows == 1000
+        store.add_vectors(vectors[:10] + 1, ids=[f"n{i}" for i in range(10)])
+        store.publish(f"s3://{bucket}/s.mrl", storage_options=options)
+        assert remote.refresh()
+        with pytest.raises(mrlstore.StoreClosedError, match="read again"):
+            batches.read_next_batch()
+        assert remote.to_arrow(dims=DIM).num_rows == 3010
+
+
 def test_old_version_copies_and_abandoned_downloads_leave_the_cache(tmp_path, options, bucket):
     url, cache = f"s3://{bucket}/s.mrl", tmp_path / "c"
     with _published_and_read(tmp_path, options, bucket, 2100) as (store, vectors, remote):

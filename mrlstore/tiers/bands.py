@@ -212,11 +212,7 @@ class _Band:
         mm = self._maps.get(chunk)
         if mm is not None and len(mm) >= rows:
             return mm
-        if self._closed:
-            raise StoreClosedError(
-                f"{self.label} of {self.dir.parent.parent} was closed (a compaction or refresh replaced the store's "
-                "files) while a read of it went on: read again"
-            )
+        self.check_open()
         size, problem = self._size_problem(chunk, rows)
         if problem is not None:
             raise CorruptStoreError(problem)
@@ -308,6 +304,14 @@ class _Band:
                 covered = (need - 1) * rc + len(maps[-1])
                 self._kernel = (covered, addresses)  # replaced whole: a concurrent reader keeps its copy
         return (addresses, self.chunk_rows, self.start, self.width, int(self.dtype.itemsize == 2)), covered
+
+    def check_open(self) -> None:
+        """StoreClosedError once closed: a compaction or refresh replaced the files while a read went on."""
+        if self._closed:
+            raise StoreClosedError(
+                f"{self.label} of {self.dir.parent.parent} was closed (a compaction or refresh replaced the store's "
+                "files) while a read of it went on: read again"
+            )
 
     def release_retired(self) -> bool:
         """Drop the replaced maps, and the kernels' description, which may still hold their addresses (no

@@ -725,8 +725,13 @@ class RemoteBands(BandedVectors):
         return self  # a version's objects never change; a refresh closes the tier, and a scan then says so
 
     def gather_bands(self, rows: np.ndarray, col_start: int, col_stop: int) -> list[tuple[int, np.ndarray]]:
-        self._fetch_together(rows, col_start, col_stop)
-        return super().gather_bands(rows, col_start, col_stop)
+        try:
+            self._fetch_together(rows, col_start, col_stop)
+            return super().gather_bands(rows, col_start, col_stop)
+        except KeyError:  # a chunk's map gone: a refresh closed the tier while a scan read it (a bare KeyError)
+            for band in self.bands:
+                band.check_open()
+            raise
 
     def take(self, band: Any, rows: np.ndarray) -> np.ndarray:
         """A remote band's ``rows`` from its chunks' row caches in one pass (a stage's few rows each fall in
