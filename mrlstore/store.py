@@ -93,10 +93,7 @@ class Store:
                 self._versions.close()
             finally:
                 with state.visibility.write():  # let queries in flight finish first
-                    state.closed = True
-                    state.close_tiers()
-                    if state.lock is not None:
-                        state.lock.release()
+                    state.close_for_good()
 
     def __enter__(self) -> Store:
         return self

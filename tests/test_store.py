@@ -415,6 +415,19 @@ def test_a_closed_store_is_freed_when_dropped(tmp_path, read_only):
         gc.enable()
 
 
+def test_a_closed_store_kept_referenced_lets_go_of_its_indexes(tmp_path):
+    """Six closed handles an application kept (a dict of stores, say) held 77 MiB of indexes."""
+    import weakref
+
+    with mrlstore.open(tmp_path / "s", dim=64, index_dims=(16, 32)) as store:
+        store.add_vectors(np.random.default_rng(0).standard_normal((500, 64)).astype(np.float32))
+        indexes = [weakref.ref(index) for _, _, index in store._state.indexes.all_indexes()]
+        assert len(indexes) == 2 and all(ref() is not None for ref in indexes)
+    assert all(ref() is None for ref in indexes)
+    with pytest.raises(mrlstore.StoreClosedError):
+        store.query(np.ones(64, np.float32), k=1)
+
+
 QUERIES_BETWEEN_ADDS = """
 import sys
 import numpy as np

@@ -239,6 +239,10 @@ class IndexSet:
         self.remove_stale_files()
         self.checkpoint()
 
+    def release(self) -> None:
+        """Drop every index from memory (the store was closed)."""
+        self.by_dim, self.fitted, self._retired, self._latest = {}, None, [], None
+
     def remove_stale_files(self) -> None:
         """Delete the saved indexes of prefixes the store no longer indexes and of fits no longer in use (the
         raw indexes a fit replaced stay, for a later ``ensure_raw``). Never raises OSError: it runs after a

@@ -92,6 +92,15 @@ class StoreState:
         self.catalog.close()
         self.vectors.close()
 
+    def close_for_good(self) -> None:
+        """``close()``: the tiers closed, the lock released, the indexes out of memory (a closed handle the
+        application keeps referenced held them)."""
+        self.closed = True
+        self.close_tiers()
+        self.indexes.release()
+        if self.lock is not None:
+            self.lock.release()
+
     def shut(self, because: str = "") -> None:
         """Close everything now, after a failure: one that left memory behind the catalog (reopening
         recovers), or tiers that could not be opened again (``because`` says so to later calls)."""
