@@ -423,6 +423,7 @@ def test_a_closed_store_kept_referenced_lets_go_of_its_indexes(tmp_path):
         store.add_vectors(np.random.default_rng(0).standard_normal((500, 64)).astype(np.float32))
         indexes = [weakref.ref(index) for _, _, index in store._state.indexes.all_indexes()]
         assert len(indexes) == 2 and all(ref() is not None for ref in indexes)
+        store.query(np.ones(64, np.float32), k=1)  # a funnel built over them holds them too
     assert all(ref() is None for ref in indexes)
     with pytest.raises(mrlstore.StoreClosedError):
         store.query(np.ones(64, np.float32), k=1)

@@ -240,8 +240,12 @@ class IndexSet:
         self.checkpoint()
 
     def release(self) -> None:
-        """Drop every index from memory (the store was closed)."""
-        self.by_dim, self.fitted, self._retired, self._latest = {}, None, [], None
+        """Drop every index from memory (the store was closed). Emptied in place: a funnel built over these
+        dicts holds them too."""
+        self.by_dim.clear()
+        if self.fitted is not None:
+            self.fitted.by_dim.clear()
+        self._retired, self._latest = [], None
 
     def remove_stale_files(self) -> None:
         """Delete the saved indexes of prefixes the store no longer indexes and of fits no longer in use (the
