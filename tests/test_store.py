@@ -447,6 +447,47 @@ print("ok")
 """
 
 
+INTERRUPTED_RELEASE = """
+import sys
+import numpy as np
+import mrlstore
+
+
+class ClearedThenInterrupted(list):  # Ctrl-C right after the replaced maps were dropped
+    def clear(self):
+        super().clear()
+        raise KeyboardInterrupt
+
+
+x = np.random.default_rng(0).standard_normal((5000, 64)).astype(np.float32)
+store = mrlstore.open(sys.argv[1], dim=64)
+store.add_vectors(x[:3000], ids=[f"a{i}" for i in range(3000)], metadata=[{"n": i} for i in range(3000)])
+store.query(x[5], k=5)
+for band in store._state.vectors.arrays:
+    band._retired = ClearedThenInterrupted(band._retired)
+try:
+    store.add_vectors(x[3000:3100], metadata=[{"n": -1}] * 100)
+except KeyboardInterrupt:
+    pass
+assert len(store) == 3100 and store.query(x[7], k=1, where="n >= 0 AND n < 50").ids == ["a7"]
+print("ok")
+"""
+
+
+def test_an_interrupted_release_of_replaced_maps_leaves_no_stale_address(tmp_path):
+    """The maps went first and the kernels' descriptions of them second: a Ctrl-C between the two left the
+    descriptions, and the next query crashed the process (a review helper's injected interrupts)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_RELEASE)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", (done.returncode, done.stderr[-2000:])
+
+
 def test_queries_between_adds_read_only_live_maps(tmp_path):
     """Releasing the maps a growing file replaced left their addresses in the native kernels' cached chunk
     descriptions: the next query reading old rows read unmapped memory (SIGSEGV at the 11th add)."""

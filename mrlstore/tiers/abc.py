@@ -64,8 +64,9 @@ class VectorTier(Rows, Protocol):
     def release_retired(self) -> None:
         """Let go of the maps that larger or truncated files replaced (each holds a descriptor), and of the
         kernels' cached descriptions of the chunks, which hold the maps' addresses (a query reading a released
-        map's address crashed the process). The caller holds the visibility lock exclusively: no read in
-        flight still uses one."""
+        map's address crashed the process). The caller holds the write lock and the visibility lock
+        exclusively: no read in flight still uses one (queries hold the visibility lock; tune and report, which
+        scan natively, the write lock)."""
         ...
 
     def file_problems(self, watermark: int) -> list[str]: ...

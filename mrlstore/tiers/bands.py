@@ -319,9 +319,13 @@ class _Band:
         with self._map_lock:
             if not self._retired:
                 return False
+            self._kernel = (0, np.zeros(0, dtype=np.uint64))  # first: an interrupt next leaves maps, no stale address
             self._retired.clear()
-            self._kernel = (0, np.zeros(0, dtype=np.uint64))
             return True
+
+    @property
+    def has_retired(self) -> bool:
+        return bool(self._retired)
 
     def forget_maps(self, from_chunk: int = 0) -> None:
         """Map chunks at or past ``from_chunk`` again when next read (their files changed size)."""
@@ -817,8 +821,10 @@ class BandedVectors:
             band.set_shape_rows(rows)
 
     def release_retired(self) -> None:
-        if any([band.release_retired() for band in self.arrays]):  # every band's, then the descriptions
-            self._kernel_bands = (0, [])
+        if any(band.has_retired for band in self.arrays):
+            self._kernel_bands = (0, [])  # first: an interrupt (Ctrl-C) next leaves maps, no stale address
+            for band in self.arrays:
+                band.release_retired()
 
     def truncate(self, rows: int) -> None:
         """Forget everything past ``rows`` (uncommitted leftovers of a crashed or failed append)."""
