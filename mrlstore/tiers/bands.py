@@ -218,13 +218,11 @@ class _Band:
             raise CorruptStoreError(problem)
         # A plain ndarray view (the map stays alive as its base): np.memmap's indexing hooks cost more than
         # the gather itself on the re-rank path.
-        shape = (self.file_rows(size), self.width)
+        shape, path = (self.file_rows(size), self.width), self.chunk_path(chunk)
         try:
-            mapping = np.memmap(
-                self.chunk_path(chunk), dtype=self.dtype, mode="r", offset=self.data_offset, shape=shape
-            )
+            mapping = np.memmap(path, dtype=self.dtype, mode="r", offset=self.data_offset, shape=shape)
         except OSError as e:  # a file this user may not read
-            raise storage_error("read", self.chunk_path(chunk), e) from None
+            raise storage_error("read", path, e) from None
         if self.random_access and hasattr(mmap, "MADV_RANDOM"):
             _advise(mapping, mmap.MADV_RANDOM, 0, mapping.nbytes)
         if mm is not None:
@@ -313,15 +311,13 @@ class _Band:
                 "files) while a read of it went on: read again"
             )
 
-    def release_retired(self) -> bool:
+    def release_retired(self) -> None:
         """Drop the replaced maps, and the kernels' description, which may still hold their addresses (no
-        read in flight uses either: see ``BandedVectors.release_retired``); True if there were any."""
+        read in flight uses either: see ``BandedVectors.release_retired``)."""
         with self._map_lock:
-            if not self._retired:
-                return False
-            self._kernel = (0, np.zeros(0, dtype=np.uint64))  # first: an interrupt next leaves maps, no stale address
-            self._retired.clear()
-            return True
+            if self._retired:
+                self._kernel = (0, np.zeros(0, dtype=np.uint64))  # first: an interrupt next leaves no stale address
+                self._retired.clear()
 
     @property
     def has_retired(self) -> bool:
