@@ -6,6 +6,7 @@ import json
 import os
 import threading
 
+import duckdb
 import numpy as np
 import pytest
 
@@ -86,10 +87,12 @@ def test_interrupt_right_after_the_commit_does_not_truncate(tmp_path, rng, monke
 
 
 class _InterruptOnce:
-    """A DuckDB connection whose ``method`` runs, then raises KeyboardInterrupt once (Ctrl-C landing there)."""
+    """A DuckDB connection whose ``method`` runs, then raises KeyboardInterrupt once (Ctrl-C landing there);
+    with ``sql``, only a statement containing it, and ``raised`` instead of running it if given (DuckDB's own
+    reports of an interrupt)."""
 
-    def __init__(self, con, method: str):
-        self._con, self._method, self._armed = con, method, True
+    def __init__(self, con, method: str, sql: str = "", raised: Exception | None = None):
+        self._con, self._method, self._armed, self._sql, self._raised = con, method, True, sql, raised
 
     def __getattr__(self, name):
         real = getattr(self._con, name)
@@ -97,7 +100,11 @@ class _InterruptOnce:
             return real
 
         def interrupted(*args, **kwargs):
+            if self._sql not in str(args[:1]):
+                return real(*args, **kwargs)
             self._armed = False
+            if self._raised is not None:
+                raise self._raised
             real(*args, **kwargs)
             raise KeyboardInterrupt
 
@@ -122,6 +129,36 @@ def test_a_delete_interrupted_around_its_transaction_leaves_the_handle_as_the_ca
         assert len(store) == 99 - gone and store.verify() == []
     with mrlstore.open(tmp_path / "s") as store:
         assert len(store) == 99 - gone and store.verify() == []
+
+
+INTERRUPTS = {
+    "between execute and fetch": None,
+    "DuckDB stopped the statement": RuntimeError("Query interrupted"),
+    "DuckDB was reading an Arrow table": duckdb.InvalidInputException(
+        "Invalid Input Error: reading the schema of the object registered as '_meta_check' failed: KeyboardInterrupt: "
+    ),
+}
+
+
+@pytest.mark.parametrize("sql", ["information_schema.columns", "DESCRIBE SELECT", "hash("])
+@pytest.mark.parametrize("how", INTERRUPTS)
+def test_ctrl_c_in_a_catalog_statement_of_an_add_is_a_keyboard_interrupt_and_adds_go_on(tmp_path, rng, sql, how):
+    """Between DuckDB's execute and its fetch, the connection kept an unfinished result, and every later add
+    failed ('Resource In Use Error', called corruption) until a reopen; DuckDB's own words for an interrupt
+    came out as CorruptStoreError, MetadataError or RuntimeError."""
+    x = rng.standard_normal((30, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x[:10], ids=[f"r{i}" for i in range(10)], metadata=[{"n": i} for i in range(10)])
+        catalog = store._state.catalog
+        catalog._columns = None  # read again: the add's first statement
+        catalog._con = _InterruptOnce(catalog._con, "execute", sql, INTERRUPTS[how])
+        with pytest.raises(KeyboardInterrupt):
+            store.add_vectors(x[10:20], ids=[f"r{i}" for i in range(10, 20)], metadata=[{"n": 1}] * 10)
+        assert not catalog._con._armed  # the statement was reached
+        store.add_vectors(x[20:], ids=[f"r{i}" for i in range(20, 30)], metadata=[{"n": 2}] * 10)
+        assert len(store) == 20 and store.verify() == []
+    with mrlstore.open(tmp_path / "s") as store:
+        assert len(store) == 20 and store.get(["r25"])["n"].to_pylist() == [2] and store.verify(full=True) == []
 
 
 def test_zarr_shorter_than_the_commit_is_corruption(tmp_path, rng):

@@ -92,7 +92,7 @@ class Catalog:
         self._fetch_lock = threading.Lock()
         self._unique_ids: bool | None = None  # DuckDB's own unique index on id (formats 1-3): no cache then
         self.read_only = read_only
-        self._lock = threading.RLock()
+        self._lock = _StatementLock()
         if not create and not self.path.exists():
             raise NotAStoreError(f"{path} is not an mrlstore store (no {DB_FILE})")
         self._con = self._connect()
@@ -102,6 +102,14 @@ class Catalog:
         self._columns: dict[str, str] | None = None
         self._batch_registered = False  # "_batch" is registered on the connection (unregistered after a rollback)
         self._checked_filters: set[str] = set()  # where= expressions already parsed and found read-only
+
+    @property
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        return cast(duckdb.DuckDBPyConnection, self._lock.con)
+
+    @_con.setter
+    def _con(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._lock.con = con
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         try:
@@ -430,6 +438,7 @@ class Catalog:
             except duckdb.Error as e:  # the commit itself: its WAL could not be written
                 raise StorageError(f"cannot commit to the catalog {self.path}: {_first_line(e)}") from None
         except BaseException as e:
+            _end_result(con)  # DuckDB 2 refuses to roll back while a statement's result is unfinished
             try:
                 con.rollback()
             except duckdb.Error:
@@ -913,6 +922,37 @@ def _arrow_reader(con: duckdb.DuckDBPyConnection, sql: str) -> pa.RecordBatchRea
     return rel.to_arrow_reader() if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch()
 
 
+class _StatementLock:
+    """The catalog's re-entrant lock, which also holds its connection. An exception leaving it (a Ctrl-C landing
+    between DuckDB's execute and fetch) ends the result the connection may still hold: DuckDB 2 refuses to
+    register a table on a connection with an unfinished result, so every later add failed until a reopen."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.con: duckdb.DuckDBPyConnection | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        try:
+            if kind is not None:
+                _end_result(self.con)
+        finally:
+            self._lock.release()
+        if error is not None and not isinstance(error, KeyboardInterrupt) and _interrupted(error):
+            raise KeyboardInterrupt from None  # not the error a converter or a cleanup made of it
+
+
+def _end_result(con: duckdb.DuckDBPyConnection | None) -> None:
+    """Cancel the rest of the last execute's result, if any (DuckDB 2; earlier releases close it at the next
+    statement)."""
+    with suppress(Exception):  # a closed or unusable connection has nothing to end
+        abort = getattr(con, "abort", None)
+        if abort is not None:
+            abort()
+
+
 class _Unusable:
     """In place of a connection that could not be made again: every use raises StorageError (closing is
     allowed)."""
@@ -959,6 +999,18 @@ def _register_metadata(con: duckdb.DuckDBPyConnection, name: str, table: pa.Tabl
     except duckdb.NotImplementedException as e:
         types = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
         raise MetadataError(f"metadata of a type the catalog cannot store ({types}): {_first_line(e)}") from None
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether ``error`` or an error it was raised while handling is the user's Ctrl-C (see _interrupt_or)."""
+    seen: set[int] = set()
+    at: BaseException | None = error
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        if isinstance(at, KeyboardInterrupt) or (isinstance(at, Exception) and _interrupt_or(at) is not at):
+            return True
+        at = at.__cause__ or at.__context__
+    return False
 
 
 def _interrupt_or(e: Exception) -> BaseException:
