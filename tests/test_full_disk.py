@@ -308,6 +308,29 @@ def test_files_this_user_may_not_read_are_a_storage_error_naming_them(tmp_path, 
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.parametrize("read_only", [True, False])
+def test_an_index_file_this_user_may_not_read_is_rebuilt_like_a_damaged_one(tmp_path, read_only):
+    """The index files are a cache of the committed rows: the open failed with StorageError instead."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    base, x = Path(tempfile.mkdtemp()), _vectors(500)
+    try:
+        os.chmod(base, 0o755)
+        with mrlstore.open(base / "s", dim=DIM, bands=(16, DIM), index_dims=(16,)) as store:
+            store.add_vectors(x, ids=[str(i) for i in range(500)])
+        subprocess.run(["chown", "-R", "nobody", str(base / "s")], check=True)
+        os.chmod(base / "s" / "index" / "prefix_00016.hnsw", 0)
+
+        def open_and_query() -> tuple:
+            with mrlstore.open(base / "s", read_only=read_only) as store:
+                return store.index_status, store.query(x[7], k=1, dims=[16, DIM], shortlist=50).ids
+
+        assert _as_nobody(open_and_query) == str(({16: "rebuilt"}, ["7"]))
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwX", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_verify_reports_a_chunk_file_it_cannot_read_or_that_is_a_folder(tmp_path):
     """verify() raised a bare PermissionError for the first, and called the second 4096 bytes long."""
     if os.geteuid() != 0:

@@ -9,6 +9,7 @@ index may be deferred: its sidecar checked at open, its file read (or downloaded
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +42,11 @@ def _grown(elements: int) -> int:
 
 class IndexUnusable(Exception):
     """The saved index cannot be trusted; rebuild it."""
+
+
+# A saved index that cannot be read for these is rebuilt like a damaged one (it is a cache); other errors
+# (too many open files, no memory) say something about the process, not the file, and are raised.
+_UNREADABLE = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR})
 
 
 class IndexNotSaved(Exception):
@@ -270,9 +276,9 @@ class PrefixIndex:
         checked = (pending.fetch() if pending.fetch is not None else None) or pending.checked_digest
         side = self._sidecar(pending.base)
         data_path = self.paths(pending.base)[0]
-        if side.get("blake2b") != (checked or _digest(data_path)):
-            raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
         try:
+            if side.get("blake2b") != (checked or _digest(data_path)):
+                raise IndexUnusable(f"{data_path} does not match its checksum (truncated or replaced)")
             state = read_state(data_path, _SPACES[self.metric], self._width, _grown(side["element_count"]))
             # hnswlib's state constructor (pybind11's __setstate__, no pickle): whole-array copies
             index = hnswlib.Index.__new__(hnswlib.Index)
@@ -280,6 +286,10 @@ class PrefixIndex:
                 index.__setstate__((state,))
         except (RuntimeError, ValueError, MemoryError) as e:
             raise IndexUnusable(f"hnswlib could not load {data_path}: {e}") from None
+        except OSError as e:
+            if e.errno not in _UNREADABLE:
+                raise
+            raise IndexUnusable(f"cannot read {data_path}: {e.strerror}") from None
         if index.element_count != side["element_count"] or index.dim != self._width:
             raise IndexUnusable(f"{data_path} holds {index.element_count} elements, sidecar says otherwise")
         self._index = index
