@@ -9,6 +9,16 @@ import numpy as np
 import pytest
 
 import mrlstore
+from mrlstore.tiers import projection
+
+
+@pytest.fixture(autouse=True)
+def quick_code_training(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's code fitting trains TRAIN_STEPS (100) steps, most of a small store's tune; tests of what tune
+    and the funnel do with codes train 10. Tests marked ``full_fit`` (and compare.py) measure the fit as
+    users get it."""
+    if request.node.get_closest_marker("full_fit") is None:
+        monkeypatch.setattr(projection, "TRAIN_STEPS", 10)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pytest
 
 import mrlstore
 from mrlstore.testing import mrl_like
-from mrlstore.tiers import projection
 
 DIM = 64
 N = 1500
@@ -46,10 +45,9 @@ SHAPES = [None, [16, DIM], [32, DIM]]
     "kind, n",
     [("untuned", N), ("tuned raw", 8 * N), ("tuned", 8 * N), ("tuned rotated", 8 * N), ("tuned small", N)],
 )
-def test_a_reader_loads_the_default_querys_index_at_open_and_the_others_on_first_use(tmp_path, kind, n, monkeypatch):
+def test_a_reader_loads_the_default_querys_index_at_open_and_the_others_on_first_use(tmp_path, kind, n):
     """Whatever the planner chose. ``tune`` picks the fastest shape it measures, so its choice may vary with
     the machine's load: on 1,500 rows it is usually an exact scan (no index at open), on 30,000 an index."""
-    monkeypatch.setattr(projection, "TRAIN_STEPS", 10)  # the fit's quality is not what this tests: 90% of its time
     path, rotated = tmp_path / "s.mrl", kind == "tuned rotated"
     queries = _vectors(10, sample=1, rotated=rotated)
     with _writer(path, **({"prefixes": "raw"} if kind == "tuned raw" else {})) as writer:

@@ -18,6 +18,9 @@ from mrlstore.testing import exact_funnel, exact_search, mrl_like, recall_at_k
 from mrlstore.tiers import projection
 from mrlstore.tiers.projection import Projection
 
+# the fits as users get them: their quality is what most of these tests measure
+pytestmark = pytest.mark.full_fit
+
 DIM = 128
 N = 3000
 

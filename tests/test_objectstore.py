@@ -31,7 +31,7 @@ from moto_server import start_moto as _start_moto  # noqa: E402
 from mrlstore.errors import UnknownIdError  # noqa: E402
 from mrlstore.testing import mrl_like  # noqa: E402
 from mrlstore.tiers import catalog as catalog_module  # noqa: E402
-from mrlstore.tiers import id_index, objectstore, projection  # noqa: E402
+from mrlstore.tiers import id_index, objectstore  # noqa: E402
 from mrlstore.tiers.objectstore import filesystem  # noqa: E402
 
 DIM = 256
@@ -436,9 +436,8 @@ def test_a_compacted_store_publishes_to_its_url_as_a_new_generation(tmp_path, op
         assert len(remote) == 750 and remote.query(vectors[9], k=1).ids == ["r9"]
 
 
-def test_a_published_store_keeps_its_fitted_codes(tmp_path, options, bucket, monkeypatch):
+def test_a_published_store_keeps_its_fitted_codes(tmp_path, options, bucket):
     """Codes fitted by tune are part of the version: a reader shortlists on them, like the writer."""
-    monkeypatch.setattr(projection, "TRAIN_STEPS", 10)  # codes, not good ones, are what this tests: quicker
     rotation = np.linalg.qr(np.random.default_rng(2).standard_normal((DIM, DIM)))[0].astype(np.float32)
     vectors = np.ascontiguousarray(mrl_like(3000, DIM, noise=1.0, seed=4)[0] @ rotation)  # no prefix structure
     queries = np.ascontiguousarray(mrl_like(20, DIM, noise=1.0, seed=4, sample=1)[0] @ rotation)
