@@ -488,3 +488,76 @@ def test_columns_of_paths_or_files_are_images(store, photos):
         found = store.query(column, k=1)  # each finds its image (held under its file's id and its pixels' id)
         assert isinstance(found, mrlstore.HitsBatch) and len(found) == 2, name
         assert all(h.scores[0] > 0.9999 for h in found), name
+
+
+def test_an_empty_path_is_refused_not_read_as_the_working_directory(store, photos, monkeypatch):
+    """abspath("") is the working directory: every image below it was added (an unset variable)."""
+    monkeypatch.chdir(photos)
+    for call in (store.add, store.query):
+        with pytest.raises(mrlstore.InvalidInputError, match="empty path"):
+            call("")
+    assert len(store) == 0
+
+
+def test_hidden_files_and_folders_are_left_out_of_a_folder(store, photos):
+    """macOS's ._ files beside each photo (not images) failed the whole add; a drive's trash was added."""
+    (photos / "._p0.png").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 80)
+    (photos / ".Trash-1000" / "files").mkdir(parents=True)
+    Image.fromarray(_pixels(9)).save(photos / ".Trash-1000" / "files" / "deleted.png")
+    added = store.add(photos)
+    assert len(added) == 4 and not added.failed
+    assert not any("/." in p for p in store.sql("SELECT path FROM items")["path"].to_pylist())
+    assert len(store.add(photos / ".Trash-1000")) == 1  # named, a hidden folder is read
+
+
+def test_a_pipe_given_as_a_path_is_read_once(store, photos):
+    """It was opened to check, hash and decode it: the second open found it drained ("cannot identify")."""
+    want = store.add(photos / "p1.png").ids[0]
+    for call in ("query", "add"):
+        read, write = os.pipe()
+        os.write(write, (photos / "p1.png").read_bytes())
+        os.close(write)
+        try:
+            got = getattr(store, call)(f"/dev/fd/{read}", **({"k": 1} if call == "query" else {}))
+        finally:
+            os.close(read)
+        assert got.ids[0] == want
+    assert len(store) == 1
+
+
+def test_a_damaged_exif_block_is_ignored_and_other_modes_fail_typed_and_skippable(store, tmp_path):
+    """Pillow reads the pixels but not the EXIF: the file was refused ("not a TIFF file") and a PIL image of
+    it raised a bare SyntaxError; a PIL image in mode La raised a bare ValueError (also with skip_errors)."""
+    plain = _pixels(5)
+    Image.fromarray(plain).save(tmp_path / "bad_exif.png", exif=b"Exif\x00\x00GARBAGE-GARBAGE")
+    with Image.open(tmp_path / "bad_exif.png") as im:
+        im.load()
+        ids = [store.add(im).ids[0], store.add(tmp_path / "bad_exif.png").ids[0], store.add(plain).ids[0]]
+    vectors = store.get(ids, dims=48).column("vector").to_pylist()
+    assert ids[0] == ids[2] and vectors[0] == vectors[1]  # the same pixels (the file's id hashes its bytes)
+    odd = Image.fromarray(plain).convert("LA").convert("La")
+    with pytest.raises(mrlstore.UnreadableImageError, match="mode La"):
+        store.add(odd)
+    assert len(store) == 2
+    assert len(store.add([odd, _pixels(7)], skip_errors=True).failed) == 1 and len(store) == 3
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_colour_marked_transparent_is_composited_like_alpha(tmp_path, mode):
+    """A PNG's tRNS chunk (RGB or L with one colour transparent) kept that colour where RGBA, LA and palette
+    images were composited on white: the same sticker embedded at cosine 0.88 to its RGBA copy."""
+    from mrlstore.inputs.images import ImageItem, to_rgb
+
+    pixels = np.array(Image.fromarray(_pixels(6)).convert(mode))
+    pixels[4:12, 4:12] = 0  # the transparent colour
+    keyed = tmp_path / "keyed.png"
+    Image.fromarray(pixels).save(keyed, transparency=0 if mode == "L" else (0, 0, 0))
+    alpha = np.where(np.all(np.atleast_3d(pixels) == 0, axis=2), 0, 255).astype(np.uint8)
+    with_alpha = tmp_path / "alpha.png"
+    Image.fromarray(pixels).convert("RGBA" if mode == "RGB" else "LA").save(with_alpha)
+    with Image.open(with_alpha) as im:
+        im.putalpha(Image.fromarray(alpha))
+        im.save(with_alpha)
+    got, want = (to_rgb(ImageItem(str(p), str(p))) for p in (keyed, with_alpha))
+    assert (got[4:12, 4:12] == 255).all()  # white, as alpha gives it
+    np.testing.assert_array_equal(got, want)

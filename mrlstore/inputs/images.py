@@ -33,6 +33,7 @@ _PLUGINS = {
     ".avif": "AVIF needs Pillow 11.3 or later, or the pillow-avif-plugin package",
 }
 _EXIF_ORIENTATION = 0x0112
+MAX_STREAM_BYTES = 1 << 30  # the most a pipe given as an image path may give
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
 
 
@@ -107,7 +108,11 @@ def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
         raise InvalidInputError(
             f"{p} is a URL: mrlstore does not fetch images over the network; download the file and pass its path"
         )
+    if os.fspath(p) in ("", b""):  # abspath would make it the working directory: every image below it
+        raise InvalidInputError("an empty path names no image (an unset variable?): pass a file or a folder")
     path = Path(os.path.abspath(p))  # stored as metadata: it must resolve from any working directory
+    if path.exists() and not path.is_dir() and not path.is_file():
+        return [ImageItem(_read_stream(path), None)]
     if path.is_dir():
         unreadable: list[Path] = []  # listed as inputs: each fails its check, naming the folder
         files = sorted(f for f in _files_below(path, unreadable) if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -118,11 +123,25 @@ def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
     return [ImageItem(str(path), str(path))]
 
 
+def _read_stream(path: Path) -> bytes:
+    """The bytes of a pipe or device given as a path (``<(cat a.jpg)``), read once: it cannot be read again
+    to check, hash and decode it like a file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_STREAM_BYTES + 1)
+    except OSError as e:
+        raise UnreadableImageError(f"cannot read image {path}: {e.strerror or e}") from None
+    if len(data) > MAX_STREAM_BYTES:
+        raise UnreadableImageError(f"{path} is not a file and gives more than {MAX_STREAM_BYTES} bytes")
+    return data
+
+
 def _files_below(folder: Path, unreadable: list[Path]) -> Iterator[Path]:
     """Every file under ``folder``, through symlinked subfolders too (people link photo folders in), each
     real folder once, so a link back up cannot loop; the real folders first, so that a file inside ``folder``
     is named by its own path, not a link's. Folders that cannot be listed go to ``unreadable`` (their photos
-    were left out without a word)."""
+    were left out without a word). Hidden files and folders are left out: a drive's ``.Trash-1000/`` holds
+    deleted photos, and macOS writes a ``._IMG_0001.jpg`` beside each photo on shared drives (not an image)."""
     seen: set[str] = set()
     starts: list[tuple[str | Path, bool]] = [(folder, False)]
     skipped = lambda e: unreadable.append(Path(e.filename))  # noqa: E731
@@ -133,9 +152,10 @@ def _files_below(folder: Path, unreadable: list[Path]) -> Iterator[Path]:
                 dirs.clear()
                 continue
             seen.add(real)
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             starts += [(os.path.join(root, d), True) for d in dirs if os.path.islink(os.path.join(root, d))]
-            yield from (Path(root, n) for n in names if os.path.isfile(os.path.join(root, n)))
+            shown = (n for n in names if not n.startswith("."))
+            yield from (Path(root, n) for n in shown if os.path.isfile(os.path.join(root, n)))
 
 
 def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], list[Failure]]:
@@ -165,6 +185,10 @@ def _check_in_memory(x: Any) -> None:
     if is_pil(x):
         _pil_pixels(x)
         width, height = x.size
+        try:  # a mode PIL cannot convert (La) fails here, before anything is written, and can be skipped
+            _rgb(x.crop((0, 0, min(width, 1), min(height, 1))))
+        except Exception as e:
+            raise UnreadableImageError(f"cannot read a PIL image of mode {x.mode} as RGB: {e}") from None
     else:
         shape = tuple(x.shape)
         if is_tensor(x) and _channels_first(shape):
@@ -216,7 +240,11 @@ def to_rgb(item: ImageItem) -> np.ndarray:
     if item.path is not None or isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
         return _decode(item)
     if is_pil(x):
-        return np.asarray(_rgb(_upright(_pil_pixels(x))))
+        im = _pil_pixels(x)
+        try:
+            return np.asarray(_rgb(_upright(im)))
+        except Exception as e:  # a mode PIL cannot convert (La)
+            raise UnreadableImageError(f"cannot read a PIL image of mode {im.mode} as RGB: {e}") from None
     if is_tensor(x):
         t = x.detach().cpu()
         if _channels_first(tuple(t.shape)):
@@ -286,8 +314,12 @@ def _to_8_bits(arr: np.ndarray) -> np.ndarray:
 
 
 def _upright(im: Any) -> Any:
-    """The image as viewers show it: cameras and phones store pixels sideways and an EXIF orientation tag."""
-    if im.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+    """The image as viewers show it: cameras and phones store pixels sideways and an EXIF orientation tag
+    (an EXIF block PIL cannot parse: as stored, where it refused an image whose pixels read well)."""
+    try:
+        if im.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+            return im
+    except Exception:  # PIL raises many kinds for a broken EXIF block (SyntaxError: "not a TIFF file")
         return im
     from PIL import ImageOps
 
@@ -295,13 +327,15 @@ def _upright(im: Any) -> Any:
 
 
 def _rgb(im: Any) -> Any:
-    if im.mode == "RGB":
+    """RGB pixels; transparent ones (alpha, or a colour a PNG marks transparent) composited on white."""
+    keyed = "transparency" in im.info and im.mode in ("RGB", "L")  # convert("RGB") would keep the key colour
+    if im.mode == "RGB" and not keyed:
         return im
     if im.mode.startswith("I;16"):  # 16 bits by its mode: a dark one (no pixel above 255) was read as 8-bit
         return pil().fromarray(_array_rgb((np.asarray(im) / 257.0).round().astype(np.uint8)))
     if im.mode.startswith(("I", "F")):  # 16- and 32-bit pixels: scaled to 8 bits (convert() would clip them)
         return pil().fromarray(_array_rgb(np.asarray(im)))
-    if im.mode in ("RGBA", "LA", "P", "PA"):
+    if im.mode in ("RGBA", "LA", "P", "PA") or keyed:
         im = im.convert("RGBA")
         bg = pil().new("RGBA", im.size, (255, 255, 255, 255))
         return pil().alpha_composite(bg, im).convert("RGB")
