@@ -238,6 +238,72 @@ def test_a_publish_killed_part_way_leaves_the_previous_version(tmp_path, options
         assert store.publish(url, storage_options=options)["version"] == 2
 
 
+class _InterruptedStream:
+    """An output stream Ctrl-C interrupts after it opened, before anything is written."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.close()  # as pyarrow's own stream does when an exception leaves it
+
+    def write(self, data):
+        raise KeyboardInterrupt
+
+
+class _InterruptingFilesystem:
+    """An S3 filesystem on which Ctrl-C lands in the first write of HEAD (or of the call ``method``)."""
+
+    def __init__(self, fs, method: str):
+        self._fs, self._method, self.fired = fs, method, False
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open_output_stream(self, key, *args, **kwargs):
+        stream = self._fs.open_output_stream(key, *args, **kwargs)
+        if self._method == "HEAD stream" and key.endswith("/HEAD") and not self.fired:
+            self.fired = True
+            return _InterruptedStream(stream)
+        return stream
+
+    def copy_file(self, source, dest):
+        if self._method == "HEAD copy" and dest.endswith("/HEAD") and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return self._fs.copy_file(source, dest)
+
+
+@pytest.mark.parametrize("method", ["HEAD stream", "HEAD copy"])
+def test_ctrl_c_while_head_is_written_leaves_the_previous_version(tmp_path, options, bucket, monkeypatch, method):
+    """HEAD was written through a stream, and a Ctrl-C after it opened completed the PUT empty (pyarrow
+    closes a stream an exception leaves): the published store could no longer be opened or published to."""
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 1000)
+    store.publish(url, storage_options=options)
+    store.add_vectors(vectors[:5] + 1, ids=[f"n{i}" for i in range(5)])
+    made: list[_InterruptingFilesystem] = []
+    real = objectstore.filesystem
+    monkeypatch.setattr(
+        objectstore,
+        "filesystem",
+        lambda *a: made.append(_InterruptingFilesystem(real(*a)[0], method)) or (made[-1], real(*a)[1]),
+    )
+    try:
+        store.publish(url, storage_options=options)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c") as remote:
+        assert (remote.info()["version"], len(remote)) in ((1, 1000), (2, 1005))
+        assert remote.info()["version"] == 1 or not any(m.fired for m in made)  # interrupted: not published
+    assert store.publish(url, storage_options=options)["version"] == (2 if any(m.fired for m in made) else 3)
+    store.close()
+
+
 def _published_with_a_short_chunk(tmp_path, options, bucket, chunk: str):
     """A 1,500-row store published to the bucket, then its chunk object ``chunk`` cut to a third."""
     url = f"s3://{bucket}/s.mrl"

@@ -148,7 +148,9 @@ def read_json(fs: pafs.S3FileSystem, key: str) -> dict[str, Any]:
 
 
 def write_bytes(fs: pafs.S3FileSystem, key: str, data: bytes) -> None:
-    with fs.open_output_stream(key) as f:  # one PUT (multipart when large), visible only when complete
+    """One PUT (multipart when large), visible when complete; an exception in it may leave the object with
+    what was written so far (pyarrow closes, so completes, the stream), so nothing relies on it whole."""
+    with fs.open_output_stream(key) as f:
         f.write(data)
 
 
@@ -194,7 +196,9 @@ def _publish(fs: pafs.S3FileSystem, root: str, url: str, store: StoreState, stag
     }  # fmt: skip
     text = json.dumps(head, indent=1).encode()
     write_bytes(fs, f"{prefix}/{HEAD_COPY}", text)  # what garbage collection keeps for this version
-    write_bytes(fs, f"{root}/HEAD", text)
+    # HEAD replaced whole by one server-side copy of it: written through a stream, a Ctrl-C between opening
+    # and writing completed the PUT empty (pyarrow closes a stream an exception leaves): the store was lost
+    fs.copy_file(f"{prefix}/{HEAD_COPY}", f"{root}/HEAD")
     return head
 
 
