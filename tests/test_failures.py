@@ -161,6 +161,46 @@ def test_ctrl_c_in_a_catalog_statement_of_an_add_is_a_keyboard_interrupt_and_add
         assert len(store) == 20 and store.get(["r25"])["n"].to_pylist() == [2] and store.verify(full=True) == []
 
 
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "DuckDB stopped the statement"])
+@pytest.mark.parametrize("call", ["sql", "filtered query"])
+def test_ctrl_c_in_the_rollback_of_a_read_leaves_no_transaction_open(tmp_path, rng, call, how):
+    """sql() and where= filters read in a transaction they roll back; a Ctrl-C landing in the rollback left it
+    open, and the next add failed ('cannot start a transaction within a transaction', untyped)."""
+    x = rng.standard_normal((30, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x[:10], ids=[f"r{i}" for i in range(10)], metadata=[{"n": i} for i in range(10)])
+        catalog = store._state.catalog
+        raised = KeyboardInterrupt() if how == "KeyboardInterrupt" else RuntimeError("Query interrupted")
+        catalog._con = _InterruptOnce(catalog._con, "rollback", raised=raised)
+        with pytest.raises(KeyboardInterrupt):
+            if call == "sql":
+                store.sql("SELECT count(*) FROM items")
+            else:
+                store.query(x[3], k=2, where="n < 5")
+        assert not catalog._con._armed
+        store.add_vectors(x[10:], ids=[f"r{i}" for i in range(10, 30)])
+        assert len(store) == 30 and store.verify() == []
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_ctrl_c_while_the_catalog_opens_is_a_keyboard_interrupt(tmp_path, rng, monkeypatch, read_only):
+    """DuckDB's RuntimeError('Query interrupted') came out of open() and a reader's refresh."""
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(rng.standard_normal((10, 64)).astype(np.float32))
+    from mrlstore.tiers import catalog
+
+    real = catalog.duckdb.connect
+    interrupted = RuntimeError("Query interrupted")
+    monkeypatch.setattr(
+        catalog.duckdb, "connect", lambda *a, **k: _InterruptOnce(real(*a, **k), "execute", "SET", interrupted)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        mrlstore.open(tmp_path / "s", read_only=read_only)
+    monkeypatch.undo()
+    with mrlstore.open(tmp_path / "s", read_only=read_only) as store:
+        assert len(store) == 10
+
+
 def test_zarr_shorter_than_the_commit_is_corruption(tmp_path, rng):
     with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64)) as store:
         store.add_vectors(rng.standard_normal((10, 64)))

@@ -95,10 +95,15 @@ class Catalog:
         self._lock = _StatementLock()
         if not create and not self.path.exists():
             raise NotAStoreError(f"{path} is not an mrlstore store (no {DB_FILE})")
-        self._con = self._connect()
         self._hidden = False  # _items is shadowed by a view of the committed rows (a reader after a dead write)
-        if read_only:
-            self._hide_uncommitted()
+        try:
+            with self._lock:  # a Ctrl-C in the open is a KeyboardInterrupt, as in any statement (_StatementLock)
+                self._con = self._connect()
+                if read_only:
+                    self._hide_uncommitted()
+        except BaseException:
+            _close_quietly(self._lock.con)
+            raise
         self._columns: dict[str, str] | None = None
         self._batch_registered = False  # "_batch" is registered on the connection (unregistered after a rollback)
         self._checked_filters: set[str] = set()  # where= expressions already parsed and found read-only
@@ -439,10 +444,7 @@ class Catalog:
                 raise StorageError(f"cannot commit to the catalog {self.path}: {_first_line(e)}") from None
         except BaseException as e:
             _end_result(con)  # DuckDB 2 refuses to roll back while a statement's result is unfinished
-            try:
-                con.rollback()
-            except duckdb.Error:
-                pass  # already aborted by DuckDB
+            _roll_back(con)
             self._columns = None
             if isinstance(e, duckdb.IOException):
                 raise StorageError(f"cannot write the catalog {self.path}: {_first_line(e)}") from None
@@ -471,8 +473,7 @@ class Catalog:
             self._con.begin()
             return run()
         finally:
-            with suppress(duckdb.Error):  # none begun, if begin itself was interrupted
-                self._con.rollback()
+            _roll_back(self._con)
 
     def _check_single_select(self, sql: str, what: str, shown: str) -> None:
         if not isinstance(sql, str):
@@ -942,6 +943,35 @@ class _StatementLock:
             self._lock.release()
         if error is not None and not isinstance(error, KeyboardInterrupt) and _interrupted(error):
             raise KeyboardInterrupt from None  # not the error a converter or a cleanup made of it
+
+
+def _roll_back(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction (none: nothing to do, or DuckDB aborted it), also when a Ctrl-C lands
+    in the rollback itself: the transaction stayed open, and the next add failed ("cannot start a transaction
+    within a transaction"). The interrupt is raised once the rollback is done."""
+    interrupted = False
+    for _ in range(5):
+        try:
+            con.rollback()
+        except duckdb.Error:
+            pass
+        except KeyboardInterrupt:
+            interrupted = True
+            continue
+        except RuntimeError as e:
+            if _interrupt_or(e) is e:
+                raise
+            interrupted = True
+            continue
+        break
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _close_quietly(con: duckdb.DuckDBPyConnection | None) -> None:
+    with suppress(Exception):  # closed already, or never opened
+        if con is not None:
+            con.close()
 
 
 def _end_result(con: duckdb.DuckDBPyConnection | None) -> None:
