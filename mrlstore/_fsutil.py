@@ -93,8 +93,10 @@ class HeldFolder:
     deletes the folder it swapped out, and ext4 gives its inode to the next folder made (a reader checking
     "is my folder still there?" by identity alone took a later compaction's folder for its own)."""
 
+    _fd: int | None = None  # until opened: an __init__ interrupted before it had nothing to release
+
     def __init__(self, path: Path):
-        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         info = os.fstat(self._fd)
         self.identity = info.st_dev, info.st_ino
 

@@ -148,16 +148,15 @@ def reopen(state: StoreState, versions: Versions, switch: Callable[[], None]) ->
     """Close the tiers, ``switch()`` to what is to be opened instead (a lock, a version, a path), and open
     again into ``state`` under the same locks; queries wait meanwhile."""
     with state.visibility.write():
-        state.close_tiers()
-        try:
+        try:  # closing too: a Ctrl-C after the catalog closed left a handle neither open nor marked closed
+            state.close_tiers()
             switch()
-            new = _open_again(state, versions)
-        except BaseException:
+            state.adopt(_open_again(state, versions))
+        except BaseException as e:
             # what changed is committed, but this handle has no tiers left: closed, with the reason
             versions.stop()
-            state.shut("its files changed and could not be opened again; open it again to go on")
+            state.shut(f"its files changed and {_why_not(e, 'could not be opened again')}; open it again to go on")
             raise
-        state.adopt(new)
         state.location = versions.location
         if not versions.read_only:
             versions.start_publishing(state)
@@ -171,7 +170,12 @@ def reopen_with_lock(state: StoreState, versions: Versions, lock: StoreLock) -> 
             state.lock.release()
         state.lock = lock
 
-    reopen(state, versions, take_lock)
+    try:
+        reopen(state, versions, take_lock)
+    except BaseException:
+        if state.lock is not lock:  # stopped before it was taken: no process could open the store for writing
+            lock.release()
+        raise
 
 
 def reindex(state: StoreState, versions: Versions) -> None:
@@ -179,11 +183,17 @@ def reindex(state: StoreState, versions: Versions) -> None:
     ``reload_indexes``). If they cannot be loaded the handle is closed, as ``reopen`` does."""
     try:
         reload_indexes(state)
-    except BaseException:
+    except BaseException as e:
         with state.visibility.write():
             versions.stop()
-            state.shut("its indexed prefixes changed and their indexes could not be loaded; open it again to go on")
+            why = _why_not(e, "their indexes could not be loaded")
+            state.shut(f"its indexed prefixes changed and {why}; open it again to go on")
         raise
+
+
+def _why_not(e: BaseException, failed: str) -> str:
+    """Why a handle could not go on after its files or indexes changed under it: ``failed``, or Ctrl-C."""
+    return "an interrupt (Ctrl-C) stopped it from taking them up" if isinstance(e, KeyboardInterrupt) else failed
 
 
 def open_beside(state: StoreState, versions: Versions, switch: Callable[[], None], undo: Callable[[], None]) -> None:
