@@ -140,6 +140,38 @@ def test_publish_is_incremental_and_readers_refresh_to_new_versions(tmp_path, op
     store.close()
 
 
+def test_a_refresh_interrupted_while_it_closes_the_old_version_moves_to_the_new_one(
+    tmp_path, options, bucket, monkeypatch
+):
+    """Ctrl-C after the old version's catalog closed left the reader on it, its catalog closed: refresh()
+    said False, len() was stale and get() or sql() failed as corruption."""
+    from mrlstore.tiers.state import StoreState
+
+    url = f"s3://{bucket}/s.mrl"
+    store, vectors = _local_store(tmp_path / "local.mrl", 500)
+    store.publish(url, storage_options=options)
+    remote = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "cache")
+    store.add_vectors(vectors[:5] + 1, ids=[f"n{i}" for i in range(5)])
+    store.publish(url, storage_options=options)
+    store.close()
+    real, old = StoreState.close_tiers, remote._state
+
+    def closes_the_catalog_then_interrupted(state):
+        if state is not old:
+            return real(state)
+        state.catalog.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StoreState, "close_tiers", closes_the_catalog_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        remote.refresh()
+    monkeypatch.setattr(StoreState, "close_tiers", real)
+    assert len(remote) == 505 and remote.info()["version"] == 2
+    assert remote.get(["n3"]).num_rows == 1 and remote.sql("SELECT count(*) AS n FROM items")["n"][0].as_py() == 505
+    assert remote.refresh() is False
+    remote.close()
+
+
 @pytest.mark.parametrize("case", ["missing bucket", "no store there", "endpoint down"])
 def test_bad_places_are_typed_errors(tmp_path, options, case):
     if case == "endpoint down":

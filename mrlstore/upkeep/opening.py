@@ -207,9 +207,11 @@ def open_beside(state: StoreState, versions: Versions, switch: Callable[[], None
         undo()
         raise
     with state.visibility.write():
-        state.close_tiers()
-        state.adopt(new)
-        state.location = versions.location
+        try:
+            state.close_tiers()
+        finally:  # also after a Ctrl-C there: the handle stayed on the old version with its catalog closed
+            state.adopt(new)
+            state.location = versions.location
 
 
 def _open_again(state: StoreState, versions: Versions) -> StoreState:
