@@ -91,3 +91,24 @@ def without_root_file_access() -> None:
     for cap in (1, 2):
         if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@contextmanager
+def ctrl_c_while_closing(store: mrlstore.Store) -> Iterator[None]:
+    """Ctrl-C lands while ``store``'s handle closes its tiers to move to new ones, just after its catalog
+    closed (other stores, such as a compaction's new one, close as usual)."""
+    from mrlstore.tiers.state import StoreState
+
+    real, state = StoreState.close_tiers, store._state
+
+    def closing(tiers: StoreState) -> None:
+        if tiers is not state:
+            return real(tiers)
+        tiers.catalog.close()
+        raise KeyboardInterrupt
+
+    StoreState.close_tiers = closing  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        StoreState.close_tiers = real  # type: ignore[method-assign]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from errors_support import ctrl_c_while_closing
 from publishing import publish_once
 
 import mrlstore
@@ -320,28 +321,16 @@ def test_a_compaction_interrupted_after_its_swap_moves_the_handle_to_the_new_fil
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
 
 
-def test_a_compaction_interrupted_while_the_handle_closes_its_old_files_says_so_and_unlocks(tmp_path, monkeypatch):
+def test_a_compaction_interrupted_while_the_handle_closes_its_old_files_says_so_and_unlocks(tmp_path):
     """Ctrl-C after the old catalog closed left a handle neither open nor marked closed (adds said
     'Connection already closed!' as corruption, verify() listed rows missing) that kept the new files'
     writer lock until the process ended: no process could open the store for writing."""
-    from mrlstore.tiers.state import StoreState
-
     x = np.random.default_rng(7).standard_normal((2000, 64)).astype(np.float32)
     store = mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64))
     store.add_vectors(x, ids=[f"r{i}" for i in range(2000)])
     store.delete([f"r{i}" for i in range(100)])
-    real = StoreState.close_tiers
-
-    def closes_the_catalog_then_interrupted(state):
-        if state is not store._state:  # the new store's own, written before the swap
-            return real(state)
-        state.catalog.close()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(StoreState, "close_tiers", closes_the_catalog_then_interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_while_closing(store), pytest.raises(KeyboardInterrupt):
         store.compact()
-    monkeypatch.setattr(StoreState, "close_tiers", real)
     for call in (lambda: store.add_vectors(x[:1]), store.verify, lambda: len(store)):
         with pytest.raises(mrlstore.StoreClosedError, match=r"interrupt \(Ctrl-C\)"):
             call()

@@ -25,6 +25,7 @@ import mrlstore
 
 pytest.importorskip("moto.server", reason="moto[server] is not installed: pip install -e '.[test]'")
 pafs = pytest.importorskip("pyarrow.fs")
+from errors_support import ctrl_c_while_closing  # noqa: E402
 from moto_server import free_port as _free_port  # noqa: E402
 from moto_server import start_moto as _start_moto  # noqa: E402
 
@@ -140,13 +141,9 @@ def test_publish_is_incremental_and_readers_refresh_to_new_versions(tmp_path, op
     store.close()
 
 
-def test_a_refresh_interrupted_while_it_closes_the_old_version_moves_to_the_new_one(
-    tmp_path, options, bucket, monkeypatch
-):
+def test_a_refresh_interrupted_while_it_closes_the_old_version_moves_to_the_new_one(tmp_path, options, bucket):
     """Ctrl-C after the old version's catalog closed left the reader on it, its catalog closed: refresh()
     said False, len() was stale and get() or sql() failed as corruption."""
-    from mrlstore.tiers.state import StoreState
-
     url = f"s3://{bucket}/s.mrl"
     store, vectors = _local_store(tmp_path / "local.mrl", 500)
     store.publish(url, storage_options=options)
@@ -154,18 +151,8 @@ def test_a_refresh_interrupted_while_it_closes_the_old_version_moves_to_the_new_
     store.add_vectors(vectors[:5] + 1, ids=[f"n{i}" for i in range(5)])
     store.publish(url, storage_options=options)
     store.close()
-    real, old = StoreState.close_tiers, remote._state
-
-    def closes_the_catalog_then_interrupted(state):
-        if state is not old:
-            return real(state)
-        state.catalog.close()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(StoreState, "close_tiers", closes_the_catalog_then_interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_while_closing(remote), pytest.raises(KeyboardInterrupt):
         remote.refresh()
-    monkeypatch.setattr(StoreState, "close_tiers", real)
     assert len(remote) == 505 and remote.info()["version"] == 2
     assert remote.get(["n3"]).num_rows == 1 and remote.sql("SELECT count(*) AS n FROM items")["n"][0].as_py() == 505
     assert remote.refresh() is False
