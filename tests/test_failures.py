@@ -161,6 +161,28 @@ def test_ctrl_c_in_a_catalog_statement_of_an_add_is_a_keyboard_interrupt_and_add
         assert len(store) == 20 and store.get(["r25"])["n"].to_pylist() == [2] and store.verify(full=True) == []
 
 
+def test_errors_naming_an_interrupt_or_raised_while_one_is_handled_stay_what_they_are(tmp_path, rng):
+    """Only this call's own Ctrl-C is given back as KeyboardInterrupt: a query whose text says
+    'KeyboardInterrupt', or a bad query run in an `except KeyboardInterrupt:` cleanup, is the error it was."""
+    x = rng.standard_normal((10, 64)).astype(np.float32)
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(8, 64), index_dims=(8,)) as store:
+        store.add_vectors(x, ids=[f"r{i}" for i in range(10)], metadata=[{"n": i} for i in range(10)])
+        bad = [
+            lambda: store.sql("SELECT 'KeyboardInterrupt'::INT"),
+            lambda: store.sql("SELECT KeyboardInterrupt FROM items"),
+            lambda: store.query(x[0], k=1, where="KeyboardInterrupt > 1"),
+        ]
+        for call in bad:
+            with pytest.raises(mrlstore.InvalidFilterError):
+                call()
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                with pytest.raises(mrlstore.InvalidFilterError):
+                    call()
+        assert len(store) == 10
+
+
 @pytest.mark.parametrize("how", ["KeyboardInterrupt", "DuckDB stopped the statement"])
 @pytest.mark.parametrize("call", ["sql", "filtered query"])
 def test_ctrl_c_in_the_rollback_of_a_read_leaves_no_transaction_open(tmp_path, rng, call, how):

@@ -33,7 +33,7 @@ _PLUGINS = {
     ".avif": "AVIF needs Pillow 11.3 or later, or the pillow-avif-plugin package",
 }
 _EXIF_ORIENTATION = 0x0112
-MAX_STREAM_BYTES = 1 << 30  # the most a pipe given as an image path may give
+MAX_STREAM_BYTES = 256 << 20  # the most a pipe given as an image path may give
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
 
 

@@ -10,6 +10,8 @@ instead of a DuckDB index, and every write checks its ids there.
 from __future__ import annotations
 
 import json
+import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -64,6 +66,9 @@ _REFUSED_FUNCTIONS = frozenset(
 _REFUSED_PREFIXES = ("read_", "duckdb_", "pragma_", "pg_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_",
                      "mysql_", "json_execute", "load_", "install_")  # fmt: skip
 _PATH_CHARACTERS = frozenset("/\\:.~")  # a table "name" with these is a file path DuckDB would scan
+# DuckDB's words for a KeyboardInterrupt an Arrow table or stream it read raised: the error's first line ends
+# with it (a query's own text, such as a cast of the string 'KeyboardInterrupt', comes quoted before more)
+_ARROW_INTERRUPT = re.compile(r"\bKeyboardInterrupt:?\s*$")
 
 
 def _quote(name: str) -> str:
@@ -473,6 +478,7 @@ class Catalog:
             self._con.begin()
             return run()
         finally:
+            _end_result(self._con)
             _roll_back(self._con)
 
     def _check_single_select(self, sql: str, what: str, shown: str) -> None:
@@ -931,17 +937,20 @@ class _StatementLock:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self.con: duckdb.DuckDBPyConnection | None = None
+        self._handled: list[BaseException | None] = []  # what the caller was handling at each entry (nested)
 
     def __enter__(self) -> None:
         self._lock.acquire()
+        self._handled.append(sys.exc_info()[1])
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
         try:
+            handled = self._handled.pop() if self._handled else None
             if kind is not None:
                 _end_result(self.con)
         finally:
             self._lock.release()
-        if error is not None and not isinstance(error, KeyboardInterrupt) and _interrupted(error):
+        if error is not None and not isinstance(error, KeyboardInterrupt) and _interrupted(error, handled):
             raise KeyboardInterrupt from None  # not the error a converter or a cleanup made of it
 
 
@@ -1031,11 +1040,12 @@ def _register_metadata(con: duckdb.DuckDBPyConnection, name: str, table: pa.Tabl
         raise MetadataError(f"metadata of a type the catalog cannot store ({types}): {_first_line(e)}") from None
 
 
-def _interrupted(error: BaseException) -> bool:
-    """Whether ``error`` or an error it was raised while handling is the user's Ctrl-C (see _interrupt_or)."""
+def _interrupted(error: BaseException, handled: BaseException | None) -> bool:
+    """Whether ``error`` or an error it was raised while handling is the user's Ctrl-C (see _interrupt_or),
+    up to ``handled``: an interrupt the caller was already handling is not this call's."""
     seen: set[int] = set()
     at: BaseException | None = error
-    while at is not None and id(at) not in seen:
+    while at is not None and at is not handled and id(at) not in seen:
         seen.add(id(at))
         if isinstance(at, KeyboardInterrupt) or (isinstance(at, Exception) and _interrupt_or(at) is not at):
             return True
@@ -1047,7 +1057,7 @@ def _interrupt_or(e: Exception) -> BaseException:
     """What to raise for ``e``: the user's Ctrl-C, which DuckDB turns into RuntimeError('Query interrupted'),
     or into an error naming the KeyboardInterrupt an Arrow stream it read raised, given back as the
     KeyboardInterrupt it was; anything else as it is."""
-    if str(e) == "Query interrupted" or (isinstance(e, duckdb.Error) and "KeyboardInterrupt" in str(e)):
+    if str(e) == "Query interrupted" or (isinstance(e, duckdb.Error) and _ARROW_INTERRUPT.search(_first_line(e))):
         return KeyboardInterrupt()
     return e
 
