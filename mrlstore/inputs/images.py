@@ -185,10 +185,7 @@ def _check_in_memory(x: Any) -> None:
     if is_pil(x):
         _pil_pixels(x)
         width, height = x.size
-        try:  # a mode PIL cannot convert (La) fails here, before anything is written, and can be skipped
-            _rgb(x.crop((0, 0, min(width, 1), min(height, 1))))
-        except Exception as e:
-            raise UnreadableImageError(f"cannot read a PIL image of mode {x.mode} as RGB: {e}") from None
+        _pil_rgb(x.crop((0, 0, min(width, 1), min(height, 1))))  # a mode PIL cannot convert fails here, skippable
     else:
         shape = tuple(x.shape)
         if is_tensor(x) and _channels_first(shape):
@@ -240,11 +237,7 @@ def to_rgb(item: ImageItem) -> np.ndarray:
     if item.path is not None or isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
         return _decode(item)
     if is_pil(x):
-        im = _pil_pixels(x)
-        try:
-            return np.asarray(_rgb(_upright(im)))
-        except Exception as e:  # a mode PIL cannot convert (La)
-            raise UnreadableImageError(f"cannot read a PIL image of mode {im.mode} as RGB: {e}") from None
+        return _pil_rgb(_pil_pixels(x))
     if is_tensor(x):
         t = x.detach().cpu()
         if _channels_first(tuple(t.shape)):
@@ -264,6 +257,14 @@ def _pil_pixels(im: Any) -> Any:
         why = str(e) or f"{type(e).__name__} (was its file closed?)"
         raise UnreadableImageError(f"cannot read the pixels of a PIL image: {why}") from None
     return im
+
+
+def _pil_rgb(im: Any) -> np.ndarray:
+    """A loaded PIL image's pixels upright as RGB; a mode PIL cannot convert (La) is UnreadableImageError."""
+    try:
+        return np.asarray(_rgb(_upright(im)))
+    except Exception as e:  # PIL raises ValueError, and other kinds
+        raise UnreadableImageError(f"cannot read a PIL image of mode {im.mode} as RGB: {e}") from None
 
 
 def _decode(item: ImageItem) -> np.ndarray:

@@ -448,7 +448,6 @@ class Catalog:
             except duckdb.Error as e:  # the commit itself: its WAL could not be written
                 raise StorageError(f"cannot commit to the catalog {self.path}: {_first_line(e)}") from None
         except BaseException as e:
-            _end_result(con)  # DuckDB 2 refuses to roll back while a statement's result is unfinished
             _roll_back(con)
             self._columns = None
             if isinstance(e, duckdb.IOException):
@@ -478,7 +477,6 @@ class Catalog:
             self._con.begin()
             return run()
         finally:
-            _end_result(self._con)
             _roll_back(self._con)
 
     def _check_single_select(self, sql: str, what: str, shown: str) -> None:
@@ -945,7 +943,7 @@ class _StatementLock:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
         try:
-            handled = self._handled.pop() if self._handled else None
+            handled = self._handled.pop()
             if kind is not None:
                 _end_result(self.con)
         finally:
@@ -958,6 +956,7 @@ def _roll_back(con: duckdb.DuckDBPyConnection) -> None:
     """Roll back the open transaction (none: nothing to do, or DuckDB aborted it), also when a Ctrl-C lands
     in the rollback itself: the transaction stayed open, and the next add failed ("cannot start a transaction
     within a transaction"). The interrupt is raised once the rollback is done."""
+    _end_result(con)  # DuckDB 2 refuses to roll back while a statement's result is unfinished
     interrupted = False
     for _ in range(5):
         try:
