@@ -257,3 +257,14 @@ def test_a_url_destination_is_refused_in_one_line_and_makes_no_local_folder(vect
     assert not (tmp_path / "s3:").exists()
     with mrlstore.open(store, read_only=True) as s, pytest.raises(mrlstore.UnsupportedStorageError):
         s.snapshot("s3://bucket/copy")
+
+
+def test_a_newline_in_a_value_keeps_the_table_one_row_per_line(vectors, tmp_path):
+    """A file name with a newline (legal on Linux) split its row across two lines of the table."""
+    store = str(tmp_path / "s.mrl")
+    assert cli("create", store, "--dim", "64").returncode == 0
+    out = cli("sql", store, "SELECT 'a' || chr(10) || 'b.jpg' AS path, 'plain' AS other")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["path      other", "a\\nb.jpg  plain"]
+    out = cli("sql", store, "SELECT 'a' || chr(10) || 'b.jpg' AS path", "--json")
+    assert json.loads(out.stdout) == [{"path": "a\nb.jpg"}]

@@ -561,3 +561,59 @@ def test_a_colour_marked_transparent_is_composited_like_alpha(tmp_path, mode):
     got, want = (to_rgb(ImageItem(str(p), str(p))) for p in (keyed, with_alpha))
     assert (got[4:12, 4:12] == 255).all()  # white, as alpha gives it
     np.testing.assert_array_equal(got, want)
+
+
+def test_netpbm_files_are_images_and_a_16_bit_pgm_reads_like_the_png(store, tmp_path):
+    """A folder of PGM files (older research sets come so) held "no image files", and a 16-bit PGM read
+    256 times as bright as the same pixels in a PNG (PIL opens it as mode I, not I;16)."""
+    from mrlstore.inputs.images import ImageItem, to_rgb
+
+    dark = (np.arange(16 * 16).reshape(16, 16) % 200).astype(np.uint16)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    (folder / "deep.pgm").write_bytes(b"P5\n16 16\n65535\n" + dark.astype(">u2").tobytes())
+    (folder / "deep.png").write_bytes(_png(dark))
+    Image.fromarray(_pixels(8)).save(folder / "colour.ppm")
+    assert len(store.add(folder).added) == 3
+    pgm, png = (to_rgb(ImageItem(str(p), str(p))) for p in (folder / "deep.pgm", folder / "deep.png"))
+    np.testing.assert_array_equal(pgm, png)
+
+
+@pytest.mark.parametrize(
+    "pixels, match",
+    [
+        (np.random.default_rng(0).normal(0.0, 1.0, (8, 8, 3)).astype(np.float32), "normalized tensor"),
+        (np.full((8, 8, 3), 300.0, np.float32), r"from 300 to 300"),
+        (np.full((8, 8, 3), -3, np.int16), "must not be negative"),
+    ],
+    ids=["normalized", "past 255", "negative ints"],
+)
+def test_pixels_outside_the_documented_range_are_refused_before_anything_is_written(store, pixels, match):
+    """A tensor normalized for a network (mean 0, std 1) was read as pixels, clipped at 0: a dark image
+    encoded and added without a word. Refused at the check, so skip_errors leaves it out."""
+    with pytest.raises(mrlstore.InvalidInputError, match=match):
+        store.add([_pixels(1), pixels], commit_every=1)
+    assert len(store) == 0
+    result = store.add([_pixels(1), pixels], skip_errors=True)
+    assert len(result.added) == 1 and [f.index for f in result.failed] == [1]
+    torch = pytest.importorskip("torch")
+    with pytest.raises(mrlstore.InvalidInputError, match=match):
+        store.query(torch.from_numpy(pixels).permute(2, 0, 1), k=1)
+
+
+def test_bytes_that_are_not_an_image_say_so_and_point_at_paths(store, tmp_path):
+    """Bytes are a file's contents; a path given as bytes said 'cannot identify image file
+    <_io.BytesIO object at 0x...>'. Pillow's pixel limit says how to raise it."""
+    with pytest.raises(mrlstore.UnreadableImageError, match="pass a path as str or Path") as error:
+        store.add(str(tmp_path / "cat.jpg").encode())
+    assert "BytesIO" not in str(error.value)
+    with pytest.raises(mrlstore.UnreadableImageError, match="not an encoded image") as error:
+        store.add(b"\x89PNG\r\n\x1a\n broken")
+    assert "pass a path" not in str(error.value)
+    big = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(big, "PNG")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        with pytest.raises(mrlstore.UnreadableImageError, match="MAX_IMAGE_PIXELS = None"):
+            store.add(big.getvalue())
+    assert len(store) == 0

@@ -27,6 +27,7 @@ from mrlstore.results import Failure
 # were left out without a word).
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+    | {".pgm", ".ppm", ".pbm", ".pnm"}  # Netpbm: older research sets (the AT&T faces) come as PGM
 )
 _PLUGINS = {
     ".heic": "HEIC photos need a Pillow plugin: pip install pillow-heif, then pillow_heif.register_heif_opener()",
@@ -187,11 +188,10 @@ def _check_in_memory(x: Any) -> None:
         width, height = x.size
         _pil_rgb(x.crop((0, 0, min(width, 1), min(height, 1))))  # a mode PIL cannot convert fails here, skippable
     else:
-        shape = tuple(x.shape)
-        if is_tensor(x) and _channels_first(shape):
-            shape = shape[1:] + shape[:1]  # as to_rgb permutes it
-        _check_shape(shape, tuple(x.shape))
-        height, width = shape[:2]
+        arr = _hwc_array(x) if is_tensor(x) else x
+        _check_shape(arr.shape, tuple(x.shape))
+        _pixel_values(arr)
+        height, width = arr.shape[:2]
     if width == 0 or height == 0:
         raise UnreadableImageError(f"an image of {width}x{height} pixels has none to encode")
 
@@ -210,9 +210,31 @@ def _opened(item: ImageItem) -> Iterator[Any]:
         what = "folder" if item.path is not None and os.path.isdir(item.path) else "image"
         raise UnreadableImageError(f"cannot read {what} {item.describe()}: permission denied") from None
     except Exception as e:  # PIL raises many kinds for broken data
-        suffix = "" if item.path is None else Path(item.path).suffix.lower().replace(".heif", ".heic")
-        hint = f" ({_PLUGINS[suffix]})" if suffix in _PLUGINS and "cannot identify" in str(e) else ""
-        raise UnreadableImageError(f"cannot read image {item.describe()}: {e}{hint}") from None
+        raise UnreadableImageError(f"cannot read image {item.describe()}: {_why_unreadable(item, e)}") from None
+
+
+def _why_unreadable(item: ImageItem, error: Exception) -> str:
+    """PIL's reason, with what to do where there is something: a plugin, a larger pixel limit, a path."""
+    why = str(error)
+    if type(error).__name__ == "DecompressionBombError":
+        return f"{why} (to read larger images: PIL.Image.MAX_IMAGE_PIXELS = None, or a larger limit)"
+    if "cannot identify" not in why:
+        return why
+    if item.path is not None:
+        suffix = Path(item.path).suffix.lower().replace(".heif", ".heic")
+        return f"{why} ({_PLUGINS[suffix]})" if suffix in _PLUGINS else why
+    if hasattr(item.value, "read"):
+        return "not an image format Pillow reads"
+    hint = ": pass a path as str or Path" if _looks_like_a_path(bytes(item.value)) else ""
+    return f"{len(item.value)} bytes are not an encoded image Pillow reads (bytes are a file's contents{hint})"
+
+
+def _looks_like_a_path(data: bytes) -> bool:
+    """Short printable text (an encoded image's first bytes never are)."""
+    try:
+        return 0 < len(data) <= 4096 and data.decode().isprintable()
+    except UnicodeDecodeError:
+        return False
 
 
 def content_id(item: ImageItem) -> str:
@@ -239,10 +261,7 @@ def to_rgb(item: ImageItem) -> np.ndarray:
     if is_pil(x):
         return _pil_rgb(_pil_pixels(x))
     if is_tensor(x):
-        t = x.detach().cpu()
-        if _channels_first(tuple(t.shape)):
-            t = t.permute(1, 2, 0)  # CHW -> HWC
-        x = (t.float() if t.is_floating_point() else t).numpy()  # bfloat16 has no numpy type
+        x = _hwc_array(x)
     if isinstance(x, np.ndarray):
         return _array_rgb(x)
     raise InvalidInputError(f"cannot read an image from a {type(x).__name__}")
@@ -273,6 +292,14 @@ def _decode(item: ImageItem) -> np.ndarray:
         return np.asarray(_rgb(_upright(im)))
 
 
+def _hwc_array(tensor: Any) -> np.ndarray:
+    """A tensor's pixels as a numpy array, channels last (tensors come channels first)."""
+    t = tensor.detach().cpu()
+    if _channels_first(tuple(t.shape)):
+        t = t.permute(1, 2, 0)
+    return (t.float() if t.is_floating_point() else t).numpy()  # bfloat16 has no numpy type
+
+
 def _channels_first(shape: tuple[int, ...]) -> bool:
     """A tensor shape read as CxHxW (tensors come channels first; arrays never are)."""
     return len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
@@ -288,21 +315,39 @@ def _array_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.dtype != np.uint8:
-        if arr.dtype.kind not in "fiu":
-            raise InvalidInputError(f"an image array must be numeric, got dtype {arr.dtype}")
-        if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all():
-                raise InvalidInputError("an image array contains NaN or inf")
-            if arr.max(initial=0.0) <= 1.0:  # floats in [0, 1]
-                arr = arr * 255.0
-        else:
-            arr = _to_8_bits(arr)
-        arr = np.clip(arr, 0, 255).round().astype(np.uint8)
+        arr = np.clip(_pixel_values(arr), 0, 255).round().astype(np.uint8)
     if arr.shape[2] == 1:
         return np.repeat(arr, 3, axis=2)
     if arr.shape[2] == 4:
         return np.asarray(_rgb(pil().fromarray(np.ascontiguousarray(arr), "RGBA")))
     return arr
+
+
+def _pixel_values(arr: np.ndarray) -> np.ndarray:
+    """Numeric pixels on a 0..255 scale; InvalidInputError for other dtypes and float ranges."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype.kind not in "fiu":
+        raise InvalidInputError(f"an image array must be numeric, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        return _float_pixels(arr)
+    if arr.dtype.kind == "i" and int(arr.min(initial=0)) < 0:
+        raise InvalidInputError(f"integer image pixels must not be negative, got {int(arr.min())}")
+    return _to_8_bits(arr)
+
+
+def _float_pixels(arr: np.ndarray) -> np.ndarray:
+    """Float pixels as 0..255: [0, 1] scaled, [0, 255] as they are. Anything else is refused: a tensor
+    normalized for a network (negative values) read as pixels was a dark image, encoded without a word."""
+    if not np.isfinite(arr).all():
+        raise InvalidInputError("an image array contains NaN or inf")
+    low, top = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if low < 0.0 or top > 255.0:
+        hint = " (a normalized tensor? pass the pixels from before the normalization)" if low < 0.0 else ""
+        raise InvalidInputError(
+            f"float image pixels must lie in [0, 1] or [0, 255], got values from {low:.3g} to {top:.3g}{hint}"
+        )
+    return arr * 255.0 if top <= 1.0 else arr
 
 
 def _to_8_bits(arr: np.ndarray) -> np.ndarray:
@@ -332,7 +377,8 @@ def _rgb(im: Any) -> Any:
     keyed = "transparency" in im.info and im.mode in ("RGB", "L")  # convert("RGB") would keep the key colour
     if im.mode == "RGB" and not keyed:
         return im
-    if im.mode.startswith("I;16"):  # 16 bits by its mode: a dark one (no pixel above 255) was read as 8-bit
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PPM"):  # 16 bits by its mode or
+        # its format (PIL opens a 16-bit PGM as "I", scaled to 65535): a dark one was read as 8-bit, bright
         return pil().fromarray(_array_rgb((np.asarray(im) / 257.0).round().astype(np.uint8)))
     if im.mode.startswith(("I", "F")):  # 16- and 32-bit pixels: scaled to 8 bits (convert() would clip them)
         return pil().fromarray(_array_rgb(np.asarray(im)))

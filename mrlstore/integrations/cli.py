@@ -102,7 +102,8 @@ def _print_table(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def _cell(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+    text = f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+    return text if text.isprintable() else repr(text)[1:-1]  # a newline in a file name split its row
 
 
 def _options(pairs: tuple[str, ...]) -> dict[str, str] | None:
