@@ -617,3 +617,17 @@ def test_bytes_that_are_not_an_image_say_so_and_point_at_paths(store, tmp_path):
         with pytest.raises(mrlstore.UnreadableImageError, match="MAX_IMAGE_PIXELS = None"):
             store.add(big.getvalue())
     assert len(store) == 0
+
+
+def test_a_stream_that_cannot_be_read_fails_its_check_and_can_be_skipped(store, photos, tmp_path):
+    """A socket given as a path failed the whole call, also with skip_errors."""
+    import socket
+
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        with pytest.raises(mrlstore.UnreadableImageError, match="s.sock"):
+            store.add([photos / "p1.png", path], commit_every=1)
+        assert len(store) == 0
+        result = store.add([photos / "p1.png", path], skip_errors=True)
+    assert len(result.added) == 1 and [(f.index, f.source) for f in result.failed] == [(1, str(path))]

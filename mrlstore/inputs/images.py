@@ -45,9 +45,12 @@ class ImageItem:
     value: Any
     path: str | None
     index: int = 0  # position among the call's images (after folders are expanded)
+    error: str | None = None  # why it cannot be read, found before the check (which raises it, skippable)
 
     def describe(self) -> str:
-        return self.path if self.path is not None else type(self.value).__name__
+        if self.path is not None:
+            return self.path
+        return self.value if isinstance(self.value, str) else type(self.value).__name__
 
 
 def is_tensor(x: Any) -> bool:
@@ -113,7 +116,10 @@ def _expand_path(p: str | os.PathLike) -> list[ImageItem]:
         raise InvalidInputError("an empty path names no image (an unset variable?): pass a file or a folder")
     path = Path(os.path.abspath(p))  # stored as metadata: it must resolve from any working directory
     if path.exists() and not path.is_dir() and not path.is_file():
-        return [ImageItem(_read_stream(path), None)]
+        try:
+            return [ImageItem(_read_stream(path), None)]
+        except UnreadableImageError as e:
+            return [ImageItem(str(path), None, error=str(e))]
     if path.is_dir():
         unreadable: list[Path] = []  # listed as inputs: each fails its check, naming the folder
         files = sorted(f for f in _files_below(path, unreadable) if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -166,6 +172,8 @@ def check(items: list[ImageItem], skip_errors: bool) -> tuple[list[ImageItem], l
     failures: list[Failure] = []
     for item in items:
         try:
+            if item.error is not None:
+                raise UnreadableImageError(item.error)
             if item.path is not None and not is_utf8(item.path):
                 raise UnreadableImageError(f"cannot keep the file name {item.path!r}: it is not valid UTF-8")
             if item.path is not None or isinstance(item.value, (bytes, bytearray, memoryview)):
