@@ -45,11 +45,20 @@ from mrlstore.errors import (
     ZeroVectorError,
 )
 from mrlstore.options import StoreConfig
-from mrlstore.results import AddResult, CompactResult, Hits, HitsBatch, StoreInfo, TuneResult
+from mrlstore.results import AddResult, CompactResult, Failure, Hits, HitsBatch, StoreInfo, TuneResult
 from mrlstore.store import Store, open
 
-if TYPE_CHECKING:  # torch loads on the first load_encoder()
-    from mrlstore.encoder.model import ImageEncoder
+if TYPE_CHECKING:  # torch loads on the first load_encoder(), or the first use of the name
+    from mrlstore.encoder.model import ImageEncoder as ImageEncoder  # named, not in __all__: a * import
+    # would load torch
+
+
+def __getattr__(name: str) -> object:
+    if name == "ImageEncoder":  # the type load_encoder() returns, named without importing torch at import
+        from mrlstore.encoder.model import ImageEncoder
+
+        return ImageEncoder
+    raise AttributeError(f"module 'mrlstore' has no attribute {name!r}")
 
 
 def load_encoder(
@@ -70,6 +79,7 @@ __all__ = [
     "Encoder",
     "EncoderUnavailableError",
     "AddResult",
+    "Failure",
     "CompactResult",
     "Hits",
     "HitsBatch",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
+from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,10 +26,10 @@ class StoreConfig:
     store was opened with, its creation parameters filled in from the store."""
 
     dim: int | None = None
-    bands: tuple[int, ...] | None = None
+    bands: Sequence[int] | None = None  # kept as a tuple of ints
     metric: str | None = None
     dtype: str | None = None
-    index_dims: tuple[int, ...] | None = None
+    index_dims: Sequence[int] | None = None  # kept as a tuple of ints
     chunk_rows: int | None = None
     hnsw_m: int | None = None
     ef_construction: int | None = None
@@ -42,8 +43,9 @@ class StoreConfig:
     def __post_init__(self) -> None:
         for name in ("bands", "index_dims"):  # lists and arrays are welcome; kept as tuples (the value is frozen)
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (tuple, str, bytes)) and isinstance(value, Iterable):
-                object.__setattr__(self, name, tuple(value))
+            if value is not None and not isinstance(value, (str, bytes)) and isinstance(value, Iterable):
+                ints = (int(v) if isinstance(v, Integral) and not isinstance(v, bool) else v for v in value)
+                object.__setattr__(self, name, tuple(ints))  # numpy's int64 as int; others fail their check
 
     def creation(self) -> dict[str, Any]:
         """The creation parameters asked for (None where the caller left the choice to the store)."""

@@ -40,8 +40,8 @@ from mrlstore.write.writer import Writer
 # What a type checker can tell apart (the rule itself runs on values: see mrlstore.inputs.classify): a list
 # of numbers is one vector, a list of lists a batch. numpy's shape types do not separate a 1-D from a 2-D
 # array for mypy, so arrays, paths, images and columns are typed Hits | HitsBatch: narrow with isinstance.
-OneVector: TypeAlias = "list[float] | tuple[float, ...]"
-ManyVectors: TypeAlias = "Sequence[list[float]] | Sequence[tuple[float, ...]]"
+OneVector: TypeAlias = "Sequence[float]"  # and bytes (a Sequence[int]): one encoded image, one Hits too
+ManyVectors: TypeAlias = "Sequence[Sequence[float]]"
 
 
 class Store:

@@ -128,3 +128,64 @@ def test_a_type_checker_sees_the_rule(tmp_path):
     assert [r.replace("builtins.", "") for r in revealed] == [
         hits, batch, f"{hits} | {batch}", "int", "list[int]", hits, hits, batch, "str", "list[str]", "Any", batch,
     ], out.stdout  # fmt: skip
+
+
+@pytest.mark.slow
+def test_encoders_configs_and_result_types_as_users_write_them_type_check(tmp_path):
+    """What the README describes failed mypy: an encoder with a class attribute ``nesting = (16, 64)`` or
+    read-only properties (the protocol asked for settable tuple[int, ...]), ``StoreConfig(bands=[...])``, a
+    ``list[int]`` or ``Sequence[float]`` query (typed as the union), and the names of load_encoder()'s
+    and AddResult.failed's types."""
+    pytest.importorskip("mypy", reason="mypy is not installed")
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        textwrap.dedent("""
+        from collections.abc import Sequence
+        import numpy as np
+        import mrlstore
+
+        class ClassAttributes:
+            dim = 64
+            nesting = (16, 64)
+            def encode(self, images: object) -> np.ndarray:
+                return np.zeros((1, 64), np.float32)
+
+        class Properties:
+            @property
+            def dim(self) -> int:
+                return 64
+            @property
+            def nesting(self) -> list[int]:
+                return [16, 64]
+            def encode(self, images: object) -> np.ndarray:
+                return np.zeros((1, 64), np.float32)
+
+        def use(store: mrlstore.Store, one: list[int], seq: Sequence[float], many: list[list[float]]) -> None:
+            a: mrlstore.Hits = store.query(one)
+            b: mrlstore.Hits = store.query(seq)
+            c: mrlstore.HitsBatch = store.query(many)
+            print(a, b, c)
+
+        def encoder() -> mrlstore.ImageEncoder:
+            return mrlstore.load_encoder()
+
+        def failures(result: mrlstore.AddResult) -> list[mrlstore.Failure]:
+            return list(result.failed)
+
+        mrlstore.open("a.mrl", encoder=ClassAttributes())
+        mrlstore.open("b.mrl", encoder=Properties())
+        config = mrlstore.StoreConfig(bands=[16, 64], index_dims=[16])
+    """)
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--ignore-missing-imports", "--follow-imports=silent",
+         "--no-incremental", str(user)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MYPYPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 0 and "Success" in out.stdout, out.stdout
+
+
+def test_a_config_keeps_sequences_of_numpy_ints_as_a_tuple_of_ints():
+    config = mrlstore.StoreConfig(bands=np.array([16, 64]), index_dims=[np.int32(16)])
+    assert config.bands == (16, 64) and config.index_dims == (16,)
+    assert all(type(v) is int for v in (*config.bands, *config.index_dims))

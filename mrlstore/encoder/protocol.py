@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -11,8 +12,12 @@ import numpy as np
 class Encoder(Protocol):
     """Anything that turns inputs (images) into Matryoshka vectors of length ``dim``."""
 
-    dim: int
-    nesting: tuple[int, ...]
+    # read-only, so a class attribute, a property or a list of prefixes all satisfy it
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def nesting(self) -> Sequence[int]: ...
 
     def encode(self, images: Any) -> np.ndarray:
         """float32 array (n, dim), one row per image, in order. The store passes a list of decoded images
