@@ -696,7 +696,7 @@ def test_the_first_lookup_by_id_downloads_its_runs_without_holding_up_other_thre
 
 
 def _copies(cache: Path) -> dict[str, Path]:
-    return {p.name: p for p in cache.glob("*/g*-v*")}
+    return {p.name.rsplit("-", 1)[0]: p for p in cache.glob("*/g*-v*")}  # named g0-v1-<digest of its parts>
 
 
 def test_a_refreshed_reader_downloads_only_the_near_chunks_that_changed(tmp_path, options, bucket):
@@ -809,6 +809,31 @@ def test_a_cache_never_serves_another_store_published_at_the_same_url(tmp_path, 
         assert old_reader.query(vectors[7], k=1).ids == ["r7"]
 
 
+def test_a_store_published_again_after_its_objects_were_deleted_is_never_served_from_the_old_copy(
+    tmp_path, options, bucket
+):
+    """Its objects deleted, the same store published again is numbered from 1 again: a reader with the cache
+    of the first version 1 opened that copy (300 rows, where 250 were published), and an old reader's
+    refresh saw nothing new."""
+    url, cache = f"s3://{bucket}/s.mrl", tmp_path / "c"
+    store, vectors = _local_store(tmp_path / "a.mrl", 300)
+    with store:
+        assert store.publish(url, storage_options=options)["version"] == 1
+        old_reader = mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache)
+        fs, root = filesystem(url, options)
+        fs.delete_dir(root)
+        store.delete([f"r{i}" for i in range(50)])
+        assert store.publish(url, storage_options=options)["version"] == 1
+    with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=cache) as reader:
+        assert len(reader) == 250 and reader.verify() == []
+        with pytest.raises(UnknownIdError):
+            reader.get(["r3"])
+    with old_reader:
+        assert len(old_reader) == 300
+        assert old_reader.refresh() is True and len(old_reader) == 250
+        assert old_reader.query(vectors[70], k=1).ids == ["r70"]
+
+
 @pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 def test_readers_opening_one_url_at_once_share_one_download(tmp_path, options, bucket):
     """The first opens of a version race to put its copy in the shared cache: one wins, the others use it."""
@@ -827,7 +852,7 @@ def test_readers_opening_one_url_at_once_share_one_download(tmp_path, options, b
         with ThreadPoolExecutor(4) as pool:
             found = list(pool.map(open_and_query, [tmp_path / f"c{trial}"] * 4))
         assert found == [["r9"]] * 4
-        assert len(list((tmp_path / f"c{trial}").glob("*/g0-v1"))) == 1
+        assert len(list((tmp_path / f"c{trial}").glob("*/g0-v1-*"))) == 1
 
 
 def test_garbage_collection_keeps_every_chunk_a_kept_version_names(tmp_path, options, bucket, monkeypatch):

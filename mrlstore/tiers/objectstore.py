@@ -373,9 +373,17 @@ def _collect_garbage(fs: pafs.S3FileSystem, root: str, head: dict[str, Any]) -> 
             fs.delete_file(entry.path)
 
 
-def _version_key(head: dict[str, Any]) -> tuple[Any, int, int]:
-    """What tells two published versions apart (a store deleted and another published at its URL too)."""
-    return head.get("store_id"), int(head["generation"]), int(head["version"])
+def _version_key(head: dict[str, Any]) -> tuple[Any, int, int, Any]:
+    """What tells two published versions apart: a store deleted and another published at its URL too, and
+    the same store published again after its objects were deleted (numbered from 1 again)."""
+    return head.get("store_id"), int(head["generation"]), int(head["version"]), head.get("published_at")
+
+
+def _copy_name(head: dict[str, Any]) -> str:
+    """The cache folder of one published version: its number, and a digest of its parts, so a version
+    published again under the same number (its objects deleted) is never served from the old copy."""
+    parts = json.dumps([head.get("published_at"), head["parts"]], sort_keys=True).encode()
+    return f"g{head['generation']}-v{head['version']}-{hashlib.blake2b(parts, digest_size=6).hexdigest()}"
 
 
 def _older_than(entry: pafs.FileInfo, seconds: float) -> bool:
@@ -426,7 +434,7 @@ class RemoteSource:
         # one folder per store at this URL and endpoint: a copy is never taken for another store's
         key = json.dumps([self.url, _endpoint(self.options), self.head.get("store_id")])
         self.cache_root = base / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-        dest = self.cache_root / f"g{self.head['generation']}-v{self.head['version']}"
+        dest = self.cache_root / _copy_name(self.head)
         if (dest / "catalog.duckdb").exists():
             return dest  # downloaded before: its index files are checked against their sidecars at load
         try:
@@ -873,7 +881,7 @@ def _evict_old_copies(root: Path, keep: int = KEEP_VERSIONS, idle_s: float = STA
         except OSError:
             return False
 
-    found = [(m, p) for p in root.iterdir() if (m := re.fullmatch(r"g(\d+)-v(\d+)", p.name))]
+    found = [(m, p) for p in root.iterdir() if (m := re.fullmatch(r"g(\d+)-v(\d+)(-[0-9a-f]+)?", p.name))]
     copies = sorted(found, key=lambda item: (int(item[0][1]), int(item[0][2])))
     for _, old in copies[: max(0, len(copies) - keep)]:
         if idle(old):
