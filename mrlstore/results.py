@@ -5,7 +5,7 @@ and the :class:`AddResult` of an image add."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, SupportsIndex, overload
 
 import numpy as np
@@ -246,14 +246,16 @@ class Failure:
 class AddResult(Sequence[str]):
     """What an ``add`` did. As a sequence it is ``ids``: the id of each image it covered (added, replaced,
     or already present and skipped), in input order, an image given twice twice (the inputs left out with
-    ``skip_errors=True`` have none). ``added``: the ids this call wrote (added or replaced); ``skipped``: ids
-    already in the store (``on_conflict="skip"``) or repeated within the call; ``failed``: the inputs left
-    out, and why."""
+    ``skip_errors=True`` have none). ``added``: the ids this call wrote (added or replaced); ``replaced``:
+    those of them that replaced an entry already in the store (``on_conflict="replace"``, ``upsert``);
+    ``skipped``: ids already in the store (``on_conflict="skip"``) or repeated within the call; ``failed``:
+    the inputs left out, and why."""
 
     ids: list[str]
     added: list[str]
     skipped: list[str]
     failed: list[Failure]
+    replaced: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -270,12 +272,13 @@ class AddResult(Sequence[str]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, AddResult):
-            return (self.ids, self.added, self.skipped, self.failed) == (
-                other.ids, other.added, other.skipped, other.failed)  # fmt: skip
+            return (self.ids, self.added, self.skipped, self.failed, self.replaced) == (
+                other.ids, other.added, other.skipped, other.failed, other.replaced)  # fmt: skip
         return isinstance(other, list) and self.ids == other
 
     def __repr__(self) -> str:
         return (
-            f"AddResult({len(self.ids)} images: {len(self.added)} added, {len(self.skipped)} skipped, "
+            f"AddResult({len(self.ids)} images: {len(self.added)} added"
+            f"{f' ({len(self.replaced)} of them replaced)' if self.replaced else ''}, {len(self.skipped)} skipped, "
             f"{len(self.failed)} failed)"
         )

@@ -212,7 +212,8 @@ class Store:
         progress: bool | None = None,
     ) -> AddResult:
         """Encode images with the store's encoder and add them; returns an :class:`AddResult` (their ids in
-        input order; ``added``, ``skipped``, ``failed``).
+        input order; ``added``, ``replaced``, ``skipped``, ``failed``). ``metadata``: one dict per image
+        (after folders are expanded), a pa.Table or DataFrame of one row per image, or one dict for all.
 
         ``images``: a path, a folder (its image files, recursively and through symlinked subfolders,
         sorted), ``bytes`` or a binary file object holding an encoded image, a PIL image, an array or tensor
@@ -243,7 +244,8 @@ class Store:
     def add_vectors(
         self, vectors: Any, ids: Sequence[str] | None = None, metadata: Any = None, *, on_conflict: str = "error"
     ) -> list[str]:
-        """Add new vectors (n x dim); returns their ids. Durable once it returns. ``on_conflict`` decides for
+        """Add new vectors (n x dim); returns their ids. Durable once it returns. ``metadata``: one dict per
+        vector, a pa.Table or DataFrame of n rows, or one dict for all. ``on_conflict`` decides for
         ids already in the store: ``"error"`` (DuplicateIdError, nothing written), ``"skip"`` (those rows
         are left out; the others are added) or ``"replace"`` (as :meth:`upsert_vectors`)."""
         self._check_writable()

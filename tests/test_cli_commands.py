@@ -69,6 +69,8 @@ def test_npy_adds_take_ids_and_metadata_and_skip_what_is_in(store, vectors, tmp_
         np.testing.assert_allclose(np.stack(got.column("vector").to_numpy(zero_copy_only=False))[0],
                                    vectors[3].astype(np.float16), rtol=0)  # fmt: skip
     one_line_error(cli(*args, "--on-conflict", "error"))
+    out = cli(*args, "--on-conflict", "replace")  # it said "added 0 vectors, 40 already present"
+    assert out.returncode == 0 and "added 0 vectors, 40 replaced" in out.stdout, out.stderr
     # without ids: ids hashed from the vectors, so the same file twice adds its rows once
     assert "added 40 vectors" in cli("add", str(store), str(tmp_path / "x.npy")).stdout
     assert "added 0 vectors, 40 already present" in cli("add", str(store), str(tmp_path / "x.npy")).stdout

@@ -121,8 +121,9 @@ def test_readding_the_same_images_is_idempotent_and_conflicts_follow_the_policy(
     assert len(store) == 4 and store.encoder.seen == encoded
     with pytest.raises(mrlstore.DuplicateIdError, match="on_conflict"):
         store.add(photos / "p0.png", on_conflict="error")
-    store.add(photos / "p0.png", metadata=[{"tag": "new"}], on_conflict="replace")
-    assert len(store) == 4
+    replaced = store.add([photos / "p0.png", _pixels(9)], metadata=[{"tag": "new"}, {}], on_conflict="replace")
+    assert len(store) == 5 and replaced.replaced == [first[0]] and len(replaced.added) == 2
+    assert repr(replaced) == "AddResult(2 images: 2 added (1 of them replaced), 0 skipped, 0 failed)"
     assert store.get([first[0]]).column("tag").to_pylist() == ["new"]
     with pytest.raises(mrlstore.InvalidInputError, match="on_conflict"):
         store.add(photos, on_conflict="overwrite")
@@ -130,7 +131,7 @@ def test_readding_the_same_images_is_idempotent_and_conflicts_follow_the_policy(
 
 def test_upsert_images_with_explicit_ids(store):
     store.add([_pixels(1), _pixels(2)], ids=["a", "b"], metadata=[{"n": 1}, {"n": 2}])
-    store.upsert(_pixels(7), ids=["a"])  # no metadata: the old metadata stays
+    assert store.upsert(_pixels(7), ids=["a"]).replaced == ["a"]  # no metadata: the old metadata stays
     assert len(store) == 2
     table = store.get(["a"])
     assert table.column("n").to_pylist() == [1]
@@ -631,3 +632,18 @@ def test_a_stream_that_cannot_be_read_fails_its_check_and_can_be_skipped(store, 
         assert len(store) == 0
         result = store.add([photos / "p1.png", path], skip_errors=True)
     assert len(result.added) == 1 and [(f.index, f.source) for f in result.failed] == [(1, str(path))]
+
+
+def test_one_metadata_dict_labels_every_image_of_a_folder(store, photos):
+    """A dict was read as a list of its keys: 'got 1 metadata entries for 4 vectors' for a folder, and
+    'metadata[0] must be a dict' for one image. A dict of n-long lists (columns?) is refused, not guessed."""
+    result = store.add(photos, metadata={"label": "holiday", "tags": ["a", "b"]})
+    rows = store.get(list(result)).to_pylist()
+    assert [(r["label"], r["tags"]) for r in rows] == [("holiday", ["a", "b"])] * 4
+    store.add(_pixels(8), metadata={"label": "one"})
+    assert store.sql("SELECT count(*) AS n FROM items WHERE label = 'one'").column("n").to_pylist() == [1]
+    with pytest.raises(mrlstore.MetadataError, match="ambiguous"):
+        store.add([_pixels(9), _pixels(10)], metadata={"label": ["x", "y"]})
+    with pytest.raises(mrlstore.MetadataError, match="for 2 images"):
+        store.add([_pixels(9), _pixels(10)], metadata=[{"label": "x"}])
+    assert len(store) == 5

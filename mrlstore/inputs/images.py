@@ -428,7 +428,7 @@ class ImageBatch:
         for i, item in enumerate(items):
             item.index = i
         id_values = None if ids is None else id_list(ids, len(items))
-        meta = metadata_table(metadata, len(items))
+        meta = metadata_table(metadata, len(items), "images")
         good, failures = check(items, skip_errors)
         if failures:
             keep = [item.index for item in good]

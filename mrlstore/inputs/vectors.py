@@ -187,10 +187,25 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-def metadata_table(metadata: Any, n: int) -> pa.Table | None:
-    """Metadata (list of dicts, pyarrow Table, pandas DataFrame) as an Arrow table of n rows."""
+def _one_row(row: dict[Any, Any], n: int) -> dict[Any, Any]:
+    """A dict given as metadata is every entry's; one whose values are all n-long lists reads as columns,
+    which it is not, so it is refused rather than stored as lists in every row."""
+    columns = [v for v in row.values() if isinstance(v, (list, tuple, np.ndarray)) and len(v) == n]
+    if n > 1 and row and len(columns) == len(row):
+        raise MetadataError(
+            f"a dict of {n}-long lists as metadata for {n} entries is ambiguous: pass one dict per entry, or the "
+            "columns as pa.table(...) or a pandas DataFrame (a dict is the same metadata for every entry)"
+        )
+    return row
+
+
+def metadata_table(metadata: Any, n: int, what: str = "vectors") -> pa.Table | None:
+    """Metadata (list of dicts, one dict for every entry, pyarrow Table, pandas DataFrame) as an Arrow table of
+    n rows; ``what`` names the entries in messages."""
     if metadata is None:
         return None
+    if isinstance(metadata, dict):
+        metadata = [_one_row(metadata, n)] * n
     try:
         if isinstance(metadata, pa.Table):
             table = metadata
@@ -201,7 +216,7 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
         else:
             rows = list(metadata)
             if len(rows) != n:
-                raise MetadataError(f"got {len(rows)} metadata entries for {n} vectors")
+                raise MetadataError(f"got {len(rows)} metadata entries for {n} {what}")
             for i, r in enumerate(rows):
                 if not isinstance(r, dict):
                     raise MetadataError(f"metadata[{i}] must be a dict, got {type(r).__name__}")
@@ -217,7 +232,7 @@ def metadata_table(metadata: Any, n: int) -> pa.Table | None:
     except UnicodeError as e:  # text with lone surrogates (from bytes decoded with surrogateescape)
         raise MetadataError(f"metadata text must be valid Unicode: {e}") from None
     if table.num_rows != n:
-        raise MetadataError(f"got {table.num_rows} metadata rows for {n} vectors")
+        raise MetadataError(f"got {table.num_rows} metadata rows for {n} {what}")
     for name in table.column_names:
         if isinstance(name, str) and "\x00" in name:  # DuckDB cuts a name at NUL: 'tag\x00x' went into 'tag'
             raise MetadataError(f"metadata column name {name!r} holds a NUL character")

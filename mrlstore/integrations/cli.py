@@ -226,8 +226,9 @@ def add(path: str, inputs: tuple[str, ...], skip_errors: bool, on_conflict: str,
             _announce_encoder(store)
             result = store.add(images, skip_errors=skip_errors, on_conflict=on_conflict, batch_size=batch_size,
                                commit_every=commit_every, atomic=atomic, progress=True)  # fmt: skip
-            click.echo(f"added {len(result.added)} images, {len(result.skipped)} already present, "
-                       f"{len(result.failed)} failed")  # fmt: skip
+            replaced = f", replaced {len(result.replaced)}" if result.replaced else ""
+            click.echo(f"added {len(result.added) - len(result.replaced)} images{replaced}, "
+                       f"{len(result.skipped)} already present, {len(result.failed)} failed")  # fmt: skip
             for failure in result.failed:
                 click.echo(f"  skipped {failure.source}: {failure.reason}", err=True)
 
@@ -241,7 +242,13 @@ def _add_npy(store: mrlstore.Store, f: Path, ids_file: Path | None, metadata_fil
     ids, x, meta = _first_of_each(ids, x, meta) if not ids_file else (ids, x, meta)
     before = len(store)
     store.add_vectors(x, ids=ids, metadata=meta, on_conflict=on_conflict)
-    click.echo(f"{f}: added {len(store) - before} vectors, {len(ids) - (len(store) - before)} already present")
+    _say_added(f, len(store) - before, len(ids), on_conflict)
+
+
+def _say_added(f: Path, new: int, given: int, on_conflict: str) -> None:
+    """How many rows of ``f`` are new; the others replaced entries, or were already present (skipped)."""
+    others = "replaced" if on_conflict == "replace" else "already present"
+    click.echo(f"{f}: added {new} vectors, {given - new} {others}")
 
 
 def _load_npy(f: Path) -> np.ndarray:
@@ -310,8 +317,7 @@ def _add_parquet(store: mrlstore.Store, f: Path, vector: str, id_column: str | N
         batches, id_column = _with_hash_ids(batches, vector), "_content_id"
     before = len(store)
     store.add_arrow(batches, vector=vector, id=id_column, on_conflict=on_conflict)
-    added = len(store) - before
-    click.echo(f"{f}: added {added} vectors, {source.metadata.num_rows - added} already present")
+    _say_added(f, len(store) - before, source.metadata.num_rows, on_conflict)
 
 
 def _with_hash_ids(batches: Iterator[Any], vector: str) -> Iterator[Any]:

@@ -93,7 +93,9 @@ class ImageAdder:
         skipped = [i for i in batch.ids if i in existing] if on_conflict == "skip" else []
         lost_ids = {i for i, item in zip(batch.ids, batch.items) if item.index in lost}
         kept_ids = [i for i in batch.given or batch.ids if i not in lost_ids]  # one per input, repeats too
-        return AddResult(kept_ids, written, skipped + batch.repeats, sorted(batch.failed + late, key=lambda f: f.index))
+        replaced = [i for i in written if i in existing] if on_conflict == "replace" else []
+        failed = sorted(batch.failed + late, key=lambda f: f.index)
+        return AddResult(kept_ids, written, skipped + batch.repeats, failed, replaced)
 
     def _encode_and_commit(
         self,
