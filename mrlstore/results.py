@@ -206,7 +206,7 @@ class TuneResult(Record):
     k: int
     target: float
     sample: int
-    exact_ms_per_query: float
+    exact_ms_per_query: float  # the batched reference pass, per query: below exact search timed alone
     shapes: dict[str, dict[str, Any]]
     tried: list[dict[str, Any]]
     recall_low: float | None = None  # None in settings tuned before the bound existed
@@ -223,6 +223,13 @@ class TuneResult(Record):
     fit_s: float | None = None  # seconds fitting codes and indexing those that beat raw prefixes (None: not tried)
     # per first prefix ("16"), how tuned shortlists grow with the store: by (live rows / live) ** exponent
     growth: dict[str, float] | None = None  # None before it was measured: exponent 1
+
+    def __repr__(self) -> str:  # the choice; every point measured is in ``tried`` (printed whole: 10 kB)
+        return (
+            f"TuneResult(dims={self.dims}, shortlist={self.shortlist}, recall={self.recall:.3f}, "
+            f"ms_per_query={self.ms_per_query:.3f}, prefixes={self.prefixes!r}, target={self.target}@{self.k}, "
+            f"{len(self.shapes)} shapes, {len(self.tried)} points tried)"
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -189,3 +189,15 @@ def test_a_config_keeps_sequences_of_numpy_ints_as_a_tuple_of_ints():
     config = mrlstore.StoreConfig(bands=np.array([16, 64]), index_dims=[np.int32(16)])
     assert config.bands == (16, 64) and config.index_dims == (16,)
     assert all(type(v) is int for v in (*config.bands, *config.index_dims))
+
+
+def test_a_tune_result_prints_its_choice_not_every_point(tmp_path):
+    """print(store.tune()) printed every point measured (about 10 kB); the points stay in ``tried``."""
+    from mrlstore.testing import mrl_like
+
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64), index_dims=(16,)) as store:
+        store.add_vectors(mrl_like(600, 64)[0])
+        result = store.tune(recall=0.9)
+    text = repr(result)
+    assert text.startswith(f"TuneResult(dims={result.dims}, shortlist={result.shortlist}, ") and len(text) < 300
+    assert str(result) == text and len(result.tried) > 1 and result["tried"] == result.tried
