@@ -92,6 +92,21 @@ class Hits:
     def to_pandas(self) -> Any:  # a pandas.DataFrame (pandas is optional, so not named in the type)
         return self.to_arrow().to_pandas()
 
+    def without(self, id: str, k: int) -> Hits:  # noqa: A002 - an entry's id
+        """These hits less the one of entry ``id`` (if among them), at most ``k``."""
+        keep = [i for i, hit in enumerate(self.ids) if hit != id][:k]
+        if len(keep) == len(self.ids):
+            return self
+        at = np.asarray(keep, dtype=np.int64)
+        meta: list[dict[str, Any]] | pa.Table | HitRows | None
+        if self._rows is not None:
+            meta = HitRows(self._rows.table, self._rows.rows[at])
+        elif self._table is not None:
+            meta = self._table.take(at)
+        else:
+            meta = [self._metadata[i] for i in keep] if self._metadata else None
+        return Hits([self.ids[i] for i in keep], self.scores[at], meta, self.dims)
+
     def __repr__(self) -> str:
         shown = ", ".join(f"{i}:{s:.4f}" for i, s in zip(self.ids[:5], self.scores[:5]))
         more = ", ..." if len(self.ids) > 5 else ""

@@ -350,6 +350,40 @@ class Store:
         """
         return self._search.query(query, k, dims, where, shortlist, ef, metadata, prefixes)  # checks it is open
 
+    @overload
+    def similar(  # type: ignore[overload-overlap]  # a str is a Sequence[str]: the first overload wins
+        self, ids: str, k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
+        shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+        prefixes: str | None = None,
+    ) -> Hits: ...  # fmt: skip
+    @overload
+    def similar(
+        self, ids: Sequence[str], k: int = 10, dims: Sequence[int] | int | None = None, *, where: str | None = None,
+        shortlist: int | Sequence[int] | None = None, ef: int | None = None, metadata: bool = True,
+        prefixes: str | None = None,
+    ) -> HitsBatch: ...  # fmt: skip
+    def similar(
+        self,
+        ids: str | Sequence[str],
+        k: int = 10,
+        dims: Sequence[int] | int | None = None,
+        *,
+        where: str | None = None,
+        shortlist: int | Sequence[int] | None = None,
+        ef: int | None = None,
+        metadata: bool = True,
+        prefixes: str | None = None,
+    ) -> Hits | HitsBatch:
+        """More like this: the entries nearest to the stored entry ``ids`` (one id gives Hits, a list a
+        HitsBatch), its stored vector queried as :meth:`query` does (same options), the entry itself left
+        out. Unknown ids raise UnknownIdError."""
+        self._state.check_open()
+        one = isinstance(ids, str)
+        asked = [ids] if isinstance(ids, str) else list(ids)
+        vectors = self._reader.vectors_of_ids(asked)
+        found = self._search.similar(asked, vectors, k, dims, where, shortlist, ef, metadata, prefixes)
+        return found[0] if one else found
+
     def query_table(
         self,
         queries: Any,

@@ -268,3 +268,20 @@ def test_a_newline_in_a_value_keeps_the_table_one_row_per_line(vectors, tmp_path
     assert out.stdout.splitlines() == ["path      other", "a\\nb.jpg  plain"]
     out = cli("sql", store, "SELECT 'a' || chr(10) || 'b.jpg' AS path", "--json")
     assert json.loads(out.stdout) == [{"path": "a\nb.jpg"}]
+
+
+def test_query_by_id_prints_the_entries_like_it(vectors, tmp_path):
+    root, x = vectors
+    store = str(tmp_path / "s.mrl")
+    assert cli("create", store, "--dim", "64", "--bands", "16,64", "--index-dims", "16").returncode == 0
+    assert cli("add", store, str(root / "x.npy")).returncode == 0
+    with mrlstore.open(store, read_only=True) as s:
+        first = s.sql("SELECT id FROM items LIMIT 1").column("id").to_pylist()[0]
+        want = s.similar(first, k=3).ids
+    out = cli("query", store, "--id", first, "-k", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [hit["id"] for hit in json.loads(out.stdout)] == want and first not in want
+    assert cli("query", store).returncode == 2 and "or --id" in cli("query", store).stderr
+    assert cli("query", store, str(root / "q.npy"), "--id", first).returncode == 2
+    out = cli("query", store, "--id", "nope")
+    assert out.returncode == 1 and "not in the store" in out.stderr

@@ -333,3 +333,30 @@ def test_live_sorted_keeps_the_committed_live_rows_in_order(deleted):
     # padding (-1) and rows past the watermark (added, not committed yet) are never returned
     assert snap.live_sorted(np.array([9, 5, -1, 2, 7, 0, 8], dtype=np.int64)).tolist() == kept
     assert snap.live_sorted(np.empty(0, dtype=np.int64)).tolist() == []
+
+
+def test_similar_queries_an_entrys_stored_vector_and_leaves_it_out(tmp_path):
+    """More like this by id: the user had to get() the vector, query with k + 1 and drop the entry."""
+    x = mrl_like(1500, 64)[0]
+    ids = [f"r{i}" for i in range(1500)]
+    with mrlstore.open(tmp_path / "s", dim=64, bands=(16, 64), index_dims=(16,)) as store:
+        store.add_vectors(x, ids=ids, metadata=[{"g": i % 3} for i in range(1500)])
+        stored = np.stack(store.get(["r5", "r9"]).column("vector").to_numpy(zero_copy_only=False))
+        one = store.similar("r5", k=5, dims=[16, 64])
+        expected = store.query(stored[0], k=6, dims=[16, 64])
+        assert isinstance(one, mrlstore.Hits) and "r5" not in one.ids and len(one) == 5
+        assert one.ids == [i for i in expected.ids if i != "r5"][:5]
+        np.testing.assert_allclose(one.scores, expected.scores[1:6], rtol=1e-6)
+        assert one.metadata == [{"g": int(i[1:]) % 3} for i in one.ids]
+        assert one.to_arrow().column("g").to_pylist() == [m["g"] for m in one.metadata]
+        both = store.similar(["r5", "r9"], k=3, where="g = 1")
+        assert isinstance(both, mrlstore.HitsBatch) and [len(h) for h in both] == [3, 3]
+        assert all(m == {"g": 1} for h in both for m in h.metadata) and "r5" not in both[0].ids
+        assert store.similar("r5", k=5, metadata=False).metadata == []
+        with pytest.raises(mrlstore.UnknownIdError):
+            store.similar(["r5", "gone"])
+        with pytest.raises(mrlstore.InvalidKError):
+            store.similar("r5", k=0)
+        store.delete(["r5"])
+        with pytest.raises(mrlstore.UnknownIdError):
+            store.similar("r5")

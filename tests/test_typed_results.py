@@ -164,7 +164,9 @@ def test_encoders_configs_and_result_types_as_users_write_them_type_check(tmp_pa
             a: mrlstore.Hits = store.query(one)
             b: mrlstore.Hits = store.query(seq)
             c: mrlstore.HitsBatch = store.query(many)
-            print(a, b, c)
+            d: mrlstore.Hits = store.similar("an id")
+            e: mrlstore.HitsBatch = store.similar(["an id", "another"])
+            print(a, b, c, d, e)
 
         def encoder() -> mrlstore.ImageEncoder:
             return mrlstore.load_encoder()

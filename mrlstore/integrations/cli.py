@@ -339,7 +339,9 @@ def _string_array(values: list[str]) -> pa.Array:
 
 @main.command()
 @click.argument("store", type=STORE)
-@click.argument("query")
+@click.argument("query", required=False)
+@click.option("--id", "ids", multiple=True,
+              help="Instead of QUERY: the entries like the stored entry ID, itself left out (repeatable).")  # fmt: skip
 @click.option("-k", "--k", "k", type=int, default=10, show_default=True)
 @click.option("--dims", help="The funnel, e.g. 16,2048 (default: the tuned setting).")
 @click.option("--where", help="A DuckDB filter over the metadata, e.g. \"label = 'cat'\".")
@@ -348,14 +350,20 @@ def _string_array(values: list[str]) -> pa.Array:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @storage_option
 @_reports_errors
-def query(store: str, query: str, k: int, dims: str | None, where: str | None, prefixes: str | None,
-          as_json: bool, storage_options: tuple[str, ...]) -> None:  # fmt: skip
-    """Query STORE with an image file or a .npy vector (1-D, or 2-D for several)."""
-    q: Any = _load_npy(Path(query)) if query.lower().endswith(VECTOR_SUFFIXES) else query
+def query(store: str, query: str | None, ids: tuple[str, ...], k: int, dims: str | None, where: str | None,
+          prefixes: str | None, as_json: bool, storage_options: tuple[str, ...]) -> None:  # fmt: skip
+    """Query STORE with an image file or folder, a .npy vector (1-D, or 2-D for several), or --id."""
+    if (query is None) == (not ids):
+        raise click.UsageError("give QUERY (an image or a .npy file) or --id, not both")
     with _reading(store, storage_options) as s:
-        if isinstance(q, str):
-            _announce_encoder(s)
-        results = s.query(q, k=k, dims=_ints(dims), where=where, prefixes=prefixes)
+        if ids:
+            results: Any = s.similar(list(ids), k=k, dims=_ints(dims), where=where, prefixes=prefixes)
+        else:
+            assert query is not None
+            q: Any = _load_npy(Path(query)) if query.lower().endswith(VECTOR_SUFFIXES) else query
+            if isinstance(q, str):
+                _announce_encoder(s)
+            results = s.query(q, k=k, dims=_ints(dims), where=where, prefixes=prefixes)
         results = [results] if not isinstance(results, list) else results
         rows = [
             {"query": qi, "rank": rank + 1, "id": i, "score": float(score), **meta}

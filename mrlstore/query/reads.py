@@ -41,6 +41,11 @@ class Reader:
         flat = pa.array(vectors.reshape(-1), pa.float32())
         return table.drop_columns("_row").append_column("vector", pa.FixedSizeListArray.from_arrays(flat, d))
 
+    def vectors_of_ids(self, ids: list[str]) -> np.ndarray:
+        """The whole stored vectors of entries ``ids`` as float32 rows, in the order given."""
+        column = self.get(ids, None).column("vector").combine_chunks()
+        return column.flatten().to_numpy().reshape(len(ids), column.type.list_size)
+
     def sql(self, query: str) -> pa.Table:
         with self.state.reading():  # not on a catalog a compaction or refresh is closing
             return self.state.catalog.sql(query)

@@ -135,6 +135,17 @@ class Searcher:
             return Hits.of_rows(snap.table, rows, scores, plan.dims, metadata)
         return HitsBatch.of_rows(snap.table, rows, offsets, scores, plan.dims, metadata)
 
+    def similar(
+        self, ids: list[str], vectors: np.ndarray, k: int, dims: Any, where: str | None, shortlist: Any,
+        ef: int | None, metadata: bool, prefixes: str | None,
+    ) -> HitsBatch:  # fmt: skip
+        """``Store.similar``: the stored ``vectors`` of entries ``ids`` as queries, each entry left out of its
+        own hits."""
+        self.plan(dims, k, shortlist, ef, prefixes)  # k and the rest checked as asked, before k + 1 is searched
+        found = self.query(vectors, k + 1, dims, where, shortlist, ef, metadata, prefixes)
+        assert isinstance(found, HitsBatch)  # a 2-D array of queries
+        return HitsBatch(hits.without(i, k) for hits, i in zip(found, ids))
+
     def _tell_growth(self, plan: Plan, live: int) -> None:
         """Warn once per tune (also across refreshes and compactions, which read the entry anew) that the
         store has outgrown the rows tune measured."""
