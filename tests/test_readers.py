@@ -232,6 +232,31 @@ def test_a_writer_without_readers_copies_nothing_and_publishes_when_one_arrives(
             assert len(reader) == 200 and not (path / "published" / "PENDING").exists()
 
 
+def test_a_reader_waits_for_a_writer_still_opening_a_store_nothing_was_published_for(tmp_path):
+    """A reader that came while the writer of a new store was still opening it (nothing published, no
+    PENDING yet) was refused at once ("open for writing; readers must wait for it"); it waits for the
+    writer's first version now."""
+    path = tmp_path / "s.mrl"
+    mrlstore.open(path, dim=DIM, index_dims=[8]).close()
+    shutil.rmtree(path / "published", ignore_errors=True)
+    opening = _start(tmp_path, "opening", textwrap.dedent("""
+        import sys, time
+        import mrlstore
+        from mrlstore.tiers.locking import StoreLock
+        lock = StoreLock(sys.argv[1], exclusive=True)  # as a writer holds it while its open runs
+        print("holding", flush=True)
+        time.sleep(1.0)
+        lock.release()
+        with mrlstore.open(sys.argv[1]):  # its open publishes for the reader waiting
+            time.sleep(1.0)
+    """), str(path))  # fmt: skip
+    assert opening.stdout.readline().strip() == "holding", opening.stderr.read()
+    with mrlstore.open(path, read_only=True) as reader:
+        assert len(reader) == 0 and reader.info()["version"] is not None
+    _, err = opening.communicate(timeout=60)
+    assert opening.returncode == 0, err
+
+
 def test_readers_open_across_a_compaction_refresh_to_the_new_generation(tmp_path):
     """A compaction swaps in a new folder: the readers open before it stay registered (the writer publishes
     the new generation for them), and a reader opened later in the same process, while an older one still

@@ -215,10 +215,15 @@ def _publish_over_damaged(store: Path) -> dict[str, Any] | None:
 
 
 def _await_writer(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | None:
-    """With a live writer: if it marked commits as not yet published, wait (READER_WAIT_S at most) until it
+    """With a live writer: if it marked commits as not yet published, or nothing is published yet (a writer
+    still opening a store it just made publishes when its open ends), wait (READER_WAIT_S at most) until it
     publishes them (the caller is registered as a reader, so it will)."""
     deadline = time.monotonic() + READER_WAIT_S
-    while (store / PUBLISHED_DIR / PENDING_FILE).exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        head = head or read_head(store)
+        unpublished = head is None and not (store / PUBLISHED_DIR / HEAD_FILE).exists()  # not one damaged
+        if not unpublished and not (store / PUBLISHED_DIR / PENDING_FILE).exists():
+            break
         time.sleep(0.02)
     return read_head(store) or head
 
