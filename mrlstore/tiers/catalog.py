@@ -540,7 +540,8 @@ class Catalog:
                     value = metadata.column(col)[row_i].as_py()
                     raise MetadataError(
                         f"metadata[{row_i}][{col!r}] = {value!r} does not fit column {col!r} of type "
-                        f"{existing[col]} (or would change when stored there)"
+                        f"{existing[col]} (or would change when stored there); a column's type is set by the first "
+                        "values written to it: write its first values in the type you need (2.0 for a float column)"
                     )
 
     def snapshot_to(self, dest: Path) -> None:
