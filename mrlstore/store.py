@@ -260,6 +260,15 @@ class Store:
         self._check_writable()
         return self._writer.upsert(vectors, ids, metadata, keep_metadata)
 
+    def update_metadata(self, ids: Sequence[str], metadata: Any) -> int:
+        """Set metadata of the entries ``ids`` without giving their vectors again: ``metadata`` is one dict
+        per id (or one dict for all, a pa.Table, a DataFrame); the columns it gives are set, None clearing a
+        value, and the others kept. Returns how many entries changed. Each entry is committed again with its
+        stored vector, as an upsert (its rows take disk until a compaction). Unknown ids raise
+        UnknownIdError and nothing changes."""
+        self._check_writable()
+        return self._writer.update_metadata(ids, metadata)
+
     def add_arrow(
         self,
         data: Any,

@@ -500,3 +500,30 @@ def test_queries_between_adds_read_only_live_maps(tmp_path):
         [sys.executable, str(script), str(tmp_path / "s")], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and done.stdout == "ok\n", (done.returncode, done.stderr[-2000:])
+
+
+def test_update_metadata_sets_and_clears_values_and_keeps_vectors_and_other_columns(tmp_path):
+    """Changing a label meant getting each vector back and upserting it, and an upsert keeps the old value
+    of a key given as None, so a value could not be cleared."""
+    x = np.random.default_rng(3).standard_normal((200, 64)).astype(np.float32)
+    path = tmp_path / "s"
+    with mrlstore.open(path, dim=64, bands=(16, 64), index_dims=(16,)) as store:
+        store.add_vectors(x, ids=[f"r{i}" for i in range(200)], metadata=[{"label": "a", "n": i} for i in range(200)])
+        before = store.get(["r3", "r4"]).column("vector")
+        assert store.update_metadata(["r3", "r4"], [{"label": "b"}, {"label": None, "new": 1.5}]) == 2
+        assert store.update_metadata(["r5", "r6"], {"label": "c"}) == 2
+        with pytest.raises(mrlstore.UnknownIdError):
+            store.update_metadata(["r1", "gone"], {"label": "q"})
+        assert store.get(["r3", "r4"]).column("vector").equals(before)
+        assert store.query(x[4], k=1).ids == ["r4"] and len(store) == 200 and store.verify() == []
+    with mrlstore.open(path, read_only=True) as store:
+        rows = store.get(["r1", "r3", "r4", "r5"]).drop_columns(["vector"]).to_pylist()
+        assert rows == [
+            {"id": "r1", "label": "a", "n": 1, "new": None},
+            {"id": "r3", "label": "b", "n": 3, "new": None},
+            {"id": "r4", "label": None, "n": 4, "new": 1.5},
+            {"id": "r5", "label": "c", "n": 5, "new": None},
+        ]
+        assert store.query(x[4], k=1).metadata == [{"label": None, "n": 4, "new": 1.5}]
+        with pytest.raises(mrlstore.ReadOnlyError):
+            store.update_metadata(["r1"], {"label": "x"})

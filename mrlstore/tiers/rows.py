@@ -243,6 +243,19 @@ def kept_metadata(given: pa.Table | None, old: pa.Table | None) -> pa.Table | No
     return given
 
 
+def overlaid_metadata(old: pa.Table | None, given: pa.Table) -> pa.Table:
+    """``old`` (entries' metadata, None: no columns) with the columns ``given`` gives replaced by its values,
+    nulls too (a metadata update clears what it sets to None)."""
+    if old is None:
+        return given
+    for name in given.column_names:
+        if name in old.column_names:
+            old = old.set_column(old.column_names.index(name), name, given.column(name))
+        else:
+            old = old.append_column(name, given.column(name))
+    return old
+
+
 def _unchanged_cast(values: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
     """``values`` cast to ``to``, refused (ArrowInvalid) where the cast changes a value: Arrow's safe cast
     refuses overflow and truncation, but matches struct fields by name (dropping the others, filling the

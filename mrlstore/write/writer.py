@@ -32,7 +32,7 @@ from mrlstore.errors import (
 )
 from mrlstore.inputs.staging import Fragments, StoreShape
 from mrlstore.inputs.vectors import id_list, id_strings, metadata_table, vector_batch
-from mrlstore.tiers.rows import kept_metadata
+from mrlstore.tiers.rows import kept_metadata, overlaid_metadata
 from mrlstore.tiers.snapshot import Snapshot, load_snapshot
 from mrlstore.tiers.state import StoreState
 
@@ -63,6 +63,26 @@ class Writer:
         if ids is None:
             raise InvalidInputError("upsert_vectors needs ids (which entries to replace)")
         return self.write(vectors, ids, metadata, replace=True, keep_metadata=keep_metadata)
+
+    def update_metadata(self, ids: Any, metadata: Any) -> int:
+        """``Store.update_metadata``: entries ``ids`` committed again with their vectors and the columns
+        ``metadata`` gives set (None clears); returns how many."""
+        id_batch = id_list(ids, len(id_strings(ids)))
+        meta = metadata_table(metadata, len(id_batch))
+        if meta is None or not id_batch:
+            return 0
+        p = self.state.params
+        with self.state.writing():  # one writer: the rows read are the ones replaced
+            found = self.state.catalog.rows_of(id_batch)
+            missing = [i for i in id_batch if i not in found]
+            if missing:
+                raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+            rows = [found[i] for i in id_batch]
+            stored = self.state.vectors.gather(np.asarray(rows, dtype=np.int64), 0, p.dim)
+            batch = vector_batch(stored, p.dim, p.dtype, p.metric, p.index_dims)
+            merged = overlaid_metadata(self.state.snap.table.metadata_of(rows), meta)
+            self.commit([batch], id_batch, merged, replace=True, keep_metadata=False)
+        return len(id_batch)
 
     def write(
         self, vectors: Any, ids: Any, metadata: Any, replace: bool, keep_metadata: bool = False, skip: bool = False
