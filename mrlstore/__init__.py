@@ -55,8 +55,10 @@ if TYPE_CHECKING:  # torch loads on the first load_encoder(), or the first use o
 
 def __getattr__(name: str) -> object:
     if name == "ImageEncoder":  # the type load_encoder() returns, named without importing torch at import
-        from mrlstore.encoder.model import ImageEncoder
-
+        try:
+            from mrlstore.encoder.model import ImageEncoder
+        except ImportError as e:  # hasattr() and getattr(..., None) say no, as for any missing name
+            raise AttributeError(f"mrlstore.ImageEncoder needs torch: pip install 'mrlstore[images]' ({e})") from e
         return ImageEncoder
     raise AttributeError(f"module 'mrlstore' has no attribute {name!r}")
 

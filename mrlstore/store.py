@@ -26,6 +26,7 @@ from mrlstore.encoder.protocol import Encoder
 from mrlstore.encoder.runner import EncoderSlot
 from mrlstore.errors import ReadOnlyError, UnsupportedStorageError
 from mrlstore.inputs.staging import StoreShape
+from mrlstore.inputs.vectors import id_strings
 from mrlstore.options import StoreConfig
 from mrlstore.query.filters import FilterCache
 from mrlstore.query.reads import SCAN_BATCH_ROWS, Reader, write_parquet
@@ -388,7 +389,7 @@ class Store:
         out. Unknown ids raise UnknownIdError."""
         self._state.check_open()
         one = isinstance(ids, str)
-        asked = [ids] if isinstance(ids, str) else list(ids)
+        asked = id_strings([ids] if isinstance(ids, str) else ids)
         vectors = self._reader.vectors_of_ids(asked)
         found = self._search.similar(asked, vectors, k, dims, where, shortlist, ef, metadata, prefixes)
         return found[0] if one else found

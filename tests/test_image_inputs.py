@@ -602,6 +602,17 @@ def test_pixels_outside_the_documented_range_are_refused_before_anything_is_writ
         store.query(torch.from_numpy(pixels).permute(2, 0, 1), k=1)
 
 
+def test_float_pixels_a_resize_rang_past_their_range_are_kept():
+    """Bicubic resizes ring a little past [0, 1] or [0, 255]: such images were clipped and encoded before
+    the range check, and still are."""
+    from mrlstore.inputs.images import ImageItem, to_rgb
+
+    ramp = np.linspace(0.0, 1.0, 8 * 8 * 3).reshape(8, 8, 3)
+    for image, scale in ((ramp * 1.04 - 0.02, 255.0), ((ramp * 1.04 - 0.02) * 255.0, 1.0)):
+        expected = np.clip(image * scale, 0, 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(to_rgb(ImageItem(image.astype(np.float32), None)), expected)
+
+
 def test_bytes_that_are_not_an_image_say_so_and_point_at_paths(store, tmp_path):
     """Bytes are a file's contents; a path given as bytes said 'cannot identify image file
     <_io.BytesIO object at 0x...>'. Pillow's pixel limit says how to raise it."""
@@ -646,4 +657,9 @@ def test_one_metadata_dict_labels_every_image_of_a_folder(store, photos):
         store.add([_pixels(9), _pixels(10)], metadata={"label": ["x", "y"]})
     with pytest.raises(mrlstore.MetadataError, match="for 2 images"):
         store.add([_pixels(9), _pixels(10)], metadata=[{"label": "x"}])
-    assert len(store) == 5
+    from types import MappingProxyType
+
+    assert len(store.add([_pixels(11), _pixels(12)], metadata=MappingProxyType({"label": "m"})).added) == 2
+    with pytest.raises(mrlstore.MetadataError):  # typed, where len() of a 0-d array raised TypeError
+        store.add([_pixels(13), _pixels(14)], metadata={"n": np.array(5)})
+    assert len(store) == 7

@@ -834,6 +834,26 @@ def test_a_store_published_again_after_its_objects_were_deleted_is_never_served_
         assert old_reader.query(vectors[70], k=1).ids == ["r70"]
 
 
+def test_the_cache_keeps_the_copies_downloaded_last_not_the_highest_numbers(tmp_path):
+    """Copies were ranked by version number: after a store was published again from version 1, the copies of
+    its deleted numbering (never served again) were kept and the live one's evicted."""
+
+    def head(version: int, at: float) -> dict:
+        return {"generation": 0, "version": version, "published_at": at, "parts": {"catalog.duckdb": f"{at}"}}
+
+    heads = [head(v, 1000.0 + v) for v in range(1, 6)] + [head(1, 2001.0), head(2, 2002.0)]
+    hour_ago = time.time() - 7200
+    for n, h in enumerate(heads):  # downloaded in this order; none used for an hour
+        copy = tmp_path / objectstore._copy_name(h)
+        (copy / "catalog.duckdb").parent.mkdir()
+        (copy / "catalog.duckdb").touch()
+        os.utime(copy / "catalog.duckdb", (hour_ago + n, hour_ago + n))
+        os.utime(copy, (hour_ago, hour_ago))
+    objectstore._evict_old_copies(tmp_path)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == sorted(objectstore._copy_name(h) for h in heads[-objectstore.KEEP_VERSIONS :])
+
+
 @pytest.mark.slow  # real processes, many times: CI runs it with -m slow
 def test_readers_opening_one_url_at_once_share_one_download(tmp_path, options, bucket):
     """The first opens of a version race to put its copy in the shared cache: one wins, the others use it."""

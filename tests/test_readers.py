@@ -257,6 +257,34 @@ def test_a_reader_waits_for_a_writer_still_opening_a_store_nothing_was_published
     assert opening.returncode == 0, err
 
 
+def test_a_reader_whose_writer_left_without_publishing_publishes_itself(tmp_path):
+    """A writer that quits before it publishes (a failed open): the reader waited out its wait and named a
+    process that was gone; it publishes the catalog itself once the lock is free. A staged writer (a Ray
+    write's driver, which never publishes) publishes a first version of a new store when it opens."""
+    from mrlstore.upkeep.staged import StagedWriter
+
+    path = tmp_path / "s.mrl"
+    mrlstore.open(path, dim=DIM, index_dims=[8]).close()
+    shutil.rmtree(path / "published", ignore_errors=True)
+    quitting = _start(tmp_path, "quitting", textwrap.dedent("""
+        import sys, time
+        from mrlstore.tiers.locking import StoreLock
+        lock = StoreLock(sys.argv[1], exclusive=True)
+        print("holding", flush=True)
+        time.sleep(0.5)
+    """), str(path))  # fmt: skip
+    assert quitting.stdout.readline().strip() == "holding", quitting.stderr.read()
+    with mrlstore.open(path, read_only=True) as reader:
+        assert len(reader) == 0
+    quitting.communicate(timeout=60)
+    staged = StagedWriter(tmp_path / "new.mrl", mrlstore.StoreConfig(dim=DIM, index_dims=(8,)))
+    try:
+        with mrlstore.open(tmp_path / "new.mrl", read_only=True) as reader:
+            assert len(reader) == 0
+    finally:
+        staged.close()
+
+
 def test_readers_open_across_a_compaction_refresh_to_the_new_generation(tmp_path):
     """A compaction swaps in a new folder: the readers open before it stay registered (the writer publishes
     the new generation for them), and a reader opened later in the same process, while an older one still

@@ -357,6 +357,9 @@ def test_similar_queries_an_entrys_stored_vector_and_leaves_it_out(tmp_path):
             store.similar(["r5", "gone"])
         with pytest.raises(mrlstore.InvalidKError):
             store.similar("r5", k=0)
+        assert len(store.similar("r5", k=10, dims=[16, 64], shortlist=10)) == 10  # as query() takes it
+        with pytest.raises(mrlstore.InvalidIdError):
+            store.similar(5)  # type: ignore[call-overload]
         store.delete(["r5"])
         with pytest.raises(mrlstore.UnknownIdError):
             store.similar("r5")

@@ -512,17 +512,22 @@ def test_update_metadata_sets_and_clears_values_and_keeps_vectors_and_other_colu
         before = store.get(["r3", "r4"]).column("vector")
         assert store.update_metadata(["r3", "r4"], [{"label": "b"}, {"label": None, "new": 1.5}]) == 2
         assert store.update_metadata(["r5", "r6"], {"label": "c"}) == 2
+        assert store.update_metadata(["r7", "r8"], [{"label": "dog"}, {"n": 99}]) == 2  # each its own keys
         with pytest.raises(mrlstore.UnknownIdError):
             store.update_metadata(["r1", "gone"], {"label": "q"})
+        with pytest.raises(mrlstore.UnknownIdError):
+            store.update_metadata(["gone"], {})
         assert store.get(["r3", "r4"]).column("vector").equals(before)
         assert store.query(x[4], k=1).ids == ["r4"] and len(store) == 200 and store.verify() == []
     with mrlstore.open(path, read_only=True) as store:
-        rows = store.get(["r1", "r3", "r4", "r5"]).drop_columns(["vector"]).to_pylist()
+        rows = store.get(["r1", "r3", "r4", "r5", "r7", "r8"]).drop_columns(["vector"]).to_pylist()
         assert rows == [
             {"id": "r1", "label": "a", "n": 1, "new": None},
             {"id": "r3", "label": "b", "n": 3, "new": None},
             {"id": "r4", "label": None, "n": 4, "new": 1.5},
             {"id": "r5", "label": "c", "n": 5, "new": None},
+            {"id": "r7", "label": "dog", "n": 7, "new": None},
+            {"id": "r8", "label": "a", "n": 99, "new": None},
         ]
         assert store.query(x[4], k=1).metadata == [{"label": None, "n": 4, "new": 1.5}]
         with pytest.raises(mrlstore.ReadOnlyError):

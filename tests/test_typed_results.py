@@ -203,3 +203,11 @@ def test_a_tune_result_prints_its_choice_not_every_point(tmp_path):
     text = repr(result)
     assert text.startswith(f"TuneResult(dims={result.dims}, shortlist={result.shortlist}, ") and len(text) < 300
     assert str(result) == text and len(result.tried) > 1 and result["tried"] == result.tried
+
+
+def test_the_image_encoders_name_without_torch_is_a_missing_attribute(monkeypatch):
+    """It raised ModuleNotFoundError, so hasattr() and getattr(..., None) raised too."""
+    monkeypatch.setitem(sys.modules, "mrlstore.encoder.model", None)  # as if torch were not installed
+    assert not hasattr(mrlstore, "ImageEncoder") and getattr(mrlstore, "ImageEncoder", None) is None
+    with pytest.raises(AttributeError, match="needs torch"):
+        mrlstore.ImageEncoder  # noqa: B018

@@ -34,6 +34,7 @@ _PLUGINS = {
     ".avif": "AVIF needs Pillow 11.3 or later, or the pillow-avif-plugin package",
 }
 _EXIF_ORIENTATION = 0x0112
+FLOAT_OVERSHOOT = 0.05  # how far past its range a resized float image may ring (bicubic), as a share of it
 MAX_STREAM_BYTES = 256 << 20  # the most a pipe given as an image path may give
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "ftp://", "memory://")
 
@@ -345,17 +346,22 @@ def _pixel_values(arr: np.ndarray) -> np.ndarray:
 
 
 def _float_pixels(arr: np.ndarray) -> np.ndarray:
-    """Float pixels as 0..255: [0, 1] scaled, [0, 255] as they are. Anything else is refused: a tensor
-    normalized for a network (negative values) read as pixels was a dark image, encoded without a word."""
+    """Float pixels as 0..255 (clipped later): [0, 1] scaled, [0, 255] as they are, each with the overshoot a
+    resize leaves (FLOAT_OVERSHOOT of the range). Anything else is refused: a tensor normalized for a network
+    (values to about -2) read as pixels was a dark image, encoded without a word."""
     if not np.isfinite(arr).all():
         raise InvalidInputError("an image array contains NaN or inf")
     low, top = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-    if low < 0.0 or top > 255.0:
+    over = FLOAT_OVERSHOOT
+    if low >= -over and top <= 1.0 + over:
+        return arr * 255.0
+    # [0, 255] with a resize's overshoot; negatives with no value above 3 are a normalized tensor's signature
+    if not (-over * 255.0 <= low and top <= 255.0 * (1.0 + over) and (low >= 0.0 or top > 3.0)):
         hint = " (a normalized tensor? pass the pixels from before the normalization)" if low < 0.0 else ""
         raise InvalidInputError(
             f"float image pixels must lie in [0, 1] or [0, 255], got values from {low:.3g} to {top:.3g}{hint}"
         )
-    return arr * 255.0 if top <= 1.0 else arr
+    return arr
 
 
 def _to_8_bits(arr: np.ndarray) -> np.ndarray:

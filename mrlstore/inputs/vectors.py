@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,7 +190,7 @@ def is_utf8(text: str) -> bool:
 def _one_row(row: dict[Any, Any], n: int) -> dict[Any, Any]:
     """A dict given as metadata is every entry's; one whose values are all n-long lists reads as columns,
     which it is not, so it is refused rather than stored as lists in every row."""
-    columns = [v for v in row.values() if isinstance(v, (list, tuple, np.ndarray)) and len(v) == n]
+    columns = [v for v in row.values() if isinstance(v, (list, tuple, np.ndarray)) and np.ndim(v) >= 1 and len(v) == n]
     if n > 1 and row and len(columns) == len(row):
         raise MetadataError(
             f"a dict of {n}-long lists as metadata for {n} entries is ambiguous: pass one dict per entry, or the "
@@ -204,8 +204,8 @@ def metadata_table(metadata: Any, n: int, what: str = "vectors") -> pa.Table | N
     n rows; ``what`` names the entries in messages."""
     if metadata is None:
         return None
-    if isinstance(metadata, dict):
-        metadata = [_one_row(metadata, n)] * n
+    if isinstance(metadata, Mapping):
+        metadata = [_one_row(dict(metadata), n)] * n
     try:
         if isinstance(metadata, pa.Table):
             table = metadata

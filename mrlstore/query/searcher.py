@@ -142,6 +142,8 @@ class Searcher:
         """``Store.similar``: the stored ``vectors`` of entries ``ids`` as queries, each entry left out of its
         own hits."""
         self.plan(dims, k, shortlist, ef, prefixes)  # k and the rest checked as asked, before k + 1 is searched
+        if shortlist is not None:  # one more candidate at each stage, for the entry itself
+            shortlist = shortlist + 1 if isinstance(shortlist, int) else [int(s) + 1 for s in shortlist]
         found = self.query(vectors, k + 1, dims, where, shortlist, ef, metadata, prefixes)
         assert isinstance(found, HitsBatch)  # a 2-D array of queries
         return HitsBatch(hits.without(i, k) for hits, i in zip(found, ids))

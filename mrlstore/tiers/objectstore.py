@@ -869,6 +869,14 @@ def _complete_or_absent(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _downloaded(copy: Path) -> float:
+    """When a version's copy was made (its catalog's time: a reader's use changes neither)."""
+    try:
+        return (copy / "catalog.duckdb").stat().st_mtime
+    except OSError:
+        return 0.0  # incomplete: first to go
+
+
 def _evict_old_copies(root: Path, keep: int = KEEP_VERSIONS, idle_s: float = STALE_COPY_S) -> None:
     """Version copies of one URL beyond the ``keep`` newest, untouched for ``idle_s`` seconds (readers of them
     have moved on: a process that still has one open keeps its mapped files), the kept chunks no copy links
@@ -881,9 +889,9 @@ def _evict_old_copies(root: Path, keep: int = KEEP_VERSIONS, idle_s: float = STA
         except OSError:
             return False
 
-    found = [(m, p) for p in root.iterdir() if (m := re.fullmatch(r"g(\d+)-v(\d+)(-[0-9a-f]+)?", p.name))]
-    copies = sorted(found, key=lambda item: (int(item[0][1]), int(item[0][2])))
-    for _, old in copies[: max(0, len(copies) - keep)]:
+    # newest downloaded last: a store published again from version 1 has older copies of higher numbers
+    copies = sorted((p for p in root.iterdir() if re.fullmatch(r"g\d+-v\d+(-[0-9a-f]+)?", p.name)), key=_downloaded)
+    for old in copies[: max(0, len(copies) - keep)]:
         if idle(old):
             shutil.rmtree(old, ignore_errors=True)
     for leftover in [*root.glob(".download-*"), *root.rglob(".*.tmp-*")]:

@@ -243,16 +243,21 @@ def kept_metadata(given: pa.Table | None, old: pa.Table | None) -> pa.Table | No
     return given
 
 
-def overlaid_metadata(old: pa.Table | None, given: pa.Table) -> pa.Table:
+def overlaid_metadata(old: pa.Table | None, given: pa.Table, gave: dict[str, list[bool]] | None = None) -> pa.Table:
     """``old`` (entries' metadata, None: no columns) with the columns ``given`` gives replaced by its values,
-    nulls too (a metadata update clears what it sets to None)."""
+    nulls too (a metadata update clears what it sets to None); ``gave[name]`` says which rows gave column
+    ``name`` (None: every row gave every column): the others keep their old value."""
     if old is None:
         return given
     for name in given.column_names:
-        if name in old.column_names:
-            old = old.set_column(old.column_names.index(name), name, given.column(name))
-        else:
-            old = old.append_column(name, given.column(name))
+        values, mask = given.column(name), (gave or {}).get(name)
+        if name not in old.column_names:
+            old = old.append_column(name, values)
+            continue
+        if mask is not None and not all(mask):
+            values, kept = _alike(name, values, old.column(name))
+            values = pc.if_else(pa.array(mask, pa.bool_()), values, kept)
+        old = old.set_column(old.column_names.index(name), name, values)
     return old
 
 

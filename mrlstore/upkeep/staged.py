@@ -41,7 +41,7 @@ from mrlstore.tiers.locking import WriteLease
 from mrlstore.tiers.params import StoreParams
 from mrlstore.tiers.state import HeldLock, clear_uncommitted
 from mrlstore.upkeep.opening import create_if_absent
-from mrlstore.upkeep.versions import Versions
+from mrlstore.upkeep.versions import Versions, publish_first_version
 
 MOVE_ROWS = 4096  # rows copied at a time when the commit fills a hole (16 MiB at 2048-d float16)
 
@@ -64,6 +64,7 @@ class StagedWriter:
             self.params.check_requested(requested, self.path)
             self._vectors = versions.open_bands(self.params)
             clear_uncommitted(self.path, self._vectors, self._catalog)
+            publish_first_version(self.path, self._catalog)
         except BaseException:
             self.close()
             raise

@@ -134,6 +134,16 @@ def publish(store: Path, copy_catalog: Callable[[Path], None], state: dict[str, 
     return head
 
 
+def publish_first_version(store: Path, catalog: Catalog) -> None:
+    """For a writer that never publishes (a staged write's driver), on a store with no version yet: one of
+    its catalog now, so readers that come meanwhile open it instead of waiting for the writer's lock."""
+    if read_head(store) is not None:
+        return
+    manifest = catalog.manifest()
+    state = version_state(manifest, int(manifest["committed_rows"]), catalog.live_count())
+    _publish_if_allowed(store, catalog.snapshot_to, state)
+
+
 def carry_readers(old: Path, new: Path) -> None:
     """Before a compaction's exchange: the readers registered at ``old`` count as readers of ``new`` (the same
     READERS file, linked), so the writer publishes the new generation for them and their refresh finds it."""
@@ -166,22 +176,38 @@ def newest_version(store: Path) -> dict[str, Any] | None:
     from mrlstore.tiers.locking import StoreLock
 
     head = usable_head(store)
+    for attempt in range(3):  # again when the writer left without publishing: this reader publishes then
+        try:
+            lock = StoreLock(store, exclusive=False)
+        except StoreLockedError:
+            head = _await_writer(store, head)  # a live writer publishes for the readers it sees
+            if head is None and (store / PUBLISHED_DIR / HEAD_FILE).exists():
+                raise CorruptStoreError(
+                    f"{store / PUBLISHED_DIR / HEAD_FILE} is unreadable (damaged?) while a writer holds the store: "
+                    "its next commit publishes a new version for readers"
+                ) from None
+            if head is None and attempt < 2 and _writer_left(store):
+                continue
+            if head is None:
+                raise
+            return head
+        try:
+            return _published_if_trailing(store, head)
+        finally:
+            lock.release()
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _writer_left(store: Path) -> bool:
+    """Whether no writer holds the store's lock now (a shared lock taken and let go at once)."""
+    from mrlstore.errors import StoreLockedError
+    from mrlstore.tiers.locking import StoreLock
+
     try:
-        lock = StoreLock(store, exclusive=False)
+        StoreLock(store, exclusive=False).release()
     except StoreLockedError:
-        head = _await_writer(store, head)  # a live writer publishes for the readers it sees
-        if head is None and (store / PUBLISHED_DIR / HEAD_FILE).exists():
-            raise CorruptStoreError(
-                f"{store / PUBLISHED_DIR / HEAD_FILE} is unreadable (damaged?) while a writer holds the store: "
-                "its next commit publishes a new version for readers"
-            ) from None
-        if head is None:
-            raise
-        return head
-    try:
-        return _published_if_trailing(store, head)
-    finally:
-        lock.release()
+        return False
+    return True
 
 
 def _published_if_trailing(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -223,6 +249,8 @@ def _await_writer(store: Path, head: dict[str, Any] | None) -> dict[str, Any] | 
         head = head or read_head(store)
         unpublished = head is None and not (store / PUBLISHED_DIR / HEAD_FILE).exists()  # not one damaged
         if not unpublished and not (store / PUBLISHED_DIR / PENDING_FILE).exists():
+            break
+        if unpublished and _writer_left(store):  # it will publish nothing: the caller can, now
             break
         time.sleep(0.02)
     return read_head(store) or head

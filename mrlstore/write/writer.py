@@ -13,7 +13,7 @@ next writer's open. The HNSW indexes are a cache: saved atomically now and then,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,14 @@ from mrlstore.tiers.snapshot import Snapshot, load_snapshot
 from mrlstore.tiers.state import StoreState
 
 _TRIM_AFTER_BYTES = 4 << 20
+
+
+def _keys_given(metadata: Any) -> dict[str, list[bool]] | None:
+    """Per key, which entries of a list of dicts gave it (None: a table or one dict gives every column)."""
+    if not isinstance(metadata, (list, tuple)) or not all(isinstance(r, Mapping) for r in metadata):
+        return None
+    keys = dict.fromkeys(k for r in metadata for k in r)
+    return {k: [k in r for r in metadata] for k in keys}
 
 
 class Writer:
@@ -69,18 +77,18 @@ class Writer:
         ``metadata`` gives set (None clears); returns how many."""
         id_batch = id_list(ids, len(id_strings(ids)))
         meta = metadata_table(metadata, len(id_batch))
-        if meta is None or not id_batch:
-            return 0
         p = self.state.params
         with self.state.writing():  # one writer: the rows read are the ones replaced
             found = self.state.catalog.rows_of(id_batch)
             missing = [i for i in id_batch if i not in found]
             if missing:
                 raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+            if meta is None:
+                return 0
             rows = [found[i] for i in id_batch]
             stored = self.state.vectors.gather(np.asarray(rows, dtype=np.int64), 0, p.dim)
             batch = vector_batch(stored, p.dim, p.dtype, p.metric, p.index_dims)
-            merged = overlaid_metadata(self.state.snap.table.metadata_of(rows), meta)
+            merged = overlaid_metadata(self.state.snap.table.metadata_of(rows), meta, _keys_given(metadata))
             self.commit([batch], id_batch, merged, replace=True, keep_metadata=False)
         return len(id_batch)
 
