@@ -1,5 +1,6 @@
-"""The command line, run as users run it (``python -m mrlstore`` in a subprocess), and the store methods it
-drives: verify, export, snapshots that stay sparse, a light install without torch."""
+"""The command line, through the entry point ``python -m mrlstore`` runs (in this process, tests/cli_support.py;
+in a subprocess where a process is what is checked: its exit status, a pipe closed early), and the store
+methods it drives: verify, export, snapshots that stay sparse, a light install without torch."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_support import python_m_mrlstore, run_cli
 
 import mrlstore
 
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mrlstore", *args], capture_output=True, text=True, cwd=cwd)
+cli = run_cli  # the commands' code path, in this process; python_m_mrlstore runs a real process
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,14 @@ def vectors(tmp_path_factory):
 
 
 def test_help_everywhere_and_usage_errors_exit_2():
-    out = cli("--help")
+    out = python_m_mrlstore("--help")
     assert out.returncode == 0 and "create" in out.stdout and "verify" in out.stdout
     for command in ("create", "add", "query", "info", "sql", "tune", "compact", "verify", "export", "delete",
                     "snapshot", "publish"):  # fmt: skip
         assert cli(command, "--help").returncode == 0, command
     assert cli("query").returncode == 2  # missing arguments
     assert cli("nonsense").returncode == 2
+    assert python_m_mrlstore("nonsense").returncode == 2  # as a process exits
 
 
 def test_a_session_from_create_to_export(vectors, tmp_path):
@@ -77,11 +78,11 @@ def test_store_errors_exit_1_with_one_line(vectors, tmp_path):
     root, _ = vectors
     store = str(tmp_path / "s.mrl")
     cli("create", store, "--dim", "64", "--bands", "16,64", "--index-dims", "16")
-    out = cli("sql", store, "DELETE FROM items")
+    out = python_m_mrlstore("sql", store, "DELETE FROM items")  # as a process exits
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
-    out = cli("add", store, str(root / "missing.jpg"))
+    out = python_m_mrlstore("add", store, str(root / "missing.jpg"))
     assert out.returncode == 1 and "error: " in out.stderr and "Traceback" not in out.stderr
-    out = cli("create", "s3://bucket/x.mrl", "--dim", "8", cwd=tmp_path)
+    out = python_m_mrlstore("create", "s3://bucket/x.mrl", "--dim", "8", cwd=tmp_path)
     assert out.returncode == 1 and "read-only" in out.stderr
     assert not (tmp_path / "s3:").exists()  # refused before anything touched the disk
 

@@ -1,4 +1,6 @@
-"""The complete command line, as users run it (``python -m mrlstore`` in a subprocess): vector adds with ids
+"""The complete command line, through the entry point ``python -m mrlstore`` runs (in this process,
+tests/cli_support.py; in a subprocess where a process is what is checked: the AWS environment, permissions
+dropped before the start, a full or read-only disk): vector adds with ids
 and metadata that do not duplicate on a re-add, delete, snapshot, publish and the read commands on s3://
 URLs (a moto server), one-line errors on bad paths and full or read-only disks, and an image add killed
 part way that a re-run completes."""
@@ -17,17 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_support import python_m_mrlstore, run_cli
 from errors_support import without_root_file_access
 from PIL import Image
 
 import mrlstore
 
-
-def cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mrlstore", *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-        **kw,
-    )  # fmt: skip
+cli = run_cli  # the commands' code path, in this process; python_m_mrlstore runs a real process
 
 
 def one_line_error(out: subprocess.CompletedProcess, code: int = 1) -> str:
@@ -177,7 +175,7 @@ def test_publish_and_read_commands_on_s3_urls(store, vectors, tmp_path, s3_endpo
     out = cli("verify", url, *flags, env=cache)
     assert out.returncode == 0 and "consistent" in out.stdout, out.stderr
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": s3_endpoint}
-    assert json.loads(cli("info", url, env={**cache, **aws}).stdout)["live"] == 40  # the AWS environment
+    assert json.loads(python_m_mrlstore("info", url, env={**cache, **aws}).stdout)["live"] == 40  # the AWS environment
     assert "no store published" in one_line_error(cli("info", "s3://cli-bucket/nothing", *flags, env=cache))
     bad = cli("info", url, "--storage-option", "oops")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
@@ -201,7 +199,7 @@ def test_a_folder_without_permission_is_one_line(tmp_path):
             pytest.skip("root here cannot drop its file-access capabilities")
     elif os.access(locked, os.W_OK):
         pytest.skip("this file system ignores permission bits")
-    out = cli("create", str(locked / "x.mrl"), "--dim", "8", preexec_fn=drop)
+    out = python_m_mrlstore("create", str(locked / "x.mrl"), "--dim", "8", preexec_fn=drop)
     assert "permission denied" in one_line_error(out)
     assert not list(locked.iterdir())
 
@@ -217,7 +215,7 @@ def test_a_full_disk_is_one_line_and_commits_nothing_partial(small_disk, tmp_pat
     np.save(tmp_path / "small.npy", np.random.default_rng(1).standard_normal((500, 64)).astype(np.float32))
     np.save(tmp_path / "big.npy", np.random.default_rng(2).standard_normal((40000, 64)).astype(np.float32))
     assert "added 500 vectors" in cli("add", str(store), str(tmp_path / "small.npy")).stdout
-    message = one_line_error(cli("add", str(store), str(tmp_path / "big.npy")))
+    message = one_line_error(python_m_mrlstore("add", str(store), str(tmp_path / "big.npy")))
     assert re.search("disk is full|No space left", message), message
     assert cli("verify", str(store)).returncode == 0
     assert _count(store) == 500
@@ -225,7 +223,7 @@ def test_a_full_disk_is_one_line_and_commits_nothing_partial(small_disk, tmp_pat
 
 def test_a_read_only_disk_is_one_line(small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    assert "read-only" in one_line_error(cli("create", str(small_disk / "x.mrl"), "--dim", "8"))
+    assert "read-only" in one_line_error(python_m_mrlstore("create", str(small_disk / "x.mrl"), "--dim", "8"))
 
 
 @pytest.mark.slow
@@ -236,7 +234,7 @@ def test_an_image_add_killed_part_way_keeps_its_commits_and_a_rerun_completes(tm
     for i in range(160):
         Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(photos / f"p{i:03d}.png")
     store = tmp_path / "s.mrl"
-    assert cli("create", str(store)).returncode == 0
+    assert python_m_mrlstore("create", str(store)).returncode == 0
     args = [sys.executable, "-m", "mrlstore", "add", str(store), str(photos), "--commit-every", "8"]
     args += ["--batch-size", "4"]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -252,7 +250,7 @@ def test_an_image_add_killed_part_way_keeps_its_commits_and_a_rerun_completes(tm
     with mrlstore.open(store, read_only=True) as s:
         kept = len(s)
         assert 16 <= kept < 160 and kept % 8 == 0 and s.verify() == []
-    out = cli("add", str(store), str(photos), "--commit-every", "8")
+    out = python_m_mrlstore("add", str(store), str(photos), "--commit-every", "8")
     assert out.returncode == 0 and f"added {160 - kept} images, {kept} already present" in out.stdout, out.stderr
     assert "loading the image encoder" in out.stderr  # said before the few silent seconds torch takes
     with mrlstore.open(store, read_only=True) as s:

@@ -3,14 +3,13 @@ measure faster, the coarse indexes search them, and nothing the user stored or r
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
+from cli_support import run_cli
 from killing import killed_part_way
 
 import mrlstore
@@ -392,9 +391,7 @@ def test_sigkill_during_tune_leaves_the_previous_codes_or_the_new(tmp_path):
 
 
 def test_the_command_line_creates_raw_stores_and_queries_either_codes(fitted_store, tmp_path):
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "mrlstore", *map(str, args)], capture_output=True, text=True, timeout=120
-    )
+    run = lambda *args: run_cli(*map(str, args))  # noqa: E731  (the commands' code path, in this process)
     out = run("create", tmp_path / "r", "--dim", DIM, "--prefixes", "raw")
     assert out.returncode == 0, out.stderr
     with mrlstore.open(tmp_path / "r") as store:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_support import run_cli
 
 import mrlstore
 from mrlstore import ForbiddenSQLError, InvalidFilterError
@@ -155,9 +156,7 @@ def test_snapshots_and_publishing_still_copy_the_catalog(store, tmp_path):
 def test_the_command_line_refuses_them_in_one_line(store, tmp_path, args):
     np.save(tmp_path / "q.npy", np.ones(16, dtype=np.float32))
     subs = {"s": str(tmp_path / "s.mrl"), "f": _secret(tmp_path), "q": str(tmp_path / "q.npy")}
-    out = subprocess.run(
-        [sys.executable, "-m", "mrlstore", *[a.format(**subs) for a in args]], capture_output=True, text=True
-    )
+    out = run_cli(*[a.format(**subs) for a in args])  # the command's code path, in this process
     assert out.returncode == 1, out
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ") and "refused" in out.stderr
     assert "Traceback" not in out.stderr and not list(tmp_path.glob("secret.csv.*"))
