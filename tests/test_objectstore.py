@@ -483,13 +483,13 @@ def test_a_stage_reads_every_chunk_it_needs_in_one_round(tmp_path, options, buck
     url = f"s3://{bucket}/s.mrl"
     store, vectors = _local_store(tmp_path / "local.mrl", 3000)  # 3 chunks of 1024 rows per band
     store.publish(url, storage_options=options)
-    want = store.query(vectors[:3], k=10, dims=[16, DIM], shortlist=400)
+    want = store.query(vectors[:3], k=10, dims=[16, DIM], shortlist=40)  # 40 rows fall in all three chunks
     store.close()
     with mrlstore.open(url, read_only=True, storage_options=options, cache_dir=tmp_path / "c", local_dims=0) as remote:
         source = remote._versions.remote
         for i, hits in enumerate(want):
             rounds, requests = source.rounds, source.requests
-            got = remote.query(vectors[i], k=10, dims=[16, DIM], shortlist=400)
+            got = remote.query(vectors[i], k=10, dims=[16, DIM], shortlist=40)
             assert got.ids == hits.ids
             np.testing.assert_allclose(got.scores, hits.scores, rtol=1e-6)
             assert source.rounds - rounds == 1  # two bands, three chunks each: one round of requests
