@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
+from cli_support import run_cli
 
 import mrlstore
 from mrlstore.query import report as report_module
@@ -77,10 +76,7 @@ def test_a_fresh_tune_is_reused_and_its_setting_marked(store_path):
 def test_the_command_prints_and_plots(store_path, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "dims.png"
-    out = subprocess.run(
-        [sys.executable, "-m", "mrlstore", "report", str(store_path), "--sample", "40", "--plot", str(png)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    out = run_cli("report", str(store_path), "--sample", "40", "--plot", str(png))  # the command, in this process
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].split()[:3] == ["dims", "kind", "codes"] and "prefix alone" in out.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
