@@ -72,7 +72,10 @@ def test_npy_adds_take_ids_and_metadata_and_skip_what_is_in(store, vectors, tmp_
     # without ids: ids hashed from the vectors, so the same file twice adds its rows once
     assert "added 40 vectors" in cli("add", str(store), str(tmp_path / "x.npy")).stdout
     assert "added 0 vectors, 40 already present" in cli("add", str(store), str(tmp_path / "x.npy")).stdout
-    assert _count(store) == 80
+    np.save(tmp_path / "twice.npy", np.concatenate([vectors[:3], vectors[:3]]) + 7)  # a row repeated, no ids
+    out = cli("add", str(store), str(tmp_path / "twice.npy"))
+    assert out.returncode == 0 and "added 3 vectors, 3 already present" in out.stdout, out.stderr
+    assert _count(store) == 83
 
 
 def test_parquet_adds_read_vector_id_and_metadata_columns(store, vectors, tmp_path):

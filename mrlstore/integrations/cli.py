@@ -239,10 +239,11 @@ def _add_npy(store: mrlstore.Store, f: Path, ids_file: Path | None, metadata_fil
     x = x[None, :] if x.ndim == 1 else x
     ids = ids_file.read_text().splitlines() if ids_file else _vector_ids(x)
     meta = _read_metadata(metadata_file) if metadata_file else None
+    given = len(ids)  # a row repeated in the file counts as present, as in a Parquet file
     ids, x, meta = _first_of_each(ids, x, meta) if not ids_file else (ids, x, meta)
     before = len(store)
     store.add_vectors(x, ids=ids, metadata=meta, on_conflict=on_conflict)
-    _say_added(f, len(store) - before, len(ids), on_conflict)
+    _say_added(f, len(store) - before, given, on_conflict)
 
 
 def _say_added(f: Path, new: int, given: int, on_conflict: str) -> None:
