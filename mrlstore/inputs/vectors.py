@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from mrlstore.errors import (
     MetadataError,
     NonFiniteError,
     ShapeError,
+    UnknownIdError,
     ZeroVectorError,
 )
 from mrlstore.inputs.arrow import is_vector_column, to_matrix
@@ -148,6 +149,13 @@ def id_list(ids: Any, n: int) -> list[str]:
     if dup:
         raise DuplicateIdError(f"duplicate ids within the batch: {dup[:5]}")
     return out
+
+
+def check_known(ids: Sequence[str], found: Container[str]) -> None:
+    """UnknownIdError naming the ``ids`` not in ``found`` (the ids the store holds among them), if any."""
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
 
 
 def first_positions(ids: Sequence[str]) -> list[int]:

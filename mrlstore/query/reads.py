@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mrlstore.errors import InvalidInputError, StorageError, UnknownIdError, storage_error
-from mrlstore.inputs.vectors import dims_tuple, id_strings
+from mrlstore.errors import InvalidInputError, StorageError, storage_error
+from mrlstore.inputs.vectors import check_known, dims_tuple, id_strings
 from mrlstore.query.filters import FilterCache
 from mrlstore.tiers.abc import RowGather
 from mrlstore.tiers.params import positive_int
@@ -33,9 +33,7 @@ class Reader:
         with state.reading():  # the rows the catalog names and the files they are read from agree
             table = state.catalog.items_for_ids(ids)
             if table.num_rows != len(ids):
-                found = set(table.column("id").to_pylist())
-                missing = [i for i in ids if i not in found]
-                raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+                check_known(ids, set(table.column("id").to_pylist()))
             rows = table.column("_row").to_numpy()
             vectors = state.vectors.gather(rows, 0, d)
         flat = pa.array(vectors.reshape(-1), pa.float32())

@@ -27,11 +27,10 @@ from mrlstore.errors import (
     ShapeError,
     StorageError,
     StoreClosedError,
-    UnknownIdError,
     storage_error,
 )
 from mrlstore.inputs.staging import Fragments, StoreShape
-from mrlstore.inputs.vectors import id_list, id_strings, metadata_table, vector_batch
+from mrlstore.inputs.vectors import check_known, id_list, id_strings, metadata_table, vector_batch
 from mrlstore.tiers.rows import kept_metadata, overlaid_metadata
 from mrlstore.tiers.snapshot import Snapshot, load_snapshot
 from mrlstore.tiers.state import StoreState
@@ -75,14 +74,13 @@ class Writer:
     def update_metadata(self, ids: Any, metadata: Any) -> int:
         """``Store.update_metadata``: entries ``ids`` committed again with their vectors and the columns
         ``metadata`` gives set (None clears); returns how many."""
-        id_batch = id_list(ids, len(id_strings(ids)))
+        names = id_strings(ids)
+        id_batch = id_list(names, len(names))  # refuses an id given twice
         meta = metadata_table(metadata, len(id_batch))
         p = self.state.params
         with self.state.writing():  # one writer: the rows read are the ones replaced
             found = self.state.catalog.rows_of(id_batch)
-            missing = [i for i in id_batch if i not in found]
-            if missing:
-                raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+            check_known(id_batch, found)
             if meta is None:
                 return 0
             rows = [found[i] for i in id_batch]
@@ -234,9 +232,8 @@ class Writer:
         ids = id_strings([ids] if isinstance(ids, str) else ids)
         with state.writing():
             found = state.catalog.rows_of(ids)
-            missing = [i for i in ids if i not in found]
-            if missing and not missing_ok:
-                raise UnknownIdError(f"{len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+            if not missing_ok:
+                check_known(ids, found)
             if not found:
                 return 0
             rows = np.fromiter(found.values(), dtype=np.int64, count=len(found))
